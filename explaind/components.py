@@ -1,0 +1,47 @@
+"""Components: named groups of parameter tensors that attributions are split by."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from .errors import InputError
+
+ComponentSpec = str | Mapping[str, Sequence[str]] | Callable[[str], str]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[str, list[str]]:
+    """Map component name -> tensor names, every tensor in exactly one component.
+
+    spec: "tensor" (one component per tensor), "module" (tensors grouped by the module that
+    owns them, e.g. "mlp.fc_in.weight" -> "mlp.fc_in"), a mapping component -> tensor names or
+    module prefixes, or a function tensor name -> component name.
+    """
+    if spec == "tensor":
+        return {n: [n] for n in names}
+    if spec == "module":
+        fn: Callable[[str], str] = lambda n: n.rsplit(".", 1)[0] if "." in n else n
+    elif callable(spec):
+        fn = spec
+    elif isinstance(spec, Mapping):
+        def fn(n: str) -> str:
+            owners = [c for c, patterns in spec.items() if any(_matches(n, p) for p in patterns)]
+            if len(owners) != 1:
+                where = f"in components {owners}" if owners else "in no component"
+                raise InputError(
+                    f"parameter tensor {n!r} is {where}: each tensor must belong to exactly one "
+                    "component; fix the mapping (values are tensor names or module prefixes)"
+                )
+            return owners[0]
+    else:
+        raise InputError(
+            f"components={spec!r} is not understood: use 'tensor', 'module', a mapping "
+            "component -> [tensor names or prefixes], or a function name -> component"
+        )
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(fn(n), []).append(n)
+    return groups

@@ -1,0 +1,162 @@
+"""The attribution cube: a labelled xarray.Dataset (DESIGN §3), and its store on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .engine import Request
+
+UNITS = {"log_prob": "log-probability", "logit": "logit"}
+
+
+def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
+    """Place each chunk pair's partial results into whole arrays."""
+    n_test, n_out = len(req.inputs), req.n_outputs
+    n_train = len(req.train_index) if req.keeps("train") else 1
+    first = parts[0][2]
+    n_bins, n_comp = first["attribution"].shape[:2]
+    t_dim = n_test if req.keeps("test") else 1
+    o_dim = n_out if req.keeps("output") else 1
+    attribution = torch.zeros(n_bins, n_comp, t_dim, o_dim, n_train, dtype=req.flat.dtype)
+    regularization = torch.zeros(n_bins, n_comp, t_dim, o_dim, dtype=req.flat.dtype)
+    total = torch.zeros(n_test, n_out, dtype=req.flat.dtype)
+    merged: dict[str, torch.Tensor] = {}
+    for tests, trains, part in parts:
+        rows_t, rows_o = part["rows_shape"]
+        block = part["attribution"].reshape(n_bins, n_comp, rows_t, rows_o, -1)
+        t_index = tests if req.keeps("test") else slice(0, 1)
+        m_index = trains if req.keeps("train") else slice(0, 1)
+        attribution[:, :, t_index, :, m_index] += block
+        if "total" in part:
+            regularization[:, :, t_index] += part["regularization"].reshape(n_bins, n_comp, rows_t, rows_o)
+            total[tests] = part["total"]
+            merged["update_residual"] = torch.as_tensor(part["update_residual"])
+            for key in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
+                if key in part:
+                    merged[key] = merged.get(key, 0) + part[key]
+    merged.update(attribution=attribution, regularization=regularization, total=total)
+    return merged
+
+
+def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Tensor, test_ids=None) -> xr.Dataset:
+    merged = _merge_parts(req, parts)
+    n_test = len(req.inputs)
+    test_ids = np.arange(n_test) if test_ids is None else np.asarray(test_ids)
+    if len(test_ids) != n_test:
+        raise InputError(f"got {len(test_ids)} test_ids for {n_test} inputs: pass one per input")
+    edges = req.step_edges
+    coords = {
+        "step": ("step", edges[:-1]),
+        "step_stop": ("step", edges[1:]),
+        "component": ("component", list(req.components)),
+        "train": ("train", req.train_index.numpy()),
+        "test": ("test", test_ids),
+        "output": ("output", np.asarray(req.output_labels)),
+        "history_step": ("history_step", np.arange(req.history.n_steps)),
+    }
+    if req.select is not None and not isinstance(req.output_labels[0], (int, np.integer)):
+        coords["output_class"] = ("test", req.select[:, 0].numpy())
+
+    def labelled(array: torch.Tensor, dims: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+        """Drop the dims that were summed (kept as size-1 axes while computing)."""
+        values = array.numpy()
+        summed = tuple(i for i, d in enumerate(dims) if d not in req.keep)
+        return tuple(d for d in dims if d in req.keep), values.squeeze(axis=summed)
+
+    initial, final, total = initial.numpy(), final.numpy(), merged["total"].numpy()
+    residual = final - initial - total
+    change = np.abs(final - initial).max()
+    data = {
+        "attribution": labelled(merged["attribution"], ("step", "component", "test", "output", "train")),
+        "regularization": labelled(merged["regularization"], ("step", "component", "test", "output")),
+        "initial": (("test", "output"), initial),
+        "final": (("test", "output"), final),
+        "residual": (("test", "output"), residual),
+        "update_residual": (("history_step",), merged["update_residual"].numpy()),
+    }
+    if req.parameter_scores:
+        tensor_id = np.repeat(np.arange(len(req.flat.layout.names)), req.flat.layout.sizes).astype(np.int32)
+        coords["parameter_tensor"] = ("parameter", tensor_id)
+        for key in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
+            data[key] = (("parameter",), merged[key].numpy())
+    used = {d for dims, _ in data.values() for d in dims}
+    cube = xr.Dataset(data, coords={k: v for k, v in coords.items() if v[0] in used})
+    order = [d for d in ("step", "component", "train", "test", "output") if d in cube["attribution"].dims]
+    cube["attribution"] = cube["attribution"].transpose(*order)
+    history = req.history
+    cube.attrs.update(
+        units=UNITS[req.target],
+        sign_convention="positive attribution raises the output",
+        target=req.target,
+        step_convention=req.convention,
+        optimizer=history.optimizer,
+        loss=history.loss,
+        reduction=history.reduction,
+        quadrature_rule=req.rule,
+        quadrature_nodes=len(req.t_nodes),
+        dtype=str(req.flat.dtype).removeprefix("torch."),
+        explaind_version=_version(),
+        history_sha256=history.fingerprint(),
+        n_steps=history.n_steps,
+        components=list(req.components),
+        tensor_names=list(req.flat.layout.names),
+        max_abs_residual=float(np.abs(residual).max()),
+        max_abs_change=float(change),
+        relative_residual=float(np.abs(residual).max() / change) if change > 0 else 0.0,
+        max_update_residual=float(merged["update_residual"].max()),
+        parameter_score_definitions=(
+            "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "
+            "parameter_score_stepwise_abs: Σ_test Σ_output Σ_step |Σ_train ψ| (no cancellation over "
+            "steps); parameter_score_signed: Σ_test Σ_output Σ_step Σ_train ψ. Weight decay excluded."
+        ),
+    )
+    return cube
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a cube to a chunked, compressed zarr store (readable lazily with open_cube).
+
+    Refuses to replace an existing store unless overwrite=True; the store is written next to
+    its destination and moved into place, so a failed write never leaves half a cube.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: choose another path or pass overwrite=True to replace it")
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    encoding = {
+        name: {"chunks": tuple(min(n, 256) for n in var.shape)}
+        for name, var in cube.data_vars.items()
+        if var.ndim
+    }
+    cube.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def open_cube(path: str | os.PathLike) -> xr.Dataset:
+    """Open a stored cube lazily (nothing is read until values are used)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no cube at {path}: compute one with explaind.explain and save_cube")
+    return xr.open_zarr(path, consolidated=False)
+

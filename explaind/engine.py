@@ -1,0 +1,523 @@
+"""The exact decomposition of a recorded run: explain(history, model, inputs) -> cube.
+
+One pass streams the history from disk. At each step s it computes, for the explained
+inputs, the path-integrated Jacobian φ_s (Gauss–Legendre over the segment θ_s → θ_{s+1}),
+scales it by −η_s into G_s, and contracts it with the training samples' shares of the update
+(DESIGN §2). Dims the user does not keep are summed *before* the contraction, so a cube
+summed over training samples never materialises per-sample gradients' momentum buffers, and
+one summed over test inputs contracts a single row per output.
+
+Two step conventions, both exact (DESIGN §2):
+- "update": the step at which a sample's share moves the parameters. A per-sample momentum
+  buffer [M, D] is carried forwards.
+- "gradient": the step at which the sample's gradient was computed. The history is walked
+  backwards, carrying K_s = Σ_{s'≥s} (momentum decay) · P c G_{s'} of size [rows, D] instead
+  of any per-sample buffer.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .components import ComponentSpec, group_tensors
+from .cube import assemble_cube
+from .errors import InputError, ReconstructionError
+from .functional import TARGETS, FlatModel, ParamLayout
+from .history import History, StepRecord
+from .losses import resolve_loss, sample_weights
+from .optimizers import AggregateUpdate, StepCoefficients, step_coefficients
+from .quadrature import nodes
+
+DIMS = ("step", "component", "train", "test", "output")
+CONVENTIONS = ("update", "gradient")
+
+
+# --------------------------------------------------------------------------- the request
+
+
+@dataclass
+class Request:
+    """A validated explain() call: everything fixed before any heavy compute starts."""
+
+    history: History
+    flat: FlatModel
+    inputs: torch.Tensor
+    select: torch.Tensor | None  # [T, O] output indices per input, None = all outputs
+    output_labels: list
+    keep: tuple[str, ...]
+    target: str
+    t_nodes: np.ndarray
+    t_weights: np.ndarray
+    rule: str
+    convention: str
+    components: dict[str, list[str]]
+    step_edges: np.ndarray
+    train_index: torch.Tensor  # dataset indices of the train coordinate
+    loss: object
+    parameter_scores: bool
+    test_chunk: int
+    train_chunk: int
+    progress: bool
+    component_slices: list[slice] = field(default_factory=list)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.output_labels)
+
+    def keeps(self, dim: str) -> bool:
+        return dim in self.keep
+
+
+def explain(
+    history: History | str | os.PathLike,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    keep: Sequence[str] = DIMS,
+    outputs: str | Sequence[int] = "all",
+    target: str = "log_prob",
+    quadrature: int = 4,
+    rule: str = "gauss",
+    convention: str = "update",
+    components: ComponentSpec = "tensor",
+    step_bins: int | Sequence[int] | None = None,
+    parameter_scores: bool = False,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    test_chunk: int | None = None,
+    train_chunk: int | None = None,
+    loss=None,
+    tolerance: float | None = 1e-4,
+    test_ids: Sequence | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Decompose the change of the model's outputs on `inputs` over a recorded training run.
+
+    Returns the attribution cube (DESIGN §3): `attribution` over the dims in `keep` (the
+    others are summed while streaming), `regularization` (the weight-decay share), `initial`,
+    `final`, `residual` and `update_residual`. Positive attribution raises the output.
+
+    outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model) or a
+    list of output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
+    (the raw output). quadrature / rule: nodes and rule of the path integral. step_bins: None
+    (every step), a number of equal bins, or bin edges 0 = e_0 < … < e_n = n_steps.
+    tolerance: the largest output residual, relative to the largest change of an explained
+    output, that is accepted; above it a ReconstructionError is raised (None: never).
+    test_chunk / train_chunk bound memory: test inputs per pass and training samples per
+    momentum buffer (the history is streamed once per chunk pair).
+    """
+    request = _build_request(
+        history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
+        quadrature=quadrature, rule=rule, convention=convention, components=components,
+        step_bins=step_bins, parameter_scores=parameter_scores, dtype=dtype, device=device,
+        test_chunk=test_chunk, train_chunk=train_chunk, loss=loss,
+    )
+    request.progress = progress
+    initial = _outputs_at(request, 0)
+    final = _outputs_at(request, request.history.n_steps)
+    parts = _run_chunks(request)
+    cube = assemble_cube(request, parts, initial, final, test_ids)
+    _check_residual(cube, tolerance)
+    return cube
+
+
+def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
+                   convention, components, step_bins, parameter_scores, dtype, device,
+                   test_chunk, train_chunk, loss) -> Request:
+    history = history if isinstance(history, History) else History(history)
+    history.check_model(model)
+    keep = tuple(keep)
+    unknown = [d for d in keep if d not in DIMS]
+    if unknown:
+        raise InputError(f"cannot keep dims {unknown}: choose among {DIMS}")
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown step convention {convention!r}: use one of {CONVENTIONS}")
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
+    t_nodes, t_weights = nodes(quadrature, rule)
+    loss = _resolve_history_loss(history, loss)
+
+    shape, _ = history.input_spec()
+    inputs = torch.as_tensor(inputs)
+    if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape:
+        raise InputError(
+            f"test inputs have shape {tuple(inputs.shape)}, but the model was trained on inputs "
+            f"of shape [batch, {', '.join(map(str, shape))}]: pass a batch of inputs shaped "
+            "like the training inputs"
+        )
+
+    groups = group_tensors(history.layout.names, components)
+    ordered = [n for names in groups.values() for n in names]  # each component contiguous
+    shapes = dict(zip(history.layout.names, history.layout.shapes))
+    layout = ParamLayout(tuple(ordered), tuple(shapes[n] for n in ordered))
+    flat = FlatModel(model, layout, dtype, device)
+    slices, start = [], 0
+    for names in groups.values():
+        size = sum(int(np.prod(shapes[n])) for n in names)
+        slices.append(slice(start, start + size))
+        start += size
+
+    theta_final = flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype)
+    with torch.no_grad():
+        final = flat.explained(theta_final, flat.cast_inputs(inputs[:1]), target)
+    select, labels = _select_outputs(outputs, targets, inputs, final.shape[-1], flat, theta_final, target)
+
+    n_steps = history.n_steps
+    train_index = history.train_indices()
+    return Request(
+        history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
+        keep=keep, target=target, t_nodes=t_nodes, t_weights=t_weights, rule=rule,
+        convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
+        train_index=train_index, loss=loss, parameter_scores=parameter_scores,
+        test_chunk=test_chunk or len(inputs), train_chunk=train_chunk or len(train_index),
+        progress=True, component_slices=slices,
+    )
+
+
+def _resolve_history_loss(history: History, loss):
+    if history.loss.startswith("custom:"):
+        if loss is None:
+            raise InputError(
+                f"the history was trained with a custom loss ({history.loss}): pass the same "
+                "per-sample function as loss=..."
+            )
+        return resolve_loss(loss)[1]
+    if loss is not None and resolve_loss(loss)[0] != history.loss:
+        raise InputError(f"loss={loss!r} differs from the recorded loss {history.loss!r}")
+    return resolve_loss(history.loss)[1]
+
+
+def _select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target):
+    """The output indices to explain per input, and the labels of the output dim."""
+    if isinstance(outputs, str) and outputs == "all":
+        return None, list(range(n_total))
+    if isinstance(outputs, str) and outputs == "true":
+        if targets is None:
+            raise InputError("outputs='true' needs the test targets: pass targets=...")
+        targets = torch.as_tensor(targets).long().reshape(-1)
+        if len(targets) != len(inputs):
+            raise InputError(f"got {len(targets)} targets for {len(inputs)} inputs: pass one per input")
+        if targets.min() < 0 or targets.max() >= n_total:
+            raise InputError(f"targets must lie in 0 … {n_total - 1}, the model's outputs")
+        return targets[:, None], ["true"]
+    if isinstance(outputs, str) and outputs == "predicted":
+        with torch.no_grad():
+            final = torch.cat([
+                flat.explained(theta_final, flat.cast_inputs(chunk), target)
+                for chunk in inputs.split(1024)
+            ])
+        return final.argmax(-1).cpu()[:, None], ["predicted"]
+    if isinstance(outputs, str):
+        raise InputError(
+            f"outputs={outputs!r} is not understood: use 'all', 'true', 'predicted' or a list of "
+            "output indices"
+        )
+    chosen = [int(o) for o in outputs]
+    bad = [o for o in chosen if not 0 <= o < n_total]
+    if bad or not chosen:
+        raise InputError(
+            f"outputs {bad or chosen} do not exist: the model has {n_total} outputs (0 … {n_total - 1})"
+        )
+    return torch.tensor(chosen).expand(len(inputs), -1), chosen
+
+
+def _step_edges(step_bins, n_steps: int) -> np.ndarray:
+    if step_bins is None:
+        return np.arange(n_steps + 1)
+    if isinstance(step_bins, (int, np.integer)):
+        if not 1 <= step_bins <= n_steps:
+            raise InputError(f"step_bins={step_bins} must lie in 1 … {n_steps} (the number of steps)")
+        return np.unique(np.linspace(0, n_steps, step_bins + 1).round().astype(int))
+    edges = np.asarray(step_bins, dtype=int)
+    if edges[0] != 0 or edges[-1] != n_steps or np.any(np.diff(edges) <= 0):
+        raise InputError(
+            f"step bin edges must rise strictly from 0 to {n_steps} (the number of steps), got "
+            f"{edges.tolist()}"
+        )
+    return edges
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def _outputs_at(req: Request, s: int) -> torch.Tensor:
+    """The explained outputs f(x; θ_s) for every test input: [T, O]."""
+    theta = req.flat.layout.flatten(req.history.params(s)).to(req.flat.device, req.flat.dtype)
+    with torch.no_grad():
+        out = torch.cat([
+            req.flat.explained(theta, req.flat.cast_inputs(chunk), req.target)
+            for chunk in req.inputs.split(1024)
+        ])
+    if req.select is not None:
+        out = out.gather(1, req.select.to(out.device))
+    return out.cpu()
+
+
+def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
+    """Run one pass per (test chunk, train chunk) pair."""
+    n_test, n_train = len(req.inputs), len(req.train_index)
+    test_chunks = [slice(i, min(i + req.test_chunk, n_test)) for i in range(0, n_test, req.test_chunk)]
+    train_chunks = [slice(i, min(i + req.train_chunk, n_train)) for i in range(0, n_train, req.train_chunk)]
+    if not req.keeps("train"):
+        train_chunks = [slice(0, n_train)]
+    parts = []
+    for i, tests in enumerate(test_chunks):
+        for j, trains in enumerate(train_chunks):
+            label = f"explain {i * len(train_chunks) + j + 1}/{len(test_chunks) * len(train_chunks)}"
+            state = _Pass(req, tests, trains, first_train_chunk=(j == 0))
+            parts.append((tests, trains, state.run(label)))
+    return parts
+
+
+def _prefetched(records: Iterable[StepRecord]) -> Iterator[StepRecord]:
+    """Read the next step from disk while the current one is computed."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        iterator = iter(records)
+        pending = pool.submit(next, iterator, None)
+        while True:
+            record = pending.result()
+            if record is None:
+                return
+            pending = pool.submit(next, iterator, None)
+            yield record
+
+
+class _Pass:
+    """One stream over the history for a chunk of test inputs and of training samples."""
+
+    def __init__(self, req: Request, tests: slice, trains: slice, first_train_chunk: bool):
+        self.req = req
+        flat = req.flat
+        self.dev, self.dt = flat.device, flat.dtype
+        self.x = flat.cast_inputs(req.inputs[tests])
+        self.select = None if req.select is None else req.select[tests].to(self.dev)
+        self.n_test = len(self.x)
+        self.first_train_chunk = first_train_chunk
+        self.group_index = torch.tensor(
+            [req.history.group_of[n] for n, size in zip(flat.layout.names, flat.layout.sizes)
+             for _ in range(size)], device=self.dev,
+        )
+        # training samples of this chunk: dataset index -> column (−1: not in this chunk)
+        chunk_index = req.train_index[trains]
+        self.n_train = len(chunk_index) if req.keeps("train") else 1
+        lookup_size = int(req.train_index.max()) + 1 if len(req.train_index) else 1
+        self.column = torch.full((lookup_size,), -1, dtype=torch.long)
+        self.column[chunk_index] = torch.arange(len(chunk_index)) if req.keeps("train") else 0
+        # rows of the contraction: test and output dims that are kept (the others are summed)
+        self.rows_shape = (
+            self.n_test if req.keeps("test") else 1,
+            req.n_outputs if req.keeps("output") else 1,
+        )
+        n_rows = self.rows_shape[0] * self.rows_shape[1]
+        n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
+        n_comp = len(req.components) if req.keeps("component") else 1
+        self.bin_of = np.searchsorted(req.step_edges, np.arange(req.history.n_steps), side="right") - 1
+        self.attribution = torch.zeros(n_bins, n_comp, n_rows, self.n_train, dtype=self.dt, device=self.dev)
+        self.regularization = torch.zeros(n_bins, n_comp, n_rows, dtype=self.dt, device=self.dev)
+        # Σ over everything but test and output: compared with f(θ_N) − f(θ_0)
+        self.total = torch.zeros(self.n_test * req.n_outputs, dtype=self.dt, device=self.dev)
+        self.update_residual = np.zeros(req.history.n_steps)
+        if req.parameter_scores:
+            d = flat.layout.dim
+            self.score_sum = torch.zeros(self.n_test * req.n_outputs, d, dtype=self.dt, device=self.dev)
+            self.score_stepwise_abs = torch.zeros(d, dtype=self.dt, device=self.dev)
+
+    # ----------------------------------------------------------------- per-step pieces
+
+    def coefficients(self, rec: StepRecord) -> StepCoefficients:
+        moment = None
+        if rec.second_moment is not None:
+            moment = self.req.flat.layout.flatten(rec.second_moment).to(self.dev)
+        return step_coefficients(self.req.history.optimizer, rec.groups, self.group_index,
+                                 moment, rec.step == 0, self.dt)
+
+    def thetas(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = self.req.flat.layout
+        return (layout.flatten(rec.before).to(self.dev, self.dt),
+                layout.flatten(rec.after).to(self.dev, self.dt))
+
+    def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """G_s / (−η_s) = φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]."""
+        phi = None
+        for t, w in zip(self.req.t_nodes, self.req.t_weights):
+            jac = self.req.flat.jacobian(theta + float(t) * delta, self.x, self.select, self.req.target)
+            jac = jac.reshape(-1, jac.shape[-1])
+            phi = jac.mul_(float(w)) if phi is None else phi.add_(jac, alpha=float(w))
+        return phi
+
+    def reduce_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """[T·O, D] -> [rows, D], summing the test / output dims that are not kept."""
+        if self.req.keeps("test") and self.req.keeps("output"):
+            return full
+        t, o = self.n_test, self.req.n_outputs
+        view = full.view(t, o, -1)
+        if not self.req.keeps("test"):
+            view = view.sum(0, keepdim=True)
+        if not self.req.keeps("output"):
+            view = view.sum(1, keepdim=True)
+        return view.reshape(-1, full.shape[-1])
+
+    def batch_gradients(self, rec: StepRecord, theta: torch.Tensor):
+        """Weighted per-sample gradients w g of the chunk's rows [B_c, D], their columns, and
+        the whole batch's gradient ḡ (for the update check)."""
+        req = self.req
+        weights = sample_weights(req.history.reduction, len(rec.indices), self.dt, self.dev)
+        columns = self.column[rec.indices]
+        in_chunk = columns >= 0
+        x = req.flat.cast_inputs(rec.inputs)
+        y = rec.targets.to(self.dev)
+        if req.keeps("train"):
+            rows = in_chunk.to(self.dev)
+            wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss) * weights[rows, None]
+            full = wg.sum(0) if bool(in_chunk.all()) else None
+        else:
+            full = req.flat.batch_gradient(theta, x, y, weights, req.loss)
+            wg = full[None]
+            columns = torch.zeros(1, dtype=torch.long)
+            in_chunk = torch.ones(1, dtype=torch.bool)
+        if full is None and self.first_train_chunk:
+            full = req.flat.batch_gradient(theta, x, y, weights, req.loss)
+        return wg, columns[in_chunk].to(self.dev), full
+
+    def contract(self, left: torch.Tensor, right: torch.Tensor) -> list[torch.Tensor]:
+        """left [rows, D] · right [n, D]ᵀ per kept component (or over all of D): [comp][rows, n]."""
+        if not self.req.keeps("component"):
+            return [left @ right.T]
+        return [left[:, sl] @ right[:, sl].T for sl in self.req.component_slices]
+
+    def add(self, target: torch.Tensor, s: int, blocks: list[torch.Tensor], columns=None) -> None:
+        b = self.bin_of[s] if self.req.keeps("step") else 0
+        for p, block in enumerate(blocks):
+            if columns is None:
+                target[b, p] += block.reshape(target[b, p].shape)
+            else:
+                target[b, p].index_add_(1, columns, block)
+
+    def record_update_check(self, s: int, k: StepCoefficients, modelled: torch.Tensor, delta: torch.Tensor) -> None:
+        """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ."""
+        scale = delta.abs().max().clamp_min(torch.finfo(self.dt).tiny)
+        self.update_residual[s] = ((delta + k.eta * modelled).abs().max() / scale).item()
+
+    def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
+        """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""
+        if self.req.parameter_scores and self.first_train_chunk:
+            psi = full * share
+            self.score_sum += psi
+            self.score_stepwise_abs += psi.abs().sum(0)
+
+    # ----------------------------------------------------------------- the passes
+
+    def run(self, label: str) -> dict:
+        history = self.req.history
+        records = history.steps(reverse=self.req.convention == "gradient")
+        bar = tqdm(_prefetched(records), total=history.n_steps, desc=label,
+                   disable=not self.req.progress, leave=False)
+        if self.req.convention == "update":
+            self._forward(bar)
+        else:
+            self._backward(bar)
+        return self._result()
+
+    def _forward(self, records: Iterable[StepRecord]) -> None:
+        """Update-step convention: carry per-sample momentum forwards."""
+        buffer = None  # m_{s,k} for the chunk's samples, [n_train, D]
+        decay_momentum = None  # the momentum of the coupled weight decay, [D]
+        aggregate = AggregateUpdate()
+        for rec in records:
+            s = rec.step
+            k = self.coefficients(rec)
+            theta, theta_next = self.thetas(rec)
+            delta = theta_next - theta
+            full = self.path_jacobian(theta, delta).mul_(-k.eta)  # G_s, [T·O, D]
+            rows = self.reduce_rows(full)
+            wg, columns, g_full = self.batch_gradients(rec, theta)
+
+            if buffer is None:
+                buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
+            if bool((k.b != 0).any()) or bool((k.a != 0).any()):  # plain SGD keeps no buffer
+                buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
+                self.add(self.attribution, s, self.contract(rows * (k.precond * k.c), buffer))
+            if bool((k.e != 0).any()):  # nesterov / plain SGD: the current gradient acts directly
+                direct = rows * (k.precond * k.e)
+                self.add(self.attribution, s, self.contract(direct, wg), columns)
+
+            decay_in = k.coupled_decay * theta
+            decay_momentum = k.b * decay_in if decay_momentum is None else k.a * decay_momentum + k.b * decay_in
+            r = k.precond * (k.c * decay_momentum + k.e * decay_in) + k.decoupled_decay * theta
+            if self.first_train_chunk:
+                self.add(self.regularization, s, self.contract(rows, r[None]))
+                modelled = aggregate.step(k, g_full, theta)  # Σ_k u_{s,k} + r_s
+                self.total += full @ modelled
+                self.record_scores(full, modelled - r)
+                self.record_update_check(s, k, modelled, delta)
+
+    def _backward(self, records: Iterable[StepRecord]) -> None:
+        """Gradient-step convention: walk backwards carrying K_s (no per-sample buffer)."""
+        carried = None  # K_{s+1}, [rows, D]
+        carried_full = None  # the same for all T·O rows (total and scores)
+        a_next = None
+        for rec in records:
+            s = rec.step
+            k = self.coefficients(rec)
+            theta, theta_next = self.thetas(rec)
+            full = self.path_jacobian(theta, theta_next - theta).mul_(-k.eta)
+            rows = self.reduce_rows(full)
+            carried = rows * (k.precond * k.c) + (0 if carried is None else a_next * carried)
+            effect = k.b * carried + rows * (k.precond * k.e)  # H_s: effect of d_s on outputs
+            wg, columns, g_full = self.batch_gradients(rec, theta)
+            self.add(self.attribution, s, self.contract(effect, wg), columns)
+            if self.first_train_chunk:
+                decay = k.coupled_decay * theta
+                self.add(self.regularization, s, self.contract(effect, decay[None]))
+                self.add(self.regularization, s, self.contract(rows, (k.decoupled_decay * theta)[None]))
+                if rows is full:  # nothing was summed: the carried rows are all rows
+                    effect_full = effect
+                else:
+                    carried_full = full * (k.precond * k.c) + (0 if carried_full is None else a_next * carried_full)
+                    effect_full = k.b * carried_full + full * (k.precond * k.e)
+                self.total += effect_full @ (g_full + decay) + full @ (k.decoupled_decay * theta)
+                self.record_scores(effect_full, g_full)
+            a_next = k.a
+        if self.first_train_chunk:
+            from .verify import update_residuals
+
+            self.update_residual = update_residuals(self.req.history, self.req.flat, self.req.loss)
+
+    def _result(self) -> dict:
+        out = {
+            "attribution": self.attribution.cpu(),
+            "regularization": self.regularization.cpu(),
+            "rows_shape": self.rows_shape,
+        }
+        if self.first_train_chunk:
+            out["total"] = self.total.view(self.n_test, self.req.n_outputs).cpu()
+            out["update_residual"] = self.update_residual
+            if self.req.parameter_scores:
+                out["parameter_score"] = self.score_sum.abs().sum(0).cpu()
+                out["parameter_score_signed"] = self.score_sum.sum(0).cpu()
+                out["parameter_score_stepwise_abs"] = self.score_stepwise_abs.cpu()
+        return out
+
+
+def _check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
+    relative = float(cube.attrs["relative_residual"])
+    worst_update = float(cube["update_residual"].max())
+    if tolerance is None:
+        return
+    if relative > tolerance:
+        raise ReconstructionError(
+            f"the decomposition misses {relative:.2e} of the largest output change (tolerance "
+            f"{tolerance:.0e}); the worst step's update residual is {worst_update:.2e}. If the "
+            "update residual is small, the path integral is too coarse: raise quadrature=... "
+            "or compute in float64. If it is large, the recorded run does not follow the "
+            "modelled optimizer. Pass tolerance=None to get the cube anyway."
+        )

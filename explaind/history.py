@@ -1,0 +1,653 @@
+"""Recording a training run to disk while it trains, and reading it back safely.
+
+On-disk format (a directory; no pickle anywhere):
+
+    meta.json            model layout, optimizer kind, loss, reduction, input shape
+    initial.safetensors  θ_0, frozen parameters and buffers
+    steps/NNNNNNN.safetensors
+                         θ_{s+1} after update step s, the optimizer's second moments that
+                         enter its preconditioner, and the batch: dataset indices, the actual
+                         (augmented) inputs and the targets
+    manifest.jsonl       one line per *complete* step: file, size, sha256, per-group
+                         hyperparameters used at that step (lr, betas, momentum, ...)
+    resume.safetensors / resume.json
+                         the latest full optimizer, scheduler and RNG state, so that a killed
+                         run can continue from its last complete step
+    closed.json          written by close(): the number of steps and the final hash
+
+A step counts only once its manifest line exists; the manifest is appended after the step
+file is on disk (fsync + atomic rename), so a crash leaves at worst an ignored orphan file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .errors import HistoryError, InputError, UnsupportedError
+from .functional import FlatModel, ParamLayout, layout_of, trainable_parameters
+from .losses import check_reduction, resolve_loss, sample_weights
+
+FORMAT = "explaind-history"
+VERSION = 1
+
+# optimizer class name -> kind, and the group hyperparameters each kind's update depends on
+OPTIMIZER_KINDS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
+GROUP_KEYS = {
+    "sgd": ("lr", "weight_decay", "momentum", "dampening", "nesterov"),
+    "adam": ("lr", "weight_decay", "betas", "eps", "amsgrad"),
+    "adamw": ("lr", "weight_decay", "betas", "eps", "amsgrad"),
+}
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes so that `path` is either absent/old or complete, never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+# --------------------------------------------------------------------------- checks on the model
+
+
+def refuse_stochastic_modules(model: nn.Module) -> None:
+    """Train-mode dropout and BatchNorm make f depend on more than (x, θ): refuse them."""
+    for name, module in model.named_modules():
+        stochastic = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        batch_stats = isinstance(module, nn.modules.batchnorm._NormBase) and (
+            module.training or not module.track_running_stats
+        )
+        if (stochastic and module.training) or batch_stats:
+            kind = type(module).__name__
+            raise UnsupportedError(
+                f"module {name or '<root>'!r} is a train-mode {kind}: its output depends on "
+                "random masks or batch statistics, which no exact decomposition can replay. "
+                f"Fix: remove it, set p=0, or call .eval() on it before training."
+            )
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    name = type(optimizer).__name__
+    if name not in OPTIMIZER_KINDS:
+        raise UnsupportedError(
+            f"optimizer {name} is not supported: explaind models the exact updates of "
+            "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW. Fix: train with one of them."
+        )
+    kind = OPTIMIZER_KINDS[name]
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("maximize", False):
+            raise UnsupportedError(f"param group {i} has maximize=True; train with maximize=False")
+        if kind == "adam" and group.get("decoupled_weight_decay", False):
+            kind = "adamw"  # Adam(decoupled_weight_decay=True) is AdamW
+    return kind
+
+
+def _group_hyperparameters(optimizer: torch.optim.Optimizer, kind: str) -> list[dict]:
+    out = []
+    for group in optimizer.param_groups:
+        hyper = {}
+        for key in GROUP_KEYS[kind]:
+            value = group[key]
+            value = value.item() if torch.is_tensor(value) else value
+            hyper[key] = [float(v) for v in value] if key == "betas" else value
+        out.append(hyper)
+    return out
+
+
+# --------------------------------------------------------------------------- recording
+
+
+class Recorder:
+    """Records a training run to `path` while it trains.
+
+    Usage (three lines in an ordinary training loop)::
+
+        with Recorder("runs/mlp", model, optimizer) as rec:          # 1
+            for indices, x, y in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                rec.batch(indices, x, y)                              # 2
+                optimizer.step()
+                scheduler.step()
+        # leaving the block closes the history                        # 3
+
+    `loss` and `reduction` declare the training loss; every `check_every` steps the
+    recorder recomputes the batch gradient from the recorded batch and compares it with
+    `.grad`, so that clipping, dropout, a wrong reduction or an undeclared loss term fail at
+    once instead of after hours of attribution.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss="cross_entropy",
+        reduction: str = "mean",
+        scheduler=None,
+        check_every: int = 50,
+        check_tolerance: float | None = None,
+        overwrite: bool = False,
+        _resume_from: int | None = None,
+    ):
+        self.path = Path(path)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.kind = optimizer_kind(optimizer)
+        self.loss_name, self.loss = resolve_loss(loss)
+        self.reduction = check_reduction(reduction)
+        self.check_every = check_every
+        self.check_tolerance = check_tolerance
+        refuse_stochastic_modules(model)
+        self.layout = layout_of(model)
+        self._params = trainable_parameters(model)
+        self._group_of = self._param_groups()
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._closed = False
+        self._seen: set[int] = set()
+
+        if _resume_from is None:
+            self._start_new(overwrite)
+        else:
+            self.step = _resume_from
+            self._last = {n: _cpu(p) for n, p in self._params.items()}
+        self._manifest = open(self.path / "manifest.jsonl", "a")
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    # ----------------------------------------------------------------- setup
+
+    def _param_groups(self) -> dict[str, int]:
+        by_id = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        group_of = {}
+        for name, p in self._params.items():
+            if id(p) not in by_id:
+                raise InputError(
+                    f"trainable parameter {name!r} is not in the optimizer: pass all of "
+                    "model.parameters() to it, or freeze the tensor with requires_grad_(False)"
+                )
+            group_of[name] = by_id.pop(id(p))
+        if by_id:
+            raise InputError(
+                f"the optimizer holds {len(by_id)} tensor(s) that are not trainable parameters "
+                "of the model: build the optimizer from this model's parameters"
+            )
+        return group_of
+
+    def _start_new(self, overwrite: bool) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise HistoryError(
+                    f"{self.path} already holds files: choose a new directory, pass "
+                    "overwrite=True to replace the history, or continue a killed run with "
+                    "Recorder.resume(...)"
+                )
+            for f in sorted(self.path.rglob("*"), reverse=True):
+                f.unlink() if f.is_file() else f.rmdir()
+        if any(len(s) for s in self.optimizer.state.values()):
+            raise UnsupportedError(
+                "the optimizer already has state (momentum buffers or moments) from earlier "
+                "steps, which the history would miss. Fix: record from a freshly built "
+                "optimizer, or continue a recorded run with Recorder.resume(...)"
+            )
+        (self.path / "steps").mkdir(parents=True, exist_ok=True)
+        self.step = 0
+        self._last = {n: _cpu(p) for n, p in self._params.items()}
+        initial = {f"param/{n}": t for n, t in self._last.items()}
+        trainable = set(self._params)
+        for n, p in self.model.named_parameters():
+            if n not in trainable:
+                initial[f"frozen/{n}"] = _cpu(p)
+        for n, b in self.model.named_buffers():
+            initial[f"buffer/{n}"] = _cpu(b)
+        data = save_safetensors(initial)
+        _write_atomic(self.path / "initial.safetensors", data)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "optimizer": self.kind,
+            "loss": self.loss_name,
+            "reduction": self.reduction,
+            "params": [
+                {"name": n, "shape": list(s), "dtype": str(self._params[n].dtype).removeprefix("torch."),
+                 "group": self._group_of[n]}
+                for n, s in zip(self.layout.names, self.layout.shapes)
+            ],
+            "n_groups": len(self.optimizer.param_groups),
+            "initial_sha256": _sha256(data),
+            "explaind_version": _version(),
+        }
+        _write_atomic(self.path / "meta.json", _json_bytes(meta))
+
+    # ----------------------------------------------------------------- the three calls
+
+    def batch(self, indices, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Declare the batch of the coming optimizer step (after backward, before step)."""
+        if self._pending is not None:
+            raise InputError(
+                "batch() was called twice before optimizer.step(): call it once per step, "
+                "with all rows that entered the loss"
+            )
+        indices = torch.as_tensor(indices).long().reshape(-1)
+        if not (len(indices) == len(inputs) == len(targets)):
+            raise InputError(
+                f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
+                f"{len(targets)} targets: pass one dataset index per row of the batch"
+            )
+        self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
+        self._seen.update(indices.tolist())
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._pending is None:
+            raise InputError(
+                "optimizer.step() was called without rec.batch(indices, inputs, targets) "
+                "for this step: declare the batch after backward() and before step()"
+            )
+        for name, p in self._params.items():
+            if p.grad is None:
+                raise UnsupportedError(
+                    f"parameter {name!r} has no gradient at step {self.step}, so the optimizer "
+                    "skips it and its update cannot be modelled. Fix: freeze it with "
+                    "requires_grad_(False) or make it enter the loss"
+                )
+            if not torch.equal(p.detach().cpu(), self._last[name]):
+                raise HistoryError(
+                    f"parameter {name!r} changed between optimizer steps (before step "
+                    f"{self.step}): only optimizer.step() may change parameters while recording"
+                )
+        self._hyper = _group_hyperparameters(optimizer, self.kind)
+        if self.check_every and self.step % self.check_every == 0:
+            self._check_gradient()
+
+    def _check_gradient(self) -> None:
+        """Compare .grad with the gradient of the declared loss on the declared batch."""
+        _, x, y = self._pending
+        p0 = next(iter(self._params.values()))
+        flat = FlatModel(self.model, self.layout, p0.dtype, p0.device)
+        theta = torch.cat([p.detach().reshape(-1) for p in self._params.values()])
+        x, y = flat.cast_inputs(x), y.to(p0.device)
+        w = sample_weights(self.reduction, len(x), p0.dtype, p0.device)
+        expected = flat.batch_gradient(theta, x, y, w, self.loss)
+        actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
+        scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
+        error = ((actual - expected).abs().max() / scale).item()
+        tolerance = self.check_tolerance or (1e-9 if p0.dtype == torch.float64 else 1e-3)
+        if error > tolerance:
+            raise UnsupportedError(
+                f"at step {self.step} the gradient in .grad differs from the gradient of the "
+                f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
+                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}). Causes: "
+                "a different loss reduction, gradient clipping or scaling, dropout or other "
+                "randomness in forward, a loss term not declared to the Recorder, or inputs "
+                "passed to batch() that differ from those the model saw. Fix the training "
+                "loop or declare the loss you use (loss=callable returning per-sample losses)."
+            )
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        indices, inputs, targets = self._pending
+        self._pending = None
+        after = {n: _cpu(p) for n, p in self._params.items()}
+        tensors = {f"param/{n}": t for n, t in after.items()}
+        if self.kind in ("adam", "adamw"):
+            for n, p in self._params.items():
+                state = optimizer.state[p]
+                amsgrad = self._hyper[self._group_of[n]]["amsgrad"]
+                tensors[f"second_moment/{n}"] = _cpu(state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"])
+                # the bias-correction step count t, per group
+                self._hyper[self._group_of[n]]["t"] = int(_scalar(state["step"]))
+        tensors.update({"batch/indices": indices, "batch/inputs": inputs, "batch/targets": targets})
+        data = save_safetensors(tensors)
+        file = f"steps/{self.step:07d}.safetensors"
+        _write_atomic(self.path / file, data)
+        line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
+                "groups": self._hyper}
+        self._manifest.write(json.dumps(line, sort_keys=True) + "\n")
+        self._manifest.flush()
+        os.fsync(self._manifest.fileno())
+        self._last = after
+        self.step += 1
+        self._save_resume_state()
+
+    def _save_resume_state(self) -> None:
+        state = self.optimizer.state_dict()
+        tensors = {}
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                tensors[f"optimizer/{idx}/{key}"] = _cpu(torch.as_tensor(value))
+        tensors["rng/cpu"] = torch.get_rng_state()
+        info = {
+            "next_step": self.step,
+            "param_groups": state["param_groups"],
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+        _write_atomic(self.path / "resume.safetensors", save_safetensors(tensors))
+        try:
+            _write_atomic(self.path / "resume.json", _json_bytes(info))
+        except TypeError as err:
+            raise UnsupportedError(
+                f"the scheduler's state_dict cannot be stored as JSON ({err}); "
+                "use a torch.optim.lr_scheduler whose lambdas are plain functions"
+            ) from err
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._manifest.close()
+        self._closed = True
+        if self._pending is not None:
+            raise InputError("batch() was declared but optimizer.step() never ran for it")
+        closed = {
+            "n_steps": self.step,
+            "final_sha256": _manifest_last_hash(self.path),
+            "train_indices": sorted(self._seen),
+        }
+        _write_atomic(self.path / "closed.json", _json_bytes(closed))
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep the history resumable: do not mark it closed
+            for hook in self._hooks:
+                hook.remove()
+            self._manifest.close()
+            self._closed = True
+
+    # ----------------------------------------------------------------- resuming
+
+    @classmethod
+    def resume(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer, *, scheduler=None,
+               **kwargs) -> "Recorder":
+        """Continue a killed recording from its last complete step.
+
+        Loads θ, the optimizer's and scheduler's state and the CPU RNG state of that step into
+        the given objects; continue the training loop at `recorder.step`.
+        """
+        history = History(path, allow_incomplete=True)
+        if history.closed:
+            raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
+        history.check_model(model)
+        path = Path(path)
+        info = json.loads((path / "resume.json").read_text())
+        step = min(info["next_step"], history.n_steps)
+        if step < info["next_step"]:
+            raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
+        history.truncate(step)  # drops a manifest line written after the last resume state
+        tensors = load_safetensors((path / "resume.safetensors").read_bytes())
+        with torch.no_grad():
+            for name, value in history.params(step).items():
+                dict(model.named_parameters())[name].copy_(value)
+        opt_state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, idx, name = key.split("/", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
+        if scheduler is not None and info["scheduler"] is not None:
+            scheduler.load_state_dict(info["scheduler"])
+        torch.set_rng_state(tensors["rng/cpu"])
+        recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **kwargs)
+        recorder._seen = set(history.train_indices().tolist())
+        return recorder
+
+
+def _scalar(value) -> float:
+    return value.item() if torch.is_tensor(value) else float(value)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _manifest_last_hash(path: Path) -> str | None:
+    lines = (path / "manifest.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["sha256"] if lines else None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class StepRecord:
+    """Everything the decomposition needs about update step s."""
+
+    step: int
+    before: dict[str, torch.Tensor]  # θ_s
+    after: dict[str, torch.Tensor]  # θ_{s+1}
+    groups: list[dict]  # per-group hyperparameters used at this step
+    second_moment: dict[str, torch.Tensor] | None  # Adam's v_t (or max v_t with amsgrad)
+    indices: torch.Tensor
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+class History:
+    """A recorded training run, opened read-only and checked.
+
+    Opening checks the format, the manifest's continuity and that every step file exists
+    with its recorded size; each file's sha256 is checked when it is read.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        if not (self.path / "meta.json").is_file():
+            raise HistoryError(
+                f"{self.path} is not a training history (no meta.json): record one with "
+                "explaind.Recorder, or check the path"
+            )
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise HistoryError(
+                f"{self.path} has format {self.meta.get('format')!r} version "
+                f"{self.meta.get('version')!r}; this explaind reads {FORMAT!r} version {VERSION}"
+            )
+        self.layout = ParamLayout(
+            tuple(p["name"] for p in self.meta["params"]),
+            tuple(tuple(p["shape"]) for p in self.meta["params"]),
+        )
+        self.group_of = {p["name"]: p["group"] for p in self.meta["params"]}
+        self.dtype = getattr(torch, self.meta["params"][0]["dtype"])
+        self.manifest = self._read_manifest()
+        closed = self.path / "closed.json"
+        self.closed = closed.is_file()
+        if self.closed:
+            expected = json.loads(closed.read_text())["n_steps"]
+            if expected != len(self.manifest):
+                raise HistoryError(
+                    f"{self.path} is truncated: closed with {expected} steps but the manifest "
+                    f"lists {len(self.manifest)}. Restore the history from its source (dvc pull) "
+                    "or record it again"
+                )
+        elif not allow_incomplete:
+            raise HistoryError(
+                f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but the "
+                "recorder was never closed (the run was killed?). Continue it with "
+                "Recorder.resume(...), or open it with allow_incomplete=True to use the "
+                "complete steps"
+            )
+        if not self.manifest:
+            raise HistoryError(f"{self.path} holds no complete step: train at least one step")
+        self._initial = None
+
+    def _read_manifest(self) -> list[dict]:
+        lines = []
+        text = (self.path / "manifest.jsonl").read_text() if (self.path / "manifest.jsonl").exists() else ""
+        for number, raw in enumerate(text.splitlines()):
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                if number == len(text.splitlines()) - 1:
+                    break  # a line cut by a crash: that step never completed
+                raise HistoryError(f"{self.path}/manifest.jsonl line {number + 1} is corrupted")
+            if line["step"] != number:
+                raise HistoryError(
+                    f"{self.path}/manifest.jsonl: line {number + 1} is step {line['step']}, "
+                    f"expected {number}; the manifest is corrupted"
+                )
+            file = self.path / line["file"]
+            if not file.is_file() or file.stat().st_size != line["bytes"]:
+                raise HistoryError(
+                    f"{file} is missing or has the wrong size for step {number}: the history is "
+                    "truncated or corrupted. Restore it from its source or record it again"
+                )
+            lines.append(line)
+        return lines
+
+    def truncate(self, n_steps: int) -> None:
+        """Keep only the first `n_steps` manifest lines (used when resuming)."""
+        self.manifest = self.manifest[:n_steps]
+        text = "".join(json.dumps(l, sort_keys=True) + "\n" for l in self.manifest)
+        _write_atomic(self.path / "manifest.jsonl", text.encode())
+
+    # ----------------------------------------------------------------- facts
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def optimizer(self) -> str:
+        return self.meta["optimizer"]
+
+    @property
+    def loss(self) -> str:
+        return self.meta["loss"]
+
+    @property
+    def reduction(self) -> str:
+        return self.meta["reduction"]
+
+    def fingerprint(self) -> str:
+        """A hash of the whole history (from the per-file hashes): cubes cite it."""
+        h = hashlib.sha256(self.meta["initial_sha256"].encode())
+        for line in self.manifest:
+            h.update(line["sha256"].encode())
+        return h.hexdigest()
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose trainable tensors differ from the recorded ones."""
+        params = trainable_parameters(model)
+        recorded = {p["name"]: p for p in self.meta["params"]}
+        if set(params) != set(recorded):
+            missing = sorted(set(recorded) - set(params))[:5]
+            extra = sorted(set(params) - set(recorded))[:5]
+            raise HistoryError(
+                f"the model does not match the history {self.path}: recorded tensors missing "
+                f"from the model {missing}, model tensors not in the history {extra}. Pass the "
+                "same architecture that was trained (same names and requires_grad flags)"
+            )
+        for name, p in params.items():
+            if list(p.shape) != recorded[name]["shape"]:
+                raise HistoryError(
+                    f"parameter {name!r} has shape {list(p.shape)} in the model but "
+                    f"{recorded[name]['shape']} in the history: pass the trained architecture"
+                )
+
+    # ----------------------------------------------------------------- tensors
+
+    def _load(self, name: str, sha256: str | None) -> dict[str, torch.Tensor]:
+        data = (self.path / name).read_bytes()
+        if sha256 is not None and _sha256(data) != sha256:
+            raise HistoryError(
+                f"{self.path / name} does not match its recorded sha256: the file is corrupted. "
+                "Restore the history from its source (dvc pull) or record it again"
+            )
+        return load_safetensors(data)
+
+    def initial(self) -> dict[str, torch.Tensor]:
+        if self._initial is None:
+            self._initial = self._load("initial.safetensors", self.meta["initial_sha256"])
+        return self._initial
+
+    def _step_tensors(self, s: int) -> dict[str, torch.Tensor]:
+        line = self.manifest[s]
+        return self._load(line["file"], line["sha256"])
+
+    @staticmethod
+    def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    def params(self, s: int) -> dict[str, torch.Tensor]:
+        """θ_s: the parameters before update step s (s = n_steps gives the final ones)."""
+        if not 0 <= s <= self.n_steps:
+            raise InputError(f"step {s} is outside the history's 0 … {self.n_steps}")
+        tensors = self.initial() if s == 0 else self._step_tensors(s - 1)
+        return self._prefixed(tensors, "param/")
+
+    def flat_params(self, s: int) -> torch.Tensor:
+        return self.layout.flatten(self.params(s))
+
+    def steps(self, start: int = 0, stop: int | None = None, reverse: bool = False) -> Iterator[StepRecord]:
+        """Stream the steps start … stop−1 from disk, forwards or backwards."""
+        stop = self.n_steps if stop is None else stop
+        order = range(stop - 1, start - 1, -1) if reverse else range(start, stop)
+        cache: dict[int, dict] = {}  # θ_s is shared by neighbouring steps: read it once
+        for s in order:
+            tensors = self._step_tensors(s)
+            after = self._prefixed(tensors, "param/")
+            before = cache.get(s) or self.params(s)
+            cache = {s: before, s + 1: after}
+            yield StepRecord(
+                step=s,
+                before=before,
+                after=after,
+                groups=self.manifest[s]["groups"],
+                second_moment=self._prefixed(tensors, "second_moment/") or None,
+                indices=tensors["batch/indices"],
+                inputs=tensors["batch/inputs"],
+                targets=tensors["batch/targets"],
+            )
+
+    def train_indices(self) -> torch.Tensor:
+        """Every dataset index that appears in some batch, sorted."""
+        closed = self.path / "closed.json"
+        if self.closed and closed.stat().st_size:
+            listed = json.loads(closed.read_text()).get("train_indices")
+            if listed is not None:
+                return torch.tensor(listed, dtype=torch.long)
+        seen: set[int] = set()
+        for s in range(self.n_steps):
+            seen.update(self._step_tensors(s)["batch/indices"].tolist())
+        return torch.tensor(sorted(seen), dtype=torch.long)
+
+    def input_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape of one input and its dtype, as recorded in the first batch."""
+        inputs = self._step_tensors(0)["batch/inputs"]
+        return tuple(inputs.shape[1:]), inputs.dtype

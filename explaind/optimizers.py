@@ -1,0 +1,126 @@
+"""The recorded optimizers' updates, written as one linear recurrence (DESIGN §2).
+
+Every supported optimizer (PyTorch semantics) is an instance of
+
+    d_s  = ḡ_s + λ_c θ_s                       (gradient plus coupled L2 decay)
+    m_s  = a_s m_{s−1} + b_s d_s                (momentum / first-moment buffer, m_{−1} = 0)
+    Δθ_s = −η_s [ P_s ⊙ (c_s m_s + e_s d_s) + λ_d θ_s ]
+
+with per-coordinate coefficients (they differ between parameter groups) and a recorded
+diagonal preconditioner P_s:
+
+    SGD, no momentum     a=0  b=0    c=0           e=1  P=1   λ_c=λ  λ_d=0
+    SGD, momentum μ      a=μ  b=1−τ  c=1 (μ, nesterov) e=0 (1, nesterov)    (first step: a=0, b=1)
+    Adam                 a=β1 b=1−β1 c=1/(1−β1^t)  e=0  P=1⊘(√v_t/√(1−β2^t)+ε)  λ_c=λ
+    AdamW                as Adam, but λ_c=0 and λ_d=λ
+
+Since ḡ_s = Σ_k w_{s,k} g_{s,k}, the update is linear in per-sample gradients, which is what
+lets the engine split it exactly by training sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnsupportedError
+
+
+@dataclass
+class StepCoefficients:
+    """The recurrence's coefficients at one step, each a [D] vector over coordinates."""
+
+    eta: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    e: torch.Tensor
+    precond: torch.Tensor
+    coupled_decay: torch.Tensor
+    decoupled_decay: torch.Tensor
+
+
+def _per_group(values: list[float], group_index: torch.Tensor) -> torch.Tensor:
+    """Expand one value per parameter group to a [D] vector."""
+    table = torch.tensor(values, dtype=torch.float64, device=group_index.device)
+    return table[group_index]
+
+
+def step_coefficients(
+    kind: str,
+    groups: list[dict],
+    group_index: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    first_step: bool,
+    dtype: torch.dtype,
+) -> StepCoefficients:
+    """Coefficients of step s from its recorded hyperparameters.
+
+    `group_index` is the [D] vector of each coordinate's parameter group, `second_moment` the
+    flat recorded v_t for Adam (None for SGD), `first_step` whether this is step 0 (PyTorch's
+    SGD copies the first direction into its momentum buffer without dampening).
+    """
+
+    def vec(key_or_fn) -> torch.Tensor:
+        fn = key_or_fn if callable(key_or_fn) else (lambda g: float(g[key_or_fn]))
+        return _per_group([fn(g) for g in groups], group_index)
+
+    zeros = torch.zeros_like(group_index, dtype=torch.float64)
+    ones = torch.ones_like(zeros)
+    if kind == "sgd":
+        for i, g in enumerate(groups):
+            if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+                raise UnsupportedError(f"group {i}: nesterov needs momentum > 0 and dampening 0")
+        mu = vec("momentum")
+        has_momentum = mu != 0
+        nesterov = vec(lambda g: float(bool(g["nesterov"])))
+        a = zeros if first_step else mu
+        b = ones if first_step else 1 - vec("dampening")
+        coeffs = StepCoefficients(
+            eta=vec("lr"),
+            a=torch.where(has_momentum, a, zeros),
+            b=torch.where(has_momentum, b, zeros),
+            c=torch.where(has_momentum, torch.where(nesterov > 0, mu, ones), zeros),
+            e=torch.where(has_momentum, nesterov, ones),
+            precond=ones,
+            coupled_decay=vec("weight_decay"),
+            decoupled_decay=zeros,
+        )
+    elif kind in ("adam", "adamw"):
+        beta1 = vec(lambda g: g["betas"][0])
+        beta2 = vec(lambda g: g["betas"][1])
+        t = vec("t")
+        v = second_moment.to(torch.float64)
+        precond = 1.0 / (v.sqrt() / (1 - beta2**t).sqrt() + vec("eps"))
+        decay = vec("weight_decay")
+        coeffs = StepCoefficients(
+            eta=vec("lr"),
+            a=beta1,
+            b=1 - beta1,
+            c=1 / (1 - beta1**t),
+            e=zeros,
+            precond=precond,
+            coupled_decay=decay if kind == "adam" else zeros,
+            decoupled_decay=decay if kind == "adamw" else zeros,
+        )
+    else:
+        raise UnsupportedError(f"unknown optimizer kind {kind!r} in the history")
+    return StepCoefficients(**{k: v.to(dtype) for k, v in vars(coeffs).items()})
+
+
+class AggregateUpdate:
+    """The recurrence on whole-batch gradients: the modelled −Δθ_s/η_s, step after step.
+
+    Used by the update-reconstruction check (DESIGN §2, check 1) and for the total update
+    that parameter-wise scores need.
+    """
+
+    def __init__(self):
+        self.momentum: torch.Tensor | None = None
+
+    def step(self, k: StepCoefficients, batch_gradient: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        d = batch_gradient + k.coupled_decay * theta
+        m = k.b * d if self.momentum is None else k.a * self.momentum + k.b * d
+        self.momentum = m
+        return k.precond * (k.c * m + k.e * d) + k.decoupled_decay * theta
