@@ -34,7 +34,7 @@ from .functional import TARGETS, FlatModel, ParamLayout
 from .history import History, StepRecord
 from .losses import resolve_loss, sample_weights
 from .optimizers import AggregateUpdate, StepCoefficients, step_coefficients
-from .quadrature import nodes
+from .path import PathIntegral
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -54,9 +54,7 @@ class Request:
     output_labels: list
     keep: tuple[str, ...]
     target: str
-    t_nodes: np.ndarray
-    t_weights: np.ndarray
-    rule: str
+    path: PathIntegral
     convention: str
     components: dict[str, list[str]]
     step_edges: np.ndarray
@@ -87,6 +85,7 @@ def explain(
     target: str = "log_prob",
     quadrature: int = 4,
     rule: str = "gauss",
+    breakpoints: bool = True,
     convention: str = "update",
     components: ComponentSpec = "tensor",
     step_bins: int | Sequence[int] | None = None,
@@ -108,7 +107,9 @@ def explain(
 
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model) or a
     list of output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
-    (the raw output). quadrature / rule: nodes and rule of the path integral. step_bins: None
+    (the raw output). quadrature / rule: nodes and rule of the path integral, applied to each
+    smooth piece of the path; breakpoints: locate the kinks of ReLU / max-pool along each
+    segment first (exact for piecewise-smooth models; False: plain quadrature). step_bins: None
     (every step), a number of equal bins, or bin edges 0 = e_0 < … < e_n = n_steps.
     tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised (None: never).
@@ -117,7 +118,8 @@ def explain(
     """
     request = _build_request(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
-        quadrature=quadrature, rule=rule, convention=convention, components=components,
+        quadrature=quadrature, rule=rule, breakpoints=breakpoints, convention=convention,
+        components=components,
         step_bins=step_bins, parameter_scores=parameter_scores, dtype=dtype, device=device,
         test_chunk=test_chunk, train_chunk=train_chunk, loss=loss,
     )
@@ -131,7 +133,7 @@ def explain(
 
 
 def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
-                   convention, components, step_bins, parameter_scores, dtype, device,
+                   breakpoints, convention, components, step_bins, parameter_scores, dtype, device,
                    test_chunk, train_chunk, loss) -> Request:
     history = history if isinstance(history, History) else History(history)
     history.check_model(model)
@@ -143,7 +145,6 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         raise InputError(f"unknown step convention {convention!r}: use one of {CONVENTIONS}")
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
-    t_nodes, t_weights = nodes(quadrature, rule)
     loss = _resolve_history_loss(history, loss)
 
     shape, _ = history.input_spec()
@@ -175,7 +176,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     train_index = history.train_indices()
     return Request(
         history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
-        keep=keep, target=target, t_nodes=t_nodes, t_weights=t_weights, rule=rule,
+        keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints),
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk or len(inputs), train_chunk=train_chunk or len(train_index),
@@ -346,13 +347,9 @@ class _Pass:
                 layout.flatten(rec.after).to(self.dev, self.dt))
 
     def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """G_s / (−η_s) = φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]."""
-        phi = None
-        for t, w in zip(self.req.t_nodes, self.req.t_weights):
-            jac = self.req.flat.jacobian(theta + float(t) * delta, self.x, self.select, self.req.target)
-            jac = jac.reshape(-1, jac.shape[-1])
-            phi = jac.mul_(float(w)) if phi is None else phi.add_(jac, alpha=float(w))
-        return phi
+        """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]."""
+        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target)
+        return phi.reshape(-1, phi.shape[-1])
 
     def reduce_rows(self, full: torch.Tensor) -> torch.Tensor:
         """[T·O, D] -> [rows, D], summing the test / output dims that are not kept."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.overrides import TorchFunctionMode
 
 from .losses import PerSampleLoss
 
@@ -60,6 +61,50 @@ class ParamLayout:
         }
 
 
+class _KinkPattern(TorchFunctionMode):
+    """Records which piece of each piecewise-linear op a forward pass is on.
+
+    f is smooth in θ except where a ReLU-type input crosses zero or a max-pool's argmax
+    switches; between such kinks Gauss–Legendre converges fast. The pattern (signs, argmax
+    indices) changes exactly at the kinks, which is how the path integral finds them.
+    """
+
+    SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
+    RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clip"}
+
+    def __init__(self):
+        super().__init__()
+        self.parts: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in self.SIGN_OPS:
+            self.parts.append(args[0] > 0)
+        elif name in self.RANGE_OPS:
+            low, high = _range_bounds(name, args, kwargs)
+            x = args[0]
+            self.parts.append((x > low).to(torch.int8) + (x > high).to(torch.int8))
+        elif "max_pool" in name:
+            plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
+            _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
+            self.parts.append(indices)
+        return func(*args, **kwargs)
+
+
+def _range_bounds(name: str, args, kwargs) -> tuple[float, float]:
+    if name == "relu6":
+        return 0.0, 6.0
+    if name.startswith("hardtanh"):
+        rest = list(args[1:3]) + [None, None]
+        return kwargs.get("min_val", rest[0] if rest[0] is not None else -1.0), kwargs.get(
+            "max_val", rest[1] if rest[1] is not None else 1.0)
+    rest = list(args[1:3]) + [None, None]
+    low = kwargs.get("min", rest[0])
+    high = kwargs.get("max", rest[1])
+    return (-float("inf") if low is None else low), (float("inf") if high is None else high)
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -86,15 +131,23 @@ class FlatModel:
     def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self._cast(x))
 
+    def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**params, **self.constants}, (x,))
+
     def raw(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The module's output on a batch x, with parameters θ."""
-        params = self.layout.unflatten(theta)
-        return functional_call(self.model, {**params, **self.constants}, (x,))
+        return self._call(self.layout.unflatten(theta), x)
+
+    def _explain(self, out: torch.Tensor, target: str) -> torch.Tensor:
+        return F.log_softmax(out, dim=-1) if target == "log_prob" else out
 
     def explained(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """The explained output f(x; θ), [batch, O]: log-probabilities or raw logits."""
-        out = self.raw(theta, x)
-        return F.log_softmax(out, dim=-1) if target == "log_prob" else out
+        return self._explain(self.raw(theta, x), target)
+
+    # Derivatives are taken with respect to the dict of named tensors, not the flat vector:
+    # differentiating through slices of θ would materialise a [rows, D] zero tensor per named
+    # tensor in the backward pass. One concatenation at the end is far cheaper.
 
     def jacobian(
         self, theta: torch.Tensor, x: torch.Tensor, select: torch.Tensor | None, target: str
@@ -103,34 +156,80 @@ class FlatModel:
 
         `select` is None (all outputs) or a LongTensor [T, O] of output indices per input.
         """
+        params = self.layout.unflatten(theta)
 
-        def one(x1: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
-            def f(th: torch.Tensor) -> torch.Tensor:
-                y = self.explained(th, x1.unsqueeze(0), target)[0]
+        def one(x1: torch.Tensor, sel: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                y = self._explain(self._call(p, x1.unsqueeze(0)), target)[0]
                 return y if sel is None else y[sel]
 
-            return jacrev(f)(theta)
+            return jacrev(f)(params)
 
         if select is None:
-            return vmap(lambda x1: one(x1, None))(x)
-        return vmap(one)(x, select)
+            jac = vmap(lambda x1: one(x1, None))(x)
+        else:
+            jac = vmap(one)(x, select)
+        return self.layout.flatten(jac)
 
-    def directional(
-        self, theta: torch.Tensor, direction: torch.Tensor, x: torch.Tensor, target: str
+    def jacobian_along(
+        self,
+        theta: torch.Tensor,
+        delta: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        select: torch.Tensor | None,
+        target: str,
     ) -> torch.Tensor:
-        """J(θ)·direction for every output of every input, by one forward-mode pass: [T, O]."""
-        _, tangent = jvp(lambda th: self.explained(th, x, target), (theta,), (direction,))
-        return tangent
+        """J(θ + t_r Δ) for row r's own input x_r and position t_r on the segment: [R, O, D]."""
+
+        def one(x1: torch.Tensor, t1: torch.Tensor, sel: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                y = self._explain(self._call(p, x1.unsqueeze(0)), target)[0]
+                return y if sel is None else y[sel]
+
+            return jacrev(f)(self.layout.unflatten(theta + t1 * delta))
+
+        if select is None:
+            jac = vmap(lambda x1, t1: one(x1, t1, None))(x, t)
+        else:
+            jac = vmap(one)(x, t, select)
+        return self.layout.flatten(jac)
+
+    def kink_pattern(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The piece each row's forward pass at θ + t_r Δ is on: [R, P] (P = 0 if smooth)."""
+
+        def one(x1: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+            mode = _KinkPattern()
+            with mode:
+                self._call(self.layout.unflatten(theta + t1 * delta), x1.unsqueeze(0))
+            if not mode.parts:
+                return torch.zeros(0, dtype=torch.long, device=x1.device)
+            return torch.cat([p.reshape(-1).long() for p in mode.parts])
+
+        with torch.no_grad():
+            return vmap(one)(x, t)
+
+    def directional_along(
+        self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
+    ) -> torch.Tensor:
+        """J(θ + t_r Δ)·Δ for row r's input, all outputs, by forward mode: [R, O]."""
+
+        def one(x1: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+            f = lambda th: self.explained(th, x1.unsqueeze(0), target)[0]
+            return jvp(f, (theta + t1 * delta,), (delta,))[1]
+
+        return vmap(one)(x, t)
 
     def per_sample_gradients(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss
     ) -> torch.Tensor:
         """∇_θ ℓ(f(x_k; θ), y_k) for each row k of a batch: [B, D]."""
 
-        def sample_loss(th: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-            return loss(self.raw(th, x1.unsqueeze(0)), y1.unsqueeze(0))[0]
+        def sample_loss(p: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+            return loss(self._call(p, x1.unsqueeze(0)), y1.unsqueeze(0))[0]
 
-        return vmap(grad(sample_loss), in_dims=(None, 0, 0))(theta, x, y)
+        params = self.layout.unflatten(theta)
+        return self.layout.flatten(vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y))
 
     def batch_gradient(
         self,
@@ -141,7 +240,9 @@ class FlatModel:
         loss: PerSampleLoss,
     ) -> torch.Tensor:
         """Σ_k w_k ∇ℓ_k by one ordinary backward pass: [D]."""
-        return grad(lambda th: (weights * loss(self.raw(th, x), y)).sum())(theta)
+        params = self.layout.unflatten(theta)
+        g = grad(lambda p: (weights * loss(self._call(p, x), y)).sum())(params)
+        return self.layout.flatten(g)
 
 
 def layout_of(model: nn.Module, names: Sequence[str] | None = None) -> ParamLayout:

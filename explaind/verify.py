@@ -20,7 +20,7 @@ from .functional import FlatModel
 from .history import History
 from .losses import sample_weights
 from .optimizers import AggregateUpdate, step_coefficients
-from .quadrature import nodes
+from .path import PathIntegral
 
 
 def _open(history, model):
@@ -92,6 +92,7 @@ def reconstruct(
     *,
     quadrature: int = 4,
     rule: str = "gauss",
+    breakpoints: bool = True,
     target: str = "log_prob",
     dtype: torch.dtype = torch.float64,
     device="cpu",
@@ -100,12 +101,13 @@ def reconstruct(
 ) -> xr.Dataset:
     """Check 2 for all outputs of many inputs: f(θ_0) + Σ_s ∫ J(θ_s + tΔθ_s)·Δθ_s dt.
 
-    Costs `quadrature` forward-mode passes per step; returns initial, final, reconstructed
+    Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
+    `breakpoints`); returns initial, final, reconstructed
     and residual over (test, output), with the relative residual in the attributes.
     """
     history = _open(history, model)
     flat = FlatModel(model, history.layout, dtype, device)
-    t_nodes, t_weights = nodes(quadrature, rule)
+    path = PathIntegral(flat, quadrature, rule, breakpoints)
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
     if tuple(inputs.shape[1:]) != shape:
@@ -122,9 +124,7 @@ def reconstruct(
     for rec in tqdm(history.steps(), total=history.n_steps, desc="reconstruct", disable=not progress, leave=False):
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
         delta = flat.layout.flatten(rec.after).to(flat.device, dtype) - theta
-        for t, w in zip(t_nodes, t_weights):
-            point = theta + float(t) * delta
-            change += float(w) * torch.cat([flat.directional(point, delta, x, target) for x in batches])
+        change += torch.cat([path.change(theta, delta, x, target) for x in batches])
     final = outputs(flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype))
     reconstructed = initial + change
     residual = final - reconstructed
@@ -141,6 +141,8 @@ def reconstruct(
         attrs={
             "quadrature_rule": rule,
             "quadrature_nodes": quadrature,
+            "breakpoints": int(breakpoints),
+            **path.stats.as_attrs(),
             "target": target,
             "dtype": str(dtype).removeprefix("torch."),
             "max_abs_residual": residual.abs().max().item(),

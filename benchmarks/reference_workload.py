@@ -1,0 +1,116 @@
+"""Benchmark: the reference workload of DESIGN §6, and how the cost scales.
+
+A one-layer Transformer (d_model 32, 4 heads, MLP 64) trained full-batch with AdamW on
+addition mod 23 (200 training pairs, 50 steps); explain 10 test inputs × all 25 outputs,
+keeping the full train × test × component × output kernel summed over steps.
+
+    python benchmarks/reference_workload.py            # the reference numbers + scaling
+    python benchmarks/reference_workload.py --quick    # the reference numbers only
+
+Prints wall time (best of `--repeat`), peak resident memory and max |residual|; then time
+against steps, training samples, test inputs and parameters, and the residual against the
+number of quadrature nodes for Gauss–Legendre and the midpoint rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import explaind as ex
+from explaind.data import modular_addition
+from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer
+
+P = 23
+LR = 3e-3  # log-probabilities move by up to ~8, as in the reference run
+
+
+def record_run(path: Path, *, steps=50, n_train=200, d_model=32, d_mlp=64, seed=0) -> ModAddTransformer:
+    """Train full-batch AdamW on addition mod P and record it; returns the trained model."""
+    torch.manual_seed(seed)
+    data = modular_addition(P, n_train, 20, seed=seed, only_a_ge_b=False)
+    model = ModAddTransformer(P, d_model=d_model, n_heads=4, d_mlp=d_mlp)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=1.0)
+    indices = torch.arange(n_train)
+    with ex.Recorder(path, model, opt) as rec:
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(data.train_inputs), data.train_targets).backward()
+            rec.batch(indices, data.train_inputs, data.train_targets)
+            opt.step()
+    return model, data
+
+
+def timed_explain(path, model, test_inputs, repeat=3, **kwargs):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        cube = ex.explain(path, model, test_inputs, progress=False, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best, cube
+
+
+def workload(root: Path, repeat: int, n_test=10, dtype=torch.float32, quadrature=2, **run):
+    path = root / ("run_" + "_".join(f"{k}{v}" for k, v in sorted(run.items())))
+    if not path.exists():
+        record_run(path, **run)
+    # the architecture only: explain() takes every parameter value from the history
+    model = ModAddTransformer(P, d_model=run.get("d_model", 32), n_heads=4, d_mlp=run.get("d_mlp", 64))
+    test = modular_addition(P, 200, 10 * n_test, seed=1, only_a_ge_b=False).val_inputs[:n_test]
+    return timed_explain(
+        path, model, test, repeat=repeat, keep=("component", "train", "test", "output"),
+        components=TRANSFORMER_COMPONENTS, dtype=dtype, quadrature=quadrature, tolerance=None,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the reference numbers")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        seconds, cube = workload(root, args.repeat)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"reference workload ({torch.get_num_threads()} threads, float32, Gauss-Legendre Q=2)")
+        print(f"  cube dims {dict(cube['attribution'].sizes)}")
+        print(f"  wall time           {seconds:.3f} s (best of {args.repeat})")
+        print(f"  peak RSS            {rss / 1024:.0f} MiB (before explain: {rss_before / 1024:.0f} MiB)")
+        print(f"  max |residual|      {cube.attrs['max_abs_residual']:.2e} "
+              f"(largest output change {cube.attrs['max_abs_change']:.2f})")
+        print(f"  max update residual {cube.attrs['max_update_residual']:.2e}")
+        if args.quick:
+            return
+        print("\nscaling (seconds; each should grow linearly)")
+        for name, values in [("steps", (25, 50, 100)), ("n_train", (100, 200, 400)),
+                             ("n_test", (5, 10, 20)), ("d_model", (16, 32, 64))]:
+            row = []
+            for v in values:
+                kwargs = {"n_test": v} if name == "n_test" else {name: v}
+                t, c = workload(root, args.repeat, **kwargs)
+                row.append(f"{name}={v}: {t:.3f}")
+            print("  " + "   ".join(row))
+        print("\nresidual vs quadrature nodes (float64; max |residual| over all outputs)")
+        path = root / "quadrature"
+        model, _ = record_run(path)
+        test = modular_addition(P, 200, 100, seed=1, only_a_ge_b=False).val_inputs[:10]
+        for rule in ("gauss", "midpoint"):
+            row = []
+            for q in (1, 2, 3, 4, 6, 10, 100) if rule == "midpoint" else (1, 2, 3, 4, 6):
+                rec = ex.reconstruct(path, model, test, quadrature=q, rule=rule, progress=False)
+                row.append(f"Q={q}: {rec.attrs['max_abs_residual']:.1e}")
+            print(f"  {rule:9s}" + "  ".join(row))
+
+
+if __name__ == "__main__":
+    main()
