@@ -348,7 +348,7 @@ class _Pass:
 
     def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]."""
-        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target)
+        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target, self.req.n_outputs)
         return phi.reshape(-1, phi.shape[-1])
 
     def reduce_rows(self, full: torch.Tensor) -> torch.Tensor:

@@ -171,28 +171,40 @@ class FlatModel:
             jac = vmap(one)(x, select)
         return self.layout.flatten(jac)
 
-    def jacobian_along(
+    def path_jacobian(
         self,
         theta: torch.Tensor,
         delta: torch.Tensor,
         x: torch.Tensor,
         t: torch.Tensor,
+        w: torch.Tensor,
         select: torch.Tensor | None,
         target: str,
     ) -> torch.Tensor:
-        """J(θ + t_r Δ) for row r's own input x_r and position t_r on the segment: [R, O, D]."""
+        """Σ_r w_ir J(x_i; θ + t_ir Δ) for each input i, with its own nodes t_i and weights w_i
+        ([T, R]; zero weights pad inputs with fewer nodes): [T, O, D].
 
-        def one(x1: torch.Tensor, t1: torch.Tensor, sel: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        The weighted sum over nodes is taken inside the differentiated function, so autograd
+        accumulates it into the gradient and no per-node Jacobian is ever materialised.
+        """
+        params = self.layout.unflatten(theta)
+        direction = self.layout.unflatten(delta)
+
+        def one(x1: torch.Tensor, t1: torch.Tensor, w1: torch.Tensor, sel: torch.Tensor | None):
             def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                y = self._explain(self._call(p, x1.unsqueeze(0)), target)[0]
+                def at(tr: torch.Tensor) -> torch.Tensor:
+                    shifted = {n: p[n] + tr * direction[n] for n in p}
+                    return self._explain(self._call(shifted, x1.unsqueeze(0)), target)[0]
+
+                y = (w1[:, None] * vmap(at)(t1)).sum(0)
                 return y if sel is None else y[sel]
 
-            return jacrev(f)(self.layout.unflatten(theta + t1 * delta))
+            return jacrev(f)(params)
 
         if select is None:
-            jac = vmap(lambda x1, t1: one(x1, t1, None))(x, t)
+            jac = vmap(lambda x1, t1, w1: one(x1, t1, w1, None))(x, t, w)
         else:
-            jac = vmap(one)(x, t, select)
+            jac = vmap(one)(x, t, w, select)
         return self.layout.flatten(jac)
 
     def kink_pattern(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

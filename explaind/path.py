@@ -43,6 +43,8 @@ class PathIntegral:
     # pass with its own parameter vector, so halving (the fewest passes) wins over the
     # fewer rounds of finer cuts on CPU.
     SECTIONS = 2
+    # elements of the per-node gradients held at once while computing φ (2^26: 512 MB in float64)
+    max_elements: int = 2**26
 
     def __post_init__(self):
         t, w = nodes(self.quadrature, self.rule)
@@ -72,7 +74,8 @@ class PathIntegral:
         theta, delta, x = theta.to(dt), delta.to(dt), self.search.cast_inputs(x)
         ends = torch.cat([torch.zeros(n), torch.ones(n)]).to(dev, dt)
         pattern = self.search.kink_pattern(theta, delta, torch.cat([x, x]), ends)
-        if pattern.shape[1] == 0:
+        if pattern.shape[1] == 0:  # the model has no piecewise-linear op: smooth everywhere
+            self.breakpoints = False
             return found
         rows = torch.nonzero((pattern[:n] != pattern[n:]).any(1)).flatten()
         a, b = torch.zeros(len(rows), dtype=dt, device=dev), torch.ones(len(rows), dtype=dt, device=dev)
@@ -105,36 +108,57 @@ class PathIntegral:
         self.stats.kinks += sum(len(f) for f in found)
         return found
 
-    def rows(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quadrature rows: (input index, position t, weight), Q per smooth piece."""
-        index, ts, ws = [], [], []
-        for i, kinks in enumerate(self.kinks(theta, delta, x)):
+    def nodes_per_input(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quadrature nodes and weights per input, Q per smooth piece: [T, R] each, and the
+        number of nodes each input uses (the rest are padding with zero weight)."""
+        pieces = []
+        for kinks in self.kinks(theta, delta, x):
             edges = torch.tensor([0.0, *kinks, 1.0], dtype=self.flat.dtype, device=self.flat.device)
             width = edges[1:] - edges[:-1]
-            ts.append((edges[:-1, None] + width[:, None] * self.t_nodes).flatten())
-            ws.append((width[:, None] * self.t_weights).flatten())
-            index.append(torch.full((len(ts[-1]),), i, dtype=torch.long))
-        return torch.cat(index).to(self.flat.device), torch.cat(ts), torch.cat(ws)
+            pieces.append(((edges[:-1, None] + width[:, None] * self.t_nodes).flatten(),
+                           (width[:, None] * self.t_weights).flatten()))
+        counts = torch.tensor([len(ti) for ti, _ in pieces])
+        t = torch.full((len(x), int(counts.max())), 0.5, dtype=self.flat.dtype, device=self.flat.device)
+        w = torch.zeros_like(t)
+        for i, (ti, wi) in enumerate(pieces):
+            t[i, : len(ti)], w[i, : len(wi)] = ti, wi
+        return t, w, counts
 
     # ----------------------------------------------------------------- integrals
 
-    def jacobian(self, theta, delta, x, select, target: str) -> torch.Tensor:
-        """φ_s for every input and selected output: [T, O, D]."""
-        index, t, w = self.rows(theta, delta, x)
-        if len(index) == len(x) * self.quadrature:  # no kinks: the nodes are shared
-            phi = None
+    def jacobian(self, theta, delta, x, select, target: str, n_outputs: int) -> torch.Tensor:
+        """φ_s for every input and selected output: [T, O, D].
+
+        Inputs without kinks share the Q nodes (one batched Jacobian per node); the others
+        are sorted by their number of nodes and done in groups that pad little and keep the
+        per-node gradients autograd holds below `max_elements`.
+        """
+        t, w, counts = self.nodes_per_input(theta, delta, x)
+        dim = len(theta)
+        phi = torch.zeros(len(x), n_outputs, dim, dtype=self.flat.dtype, device=self.flat.device)
+        smooth = torch.nonzero(counts == self.quadrature).flatten().to(x.device)
+        groups = smooth.split(max(1, self.max_elements // (n_outputs * dim * self.quadrature)))
+        for group in groups if len(smooth) else ():
+            sel = None if select is None else select[group]
             for tq, wq in zip(self.t_nodes.tolist(), self.t_weights.tolist()):
-                jac = self.flat.jacobian(theta + tq * delta, x, select, target)
-                phi = jac.mul_(wq) if phi is None else phi.add_(jac, alpha=wq)
-            return phi
-        sel = None if select is None else select[index]
-        jac = self.flat.jacobian_along(theta, delta, x[index], t, sel, target)
-        phi = torch.zeros((len(x),) + jac.shape[1:], dtype=jac.dtype, device=jac.device)
-        return phi.index_add_(0, index, jac * w[:, None, None])
+                phi[group] += wq * self.flat.jacobian(theta + tq * delta, x[group], sel, target)
+        kinked = torch.nonzero(counts > self.quadrature).flatten()
+        kinked = kinked[counts[kinked].argsort()]
+        start = 0
+        while start < len(kinked):
+            nodes = int(counts[kinked[start]])
+            size = max(1, self.max_elements // (n_outputs * dim * nodes))
+            group = kinked[start : start + size]
+            nodes = int(counts[group].max())
+            g = group.to(x.device)
+            sel = None if select is None else select[g]
+            phi[g] = self.flat.path_jacobian(theta, delta, x[g], t[g, :nodes], w[g, :nodes], sel, target)
+            start += len(group)
+        return phi
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
-        index, t, w = self.rows(theta, delta, x)
-        along = self.flat.directional_along(theta, delta, x[index], t, target)
-        out = torch.zeros((len(x), along.shape[1]), dtype=along.dtype, device=along.device)
-        return out.index_add_(0, index, along * w[:, None])
+        t, w, _ = self.nodes_per_input(theta, delta, x)
+        rows = torch.arange(len(x), device=t.device).repeat_interleave(t.shape[1])
+        along = self.flat.directional_along(theta, delta, x[rows], t.flatten(), target)
+        return (along.view(len(x), t.shape[1], -1) * w[:, :, None]).sum(1)
