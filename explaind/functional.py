@@ -62,11 +62,12 @@ class ParamLayout:
 
 
 class _KinkPattern(TorchFunctionMode):
-    """Records which piece of each piecewise-linear op a forward pass is on.
+    """Records where a forward pass stands relative to the kinks of piecewise-linear ops.
 
-    f is smooth in θ except where a ReLU-type input crosses zero or a max-pool's argmax
-    switches; between such kinks Gauss–Legendre converges fast. The pattern (signs, argmax
-    indices) changes exactly at the kinks, which is how the path integral finds them.
+    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's bound) or a
+    max-pool's argmax switches; between such kinks Gauss–Legendre converges fast. Recorded:
+    each ReLU-type input's signed distance to its kink (its sign says the piece, its value lets
+    the path integral predict where it crosses) and each max-pool's argmax indices.
     """
 
     SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
@@ -74,35 +75,36 @@ class _KinkPattern(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.parts: list[torch.Tensor] = []
+        self.distances: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in self.SIGN_OPS:
-            self.parts.append(args[0] > 0)
+            self.distances.append(args[0])
         elif name in self.RANGE_OPS:
-            low, high = _range_bounds(name, args, kwargs)
-            x = args[0]
-            self.parts.append((x > low).to(torch.int8) + (x > high).to(torch.int8))
+            for bound in _range_bounds(name, args, kwargs):
+                if bound is not None:
+                    self.distances.append(args[0] - bound)
         elif "max_pool" in name:
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
-            self.parts.append(indices)
+            self.indices.append(indices)
         return func(*args, **kwargs)
 
 
-def _range_bounds(name: str, args, kwargs) -> tuple[float, float]:
+def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
+    """The (low, high) kinks of a clamp-like op; None where a side is unbounded."""
     if name == "relu6":
         return 0.0, 6.0
-    if name.startswith("hardtanh"):
-        rest = list(args[1:3]) + [None, None]
-        return kwargs.get("min_val", rest[0] if rest[0] is not None else -1.0), kwargs.get(
-            "max_val", rest[1] if rest[1] is not None else 1.0)
-    rest = list(args[1:3]) + [None, None]
-    low = kwargs.get("min", rest[0])
-    high = kwargs.get("max", rest[1])
-    return (-float("inf") if low is None else low), (float("inf") if high is None else high)
+    keys = ("min_val", "max_val") if name.startswith("hardtanh") else ("min", "max")
+    defaults = (-1.0, 1.0) if name.startswith("hardtanh") else (None, None)
+    positional = list(args[1:3]) + [None, None]
+    return tuple(
+        kwargs.get(key, positional[i] if positional[i] is not None else defaults[i])
+        for i, key in enumerate(keys)
+    )
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -207,16 +209,19 @@ class FlatModel:
             jac = vmap(one)(x, t, w, select)
         return self.layout.flatten(jac)
 
-    def kink_pattern(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The piece each row's forward pass at θ + t_r Δ is on: [R, P] (P = 0 if smooth)."""
+    def kink_pattern(
+        self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each row's forward pass at θ + t_r Δ stands relative to the model's kinks:
+        signed distances [R, P] (float) and argmax indices [R, P'] (P = P' = 0 if smooth)."""
 
-        def one(x1: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        def one(x1: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             mode = _KinkPattern()
             with mode:
                 self._call(self.layout.unflatten(theta + t1 * delta), x1.unsqueeze(0))
-            if not mode.parts:
-                return torch.zeros(0, dtype=torch.long, device=x1.device)
-            return torch.cat([p.reshape(-1).long() for p in mode.parts])
+            distances = [d.reshape(-1) for d in mode.distances] or [x1.new_zeros(0, dtype=self.dtype)]
+            indices = [i.reshape(-1) for i in mode.indices] or [x1.new_zeros(0, dtype=torch.long)]
+            return torch.cat(distances), torch.cat(indices)
 
         with torch.no_grad():
             return vmap(one)(x, t)

@@ -39,10 +39,6 @@ class PathIntegral:
     max_kinks: int = 16  # per input and step; beyond it the segment is integrated plainly
     stats: KinkStats = field(default_factory=KinkStats)
 
-    # Parts an interval is cut into per round of the kink search. Each part costs a forward
-    # pass with its own parameter vector, so halving (the fewest passes) wins over the
-    # fewer rounds of finer cuts on CPU.
-    SECTIONS = 2
     # elements of the per-node gradients held at once while computing φ (2^26: 512 MB in float64)
     max_elements: int = 2**26
 
@@ -61,9 +57,12 @@ class PathIntegral:
     def kinks(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor) -> list[list[float]]:
         """Sorted kink positions t ∈ (0, 1) per input (empty for a smooth segment).
 
-        Every interval whose end patterns differ is cut into `SECTIONS` parts per round
-        (one batched forward pass for all intervals), keeping the parts whose end patterns
-        differ, until they are narrower than the resolution.
+        A kink lies wherever the pattern (signs of the distances, argmax indices) changes.
+        Each round, every interval whose end patterns differ is probed at two points just
+        either side of the earliest crossing that the distances predict by linear
+        interpolation (the middle, for argmax changes); the parts whose end patterns differ
+        are kept. Distances are nearly linear on a short step, so a kink is usually pinned to
+        the resolution in a few rounds; every round is one batched forward pass.
         """
         n = len(x)
         found: list[list[float]] = [[] for _ in range(n)]
@@ -73,40 +72,56 @@ class PathIntegral:
         dev, dt = self.flat.device, torch.float64
         theta, delta, x = theta.to(dt), delta.to(dt), self.search.cast_inputs(x)
         ends = torch.cat([torch.zeros(n), torch.ones(n)]).to(dev, dt)
-        pattern = self.search.kink_pattern(theta, delta, torch.cat([x, x]), ends)
-        if pattern.shape[1] == 0:  # the model has no piecewise-linear op: smooth everywhere
+        dist, idx = self.search.kink_pattern(theta, delta, torch.cat([x, x]), ends)
+        if dist.shape[1] + idx.shape[1] == 0:  # no piecewise-linear op: smooth everywhere
             self.breakpoints = False
             return found
-        rows = torch.nonzero((pattern[:n] != pattern[n:]).any(1)).flatten()
+        rows = torch.nonzero(_differs(dist[:n], idx[:n], dist[n:], idx[n:])).flatten()
         a, b = torch.zeros(len(rows), dtype=dt, device=dev), torch.ones(len(rows), dtype=dt, device=dev)
-        pa, pb = pattern[:n][rows], pattern[n:][rows]
-        fractions = torch.arange(1, self.SECTIONS, dtype=dt, device=dev) / self.SECTIONS
+        da, ia, db, ib = dist[:n][rows], idx[:n][rows], dist[n:][rows], idx[n:][rows]
         while len(rows):
-            inner = a[:, None] + (b - a)[:, None] * fractions  # [K, S−1]
-            k, s = inner.shape
-            pm = self.search.kink_pattern(theta, delta, x[rows].repeat_interleave(s, 0), inner.flatten())
-            patterns = torch.cat([pa[:, None], pm.view(k, s, -1), pb[:, None]], 1)  # [K, S+1, P]
-            cuts = torch.cat([a[:, None], inner, b[:, None]], 1)
-            changed = (patterns[:, 1:] != patterns[:, :-1]).any(-1)  # [K, S]
+            probes = self._probes(a, b, da, db)  # [K, 2]
+            k = len(rows)
+            dm, im = self.search.kink_pattern(theta, delta, x[rows].repeat_interleave(2, 0), probes.flatten())
+            cuts = torch.cat([a[:, None], probes, b[:, None]], 1)  # [K, 4]
+            dists = torch.cat([da[:, None], dm.view(k, 2, -1), db[:, None]], 1)
+            idxs = torch.cat([ia[:, None], im.view(k, 2, -1), ib[:, None]], 1)
+            changed = _differs(dists[:, :-1], idxs[:, :-1], dists[:, 1:], idxs[:, 1:])  # [K, 3]
             interval, part = torch.nonzero(changed, as_tuple=True)
             rows = rows[interval]
             a, b = cuts[interval, part], cuts[interval, part + 1]
-            pa, pb = patterns[interval, part], patterns[interval, part + 1]
+            da, ia = dists[interval, part], idxs[interval, part]
+            db, ib = dists[interval, part + 1], idxs[interval, part + 1]
             narrow = b - a <= self.resolution
             for i, t in zip(rows[narrow].tolist(), ((a + b) / 2)[narrow].tolist()):
                 found[i].append(t)
-            rows, a, b, pa, pb = rows[~narrow], a[~narrow], b[~narrow], pa[~narrow], pb[~narrow]
+            keep = ~narrow
             # an input with very many kinks is not worth resolving: integrate it plainly
-            crowded = torch.bincount(rows, minlength=n) > self.max_kinks
-            if crowded.any():
-                for i in torch.nonzero(crowded).flatten().tolist():
-                    found[i] = None  # type: ignore[call-overload]
-                keep = ~crowded[rows]
-                rows, a, b, pa, pb = rows[keep], a[keep], b[keep], pa[keep], pb[keep]
+            crowded = torch.bincount(rows[keep], minlength=n) > self.max_kinks
+            for i in torch.nonzero(crowded).flatten().tolist():
+                found[i] = None  # type: ignore[call-overload]
+            keep &= ~crowded[rows]
+            rows, a, b, da, ia, db, ib = (v[keep] for v in (rows, a, b, da, ia, db, ib))
         self.stats.unresolved += sum(f is None for f in found)
-        found = [[] if f is None else sorted(f) for f in found]
+        found = [[] if f is None else sorted(set(f)) for f in found]
         self.stats.kinks += sum(len(f) for f in found)
         return found
+
+    def _probes(self, a, b, da, db) -> torch.Tensor:
+        """Two points per interval bracketing its earliest predicted crossing: [K, 2]."""
+        flips = (da > 0) != (db > 0)
+        fraction = torch.where(flips, da / (da - db), torch.inf).min(1).values if da.shape[1] else None
+        if fraction is None:
+            fraction = torch.full_like(a, 0.5)
+        fraction = torch.where(torch.isfinite(fraction), fraction, 0.5).clamp(0, 1)
+        width = b - a
+        centre = a + width * fraction
+        # the bracket: wide enough to catch the crossing despite curvature, narrow enough to
+        # shrink the interval ~2^10-fold a round
+        half = torch.clamp(width * 2.0**-11, min=self.resolution / 4)
+        low = torch.maximum(centre - half, a + self.resolution / 8)
+        high = torch.minimum(centre + half, b - self.resolution / 8)
+        return torch.stack([low, torch.maximum(high, low)], 1)
 
     def nodes_per_input(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quadrature nodes and weights per input, Q per smooth piece: [T, R] each, and the
@@ -162,3 +177,8 @@ class PathIntegral:
         rows = torch.arange(len(x), device=t.device).repeat_interleave(t.shape[1])
         along = self.flat.directional_along(theta, delta, x[rows], t.flatten(), target)
         return (along.view(len(x), t.shape[1], -1) * w[:, :, None]).sum(1)
+
+
+def _differs(dist_a, idx_a, dist_b, idx_b) -> torch.Tensor:
+    """Whether two patterns lie on different pieces (along the last dim)."""
+    return ((dist_a > 0) != (dist_b > 0)).any(-1) | (idx_a != idx_b).any(-1)
