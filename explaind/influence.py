@@ -1,0 +1,96 @@
+"""Influence scores: reductions of an attribution cube (DESIGN §3).
+
+Every score is a sum of the atomic quantity ψ(s, j, k, x) over some of its indices; the cube
+already holds those sums for the dims the user kept, so these functions only choose which dims
+to sum and how to normalise. Each one says in its docstring which aggregation it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError
+
+
+def _require(cube: xr.Dataset, *dims: str) -> xr.DataArray:
+    attribution = cube["attribution"]
+    missing = [d for d in dims if d not in attribution.dims]
+    if missing:
+        raise InputError(
+            f"this cube has no {missing} dim (it was summed while explaining): explain again "
+            f"with keep=(..., {', '.join(repr(d) for d in missing)})"
+        )
+    return attribution
+
+
+def _sum_except(array: xr.DataArray, keep: tuple[str, ...]) -> xr.DataArray:
+    return array.sum([d for d in array.dims if d not in keep])
+
+
+def data_scores(cube: xr.Dataset) -> xr.DataArray:
+    """Training sample → test prediction: Σ_step Σ_component ψ (train × test [× output])."""
+    attribution = _require(cube, "train", "test")
+    return _sum_except(attribution, ("train", "test", "output"))
+
+
+def step_scores(cube: xr.Dataset, include_decay: bool = True) -> xr.DataArray:
+    """Which steps moved each prediction: Σ_train Σ_component ψ, plus the decay term."""
+    attribution = _require(cube, "step")
+    scores = _sum_except(attribution, ("step", "test", "output"))
+    if include_decay:
+        scores = scores + _sum_except(cube["regularization"], ("step", "test", "output"))
+    return scores
+
+
+def component_scores(cube: xr.Dataset) -> xr.DataArray:
+    """Per component (and step, if kept): Σ_train ψ, signed."""
+    attribution = _require(cube, "component")
+    return _sum_except(attribution, ("step", "component", "test", "output"))
+
+
+def component_shares(cube: xr.Dataset, absolute: bool = True) -> xr.DataArray:
+    """Each component's share of a step bin's change, summed over test inputs and outputs.
+
+    absolute=True: |score| / Σ_components |score| (shares in [0, 1], no cancellation between
+    components); False: score / Σ_components |score| (signed, still bounded by 1 in size).
+    """
+    scores = component_scores(cube)
+    scores = _sum_except(scores, ("step", "component"))
+    denominator = abs(scores).sum("component")
+    return (abs(scores) if absolute else scores) / denominator.where(denominator > 0)
+
+
+def decay_share(cube: xr.Dataset) -> xr.DataArray:
+    """Relative weight of weight decay per step bin: |R| / (|A| + |R|), where A and R are the
+    signed changes of each explained output (summed over train and components), and the
+    magnitudes are summed over test inputs and outputs."""
+    keep = ("step",) if "step" in cube["regularization"].dims else ()
+
+    def magnitude(array: xr.DataArray) -> xr.DataArray:
+        return _sum_except(abs(_sum_except(array, keep + ("test", "output"))), keep)
+
+    decay = magnitude(cube["regularization"])
+    return decay / (decay + magnitude(cube["attribution"]))
+
+
+def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dict[str, xr.DataArray]:
+    """The k most helpful (largest positive) and most harmful training samples for one input."""
+    scores = data_scores(cube).sel(test=test)
+    if "output" in scores.dims:
+        if output is None:
+            raise InputError("the cube keeps several outputs: pass output=... to choose one")
+        scores = scores.sel(output=output)
+    order = np.argsort(scores.values)
+    return {"helpful": scores.isel(train=order[::-1][:k]), "harmful": scores.isel(train=order[:k])}
+
+
+def cosine_similarity(cube: xr.Dataset, over: str = "train") -> xr.DataArray:
+    """Cosine similarity of the test inputs' score vectors over `over` (train or component)."""
+    attribution = _require(cube, over, "test")
+    vectors = _sum_except(attribution, (over, "test")).transpose("test", over).values
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.where(norms > 0, norms, 1.0)
+    test = cube["test"].values
+    return xr.DataArray(unit @ unit.T, dims=("test", "test_other"),
+                        coords={"test": test, "test_other": test})

@@ -1,0 +1,99 @@
+"""Influence reductions and replication metrics, on hand-built cubes with known answers."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from explaind import InputError
+from explaind.influence import (
+    component_shares,
+    cosine_similarity,
+    data_scores,
+    decay_share,
+    step_scores,
+    top_training_samples,
+)
+from explaind.verify import replication_metrics
+
+
+def make_cube(seed=0, steps=3, comps=2, train=4, test=2, out=2):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(steps, comps, train, test, out))
+    r = rng.normal(size=(steps, comps, test, out))
+    return xr.Dataset(
+        {
+            "attribution": (("step", "component", "train", "test", "output"), a),
+            "regularization": (("step", "component", "test", "output"), r),
+        },
+        coords={"step": np.arange(steps), "component": ["a", "b"][:comps], "train": np.arange(train) * 10,
+                "test": np.arange(test), "output": np.arange(out)},
+    )
+
+
+def test_data_and_step_scores_are_the_right_sums():
+    cube = make_cube()
+    a, r = cube.attribution.values, cube.regularization.values
+    np.testing.assert_allclose(data_scores(cube).transpose("train", "test", "output").values, a.sum((0, 1)))
+    np.testing.assert_allclose(step_scores(cube).transpose("step", "test", "output").values,
+                               a.sum((1, 2)) + r.sum(1))
+    np.testing.assert_allclose(step_scores(cube, include_decay=False).transpose("step", "test", "output").values,
+                               a.sum((1, 2)))
+
+
+def test_component_shares_absolute_and_signed():
+    cube = make_cube()
+    per = cube.attribution.values.sum((2, 3, 4))  # step × component
+    shares = component_shares(cube).transpose("step", "component").values
+    np.testing.assert_allclose(shares, np.abs(per) / np.abs(per).sum(1, keepdims=True))
+    signed = component_shares(cube, absolute=False).transpose("step", "component").values
+    np.testing.assert_allclose(signed, per / np.abs(per).sum(1, keepdims=True))
+    np.testing.assert_allclose(shares.sum(1), 1.0)
+
+
+def test_decay_share_by_hand():
+    cube = make_cube()
+    a = np.abs(cube.attribution.values.sum((1, 2))).sum((1, 2))  # per step
+    r = np.abs(cube.regularization.values.sum(1)).sum((1, 2))
+    np.testing.assert_allclose(decay_share(cube).values, r / (r + a))
+
+
+def test_top_training_samples_orders_by_score():
+    cube = make_cube()
+    scores = cube.attribution.values.sum((0, 1))[:, 1, 0]  # train scores for test 1, output 0
+    top = top_training_samples(cube, test=1, k=2, output=0)
+    assert list(top["helpful"].train.values) == list(np.arange(4)[np.argsort(-scores)][:2] * 10)
+    assert list(top["harmful"].train.values) == list(np.arange(4)[np.argsort(scores)][:2] * 10)
+    with pytest.raises(InputError, match="output"):
+        top_training_samples(cube, test=1)
+
+
+def test_cosine_similarity_matches_numpy():
+    cube = make_cube()
+    v = cube.attribution.values.sum((0, 1, 4)).T  # test × train
+    expected = (v @ v.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
+    np.testing.assert_allclose(cosine_similarity(cube).values, expected)
+    np.testing.assert_allclose(np.diag(cosine_similarity(cube).values), 1.0)
+
+
+def test_summed_dim_is_a_clear_error():
+    cube = make_cube().sum("train")
+    with pytest.raises(InputError, match="keep="):
+        data_scores(cube)
+
+
+def test_replication_metrics_by_hand():
+    final = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]], dtype=torch.float64), -1)
+    rebuilt = final.clone()
+    rebuilt[1] = torch.tensor([1.0, 0.0, 0.0])  # second input: argmax flips to class 0
+    ds = xr.Dataset(
+        {"final": (("test", "output"), final.numpy()), "reconstructed": (("test", "output"), rebuilt.numpy()),
+         "residual": (("test", "output"), (final - rebuilt).numpy())},
+        attrs={"target": "log_prob", "relative_residual": 0.5},
+    )
+    m = replication_metrics(ds)
+    assert m["agreement"] == 0.5
+    q = torch.log_softmax(rebuilt[1], -1)
+    kl1 = float((final[1].exp() * (final[1] - q)).sum())
+    assert m["kl"] == pytest.approx(kl1 / 2, rel=1e-12)
+    assert m["max_abs_residual"] == pytest.approx(float((final - rebuilt).abs().max()))
