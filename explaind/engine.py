@@ -94,6 +94,7 @@ def explain(
     device: str | torch.device = "cpu",
     test_chunk: int | None = None,
     train_chunk: int | None = None,
+    memory_budget: float | None = 4 * 2**30,
     loss=None,
     tolerance: float | None = 1e-4,
     test_ids: Sequence | None = None,
@@ -114,7 +115,8 @@ def explain(
     tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised (None: never).
     test_chunk / train_chunk bound memory: test inputs per pass and training samples per
-    momentum buffer (the history is streamed once per chunk pair).
+    momentum buffer (the history is streamed once per chunk pair). Left as None, they are
+    chosen as large as `memory_budget` (bytes, on the compute device) allows.
     """
     request = _build_request(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
@@ -123,6 +125,7 @@ def explain(
         step_bins=step_bins, parameter_scores=parameter_scores, dtype=dtype, device=device,
         test_chunk=test_chunk, train_chunk=train_chunk, loss=loss,
     )
+    plan_chunks(request, memory_budget)
     request.progress = progress
     initial = _outputs_at(request, 0)
     final = _outputs_at(request, request.history.n_steps)
@@ -179,7 +182,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints),
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
-        test_chunk=test_chunk or len(inputs), train_chunk=train_chunk or len(train_index),
+        test_chunk=test_chunk or 0, train_chunk=train_chunk or 0,
         progress=True, component_slices=slices,
     )
 
@@ -245,6 +248,60 @@ def _step_edges(step_bins, n_steps: int) -> np.ndarray:
             f"{edges.tolist()}"
         )
     return edges
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
+    """Estimated peak bytes of one pass over n_test inputs and n_train training samples."""
+    size = torch.finfo(req.flat.dtype).bits // 8
+    d = req.flat.layout.dim
+    rows_full = n_test * req.n_outputs
+    rows = (n_test if req.keeps("test") else 1) * (req.n_outputs if req.keeps("output") else 1)
+    n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
+    n_comp = len(req.components) if req.keeps("component") else 1
+    train = n_train if req.keeps("train") else 1
+    batch = req.history.max_batch()
+    elements = (
+        rows_full * d * 3  # φ / G, its scaled copies
+        + rows * d * (2 if req.convention == "gradient" else 1)  # carried K (and reduced rows)
+        + (train * d if req.convention == "update" else 0)  # per-sample momentum buffer
+        + batch * d * 3  # per-sample gradients and their weighted copies
+        + (rows_full * d if req.parameter_scores else 0)
+        + n_bins * n_comp * rows * train  # the cube's accumulator
+        # autograd's per-node gradients while integrating φ (capped by the path integral)
+        + min(req.path.max_elements, rows_full * d * req.path.quadrature * 4)
+    )
+    return int(elements * size)
+
+
+def plan_chunks(req: Request, budget: float | None) -> None:
+    """Fill in test_chunk / train_chunk left unset: as large as the budget allows."""
+    n_test, n_train = len(req.inputs), len(req.train_index)
+    if budget is None:
+        req.test_chunk, req.train_chunk = req.test_chunk or n_test, req.train_chunk or n_train
+        return
+    train = req.train_chunk or n_train
+    test = req.test_chunk or n_test
+    while pass_bytes(req, test, train) > budget and (test > 1 or train > 1):
+        if not req.test_chunk and test > 1 and (test * req.n_outputs >= train or req.train_chunk):
+            test = (test + 1) // 2
+        elif not req.train_chunk and train > 1:
+            train = (train + 1) // 2
+        elif not req.test_chunk and test > 1:
+            test = (test + 1) // 2
+        else:
+            break
+    needed = pass_bytes(req, test, train)
+    if needed > budget:
+        raise InputError(
+            f"one pass needs about {needed / 2**30:.1f} GiB, over memory_budget="
+            f"{budget / 2**30:.1f} GiB, even with test_chunk={test}, train_chunk={train}. Fix: "
+            "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
+            "convention='gradient' (no per-sample momentum buffer), float32, or a larger budget"
+        )
+    req.test_chunk, req.train_chunk = test, train
 
 
 # --------------------------------------------------------------------------- passes
@@ -374,7 +431,10 @@ class _Pass:
         y = rec.targets.to(self.dev)
         if req.keeps("train"):
             rows = in_chunk.to(self.dev)
-            wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss) * weights[rows, None]
+            if bool(rows.any()):
+                wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss) * weights[rows, None]
+            else:  # none of this batch's samples is in the chunk
+                wg = torch.zeros(0, req.flat.layout.dim, dtype=self.dt, device=self.dev)
             full = wg.sum(0) if bool(in_chunk.all()) else None
         else:
             full = req.flat.batch_gradient(theta, x, y, weights, req.loss)

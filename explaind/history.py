@@ -331,7 +331,7 @@ class Recorder:
         file = f"steps/{self.step:07d}.safetensors"
         _write_atomic(self.path / file, data)
         line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
-                "groups": self._hyper}
+                "groups": self._hyper, "batch_size": len(indices)}
         self._manifest.write(json.dumps(line, sort_keys=True) + "\n")
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
@@ -634,6 +634,10 @@ class History:
                 inputs=tensors["batch/inputs"],
                 targets=tensors["batch/targets"],
             )
+
+    def max_batch(self) -> int:
+        """The largest batch of the run (rows of per-sample gradients held at once)."""
+        return max(line.get("batch_size", 0) for line in self.manifest) or len(self.train_indices())
 
     def train_indices(self) -> torch.Tensor:
         """Every dataset index that appears in some batch, sorted."""
