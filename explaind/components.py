@@ -44,4 +44,11 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(fn(n), []).append(n)
+    if isinstance(spec, Mapping):
+        empty = {c: list(spec[c]) for c in spec if c not in groups}
+        if empty:
+            raise InputError(
+                f"components {empty} (component: patterns) match no parameter tensor (a typo?): "
+                f"patterns must be tensor names or module prefixes of the model, e.g. {list(names)[:4]}"
+            )
     return groups

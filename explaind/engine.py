@@ -31,7 +31,7 @@ from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube
 from .errors import InputError, ReconstructionError
 from .functional import TARGETS, FlatModel, ParamLayout
-from .history import History, StepRecord
+from .history import History, StepRecord, open_history
 from .losses import resolve_loss, sample_weights
 from .optimizers import AggregateUpdate, StepCoefficients, step_coefficients
 from .path import PathIntegral
@@ -138,8 +138,7 @@ def explain(
 def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
                    breakpoints, convention, components, step_bins, parameter_scores, dtype, device,
                    test_chunk, train_chunk, loss) -> Request:
-    history = history if isinstance(history, History) else History(history)
-    history.check_model(model)
+    history = open_history(history, model)
     keep = tuple(keep)
     unknown = [d for d in keep if d not in DIMS]
     if unknown:
@@ -163,7 +162,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     ordered = [n for names in groups.values() for n in names]  # each component contiguous
     shapes = dict(zip(history.layout.names, history.layout.shapes))
     layout = ParamLayout(tuple(ordered), tuple(shapes[n] for n in ordered))
-    flat = FlatModel(model, layout, dtype, device)
+    flat = FlatModel(model, layout, dtype, device, history.constants())
     slices, start = [], 0
     for names in groups.values():
         size = sum(int(np.prod(shapes[n])) for n in names)

@@ -114,18 +114,22 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 class FlatModel:
     """f(x; θ) for a flat θ, with the constant rest of the module (frozen tensors, buffers)."""
 
-    def __init__(self, model: nn.Module, layout: ParamLayout, dtype: torch.dtype, device):
+    def __init__(self, model: nn.Module, layout: ParamLayout, dtype: torch.dtype, device,
+                 constants: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.layout = layout
         self.dtype = dtype
         self.device = torch.device(device)
         trainable = set(layout.names)
-        # frozen parameters and buffers enter every call as constants
-        self.constants = {
-            name: t.detach().to(self.device, self._cast(t))
-            for name, t in list(model.named_parameters()) + list(model.named_buffers())
-            if name not in trainable
-        }
+        # frozen parameters and buffers enter every call as constants: the recorded ones when
+        # given (a history's), else the module's own
+        if constants is None:
+            constants = {
+                name: t.detach()
+                for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                if name not in trainable
+            }
+        self.constants = {name: t.to(self.device, self._cast(t)) for name, t in constants.items()}
 
     def _cast(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if t.is_floating_point() else t.dtype

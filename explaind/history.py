@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +36,7 @@ from torch import nn
 
 from .errors import HistoryError, InputError, UnsupportedError
 from .functional import FlatModel, ParamLayout, layout_of, trainable_parameters
-from .losses import check_reduction, resolve_loss, sample_weights
+from .losses import BUILTIN_LOSSES, REDUCTIONS, check_reduction, resolve_loss, sample_weights
 
 FORMAT = "explaind-history"
 VERSION = 1
@@ -174,6 +175,8 @@ class Recorder:
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._closed = False
         self._seen: set[int] = set()
+        self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
+        self._epoch_after_step: int | None = None  # scheduler.last_epoch right after a step
 
         if _resume_from is None:
             self._start_new(overwrite)
@@ -286,6 +289,11 @@ class Recorder:
                     f"parameter {name!r} changed between optimizer steps (before step "
                     f"{self.step}): only optimizer.step() may change parameters while recording"
                 )
+        if self.step > 0 and self.scheduler is not None:
+            # the loop has stepped its scheduler since the last step: store its state now
+            if self._epoch_after_step is not None:  # (unknown right after a resume)
+                self._scheduler_steps = self.scheduler.last_epoch - self._epoch_after_step
+            self._write_resume_info(scheduler_stepped=True)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
         if self.check_every and self.step % self.check_every == 0:
             self._check_gradient()
@@ -337,21 +345,30 @@ class Recorder:
         os.fsync(self._manifest.fileno())
         self._last = after
         self.step += 1
-        self._save_resume_state()
+        self._write_resume_tensors()
+        self._write_resume_info(scheduler_stepped=False)
 
-    def _save_resume_state(self) -> None:
-        state = self.optimizer.state_dict()
-        tensors = {}
-        for idx, entry in state["state"].items():
+    def _write_resume_tensors(self) -> None:
+        """Optimizer state and RNG right after a step (before the next batch draws from it)."""
+        tensors = {"rng/cpu": torch.get_rng_state()}
+        for idx, entry in self.optimizer.state_dict()["state"].items():
             for key, value in entry.items():
                 tensors[f"optimizer/{idx}/{key}"] = _cpu(torch.as_tensor(value))
-        tensors["rng/cpu"] = torch.get_rng_state()
+        _write_atomic(self.path / "resume.safetensors", save_safetensors(tensors))
+
+    def _write_resume_info(self, scheduler_stepped: bool) -> None:
+        """Hyperparameters and scheduler state. Written after a step, and again before the
+        next one once the loop has stepped its scheduler; a run killed in between is resumed
+        by stepping the scheduler as often as the loop did per step."""
+        if self.scheduler is not None and not scheduler_stepped:
+            self._epoch_after_step = self.scheduler.last_epoch
         info = {
             "next_step": self.step,
-            "param_groups": state["param_groups"],
+            "param_groups": self.optimizer.state_dict()["param_groups"],
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler_stepped": scheduler_stepped,
+            "scheduler_steps_per_step": self._scheduler_steps,
         }
-        _write_atomic(self.path / "resume.safetensors", save_safetensors(tensors))
         try:
             _write_atomic(self.path / "resume.json", _json_bytes(info))
         except TypeError as err:
@@ -370,6 +387,7 @@ class Recorder:
         if self._pending is not None:
             raise InputError("batch() was declared but optimizer.step() never ran for it")
         closed = {
+            "meta_sha256": _sha256((self.path / "meta.json").read_bytes()),
             "n_steps": self.step,
             "final_sha256": _manifest_last_hash(self.path),
             "train_indices": sorted(self._seen),
@@ -420,10 +438,34 @@ class Recorder:
         optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
         if scheduler is not None and info["scheduler"] is not None:
             scheduler.load_state_dict(info["scheduler"])
+            if not info["scheduler_stepped"]:
+                _catch_up(scheduler, info["scheduler_steps_per_step"], path)
         torch.set_rng_state(tensors["rng/cpu"])
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **kwargs)
+        recorder._scheduler_steps = info["scheduler_steps_per_step"]
         recorder._seen = set(history.train_indices().tolist())
         return recorder
+
+
+def _catch_up(scheduler, steps: int | None, path) -> None:
+    """Step a scheduler restored from just after an optimizer step as the loop would have."""
+    if steps is None:
+        raise HistoryError(
+            f"{path} was killed right after its first step, before its scheduler's stepping "
+            "could be observed: record it again with overwrite=True"
+        )
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "History":
+    """Open (if given a path) and check a history against the model that explains it."""
+    history = history if isinstance(history, History) else History(history)
+    history.check_model(model)
+    refuse_stochastic_modules(model)
+    return history
 
 
 def _scalar(value) -> float:
@@ -472,7 +514,14 @@ class History:
                 f"{self.path} is not a training history (no meta.json): record one with "
                 "explaind.Recorder, or check the path"
             )
-        self.meta = json.loads((self.path / "meta.json").read_text())
+        meta_bytes = (self.path / "meta.json").read_bytes()
+        try:
+            self.meta = json.loads(meta_bytes)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HistoryError(
+                f"{self.path}/meta.json is corrupted ({err}): restore the history from its "
+                "source (dvc pull) or record it again"
+            ) from err
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise HistoryError(
                 f"{self.path} has format {self.meta.get('format')!r} version "
@@ -485,10 +534,17 @@ class History:
         self.group_of = {p["name"]: p["group"] for p in self.meta["params"]}
         self.dtype = getattr(torch, self.meta["params"][0]["dtype"])
         self.manifest = self._read_manifest()
+        self._check_meta()
         closed = self.path / "closed.json"
         self.closed = closed.is_file()
         if self.closed:
-            expected = json.loads(closed.read_text())["n_steps"]
+            summary = json.loads(closed.read_text())
+            if summary.get("meta_sha256") != _sha256(meta_bytes):
+                raise HistoryError(
+                    f"{self.path}/meta.json does not match the hash recorded when the history "
+                    "was closed: it was edited or corrupted. Restore it from its source"
+                )
+            expected = summary["n_steps"]
             if expected != len(self.manifest):
                 raise HistoryError(
                     f"{self.path} is truncated: closed with {expected} steps but the manifest "
@@ -505,6 +561,23 @@ class History:
         if not self.manifest:
             raise HistoryError(f"{self.path} holds no complete step: train at least one step")
         self._initial = None
+
+    def _check_meta(self) -> None:
+        """Refuse a meta.json whose facts this library cannot honour (edited or damaged)."""
+        meta = self.meta
+        problems = []
+        if meta.get("optimizer") not in GROUP_KEYS:
+            problems.append(f"optimizer {meta.get('optimizer')!r}")
+        if meta.get("reduction") not in REDUCTIONS:
+            problems.append(f"reduction {meta.get('reduction')!r}")
+        loss = str(meta.get("loss"))
+        if not (loss in BUILTIN_LOSSES or loss.startswith("custom:")):
+            problems.append(f"loss {loss!r}")
+        if problems:
+            raise HistoryError(
+                f"{self.path}/meta.json records an unknown {', '.join(problems)}: the file was "
+                "edited or corrupted. Restore the history from its source or record it again"
+            )
 
     def _read_manifest(self) -> list[dict]:
         lines = []
@@ -595,6 +668,11 @@ class History:
         if self._initial is None:
             self._initial = self._load("initial.safetensors", self.meta["initial_sha256"])
         return self._initial
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The recorded frozen parameters and buffers: constant inputs of f."""
+        initial = self.initial()
+        return {**self._prefixed(initial, "frozen/"), **self._prefixed(initial, "buffer/")}
 
     def _step_tensors(self, s: int) -> dict[str, torch.Tensor]:
         line = self.manifest[s]

@@ -48,7 +48,8 @@ class PathIntegral:
         self.t_weights = torch.tensor(w, dtype=self.flat.dtype, device=self.flat.device)
         # The search runs in float64 whatever the working dtype: along a short segment a
         # float32 θ + tΔ takes few distinct values, and its rounding makes patterns flicker.
-        self.search = FlatModel(self.flat.model, self.flat.layout, torch.float64, self.flat.device)
+        self.search = FlatModel(self.flat.model, self.flat.layout, torch.float64, self.flat.device,
+                                self.flat.constants)
         # it stops at this width: the misplaced sliver of J is then below rounding
         self.resolution = 2.0**-40
 

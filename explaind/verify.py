@@ -17,16 +17,10 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, ReconstructionError
 from .functional import FlatModel
-from .history import History
+from .history import History, open_history
 from .losses import sample_weights
 from .optimizers import AggregateUpdate, step_coefficients
 from .path import PathIntegral
-
-
-def _open(history, model):
-    history = history if isinstance(history, History) else History(history)
-    history.check_model(model)
-    return history
 
 
 def _group_index(history: History, flat: FlatModel) -> torch.Tensor:
@@ -70,8 +64,8 @@ def verify_updates(
     """
     from .engine import _resolve_history_loss
 
-    history = _open(history, model)
-    flat = FlatModel(model, history.layout, dtype, device)
+    history = open_history(history, model)
+    flat = FlatModel(model, history.layout, dtype, device, history.constants())
     residuals = update_residuals(history, flat, _resolve_history_loss(history, loss))
     tolerance = tolerance or (1e-10 if history.dtype == torch.float64 else 1e-4)
     worst = int(residuals.argmax())
@@ -105,8 +99,8 @@ def reconstruct(
     `breakpoints`); returns initial, final, reconstructed
     and residual over (test, output), with the relative residual in the attributes.
     """
-    history = _open(history, model)
-    flat = FlatModel(model, history.layout, dtype, device)
+    history = open_history(history, model)
+    flat = FlatModel(model, history.layout, dtype, device, history.constants())
     path = PathIntegral(flat, quadrature, rule, breakpoints)
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
@@ -187,7 +181,7 @@ def quadrature_sensitivity(
     rule, with and without locating kinks: a pandas DataFrame, one row per setting."""
     import pandas as pd
 
-    history = _open(history, model)
+    history = open_history(history, model)
     rows = []
     settings = [(r, q, b) for r in rules for b in breakpoints for q in nodes_list]
     for rule, q, kinks in tqdm(settings, desc="quadrature", disable=not progress, leave=False):

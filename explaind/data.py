@@ -1,0 +1,270 @@
+"""Data sets of the paper package: modular addition, the 8x8 digits (CPU default) and CIFAR-2.
+
+Everything here is deterministic given its seed, and nothing downloads: the digits ship inside
+scikit-learn, and CIFAR-10 must be placed in the data directory by the user.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ModAddData:
+    """Addition mod p as token sequences [a, p, b, p + 1] ("a + b =") with targets (a + b) mod p."""
+
+    p: int
+    train_inputs: torch.Tensor  # long [M, 4]
+    train_targets: torch.Tensor  # long [M]
+    val_inputs: torch.Tensor  # long [V, 4]
+    val_targets: torch.Tensor  # long [V]
+    train_pairs: torch.Tensor  # long [M, 2], the (a, b) of each training row, for labelling
+    val_pairs: torch.Tensor  # long [V, 2]
+
+
+def modular_addition(
+    p: int, train_size: int, val_size: int, seed: int, only_a_ge_b: bool = True
+) -> ModAddData:
+    """Split the pairs (a, b) of residues mod p into disjoint training and validation sets.
+
+    With only_a_ge_b (the paper's choice) only pairs with a >= b are used: p(p + 1)/2 of them
+    (6,441 for p = 113). The pairs are shuffled by a torch.Generator seeded with `seed`; the
+    first train_size form the training set, the next val_size the validation set.
+    """
+    if p < 2:
+        raise ValueError(f"modulus p={p} must be at least 2")
+    if train_size < 1 or val_size < 0:
+        raise ValueError(f"need train_size >= 1 and val_size >= 0, got {train_size} and {val_size}")
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs = torch.stack([a.flatten(), b.flatten()], dim=1)
+    if only_a_ge_b:
+        pairs = pairs[pairs[:, 0] >= pairs[:, 1]]
+    if train_size + val_size > len(pairs):
+        raise ValueError(
+            f"train_size + val_size = {train_size + val_size} exceeds the {len(pairs)} pairs available "
+            f"for p={p} (only_a_ge_b={only_a_ge_b}); lower the sizes or raise p"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    pairs = pairs[torch.randperm(len(pairs), generator=generator)]
+    train_pairs, val_pairs = pairs[:train_size], pairs[train_size : train_size + val_size]
+
+    def encode(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plus = torch.full((len(pairs),), p)
+        equals = torch.full((len(pairs),), p + 1)
+        tokens = torch.stack([pairs[:, 0], plus, pairs[:, 1], equals], dim=1)
+        return tokens, (pairs[:, 0] + pairs[:, 1]) % p
+
+    train_inputs, train_targets = encode(train_pairs)
+    val_inputs, val_targets = encode(val_pairs)
+    return ModAddData(p, train_inputs, train_targets, val_inputs, val_targets, train_pairs, val_pairs)
+
+
+# --- digits -------------------------------------------------------------------------------
+
+
+def _write_exact(path: Path, array: np.ndarray) -> None:
+    """Write `array` as .npy unless an identical file exists; refuse to replace a different one."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    payload = buffer.getvalue()
+    if path.exists():
+        if path.read_bytes() == payload:
+            return
+        raise FileExistsError(
+            f"{path} exists with different content; delete it if you want it re-exported"
+        )
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(payload)
+    os.replace(temporary, path)  # atomic: a crash never leaves a half-written file behind
+
+
+def export_digits(data_dir: str | os.PathLike) -> Path:
+    """Write scikit-learn's 8x8 digits to data_dir/digits/{images,labels}.npy; return that folder.
+
+    images: uint8 [1797, 8, 8] with values 0..16; labels: int64 [1797]. Fixed little-endian
+    dtypes and np.save (no timestamps) make the files byte-identical on every machine.
+    """
+    from sklearn.datasets import load_digits  # only this step needs scikit-learn
+
+    digits = load_digits()
+    folder = Path(data_dir) / "digits"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_exact(folder / "images.npy", digits.images.astype("<u1"))
+    _write_exact(folder / "labels.npy", digits.target.astype("<i8"))
+    return folder
+
+
+def _load_digits(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    folder = Path(data_dir) / "digits"
+    if not (folder / "images.npy").exists() or not (folder / "labels.npy").exists():
+        raise FileNotFoundError(
+            f"no digits in {folder}; run explaind.data.export_digits({str(data_dir)!r}) first"
+        )
+    images = np.load(folder / "images.npy", allow_pickle=False)
+    labels = np.load(folder / "labels.npy", allow_pickle=False)
+    return images[:, None], labels  # add the channel axis: [N, 1, 8, 8]
+
+
+# --- CIFAR-2 ------------------------------------------------------------------------------
+
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST_BATCH = "test_batch"
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and nothing else.
+
+    A pickle can name any importable callable and have it called; admitting only the few
+    array-reconstruction helpers numpy's pickles use means a tampered file cannot run code.
+    """
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # numpy 1.x pickles (the CIFAR files)
+        ("numpy._core.multiarray", "_reconstruct"),  # numpy 2.x pickles
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR batch only contains numpy arrays, "
+                "so this file is not a genuine CIFAR-10 python batch"
+            )
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"CIFAR batch {name} is not a dict with b'data' and b'labels'")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def _read_cifar_batches(data_dir: Path) -> dict[str, bytes]:
+    """Raw bytes of each batch, from the extracted folder or straight from the archive."""
+    names = CIFAR_TRAIN_BATCHES + [CIFAR_TEST_BATCH]
+    folder, archive = data_dir / CIFAR_FOLDER, data_dir / CIFAR_ARCHIVE
+    if folder.is_dir():
+        return {name: (folder / name).read_bytes() for name in names}
+    if archive.is_file():
+        with tarfile.open(archive, "r:gz") as tar:  # read members in memory: nothing is extracted
+            return {name: tar.extractfile(f"{CIFAR_FOLDER}/{name}").read() for name in names}
+    raise FileNotFoundError(
+        f"CIFAR-10 not found: put the python version ({CIFAR_ARCHIVE}, from "
+        f"https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted {CIFAR_FOLDER}/ into {data_dir}"
+    )
+
+
+@dataclass
+class ImageArrays:
+    """Raw uint8 images [N, C, H, W] with binary labels (0 = first class, 1 = second)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_cifar2(data_dir: str | os.PathLike, classes: tuple[int, int] = (3, 5)) -> ImageArrays:
+    """CIFAR-2 from the CIFAR-10 python archive: two classes (default cat 3 vs dog 5).
+
+    Uses CIFAR-10's own split: 10,000 training and 2,000 test images for two classes.
+    """
+    _check_classes(classes, 10)
+    batches = {name: _unpickle_batch(raw, name) for name, raw in _read_cifar_batches(Path(data_dir)).items()}
+    train = [batches[name] for name in CIFAR_TRAIN_BATCHES]
+    train_images = np.concatenate([images for images, _ in train])
+    train_labels = np.concatenate([labels for _, labels in train])
+    test_images, test_labels = batches[CIFAR_TEST_BATCH]
+    keep_train, keep_test = np.isin(train_labels, classes), np.isin(test_labels, classes)
+    return ImageArrays(
+        train_images[keep_train],
+        (train_labels[keep_train] == classes[1]).astype(np.int64),
+        test_images[keep_test],
+        (test_labels[keep_test] == classes[1]).astype(np.int64),
+    )
+
+
+# --- normalised binary image tasks --------------------------------------------------------
+
+
+@dataclass
+class ImagePair:
+    """A binary image task as normalised float tensors, ready for training."""
+
+    train_x: torch.Tensor  # float32 [N, C, H, W], standardised per channel with training statistics
+    train_y: torch.Tensor  # long [N] in {0, 1}
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[int, int]  # original labels of class 0 and class 1
+
+
+def _check_classes(classes: tuple[int, int], num_labels: int) -> None:
+    if len(classes) != 2 or classes[0] == classes[1] or not all(0 <= c < num_labels for c in classes):
+        raise ValueError(f"classes must be two different labels in 0..{num_labels - 1}, got {classes}")
+
+
+def _split_digits(
+    data_dir: str | os.PathLike, classes: tuple[int, int], test_size: float, seed: int
+) -> ImageArrays:
+    _check_classes(classes, 10)
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size is a fraction of the images and must lie in (0, 1), got {test_size}")
+    images, labels = _load_digits(data_dir)
+    keep = np.isin(labels, classes)
+    images, labels = images[keep], (labels[keep] == classes[1]).astype(np.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
+    n_test = round(test_size * len(labels))
+    test, train = order[:n_test], order[n_test:]
+    return ImageArrays(images[train], labels[train], images[test], labels[test])
+
+
+def load_image_pair(
+    data_dir: str | os.PathLike,
+    dataset: str = "digits",
+    classes: tuple[int, int] | None = None,
+    test_size: float = 0.3,
+    seed: int = 0,
+) -> ImagePair:
+    """Load a binary image task, standardised per channel with the training images' statistics.
+
+    dataset "digits": scikit-learn's 8x8 digits (see export_digits), default classes (3, 8),
+    two shapes that share most strokes and are among the most confused pairs, so the task is
+    not trivial. A seeded random test_size fraction is held out.
+    dataset "cifar2": CIFAR-10 cat vs dog by default (3, 5); CIFAR's own test split is used,
+    so test_size and seed are ignored.
+    """
+    if dataset == "digits":
+        classes = (3, 8) if classes is None else tuple(classes)
+        arrays = _split_digits(data_dir, classes, test_size, seed)
+    elif dataset == "cifar2":
+        classes = (3, 5) if classes is None else tuple(classes)
+        arrays = load_cifar2(data_dir, classes)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose 'digits' or 'cifar2'")
+    train_x = torch.from_numpy(arrays.train_images).float()
+    test_x = torch.from_numpy(arrays.test_images).float()
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True)
+    return ImagePair(
+        (train_x - mean) / std,
+        torch.from_numpy(arrays.train_labels),
+        (test_x - mean) / std,
+        torch.from_numpy(arrays.test_labels),
+        classes,
+    )

@@ -1,0 +1,523 @@
+"""The exact decomposition: sums to the change, agrees with an independent brute force.
+
+Runs are tiny smooth models (MLP, CNN, 1-layer attention) recorded by tests/engine_cases.py;
+tests/brute_force.py is a separate slow implementation of DESIGN §2 (materialised Jacobians,
+the optimizer unrolled by hand) that the engine's cubes are compared against elementwise.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import explaind as ex
+from brute_force import reference_for_run
+from engine_cases import OPTIMIZERS, Case, make_data, train
+
+ORDER = ("step", "component", "train", "test", "output")
+
+# Test 1's matrix: every model × every optimizer variant, with schedules, shuffled mini-batches
+# (last batch short), two parameter groups, mean / sum reductions and a custom per-sample loss.
+CASES = {
+    "mlp-sgd": Case("mlp", "sgd", schedule="lambda"),
+    "mlp-sgd_momentum": Case("mlp", "sgd_momentum", schedule="step", groups=2),
+    "mlp-sgd_nesterov": Case("mlp", "sgd_nesterov", reduction="sum", lr_scale=0.25, schedule="lambda",
+                             widths=(5, 4), act="gelu"),
+    "mlp-adam": Case("mlp", "adam", schedule="lambda", groups=2, act="softplus"),
+    "mlp-adamw": Case("mlp", "adamw", loss="custom", schedule="step", groups=2),
+    "cnn-sgd": Case("cnn", "sgd", reduction="sum", lr_scale=0.25, schedule="step"),
+    "cnn-sgd_momentum": Case("cnn", "sgd_momentum", schedule="lambda", groups=2),
+    "cnn-sgd_nesterov": Case("cnn", "sgd_nesterov", schedule="step", groups=2),
+    "cnn-adam": Case("cnn", "adam", reduction="sum", schedule="step"),
+    "cnn-adamw": Case("cnn", "adamw", schedule="lambda", groups=2),
+    "transformer-sgd": Case("transformer", "sgd", schedule="lambda", groups=2),
+    "transformer-sgd_momentum": Case("transformer", "sgd_momentum", reduction="sum", lr_scale=0.25,
+                                     schedule="lambda"),
+    "transformer-sgd_nesterov": Case("transformer", "sgd_nesterov", loss="custom", schedule="step"),
+    "transformer-adam": Case("transformer", "adam", schedule="step", groups=2),
+    "transformer-adamw": Case("transformer", "adamw", reduction="sum", schedule="lambda", groups=2),
+}
+
+# Test 2's brute-force cases: one tiny MLP run per optimizer kind.
+BRUTE = {
+    opt: Case("mlp", opt, steps=5, batch=3, n_train=7, widths=(5,), schedule="lambda" if i % 2 else "step",
+              groups=2 if opt in ("sgd_momentum", "adam", "adamw") else 1,
+              reduction="sum" if opt == "sgd_nesterov" else "mean",
+              lr_scale=0.3 if opt == "sgd_nesterov" else 1.0, seed=10 + i)
+    for i, opt in enumerate(OPTIMIZERS)
+}
+
+
+class Runs:
+    """Records each case once per test session, in a temporary directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict = {}
+
+    def get(self, case: Case, check_every: int = 1):
+        if case not in self.cache:
+            self.cache[case] = train(case, self.root / f"run{len(self.cache)}", check_every=check_every)
+        return self.cache[case]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("engine_runs"))
+
+
+@pytest.fixture(scope="module")
+def references():
+    cache: dict = {}
+
+    def get(run, **kwargs):
+        key = (run.case, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = reference_for_run(run, **kwargs)
+        return cache[key]
+
+    return get
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def full_cube(cube: xr.Dataset) -> np.ndarray:
+    return cube["attribution"].transpose(*ORDER).values
+
+
+def assert_self_consistent(cube: xr.Dataset, rtol: float) -> None:
+    """The cube's own sums: Σ attribution + Σ regularization = final − initial − residual.
+
+    Measured relative to the largest change in float64; in float32 relative to the largest
+    mass Σ|terms| that the sums add up (cancellation between samples amplifies rounding).
+    """
+    att = cube["attribution"].astype(np.float64)
+    reg = cube["regularization"].astype(np.float64)
+    att_dims = [d for d in att.dims if d not in ("test", "output")]
+    reg_dims = [d for d in reg.dims if d not in ("test", "output")]
+    summed = att.sum(att_dims) + reg.sum(reg_dims)
+    expected = (cube["final"].astype(np.float64) - cube["initial"].astype(np.float64)
+                - cube["residual"].astype(np.float64))
+    if "test" not in att.dims:
+        expected = expected.sum("test")
+    if "output" not in att.dims:
+        expected = expected.sum("output")
+    scale = float(np.abs(cube["final"] - cube["initial"]).max())
+    assert scale > 0
+    if cube["attribution"].dtype == np.float32:
+        scale = max(scale, float((abs(att).sum(att_dims) + abs(reg).sum(reg_dims)).max()))
+    err = float(np.abs(summed - expected).max()) / scale
+    assert err <= rtol, f"cube sums miss final − initial − residual by {err:.2e} of the change"
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-12, what: str = "") -> None:
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = max(np.abs(expected).max(), 1e-300)
+    err = np.abs(actual - expected).max() / scale
+    assert err <= rtol, f"{what}: max error {err:.2e} of the largest entry ({scale:.2e})"
+
+
+def train_positions(cube: xr.Dataset, ref) -> np.ndarray:
+    """Positions in the reference's k axis of the cube's train coordinate (sorted dataset ids)."""
+    assert cube["train"].values.tolist() == ref.train_ids.tolist()
+    return np.arange(len(ref.train_ids))
+
+
+# --------------------------------------------------------------------------- 1. sums to the change
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decomposition_is_exact_float64(runs, name):
+    run = runs.get(CASES[name])
+    for convention in ("update", "gradient"):
+        cube = run.explain(convention=convention, tolerance=1e-9)  # 4 Gauss–Legendre nodes
+        assert cube.attrs["step_convention"] == convention
+        assert cube.attrs["relative_residual"] <= 1e-9, cube.attrs["relative_residual"]
+        assert cube.attrs["max_update_residual"] <= 1e-12, cube.attrs["max_update_residual"]
+        assert cube.attrs["max_abs_change"] > 1e-2  # the run moved the outputs noticeably
+        assert cube["attribution"].dims == ORDER
+        assert cube.sizes["step"] == run.case.steps
+        assert_self_consistent(cube, 1e-12)
+        # initial / final are the model's log-probabilities before and after training
+        with torch.no_grad():
+            final = F.log_softmax(run.model(run.test_x), -1).numpy()
+        np.testing.assert_allclose(cube["final"].values, final, rtol=0, atol=1e-13)
+        # every training sample seen, labelled by its dataset index
+        seen = sorted({int(i) for b in run.batches for i in b[0]})
+        assert cube["train"].values.tolist() == seen
+
+
+@pytest.mark.parametrize("name", ["mlp-adam", "cnn-sgd_momentum", "transformer-adamw"])
+def test_verify_updates_and_reconstruct(runs, name):
+    run = runs.get(CASES[name])
+    residuals = ex.verify_updates(run.path, run.model)
+    assert len(residuals) == run.case.steps and residuals.max() <= 1e-12
+    rec = ex.reconstruct(run.path, run.model, run.test_x, quadrature=6, progress=False)
+    assert rec.attrs["relative_residual"] <= 1e-9
+    cube = run.explain(quadrature=6, keep=("test", "output"))
+    np.testing.assert_allclose(rec["final"].values, cube["final"].values, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(rec["residual"].values, cube["residual"].values, rtol=0, atol=1e-12)
+
+
+def test_history_matches_the_loop(runs):
+    """The recorded θ_s and batches are exactly those of the training loop."""
+    run = runs.get(CASES["mlp-adamw"])
+    hist = ex.History(run.path)
+    assert hist.n_steps == run.case.steps and hist.optimizer == "adamw" and hist.reduction == "mean"
+    for s in range(hist.n_steps + 1):
+        assert torch.equal(hist.flat_params(s), run.thetas[s])
+    for rec, (idx, x, y) in zip(hist.steps(), run.batches):
+        assert torch.equal(rec.indices, idx) and torch.equal(rec.inputs, x) and torch.equal(rec.targets, y)
+        assert [g["lr"] for g in rec.groups] == run.lrs[rec.step]
+    backwards = [rec.step for rec in hist.steps(reverse=True)]
+    assert backwards == list(range(hist.n_steps - 1, -1, -1))
+
+
+# --------------------------------------------------------------------------- 2. against the brute force
+
+
+@pytest.mark.parametrize("opt", list(BRUTE))
+def test_full_cube_matches_brute_force(runs, references, opt):
+    run = runs.get(BRUTE[opt])
+    ref = references(run)
+    # the hand-unrolled optimizer reproduces PyTorch's trajectory
+    thetas = torch.stack(run.thetas)
+    assert_close(ref.thetas.numpy(), thetas.numpy(), 1e-13, "trajectory")
+    for convention in ("update", "gradient"):
+        cube = run.explain(convention=convention, quadrature=8)
+        a, r = ref.cube(convention)
+        a = a[:, :, train_positions(cube, ref)]
+        scale = max(np.abs(a).max(), np.abs(r).max())
+        assert cube["component"].values.tolist() == ref.names
+        assert np.abs(full_cube(cube) - a).max() <= 1e-12 * scale, convention
+        assert np.abs(cube["regularization"].transpose("step", "component", "test", "output").values - r).max() \
+            <= 1e-12 * scale, convention
+        assert_close(cube["initial"].values, ref.initial.numpy(), 1e-14, "initial")
+        assert_close(cube["final"].values, ref.final.numpy(), 1e-14, "final")
+    # the two conventions differ per step (momentum carries gradients forwards) but not in total
+    if opt != "sgd":
+        up, gr = ref.cube("update")[0], ref.cube("gradient")[0]
+        assert np.abs(up - gr).max() > 1e-6 * np.abs(up).max()
+        assert_close(up.sum(0), gr.sum(0), 1e-12, "step-summed conventions")
+
+
+def test_brute_force_logit_target(runs, references):
+    run = runs.get(BRUTE["adamw"])
+    ref = references(run, target="logit")
+    cube = run.explain(target="logit", quadrature=4)
+    assert cube.attrs["units"] == "logit"
+    a, r = ref.cube("update")
+    assert_close(full_cube(cube), a[:, :, train_positions(cube, ref)], 1e-12, "logit cube")
+    with torch.no_grad():
+        assert_close(cube["final"].values, run.model(run.test_x).numpy(), 1e-14, "final logits")
+
+
+@pytest.mark.parametrize("convention", ["update", "gradient"])
+def test_output_selections_match_brute_force(runs, references, convention):
+    run = runs.get(BRUTE["adam"])
+    ref = references(run)
+    a, r = ref.cube(convention)
+    n_test = len(run.test_x)
+    rows = np.arange(n_test)
+
+    true = run.explain(outputs="true", convention=convention, quadrature=4)
+    assert true["output"].values.tolist() == ["true"]
+    assert true["output_class"].values.tolist() == run.test_y.tolist()
+    assert_close(full_cube(true)[..., 0], a[:, :, :, rows, run.test_y.numpy()], 1e-12, "true")
+    assert_close(true["initial"].values[:, 0], ref.initial.numpy()[rows, run.test_y.numpy()], 1e-14, "true init")
+
+    predicted = run.explain(outputs="predicted", convention=convention, quadrature=4)
+    classes = ref.final.numpy().argmax(-1)
+    assert predicted["output_class"].values.tolist() == classes.tolist()
+    assert_close(full_cube(predicted)[..., 0], a[:, :, :, rows, classes], 1e-12, "predicted")
+    assert_close(predicted["regularization"].values[..., 0], r[:, :, rows, classes], 1e-12, "predicted reg")
+
+    chosen = run.explain(outputs=[2, 0], convention=convention, quadrature=4)
+    assert chosen["output"].values.tolist() == [2, 0]
+    assert_close(full_cube(chosen), a[..., [2, 0]], 1e-12, "list")
+    change = (ref.final - ref.initial).numpy()[:, [2, 0]]
+    residual = change - a[..., [2, 0]].sum((0, 1, 2)) - r[..., [2, 0]].sum((0, 1))
+    assert np.abs(chosen["residual"].values - residual).max() <= 1e-12 * np.abs(change).max()
+
+
+def test_component_groupings_match_brute_force(runs, references):
+    run = runs.get(BRUTE["sgd_momentum"])
+    ref = references(run)
+    names = ref.names  # hidden.0.weight, hidden.0.bias, out.weight, out.bias
+    cases = {  # spec -> the grouping it means
+        "module": ("module", {"hidden.0": ["hidden.0.weight", "hidden.0.bias"], "out": ["out.weight", "out.bias"]}),
+        # tensor names, listed out of model order
+        "dict": ({"weights": ["out.weight", "hidden.0.weight"], "biases": ["hidden.0.bias", "out.bias"]},
+                 {"weights": ["hidden.0.weight", "out.weight"], "biases": ["hidden.0.bias", "out.bias"]}),
+        # module prefixes
+        "prefix": ({"first": ["hidden"], "second": ["out"]},
+                   {"first": ["hidden.0.weight", "hidden.0.bias"], "second": ["out.weight", "out.bias"]}),
+        "callable": (lambda n: "head" if n.startswith("out") else "body",
+                     {"body": [n for n in names if not n.startswith("out")],
+                      "head": [n for n in names if n.startswith("out")]}),
+    }
+    for convention, keys in (("update", list(cases)), ("gradient", ["module", "callable"])):
+        for key in keys:
+            spec, grouping = cases[key]
+            cube = run.explain(components=spec, convention=convention, quadrature=4)
+            labels = cube["component"].values.tolist()
+            assert sorted(labels) == sorted(grouping), key
+            assert cube.attrs["components"] == labels
+            ordered = {c: grouping[c] for c in labels}
+            a, r = ref.cube(convention, ordered)
+            assert_close(full_cube(cube), a[:, :, train_positions(cube, ref)], 1e-12, key)
+            assert_close(cube["regularization"].values, r, 1e-12, key + " reg")
+            # the flat parameter layout follows the component order
+            assert cube.attrs["tensor_names"] == [n for c in labels for n in names if n in grouping[c]]
+
+
+def test_step_bins_match_brute_force(runs, references):
+    run = runs.get(BRUTE["sgd_nesterov"])  # 5 steps
+    ref = references(run)
+    for convention in ("update", "gradient"):
+        a, r = ref.cube(convention)
+        bin_cases = ((2, None), ([0, 1, 4, 5], [0, 1, 4, 5]), (5, [0, 1, 2, 3, 4, 5]), (1, [0, 5]))
+        for bins, edges in bin_cases if convention == "update" else bin_cases[:2]:
+            cube = run.explain(step_bins=bins, convention=convention, quadrature=4)
+            start = cube["step"].values
+            stop = cube["step_stop"].values
+            assert start[0] == 0 and stop[-1] == 5 and np.all(start[1:] == stop[:-1])
+            if edges is not None:
+                assert start.tolist() == edges[:-1] and stop.tolist() == edges[1:]
+            expected_a = np.stack([a[b:e].sum(0) for b, e in zip(start, stop)])
+            expected_r = np.stack([r[b:e].sum(0) for b, e in zip(start, stop)])
+            assert_close(full_cube(cube), expected_a, 1e-12, f"bins {bins}")
+            assert_close(cube["regularization"].values, expected_r, 1e-12, f"bins {bins} reg")
+
+
+@pytest.mark.parametrize("keep", [("train", "test"), ("step",), ("component", "output"), ("step", "train"),
+                                  ("test",), ("output", "step", "train")])
+def test_keep_subsets_match_brute_force(runs, references, keep):
+    run = runs.get(BRUTE["adamw"])
+    ref = references(run)
+    for convention in ("update", "gradient") if "train" in keep else ("update",):
+        a, r = ref.cube(convention)
+        cube = run.explain(keep=keep, convention=convention, quadrature=4)
+        kept = [d for d in ORDER if d in keep]
+        assert cube["attribution"].dims == tuple(kept)
+        drop = tuple(i for i, d in enumerate(ORDER) if d not in keep)
+        assert_close(cube["attribution"].values, a.sum(drop), 1e-12, f"keep {keep}")
+        reg_dims = [d for d in ORDER if d != "train"]
+        drop_r = tuple(i for i, d in enumerate(reg_dims) if d not in keep)
+        assert_close(cube["regularization"].values, r.sum(drop_r), 1e-12, f"keep {keep} reg")
+        assert cube.attrs["relative_residual"] <= 1e-9
+        assert_self_consistent(cube, 1e-12)
+
+
+@pytest.mark.parametrize("convention", ["update", "gradient"])
+def test_chunks_match_brute_force(runs, references, convention):
+    run = runs.get(BRUTE["sgd_momentum"])
+    ref = references(run)
+    a, r = ref.cube(convention)
+    cube = run.explain(convention=convention, quadrature=4, test_chunk=2, train_chunk=3, parameter_scores=True)
+    assert_close(full_cube(cube), a[:, :, train_positions(cube, ref)], 1e-12, "chunked")
+    assert_close(cube["regularization"].values, r, 1e-12, "chunked reg")
+    whole = run.explain(convention=convention, quadrature=4, parameter_scores=True)
+    for key in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
+        assert_close(cube[key].values, whole[key].values, 1e-12, key)
+    change = np.abs(whole["final"] - whole["initial"]).max().item()
+    assert np.abs(cube["residual"] - whole["residual"]).max().item() <= 1e-12 * change
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adam", "adamw"])
+def test_parameter_scores_match_brute_force(runs, references, opt):
+    run = runs.get(BRUTE[opt])
+    ref = references(run)
+    for convention in ("update", "gradient"):
+        # a grouping that reorders the tensors: the output layer's first
+        cube = run.explain(convention=convention, quadrature=4, parameter_scores=True,
+                           components={"head": ["out"], "body": ["hidden"]}, keep=("test",))
+        # the parameter dim is the flat layout in component order: map it to named_parameters order
+        names = cube.attrs["tensor_names"]
+        components = cube.attrs["components"]
+        assert sorted(components) == ["body", "head"]
+        grouping = {"head": ["out.weight", "out.bias"], "body": ["hidden.0.weight", "hidden.0.bias"]}
+        assert names == [n for c in components for n in grouping[c]]
+        numel = {n: p.numel() for n, p in run.model.named_parameters()}
+        offsets = dict(zip(ref.names, np.cumsum([0] + [numel[n] for n in ref.names])[:-1]))
+        order = np.concatenate([np.arange(offsets[n], offsets[n] + numel[n]) for n in names])
+        assert len(order) == cube.sizes["parameter"] == sum(numel.values())
+        tensor_id = cube["parameter_tensor"].values
+        assert [names[i] for i in tensor_id] == [n for n in names for _ in range(numel[n])]
+        expected = ref.parameter_scores(convention)
+        for key, values in expected.items():
+            assert_close(cube[key].values, values[order], 1e-12, f"{key} ({convention})")
+        # the paper's importance is the absolute value after summing: never above the stepwise one
+        assert np.all(cube["parameter_score"].values <= cube["parameter_score_stepwise_abs"].values * (1 + 1e-12))
+        assert "parameter_score_stepwise_abs" in cube.attrs["parameter_score_definitions"]
+        # the signed score summed over parameters is the sample share of the total change
+        a, _ = ref.cube(convention)
+        assert_close(np.array(cube["parameter_score_signed"].values.sum()), np.array(a.sum()), 1e-12, "signed total")
+
+
+# --------------------------------------------------------------------------- 3. property-based
+
+
+OPT_HYPER = {
+    "sgd": st.fixed_dictionaries({"lr": st.floats(0.01, 0.3), "weight_decay": st.sampled_from([0.0, 0.05])}),
+    "sgd_momentum": st.fixed_dictionaries({
+        "lr": st.floats(0.01, 0.15), "momentum": st.floats(0.1, 0.95), "dampening": st.floats(0.0, 0.9),
+        "weight_decay": st.floats(0.0, 0.1)}),
+    "sgd_nesterov": st.fixed_dictionaries({
+        "lr": st.floats(0.01, 0.15), "momentum": st.floats(0.1, 0.95), "weight_decay": st.floats(0.0, 0.1)}),
+    "adam": st.fixed_dictionaries({
+        "lr": st.floats(0.001, 0.05), "betas": st.tuples(st.floats(0.5, 0.95), st.floats(0.8, 0.999)),
+        "eps": st.sampled_from([1e-8, 1e-6, 1e-3]), "weight_decay": st.floats(0.0, 0.1),
+        "amsgrad": st.booleans()}),
+    "adamw": st.fixed_dictionaries({
+        "lr": st.floats(0.001, 0.05), "betas": st.tuples(st.floats(0.5, 0.95), st.floats(0.8, 0.999)),
+        "eps": st.sampled_from([1e-8, 1e-6]), "weight_decay": st.floats(0.0, 1.0), "amsgrad": st.booleans()}),
+}
+
+
+@st.composite
+def random_cases(draw):
+    opt = draw(st.sampled_from(list(OPT_HYPER)))
+    hyper = draw(OPT_HYPER[opt])
+    reduction = draw(st.sampled_from(["mean", "sum"]))
+    n_train = draw(st.integers(3, 10))
+    batch = draw(st.integers(1, n_train))
+    if reduction == "sum" and opt.startswith("sgd"):
+        hyper["lr"] /= batch  # keep the steps short enough for the quadrature
+    return Case(
+        "mlp", opt, reduction=reduction, schedule=draw(st.sampled_from([None, "step", "lambda"])),
+        groups=draw(st.integers(1, 2)), steps=draw(st.integers(1, 6)), batch=batch, n_train=n_train,
+        n_test=draw(st.integers(1, 3)), seed=draw(st.integers(0, 1000)),
+        widths=tuple(draw(st.lists(st.integers(2, 6), min_size=1, max_size=2))),
+        act=draw(st.sampled_from(["tanh", "gelu", "softplus"])),
+        lr_scale=hyper.pop("lr") / OPTIMIZERS[opt][1]["lr"],
+        overrides=tuple(sorted(hyper.items())),
+    )
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=random_cases(), convention=st.sampled_from(["update", "gradient"]))
+def test_random_runs_decompose_exactly(case, convention):
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train(case, Path(tmp) / "h", check_every=1)
+        cube = run.explain(convention=convention, quadrature=6, tolerance=1e-9)
+        assert cube.attrs["relative_residual"] <= 1e-9, (case, cube.attrs["relative_residual"])
+        assert cube.attrs["max_update_residual"] <= 1e-12, (case, cube.attrs["max_update_residual"])
+        assert_self_consistent(cube, 1e-12)
+
+
+# --------------------------------------------------------------------------- 4. float32
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decomposition_float32(runs, name):
+    run = runs.get(CASES[name].with_(dtype=torch.float32), check_every=50)
+    assert ex.History(run.path).dtype == torch.float32
+    cube = run.explain(dtype=torch.float32, quadrature=4)
+    assert cube["attribution"].dtype == np.float32
+    assert cube.attrs["relative_residual"] <= 1e-5, cube.attrs["relative_residual"]
+    assert cube.attrs["max_update_residual"] <= 1e-4, cube.attrs["max_update_residual"]
+    assert_self_consistent(cube, 1e-6)
+
+
+# --------------------------------------------------------------------------- ReLU kinks
+
+
+def test_relu_kinks_are_integrated_exactly(runs):
+    """Steps that cross ReLU kinks: exact with breakpoints, visibly not without them."""
+    run = runs.get(Case("mlp", "adamw", act="relu", steps=6, lr_scale=3.0))
+    for convention in ("update", "gradient"):
+        cube = run.explain(convention=convention, breakpoints=True, tolerance=1e-9)
+        assert cube.attrs["relative_residual"] <= 1e-9
+        assert cube.attrs["max_update_residual"] <= 1e-12
+        assert cube.attrs["kinks_located"] > 0
+        assert_self_consistent(cube, 1e-12)
+    smooth_rule = run.explain(breakpoints=False, tolerance=None)
+    assert smooth_rule.attrs["relative_residual"] > 1e-6
+
+
+# --------------------------------------------------------------------------- frozen tensors and buffers
+
+
+class PartlyFrozen(nn.Module):
+    """A frozen random projection and a buffer, both changed from their initial values."""
+
+    def __init__(self):
+        super().__init__()
+        self.fixed = nn.Linear(4, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 4))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fixed(x) * self.scale))
+
+
+def test_recorded_frozen_tensors_and_buffers_are_used(tmp_path):
+    """explain() explains the recorded run even if handed a freshly initialised model."""
+    torch.manual_seed(0)
+    model = PartlyFrozen().double()
+    x, y, tx, _ = make_data("mlp", 8, 3, 0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3, momentum=0.5)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(8), x, y)
+            optimizer.step()
+    with torch.no_grad():
+        trained = F.log_softmax(model(tx), -1).numpy()
+    torch.manual_seed(1)
+    fresh = PartlyFrozen().double()
+    cube = ex.explain(tmp_path / "h", fresh, tx, progress=False, tolerance=None)
+    assert np.abs(cube["final"].values - trained).max() <= 1e-13, "frozen tensors were not taken from the history"
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
+# --------------------------------------------------------------------------- 7. the store
+
+
+def test_save_and_open_cube_round_trip(runs, tmp_path):
+    run = runs.get(BRUTE["adamw"])
+    cube = run.explain(quadrature=4, outputs="true", parameter_scores=True)
+    path = ex.save_cube(cube, tmp_path / "cube.zarr")
+    assert not list(Path(path).rglob("*.pkl")) and not list(Path(path).rglob("*.pickle"))
+    opened = ex.open_cube(path)
+    try:
+        # lazily opened: nothing is read until values are used
+        assert not opened["attribution"].variable._in_memory
+        assert set(opened.data_vars) == set(cube.data_vars)
+        for name in cube.data_vars:
+            assert opened[name].dims == cube[name].dims
+            np.testing.assert_array_equal(opened[name].values, cube[name].values)
+        for name in cube.coords:
+            np.testing.assert_array_equal(opened[name].values, cube[name].values)
+        assert set(opened.attrs) == set(cube.attrs)
+        for key, value in cube.attrs.items():
+            stored = opened.attrs[key]
+            if isinstance(value, (list, tuple)):
+                assert list(stored) == list(value), key
+            else:
+                assert stored == value, key
+    finally:
+        opened.close()
+    # refuses to overwrite, replaces on request
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ex.save_cube(cube, path)
+    other = run.explain(quadrature=4, keep=("step", "test"))
+    ex.save_cube(other, path, overwrite=True)
+    reopened = ex.open_cube(path)
+    try:
+        assert reopened["attribution"].dims == ("step", "test")
+        np.testing.assert_array_equal(reopened["attribution"].values, other["attribution"].values)
+    finally:
+        reopened.close()

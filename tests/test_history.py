@@ -1,0 +1,297 @@
+"""The on-disk training history: crash / resume, integrity checks, no pickle, overwriting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import explaind as ex
+from engine_cases import Case, make_data, train
+
+N_STEPS, CRASH_AT, N_TRAIN, BATCH = 10, 5, 12, 4
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def fresh_objects(seed: int):
+    """A new model (initialised from `seed`), AdamW with two groups, and a StepLR schedule."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": params[:2], "lr": 0.03},
+                                   {"params": params[2:], "lr": 0.01, "weight_decay": 0.1}],
+                                  betas=(0.8, 0.9), amsgrad=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def rows_of(step: int) -> torch.Tensor:
+    """The batch of a step depends on the step only (a resumed loop draws the same data)."""
+    return torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(step))[:BATCH]
+
+
+def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: int | None = None):
+    for step in range(start, N_STEPS):
+        rows = rows_of(step)
+        # random augmentation through torch's global RNG: resuming must restore its state
+        xb = x[rows] + 0.1 * torch.randn(len(rows), x.shape[1], dtype=x.dtype)
+        optimizer.zero_grad()
+        F.cross_entropy(model(xb), y[rows]).backward()
+        rec.batch(rows + 100, xb, y[rows])
+        if step == crash_at:  # killed after backward and batch(), before the step
+            raise Crash(f"killed at step {step}")
+        optimizer.step()
+        scheduler.step()
+
+
+def record(path: Path, crash_at: int | None = None):
+    x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
+    model, optimizer, scheduler = fresh_objects(0)
+    torch.manual_seed(1234)
+    with ex.Recorder(path, model, optimizer, scheduler=scheduler, check_every=1) as rec:
+        training_loop(rec, model, optimizer, scheduler, x, y, 0, crash_at)
+    return model
+
+
+def resume(path: Path):
+    x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
+    model, optimizer, scheduler = fresh_objects(99)  # a different initialisation: θ must be loaded
+    torch.manual_seed(555)  # a different RNG state: it must be restored
+    with ex.Recorder.resume(path, model, optimizer, scheduler=scheduler, check_every=1) as rec:
+        start = rec.step
+        training_loop(rec, model, optimizer, scheduler, x, y, start)
+    return model, start
+
+
+def manifest(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "manifest.jsonl").read_text().splitlines()]
+
+
+def assert_same_history(a: Path, b: Path) -> None:
+    ma, mb = manifest(a), manifest(b)
+    assert [l["sha256"] for l in ma] == [l["sha256"] for l in mb]
+    assert ma == mb
+    for name in ["initial.safetensors"] + [l["file"] for l in ma]:
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), (name, key)
+    assert json.loads((a / "meta.json").read_text()) == json.loads((b / "meta.json").read_text())
+    assert json.loads((a / "closed.json").read_text()) == json.loads((b / "closed.json").read_text())
+    assert ex.History(a).fingerprint() == ex.History(b).fingerprint()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("history") / "whole"
+    record(path)
+    return path
+
+
+@pytest.fixture
+def copy_of(uninterrupted, tmp_path):
+    def make() -> Path:
+        target = tmp_path / "copy"
+        shutil.copytree(uninterrupted, target)
+        return target
+
+    return make
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+
+def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    assert not (path / "closed.json").exists()
+    with pytest.raises(ex.HistoryError, match="incomplete"):
+        ex.History(path)
+    partial = ex.History(path, allow_incomplete=True)
+    assert partial.n_steps == CRASH_AT
+    model, start = resume(path)
+    assert start == CRASH_AT
+    assert_same_history(path, uninterrupted)
+    # the resumed model ends exactly where the uninterrupted one does
+    whole = ex.History(uninterrupted)
+    for name, value in whole.params(N_STEPS).items():
+        assert torch.equal(dict(model.named_parameters())[name].detach(), value)
+
+
+def test_resume_when_the_last_step_outran_its_resume_state(uninterrupted, tmp_path):
+    """Killed between a step's manifest line and its resume state: that step is redone."""
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT - 1)
+    saved = {n: (path / n).read_bytes() for n in ("resume.json", "resume.safetensors")}
+    shutil.rmtree(path)
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    for name, data in saved.items():  # the resume state of one step earlier
+        (path / name).write_bytes(data)
+    _, start = resume(path)
+    assert start == CRASH_AT - 1
+    assert_same_history(path, uninterrupted)
+
+
+def test_resume_refuses_a_closed_history(uninterrupted):
+    model, optimizer, scheduler = fresh_objects(0)
+    with pytest.raises(ex.HistoryError, match="nothing to resume"):
+        ex.Recorder.resume(uninterrupted, model, optimizer, scheduler=scheduler)
+
+
+def test_resume_refuses_another_model(tmp_path):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ex.HistoryError, match="shape"):
+        ex.Recorder.resume(path, model, optimizer)
+
+
+# --------------------------------------------------------------------------- truncation and corruption
+
+
+def test_intact_history_reads_back(uninterrupted):
+    hist = ex.History(uninterrupted)
+    assert hist.n_steps == N_STEPS and hist.closed and hist.optimizer == "adamw"
+    assert hist.train_indices().tolist() == sorted({int(i) + 100 for s in range(N_STEPS) for i in rows_of(s)})
+    records = list(hist.steps())
+    assert [r.step for r in records] == list(range(N_STEPS))
+    assert all(torch.equal(r.indices, rows_of(r.step) + 100) for r in records)
+    # learning rates as the StepLR schedule set them, per group
+    assert [r.groups[0]["lr"] for r in records] == pytest.approx([0.03 * 0.5 ** (s // 3) for s in range(N_STEPS)])
+    assert [r.groups[1]["lr"] for r in records] == pytest.approx([0.01 * 0.5 ** (s // 3) for s in range(N_STEPS)])
+    for r in records[1:]:
+        assert all(torch.equal(r.before[n], records[r.step - 1].after[n]) for n in r.before)
+
+
+def test_missing_step_file_is_refused(copy_of):
+    path = copy_of()
+    last = manifest(path)[-1]["file"]
+    (path / last).unlink()
+    with pytest.raises(ex.HistoryError, match="(?s)missing.*(truncated|corrupted)"):
+        ex.History(path)
+
+
+def test_cut_manifest_is_refused(copy_of):
+    path = copy_of()
+    lines = (path / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (path / "manifest.jsonl").write_text("".join(lines[:-2]))
+    with pytest.raises(ex.HistoryError, match=f"(?s)truncated.*{N_STEPS}.*{N_STEPS - 2}"):
+        ex.History(path)
+
+
+def test_manifest_cut_mid_line_is_refused(copy_of):
+    path = copy_of()
+    text = (path / "manifest.jsonl").read_text()
+    (path / "manifest.jsonl").write_text(text[: len(text) - 40])
+    with pytest.raises(ex.HistoryError, match="truncated"):
+        ex.History(path)
+
+
+def test_missing_closed_json_means_incomplete(copy_of):
+    path = copy_of()
+    (path / "closed.json").unlink()
+    with pytest.raises(ex.HistoryError, match="(?s)incomplete.*Recorder.resume.*allow_incomplete"):
+        ex.History(path)
+    hist = ex.History(path, allow_incomplete=True)
+    assert hist.n_steps == N_STEPS and not hist.closed
+
+
+def test_flipped_byte_in_step_file_is_refused_when_read(copy_of):
+    path = copy_of()
+    file = path / manifest(path)[3]["file"]
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    file.write_bytes(bytes(data))
+    hist = ex.History(path)  # sizes still match: the hash is checked when the file is read
+    hist.params(3)
+    with pytest.raises(ex.HistoryError, match="(?s)sha256.*corrupted"):
+        hist.params(4)
+    with pytest.raises(ex.HistoryError, match="corrupted"):
+        list(hist.steps())
+    model, _, _ = fresh_objects(0)
+    x, _, _, _ = make_data("mlp", 2, 0, 3)
+    with pytest.raises(ex.HistoryError, match="corrupted"):
+        ex.explain(path, model, x, progress=False)
+
+
+def test_flipped_byte_in_initial_state_is_refused(copy_of):
+    path = copy_of()
+    file = path / "initial.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(ex.HistoryError, match="corrupted"):
+        ex.History(path).params(0)
+
+
+def test_flipped_byte_in_meta_json_is_refused(copy_of):
+    """meta.json is not hashed by anything else: a flipped byte must still fail loudly."""
+    path = copy_of()
+    file = path / "meta.json"
+    original = file.read_bytes()
+    data = bytearray(original)
+    data[0] ^= 0x01  # '{' -> 'z': no longer JSON
+    file.write_bytes(bytes(data))
+    with pytest.raises(ex.HistoryError, match="meta.json"):
+        ex.History(path)
+    # a flip that keeps valid JSON: the recorded loss reduction "mean" -> "mean" with one letter changed
+    text = original.decode()
+    position = text.index('"reduction": "mean"') + len('"reduction": "m')
+    data = bytearray(original)
+    data[position] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(ex.HistoryError, match="meta.json"):
+        ex.History(path)
+
+
+# --------------------------------------------------------------------------- files on disk
+
+
+def test_no_pickle_in_the_history(tmp_path):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=3)  # leaves the resume state behind too
+    files = [f for f in path.rglob("*") if f.is_file()]
+    assert {"meta.json", "initial.safetensors", "manifest.jsonl", "resume.json", "resume.safetensors"} <= \
+        {f.name for f in files}
+    for f in files:
+        assert f.name.endswith((".json", ".jsonl", ".safetensors")), f
+        head = f.read_bytes()[:2]
+        assert not head.startswith(b"\x80"), f"{f} looks like a pickle"
+        assert not head.startswith(b"PK"), f"{f} looks like a torch.save zip archive"
+
+
+def test_refuses_to_overwrite_a_history(tmp_path):
+    run = train(Case("mlp", "sgd", steps=2), tmp_path / "h")
+    before = ex.History(run.path).fingerprint()
+    model = Case("mlp", "sgd").fresh_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.HistoryError, match="(?s)already holds files.*overwrite=True"):
+        ex.Recorder(run.path, model, optimizer)
+    assert ex.History(run.path).fingerprint() == before  # untouched
+    again = train(Case("mlp", "sgd_momentum", steps=3, seed=4), tmp_path / "other")
+    # overwrite=True replaces the old history completely
+    x, y = again.train_x, again.train_y
+    with ex.Recorder(run.path, model, optimizer, overwrite=True) as rec:
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    hist = ex.History(run.path)
+    assert hist.n_steps == 3 and hist.fingerprint() != before
+    assert sorted(f.name for f in (run.path / "steps").iterdir()) == [f"{s:07d}.safetensors" for s in range(3)]

@@ -1,0 +1,292 @@
+"""Every refusal of DESIGN §5: raised before heavy compute, naming the cause and a fix."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import explaind as ex
+import explaind.functional as functional
+from engine_cases import MLP, Case, make_data, train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train(Case("mlp", "sgd_momentum", steps=4, n_train=8), tmp_path_factory.mktemp("refusals") / "h")
+
+
+@pytest.fixture
+def no_heavy_compute(monkeypatch):
+    """Makes any Jacobian / per-sample gradient / path computation fail the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("heavy compute started before the refusal")
+
+    heavy = ("jacobian", "path_jacobian", "per_sample_gradients", "directional", "directional_along",
+             "kink_pattern")
+    patched = [name for name in heavy if hasattr(functional.FlatModel, name)]
+    assert "jacobian" in patched or "path_jacobian" in patched
+    for name in patched:
+        monkeypatch.setattr(functional.FlatModel, name, forbidden)
+
+
+def says(*words: str) -> str:
+    """A regex matching a message that contains every word, in any order, across lines."""
+    return "(?is)" + "".join(f"(?=.*{re.escape(w)})" for w in words)
+
+
+def data(n: int = 8):
+    x, y, _, _ = make_data("mlp", n, 0, 0)
+    return x, y
+
+
+def model_and_sgd(**kwargs):
+    model = Case("mlp").fresh_model()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, **kwargs)
+
+
+def loop(rec, model, optimizer, x, y, steps: int = 2, reduction: str = "mean", clip: float | None = None):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        rec.batch(torch.arange(len(x)), x, y)
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------- at record time
+
+
+def test_unsupported_optimizer(tmp_path):
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01)
+    with pytest.raises(ex.UnsupportedError, match=says("RMSprop", "SGD", "Adam", "AdamW", "Fix")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW"])
+def test_maximize(tmp_path, cls):
+    model = Case("mlp").fresh_model()
+    optimizer = getattr(torch.optim, cls)(model.parameters(), lr=0.01, maximize=True)
+    with pytest.raises(ex.UnsupportedError, match=says("maximize=True", "maximize=False")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+
+
+class WithModule(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.inner = module
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+@pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d")])
+def test_train_mode_dropout_and_batchnorm_at_record_time(tmp_path, module, name):
+    model = WithModule(module).double().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.UnsupportedError, match=says(name, "inner", "eval()")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+
+
+@pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d")])
+def test_train_mode_dropout_and_batchnorm_at_explain_time(tmp_path, no_heavy_compute, module, name):
+    """Recorded in eval mode, then handed to explain() in train mode."""
+    model = WithModule(module).double().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y)
+    model.train()
+    with pytest.raises(ex.UnsupportedError, match=says(name, "eval()")):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+
+
+def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
+    model, optimizer = model_and_sgd(momentum=0.9)
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("gradient", "clipping", "step 0", "Fix")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+            loop(rec, model, optimizer, x, y, clip=1e-3)
+
+
+def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path):
+    """With check_every=50 only step 0 is checked: later clipping is caught by both checks."""
+    model, optimizer = model_and_sgd(momentum=0.9)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=50) as rec:
+        loop(rec, model, optimizer, x, y, steps=1)
+        loop(rec, model, optimizer, x, y, steps=2, clip=1e-3)
+    with pytest.raises(ex.ReconstructionError, match=says("step", "clipping")):
+        ex.verify_updates(tmp_path / "h", model)
+    with pytest.raises(ex.ReconstructionError, match=says("update residual", "tolerance")):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+
+
+def test_wrong_reduction_declared(tmp_path):
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("reduction='mean'", "loss reduction")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, reduction="mean") as rec:
+            loop(rec, model, optimizer, x, y, reduction="sum")
+    model, optimizer = model_and_sgd()
+    with pytest.raises(ex.InputError, match=says("reduction", "mean", "sum")):
+        ex.Recorder(tmp_path / "h2", model, optimizer, reduction="average")
+
+
+def test_optimizer_with_existing_state(tmp_path):
+    model, optimizer = model_and_sgd(momentum=0.9)
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    with pytest.raises(ex.UnsupportedError, match=says("already has state", "freshly built", "resume")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+
+
+def test_step_without_batch(tmp_path):
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ex.InputError, match=says("without rec.batch", "before step()")):
+        with ex.Recorder(tmp_path / "h", model, optimizer):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    # refused before the parameters moved
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_batch_twice(tmp_path):
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.InputError, match=says("twice", "once per step")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(8), x, y)
+            rec.batch(torch.arange(8), x, y)
+
+
+def test_batch_with_inconsistent_lengths(tmp_path):
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.InputError, match=says("indices", "one dataset index per row")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            rec.batch(torch.arange(7), x, y)
+
+
+# --------------------------------------------------------------------------- at explain time
+
+
+def test_model_with_other_names(run, no_heavy_compute):
+    other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with pytest.raises(ex.HistoryError, match=says("does not match", "hidden.0.weight", "same architecture")):
+        ex.explain(run.path, other, run.test_x, progress=False)
+
+
+def test_model_with_other_shapes(run, no_heavy_compute):
+    other = MLP(widths=(7,)).double()
+    with pytest.raises(ex.HistoryError, match=says("shape", "[7, 4]", "[6, 4]", "trained architecture")):
+        ex.explain(run.path, other, run.test_x, progress=False)
+    with pytest.raises(ex.HistoryError, match=says("shape")):
+        ex.verify_updates(run.path, other)
+
+
+def test_test_inputs_of_the_wrong_shape(run, no_heavy_compute):
+    for bad in (torch.zeros(3, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                torch.zeros(2, 4, 1, dtype=torch.float64)):
+        with pytest.raises(ex.InputError, match=says("shape", "[batch, 4]")):
+            ex.explain(run.path, run.model, bad, progress=False)
+
+
+@pytest.mark.parametrize("outputs, words", [([3], ("do not exist", "3 outputs")), ([-1, 0], ("do not exist",)),
+                                            ([], ("do not exist",)), ("everything", ("not understood", "'all'"))])
+def test_output_selection_that_does_not_exist(run, no_heavy_compute, outputs, words):
+    with pytest.raises(ex.InputError, match=says(*words)):
+        ex.explain(run.path, run.model, run.test_x, outputs=outputs, progress=False)
+
+
+def test_true_outputs_need_targets(run, no_heavy_compute):
+    with pytest.raises(ex.InputError, match=says("outputs='true'", "targets=")):
+        ex.explain(run.path, run.model, run.test_x, outputs="true", progress=False)
+    with pytest.raises(ex.InputError, match=says("targets", "one per input")):
+        ex.explain(run.path, run.model, run.test_x, run.test_y[:2], outputs="true", progress=False)
+    with pytest.raises(ex.InputError, match=says("targets", "0 … 2")):
+        ex.explain(run.path, run.model, run.test_x, run.test_y + 5, outputs="true", progress=False)
+
+
+def test_unknown_keep_dim(run, no_heavy_compute):
+    with pytest.raises(ex.InputError, match=says("'sample'", "step", "train")):
+        ex.explain(run.path, run.model, run.test_x, keep=("sample", "test"), progress=False)
+
+
+@pytest.mark.parametrize("bins", [0, 5, -1, [0, 2, 2, 4], [1, 4], [0, 3], [0, 3, 2, 4]])
+def test_bad_step_bins(run, no_heavy_compute, bins):
+    with pytest.raises(ex.InputError, match=says("step", "4")):
+        ex.explain(run.path, run.model, run.test_x, step_bins=bins, progress=False)
+
+
+@pytest.mark.parametrize("mapping, words", [
+    ({"a": ["hidden"], "b": ["hidden.0.bias", "out"]}, ("hidden.0.bias", "in components", "exactly one")),
+    ({"a": ["hidden"]}, ("out.weight", "in no component", "exactly one")),
+    ({"a": ["hidden", "out"], "b": ["nonexistent"]}, ("nonexistent",)),
+    (42, ("not understood", "'tensor'", "'module'")),
+])
+def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
+    with pytest.raises(ex.InputError, match=says(*words)):
+        ex.explain(run.path, run.model, run.test_x, components=mapping, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(convention="backward"), ("convention", "update", "gradient")),
+    (dict(target="prob"), ("target", "log_prob", "logit")),
+    (dict(rule="simpson"), ("rule", "gauss", "midpoint")),
+    (dict(quadrature=0), ("quadrature", "positive integer")),
+    (dict(loss="mse"), ("loss", "cross_entropy")),
+])
+def test_bad_options(run, no_heavy_compute, kwargs, words):
+    with pytest.raises(ex.InputError, match=says(*words)):
+        ex.explain(run.path, run.model, run.test_x, progress=False, **kwargs)
+
+
+def test_custom_loss_must_be_passed_again(tmp_path, no_heavy_compute):
+    from engine_cases import smooth_loss
+
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=smooth_loss) as rec:
+        for _ in range(2):
+            optimizer.zero_grad()
+            smooth_loss(model(x), y).mean().backward()
+            rec.batch(torch.arange(8), x, y)
+            optimizer.step()
+    with pytest.raises(ex.InputError, match=says("custom loss", "smooth_loss", "loss=")):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+
+
+def test_missing_history(tmp_path, no_heavy_compute):
+    with pytest.raises(ex.HistoryError, match=says("not a training history", "Recorder")):
+        ex.explain(tmp_path / "nowhere", Case("mlp").fresh_model(), torch.zeros(2, 4), progress=False)
+
+
+def test_residual_above_tolerance(tmp_path):
+    """One midpoint node on long steps: the output residual is an error, not a buried number."""
+    run = train(Case("mlp", "sgd", steps=3, lr_scale=15.0, widths=(6,)), tmp_path / "h")
+    with pytest.raises(ex.ReconstructionError, match=says("tolerance", "quadrature=", "tolerance=None")):
+        run.explain(quadrature=1, rule="midpoint", tolerance=1e-12)
+    cube = run.explain(quadrature=1, rule="midpoint", tolerance=None)
+    assert cube.attrs["relative_residual"] > 1e-6  # reported, never hidden
+    assert cube.attrs["max_update_residual"] <= 1e-12  # the optimizer was modelled exactly
+    assert cube.attrs["quadrature_rule"] == "midpoint" and cube.attrs["quadrature_nodes"] == 1
+
+
+def test_save_cube_refuses_to_overwrite(run, tmp_path):
+    cube = run.explain(keep=("test",))
+    ex.save_cube(cube, tmp_path / "c.zarr")
+    with pytest.raises(FileExistsError, match=says("exists", "overwrite=True")):
+        ex.save_cube(cube, tmp_path / "c.zarr")
