@@ -39,11 +39,11 @@ class TransformerConfig:
     d_model: int = 64  # residual stream width
     n_heads: int = 4  # attention heads (d_model must be divisible by n_heads)
     d_mlp: int = 128  # hidden width of the MLP
-    lr: float = 3e-3  # AdamW learning rate (constant)
+    lr: float = 1e-2  # AdamW learning rate (constant)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.98  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 3.0  # AdamW decoupled weight decay
+    weight_decay: float = 1.0  # AdamW decoupled weight decay
     max_steps: int = 3000  # stop here if train and validation accuracy have not both reached 100%
     seed: int = 0  # seed of the parameter initialisation
     dtype: str = "float64"  # "float64" makes the decomposition exact to rounding; or "float32"

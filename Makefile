@@ -1,0 +1,65 @@
+# explaind: one entry point for the environment, the data, the pipeline and the tests.
+#
+#   make repro    create .venv, install explaind with its extras, rebuild data/, run `dvc repro`
+#   make test     the same setup, then the whole pytest suite (unit, notebooks, end-to-end)
+#
+# Needs nothing but Python >= 3.10 with pip (and make). Every target is idempotent: setup is
+# skipped while its stamp is newer than pyproject.toml, data/ is only re-hashed when it exists,
+# and `dvc repro` only reruns stages whose dependencies or parameters changed.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+# --- knobs (override on the command line: `make test PYTHON=python3.11`) ----------------------
+# Interpreter that creates the virtual environment.
+PYTHON ?= python3
+# Where the virtual environment lives.
+VENV ?= .venv
+# pyproject extras to install: dev = pipeline (dvc, papermill, plotting) + test tools.
+EXTRAS ?= dev
+# Jupyter kernel that the pipeline's papermill runs use (registered inside the venv).
+KERNEL ?= explaind
+# Extra pytest arguments, e.g. PYTEST_ARGS="-k pipeline -x".
+PYTEST_ARGS ?=
+TORCH_INDEX ?=
+
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.explaind-setup
+# dvc.yaml's commands call `python`: make sure that is the environment's interpreter.
+export PATH := $(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup data repro repro-paper test plots clean-venv
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+setup: $(STAMP)  ## create .venv, install explaind[dev], register the Jupyter kernel
+
+# Rebuilt only when pyproject.toml changes (or the stamp is deleted).
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "explaind needs Python >= 3.10, got " + sys.version'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" > /dev/null
+	@touch $@
+	@echo "setup done: $(VENV) with explaind[$(EXTRAS)] and Jupyter kernel '$(KERNEL)'"
+
+data: setup  ## rebuild data/ (dvc pull with a remote, else the export) and check it against data.dvc
+	$(BIN)/python -m explaind.pipeline data
+
+repro: setup data  ## run the whole DVC pipeline (params.yaml)
+	$(BIN)/dvc repro
+
+repro-paper: setup data  ## run the pipeline as a DVC experiment with the paper profile (GPU)
+	set -f; $(BIN)/dvc exp run $$($(BIN)/python -m explaind.pipeline set-args params_paper.yaml)
+
+plots: setup  ## render the training curves to dvc_plots/index.html
+	$(BIN)/dvc plots show
+
+test: setup  ## run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:  ## delete the virtual environment (the next target recreates it)
+	rm -rf $(VENV)

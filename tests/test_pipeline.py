@@ -1,0 +1,476 @@
+"""The reproducible pipeline: explaind.pipeline, params files, dvc.yaml, data.dvc, and an
+end-to-end `dvc repro` of the whole pipeline at tiny parameters in a copy of the repository."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from explaind import pipeline
+from explaind.pipeline import ParameterError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def write_yaml(path: Path, content: dict) -> Path:
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def no_pinned_root(monkeypatch):
+    monkeypatch.delenv(pipeline.ROOT_ENV, raising=False)
+
+
+# --- repo_root ----------------------------------------------------------------------------
+
+
+def test_repo_root_is_found_from_any_subfolder(no_pinned_root):
+    assert pipeline.repo_root(ROOT / "notebooks") == ROOT
+    assert pipeline.repo_root(ROOT / "explaind") == ROOT
+
+
+def test_repo_root_uses_the_working_directory_not_the_package(no_pinned_root, tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("base: {}\n")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert pipeline.repo_root() == tmp_path
+
+
+def test_repo_root_can_be_pinned(tmp_path, monkeypatch):
+    monkeypatch.setenv(pipeline.ROOT_ENV, str(tmp_path))
+    assert pipeline.repo_root("/") == tmp_path.resolve()
+    monkeypatch.setenv(pipeline.ROOT_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="EXPLAIND_ROOT"):
+        pipeline.repo_root()
+
+
+def test_repo_root_outside_a_repository_says_how_to_fix_it(no_pinned_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="EXPLAIND_ROOT"):
+        pipeline.repo_root(tmp_path)
+
+
+def test_stage_paths_resolve_from_the_root(tmp_path):
+    paths = pipeline.stage_paths("train_transformer", tmp_path)
+    assert paths.notebook == tmp_path.resolve() / "results/train_transformer/notebook.ipynb"
+    assert paths.history == tmp_path.resolve() / "runs/transformer/history"
+    assert paths.metrics == tmp_path.resolve() / "reports/train_transformer/metrics.json"
+    with pytest.raises(ParameterError, match="unknown stage 'train_gpt'"):
+        pipeline.stage_paths("train_gpt", tmp_path)
+
+
+# --- parameter checking -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", sorted(pipeline.STAGES))
+def test_params_yaml_is_valid_for_every_stage(stage):
+    params = pipeline.load_params(stage, root=ROOT)
+    assert set(params) == set(pipeline.stage_schema(stage))
+    pipeline.make_config(stage, params)  # the config dataclass accepts them
+
+
+def test_load_params_converts_yaml_values_to_the_declared_types():
+    params = pipeline.load_params("train_cnn", root=ROOT)
+    assert isinstance(params["classes"], tuple) and all(isinstance(c, int) for c in params["classes"])
+    assert isinstance(params["lr"], float) and isinstance(params["epochs"], int)
+
+
+def valid(stage: str) -> dict:
+    return pipeline.load_params(stage, params_file=ROOT / "tests" / "params_tiny.yaml")
+
+
+def test_an_unknown_parameter_is_an_error_naming_it_and_the_fix():
+    values = valid("train_transformer") | {"weight_decy": 1.0}
+    with pytest.raises(ParameterError) as error:
+        pipeline.check_params(values, "train_transformer", source="params.yaml")
+    message = str(error.value)
+    assert "unknown parameter 'weight_decy'" in message
+    assert "did you mean 'weight_decay'?" in message
+    assert "Fix: rename or remove it" in message and "params.yaml" in message
+
+
+def test_a_string_where_an_int_is_expected_is_an_error_with_type_and_fix():
+    values = valid("train_transformer") | {"max_steps": "many"}
+    with pytest.raises(ParameterError, match=r"'max_steps' must be int, got str 'many'.*Fix: give a value of type int"):
+        pipeline.check_params(values, "train_transformer")
+
+
+def test_yaml_11_exponent_without_dot_gets_a_specific_hint():
+    # PyYAML (YAML 1.1) reads `lr: 1e-3` as the string "1e-3"
+    content = yaml.safe_load("lr: 1e-3\n")
+    assert content["lr"] == "1e-3"
+    with pytest.raises(ParameterError, match=r"'lr' must be float, got str '1e-3'.*1\.0e-3"):
+        pipeline.check_params(valid("train_transformer") | content, "train_transformer")
+
+
+def test_an_int_is_accepted_where_a_float_is_expected_and_converted():
+    checked = pipeline.check_params(valid("train_transformer") | {"weight_decay": 4}, "train_transformer")
+    assert checked["weight_decay"] == 4.0 and isinstance(checked["weight_decay"], float)
+
+
+def test_a_float_is_refused_where_an_int_is_expected():
+    with pytest.raises(ParameterError, match=r"'p' must be int, got float 113\.0.*write 113"):
+        pipeline.check_params(valid("train_transformer") | {"p": 113.0}, "train_transformer")
+
+
+def test_a_bool_is_not_a_number():
+    with pytest.raises(ParameterError, match=r"'epochs' must be int, got bool True.*not true/false"):
+        pipeline.check_params(valid("train_cnn") | {"epochs": True}, "train_cnn")
+
+
+def test_tuples_accept_lists_of_the_right_length_and_item_types():
+    assert pipeline.check_params(valid("train_cnn") | {"classes": [1, 7]}, "train_cnn")["classes"] == (1, 7)
+    for wrong in ([1, 2, 3], [1, "7"], 3):
+        with pytest.raises(ParameterError, match="'classes' must be a list of 2 values"):
+            pipeline.check_params(valid("train_cnn") | {"classes": wrong}, "train_cnn")
+
+
+def test_a_choice_outside_its_options_names_the_options():
+    with pytest.raises(ParameterError, match=r"'dtype' must be one of 'float32' / 'float64', got str 'float16'"):
+        pipeline.check_params(valid("train_cnn") | {"dtype": "float16"}, "train_cnn")
+
+
+def test_every_problem_is_reported_at_once():
+    values = valid("train_cnn") | {"epochs": "2", "widht": 8}
+    del values["flip"]
+    with pytest.raises(ParameterError) as error:
+        pipeline.check_params(values, "train_cnn")
+    message = str(error.value)
+    assert message.startswith("3 problem(s)")
+    assert "'epochs'" in message and "'widht'" in message and "'flip' (bool) is missing" in message
+
+
+def test_params_file_problems(tmp_path):
+    tiny = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
+    with pytest.raises(ParameterError, match="no section 'train_cnn'"):
+        pipeline.load_params("train_cnn", params_file=write_yaml(tmp_path / "a.yaml", {"base": tiny["base"]}))
+    bad_base = {**tiny, "base": {**tiny["base"], "lr": 0.1}}
+    with pytest.raises(ParameterError, match=r"unknown key\(s\) \['lr'\] in section 'base'"):
+        pipeline.load_params("train_cnn", params_file=write_yaml(tmp_path / "b.yaml", bad_base))
+    override = {**tiny, "train_cnn": {**tiny["train_cnn"], "dtype": "float32"}}
+    assert pipeline.load_params("train_cnn", params_file=write_yaml(tmp_path / "c.yaml", override))["dtype"] == "float32"
+
+
+def test_notebook_params_refuses_injected_names_and_ignores_ipython_names():
+    before = {"pipeline", "__name__", "In", "Out"}
+    namespace = {name: None for name in before} | valid("train_cnn") | {"_": 1, "_i3": "x", "__annotations__": {}}
+    assert pipeline.notebook_params("train_cnn", namespace, before)["width"] == 2
+    with pytest.raises(ParameterError, match=r"unknown parameter 'epoch' \(did you mean 'epochs'\?\) in notebook"):
+        pipeline.notebook_params("train_cnn", namespace | {"epoch": 3}, before)
+
+
+# --- metrics and plots --------------------------------------------------------------------
+
+
+def test_write_metrics_writes_plain_sorted_json(tmp_path):
+    path = pipeline.write_metrics(tmp_path / "sub" / "metrics.json",
+                                  {"b": np.float64(0.5), "a": 3, "never": float("nan"), "nested": {"x": np.int64(2)}})
+    text = path.read_text()
+    assert json.loads(text) == {"a": 3, "b": 0.5, "never": None, "nested": {"x": 2}}
+    assert text.index('"a"') < text.index('"b"') and text.endswith("\n") and "NaN" not in text
+    with pytest.raises(TypeError, match="not a number or text"):
+        pipeline.write_metrics(tmp_path / "bad.json", {"model": object()})
+
+
+def test_write_plot_csv_round_trips_and_needs_the_x_column(tmp_path):
+    frame = pd.DataFrame({"step": [0, 1, 2], "train_loss": [1.0, 0.5, 1 / 3]})
+    path = pipeline.write_plot_csv(tmp_path / "curves.csv", frame)
+    assert path.read_text().splitlines()[0] == "step,train_loss"
+    pd.testing.assert_frame_equal(pd.read_csv(path), frame)
+    with pytest.raises(ValueError, match="needs an 'step' column"):
+        pipeline.write_plot_csv(tmp_path / "bad.csv", frame.drop(columns="step"))
+
+
+def test_grokking_steps_keeps_only_reached_phases():
+    steps = pipeline.grokking_steps({"t_mem": 120.0, "t_val_95": float("nan"), "t_val_100": None})
+    assert steps == {"memorisation (train acc 100%)": 120.0}
+
+
+# --- data/ and data.dvc -------------------------------------------------------------------
+
+
+def test_dir_hash_matches_dvc_own(tmp_path):
+    """Our implementation of DVC's directory hash agrees with `dvc add` on a nested folder."""
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.bin").write_bytes(bytes(range(256)) * 3)
+    (tmp_path / "d" / "sub" / "a.txt").write_text("line\r\nwindows line ending stays\n")
+    (tmp_path / "d" / "Z.txt").write_text("upper case sorts first")
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([BIN / "dvc", "add", "-q", "d"], cwd=tmp_path, check=True)
+    recorded = yaml.safe_load((tmp_path / "d.dvc").read_text())["outs"][0]
+    assert pipeline.dvc_dir_hash(tmp_path / "d") == {k: recorded[k] for k in ("md5", "size", "nfiles")}
+
+
+def test_the_export_rebuilds_data_byte_identically_to_data_dvc(digits_data):
+    """A machine without the DVC remote rebuilds data/ to exactly the recorded hashes."""
+    assert pipeline.dvc_dir_hash(digits_data) == pipeline.recorded_data_hash(ROOT)
+
+
+def test_check_data_names_the_changed_file(tmp_path, digits_data):
+    shutil.copytree(digits_data, tmp_path / "data")
+    shutil.copy(ROOT / "data.dvc", tmp_path / "data.dvc")
+    assert pipeline.check_data(tmp_path)["nfiles"] == 2
+    labels = tmp_path / "data" / "digits" / "labels.npy"
+    labels.write_bytes(labels.read_bytes()[:-1] + b"\x07")
+    cache = tmp_path / ".dvc" / "cache" / "files" / "md5"
+    recorded = pipeline.recorded_data_hash(tmp_path)["md5"]
+    (cache / recorded[:2]).mkdir(parents=True)
+    listing = pipeline.dir_listing(digits_data)
+    (cache / recorded[:2] / recorded[2:]).write_text(json.dumps(listing))
+    with pytest.raises(pipeline.DataError, match=r"(?s)changed: digits/labels\.npy.*dvc commit data\.dvc"):
+        pipeline.check_data(tmp_path)
+    shutil.rmtree(tmp_path / "data")
+    with pytest.raises(pipeline.DataError, match="make data"):
+        pipeline.check_data(tmp_path)
+
+
+# --- profiles, notebooks and dvc.yaml agree -----------------------------------------------
+
+
+def test_paper_profile_is_the_papers_configuration():
+    from explaind.training import CNNConfig, TransformerConfig
+
+    for stage, cls in (("train_cnn", CNNConfig), ("train_transformer", TransformerConfig)):
+        params = pipeline.load_params(stage, params_file=ROOT / "params_paper.yaml")
+        assert pipeline.make_config(stage, params) == cls.paper(), f"params_paper.yaml {stage} != {cls.__name__}.paper()"
+    assert pipeline.load_params("train_transformer", params_file=ROOT / "params_paper.yaml")["p"] == 113
+
+
+def test_all_params_files_have_the_same_keys():
+    shapes = {}
+    for name in ("params.yaml", "params_paper.yaml", "tests/params_tiny.yaml"):
+        content = pipeline.read_params_file(ROOT / name)
+        shapes[name] = {section: sorted(values) for section, values in content.items()}
+    assert shapes["params.yaml"] == shapes["params_paper.yaml"] == shapes["tests/params_tiny.yaml"]
+
+
+def test_set_args_covers_every_key_of_a_profile():
+    args = pipeline.set_args(ROOT / "params_paper.yaml")
+    pairs = dict(arg.split("=", 1) for arg in args[1::2])
+    assert args[::2] == ["-S"] * len(pairs)
+    assert pairs["train_transformer.p"] == "113" and pairs["train_cnn.classes"] == "[3,5]"
+    assert pairs["train_transformer.eps"] == "1.0e-08" and pairs["train_cnn.flip"] == "true"
+    for key, text in pairs.items():  # each value reads back as the same YAML value
+        section, name = key.split(".")
+        expected = pipeline.read_params_file(ROOT / "params_paper.yaml")[section][name]
+        assert yaml.safe_load(text) == expected
+
+
+def parameters_cell(notebook: Path):
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    tagged = [i for i, cell in enumerate(cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{notebook} needs exactly one cell tagged 'parameters'"
+    return cells, tagged[0]
+
+
+@pytest.mark.parametrize("stage", sorted(pipeline.STAGES))
+def test_notebook_parameters_cell_declares_the_stage_schema(stage):
+    """The defaults cell holds exactly the stage's parameters, each of its declared type, and is
+    framed by the snapshot before it and the check right after it."""
+    cells, index = parameters_cell(ROOT / pipeline.STAGES[stage].notebook)
+    namespace: dict = {}
+    exec(cells[index].source, namespace)
+    defaults = {k: v for k, v in namespace.items() if not k.startswith("_")}
+    pipeline.check_params(defaults, stage, source="the parameters cell")  # no unknown, missing, mistyped
+    assert "_names_before_parameters = set(globals())" in cells[index - 1].source
+    assert f'pipeline.notebook_params("{stage}", globals(), _names_before_parameters)' in cells[index + 1].source
+    for line in cells[index].source.splitlines():  # every default is typed and commented
+        if line and not line.startswith("#"):
+            assert ": " in line.split("=")[0] and "  # " in line, f"untyped or uncommented: {line!r}"
+
+
+@pytest.mark.parametrize("stage", sorted(pipeline.STAGES))
+def test_papermill_parses_every_parameter(stage, caplog):
+    """papermill's own parser (used for `papermill --help-notebook` and its warnings) reads every
+    default; quotes in a comment would make it skip the line and warn about unknown parameters."""
+    import papermill
+
+    found = papermill.inspect_notebook(str(ROOT / pipeline.STAGES[stage].notebook))
+    assert set(found) == set(pipeline.stage_schema(stage))
+    assert "Unable to parse" not in caplog.text
+
+
+def module_imports(path: Path) -> set[str]:
+    """explaind modules a module imports (relative imports of the package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_dvc_yaml_stages_follow_the_stage_registry():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert set(dvc["stages"]) == set(pipeline.STAGES)
+    for name, info in pipeline.STAGES.items():
+        stage = dvc["stages"][name]
+        paths = pipeline.stage_paths(name, ROOT)
+        rel = lambda p: p.relative_to(ROOT).as_posix()  # noqa: E731
+        assert stage["cmd"] == f"python -m explaind.pipeline run {name}"
+        assert stage["params"] == ["base", name]
+        assert info.notebook in stage["deps"] and "explaind/pipeline.py" in stage["deps"]
+        assert rel(paths.notebook) in stage["outs"], "the executed notebook is an output"
+        assert not any(dep.startswith("results/") for dep in stage["deps"]), "executed notebooks are never deps"
+        assert {rel(paths.history), rel(paths.model)} <= set(stage["outs"])
+        assert stage["metrics"] == [{rel(paths.metrics): {"cache": False}}]
+        (plot,) = stage["plots"]
+        assert plot[rel(paths.curves)]["cache"] is False and plot[rel(paths.curves)]["x"] == "step"
+        # every library module the training code imports (transitively) is a dependency
+        todo, seen = ["training"], set()
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += module_imports(ROOT / "explaind" / f"{module}.py")
+        missing = {f"explaind/{m}.py" for m in seen - {"errors"}} - set(stage["deps"])
+        assert not missing, f"stage {name} misses dependencies {sorted(missing)}"
+    plotted = {file for plot in dvc["plots"] for spec in plot.values() for file in spec["y"]}
+    assert plotted == {pipeline.stage_paths(s, ROOT).curves.relative_to(ROOT).as_posix() for s in pipeline.STAGES}
+
+
+def test_every_notebook_belongs_to_a_stage():
+    notebooks = {p.relative_to(ROOT).as_posix() for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert notebooks == {stage.notebook for stage in pipeline.STAGES.values()}
+
+
+# --- the runner ---------------------------------------------------------------------------
+
+
+def test_runner_refuses_a_missing_kernel(tmp_path, tiny_params):
+    write_yaml(tmp_path / "params.yaml", tiny_params)
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    with pytest.raises(pipeline.ExplaindError, match="kernel 'no-such-kernel' is not installed.*make setup"):
+        pipeline.run_stage("train_transformer", root=tmp_path, kernel="no-such-kernel")
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "explaind.pipeline", *args], cwd=cwd, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})})
+
+
+def test_runner_refuses_bad_params_before_starting_a_kernel(tmp_path, tiny_params):
+    bad = {**tiny_params, "train_transformer": {**tiny_params["train_transformer"], "lrr": 0.1}}
+    write_yaml(tmp_path / "params.yaml", bad)
+    result = run_cli("run", "train_transformer", cwd=tmp_path, env={pipeline.ROOT_ENV: str(tmp_path)})
+    assert result.returncode == 1
+    assert "unknown parameter 'lrr' (did you mean 'lr'?)" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_failing_cell_fails_the_stage_with_the_notebooks_error(tmp_path, tiny_params):
+    # valid types, impossible values: the error comes from a notebook cell (the training call)
+    bad = {**tiny_params, "train_transformer": {**tiny_params["train_transformer"], "train_size": 10_000}}
+    write_yaml(tmp_path / "params.yaml", bad)
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    result = run_cli("run", "train_transformer", cwd=tmp_path, env={pipeline.ROOT_ENV: str(tmp_path)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stage train_transformer failed in its notebook" in result.stderr
+    assert "ValueError" in result.stderr and "exceeds the 91 pairs" in result.stderr
+    executed = (tmp_path / "results" / "train_transformer" / "notebook.ipynb").read_text()
+    assert "exceeds the 91 pairs" in executed  # kept, with the error, for reading
+
+
+def test_a_mistyped_papermill_parameter_stops_the_notebook(tmp_path):
+    """Run by hand, bypassing the runner: the notebook's own check catches `-p` typos."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    (tmp_path / "results").mkdir()
+    with pytest.raises(PapermillExecutionError) as error:
+        papermill.execute_notebook(str(ROOT / "notebooks" / "02_train_transformer.ipynb"),
+                                   str(tmp_path / "results" / "out.ipynb"), kernel_name=pipeline.KERNEL_NAME,
+                                   parameters={"max_step": 3}, cwd=str(tmp_path), progress_bar=False)
+    assert error.value.ename == "ParameterError"
+    assert "unknown parameter 'max_step' (did you mean 'max_steps'?)" in error.value.evalue
+    assert not (tmp_path / "runs").exists(), "nothing was trained"
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+def repository_files(root: Path) -> list[str]:
+    """Files git tracks, or would track (not ignored), in the checkout."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=root, check=True, capture_output=True, text=True).stdout
+    return [name for name in listed.split("\0") if name and (root / name).is_file()]
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory, tiny_params) -> Path:
+    """A copy of the repository (without environments, data or outputs) at tiny parameters."""
+    copy = tmp_path_factory.mktemp("repo") / "explaind"
+    for name in repository_files(ROOT):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, copy / name)
+    for generated in ("dvc.lock", "reports"):  # start as a fresh clone would, before any run
+        shutil.rmtree(copy / generated, ignore_errors=True) if (copy / generated).is_dir() else (copy / generated).unlink(missing_ok=True)
+    write_yaml(copy / "params.yaml", tiny_params)
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    return copy
+
+
+def dvc(copy: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(copy)}
+    env.pop(pipeline.ROOT_ENV, None)
+    result = subprocess.run([BIN / "dvc", *args], cwd=copy, env=env, text=True, capture_output=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_end_to_end_dvc_repro(repo_copy):
+    copy = repo_copy
+    env = {"PYTHONPATH": str(copy)}
+    data = run_cli("data", cwd=copy, env=env)  # no remote: rebuilt by the export, checked, cached
+    assert data.returncode == 0, data.stderr
+    assert "data/ matches data.dvc" in data.stdout
+    assert "up to date" in dvc(copy, "status", "data.dvc").stdout
+
+    first = dvc(copy, "repro")
+    for stage in pipeline.STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+        paths = pipeline.stage_paths(stage, copy)
+        assert paths.notebook.is_file() and paths.model.is_file()
+        assert (paths.history / "meta.json").is_file() and (paths.history / "manifest.jsonl").is_file()
+        assert json.loads(paths.metrics.read_text())["steps"] > 0
+        assert pd.read_csv(paths.curves).columns[0] == "step"
+    assert (copy / "dvc.lock").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("results/*/notebook.ipynb")}
+
+    second = dvc(copy, "repro")  # nothing changed: nothing reruns
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in copy.glob("results/*/notebook.ipynb")}
+    assert "up to date" in dvc(copy, "status").stdout
+
+    metrics = json.loads(dvc(copy, "metrics", "show", "--json").stdout)
+    shown = next(iter(metrics.values()))["data"]
+    for stage in pipeline.STAGES:
+        values = shown[f"reports/{stage}/metrics.json"]["data"]
+        assert math.isfinite(values["train_loss"]) and values["steps"] > 0
+
+    dvc(copy, "plots", "show", "-o", "plots_html")
+    html = (copy / "plots_html" / "index.html").read_text()
+    assert "transformer_accuracy" in html and "cnn_loss" in html
+
+    # a changed parameter reruns only its stage
+    tiny = pipeline.read_params_file(copy / "params.yaml")
+    tiny["train_transformer"]["max_steps"] = 8
+    write_yaml(copy / "params.yaml", tiny)
+    third = dvc(copy, "repro")
+    assert "Running stage 'train_transformer'" in third.stdout and "Running stage 'train_cnn'" not in third.stdout
+    assert json.loads(pipeline.stage_paths("train_transformer", copy).metrics.read_text())["steps"] == 8
