@@ -33,7 +33,7 @@ from .errors import InputError, ReconstructionError
 from .functional import TARGETS, FlatModel, ParamLayout
 from .history import History, StepRecord, open_history
 from .losses import resolve_loss, sample_weights
-from .optimizers import AggregateUpdate, StepCoefficients, step_coefficients
+from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coefficients
 from .path import PathIntegral
 
 DIMS = ("step", "component", "train", "test", "output")
@@ -359,10 +359,7 @@ class _Pass:
         self.select = None if req.select is None else req.select[tests].to(self.dev)
         self.n_test = len(self.x)
         self.first_train_chunk = first_train_chunk
-        self.group_index = torch.tensor(
-            [req.history.group_of[n] for n, size in zip(flat.layout.names, flat.layout.sizes)
-             for _ in range(size)], device=self.dev,
-        )
+        self.group_index = group_index(req.history, flat)
         # training samples of this chunk: dataset index -> column (−1: not in this chunk)
         chunk_index = req.train_index[trains]
         self.n_train = len(chunk_index) if req.keeps("train") else 1
@@ -497,9 +494,9 @@ class _Pass:
             rows = self.reduce_rows(full)
             wg, columns, g_full = self.batch_gradients(rec, theta)
 
-            if buffer is None:
-                buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
             if bool((k.b != 0).any()) or bool((k.a != 0).any()):  # plain SGD keeps no buffer
+                if buffer is None:
+                    buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
                 buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
                 self.add(self.attribution, s, self.contract(rows * (k.precond * k.c), buffer))
             if bool((k.e != 0).any()):  # nesterov / plain SGD: the current gradient acts directly

@@ -41,6 +41,14 @@ class StepCoefficients:
     decoupled_decay: torch.Tensor
 
 
+def group_index(history, flat) -> torch.Tensor:
+    """The [D] vector of each coordinate's parameter group, in the flat layout's order."""
+    return torch.repeat_interleave(
+        torch.tensor([history.group_of[n] for n in flat.layout.names]),
+        torch.tensor(flat.layout.sizes),
+    ).to(flat.device)
+
+
 def _per_group(values: list[float], group_index: torch.Tensor) -> torch.Tensor:
     """Expand one value per parameter group to a [D] vector."""
     table = torch.tensor(values, dtype=torch.float64, device=group_index.device)

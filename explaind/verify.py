@@ -19,27 +19,20 @@ from .errors import InputError, ReconstructionError
 from .functional import FlatModel
 from .history import History, open_history
 from .losses import sample_weights
-from .optimizers import AggregateUpdate, step_coefficients
+from .optimizers import AggregateUpdate, group_index, step_coefficients
 from .path import PathIntegral
-
-
-def _group_index(history: History, flat: FlatModel) -> torch.Tensor:
-    return torch.repeat_interleave(
-        torch.tensor([history.group_of[n] for n in flat.layout.names]),
-        torch.tensor(flat.layout.sizes),
-    ).to(flat.device)
 
 
 def update_residuals(history: History, flat: FlatModel, loss) -> np.ndarray:
     """Per step: max |Δθ_s + η_s(Σ_k u_{s,k} + r_s)| / max |Δθ_s| (recorded vs modelled)."""
     aggregate = AggregateUpdate()
-    group_index = _group_index(history, flat)
+    groups = group_index(history, flat)
     out = np.zeros(history.n_steps)
     for rec in history.steps():
         theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
         delta = flat.layout.flatten(rec.after).to(flat.device, flat.dtype) - theta
         moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)
-        k = step_coefficients(history.optimizer, rec.groups, group_index, moment, rec.step == 0, flat.dtype)
+        k = step_coefficients(history.optimizer, rec.groups, groups, moment, rec.step == 0, flat.dtype)
         weights = sample_weights(history.reduction, len(rec.indices), flat.dtype, flat.device)
         g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss)
         modelled = aggregate.step(k, g, theta)
