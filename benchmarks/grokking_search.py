@@ -65,6 +65,11 @@ GRIDS = {
         setting(43, 0.6, 48, 192, 3e-3, 3.0),
         setting(31, 0.7, 64, 256, 3e-3, 3.0),
     ],
+    # phase 6 (run with `seeds`, seeds 0-2 each, max_steps 2500): lr x wd ~1e-2 at d_model 64 /
+    # MLP 128, trading weight decay for learning rate; lr 1e-2, wd 1 (the default) groks for all
+    "lr_wd": [setting(43, frac, 64, 128, lr, wd) for frac, lr, wd in [
+        (0.65, 3e-3, 3.5), (0.7, 3e-3, 3.5), (0.6, 1e-3, 10.0), (0.6, 2e-3, 5.0),
+        (0.6, 5e-3, 2.0), (0.6, 1e-2, 1.0)]],
 }
 
 

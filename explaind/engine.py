@@ -58,6 +58,7 @@ class Request:
     convention: str
     components: dict[str, list[str]]
     step_edges: np.ndarray
+    step_range: tuple[int, int]  # the update steps explained: start ≤ s < stop
     train_index: torch.Tensor  # dataset indices of the train coordinate
     loss: object
     parameter_scores: bool
@@ -90,6 +91,7 @@ def explain(
     components: ComponentSpec = "tensor",
     step_bins: int | Sequence[int] | None = None,
     parameter_scores: bool = False,
+    steps: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
     test_chunk: int | None = None,
@@ -112,7 +114,9 @@ def explain(
     smooth piece of the path; breakpoints: locate the kinks of ReLU / max-pool along each
     segment first (exact for piecewise-smooth models; False: plain quadrature). step_bins: None
     (every step), a number of equal bins, or bin edges 0 = e_0 < … < e_n = n_steps.
-    tolerance: the largest output residual, relative to the largest change of an explained
+    steps: (start, stop) explains only the updates start ≤ s < stop (update convention; the
+    momentum of earlier steps is replayed), e.g. to split a long run across processes; initial
+    and final are then f(θ_start) and f(θ_stop). tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised (None: never).
     test_chunk / train_chunk bound memory: test inputs per pass and training samples per
     momentum buffer (the history is streamed once per chunk pair). Left as None, they are
@@ -122,13 +126,13 @@ def explain(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, convention=convention,
         components=components,
-        step_bins=step_bins, parameter_scores=parameter_scores, dtype=dtype, device=device,
+        step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, dtype=dtype, device=device,
         test_chunk=test_chunk, train_chunk=train_chunk, loss=loss,
     )
     plan_chunks(request, memory_budget)
     request.progress = progress
-    initial = _outputs_at(request, 0)
-    final = _outputs_at(request, request.history.n_steps)
+    initial = _outputs_at(request, request.step_range[0])
+    final = _outputs_at(request, request.step_range[1])
     parts = _run_chunks(request)
     cube = assemble_cube(request, parts, initial, final, test_ids)
     _check_residual(cube, tolerance)
@@ -136,7 +140,7 @@ def explain(
 
 
 def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
-                   breakpoints, convention, components, step_bins, parameter_scores, dtype, device,
+                   breakpoints, convention, components, step_bins, parameter_scores, steps, dtype, device,
                    test_chunk, train_chunk, loss) -> Request:
     history = open_history(history, model)
     keep = tuple(keep)
@@ -180,6 +184,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
         keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints),
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
+        step_range=_step_range(steps, n_steps, convention, parameter_scores),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk or 0, train_chunk=train_chunk or 0,
         progress=True, component_slices=slices,
@@ -231,6 +236,25 @@ def _select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target
             f"outputs {bad or chosen} do not exist: the model has {n_total} outputs (0 … {n_total - 1})"
         )
     return torch.tensor(chosen).expand(len(inputs), -1), chosen
+
+
+def _step_range(steps, n_steps: int, convention: str, parameter_scores: bool) -> tuple[int, int]:
+    if steps is None:
+        return 0, n_steps
+    start, stop = (int(v) for v in steps)
+    if not 0 <= start < stop <= n_steps:
+        raise InputError(f"steps={steps!r} must satisfy 0 ≤ start < stop ≤ {n_steps} (the number of steps)")
+    if convention != "update":
+        raise InputError(
+            "steps=(start, stop) needs convention='update': with the gradient-step convention "
+            "a step's attribution depends on every later step"
+        )
+    if parameter_scores:
+        raise InputError(
+            "parameter_scores take |·| after summing over all steps, so they cannot be split by "
+            "steps=(start, stop): explain all steps, or split the test inputs instead"
+        )
+    return start, stop
 
 
 def _step_edges(step_bins, n_steps: int) -> np.ndarray:
@@ -471,8 +495,9 @@ class _Pass:
 
     def run(self, label: str) -> dict:
         history = self.req.history
-        records = history.steps(reverse=self.req.convention == "gradient")
-        bar = tqdm(_prefetched(records), total=history.n_steps, desc=label,
+        stop = self.req.step_range[1]
+        records = history.steps(0, stop, reverse=self.req.convention == "gradient")
+        bar = tqdm(_prefetched(records), total=stop, desc=label,
                    disable=not self.req.progress, leave=False)
         if self.req.convention == "update":
             self._forward(bar)
@@ -485,30 +510,34 @@ class _Pass:
         buffer = None  # m_{s,k} for the chunk's samples, [n_train, D]
         decay_momentum = None  # the momentum of the coupled weight decay, [D]
         aggregate = AggregateUpdate()
+        start = self.req.step_range[0]
         for rec in records:
             s = rec.step
             k = self.coefficients(rec)
             theta, theta_next = self.thetas(rec)
             delta = theta_next - theta
-            full = self.path_jacobian(theta, delta).mul_(-k.eta)  # G_s, [T·O, D]
-            rows = self.reduce_rows(full)
             wg, columns, g_full = self.batch_gradients(rec, theta)
-
-            if bool((k.b != 0).any()) or bool((k.a != 0).any()):  # plain SGD keeps no buffer
+            uses_buffer = bool((k.b != 0).any()) or bool((k.a != 0).any())  # not plain SGD
+            if uses_buffer:
                 if buffer is None:
                     buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
                 buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
+            decay_in = k.coupled_decay * theta
+            decay_momentum = k.b * decay_in if decay_momentum is None else k.a * decay_momentum + k.b * decay_in
+            r = k.precond * (k.c * decay_momentum + k.e * decay_in) + k.decoupled_decay * theta
+            modelled = aggregate.step(k, g_full, theta) if self.first_train_chunk else None  # Σ_k u + r
+            if s < start:  # before the explained range: only replay the momentum
+                continue
+
+            full = self.path_jacobian(theta, delta).mul_(-k.eta)  # G_s, [T·O, D]
+            rows = self.reduce_rows(full)
+            if uses_buffer:
                 self.add(self.attribution, s, self.contract(rows * (k.precond * k.c), buffer))
             if bool((k.e != 0).any()):  # nesterov / plain SGD: the current gradient acts directly
                 direct = rows * (k.precond * k.e)
                 self.add(self.attribution, s, self.contract(direct, wg), columns)
-
-            decay_in = k.coupled_decay * theta
-            decay_momentum = k.b * decay_in if decay_momentum is None else k.a * decay_momentum + k.b * decay_in
-            r = k.precond * (k.c * decay_momentum + k.e * decay_in) + k.decoupled_decay * theta
             if self.first_train_chunk:
                 self.add(self.regularization, s, self.contract(rows, r[None]))
-                modelled = aggregate.step(k, g_full, theta)  # Σ_k u_{s,k} + r_s
                 self.total += full @ modelled
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, delta)

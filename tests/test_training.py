@@ -147,3 +147,14 @@ def test_recorded_history_matches_the_run(tmp_path, data_dir):
     cnn = train_cnn(TINY_CNN, data_dir, history_dir=tmp_path / "cnn", progress=False)
     history = History(tmp_path / "cnn")
     assert history.n_steps == cnn.metrics["steps"] and history.optimizer == "sgd"
+
+
+def test_params_yaml_trains_the_transformer_default():
+    """params.yaml's train_transformer section is TransformerConfig's default (the setting chosen
+    in docs/grokking_search.md), so the pipeline and a bare TransformerConfig() run the same thing."""
+    from pathlib import Path
+
+    from explaind import pipeline
+
+    params = pipeline.load_params("train_transformer", params_file=Path(__file__).parents[1] / "params.yaml")
+    assert pipeline.make_config("train_transformer", params) == TransformerConfig()

@@ -1,0 +1,119 @@
+"""One explain() call split across processes: by test inputs or by ranges of steps.
+
+Launch the same script on every process with torchrun (NCCL on GPUs, gloo on CPUs)::
+
+    torchrun --nproc-per-node 4 my_script.py            # one node
+    torchrun --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8 my_script.py
+
+where my_script.py calls ``explain_distributed(...)`` instead of ``explain(...)``. Every
+process writes its part of the cube to ``parts_dir`` (a folder all nodes can see); process 0
+merges them into exactly the cube one process writes and returns it (the others get None).
+
+- split="test": each process explains a contiguous share of the test inputs; nothing is
+  repeated except the per-sample gradients of the training batches.
+- split="steps": each process explains a contiguous range of update steps; it first replays
+  the momentum of the earlier steps (per-sample gradients only, no Jacobians). Update-step
+  convention only; parameter-wise scores need all steps in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import xarray as xr
+
+from .cube import open_cube, save_cube
+from .engine import explain
+from .errors import InputError
+from .history import History
+
+SPLITS = ("test", "steps")
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The [start, stop) of rank's contiguous share of n items (sizes differ by at most 1)."""
+    edges = np.linspace(0, n, world_size + 1).round().astype(int)
+    return int(edges[rank]), int(edges[rank + 1])
+
+
+def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int, world_size: int, **kwargs):
+    """This process's part of explain(history, model, inputs, ...)."""
+    if split not in SPLITS:
+        raise InputError(f"split={split!r}: use one of {SPLITS}")
+    history = history if isinstance(history, History) else History(history)
+    if split == "test":
+        start, stop = shard_bounds(len(inputs), rank, world_size)
+        if start == stop:
+            raise InputError(f"{world_size} processes for {len(inputs)} test inputs: use fewer processes")
+        test_ids = kwargs.pop("test_ids", None)
+        test_ids = np.arange(len(inputs)) if test_ids is None else np.asarray(test_ids)
+        return explain(history, model, inputs[start:stop],
+                       None if targets is None else targets[start:stop],
+                       test_ids=test_ids[start:stop], **kwargs)
+    start, stop = shard_bounds(history.n_steps, rank, world_size)
+    if start == stop:
+        raise InputError(f"{world_size} processes for {history.n_steps} steps: use fewer processes")
+    # the parts are checked once merged: a part's own residual covers only its steps
+    return explain(history, model, inputs, targets, steps=(start, stop), **kwargs)
+
+
+def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
+    """Combine the parts of explain_shard, in rank order, into one cube."""
+    if split == "test":
+        merged = _merge_by_test(parts)
+    else:
+        merged = parts[0].copy()
+        for name in ("attribution", "regularization", "residual", "update_residual"):
+            merged[name] = sum(p[name] for p in parts)
+        merged["final"] = parts[-1]["final"]
+    change = np.abs(merged["final"] - merged["initial"]).max().item()
+    residual = np.abs(merged["residual"]).max().item()
+    merged.attrs.update(
+        max_abs_residual=residual,
+        max_abs_change=change,
+        relative_residual=residual / change if change > 0 else 0.0,
+        max_update_residual=float(merged["update_residual"].max()),
+        kinks_located=sum(int(p.attrs["kinks_located"]) for p in parts),
+        kink_segments_unresolved=sum(int(p.attrs["kink_segments_unresolved"]) for p in parts),
+    )
+    return merged
+
+
+def _merge_by_test(parts: list[xr.Dataset]) -> xr.Dataset:
+    with_test = [n for n in parts[0].data_vars if "test" in parts[0][n].dims]
+    summed = [n for n in parts[0].data_vars if n not in with_test and n != "update_residual"]
+    merged = xr.concat([p[with_test] for p in parts], dim="test", data_vars="all", coords="different",
+                       compat="equals", join="exact")
+    for name in summed:  # test was summed while explaining, or a sum over test inputs
+        merged[name] = sum(p[name] for p in parts)
+    merged["update_residual"] = parts[0]["update_residual"]
+    merged.attrs = dict(parts[0].attrs)
+    return merged
+
+
+def explain_distributed(history, model, inputs, targets=None, *, split: str = "test",
+                        parts_dir: str | os.PathLike, **kwargs) -> xr.Dataset | None:
+    """explain() across the processes of a torchrun launch; process 0 returns the cube."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if str(kwargs.get("device", "cpu")).startswith("cuda"):
+        kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    tolerance = kwargs.pop("tolerance", 1e-4)
+    part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
+                         world_size=world_size, tolerance=None, **kwargs)
+    parts_dir = Path(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    save_cube(part, parts_dir / f"part-{rank:05d}.zarr", overwrite=True)
+    dist.barrier()
+    if rank != 0:
+        return None
+    merged = merge([open_cube(parts_dir / f"part-{r:05d}.zarr").load() for r in range(world_size)], split)
+    from .engine import _check_residual
+
+    _check_residual(merged, tolerance)
+    return merged
