@@ -146,8 +146,8 @@ class PathIntegral:
         """φ_s for every input and selected output: [T, O, D].
 
         Inputs without kinks share the Q nodes (one batched Jacobian per node); the others
-        are sorted by their number of nodes and done in groups that pad little and keep the
-        per-node gradients autograd holds below `max_elements`.
+        are grouped by their number of nodes, in groups that keep the per-node gradients
+        autograd holds below `max_elements`.
         """
         t, w, counts = self.nodes_per_input(theta, delta, x)
         dim = len(theta)
@@ -158,18 +158,13 @@ class PathIntegral:
             sel = None if select is None else select[group]
             for tq, wq in zip(self.t_nodes.tolist(), self.t_weights.tolist()):
                 phi[group] += wq * self.flat.jacobian(theta + tq * delta, x[group], sel, target)
-        kinked = torch.nonzero(counts > self.quadrature).flatten()
-        kinked = kinked[counts[kinked].argsort()]
-        start = 0
-        while start < len(kinked):
-            nodes = int(counts[kinked[start]])
-            size = max(1, self.max_elements // (n_outputs * dim * nodes))
-            group = kinked[start : start + size]
-            nodes = int(counts[group].max())
-            g = group.to(x.device)
-            sel = None if select is None else select[g]
-            phi[g] = self.flat.path_jacobian(theta, delta, x[g], t[g, :nodes], w[g, :nodes], sel, target)
-            start += len(group)
+        # inputs with the same number of nodes go together: no padding, no wasted backward
+        for nodes in torch.unique(counts[counts > self.quadrature]).tolist():
+            same = torch.nonzero(counts == nodes).flatten()
+            for group in same.split(max(1, self.max_elements // (n_outputs * dim * nodes))):
+                g = group.to(x.device)
+                sel = None if select is None else select[g]
+                phi[g] = self.flat.path_jacobian(theta, delta, x[g], t[g, :nodes], w[g, :nodes], sel, target)
         return phi
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
