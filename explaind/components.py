@@ -10,7 +10,8 @@ ComponentSpec = str | Mapping[str, Sequence[str]] | Callable[[str], str]
 
 
 def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".")
+    """A tensor name or a module prefix ("mlp" or "mlp." both match "mlp.fc_in.weight")."""
+    return name == pattern or name.startswith(pattern if pattern.endswith(".") else pattern + ".")
 
 
 def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[str, list[str]]:
