@@ -80,7 +80,13 @@ class Stage:
     config: str | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     run: str | None = None  # folder name under runs/ for stages that train a model
+    # Stages run once per trained model (`foreach` in dvc.yaml): instance `<name>@<model>` reads
+    # params.yaml section `<name>.<model>`, gets the notebook parameter `model`, reads runs/<model>/
+    # and writes results/<name>/<model>/ and reports/<name>/<model>/.
+    models: tuple[str, ...] = ()
 
+
+MODELS = ("cnn", "transformer")
 
 STAGES: dict[str, Stage] = {
     "train_cnn": Stage(
@@ -92,6 +98,8 @@ STAGES: dict[str, Stage] = {
         "explaind.training:TransformerConfig",
         run="transformer",
     ),
+    "verify": Stage("verify", "notebooks/03_verify.ipynb", "explaind.stages:VerifyConfig", models=MODELS),
+    "cubes": Stage("cubes", "notebooks/04_cubes.ipynb", "explaind.stages:CubesConfig", models=MODELS),
 }
 
 # Keys of the shared `base` section; every stage receives them as notebook parameters.
@@ -104,13 +112,31 @@ BASE_SCHEMA: dict[str, Any] = {
 }
 
 
+def split_stage(name: str) -> tuple[str, str | None]:
+    """'verify@cnn' -> ('verify', 'cnn'); 'train_cnn' -> ('train_cnn', None)."""
+    stage, _, item = name.partition("@")
+    return stage, item or None
+
+
+def stage_instances() -> list[str]:
+    """Every runnable stage as dvc names it: train_cnn, ..., verify@cnn, verify@transformer, ..."""
+    return [f"{name}@{item}" if item else name
+            for name, info in STAGES.items() for item in (info.models or (None,))]
+
+
 def get_stage(name: str) -> Stage:
-    if name not in STAGES:
+    """The registered stage of a name (an instance `verify@cnn` or the stage `verify`)."""
+    stage, item = split_stage(name)
+    if stage not in STAGES:
         raise ParameterError(
-            f"unknown stage {name!r}; the stages are {sorted(STAGES)} "
+            f"unknown stage {name!r}; the stages are {stage_instances()} "
             "(register a new one in explaind.pipeline.STAGES)"
         )
-    return STAGES[name]
+    info = STAGES[stage]
+    if item is not None and item not in info.models:
+        raise ParameterError(f"stage {stage!r} runs for {list(info.models)}, not {item!r}: use "
+                             + ", ".join(f"{stage}@{m}" for m in info.models))
+    return info
 
 
 def _import(spec: str) -> Any:
@@ -171,13 +197,23 @@ class StagePaths:
     run: Path | None  # runs/<run>/: the trained model and its recorded history (DVC-cached)
     history: Path | None
     model: Path | None
+    config: Path | None  # runs/<run>/config.json: the training config (rebuilds the architecture)
+    model_name: str | None = None  # the model a per-model stage analyses ("cnn", "transformer")
+    store: Path | None = None  # results/<stage>/<model>/cubes/: the cubes of a per-model stage
 
 
 def stage_paths(stage: str, root: str | os.PathLike | None = None) -> StagePaths:
+    """Where a stage (or a per-model instance, `verify@cnn`) reads and writes."""
     info = get_stage(stage)
+    name, item = split_stage(stage)
+    if info.models and item is None:
+        raise ParameterError(f"stage {name!r} runs per model: name one of "
+                             + ", ".join(f"{name}@{m}" for m in info.models))
     root = Path(root).resolve() if root is not None else repo_root()
-    results, reports = root / "results" / stage, root / "reports" / stage
-    run = root / "runs" / info.run if info.run else None
+    folder = Path(name, item) if item else Path(name)
+    results, reports = root / "results" / folder, root / "reports" / folder
+    run_name = info.run or item
+    run = root / "runs" / run_name if run_name else None
     return StagePaths(
         root=root,
         data=root / DATA_DIR,
@@ -189,6 +225,9 @@ def stage_paths(stage: str, root: str | os.PathLike | None = None) -> StagePaths
         run=run,
         history=run / "history" if run else None,
         model=run / "model.safetensors" if run else None,
+        config=run / "config.json" if run else None,
+        model_name=item,
+        store=results / "cubes" if item else None,
     )
 
 
@@ -401,23 +440,36 @@ def load_params(
     path = Path(params_file) if params_file is not None else (
         Path(root) if root is not None else repo_root()) / PARAMS_FILE
     content = read_params_file(path)
+    info = get_stage(stage)
+    name, item = split_stage(stage)
+    if info.models and item is None:
+        raise ParameterError(f"stage {name!r} runs per model: name one of "
+                             + ", ".join(f"{name}@{m}" for m in info.models))
     sections = {}
-    for section in ("base", stage):
-        value = content.get(section)
+    for section in ("base", f"{name}.{item}" if item else name):
+        value = content
+        for key in section.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
         if not isinstance(value, dict):
             raise ParameterError(
                 f"{path} has no section {section!r} (a mapping of parameter: value); add one: "
-                f"stage {stage!r} takes {', '.join(sorted(stage_schema(stage)))}"
+                f"stage {stage!r} takes {', '.join(sorted(set(stage_schema(stage)) - {'model'}))}"
             )
         sections[section] = value
+    if item is not None:  # the model comes from the stage's name, never from the file
+        if "model" in sections[f"{name}.{item}"]:
+            raise ParameterError(f"remove 'model' from section '{name}.{item}' of {path}: "
+                                 f"the stage name ({stage}) sets it")
+        sections[f"{name}.{item}"] = {**sections[f"{name}.{item}"], "model": item}
     base_unknown = set(sections["base"]) - set(BASE_SCHEMA)
     if base_unknown:
         raise ParameterError(
             f"unknown key(s) {sorted(base_unknown)} in section 'base' of {path}. Fix: move them to "
             f"a stage's section; 'base' holds only {', '.join(BASE_SCHEMA)}"
         )
-    merged = {**sections["base"], **sections[stage]}
-    return check_params(merged, stage, source=f"{path} (sections 'base' + {stage!r})")
+    section = f"{name}.{item}" if item else name
+    merged = {**sections["base"], **sections[section]}
+    return check_params(merged, stage, source=f"{path} (sections 'base' + {section!r})")
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -478,15 +530,20 @@ def fresh_dir(path: str | os.PathLike) -> Path:
 VOLATILE_METRICS = ("wall_time_s",)
 
 
-def save_run(paths: StagePaths, result: Any) -> dict[str, Any]:
-    """Save a training stage's outputs: the model (safetensors), metrics.json and curves.csv.
+def save_run(paths: StagePaths, result: Any, config: Any = None) -> dict[str, Any]:
+    """Save a training stage's outputs: the model (safetensors), its training config
+    (config.json: the later stages rebuild the architecture from it), metrics.json and curves.csv.
 
     `result` is an explaind.training.TrainResult. Returns the metrics written.
     """
     from safetensors.torch import save_model
 
+    from .stages import save_config
+
     paths.model.parent.mkdir(parents=True, exist_ok=True)
     save_model(result.model, str(paths.model))
+    if config is not None:
+        save_config(config, paths.run)
     metrics = {key: value for key, value in result.metrics.items() if key not in VOLATILE_METRICS}
     write_metrics(paths.metrics, metrics)
     write_plot_csv(paths.curves, result.log)
@@ -737,12 +794,19 @@ def _yaml_value(value: Any) -> str:
 def set_args(profile: str | os.PathLike, stages: list[str] | None = None) -> list[str]:
     """`-S section.key=value` arguments that make `dvc exp run` use every value of a profile file."""
     content = read_params_file(profile)
-    for stage in stages if stages is not None else [name for name in content if name in STAGES]:
+    for stage in stages if stages is not None else [
+            name for name in stage_instances() if split_stage(name)[0] in content]:
         load_params(stage, params_file=profile)  # refuse a broken profile before running anything
     args = []
-    for section, values in content.items():
+
+    def flatten(prefix: str, values: Mapping[str, Any]) -> None:
         for key, value in values.items():
-            args += ["-S", f"{section}.{key}={_yaml_value(value)}"]
+            if isinstance(value, Mapping):  # a per-model section: verify.cnn.inputs=...
+                flatten(f"{prefix}{key}.", value)
+            else:
+                args.extend(["-S", f"{prefix}{key}={_yaml_value(value)}"])
+
+    flatten("", content)
     return args
 
 
@@ -753,12 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m explaind.pipeline", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute a stage's notebook with its params.yaml parameters")
-    run.add_argument("stage", choices=sorted(STAGES))
+    run.add_argument("stage", choices=stage_instances())
     run.add_argument("--params", default=None, help="parameters file (default: params.yaml in the root)")
     run.add_argument("--kernel", default=KERNEL_NAME, help="Jupyter kernel (default: %(default)s)")
     run.add_argument("--log-output", action="store_true", help="stream the notebook's output")
     show = commands.add_parser("params", help="print a stage's checked parameters")
-    show.add_argument("stage", choices=sorted(STAGES))
+    show.add_argument("stage", choices=stage_instances())
     show.add_argument("--params", default=None)
     data = commands.add_parser("data", help="rebuild data/ and check it against data.dvc")
     data.add_argument("--check-only", action="store_true", help="only compare data/ with data.dvc")

@@ -72,10 +72,38 @@ def test_stage_paths_resolve_from_the_root(tmp_path):
         pipeline.stage_paths("train_gpt", tmp_path)
 
 
+def test_per_model_stages_have_an_instance_per_model(tmp_path):
+    assert pipeline.stage_instances() == ["train_cnn", "train_transformer", "verify@cnn", "verify@transformer",
+                                          "cubes@cnn", "cubes@transformer"]
+    paths = pipeline.stage_paths("cubes@transformer", tmp_path)
+    assert paths.notebook == tmp_path.resolve() / "results/cubes/transformer/notebook.ipynb"
+    assert paths.metrics == tmp_path.resolve() / "reports/cubes/transformer/metrics.json"
+    assert paths.history == tmp_path.resolve() / "runs/transformer/history"
+    assert paths.store == tmp_path.resolve() / "results/cubes/transformer/cubes"
+    assert paths.model_name == "transformer"
+    with pytest.raises(ParameterError, match="verify@cnn, verify@transformer"):
+        pipeline.stage_paths("verify", tmp_path)
+    with pytest.raises(ParameterError, match="not 'gpt'"):
+        pipeline.stage_paths("verify@gpt", tmp_path)
+
+
+def test_a_per_model_stage_reads_its_model_section_and_gets_the_model_from_its_name(tmp_path, tiny_params):
+    params = pipeline.load_params("verify@transformer", params_file=ROOT / "tests" / "params_tiny.yaml")
+    assert params["model"] == "transformer" and params["quadrature"] == tiny_params["verify"]["transformer"]["quadrature"]
+    bad = {**tiny_params, "verify": {**tiny_params["verify"], "cnn": {**tiny_params["verify"]["cnn"], "model": "cnn"}}}
+    write_yaml(tmp_path / "params.yaml", bad)
+    with pytest.raises(ParameterError, match="remove 'model' from section 'verify.cnn'"):
+        pipeline.load_params("verify@cnn", root=tmp_path)
+    del bad["verify"]["transformer"]
+    write_yaml(tmp_path / "params.yaml", bad)
+    with pytest.raises(ParameterError, match="no section 'verify.transformer'"):
+        pipeline.load_params("verify@transformer", root=tmp_path)
+
+
 # --- parameter checking -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", sorted(pipeline.STAGES))
+@pytest.mark.parametrize("stage", pipeline.stage_instances())
 def test_params_yaml_is_valid_for_every_stage(stage):
     params = pipeline.load_params(stage, root=ROOT)
     assert set(params) == set(pipeline.stage_schema(stage))
@@ -249,12 +277,19 @@ def test_paper_profile_is_the_papers_configuration():
     assert pipeline.load_params("train_transformer", params_file=ROOT / "params_paper.yaml")["p"] == 113
 
 
+def keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every key path of a params file: train_cnn.lr, verify.cnn.inputs, ..."""
+    return {path for key, value in tree.items()
+            for path in (keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})}
+
+
 def test_all_params_files_have_the_same_keys():
-    shapes = {}
-    for name in ("params.yaml", "params_paper.yaml", "tests/params_tiny.yaml"):
-        content = pipeline.read_params_file(ROOT / name)
-        shapes[name] = {section: sorted(values) for section, values in content.items()}
+    shapes = {name: keys(pipeline.read_params_file(ROOT / name))
+              for name in ("params.yaml", "params_paper.yaml", "tests/params_tiny.yaml")}
     assert shapes["params.yaml"] == shapes["params_paper.yaml"] == shapes["tests/params_tiny.yaml"]
+    for name in shapes:  # and every stage instance loads from each of them
+        for stage in pipeline.stage_instances():
+            pipeline.load_params(stage, params_file=ROOT / name)
 
 
 def test_set_args_covers_every_key_of_a_profile():
@@ -263,9 +298,11 @@ def test_set_args_covers_every_key_of_a_profile():
     assert args[::2] == ["-S"] * len(pairs)
     assert pairs["train_transformer.p"] == "113" and pairs["train_cnn.classes"] == "[3,5]"
     assert pairs["train_transformer.eps"] == "1.0e-08" and pairs["train_cnn.flip"] == "true"
+    assert pairs["verify.transformer.breakpoints"] == "true"
     for key, text in pairs.items():  # each value reads back as the same YAML value
-        section, name = key.split(".")
-        expected = pipeline.read_params_file(ROOT / "params_paper.yaml")[section][name]
+        expected = pipeline.read_params_file(ROOT / "params_paper.yaml")
+        for part in key.split("."):
+            expected = expected[part]
         assert yaml.safe_load(text) == expected
 
 
@@ -314,33 +351,55 @@ def module_imports(path: Path) -> set[str]:
     return names
 
 
+def imported_modules(*roots: str) -> set[str]:
+    """explaind modules the given modules import, transitively (errors excepted)."""
+    todo, seen = list(roots), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += module_imports(ROOT / "explaind" / f"{module}.py")
+    return seen - {"errors"}
+
+
 def test_dvc_yaml_stages_follow_the_stage_registry():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert set(dvc["stages"]) == set(pipeline.STAGES)
+    rel = lambda p: p.relative_to(ROOT).as_posix()  # noqa: E731
     for name, info in pipeline.STAGES.items():
         stage = dvc["stages"][name]
-        paths = pipeline.stage_paths(name, ROOT)
-        rel = lambda p: p.relative_to(ROOT).as_posix()  # noqa: E731
-        assert stage["cmd"] == f"python -m explaind.pipeline run {name}"
-        assert stage["params"] == ["base", name]
-        assert info.notebook in stage["deps"] and "explaind/pipeline.py" in stage["deps"]
-        assert rel(paths.notebook) in stage["outs"], "the executed notebook is an output"
-        assert not any(dep.startswith("results/") for dep in stage["deps"]), "executed notebooks are never deps"
-        assert {rel(paths.history), rel(paths.model)} <= set(stage["outs"])
-        assert stage["metrics"] == [{rel(paths.metrics): {"cache": False}}]
-        (plot,) = stage["plots"]
-        assert plot[rel(paths.curves)]["cache"] is False and plot[rel(paths.curves)]["x"] == "step"
-        # every library module the training code imports (transitively) is a dependency
-        todo, seen = ["training"], set()
-        while todo:
-            module = todo.pop()
-            if module not in seen:
-                seen.add(module)
-                todo += module_imports(ROOT / "explaind" / f"{module}.py")
-        missing = {f"explaind/{m}.py" for m in seen - {"errors"}} - set(stage["deps"])
-        assert not missing, f"stage {name} misses dependencies {sorted(missing)}"
+        if info.models:  # foreach over the models; check the stage as DVC expands it for each
+            assert stage["foreach"] == list(info.models)
+            instances = [(f"{name}@{m}", yaml.safe_load(yaml.safe_dump(stage["do"]).replace("${item}", m)))
+                         for m in info.models]
+        else:
+            instances = [(name, stage)]
+        for instance, spec in instances:
+            paths = pipeline.stage_paths(instance, ROOT)
+            section = instance.replace("@", ".")
+            assert spec["cmd"] == f"python -m explaind.pipeline run {instance}"
+            assert spec["params"] == ["base", section]
+            assert info.notebook in spec["deps"] and "explaind/pipeline.py" in spec["deps"]
+            assert rel(paths.notebook) in spec["outs"], "the executed notebook is an output"
+            assert not any(dep.endswith("notebook.ipynb") for dep in spec["deps"]), "executed notebooks are never deps"
+            run_files = {rel(paths.history), rel(paths.model), rel(paths.config)}
+            if info.models:  # an analysis stage reads the model's training outputs
+                assert run_files <= set(spec["deps"])
+                modules = imported_modules("stages", "engine", "verify", "influence", "training")
+            else:
+                assert run_files <= set(spec["outs"])
+                modules = imported_modules("training")
+            assert spec["metrics"] == [{rel(paths.metrics): {"cache": False}}]
+            plots = {file: options for plot in spec["plots"] for file, options in plot.items()}
+            assert rel(paths.curves) in plots and plots[rel(paths.curves)]["cache"] is False
+            assert all(options["cache"] is False for options in plots.values())
+            missing = {f"explaind/{m}.py" for m in modules} - set(spec["deps"])
+            assert not missing, f"stage {instance} misses dependencies {sorted(missing)}"
+    assert "results/verify/${item}/reconstruction.zarr" in dvc["stages"]["verify"]["do"]["outs"]
+    assert "results/verify/${item}/reconstruction.zarr" in dvc["stages"]["cubes"]["do"]["deps"]
+    assert "results/cubes/${item}/cubes" in dvc["stages"]["cubes"]["do"]["outs"]
     plotted = {file for plot in dvc["plots"] for spec in plot.values() for file in spec["y"]}
-    assert plotted == {pipeline.stage_paths(s, ROOT).curves.relative_to(ROOT).as_posix() for s in pipeline.STAGES}
+    assert plotted == {pipeline.stage_paths(s, ROOT).curves.relative_to(ROOT).as_posix() for s in ("train_cnn", "train_transformer")}
 
 
 def test_every_notebook_belongs_to_a_stage():
@@ -441,13 +500,21 @@ def test_end_to_end_dvc_repro(repo_copy):
     assert "up to date" in dvc(copy, "status", "data.dvc").stdout
 
     first = dvc(copy, "repro")
-    for stage in pipeline.STAGES:
+    for stage in pipeline.stage_instances():
         assert f"Running stage '{stage}'" in first.stdout
         paths = pipeline.stage_paths(stage, copy)
-        assert paths.notebook.is_file() and paths.model.is_file()
+        assert paths.notebook.is_file() and paths.model.is_file() and paths.config.is_file()
         assert (paths.history / "meta.json").is_file() and (paths.history / "manifest.jsonl").is_file()
-        assert json.loads(paths.metrics.read_text())["steps"] > 0
         assert pd.read_csv(paths.curves).columns[0] == "step"
+        metrics = json.loads(paths.metrics.read_text())
+        if stage.startswith("verify@"):
+            assert metrics["agreement"] == 1.0 and metrics["relative_residual"] <= 0.1
+        elif stage.startswith("cubes@"):
+            assert {p.name for p in paths.store.iterdir()} == {"step_component_test.zarr", "train_test.zarr",
+                                                               "step_component_output.zarr", "parameters.zarr"}
+            assert metrics["tests"] == 4
+        else:
+            assert metrics["steps"] > 0
     assert (copy / "dvc.lock").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in copy.glob("results/*/notebook.ipynb")}
 
@@ -459,9 +526,11 @@ def test_end_to_end_dvc_repro(repo_copy):
 
     metrics = json.loads(dvc(copy, "metrics", "show", "--json").stdout)
     shown = next(iter(metrics.values()))["data"]
-    for stage in pipeline.STAGES:
+    for stage in ("train_cnn", "train_transformer"):
         values = shown[f"reports/{stage}/metrics.json"]["data"]
         assert math.isfinite(values["train_loss"]) and values["steps"] > 0
+    for model in pipeline.MODELS:
+        assert shown[f"reports/verify/{model}/metrics.json"]["data"]["agreement"] == 1.0
 
     dvc(copy, "plots", "show", "-o", "plots_html")
     html = (copy / "plots_html" / "index.html").read_text()
@@ -473,4 +542,5 @@ def test_end_to_end_dvc_repro(repo_copy):
     write_yaml(copy / "params.yaml", tiny)
     third = dvc(copy, "repro")
     assert "Running stage 'train_transformer'" in third.stdout and "Running stage 'train_cnn'" not in third.stdout
+    assert "Running stage 'cubes@transformer'" in third.stdout and "Running stage 'verify@cnn'" not in third.stdout
     assert json.loads(pipeline.stage_paths("train_transformer", copy).metrics.read_text())["steps"] == 8

@@ -1,0 +1,269 @@
+"""The analysis stages of the pipeline: `verify` (notebook 03) and `cubes` (notebook 04).
+
+Both run once per trained model (`foreach` in dvc.yaml: `verify@cnn`, `verify@transformer`, ...).
+Their config dataclasses below are the schemas of the params.yaml sections `verify.<model>` and
+`cubes.<model>`; the runner adds `model` itself. The logic lives here, the notebooks call it and
+plot: loading a trained run, the verification table and its gate, the cube requests, and the
+checks that tie every stored cube to the verify stage's reconstruction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from .errors import ExplaindError, ReconstructionError
+
+MODELS = ("cnn", "transformer")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CONFIG_FILE = "config.json"  # the training config, saved next to model.safetensors
+
+# DESIGN §7: the paper's replication numbers (mod-113 Transformer and CIFAR-2 ResNet-9).
+PAPER_REPLICATION = pd.DataFrame(
+    [
+        {"source": "paper", "model": "transformer (mod 113)", "rule": "midpoint", "nodes": 100, "agreement": 1.0, "kl": 0.0},
+        {"source": "paper", "model": "transformer (mod 113)", "rule": "midpoint", "nodes": 10, "agreement": 0.748, "kl": 0.885},
+        {"source": "paper", "model": "ResNet-9 (CIFAR-2)", "rule": "midpoint", "nodes": 100, "agreement": 1.0, "kl": 0.0},
+    ]
+)
+
+
+@dataclass
+class VerifyConfig:
+    """Section `verify.<model>` of params.yaml: how the exactness of a run is measured."""
+
+    model: Literal["cnn", "transformer"] = "cnn"  # set by the runner from the stage (verify@cnn)
+    inputs: int = 0  # held-out inputs reconstructed (all outputs); 0 = the whole held-out set
+    quadrature: int = 3  # nodes per smooth piece of each step's path integral
+    rule: Literal["gauss", "midpoint"] = "gauss"  # quadrature rule
+    breakpoints: bool = True  # locate the ReLU / max-pool kinks along each step first
+    batch_size: int = 64  # inputs per forward-mode pass (memory grows with it x nodes)
+    sensitivity_inputs: int = 4  # inputs of the quadrature-sensitivity sweep (the first ones)
+    sensitivity_nodes: tuple[int, ...] = (1, 2, 3, 10, 30, 100)  # nodes, plain quadrature (no kinks located)
+    sensitivity_kink_nodes: tuple[int, ...] = (1, 2, 3)  # nodes with kinks located; () skips them
+    float32_inputs: int = 16  # inputs of the float32-versus-float64 comparison
+    tolerance: float = 1.0e-8  # the largest accepted relative residual of the main reconstruction
+    min_agreement: float = 1.0  # the smallest accepted argmax agreement (the paper reports 1.0)
+
+
+@dataclass
+class CubesConfig:
+    """Section `cubes.<model>` of params.yaml: which attribution cubes are computed and stored."""
+
+    model: Literal["cnn", "transformer"] = "cnn"  # set by the runner from the stage (cubes@cnn)
+    tests: int = 8  # held-out inputs explained (the first ones of the held-out split)
+    step_bins: int = 12  # equal bins of update steps in the step x component cubes
+    quadrature: int = 3  # nodes per smooth piece of each step's path integral
+    breakpoints: bool = True  # locate the ReLU / max-pool kinks along each step first
+    tolerance: float = 1.0e-8  # the largest accepted relative residual of a cube
+    top_k: int = 8  # most helpful / harmful training samples shown per explained input
+
+
+# --- a trained run ------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A trained model with its history and data, as the analysis stages need them."""
+
+    name: str  # "cnn" or "transformer"
+    config: Any  # training config (CNNConfig or TransformerConfig)
+    model: torch.nn.Module  # the trained model (final parameters)
+    history: Any  # explaind.History
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor  # held-out inputs: the CNN's test split, the Transformer's validation pairs
+    test_y: torch.Tensor
+    held_out: str  # "test" or "validation"
+    components: dict[str, list[str]]
+    class_names: list[str]
+
+    @property
+    def label(self) -> str:
+        if self.name == "cnn":
+            return f"ResNet-9 width {self.config.width} ({self.config.dataset} {list(self.config.classes)})"
+        return f"transformer (mod {self.config.p})"
+
+
+def save_config(config: Any, run_dir: str | os.PathLike) -> Path:
+    """Write the training config next to the model, so later stages rebuild the same architecture."""
+    path = Path(run_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    path.write_text(json.dumps({"class": type(config).__name__, **values}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Run:
+    """Rebuild a trained run from runs/<name>/: its config.json, model.safetensors and history."""
+    from safetensors.torch import load_model
+
+    from .data import load_image_pair, modular_addition
+    from .history import History
+    from .models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS, ModAddTransformer, ResNet9
+    from .training import CNNConfig, TransformerConfig
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: rerun the training stage (dvc repro train_{name})")
+    values = json.loads(config_path.read_text())
+    kind = values.pop("class")
+    if name == "cnn":
+        if kind != "CNNConfig":
+            raise ExplaindError(f"{config_path} holds a {kind}, not a CNNConfig")
+        config = CNNConfig(**{**values, "classes": tuple(values["classes"])})
+        pair = load_image_pair(data_dir, config.dataset, tuple(config.classes), config.test_size, config.data_seed)
+        model = ResNet9(pair.train_x.shape[1], 2, config.width)
+        train = (pair.train_x, pair.train_y)
+        test = (pair.test_x, pair.test_y)
+        held_out, components = "test", dict(CNN_COMPONENTS)
+        class_names = [f"digit {c}" if config.dataset == "digits" else f"CIFAR class {c}" for c in config.classes]
+    elif name == "transformer":
+        if kind != "TransformerConfig":
+            raise ExplaindError(f"{config_path} holds a {kind}, not a TransformerConfig")
+        config = TransformerConfig(**values)
+        data = modular_addition(config.p, config.train_size, config.val_size, config.data_seed, config.only_a_ge_b)
+        model = ModAddTransformer(config.p, config.d_model, config.n_heads, config.d_mlp)
+        train = (data.train_inputs, data.train_targets)
+        test = (data.val_inputs, data.val_targets)
+        held_out, components = "validation", dict(TRANSFORMER_COMPONENTS)
+        class_names = [str(r) for r in range(config.p)]
+    else:
+        raise ExplaindError(f"unknown run {name!r}; the runs are {MODELS}")
+    dtype = DTYPES[config.dtype]
+    model = model.to(dtype)
+    load_model(model, str(run_dir / "model.safetensors"))
+    train_x, test_x = train[0], test[0]
+    if train_x.is_floating_point():
+        train_x, test_x = train_x.to(dtype), test_x.to(dtype)
+    return Run(name, config, model, History(run_dir / "history"), train_x, train[1], test_x, test[1],
+               held_out, components, class_names)
+
+
+def first(n: int, total: int) -> int:
+    """How many inputs `n` means: 0 (or more than there are) = all of them."""
+    return total if n <= 0 else min(n, total)
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def replication_table(ours: pd.DataFrame, model_label: str) -> pd.DataFrame:
+    """The paper's replication numbers side by side with ours (rows of `ours`: source, rule,
+    nodes, breakpoints, inputs, agreement, kl, relative_residual)."""
+    paper = PAPER_REPLICATION.assign(breakpoints=False, inputs=np.nan, relative_residual=np.nan)
+    ours = ours.assign(model=model_label)
+    columns = ["source", "model", "rule", "nodes", "breakpoints", "inputs", "agreement", "kl", "relative_residual"]
+    return pd.concat([paper[columns], ours[columns]], ignore_index=True)
+
+
+def check_verification(metrics: dict[str, float], cfg: VerifyConfig) -> None:
+    """The stage's gate: argmax agreement and relative residual of the main reconstruction."""
+    problems = []
+    if metrics["agreement"] < cfg.min_agreement:
+        problems.append(f"argmax agreement {metrics['agreement']:.4f} < min_agreement {cfg.min_agreement}")
+    if not metrics["relative_residual"] <= cfg.tolerance:
+        problems.append(f"relative residual {metrics['relative_residual']:.2e} > tolerance {cfg.tolerance:.0e}")
+    if problems:
+        raise ReconstructionError(
+            f"the reconstruction of the {cfg.model} run fails verify.{cfg.model}: " + "; ".join(problems)
+            + ". Fix: locate kinks (breakpoints: true), raise quadrature, or compute in float64"
+        )
+
+
+# --- cubes --------------------------------------------------------------------------------
+
+
+def check_cube(cube: xr.Dataset, tolerance: float, reference: xr.Dataset | None = None,
+               name: str = "cube") -> dict[str, float]:
+    """Check that a cube's sums are its reconstruction: Σ attribution + Σ regularization equals
+    final − initial − residual, the residual is within `tolerance` of the largest change, and
+    (given the verify-style `reference` reconstruction of the same inputs, all outputs) the
+    cube's initial and final values equal the reference's. Returns the measured gaps."""
+    total = cube["attribution"].sum([d for d in cube["attribution"].dims if d not in ("test", "output")])
+    total = total + cube["regularization"].sum([d for d in cube["regularization"].dims if d not in ("test", "output")])
+    change = cube["final"] - cube["initial"]
+    if "test" not in total.dims or "output" not in total.dims:  # a cube summed over test or output
+        change = change.sum([d for d in ("test", "output") if d not in total.dims])
+        residual = cube["residual"].sum([d for d in ("test", "output") if d not in total.dims])
+    else:
+        residual = cube["residual"]
+    scale = float(np.abs(cube["final"] - cube["initial"]).max())
+    gaps = {
+        "sum_gap": float(np.abs(total - (change - residual)).max()) / scale,
+        "relative_residual": float(cube.attrs["relative_residual"]),
+    }
+    if reference is not None:
+        selected = reference_values(cube, reference)
+        gaps["initial_gap"] = float(np.abs(cube["initial"].values - selected["initial"]).max()) / scale
+        gaps["final_gap"] = float(np.abs(cube["final"].values - selected["final"]).max()) / scale
+    bad = {k: v for k, v in gaps.items() if not v <= tolerance}
+    if bad:
+        raise ReconstructionError(f"{name}: checks above tolerance {tolerance:.0e}: {bad}")
+    return gaps
+
+
+def reference_values(cube: xr.Dataset, reference: xr.Dataset) -> dict[str, np.ndarray]:
+    """initial / final of the reference reconstruction at the cube's (test, output) entries."""
+    out = {}
+    for key in ("initial", "final"):
+        values = reference[key].sel(test=cube["test"].values).values  # [T, all outputs]
+        labels = cube["output"].values
+        if "output_class" in cube.coords:  # one selected output per input ("true" / "predicted")
+            values = np.take_along_axis(values, cube["output_class"].values[:, None].astype(int), 1)
+        else:
+            values = values[:, labels.astype(int)]
+        out[key] = values
+    return out
+
+
+def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Orders of the train and test axes for the train x test kernel plot: by class (CNN) or by
+    residue (a + b) mod p (Transformer), so block structure shows."""
+    train_labels = run.train_y[cube["train"].values].numpy()
+    test_labels = run.test_y[cube["test"].values].numpy()
+    return np.argsort(train_labels, kind="stable"), np.argsort(test_labels, kind="stable")
+
+
+PARAMETER_VARIABLES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
+
+
+def reduce_cube(cube: xr.Dataset, keep: tuple[str, ...]) -> xr.Dataset:
+    """The cube summed over the attribution dims not in `keep` (weight decay likewise), with its
+    initial / final / residual / update_residual; the parameter scores are left out."""
+    out = cube.drop_vars([v for v in PARAMETER_VARIABLES if v in cube], errors="ignore")
+    for name in ("attribution", "regularization"):
+        array = cube[name]
+        out[name] = array.sum([d for d in array.dims if d not in keep])
+    out = out.drop_dims([d for d in ("parameter",) if d in out.dims], errors="ignore")
+    unused = [c for c in out.coords if out[c].dims and not any(out[c].dims[0] in out[v].dims for v in out.data_vars)]
+    out = out.drop_vars(unused)
+    out.attrs = {**cube.attrs, "summed_over": [d for d in cube["attribution"].dims if d not in keep]}
+    return out
+
+
+def parameter_cube(cube: xr.Dataset) -> xr.Dataset:
+    """The parameter-wise scores of a cube (one value per scalar parameter), labelled by tensor."""
+    out = cube[[v for v in PARAMETER_VARIABLES]]
+    out.attrs = {k: cube.attrs[k] for k in ("tensor_names", "parameter_score_definitions", "history_sha256",
+                                            "units", "target", "n_steps")}
+    return out
+
+
+def same_label_share(scores: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray) -> float:
+    """Of all positive influence ([train, test] scores > 0), the fraction carried by training
+    samples whose label equals the test input's (class for the CNN, residue for the Transformer)."""
+    positive = np.clip(scores, 0, None)
+    same = train_labels[:, None] == test_labels[None, :]
+    total = positive.sum()
+    return float((positive * same).sum() / total) if total > 0 else float("nan")
