@@ -13,6 +13,7 @@ from .errors import (
     UnsupportedError,
 )
 from .history import History, Recorder
+from .planning import Plan, plan
 from .verify import reconstruct, verify_updates
 
 __all__ = [
@@ -21,11 +22,13 @@ __all__ = [
     "History",
     "HistoryError",
     "InputError",
+    "Plan",
     "Recorder",
     "ReconstructionError",
     "UnsupportedError",
     "explain",
     "open_cube",
+    "plan",
     "reconstruct",
     "save_cube",
     "verify_updates",

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from .engine import Request
 
 UNITS = {"log_prob": "log-probability", "logit": "logit"}
+# Zarr format 2 specifies fixed-width unicode ("<U8"), the dtype of component and class labels;
+# format 3 has no stable specification for it yet (zarr warns UnstableSpecificationWarning), and
+# its specified variable-length strings would come back with another dtype.
+STORE_FORMAT = 2
 
 
 def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
@@ -132,7 +136,7 @@ def _version() -> str:
 
 
 def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a cube to a chunked, compressed zarr store (readable lazily with open_cube).
+    """Write a cube to a chunked, compressed zarr store, format 2 (readable lazily with open_cube).
 
     Refuses to replace an existing store unless overwrite=True; the store is written next to
     its destination and moved into place, so a failed write never leaves half a cube.
@@ -148,7 +152,7 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
         for name, var in cube.data_vars.items()
         if var.ndim
     }
-    cube.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding)
+    cube.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -27,11 +27,16 @@ import torch.distributed as dist
 import xarray as xr
 
 from .cube import open_cube, save_cube
-from .engine import explain
+from .engine import _check_residual, explain
 from .errors import InputError
 from .history import History
 
 SPLITS = ("test", "steps")
+
+
+def part_path(parts_dir: str | os.PathLike, rank: int) -> Path:
+    """Where shard `rank` of a split explain() is stored."""
+    return Path(parts_dir) / f"part-{rank:05d}.zarr"
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -106,14 +111,11 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     tolerance = kwargs.pop("tolerance", 1e-4)
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
                          world_size=world_size, tolerance=None, **kwargs)
-    parts_dir = Path(parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    save_cube(part, parts_dir / f"part-{rank:05d}.zarr", overwrite=True)
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    save_cube(part, part_path(parts_dir, rank), overwrite=True)
     dist.barrier()
     if rank != 0:
         return None
-    merged = merge([open_cube(parts_dir / f"part-{r:05d}.zarr").load() for r in range(world_size)], split)
-    from .engine import _check_residual
-
+    merged = merge([open_cube(part_path(parts_dir, r)).load() for r in range(world_size)], split)
     _check_residual(merged, tolerance)
     return merged

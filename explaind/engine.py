@@ -38,6 +38,11 @@ from .path import PathIntegral
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
+# The backward pass needs effect · ∇ℓ_k for R carried effects and the B samples of a step: by
+# forward mode (R jvps over the batch) when R · FORWARD_MODE_RATIO ≤ B, else by contracting
+# materialised per-sample gradients [B, D]. One jvp costs about as much as two or three forward
+# passes; per-sample gradients cost a backward pass plus moving B x D numbers several times.
+FORWARD_MODE_RATIO = 4
 
 
 # --------------------------------------------------------------------------- the request
@@ -66,6 +71,7 @@ class Request:
     train_chunk: int
     progress: bool
     component_slices: list[slice] = field(default_factory=list)
+    check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
 
     @property
     def n_outputs(self) -> int:
@@ -91,6 +97,7 @@ def explain(
     components: ComponentSpec = "tensor",
     step_bins: int | Sequence[int] | None = None,
     parameter_scores: bool = False,
+    check_updates: bool = True,
     steps: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
@@ -116,7 +123,12 @@ def explain(
     (every step), a number of equal bins, or bin edges 0 = e_0 < … < e_n = n_steps.
     steps: (start, stop) explains only the updates start ≤ s < stop (update convention; the
     momentum of earlier steps is replayed), e.g. to split a long run across processes; initial
-    and final are then f(θ_start) and f(θ_stop). tolerance: the largest output residual, relative to the largest change of an explained
+    and final are then f(θ_start) and f(θ_stop). check_updates: True recomputes every step's
+    batch gradient and checks the modelled update against the recorded one (DESIGN §2, check 1;
+    stored as update_residual). False, for a history already checked with verify_updates,
+    skips that check (update_residual NaN); a cube without a train dim then needs no gradient at
+    all: the recorded update is split into its weight-decay part and the rest.
+    tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised (None: never).
     test_chunk / train_chunk bound memory: test inputs per pass and training samples per
     momentum buffer (the history is streamed once per chunk pair). Left as None, they are
@@ -127,10 +139,14 @@ def explain(
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, convention=convention,
         components=components,
         step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, dtype=dtype, device=device,
-        test_chunk=test_chunk, train_chunk=train_chunk, loss=loss,
+        test_chunk=test_chunk, train_chunk=train_chunk, loss=loss, check_updates=check_updates,
     )
     plan_chunks(request, memory_budget)
     request.progress = progress
+    if progress:
+        from .planning import describe  # planning builds on this module
+
+        tqdm.write(str(describe(request)))
     initial = _outputs_at(request, request.step_range[0])
     final = _outputs_at(request, request.step_range[1])
     parts = _run_chunks(request)
@@ -141,7 +157,7 @@ def explain(
 
 def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
                    breakpoints, convention, components, step_bins, parameter_scores, steps, dtype, device,
-                   test_chunk, train_chunk, loss) -> Request:
+                   test_chunk, train_chunk, loss, check_updates=True) -> Request:
     history = open_history(history, model)
     keep = tuple(keep)
     unknown = [d for d in keep if d not in DIMS]
@@ -187,7 +203,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         step_range=_step_range(steps, n_steps, convention, parameter_scores),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk or 0, train_chunk=train_chunk or 0,
-        progress=True, component_slices=slices,
+        progress=True, component_slices=slices, check_updates=check_updates,
     )
 
 
@@ -276,20 +292,43 @@ def _step_edges(step_bins, n_steps: int) -> np.ndarray:
 # --------------------------------------------------------------------------- memory
 
 
+def _kept_sizes(req: Request, n_test: int, n_train: int) -> tuple[int, int, int, int]:
+    """Rows (kept test x output), step bins, components and training columns of a pass."""
+    rows = (n_test if req.keeps("test") else 1) * (req.n_outputs if req.keeps("output") else 1)
+    n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
+    n_comp = len(req.components) if req.keeps("component") else 1
+    train = n_train if req.keeps("train") else 1
+    return rows, n_bins, n_comp, train
+
+
+def walks_backwards(req: Request, rows: int, train: int) -> bool:
+    """Whether a pass walks the history backwards: always for the gradient convention; for the
+    update convention when its carried effects (one per kept step bin and row) are smaller than
+    the forward pass's per-sample momentum buffer [train, D]. Both give the same cube."""
+    if req.convention == "gradient":
+        return True
+    if req.parameter_scores:  # Σ_s |ψ(s, j)| needs each update step's own share, going forwards
+        return False
+    n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
+    return n_bins * rows < train
+
+
 def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
     """Estimated peak bytes of one pass over n_test inputs and n_train training samples."""
     size = torch.finfo(req.flat.dtype).bits // 8
     d = req.flat.layout.dim
     rows_full = n_test * req.n_outputs
-    rows = (n_test if req.keeps("test") else 1) * (req.n_outputs if req.keeps("output") else 1)
-    n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
-    n_comp = len(req.components) if req.keeps("component") else 1
-    train = n_train if req.keeps("train") else 1
+    rows, n_bins, n_comp, train = _kept_sizes(req, n_test, n_train)
+    if req.convention == "gradient":
+        momentum = rows * d  # the carried K
+    elif walks_backwards(req, rows, train):
+        momentum = n_bins * rows * d  # the carried effects, one per step bin
+    else:
+        momentum = train * d  # the per-sample momentum buffer
     batch = req.history.max_batch()
     elements = (
-        rows_full * d * 3  # φ / G, its scaled copies
-        + rows * d * (2 if req.convention == "gradient" else 1)  # carried K (and reduced rows)
-        + (train * d if req.convention == "update" else 0)  # per-sample momentum buffer
+        rows_full * d * 4  # φ / G, its scaled copies, the carried effect on all rows
+        + momentum * 2  # carried effects / momentum buffer and the effect booked this step
         + batch * d * 3  # per-sample gradients and their weighted copies
         + (rows_full * d if req.parameter_scores else 0)
         + n_bins * n_comp * rows * train  # the cube's accumulator
@@ -404,6 +443,11 @@ class _Pass:
         # Σ over everything but test and output: compared with f(θ_N) − f(θ_0)
         self.total = torch.zeros(self.n_test * req.n_outputs, dtype=self.dt, device=self.dev)
         self.update_residual = np.zeros(req.history.n_steps)
+        # without a train dim or parameter-wise scores, G_s is needed only along a few vectors
+        self.by_directions = not req.keeps("train") and not req.parameter_scores
+        # without a train dim and with the update check left to verify_updates, no gradient is
+        # needed: the recorded Δθ_s is the update, and the modelled weight decay splits it
+        self.recorded_updates = not req.keeps("train") and not req.check_updates
         if req.parameter_scores:
             d = flat.layout.dim
             self.score_sum = torch.zeros(self.n_test * req.n_outputs, d, dtype=self.dt, device=self.dev)
@@ -480,7 +524,11 @@ class _Pass:
                 target[b, p].index_add_(1, columns, block)
 
     def record_update_check(self, s: int, k: StepCoefficients, modelled: torch.Tensor, delta: torch.Tensor) -> None:
-        """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ."""
+        """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ (NaN:
+        not checked: check_updates=False)."""
+        if not self.req.check_updates:
+            self.update_residual[s] = np.nan
+            return
         scale = delta.abs().max().clamp_min(torch.finfo(self.dt).tiny)
         self.update_residual[s] = ((delta + k.eta * modelled).abs().max() / scale).item()
 
@@ -496,13 +544,14 @@ class _Pass:
     def run(self, label: str) -> dict:
         history = self.req.history
         stop = self.req.step_range[1]
-        records = history.steps(0, stop, reverse=self.req.convention == "gradient")
+        backward = walks_backwards(self.req, self.attribution.shape[2], self.n_train)
+        records = history.steps(0, stop, reverse=backward)
         bar = tqdm(_prefetched(records), total=stop, desc=label,
                    disable=not self.req.progress, leave=False)
-        if self.req.convention == "update":
-            self._forward(bar)
-        else:
+        if backward:
             self._backward(bar)
+        else:
+            self._forward(bar)
         return self._result()
 
     def _forward(self, records: Iterable[StepRecord]) -> None:
@@ -516,63 +565,156 @@ class _Pass:
             k = self.coefficients(rec)
             theta, theta_next = self.thetas(rec)
             delta = theta_next - theta
-            wg, columns, g_full = self.batch_gradients(rec, theta)
-            uses_buffer = bool((k.b != 0).any()) or bool((k.a != 0).any())  # not plain SGD
-            if uses_buffer:
-                if buffer is None:
-                    buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
-                buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
+            if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
+                modelled = torch.where(k.eta != 0, -delta / k.eta, torch.zeros_like(delta))  # Σ_k u + r
+            else:
+                wg, columns, g_full = self.batch_gradients(rec, theta)
+                uses_buffer = bool((k.b != 0).any()) or bool((k.a != 0).any())  # not plain SGD
+                if uses_buffer:
+                    if buffer is None:
+                        buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
+                    buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
+                modelled = aggregate.step(k, g_full, theta) if self.first_train_chunk else None
             decay_in = k.coupled_decay * theta
             decay_momentum = k.b * decay_in if decay_momentum is None else k.a * decay_momentum + k.b * decay_in
             r = k.precond * (k.c * decay_momentum + k.e * decay_in) + k.decoupled_decay * theta
-            modelled = aggregate.step(k, g_full, theta) if self.first_train_chunk else None  # Σ_k u + r
             if s < start:  # before the explained range: only replay the momentum
+                continue
+            if self.by_directions:
+                self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled)
+                self.record_update_check(s, k, modelled, delta)
                 continue
 
             full = self.path_jacobian(theta, delta).mul_(-k.eta)  # G_s, [T·O, D]
             rows = self.reduce_rows(full)
-            if uses_buffer:
-                self.add(self.attribution, s, self.contract(rows * (k.precond * k.c), buffer))
-            if bool((k.e != 0).any()):  # nesterov / plain SGD: the current gradient acts directly
-                direct = rows * (k.precond * k.e)
-                self.add(self.attribution, s, self.contract(direct, wg), columns)
+            if self.recorded_updates:  # one train column: the whole batch's share of the update
+                self.add(self.attribution, s, self.contract(rows, (modelled - r)[None]))
+            else:
+                if uses_buffer:
+                    self.add(self.attribution, s, self.contract(rows * (k.precond * k.c), buffer))
+                if bool((k.e != 0).any()):  # nesterov / plain SGD: the current gradient acts directly
+                    direct = rows * (k.precond * k.e)
+                    self.add(self.attribution, s, self.contract(direct, wg), columns)
             if self.first_train_chunk:
                 self.add(self.regularization, s, self.contract(rows, r[None]))
                 self.total += full @ modelled
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, delta)
 
+    def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
+                       modelled: torch.Tensor) -> None:
+        """Book step s when no training sample is kept: G_s is only ever contracted with the
+        (−η-scaled) update, its weight-decay part and the modelled total, each restricted to a
+        kept component, so forward mode gives those few numbers per output without G_s."""
+        slices = self.req.component_slices if self.req.keeps("component") else [slice(None)]
+        tangents = update.new_zeros(2 * len(slices) + 1, len(update))
+        for p, sl in enumerate(slices):
+            tangents[p, sl] = update[sl]
+            tangents[len(slices) + p, sl] = decay[sl]
+        tangents[-1] = modelled
+        phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select)
+        full = phi.reshape(-1, phi.shape[-1])  # [T·O, V]
+        rows = self.reduce_rows(full)  # [rows, V]
+        n = len(slices)
+        self.add(self.attribution, s, [rows[:, p, None] for p in range(n)])
+        self.add(self.regularization, s, [rows[:, n + p] for p in range(n)])
+        self.total += full[:, -1]
+
     def _backward(self, records: Iterable[StepRecord]) -> None:
-        """Gradient-step convention: walk backwards carrying K_s (no per-sample buffer)."""
-        carried = None  # K_{s+1}, [rows, D]
-        carried_full = None  # the same for all T·O rows (total and scores)
+        """Walk backwards carrying the effect of a gradient on the explained outputs (no
+        per-sample buffer). A gradient computed at step s' moves the updates s ≥ s' through the
+        momentum: K(s') = Σ_{s≥s'} (Π_{s'<r≤s} a_r) P_s c_s G_s. The gradient convention books
+        the whole effect at s'. The update convention books each update step's part in that
+        step's bin, so one K is carried per kept step bin (bins not yet reached are zero)."""
+        req = self.req
+        start = req.step_range[0]
+        per_bin = req.convention == "update" and req.keeps("step")
+        carried = None  # K per bin (or one), [bins, rows, D]
+        carried_full = None  # Σ over bins for all T·O rows (total and scores)
         a_next = None
         for rec in records:
             s = rec.step
             k = self.coefficients(rec)
             theta, theta_next = self.thetas(rec)
-            full = self.path_jacobian(theta, theta_next - theta).mul_(-k.eta)
-            rows = self.reduce_rows(full)
-            carried = rows * (k.precond * k.c) + (0 if carried is None else a_next * carried)
-            effect = k.b * carried + rows * (k.precond * k.e)  # H_s: effect of d_s on outputs
-            wg, columns, g_full = self.batch_gradients(rec, theta)
-            self.add(self.attribution, s, self.contract(effect, wg), columns)
+            if carried is not None:  # from the effect on step s + 1 on to step s
+                carried.mul_(a_next)
+                carried_full.mul_(a_next)
+            full = rows = None
+            if s >= start:  # steps before the range only pass momentum on (update convention)
+                full = self.path_jacobian(theta, theta_next - theta).mul_(-k.eta)
+                rows = self.reduce_rows(full)
+                if carried is None:
+                    carried = full.new_zeros(self.attribution.shape[0] if per_bin else 1, *rows.shape)
+                    carried_full = torch.zeros_like(full)
+                carried[self.bin_of[s] if per_bin else 0] += rows * (k.precond * k.c)
+                carried_full += full * (k.precond * k.c)
+            # bins from here on (per_bin) or this step's bin: where the effect is booked
+            first = self.bin_of[max(s, start)] if per_bin else 0
+            effect = k.b * carried[first:]
+            own = rows * (k.precond * k.e) if rows is not None else None  # nesterov / plain SGD
+            if own is not None:
+                effect[0] += own
+            effect_full = k.b * carried_full + (0 if full is None else full * (k.precond * k.e))
+            blocks, columns, g_full = self.sample_effects(rec, theta, effect)
+            self.book(self.attribution, s, first, blocks, len(effect), columns)
             if self.first_train_chunk:
                 decay = k.coupled_decay * theta
-                self.add(self.regularization, s, self.contract(effect, decay[None]))
-                self.add(self.regularization, s, self.contract(rows, (k.decoupled_decay * theta)[None]))
-                if rows is full:  # nothing was summed: the carried rows are all rows
-                    effect_full = effect
-                else:
-                    carried_full = full * (k.precond * k.c) + (0 if carried_full is None else a_next * carried_full)
-                    effect_full = k.b * carried_full + full * (k.precond * k.e)
-                self.total += effect_full @ (g_full + decay) + full @ (k.decoupled_decay * theta)
+                decay_blocks = self.contract(effect.reshape(-1, effect.shape[-1]), decay[None])
+                self.book(self.regularization, s, first, decay_blocks, len(effect))
+                self.total += effect_full @ (g_full + decay)
+                if full is not None:
+                    self.add(self.regularization, s, self.contract(rows, (k.decoupled_decay * theta)[None]))
+                    self.total += full @ (k.decoupled_decay * theta)
                 self.record_scores(effect_full, g_full)
             a_next = k.a
-        if self.first_train_chunk:
+        if self.first_train_chunk and req.check_updates:
             from .verify import update_residuals
 
-            self.update_residual = update_residuals(self.req.history, self.req.flat, self.req.loss)
+            self.update_residual = update_residuals(req.history, req.flat, req.loss)
+        elif self.first_train_chunk:
+            self.update_residual[:] = np.nan
+
+    def sample_effects(self, rec: StepRecord, theta: torch.Tensor, effect: torch.Tensor):
+        """effect [bins, rows, D] · w_k ∇ℓ_k for the chunk's training samples k of this step, per
+        kept component ([comp][bins·rows, B_c]), their columns, and the batch gradient ḡ (first
+        train chunk). A few effects are pushed through the batch by forward mode, one jvp each;
+        many are contracted with the materialised per-sample gradients [B_c, D]."""
+        req = self.req
+        tangents = effect.reshape(-1, effect.shape[-1])
+        n_comp = len(req.component_slices) if req.keeps("component") else 1
+        if not req.keeps("train") or len(tangents) * n_comp * FORWARD_MODE_RATIO > len(rec.indices):
+            wg, columns, g_full = self.batch_gradients(rec, theta)
+            return self.contract(tangents, wg), columns, g_full
+        weights = sample_weights(req.history.reduction, len(rec.indices), self.dt, self.dev)
+        x, y = req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
+        columns = self.column[rec.indices]
+        in_chunk = (columns >= 0).to(self.dev)
+        g_full = req.flat.batch_gradient(theta, x, y, weights, req.loss) if self.first_train_chunk else None
+        if req.keeps("component"):  # one tangent per component: the effect restricted to it
+            masked = tangents.new_zeros(n_comp, *tangents.shape)
+            for p, sl in enumerate(req.component_slices):
+                masked[p, :, sl] = tangents[:, sl]
+            tangents = masked.reshape(-1, tangents.shape[-1])
+        if bool(in_chunk.any()):
+            dots = req.flat.per_sample_directional(theta, x[in_chunk], y[in_chunk], req.loss, tangents)
+            dots = dots * weights[in_chunk][None]
+        else:  # none of this batch's samples is in the chunk
+            dots = tangents.new_zeros(len(tangents), 0)
+        return list(dots.view(n_comp, -1, dots.shape[-1])), columns[in_chunk.cpu()].to(self.dev), g_full
+
+    def book(self, target: torch.Tensor, s: int, first: int, blocks: list[torch.Tensor], n_bins: int,
+             columns: torch.Tensor | None = None) -> None:
+        """Book the backward pass's blocks [comp][bins·rows, n]: per-bin effects (update
+        convention) go to bins first, first + 1, ...; a single effect to the bin of step s."""
+        if not (self.req.convention == "update" and self.req.keeps("step")):
+            self.add(target, s, blocks, columns)
+            return
+        for p, block in enumerate(blocks):
+            block = block.view(n_bins, -1, block.shape[-1])
+            if columns is None:
+                target[first:first + n_bins, p] += block.reshape(target[first:first + n_bins, p].shape)
+            else:
+                target[first:first + n_bins, p].index_add_(2, columns, block)
 
     def _result(self) -> dict:
         out = {

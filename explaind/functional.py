@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from .losses import PerSampleLoss
@@ -66,32 +66,57 @@ class _KinkPattern(TorchFunctionMode):
 
     f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's bound) or a
     max-pool's argmax switches; between such kinks Gauss–Legendre converges fast. Recorded:
-    each ReLU-type input's signed distance to its kink (its sign says the piece, its value lets
-    the path integral predict where it crosses) and each max-pool's argmax indices.
+    each ReLU-type input's signed distance to its kink (its sign says the piece; under forward
+    mode its derivative along the segment comes with it) and each max-pool's argmax indices.
+
+    With `straight_through`, ReLU-type ops pass gradients as if they were the identity, so a
+    backward pass measures how the output depends on each unit whatever piece the unit is on;
+    `units` holds each distance's input tensor, and `pooled` says a max-pool (whose gradient
+    reaches only the argmax) was met.
     """
 
     SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
     RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clip"}
 
-    def __init__(self):
+    def __init__(self, straight_through: bool = False):
         super().__init__()
+        self.straight_through = straight_through
         self.distances: list[torch.Tensor] = []
+        self.units: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
+        self.pooled = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in self.SIGN_OPS:
-            self.distances.append(args[0])
-        elif name in self.RANGE_OPS:
-            for bound in _range_bounds(name, args, kwargs):
+        kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
+        if kinked:
+            bounds = [0.0] if name in self.SIGN_OPS else _range_bounds(name, args, kwargs)
+            for bound in bounds:
                 if bound is not None:
                     self.distances.append(args[0] - bound)
+                    self.units.append(args[0])
         elif "max_pool" in name:
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
             self.indices.append(indices)
-        return func(*args, **kwargs)
+            self.pooled = True
+        if not (kinked and self.straight_through):
+            return func(*args, **kwargs)
+        z = args[0]
+        out = func(z.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
+        return z + (out - z).detach()
+
+    def flat(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded distances [rows, P] and argmax indices [rows, P'] of a batch of rows."""
+        return _rows(self.distances, rows, torch.get_default_dtype()), _rows(self.indices, rows, torch.long)
+
+
+def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> torch.Tensor:
+    """Recorded per-batch tensors side by side: [rows, Σ sizes] ([rows, 0] if none)."""
+    if not tensors:
+        return torch.zeros(rows, 0, dtype=empty_dtype)
+    return torch.cat([t.reshape(rows, -1) for t in tensors], 1)
 
 
 def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
@@ -177,7 +202,7 @@ class FlatModel:
             jac = vmap(one)(x, select)
         return self.layout.flatten(jac)
 
-    def path_jacobian(
+    def node_jacobians(
         self,
         theta: torch.Tensor,
         delta: torch.Tensor,
@@ -187,48 +212,107 @@ class FlatModel:
         select: torch.Tensor | None,
         target: str,
     ) -> torch.Tensor:
-        """Σ_r w_ir J(x_i; θ + t_ir Δ) for each input i, with its own nodes t_i and weights w_i
-        ([T, R]; zero weights pad inputs with fewer nodes): [T, O, D].
+        """w_r J(x_r; θ + t_r Δ) for rows r, each an input with its own node t_r and weight w_r,
+        for every selected output: [R, O, D] (`select`: None or [R, O] output indices).
 
-        The weighted sum over nodes is taken inside the differentiated function, so autograd
-        accumulates it into the gradient and no per-node Jacobian is ever materialised.
+        One reverse pass for all rows and outputs: the rows' parameters θ + t_r Δ are one
+        batched input of a vmapped forward (each row its own point on the segment), and the
+        backward is vmapped over one-hot output cotangents that carry the weights.
         """
-        params = self.layout.unflatten(theta)
-        direction = self.layout.unflatten(delta)
+        rows = len(t)
+        points = theta + t[:, None] * delta  # [R, D]: every row's own parameters
+        params = {name: points[:, sl].view(rows, *shape)
+                  for (name, sl), shape in zip(self.layout.slices().items(), self.layout.shapes)}
 
-        def one(x1: torch.Tensor, t1: torch.Tensor, w1: torch.Tensor, sel: torch.Tensor | None):
-            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                def at(tr: torch.Tensor) -> torch.Tensor:
-                    shifted = {n: p[n] + tr * direction[n] for n in p}
-                    return self._explain(self._call(shifted, x1.unsqueeze(0)), target)[0]
+        def one(p: dict[str, torch.Tensor], x1: torch.Tensor) -> torch.Tensor:
+            return self._explain(self._call(p, x1.unsqueeze(0)), target)[0]
 
-                y = (w1[:, None] * vmap(at)(t1)).sum(0)
-                return y if sel is None else y[sel]
+        out, pull = vjp(lambda p: vmap(one)(p, x), params)
+        chosen = torch.arange(out.shape[1], device=out.device).expand(rows, -1) if select is None else select
+        # cotangent o of row r: w_r at output chosen[r, o]
+        cotangents = out.new_zeros(chosen.shape[1], rows, out.shape[1])
+        cotangents.scatter_(2, chosen.T.unsqueeze(2), w.to(out.dtype).expand(chosen.shape[1], rows).unsqueeze(2))
+        (grads,) = vmap(pull)(cotangents)
+        # written straight into place: the vmapped gradients are not contiguous, and a
+        # flatten would copy them twice
+        jac = out.new_empty(rows, chosen.shape[1], len(theta))
+        for (name, sl), shape in zip(self.layout.slices().items(), self.layout.shapes):
+            jac[:, :, sl].view(rows, chosen.shape[1], *shape).copy_(grads[name].transpose(0, 1))
+        return jac
 
-            return jacrev(f)(params)
-
-        if select is None:
-            jac = vmap(lambda x1, t1, w1: one(x1, t1, w1, None))(x, t, w)
-        else:
-            jac = vmap(one)(x, t, w, select)
-        return self.layout.flatten(jac)
+    def _pattern(self, theta: torch.Tensor, x: torch.Tensor, mode: _KinkPattern) -> torch.Tensor:
+        with mode:
+            return self._call(self.layout.unflatten(theta), x)
 
     def kink_pattern(
-        self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each row's forward pass at θ + t_r Δ stands relative to the model's kinks:
-        signed distances [R, P] (float) and argmax indices [R, P'] (P = P' = 0 if smooth)."""
+        self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each row's forward pass at θ + tΔ stands relative to the model's kinks: signed
+        distances z [R, P], their derivatives dz/dt along the segment [R, P] (forward mode) and
+        argmax indices [R, P'] (P = P' = 0 if smooth).
 
-        def one(x1: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t is one float for all rows (one batched pass with shared parameters) or a tensor [R],
+        one point per row (a vmapped pass, each row with its own parameters).
+        """
+
+        def pattern(th: torch.Tensor, x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             mode = _KinkPattern()
-            with mode:
-                self._call(self.layout.unflatten(theta + t1 * delta), x1.unsqueeze(0))
-            distances = [d.reshape(-1) for d in mode.distances] or [x1.new_zeros(0, dtype=self.dtype)]
-            indices = [i.reshape(-1) for i in mode.indices] or [x1.new_zeros(0, dtype=torch.long)]
-            return torch.cat(distances), torch.cat(indices)
+            self._pattern(th, x_, mode)
+            distances, indices = mode.flat(len(x_))
+            return distances.to(self.dtype), indices
+
+        def along(th: torch.Tensor, x_: torch.Tensor):
+            return jvp(lambda p: pattern(p, x_), (th,), (delta,), has_aux=True)
 
         with torch.no_grad():
-            return vmap(one)(x, t)
+            if not isinstance(t, torch.Tensor):
+                return along(theta + t * delta, x)
+            z, dz, idx = vmap(lambda x1, t1: along(theta + t1 * delta, x1.unsqueeze(0)))(x, t)
+            return z[:, 0], dz[:, 0], idx[:, 0]
+
+    def kink_relevance(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor | None:
+        """Which distances of kink_pattern can move the explained output: [P] bool, any row.
+
+        The kinks of a unit that the output does not depend on (a position the model does not
+        read out, a discarded branch), or whose input does not depend on θ, leave J unchanged.
+        One backward pass with ReLU-type ops made straight-through (so that units off at θ
+        count too) and random output weights finds the units the output depends on. None (all
+        relevant) if the model max-pools: its gradient reaches only the current argmax.
+        """
+        mode = _KinkPattern(straight_through=True)
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            out = self._explain(self._pattern(th, x, mode), target)
+            if mode.pooled:
+                return None
+            weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            live = [i for i, unit in enumerate(mode.units) if unit.requires_grad]
+            grads = torch.autograd.grad((out * weights.to(out)).sum(), [mode.units[i] for i in live],
+                                        allow_unused=True)
+        depends = [torch.zeros_like(d, dtype=torch.bool) for d in mode.distances]
+        for i, g in zip(live, grads):
+            if g is not None:
+                depends[i] = g != 0
+        return _rows(depends, len(x), torch.bool).any(0)
+
+    def directional(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
+        """J(θ)·Δ for every input of a batch, all outputs, by one forward-mode pass: [B, O]."""
+        return jvp(lambda th: self.explained(th, x, target), (theta,), (delta,))[1]
+
+    def directional_many(self, theta: torch.Tensor, tangents: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
+        """J(θ)·v for every tangent v [V, D] and every input of a batch, all outputs: [V, B, O]."""
+        f = lambda th: self.explained(th, x, target)
+        return vmap(lambda v: jvp(f, (theta,), (v,))[1])(tangents)
+
+    def directional_rows(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                         tangents: torch.Tensor, target: str) -> torch.Tensor:
+        """J(x_r; θ + t_r Δ)·v for each row r (its own input and point) and tangent v: [R, V, O]."""
+
+        def one(x1: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+            f = lambda th: self.explained(th, x1.unsqueeze(0), target)[0]
+            return vmap(lambda v: jvp(f, (theta + t1 * delta,), (v,))[1])(tangents)
+
+        return vmap(one)(x, t)
 
     def directional_along(
         self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
@@ -251,6 +335,22 @@ class FlatModel:
 
         params = self.layout.unflatten(theta)
         return self.layout.flatten(vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y))
+
+    def per_sample_directional(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss, tangents: torch.Tensor
+    ) -> torch.Tensor:
+        """∇_θ ℓ(f(x_k; θ), y_k) · v_r for each row k of a batch and each tangent v_r [R, D], by
+        forward mode: [R, B]. About R forward passes of the batch; the [B, D] per-sample
+        gradients are never held, which makes it the cheaper route when R is small."""
+        params = self.layout.unflatten(theta)
+
+        def losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return loss(self._call(p, x), y)
+
+        def along(v: torch.Tensor) -> torch.Tensor:
+            return jvp(losses, (params,), (self.layout.unflatten(v),))[1]
+
+        return vmap(along)(tangents)
 
     def batch_gradient(
         self,

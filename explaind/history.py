@@ -10,9 +10,12 @@ On-disk format (a directory; no pickle anywhere):
                          (augmented) inputs and the targets
     manifest.jsonl       one line per *complete* step: file, size, sha256, per-group
                          hyperparameters used at that step (lr, betas, momentum, ...)
-    resume.safetensors / resume.json
+    resume.json / resume-0.safetensors, resume-1.safetensors
                          the latest full optimizer, scheduler and RNG state, so that a killed
-                         run can continue from its last complete step
+                         run can continue from its last complete step. The tensors alternate
+                         between the two files and resume.json, written last, names its file
+                         and that file's sha256: a crash between the two writes leaves the
+                         previous, consistent pair
     closed.json          written by close(): the number of steps and the final hash
 
 A step counts only once its manifest line exists; the manifest is appended after the step
@@ -65,6 +68,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _manifest_line(line: dict) -> str:
+    return json.dumps(line, sort_keys=True) + "\n"
 
 
 def _json_bytes(obj) -> bytes:
@@ -177,6 +184,7 @@ class Recorder:
         self._seen: set[int] = set()
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
         self._epoch_after_step: int | None = None  # scheduler.last_epoch right after a step
+        self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
 
         if _resume_from is None:
             self._start_new(overwrite)
@@ -340,7 +348,7 @@ class Recorder:
         _write_atomic(self.path / file, data)
         line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
                 "groups": self._hyper, "batch_size": len(indices)}
-        self._manifest.write(json.dumps(line, sort_keys=True) + "\n")
+        self._manifest.write(_manifest_line(line))
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
         self._last = after
@@ -349,12 +357,15 @@ class Recorder:
         self._write_resume_info(scheduler_stepped=False)
 
     def _write_resume_tensors(self) -> None:
-        """Optimizer state and RNG right after a step (before the next batch draws from it)."""
+        """Optimizer state and RNG right after a step (before the next batch draws from it),
+        into the file that the current resume.json does not name."""
         tensors = {"rng/cpu": torch.get_rng_state()}
         for idx, entry in self.optimizer.state_dict()["state"].items():
             for key, value in entry.items():
                 tensors[f"optimizer/{idx}/{key}"] = _cpu(torch.as_tensor(value))
-        _write_atomic(self.path / "resume.safetensors", save_safetensors(tensors))
+        data = save_safetensors(tensors)
+        self._resume_tensors = {"tensors": f"resume-{self.step % 2}.safetensors", "tensors_sha256": _sha256(data)}
+        _write_atomic(self.path / self._resume_tensors["tensors"], data)
 
     def _write_resume_info(self, scheduler_stepped: bool) -> None:
         """Hyperparameters and scheduler state. Written after a step, and again before the
@@ -368,6 +379,7 @@ class Recorder:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scheduler_stepped": scheduler_stepped,
             "scheduler_steps_per_step": self._scheduler_steps,
+            **self._resume_tensors,
         }
         try:
             _write_atomic(self.path / "resume.json", _json_bytes(info))
@@ -414,19 +426,22 @@ class Recorder:
         """Continue a killed recording from its last complete step.
 
         Loads θ, the optimizer's and scheduler's state and the CPU RNG state of that step into
-        the given objects; continue the training loop at `recorder.step`.
+        the given objects; continue the training loop at `recorder.step`. A step stored after
+        the last resume state, and a manifest line cut by the crash, are dropped from the
+        manifest: the resumed loop records that step again.
         """
         history = History(path, allow_incomplete=True)
         if history.closed:
             raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
         history.check_model(model)
         path = Path(path)
-        info = json.loads((path / "resume.json").read_text())
+        info = _read_resume_info(path)
         step = min(info["next_step"], history.n_steps)
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
-        history.truncate(step)  # drops a manifest line written after the last resume state
-        tensors = load_safetensors((path / "resume.safetensors").read_bytes())
+        _keep_manifest_lines(path, history.manifest[:step])
+        history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
+        tensors = _read_resume_tensors(path, info)
         with torch.no_grad():
             for name, value in history.params(step).items():
                 dict(model.named_parameters())[name].copy_(value)
@@ -443,8 +458,45 @@ class Recorder:
         torch.set_rng_state(tensors["rng/cpu"])
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **kwargs)
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
+        recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
         recorder._seen = set(history.train_indices().tolist())
         return recorder
+
+
+def _read_resume_info(path: Path) -> dict:
+    resume = path / "resume.json"
+    if not resume.is_file():
+        raise HistoryError(
+            f"{path} has no resume state: the run was killed before the state after its first "
+            "step was stored. Record it again with overwrite=True"
+        )
+    return json.loads(resume.read_text())
+
+
+def _read_resume_tensors(path: Path, info: dict) -> dict[str, torch.Tensor]:
+    if "tensors" not in info:
+        raise HistoryError(
+            f"{path} was recorded by an older explaind whose resume state could pair the "
+            "optimizer state of one step with another: record the run again with overwrite=True"
+        )
+    data = (path / info["tensors"]).read_bytes()
+    if _sha256(data) != info["tensors_sha256"]:
+        raise HistoryError(
+            f"{path / info['tensors']} does not match the sha256 in resume.json: the resume state "
+            "is corrupted. Record the run again with overwrite=True"
+        )
+    return load_safetensors(data)
+
+
+def _keep_manifest_lines(path: Path, lines: list[dict]) -> None:
+    """Rewrite the manifest to the steps a resume continues from.
+
+    Drops a step stored after the last resume state (the resumed loop redoes it) and a line
+    cut by a crash, which the recorder would otherwise append after. Only resuming may do
+    this: reading a history never writes.
+    """
+    text = "".join(_manifest_line(line) for line in lines)
+    _write_atomic(path / "manifest.jsonl", text.encode())
 
 
 def _catch_up(scheduler, steps: int | None, path) -> None:
@@ -504,7 +556,8 @@ class History:
     """A recorded training run, opened read-only and checked.
 
     Opening checks the format, the manifest's continuity and that every step file exists
-    with its recorded size; each file's sha256 is checked when it is read.
+    with its recorded size; each file's sha256 is checked when it is read. Nothing here
+    writes to the directory: only Recorder.resume changes a recorded history.
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
@@ -602,12 +655,6 @@ class History:
                 )
             lines.append(line)
         return lines
-
-    def truncate(self, n_steps: int) -> None:
-        """Keep only the first `n_steps` manifest lines (used when resuming)."""
-        self.manifest = self.manifest[:n_steps]
-        text = "".join(json.dumps(l, sort_keys=True) + "\n" for l in self.manifest)
-        _write_atomic(self.path / "manifest.jsonl", text.encode())
 
     # ----------------------------------------------------------------- facts
 

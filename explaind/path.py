@@ -3,15 +3,32 @@
 Gauss–Legendre quadrature converges extremely fast on smooth integrands, but ReLU and
 max-pooling make J jump wherever a unit's input crosses zero (or an argmax switches) along
 the segment, and any fixed rule then converges only like 1/Q. So for each input we first
-locate those kinks by repeated sectioning on the forward pass's kink pattern (a forward pass is far
-cheaper than a Jacobian), then apply Q Gauss–Legendre nodes on each smooth piece.
+locate those kinks with forward-mode passes (far cheaper than a Jacobian), then apply Q
+Gauss–Legendre nodes on each smooth piece.
+
+The kink search. Each ReLU-type unit's input z(t) is smooth along the segment; forward mode
+gives z and dz/dt at any point, for all inputs' units in one pass. An interval [a, b] of the
+segment is split further while
+- some unit has opposite signs at its ends (a crossing): each interval brackets the first
+  few roots that the cubic Hermite interpolants of (z, dz/dt) at its ends predict, tightly
+  enough that the next round, on brackets 2^-20 of the segment wide, places every crossing
+  by its cubic interpolant (error ~width⁴); or
+- some unit may dip across zero and back inside (both ends on one side): it is certified not
+  to when z stays on its side under Taylor bounds from both ends, |z''| ≤ `curvature_safety`
+  × the largest |z''| of its cubic interpolant on the interval. That is the stated tolerance:
+  a second derivative that varies by more than that factor within one interval can hide a
+  pair of crossings; every split of an interval shrinks the curvature such a pair needs.
+Max-pool argmax switches are found where the end indices differ, by thirds down to 2^-40 (a
+switch and switch-back of an argmax inside one interval is not detected). Only units the
+explained output depends on are searched (FlatModel.kink_relevance): the kinks of the others
+leave J unchanged.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .functional import FlatModel
@@ -31,6 +48,30 @@ class KinkStats:
 
 
 @dataclass
+class _Intervals:
+    """Intervals [a, b] of the segments of some inputs (`rows`), with the kink pattern at both
+    ends: distances z, their derivatives dz/dt, argmax indices."""
+
+    rows: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    end: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, keep: torch.Tensor) -> "_Intervals":
+        return _Intervals(self.rows[keep], self.a[keep], self.b[keep],
+                          tuple(v[keep] for v in self.start), tuple(v[keep] for v in self.end))
+
+    def crossing(self) -> torch.Tensor:
+        """Intervals whose ends lie on different pieces: [K] bool."""
+        (za, _, ia), (zb, _, ib) = self.start, self.end
+        return ((za > 0) != (zb > 0)).any(1) | (ia != ib).any(1)
+
+
+@dataclass
 class PathIntegral:
     flat: FlatModel
     quadrature: int = 4
@@ -41,6 +82,12 @@ class PathIntegral:
 
     # elements of the per-node gradients held at once while computing φ (2^26: 512 MB in float64)
     max_elements: int = 2**26
+    # rows (input × point on the segment) of one pass with per-row parameters; None: unbounded
+    max_rows: int | None = None
+    # the kink search's tolerance: |z''| ≤ this × its cubic interpolant's on an interval
+    curvature_safety: float = 2.0
+    max_rounds: int = 64
+    roots_per_round: int = 4  # crossings per interval bracketed at once
 
     def __post_init__(self):
         t, w = nodes(self.quadrature, self.rule)
@@ -52,129 +99,317 @@ class PathIntegral:
                                 self.flat.constants)
         # it stops at this width: the misplaced sliver of J is then below rounding
         self.resolution = 2.0**-40
+        # a crossing of a distance in an interval this short (relative to the segment) is
+        # placed by its cubic interpolant, whose error there is ~width⁴, far below resolution
+        self.settle_width = 2.0**-20
+        self._relevance: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
 
     # ----------------------------------------------------------------- kinks
 
     def kinks(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor) -> list[list[float]]:
-        """Sorted kink positions t ∈ (0, 1) per input (empty for a smooth segment).
-
-        A kink lies wherever the pattern (signs of the distances, argmax indices) changes.
-        Each round, every interval whose end patterns differ is probed at two points just
-        either side of the earliest crossing that the distances predict by linear
-        interpolation (the middle, for argmax changes); the parts whose end patterns differ
-        are kept. Distances are nearly linear on a short step, so a kink is usually pinned to
-        the resolution in a few rounds; every round is one batched forward pass.
-        """
-        n = len(x)
-        found: list[list[float]] = [[] for _ in range(n)]
-        self.stats.segments += n
-        if not self.breakpoints:
-            return found
-        dev, dt = self.flat.device, torch.float64
-        theta, delta, x = theta.to(dt), delta.to(dt), self.search.cast_inputs(x)
-        ends = torch.cat([torch.zeros(n), torch.ones(n)]).to(dev, dt)
-        dist, idx = self.search.kink_pattern(theta, delta, torch.cat([x, x]), ends)
-        if dist.shape[1] + idx.shape[1] == 0:  # no piecewise-linear op: smooth everywhere
-            self.breakpoints = False
-            return found
-        rows = torch.nonzero(_differs(dist[:n], idx[:n], dist[n:], idx[n:])).flatten()
-        a, b = torch.zeros(len(rows), dtype=dt, device=dev), torch.ones(len(rows), dtype=dt, device=dev)
-        da, ia, db, ib = dist[:n][rows], idx[:n][rows], dist[n:][rows], idx[n:][rows]
-        while len(rows):
-            probes = self._probes(a, b, da, db)  # [K, 2]
-            k = len(rows)
-            dm, im = self.search.kink_pattern(theta, delta, x[rows].repeat_interleave(2, 0), probes.flatten())
-            cuts = torch.cat([a[:, None], probes, b[:, None]], 1)  # [K, 4]
-            dists = torch.cat([da[:, None], dm.view(k, 2, -1), db[:, None]], 1)
-            idxs = torch.cat([ia[:, None], im.view(k, 2, -1), ib[:, None]], 1)
-            changed = _differs(dists[:, :-1], idxs[:, :-1], dists[:, 1:], idxs[:, 1:])  # [K, 3]
-            interval, part = torch.nonzero(changed, as_tuple=True)
-            rows = rows[interval]
-            a, b = cuts[interval, part], cuts[interval, part + 1]
-            da, ia = dists[interval, part], idxs[interval, part]
-            db, ib = dists[interval, part + 1], idxs[interval, part + 1]
-            narrow = b - a <= self.resolution
-            for i, t in zip(rows[narrow].tolist(), ((a + b) / 2)[narrow].tolist()):
-                found[i].append(t)
-            keep = ~narrow
-            # an input with very many kinks is not worth resolving: integrate it plainly
-            crowded = torch.bincount(rows[keep], minlength=n) > self.max_kinks
-            for i in torch.nonzero(crowded).flatten().tolist():
-                found[i] = None  # type: ignore[call-overload]
-            keep &= ~crowded[rows]
-            rows, a, b, da, ia, db, ib = (v[keep] for v in (rows, a, b, da, ia, db, ib))
-        self.stats.unresolved += sum(f is None for f in found)
-        found = [[] if f is None else sorted(set(f)) for f in found]
-        self.stats.kinks += sum(len(f) for f in found)
+        """Sorted kink positions t ∈ (0, 1) per input (empty for a smooth segment)."""
+        rows, t = self._locate(theta, delta, x)
+        found: list[list[float]] = [[] for _ in range(len(x))]
+        for i, ti in zip(rows.tolist(), t.tolist()):
+            found[i].append(ti)
         return found
 
-    def _probes(self, a, b, da, db) -> torch.Tensor:
-        """Two points per interval bracketing its earliest predicted crossing: [K, 2]."""
-        flips = (da > 0) != (db > 0)
-        fraction = torch.where(flips, da / (da - db), torch.inf).min(1).values if da.shape[1] else None
-        if fraction is None:
-            fraction = torch.full_like(a, 0.5)
-        fraction = torch.where(torch.isfinite(fraction), fraction, 0.5).clamp(0, 1)
-        width = b - a
-        centre = a + width * fraction
-        # the bracket: wide enough to catch the crossing despite curvature, narrow enough to
-        # shrink the interval ~2^10-fold a round
-        half = torch.clamp(width * 2.0**-11, min=self.resolution / 4)
-        low = torch.maximum(centre - half, a + self.resolution / 8)
-        high = torch.minimum(centre + half, b - self.resolution / 8)
-        return torch.stack([low, torch.maximum(high, low)], 1)
+    def _locate(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kinks of every input's segment as (input index [K], position [K]), sorted."""
+        n = len(x)
+        self.stats.segments += n
+        none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+        if not self.breakpoints:
+            return none
+        theta, delta = theta.to(torch.float64), delta.to(torch.float64)
+        xs = self.search.cast_inputs(x)
+        start = self.search.kink_pattern(theta, delta, xs, 0.0)
+        if start[0].shape[1] + start[2].shape[1] == 0:  # no piecewise-linear op: smooth everywhere
+            self.breakpoints = False
+            return none
+        relevant = self._relevant(theta, x, xs)
+        end = self.search.kink_pattern(theta, delta, xs, 1.0)
+        start, end = (_columns(p, relevant) for p in (start, end))
+        dev = theta.device
+        intervals = _Intervals(torch.arange(n, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
+                               torch.ones(n, dtype=torch.float64, device=dev), start, end)
+        rows, t = self._refine(theta, delta, xs, intervals, relevant)
+        order = torch.argsort(rows.double() * 2 + t)
+        rows, t = rows[order], t[order]
+        fresh = torch.ones_like(rows, dtype=torch.bool)  # units crossing at the same point: one kink
+        fresh[1:] = (rows[1:] != rows[:-1]) | (t[1:] != t[:-1])
+        self.stats.kinks += int(fresh.sum())
+        return rows[fresh].cpu(), t[fresh].cpu()
 
-    def nodes_per_input(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quadrature nodes and weights per input, Q per smooth piece: [T, R] each, and the
-        number of nodes each input uses (the rest are padding with zero weight)."""
-        pieces = []
-        for kinks in self.kinks(theta, delta, x):
-            edges = torch.tensor([0.0, *kinks, 1.0], dtype=self.flat.dtype, device=self.flat.device)
-            width = edges[1:] - edges[:-1]
-            pieces.append(((edges[:-1, None] + width[:, None] * self.t_nodes).flatten(),
-                           (width[:, None] * self.t_weights).flatten()))
-        counts = torch.tensor([len(ti) for ti, _ in pieces])
-        t = torch.full((len(x), int(counts.max())), 0.5, dtype=self.flat.dtype, device=self.flat.device)
-        w = torch.zeros_like(t)
-        for i, (ti, wi) in enumerate(pieces):
-            t[i, : len(ti)], w[i, : len(wi)] = ti, wi
-        return t, w, counts
+    def _refine(self, theta, delta, x, intervals: _Intervals, relevant) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split intervals until each one is certified smooth or pins its kinks down.
+
+        An input with more than `max_kinks` kinks is not worth resolving: its segment is
+        integrated plainly (counted as unresolved)."""
+        n = len(intervals)
+        rows, t = [intervals.rows[:0]], [intervals.a[:0]]
+        crowded = torch.zeros(n, dtype=torch.bool, device=intervals.rows.device)
+        for _ in range(self.max_rounds):
+            width = intervals.b - intervals.a
+            crossing = intervals.crossing()
+            roots = _first_roots(intervals, self.roots_per_round)  # [K, roots] in u, inf: none
+            narrow = width <= self.resolution
+            # so short that the cubic interpolants place each crossing far below the resolution
+            settled = crossing & (width <= self.settle_width) & _distances_only(intervals, self.roots_per_round)
+            pinned = crossing & narrow & ~settled
+            placed = settled[:, None] & torch.isfinite(roots)
+            rows += [intervals.rows[pinned], intervals.rows[:, None].expand_as(roots)[placed]]
+            t += [((intervals.a + intervals.b) / 2)[pinned], (intervals.a[:, None] + roots * width[:, None])[placed]]
+            coverage, gap = _dip_gap(intervals, self.curvature_safety)
+            open_ = ~narrow & ~settled & (crossing | (coverage < 1))
+            pending = torch.cat([*rows, intervals.rows[open_ & crossing]])
+            crowded |= torch.bincount(pending, minlength=n) > self.max_kinks
+            open_ &= ~crowded[intervals.rows]
+            intervals = intervals.take(open_)
+            if not len(intervals):
+                break
+            probes = self._probes(intervals, crossing[open_], roots[open_], gap[open_])
+            intervals = self._split(theta, delta, x, intervals, probes, relevant)
+        self.stats.unresolved += int(crowded.sum())
+        rows, t = torch.cat(rows), torch.cat(t)
+        keep = ~crowded[rows]
+        return rows[keep], t[keep]
+
+    def _relevant(self, theta, x, xs) -> torch.Tensor | None:
+        """The distances the explained output depends on, computed once per input batch.
+
+        Measured at a random point near θ: a dependence that only vanishes at θ (a weight
+        that is still zero) is not structural and must not hide a unit."""
+        cached = self._relevance.get(id(x))
+        if cached is not None and cached[0]() is x:
+            return cached[1]
+        noise = torch.randn(len(theta), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        point = theta + noise.to(theta.device) * (1e-3 * float(theta.abs().max().clamp_min(1.0)))
+        mask = self.search.kink_relevance(point, xs, "logit")
+        self._relevance = {key: v for key, v in self._relevance.items() if v[0]() is not None}
+        self._relevance[id(x)] = (weakref.ref(x), mask)
+        return mask
+
+    def _probes(self, iv: _Intervals, crossing: torch.Tensor, root: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        """Points to probe in each interval, as fractions u ∈ (0, 1) of it: [K, 2·roots] (NaN:
+        unused). A crossing interval gets a tight bracket around each of its first predicted
+        roots (thirds for an argmax switch alone); an uncertified one a point in its least
+        certain unit's gap and one in its larger part."""
+        k, n = len(iv), 2 * self.roots_per_round
+        half = torch.clamp(self.settle_width / 4 / (iv.b - iv.a), max=2.0**-4)[:, None]
+        bracket = torch.stack([torch.maximum(root - half, half / 2), torch.minimum(root + half, 1 - half / 2)], 2)
+        bracket = torch.where(torch.isfinite(root)[:, :, None], bracket, torch.nan).flatten(1)
+        fill = torch.full((k, n - 2), torch.nan, dtype=root.dtype, device=root.device)
+        thirds = torch.cat([torch.tensor([1 / 3, 2 / 3], dtype=root.dtype, device=root.device).expand(k, 2), fill], 1)
+        inside = gap.clamp(1 / 8, 7 / 8)
+        other = torch.where(inside < 0.5, (inside + 1) / 2, inside / 2)
+        dips = torch.cat([torch.stack([inside, other], 1), fill], 1)
+        located = torch.where(torch.isfinite(root[:, :1]), bracket, thirds)
+        return torch.where(crossing[:, None], located, dips)
+
+    def _split(self, theta, delta, x, iv: _Intervals, probes: torch.Tensor, relevant) -> _Intervals:
+        """Evaluate the pattern at the probes and cut each interval there."""
+        k = len(iv)
+        ends = torch.tensor([0.0, 1.0], dtype=probes.dtype, device=probes.device).expand(k, 2)
+        u = torch.sort(torch.cat([ends, probes], 1), 1).values  # unused (NaN) probes sort last
+        u = torch.nan_to_num(u, nan=1.0)  # … and become copies of the end
+        inner = (u > 0) & (u < 1)
+        width = (iv.b - iv.a)[:, None]
+        at = iv.a[:, None] + u * width
+        at[:, -1] = iv.b  # exactly, not a + 1·(b − a)
+        row, col = torch.nonzero(inner, as_tuple=True)
+        probed = self._pattern_rows(theta, delta, x, iv.rows[row], at[row, col], relevant)
+        patterns = []
+        for first, last, values in zip(iv.start, iv.end, probed):
+            cut = last[:, None].expand(-1, u.shape[1], -1).clone()
+            cut[:, 0] = first
+            cut[row, col] = values
+            patterns.append(cut)
+        keep = u[:, 1:] > u[:, :-1]  # pieces of zero width (unused probes) are dropped
+        rows = iv.rows[:, None].expand(-1, keep.shape[1])[keep]
+        return _Intervals(rows, at[:, :-1][keep], at[:, 1:][keep],
+                          tuple(c[:, :-1][keep] for c in patterns), tuple(c[:, 1:][keep] for c in patterns))
+
+    def _pattern_rows(self, theta, delta, x, rows, t, relevant):
+        """The relevant kink pattern of input rows[r] at t[r], in passes of at most max_rows."""
+        size = self.max_rows or len(rows)
+        parts = [self.search.kink_pattern(theta, delta, x[r], tr) for r, tr in zip(rows.split(size), t.split(size))]
+        return _columns(tuple(torch.cat(p) for p in zip(*parts)), relevant)
+
+    # ----------------------------------------------------------------- nodes
+
+    def nodes(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quadrature rows for all inputs: (input index, node t, weight), [R] each; Q nodes on
+        each smooth piece of each input's segment."""
+        n = len(x)
+        rows, kinks = self._locate(theta, delta, x)
+        dev, dt = self.flat.device, self.flat.dtype
+        rows, kinks = rows.to(dev), kinks.to(dev, dt)
+        pieces = torch.bincount(rows, minlength=n) + 1
+        first = torch.cumsum(pieces, 0) - pieces  # each input's first piece
+        lo = torch.zeros(int(pieces.sum()), dtype=dt, device=dev)
+        hi = torch.ones_like(lo)
+        rank = torch.arange(len(rows), device=dev) - (torch.cumsum(pieces - 1, 0) - (pieces - 1))[rows]
+        lo[first[rows] + rank + 1] = kinks
+        hi[first[rows] + rank] = kinks
+        owner = torch.repeat_interleave(torch.arange(n, device=dev), pieces)
+        width = hi - lo
+        t = (lo[:, None] + width[:, None] * self.t_nodes).flatten()
+        w = (width[:, None] * self.t_weights).flatten()
+        return owner.repeat_interleave(len(self.t_nodes)), t, w
 
     # ----------------------------------------------------------------- integrals
 
     def jacobian(self, theta, delta, x, select, target: str, n_outputs: int) -> torch.Tensor:
         """φ_s for every input and selected output: [T, O, D].
 
-        Inputs without kinks share the Q nodes (one batched Jacobian per node); the others
-        are grouped by their number of nodes, in groups that keep the per-node gradients
-        autograd holds below `max_elements`.
+        All (input, node) rows go through batched reverse passes, in groups that keep the
+        per-node gradients below `max_elements`.
         """
-        t, w, counts = self.nodes_per_input(theta, delta, x)
         dim = len(theta)
+        size = max(1, self.max_elements // (n_outputs * dim))
+        if self.max_rows:
+            size = min(size, self.max_rows)
+        if not self.breakpoints:  # every input has the same nodes: shared parameters per node
+            return torch.cat([self._shared_jacobian(theta, delta, x[c], None if select is None else select[c], target)
+                              for c in torch.arange(len(x), device=x.device).split(size)])
+        owner, t, w = self.nodes(theta, delta, x)
         phi = torch.zeros(len(x), n_outputs, dim, dtype=self.flat.dtype, device=self.flat.device)
-        smooth = torch.nonzero(counts == self.quadrature).flatten().to(x.device)
-        groups = smooth.split(max(1, self.max_elements // (n_outputs * dim * self.quadrature)))
-        for group in groups if len(smooth) else ():
-            sel = None if select is None else select[group]
-            for tq, wq in zip(self.t_nodes.tolist(), self.t_weights.tolist()):
-                phi[group] += wq * self.flat.jacobian(theta + tq * delta, x[group], sel, target)
-        # inputs with the same number of nodes go together: no padding, no wasted backward
-        for nodes in torch.unique(counts[counts > self.quadrature]).tolist():
-            same = torch.nonzero(counts == nodes).flatten()
-            for group in same.split(max(1, self.max_elements // (n_outputs * dim * nodes))):
-                g = group.to(x.device)
-                sel = None if select is None else select[g]
-                phi[g] = self.flat.path_jacobian(theta, delta, x[g], t[g, :nodes], w[g, :nodes], sel, target)
+        for chunk in torch.arange(len(t), device=t.device).split(size):
+            i = owner[chunk]
+            sel = None if select is None else select[i.to(select.device)]
+            phi.index_add_(0, i, self.flat.node_jacobians(theta, delta, x[i.to(x.device)], t[chunk], w[chunk],
+                                                          sel, target))
         return phi
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
-        t, w, _ = self.nodes_per_input(theta, delta, x)
-        rows = torch.arange(len(x), device=t.device).repeat_interleave(t.shape[1])
-        along = self.flat.directional_along(theta, delta, x[rows], t.flatten(), target)
-        return (along.view(len(x), t.shape[1], -1) * w[:, :, None]).sum(1)
+        if not self.breakpoints:  # every input has the same nodes: one batched pass per node
+            size = self.max_rows or len(x)
+            return torch.cat([self._shared_change(theta, delta, x[c], target)
+                              for c in torch.arange(len(x), device=x.device).split(size)])
+        owner, t, w = self.nodes(theta, delta, x)
+        size = self.max_rows or len(t)
+        parts = [self.flat.directional_along(theta, delta, x[owner[c].to(x.device)], t[c], target) * w[c, None]
+                 for c in torch.arange(len(t), device=t.device).split(size)]
+        along = torch.cat(parts)
+        return torch.zeros(len(x), along.shape[1], dtype=along.dtype, device=along.device).index_add_(0, owner, along)
 
 
-def _differs(dist_a, idx_a, dist_b, idx_b) -> torch.Tensor:
-    """Whether two patterns lie on different pieces (along the last dim)."""
-    return ((dist_a > 0) != (dist_b > 0)).any(-1) | (idx_a != idx_b).any(-1)
+    def directional(self, theta, delta, x, tangents, target: str, select=None) -> torch.Tensor:
+        """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
+        [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed."""
+        if not self.breakpoints:
+            size = self.max_rows or len(x)
+            out = torch.cat([self._shared_directional(theta, delta, x[c], tangents, target)
+                             for c in torch.arange(len(x), device=x.device).split(size)])
+        else:
+            owner, t, w = self.nodes(theta, delta, x)
+            size = self.max_rows or len(t)
+            out = torch.zeros(len(x), len(tangents), 0, dtype=self.flat.dtype, device=self.flat.device)
+            for c in torch.arange(len(t), device=t.device).split(size):
+                part = self.flat.directional_rows(theta, delta, x[owner[c].to(x.device)], t[c], tangents, target)
+                if out.shape[2] == 0:
+                    out = out.new_zeros(len(x), *part.shape[1:])
+                out.index_add_(0, owner[c], part * w[c, None, None])
+            out = out.transpose(1, 2)
+        if select is not None:
+            out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
+        return out
+
+    # Plain quadrature (no kinks located, or a smooth model): the nodes are the same for every
+    # input, so each node is one pass over the whole batch with one set of parameters (large
+    # matrix products) instead of a pass with parameters per (input, node) row.
+
+    def _shared_jacobian(self, theta, delta, x, select, target: str) -> torch.Tensor:
+        self.stats.segments += len(x)
+        phi = None
+        for t, w in zip(self.t_nodes, self.t_weights):
+            jac = self.flat.jacobian(theta + t * delta, x, select, target).mul_(w)
+            phi = jac if phi is None else phi.add_(jac)
+        return phi
+
+    def _shared_directional(self, theta, delta, x, tangents, target: str) -> torch.Tensor:
+        self.stats.segments += len(x)
+        out = sum(w * self.flat.directional_many(theta + t * delta, tangents, x, target)
+                  for t, w in zip(self.t_nodes, self.t_weights))
+        return out.permute(1, 2, 0)  # [T, O, V]
+
+    def _shared_change(self, theta, delta, x, target: str) -> torch.Tensor:
+        self.stats.segments += len(x)
+        return sum(w * self.flat.directional(theta + t * delta, delta, x, target)
+                   for t, w in zip(self.t_nodes, self.t_weights))
+
+
+def _columns(pattern, relevant: torch.Tensor | None):
+    """The relevant distance columns of a pattern (z, dz/dt, indices)."""
+    if relevant is None:
+        return pattern
+    z, dz, idx = pattern
+    return z[:, relevant], dz[:, relevant], idx
+
+
+def _hermite(iv: _Intervals) -> tuple[torch.Tensor, ...]:
+    """Coefficients c0…c3 of each unit's cubic Hermite interpolant in u = (t − a)/(b − a)."""
+    (za, dza, _), (zb, dzb, _) = iv.start, iv.end
+    width = (iv.b - iv.a)[:, None]
+    ga, gb = dza * width, dzb * width
+    return za, ga, 3 * (zb - za) - 2 * ga - gb, 2 * (za - zb) + ga + gb
+
+
+def _first_roots(iv: _Intervals, count: int) -> torch.Tensor:
+    """The first `count` roots in (0, 1) that the cubic interpolants of the units with a sign
+    change predict, ascending: [K, count] (inf: none). Newton from the secant's root."""
+    c0, c1, c2, c3 = _hermite(iv)
+    za, zb = iv.start[0], iv.end[0]
+    flips = (za > 0) != (zb > 0)
+    u = torch.where(flips, za / torch.where(flips, za - zb, 1.0), 0.5)
+    for _ in range(4):
+        value = c0 + u * (c1 + u * (c2 + u * c3))
+        slope = c1 + u * (2 * c2 + 3 * u * c3)
+        step = torch.where(slope != 0, value / torch.where(slope != 0, slope, 1.0), 0.0)
+        u = (u - step).clamp(0, 1)
+    u = torch.where(flips, u, torch.inf)
+    if u.shape[1] < count:
+        u = torch.cat([u, torch.full((len(u), count - u.shape[1]), torch.inf, dtype=u.dtype, device=u.device)], 1)
+    return torch.topk(u, count, dim=1, largest=False).values
+
+
+def _distances_only(iv: _Intervals, most: int) -> torch.Tensor:
+    """Intervals whose crossings are all sign changes of distances, at most `most`: [K]."""
+    (za, _, ia), (zb, _, ib) = iv.start, iv.end
+    flips = ((za > 0) != (zb > 0)).sum(1)
+    return (ia == ib).all(1) & (flips <= most)
+
+
+def _dip_gap(iv: _Intervals, safety: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the least certain unit of each interval: how much of it the Taylor bounds from both
+    ends certify (≥ 1: all of it), and the middle of the uncertified gap, in u: [K] each.
+
+    Along u a unit on the side s at both ends has v = s·z ≥ 0 there; with |v''| ≤ K it stays
+    ≥ 0 up to the reach of v₀ + v₀′u − Ku²/2 from the start, and likewise from the end. Units
+    whose ends differ in sign are left to the crossing search.
+    """
+    c0, c1, c2, c3 = _hermite(iv)
+    za, zb = iv.start[0], iv.end[0]
+    side = torch.where(za > 0, 1.0, -1.0).to(za.dtype)
+    curvature = safety * torch.maximum((2 * c2).abs(), (2 * c2 + 6 * c3).abs())
+    from_start = _reach(side * c0, side * c1, curvature)
+    from_end = _reach(side * zb, -side * (c1 + 2 * c2 + 3 * c3), curvature)
+    coverage = torch.where((za > 0) == (zb > 0), from_start + from_end, torch.inf)
+    if not coverage.shape[1]:
+        return torch.full_like(iv.a, torch.inf), torch.full_like(iv.a, 0.5)
+    worst, unit = coverage.min(1)
+    pick = unit[:, None]
+    a, e = from_start.gather(1, pick)[:, 0], from_end.gather(1, pick)[:, 0]
+    gap = torch.where(torch.isfinite(worst), (a.clamp(max=1) + 1 - e.clamp(max=1)) / 2, 0.5)
+    return worst, gap
+
+
+def _reach(v: torch.Tensor, slope: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+    """How far u ≥ 0 the bound v + slope·u − curvature·u²/2 stays ≥ 0 (v ≥ 0)."""
+    v = v.clamp(min=0)
+    safe = torch.where(curvature > 0, curvature, 1.0)
+    bent = (slope + torch.sqrt(slope * slope + 2 * curvature * v)) / safe
+    straight = torch.where(slope < 0, v / torch.where(slope < 0, -slope, 1.0), torch.inf)
+    return torch.where(curvature > 0, bent, straight)

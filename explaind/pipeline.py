@@ -80,6 +80,7 @@ class Stage:
     config: str | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     run: str | None = None  # folder name under runs/ for stages that train a model
+    reads: str | None = None  # folder name under runs/ that an analysis stage of one model reads
     # Stages run once per trained model (`foreach` in dvc.yaml): instance `<name>@<model>` reads
     # params.yaml section `<name>.<model>`, gets the notebook parameter `model`, reads runs/<model>/
     # and writes results/<name>/<model>/ and reports/<name>/<model>/.
@@ -100,6 +101,10 @@ STAGES: dict[str, Stage] = {
     ),
     "verify": Stage("verify", "notebooks/03_verify.ipynb", "explaind.stages:VerifyConfig", models=MODELS),
     "cubes": Stage("cubes", "notebooks/04_cubes.ipynb", "explaind.stages:CubesConfig", models=MODELS),
+    "influence": Stage("influence", "notebooks/05_influence.ipynb", "explaind.validation:InfluenceConfig",
+                       models=MODELS),
+    "grokking": Stage("grokking", "notebooks/06_grokking.ipynb", "explaind.grokking:GrokkingConfig",
+                      reads="transformer"),
 }
 
 # Keys of the shared `base` section; every stage receives them as notebook parameters.
@@ -212,7 +217,7 @@ def stage_paths(stage: str, root: str | os.PathLike | None = None) -> StagePaths
     root = Path(root).resolve() if root is not None else repo_root()
     folder = Path(name, item) if item else Path(name)
     results, reports = root / "results" / folder, root / "reports" / folder
-    run_name = info.run or item
+    run_name = info.run or info.reads or item
     run = root / "runs" / run_name if run_name else None
     return StagePaths(
         root=root,

@@ -91,10 +91,12 @@ def reconstruct(
     Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
     `breakpoints`); returns initial, final, reconstructed
     and residual over (test, output), with the relative residual in the attributes.
+    batch_size bounds the rows of one pass: inputs, or (input, point on the segment) pairs
+    where each row carries its own parameters (quadrature nodes, kink search probes).
     """
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    path = PathIntegral(flat, quadrature, rule, breakpoints)
+    path = PathIntegral(flat, quadrature, rule, breakpoints, max_rows=batch_size)
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
     if tuple(inputs.shape[1:]) != shape:

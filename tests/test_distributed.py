@@ -1,6 +1,8 @@
 """Sharding one explain() across processes: 2 gloo processes launched by torchrun on the CPU
-write exactly the cube that one process writes, split by test inputs or by step ranges."""
+write exactly the cube that one process writes, split by test inputs or by step ranges. The
+same shards, run one after another and stored, make a long explain() resumable."""
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -9,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 from safetensors.torch import save_file
 
 import explaind as ex
+import explaind.resumable as resumable
 from engine_cases import Case, train
 from explaind.distributed import merge, shard_bounds
+from explaind.resumable import explain_resumable
 
 WORKER = Path(__file__).parent / "workers" / "explain_distributed.py"
 CASES = [("mlp", "sgd_momentum"), ("transformer", "adamw")]
@@ -84,3 +89,82 @@ def test_steps_split_refuses_what_it_cannot_split(run):
         run.explain(steps=(0, 3), convention="gradient")
     with pytest.raises(ex.InputError, match="parameter_scores"):
         run.explain(steps=(0, 3), parameter_scores=True)
+
+
+# --------------------------------------------------------------------------- resumable, in one process
+
+OPTIONS = dict(keep=("step", "train", "test"), step_bins=3, quadrature=6, progress=False)
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def files_on_disk(path: Path) -> dict[str, tuple[str, int]]:
+    """Every file under path: its sha256 and modification time (a rewrite changes the time)."""
+    return {str(f.relative_to(path)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def computed_parts(monkeypatch):
+    """The ranks of the parts computed (not read back); interrupts before the rank in `.stop_at`."""
+
+    class Spy(list):
+        stop_at = None
+
+    spy = Spy()
+    compute = resumable.explain_shard
+
+    def explain_shard(*args, rank, **kwargs):
+        if rank == spy.stop_at:
+            raise Interrupted(f"killed before part {rank}")
+        spy.append(rank)
+        return compute(*args, rank=rank, **kwargs)
+
+    monkeypatch.setattr(resumable, "explain_shard", explain_shard)
+    return spy
+
+
+@pytest.mark.parametrize("split", ["steps", "test"])
+def test_interrupted_then_resumed_equals_uninterrupted(run, split, tmp_path, computed_parts):
+    def call(parts_dir):
+        return explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=3, split=split,
+                                 **OPTIONS)
+
+    uninterrupted = call(tmp_path / "whole")
+    assert_same_cube(uninterrupted, run.explain(**OPTIONS))  # the parts add up to one explain()
+    computed_parts.clear()
+    computed_parts.stop_at = 1
+    with pytest.raises(Interrupted):
+        call(tmp_path / "parts")
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-00000.zarr"]
+    (tmp_path / "parts" / "part-00001.zarr.partial").mkdir()  # as if killed while storing part 1
+    first = files_on_disk(tmp_path / "parts" / "part-00000.zarr")
+    computed_parts.stop_at = None
+    resumed = call(tmp_path / "parts")
+    assert computed_parts == [0, 1, 2]  # part 0 before the interruption, then 1 and 2 only
+    assert files_on_disk(tmp_path / "parts" / "part-00000.zarr") == first  # read back, not rewritten
+    xr.testing.assert_identical(resumed, uninterrupted)
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part-0000{r}.zarr" for r in range(3)]
+
+
+@pytest.mark.parametrize("change", ["quadrature", "inputs", "n_parts"])
+def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_parts):
+    parts_dir = tmp_path / "parts"
+    explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, **OPTIONS)
+    stored = files_on_disk(parts_dir)
+    inputs = run.test_x.flip(0) if change == "inputs" else run.test_x
+    options = {**OPTIONS, "quadrature": 4} if change == "quadrature" else OPTIONS
+    computed_parts.clear()
+    with pytest.raises(ex.InputError, match="(?s)part-00000.zarr.*different request.*new parts_dir"):
+        explain_resumable(run.path, run.model, inputs, parts_dir=parts_dir, n_parts=3 if change == "n_parts" else 2,
+                          **options)
+    assert computed_parts == []  # refused before any compute
+    assert files_on_disk(parts_dir) == stored  # nothing overwritten
+
+
+def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):
+    with pytest.raises(ex.InputError, match="(?s)n_parts=8.*7 update steps.*1 … 7"):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=8, **OPTIONS)
+    assert computed_parts == [] and not (tmp_path / "parts").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -127,20 +128,100 @@ def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
         assert torch.equal(dict(model.named_parameters())[name].detach(), value)
 
 
-def test_resume_when_the_last_step_outran_its_resume_state(uninterrupted, tmp_path):
-    """Killed between a step's manifest line and its resume state: that step is redone."""
-    path = tmp_path / "crashed"
+def record_step_past_resume_state(path: Path) -> None:
+    """A run killed between a step's manifest line and its resume state (CRASH_AT steps
+    stored, the resume state of CRASH_AT − 1)."""
     with pytest.raises(Crash):
         record(path, crash_at=CRASH_AT - 1)
-    saved = {n: (path / n).read_bytes() for n in ("resume.json", "resume.safetensors")}
+    saved = {n: (path / n).read_bytes() for n in ("resume.json", resume_tensors_file(path))}
     shutil.rmtree(path)
     with pytest.raises(Crash):
         record(path, crash_at=CRASH_AT)
     for name, data in saved.items():  # the resume state of one step earlier
         (path / name).write_bytes(data)
+
+
+def resume_tensors_file(path: Path) -> str:
+    return json.loads((path / "resume.json").read_text())["tensors"]
+
+
+def record_cut_manifest_line(path: Path, uninterrupted: Path) -> None:
+    """A run killed while appending the manifest line of step CRASH_AT."""
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    line = (uninterrupted / "manifest.jsonl").read_text().splitlines()[CRASH_AT]
+    with open(path / "manifest.jsonl", "a") as fh:
+        fh.write(line[: len(line) // 2])
+
+
+def test_resume_when_the_last_step_outran_its_resume_state(uninterrupted, tmp_path):
+    """Killed between a step's manifest line and its resume state: that step is redone."""
+    path = tmp_path / "crashed"
+    record_step_past_resume_state(path)
+    assert ex.History(path, allow_incomplete=True).n_steps == CRASH_AT
     _, start = resume(path)
     assert start == CRASH_AT - 1
     assert_same_history(path, uninterrupted)
+
+
+def test_resume_after_a_manifest_line_cut_by_the_crash(uninterrupted, tmp_path):
+    path = tmp_path / "crashed"
+    record_cut_manifest_line(path, uninterrupted)
+    assert ex.History(path, allow_incomplete=True).n_steps == CRASH_AT  # the cut line is ignored
+    _, start = resume(path)
+    assert start == CRASH_AT
+    assert_same_history(path, uninterrupted)
+
+
+def test_killed_between_the_resume_tensors_and_resume_json(uninterrupted, tmp_path, monkeypatch):
+    """The optimizer state after step CRASH_AT − 1 is on disk, resume.json still names the
+    state before it: the resume continues from the consistent older pair."""
+    path = tmp_path / "crashed"
+    write_info = ex.Recorder._write_resume_info
+
+    def killed_before_writing(self, scheduler_stepped):
+        if self.step == CRASH_AT and not scheduler_stepped:
+            raise Crash("killed after the resume tensors, before resume.json")
+        write_info(self, scheduler_stepped)
+
+    monkeypatch.setattr(ex.Recorder, "_write_resume_info", killed_before_writing)
+    with pytest.raises(Crash):
+        record(path)
+    monkeypatch.undo()
+    assert ex.History(path, allow_incomplete=True).n_steps == CRASH_AT
+    _, start = resume(path)
+    assert start == CRASH_AT - 1
+    assert_same_history(path, uninterrupted)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "older format"])
+def test_damaged_resume_state_is_refused(tmp_path, damage):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    if damage == "flipped byte":
+        file = path / resume_tensors_file(path)
+        data = bytearray(file.read_bytes())
+        data[-5] ^= 0x01
+        file.write_bytes(bytes(data))
+    else:  # resume.json as explaind wrote it before naming its tensors file
+        info = json.loads((path / "resume.json").read_text())
+        del info["tensors"], info["tensors_sha256"]
+        (path / "resume.json").write_text(json.dumps(info))
+    model, optimizer, scheduler = fresh_objects(0)
+    words = "resume.json.*corrupted" if damage == "flipped byte" else "older explaind"
+    with pytest.raises(ex.HistoryError, match=f"(?s){words}.*overwrite=True"):
+        ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
+
+
+def test_resume_without_resume_state_is_refused(tmp_path):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=1)
+    (path / "resume.json").unlink()  # as if killed right after step 0's manifest line
+    model, optimizer, scheduler = fresh_objects(0)
+    with pytest.raises(ex.HistoryError, match="(?s)no resume state.*overwrite=True"):
+        ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
 
 
 def test_resume_refuses_a_closed_history(uninterrupted):
@@ -261,12 +342,44 @@ def test_flipped_byte_in_meta_json_is_refused(copy_of):
 # --------------------------------------------------------------------------- files on disk
 
 
+def files_on_disk(path: Path) -> dict[str, tuple[str, int]]:
+    """Every file under path: its sha256 and modification time (a rewrite changes the time)."""
+    return {str(f.relative_to(path)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def read_everything(path: Path) -> None:
+    hist = ex.History(path, allow_incomplete=True)
+    model, _, _ = fresh_objects(0)
+    hist.check_model(model)
+    assert len(hist.fingerprint()) == 64 and len(hist.train_indices()) > 0
+    assert hist.input_spec() == ((4,), torch.float64) and hist.max_batch() == BATCH
+    for reverse in (False, True):
+        assert len(list(hist.steps(reverse=reverse))) == hist.n_steps
+    hist.params(hist.n_steps)
+    if hist.closed:  # explain() reads every step again, through its own History
+        x, _, _, _ = make_data("mlp", 2, 0, 3)
+        ex.explain(path, model, x, progress=False)
+
+
+@pytest.mark.parametrize("state", ["closed", "step past resume state", "cut manifest line"])
+def test_reading_a_history_leaves_every_file_untouched(uninterrupted, copy_of, tmp_path, state):
+    path = copy_of() if state == "closed" else tmp_path / "crashed"
+    if state == "step past resume state":
+        record_step_past_resume_state(path)
+    elif state == "cut manifest line":
+        record_cut_manifest_line(path, uninterrupted)
+    before = files_on_disk(path)
+    read_everything(path)
+    assert files_on_disk(path) == before
+
+
 def test_no_pickle_in_the_history(tmp_path):
     path = tmp_path / "crashed"
     with pytest.raises(Crash):
         record(path, crash_at=3)  # leaves the resume state behind too
     files = [f for f in path.rglob("*") if f.is_file()]
-    assert {"meta.json", "initial.safetensors", "manifest.jsonl", "resume.json", "resume.safetensors"} <= \
+    assert {"meta.json", "initial.safetensors", "manifest.jsonl", "resume.json", resume_tensors_file(path)} <= \
         {f.name for f in files}
     for f in files:
         assert f.name.endswith((".json", ".jsonl", ".safetensors")), f

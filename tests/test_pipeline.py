@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from explaind import pipeline
+from explaind import grokking, pipeline
 from explaind.pipeline import ParameterError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,8 @@ def test_stage_paths_resolve_from_the_root(tmp_path):
 
 def test_per_model_stages_have_an_instance_per_model(tmp_path):
     assert pipeline.stage_instances() == ["train_cnn", "train_transformer", "verify@cnn", "verify@transformer",
-                                          "cubes@cnn", "cubes@transformer"]
+                                          "cubes@cnn", "cubes@transformer", "influence@cnn", "influence@transformer",
+                                          "grokking"]
     paths = pipeline.stage_paths("cubes@transformer", tmp_path)
     assert paths.notebook == tmp_path.resolve() / "results/cubes/transformer/notebook.ipynb"
     assert paths.metrics == tmp_path.resolve() / "reports/cubes/transformer/metrics.json"
@@ -346,8 +347,9 @@ def module_imports(path: Path) -> set[str]:
     """explaind modules a module imports (relative imports of the package)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            names.add(node.module.split(".")[0])
+        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y, from . import x
+            modules = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+            names.update(m for m in modules if (ROOT / "explaind" / f"{m}.py").is_file())
     return names
 
 
@@ -383,9 +385,10 @@ def test_dvc_yaml_stages_follow_the_stage_registry():
             assert rel(paths.notebook) in spec["outs"], "the executed notebook is an output"
             assert not any(dep.endswith("notebook.ipynb") for dep in spec["deps"]), "executed notebooks are never deps"
             run_files = {rel(paths.history), rel(paths.model), rel(paths.config)}
-            if info.models:  # an analysis stage reads the model's training outputs
+            if info.models or info.reads:  # an analysis stage reads the model's training outputs
                 assert run_files <= set(spec["deps"])
-                modules = imported_modules("stages", "engine", "verify", "influence", "training")
+                modules = imported_modules("stages", "engine", "verify", "influence", "training",
+                                           info.config.partition(":")[0].removeprefix("explaind."))
             else:
                 assert run_files <= set(spec["outs"])
                 modules = imported_modules("training")
@@ -399,7 +402,10 @@ def test_dvc_yaml_stages_follow_the_stage_registry():
     assert "results/verify/${item}/reconstruction.zarr" in dvc["stages"]["cubes"]["do"]["deps"]
     assert "results/cubes/${item}/cubes" in dvc["stages"]["cubes"]["do"]["outs"]
     plotted = {file for plot in dvc["plots"] for spec in plot.values() for file in spec["y"]}
-    assert plotted == {pipeline.stage_paths(s, ROOT).curves.relative_to(ROOT).as_posix() for s in ("train_cnn", "train_transformer")}
+    training = {pipeline.stage_paths(s, ROOT).curves.relative_to(ROOT).as_posix() for s in ("train_cnn", "train_transformer")}
+    pruning = {f"reports/influence/{m}/{name}" for m in pipeline.MODELS for name in ("curves.csv", "curves_layerwise.csv")}
+    grokking_plots = {"reports/grokking/curves.csv", "reports/grokking/fourier.csv"}
+    assert plotted == training | pruning | grokking_plots
 
 
 def test_every_notebook_belongs_to_a_stage():
@@ -505,7 +511,7 @@ def test_end_to_end_dvc_repro(repo_copy):
         paths = pipeline.stage_paths(stage, copy)
         assert paths.notebook.is_file() and paths.model.is_file() and paths.config.is_file()
         assert (paths.history / "meta.json").is_file() and (paths.history / "manifest.jsonl").is_file()
-        assert pd.read_csv(paths.curves).columns[0] == "step"
+        assert pd.read_csv(paths.curves).columns[0] == ("fraction" if stage.startswith("influence@") else "step")
         metrics = json.loads(paths.metrics.read_text())
         if stage.startswith("verify@"):
             assert metrics["agreement"] == 1.0 and metrics["relative_residual"] <= 0.1
@@ -513,6 +519,12 @@ def test_end_to_end_dvc_repro(repo_copy):
             assert {p.name for p in paths.store.iterdir()} == {"step_component_test.zarr", "train_test.zarr",
                                                                "step_component_output.zarr", "parameters.zarr"}
             assert metrics["tests"] == 4
+        elif stage.startswith("influence@"):
+            assert metrics["pruning"]["explain_calls"] >= 1 and metrics["lds"]["retrainings"] == 4
+            assert {"explaind", "tracin", "random"} <= set(metrics["lds"])
+        elif stage == "grokking":
+            assert len(metrics["phases"]) == 3 and set(metrics["swap"]) == set(grokking.SWAP_VARIANTS)
+            assert set(metrics["retraining"]) == {"pipeline@12", "scratch"}
         else:
             assert metrics["steps"] > 0
     assert (copy / "dvc.lock").is_file()

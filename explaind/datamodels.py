@@ -1,0 +1,164 @@
+"""Data scores checked against retraining: the linear datamodeling score (LDS) and TracIn.
+
+A data score τ(k, x) claims how much training sample k moved the output f(x). The linear
+datamodeling score (Park et al. 2023, TRAK) tests that claim against retraining: train models
+on random subsets S_r of the training set (same initialisation and schedule), record each
+model's output f_r(x) on held-out inputs, and correlate, over the subsets and per input, the
+actual outputs with the predictions Σ_{k∈S_r} τ(k, x) (Spearman rank correlation); the LDS is
+the mean over inputs. Any score vector can be tested: ExPLAIND's data scores, TracIn computed
+from the same recorded history, or random scores as the null.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .functional import FlatModel
+from .history import History
+from .losses import resolve_loss, sample_weights
+from .optimizers import group_index
+
+
+def random_subsets(n_train: int, n_subsets: int, fraction: float, seed: int) -> torch.Tensor:
+    """[R, M] boolean masks of R random subsets, each exactly round(fraction · M) training samples."""
+    size = round(fraction * n_train)
+    if n_subsets < 2 or not 0 < size < n_train:
+        raise InputError(f"need at least 2 subsets of 1 … {n_train - 1} samples, got {n_subsets} subsets of "
+                         f"fraction {fraction} ({size} of {n_train}): raise the number or change the fraction")
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
+    for row in masks:
+        row[torch.randperm(n_train, generator=generator)[:size]] = True
+    return masks
+
+
+@torch.no_grad()
+def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(y | x) of a model returning log-probabilities (or logits): [N]."""
+    out = torch.log_softmax(model(inputs), dim=-1)
+    return out.gather(1, targets.reshape(-1, 1).to(out.device)).squeeze(1).cpu()
+
+
+def subset_outputs(train: Callable[[torch.Tensor], torch.nn.Module], subsets: torch.Tensor, inputs: torch.Tensor,
+                   targets: torch.Tensor, progress: bool = True) -> torch.Tensor:
+    """Retrain once per subset with `train(dataset indices) -> model` and record each model's
+    log-probability of the true class on the inputs: [R, T]."""
+    outputs = []
+    for mask in tqdm(subsets, desc="retraining on subsets", disable=not progress):
+        model = train(mask.nonzero().squeeze(1))
+        outputs.append(true_class_log_probs(model, inputs, targets))
+    return torch.stack(outputs)
+
+
+def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                  steps: tuple[int, int] | None = None, dtype: torch.dtype = torch.float64,
+                  device: str | torch.device = "cpu", progress: bool = True) -> xr.DataArray:
+    """TracIn (Pruthi et al. 2020) from a recorded history, on the true-class log-probability.
+
+    τ(k, x) = Σ_{s : k ∈ b_s} ⟨∇_θ log p(y_x | x; θ_s), −η_s w_{s,k} ∇_θ ℓ(z_k; θ_s)⟩: the first-order
+    change of the output that plain gradient descent would book to sample k at every recorded
+    step where it was in the batch (TracIn with every step as a checkpoint and the recorded
+    batches; no momentum or Adam preconditioning, which is where it differs from ExPLAIND).
+    Positive raises the output. Returns [train, test], train labelled by dataset index.
+    """
+    start, stop = (0, history.n_steps) if steps is None else steps
+    if not 0 <= start < stop <= history.n_steps:
+        raise InputError(f"steps={steps} must satisfy 0 ≤ start < stop ≤ {history.n_steps}")
+    history.check_model(model)
+    flat = FlatModel(model, history.layout, dtype, device, history.constants())
+    loss = resolve_loss(history.loss)[1]
+    x = flat.cast_inputs(torch.as_tensor(inputs))
+    select = torch.as_tensor(targets).long().reshape(-1, 1).to(flat.device)
+    train_index = history.train_indices()
+    column = torch.full((int(train_index.max()) + 1,), -1, dtype=torch.long)
+    column[train_index] = torch.arange(len(train_index))
+    groups = group_index(history, flat)
+    scores = torch.zeros(len(train_index), len(x), dtype=dtype, device=flat.device)
+    for rec in tqdm(history.steps(start, stop), total=stop - start, desc="TracIn", disable=not progress, leave=False):
+        theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
+        eta = torch.tensor([g["lr"] for g in rec.groups], dtype=dtype, device=flat.device)[groups]
+        test_gradients = flat.jacobian(theta, x, select, "log_prob")[:, 0]  # [T, D]
+        weights = sample_weights(history.reduction, len(rec.indices), dtype, flat.device)
+        train_gradients = flat.per_sample_gradients(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), loss)
+        step_scores = -(train_gradients * weights[:, None]) @ (test_gradients * eta).T  # [B, T]
+        scores.index_add_(0, column[rec.indices].to(flat.device), step_scores)
+    return xr.DataArray(scores.cpu().numpy(), dims=("train", "test"),
+                        coords={"train": train_index.numpy(), "test": np.arange(len(x))})
+
+
+def subset_predictions(scores: np.ndarray, subsets: torch.Tensor) -> np.ndarray:
+    """Σ_{k∈S_r} τ(k, x) for every subset r and input x: [R, T] from scores [M, T]."""
+    return subsets.double().numpy() @ np.asarray(scores, dtype=float)
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks along axis 0 (1 … n), ties sharing their average rank."""
+    values = np.asarray(values, dtype=float)
+    out = np.empty_like(values)
+    for j in range(values.shape[1]):
+        _, inverse, counts = np.unique(values[:, j], return_inverse=True, return_counts=True)
+        below = np.cumsum(counts) - counts  # values smaller than each distinct value
+        out[:, j] = (below + (counts + 1) / 2)[inverse.reshape(-1)]
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rank correlation of a[:, j] with b[:, j] for every column j (NaN where a column is constant)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2:
+        raise InputError(f"spearman needs two [samples, columns] arrays of one shape, got {a.shape} and {b.shape}")
+    ra, rb = ranks(a), ranks(b)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(0) / np.sqrt((ra**2).sum(0) * (rb**2).sum(0))
+
+
+def lds(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """The linear datamodeling score of every input: Spearman over subsets of actual vs predicted [R, T] -> [T]."""
+    return spearman(actual, predicted)
+
+
+def bootstrap_lds(actual: np.ndarray, predicted: Mapping[str, np.ndarray], resamples: int = 1000,
+                  level: float = 0.95, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Mean LDS of each method with a percentile bootstrap interval, resampling both the retrained
+    models and the inputs (with replacement; the same resamples for every method, so the
+    differences to the first method are paired). Rows: methods, then "<method>_minus_<first>"."""
+    if not 0 < level < 1 or resamples < 1:
+        raise InputError(f"need 0 < level < 1 and resamples >= 1, got {level} and {resamples}")
+    actual = np.asarray(actual, dtype=float)
+    names = list(predicted)
+    rng = np.random.default_rng(seed)
+    draws = np.empty((resamples, len(names)))
+    for b in tqdm(range(resamples), desc="bootstrap", disable=not progress, leave=False):
+        models = rng.integers(0, actual.shape[0], actual.shape[0])
+        inputs = rng.integers(0, actual.shape[1], actual.shape[1])
+        for i, name in enumerate(names):
+            draws[b, i] = np.nanmean(lds(actual[models][:, inputs], np.asarray(predicted[name])[models][:, inputs]))
+    estimates = np.array([np.nanmean(lds(actual, predicted[name])) for name in names])
+    tail = (1 - level) / 2 * 100
+    rows = []
+    for i, name in enumerate(names):
+        rows.append({"method": name, "lds": estimates[i],
+                     "ci_low": np.nanpercentile(draws[:, i], tail), "ci_high": np.nanpercentile(draws[:, i], 100 - tail)})
+    for i, name in enumerate(names[1:], start=1):
+        difference = draws[:, i] - draws[:, 0]
+        rows.append({"method": f"{name}_minus_{names[0]}", "lds": estimates[i] - estimates[0],
+                     "ci_low": np.nanpercentile(difference, tail), "ci_high": np.nanpercentile(difference, 100 - tail)})
+    return pd.DataFrame(rows)
+
+
+def aligned_scores(scores: xr.DataArray, n_train: int) -> np.ndarray:
+    """Scores [train, test] labelled by dataset index, as a dense [n_train, test] array (training
+    samples that were never in a batch score 0)."""
+    dense = np.zeros((n_train, scores.sizes["test"]))
+    dense[scores["train"].values] = scores.transpose("train", "test").values
+    return dense
+

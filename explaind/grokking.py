@@ -1,0 +1,546 @@
+"""Grokking, explained (DESIGN §7): the analyses of the `grokking` stage (notebook 06).
+
+The stage reads the recorded Transformer run and measures what the paper eyeballed:
+
+- phases: change points of the per-component attribution shares over (log-spaced) step bins,
+  found by an optimal least-squares segmentation, then compared with accuracy milestones;
+- data attribution by the task's structure: influence of training pairs that share an operand
+  or the sum with the explained pair, by residue difference, and that profile's Fourier spectrum;
+- the Fourier spectrum of the embedding and unembedding over residues, over training;
+- the swap experiment: the final outer layers placed around an earlier checkpoint's pipeline;
+- the retraining experiment: a fresh model with one group of layers copied from checkpoint t.
+
+Component names are those of `explaind.models.TRANSFORMER_COMPONENTS`; the "pipeline" is
+attention + the first MLP layer, the "outer layers" embedding, second MLP layer and unembedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .components import group_tensors
+from .engine import explain
+from .errors import InputError, ReconstructionError
+from .history import History
+from .models import TRANSFORMER_COMPONENTS
+from .training import DTYPES, TransformerConfig, _first_step, train_transformer
+
+PIPELINE = ("attention", "mlp_in")
+OUTER = ("embedding", "mlp_out", "unembedding")
+
+# Swap experiment: the components taken from the final model; the rest stay those of step i.
+SWAP_VARIANTS: dict[str, tuple[str, ...]] = {
+    "outer layers": OUTER,
+    "unembedding + mlp_out": ("unembedding", "mlp_out"),
+    "embedding + mlp_out": ("embedding", "mlp_out"),
+    "embedding + unembedding": ("embedding", "unembedding"),
+    "all but attention": ("embedding", "mlp_in", "mlp_out", "unembedding"),
+}
+
+# Retraining experiment: the components copied from checkpoint t; the rest are re-initialised.
+RETRAIN_VARIANTS: dict[str, tuple[str, ...]] = {
+    "pipeline": PIPELINE,
+    "outer": OUTER,
+    "attention": ("attention",),
+    "scratch": (),
+}
+
+# How a training pair relates to an explained pair (a, b): the task's structure.
+RELATIONS = ("same pair", "same sum", "shared operand", "other")
+
+
+@dataclass
+class GrokkingConfig:
+    """Section `grokking` of params.yaml: what the grokking stage measures, and how much of it.
+    The defaults are the CPU profile; params_paper.yaml holds the full protocol."""
+
+    val_inputs: int = 12  # validation pairs whose true-class change is split by step and component
+    train_inputs: int = 4  # training pairs, likewise
+    step_bins: int = 40  # log-spaced bins of update steps (memorisation takes tens of steps, grokking thousands)
+    quadrature: int = 1  # Gauss-Legendre nodes per smooth piece of each step's path integral
+    breakpoints: bool = False  # locate the ReLU kinks along each step first (exact, costs a kink search)
+    tolerance: float = 0.3  # the largest accepted relative residual of a step bin, and of the data attribution
+    phases: int = 3  # phases to detect (the paper describes three)
+    min_phase_bins: int = 3  # the fewest step bins a phase may span
+    data_inputs: int = 8  # validation pairs of the data attribution (train x test per phase)
+    data_steps: int = 30  # data attribution covers update steps [0, data_steps); 0 = all steps
+    checkpoint_every: int = 10  # step spacing of the swap experiment and the Fourier analysis
+    key_frequencies: int = 4  # Fourier frequencies of the final embedding tracked over training
+    retrain_seeds: int = 2  # seeds per retraining point (initialisation of the re-initialised layers)
+    retrain_checkpoints: int = 2  # checkpoints t copied from, evenly spaced over the run
+    retrain_variants: tuple[str, ...] = ("pipeline", "outer")  # groups copied from t (scratch runs always)
+    retrain_max_steps: int = 300  # step cap of each retraining run
+    retrain_target: float = 0.95  # the validation accuracy a retraining run must reach
+    retrain_dtype: Literal["float32", "float64"] = "float32"  # precision of the retraining runs
+    reinit_std: float = 0.0  # std of the re-initialised layers' normal init; 0 = the model's own init
+
+
+# --- components ---------------------------------------------------------------------------
+
+
+def component_tensors(names: Sequence[str], components: Sequence[str]) -> list[str]:
+    """The tensor names of the Transformer components `components`."""
+    unknown = sorted(set(components) - set(TRANSFORMER_COMPONENTS))
+    if unknown:
+        raise InputError(f"unknown components {unknown}: use names from {list(TRANSFORMER_COMPONENTS)}")
+    groups = group_tensors(names, TRANSFORMER_COMPONENTS)
+    return [name for component in components for name in groups[component]]
+
+
+def splice(base: Mapping[str, torch.Tensor], donor: Mapping[str, torch.Tensor],
+           components: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A parameter dict: the tensors of `components` from `donor`, every other one from `base`."""
+    taken = set(component_tensors(list(base), components))
+    return {name: donor[name] if name in taken else value for name, value in base.items()}
+
+
+# --- step bins and phases -----------------------------------------------------------------
+
+
+def log_step_edges(n_steps: int, bins: int) -> np.ndarray:
+    """Bin edges 0 = e_0 < … < e_n = n_steps, log-spaced from step 1 (at most `bins` bins)."""
+    if bins < 1 or n_steps < 1:
+        raise InputError(f"need at least one bin and one step, got step_bins={bins}, n_steps={n_steps}")
+    inner = np.geomspace(1, n_steps, bins).round().astype(int)
+    return np.unique(np.concatenate([[0], inner, [n_steps]]))
+
+
+def segment(series: np.ndarray, n_segments: int, min_size: int = 1, weights: np.ndarray | None = None) -> list[int]:
+    """Start indices of the optimal piecewise-constant segmentation of `series` [n, features].
+
+    Minimises the total within-segment weighted sum of squared deviations from the segment's
+    weighted mean, over all splits into `n_segments` contiguous segments of at least `min_size`
+    rows (dynamic programming: exact, deterministic, ties to the earliest split). `weights`
+    (default 1) weigh the rows, e.g. by the number of steps a bin spans. Returns [0, …, start_k].
+    """
+    x = np.asarray(series, dtype=float).reshape(len(series), -1)
+    n = len(x)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    if n_segments < 1 or min_size < 1 or n_segments * min_size > n:
+        raise InputError(f"cannot split {n} step bins into {n_segments} phases of at least {min_size} bins: "
+                         "lower phases / min_phase_bins or use more step_bins")
+    if w.shape != (n,) or not np.all(w > 0):
+        raise InputError(f"segment weights must be {n} positive numbers, one per row")
+    total_w = np.concatenate([[0.0], np.cumsum(w)])
+    first = np.vstack([np.zeros(x.shape[1]), np.cumsum(x * w[:, None], 0)])
+    second = np.concatenate([[0.0], np.cumsum(w * (x ** 2).sum(1))])
+
+    def cost(i: int, j: int) -> float:  # rows i … j-1
+        total = first[j] - first[i]
+        return second[j] - second[i] - float(total @ total) / (total_w[j] - total_w[i])
+
+    best = np.full((n_segments + 1, n + 1), np.inf)
+    start = np.zeros((n_segments + 1, n + 1), dtype=int)
+    best[0, 0] = 0.0
+    for k in range(1, n_segments + 1):
+        for j in range(k * min_size, n + 1):
+            for i in range((k - 1) * min_size, j - min_size + 1):
+                value = best[k - 1, i] + cost(i, j)
+                if value < best[k, j] - 1e-12:
+                    best[k, j], start[k, j] = value, i
+    starts, j = [], n
+    for k in range(n_segments, 0, -1):
+        j = start[k, j]
+        starts.append(j)
+    return starts[::-1]
+
+
+def detect_phases(shares: xr.DataArray, n_phases: int, min_bins: int = 1) -> pd.DataFrame:
+    """Phases of training: the optimal segmentation (`segment`) of the per-bin component shares
+    (step × component), every update step counting once (a bin weighs as many steps as it
+    spans, so the many short early bins of a log-spaced binning do not dominate). One row per
+    phase with its step range, its step-weighted mean shares and its leader."""
+    if "step_stop" not in shares.coords:
+        raise InputError("the shares need the step bins' `step_stop` coordinate: pass "
+                         "influence.component_shares(cube) of a cube that keeps the step dim")
+    shares = shares.transpose("step", "component").fillna(0.0)
+    width = xr.DataArray(shares["step_stop"].values - shares["step"].values, dims="step")
+    starts = segment(shares.values, n_phases, min_bins, width.values)
+    stops = starts[1:] + [shares.sizes["step"]]
+    rows = []
+    for number, (i, j) in enumerate(zip(starts, stops), start=1):
+        mean = shares.isel(step=slice(i, j)).weighted(width.isel(step=slice(i, j))).mean("step")
+        rows.append({"phase": number, "start": int(shares["step"][i]), "stop": int(shares["step_stop"][j - 1]),
+                     "bins": j - i, "leader": str(mean["component"].values[int(np.argmax(mean.values))]),
+                     **{f"share_{c}": float(mean.sel(component=c)) for c in shares["component"].values}})
+    return pd.DataFrame(rows)
+
+
+def bin_leaders(shares: xr.DataArray) -> pd.Series:
+    """The component with the largest share in each step bin (by bin start step)."""
+    shares = shares.transpose("step", "component").fillna(0.0)
+    return pd.Series(shares["component"].values[shares.values.argmax(1)], index=shares["step"].values)
+
+
+def milestones(log: pd.DataFrame) -> dict[str, float]:
+    """Accuracy milestones of a training log: 100% training, 50% and 95% validation accuracy."""
+    return {"t_mem": _first_step(log, "train_acc", 1.0), "t_val_50": _first_step(log, "val_acc", 0.5),
+            "t_val_95": _first_step(log, "val_acc", 0.95)}
+
+
+def loss_spikes(log: pd.DataFrame, factor: float = 10.0) -> list[int]:
+    """Steps at which the training loss jumps by more than `factor` over the previous step
+    (the "slingshot" spikes of adaptive optimizers late in training)."""
+    ratio = log["train_loss"] / log["train_loss"].shift()
+    return [int(s) for s in log.loc[ratio > factor, "step"]]
+
+
+def nearest_boundaries(boundaries: Sequence[int], marks: Mapping[str, float]) -> pd.DataFrame:
+    """For each milestone, the nearest detected phase boundary and the ratio between them
+    (log steps: a boundary at 2x or 0.5x the milestone is one factor of 2 away)."""
+    rows = []
+    for name, step in marks.items():
+        if not np.isfinite(step) or not len(boundaries):
+            rows.append({"milestone": name, "step": step, "boundary": np.nan, "ratio": np.nan})
+            continue
+        candidates = np.asarray(boundaries, dtype=float)
+        nearest = candidates[np.argmin(np.abs(np.log(np.maximum(candidates, 1)) - np.log(max(step, 1))))]
+        rows.append({"milestone": name, "step": step, "boundary": nearest, "ratio": nearest / max(step, 1)})
+    return pd.DataFrame(rows)
+
+
+# --- attribution passes -------------------------------------------------------------------
+
+
+def component_attribution(history: History, model: torch.nn.Module,
+                          inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], edges: np.ndarray,
+                          **options) -> xr.Dataset:
+    """The true-class change of every input split by step bin and Transformer component (no
+    per-sample split: cheap), for named groups of inputs in one pass over the history; the test
+    dim gets a `split` coordinate naming each input's group. `options` go to explain()."""
+    x = torch.cat([pair[0] for pair in inputs.values()])
+    y = torch.cat([pair[1] for pair in inputs.values()])
+    split = np.repeat(list(inputs), [len(pair[1]) for pair in inputs.values()])
+    # the verify stage checks the history's updates: trusting them here needs no gradients
+    cube = explain(history, model, x, y, keep=("step", "component", "test"), outputs="true",
+                   components=TRANSFORMER_COMPONENTS, step_bins=edges, check_updates=False, **options)
+    return cube.assign_coords(split=("test", split))
+
+
+def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     phase_starts: Sequence[int], data_steps: int, **options) -> xr.Dataset:
+    """Training pair × explained pair attribution of the true class per phase (step bins at the
+    phase boundaries), over the update steps [0, data_steps) (0: all of them). The per-sample
+    split costs about as much per step as training on every pair separately; hence the window."""
+    edges, stop = data_step_edges(phase_starts, history.n_steps, data_steps)
+    cube = explain(history, model, x, y, keep=("step", "train", "test"), outputs="true", step_bins=edges,
+                   steps=None if stop == history.n_steps else (0, stop), check_updates=False, **options)
+    return cube.isel(step=cube["step"].values < stop)
+
+
+def bin_residuals(cube: xr.Dataset, history: History, model: torch.nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> xr.Dataset:
+    """Per step bin and input: the exact change of the true-class log-probability over the bin
+    (forward passes at the bin edges), the attributed change (Σ components + weight decay) and
+    their difference. The cube's own residual is the sum over bins; this says where it arises."""
+    edges = np.append(cube["step"].values, cube["step_stop"].values[-1])
+    with torch.no_grad():
+        at_edges = np.stack([functional_call(model, history.params(int(e)), (x,)).log_softmax(-1)
+                             .gather(1, y[:, None]).squeeze(1).double().numpy() for e in edges])
+    change = xr.DataArray(np.diff(at_edges, axis=0), dims=("step", "test"),
+                          coords={"step": cube["step"].values, "test": cube["test"].values})
+    attributed = (cube["attribution"].sum("component") + cube["regularization"].sum("component")).transpose("step", "test")
+    return xr.Dataset({"change": change, "attributed": attributed.drop_vars("output", errors="ignore"),
+                       "residual": change - attributed.drop_vars("output", errors="ignore")})
+
+
+def bin_errors(residuals: xr.Dataset) -> pd.DataFrame:
+    """Per step bin (from `bin_residuals`): the largest exact change of an input, the largest
+    residual, and their ratio, the bin's relative residual."""
+    frame = pd.DataFrame({"step": residuals["step"].values,
+                          "max_change": np.abs(residuals["change"]).max("test").values,
+                          "max_residual": np.abs(residuals["residual"]).max("test").values})
+    return frame.assign(relative=frame["max_residual"] / frame["max_change"])
+
+
+def check_bins(errors: pd.DataFrame, tolerance: float) -> None:
+    """Refuse step bins whose attribution misses more than `tolerance` of their change."""
+    bad = errors[~(errors["relative"] <= tolerance)]
+    if len(bad):
+        worst = bad.loc[bad["relative"].idxmax()]
+        raise ReconstructionError(
+            f"{len(bad)} step bin(s) miss more than tolerance {tolerance:g} of their change, worst the bin from step "
+            f"{int(worst['step'])} ({worst['relative']:.3g}). Fix: raise quadrature or locate the kinks "
+            "(breakpoints), compute in float64, or raise the tolerance")
+
+
+# --- the weight-decay share of the updates ------------------------------------------------
+
+
+def decay_share_of_updates(history: History, progress: bool = True) -> pd.DataFrame:
+    """Per update step of an AdamW run: the norms of the decoupled weight-decay step ηλθ_s and
+    of the rest of the update (Δθ_s + ηλθ_s), and decay's share |decay| / (|decay| + |rest|)."""
+    if history.optimizer != "adamw":
+        raise InputError(f"the decay share of the updates is defined here for AdamW runs; this history "
+                         f"used {history.optimizer!r}. Use influence.decay_share on a cube instead")
+    rows = []
+    for rec in tqdm(history.steps(), total=history.n_steps, desc="decay share", disable=not progress, leave=False):
+        decay, rest = 0.0, 0.0
+        for name, before in rec.before.items():
+            group = rec.groups[history.group_of[name]]
+            step = group["lr"] * group["weight_decay"] * before.double()
+            decay += float((step ** 2).sum())
+            rest += float(((rec.after[name].double() - before.double() + step) ** 2).sum())
+        decay, rest = np.sqrt(decay), np.sqrt(rest)
+        rows.append((rec.step, decay, rest, decay / (decay + rest) if decay + rest > 0 else np.nan))
+    return pd.DataFrame(rows, columns=["step", "decay_norm", "gradient_norm", "decay_share"])
+
+
+# --- Fourier analysis over residues -------------------------------------------------------
+
+
+def fourier_power(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Share of the power of `values` [p, …] (a function of the residue 0 … p−1 along the first
+    axis) at each frequency 0 … p // 2, frequencies k and p − k folded together; sums to 1."""
+    values = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values, dtype=float)
+    values = values.reshape(len(values), -1)
+    p = len(values)
+    power = (np.abs(np.fft.rfft(values, axis=0)) ** 2).sum(1)
+    power[1:(p + 1) // 2] *= 2  # the conjugate frequency p − k carries the same power
+    total = power.sum()
+    return power / total if total > 0 else power
+
+
+def embedding_spectra(params: Mapping[str, torch.Tensor], p: int) -> dict[str, np.ndarray]:
+    """Fourier power of the residue rows of the embedding and the unembedding."""
+    return {"embedding": fourier_power(params["embed.weight"][:p]),
+            "unembedding": fourier_power(params["unembed.weight"][:p])}
+
+
+def key_frequencies(power: np.ndarray, count: int) -> list[int]:
+    """The `count` non-constant frequencies with the most power, strongest first."""
+    order = np.argsort(-power[1:], kind="stable") + 1
+    return [int(k) for k in order[:count]]
+
+
+def checkpoint_steps(n_steps: int, every: int) -> list[int]:
+    """Steps 0, every, 2·every, …, and the final step."""
+    if every < 1:
+        raise InputError(f"checkpoint_every must be at least 1, got {every}")
+    return sorted(set(range(0, n_steps + 1, every)) | {n_steps})
+
+
+def spectra_over_training(history: History, steps: Sequence[int], p: int, progress: bool = True) -> xr.DataArray:
+    """Fourier power of embedding and unembedding at the given checkpoints: step × matrix × frequency."""
+    values = []
+    for s in tqdm(steps, desc="Fourier spectra", disable=not progress, leave=False):
+        spectra = embedding_spectra(history.params(s), p)
+        values.append([spectra["embedding"], spectra["unembedding"]])
+    return xr.DataArray(np.array(values), dims=("step", "matrix", "frequency"),
+                        coords={"step": list(steps), "matrix": ["embedding", "unembedding"],
+                                "frequency": np.arange(p // 2 + 1)})
+
+
+# --- data attribution by the task's structure ---------------------------------------------
+
+
+def residue_profile(scores: np.ndarray, train_targets: np.ndarray, test_targets: np.ndarray, p: int) -> np.ndarray:
+    """Mean score [train, test] by residue difference Δ = (r_train − r_test) mod p: [p]
+    (NaN where no pair has that difference)."""
+    delta = (np.asarray(train_targets)[:, None] - np.asarray(test_targets)[None, :]) % p
+    sums = np.bincount(delta.ravel(), weights=np.asarray(scores, dtype=float).ravel(), minlength=p)
+    counts = np.bincount(delta.ravel(), minlength=p)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def relations(train_pairs: np.ndarray, test_pairs: np.ndarray, p: int) -> np.ndarray:
+    """[train, test] index into RELATIONS: how each training pair (a', b') relates to each
+    explained pair (a, b). With the same sum, a shared operand forces the same pair."""
+    train_pairs, test_pairs = np.asarray(train_pairs), np.asarray(test_pairs)
+    a, b = train_pairs[:, 0, None], train_pairs[:, 1, None]
+    c, d = test_pairs[None, :, 0], test_pairs[None, :, 1]
+    same_pair = ((a == c) & (b == d)) | ((a == d) & (b == c))
+    same_sum = (a + b) % p == (c + d) % p
+    shared = (a == c) | (a == d) | (b == c) | (b == d)
+    return np.select([same_pair, same_sum, shared], [0, 1, 2], default=3)
+
+
+def influence_by_relation(scores: np.ndarray, relation: np.ndarray) -> pd.DataFrame:
+    """Per relation: its fraction of the (train, test) pairs, the mean score, and its share of the
+    positive, the negative and the absolute influence."""
+    scores = np.asarray(scores, dtype=float)
+    positive, negative, absolute = np.clip(scores, 0, None), np.clip(-scores, 0, None), np.abs(scores)
+    rows = []
+    for code, name in enumerate(RELATIONS):
+        mask = relation == code
+        rows.append({"relation": name, "pairs_fraction": mask.mean(),
+                     "mean_score": scores[mask].mean() if mask.any() else np.nan,
+                     "positive_share": positive[mask].sum() / max(positive.sum(), 1e-300),
+                     "negative_share": negative[mask].sum() / max(negative.sum(), 1e-300),
+                     "absolute_share": absolute[mask].sum() / max(absolute.sum(), 1e-300)})
+    return pd.DataFrame(rows)
+
+
+def data_step_edges(phase_starts: Sequence[int], n_steps: int, data_steps: int) -> tuple[np.ndarray, int]:
+    """Step-bin edges for the data attribution: the phase boundaries inside [0, stop), where
+    stop = data_steps (0: all steps), then the rest of the run as one (unexplained) bin.
+    Returns the edges and stop."""
+    stop = n_steps if data_steps <= 0 else min(data_steps, n_steps)
+    inner = [int(s) for s in phase_starts if 0 < s < stop]
+    return np.unique([0, *inner, stop, n_steps]), stop
+
+
+# --- the swap experiment ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of `model` with the parameters `params` on (x, y)."""
+    return float((functional_call(model, dict(params), (x,)).argmax(-1) == y).double().mean())
+
+
+def swap_experiment(history: History, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    steps: Sequence[int], variants: Mapping[str, Sequence[str]] = SWAP_VARIANTS,
+                    progress: bool = True) -> pd.DataFrame:
+    """Validation accuracy of the checkpoint θ_i at each step i, and of θ_i with the components
+    of each variant taken from the final model: one row per (step, variant), with the gain."""
+    final = history.params(history.n_steps)
+    rows = []
+    for s in tqdm(steps, desc="swap", disable=not progress, leave=False):
+        checkpoint = history.params(s)
+        original = accuracy(model, checkpoint, x, y)
+        for variant, components in variants.items():
+            swapped = accuracy(model, splice(checkpoint, final, components), x, y)
+            rows.append({"step": s, "variant": variant, "original_acc": original,
+                         "swapped_acc": swapped, "gain": swapped - original})
+    return pd.DataFrame(rows)
+
+
+# --- the retraining experiment ------------------------------------------------------------
+
+
+def retraining_state(checkpoint: Mapping[str, torch.Tensor], copied: Sequence[str], seed: int,
+                     reinit_std: float) -> dict[str, torch.Tensor]:
+    """The parameters that replace a fresh model's seeded initialisation: the `copied` components
+    from the checkpoint and, with reinit_std > 0, every other tensor drawn from N(0, reinit_std²)
+    (the paper's re-initialisation); with reinit_std = 0 the others keep the model's own init."""
+    taken = set(component_tensors(list(checkpoint), copied))
+    state = {name: value for name, value in checkpoint.items() if name in taken}
+    if reinit_std > 0:
+        generator = torch.Generator().manual_seed(seed)
+        for name, value in checkpoint.items():
+            if name not in taken:
+                state[name] = torch.randn(value.shape, generator=generator, dtype=torch.float64) * reinit_std
+    return state
+
+
+def retrain(config: TransformerConfig, checkpoint: Mapping[str, torch.Tensor], variant: str, seed: int, *,
+            max_steps: int, target: float, dtype: str, reinit_std: float, device="cpu") -> dict:
+    """Retrain a fresh model (initialisation seed `seed`) whose `variant` components are copied
+    from `checkpoint`, with the recorded run's optimizer, until training accuracy is 100% and
+    validation accuracy reaches `target`, or `max_steps`. Returns the steps to the target."""
+    if variant not in RETRAIN_VARIANTS:
+        raise InputError(f"unknown retraining variant {variant!r}: use one of {list(RETRAIN_VARIANTS)}")
+    if dtype not in DTYPES:
+        raise InputError(f"retrain_dtype {dtype!r} is not supported: use one of {sorted(DTYPES)}")
+    run_config = dataclasses.replace(config, seed=seed, max_steps=max_steps, stop_val_acc=target, dtype=dtype)
+    state = retraining_state(checkpoint, RETRAIN_VARIANTS[variant], seed, reinit_std)
+    result = train_transformer(run_config, device=device, progress=False, initial_state=state)
+    reached = _first_step(result.log, "val_acc", target)
+    return {"variant": variant, "seed": seed, "steps_to_target": reached, "reached": bool(np.isfinite(reached)),
+            "steps_run": int(result.log["step"].iloc[-1]), "final_val_acc": float(result.log["val_acc"].iloc[-1])}
+
+
+def retraining_experiment(config: TransformerConfig, history: History, checkpoints: Sequence[int],
+                          variants: Sequence[str], seeds: Sequence[int], *, max_steps: int, target: float,
+                          dtype: str, reinit_std: float, device="cpu", progress: bool = True) -> pd.DataFrame:
+    """Every (variant, checkpoint t, seed) retraining run, plus training from scratch once per
+    seed (checkpoint NaN): one row each, with the steps to `target` validation accuracy."""
+    unknown = sorted(set(variants) - set(RETRAIN_VARIANTS))
+    if unknown:
+        raise InputError(f"unknown retraining variants {unknown}: use names from {list(RETRAIN_VARIANTS)}")
+    jobs = [(v, t) for t in checkpoints for v in variants if v != "scratch"] + [("scratch", None)]
+    common = dict(max_steps=max_steps, target=target, dtype=dtype, reinit_std=reinit_std, device=device)
+    rows = []
+    bar = tqdm(total=len(jobs) * len(seeds), desc="retraining", disable=not progress, leave=False)
+    for variant, t in jobs:
+        checkpoint = history.params(0 if t is None else t)  # scratch copies nothing
+        for seed in seeds:
+            rows.append({"checkpoint": np.nan if t is None else t,
+                         **retrain(config, checkpoint, variant, seed, **common)})
+            bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def retraining_checkpoints(n_steps: int, count: int) -> list[int]:
+    """`count` checkpoints evenly spaced over the run, ending at the final step (step 0 excluded:
+    copying from the initialisation is training from scratch)."""
+    if count < 1:
+        raise InputError(f"retrain_checkpoints must be at least 1, got {count}")
+    return sorted({int(round(v)) for v in np.linspace(0, n_steps, count + 1)[1:]})
+
+
+# --- summaries: the numbers of the conclusion ---------------------------------------------
+
+
+def phase_of(steps: Sequence[int], phases: pd.DataFrame) -> np.ndarray:
+    """The phase number of each step (the last phase whose start is at or before it)."""
+    starts = phases["start"].to_numpy()
+    return phases["phase"].to_numpy()[np.searchsorted(starts, np.asarray(steps), side="right") - 1]
+
+
+def swap_summary(swap: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per swap variant: the largest accuracy gain and its step, the mean gain, and the first
+    checkpoint step whose swapped model reaches `target` validation accuracy (NaN: none)."""
+    rows = []
+    for variant, frame in swap.groupby("variant", sort=False):
+        best = frame.loc[frame["gain"].idxmax()]
+        reached = frame.loc[frame["swapped_acc"] >= target, "step"]
+        rows.append({"variant": variant, "max_gain": float(best["gain"]), "max_gain_step": int(best["step"]),
+                     "mean_gain": float(frame["gain"].mean()),
+                     "first_step_at_target": float(reached.min()) if len(reached) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def retraining_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, checkpoint): the fraction of seeds that reached the target, and the median
+    steps to it over all seeds, a run that never reached it counting as infinitely slow (NaN
+    when the median run did not reach it)."""
+    rows = []
+    for (variant, checkpoint), frame in runs.groupby(["variant", "checkpoint"], sort=False, dropna=False):
+        steps = frame["steps_to_target"].fillna(np.inf).to_numpy()
+        median = float(np.median(steps))
+        rows.append({"variant": variant, "checkpoint": checkpoint, "seeds": len(frame),
+                     "reached": float(frame["reached"].mean()),
+                     "median_steps_to_target": median if np.isfinite(median) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def paper_findings(phases: pd.DataFrame, leaders: pd.Series, decay_share: pd.Series) -> pd.DataFrame:
+    """The paper's three phases (DESIGN §7) checked on detected phases: one row per claim with
+    what we measured and whether it holds. `leaders` and `decay_share` are per step bin (index:
+    bin start); phases must number at least three."""
+    if len(phases) < 3:
+        raise InputError(f"the paper's findings concern three phases, got {len(phases)}: set phases to 3 or more")
+    bin_phase = phase_of(leaders.index, phases)
+    second = leaders[bin_phase == 2]
+    pipeline_bins = second.isin(PIPELINE)
+    switches = int((second[pipeline_bins] != second[pipeline_bins].shift()).sum() - 1) if pipeline_bins.any() else 0
+    outer = phases[[f"share_{c}" for c in OUTER]].sum(axis=1).to_numpy()
+    decay = [float(decay_share[phase_of(decay_share.index, phases) == n].mean()) for n in (2, 3)]
+    first = phases.iloc[0]
+    return pd.DataFrame([
+        {"claim": "phase 1 (memorisation) is led by the unembedding",
+         "ours": f"led by {first['leader']} (unembedding share {first['share_unembedding']:.2f})",
+         "holds": first["leader"] == "unembedding"},
+        {"claim": "phase 2: attention and the first MLP layer alternate in leading",
+         "ours": f"they lead {int(pipeline_bins.sum())} of {len(second)} bins, {switches} switches between them",
+         "holds": bool(pipeline_bins.mean() > 0.5 and second.isin(["attention"]).any()
+                       and second.isin(["mlp_in"]).any() and switches >= 1)},
+        {"claim": "phase 3: the outer layers take a larger share",
+         "ours": f"outer share {outer[1]:.2f} in phase 2, {outer[2]:.2f} in phase 3",
+         "holds": bool(outer[2] > outer[1])},
+        {"claim": "phase 3: weight decay takes a larger share",
+         "ours": f"decay share {decay[0]:.3f} in phase 2, {decay[1]:.3f} in phase 3",
+         "holds": bool(decay[1] > decay[0])},
+    ])

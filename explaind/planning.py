@@ -1,0 +1,147 @@
+"""What an explain() request will cost, before it runs: memory, disk and time.
+
+`plan(...)` takes the arguments of `explain` and returns a `Plan`: the chunk sizes the memory
+planner picks for the budget, the peak bytes of one pass on the compute device and on the host,
+the history's size on disk and the cube's in memory, and, from a short calibration over the
+first steps, a time estimate. `explain(..., progress=True)` prints the same summary (without the
+calibration) before it starts; `python -m explaind plan` prints it for a recorded paper run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine import _Pass, _build_request, _kept_sizes, explain, pass_bytes, plan_chunks, walks_backwards
+
+
+@dataclass
+class Plan:
+    """The cost of one explain() request (bytes and seconds are estimates)."""
+
+    n_steps: int
+    n_params: int
+    n_test: int
+    n_outputs: int
+    n_train: int
+    keep: tuple[str, ...]
+    convention: str
+    direction: str  # of the first pass: "forward" (per-sample momentum buffer) or "backward" (carried effects)
+    test_chunk: int
+    train_chunk: int
+    passes: int  # streams over the history: one per (test chunk, train chunk)
+    device: str
+    device_bytes: int  # peak of one pass on the compute device
+    host_bytes: int  # step records in flight (prefetch) and the cube's accumulators on the host
+    history_bytes: int  # the recorded history on disk, read once per pass
+    cube_bytes: int  # the attribution cube, uncompressed
+    seconds_per_step: float | None = None  # calibrated on the first steps of the first pass
+    seconds: float | None = None  # passes x steps x seconds_per_step
+
+    def __str__(self) -> str:
+        estimate = "not calibrated (plan(..., calibrate_steps=3))" if self.seconds is None else (
+            f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step and pass)")
+        return "\n".join([
+            f"explain: {self.n_test} inputs x {self.n_outputs} outputs, {self.n_train} training samples, "
+            f"{self.n_steps} steps, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
+            f"  passes     {self.passes} ({self.direction}, {self.convention} convention; test chunk "
+            f"{self.test_chunk}, train chunk {self.train_chunk})",
+            f"  {self.device:<10} {_size(self.device_bytes)} per pass",
+            f"  host       {_size(self.host_bytes)}",
+            f"  disk       {_size(self.history_bytes)} of history, read {self.passes} time(s); "
+            f"cube {_size(self.cube_bytes)} uncompressed",
+            f"  time       {estimate}",
+        ])
+
+
+def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
+         memory_budget: float | None = 4 * 2**30, **options) -> Plan:
+    """The Plan of `explain(history, model, inputs, targets, memory_budget=..., **options)`.
+
+    calibrate_steps > 0 runs that many steps of the first pass twice (the first run warms up)
+    and extrapolates the second to every step of every pass.
+    """
+    request = _build_request(history, model, inputs, targets, **_request_options(options))
+    plan_chunks(request, memory_budget)
+    request.progress = False
+    result = describe(request)
+    if calibrate_steps > 0:
+        result.seconds_per_step = _calibrate(request, calibrate_steps)
+        result.seconds = result.seconds_per_step * result.passes * request.history.n_steps
+    return result
+
+
+def describe(request) -> Plan:
+    """The Plan of a built request whose chunks are planned (no calibration)."""
+    history = request.history
+    n_test, n_train = len(request.inputs), len(request.train_index)
+    test_passes = math.ceil(n_test / request.test_chunk)
+    train_passes = math.ceil(n_train / request.train_chunk) if request.keeps("train") else 1
+    rows, _, _, train = _kept_sizes(request, request.test_chunk, request.train_chunk)
+    kept = _kept_sizes(request, n_test, n_train)
+    size = torch.finfo(request.flat.dtype).bits // 8
+    cube_bytes = kept[0] * kept[1] * kept[2] * kept[3] * size
+    step_bytes = max(line["bytes"] for line in history.manifest)
+    return Plan(
+        n_steps=history.n_steps, n_params=request.flat.layout.dim, n_test=n_test,
+        n_outputs=request.n_outputs, n_train=n_train, keep=request.keep, convention=request.convention,
+        direction="backward" if walks_backwards(request, rows, train) else "forward",
+        test_chunk=request.test_chunk, train_chunk=request.train_chunk, passes=test_passes * train_passes,
+        device=str(request.flat.device), device_bytes=pass_bytes(request, request.test_chunk, request.train_chunk),
+        host_bytes=2 * step_bytes + 2 * cube_bytes,
+        history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
+    )
+
+
+def _request_options(options: dict) -> dict:
+    """explain()'s keyword defaults overridden by `options`, as the request builder takes them
+    (the options that only matter after computing are dropped; unknown names are refused)."""
+    parameters = inspect.signature(explain).parameters
+    defaults = {k: v.default for k, v in parameters.items() if v.kind == v.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"plan() got arguments explain() does not take: {unknown}")
+    merged = {**defaults, **options}
+    for after_compute in ("memory_budget", "tolerance", "test_ids", "progress"):
+        merged.pop(after_compute)
+    return merged
+
+
+def _calibrate(request, steps: int) -> float:
+    """Seconds per step of the first pass over the first `steps` steps, timed on a second run
+    (the first one pays for warm-up: allocation, vmap tracing, file cache)."""
+    steps = max(1, min(steps, request.history.n_steps))
+    short = dataclasses.replace(request, step_range=(0, steps))
+    tests = slice(0, min(request.test_chunk, len(request.inputs)))
+    trains = slice(0, min(request.train_chunk, len(request.train_index)))
+    rows, _, _, train = _kept_sizes(request, tests.stop, trains.stop)
+    # the forward pass books totals and checks inline (cheap); the backward pass would check
+    # every update of the history afterwards, which is not part of a step's cost
+    first_chunk = not walks_backwards(request, rows, train)
+    elapsed = []
+    for _ in range(2):
+        started = time.perf_counter()
+        _Pass(short, tests, trains, first_train_chunk=first_chunk).run("calibrate")
+        elapsed.append(time.perf_counter() - started)
+    return elapsed[-1] / steps
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,131 @@
+"""A long explain() that shows its progress and continues where a killed run stopped.
+
+explain_resumable(...) computes the cube in parts, the shards of explaind.distributed run one
+after another in this process (ranges of update steps, or shares of the test inputs), stores
+each finished part in `parts_dir` (written next to its place and moved there, so a part is
+either complete or absent) and merges the stored parts. Calling it again after a crash reads
+the finished parts back and computes only the missing ones; the cube equals the one an
+uninterrupted call returns, exactly.
+
+Each part records a fingerprint of its request: the history, the model's class, the inputs,
+the targets and every option that changes the result. A part stored for another request is
+refused with an error, never reused and never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .cube import open_cube, save_cube
+from .distributed import SPLITS, explain_shard, merge, part_path
+from .engine import _check_residual
+from .errors import InputError
+from .history import History
+
+REQUEST_ATTR = "resumable_request_sha256"
+PART_ATTR = "resumable_part"
+# options that change how a part is computed (memory, device), not what it holds: a run
+# killed on one machine may be finished on another
+EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "memory_budget")
+
+
+def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | os.PathLike, n_parts: int,
+                      split: str = "steps", tolerance: float | None = 1e-4, progress: bool = True,
+                      **kwargs) -> xr.Dataset:
+    """explain(history, model, inputs, targets, **kwargs) in `n_parts` stored parts.
+
+    split="steps" divides the update steps into n_parts contiguous ranges (update-step
+    convention; each part replays the momentum of the steps before it), split="test" the
+    test inputs. Run the same call again after an interruption to continue it.
+    """
+    history = history if isinstance(history, History) else History(history)
+    _check_parts(split, n_parts, history.n_steps if split == "steps" else len(inputs))
+    request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=n_parts, **kwargs)
+    paths = [part_path(parts_dir, rank) for rank in range(n_parts)]
+    missing = [rank for rank, path in enumerate(paths) if not _is_stored(path, request, rank)]
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
+        for rank in missing:
+            part = explain_shard(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
+                                 tolerance=None, progress=progress, **kwargs)
+            part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
+            save_cube(part, paths[rank])
+            bar.update()
+    # merged from the stored parts only, so that a resumed call and an uninterrupted one
+    # combine the very same numbers
+    merged = merge([open_cube(path).load() for path in paths], split)
+    for key in (REQUEST_ATTR, PART_ATTR):
+        del merged.attrs[key]
+    _check_residual(merged, tolerance)
+    return merged
+
+
+def _check_parts(split: str, n_parts: int, n_items: int) -> None:
+    if split not in SPLITS:
+        raise InputError(f"split={split!r}: use one of {SPLITS}")
+    what = "update steps" if split == "steps" else "test inputs"
+    if not 1 <= n_parts <= n_items:
+        raise InputError(f"n_parts={n_parts} for {n_items} {what}: use 1 … {n_items} parts")
+
+
+def _is_stored(path: Path, request: str, rank: int) -> bool:
+    """Whether part `rank` of this request is stored at `path`; refuses another request's."""
+    if not path.exists():
+        return False
+    with open_cube(path) as stored:
+        attrs = stored.attrs
+    if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
+        raise InputError(
+            f"{path} holds a part computed for a different request (another history, model, "
+            "inputs, targets, split, n_parts or explain option): it is neither reused nor "
+            "overwritten. Pass a new parts_dir, or delete the old parts to recompute them"
+        )
+    return True
+
+
+def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> str:
+    """A sha256 of everything that determines a part's numbers."""
+    described = {
+        "history": history.fingerprint(),
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "inputs": inputs,
+        "targets": targets,
+        **{key: value for key, value in options.items() if key not in EXECUTION_OPTIONS},
+    }
+    text = json.dumps(_canonical(sorted(described.items())))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value):
+    """A JSON-serialisable description of an option value (order kept: it orders the cube)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        return {"dtype": str(value.dtype), "shape": list(value.shape),
+                "sha256": hashlib.sha256(value.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return {"dtype": value.dtype.str, "shape": list(value.shape),
+                "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
+    if isinstance(value, np.ndarray):
+        return _canonical(value.tolist())
+    if isinstance(value, Mapping):
+        return [[str(key), _canonical(item)] for key, item in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if callable(value):  # a custom loss or component function: identified by its name
+        return f"{value.__module__}.{value.__qualname__}"
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)

@@ -1,0 +1,192 @@
+"""Subset retraining, TracIn and the linear datamodeling score (explaind.datamodels), against
+scipy, hand cases, a brute-force loop over the recorded checkpoints and a manual training run."""
+
+import types
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+import explaind as ex
+from explaind import InputError, datamodels, validation
+from explaind.data import modular_addition
+from explaind.models import ModAddTransformer
+from explaind.training import TransformerConfig, train_transformer
+
+from engine_cases import Case, train
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Mini-batch momentum SGD, two parameter groups (two learning rates), a decaying schedule,
+    dataset indices that are not 0 … M−1."""
+    case = Case(model="mlp", opt="sgd_momentum", schedule="lambda", groups=2, steps=6, batch=4, n_train=10, n_test=3)
+    return train(case, tmp_path_factory.mktemp("datamodels") / "history")
+
+
+def test_random_subsets_have_the_asked_size_and_follow_the_seed():
+    subsets = datamodels.random_subsets(11, 6, 0.5, seed=1)
+    assert subsets.shape == (6, 11) and subsets.sum(1).tolist() == [6] * 6  # round(5.5) = 6
+    assert torch.equal(subsets, datamodels.random_subsets(11, 6, 0.5, seed=1))
+    assert len({tuple(row.tolist()) for row in subsets}) > 1
+    with pytest.raises(InputError, match="at least 2 subsets"):
+        datamodels.random_subsets(11, 1, 0.5, seed=1)
+    with pytest.raises(InputError, match="fraction 1.0"):
+        datamodels.random_subsets(11, 4, 1.0, seed=1)
+
+
+def test_spearman_matches_scipy_with_ties_and_nan_for_constant_columns():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4, size=(12, 5)).astype(float)  # many ties
+    b = a + rng.normal(size=(12, 5))
+    b[:3, 1] = b[3, 1]  # ties in b too
+    ours = datamodels.spearman(a, b)
+    for j in range(5):
+        assert ours[j] == pytest.approx(scipy.stats.spearmanr(a[:, j], b[:, j]).statistic, abs=1e-12)
+    assert datamodels.ranks(np.array([[3.0], [1.0], [3.0], [2.0]]))[:, 0].tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert np.isnan(datamodels.spearman(np.ones((4, 1)), np.arange(4.0)[:, None]))[0]
+
+
+def test_subset_predictions_and_lds_by_hand():
+    scores = np.array([[1.0, -1.0], [2.0, 0.0], [4.0, 1.0]])  # [train 3, test 2]
+    subsets = torch.tensor([[True, True, False], [False, True, True], [True, False, True]])
+    predicted = datamodels.subset_predictions(scores, subsets)
+    assert predicted.tolist() == [[3.0, -1.0], [6.0, 1.0], [5.0, 0.0]]
+    actual = np.array([[0.1, 0.3], [0.9, 0.1], [0.5, 0.2]])  # input 0 ordered as predicted, input 1 reversed
+    assert datamodels.lds(actual, predicted).tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_bootstrap_interval_of_a_perfect_and_a_null_score():
+    rng = np.random.default_rng(1)
+    actual = rng.normal(size=(20, 8))
+    summary = datamodels.bootstrap_lds(actual, {"perfect": 2 * actual + 1, "noise": rng.normal(size=(20, 8))},
+                                       resamples=200, level=0.9, seed=0, progress=False).set_index("method")
+    assert summary.loc["perfect", ["lds", "ci_low", "ci_high"]].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    noise = summary.loc["noise"]
+    assert noise["ci_low"] <= noise["lds"] <= noise["ci_high"] and noise["ci_low"] < 0 < noise["ci_high"]
+    difference = summary.loc["noise_minus_perfect"]
+    assert difference["lds"] == pytest.approx(noise["lds"] - 1.0) and difference["ci_high"] < 0
+
+
+def test_aligned_scores_place_rows_by_dataset_index():
+    scores = xr.DataArray([[1.0, 2.0], [3.0, 4.0]], dims=("train", "test"), coords={"train": [4, 1]})
+    dense = datamodels.aligned_scores(scores, 5)
+    assert dense.tolist() == [[0, 0], [3, 4], [0, 0], [0, 0], [1, 2]]
+
+
+def test_subset_outputs_record_the_true_class_log_probability():
+    logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    trained = []
+
+    def fake_train(indices):  # a "model" whose outputs scale with the subset's size
+        trained.append(indices.tolist())
+        return lambda x: x * len(indices)
+
+    subsets = torch.tensor([[True, False, True], [True, True, True]])
+    outputs = datamodels.subset_outputs(fake_train, subsets, logits, torch.tensor([1, 0]), progress=False)
+    assert trained == [[0, 2], [0, 1, 2]]
+    expected = torch.stack([F.log_softmax(logits * n, -1)[[0, 1], [1, 0]] for n in (2, 3)])
+    torch.testing.assert_close(outputs, expected)
+
+
+def test_tracin_against_a_brute_force_loop_over_the_checkpoints(recorded):
+    run = recorded
+    scores = datamodels.tracin_scores(ex.History(run.path), run.model, run.test_x, run.test_y, progress=False)
+    model = run.case.fresh_model()
+    params = list(model.parameters())
+    group_of_coordinate = torch.cat([torch.full((p.numel(),), g) for p, g in zip(params, run.group_of_tensor)])
+    expected = {int(i): torch.zeros(len(run.test_x), dtype=torch.float64) for i in run.train_ids}
+    for s, (ids, xb, yb) in enumerate(run.batches):
+        torch.nn.utils.vector_to_parameters(run.thetas[s], params)
+        eta = torch.tensor(run.lrs[s], dtype=torch.float64)[group_of_coordinate]
+
+        def gradient(value):
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
+
+        for k, xk, yk in zip(ids.tolist(), xb, yb):
+            g_train = gradient(F.cross_entropy(model(xk[None]), yk[None])) / len(ids)  # mean over the batch
+            for t, (xt, yt) in enumerate(zip(run.test_x, run.test_y)):
+                g_test = gradient(F.log_softmax(model(xt[None]), -1)[0, yt])
+                expected[k][t] += -(eta * g_train * g_test).sum()
+    for k, values in expected.items():
+        np.testing.assert_allclose(scores.sel(train=k).values, values.numpy(), rtol=1e-10, atol=1e-15)
+    assert sorted(scores["train"].values.tolist()) == sorted(expected)
+
+
+def test_tracin_over_a_step_range_is_the_sum_of_its_steps(recorded):
+    history = ex.History(recorded.path)
+    args = (history, recorded.model, recorded.test_x, recorded.test_y)
+    whole = datamodels.tracin_scores(*args, progress=False)
+    parts = [datamodels.tracin_scores(*args, steps=steps, progress=False) for steps in ((0, 2), (2, 6))]
+    np.testing.assert_allclose(parts[0].values + parts[1].values, whole.values, rtol=1e-12, atol=1e-15)
+    with pytest.raises(InputError, match="0 ≤ start < stop ≤ 6"):
+        datamodels.tracin_scores(*args, steps=(3, 9), progress=False)
+
+
+TINY = TransformerConfig(p=7, train_size=16, val_size=6, d_model=8, n_heads=2, d_mlp=16, lr=1e-2,
+                         weight_decay=1.0, max_steps=4)
+
+
+def test_a_subset_retraining_is_a_manual_adamw_run_on_the_subset_from_the_same_initialisation():
+    subset = torch.tensor([0, 3, 5, 6, 9, 12, 15])
+    retrained = train_transformer(TINY, train_indices=subset, progress=False).model
+
+    data = modular_addition(TINY.p, TINY.train_size, TINY.val_size, TINY.data_seed)
+    torch.manual_seed(TINY.seed)
+    model = ModAddTransformer(TINY.p, TINY.d_model, TINY.n_heads, TINY.d_mlp).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TINY.lr, betas=(TINY.beta1, TINY.beta2), eps=TINY.eps,
+                                  weight_decay=TINY.weight_decay)
+    for _ in range(TINY.max_steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.train_inputs[subset]), data.train_targets[subset]).backward()
+        optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), retrained.parameters()):
+        assert torch.equal(p, q), name
+    full = train_transformer(TINY, progress=False).model
+    assert not torch.equal(next(full.parameters()), next(retrained.parameters()))
+    with pytest.raises(InputError, match="distinct dataset indices in 0 … 15"):
+        train_transformer(TINY, train_indices=[0, 16], progress=False)
+
+
+def test_the_datamodel_study_explains_a_prefix_of_full_batch_runs_only():
+    history = types.SimpleNamespace(n_steps=100)
+    transformer = types.SimpleNamespace(name="transformer", history=history)
+    cnn = types.SimpleNamespace(name="cnn", history=history)
+    assert validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=0)) == (0, 100)
+    assert validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=30)) == (0, 30)
+    with pytest.raises(InputError, match="must lie in 1 … 100"):
+        validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=101))
+    with pytest.raises(InputError, match="only full-batch runs"):
+        validation.explained_steps(cnn, validation.InfluenceConfig(lds_steps=30))
+
+
+def test_a_cnn_subset_retraining_trains_on_the_subset_and_records_dataset_indices(monkeypatch, digits_data):
+    from explaind import training
+    from explaind.data import load_image_pair
+
+    batches = []
+
+    class Capture:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+        def batch(self, indices, inputs, targets):
+            batches.append((indices.clone(), inputs.clone(), targets.clone()))
+
+    monkeypatch.setattr(training, "_recorder", lambda *args, **kwargs: Capture())
+    config = training.CNNConfig(width=2, batch_size=16, epochs=2, peak_epoch=1.0, flip=False)
+    data = load_image_pair(digits_data, config.dataset, config.classes, config.test_size, config.data_seed)
+    subset = torch.arange(1, len(data.train_y), 3)  # every third image
+    training.train_cnn(config, digits_data, history_dir="unused", progress=False, train_indices=subset)
+    assert len(batches) == 2 * (len(subset) // 16)  # steps per epoch follow the subset's size
+    seen = torch.cat([indices for indices, _, _ in batches])
+    assert set(seen.tolist()) <= set(subset.tolist())
+    for indices, inputs, targets in batches:
+        torch.testing.assert_close(inputs, data.train_x[indices].double())
+        assert torch.equal(targets, data.train_y[indices])

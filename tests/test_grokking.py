@@ -1,0 +1,441 @@
+"""explaind.grokking: every analysis against an independent computation on hand-built inputs or
+a tiny recorded Transformer run."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+from explaind import History, grokking
+from explaind.errors import InputError, ReconstructionError
+from explaind.models import ModAddTransformer
+from explaind.training import TransformerConfig, train_transformer
+
+TINY = TransformerConfig(p=7, train_size=15, val_size=10, d_model=8, n_heads=2, d_mlp=16, lr=1e-2,
+                         max_steps=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grokking") / "history"
+    result = train_transformer(TINY, history_dir=path, progress=False)
+    return History(path), result
+
+
+def fresh_model(config: TransformerConfig) -> ModAddTransformer:
+    torch.manual_seed(config.seed)
+    return ModAddTransformer(config.p, config.d_model, config.n_heads, config.d_mlp).double()
+
+
+# --- Fourier ------------------------------------------------------------------------------
+
+
+def direct_power(values: np.ndarray) -> np.ndarray:
+    """|Σ_a v_a e^{-2πika/p}|² per frequency k = 0 … p−1, summed over columns, folded k ~ p−k."""
+    p = len(values)
+    a = np.arange(p)
+    full = np.array([(np.abs(np.exp(-2j * np.pi * k * a / p) @ values) ** 2).sum() for k in range(p)])
+    folded = np.array([full[k] + (full[p - k] if 0 < k and p - k != k else 0.0) for k in range(p // 2 + 1)])
+    return folded / folded.sum()
+
+
+def test_a_cyclic_signal_has_all_its_power_at_its_frequency():
+    p, a = 13, np.arange(13)
+    signal = np.stack([np.cos(2 * np.pi * 3 * a / p), 2 * np.sin(2 * np.pi * 3 * a / p)], 1)
+    power = grokking.fourier_power(signal)
+    assert power.shape == (7,)
+    np.testing.assert_allclose(power, np.eye(7)[3], atol=1e-12)
+    assert grokking.key_frequencies(power, 1) == [3]
+
+
+@pytest.mark.parametrize("p", [12, 13])
+def test_fourier_power_equals_the_direct_sum(p):
+    rng = np.random.default_rng(p)
+    values = rng.normal(size=(p, 3)) + 1.5  # a constant part, every frequency, the Nyquist one for even p
+    np.testing.assert_allclose(grokking.fourier_power(values), direct_power(values), rtol=1e-12)
+    np.testing.assert_allclose(grokking.fourier_power(torch.tensor(values)), direct_power(values), rtol=1e-12)
+
+
+def test_constant_plus_cosine_splits_two_to_one():
+    p, a = 11, np.arange(11)
+    power = grokking.fourier_power(1 + np.cos(2 * np.pi * 2 * a / p))
+    np.testing.assert_allclose(power[[0, 2]], [2 / 3, 1 / 3], rtol=1e-12)
+    assert grokking.key_frequencies(power, 2)[0] == 2  # the constant is never a key frequency
+
+
+def test_embedding_spectra_read_the_residue_rows(tiny_run):
+    history, _ = tiny_run
+    params = history.params(history.n_steps)
+    spectra = grokking.embedding_spectra(params, TINY.p)
+    np.testing.assert_allclose(spectra["embedding"], direct_power(params["embed.weight"][:TINY.p].numpy()), rtol=1e-12)
+    np.testing.assert_allclose(spectra["unembedding"], direct_power(params["unembed.weight"][:TINY.p].numpy()), rtol=1e-12)
+    over = grokking.spectra_over_training(history, [0, 3, 6], TINY.p, progress=False)
+    np.testing.assert_allclose(over.sel(step=6, matrix="embedding"), spectra["embedding"])
+    assert over.sizes == {"step": 3, "matrix": 2, "frequency": TINY.p // 2 + 1}
+
+
+def test_a_cyclic_kernel_has_a_cyclic_residue_profile():
+    p, f = 11, 4
+    rng = np.random.default_rng(0)
+    train_r, test_r = rng.integers(0, p, 200), rng.integers(0, p, 30)
+    kernel = np.cos(2 * np.pi * f * (train_r[:, None] - test_r[None, :]) / p)
+    profile = grokking.residue_profile(kernel, train_r, test_r, p)
+    np.testing.assert_allclose(profile, np.cos(2 * np.pi * f * np.arange(p) / p), atol=1e-12)
+    np.testing.assert_allclose(grokking.fourier_power(profile), np.eye(p // 2 + 1)[f], atol=1e-12)
+
+
+def test_residue_profile_is_the_mean_by_difference():
+    scores = np.array([[1.0, 2.0], [3.0, 5.0], [7.0, 11.0]])
+    train_r, test_r = np.array([0, 1, 2]), np.array([0, 2])
+    # differences (train - test) mod 3: [[0, 1], [1, 2], [2, 0]]
+    np.testing.assert_allclose(grokking.residue_profile(scores, train_r, test_r, 3), [6.0, 2.5, 6.0])
+    assert np.isnan(grokking.residue_profile(scores[:1, :1], train_r[:1], test_r[:1], 3)[1])
+
+
+# --- the task's structure -----------------------------------------------------------------
+
+
+def test_relations_and_their_influence_match_a_direct_loop():
+    p = 7
+    train = np.array([[3, 1], [4, 0], [5, 3], [6, 2], [2, 2], [6, 5]])
+    test = np.array([[3, 1], [5, 6]])
+    relation = grokking.relations(train, test, p)
+    for k, x in itertools.product(range(len(train)), range(len(test))):
+        (a, b), (c, d) = train[k], test[x]
+        if {a, b} == {c, d}:
+            expected = "same pair"
+        elif (a + b) % p == (c + d) % p:
+            expected = "same sum"
+        elif {a, b} & {c, d}:
+            expected = "shared operand"
+        else:
+            expected = "other"
+        assert grokking.RELATIONS[relation[k, x]] == expected, (train[k], test[x])
+    scores = np.arange(12, dtype=float).reshape(6, 2) - 5.0
+    table = grokking.influence_by_relation(scores, relation).set_index("relation")
+    for name in grokking.RELATIONS:
+        mask = relation == grokking.RELATIONS.index(name)
+        assert table.loc[name, "pairs_fraction"] == mask.mean()
+        assert table.loc[name, "positive_share"] == pytest.approx(scores[mask].clip(0).sum() / scores.clip(0).sum())
+        assert table.loc[name, "absolute_share"] == pytest.approx(np.abs(scores[mask]).sum() / np.abs(scores).sum())
+    assert table["positive_share"].sum() == pytest.approx(1.0) and table["negative_share"].sum() == pytest.approx(1.0)
+
+
+# --- step bins and phases -----------------------------------------------------------------
+
+
+def test_log_step_edges():
+    np.testing.assert_array_equal(grokking.log_step_edges(12, 6), [0, 1, 2, 3, 4, 7, 12])
+    edges = grokking.log_step_edges(1929, 40)
+    assert edges[0] == 0 and edges[-1] == 1929 and np.all(np.diff(edges) > 0) and len(edges) <= 41
+    with pytest.raises(InputError, match="at least one bin"):
+        grokking.log_step_edges(10, 0)
+
+
+def test_segment_finds_the_change_points_of_a_piecewise_constant_series():
+    rng = np.random.default_rng(1)
+    levels = [np.array([0.1, 0.8]), np.array([0.6, 0.3]), np.array([0.2, 0.2])]
+    series = np.concatenate([np.tile(level, (n, 1)) for level, n in zip(levels, (5, 7, 4))])
+    assert grokking.segment(series + rng.normal(0, 0.01, series.shape), 3) == [0, 5, 12]
+    assert grokking.segment(series, 2) == [0, 5]
+
+
+def brute_force_segmentation(x: np.ndarray, k: int, min_size: int, w: np.ndarray) -> list[int]:
+    def sse(i, j):
+        mean = np.average(x[i:j], axis=0, weights=w[i:j])
+        return float((w[i:j, None] * (x[i:j] - mean) ** 2).sum())
+
+    best, best_starts = np.inf, None
+    for cuts in itertools.combinations(range(1, len(x)), k - 1):
+        bounds = [0, *cuts, len(x)]
+        if min(np.diff(bounds)) < min_size:
+            continue
+        cost = sum(sse(i, j) for i, j in zip(bounds[:-1], bounds[1:]))
+        if cost < best - 1e-12:
+            best, best_starts = cost, [0, *cuts]
+    return best_starts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_is_the_least_squares_optimum(seed):
+    rng = np.random.default_rng(seed)
+    x, w = rng.normal(size=(11, 3)), rng.uniform(0.1, 10, 11)
+    for k, min_size in ((2, 1), (3, 2), (4, 1)):
+        assert grokking.segment(x, k, min_size) == brute_force_segmentation(x, k, min_size, np.ones(11))
+        assert grokking.segment(x, k, min_size, w) == brute_force_segmentation(x, k, min_size, w)
+
+
+def test_segment_refuses_impossible_requests():
+    with pytest.raises(InputError, match="cannot split 4 step bins into 3 phases of at least 2"):
+        grokking.segment(np.zeros((4, 2)), 3, 2)
+    with pytest.raises(InputError, match="4 positive numbers"):
+        grokking.segment(np.zeros((4, 2)), 2, 1, np.array([1.0, 0.0, 1.0, 1.0]))
+
+
+def test_phases_weigh_each_step_once():
+    """Six one-step bins that flip back and forth, then two long bins that differ a little: by
+    bins the split falls among the short ones, by steps between the long ones."""
+    rows = [[1.0, 0.0], [0.0, 1.0]] * 3 + [[0.5, 0.5], [0.6, 0.4]]
+    edges = np.array([0, 1, 2, 3, 4, 5, 6, 506, 1006])
+    shares = xr.DataArray(np.array(rows), dims=("step", "component"),
+                          coords={"step": edges[:-1], "step_stop": ("step", edges[1:]),
+                                  "component": ["attention", "unembedding"]})
+    assert grokking.segment(shares.values, 2) != [0, 7]
+    phases = grokking.detect_phases(shares, 2)
+    assert phases["start"].tolist() == [0, 506] and phases["stop"].tolist() == [506, 1006]
+    # step-weighted means: the first phase is mostly its long bin
+    assert phases.loc[0, "share_attention"] == pytest.approx((3 * 1.0 + 500 * 0.5) / 506)
+
+
+def synthetic_shares() -> xr.DataArray:
+    components = ["embedding", "attention", "mlp_in", "mlp_out", "unembedding"]
+    rows = ([[0.1, 0.1, 0.1, 0.1, 0.6]] * 3 + [[0.1, 0.4, 0.3, 0.1, 0.1], [0.1, 0.3, 0.4, 0.1, 0.1]] * 2
+            + [[0.3, 0.1, 0.05, 0.2, 0.35]] * 3)
+    edges = np.arange(0, 110, 10)  # equal widths: every bin weighs the same
+    return xr.DataArray(np.array(rows), dims=("step", "component"),
+                        coords={"step": edges[:-1], "step_stop": ("step", edges[1:]), "component": components})
+
+
+def test_detect_phases_and_the_paper_findings_on_synthetic_shares():
+    shares = synthetic_shares()
+    phases = grokking.detect_phases(shares, 3, min_bins=2)
+    assert phases[["start", "stop", "bins", "leader"]].values.tolist() == [
+        [0, 30, 3, "unembedding"], [30, 70, 4, "attention"], [70, 100, 3, "unembedding"]]
+    assert phases.loc[1, "share_mlp_in"] == pytest.approx(0.35)
+    leaders = grokking.bin_leaders(shares)
+    assert leaders.tolist()[3:7] == ["attention", "mlp_in", "attention", "mlp_in"]
+    np.testing.assert_array_equal(grokking.phase_of([0, 29, 30, 69, 70, 1000], phases), [1, 1, 2, 2, 3, 3])
+    decay = pd.Series(np.r_[np.zeros(7), np.ones(3)] * 0.2, index=shares["step"].values)
+    findings = grokking.paper_findings(phases, leaders, decay)
+    assert findings["holds"].tolist() == [True, True, True, True]
+    assert "3 switches" in findings.loc[1, "ours"]
+    reversed_decay = pd.Series(0.2 - decay.to_numpy(), index=decay.index)
+    assert grokking.paper_findings(phases, leaders, reversed_decay)["holds"].tolist() == [True, True, True, False]
+    with pytest.raises(InputError, match="step_stop"):
+        grokking.detect_phases(shares.drop_vars("step_stop"), 3)
+
+
+def test_milestones_and_nearest_boundaries():
+    log = pd.DataFrame({"step": range(6), "train_acc": [0, 0.5, 1, 1, 1, 1], "val_acc": [0, 0, 0.1, 0.5, 0.9, 0.96]})
+    marks = grokking.milestones(log)
+    assert marks == {"t_mem": 2.0, "t_val_50": 3.0, "t_val_95": 5.0}
+    near = grokking.nearest_boundaries([4, 40], marks | {"never": float("nan")}).set_index("milestone")
+    assert near.loc["t_mem", "boundary"] == 4 and near.loc["t_mem", "ratio"] == 2.0
+    assert near.loc["t_val_95", "boundary"] == 4 and np.isnan(near.loc["never", "boundary"])
+
+
+def test_data_step_edges():
+    edges, stop = grokking.data_step_edges([0, 30, 200], 1000, 100)
+    assert edges.tolist() == [0, 30, 100, 1000] and stop == 100
+    edges, stop = grokking.data_step_edges([0, 30, 200], 1000, 0)
+    assert edges.tolist() == [0, 30, 200, 1000] and stop == 1000
+
+
+def test_checkpoint_steps():
+    assert grokking.checkpoint_steps(25, 10) == [0, 10, 20, 25]
+    assert grokking.retraining_checkpoints(1929, 3) == [643, 1286, 1929]
+    with pytest.raises(InputError, match="checkpoint_every"):
+        grokking.checkpoint_steps(25, 0)
+
+
+# --- decay share of the updates -----------------------------------------------------------
+
+
+def test_decay_share_of_updates_matches_the_recorded_parameters(tiny_run):
+    history, _ = tiny_run
+    frame = grokking.decay_share_of_updates(history, progress=False)
+    assert len(frame) == history.n_steps
+    step = TINY.lr * TINY.weight_decay
+    for s in (0, history.n_steps - 1):
+        before, after = history.flat_params(s), history.flat_params(s + 1)
+        decay = float((step * before).norm())
+        rest = float((after - before + step * before).norm())
+        row = frame.iloc[s]
+        assert row["decay_norm"] == pytest.approx(decay, rel=1e-12)
+        assert row["gradient_norm"] == pytest.approx(rest, rel=1e-12)
+        assert row["decay_share"] == pytest.approx(decay / (decay + rest), rel=1e-12)
+
+
+# --- swap ---------------------------------------------------------------------------------
+
+
+def test_splice_and_swap_equal_a_manual_state_dict_splice(tiny_run):
+    history, result = tiny_run
+    early, final = history.params(2), history.params(history.n_steps)
+    spliced = grokking.splice(early, final, ("unembedding", "mlp_out"))
+    for name in early:
+        from_final = name.startswith(("unembed.", "mlp.fc_out."))
+        assert torch.equal(spliced[name], final[name] if from_final else early[name]), name
+
+    from explaind.data import modular_addition
+
+    data = modular_addition(TINY.p, TINY.train_size, TINY.val_size, TINY.data_seed)
+    model = fresh_model(TINY)
+    swap = grokking.swap_experiment(history, model, data.val_inputs, data.val_targets, [0, 2],
+                                    {"unembedding + mlp_out": ("unembedding", "mlp_out")}, progress=False)
+    manual = fresh_model(TINY)
+    state = {**early, **{k: v for k, v in final.items() if k.startswith(("unembed.", "mlp.fc_out."))}}
+    manual.load_state_dict(state)
+    with torch.no_grad():
+        expected = (manual(data.val_inputs).argmax(-1) == data.val_targets).double().mean().item()
+        manual.load_state_dict(early)
+        original = (manual(data.val_inputs).argmax(-1) == data.val_targets).double().mean().item()
+    row = swap.set_index("step").loc[2]
+    assert row["swapped_acc"] == expected and row["original_acc"] == original
+    assert row["gain"] == expected - original
+    with pytest.raises(InputError, match="unknown components"):
+        grokking.splice(early, final, ("unembed",))
+
+
+def test_swap_summary():
+    swap = pd.DataFrame({"step": [0, 10, 20] * 2, "variant": ["a"] * 3 + ["b"] * 3,
+                         "original_acc": [0.0, 0.1, 0.9] * 2, "swapped_acc": [0.1, 0.97, 1.0, 0.0, 0.2, 0.9],
+                         "gain": [0.1, 0.87, 0.1, 0.0, 0.1, 0.0]})
+    summary = grokking.swap_summary(swap, 0.95).set_index("variant")
+    assert summary.loc["a", "max_gain_step"] == 10 and summary.loc["a", "first_step_at_target"] == 10
+    assert summary.loc["b", "max_gain"] == pytest.approx(0.1) and np.isnan(summary.loc["b", "first_step_at_target"])
+
+
+# --- retraining ---------------------------------------------------------------------------
+
+
+def test_retraining_starts_from_the_copied_part_and_a_fresh_init(tiny_run):
+    history, _ = tiny_run
+    checkpoint = history.params(history.n_steps)
+    seed = 5
+    state = grokking.retraining_state(checkpoint, grokking.PIPELINE, seed, reinit_std=0.0)
+    start = train_transformer(dataclasses.replace(TINY, seed=seed, max_steps=0), progress=False,
+                              initial_state=state).model.state_dict()
+    fresh = fresh_model(dataclasses.replace(TINY, seed=seed)).state_dict()
+    copied = set(grokking.component_tensors(list(checkpoint), grokking.PIPELINE))
+    assert copied == {"attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.fc_in.weight", "mlp.fc_in.bias"}
+    for name, value in start.items():
+        expected = checkpoint[name] if name in copied else fresh[name]
+        assert torch.equal(value, expected), name
+
+    drawn = grokking.retraining_state(checkpoint, grokking.PIPELINE, seed, reinit_std=0.1)
+    assert set(drawn) == set(checkpoint)
+    others = torch.cat([drawn[n].flatten() for n in drawn if n not in copied])
+    assert others.std().item() == pytest.approx(0.1, rel=0.1)
+    assert torch.equal(drawn["attn.W_Q"], checkpoint["attn.W_Q"])
+
+
+def test_retraining_from_scratch_is_training_from_scratch(tiny_run):
+    history, _ = tiny_run
+    row = grokking.retrain(TINY, history.params(3), "scratch", seed=2, max_steps=4, target=0.95,
+                           dtype="float64", reinit_std=0.0)
+    direct = train_transformer(dataclasses.replace(TINY, seed=2, max_steps=4, stop_val_acc=0.95), progress=False)
+    assert row["steps_run"] == int(direct.log["step"].iloc[-1])
+    assert row["final_val_acc"] == direct.log["val_acc"].iloc[-1]
+    assert row["steps_to_target"] == direct.metrics["t_val_95"] or (
+        np.isnan(row["steps_to_target"]) and np.isnan(direct.metrics["t_val_95"]) and not row["reached"])
+
+
+def test_retraining_experiment_runs_every_point_and_scratch_once_per_seed(tiny_run):
+    history, _ = tiny_run
+    runs = grokking.retraining_experiment(TINY, history, [3, 6], ["pipeline", "attention"], [1, 2], max_steps=2,
+                                          target=0.95, dtype="float32", reinit_std=0.0, progress=False)
+    assert len(runs) == 2 * 2 * 2 + 2
+    assert runs.loc[runs["variant"] == "scratch", "checkpoint"].isna().all()
+    assert set(runs.loc[runs["variant"] == "pipeline", "checkpoint"]) == {3, 6}
+    assert (runs["steps_run"] <= 2).all()
+    summary = grokking.retraining_summary(runs)
+    assert len(summary) == 2 * 2 + 1 and (summary["seeds"] == 2).all()
+
+
+def test_retraining_summary_counts_unreached_runs_as_slowest():
+    runs = pd.DataFrame({"variant": ["pipeline"] * 3 + ["scratch"] * 2, "checkpoint": [10, 10, 10, np.nan, np.nan],
+                         "seed": [0, 1, 2, 0, 1], "steps_to_target": [40, np.nan, 60, np.nan, np.nan],
+                         "reached": [True, False, True, False, False]})
+    summary = grokking.retraining_summary(runs).set_index("variant")
+    assert summary.loc["pipeline", "median_steps_to_target"] == 60 and summary.loc["pipeline", "reached"] == pytest.approx(2 / 3)
+    assert np.isnan(summary.loc["scratch", "median_steps_to_target"]) and summary.loc["scratch", "reached"] == 0
+
+
+def test_retraining_refuses_bad_requests(tiny_run):
+    history, _ = tiny_run
+    with pytest.raises(InputError, match="unknown retraining variant 'pipe'"):
+        grokking.retrain(TINY, history.params(1), "pipe", 0, max_steps=1, target=0.9, dtype="float32", reinit_std=0)
+    with pytest.raises(InputError, match="unknown retraining variants"):
+        grokking.retraining_experiment(TINY, history, [1], ["outer", "mlp"], [0], max_steps=1, target=0.9,
+                                       dtype="float32", reinit_std=0)
+    with pytest.raises(InputError, match="retrain_dtype 'float16'"):
+        grokking.retrain(TINY, history.params(1), "outer", 0, max_steps=1, target=0.9, dtype="float16", reinit_std=0)
+    with pytest.raises(InputError, match="not parameters of the model"):
+        train_transformer(TINY, progress=False, initial_state={"embed": torch.zeros(1)})
+    with pytest.raises(InputError, match="has shape"):
+        train_transformer(TINY, progress=False, initial_state={"embed.weight": torch.zeros(3, 3)})
+
+
+# --- attribution passes -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    from explaind.data import modular_addition
+
+    return modular_addition(TINY.p, TINY.train_size, TINY.val_size, TINY.data_seed)
+
+
+EXACT = dict(quadrature=4, breakpoints=True, tolerance=1e-6, progress=False)  # kinks located: exact up to ~1e-7
+
+
+def test_component_attribution_labels_the_splits_and_each_bin_adds_up(tiny_run, tiny_data):
+    history, _ = tiny_run
+    model = fresh_model(TINY)
+    groups = {"validation": (tiny_data.val_inputs[:3], tiny_data.val_targets[:3]),
+              "training": (tiny_data.train_inputs[:2], tiny_data.train_targets[:2])}
+    edges = grokking.log_step_edges(history.n_steps, 4)
+    cube = grokking.component_attribution(history, model, groups, edges, **EXACT)
+    assert cube["split"].values.tolist() == ["validation"] * 3 + ["training"] * 2
+    assert cube["component"].values.tolist() == ["embedding", "attention", "mlp_in", "mlp_out", "unembedding"]
+    x = torch.cat([tiny_data.val_inputs[:3], tiny_data.train_inputs[:2]])
+    y = torch.cat([tiny_data.val_targets[:3], tiny_data.train_targets[:2]])
+    residuals = grokking.bin_residuals(cube, history, model, x, y)
+    # the exact per-bin changes add up to the whole change, and every bin is reproduced
+    np.testing.assert_allclose(residuals["change"].sum("step"), (cube["final"] - cube["initial"]).values.ravel(), atol=1e-12)
+    scale = float(np.abs(residuals["change"]).max())
+    assert float(np.abs(residuals["residual"]).max()) < 1e-6 * scale
+    np.testing.assert_allclose(residuals["residual"].sum("step"), cube["residual"].values.ravel(), atol=1e-10)
+
+
+def test_data_attribution_covers_the_window_and_bins_at_the_phases(tiny_run, tiny_data):
+    history, _ = tiny_run
+    model = fresh_model(TINY)
+    x, y = tiny_data.val_inputs[:2], tiny_data.val_targets[:2]
+    window = grokking.data_attribution(history, model, x, y, [0, 2, 5], 4, **EXACT)
+    assert window["step"].values.tolist() == [0, 2] and window["step_stop"].values.tolist() == [2, 4]
+    assert window.sizes["train"] == TINY.train_size
+    # the window's attribution sums to the change of the true class from θ_0 to θ_4
+    with torch.no_grad():
+        def true_class(s):
+            out = torch.func.functional_call(model, history.params(s), (x,))
+            return out.gather(1, y[:, None]).squeeze(1).numpy()
+        change = true_class(4) - true_class(0)
+    total = (window["attribution"].sum(["step", "train"]) + window["regularization"].sum("step")).values.ravel()
+    np.testing.assert_allclose(total, change, atol=1e-6 * np.abs(change).max())
+    whole = grokking.data_attribution(history, model, x, y, [0, 2, 5], 0, **EXACT)
+    assert whole["step"].values.tolist() == [0, 2, 5] and int(whole["step_stop"][-1]) == history.n_steps
+
+
+def test_bin_errors_and_their_check():
+    residuals = xr.Dataset({"change": (("step", "test"), [[1.0, -4.0], [0.5, 0.1]]),
+                            "residual": (("step", "test"), [[0.1, -0.2], [0.0, 0.2]])}, coords={"step": [0, 5]})
+    errors = grokking.bin_errors(residuals)
+    assert errors["max_change"].tolist() == [4.0, 0.5] and errors["max_residual"].tolist() == [0.2, 0.2]
+    np.testing.assert_allclose(errors["relative"], [0.05, 0.4])
+    grokking.check_bins(errors, 0.4)
+    with pytest.raises(ReconstructionError, match="1 step bin.*from step 5 \\(0.4\\)"):
+        grokking.check_bins(errors, 0.3)
+
+
+def test_loss_spikes():
+    log = pd.DataFrame({"step": range(6), "train_loss": [3.0, 1.0, 1e-4, 5e-2, 4e-2, 0.5]})
+    assert grokking.loss_spikes(log) == [3, 5]
+    assert grokking.loss_spikes(log, factor=100) == [3]

@@ -1,0 +1,221 @@
+"""The path integral and its kink search, against hand-derived integrals and brute force.
+
+φ = ∫₀¹ J(θ + tΔ) dt is checked three independent ways: closed-form integrals of a model
+whose ReLU input is a quadratic in t, the path identity φ·Δ = f(θ + Δ) − f(θ) (forward
+evaluations only), and materialised float64 Jacobians integrated piece by piece between kinks
+that a dense scan of the pre-activations finds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import explaind as ex
+from explaind.functional import FlatModel, layout_of
+from explaind.path import PathIntegral
+from engine_cases import Case, train
+
+DT = torch.float64
+
+
+class Product(nn.Module):
+    """logits ±relu(w·v·x + c): along Δw = −2, Δv = −1.6 from w = v = 1, the ReLU input of
+    x = 1 is the quadratic z(t) = (1 − 2t)(1 − 1.6t) + c."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1, dtype=DT))
+        self.v = nn.Parameter(torch.ones(1, dtype=DT))
+        self.out = nn.Parameter(torch.tensor([1.0, -1.0], dtype=DT))
+        self.c = c
+
+    def forward(self, x):
+        return F.relu(self.w * self.v * x + self.c) * self.out
+
+
+def flat_of(model: nn.Module) -> tuple[FlatModel, torch.Tensor]:
+    layout = layout_of(model)
+    theta = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
+    return FlatModel(model, layout, DT, "cpu"), theta
+
+
+PRODUCT_DELTA = torch.tensor([-2.0, -1.6, 0.0, 0.0], dtype=DT)  # (w, v, out)
+
+
+def integral(poly, pieces) -> float:
+    """∫ of a numpy polynomial over a list of (start, stop) pieces."""
+    anti = np.polynomial.Polynomial(poly).integ()
+    return sum(anti(b) - anti(a) for a, b in pieces)
+
+
+def test_a_relu_input_that_crosses_zero_twice_in_one_step():
+    """z(0) = 0.9 and z(1) = 0.5 are both positive; z < 0 on (0.375, 0.75)."""
+    flat, theta = flat_of(Product(c=-0.1))
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    (kinks,) = path.kinks(theta, PRODUCT_DELTA, x)
+    np.testing.assert_allclose(kinks, [0.375, 0.75], rtol=0, atol=1e-12)
+
+    # φ by hand: on the pieces where z > 0, ∂f₀/∂w = v(t), ∂f₀/∂v = w(t), ∂f₀/∂out₀ = z(t)
+    on = [(0.0, 0.375), (0.75, 1.0)]
+    z = [0.9, -3.6, 3.2]  # (1 − 2t)(1 − 1.6t) − 0.1
+    row = [integral([1, -1.6], on), integral([1, -2], on), integral(z, on), 0.0]
+    expected = torch.tensor([row, [-row[0], -row[1], 0.0, row[2]]], dtype=DT)
+    phi = path.jacobian(theta, PRODUCT_DELTA, x, None, "logit", 2)[0]
+    torch.testing.assert_close(phi, expected, rtol=0, atol=1e-14)
+
+    # without the kinks the same two nodes miss the dip
+    plain = PathIntegral(flat, quadrature=2, breakpoints=False)
+    miss = (plain.jacobian(theta, PRODUCT_DELTA, x, None, "logit", 2)[0] - expected).abs().max()
+    assert miss > 1e-2
+
+
+def test_a_dip_that_stays_positive_is_no_kink():
+    """z = (1 − 2t)(1 − 1.6t) + 0.02 comes within 0.0075 of zero and turns back."""
+    flat, theta = flat_of(Product(c=0.02))
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    assert path.kinks(theta, PRODUCT_DELTA, x) == [[]]
+    phi = path.jacobian(theta, PRODUCT_DELTA, x, None, "logit", 2)[0]
+    whole = [(0.0, 1.0)]
+    expected = [integral([1, -1.6], whole), integral([1, -2], whole), integral([1.02, -3.6, 3.2], whole)]
+    torch.testing.assert_close(phi[0, :3], torch.tensor(expected, dtype=DT), rtol=0, atol=1e-14)
+
+
+class LastPosition(nn.Module):
+    """A ReLU layer over 3 positions of which only the last is read out (like the Transformer)."""
+
+    def __init__(self, zero_readout: bool = False):
+        super().__init__()
+        torch.manual_seed(3)
+        self.hidden = nn.Linear(2, 5).to(DT)
+        self.readout = nn.Linear(5, 3).to(DT)
+        if zero_readout:
+            nn.init.zeros_(self.readout.weight)
+
+    def forward(self, x):  # [B, 3, 2]
+        return self.readout(F.relu(self.hidden(x))[:, -1])
+
+
+def scanned_kinks(z_of_t, samples: int = 20001) -> list[float]:
+    """Sign changes of every column of z(t) by a dense scan, then bisection (independent of
+    the library's search; misses only pairs closer than the scan's spacing)."""
+    grid = torch.linspace(0, 1, samples, dtype=DT)
+    values = torch.stack([z_of_t(float(t)) for t in grid])  # [samples, units]
+    found = []
+    for step, unit in torch.nonzero((values[1:] > 0) != (values[:-1] > 0)).tolist():
+        lo, hi = float(grid[step]), float(grid[step + 1])
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if (z_of_t(mid)[unit] > 0) == (values[step, unit] > 0):
+                lo = mid
+            else:
+                hi = mid
+        found.append((lo + hi) / 2)
+    return sorted(found)
+
+
+def brute_force_phi(model, theta, delta, x1, kinks, nodes: int = 8) -> torch.Tensor:
+    """Σ over pieces of Gauss–Legendre with materialised float64 Jacobians: [O, D]."""
+    flat, _ = flat_of(model)
+    t, w = np.polynomial.legendre.leggauss(nodes)
+    t, w = (t + 1) / 2, w / 2
+    edges = [0.0, *kinks, 1.0]
+    phi = 0
+    for a, b in zip(edges[:-1], edges[1:]):
+        for tq, wq in zip(t, w):
+            point = theta + (a + (b - a) * tq) * delta
+            jac = torch.autograd.functional.jacobian(lambda th: flat.explained(th, x1[None], "log_prob")[0], point)
+            phi = phi + (b - a) * wq * jac
+    return phi
+
+
+@pytest.mark.parametrize("zero_readout", [False, True])
+def test_only_kinks_that_move_the_output_are_located(zero_readout):
+    """Units at unread positions are skipped; the read ones are found even when the readout
+    weights are still zero at θ (they are not zero inside the step)."""
+    model = LastPosition(zero_readout)
+    flat, theta = flat_of(model)
+    delta = 0.8 * torch.randn(len(theta), generator=torch.Generator().manual_seed(5), dtype=DT)
+    x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(6), dtype=DT)
+    path = PathIntegral(flat, quadrature=8)  # the brute force's rule, on each piece
+    found = path.kinks(theta, delta, x)
+    hidden = flat.layout.slices()
+    w_sl, b_sl = hidden["hidden.weight"], hidden["hidden.bias"]
+
+    def last_position_inputs(i):
+        def z(t):
+            th = theta + t * delta
+            return x[i, -1] @ th[w_sl].view(5, 2).T + th[b_sl]
+        return z
+
+    all_positions = 0
+    for i in range(len(x)):
+        expected = scanned_kinks(last_position_inputs(i))
+        np.testing.assert_allclose(found[i], expected, rtol=0, atol=1e-9)
+        all_positions += len(scanned_kinks(lambda t, i=i: (x[i] @ (theta + t * delta)[w_sl].view(5, 2).T).flatten()
+                                           + (theta + t * delta)[b_sl].repeat(3)))
+    assert sum(map(len, found)) > 0 and all_positions > sum(map(len, found))
+
+    phi = path.jacobian(theta, delta, x, None, "log_prob", 3)
+    for i in range(len(x)):
+        reference = brute_force_phi(model, theta, delta, x[i], found[i])
+        torch.testing.assert_close(phi[i], reference, rtol=0, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_jacobian_of_selected_outputs_matches_brute_force_on_a_kinked_mlp():
+    """A two-layer ReLU MLP (the second layer's inputs are curved in t), one output per input."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).to(DT)
+    flat, theta = flat_of(model)
+    delta = 0.6 * torch.randn(len(theta), generator=torch.Generator().manual_seed(12), dtype=DT)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(13), dtype=DT)
+    select = torch.tensor([[0], [3], [1], [2], [0]])
+    path = PathIntegral(flat, quadrature=8)  # the brute force's rule, on each piece
+    found = path.kinks(theta, delta, x)
+
+    def pre_activations(i):
+        def z(t):
+            th = flat.layout.unflatten(theta + t * delta)
+            first = x[i] @ th["0.weight"].T + th["0.bias"]
+            return torch.cat([first, F.relu(first) @ th["2.weight"].T + th["2.bias"]])
+        return z
+
+    for i in range(len(x)):
+        np.testing.assert_allclose(found[i], scanned_kinks(pre_activations(i)), rtol=0, atol=1e-9)
+    assert sum(map(len, found)) >= 5
+    phi = path.jacobian(theta, delta, x, select, "log_prob", 1)
+    for i in range(len(x)):
+        reference = brute_force_phi(model, theta, delta, x[i], found[i])[select[i]]
+        torch.testing.assert_close(phi[i], reference, rtol=0, atol=1e-12 * float(reference.abs().max()))
+        # the path identity, from forward evaluations alone
+        with torch.no_grad():
+            change = (flat.explained(theta + delta, x[i:i + 1], "log_prob")
+                      - flat.explained(theta, x[i:i + 1], "log_prob"))[0, select[i]]
+        torch.testing.assert_close(phi[i] @ delta, change, rtol=0, atol=1e-13)
+
+
+def test_reconstruct_batch_size_bounds_rows_of_every_pass(tmp_path, monkeypatch):
+    """batch_size caps inputs × points on the segment, not inputs: no pass holds more rows,
+    and the reconstruction is the same as in one batch."""
+    run = train(Case("mlp", "adamw", act="relu", steps=3, lr_scale=3.0, n_test=6), tmp_path / "h")
+    whole = ex.reconstruct(run.path, run.model, run.test_x, progress=False)
+    assert whole.attrs["kinks_located"] > 0
+    seen = []
+    for name in ("directional_along", "kink_pattern"):
+        original = getattr(FlatModel, name)
+
+        def spy(self, theta, delta, x, t, *args, _original=original):
+            seen.append(len(x))
+            return _original(self, theta, delta, x, t, *args)
+
+        monkeypatch.setattr(FlatModel, name, spy)
+    split = ex.reconstruct(run.path, run.model, run.test_x, batch_size=5, progress=False)
+    assert max(seen) <= 5 and len(seen) > 2 * run.case.steps
+    np.testing.assert_allclose(split["reconstructed"].values, whole["reconstructed"].values, rtol=0, atol=1e-14)
+    assert split.attrs["kinks_located"] == whole.attrs["kinks_located"]
+    assert split.attrs["relative_residual"] <= 1e-9

@@ -1,0 +1,251 @@
+"""Pruning criteria, masks, evaluation and areas (explaind.pruning), against hand-computed answers
+and independent autograd loops over recorded runs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+import explaind as ex
+from explaind import InputError, pruning
+from explaind.functional import FlatModel, ParamLayout
+from explaind.losses import BUILTIN_LOSSES
+
+from engine_cases import Case, train
+
+CROSS_ENTROPY = BUILTIN_LOSSES["cross_entropy"]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A recorded momentum-SGD run of a tiny MLP with two parameter groups and a decaying schedule."""
+    case = Case(model="mlp", opt="sgd_momentum", schedule="lambda", groups=2, steps=5, n_train=10, n_test=6)
+    return train(case, tmp_path_factory.mktemp("pruning") / "history")
+
+
+def flat_model(run) -> tuple[FlatModel, ex.History]:
+    history = ex.History(run.path)
+    return FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants()), history
+
+
+# --- splits and groups ---------------------------------------------------------------------
+
+
+def test_splits_partition_the_held_out_set_and_depend_on_the_seed_only():
+    splits = pruning.split_inputs(20, 5, 6, seed=3)
+    assert len(splits) == 5
+    for score, evaluation in splits:
+        assert len(score) == 6 and len(evaluation) == 14
+        assert sorted(np.concatenate([score, evaluation]).tolist()) == list(range(20))
+    again = pruning.split_inputs(20, 5, 6, seed=3)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(splits, again))
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(splits, pruning.split_inputs(20, 5, 6, seed=4)))
+    with pytest.raises(InputError, match="score_inputs=20 must lie in 1 … 19"):
+        pruning.split_inputs(20, 5, 20, seed=0)
+    with pytest.raises(InputError, match="at least one split"):
+        pruning.split_inputs(20, 0, 5, seed=0)
+
+
+def test_input_groups_by_membership_pattern():
+    splits = [(np.array([0, 1, 2]), np.array([3, 4, 5])), (np.array([2, 3]), np.array([0, 1, 4, 5]))]
+    groups, member = pruning.input_groups(splits, 6)
+    # patterns (split 0, split 1): input 3 -> (0, 1), inputs 0, 1 -> (1, 0), input 2 -> (1, 1); 4, 5 in none
+    assert [g.tolist() for g in groups] == [[3], [0, 1], [2]]
+    assert member.tolist() == [[False, True, True], [True, False, True]]
+    for i, (score, _) in enumerate(splits):
+        assert sorted(np.concatenate([groups[g] for g in np.flatnonzero(member[i])]).tolist()) == score.tolist()
+
+
+# --- masks ---------------------------------------------------------------------------------
+
+
+def test_global_and_per_component_thresholds_keep_exactly_the_top_scores():
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4])
+    prunable = torch.tensor([True] * 6 + [False] * 2)  # the last two: a protected output layer
+    keep = pruning.keep_mask(scores, 0.5, prunable)  # 3 of the 6 prunable: 0.9, 0.7, 0.5
+    assert keep.tolist() == [True, False, True, True, False, False, True, True]
+    layer_a, layer_b = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    keep = pruning.keep_mask(scores, 0.5, prunable, [layer_a, layer_b])  # 2 of a's 4, 1 of b's 2 prunable
+    assert keep.tolist() == [True, False, False, True, True, False, True, True]
+    ties = pruning.keep_mask(torch.ones(4), 0.5, torch.ones(4, dtype=torch.bool))
+    assert ties.tolist() == [True, True, False, False]  # ties keep the lower index
+    with pytest.raises(InputError, match="must lie in"):
+        pruning.keep_mask(scores, 0.0, prunable)
+    with pytest.raises(InputError, match="NaN"):
+        pruning.keep_mask(torch.full((8,), float("nan")), 0.5, prunable)
+
+
+def test_prunable_mask_and_component_coordinates():
+    layout = ParamLayout(("a.weight", "a.bias", "out.weight"), ((2, 2), (2,), (1, 2)))
+    components = {"hidden": ["a.weight", "a.bias"], "output": ["out.weight"]}
+    assert pruning.prunable_mask(layout, components, ["output"]).tolist() == [True] * 6 + [False] * 2
+    coordinates = pruning.component_coordinates(layout, components)
+    assert coordinates["hidden"].tolist() == list(range(6)) and coordinates["output"].tolist() == [6, 7]
+    with pytest.raises(InputError, match=r"protected components \['head'\] do not exist"):
+        pruning.prunable_mask(layout, components, ["head"])
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(2, 2, bias=False)
+        self.out = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+            self.out.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+    def forward(self, x):
+        return F.log_softmax(self.out(self.hidden(x)), -1)
+
+
+def test_pruning_curves_on_a_hand_built_model():
+    model = TwoLayer().double()
+    layout = ParamLayout(("hidden.weight", "out.weight"), ((2, 2), (2, 2)))
+    flat = FlatModel(model, layout, torch.float64, "cpu")
+    theta = layout.flatten(dict(model.named_parameters())).detach()
+    x = torch.tensor([[20.0, 1.0], [0.0, 1.0], [1.0, -0.1]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    prunable = torch.tensor([True] * 4 + [False] * 4)
+    components = {"hidden": torch.arange(4), "out": torch.arange(4, 8)}
+    scores = {"mine": torch.tensor([0.0, 1.0, 0.0, 2.0, 0, 0, 0, 0])}  # keeps W[0, 1] and W[1, 1] at 1/2
+    curves = pruning.pruning_curves(flat, theta, scores, [0.5], prunable, components, x, y)
+
+    # by hand: the pruned hidden layer is [[0, -2], [0, 3]], the output layer the identity
+    pruned = F.log_softmax(x @ torch.tensor([[0.0, -2.0], [0.0, 3.0]], dtype=torch.float64).T, -1)
+    full = F.log_softmax(x @ torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64).T, -1)
+    kl = float((full.exp() * (full - pruned)).sum(-1).mean())
+    expected = {"accuracy": float((pruned.argmax(-1) == y).double().mean()),
+                "agreement": float((pruned.argmax(-1) == full.argmax(-1)).double().mean()), "kl": kl}
+    for protocol in ("global", "layerwise"):  # one prunable component: both protocols agree
+        row = curves[curves["protocol"] == protocol].iloc[0]
+        assert row["criterion"] == "mine" and row["fraction"] == 0.5
+        for metric, value in expected.items():
+            assert row[metric] == pytest.approx(value, rel=1e-12)
+    # predictions: unpruned [0, 1, 0], pruned [1, 1, 0]
+    assert expected["accuracy"] == pytest.approx(1 / 3) and expected["agreement"] == pytest.approx(2 / 3)
+
+
+def test_compare_outputs_of_identical_models():
+    reference = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64), -1)
+    same = pruning.compare_outputs(reference, reference, torch.tensor([0, 0]))
+    assert same == {"accuracy": 0.5, "agreement": 1.0, "kl": 0.0}
+
+
+def test_area_under_a_log_spaced_curve():
+    fractions = np.array([0.01, 0.1, 1.0])
+    assert pruning.curve_area(fractions, np.array([0.7, 0.7, 0.7])) == pytest.approx(0.7)
+    assert pruning.curve_area(fractions, np.array([0.0, 1.0, 2.0])) == pytest.approx(1.0)  # linear in log10
+    assert pruning.curve_area(fractions, np.array([1.0, 0.0, 0.0])) == pytest.approx(0.25)
+    assert pruning.curve_area(np.geomspace(1e-3, 0.3, 10), np.ones(10)) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="0 < min_fraction < max_fraction"):
+        pruning.fraction_grid(0.3, 0.1, 5)
+
+
+def test_verdicts_pair_the_splits_and_flip_the_sign_of_kl():
+    rows = []
+    for split, (ours, theirs) in enumerate([((0.9, 0.1), (0.8, 0.3)), ((0.8, 0.2), (0.7, 0.1)), ((0.7, 0.3), (0.6, 0.2))]):
+        for criterion, (accuracy, kl) in (("explaind", ours), ("magnitude", theirs)):
+            rows.append({"split": split, "protocol": "global", "criterion": criterion,
+                         "accuracy": accuracy, "agreement": accuracy, "kl": kl})
+    table = pruning.verdicts(pd.DataFrame(rows)).set_index("metric")
+    assert table.loc["accuracy", "verdict"] == "wins" and table.loc["accuracy", "better_by"] == pytest.approx(0.1)
+    # KL: lower is better; ExPLAIND is lower on split 0 only (by 0.2, then higher by 0.1 twice)
+    assert table.loc["kl", "verdict"] == "ties" and table.loc["kl", "splits_better"] == 1
+    assert table.loc["kl", "better_by"] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- criteria ------------------------------------------------------------------------------
+
+
+def test_cube_scores_follow_the_layout_order():
+    layout = ParamLayout(("a", "b"), ((2,), (3,)))
+    cube = xr.Dataset({"parameter_score": ("parameter", np.array([10.0, 11.0, 12.0, 1.0, 2.0])),
+                       "parameter_score_stepwise_abs": ("parameter", np.array([20.0, 21.0, 22.0, 3.0, 4.0]))},
+                      attrs={"tensor_names": ["b", "a"]})  # the cube lists component by component
+    scores = pruning.cube_scores(cube, layout)
+    assert scores["explaind"].tolist() == [1.0, 2.0, 10.0, 11.0, 12.0]
+    assert scores["explaind_abs"].tolist() == [3.0, 4.0, 20.0, 21.0, 22.0]
+    with pytest.raises(InputError, match="parameter_scores=True"):
+        pruning.cube_scores(cube.drop_vars("parameter_score"), layout)
+
+
+def test_explaind_scores_of_groups_add_up_to_the_scores_of_their_union(recorded):
+    """Why a split's score is the sum of its groups' (one explain call per group)."""
+    flat, history = flat_model(recorded)
+    x, y = recorded.test_x, recorded.test_y
+
+    def scores(rows):
+        cube = ex.explain(recorded.path, recorded.model, x[rows], y[rows], keep=(), parameter_scores=True,
+                          components="module", quadrature=3, progress=False)
+        return pruning.cube_scores(cube, history.layout)
+
+    parts = [scores([0, 1]), scores([2, 3, 4, 5])]
+    whole = scores(list(range(6)))
+    for name in ("explaind", "explaind_abs"):
+        torch.testing.assert_close(parts[0][name] + parts[1][name], whole[name], rtol=1e-10, atol=1e-14)
+
+
+def per_input_gradients(run, theta: torch.Tensor, x, y) -> torch.Tensor:
+    """∇_θ ℓ(x_i) for each input, by autograd on the module with θ loaded."""
+    model = run.case.fresh_model()
+    torch.nn.utils.vector_to_parameters(theta, model.parameters())
+    rows = []
+    for xi, yi in zip(x, y):
+        loss = F.cross_entropy(model(xi[None]), yi[None])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    return torch.stack(rows)
+
+
+def test_gradient_scores_against_autograd(recorded):
+    flat, history = flat_model(recorded)
+    theta = recorded.thetas[-1]
+    x, y = recorded.test_x, recorded.test_y
+    expected = per_input_gradients(recorded, theta, x, y)
+    scores = pruning.gradient_scores(flat, theta, x, y, CROSS_ENTROPY, chunk=4)  # two chunks
+    torch.testing.assert_close(scores["gradient"], expected.sum(0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(scores["taylor"], (expected * theta).abs().sum(0), rtol=1e-12, atol=1e-14)
+
+
+def test_loss_change_allocation_against_a_loop_over_the_recorded_parameters(recorded):
+    flat, history = flat_model(recorded)
+    x, y = recorded.test_x, recorded.test_y
+    weights = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0, 0.5]], dtype=torch.float64)
+    lca = pruning.loss_change_allocation(history, flat, x, y, weights, CROSS_ENTROPY, progress=False)
+    expected = torch.zeros_like(lca)
+    thetas = recorded.thetas
+    for before, after in zip(thetas[:-1], thetas[1:]):
+        at_before = weights @ per_input_gradients(recorded, before, x, y)
+        at_after = weights @ per_input_gradients(recorded, after, x, y)
+        expected += 0.5 * (at_before + at_after) * (after - before)
+    torch.testing.assert_close(lca, expected, rtol=1e-10, atol=1e-14)
+    # and the allocation adds up to (nearly: trapezoid rule) each loss's change over the run
+    losses = lambda theta: weights @ F.cross_entropy(flat.raw(theta, x), y, reduction="none")  # noqa: E731
+    change = losses(thetas[-1]) - losses(thetas[0])
+    torch.testing.assert_close(lca.sum(1), change, rtol=0.05, atol=1e-3)
+
+
+def test_split_scores_combine_the_groups_of_a_split():
+    theta = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    per_group = {
+        "explaind": torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64),
+        "explaind_abs": torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]], dtype=torch.float64),
+        "taylor": torch.tensor([[0.1, 0.2, 0.3], [1.0, 1.0, 1.0]], dtype=torch.float64),
+        "gradient": torch.tensor([[1.0, 1.0, -1.0], [-3.0, 1.0, 1.0]], dtype=torch.float64),
+        "lca": torch.tensor([[-1.0, 0.5, 0.0], [0.0, -0.5, 2.0]], dtype=torch.float64),
+    }
+    generator = torch.Generator().manual_seed(0)
+    both = pruning.split_scores(per_group, np.array([True, True]), theta, generator)
+    assert list(both) == list(pruning.CRITERIA)
+    assert both["explaind"].tolist() == [1.0, 2.0, 0.0]
+    assert both["gradient_weight"].tolist() == [2.0, 4.0, 0.0]  # |θ ⊙ (sum of the groups' gradients)|
+    assert both["magnitude"].tolist() == [1.0, 2.0, 0.5]
+    assert both["lca"].tolist() == [1.0, 0.0, -2.0]  # the loss decrease each parameter brought
+    first = pruning.split_scores(per_group, np.array([True, False]), theta, generator)
+    assert first["taylor"].tolist() == [0.1, 0.2, 0.3]
+    assert not torch.equal(both["random"], first["random"])  # a fresh draw per split
