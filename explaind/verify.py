@@ -94,9 +94,17 @@ def reconstruct(
     batch_size bounds the rows of one pass: inputs, or (input, point on the segment) pairs
     where each row carries its own parameters (quadrature nodes, kink search probes).
     """
+    return _reconstructions(history, model, inputs, [(quadrature, rule, breakpoints)], target=target, dtype=dtype,
+                            device=device, batch_size=batch_size, progress=progress)[0]
+
+
+def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
+                     dtype: torch.dtype, device, batch_size: int, progress: bool) -> list[xr.Dataset]:
+    """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
+    (reading and checking the steps costs as much as a cheap integral)."""
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    path = PathIntegral(flat, quadrature, rule, breakpoints, max_rows=batch_size)
+    paths = [PathIntegral(flat, q, rule, kinks, max_rows=batch_size) for q, rule, kinks in settings]
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
     if tuple(inputs.shape[1:]) != shape:
@@ -109,36 +117,40 @@ def reconstruct(
 
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
     initial = outputs(theta0)
-    change = torch.zeros_like(initial)
+    changes = [torch.zeros_like(initial) for _ in paths]
     for rec in tqdm(history.steps(), total=history.n_steps, desc="reconstruct", disable=not progress, leave=False):
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
         delta = flat.layout.flatten(rec.after).to(flat.device, dtype) - theta
-        change += torch.cat([path.change(theta, delta, x, target) for x in batches])
+        for path, change in zip(paths, changes):
+            change += torch.cat([path.change(theta, delta, x, target) for x in batches])
     final = outputs(flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype))
-    reconstructed = initial + change
-    residual = final - reconstructed
     scale = (final - initial).abs().max().item()
     dims = ("test", "output")
-    return xr.Dataset(
-        {
-            "initial": (dims, initial.cpu().numpy()),
-            "final": (dims, final.cpu().numpy()),
-            "reconstructed": (dims, reconstructed.cpu().numpy()),
-            "residual": (dims, residual.cpu().numpy()),
-        },
-        coords={"test": np.arange(len(inputs)), "output": np.arange(initial.shape[1])},
-        attrs={
-            "quadrature_rule": rule,
-            "quadrature_nodes": quadrature,
-            "breakpoints": int(breakpoints),
-            **path.stats.as_attrs(),
-            "target": target,
-            "dtype": str(dtype).removeprefix("torch."),
-            "max_abs_residual": residual.abs().max().item(),
-            "relative_residual": residual.abs().max().item() / scale if scale > 0 else 0.0,
-            "history_sha256": history.fingerprint(),
-        },
-    )
+    results = []
+    for (q, rule, kinks), path, change in zip(settings, paths, changes):
+        reconstructed = initial + change
+        residual = final - reconstructed
+        results.append(xr.Dataset(
+            {
+                "initial": (dims, initial.cpu().numpy()),
+                "final": (dims, final.cpu().numpy()),
+                "reconstructed": (dims, reconstructed.cpu().numpy()),
+                "residual": (dims, residual.cpu().numpy()),
+            },
+            coords={"test": np.arange(len(inputs)), "output": np.arange(initial.shape[1])},
+            attrs={
+                "quadrature_rule": rule,
+                "quadrature_nodes": q,
+                "breakpoints": int(kinks),
+                **path.stats.as_attrs(),
+                "target": target,
+                "dtype": str(dtype).removeprefix("torch."),
+                "max_abs_residual": residual.abs().max().item(),
+                "relative_residual": residual.abs().max().item() / scale if scale > 0 else 0.0,
+                "history_sha256": history.fingerprint(),
+            },
+        ))
+    return results
 
 
 def replication_metrics(reconstruction: xr.Dataset) -> dict[str, float]:
@@ -176,12 +188,8 @@ def quadrature_sensitivity(
     rule, with and without locating kinks: a pandas DataFrame, one row per setting."""
     import pandas as pd
 
-    history = open_history(history, model)
-    rows = []
-    settings = [(r, q, b) for r in rules for b in breakpoints for q in nodes_list]
-    for rule, q, kinks in tqdm(settings, desc="quadrature", disable=not progress, leave=False):
-        rec = reconstruct(history, model, inputs, quadrature=q, rule=rule, breakpoints=kinks,
-                          dtype=dtype, device=device, progress=False)
-        rows.append({"rule": rule, "nodes": q, "breakpoints": kinks,
-                     **replication_metrics(rec), "kinks_located": rec.attrs["kinks_located"]})
-    return pd.DataFrame(rows)
+    settings = [(q, r, b) for r in rules for b in breakpoints for q in nodes_list]
+    recs = _reconstructions(history, model, inputs, settings, target="log_prob", dtype=dtype, device=device,
+                            batch_size=4096, progress=progress)
+    return pd.DataFrame([{"rule": rule, "nodes": q, "breakpoints": kinks, **replication_metrics(rec),
+                          "kinks_located": rec.attrs["kinks_located"]} for (q, rule, kinks), rec in zip(settings, recs)])

@@ -84,3 +84,16 @@ def test_the_true_class_slice_of_every_output_equals_explaining_the_true_class(r
     assert sliced["output"].values.tolist() == ["true"]
     for key in ("max_abs_residual", "max_abs_change", "relative_residual"):
         assert sliced.attrs[key] == pytest.approx(direct.attrs[key], rel=1e-9, abs=1e-15), key
+
+
+def test_quadrature_sensitivity_in_one_pass_equals_separate_reconstructions(run):
+    from explaind.verify import quadrature_sensitivity
+
+    table = quadrature_sensitivity(run.path, run.model, run.test_x, nodes_list=(1, 3), rules=("gauss", "midpoint"),
+                                   breakpoints=(False, True), progress=False)
+    assert len(table) == 8
+    for row in table.itertuples():
+        alone = ex.reconstruct(run.path, run.model, run.test_x, quadrature=row.nodes, rule=row.rule,
+                               breakpoints=row.breakpoints, progress=False)
+        assert row.relative_residual == pytest.approx(alone.attrs["relative_residual"], rel=1e-9, abs=1e-15)
+        assert row.kinks_located == alone.attrs["kinks_located"]
