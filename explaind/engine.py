@@ -448,6 +448,8 @@ class _Pass:
         # without a train dim and with the update check left to verify_updates, no gradient is
         # needed: the recorded Δθ_s is the update, and the modelled weight decay splits it
         self.recorded_updates = not req.keeps("train") and not req.check_updates
+        # the backward pass of the update convention carries one effect per kept step bin
+        self.per_bin = req.convention == "update" and req.keeps("step")
         if req.parameter_scores:
             d = flat.layout.dim
             self.score_sum = torch.zeros(self.n_test * req.n_outputs, d, dtype=self.dt, device=self.dev)
@@ -484,15 +486,18 @@ class _Pass:
             view = view.sum(1, keepdim=True)
         return view.reshape(-1, full.shape[-1])
 
+    def step_batch(self, rec: StepRecord):
+        """A step's sample weights, the chunk column of each sample (−1: not in this chunk), and
+        its inputs and targets on the compute device."""
+        weights = sample_weights(self.req.history.reduction, len(rec.indices), self.dt, self.dev)
+        return weights, self.column[rec.indices], self.req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
+
     def batch_gradients(self, rec: StepRecord, theta: torch.Tensor):
         """Weighted per-sample gradients w g of the chunk's rows [B_c, D], their columns, and
         the whole batch's gradient ḡ (for the update check)."""
         req = self.req
-        weights = sample_weights(req.history.reduction, len(rec.indices), self.dt, self.dev)
-        columns = self.column[rec.indices]
+        weights, columns, x, y = self.step_batch(rec)
         in_chunk = columns >= 0
-        x = req.flat.cast_inputs(rec.inputs)
-        y = rec.targets.to(self.dev)
         if req.keeps("train"):
             rows = in_chunk.to(self.dev)
             if bool(rows.any()):
@@ -628,9 +633,12 @@ class _Pass:
         step's bin, so one K is carried per kept step bin (bins not yet reached are zero)."""
         req = self.req
         start = req.step_range[0]
-        per_bin = req.convention == "update" and req.keeps("step")
+        per_bin = self.per_bin
+        # Σ over bins for all T·O rows, for the total and the scores (first train chunk only);
+        # when the carried rows are all rows and unbinned, it is carried[0] itself
+        separate_full = self.first_train_chunk and (per_bin or not (req.keeps("test") and req.keeps("output")))
         carried = None  # K per bin (or one), [bins, rows, D]
-        carried_full = None  # Σ over bins for all T·O rows (total and scores)
+        carried_full = None
         a_next = None
         for rec in records:
             s = rec.step
@@ -638,26 +646,28 @@ class _Pass:
             theta, theta_next = self.thetas(rec)
             if carried is not None:  # from the effect on step s + 1 on to step s
                 carried.mul_(a_next)
-                carried_full.mul_(a_next)
+                if separate_full:
+                    carried_full.mul_(a_next)
             full = rows = None
             if s >= start:  # steps before the range only pass momentum on (update convention)
                 full = self.path_jacobian(theta, theta_next - theta).mul_(-k.eta)
                 rows = self.reduce_rows(full)
                 if carried is None:
                     carried = full.new_zeros(self.attribution.shape[0] if per_bin else 1, *rows.shape)
-                    carried_full = torch.zeros_like(full)
+                    carried_full = torch.zeros_like(full) if separate_full else carried[0]
                 carried[self.bin_of[s] if per_bin else 0] += rows * (k.precond * k.c)
-                carried_full += full * (k.precond * k.c)
+                if separate_full:
+                    carried_full += full * (k.precond * k.c)
             # bins from here on (per_bin) or this step's bin: where the effect is booked
             first = self.bin_of[max(s, start)] if per_bin else 0
             effect = k.b * carried[first:]
             own = rows * (k.precond * k.e) if rows is not None else None  # nesterov / plain SGD
             if own is not None:
                 effect[0] += own
-            effect_full = k.b * carried_full + (0 if full is None else full * (k.precond * k.e))
             blocks, columns, g_full = self.sample_effects(rec, theta, effect)
             self.book(self.attribution, s, first, blocks, len(effect), columns)
             if self.first_train_chunk:
+                effect_full = k.b * carried_full + (0 if full is None else full * (k.precond * k.e))
                 decay = k.coupled_decay * theta
                 decay_blocks = self.contract(effect.reshape(-1, effect.shape[-1]), decay[None])
                 self.book(self.regularization, s, first, decay_blocks, len(effect))
@@ -685,9 +695,7 @@ class _Pass:
         if not req.keeps("train") or len(tangents) * n_comp * FORWARD_MODE_RATIO > len(rec.indices):
             wg, columns, g_full = self.batch_gradients(rec, theta)
             return self.contract(tangents, wg), columns, g_full
-        weights = sample_weights(req.history.reduction, len(rec.indices), self.dt, self.dev)
-        x, y = req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
-        columns = self.column[rec.indices]
+        weights, columns, x, y = self.step_batch(rec)
         in_chunk = (columns >= 0).to(self.dev)
         g_full = req.flat.batch_gradient(theta, x, y, weights, req.loss) if self.first_train_chunk else None
         if req.keeps("component"):  # one tangent per component: the effect restricted to it
@@ -706,7 +714,7 @@ class _Pass:
              columns: torch.Tensor | None = None) -> None:
         """Book the backward pass's blocks [comp][bins·rows, n]: per-bin effects (update
         convention) go to bins first, first + 1, ...; a single effect to the bin of step s."""
-        if not (self.req.convention == "update" and self.req.keeps("step")):
+        if not self.per_bin:
             self.add(target, s, blocks, columns)
             return
         for p, block in enumerate(blocks):

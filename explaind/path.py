@@ -270,9 +270,9 @@ class PathIntegral:
         size = max(1, self.max_elements // (n_outputs * dim))
         if self.max_rows:
             size = min(size, self.max_rows)
-        if not self.breakpoints:  # every input has the same nodes: shared parameters per node
-            return torch.cat([self._shared_jacobian(theta, delta, x[c], None if select is None else select[c], target)
-                              for c in torch.arange(len(x), device=x.device).split(size)])
+        if not self.breakpoints:
+            return self._plain(x, size, lambda t, c: self.flat.jacobian(
+                theta + t * delta, x[c], None if select is None else select[c], target))
         owner, t, w = self.nodes(theta, delta, x)
         phi = torch.zeros(len(x), n_outputs, dim, dtype=self.flat.dtype, device=self.flat.device)
         for chunk in torch.arange(len(t), device=t.device).split(size):
@@ -284,10 +284,9 @@ class PathIntegral:
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
-        if not self.breakpoints:  # every input has the same nodes: one batched pass per node
-            size = self.max_rows or len(x)
-            return torch.cat([self._shared_change(theta, delta, x[c], target)
-                              for c in torch.arange(len(x), device=x.device).split(size)])
+        if not self.breakpoints:
+            return self._plain(x, self.max_rows or len(x),
+                               lambda t, c: self.flat.directional(theta + t * delta, delta, x[c], target))
         owner, t, w = self.nodes(theta, delta, x)
         size = self.max_rows or len(t)
         parts = [self.flat.directional_along(theta, delta, x[owner[c].to(x.device)], t[c], target) * w[c, None]
@@ -295,14 +294,12 @@ class PathIntegral:
         along = torch.cat(parts)
         return torch.zeros(len(x), along.shape[1], dtype=along.dtype, device=along.device).index_add_(0, owner, along)
 
-
     def directional(self, theta, delta, x, tangents, target: str, select=None) -> torch.Tensor:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
         [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed."""
         if not self.breakpoints:
-            size = self.max_rows or len(x)
-            out = torch.cat([self._shared_directional(theta, delta, x[c], tangents, target)
-                             for c in torch.arange(len(x), device=x.device).split(size)])
+            out = self._plain(x, self.max_rows or len(x), lambda t, c: self.flat.directional_many(
+                theta + t * delta, tangents, x[c], target).permute(1, 2, 0))
         else:
             owner, t, w = self.nodes(theta, delta, x)
             size = self.max_rows or len(t)
@@ -317,28 +314,20 @@ class PathIntegral:
             out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
         return out
 
-    # Plain quadrature (no kinks located, or a smooth model): the nodes are the same for every
-    # input, so each node is one pass over the whole batch with one set of parameters (large
-    # matrix products) instead of a pass with parameters per (input, node) row.
-
-    def _shared_jacobian(self, theta, delta, x, select, target: str) -> torch.Tensor:
-        self.stats.segments += len(x)
-        phi = None
-        for t, w in zip(self.t_nodes, self.t_weights):
-            jac = self.flat.jacobian(theta + t * delta, x, select, target).mul_(w)
-            phi = jac if phi is None else phi.add_(jac)
-        return phi
-
-    def _shared_directional(self, theta, delta, x, tangents, target: str) -> torch.Tensor:
-        self.stats.segments += len(x)
-        out = sum(w * self.flat.directional_many(theta + t * delta, tangents, x, target)
-                  for t, w in zip(self.t_nodes, self.t_weights))
-        return out.permute(1, 2, 0)  # [T, O, V]
-
-    def _shared_change(self, theta, delta, x, target: str) -> torch.Tensor:
-        self.stats.segments += len(x)
-        return sum(w * self.flat.directional(theta + t * delta, delta, x, target)
-                   for t, w in zip(self.t_nodes, self.t_weights))
+    def _plain(self, x, size: int, at) -> torch.Tensor:
+        """Σ_r w_r · at(t_r, chunk) over chunks of at most `size` inputs, for plain quadrature (no
+        kinks located, or a smooth model): the nodes are the same for every input, so each node is
+        one pass over a chunk with one set of parameters (large matrix products) instead of a pass
+        with parameters per (input, node) row."""
+        parts = []
+        for chunk in torch.arange(len(x), device=x.device).split(size):
+            self.stats.segments += len(chunk)
+            total = None
+            for t, w in zip(self.t_nodes, self.t_weights):
+                term = at(t, chunk).mul_(w)
+                total = term if total is None else total.add_(term)
+            parts.append(total)
+        return torch.cat(parts)
 
 
 def _columns(pattern, relevant: torch.Tensor | None):

@@ -105,7 +105,8 @@ def _request_options(options: dict) -> dict:
     defaults = {k: v.default for k, v in parameters.items() if v.kind == v.KEYWORD_ONLY}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"plan() got arguments explain() does not take: {unknown}")
+        raise TypeError(f"plan() got arguments explain() does not take: {unknown}. Fix: pass explain()'s "
+                        f"keyword arguments, e.g. {sorted(defaults)[:6]} ...")
     merged = {**defaults, **options}
     for after_compute in ("memory_budget", "tolerance", "test_ids", "progress"):
         merged.pop(after_compute)
