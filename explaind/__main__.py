@@ -14,8 +14,7 @@ from pathlib import Path
 
 from .engine import CONVENTIONS, DIMS
 from .functional import TARGETS
-
-DTYPES = ("float32", "float64")
+from .training import DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parameter-scores", action="store_true")
     p.add_argument("--no-update-check", dest="check_updates", action="store_false",
                    help="trust the recorded updates (checked by verify_updates): no gradients without a train dim")
-    p.add_argument("--dtype", default="float64", choices=DTYPES)
+    p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory-budget", type=float, default=4.0, help="GiB on the compute device")
     p.add_argument("--calibrate", type=int, default=0, metavar="STEPS",
@@ -54,8 +53,6 @@ def _outputs(text: str):
 
 
 def plan_command(args: argparse.Namespace) -> str:
-    import torch
-
     from .planning import plan
     from .stages import load_run
 
@@ -73,7 +70,7 @@ def plan_command(args: argparse.Namespace) -> str:
         target=args.target, quadrature=args.quadrature, rule=args.rule, breakpoints=args.breakpoints,
         convention=args.convention, components=run.components, step_bins=args.step_bins,
         parameter_scores=args.parameter_scores, check_updates=args.check_updates,
-        dtype=getattr(torch, args.dtype), device=args.device,
+        dtype=DTYPES[args.dtype], device=args.device,
         memory_budget=args.memory_budget * 2**30, calibrate_steps=args.calibrate,
     )
     return str(result)
