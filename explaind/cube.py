@@ -109,6 +109,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         quadrature_rule=req.path.rule,
         quadrature_nodes=req.path.quadrature,
         breakpoints=int(req.path.breakpoints),
+        kink_tolerance=float(req.path.kink_tolerance),
         **req.path.stats.as_attrs(),
         dtype=str(req.flat.dtype).removeprefix("torch."),
         explaind_version=_version(),

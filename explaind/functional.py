@@ -245,30 +245,33 @@ class FlatModel:
             return self._call(self.layout.unflatten(theta), x)
 
     def kink_pattern(
-        self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float,
+        target: str = "logit",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where each row's forward pass at θ + tΔ stands relative to the model's kinks: signed
         distances z [R, P], their derivatives dz/dt along the segment [R, P] (forward mode) and
-        argmax indices [R, P'] (P = P' = 0 if smooth).
+        argmax indices [R, P'] (P = P' = 0 if smooth); and the explained output there [R, O],
+        which the same pass computes.
 
         t is one float for all rows (one batched pass with shared parameters) or a tensor [R],
         one point per row (a vmapped pass, each row with its own parameters).
         """
 
-        def pattern(th: torch.Tensor, x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def pattern(th: torch.Tensor, x_: torch.Tensor):
             mode = _KinkPattern()
-            self._pattern(th, x_, mode)
+            out = self._explain(self._pattern(th, x_, mode), target)
             distances, indices = mode.flat(len(x_))
-            return distances.to(self.dtype), indices
+            return distances.to(self.dtype), (indices, out)
 
         def along(th: torch.Tensor, x_: torch.Tensor):
-            return jvp(lambda p: pattern(p, x_), (th,), (delta,), has_aux=True)
+            z, dz, (idx, out) = jvp(lambda p: pattern(p, x_), (th,), (delta,), has_aux=True)
+            return z, dz, idx, out
 
         with torch.no_grad():
             if not isinstance(t, torch.Tensor):
                 return along(theta + t * delta, x)
-            z, dz, idx = vmap(lambda x1, t1: along(theta + t1 * delta, x1.unsqueeze(0)))(x, t)
-            return z[:, 0], dz[:, 0], idx[:, 0]
+            z, dz, idx, out = vmap(lambda x1, t1: along(theta + t1 * delta, x1.unsqueeze(0)))(x, t)
+            return z[:, 0], dz[:, 0], idx[:, 0], out[:, 0]
 
     def kink_relevance(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor | None:
         """Which distances of kink_pattern can move the explained output: [P] bool, any row.

@@ -32,7 +32,7 @@ from .engine import explain
 from .errors import InputError, ReconstructionError
 from .history import History
 from .models import TRANSFORMER_COMPONENTS
-from .training import DTYPES, TransformerConfig, _first_step, train_transformer
+from .training import DTYPES, TransformerConfig, first_step, train_transformer
 
 PIPELINE = ("attention", "mlp_in")
 OUTER = ("embedding", "mlp_out", "unembedding")
@@ -183,8 +183,8 @@ def bin_leaders(shares: xr.DataArray) -> pd.Series:
 
 def milestones(log: pd.DataFrame) -> dict[str, float]:
     """Accuracy milestones of a training log: 100% training, 50% and 95% validation accuracy."""
-    return {"t_mem": _first_step(log, "train_acc", 1.0), "t_val_50": _first_step(log, "val_acc", 0.5),
-            "t_val_95": _first_step(log, "val_acc", 0.95)}
+    return {"t_mem": first_step(log, "train_acc", 1.0), "t_val_50": first_step(log, "val_acc", 0.5),
+            "t_val_95": first_step(log, "val_acc", 0.95)}
 
 
 def loss_spikes(log: pd.DataFrame, factor: float = 10.0) -> list[int]:
@@ -445,7 +445,7 @@ def retrain(config: TransformerConfig, checkpoint: Mapping[str, torch.Tensor], v
     run_config = dataclasses.replace(config, seed=seed, max_steps=max_steps, stop_val_acc=target, dtype=dtype)
     state = retraining_state(checkpoint, RETRAIN_VARIANTS[variant], seed, reinit_std)
     result = train_transformer(run_config, device=device, progress=False, initial_state=state)
-    reached = _first_step(result.log, "val_acc", target)
+    reached = first_step(result.log, "val_acc", target)
     return {"variant": variant, "seed": seed, "steps_to_target": reached, "reached": bool(np.isfinite(reached)),
             "steps_run": int(result.log["step"].iloc[-1]), "final_val_acc": float(result.log["val_acc"].iloc[-1])}
 

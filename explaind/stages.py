@@ -22,9 +22,9 @@ import torch
 import xarray as xr
 
 from .errors import ExplaindError, ReconstructionError
+from .training import DTYPES  # re-exported: the notebooks read it from here
 
 MODELS = ("cnn", "transformer")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CONFIG_FILE = "config.json"  # the training config, saved next to model.safetensors
 
 # DESIGN §7: the paper's replication numbers (mod-113 Transformer and CIFAR-2 ResNet-9).
@@ -46,6 +46,8 @@ class VerifyConfig:
     quadrature: int = 3  # nodes per smooth piece of each step's path integral
     rule: Literal["gauss", "midpoint"] = "gauss"  # quadrature rule
     breakpoints: bool = True  # locate the ReLU / max-pool kinks along each step first
+    # 0: search every step's kinks; > 0: only where the plain integral misses an output by more
+    kink_tolerance: float = 0.0
     batch_size: int = 64  # rows (input x node) per forward-mode pass: bounds the memory
     sensitivity_inputs: int = 4  # inputs of the quadrature-sensitivity sweep (the first ones)
     sensitivity_nodes: tuple[int, ...] = (1, 2, 3, 10, 30, 100)  # nodes, plain quadrature (no kinks located)
@@ -191,7 +193,7 @@ def integration_of(reference: xr.Dataset) -> dict[str, Any]:
     """The path-integral settings a reconstruction was computed with, as explain() arguments."""
     attrs = reference.attrs
     return {"quadrature": int(attrs["quadrature_nodes"]), "rule": str(attrs["quadrature_rule"]),
-            "breakpoints": bool(attrs["breakpoints"])}
+            "breakpoints": bool(attrs["breakpoints"]), "kink_tolerance": float(attrs.get("kink_tolerance", 0.0))}
 
 
 def check_cube(cube: xr.Dataset, reference: xr.Dataset, tolerance: float, verify_tolerance: float,
@@ -254,8 +256,8 @@ def reference_values(cube: xr.Dataset, reference: xr.Dataset) -> dict[str, np.nd
 def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Orders of the train and test axes for the train x test kernel plot: by class (CNN) or by
     residue (a + b) mod p (Transformer), so block structure shows."""
-    train_labels = run.train_y[cube["train"].values].numpy()
-    test_labels = run.test_y[cube["test"].values].numpy()
+    train_labels = run.train_y.numpy()[cube["train"].values]
+    test_labels = run.test_y.numpy()[cube["test"].values]
     return np.argsort(train_labels, kind="stable"), np.argsort(test_labels, kind="stable")
 
 

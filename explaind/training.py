@@ -141,7 +141,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return total_loss / len(y), correct / len(y)
 
 
-def _first_step(log: pd.DataFrame, column: str, threshold: float) -> float:
+def first_step(log: pd.DataFrame, column: str, threshold: float) -> float:
     """First logged step at which `column` reaches `threshold` (NaN if it never does)."""
     hits = log.loc[log[column] >= threshold, "step"]
     return float(hits.iloc[0]) if len(hits) else float("nan")
@@ -235,9 +235,9 @@ def train_transformer(
         "train_acc": float(log["train_acc"].iloc[-1]),
         "val_loss": float(log["val_loss"].iloc[-1]),
         "val_acc": float(log["val_acc"].iloc[-1]),
-        "t_mem": _first_step(log, "train_acc", 1.0),
-        "t_val_95": _first_step(log, "val_acc", 0.95),
-        "t_val_100": _first_step(log, "val_acc", 1.0),
+        "t_mem": first_step(log, "train_acc", 1.0),
+        "t_val_95": first_step(log, "val_acc", 0.95),
+        "t_val_100": first_step(log, "val_acc", 1.0),
         "wall_time_s": time.perf_counter() - start,
     }
     return TrainResult(model, log, metrics)

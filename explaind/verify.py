@@ -23,12 +23,16 @@ from .optimizers import AggregateUpdate, group_index, step_coefficients
 from .path import PathIntegral
 
 
-def update_residuals(history: History, flat: FlatModel, loss) -> np.ndarray:
-    """Per step: max |Δθ_s + η_s(Σ_k u_{s,k} + r_s)| / max |Δθ_s| (recorded vs modelled)."""
+def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None) -> np.ndarray:
+    """Per step: max |Δθ_s + η_s(Σ_k u_{s,k} + r_s)| / max |Δθ_s| (recorded vs modelled).
+
+    steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
+    before start is replayed."""
     aggregate = AggregateUpdate()
     groups = group_index(history, flat)
     out = np.zeros(history.n_steps)
-    for rec in history.steps():
+    start, stop = steps or (0, history.n_steps)
+    for rec in history.steps(0, stop):
         theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
         delta = flat.layout.flatten(rec.after).to(flat.device, flat.dtype) - theta
         moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)
@@ -36,8 +40,9 @@ def update_residuals(history: History, flat: FlatModel, loss) -> np.ndarray:
         weights = sample_weights(history.reduction, len(rec.indices), flat.dtype, flat.device)
         g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss)
         modelled = aggregate.step(k, g, theta)
-        scale = delta.abs().max().clamp_min(torch.finfo(flat.dtype).tiny)
-        out[rec.step] = ((delta + k.eta * modelled).abs().max() / scale).item()
+        if rec.step >= start:
+            scale = delta.abs().max().clamp_min(torch.finfo(flat.dtype).tiny)
+            out[rec.step] = ((delta + k.eta * modelled).abs().max() / scale).item()
     return out
 
 
@@ -80,6 +85,7 @@ def reconstruct(
     quadrature: int = 4,
     rule: str = "gauss",
     breakpoints: bool = True,
+    kink_tolerance: float = 0.0,
     target: str = "log_prob",
     dtype: torch.dtype = torch.float64,
     device="cpu",
@@ -89,22 +95,24 @@ def reconstruct(
     """Check 2 for all outputs of many inputs: f(θ_0) + Σ_s ∫ J(θ_s + tΔθ_s)·Δθ_s dt.
 
     Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
-    `breakpoints`); returns initial, final, reconstructed
+    `breakpoints` and `kink_tolerance`); returns initial, final, reconstructed
     and residual over (test, output), with the relative residual in the attributes.
     batch_size bounds the rows of one pass: inputs, or (input, point on the segment) pairs
     where each row carries its own parameters (quadrature nodes, kink search probes).
     """
     return _reconstructions(history, model, inputs, [(quadrature, rule, breakpoints)], target=target, dtype=dtype,
-                            device=device, batch_size=batch_size, progress=progress)[0]
+                            device=device, batch_size=batch_size, progress=progress,
+                            kink_tolerance=kink_tolerance)[0]
 
 
 def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
-                     dtype: torch.dtype, device, batch_size: int, progress: bool) -> list[xr.Dataset]:
+                     dtype: torch.dtype, device, batch_size: int, progress: bool,
+                     kink_tolerance: float = 0.0) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    paths = [PathIntegral(flat, q, rule, kinks, max_rows=batch_size) for q, rule, kinks in settings]
+    paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_rows=batch_size) for q, rule, kinks in settings]
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
     if tuple(inputs.shape[1:]) != shape:
@@ -142,6 +150,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                 "quadrature_rule": rule,
                 "quadrature_nodes": q,
                 "breakpoints": int(kinks),
+                "kink_tolerance": float(kink_tolerance),
                 **path.stats.as_attrs(),
                 "target": target,
                 "dtype": str(dtype).removeprefix("torch."),
@@ -151,6 +160,17 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
             },
         ))
     return results
+
+
+def restricted(reconstruction: xr.Dataset, tests) -> xr.Dataset:
+    """The reconstruction of some of its inputs (labels `tests`), with the residual attributes
+    recomputed over them: what reconstruct() of those inputs alone returns, up to rounding."""
+    out = reconstruction.sel(test=list(tests))
+    residual = float(np.abs(out["residual"]).max())
+    scale = float(np.abs(out["final"] - out["initial"]).max())
+    out.attrs = {**reconstruction.attrs, "max_abs_residual": residual,
+                 "relative_residual": residual / scale if scale > 0 else 0.0}
+    return out
 
 
 def replication_metrics(reconstruction: xr.Dataset) -> dict[str, float]:

@@ -599,3 +599,17 @@ def test_save_and_open_cube_round_trip(runs, tmp_path):
         np.testing.assert_array_equal(reopened["attribution"].values, other["attribution"].values)
     finally:
         reopened.close()
+
+
+@pytest.mark.parametrize("keep", [("train", "test", "output"), ("step", "test", "output")])
+def test_a_window_checks_only_its_own_updates(runs, keep):
+    """steps=(start, stop) checks the updates of the window alone, by either pass (the backward
+    pass checks them in a forward replay of its own): the same values as a whole-run check there,
+    nothing elsewhere. AdamW's rounding leaves every float64 check above zero."""
+    run = runs.get(Case("mlp", "adamw", act="relu", steps=6, lr_scale=3.0))
+    common = dict(keep=keep, quadrature=2, breakpoints=False, tolerance=None)
+    whole = run.explain(**common)["update_residual"].values
+    window = run.explain(steps=(1, 3), **common)["update_residual"].values
+    assert whole.all() and whole.max() <= 1e-12
+    np.testing.assert_array_equal(window[1:3], whole[1:3])
+    assert not window[[0, 3, 4, 5]].any()

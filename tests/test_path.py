@@ -17,6 +17,7 @@ from torch import nn
 import explaind as ex
 from explaind.functional import FlatModel, layout_of
 from explaind.path import PathIntegral
+from explaind.verify import restricted
 from engine_cases import Case, train
 
 DT = torch.float64
@@ -72,6 +73,26 @@ def test_a_relu_input_that_crosses_zero_twice_in_one_step():
     plain = PathIntegral(flat, quadrature=2, breakpoints=False)
     miss = (plain.jacobian(theta, PRODUCT_DELTA, x, None, "logit", 2)[0] - expected).abs().max()
     assert miss > 1e-2
+
+
+def test_the_error_control_certifies_the_change_not_its_shares():
+    """The documented limit of kink_tolerance: a unit that switches off and back on within a
+    step, between the plain nodes, leaves the plain φ·Δ exact (the dip changes z by
+    z(0.75) − z(0.375) = 0), so the segment is not searched, and φ's per-parameter entries keep
+    the dip's error. The certified search (kink_tolerance 0) finds it."""
+    flat, theta = flat_of(Product(c=-0.1))
+    x = torch.ones(1, 1, dtype=DT)
+    on = [(0.0, 0.375), (0.75, 1.0)]
+    row = [integral([1, -1.6], on), integral([1, -2], on), integral([0.9, -3.6, 3.2], on), 0.0]
+    expected = torch.tensor([row, [-row[0], -row[1], 0.0, row[2]]], dtype=DT)
+    controlled = PathIntegral(flat, quadrature=2, kink_tolerance=1e-14)
+    phi = controlled.jacobian(theta, PRODUCT_DELTA, x, None, "logit", 2)[0]
+    assert controlled.stats.searched == 0
+    torch.testing.assert_close(phi @ PRODUCT_DELTA, expected @ PRODUCT_DELTA, rtol=0, atol=1e-14)
+    assert (phi - expected).abs().max() > 1e-2
+    certified = PathIntegral(flat, quadrature=2)
+    torch.testing.assert_close(certified.jacobian(theta, PRODUCT_DELTA, x, None, "logit", 2)[0], expected,
+                               rtol=0, atol=1e-14)
 
 
 def test_a_dip_that_stays_positive_is_no_kink():
@@ -219,3 +240,99 @@ def test_reconstruct_batch_size_bounds_rows_of_every_pass(tmp_path, monkeypatch)
     np.testing.assert_allclose(split["reconstructed"].values, whole["reconstructed"].values, rtol=0, atol=1e-14)
     assert split.attrs["kinks_located"] == whole.attrs["kinks_located"]
     assert split.attrs["relative_residual"] <= 1e-9
+
+
+# --- error-controlled kink search (kink_tolerance > 0) ------------------------------------------
+
+KINKED = Case("mlp", "adamw", act="relu", steps=6, lr_scale=3.0, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def kinked_run(tmp_path_factory):
+    return train(KINKED, tmp_path_factory.mktemp("kinked") / "h")
+
+
+def test_error_controlled_search_is_exact_and_searches_only_segments_that_miss(kinked_run):
+    """With a kink tolerance, the run still reconstructs to rounding (the residual is f(θ_N) from a
+    forward pass against the integral), like the certified search, but only the segments whose
+    plain integral misses are searched."""
+    run = kinked_run
+    settings = dict(quadrature=4, progress=False)
+    plain = ex.reconstruct(run.path, run.model, run.test_x, breakpoints=False, **settings)
+    certified = ex.reconstruct(run.path, run.model, run.test_x, **settings)
+    controlled = ex.reconstruct(run.path, run.model, run.test_x, kink_tolerance=1e-13, **settings)
+    assert plain.attrs["relative_residual"] > 1e-4  # kinks that matter
+    assert controlled.attrs["relative_residual"] <= 1e-9
+    segments = KINKED.steps * KINKED.n_test
+    assert 0 < controlled.attrs["kink_segments_searched"] < segments
+    assert controlled.attrs["kink_segments_unresolved"] == 0
+    scale = float(np.abs(certified["final"] - certified["initial"]).max())
+    np.testing.assert_allclose(controlled["reconstructed"].values, certified["reconstructed"].values,
+                               rtol=0, atol=1e-9 * scale)
+
+
+def test_a_loose_kink_tolerance_is_plain_quadrature(kinked_run):
+    """Segments within the tolerance keep the plain rule: a tolerance above every miss searches
+    nothing and gives plain quadrature's numbers."""
+    run = kinked_run
+    plain = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, breakpoints=False, progress=False)
+    loose = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, kink_tolerance=1e6, progress=False)
+    assert loose.attrs["kink_segments_searched"] == 0 and loose.attrs["kinks_located"] == 0
+    np.testing.assert_allclose(loose["reconstructed"].values, plain["reconstructed"].values, rtol=0, atol=1e-13)
+
+
+def test_a_tolerance_between_the_misses_searches_only_the_worst_segments(kinked_run):
+    """Each segment's miss is measured against forward evaluations: the segments searched are
+    exactly those whose plain integral misses by more than the tolerance."""
+    run = kinked_run
+    flat = FlatModel(run.model, layout_of(run.model), DT, "cpu")
+    history = ex.History(run.path)
+    misses = []
+    x = run.test_x.to(DT)
+    plain = PathIntegral(flat, quadrature=3, breakpoints=False)
+    for rec in history.steps():
+        theta = flat.layout.flatten(rec.before).to(DT)
+        delta = flat.layout.flatten(rec.after).to(DT) - theta
+        with torch.no_grad():
+            change = flat.explained(theta + delta, x, "log_prob") - flat.explained(theta, x, "log_prob")
+        misses.append((change - plain.change(theta, delta, x, "log_prob")).abs().amax(1))
+    misses = torch.cat(misses)
+    tolerance = float(misses.median())
+    controlled = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, kink_tolerance=tolerance,
+                                progress=False)
+    assert controlled.attrs["kink_segments_searched"] == int((misses > tolerance).sum()) > 0
+
+
+def test_explain_with_a_kink_tolerance_sums_to_the_same_integral(kinked_run):
+    """The engine cuts each segment where reconstruct() does: per-sample, per-component
+    attributions sum to the same reconstruction, exact to rounding, and equal the certified
+    search's attributions to its tolerance."""
+    run = kinked_run
+    common = dict(quadrature=4, keep=("train", "test", "component", "output"), components="tensor",
+                  progress=False)
+    controlled = ex.explain(run.path, run.model, run.test_x, kink_tolerance=1e-13, **common)
+    certified = ex.explain(run.path, run.model, run.test_x, **common)
+    reference = ex.reconstruct(run.path, run.model, run.test_x, quadrature=4, kink_tolerance=1e-13, progress=False)
+    explained = controlled["attribution"].sum(["train", "component"]) + controlled["regularization"].sum("component")
+    scale = float(np.abs(reference["final"] - reference["initial"]).max())
+    np.testing.assert_allclose(explained.values, (reference["reconstructed"] - reference["initial"]).values,
+                               rtol=0, atol=1e-11 * scale)
+    assert controlled.attrs["relative_residual"] <= 1e-9 and controlled.attrs["kink_tolerance"] == 1e-13
+    np.testing.assert_allclose(controlled["attribution"].values, certified["attribution"].values,
+                               rtol=0, atol=1e-9 * scale)
+
+
+def test_a_negative_kink_tolerance_is_refused(kinked_run):
+    with pytest.raises(ex.InputError, match="kink_tolerance"):
+        ex.reconstruct(kinked_run.path, kinked_run.model, kinked_run.test_x, kink_tolerance=-1.0, progress=False)
+
+
+def test_a_restricted_reconstruction_is_that_of_its_inputs_alone(kinked_run):
+    run = kinked_run
+    whole = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, breakpoints=False, progress=False)
+    alone = ex.reconstruct(run.path, run.model, run.test_x[:3], quadrature=3, breakpoints=False, progress=False)
+    part = restricted(whole, range(3))
+    for name in ("initial", "final", "reconstructed", "residual"):
+        np.testing.assert_allclose(part[name].values, alone[name].values, rtol=0, atol=1e-13)
+    assert part.attrs["relative_residual"] == pytest.approx(alone.attrs["relative_residual"], rel=1e-10)
+    assert part.attrs["relative_residual"] != whole.attrs["relative_residual"]

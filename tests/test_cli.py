@@ -1,0 +1,63 @@
+"""`python -m explaind plan`: the command line prints the plan that ex.plan computes for the same
+request on a pipeline run folder, and refuses bad input with the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_model
+
+import explaind as ex
+from explaind.__main__ import main
+from explaind.stages import load_run, save_config
+from explaind.training import TransformerConfig, train_transformer
+
+TINY = TransformerConfig(p=7, train_size=15, val_size=10, d_model=8, n_heads=2, d_mlp=16, lr=1e-2, max_steps=4)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as the training stage writes it: config.json, model.safetensors, history/."""
+    folder = tmp_path_factory.mktemp("runs") / "transformer"
+    result = train_transformer(TINY, history_dir=folder / "history", progress=False)
+    save_model(result.model, str(folder / "model.safetensors"))
+    save_config(TINY, folder)
+    return folder
+
+
+def test_plan_command_prints_the_plan_of_the_same_request(run_dir, tmp_path, capsys):
+    assert main(["plan", str(run_dir), "--data", str(tmp_path), "--tests", "3", "--keep", "train", "test",
+                 "--outputs", "true", "--quadrature", "2", "--no-breakpoints"]) == 0
+    printed = capsys.readouterr().out
+    run = load_run("transformer", run_dir, tmp_path)
+    expected = ex.plan(run.history, run.model, run.test_x[:3], run.test_y[:3], keep=("train", "test"),
+                       outputs="true", quadrature=2, breakpoints=False, components=run.components)
+    assert printed.strip() == str(expected).strip()
+    assert (expected.n_steps, expected.n_test, expected.n_train) == (4, 3, TINY.train_size)
+
+
+def test_plan_command_calibrates_and_runs_as_a_module(run_dir, tmp_path):
+    """The module entry point itself, as a user types it, with a calibrated time."""
+    done = subprocess.run([sys.executable, "-m", "explaind", "plan", str(run_dir), "--data", str(tmp_path),
+                           "--tests", "2", "--outputs", "0,3", "--calibrate", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "not calibrated" not in done.stdout and str(TINY.train_size) in done.stdout
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--outputs", "first"], ["--outputs 'first'", "indices like 0,3,7"]),
+    (["--keep", "steps"], ["invalid choice", "'steps'"]),
+])
+def test_plan_command_refuses_bad_options(run_dir, tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", str(run_dir), "--data", str(tmp_path), *argv])
+    message = str(stop.value.code) + capsys.readouterr().err
+    assert stop.value.code != 0 and all(w in message for w in words), message
+
+
+def test_plan_command_refuses_a_folder_without_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="config.json is missing: pass a run folder"):
+        main(["plan", str(tmp_path)])
