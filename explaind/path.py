@@ -374,12 +374,13 @@ class PathIntegral:
 
     # ----------------------------------------------------------------- integrals
 
-    def _integral(self, theta, delta, x, target: str, size: int, plain_at, rows_at, change: bool = False):
+    def _integral(self, theta, delta, x, target: str, size: int | None, plain_at, rows_at, change: bool = False):
         """Σ_r w_r · (integrand at node r) for every input. Inputs whose segment is one smooth
         piece (all of them when no kinks are located) share the plain rule's nodes: one pass per
         node over a chunk, with one set of parameters (large matrix products). The others take
         per-row nodes on their pieces: rows_at(rows, t, w) is the weighted integrand of rows,
-        each with its own input and point. change: the integrand is φ·Δ of all outputs, so the
+        each with its own input and point. size: the most rows of one pass (None: no bound).
+        change: the integrand is φ·Δ of all outputs, so the
         kink tolerance's check has already computed the plain part, and for a very few inputs
         and nodes one per-row pass over all nodes beats a pass per node, whose fixed cost they
         do not amortise (measured: 5× faster for 1 input and 10 nodes of the default
@@ -404,10 +405,10 @@ class PathIntegral:
         return self._assemble(n, smooth, plain, owner, t, w, size, rows_at)
 
     @staticmethod
-    def _assemble(n: int, smooth, plain, owner, t, w, size: int, rows_at) -> torch.Tensor:
+    def _assemble(n: int, smooth, plain, owner, t, w, size: int | None, rows_at) -> torch.Tensor:
         """Every input's integral: `plain` at the inputs `smooth`, plus the weighted per-row
-        integrand of the rows (owner, t, w), in passes of at most `size` rows."""
-        chunks = torch.arange(len(t), device=t.device).split(size) if len(t) else ()
+        integrand of the rows (owner, t, w), in passes of at most `size` rows (None: one)."""
+        chunks = torch.arange(len(t), device=t.device).split(size or len(t)) if len(t) else ()
         split = [rows_at(owner[c], t[c], w[c]) for c in chunks]
         some = plain if plain is not None else split[0]
         out = some.new_zeros(n, *some.shape[1:])
@@ -439,7 +440,7 @@ class PathIntegral:
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
         return self._integral(
-            theta, delta, x, target, self.max_rows or len(x),
+            theta, delta, x, target, self.max_rows,
             lambda t, c: self.flat.directional(theta + t * delta, delta, x[c], target),
             lambda i, t, w: self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None],
             change=True)
@@ -448,7 +449,7 @@ class PathIntegral:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
         [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed."""
         out = self._integral(
-            theta, delta, x, target, self.max_rows or len(x),
+            theta, delta, x, target, self.max_rows,
             lambda t, c: self.flat.directional_many(theta + t * delta, tangents, x[c], target).permute(1, 2, 0),
             lambda i, t, w: (self.flat.directional_rows(theta, delta, x[i.to(x.device)], t, tangents, target)
                              * w[:, None, None]).transpose(1, 2))
@@ -456,12 +457,12 @@ class PathIntegral:
             out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
         return out
 
-    def _plain(self, rows: torch.Tensor, size: int, at, count: bool = True) -> torch.Tensor:
-        """Σ_r w_r · at(t_r, chunk) over chunks of at most `size` of the inputs `rows`, with the
+    def _plain(self, rows: torch.Tensor, size: int | None, at, count: bool = True) -> torch.Tensor:
+        """Σ_r w_r · at(t_r, chunk) over chunks of at most `size` of the inputs `rows` (None: one), with the
         plain rule's nodes, which are the same for every input: each node is one pass over a
         chunk with one set of parameters."""
         parts = []
-        for chunk in rows.split(size):
+        for chunk in rows.split(size or max(1, len(rows))):
             if count:
                 self.stats.segments += len(chunk)
             total = None

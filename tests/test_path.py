@@ -336,3 +336,23 @@ def test_a_restricted_reconstruction_is_that_of_its_inputs_alone(kinked_run):
         np.testing.assert_allclose(part[name].values, alone[name].values, rtol=0, atol=1e-13)
     assert part.attrs["relative_residual"] == pytest.approx(alone.attrs["relative_residual"], rel=1e-10)
     assert part.attrs["relative_residual"] != whole.attrs["relative_residual"]
+
+
+def test_few_inputs_take_one_per_row_pass_with_the_same_integral(kinked_run, monkeypatch):
+    """φ·Δ of one or two inputs goes through one per-row pass over all nodes instead of a pass
+    per node: the same numbers as the shared-node passes of a larger batch."""
+    run = kinked_run
+    flat = FlatModel(run.model, layout_of(run.model), DT, "cpu")
+    rec = next(iter(ex.History(run.path).steps()))
+    theta = flat.layout.flatten(rec.before).to(DT)
+    delta = flat.layout.flatten(rec.after).to(DT) - theta
+    x = run.test_x.to(DT)
+    path = PathIntegral(flat, quadrature=5, breakpoints=False)
+    batched = path.change(theta, delta, x, "log_prob")
+    calls = []
+    original = FlatModel.directional_along
+    monkeypatch.setattr(FlatModel, "directional_along",
+                        lambda self, *args: calls.append(len(args[2])) or original(self, *args))
+    few = path.change(theta, delta, x[:2], "log_prob")
+    assert calls == [2 * 5]
+    torch.testing.assert_close(few, batched[:2], rtol=0, atol=1e-14)
