@@ -351,15 +351,11 @@ class PathIntegral:
 
     # ----------------------------------------------------------------- nodes
 
-    def nodes(self, theta, delta, x, target: str = "logit") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quadrature rows of the inputs whose segment has more than one smooth piece: (input
-        index, node t, weight), [R] each; Q nodes on each piece. The other inputs take the plain
-        rule's nodes, shared by all of them (see _integral)."""
-        return self._nodes(theta, delta, x, target)[:3]
-
     def _nodes(self, theta, delta, x, target: str):
-        """nodes(), and the float64 plain integral φ·Δ of every input when the kink tolerance
-        computed it (else None)."""
+        """Quadrature rows of the inputs whose segment has more than one smooth piece: (input
+        index, node t, weight), [R] each, Q nodes on each piece (the other inputs take the plain
+        rule's shared nodes, see _integral); and the float64 plain integral φ·Δ of every input
+        when the kink tolerance computed it (else None)."""
         dev, dt = self.flat.device, self.flat.dtype
         if self.kink_tolerance > 0:
             (owner, lo, hi), plain = self._searched(theta, delta, x, target)
