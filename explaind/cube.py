@@ -43,6 +43,9 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
         attribution[:, :, t_index, :, m_index] += block
         if "total" in part:
             regularization[:, :, t_index] += part["regularization"].reshape(n_bins, n_comp, rows_t, rows_o)
+            if "carried" in part:
+                merged.setdefault("carried", torch.zeros_like(regularization))
+                merged["carried"][:, :, t_index] += part["carried"].reshape(n_bins, n_comp, rows_t, rows_o)
             total[tests] = part["total"]
             merged["update_residual"] = torch.as_tensor(part["update_residual"])
             for key in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
@@ -83,6 +86,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
     data = {
         "attribution": labelled(merged["attribution"], ("step", "component", "test", "output", "train")),
         "regularization": labelled(merged["regularization"], ("step", "component", "test", "output")),
+        **({"carried": labelled(merged["carried"], ("step", "component", "test", "output"))} if "carried" in merged else {}),
         "initial": (("test", "output"), initial),
         "final": (("test", "output"), final),
         "residual": (("test", "output"), residual),
@@ -115,6 +119,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         explaind_version=_version(),
         history_sha256=history.fingerprint(),
         n_steps=history.n_steps,
+        replay_start=req.replay_start,
         components=list(req.components),
         tensor_names=list(req.flat.layout.names),
         max_abs_residual=float(np.abs(residual).max()),

@@ -74,6 +74,8 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         merged = parts[0].copy()
         for name in ("attribution", "regularization", "residual", "update_residual"):
             merged[name] = sum(p[name] for p in parts)
+        if any("carried" in p for p in parts):  # parts with a bounded replay
+            merged["carried"] = sum(p["carried"] for p in parts if "carried" in p)
         merged["final"] = parts[-1]["final"]
     change = np.abs(merged["final"] - merged["initial"]).max().item()
     residual = np.abs(merged["residual"]).max().item()

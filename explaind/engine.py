@@ -33,7 +33,7 @@ from .errors import InputError, ReconstructionError
 from .functional import TARGETS, FlatModel, ParamLayout
 from .history import History, StepRecord, open_history
 from .losses import resolve_loss, sample_weights
-from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coefficients
+from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
 
 DIMS = ("step", "component", "train", "test", "output")
@@ -64,6 +64,7 @@ class Request:
     components: dict[str, list[str]]
     step_edges: np.ndarray
     step_range: tuple[int, int]  # the update steps explained: start ≤ s < stop
+    replay_start: int  # the first step whose gradients are split by sample (≤ start)
     train_index: torch.Tensor  # dataset indices of the train coordinate
     loss: object
     parameter_scores: bool
@@ -100,6 +101,7 @@ def explain(
     parameter_scores: bool = False,
     check_updates: bool = True,
     steps: tuple[int, int] | None = None,
+    replay: int | None = None,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
     test_chunk: int | None = None,
@@ -114,7 +116,8 @@ def explain(
 
     Returns the attribution cube (DESIGN §3): `attribution` over the dims in `keep` (the
     others are summed while streaming), `regularization` (the weight-decay share), `initial`,
-    `final`, `residual` and `update_residual`. Positive attribution raises the output.
+    `final`, `residual` and `update_residual`; with a bounded `replay`, also `carried` (below).
+    Positive attribution raises the output.
 
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model) or a
     list of output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
@@ -130,9 +133,14 @@ def explain(
     (every step), a number of equal bins, or bin edges 0 = e_0 < … < e_n = n_steps.
     steps: (start, stop) explains only the updates start ≤ s < stop (update convention; the
     momentum of earlier steps is replayed), e.g. to split a long run across processes; initial
-    and final are then f(θ_start) and f(θ_stop). check_updates: True recomputes every step's
-    batch gradient and checks the modelled update against the recorded one (DESIGN §2, check 1;
-    stored as update_residual). False, for a history already checked with verify_updates,
+    and final are then f(θ_start) and f(θ_stop). replay: with steps and a train dim, how many
+    steps before start have their gradients split by sample (None: all, from step 0). What the
+    steps before those carried into the explained updates by momentum is solved from the
+    recorded update and booked whole as `carried` (exact, but not split by sample), so a window
+    late in a long run costs its own steps plus the replay, not the run's length; with momentum
+    β, `carried` holds about β^replay of the momentum at start.
+    check_updates: True recomputes every step's batch gradient and checks the modelled update
+    against the recorded one (DESIGN §2, check 1; stored as update_residual). False, for a history already checked with verify_updates,
     skips that check (update_residual NaN); a cube without a train dim then needs no gradient at
     all: the recorded update is split into its weight-decay part and the rest.
     tolerance: the largest output residual, relative to the largest change of an explained
@@ -145,8 +153,8 @@ def explain(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, kink_tolerance=kink_tolerance,
         convention=convention, components=components,
-        step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, dtype=dtype, device=device,
-        test_chunk=test_chunk, train_chunk=train_chunk, loss=loss, check_updates=check_updates,
+        step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, replay=replay, dtype=dtype,
+        device=device, test_chunk=test_chunk, train_chunk=train_chunk, loss=loss, check_updates=check_updates,
     )
     plan_chunks(request, memory_budget)
     request.progress = progress
@@ -163,8 +171,8 @@ def explain(
 
 
 def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
-                   breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps, dtype, device,
-                   test_chunk, train_chunk, loss, check_updates=True) -> Request:
+                   breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
+                   replay=None, dtype, device, test_chunk, train_chunk, loss, check_updates=True) -> Request:
     history = open_history(history, model)
     keep = tuple(keep)
     unknown = [d for d in keep if d not in DIMS]
@@ -203,11 +211,12 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
 
     n_steps = history.n_steps
     train_index = history.train_indices()
+    step_range = _step_range(steps, n_steps, convention, parameter_scores)
     return Request(
         history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
         keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance),
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
-        step_range=_step_range(steps, n_steps, convention, parameter_scores),
+        step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk or 0, train_chunk=train_chunk or 0,
         progress=True, component_slices=slices, check_updates=check_updates,
@@ -278,6 +287,23 @@ def _step_range(steps, n_steps: int, convention: str, parameter_scores: bool) ->
             "steps=(start, stop): explain all steps, or split the test inputs instead"
         )
     return start, stop
+
+
+def _replay_start(history: History, start: int, replay: int | None, keep: tuple[str, ...]) -> int:
+    """The first step whose gradients are split by sample: `replay` steps before start, or
+    earlier while the update before it moved nothing (lr 0), since the momentum carried into
+    the replay is solved from that update."""
+    if replay is None:
+        return 0
+    if "train" not in keep:
+        raise InputError("replay= bounds the per-sample split of a cube with a train dim; without one "
+                         "the steps before start cost one batch gradient each: drop replay=")
+    if not isinstance(replay, (int, np.integer)) or replay < 0:
+        raise InputError(f"replay={replay!r} must be a whole number of steps ≥ 0 (None: replay from step 0)")
+    first = max(0, start - int(replay))
+    while first > 0 and any(float(g["lr"]) == 0 for g in history.manifest[first - 1]["groups"]):
+        first -= 1
+    return first
 
 
 def _step_edges(step_bins, n_steps: int) -> np.ndarray:
@@ -447,6 +473,8 @@ class _Pass:
         self.bin_of = np.searchsorted(req.step_edges, np.arange(req.history.n_steps), side="right") - 1
         self.attribution = torch.zeros(n_bins, n_comp, n_rows, self.n_train, dtype=self.dt, device=self.dev)
         self.regularization = torch.zeros(n_bins, n_comp, n_rows, dtype=self.dt, device=self.dev)
+        # the share of the momentum from before the replay (not split by sample)
+        self.carried = torch.zeros_like(self.regularization) if req.replay_start > 0 else None
         # Σ over everything but test and output: compared with f(θ_N) − f(θ_0)
         self.total = torch.zeros(self.n_test * req.n_outputs, dtype=self.dt, device=self.dev)
         self.update_residual = np.zeros(req.history.n_steps)
@@ -553,12 +581,27 @@ class _Pass:
 
     # ----------------------------------------------------------------- the passes
 
+    def momentum_before_replay(self) -> torch.Tensor | None:
+        """m_{T−1}, the momentum buffer the replay from step T starts with, solved from the
+        recorded update T−1 (None when the replay starts at step 0)."""
+        first = self.req.replay_start
+        if first == 0:
+            return None
+        rec = next(self.req.history.steps(first - 1, first))
+        k = self.coefficients(rec)
+        theta, theta_next = self.thetas(rec)
+        direct = None
+        if bool(((k.e != 0) & (k.c != 0)).any()):  # nesterov: the update holds d_{T−1} too
+            weights, _, x, y = self.step_batch(rec)
+            direct = self.req.flat.batch_gradient(theta, x, y, weights, self.req.loss) + k.coupled_decay * theta
+        return momentum_from_update(k, theta, theta_next - theta, direct)
+
     def run(self, label: str) -> dict:
         history = self.req.history
-        stop = self.req.step_range[1]
+        first, stop = self.req.replay_start, self.req.step_range[1]
         backward = walks_backwards(self.req, self.attribution.shape[2], self.n_train)
-        records = history.steps(0, stop, reverse=backward)
-        bar = tqdm(_prefetched(records), total=stop, desc=label,
+        records = history.steps(first, stop, reverse=backward)
+        bar = tqdm(_prefetched(records), total=stop - first, desc=label,
                    disable=not self.req.progress, leave=False)
         if backward:
             self._backward(bar)
@@ -571,6 +614,8 @@ class _Pass:
         buffer = None  # m_{s,k} for the chunk's samples, [n_train, D]
         decay_momentum = None  # the momentum of the coupled weight decay, [D]
         aggregate = AggregateUpdate()
+        carried = self.momentum_before_replay()  # decays through the steps, never split
+        aggregate.momentum = None if carried is None else carried.clone()
         start = self.req.step_range[0]
         for rec in records:
             s = rec.step
@@ -590,6 +635,8 @@ class _Pass:
             decay_in = k.coupled_decay * theta
             decay_momentum = k.b * decay_in if decay_momentum is None else k.a * decay_momentum + k.b * decay_in
             r = k.precond * (k.c * decay_momentum + k.e * decay_in) + k.decoupled_decay * theta
+            if carried is not None:
+                carried.mul_(k.a)
             if s < start:  # before the explained range: only replay the momentum
                 continue
             if self.by_directions:
@@ -609,6 +656,8 @@ class _Pass:
                     self.add(self.attribution, s, self.contract(direct, wg), columns)
             if self.first_train_chunk:
                 self.add(self.regularization, s, self.contract(rows, r[None]))
+                if carried is not None:
+                    self.add(self.carried, s, self.contract(rows * (k.precond * k.c), carried[None]))
                 self.total += full @ modelled
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, delta)
@@ -684,10 +733,18 @@ class _Pass:
                     self.total += full @ (k.decoupled_decay * theta)
                 self.record_scores(effect_full, g_full)
             a_next = k.a
+        momentum = self.momentum_before_replay() if self.first_train_chunk else None
+        if momentum is not None:  # what the steps before the replay carried into the range
+            first = self.bin_of[start] if per_bin else 0
+            effect = a_next * carried[first:]
+            self.book(self.carried, req.replay_start, first,
+                      self.contract(effect.reshape(-1, effect.shape[-1]), momentum[None]), len(effect))
+            self.total += (a_next * carried_full) @ momentum
         if self.first_train_chunk and req.check_updates:
             from .verify import update_residuals
 
-            self.update_residual = update_residuals(req.history, req.flat, req.loss, req.step_range)
+            self.update_residual = update_residuals(req.history, req.flat, req.loss, req.step_range,
+                                                    req.replay_start, momentum)
         elif self.first_train_chunk:
             self.update_residual[:] = np.nan
 
@@ -737,6 +794,8 @@ class _Pass:
             "regularization": self.regularization.cpu(),
             "rows_shape": self.rows_shape,
         }
+        if self.carried is not None:
+            out["carried"] = self.carried.cpu()
         if self.first_train_chunk:
             out["total"] = self.total.view(self.n_test, self.req.n_outputs).cpu()
             out["update_residual"] = self.update_residual

@@ -72,7 +72,10 @@ class GrokkingConfig:
     phases: int = 3  # phases to detect (the paper describes three)
     min_phase_bins: int = 3  # the fewest step bins a phase may span
     data_inputs: int = 8  # validation pairs of the data attribution (train x test per phase)
-    data_steps: int = 30  # data attribution covers update steps [0, data_steps); 0 = all steps
+    data_steps: int = 40  # update steps of each phase's data-attribution window; 0 = the whole phase
+    data_window: Literal["start", "middle", "end"] = "middle"  # where each window lies in its phase
+    data_replay: int = 40  # steps before a window whose gradients are split by sample too (-1: all);
+    # what earlier steps pass into the window by momentum is reported whole (`carried`)
     checkpoint_every: int = 10  # step spacing of the swap experiment and the Fourier analysis
     key_frequencies: int = 4  # Fourier frequencies of the final embedding tracked over training
     retrain_seeds: int = 2  # seeds per retraining point (initialisation of the re-initialised layers)
@@ -226,15 +229,48 @@ def component_attribution(history: History, model: torch.nn.Module,
     return cube.assign_coords(split=("test", split))
 
 
+def data_windows(phases: pd.DataFrame, data_steps: int, where: str = "middle") -> list[tuple[int, int]]:
+    """One window of update steps per phase (rows with start / stop): `data_steps` steps at the
+    phase's start, middle or end, or the whole phase when data_steps is 0 or exceeds it."""
+    if where not in ("start", "middle", "end"):
+        raise InputError(f"data_window={where!r}: use start, middle or end")
+    windows = []
+    for start, stop in zip(phases["start"], phases["stop"]):
+        start, stop = int(start), int(stop)
+        width = stop - start if data_steps <= 0 else min(data_steps, stop - start)
+        first = {"start": start, "middle": start + (stop - start - width) // 2, "end": stop - width}[where]
+        windows.append((first, first + width))
+    return windows
+
+
 def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     phase_starts: Sequence[int], data_steps: int, **options) -> xr.Dataset:
-    """Training pair × explained pair attribution of the true class per phase (step bins at the
-    phase boundaries), over the update steps [0, data_steps) (0: all of them). The per-sample
-    split costs about as much per step as training on every pair separately; hence the window."""
-    edges, stop = data_step_edges(phase_starts, history.n_steps, data_steps)
-    cube = explain(history, model, x, y, keep=("step", "train", "test"), outputs="true", step_bins=edges,
-                   steps=None if stop == history.n_steps else (0, stop), check_updates=False, **options)
-    return cube.isel(step=cube["step"].values < stop)
+                     windows: Sequence[tuple[int, int]], replay: int | None = None, **options) -> xr.Dataset:
+    """Training pair × explained pair attribution of the true class, one step entry per window
+    of update steps (start, stop). Each window is explained on its own, its gradients and those
+    of the `replay` steps before it split by sample (None: every earlier step); what the steps
+    before that carried into the window by momentum is `carried` (per input, not split). The
+    per-sample split costs about as much per step as training on every pair separately, hence
+    windows. Residual attributes are the worst window's."""
+    edges = [start for start, _ in windows] + [windows[-1][1]]
+    tiles = edges[0] == 0 and edges[-1] == history.n_steps and all(
+        stop == following for (_, stop), (following, _) in zip(windows, windows[1:]))
+    if replay is None and tiles:  # whole phases: one pass with a step bin per phase
+        cube = explain(history, model, x, y, keep=("step", "train", "test"), outputs="true", step_bins=edges,
+                       check_updates=False, **options)
+        return cube.assign(carried=xr.zeros_like(cube["regularization"])).drop_vars(["update_residual", "history_step"])
+    parts = []
+    for start, stop in windows:
+        steps = None if (start, stop) == (0, history.n_steps) else (start, stop)
+        cube = explain(history, model, x, y, keep=("train", "test"), outputs="true", steps=steps,
+                       replay=replay if start > 0 else None, check_updates=False, **options)
+        if "carried" not in cube:  # replayed from step 0: nothing carried
+            cube["carried"] = xr.zeros_like(cube["regularization"])
+        parts.append(cube.drop_vars(["update_residual", "history_step"]).expand_dims(step=[start])
+                     .assign_coords(step_stop=("step", [stop])))
+    merged = xr.concat(parts, dim="step", combine_attrs="drop_conflicts")
+    worst = max(parts, key=lambda c: c.attrs["relative_residual"])
+    merged.attrs.update({k: worst.attrs[k] for k in ("relative_residual", "max_abs_residual", "max_abs_change")})
+    return merged
 
 
 def bin_residuals(cube: xr.Dataset, history: History, model: torch.nn.Module, x: torch.Tensor,
@@ -378,15 +414,6 @@ def influence_by_relation(scores: np.ndarray, relation: np.ndarray) -> pd.DataFr
                      "negative_share": negative[mask].sum() / max(negative.sum(), 1e-300),
                      "absolute_share": absolute[mask].sum() / max(absolute.sum(), 1e-300)})
     return pd.DataFrame(rows)
-
-
-def data_step_edges(phase_starts: Sequence[int], n_steps: int, data_steps: int) -> tuple[np.ndarray, int]:
-    """Step-bin edges for the data attribution: the phase boundaries inside [0, stop), where
-    stop = data_steps (0: all steps), then the rest of the run as one (unexplained) bin.
-    Returns the edges and stop."""
-    stop = n_steps if data_steps <= 0 else min(data_steps, n_steps)
-    inner = [int(s) for s in phase_starts if 0 < s < stop]
-    return np.unique([0, *inner, stop, n_steps]), stop
 
 
 # --- the swap experiment ------------------------------------------------------------------

@@ -132,3 +132,20 @@ class AggregateUpdate:
         m = k.b * d if self.momentum is None else k.a * self.momentum + k.b * d
         self.momentum = m
         return k.precond * (k.c * m + k.e * d) + k.decoupled_decay * theta
+
+
+def momentum_from_update(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor,
+                         direct: torch.Tensor | None = None) -> torch.Tensor:
+    """The momentum buffer m_s solved from step s's recorded update (the recurrence above):
+    m_s = (−Δθ_s/η_s − λ_d θ_s − P_s e_s d_s) / (P_s c_s), zero where c_s = 0 (no momentum).
+    Needs η_s ≠ 0 wherever c_s ≠ 0, and d_s (`direct`) wherever e_s ≠ 0 too (nesterov)."""
+    moving = k.c != 0
+    if bool((moving & (k.eta == 0)).any()):
+        raise ValueError("the momentum cannot be solved from an update with learning rate 0")
+    rest = -delta / torch.where(moving, k.eta, torch.ones_like(k.eta)) - k.decoupled_decay * theta
+    if direct is not None:
+        rest = rest - k.precond * k.e * direct
+    elif bool((moving & (k.e != 0)).any()):
+        raise ValueError("a nesterov update holds the current gradient too: pass it as `direct`")
+    return torch.where(moving, rest / (k.precond * torch.where(moving, k.c, torch.ones_like(k.c))), torch.zeros_like(rest))
+

@@ -72,7 +72,8 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     result = describe(request)
     if calibrate_steps > 0:
         result.seconds_per_step = _calibrate(request, calibrate_steps)
-        result.seconds = result.seconds_per_step * result.passes * request.history.n_steps
+        streamed = request.step_range[1] - request.replay_start  # the steps each pass reads
+        result.seconds = result.seconds_per_step * result.passes * streamed
     return result
 
 
@@ -117,7 +118,7 @@ def _calibrate(request, steps: int) -> float:
     """Seconds per step of the first pass over the first `steps` steps, timed on a second run
     (the first one pays for warm-up: allocation, vmap tracing, file cache)."""
     steps = max(1, min(steps, request.history.n_steps))
-    short = dataclasses.replace(request, step_range=(0, steps))
+    short = dataclasses.replace(request, step_range=(0, steps), replay_start=0)
     tests = slice(0, min(request.test_chunk, len(request.inputs)))
     trains = slice(0, min(request.train_chunk, len(request.train_index)))
     rows, _, _, train = _kept_sizes(request, tests.stop, trains.stop)

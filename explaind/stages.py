@@ -202,7 +202,7 @@ def check_cube(cube: xr.Dataset, reference: xr.Dataset, tolerance: float, verify
     the same inputs (all outputs, same history and path integral). Returns the gaps, each relative
     to the cube's largest output change:
 
-    - sum_gap: Σ attribution + Σ regularization against final − initial − residual;
+    - sum_gap: Σ attribution + Σ regularization (+ Σ carried) against final − initial − residual;
     - initial_gap / final_gap: the cube's f(θ_0), f(θ_N) against the reference's;
     - verify_gap: the cube's explained change against the reference's reconstructed change
       Σ_s ∫ J·Δθ_s (the cube models each update from the optimizer, the reference takes the
@@ -213,14 +213,14 @@ def check_cube(cube: xr.Dataset, reference: xr.Dataset, tolerance: float, verify
         raise ReconstructionError(f"{name} and the verify stage's reconstruction come from different "
                                   "histories: rerun the verify stage (dvc repro)")
     parts = [cube[v].sum([d for d in cube[v].dims if d not in ("test", "output")])
-             for v in ("attribution", "regularization")]
+             for v in ("attribution", "regularization", "carried") if v in cube]
     summed = [d for d in ("test", "output") if d not in parts[0].dims]
     explained = cube["final"] - cube["initial"] - cube["residual"]
     at = reference_values(cube, reference)
     rebuilt = at["reconstructed"] - at["initial"]
     scale = float(np.abs(cube["final"] - cube["initial"]).max())
     gaps = {
-        "sum_gap": float(np.abs((parts[0] + parts[1]) - explained.sum(summed)).max()) / scale,
+        "sum_gap": float(np.abs(sum(parts) - explained.sum(summed)).max()) / scale,
         "initial_gap": float(np.abs(cube["initial"].values - at["initial"]).max()) / scale,
         "final_gap": float(np.abs(cube["final"].values - at["final"]).max()) / scale,
         "verify_gap": float(np.abs(explained.values - rebuilt).max()) / scale,
@@ -268,7 +268,9 @@ def reduce_cube(cube: xr.Dataset, keep: tuple[str, ...]) -> xr.Dataset:
     """The cube summed over the attribution dims not in `keep` (weight decay likewise), with its
     initial / final / residual / update_residual; the parameter scores are left out."""
     out = cube.drop_vars([v for v in PARAMETER_VARIABLES if v in cube], errors="ignore")
-    for name in ("attribution", "regularization"):
+    for name in ("attribution", "regularization", "carried"):
+        if name not in cube:
+            continue
         array = cube[name]
         out[name] = array.sum([d for d in array.dims if d not in keep])
     out = out.drop_dims([d for d in ("parameter",) if d in out.dims], errors="ignore")

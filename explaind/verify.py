@@ -23,16 +23,19 @@ from .optimizers import AggregateUpdate, group_index, step_coefficients
 from .path import PathIntegral
 
 
-def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None) -> np.ndarray:
+def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None,
+                     replay_start: int = 0, momentum: torch.Tensor | None = None) -> np.ndarray:
     """Per step: max |Δθ_s + η_s(Σ_k u_{s,k} + r_s)| / max |Δθ_s| (recorded vs modelled).
 
     steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
-    before start is replayed."""
+    before start is replayed from step `replay_start` on, which starts from `momentum` (the
+    buffer m_{replay_start − 1}; None: zero, from step 0)."""
     aggregate = AggregateUpdate()
+    aggregate.momentum = None if momentum is None else momentum.clone()
     groups = group_index(history, flat)
     out = np.zeros(history.n_steps)
     start, stop = steps or (0, history.n_steps)
-    for rec in history.steps(0, stop):
+    for rec in history.steps(replay_start, stop):
         theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
         delta = flat.layout.flatten(rec.after).to(flat.device, flat.dtype) - theta
         moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)

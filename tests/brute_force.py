@@ -60,6 +60,20 @@ class Reference:
         r = torch.einsum("sxoj,pj->spxo", per_step[:, m] + self.decoupled, mask)
         return a.numpy(), r.numpy()
 
+    def window(self, start: int, stop: int, first: int, components: dict[str, list[str]] | None = None):
+        """The update steps start ≤ s < stop, with the gradients of steps ≥ first split by sample
+        and everything earlier summed: (A [component, train, test, output], R [component, test,
+        output], C [component, test, output] the earlier steps' share)."""
+        components = components or {n: [n] for n in self.names}
+        mask = self.masks(components)
+        m = len(self.train_ids)
+        split = self.psi[start:stop, first:].sum((0, 1))  # [M+1, T, O, D]
+        early = self.psi[start:stop, :first].sum((0, 1, 2))  # [T, O, D]
+        a = torch.einsum("kxoj,pj->pkxo", split[:m], mask)
+        r = torch.einsum("xoj,pj->pxo", split[m] + self.decoupled[start:stop].sum(0), mask)
+        c = torch.einsum("xoj,pj->pxo", early, mask)
+        return a.numpy(), r.numpy(), c.numpy()
+
     def parameter_scores(self, convention: str = "update") -> dict[str, np.ndarray]:
         """DESIGN §3, weight decay excluded, per coordinate in named_parameters order."""
         m = len(self.train_ids)

@@ -96,7 +96,8 @@ def full_cube(cube: xr.Dataset) -> np.ndarray:
 
 
 def assert_self_consistent(cube: xr.Dataset, rtol: float) -> None:
-    """The cube's own sums: Σ attribution + Σ regularization = final − initial − residual.
+    """The cube's own sums: Σ attribution + Σ regularization (+ Σ carried) = final − initial −
+    residual.
 
     Measured relative to the largest change in float64; in float32 relative to the largest
     mass Σ|terms| that the sums add up (cancellation between samples amplifies rounding).
@@ -106,6 +107,8 @@ def assert_self_consistent(cube: xr.Dataset, rtol: float) -> None:
     att_dims = [d for d in att.dims if d not in ("test", "output")]
     reg_dims = [d for d in reg.dims if d not in ("test", "output")]
     summed = att.sum(att_dims) + reg.sum(reg_dims)
+    if "carried" in cube:
+        summed = summed + cube["carried"].astype(np.float64).sum(reg_dims)
     expected = (cube["final"].astype(np.float64) - cube["initial"].astype(np.float64)
                 - cube["residual"].astype(np.float64))
     if "test" not in att.dims:
@@ -325,6 +328,48 @@ def test_both_update_passes_match_brute_force(runs, references, monkeypatch, opt
     assert_close(window["attribution"].values, a[2:5].sum((0, 1)), 1e-12, "steps 2-5")
     assert_close(window["regularization"].values, r[2:5].sum((0, 1)), 1e-12, "steps 2-5 reg")
     assert_self_consistent(window, 1e-12)
+
+
+@pytest.mark.parametrize("backwards", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("opt", ["sgd_momentum", "sgd_nesterov", "adam", "adamw"])
+def test_a_bounded_replay_splits_its_steps_and_carries_the_rest(runs, references, monkeypatch, opt, backwards):
+    """steps=(3, 5) with replay=1: the gradients of steps 2-4 are split by sample; what steps 0
+    and 1 pass on by momentum (and coupled decay) is `carried`, each as the brute force unrolls
+    it, and the modelled updates (solved momentum included) still match the recorded ones."""
+    monkeypatch.setattr(ex.engine, "walks_backwards",
+                        lambda req, rows, train: backwards or req.convention == "gradient")
+    run = runs.get(BRUTE[opt])  # 5 steps
+    a, r, c = references(run).window(3, 5, first=2)
+    cube = run.explain(steps=(3, 5), replay=1, keep=("component", "train", "test", "output"), quadrature=4)
+    assert cube.attrs["replay_start"] == 2
+    assert_close(cube["attribution"].transpose("component", "train", "test", "output").values, a, 1e-12, "split")
+    assert_close(cube["regularization"].values, r, 1e-12, "decay")
+    assert_close(cube["carried"].values, c, 1e-12, "carried")
+    assert np.abs(c).max() > 1e-3 * np.abs(a).sum(1).max()  # the carried share is not negligible
+    assert_self_consistent(cube, 1e-12)
+    assert cube["update_residual"].values[3:5].max() <= 1e-12
+    # replaying from step 0 leaves nothing carried: the cube of an unbounded replay
+    whole = run.explain(steps=(3, 5), replay=3, keep=("train", "test", "output"), quadrature=4)
+    assert "carried" not in whole and whole.attrs["replay_start"] == 0
+    a0, _, _ = references(run).window(3, 5, first=0)
+    assert_close(whole["attribution"].values, a0.sum(0), 1e-12, "replay from 0")
+
+
+def test_a_replay_starts_after_a_step_that_moved(runs):
+    """The momentum carried into a replay is solved from the update before it, which a step with
+    learning rate 0 does not reveal: the replay then starts earlier. Without a train dim, or with
+    a negative length, replay= is refused."""
+    run = runs.get(BRUTE["adamw"])
+    history = ex.History(run.path)
+    assert ex.engine._replay_start(history, 4, 1, ("train",)) == 3
+    history.manifest[2]["groups"] = [dict(g, lr=0.0) for g in history.manifest[2]["groups"]]
+    assert ex.engine._replay_start(history, 4, 1, ("train",)) == 2
+    history.manifest[1]["groups"] = [dict(g, lr=0.0) for g in history.manifest[1]["groups"]]
+    assert ex.engine._replay_start(history, 4, 1, ("train",)) == 1
+    with pytest.raises(ex.InputError, match="drop replay="):
+        run.explain(steps=(3, 5), replay=1, keep=("test", "output"))
+    with pytest.raises(ex.InputError, match="whole number"):
+        run.explain(steps=(3, 5), replay=-1)
 
 
 def test_update_pass_is_chosen_by_size(runs):

@@ -230,11 +230,14 @@ def test_milestones_and_nearest_boundaries():
     assert near.loc["t_val_95", "boundary"] == 4 and np.isnan(near.loc["never", "boundary"])
 
 
-def test_data_step_edges():
-    edges, stop = grokking.data_step_edges([0, 30, 200], 1000, 100)
-    assert edges.tolist() == [0, 30, 100, 1000] and stop == 100
-    edges, stop = grokking.data_step_edges([0, 30, 200], 1000, 0)
-    assert edges.tolist() == [0, 30, 200, 1000] and stop == 1000
+def test_data_windows():
+    phases = pd.DataFrame({"start": [0, 30, 200], "stop": [30, 200, 1000]})
+    assert grokking.data_windows(phases, 40, "middle") == [(0, 30), (95, 135), (580, 620)]
+    assert grokking.data_windows(phases, 40, "start") == [(0, 30), (30, 70), (200, 240)]
+    assert grokking.data_windows(phases, 40, "end") == [(0, 30), (160, 200), (960, 1000)]
+    assert grokking.data_windows(phases, 0) == [(0, 30), (30, 200), (200, 1000)]
+    with pytest.raises(InputError, match="start, middle or end"):
+        grokking.data_windows(phases, 40, "late")
 
 
 def test_checkpoint_steps():
@@ -405,23 +408,36 @@ def test_component_attribution_labels_the_splits_and_each_bin_adds_up(tiny_run, 
     np.testing.assert_allclose(residuals["residual"].sum("step"), cube["residual"].values.ravel(), atol=1e-10)
 
 
-def test_data_attribution_covers_the_window_and_bins_at_the_phases(tiny_run, tiny_data):
+def test_data_attribution_explains_each_window_and_carries_the_earlier_momentum(tiny_run, tiny_data):
+    """Windows (0, 2) and (4, 6) of the 6-step run, the second with 1 step of replay: per window,
+    Σ_train attribution + weight decay + carried is the true class's change over the window; the
+    replayed window carries what steps 0-2 passed on, and adds up to the fully replayed one."""
     history, _ = tiny_run
     model = fresh_model(TINY)
     x, y = tiny_data.val_inputs[:2], tiny_data.val_targets[:2]
-    window = grokking.data_attribution(history, model, x, y, [0, 2, 5], 4, **EXACT)
-    assert window["step"].values.tolist() == [0, 2] and window["step_stop"].values.tolist() == [2, 4]
-    assert window.sizes["train"] == TINY.train_size
-    # the window's attribution sums to the change of the true class from θ_0 to θ_4
-    with torch.no_grad():
-        def true_class(s):
+    cube = grokking.data_attribution(history, model, x, y, [(0, 2), (4, 6)], replay=1, **EXACT)
+    assert cube["step"].values.tolist() == [0, 4] and cube["step_stop"].values.tolist() == [2, 6]
+    assert cube.sizes["train"] == TINY.train_size
+
+    def true_class(s):
+        with torch.no_grad():
             out = torch.func.functional_call(model, history.params(s), (x,))
-            return out.gather(1, y[:, None]).squeeze(1).numpy()
-        change = true_class(4) - true_class(0)
-    total = (window["attribution"].sum(["step", "train"]) + window["regularization"].sum("step")).values.ravel()
-    np.testing.assert_allclose(total, change, atol=1e-6 * np.abs(change).max())
-    whole = grokking.data_attribution(history, model, x, y, [0, 2, 5], 0, **EXACT)
-    assert whole["step"].values.tolist() == [0, 2, 5] and int(whole["step_stop"][-1]) == history.n_steps
+        return out.gather(1, y[:, None]).squeeze(1).numpy()
+
+    explained = cube["attribution"].sum("train") + cube["regularization"] + cube["carried"]
+    for b, (start, stop) in enumerate([(0, 2), (4, 6)]):
+        change = true_class(stop) - true_class(start)
+        np.testing.assert_allclose(explained.isel(step=b).values.ravel(), change, atol=1e-6 * np.abs(change).max())
+    carried = np.abs(cube["carried"].values)
+    assert carried[0].max() == 0 and carried[1].max() > 1e-4 * np.abs(cube["attribution"][1]).sum("train").max()
+    whole = grokking.data_attribution(history, model, x, y, [(4, 6)], replay=None, **EXACT)
+    assert float(np.abs(whole["carried"]).max()) == 0
+    np.testing.assert_allclose(whole["attribution"].sum("train") + whole["regularization"],
+                               explained.isel(step=[1]), atol=1e-10)
+    # windows that tile the run take one pass, binned at the windows: the same numbers
+    tiled = grokking.data_attribution(history, model, x, y, [(0, 4), (4, 6)], replay=None, **EXACT)
+    assert tiled["step"].values.tolist() == [0, 4] and float(np.abs(tiled["carried"]).max()) == 0
+    np.testing.assert_allclose(tiled["attribution"].isel(step=1), whole["attribution"].isel(step=0), atol=1e-12)
 
 
 def test_bin_errors_and_their_check():
