@@ -352,6 +352,14 @@ def test_retraining_experiment_runs_every_point_and_scratch_once_per_seed(tiny_r
     assert len(summary) == 2 * 2 + 1 and (summary["seeds"] == 2).all()
 
 
+def test_retraining_in_worker_processes_gives_the_same_runs(tiny_run):
+    history, _ = tiny_run
+    options = dict(max_steps=3, target=0.95, dtype="float64", reinit_std=0.0, progress=False)
+    one = grokking.retraining_experiment(TINY, history, [4], ["outer"], [1, 2], workers=1, **options)
+    two = grokking.retraining_experiment(TINY, history, [4], ["outer"], [1, 2], workers=2, **options)
+    pd.testing.assert_frame_equal(one, two)
+
+
 def test_retraining_summary_counts_unreached_runs_as_slowest():
     runs = pd.DataFrame({"variant": ["pipeline"] * 3 + ["scratch"] * 2, "checkpoint": [10, 10, 10, np.nan, np.nan],
                          "seed": [0, 1, 2, 0, 1], "steps_to_target": [40, np.nan, 60, np.nan, np.nan],
@@ -361,6 +369,18 @@ def test_retraining_summary_counts_unreached_runs_as_slowest():
     assert np.isnan(summary.loc["scratch", "median_steps_to_target"]) and summary.loc["scratch", "reached"] == 0
 
 
+def test_the_retraining_claim_reads_the_pipeline_copied_last():
+    summary = pd.DataFrame({"variant": ["pipeline", "pipeline", "outer"], "checkpoint": [100.0, 200.0, 200.0],
+                            "seeds": [5, 5, 5], "reached": [1.0, 0.6, 1.0], "median_steps_to_target": [50.0, 180.0, 20.0]})
+    row = grokking.retraining_finding(summary, max_steps=500)
+    assert row["holds"] and "step 200: median 180 steps (60% of 5 seeds" in row["ours"]
+    summary.loc[1, "median_steps_to_target"] = np.nan
+    row = grokking.retraining_finding(summary, max_steps=500)
+    assert not row["holds"] and "not reached within 500 steps" in row["ours"]
+    with pytest.raises(InputError, match="add it to retrain_variants"):
+        grokking.retraining_finding(summary[summary["variant"] == "outer"], max_steps=500)
+
+
 def test_retraining_refuses_bad_requests(tiny_run):
     history, _ = tiny_run
     with pytest.raises(InputError, match="unknown retraining variant 'pipe'"):
@@ -368,6 +388,9 @@ def test_retraining_refuses_bad_requests(tiny_run):
     with pytest.raises(InputError, match="unknown retraining variants"):
         grokking.retraining_experiment(TINY, history, [1], ["outer", "mlp"], [0], max_steps=1, target=0.9,
                                        dtype="float32", reinit_std=0)
+    with pytest.raises(InputError, match="retrain_workers is -1"):
+        grokking.retraining_experiment(TINY, history, [1], ["outer"], [0], max_steps=1, target=0.9,
+                                       dtype="float32", reinit_std=0, workers=-1)
     with pytest.raises(InputError, match="retrain_dtype 'float16'"):
         grokking.retrain(TINY, history.params(1), "outer", 0, max_steps=1, target=0.9, dtype="float16", reinit_std=0)
     with pytest.raises(InputError, match="not parameters of the model"):
