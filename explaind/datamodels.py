@@ -11,6 +11,7 @@ from the same recorded history, or random scores as the null.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping
 
 import numpy as np
@@ -24,6 +25,7 @@ from .functional import FlatModel
 from .history import History
 from .losses import resolve_loss, sample_weights
 from .optimizers import group_index
+from .parallel import run_all
 
 
 def random_subsets(n_train: int, n_subsets: int, fraction: float, seed: int) -> torch.Tensor:
@@ -47,14 +49,17 @@ def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: 
 
 
 def subset_outputs(train: Callable[[torch.Tensor], torch.nn.Module], subsets: torch.Tensor, inputs: torch.Tensor,
-                   targets: torch.Tensor, progress: bool = True) -> torch.Tensor:
+                   targets: torch.Tensor, workers: int = 1, progress: bool = True) -> torch.Tensor:
     """Retrain once per subset with `train(dataset indices) -> model` and record each model's
-    log-probability of the true class on the inputs: [R, T]."""
-    outputs = []
-    for mask in tqdm(subsets, desc="retraining on subsets", disable=not progress):
-        model = train(mask.nonzero().squeeze(1))
-        outputs.append(true_class_log_probs(model, inputs, targets))
-    return torch.stack(outputs)
+    log-probability of the true class on the inputs: [R, T]. workers > 1 retrains that many
+    subsets side by side (explaind.parallel.run_all: `train` must then be picklable)."""
+    calls = [functools.partial(_subset_output, train, mask.nonzero().squeeze(1), inputs, targets) for mask in subsets]
+    return torch.stack(run_all(calls, workers, "retraining on subsets", progress))
+
+
+def _subset_output(train: Callable[[torch.Tensor], torch.nn.Module], indices: torch.Tensor, inputs: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    return true_class_log_probs(train(indices), inputs, targets)
 
 
 def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
@@ -84,11 +89,14 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
     for rec in tqdm(history.steps(start, stop), total=stop - start, desc="TracIn", disable=not progress, leave=False):
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
         eta = torch.tensor([g["lr"] for g in rec.groups], dtype=dtype, device=flat.device)[groups]
-        test_gradients = flat.jacobian(theta, x, select, "log_prob")[:, 0]  # [T, D]
+        directions = flat.jacobian(theta, x, select, "log_prob")[:, 0] * eta  # η ∇ log p per input: [T, D]
         weights = sample_weights(history.reduction, len(rec.indices), dtype, flat.device)
-        train_gradients = flat.per_sample_gradients(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), loss)
-        step_scores = -(train_gradients * weights[:, None]) @ (test_gradients * eta).T  # [B, T]
-        scores.index_add_(0, column[rec.indices].to(flat.device), step_scores)
+        batch_x, batch_y = flat.cast_inputs(rec.inputs), rec.targets.to(flat.device)
+        if len(x) < len(rec.indices):  # fewer inputs than samples: one JVP of the batch's losses per input
+            products = flat.per_sample_directional(theta, batch_x, batch_y, loss, directions).T
+        else:
+            products = flat.per_sample_gradients(theta, batch_x, batch_y, loss) @ directions.T
+        scores.index_add_(0, column[rec.indices].to(flat.device), -weights[:, None] * products)  # [B, T]
     return xr.DataArray(scores.cpu().numpy(), dims=("train", "test"),
                         coords={"train": train_index.numpy(), "test": np.arange(len(x))})
 

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,6 +33,7 @@ from .engine import explain
 from .errors import InputError, ReconstructionError
 from .history import History
 from .models import TRANSFORMER_COMPONENTS
+from .parallel import run_all
 from .training import DTYPES, TransformerConfig, first_step, train_transformer
 
 PIPELINE = ("attention", "mlp_in")
@@ -489,47 +487,18 @@ def retraining_experiment(config: TransformerConfig, history: History, checkpoin
     """Every (variant, checkpoint t, seed) retraining run, plus training from scratch once per
     seed (checkpoint NaN): one row each, with the steps to `target` validation accuracy.
 
-    workers > 1 runs that many runs side by side in separate processes, one CPU thread each
-    (0: one process per core); each run is seeded on its own, so the rows do not depend on it.
-    The processes are spawned: called from a script, guard its top level with
-    `if __name__ == "__main__":` (notebooks need nothing)."""
+    workers > 1 runs that many side by side (explaind.parallel.run_all; 0: one process per core);
+    each run is seeded on its own, so the rows do not depend on it."""
     unknown = sorted(set(variants) - set(RETRAIN_VARIANTS))
     if unknown:
         raise InputError(f"unknown retraining variants {unknown}: use names from {list(RETRAIN_VARIANTS)}")
-    if workers < 0:
-        raise InputError(f"retrain_workers is {workers}: use 1 (one process), more, or 0 (one per core)")
     points = [(v, t) for t in checkpoints for v in variants if v != "scratch"] + [("scratch", None)]
     copied_from = {t: history.params(0 if t is None else t) for _, t in points}  # scratch copies nothing
     common = dict(max_steps=max_steps, target=target, dtype=dtype, reinit_std=reinit_std, device=device)
     jobs = [(variant, t, seed) for variant, t in points for seed in seeds]
     calls = [functools.partial(retrain, config, copied_from[t], variant, seed, **common) for variant, t, seed in jobs]
-    results = _run_all(calls, workers or os.cpu_count() or 1, "retraining", progress)
+    results = run_all(calls, workers, "retraining", progress)
     return pd.DataFrame([{"checkpoint": np.nan if t is None else t, **row} for (_, t, _), row in zip(jobs, results)])
-
-
-def _run_all(calls: Sequence[Callable[[], dict]], workers: int, desc: str, progress: bool) -> list[dict]:
-    """call() for every call, in order: in this process, or in `workers` fresh processes (spawned,
-    not forked: a forked torch may hang on its thread pool) of one CPU thread each."""
-    bar = tqdm(total=len(calls), desc=desc, disable=not progress, leave=False)
-    if workers == 1:
-        results = []
-        for call in calls:
-            results.append(call())
-            bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(calls)), mp_context=context,
-                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            results = []
-            for result in pool.map(_call, calls):
-                results.append(result)
-                bar.update()
-    bar.close()
-    return results
-
-
-def _call(call: Callable[[], dict]) -> dict:
-    return call()
 
 
 def retraining_checkpoints(n_steps: int, count: int) -> list[int]:

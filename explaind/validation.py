@@ -13,10 +13,11 @@ notebook calls and plots:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from .functional import FlatModel
 from .influence import data_scores
 from .losses import resolve_loss
 from .stages import Run, first
+from .training import train_cnn, train_transformer
 
 
 @dataclass
@@ -56,6 +58,7 @@ class InfluenceConfig:
     lds_inputs: int = 16  # held-out inputs whose outputs are correlated (the first ones)
     lds_steps: int = 0  # 0: the whole schedule; k > 0 (full-batch runs): the first k steps only
     lds_quadrature: int = 2  # nodes of the data scores' path integral (compared with retrained outputs)
+    retrain_workers: int = 1  # processes retraining subsets side by side, one CPU thread each (0: one per core)
     bootstrap: int = 1000  # bootstrap resamples of the confidence intervals
     confidence: float = 0.95  # level of the confidence intervals
 
@@ -190,23 +193,24 @@ def explained_steps(run: Run, cfg: InfluenceConfig) -> tuple[int, int]:
     return 0, cfg.lds_steps
 
 
-def retrainer(run: Run, steps: int, data_dir: str | Path, device: str):
-    """train(dataset indices) -> model: the run's own training config and seed, on a subset, for `steps` updates."""
-    from .training import train_cnn, train_transformer
-
+def retrainer(run: Run, steps: int, data_dir: str | Path, device: str) -> Callable[[torch.Tensor], torch.nn.Module]:
+    """train(dataset indices) -> model: the run's own training config and seed, on a subset, for
+    `steps` updates; picklable, so that worker processes can retrain."""
     if run.name == "cnn":
-        return lambda indices: train_cnn(run.config, data_dir, device=device, progress=False,
-                                         train_indices=indices).model
-    config = dataclasses.replace(run.config, max_steps=steps)
+        return functools.partial(_cnn_on_subset, run.config, str(data_dir), device)
+    return functools.partial(_transformer_on_subset, dataclasses.replace(run.config, max_steps=steps), device)
 
-    def train(indices: torch.Tensor) -> torch.nn.Module:
-        result = train_transformer(config, device=device, progress=False, train_indices=indices)
-        if result.metrics["steps"] != steps:  # it stopped early: generalised on the subset
-            raise ExplaindError(f"a retraining on {len(indices)} pairs stopped at step {result.metrics['steps']:.0f}, "
-                                f"before the {steps} explained steps. Fix: lower lds_steps")
-        return result.model
 
-    return train
+def _cnn_on_subset(config, data_dir: str, device: str, indices: torch.Tensor) -> torch.nn.Module:
+    return train_cnn(config, data_dir, device=device, progress=False, train_indices=indices).model
+
+
+def _transformer_on_subset(config, device: str, indices: torch.Tensor) -> torch.nn.Module:
+    result = train_transformer(config, device=device, progress=False, train_indices=indices)
+    if result.metrics["steps"] != config.max_steps:  # it stopped early: generalised on the subset
+        raise ExplaindError(f"a retraining on {len(indices)} pairs stopped at step {result.metrics['steps']:.0f}, "
+                            f"before the {config.max_steps} explained steps. Fix: lower lds_steps")
+    return result.model
 
 
 def datamodel_study(run: Run, cfg: InfluenceConfig, data_dir: str | Path, seed: int, dtype: torch.dtype,
@@ -220,7 +224,8 @@ def datamodel_study(run: Run, cfg: InfluenceConfig, data_dir: str | Path, seed: 
 
     started = time.perf_counter()
     subsets = datamodels.random_subsets(n_train, cfg.lds_subsets, cfg.lds_fraction, seed)
-    actual = datamodels.subset_outputs(retrainer(run, steps[1], data_dir, device), subsets, x, y, progress).numpy()
+    actual = datamodels.subset_outputs(retrainer(run, steps[1], data_dir, device), subsets, x, y,
+                                      cfg.retrain_workers, progress).numpy()
     timings["retraining"] = time.perf_counter() - started
 
     started = time.perf_counter()

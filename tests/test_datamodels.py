@@ -116,6 +116,15 @@ def test_tracin_against_a_brute_force_loop_over_the_checkpoints(recorded):
     assert sorted(scores["train"].values.tolist()) == sorted(expected)
 
 
+def test_tracin_is_the_same_by_forward_mode_and_by_per_sample_gradients(recorded):
+    history = ex.History(recorded.path)
+    few = datamodels.tracin_scores(history, recorded.model, recorded.test_x, recorded.test_y, progress=False)
+    assert len(recorded.test_x) < 4  # fewer inputs than the batch of 4: forward mode
+    many = datamodels.tracin_scores(history, recorded.model, recorded.test_x.repeat(2, 1), recorded.test_y.repeat(2),
+                                    progress=False)  # as many as the batch: per-sample gradients
+    np.testing.assert_allclose(many.values, np.tile(few.values, 2), rtol=1e-10, atol=1e-15)
+
+
 def test_tracin_over_a_step_range_is_the_sum_of_its_steps(recorded):
     history = ex.History(recorded.path)
     args = (history, recorded.model, recorded.test_x, recorded.test_y)
@@ -190,3 +199,16 @@ def test_a_cnn_subset_retraining_trains_on_the_subset_and_records_dataset_indice
     for indices, inputs, targets in batches:
         torch.testing.assert_close(inputs, data.train_x[indices].double())
         assert torch.equal(targets, data.train_y[indices])
+
+
+def test_subset_retraining_in_worker_processes_gives_the_same_outputs():
+    run = types.SimpleNamespace(name="transformer", config=TINY)
+    train = validation.retrainer(run, steps=3, data_dir="unused", device="cpu")
+    data = modular_addition(TINY.p, TINY.train_size, TINY.val_size, TINY.data_seed, TINY.only_a_ge_b)
+    subsets = datamodels.random_subsets(TINY.train_size, 3, 0.5, seed=0)
+    args = (train, subsets, data.val_inputs, data.val_targets)
+    one = datamodels.subset_outputs(*args, workers=1, progress=False)
+    two = datamodels.subset_outputs(*args, workers=2, progress=False)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    assert not torch.equal(one[0], one[1])  # the subsets' models differ, so the order is checked too
+
