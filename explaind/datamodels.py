@@ -20,6 +20,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .engine import FORWARD_MODE_RATIO
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
@@ -92,7 +93,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
         directions = flat.jacobian(theta, x, select, "log_prob")[:, 0] * eta  # η ∇ log p per input: [T, D]
         weights = sample_weights(history.reduction, len(rec.indices), dtype, flat.device)
         batch_x, batch_y = flat.cast_inputs(rec.inputs), rec.targets.to(flat.device)
-        if len(x) < len(rec.indices):  # fewer inputs than samples: one JVP of the batch's losses per input
+        if len(x) * FORWARD_MODE_RATIO <= len(rec.indices):  # few inputs: one JVP of the batch's losses each
             products = flat.per_sample_directional(theta, batch_x, batch_y, loss, directions).T
         else:
             products = flat.per_sample_gradients(theta, batch_x, batch_y, loss) @ directions.T

@@ -12,6 +12,7 @@ import xarray as xr
 
 import explaind as ex
 from explaind import InputError, datamodels, validation
+from explaind.engine import FORWARD_MODE_RATIO
 from explaind.data import modular_addition
 from explaind.models import ModAddTransformer
 from explaind.training import TransformerConfig, train_transformer
@@ -118,10 +119,11 @@ def test_tracin_against_a_brute_force_loop_over_the_checkpoints(recorded):
 
 def test_tracin_is_the_same_by_forward_mode_and_by_per_sample_gradients(recorded):
     history = ex.History(recorded.path)
-    few = datamodels.tracin_scores(history, recorded.model, recorded.test_x, recorded.test_y, progress=False)
-    assert len(recorded.test_x) < 4  # fewer inputs than the batch of 4: forward mode
-    many = datamodels.tracin_scores(history, recorded.model, recorded.test_x.repeat(2, 1), recorded.test_y.repeat(2),
-                                    progress=False)  # as many as the batch: per-sample gradients
+    one, target = recorded.test_x[:1], recorded.test_y[:1]
+    assert FORWARD_MODE_RATIO * len(one) <= 4  # one input, batches of 4: forward mode
+    few = datamodels.tracin_scores(history, recorded.model, one, target, progress=False)
+    many = datamodels.tracin_scores(history, recorded.model, one.repeat(2, 1), target.repeat(2),
+                                    progress=False)  # two inputs: per-sample gradients
     np.testing.assert_allclose(many.values, np.tile(few.values, 2), rtol=1e-10, atol=1e-15)
 
 
