@@ -457,7 +457,7 @@ def retraining_state(checkpoint: Mapping[str, torch.Tensor], copied: Sequence[st
     state = {name: value for name, value in checkpoint.items() if name in taken}
     if reinit_std > 0:
         generator = torch.Generator().manual_seed(seed)
-        for name, value in checkpoint.items():
+        for name, value in sorted(checkpoint.items()):  # draws in name order, whatever the dict's order
             if name not in taken:
                 state[name] = torch.randn(value.shape, generator=generator, dtype=torch.float64) * reinit_std
     return state

@@ -709,7 +709,9 @@ class History:
                 f"{self.path / name} does not match its recorded sha256: the file is corrupted. "
                 "Restore the history from its source (dvc pull) or record it again"
             )
-        return load_safetensors(data)
+        # safetensors returns a hash map, whose order changes from process to process: sort it,
+        # so that whatever iterates over a read (e.g. drawing a re-initialisation) is reproducible
+        return dict(sorted(load_safetensors(data).items()))
 
     def initial(self) -> dict[str, torch.Tensor]:
         if self._initial is None:

@@ -1,7 +1,8 @@
 """Independent jobs side by side in worker processes: the retraining runs of the analysis stages.
 
 Each job is a picklable call (a functools.partial of a module-level function) that seeds its
-own randomness, so the results do not depend on how many processes run them.
+own randomness, so the results do not depend on how many processes run them, nor on which
+process runs which job.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ T = TypeVar("T")
 
 
 def run_all(calls: Sequence[Callable[[], T]], workers: int, desc: str, progress: bool = True) -> list[T]:
-    """call() for every call, in order: in this process (workers 1), or in `workers` fresh
-    processes of one CPU thread each (0: one per core).
+    """call() for every call, in order: in this process (workers 1), or in `workers` processes
+    of one CPU thread each (0: one per core).
 
     The processes are spawned, not forked (a forked torch may hang on its thread pool): called
     from a script, guard its top level with `if __name__ == "__main__":` (notebooks need nothing).

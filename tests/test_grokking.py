@@ -327,6 +327,13 @@ def test_retraining_starts_from_the_copied_part_and_a_fresh_init(tiny_run):
     others = torch.cat([drawn[n].flatten() for n in drawn if n not in copied])
     assert others.std().item() == pytest.approx(0.1, rel=0.1)
     assert torch.equal(drawn["attn.W_Q"], checkpoint["attn.W_Q"])
+    reordered = grokking.retraining_state(dict(reversed(list(checkpoint.items()))), grokking.PIPELINE, seed, 0.1)
+    assert all(torch.equal(reordered[name], drawn[name]) for name in drawn)  # the draws follow the names
+
+
+def test_a_history_reads_its_tensors_in_name_order(tiny_run):
+    history, _ = tiny_run  # safetensors' own order changes from process to process
+    assert list(history.params(0)) == sorted(history.params(0)) == sorted(history.params(history.n_steps))
 
 
 def test_retraining_from_scratch_is_training_from_scratch(tiny_run):

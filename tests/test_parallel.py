@@ -1,0 +1,24 @@
+"""Worker processes for independent jobs (explaind.parallel)."""
+
+import functools
+import os
+
+import pytest
+
+from explaind import InputError
+from explaind.parallel import run_all
+
+
+def test_jobs_run_in_worker_processes_and_results_keep_the_call_order():
+    pids = run_all([os.getpid] * 4, workers=2, desc="pids", progress=False)
+    assert 1 <= len(set(pids)) <= 2 and os.getpid() not in pids
+    assert run_all([functools.partial(pow, 2, k) for k in range(5)], workers=2, desc="powers", progress=False) == [
+        1, 2, 4, 8, 16]
+    assert run_all([os.getpid] * 2, workers=1, desc="here", progress=False) == [os.getpid()] * 2
+
+
+def test_a_failing_job_fails_the_call_with_its_error():
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        run_all([functools.partial(int, "1"), functools.partial(int, "x")], workers=2, desc="int", progress=False)
+    with pytest.raises(InputError, match="retrain_workers is -2"):
+        run_all([os.getpid], workers=-2, desc="none", progress=False)
