@@ -213,4 +213,3 @@ def test_subset_retraining_in_worker_processes_gives_the_same_outputs():
     two = datamodels.subset_outputs(*args, workers=2, progress=False)
     torch.testing.assert_close(one, two, rtol=0, atol=0)
     assert not torch.equal(one[0], one[1])  # the subsets' models differ, so the order is checked too
-
