@@ -51,6 +51,9 @@ class InfluenceConfig:
     outputs: Literal["all", "true_class"] = "all"  # outputs summed in ExPLAIND's importance (the paper: all)
     quadrature: int = 1  # nodes per smooth piece of each step's path integral (parameter scores)
     breakpoints: bool = False  # locate the ReLU / max-pool kinks along each step first (every explain call)
+    # with breakpoints: 0 searches every step; > 0 only the steps whose plain integral misses an
+    # explained output by more (far cheaper over a long run: most steps cross no kink)
+    kink_tolerance: float = 0.0
     tolerance: float = 1.0  # the largest accepted relative residual of an explain call
     # --- data scores against retraining (linear datamodeling score)
     lds_subsets: int = 16  # models retrained on random subsets of the training set
@@ -67,8 +70,8 @@ def explain_options(cfg: InfluenceConfig, run: Run, dtype: torch.dtype, device: 
     """The explain() arguments every call of the stage shares. The verify stage checks every
     recorded update of the same history against the modelled optimizer, so the calls here trust
     the recorded updates (no gradient is recomputed where no training sample is kept)."""
-    return dict(components=run.components, breakpoints=cfg.breakpoints, dtype=dtype, device=device,
-                tolerance=cfg.tolerance, check_updates=False, progress=progress)
+    return dict(components=run.components, breakpoints=cfg.breakpoints, kink_tolerance=cfg.kink_tolerance,
+                dtype=dtype, device=device, tolerance=cfg.tolerance, check_updates=False, progress=progress)
 
 
 # --- pruning ------------------------------------------------------------------------------

@@ -322,6 +322,25 @@ def test_explain_with_a_kink_tolerance_sums_to_the_same_integral(kinked_run):
                                rtol=0, atol=1e-9 * scale)
 
 
+def test_parameter_scores_with_a_kink_tolerance_equal_the_certified_ones(kinked_run):
+    """The influence stage's setting (parameter scores, kinks located only where a step misses):
+    the per-parameter scores equal the certified search's, and their signed sum is the change
+    less its weight-decay part."""
+    run = kinked_run
+    common = dict(quadrature=4, keep=(), outputs="all", parameter_scores=True, progress=False)
+    controlled = ex.explain(run.path, run.model, run.test_x, kink_tolerance=1e-13, **common)
+    certified = ex.explain(run.path, run.model, run.test_x, **common)
+    plain = ex.explain(run.path, run.model, run.test_x, breakpoints=False, tolerance=None, **common)
+    change = float((certified["final"] - certified["initial"]).sum())
+    scale = float(np.abs(certified["parameter_score"]).max())
+    for name in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
+        np.testing.assert_allclose(controlled[name].values, certified[name].values, rtol=0, atol=1e-9 * scale)
+    decay = float(controlled["regularization"].sum())
+    assert float(controlled["parameter_score_signed"].sum()) + decay == pytest.approx(change, rel=1e-9)
+    # without the kinks the same scores miss: the test would notice a search that did nothing
+    assert np.abs(plain["parameter_score"].values - certified["parameter_score"].values).max() > 1e-4 * scale
+
+
 def test_a_negative_kink_tolerance_is_refused(kinked_run):
     with pytest.raises(ex.InputError, match="kink_tolerance"):
         ex.reconstruct(kinked_run.path, kinked_run.model, kinked_run.test_x, kink_tolerance=-1.0, progress=False)
