@@ -98,8 +98,11 @@ def reconstruct(
     """Check 2 for all outputs of many inputs: f(θ_0) + Σ_s ∫ J(θ_s + tΔθ_s)·Δθ_s dt.
 
     Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
-    `breakpoints` and `kink_tolerance`); returns initial, final, reconstructed
-    and residual over (test, output), with the relative residual in the attributes.
+    `breakpoints` and `kink_tolerance`), and one forward pass per step; returns initial, final,
+    reconstructed and residual over (test, output), with the relative residual in the
+    attributes, and where it arises, over (step, test): `step_miss`, the largest
+    |f(θ_{s+1}) − f(θ_s) − φ_s·Δθ_s| over outputs, and `step_change`, the largest
+    |f(θ_{s+1}) − f(θ_s)|.
     batch_size bounds the rows of one pass: inputs, or (input, point on the segment) pairs
     where each row carries its own parameters (quadrature nodes, kink search probes).
     """
@@ -129,16 +132,27 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
     initial = outputs(theta0)
     changes = [torch.zeros_like(initial) for _ in paths]
+    # per step and input, over outputs: how far the integral misses the step's exact change
+    misses = [torch.zeros(history.n_steps, len(inputs), dtype=torch.float64) for _ in paths]
+    step_change = torch.zeros(history.n_steps, len(inputs), dtype=torch.float64)
+    before = initial
     for rec in tqdm(history.steps(), total=history.n_steps, desc="reconstruct", disable=not progress, leave=False):
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
-        delta = flat.layout.flatten(rec.after).to(flat.device, dtype) - theta
-        for path, change in zip(paths, changes):
-            change += torch.cat([path.change(theta, delta, x, target) for x in batches])
+        theta_next = flat.layout.flatten(rec.after).to(flat.device, dtype)
+        delta = theta_next - theta
+        reached = outputs(theta_next)
+        exact = reached - before
+        step_change[rec.step] = exact.abs().amax(1).cpu()
+        for path, change, miss in zip(paths, changes, misses):
+            step = torch.cat([path.change(theta, delta, x, target) for x in batches])
+            change += step
+            miss[rec.step] = (exact - step).abs().amax(1).cpu()
+        before = reached
     final = outputs(flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype))
     scale = (final - initial).abs().max().item()
     dims = ("test", "output")
     results = []
-    for (q, rule, kinks), path, change in zip(settings, paths, changes):
+    for (q, rule, kinks), path, change, miss in zip(settings, paths, changes, misses):
         reconstructed = initial + change
         residual = final - reconstructed
         results.append(xr.Dataset(
@@ -147,8 +161,11 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                 "final": (dims, final.cpu().numpy()),
                 "reconstructed": (dims, reconstructed.cpu().numpy()),
                 "residual": (dims, residual.cpu().numpy()),
+                "step_miss": (("step", "test"), miss.numpy()),
+                "step_change": (("step", "test"), step_change.numpy()),
             },
-            coords={"test": np.arange(len(inputs)), "output": np.arange(initial.shape[1])},
+            coords={"test": np.arange(len(inputs)), "output": np.arange(initial.shape[1]),
+                    "step": np.arange(history.n_steps)},
             attrs={
                 "quadrature_rule": rule,
                 "quadrature_nodes": q,

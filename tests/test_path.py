@@ -281,22 +281,28 @@ def test_a_loose_kink_tolerance_is_plain_quadrature(kinked_run):
     np.testing.assert_allclose(loose["reconstructed"].values, plain["reconstructed"].values, rtol=0, atol=1e-13)
 
 
-def test_a_tolerance_between_the_misses_searches_only_the_worst_segments(kinked_run):
-    """Each segment's miss is measured against forward evaluations: the segments searched are
-    exactly those whose plain integral misses by more than the tolerance."""
-    run = kinked_run
+def plain_misses(run, quadrature: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step and input, over outputs, by forward passes at both ends of each step: the largest
+    |exact change| and the largest |exact change − plain quadrature's integral|, [steps, inputs]."""
     flat = FlatModel(run.model, layout_of(run.model), DT, "cpu")
-    history = ex.History(run.path)
-    misses = []
+    changes, misses = [], []
     x = run.test_x.to(DT)
-    plain = PathIntegral(flat, quadrature=3, breakpoints=False)
-    for rec in history.steps():
+    plain = PathIntegral(flat, quadrature=quadrature, breakpoints=False)
+    for rec in ex.History(run.path).steps():
         theta = flat.layout.flatten(rec.before).to(DT)
         delta = flat.layout.flatten(rec.after).to(DT) - theta
         with torch.no_grad():
             change = flat.explained(theta + delta, x, "log_prob") - flat.explained(theta, x, "log_prob")
+        changes.append(change.abs().amax(1))
         misses.append((change - plain.change(theta, delta, x, "log_prob")).abs().amax(1))
-    misses = torch.cat(misses)
+    return torch.stack(changes), torch.stack(misses)
+
+
+def test_a_tolerance_between_the_misses_searches_only_the_worst_segments(kinked_run):
+    """Each segment's miss is measured against forward evaluations: the segments searched are
+    exactly those whose plain integral misses by more than the tolerance."""
+    run = kinked_run
+    _, misses = plain_misses(run)
     tolerance = float(misses.median())
     controlled = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, kink_tolerance=tolerance,
                                 progress=False)
@@ -344,6 +350,22 @@ def test_parameter_scores_with_a_kink_tolerance_equal_the_certified_ones(kinked_
 def test_a_negative_kink_tolerance_is_refused(kinked_run):
     with pytest.raises(ex.InputError, match="kink_tolerance"):
         ex.reconstruct(kinked_run.path, kinked_run.model, kinked_run.test_x, kink_tolerance=-1.0, progress=False)
+
+
+def test_the_reconstruction_says_which_steps_miss(kinked_run):
+    """step_miss and step_change are each step's miss and change, measured by hand; with the
+    kinks located no step misses by more than the smooth pieces' quadrature error."""
+    run = kinked_run
+    changes, misses = plain_misses(run)
+    plain = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, breakpoints=False, progress=False)
+    np.testing.assert_allclose(plain["step_change"].values, changes.numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(plain["step_miss"].values, misses.numpy(), rtol=1e-9, atol=1e-15)
+    assert float(plain["step_miss"].max()) > 1e-4  # kinks that matter
+    # the misses of the steps add up to the residual (the largest miss of an input bounds its share)
+    assert float(np.abs(plain["residual"]).max("output").max()) <= float(plain["step_miss"].sum("step").max()) + 1e-14
+    located = ex.reconstruct(run.path, run.model, run.test_x, quadrature=4, progress=False)
+    assert float(located["step_miss"].max()) <= 1e-9 * float(changes.max())
+    assert restricted(plain, range(3))["step_miss"].shape == (KINKED.steps, 3)
 
 
 def test_a_restricted_reconstruction_is_that_of_its_inputs_alone(kinked_run):
