@@ -70,6 +70,8 @@ class GrokkingConfig:
     step_bins: int = 40  # log-spaced bins of update steps (memorisation takes tens of steps, grokking thousands)
     quadrature: int = 1  # Gauss-Legendre nodes per smooth piece of each step's path integral
     breakpoints: bool = False  # locate the ReLU kinks along each step first (exact, costs a kink search)
+    # with breakpoints: 0 searches every step; > 0 only the steps whose plain integral misses by more
+    kink_tolerance: float = 0.0
     tolerance: float = 0.3  # the largest accepted relative residual of a step bin, and of the data attribution
     phases: int = 3  # phases to detect (the paper describes three)
     min_phase_bins: int = 3  # the fewest step bins a phase may span
