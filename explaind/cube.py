@@ -21,6 +21,7 @@ UNITS = {"log_prob": "log-probability", "logit": "logit"}
 # format 3 has no stable specification for it yet (zarr warns UnstableSpecificationWarning), and
 # its specified variable-length strings would come back with another dtype.
 STORE_FORMAT = 2
+PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
 
 
 def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
@@ -48,9 +49,11 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
                 merged["carried"][:, :, t_index] += part["carried"].reshape(n_bins, n_comp, rows_t, rows_o)
             total[tests] = part["total"]
             merged["update_residual"] = torch.as_tensor(part["update_residual"])
-            for key in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
+            for key in PARAMETER_SCORES:
                 if key in part:
-                    merged[key] = merged.get(key, 0) + part[key]
+                    empty = torch.zeros(t_dim, o_dim, part[key].shape[-1], dtype=req.flat.dtype)
+                    scores = merged.setdefault(key, empty)
+                    scores[t_index] += part[key].reshape(rows_t, rows_o, -1)
     merged.update(attribution=attribution, regularization=regularization, total=total)
     return merged
 
@@ -76,9 +79,9 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
 
     def labelled(array: torch.Tensor, dims: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
         """Drop the dims that were summed (kept as size-1 axes while computing)."""
-        values = array.numpy()
-        summed = tuple(i for i, d in enumerate(dims) if d not in req.keep)
-        return tuple(d for d in dims if d in req.keep), values.squeeze(axis=summed)
+        kept = (*req.keep, "parameter")  # a parameter score is never summed over parameters
+        summed = tuple(i for i, d in enumerate(dims) if d not in kept)
+        return tuple(d for d in dims if d in kept), array.numpy().squeeze(axis=summed)
 
     initial, final, total = initial.numpy(), final.numpy(), merged["total"].numpy()
     residual = final - initial - total
@@ -95,8 +98,8 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
     if req.parameter_scores:
         tensor_id = np.repeat(np.arange(len(req.flat.layout.names)), req.flat.layout.sizes).astype(np.int32)
         coords["parameter_tensor"] = ("parameter", tensor_id)
-        for key in ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs"):
-            data[key] = (("parameter",), merged[key].numpy())
+        for key in PARAMETER_SCORES:
+            data[key] = labelled(merged[key], ("test", "output", "parameter"))
     used = {d for dims, _ in data.values() for d in dims}
     cube = xr.Dataset(data, coords={k: v for k, v in coords.items() if v[0] in used})
     order = [d for d in ("step", "component", "train", "test", "output") if d in cube["attribution"].dims]
@@ -129,7 +132,8 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         parameter_score_definitions=(
             "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "
             "parameter_score_stepwise_abs: Σ_test Σ_output Σ_step |Σ_train ψ| (no cancellation over "
-            "steps); parameter_score_signed: Σ_test Σ_output Σ_step Σ_train ψ. Weight decay excluded."
+            "steps); parameter_score_signed: Σ_test Σ_output Σ_step Σ_train ψ. The sums run over the "
+            "test and output dims that are not kept. Weight decay excluded."
         ),
     )
     return cube

@@ -139,6 +139,9 @@ def explain(
     recorded update and booked whole as `carried` (exact, but not split by sample), so a window
     late in a long run costs its own steps plus the replay, not the run's length; with momentum
     β, `carried` holds about β^replay of the momentum at start.
+    parameter_scores: also return the parameter-wise scores of DESIGN §3, one per scalar
+    parameter (weight decay excluded): |·| is taken per explained input and output, and the sum
+    runs over the test / output dims not in `keep` (the pruning importance: keep neither).
     check_updates: True recomputes every step's batch gradient and checks the modelled update
     against the recorded one (DESIGN §2, check 1; stored as update_residual). False, for a history already checked with verify_updates,
     skips that check (update_residual NaN); a cube without a train dim then needs no gradient at
@@ -363,7 +366,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
         rows_full * d * 4  # φ / G, its scaled copies, the carried effect on all rows
         + momentum * 2  # carried effects / momentum buffer and the effect booked this step
         + batch * d * 3  # per-sample gradients and their weighted copies
-        + (rows_full * d if req.parameter_scores else 0)
+        + ((rows_full + rows) * d if req.parameter_scores else 0)
         + n_bins * n_comp * rows * train  # the cube's accumulator
         # autograd's per-node gradients while integrating φ (capped by the path integral)
         + min(req.path.max_elements, rows_full * d * req.path.quadrature * 4)
@@ -487,8 +490,9 @@ class _Pass:
         self.per_bin = req.convention == "update" and req.keeps("step")
         if req.parameter_scores:
             d = flat.layout.dim
+            # |·| is taken per (test, output) row, then summed over the dims that are not kept
             self.score_sum = torch.zeros(self.n_test * req.n_outputs, d, dtype=self.dt, device=self.dev)
-            self.score_stepwise_abs = torch.zeros(d, dtype=self.dt, device=self.dev)
+            self.score_stepwise_abs = torch.zeros(n_rows, d, dtype=self.dt, device=self.dev)
 
     # ----------------------------------------------------------------- per-step pieces
 
@@ -577,7 +581,7 @@ class _Pass:
         if self.req.parameter_scores and self.first_train_chunk:
             psi = full * share
             self.score_sum += psi
-            self.score_stepwise_abs += psi.abs().sum(0)
+            self.score_stepwise_abs += self.reduce_rows(psi.abs())
 
     # ----------------------------------------------------------------- the passes
 
@@ -800,8 +804,8 @@ class _Pass:
             out["total"] = self.total.view(self.n_test, self.req.n_outputs).cpu()
             out["update_residual"] = self.update_residual
             if self.req.parameter_scores:
-                out["parameter_score"] = self.score_sum.abs().sum(0).cpu()
-                out["parameter_score_signed"] = self.score_sum.sum(0).cpu()
+                out["parameter_score"] = self.reduce_rows(self.score_sum.abs()).cpu()
+                out["parameter_score_signed"] = self.reduce_rows(self.score_sum).cpu()
                 out["parameter_score_stepwise_abs"] = self.score_stepwise_abs.cpu()
         return out
 

@@ -118,6 +118,10 @@ class PathIntegral:
         if self.kink_tolerance < 0:
             raise InputError(f"kink_tolerance is {self.kink_tolerance}: use 0 (locate every kink) or a "
                              "positive error per step and output")
+        if self.kink_tolerance > 0 and not self.breakpoints:
+            raise InputError(f"kink_tolerance={self.kink_tolerance} chooses which steps' kinks are located, but "
+                             "breakpoints=False locates none: set breakpoints=True, or kink_tolerance=0 for "
+                             "plain quadrature")
         t, w = nodes(self.quadrature, self.rule)
         self.t_nodes = torch.tensor(t, dtype=self.flat.dtype, device=self.flat.device)
         self.t_weights = torch.tensor(w, dtype=self.flat.dtype, device=self.flat.device)

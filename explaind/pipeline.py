@@ -350,8 +350,7 @@ def _hint(value: Any, expected: Any) -> str:
         except ValueError:
             pass
         else:
-            return (f"write it as a number without quotes; YAML reads 1e-3 as text, "
-                    f"so write 1.0e-3 (with a dot)")
+            return "write it as a number without quotes; YAML reads 1e-3 as text, so write 1.0e-3 (with a dot)"
     if isinstance(value, float) and expected is int and value.is_integer():
         return f"write {int(value)} (no decimal point)"
     if isinstance(value, bool) and expected in (int, float):

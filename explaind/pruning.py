@@ -84,8 +84,9 @@ def input_groups(splits: Sequence[tuple[np.ndarray, np.ndarray]], n_inputs: int)
 
 
 def cube_scores(cube: xr.Dataset, layout: ParamLayout) -> dict[str, torch.Tensor]:
-    """ExPLAIND's parameter-wise scores of an explain(..., parameter_scores=True) cube, moved from
-    the cube's order (component by component) to `layout`'s: {"explaind", "explaind_abs"}."""
+    """ExPLAIND's parameter-wise scores of an explain(..., parameter_scores=True) cube, summed over
+    the test / output dims it keeps and moved from the cube's order (component by component) to
+    `layout`'s: {"explaind", "explaind_abs"}."""
     if "parameter_score" not in cube:
         raise InputError("the cube holds no parameter scores: explain again with parameter_scores=True")
     names = list(cube.attrs["tensor_names"])
@@ -95,7 +96,8 @@ def cube_scores(cube: xr.Dataset, layout: ParamLayout) -> dict[str, torch.Tensor
     sizes = dict(zip(layout.names, layout.sizes))
     out = {}
     for criterion, variable in EXPLAIND_VARIABLES.items():
-        values = torch.as_tensor(np.asarray(cube[variable].values))
+        scores = cube[variable]
+        values = torch.as_tensor(np.asarray(scores.sum([d for d in scores.dims if d != "parameter"]).values))
         pieces = dict(zip(names, values.split([sizes[n] for n in names])))
         out[criterion] = torch.cat([pieces[n].reshape(-1) for n in layout.names])
     return out

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from .cube import PARAMETER_SCORES
 from .errors import ExplaindError, ReconstructionError
 from .training import DTYPES  # re-exported: the notebooks read it from here
 
@@ -261,13 +262,12 @@ def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.argsort(train_labels, kind="stable"), np.argsort(test_labels, kind="stable")
 
 
-PARAMETER_VARIABLES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
 
 
 def reduce_cube(cube: xr.Dataset, keep: tuple[str, ...]) -> xr.Dataset:
     """The cube summed over the attribution dims not in `keep` (weight decay likewise), with its
     initial / final / residual / update_residual; the parameter scores are left out."""
-    out = cube.drop_vars([v for v in PARAMETER_VARIABLES if v in cube], errors="ignore")
+    out = cube.drop_vars([v for v in PARAMETER_SCORES if v in cube], errors="ignore")
     for name in ("attribution", "regularization", "carried"):
         if name not in cube:
             continue
@@ -298,8 +298,9 @@ def true_class_slice(cube: xr.Dataset, targets) -> xr.Dataset:
 
 
 def parameter_cube(cube: xr.Dataset) -> xr.Dataset:
-    """The parameter-wise scores of a cube (one value per scalar parameter), labelled by tensor."""
-    out = cube[[v for v in PARAMETER_VARIABLES]]
+    """The parameter-wise scores of a cube (per scalar parameter, and per input and output where the
+    cube keeps them), labelled by tensor."""
+    out = cube[list(PARAMETER_SCORES)]
     out.attrs = {k: cube.attrs[k] for k in ("tensor_names", "parameter_score_definitions", "history_sha256",
                                             "units", "target", "n_steps")}
     return out

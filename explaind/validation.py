@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import datamodels, pruning
 from .components import group_tensors
@@ -85,38 +84,38 @@ class PruningResult:
     areas: pd.DataFrame  # split, protocol, criterion, accuracy, agreement, kl (areas under the curves)
     verdicts: pd.DataFrame  # explaind against every other criterion (pruning.verdicts)
     unpruned: pd.DataFrame  # split, accuracy of the unpruned model on the evaluation part
-    groups: list[np.ndarray]  # the held-out inputs explained together (one explain call each)
+    groups: list[np.ndarray]  # the held-out inputs whose scores are summed together
     prunable: int  # prunable weights (outside the protected components)
     parameters: int  # all weights
-    relative_residual: float  # the largest relative residual of the explain calls
+    relative_residual: float  # the relative residual of the explain call
     timings: dict[str, float]
 
 
 def group_scores(run: Run, flat: FlatModel, theta: torch.Tensor, groups: list[np.ndarray], cfg: InfluenceConfig,
                  dtype: torch.dtype, device: str, timings: dict, progress: bool) -> tuple[dict[str, torch.Tensor], float]:
-    """The additive criteria's sums over each group of inputs ([groups, D] each), and the largest
-    relative residual of the explain calls."""
+    """The additive criteria's sums over each group of inputs ([groups, D] each), and the
+    relative residual of the explain call (one for all groups: parameter scores per input)."""
     loss = resolve_loss(run.history.loss)[1]
-    sums: dict[str, list[torch.Tensor]] = {name: [] for name in pruning.ADDITIVE if name != "lca"}
-    residual = 0.0
+    union = np.concatenate(groups)
     started = time.perf_counter()
     outputs = "true" if cfg.outputs == "true_class" else "all"  # "true" would read as a YAML boolean
-    for index in tqdm(groups, desc="parameter scores per group of inputs", disable=not progress):
+    cube = explain(run.history, run.model, run.test_x[union], run.test_y[union], keep=("test",), outputs=outputs,
+                   parameter_scores=True, quadrature=cfg.quadrature, **explain_options(cfg, run, dtype, device, progress))
+    timings["explain (parameter scores)"] = time.perf_counter() - started
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in pruning.ADDITIVE if name != "lca"}
+    positions = np.split(np.arange(len(union)), np.cumsum([len(g) for g in groups])[:-1])
+    for index, rows in zip(groups, positions):
         x, y = run.test_x[index], run.test_y[index]
-        cube = explain(run.history, run.model, x, y, keep=(), outputs=outputs, parameter_scores=True,
-                       quadrature=cfg.quadrature, **explain_options(cfg, run, dtype, device, progress))
-        residual = max(residual, float(cube.attrs["relative_residual"]))
-        for name, values in {**pruning.cube_scores(cube, flat.layout),
+        for name, values in {**pruning.cube_scores(cube.isel(test=rows), flat.layout),
                              **pruning.gradient_scores(flat, theta, x, y, loss)}.items():
             sums[name].append(values.to(theta))
-    timings["explain (parameter scores)"] = time.perf_counter() - started
     started = time.perf_counter()
-    union = np.concatenate(groups)
     weights = torch.zeros(len(groups), len(union), dtype=dtype)  # row g sums the losses of group g's inputs
     weights[np.repeat(np.arange(len(groups)), [len(g) for g in groups]), np.arange(len(union))] = 1.0
     lca = pruning.loss_change_allocation(run.history, flat, run.test_x[union], run.test_y[union], weights, loss, progress)
     timings["loss-change allocation"] = time.perf_counter() - started
-    return {**{name: torch.stack(values).cpu() for name, values in sums.items()}, "lca": lca.cpu()}, residual
+    return ({**{name: torch.stack(values).cpu() for name, values in sums.items()}, "lca": lca.cpu()},
+            float(cube.attrs["relative_residual"]))
 
 
 def pruning_study(run: Run, cfg: InfluenceConfig, seed: int, dtype: torch.dtype, device: str = "cpu",
@@ -327,7 +326,7 @@ def influence_metrics(pruned: PruningResult, datamodel: DatamodelResult) -> dict
             "unpruned_accuracy": float(pruned.unpruned["accuracy"].mean()),
             "prunable_weights": pruned.prunable,
             "weights": pruned.parameters,
-            "explain_calls": len(pruned.groups),
+            "input_groups": len(pruned.groups),
             "explained_inputs": int(sum(len(g) for g in pruned.groups)),
             "relative_residual": pruned.relative_residual,
         },

@@ -148,7 +148,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
             change += step
             miss[rec.step] = (exact - step).abs().amax(1).cpu()
         before = reached
-    final = outputs(flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype))
+    final = before  # f(θ_N): the last step's θ_after is the history's final parameters
     scale = (final - initial).abs().max().item()
     dims = ("test", "output")
     results = []

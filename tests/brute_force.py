@@ -74,17 +74,17 @@ class Reference:
         c = torch.einsum("xoj,pj->pxo", early, mask)
         return a.numpy(), r.numpy(), c.numpy()
 
-    def parameter_scores(self, convention: str = "update") -> dict[str, np.ndarray]:
-        """DESIGN §3, weight decay excluded, per coordinate in named_parameters order."""
+    def parameter_scores(self, convention: str = "update", keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """DESIGN §3, weight decay excluded, per coordinate in named_parameters order, summed over
+        the test and output dims not in `keep` after |·| is taken per (test, output)."""
         m = len(self.train_ids)
         samples = self.psi[:, :, :m].sum(2)  # [S, S, T, O, D]
         total = samples.sum((0, 1))  # Σ_s Σ_k ψ: [T, O, D]
         per_step = samples.sum(1) if convention == "update" else samples.sum(0)
-        return {
-            "parameter_score": total.abs().sum((0, 1)).numpy(),
-            "parameter_score_signed": total.sum((0, 1)).numpy(),
-            "parameter_score_stepwise_abs": per_step.abs().sum((0, 1, 2)).numpy(),
-        }
+        summed = tuple(i for i, d in enumerate(("test", "output")) if d not in keep)
+        scores = {"parameter_score": total.abs(), "parameter_score_signed": total,
+                  "parameter_score_stepwise_abs": per_step.abs().sum(0)}
+        return {key: values.numpy().sum(summed) for key, values in scores.items()}
 
 
 def _functional(model: torch.nn.Module):

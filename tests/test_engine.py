@@ -428,10 +428,11 @@ def test_chunks_match_brute_force(runs, references, convention):
 def test_parameter_scores_match_brute_force(runs, references, opt):
     run = runs.get(BRUTE[opt])
     ref = references(run)
-    for convention in ("update", "gradient"):
+    # per input, summed over inputs and outputs, per input and output
+    for convention, keep in (("update", ("test",)), ("gradient", ()), ("update", ("test", "output"))):
         # a grouping that reorders the tensors: the output layer's first
         cube = run.explain(convention=convention, quadrature=4, parameter_scores=True,
-                           components={"head": ["out"], "body": ["hidden"]}, keep=("test",))
+                           components={"head": ["out"], "body": ["hidden"]}, keep=keep)
         # the parameter dim is the flat layout in component order: map it to named_parameters order
         names = cube.attrs["tensor_names"]
         components = cube.attrs["components"]
@@ -444,9 +445,10 @@ def test_parameter_scores_match_brute_force(runs, references, opt):
         assert len(order) == cube.sizes["parameter"] == sum(numel.values())
         tensor_id = cube["parameter_tensor"].values
         assert [names[i] for i in tensor_id] == [n for n in names for _ in range(numel[n])]
-        expected = ref.parameter_scores(convention)
+        expected = ref.parameter_scores(convention, keep)
         for key, values in expected.items():
-            assert_close(cube[key].values, values[order], 1e-12, f"{key} ({convention})")
+            assert cube[key].dims == (*keep, "parameter")
+            assert_close(cube[key].values, values[..., order], 1e-12, f"{key} ({convention}, {keep})")
         # the paper's importance is the absolute value after summing: never above the stepwise one
         assert np.all(cube["parameter_score"].values <= cube["parameter_score_stepwise_abs"].values * (1 + 1e-12))
         assert "parameter_score_stepwise_abs" in cube.attrs["parameter_score_definitions"]

@@ -347,9 +347,13 @@ def test_parameter_scores_with_a_kink_tolerance_equal_the_certified_ones(kinked_
     assert np.abs(plain["parameter_score"].values - certified["parameter_score"].values).max() > 1e-4 * scale
 
 
-def test_a_negative_kink_tolerance_is_refused(kinked_run):
+def test_a_kink_tolerance_that_cannot_apply_is_refused(kinked_run):
+    run = kinked_run
     with pytest.raises(ex.InputError, match="kink_tolerance"):
-        ex.reconstruct(kinked_run.path, kinked_run.model, kinked_run.test_x, kink_tolerance=-1.0, progress=False)
+        ex.reconstruct(run.path, run.model, run.test_x, kink_tolerance=-1.0, progress=False)
+    # without breakpoints no kink is located, whatever the tolerance: said, not silently ignored
+    with pytest.raises(ex.InputError, match="breakpoints=True"):
+        ex.explain(run.path, run.model, run.test_x, breakpoints=False, kink_tolerance=1e-3, progress=False)
 
 
 def test_the_reconstruction_says_which_steps_miss(kinked_run):

@@ -520,7 +520,7 @@ def test_end_to_end_dvc_repro(repo_copy):
                                                                "step_component_output.zarr", "parameters.zarr"}
             assert metrics["tests"] == 4
         elif stage.startswith("influence@"):
-            assert metrics["pruning"]["explain_calls"] >= 1 and metrics["lds"]["retrainings"] == 4
+            assert metrics["pruning"]["input_groups"] >= 1 and metrics["lds"]["retrainings"] == 4
             assert {"explaind", "tracin", "random"} <= set(metrics["lds"])
         elif stage == "grokking":
             assert len(metrics["phases"]) == 3 and set(metrics["swap"]) == set(grokking.SWAP_VARIANTS)

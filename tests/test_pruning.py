@@ -171,24 +171,24 @@ def test_cube_scores_follow_the_layout_order():
     scores = pruning.cube_scores(cube, layout)
     assert scores["explaind"].tolist() == [1.0, 2.0, 10.0, 11.0, 12.0]
     assert scores["explaind_abs"].tolist() == [3.0, 4.0, 20.0, 21.0, 22.0]
+    per_input = xr.concat([cube, 2 * cube], dim="test")  # a cube that keeps its test dim: summed
+    assert pruning.cube_scores(per_input, layout)["explaind"].tolist() == [3.0, 6.0, 30.0, 33.0, 36.0]
     with pytest.raises(InputError, match="parameter_scores=True"):
         pruning.cube_scores(cube.drop_vars("parameter_score"), layout)
 
 
-def test_explaind_scores_of_groups_add_up_to_the_scores_of_their_union(recorded):
-    """Why a split's score is the sum of its groups' (one explain call per group)."""
-    flat, history = flat_model(recorded)
+def test_explaind_scores_of_groups_are_sums_of_the_scores_per_input(recorded):
+    """Why one explain call serves every split: a group's scores, explained on its own, are the
+    sums of the per-input scores of a call that keeps the test dim."""
+    _, history = flat_model(recorded)
     x, y = recorded.test_x, recorded.test_y
-
-    def scores(rows):
-        cube = ex.explain(recorded.path, recorded.model, x[rows], y[rows], keep=(), parameter_scores=True,
-                          components="module", quadrature=3, progress=False)
-        return pruning.cube_scores(cube, history.layout)
-
-    parts = [scores([0, 1]), scores([2, 3, 4, 5])]
-    whole = scores(list(range(6)))
-    for name in ("explaind", "explaind_abs"):
-        torch.testing.assert_close(parts[0][name] + parts[1][name], whole[name], rtol=1e-10, atol=1e-14)
+    common = dict(parameter_scores=True, components="module", quadrature=3, progress=False)
+    per_input = ex.explain(recorded.path, recorded.model, x[:6], y[:6], keep=("test",), **common)
+    for rows in ([0, 1], [2, 3, 4, 5]):
+        alone = ex.explain(recorded.path, recorded.model, x[rows], y[rows], keep=(), **common)
+        summed = pruning.cube_scores(per_input.isel(test=rows), history.layout)
+        for name, values in pruning.cube_scores(alone, history.layout).items():
+            torch.testing.assert_close(summed[name], values, rtol=1e-10, atol=1e-14)
 
 
 def per_input_gradients(run, theta: torch.Tensor, x, y) -> torch.Tensor:
