@@ -298,9 +298,10 @@ def true_class_slice(cube: xr.Dataset, targets) -> xr.Dataset:
 
 
 def parameter_cube(cube: xr.Dataset) -> xr.Dataset:
-    """The parameter-wise scores of a cube (per scalar parameter, and per input and output where the
-    cube keeps them), labelled by tensor."""
-    out = cube[list(PARAMETER_SCORES)]
+    """The parameter-wise scores of a cube, one per scalar parameter (summed over the explained
+    inputs and outputs the cube may keep), labelled by tensor."""
+    out = xr.Dataset({name: cube[name].sum([d for d in cube[name].dims if d != "parameter"])
+                      for name in PARAMETER_SCORES})
     out.attrs = {k: cube.attrs[k] for k in ("tensor_names", "parameter_score_definitions", "history_sha256",
                                             "units", "target", "n_steps")}
     return out

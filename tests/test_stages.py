@@ -86,6 +86,18 @@ def test_the_true_class_slice_of_every_output_equals_explaining_the_true_class(r
         assert sliced.attrs[key] == pytest.approx(direct.attrs[key], rel=1e-9, abs=1e-15), key
 
 
+def test_the_stored_parameter_scores_are_one_per_parameter_summed_over_inputs(run):
+    """The cubes stage keeps the test dim (its sums are checked per input) but stores the
+    parameter scores of the explained inputs together, as explaining them without a test dim does."""
+    common = dict(outputs="true", parameter_scores=True, quadrature=2, tolerance=None)
+    stored = stages.parameter_cube(run.explain(keep=("test",), **common))
+    summed = run.explain(keep=(), **common)
+    for name in stages.PARAMETER_SCORES:
+        assert stored[name].dims == ("parameter",), name
+        np.testing.assert_allclose(stored[name].values, summed[name].values, rtol=1e-12, atol=0, err_msg=name)
+    np.testing.assert_array_equal(stored["parameter_tensor"].values, summed["parameter_tensor"].values)
+
+
 def test_quadrature_sensitivity_in_one_pass_equals_separate_reconstructions(run):
     from explaind.verify import quadrature_sensitivity
 
