@@ -93,12 +93,15 @@ def reconstruct(
     dtype: torch.dtype = torch.float64,
     device="cpu",
     batch_size: int = 4096,
+    max_kinks: int = 16,
     progress: bool = True,
 ) -> xr.Dataset:
     """Check 2 for all outputs of many inputs: f(θ_0) + Σ_s ∫ J(θ_s + tΔθ_s)·Δθ_s dt.
 
     Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
-    `breakpoints` and `kink_tolerance`), and one forward pass per step; returns initial, final,
+    `breakpoints` and `kink_tolerance`; a segment with more than `max_kinks` kinks is
+    integrated plainly, and counted in the `kink_segments_unresolved` attribute), and one
+    forward pass per step; returns initial, final,
     reconstructed and residual over (test, output), with the relative residual in the
     attributes, and where it arises, over (step, test): `step_miss`, the largest
     |f(θ_{s+1}) − f(θ_s) − φ_s·Δθ_s| over outputs, and `step_change`, the largest
@@ -108,17 +111,18 @@ def reconstruct(
     """
     return _reconstructions(history, model, inputs, [(quadrature, rule, breakpoints)], target=target, dtype=dtype,
                             device=device, batch_size=batch_size, progress=progress,
-                            kink_tolerance=kink_tolerance)[0]
+                            kink_tolerance=kink_tolerance, max_kinks=max_kinks)[0]
 
 
 def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
                      dtype: torch.dtype, device, batch_size: int, progress: bool,
-                     kink_tolerance: float = 0.0) -> list[xr.Dataset]:
+                     kink_tolerance: float = 0.0, max_kinks: int = 16) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_rows=batch_size) for q, rule, kinks in settings]
+    paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
+             for q, rule, kinks in settings]
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
     if tuple(inputs.shape[1:]) != shape:
@@ -190,6 +194,40 @@ def restricted(reconstruction: xr.Dataset, tests) -> xr.Dataset:
     scale = float(np.abs(out["final"] - out["initial"]).max())
     out.attrs = {**reconstruction.attrs, "max_abs_residual": residual,
                  "relative_residual": residual / scale if scale > 0 else 0.0}
+    return out
+
+
+def residual_to_gap(reconstruction: xr.Dataset) -> np.ndarray:
+    """Per input, how near the residual comes to changing the argmax: the largest share
+    |r_top − r_o| / (f_top − f_o) of a gap between the trained model's top output and another
+    output o that the residual closes. Below 1 the reconstruction's argmax is the model's
+    whatever the residual's signs; from 1 on, the integral is too coarse to decide it (a tie
+    counts as infinite)."""
+    final, residual = reconstruction["final"].values, reconstruction["residual"].values
+    rows = np.arange(len(final))
+    top = final.argmax(1)
+    gap = final[rows, top, None] - final
+    closed = np.abs(residual[rows, top, None] - residual)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(gap > 0, closed / gap, np.inf)
+    share[rows, top] = 0.0
+    return share.max(1)
+
+
+def with_refined(reconstruction: xr.Dataset, refined: xr.Dataset, tests) -> xr.Dataset:
+    """The reconstruction with the inputs at positions `tests` taken from `refined`, a finer
+    reconstruction of those inputs alone from the same history; the residual attributes are
+    recomputed, and `refined_tests` lists the positions."""
+    tests = np.asarray(tests, dtype=np.int64)
+    if refined.attrs["history_sha256"] != reconstruction.attrs["history_sha256"] or refined.sizes["test"] != len(tests):
+        raise InputError("the refined reconstruction must come from the same history, one input per position in tests")
+    out = reconstruction.copy(deep=True)
+    for name in ("reconstructed", "residual", "step_miss"):
+        out[name].loc[{"test": out["test"].values[tests]}] = refined[name].values
+    residual = float(np.abs(out["residual"]).max())
+    scale = float(np.abs(out["final"] - out["initial"]).max())
+    out.attrs.update(max_abs_residual=residual, relative_residual=residual / scale if scale > 0 else 0.0,
+                     refined_tests=tests.tolist())
     return out
 
 

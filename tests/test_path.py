@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import explaind as ex
 from explaind.functional import FlatModel, layout_of
 from explaind.path import PathIntegral
-from explaind.verify import restricted
+from explaind.verify import residual_to_gap, restricted, with_refined
 from engine_cases import Case, train
 
 DT = torch.float64
@@ -381,6 +382,46 @@ def test_a_restricted_reconstruction_is_that_of_its_inputs_alone(kinked_run):
         np.testing.assert_allclose(part[name].values, alone[name].values, rtol=0, atol=1e-13)
     assert part.attrs["relative_residual"] == pytest.approx(alone.attrs["relative_residual"], rel=1e-10)
     assert part.attrs["relative_residual"] != whole.attrs["relative_residual"]
+
+
+def test_residual_to_gap_by_hand():
+    """Per input, the largest share of a gap to the model's top output that the residual closes."""
+    final = np.array([[0.0, -1.0, -3.0], [-2.0, -0.5, -0.5], [-1.0, -0.2, -4.0]])
+    residual = np.array([[0.5, -0.1, 2.0], [1.0, 0.0, 0.0], [-1.0, 0.3, 0.0]])
+    rec = xr.Dataset({"final": (("test", "output"), final), "residual": (("test", "output"), residual)})
+    # input 0: top 0, gaps 1 and 3, closed |0.5 + 0.1| and |0.5 - 2|; input 1: a tie; input 2: top 1,
+    # gaps 0.8 and 3.8, closed |0.3 + 1| and |0.3|
+    np.testing.assert_allclose(residual_to_gap(rec), [max(0.6 / 1, 1.5 / 3), np.inf, 1.3 / 0.8], rtol=1e-15)
+
+
+def test_refined_inputs_replace_theirs_and_decide_the_argmax(kinked_run):
+    """with_refined takes the refined inputs' reconstruction as if reconstructed so from the start."""
+    run = kinked_run
+    plain = ex.reconstruct(run.path, run.model, run.test_x, quadrature=1, breakpoints=False, progress=False)
+    located = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, progress=False)
+    share = residual_to_gap(plain)
+    tests = np.argsort(-share)[:3]
+    refined = ex.reconstruct(run.path, run.model, run.test_x[tests], quadrature=3, progress=False)
+    mixed = with_refined(plain, refined, tests)
+    rest = np.setdiff1d(np.arange(len(run.test_x)), tests)
+    for name in ("reconstructed", "residual", "step_miss"):
+        np.testing.assert_allclose(mixed[name].isel(test=tests).values, located[name].isel(test=tests).values,
+                                   rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(mixed[name].isel(test=rest).values, plain[name].isel(test=rest).values)
+    assert residual_to_gap(mixed)[tests].max() < 1e-6 < share[tests].max()
+    assert mixed.attrs["refined_tests"] == tests.tolist()
+    assert mixed.attrs["max_abs_residual"] == pytest.approx(float(np.abs(mixed["residual"]).max()), rel=1e-15)
+    with pytest.raises(ex.InputError, match="same history"):
+        with_refined(plain, refined, tests[:2])
+
+
+def test_max_kinks_bounds_the_kinks_resolved_per_segment(kinked_run):
+    run = kinked_run
+    common = dict(quadrature=3, progress=False)
+    resolved = ex.reconstruct(run.path, run.model, run.test_x, **common)
+    capped = ex.reconstruct(run.path, run.model, run.test_x, max_kinks=0, **common)
+    assert resolved.attrs["kink_segments_unresolved"] == 0 < capped.attrs["kink_segments_unresolved"]
+    assert capped.attrs["relative_residual"] > 1e3 * resolved.attrs["relative_residual"]
 
 
 def test_few_inputs_take_one_per_row_pass_with_the_same_integral(kinked_run, monkeypatch):
