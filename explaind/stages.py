@@ -270,8 +270,6 @@ def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.argsort(train_labels, kind="stable"), np.argsort(test_labels, kind="stable")
 
 
-
-
 def reduce_cube(cube: xr.Dataset, keep: tuple[str, ...]) -> xr.Dataset:
     """The cube summed over the attribution dims not in `keep` (weight decay likewise), with its
     initial / final / residual / update_residual; the parameter scores are left out."""
