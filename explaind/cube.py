@@ -24,6 +24,25 @@ STORE_FORMAT = 2
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
 
 
+def residual_attrs(residual, change) -> dict[str, float]:
+    """The residual attributes of a reconstruction or cube from its residual and its change
+    f(θ_N) − f(θ_0) (arrays over the same entries): max_abs_residual, max_abs_change and
+    relative_residual, the residual's share of the largest change (0 if nothing changed)."""
+    residual = float(np.abs(np.asarray(residual)).max())
+    change = float(np.abs(np.asarray(change)).max())
+    return {"max_abs_residual": residual, "max_abs_change": change,
+            "relative_residual": residual / change if change > 0 else 0.0}
+
+
+def per_parameter(cube: xr.Dataset) -> xr.Dataset:
+    """A cube's parameter-wise scores, one per scalar parameter: summed over the explained inputs
+    and outputs the cube may keep."""
+    if "parameter_score" not in cube:
+        raise InputError("the cube holds no parameter scores: explain again with parameter_scores=True")
+    return xr.Dataset({name: cube[name].sum([d for d in cube[name].dims if d != "parameter"])
+                       for name in PARAMETER_SCORES if name in cube})
+
+
 def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
     """Place each chunk pair's partial results into whole arrays."""
     n_test, n_out = len(req.inputs), req.n_outputs
@@ -85,7 +104,6 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
 
     initial, final, total = initial.numpy(), final.numpy(), merged["total"].numpy()
     residual = final - initial - total
-    change = np.abs(final - initial).max()
     data = {
         "attribution": labelled(merged["attribution"], ("step", "component", "test", "output", "train")),
         "regularization": labelled(merged["regularization"], ("step", "component", "test", "output")),
@@ -125,9 +143,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         replay_start=req.replay_start,
         components=list(req.components),
         tensor_names=list(req.flat.layout.names),
-        max_abs_residual=float(np.abs(residual).max()),
-        max_abs_change=float(change),
-        relative_residual=float(np.abs(residual).max() / change) if change > 0 else 0.0,
+        **residual_attrs(residual, final - initial),
         max_update_residual=float(merged["update_residual"].max()),
         parameter_score_definitions=(
             "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "

@@ -24,6 +24,7 @@ import xarray as xr
 from torch.func import vjp, vmap
 from tqdm.auto import tqdm
 
+from .cube import per_parameter
 from .errors import InputError
 from .functional import FlatModel, ParamLayout
 from .history import History
@@ -87,8 +88,7 @@ def cube_scores(cube: xr.Dataset, layout: ParamLayout) -> dict[str, torch.Tensor
     """ExPLAIND's parameter-wise scores of an explain(..., parameter_scores=True) cube, summed over
     the test / output dims it keeps and moved from the cube's order (component by component) to
     `layout`'s: {"explaind", "explaind_abs"}."""
-    if "parameter_score" not in cube:
-        raise InputError("the cube holds no parameter scores: explain again with parameter_scores=True")
+    scores = per_parameter(cube)
     names = list(cube.attrs["tensor_names"])
     if sorted(names) != sorted(layout.names):
         raise InputError(f"the cube's parameters {names} are not the layout's {list(layout.names)}: "
@@ -96,8 +96,7 @@ def cube_scores(cube: xr.Dataset, layout: ParamLayout) -> dict[str, torch.Tensor
     sizes = dict(zip(layout.names, layout.sizes))
     out = {}
     for criterion, variable in EXPLAIND_VARIABLES.items():
-        scores = cube[variable]
-        values = torch.as_tensor(np.asarray(scores.sum([d for d in scores.dims if d != "parameter"]).values))
+        values = torch.as_tensor(np.asarray(scores[variable].values))
         pieces = dict(zip(names, values.split([sizes[n] for n in names])))
         out[criterion] = torch.cat([pieces[n].reshape(-1) for n in layout.names])
     return out

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from .cube import PARAMETER_SCORES
+from .cube import PARAMETER_SCORES, per_parameter, residual_attrs
 from .errors import ExplaindError, ReconstructionError
 from .training import DTYPES  # re-exported: the notebooks read it from here
 
@@ -55,10 +55,12 @@ class VerifyConfig:
     sensitivity_kink_nodes: tuple[int, ...] = (1, 2, 3)  # nodes with kinks located; () skips them
     float32_inputs: int = 16  # inputs of the float32-versus-float64 comparison
     # inputs whose residual closes at least this share of a gap to their top output
-    # (verify.residual_to_gap; from 1 on the argmax could flip) are reconstructed again with their
-    # kinks located; 0: none. The agreement is then decided by the finer reconstruction
+    # (verify.residual_to_gap; from 1 on the argmax could flip) are reconstructed again with a
+    # finer integral; 0: none. The agreement is then decided by the finer reconstruction
     refine_ratio: float = 0.0
-    refine_kink_tolerance: float = 1.0e-4  # kink_tolerance of that reconstruction
+    refine_quadrature: int = 3  # nodes per smooth piece of that reconstruction
+    refine_breakpoints: bool = True  # whether it locates the kinks along each step
+    refine_kink_tolerance: float = 1.0e-4  # its kink_tolerance (0 unless refine_breakpoints)
     refine_max_kinks: int = 256  # kinks per input and step it resolves (beyond: plain quadrature)
     tolerance: float = 1.0e-8  # the largest accepted relative residual of the main reconstruction
     min_agreement: float = 1.0  # the smallest accepted argmax agreement (the paper reports 1.0)
@@ -296,18 +298,14 @@ def true_class_slice(cube: xr.Dataset, targets) -> xr.Dataset:
     for name in ("initial", "final", "residual"):
         out[name] = out[name].expand_dims(output=["true"], axis=1)
     out = out.assign_coords(output=["true"])
-    residual = float(np.abs(out["residual"]).max())
-    change = float(np.abs(out["final"] - out["initial"]).max())
-    out.attrs = {**cube.attrs, "max_abs_residual": residual, "max_abs_change": change,
-                 "relative_residual": residual / change if change > 0 else 0.0}
+    out.attrs = {**cube.attrs, **residual_attrs(out["residual"], out["final"] - out["initial"])}
     return out
 
 
 def parameter_cube(cube: xr.Dataset) -> xr.Dataset:
     """The parameter-wise scores of a cube, one per scalar parameter (summed over the explained
     inputs and outputs the cube may keep), labelled by tensor."""
-    out = xr.Dataset({name: cube[name].sum([d for d in cube[name].dims if d != "parameter"])
-                      for name in PARAMETER_SCORES})
+    out = per_parameter(cube)
     out.attrs = {k: cube.attrs[k] for k in ("tensor_names", "parameter_score_definitions", "history_sha256",
                                             "units", "target", "n_steps")}
     return out

@@ -15,6 +15,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .cube import residual_attrs
 from .errors import InputError, ReconstructionError
 from .functional import FlatModel
 from .history import History, open_history
@@ -153,7 +154,6 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
             miss[rec.step] = (exact - step).abs().amax(1).cpu()
         before = reached
     final = before  # f(θ_N): the last step's θ_after is the history's final parameters
-    scale = (final - initial).abs().max().item()
     dims = ("test", "output")
     results = []
     for (q, rule, kinks), path, change, miss in zip(settings, paths, changes, misses):
@@ -178,8 +178,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                 **path.stats.as_attrs(),
                 "target": target,
                 "dtype": str(dtype).removeprefix("torch."),
-                "max_abs_residual": residual.abs().max().item(),
-                "relative_residual": residual.abs().max().item() / scale if scale > 0 else 0.0,
+                **residual_attrs(residual.cpu().numpy(), (final - initial).cpu().numpy()),
                 "history_sha256": history.fingerprint(),
             },
         ))
@@ -190,10 +189,7 @@ def restricted(reconstruction: xr.Dataset, tests) -> xr.Dataset:
     """The reconstruction of some of its inputs (labels `tests`), with the residual attributes
     recomputed over them: what reconstruct() of those inputs alone returns, up to rounding."""
     out = reconstruction.sel(test=list(tests))
-    residual = float(np.abs(out["residual"]).max())
-    scale = float(np.abs(out["final"] - out["initial"]).max())
-    out.attrs = {**reconstruction.attrs, "max_abs_residual": residual,
-                 "relative_residual": residual / scale if scale > 0 else 0.0}
+    out.attrs = {**reconstruction.attrs, **residual_attrs(out["residual"], out["final"] - out["initial"])}
     return out
 
 
@@ -219,15 +215,16 @@ def with_refined(reconstruction: xr.Dataset, refined: xr.Dataset, tests) -> xr.D
     reconstruction of those inputs alone from the same history; the residual attributes are
     recomputed, and `refined_tests` lists the positions."""
     tests = np.asarray(tests, dtype=np.int64)
-    if refined.attrs["history_sha256"] != reconstruction.attrs["history_sha256"] or refined.sizes["test"] != len(tests):
-        raise InputError("the refined reconstruction must come from the same history, one input per position in tests")
+    if refined.attrs["history_sha256"] != reconstruction.attrs["history_sha256"]:
+        raise InputError("the refined reconstruction comes from another history than the reconstruction: "
+                         "reconstruct the refined inputs from the same history")
+    if refined.sizes["test"] != len(tests):
+        raise InputError(f"the refined reconstruction holds {refined.sizes['test']} inputs for {len(tests)} "
+                         "positions in tests: reconstruct exactly the inputs at those positions, in their order")
     out = reconstruction.copy(deep=True)
     for name in ("reconstructed", "residual", "step_miss"):
         out[name].loc[{"test": out["test"].values[tests]}] = refined[name].values
-    residual = float(np.abs(out["residual"]).max())
-    scale = float(np.abs(out["final"] - out["initial"]).max())
-    out.attrs.update(max_abs_residual=residual, relative_residual=residual / scale if scale > 0 else 0.0,
-                     refined_tests=tests.tolist())
+    out.attrs.update(**residual_attrs(out["residual"], out["final"] - out["initial"]), refined_tests=tests.tolist())
     return out
 
 

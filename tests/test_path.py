@@ -16,6 +16,7 @@ import xarray as xr
 from torch import nn
 
 import explaind as ex
+from explaind.cube import residual_attrs
 from explaind.functional import FlatModel, layout_of
 from explaind.path import PathIntegral
 from explaind.verify import residual_to_gap, restricted, with_refined
@@ -380,8 +381,15 @@ def test_a_restricted_reconstruction_is_that_of_its_inputs_alone(kinked_run):
     part = restricted(whole, range(3))
     for name in ("initial", "final", "reconstructed", "residual"):
         np.testing.assert_allclose(part[name].values, alone[name].values, rtol=0, atol=1e-13)
-    assert part.attrs["relative_residual"] == pytest.approx(alone.attrs["relative_residual"], rel=1e-10)
+    for key in ("max_abs_residual", "max_abs_change", "relative_residual"):
+        assert part.attrs[key] == pytest.approx(alone.attrs[key], rel=1e-10), key
     assert part.attrs["relative_residual"] != whole.attrs["relative_residual"]
+
+
+def test_residual_attrs_by_hand():
+    attrs = residual_attrs(np.array([[1.0, -3.0], [0.5, 0.0]]), np.array([[2.0, -6.0], [4.0, 1.0]]))
+    assert attrs == {"max_abs_residual": 3.0, "max_abs_change": 6.0, "relative_residual": 0.5}
+    assert residual_attrs(np.array([0.0]), np.array([0.0]))["relative_residual"] == 0.0  # nothing changed
 
 
 def test_residual_to_gap_by_hand():
@@ -411,8 +419,11 @@ def test_refined_inputs_replace_theirs_and_decide_the_argmax(kinked_run):
     assert residual_to_gap(mixed)[tests].max() < 1e-6 < share[tests].max()
     assert mixed.attrs["refined_tests"] == tests.tolist()
     assert mixed.attrs["max_abs_residual"] == pytest.approx(float(np.abs(mixed["residual"]).max()), rel=1e-15)
-    with pytest.raises(ex.InputError, match="same history"):
+    with pytest.raises(ex.InputError, match="3 inputs for 2 positions"):
         with_refined(plain, refined, tests[:2])
+    other = refined.assign_attrs(history_sha256="0" * 64)
+    with pytest.raises(ex.InputError, match="another history"):
+        with_refined(plain, other, tests)
 
 
 def test_max_kinks_bounds_the_kinks_resolved_per_segment(kinked_run):
