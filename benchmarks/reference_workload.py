@@ -6,10 +6,11 @@ keeping the full train × test × component × output kernel summed over steps.
 
     python benchmarks/reference_workload.py            # the reference numbers + scaling
     python benchmarks/reference_workload.py --quick    # the reference numbers only
+    python benchmarks/reference_workload.py --quick --device cuda
 
-Prints wall time (best of `--repeat`), peak resident memory and max |residual|; then time
-against steps, training samples, test inputs and parameters, and the residual against the
-number of quadrature nodes for Gauss–Legendre and the midpoint rule.
+Prints wall time (best of `--repeat`), peak resident memory (and peak device memory on a GPU)
+and max |residual|; then time against steps, training samples, test inputs and parameters, and
+the residual against the number of quadrature nodes for Gauss–Legendre and the midpoint rule.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def timed_explain(path, model, test_inputs, repeat=3, **kwargs):
 
 
 def workload(root: Path, repeat: int, n_test=10, dtype=torch.float32, quadrature=2, breakpoints=True,
-             kink_tolerance=0.0, **run):
+             kink_tolerance=0.0, device="cpu", **run):
     path = root / ("run_" + "_".join(f"{k}{v}" for k, v in sorted(run.items())))
     if not path.exists():
         record_run(path, **run)
@@ -68,7 +69,7 @@ def workload(root: Path, repeat: int, n_test=10, dtype=torch.float32, quadrature
     return timed_explain(
         path, model, test, repeat=repeat, keep=("component", "train", "test", "output"),
         components=TRANSFORMER_COMPONENTS, dtype=dtype, quadrature=quadrature,
-        breakpoints=breakpoints, kink_tolerance=kink_tolerance, tolerance=None,
+        breakpoints=breakpoints, kink_tolerance=kink_tolerance, tolerance=None, device=device,
     )
 
 
@@ -77,23 +78,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the reference numbers")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="compute device of explain(): cpu, cuda, cuda:1 ...")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"reference workload: {torch.get_num_threads()} threads, float32, Gauss-Legendre Q=2")
+        on = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+            f"{torch.get_num_threads()} CPU threads"
+        print(f"reference workload: {on}, float32, Gauss-Legendre Q=2")
         settings = (("exact (every kink located)", True, 0.0),
                     ("kinks located where a step misses by > 1e-6 (kink_tolerance)", True, 1e-6),
                     ("plain quadrature", False, 0.0))
         for label, kinks, kink_tolerance in settings:
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            cold, warm, cube = workload(root, args.repeat, breakpoints=kinks, kink_tolerance=kink_tolerance)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(args.device)
+            cold, warm, cube = workload(root, args.repeat, breakpoints=kinks, kink_tolerance=kink_tolerance,
+                                        device=args.device)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             print(f"\n  {label}")
             print(f"    cube dims           {dict(cube['attribution'].sizes)}")
             print(f"    wall time           {warm:.3f} s (best of {args.repeat}; first call {cold:.3f} s)")
             print(f"    peak RSS            {rss / 1024:.0f} MiB (before: {rss_before / 1024:.0f} MiB)")
+            if args.device.startswith("cuda"):
+                print(f"    peak device memory  {torch.cuda.max_memory_allocated(args.device) / 2**20:.0f} MiB")
             print(f"    max |residual|      {cube.attrs['max_abs_residual']:.2e} "
                   f"(largest output change {cube.attrs['max_abs_change']:.2f})")
             print(f"    max update residual {cube.attrs['max_update_residual']:.2e}")
@@ -107,7 +116,7 @@ def main() -> None:
             row = []
             for v in values:
                 kwargs = {"n_test": v} if name == "n_test" else {name: v}
-                _, warm, _ = workload(root, args.repeat, **kwargs)
+                _, warm, _ = workload(root, args.repeat, device=args.device, **kwargs)
                 row.append(f"{name}={v}: {warm:.3f}")
             print("  " + "   ".join(row))
         print("\nmax |residual| vs quadrature nodes (float64, all 25 outputs of the 10 inputs)")
@@ -118,7 +127,8 @@ def main() -> None:
                                 ("midpoint", False, (10, 100))):
             row = []
             for q in qs:
-                rec = ex.reconstruct(path, model, test, quadrature=q, rule=rule, breakpoints=kinks, progress=False)
+                rec = ex.reconstruct(path, model, test, quadrature=q, rule=rule, breakpoints=kinks, progress=False,
+                                     device=args.device)
                 row.append(f"Q={q}: {rec.attrs['max_abs_residual']:.1e}")
             print(f"  {rule:8s} {'kinks located' if kinks else 'plain':13s} " + "  ".join(row))
 

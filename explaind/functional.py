@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
+from .errors import InputError
 from .losses import PerSampleLoss
 
 TARGETS = ("log_prob", "logit")
@@ -136,6 +137,25 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def compute_device(device) -> torch.device:
+    """`device` as a torch.device, refused before any work if this torch cannot compute there
+    (a missing GPU is only an error when one is asked for)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"device={device!r} is not a device torch knows ({error}). Fix: pass 'cpu', "
+                         "'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            fix = ("pass device='cpu'; for a GPU, install a CUDA build of torch on a machine with one" if count == 0
+                   else f"pass device='cpu' or one of cuda:0 to cuda:{count - 1}")
+            raise InputError(f"device={device!r}: this torch sees {count} CUDA device(s). Fix: {fix}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={device!r}: this torch has no usable MPS backend. Fix: pass device='cpu'")
+    return dev
+
+
 class FlatModel:
     """f(x; θ) for a flat θ, with the constant rest of the module (frozen tensors, buffers)."""
 
@@ -144,7 +164,7 @@ class FlatModel:
         self.model = model
         self.layout = layout
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = compute_device(device)
         trainable = set(layout.names)
         # frozen parameters and buffers enter every call as constants: the recorded ones when
         # given (a history's), else the module's own

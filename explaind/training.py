@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import load_image_pair, modular_addition
 from .errors import InputError
+from .functional import compute_device
 from .history import Recorder
 from .models import ModAddTransformer, ResNet9
 
@@ -191,7 +192,7 @@ def train_transformer(
     initial_state: parameters (by name) that replace the seeded initialisation before training,
     e.g. layers copied from a checkpoint (retraining experiments); the others keep it.
     """
-    dtype = _dtype(cfg.dtype)
+    dtype, device = _dtype(cfg.dtype), compute_device(device)
     if cfg.val_size < 1:
         raise ValueError("val_size must be at least 1: the run stops on validation accuracy")
     if not 0.0 < cfg.stop_val_acc <= 1.0:
@@ -273,7 +274,7 @@ def train_cnn(
     train_indices: train on these training images only, with the same initialisation, epochs and
     schedule shape (fewer steps per epoch); the history records dataset indices (datamodels).
     """
-    dtype = _dtype(cfg.dtype)
+    dtype, device = _dtype(cfg.dtype), compute_device(device)
     data = load_image_pair(data_dir, cfg.dataset, tuple(cfg.classes), cfg.test_size, cfg.data_seed)
     subset = _training_subset(train_indices, len(data.train_y))
     x, y = data.train_x[subset].to(device=device, dtype=dtype), data.train_y[subset].to(device)

@@ -6,11 +6,16 @@ step, the learning rate each group used, the batches), which the independent bru
 `brute_force.py` consumes. Models use smooth activations only (tanh, GELU, softplus, average
 pooling, softmax attention), so Gauss–Legendre quadrature converges to rounding level; ReLU is
 available for the tests of explain(breakpoints=True).
+
+`Run.explain` computes on the device named by the environment variable EXPLAIND_TEST_DEVICE
+(default "cpu"): `EXPLAIND_TEST_DEVICE=cuda pytest tests/test_engine.py` compares the CUDA
+path with the same float64 brute force on the CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from torch import nn
 
 import explaind as ex
 
+DEVICE = os.environ.get("EXPLAIND_TEST_DEVICE", "cpu")
 ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "softplus": F.softplus, "relu": F.relu}  # relu: kinks
 
 
@@ -250,6 +256,7 @@ class Run:
     def explain(self, **kwargs):
         kwargs.setdefault("progress", False)
         kwargs.setdefault("loss", self.explain_loss)
+        kwargs.setdefault("device", DEVICE)
         return ex.explain(self.path, self.model, self.test_x, self.test_y, **kwargs)
 
 

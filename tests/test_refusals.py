@@ -248,10 +248,18 @@ def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
     (dict(rule="simpson"), ("rule", "gauss", "midpoint")),
     (dict(quadrature=0), ("quadrature", "positive integer")),
     (dict(loss="mse"), ("loss", "cross_entropy")),
+    # one past the last CUDA device: invalid on any machine, with or without a GPU
+    (dict(device=f"cuda:{torch.cuda.device_count()}"), ("device", "cuda", "Fix", "cpu")),
+    (dict(device="gpu0"), ("device", "Fix", "cpu", "cuda")),
 ])
 def test_bad_options(run, no_heavy_compute, kwargs, words):
     with pytest.raises(ex.InputError, match=says(*words)):
         ex.explain(run.path, run.model, run.test_x, progress=False, **kwargs)
+
+
+def test_reconstruct_refuses_a_device_it_cannot_use(run, no_heavy_compute):
+    with pytest.raises(ex.InputError, match=says("device", "cuda", "Fix", "cpu")):
+        ex.reconstruct(run.path, run.model, run.test_x, device=f"cuda:{torch.cuda.device_count()}", progress=False)
 
 
 def test_custom_loss_must_be_passed_again(tmp_path, no_heavy_compute):

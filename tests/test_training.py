@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import explaind.training as training
-from explaind import History
+from explaind import History, InputError
 from explaind.data import export_digits, load_image_pair
 from explaind.training import CNNConfig, TransformerConfig, train_cnn, train_transformer, triangular_lr
 
@@ -95,6 +95,14 @@ def test_transformer_rejects_bad_config():
         train_transformer(dataclasses.replace(TINY_TRANSFORMER, dtype="float16"), progress=False)
     with pytest.raises(ValueError, match="val_size"):
         train_transformer(dataclasses.replace(TINY_TRANSFORMER, val_size=0), progress=False)
+
+
+def test_training_refuses_a_device_it_cannot_use(data_dir):
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: on no machine
+    with pytest.raises(InputError, match="(?s)device=.*Fix: pass device='cpu'"):
+        train_transformer(TINY_TRANSFORMER, device=missing, progress=False)
+    with pytest.raises(InputError, match="(?s)device=.*Fix: pass device='cpu'"):
+        train_cnn(TINY_CNN, data_dir, device=missing, progress=False)
 
 
 def test_triangular_schedule_peaks_and_never_hits_zero():
