@@ -45,8 +45,12 @@ VIEWS = {"data": ("data view: component x train x test", ("component", "train", 
 CIFAR2 = {"train": 10_000, "test": 2_000, "batch": 256}
 
 
+def on_gpu(device: str) -> bool:
+    return device.startswith("cuda")
+
+
 def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
+    if on_gpu(device):
         torch.cuda.synchronize(device)
 
 
@@ -60,13 +64,13 @@ def timed(on: str, fn, *args, **kwargs):
 
 
 def peak_memory(device: str) -> str:
-    if not device.startswith("cuda"):
+    if not on_gpu(device):
         return "n/a (CPU)"
     return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
 
 def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
+    if on_gpu(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -102,16 +106,18 @@ def contraction(args) -> None:
     model = ModAddTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_mlp)
     slices = component_slices(model, TRANSFORMER_COMPONENTS)
     d = sum(p.numel() for p in model.parameters())
-    rows, n = args.tests or cfg.val_size, cfg.train_size  # true class of each validation pair x every training pair
+    rows, n = args.tests or cfg.val_size, cfg.train_size  # true class of each validation pair x each training pair
+    gpu = on_gpu(args.device)
     print(f"contraction [{rows} x {d:,}] . [{n} x {d:,}]^T, split into {len(slices)} components "
-          f"(mod-113 Transformer, one step of the data view); {torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'CPU'}")
+          f"(mod-113 Transformer, one step of the data view) on "
+          f"{torch.cuda.get_device_name(args.device) if gpu else 'the CPU'}")
     cases = [("float64", torch.float64, False), ("float32", torch.float32, False)]
-    if args.device.startswith("cuda"):
+    if gpu:
         cases.append(("float32 with TF32", torch.float32, True))
     for label, dtype, tf32 in cases:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         achieved = matmul_rate(args.device, dtype, rows, d, n, slices)
-        square = 8192 if args.device.startswith("cuda") else 2048
+        square = 8192 if gpu else 2048
         peak = matmul_rate(args.device, dtype, square, square, square)
         print(f"  {label:18s} {achieved / 1e12:8.2f} TFLOP/s  = {achieved / peak:5.1%} of a {square}^3 matmul "
               f"({peak / 1e12:.2f} TFLOP/s); {2.0 * rows * d * n / achieved * 1e3:.1f} ms per step")
@@ -148,9 +154,10 @@ def transformer(args, root: Path) -> None:
     seconds, result = timed(args.device, train_transformer, cfg, root / "transformer", device=args.device,
                             progress=False)
     steps = int(result.metrics["steps"])
+    per_step = seconds / steps
     print(f"mod-113 Transformer on {args.device}: trained and recorded {steps} steps in {seconds:.1f} s "
-          f"({seconds / steps * 1e3:.1f} ms per step; extrapolated {seconds / steps * PAPER_TRANSFORMER_STEPS / 60:.1f} "
-          f"min for {PAPER_TRANSFORMER_STEPS}); validation accuracy {result.metrics['val_acc']:.3f}")
+          f"({per_step * 1e3:.1f} ms per step; extrapolated {per_step * PAPER_TRANSFORMER_STEPS / 60:.1f} min "
+          f"for {PAPER_TRANSFORMER_STEPS}); validation accuracy {result.metrics['val_acc']:.3f}")
     data = modular_addition(cfg.p, cfg.train_size, cfg.val_size, cfg.data_seed, cfg.only_a_ge_b)
     model = ModAddTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_mlp)
     history = root / "transformer"
