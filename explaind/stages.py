@@ -22,7 +22,7 @@ import torch
 import xarray as xr
 
 from .cube import PARAMETER_SCORES, per_parameter, residual_attrs
-from .errors import ExplaindError, ReconstructionError
+from .errors import ExplaindError, InputError, ReconstructionError
 from .training import DTYPES  # re-exported: the notebooks read it from here
 
 MODELS = ("cnn", "transformer")
@@ -64,6 +64,14 @@ class VerifyConfig:
     refine_max_kinks: int = 256  # kinks per input and step it resolves (beyond: plain quadrature)
     tolerance: float = 1.0e-8  # the largest accepted relative residual of the main reconstruction
     min_agreement: float = 1.0  # the smallest accepted argmax agreement (the paper reports 1.0)
+
+    def __post_init__(self):
+        # refused here so that the message names these keys (the library's names its own arguments)
+        if self.refine_kink_tolerance > 0 and not self.refine_breakpoints:
+            raise InputError(
+                f"verify.{self.model}: refine_kink_tolerance={self.refine_kink_tolerance} chooses the steps whose "
+                "kinks the refinement locates, but refine_breakpoints is false, which locates none. Fix: set "
+                "refine_breakpoints: true, or refine_kink_tolerance: 0.0 for plain quadrature")
 
 
 @dataclass

@@ -109,3 +109,9 @@ def test_quadrature_sensitivity_in_one_pass_equals_separate_reconstructions(run)
                                breakpoints=row.breakpoints, progress=False)
         assert row.relative_residual == pytest.approx(alone.attrs["relative_residual"], rel=1e-9, abs=1e-15)
         assert row.kinks_located == alone.attrs["kinks_located"]
+
+
+def test_a_refinement_that_locates_no_kinks_cannot_have_a_kink_tolerance():
+    with pytest.raises(ex.InputError, match="(?s)refine_kink_tolerance.*refine_breakpoints: true"):
+        stages.VerifyConfig(model="transformer", refine_breakpoints=False, refine_kink_tolerance=1e-4)
+    stages.VerifyConfig(refine_breakpoints=False, refine_kink_tolerance=0.0)  # the CNN's plain refinement is fine
