@@ -20,8 +20,11 @@ VENV ?= .venv
 EXTRAS ?= dev
 # Jupyter kernel that the pipeline's papermill runs use (registered inside the venv).
 KERNEL ?= explaind
-# Extra pytest arguments, e.g. PYTEST_ARGS="-k pipeline -x".
+# Extra pytest arguments, e.g. PYTEST_ARGS="-k pipeline -x" (or "-n 0" to run in one process).
 PYTEST_ARGS ?=
+# pytest-xdist workers. The notebook and end-to-end tests share one `dvc repro` and so run on one
+# worker (--dist loadgroup), the longest part of the suite; the rest fits beside it on a second.
+TEST_WORKERS ?= 2
 TORCH_INDEX ?=
 
 BIN := $(CURDIR)/$(VENV)/bin
@@ -59,7 +62,7 @@ plots: setup  ## render the training curves to dvc_plots/index.html
 	$(BIN)/dvc plots show
 
 test: setup  ## run the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean-venv:  ## delete the virtual environment (the next target recreates it)
 	rm -rf $(VENV)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import yaml
 
 from explaind import grokking, pipeline
 from explaind.pipeline import ParameterError
+from repo_copy import dvc, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -423,11 +423,6 @@ def test_runner_refuses_a_missing_kernel(tmp_path, tiny_params):
         pipeline.run_stage("train_transformer", root=tmp_path, kernel="no-such-kernel")
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "explaind.pipeline", *args], cwd=cwd, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})})
-
-
 def test_runner_refuses_bad_params_before_starting_a_kernel(tmp_path, tiny_params):
     bad = {**tiny_params, "train_transformer": {**tiny_params["train_transformer"], "lrr": 0.1}}
     write_yaml(tmp_path / "params.yaml", bad)
@@ -468,44 +463,14 @@ def test_a_mistyped_papermill_parameter_stops_the_notebook(tmp_path):
 # --- end to end ---------------------------------------------------------------------------
 
 
-def repository_files(root: Path) -> list[str]:
-    """Files git tracks, or would track (not ignored), in the checkout."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=root, check=True, capture_output=True, text=True).stdout
-    return [name for name in listed.split("\0") if name and (root / name).is_file()]
-
-
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory, tiny_params) -> Path:
-    """A copy of the repository (without environments, data or outputs) at tiny parameters."""
-    copy = tmp_path_factory.mktemp("repo") / "explaind"
-    for name in repository_files(ROOT):
-        (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, copy / name)
-    for generated in ("dvc.lock", "reports"):  # start as a fresh clone would, before any run
-        shutil.rmtree(copy / generated, ignore_errors=True) if (copy / generated).is_dir() else (copy / generated).unlink(missing_ok=True)
-    write_yaml(copy / "params.yaml", tiny_params)
-    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
-    return copy
-
-
-def dvc(copy: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(copy)}
-    env.pop(pipeline.ROOT_ENV, None)
-    result = subprocess.run([BIN / "dvc", *args], cwd=copy, env=env, text=True, capture_output=True)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def test_end_to_end_dvc_repro(repo_copy):
-    copy = repo_copy
-    env = {"PYTHONPATH": str(copy)}
-    data = run_cli("data", cwd=copy, env=env)  # no remote: rebuilt by the export, checked, cached
-    assert data.returncode == 0, data.stderr
-    assert "data/ matches data.dvc" in data.stdout
+@pytest.mark.xdist_group("tiny_repro")  # on the worker that holds the shared run
+def test_end_to_end_dvc_repro(tiny_repro, tmp_path):
+    # tiny_repro: data/ rebuilt by the export (no remote), then `dvc repro` in a fresh-clone copy
+    assert "data/ matches data.dvc" in tiny_repro.data.stdout
+    first = tiny_repro.first
+    copy = shutil.copytree(tiny_repro.root, tmp_path / "explaind", symlinks=True)  # changed below
     assert "up to date" in dvc(copy, "status", "data.dvc").stdout
 
-    first = dvc(copy, "repro")
     for stage in pipeline.stage_instances():
         assert f"Running stage '{stage}'" in first.stdout
         paths = pipeline.stage_paths(stage, copy)
