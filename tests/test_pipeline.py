@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,9 @@ import yaml
 
 from explaind import grokking, pipeline
 from explaind.pipeline import ParameterError
-from repo_copy import dvc, run_cli
+from repo_copy import BIN, dvc, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def write_yaml(path: Path, content: dict) -> Path:
