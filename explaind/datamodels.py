@@ -139,7 +139,9 @@ def bootstrap_lds(actual: np.ndarray, predicted: Mapping[str, np.ndarray], resam
                   level: float = 0.95, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Mean LDS of each method with a percentile bootstrap interval, resampling both the retrained
     models and the inputs (with replacement; the same resamples for every method, so the
-    differences to the first method are paired). Rows: methods, then "<method>_minus_<first>"."""
+    differences to the first method are paired). Rows: methods, then "<method>_minus_<first>".
+    A resample whose LDS is undefined for every input (e.g. it drew one model only, so there is
+    no ranking) is left out of the interval; with few retrainings that happens often."""
     if not 0 < level < 1 or resamples < 1:
         raise InputError(f"need 0 < level < 1 and resamples >= 1, got {level} and {resamples}")
     actual = np.asarray(actual, dtype=float)
@@ -150,18 +152,31 @@ def bootstrap_lds(actual: np.ndarray, predicted: Mapping[str, np.ndarray], resam
         models = rng.integers(0, actual.shape[0], actual.shape[0])
         inputs = rng.integers(0, actual.shape[1], actual.shape[1])
         for i, name in enumerate(names):
-            draws[b, i] = np.nanmean(lds(actual[models][:, inputs], np.asarray(predicted[name])[models][:, inputs]))
-    estimates = np.array([np.nanmean(lds(actual, predicted[name])) for name in names])
-    tail = (1 - level) / 2 * 100
+            draws[b, i] = defined_mean(lds(actual[models][:, inputs], np.asarray(predicted[name])[models][:, inputs]))
+    estimates = np.array([defined_mean(lds(actual, predicted[name])) for name in names])
     rows = []
     for i, name in enumerate(names):
-        rows.append({"method": name, "lds": estimates[i],
-                     "ci_low": np.nanpercentile(draws[:, i], tail), "ci_high": np.nanpercentile(draws[:, i], 100 - tail)})
+        rows.append({"method": name, "lds": estimates[i], **percentile_interval(draws[:, i], level)})
     for i, name in enumerate(names[1:], start=1):
-        difference = draws[:, i] - draws[:, 0]
         rows.append({"method": f"{name}_minus_{names[0]}", "lds": estimates[i] - estimates[0],
-                     "ci_low": np.nanpercentile(difference, tail), "ci_high": np.nanpercentile(difference, 100 - tail)})
+                     **percentile_interval(draws[:, i] - draws[:, 0], level)})
     return pd.DataFrame(rows)
+
+
+def defined_mean(values: np.ndarray) -> float:
+    """Mean of the values that are not NaN; NaN (without numpy's empty-slice warning) if there are none."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def percentile_interval(draws: np.ndarray, level: float) -> dict[str, float]:
+    """The central `level` percentile interval of the draws that are not NaN (NaN bounds if there are none)."""
+    defined = draws[~np.isnan(draws)]
+    if not defined.size:
+        return {"ci_low": float("nan"), "ci_high": float("nan")}
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return {"ci_low": float(low), "ci_high": float(high)}
 
 
 def aligned_scores(scores: xr.DataArray, n_train: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 scipy, hand cases, a brute-force loop over the recorded checkpoints and a manual training run."""
 
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -70,6 +71,21 @@ def test_bootstrap_interval_of_a_perfect_and_a_null_score():
     assert noise["ci_low"] <= noise["lds"] <= noise["ci_high"] and noise["ci_low"] < 0 < noise["ci_high"]
     difference = summary.loc["noise_minus_perfect"]
     assert difference["lds"] == pytest.approx(noise["lds"] - 1.0) and difference["ci_high"] < 0
+
+
+def test_bootstrap_leaves_out_resamples_without_a_ranking_and_warns_nothing():
+    """With three retrained models, about one resample in nine draws a single model three times:
+    no ranking, so its LDS is undefined on every input. Those resamples leave the interval; the
+    others rank a perfect score perfectly."""
+    actual = np.random.default_rng(2).normal(size=(3, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" used to leak into the notebooks
+        summary = datamodels.bootstrap_lds(actual, {"perfect": actual, "reversed": -actual}, resamples=200,
+                                           seed=0, progress=False).set_index("method")
+    assert summary.loc["perfect", ["lds", "ci_low", "ci_high"]].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert summary.loc["reversed_minus_perfect", ["lds", "ci_low", "ci_high"]].tolist() == pytest.approx([-2.0] * 3)
+    assert np.isnan(datamodels.defined_mean(np.full(2, np.nan)))
+    assert np.isnan(list(datamodels.percentile_interval(np.full(2, np.nan), 0.9).values())).all()
 
 
 def test_aligned_scores_place_rows_by_dataset_index():
