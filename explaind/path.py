@@ -374,49 +374,51 @@ class PathIntegral:
 
     # ----------------------------------------------------------------- integrals
 
-    def _integral(self, theta, delta, x, target: str, size: int | None, plain_at, rows_at, change: bool = False):
-        """Σ_r w_r · (integrand at node r) for every input. Inputs whose segment is one smooth
-        piece (all of them when no kinks are located) share the plain rule's nodes: one pass per
-        node over a chunk, with one set of parameters (large matrix products). The others take
-        per-row nodes on their pieces: rows_at(rows, t, w) is the weighted integrand of rows,
-        each with its own input and point. size: the most rows of one pass (None: no bound).
-        change: the integrand is φ·Δ of all outputs, so the
-        kink tolerance's check has already computed the plain part, and for a very few inputs
-        and nodes one per-row pass over all nodes beats a pass per node, whose fixed cost they
-        do not amortise (measured: 5× faster for 1 input and 10 nodes of the default
-        Transformer, 1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows)."""
+    def _integral(self, theta, delta, x, target: str, out: torch.Tensor, size: int | None, plain_at, rows_at,
+                  change: bool = False) -> torch.Tensor:
+        """Add Σ_r w_r · (integrand at node r) of every input into out [n, ...] (zeros) and return it.
+
+        Inputs whose segment is one smooth piece (all of them when no kinks are located) share
+        the plain rule's nodes: plain_at(out, inputs, t, w) adds w × the integrand at t of a
+        chunk of inputs, one pass with one set of parameters (large matrix products). The others
+        take per-row nodes on their pieces: rows_at(out, rows, t, w) adds each row's weighted
+        integrand into out at its input, each row with its own input and point. Both add in
+        place, so a per-row result is never copied into a flat tensor first. size: the most rows
+        of one pass (None: no bound). change: the integrand is φ·Δ of all outputs, so the kink
+        tolerance's check has already computed the plain part, and for a very few inputs and
+        nodes one per-row pass over all nodes beats a pass per node, whose fixed cost they do
+        not amortise (measured: 5× faster for 1 input and 10 nodes of the default Transformer,
+        1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows)."""
         n = len(x)
         everyone = torch.arange(n, device=x.device)
         if not self.breakpoints:
             nodes = len(self.t_nodes)
             if change and n <= self.few_inputs and n * nodes <= self.few_rows:
                 self.stats.segments += n
-                return self._assemble(n, everyone[:0], None, everyone.repeat_interleave(nodes),
-                                      self.t_nodes.repeat(n), self.t_weights.repeat(n), size, rows_at)
-            return self._plain(everyone, size, plain_at)
+                self._add_rows(out, everyone.repeat_interleave(nodes), self.t_nodes.repeat(n),
+                               self.t_weights.repeat(n), size, rows_at)
+            else:
+                self._plain(out, everyone, size, plain_at)
+            return out
         owner, t, w, checked = self._nodes(theta, delta, x, target)
         pieced = torch.zeros(n, dtype=torch.bool, device=x.device)
         pieced[owner.to(x.device)] = True
         smooth = everyone[~pieced]
-        if change and checked is not None and len(smooth):
-            plain = checked.to(self.flat.dtype)[smooth.to(checked.device)]
+        if change and checked is not None:
+            out[smooth] = checked[smooth.to(checked.device)].to(out)
         else:
-            plain = self._plain(smooth, size, plain_at, count=False) if len(smooth) else None
-        return self._assemble(n, smooth, plain, owner, t, w, size, rows_at)
+            self._plain(out, smooth, size, plain_at, count=False)
+        self._add_rows(out, owner, t, w, size, rows_at)
+        return out
 
     @staticmethod
-    def _assemble(n: int, smooth, plain, owner, t, w, size: int | None, rows_at) -> torch.Tensor:
-        """Every input's integral: `plain` at the inputs `smooth`, plus the weighted per-row
-        integrand of the rows (owner, t, w), in passes of at most `size` rows (None: one)."""
-        chunks = torch.arange(len(t), device=t.device).split(size or len(t)) if len(t) else ()
-        split = [rows_at(owner[c], t[c], w[c]) for c in chunks]
-        some = plain if plain is not None else split[0]
-        out = some.new_zeros(n, *some.shape[1:])
-        if plain is not None:
-            out[smooth.to(out.device)] = plain
-        for c, part in zip(chunks, split):
-            out.index_add_(0, owner[c], part)
-        return out
+    def _add_rows(out: torch.Tensor, owner, t, w, size: int | None, rows_at) -> None:
+        """Add the weighted integrand of the rows (owner, t, w) into out, in passes of at most
+        `size` rows (None: one)."""
+        if not len(t):
+            return
+        for c in torch.arange(len(t), device=t.device).split(size or len(t)):
+            rows_at(out, owner[c], t[c], w[c])
 
     def jacobian(self, theta, delta, x, select, target: str, n_outputs: int) -> torch.Tensor:
         """φ_s for every input and selected output: [T, O, D].
@@ -432,45 +434,56 @@ class PathIntegral:
         def sel(i):
             return None if select is None else select[i.to(select.device)]
 
+        out = torch.zeros(len(x), n_outputs, dim, dtype=self.flat.dtype, device=self.flat.device)
         return self._integral(
-            theta, delta, x, target, size,
-            lambda t, c: self.flat.jacobian(theta + t * delta, x[c], sel(c), target),
-            lambda i, t, w: self.flat.node_jacobians(theta, delta, x[i.to(x.device)], t, w, sel(i), target))
+            theta, delta, x, target, out, size,
+            lambda out, i, t, w: self.flat.add_jacobian(out, i, theta + t * delta, x[i], sel(i), target, w),
+            lambda out, i, t, w: self.flat.add_node_jacobians(out, i, theta, delta, x[i.to(x.device)], t, w, sel(i),
+                                                              target))
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
+        out = self._zeros(theta, x, target)
         return self._integral(
-            theta, delta, x, target, self.max_rows,
-            lambda t, c: self.flat.directional(theta + t * delta, delta, x[c], target),
-            lambda i, t, w: self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None],
+            theta, delta, x, target, out, self.max_rows,
+            lambda out, i, t, w: out.index_add_(0, i, self.flat.directional(theta + t * delta, delta, x[i], target),
+                                                alpha=w),
+            lambda out, i, t, w: out.index_add_(
+                0, i, self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None]),
             change=True)
 
     def directional(self, theta, delta, x, tangents, target: str, select=None) -> torch.Tensor:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
         [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed."""
-        out = self._integral(
-            theta, delta, x, target, self.max_rows,
-            lambda t, c: self.flat.directional_many(theta + t * delta, tangents, x[c], target).permute(1, 2, 0),
-            lambda i, t, w: (self.flat.directional_rows(theta, delta, x[i.to(x.device)], t, tangents, target)
-                             * w[:, None, None]).transpose(1, 2))
+        out = self._zeros(theta, x, target, len(tangents))
+        self._integral(
+            theta, delta, x, target, out, self.max_rows,
+            lambda out, i, t, w: out.index_add_(
+                0, i, self.flat.directional_many(theta + t * delta, tangents, x[i], target).permute(1, 2, 0), alpha=w),
+            lambda out, i, t, w: out.index_add_(
+                0, i, (self.flat.directional_rows(theta, delta, x[i.to(x.device)], t, tangents, target)
+                       * w[:, None, None]).transpose(1, 2)))
         if select is not None:
             out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
         return out
 
-    def _plain(self, rows: torch.Tensor, size: int | None, at, count: bool = True) -> torch.Tensor:
-        """Σ_r w_r · at(t_r, chunk) over chunks of at most `size` of the inputs `rows` (None: one), with the
-        plain rule's nodes, which are the same for every input: each node is one pass over a
-        chunk with one set of parameters."""
-        parts = []
-        for chunk in rows.split(size or max(1, len(rows))):
+    def _zeros(self, theta, x, target: str, *trailing: int) -> torch.Tensor:
+        """Zeros [T, O, *trailing] for integrands over all O outputs (O from one input's forward pass)."""
+        with torch.no_grad():
+            outputs = self.flat.explained(theta.to(self.flat.dtype), x[:1], target).shape[1]
+        return torch.zeros(len(x), outputs, *trailing, dtype=self.flat.dtype, device=self.flat.device)
+
+    def _plain(self, out: torch.Tensor, rows: torch.Tensor, size: int | None, at, count: bool = True) -> None:
+        """Add Σ_r w_r · integrand(t_r) of the inputs `rows` into out, with the plain rule's
+        nodes, which are the same for every input: each node is one pass over a chunk of at
+        most `size` inputs (None: all) with one set of parameters."""
+        if not len(rows):
+            return
+        for chunk in rows.split(size or len(rows)):
             if count:
                 self.stats.segments += len(chunk)
-            total = None
-            for t, w in zip(self.t_nodes, self.t_weights):
-                term = at(t, chunk).mul_(w)
-                total = term if total is None else total.add_(term)
-            parts.append(total)
-        return torch.cat(parts)
+            for t, w in zip(self.t_nodes, self.t_weights.tolist()):
+                at(out, chunk, t, w)
 
 
 def _pieces(rows: torch.Tensor, kinks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
