@@ -221,11 +221,29 @@ def with_refined(reconstruction: xr.Dataset, refined: xr.Dataset, tests) -> xr.D
     if refined.sizes["test"] != len(tests):
         raise InputError(f"the refined reconstruction holds {refined.sizes['test']} inputs for {len(tests)} "
                          "positions in tests: reconstruct exactly the inputs at those positions, in their order")
+    _check_same_inputs(reconstruction, refined, tests)
     out = reconstruction.copy(deep=True)
     for name in ("reconstructed", "residual", "step_miss"):
         out[name].loc[{"test": out["test"].values[tests]}] = refined[name].values
     out.attrs.update(**residual_attrs(out["residual"], out["final"] - out["initial"]), refined_tests=tests.tolist())
     return out
+
+
+def _check_same_inputs(reconstruction: xr.Dataset, refined: xr.Dataset, tests: np.ndarray) -> None:
+    """The refined inputs must be those at `tests`, in that order. The inputs themselves are not
+    stored, but their outputs before and after training are, and those of the same input agree
+    to rounding (forward passes in batches of other sizes); another input's do not."""
+    if refined.sizes["output"] != reconstruction.sizes["output"]:
+        raise InputError(f"the refined reconstruction has {refined.sizes['output']} outputs, the reconstruction "
+                         f"{reconstruction.sizes['output']}: reconstruct the same model's outputs")
+    eps = max(np.finfo(ds.attrs["dtype"]).eps for ds in (reconstruction, refined))
+    scale = max(1.0, float(np.abs(reconstruction["final"].values).max()))
+    for name in ("initial", "final"):
+        gap = float(np.abs(reconstruction[name].values[tests] - refined[name].values).max())
+        if gap > 1e3 * eps * scale:
+            raise InputError(f"the refined reconstruction's {name} outputs differ from those at positions tests "
+                             f"by up to {gap:.3g}: it explains other inputs, or the same in another order; "
+                             "reconstruct exactly the inputs at those positions, in their order")
 
 
 def replication_metrics(reconstruction: xr.Dataset) -> dict[str, float]:

@@ -424,6 +424,14 @@ def test_refined_inputs_replace_theirs_and_decide_the_argmax(kinked_run):
     other = refined.assign_attrs(history_sha256="0" * 64)
     with pytest.raises(ex.InputError, match="another history"):
         with_refined(plain, other, tests)
+    with pytest.raises(ex.InputError, match="in another order"):
+        with_refined(plain, refined, tests[::-1])
+    with pytest.raises(ex.InputError, match="other inputs"):
+        with_refined(plain, refined, rest[:3])
+    # float32 and float64 reconstructions of the same inputs mix: their outputs agree to float32 rounding
+    coarse = ex.reconstruct(run.path, run.model, run.test_x, quadrature=1, breakpoints=False, dtype=torch.float32,
+                            progress=False)
+    assert with_refined(coarse, refined, tests).attrs["refined_tests"] == tests.tolist()
 
 
 def test_max_kinks_bounds_the_kinks_resolved_per_segment(kinked_run):
