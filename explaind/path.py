@@ -383,7 +383,7 @@ class PathIntegral:
         chunk of inputs, one pass with one set of parameters (large matrix products). The others
         take per-row nodes on their pieces: rows_at(out, rows, t, w) adds each row's weighted
         integrand into out at its input, each row with its own input and point. Both add in
-        place, so a per-row result is never copied into a flat tensor first. size: the most rows
+        place, so no result is assembled from parts afterwards. size: the most rows
         of one pass (None: no bound). change: the integrand is φ·Δ of all outputs, so the kink
         tolerance's check has already computed the plain part, and for a very few inputs and
         nodes one per-row pass over all nodes beats a pass per node, whose fixed cost they do
