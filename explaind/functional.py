@@ -48,11 +48,7 @@ class ParamLayout:
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """dict of [*batch, *shape] tensors -> [*batch, D] (batch dims are leading)."""
-        parts = []
-        for name, shape in zip(self.names, self.shapes):
-            t = tensors[name]
-            parts.append(t.reshape(*t.shape[: t.dim() - len(shape)], -1))
-        return torch.cat(parts, dim=-1)
+        return torch.cat([_flat_part(tensors[name], shape) for name, shape in zip(self.names, self.shapes)], dim=-1)
 
     def index_add(self, out: torch.Tensor, index: torch.Tensor, tensors: dict[str, torch.Tensor],
                   alpha: float = 1.0) -> None:
@@ -60,8 +56,7 @@ class ParamLayout:
         out is [N, *batch, D]. Each tensor goes straight into its slice of D: no concatenated
         [R, *batch, D] copy, and the scaling rides on the addition."""
         for (name, sl), shape in zip(self.slices().items(), self.shapes):
-            t = tensors[name]
-            out[..., sl].index_add_(0, index, t.reshape(*t.shape[: t.dim() - len(shape)], -1), alpha=alpha)
+            out[..., sl].index_add_(0, index, _flat_part(tensors[name], shape), alpha=alpha)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """[D] -> dict of views with the tensors' shapes."""
@@ -69,6 +64,11 @@ class ParamLayout:
             name: flat[sl].view(shape)
             for (name, sl), shape in zip(self.slices().items(), self.shapes)
         }
+
+
+def _flat_part(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A named tensor [*batch, *shape] as [*batch, its size]."""
+    return t.reshape(*t.shape[: t.dim() - len(shape)], -1)
 
 
 class _KinkPattern(TorchFunctionMode):

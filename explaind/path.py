@@ -137,6 +137,7 @@ class PathIntegral:
         # placed by its cubic interpolant, whose error there is ~width⁴, far below resolution
         self.settle_width = 2.0**-20
         self._relevance: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
+        self._output_counts: dict[tuple[int, ...], int] = {}  # per input shape (see _zeros)
 
     # ----------------------------------------------------------------- kinks
 
@@ -468,10 +469,14 @@ class PathIntegral:
         return out
 
     def _zeros(self, theta, x, target: str, *trailing: int) -> torch.Tensor:
-        """Zeros [T, O, *trailing] for integrands over all O outputs (O from one input's forward pass)."""
-        with torch.no_grad():
-            outputs = self.flat.explained(theta.to(self.flat.dtype), x[:1], target).shape[1]
-        return torch.zeros(len(x), outputs, *trailing, dtype=self.flat.dtype, device=self.flat.device)
+        """Zeros [T, O, *trailing] for integrands over all O outputs. O comes from one input's
+        forward pass, once per input shape: these integrals run at every step."""
+        shape = tuple(x.shape[1:])
+        if shape not in self._output_counts:
+            with torch.no_grad():
+                self._output_counts[shape] = self.flat.explained(theta.to(self.flat.dtype), x[:1], target).shape[1]
+        return torch.zeros(len(x), self._output_counts[shape], *trailing, dtype=self.flat.dtype,
+                           device=self.flat.device)
 
     def _plain(self, out: torch.Tensor, rows: torch.Tensor, size: int | None, at, count: bool = True) -> None:
         """Add Σ_r w_r · integrand(t_r) of the inputs `rows` into out, with the plain rule's
