@@ -24,14 +24,22 @@ STORE_FORMAT = 2
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
 
 
-def residual_attrs(residual, change) -> dict[str, float]:
+def residual_attrs(residual, change, from_updates=None) -> dict[str, float]:
     """The residual attributes of a reconstruction or cube from its residual and its change
     f(θ_N) − f(θ_0) (arrays over the same entries): max_abs_residual, max_abs_change and
-    relative_residual, the residual's share of the largest change (0 if nothing changed)."""
-    residual = float(np.abs(np.asarray(residual)).max())
+    relative_residual, the residual's share of the largest change (0 if nothing changed). With
+    a cube's residual_from_updates, also its largest entry and that of the rest, the path
+    integral's own error: max_abs_residual_from_updates and max_abs_path_residual."""
+    residual = np.asarray(residual)
+    largest = float(np.abs(residual).max())
     change = float(np.abs(np.asarray(change)).max())
-    return {"max_abs_residual": residual, "max_abs_change": change,
-            "relative_residual": residual / change if change > 0 else 0.0}
+    attrs = {"max_abs_residual": largest, "max_abs_change": change,
+             "relative_residual": largest / change if change > 0 else 0.0}
+    if from_updates is not None:
+        from_updates = np.asarray(from_updates)
+        attrs.update(max_abs_residual_from_updates=float(np.abs(from_updates).max()),
+                     max_abs_path_residual=float(np.abs(residual - from_updates).max()))
+    return attrs
 
 
 def per_parameter(cube: xr.Dataset) -> xr.Dataset:
@@ -54,6 +62,7 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
     attribution = torch.zeros(n_bins, n_comp, t_dim, o_dim, n_train, dtype=req.flat.dtype)
     regularization = torch.zeros(n_bins, n_comp, t_dim, o_dim, dtype=req.flat.dtype)
     total = torch.zeros(n_test, n_out, dtype=req.flat.dtype)
+    path_change = torch.zeros_like(total)
     merged: dict[str, torch.Tensor] = {}
     for tests, trains, part in parts:
         rows_t, rows_o = part["rows_shape"]
@@ -67,13 +76,14 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
                 merged.setdefault("carried", torch.zeros_like(regularization))
                 merged["carried"][:, :, t_index] += part["carried"].reshape(n_bins, n_comp, rows_t, rows_o)
             total[tests] = part["total"]
+            path_change[tests] = part["path_change"]
             merged["update_residual"] = torch.as_tensor(part["update_residual"])
             for key in PARAMETER_SCORES:
                 if key in part:
                     empty = torch.zeros(t_dim, o_dim, part[key].shape[-1], dtype=req.flat.dtype)
                     scores = merged.setdefault(key, empty)
                     scores[t_index] += part[key].reshape(rows_t, rows_o, -1)
-    merged.update(attribution=attribution, regularization=regularization, total=total)
+    merged.update(attribution=attribution, regularization=regularization, total=total, path_change=path_change)
     return merged
 
 
@@ -104,6 +114,9 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
 
     initial, final, total = initial.numpy(), final.numpy(), merged["total"].numpy()
     residual = final - initial - total
+    # Σ_s φ_s·(Δθ_s + η_s(Σ_k u_{s,k} + r_s)): the part of the residual that is the update
+    # residual's effect; the rest is what the path integral misses
+    from_updates = merged["path_change"].numpy() - total
     data = {
         "attribution": labelled(merged["attribution"], ("step", "component", "test", "output", "train")),
         "regularization": labelled(merged["regularization"], ("step", "component", "test", "output")),
@@ -111,6 +124,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         "initial": (("test", "output"), initial),
         "final": (("test", "output"), final),
         "residual": (("test", "output"), residual),
+        "residual_from_updates": (("test", "output"), from_updates),
         "update_residual": (("history_step",), merged["update_residual"].numpy()),
     }
     if req.parameter_scores:
@@ -143,7 +157,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         replay_start=req.replay_start,
         components=list(req.components),
         tensor_names=list(req.flat.layout.names),
-        **residual_attrs(residual, final - initial),
+        **residual_attrs(residual, final - initial, from_updates),
         max_update_residual=float(merged["update_residual"].max()),
         parameter_score_definitions=(
             "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import xarray as xr
 
-from .cube import open_cube, save_cube
+from .cube import open_cube, residual_attrs, save_cube
 from .engine import _check_residual, explain
 from .errors import InputError
 from .history import History
@@ -72,17 +72,13 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         merged = _merge_by_test(parts)
     else:
         merged = parts[0].copy()
-        for name in ("attribution", "regularization", "residual", "update_residual"):
+        for name in ("attribution", "regularization", "residual", "residual_from_updates", "update_residual"):
             merged[name] = sum(p[name] for p in parts)
         if any("carried" in p for p in parts):  # parts with a bounded replay
             merged["carried"] = sum(p["carried"] for p in parts if "carried" in p)
         merged["final"] = parts[-1]["final"]
-    change = np.abs(merged["final"] - merged["initial"]).max().item()
-    residual = np.abs(merged["residual"]).max().item()
     merged.attrs.update(
-        max_abs_residual=residual,
-        max_abs_change=change,
-        relative_residual=residual / change if change > 0 else 0.0,
+        **residual_attrs(merged["residual"], merged["final"] - merged["initial"], merged["residual_from_updates"]),
         max_update_residual=float(merged["update_residual"].max()),
         kinks_located=sum(int(p.attrs["kinks_located"]) for p in parts),
         kink_segments_unresolved=sum(int(p.attrs["kink_segments_unresolved"]) for p in parts),

@@ -116,7 +116,9 @@ def explain(
 
     Returns the attribution cube (DESIGN §3): `attribution` over the dims in `keep` (the
     others are summed while streaming), `regularization` (the weight-decay share), `initial`,
-    `final`, `residual` and `update_residual`; with a bounded `replay`, also `carried` (below).
+    `final`, `residual`, `update_residual` and `residual_from_updates` (the part of the residual
+    that the recorded updates' difference from the modelled ones causes; the rest is the path
+    integral's error); with a bounded `replay`, also `carried` (below).
     Positive attribution raises the output.
 
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model) or a
@@ -480,6 +482,9 @@ class _Pass:
         self.carried = torch.zeros_like(self.regularization) if req.replay_start > 0 else None
         # Σ over everything but test and output: compared with f(θ_N) − f(θ_0)
         self.total = torch.zeros(self.n_test * req.n_outputs, dtype=self.dt, device=self.dev)
+        # Σ_s φ_s·Δθ_s with the recorded updates: total misses it by what the modelled updates
+        # miss (the update residual), the change misses it by the path integral's error
+        self.path_change = torch.zeros_like(self.total)
         self.update_residual = np.zeros(req.history.n_steps)
         # without a train dim or parameter-wise scores, G_s is needed only along a few vectors
         self.by_directions = not req.keeps("train") and not req.parameter_scores
@@ -627,7 +632,7 @@ class _Pass:
             theta, theta_next = self.thetas(rec)
             delta = theta_next - theta
             if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
-                modelled = torch.where(k.eta != 0, -delta / k.eta, torch.zeros_like(delta))  # Σ_k u + r
+                modelled = recorded_update(k, delta)
             else:
                 wg, columns, g_full = self.batch_gradients(rec, theta)
                 uses_buffer = bool((k.b != 0).any()) or bool((k.a != 0).any())  # not plain SGD
@@ -644,7 +649,8 @@ class _Pass:
             if s < start:  # before the explained range: only replay the momentum
                 continue
             if self.by_directions:
-                self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled)
+                self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled,
+                                    -k.eta * recorded_update(k, delta))
                 self.record_update_check(s, k, modelled, delta)
                 continue
 
@@ -663,27 +669,31 @@ class _Pass:
                 if carried is not None:
                     self.add(self.carried, s, self.contract(rows * (k.precond * k.c), carried[None]))
                 self.total += full @ modelled
+                self.path_change += full @ recorded_update(k, delta)
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, delta)
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
-                       modelled: torch.Tensor) -> None:
+                       modelled: torch.Tensor, recorded: torch.Tensor) -> None:
         """Book step s when no training sample is kept: G_s is only ever contracted with the
-        (−η-scaled) update, its weight-decay part and the modelled total, each restricted to a
-        kept component, so forward mode gives those few numbers per output without G_s."""
+        (−η-scaled) update, its weight-decay part, each restricted to a kept component, and the
+        modelled and recorded totals, so forward mode gives those few numbers per output without
+        G_s."""
         slices = self.req.component_slices if self.req.keeps("component") else [slice(None)]
-        tangents = update.new_zeros(2 * len(slices) + 1, len(update))
+        tangents = update.new_zeros(2 * len(slices) + 2, len(update))
         for p, sl in enumerate(slices):
             tangents[p, sl] = update[sl]
             tangents[len(slices) + p, sl] = decay[sl]
-        tangents[-1] = modelled
+        tangents[-2] = modelled
+        tangents[-1] = recorded
         phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select)
         full = phi.reshape(-1, phi.shape[-1])  # [T·O, V]
         rows = self.reduce_rows(full)  # [rows, V]
         n = len(slices)
         self.add(self.attribution, s, [rows[:, p, None] for p in range(n)])
         self.add(self.regularization, s, [rows[:, n + p] for p in range(n)])
-        self.total += full[:, -1]
+        self.total += full[:, -2]
+        self.path_change += full[:, -1]
 
     def _backward(self, records: Iterable[StepRecord]) -> None:
         """Walk backwards carrying the effect of a gradient on the explained outputs (no
@@ -710,8 +720,11 @@ class _Pass:
                     carried_full.mul_(a_next)
             full = rows = None
             if s >= start:  # steps before the range only pass momentum on (update convention)
-                full = self.path_jacobian(theta, theta_next - theta).mul_(-k.eta)
+                delta = theta_next - theta
+                full = self.path_jacobian(theta, delta).mul_(-k.eta)
                 rows = self.reduce_rows(full)
+                if self.first_train_chunk:
+                    self.path_change += full @ recorded_update(k, delta)
                 if carried is None:
                     carried = full.new_zeros(self.attribution.shape[0] if per_bin else 1, *rows.shape)
                     carried_full = torch.zeros_like(full) if separate_full else carried[0]
@@ -802,6 +815,7 @@ class _Pass:
             out["carried"] = self.carried.cpu()
         if self.first_train_chunk:
             out["total"] = self.total.view(self.n_test, self.req.n_outputs).cpu()
+            out["path_change"] = self.path_change.view(self.n_test, self.req.n_outputs).cpu()
             out["update_residual"] = self.update_residual
             if self.req.parameter_scores:
                 out["parameter_score"] = self.reduce_rows(self.score_sum.abs()).cpu()
@@ -810,16 +824,29 @@ class _Pass:
         return out
 
 
+def recorded_update(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
+    """−Δθ_s/η_s: the recorded update in the units of the modelled Σ_k u_{s,k} + r_s (0 where
+    η_s is 0)."""
+    return torch.where(k.eta != 0, -delta / k.eta, torch.zeros_like(delta))
+
+
 def _check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     relative = float(cube.attrs["relative_residual"])
-    worst_update = float(cube["update_residual"].max())
-    if tolerance is None:
+    if tolerance is None or relative <= tolerance:
         return
-    if relative > tolerance:
-        raise ReconstructionError(
-            f"the decomposition misses {relative:.2e} of the largest output change (tolerance "
-            f"{tolerance:.0e}); the worst step's update residual is {worst_update:.2e}. If the "
-            "update residual is small, the path integral is too coarse: raise quadrature=... "
-            "or compute in float64. If it is large, the recorded run does not follow the "
-            "modelled optimizer. Pass tolerance=None to get the cube anyway."
-        )
+    from_updates = float(cube.attrs["max_abs_residual_from_updates"])
+    path = float(cube.attrs["max_abs_path_residual"])
+    worst_update = float(cube["update_residual"].max())
+    if from_updates > path:
+        fix = ("The recorded run does not follow the modelled optimizer closely enough (gradient "
+               "clipping, a changed loss, parameter edits, or a float32 run's own rounding): look "
+               "at update_residual per step, or explain with check_updates=False and no train dim "
+               "to split the recorded updates instead.")
+    else:
+        fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
+    raise ReconstructionError(
+        f"the decomposition misses {relative:.2e} of the largest output change (tolerance "
+        f"{tolerance:.0e}). Of that miss, up to {from_updates:.2e} comes from the recorded updates "
+        f"differing from the modelled ones (worst step's update residual {worst_update:.2e}) and up "
+        f"to {path:.2e} from the path integral. {fix} Pass tolerance=None to get the cube anyway."
+    )

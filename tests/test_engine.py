@@ -21,7 +21,7 @@ from torch import nn
 
 import explaind as ex
 from brute_force import reference_for_run
-from engine_cases import OPTIMIZERS, Case, make_data, train
+from engine_cases import OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
 
 ORDER = ("step", "component", "train", "test", "output")
 
@@ -147,6 +147,7 @@ def test_decomposition_is_exact_float64(runs, name):
         assert cube.attrs["step_convention"] == convention
         assert cube.attrs["relative_residual"] <= 1e-9, cube.attrs["relative_residual"]
         assert cube.attrs["max_update_residual"] <= 1e-12, cube.attrs["max_update_residual"]
+        assert cube.attrs["max_abs_residual_from_updates"] <= 1e-12 * cube.attrs["max_abs_change"]
         assert cube.attrs["max_abs_change"] > 1e-2  # the run moved the outputs noticeably
         assert cube["attribution"].dims == ORDER
         assert cube.sizes["step"] == run.case.steps
@@ -170,6 +171,48 @@ def test_verify_updates_and_reconstruct(runs, name):
     cube = run.explain(quadrature=6, keep=("test", "output"))
     np.testing.assert_allclose(rec["final"].values, cube["final"].values, rtol=0, atol=1e-14)
     np.testing.assert_allclose(rec["residual"].values, cube["residual"].values, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adamw"])
+def test_the_residual_splits_into_the_updates_share_and_the_path_integrals(tmp_path, opt):
+    """Gradient clipping at one step is not modelled: the modelled update misses the recorded
+    one, and so the decomposition misses part of the change. residual_from_updates books that miss, and the
+    rest of the residual equals what the forward-mode reconstruction of the recorded updates
+    misses (an independent computation of the path integral's error), for both conventions,
+    with and without a train dim."""
+    case = Case("mlp", opt, steps=4)
+    model = case.fresh_model()
+    x, y, test_x, _ = make_data("mlp", 8, 3, 0)
+    _, specs = optimizer_spec(opt, 1)
+    optimizer = build_optimizer(model, OPTIMIZERS[opt][0], specs)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=50) as rec:
+        for step in range(case.steps):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if step == 2:  # unmodelled, and unchecked at record time (check_every=50: step 0 only)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    path_error = ex.reconstruct(tmp_path / "h", model, test_x, quadrature=6, progress=False)["residual"].values
+    shares = []
+    for convention in ("update", "gradient"):
+        for keep in (ORDER, ("component", "test", "output"), ("train", "output")):
+            cube = ex.explain(tmp_path / "h", model, test_x, keep=keep, convention=convention, quadrature=6,
+                              tolerance=None, progress=False)
+            change = float(np.abs(cube["final"] - cube["initial"]).max())
+            residual, from_updates = cube["residual"].values, cube["residual_from_updates"].values
+            assert np.abs(residual).max() > 1e-3 * change  # clipping changed the outputs' path
+            np.testing.assert_allclose(residual - from_updates, path_error, rtol=0, atol=1e-12 * change)
+            assert cube.attrs["max_abs_residual_from_updates"] == np.abs(from_updates).max()
+            assert cube.attrs["max_abs_path_residual"] == np.abs(residual - from_updates).max()
+            # the momentum carries the clipped gradient on into step 3
+            update_residual = cube["update_residual"].values
+            assert update_residual[2:].min() > 1e-3 and update_residual[:2].max() <= 1e-12
+            shares.append(from_updates)
+    for other in shares[1:]:
+        np.testing.assert_allclose(other, shares[0], rtol=0, atol=1e-12 * change)
+    with pytest.raises(ex.ReconstructionError, match="comes from the recorded updates"):
+        ex.explain(tmp_path / "h", model, test_x, keep=("test",), quadrature=6, tolerance=1e-6, progress=False)
 
 
 def test_history_matches_the_loop(runs):
