@@ -39,12 +39,16 @@ def free_port() -> str:
 
 def assert_same_cube(merged, single):
     change = float(np.abs(single["final"] - single["initial"]).max())
-    for name in ("attribution", "regularization", "initial", "final", "residual", "update_residual"):
+    for name in ("attribution", "regularization", "initial", "final", "residual", "residual_from_updates",
+                 "update_residual"):
         a, b = merged[name], single[name].transpose(*merged[name].dims)
         # residuals are rounding-sized themselves: compare them at the scale of the change
-        scale = {"residual": change, "update_residual": 1.0}.get(name, float(np.abs(b).max()))
+        scale = {"residual": change, "residual_from_updates": change, "update_residual": 1.0}.get(
+            name, float(np.abs(b).max()))
         assert float(np.abs(a - b).max()) <= 1e-12 * scale, name
     assert merged.attrs["relative_residual"] == pytest.approx(single.attrs["relative_residual"], abs=1e-13)
+    assert merged.attrs["max_abs_path_residual"] == pytest.approx(single.attrs["max_abs_path_residual"],
+                                                                  abs=1e-12 * change)
 
 
 @pytest.mark.parametrize("split", ["test", "steps"])
