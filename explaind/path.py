@@ -29,9 +29,9 @@ segment is first integrated plainly and checked against the exact change f(θ + 
 its explained outputs; only segments that miss by more than the tolerance are searched, and
 a piece is accepted as soon as its own integral matches its ends' change within the
 tolerance (a hidden dip that moves no output is harmless). A piece that misses is cut at the
-crossings its ends reveal, as above, or else inside its least certain unit's gap. So each
-segment's φ·Δ misses f(θ + Δ) − f(θ) by at most the tolerance per piece, measured rather than
-bounded. What it certifies is that change, not φ itself: a unit that switches and switches
+crossings its ends reveal (at the roots the cubic interpolants predict; see _cuts), or else
+inside its least certain unit's gap. So each segment's φ·Δ misses f(θ + Δ) − f(θ) by at most
+the tolerance per piece, measured rather than bounded. What it certifies is that change, not φ itself: a unit that switches and switches
 back between the plain nodes leaves φ·Δ as it would be without the switch (the unit's input is
 zero at both kinks), so that segment passes unsearched while the shares of the change among
 samples and components (φ·v for v ≠ Δ) keep the dip's error. The certified search (tolerance 0)
@@ -328,16 +328,21 @@ class PathIntegral:
 
     def _cuts(self, iv: _Intervals) -> torch.Tensor:
         """Where to cut pieces that miss, as fractions u ∈ (0, 1) of each: [K, 2·roots] (NaN:
-        unused). Crossings are bracketed (or, once the bracket is narrow, cut at the cubic
-        interpolant's roots); a piece that shows none is cut in its least certain unit's gap."""
+        unused). Sign changes of distances are cut at the roots their cubic interpolants
+        predict, not bracketed as the certified search does: a piece whose integral then
+        matches its change needs no tighter placement (a bracket would leave a sliver piece per
+        kink, each with its own Q nodes), and one that still misses has the crossing near an end,
+        where the next round's interpolant places it far better. Other crossings (an argmax
+        switch, more sign changes than one round places) are probed as in the certified search;
+        a piece that shows no crossing is cut in its least certain unit's gap."""
         crossing = iv.crossing()
         roots = _first_roots(iv, self.roots_per_round)
         _, gap = _dip_gap(iv, self.curvature_safety)
         probes = self._probes(iv, crossing, roots, gap)
-        settled = crossing & (iv.b - iv.a <= self.settle_width) & _distances_only(iv, self.roots_per_round)
+        at_roots = crossing & _distances_only(iv, self.roots_per_round)
         inner = torch.where((roots > 0) & (roots < 1), roots, torch.nan)
         placed = torch.cat([inner, torch.full_like(inner, torch.nan)], 1)
-        probes = torch.where(settled[:, None], placed, probes)
+        probes = torch.where(at_roots[:, None], placed, probes)
         unused = ~((probes > 0) & (probes < 1)).any(1)  # e.g. a root at an end: halve instead
         probes[unused, 0] = 0.5
         return probes

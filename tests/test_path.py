@@ -273,6 +273,17 @@ def test_error_controlled_search_is_exact_and_searches_only_segments_that_miss(k
                                rtol=0, atol=1e-9 * scale)
 
 
+def test_the_error_controlled_search_cuts_each_kink_once(kinked_run):
+    """Sign changes are cut at their predicted roots, not bracketed: where only the kinks make
+    segments miss, the error-controlled search places exactly the certified search's kinks (a
+    bracket would place two cuts per kink and leave a sliver piece with its own nodes)."""
+    run = kinked_run
+    certified = ex.reconstruct(run.path, run.model, run.test_x, quadrature=4, progress=False)
+    controlled = ex.reconstruct(run.path, run.model, run.test_x, quadrature=4, kink_tolerance=1e-9, progress=False)
+    assert controlled.attrs["kinks_located"] == certified.attrs["kinks_located"] > 0
+    assert controlled.attrs["relative_residual"] <= 1e-9
+
+
 def test_a_loose_kink_tolerance_is_plain_quadrature(kinked_run):
     """Segments within the tolerance keep the plain rule: a tolerance above every miss searches
     nothing and gives plain quadrature's numbers."""
