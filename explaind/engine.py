@@ -836,17 +836,18 @@ def _check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
         return
     from_updates = float(cube.attrs["max_abs_residual_from_updates"])
     path = float(cube.attrs["max_abs_path_residual"])
-    worst_update = float(cube["update_residual"].max())
+    worst_update = float(cube["update_residual"].max())  # NaN: not checked (check_updates=False)
+    checked = f" (worst step's update residual {worst_update:.2e})" if np.isfinite(worst_update) else ""
     if from_updates > path:
         fix = ("The recorded run does not follow the modelled optimizer closely enough (gradient "
-               "clipping, a changed loss, parameter edits, or a float32 run's own rounding): look "
-               "at update_residual per step, or explain with check_updates=False and no train dim "
-               "to split the recorded updates instead.")
+               "clipping, a changed loss, an option explaind does not model, or a float32 run's own "
+               "rounding): look at update_residual per step, or explain with check_updates=False and "
+               "no train dim to split the recorded updates instead.")
     else:
         fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
     raise ReconstructionError(
         f"the decomposition misses {relative:.2e} of the largest output change (tolerance "
         f"{tolerance:.0e}). Of that miss, up to {from_updates:.2e} comes from the recorded updates "
-        f"differing from the modelled ones (worst step's update residual {worst_update:.2e}) and up "
-        f"to {path:.2e} from the path integral. {fix} Pass tolerance=None to get the cube anyway."
+        f"differing from the modelled ones{checked} and up to {path:.2e} from the path integral. "
+        f"{fix} Pass tolerance=None to get the cube anyway."
     )
