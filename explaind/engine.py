@@ -631,8 +631,9 @@ class _Pass:
             k = self.coefficients(rec)
             theta, theta_next = self.thetas(rec)
             delta = theta_next - theta
+            recorded = recorded_update(k, delta)
             if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
-                modelled = recorded_update(k, delta)
+                modelled = recorded
             else:
                 wg, columns, g_full = self.batch_gradients(rec, theta)
                 uses_buffer = bool((k.b != 0).any()) or bool((k.a != 0).any())  # not plain SGD
@@ -650,7 +651,7 @@ class _Pass:
                 continue
             if self.by_directions:
                 self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled,
-                                    -k.eta * recorded_update(k, delta))
+                                    -k.eta * recorded)
                 self.record_update_check(s, k, modelled, delta)
                 continue
 
@@ -669,7 +670,7 @@ class _Pass:
                 if carried is not None:
                     self.add(self.carried, s, self.contract(rows * (k.precond * k.c), carried[None]))
                 self.total += full @ modelled
-                self.path_change += full @ recorded_update(k, delta)
+                self.path_change += full @ recorded
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, delta)
 

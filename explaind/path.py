@@ -31,12 +31,13 @@ a piece is accepted as soon as its own integral matches its ends' change within 
 tolerance (a hidden dip that moves no output is harmless). A piece that misses is cut at the
 crossings its ends reveal (at the roots the cubic interpolants predict; see _cuts), or else
 inside its least certain unit's gap. So each segment's φ·Δ misses f(θ + Δ) − f(θ) by at most
-the tolerance per piece, measured rather than bounded. What it certifies is that change, not φ itself: a unit that switches and switches
-back between the plain nodes leaves φ·Δ as it would be without the switch (the unit's input is
-zero at both kinks), so that segment passes unsearched while the shares of the change among
-samples and components (φ·v for v ≠ Δ) keep the dip's error. The certified search (tolerance 0)
-finds such ReLU dips; the error control catches any piece whose change is missed, whatever the
-search overlooked there (e.g. max-pool switches placed wrongly by the thirds).
+the tolerance per piece, measured rather than bounded. What it certifies is that change, not
+φ itself: a unit that switches and switches back between the plain nodes leaves φ·Δ as it
+would be without the switch (the unit's input is zero at both kinks), so that segment passes
+unsearched while the shares of the change among samples and components (φ·v for v ≠ Δ) keep
+the dip's error. The certified search (tolerance 0) finds such ReLU dips; the error control
+catches any piece whose change is missed, whatever the search overlooked there (e.g. max-pool
+switches placed wrongly by the thirds).
 """
 
 from __future__ import annotations
