@@ -233,7 +233,7 @@ class PathIntegral:
         roots (thirds for an argmax switch alone); an uncertified one a point in its least
         certain unit's gap and one in its larger part."""
         k, n = len(iv), 2 * self.roots_per_round
-        half = torch.clamp(self.settle_width / 4 / (iv.b - iv.a), max=2.0**-4)[:, None]
+        half = self._half_bracket(iv)[:, None]
         bracket = torch.stack([torch.maximum(root - half, half / 2), torch.minimum(root + half, 1 - half / 2)], 2)
         bracket = torch.where(torch.isfinite(root)[:, :, None], bracket, torch.nan).flatten(1)
         fill = torch.full((k, n - 2), torch.nan, dtype=root.dtype, device=root.device)
@@ -333,20 +333,26 @@ class PathIntegral:
         predict, not bracketed as the certified search does: a piece whose integral then
         matches its change needs no tighter placement (a bracket would leave a sliver piece per
         kink, each with its own Q nodes), and one that still misses has the crossing near an end,
-        where the next round's interpolant places it far better. Other crossings (an argmax
-        switch, more sign changes than one round places) are probed as in the certified search;
-        a piece that shows no crossing is cut in its least certain unit's gap."""
+        where the next round's interpolant places it far better. A root predicted within a
+        bracket's half-width of an end is bracketed instead: a cut there would leave the piece
+        almost as it was (a crossing at the end itself, whose distance rounds to the wrong side,
+        is predicted ~1e-16 inside and would be cut again every round). Other crossings (an
+        argmax switch, more sign changes than one round places) are probed as in the certified
+        search; a piece that shows no crossing is cut in its least certain unit's gap."""
         crossing = iv.crossing()
         roots = _first_roots(iv, self.roots_per_round)
         _, gap = _dip_gap(iv, self.curvature_safety)
         probes = self._probes(iv, crossing, roots, gap)
-        at_roots = crossing & _distances_only(iv, self.roots_per_round)
-        inner = torch.where((roots > 0) & (roots < 1), roots, torch.nan)
-        placed = torch.cat([inner, torch.full_like(inner, torch.nan)], 1)
-        probes = torch.where(at_roots[:, None], placed, probes)
-        unused = ~((probes > 0) & (probes < 1)).any(1)  # e.g. a root at an end: halve instead
-        probes[unused, 0] = 0.5
-        return probes
+        half = self._half_bracket(iv)[:, None]
+        clear = ~torch.isfinite(roots) | ((roots >= half) & (roots <= 1 - half))
+        at_roots = crossing & _distances_only(iv, self.roots_per_round) & clear.all(1)
+        placed = torch.cat([torch.where(torch.isfinite(roots), roots, torch.nan), torch.full_like(roots, torch.nan)], 1)
+        return torch.where(at_roots[:, None], placed, probes)
+
+    def _half_bracket(self, iv: _Intervals) -> torch.Tensor:
+        """Half the width of the bracket around a predicted root, as a fraction of each interval:
+        [K]. The bracket spans at most half the settle width, so the next round places the root."""
+        return torch.clamp(self.settle_width / 4 / (iv.b - iv.a), max=2.0**-4)
 
     def _misses(self, theta, delta, x, iv: _Intervals, target: str) -> torch.Tensor:
         """How far each piece's Q-node integral misses the change of its ends' outputs: [K]."""

@@ -18,7 +18,7 @@ from torch import nn
 import explaind as ex
 from explaind.cube import residual_attrs
 from explaind.functional import FlatModel, layout_of
-from explaind.path import PathIntegral
+from explaind.path import PathIntegral, _Intervals
 from explaind.verify import residual_to_gap, restricted, with_refined
 from engine_cases import Case, train
 
@@ -282,6 +282,26 @@ def test_the_error_controlled_search_cuts_each_kink_once(kinked_run):
     controlled = ex.reconstruct(run.path, run.model, run.test_x, quadrature=4, kink_tolerance=1e-9, progress=False)
     assert controlled.attrs["kinks_located"] == certified.attrs["kinks_located"] > 0
     assert controlled.attrs["relative_residual"] <= 1e-9
+
+
+def test_a_root_at_a_pieces_end_is_bracketed_not_cut_in_place():
+    """A piece whose crossing lies at its own start, where the distance rounded to the wrong
+    side, has a root predicted ~1e-18 inside: a cut there would leave the piece as it was, round
+    after round, until the piece cap accepted it whatever it missed (a Transformer segment missed
+    by 0.38 so). Such a root is bracketed within the settle width; one well inside is cut exactly
+    where the interpolant predicts it."""
+    flat, _ = flat_of(Product(0.0))
+    path = PathIntegral(flat, kink_tolerance=1e-3)
+    a, b = torch.tensor([0.25, 0.25], dtype=DT), torch.tensor([0.75, 0.75], dtype=DT)
+    z_start = torch.tensor([[1e-18], [0.3]], dtype=DT)  # one linear distance z(u) = z_start − u
+    slope = torch.full((2, 1), -1 / 0.5, dtype=DT)  # dz/dt over the width 0.5
+    idx, out = torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 1, dtype=DT)
+    pieces = _Intervals(torch.arange(2), a, b, (z_start, slope, idx, out), (z_start - 1, slope, idx, out))
+    cuts = path._cuts(pieces)
+    at_end, inside = (c[torch.isfinite(c)] for c in cuts)
+    assert inside.tolist() == pytest.approx([0.3], abs=1e-15)
+    width = 0.5 * (at_end.max() - at_end.min())
+    assert len(at_end) == 2 and at_end.min() >= 2**-20 / 16 and width * 2 <= path.settle_width
 
 
 def test_a_loose_kink_tolerance_is_plain_quadrature(kinked_run):
