@@ -669,8 +669,9 @@ class _Pass:
                 self.add(self.regularization, s, self.contract(rows, r[None]))
                 if carried is not None:
                     self.add(self.carried, s, self.contract(rows * (k.precond * k.c), carried[None]))
-                self.total += full @ modelled
-                self.path_change += full @ recorded
+                step_total = full @ modelled
+                self.total += step_total
+                self.path_change += step_total if self.recorded_updates else full @ recorded
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, delta)
 

@@ -336,7 +336,7 @@ class PathIntegral:
         where the next round's interpolant places it far better. A root predicted within a
         bracket's half-width of an end is bracketed instead: a cut there would leave the piece
         almost as it was (a crossing at the end itself, whose distance rounds to the wrong side,
-        is predicted ~1e-16 inside and would be cut again every round). Other crossings (an
+        is predicted ~1e-18 inside and would be cut again every round). Other crossings (an
         argmax switch, more sign changes than one round places) are probed as in the certified
         search; a piece that shows no crossing is cut in its least certain unit's gap."""
         crossing = iv.crossing()
