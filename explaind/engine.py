@@ -651,7 +651,7 @@ class _Pass:
                 continue
             if self.by_directions:
                 self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled,
-                                    -k.eta * recorded)
+                                    None if self.recorded_updates else -k.eta * recorded)
                 self.record_update_check(s, k, modelled, delta)
                 continue
 
@@ -676,25 +676,25 @@ class _Pass:
                 self.record_update_check(s, k, modelled, delta)
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
-                       modelled: torch.Tensor, recorded: torch.Tensor) -> None:
+                       modelled: torch.Tensor, recorded: torch.Tensor | None) -> None:
         """Book step s when no training sample is kept: G_s is only ever contracted with the
         (−η-scaled) update, its weight-decay part, each restricted to a kept component, and the
-        modelled and recorded totals, so forward mode gives those few numbers per output without
-        G_s."""
+        modelled and recorded totals (None: the recorded update stands for the modelled one, one
+        tangent serves both), so forward mode gives those few numbers per output without G_s."""
         slices = self.req.component_slices if self.req.keeps("component") else [slice(None)]
-        tangents = update.new_zeros(2 * len(slices) + 2, len(update))
+        n = len(slices)
+        totals = [modelled] if recorded is None else [modelled, recorded]
+        tangents = update.new_zeros(2 * n + len(totals), len(update))
         for p, sl in enumerate(slices):
             tangents[p, sl] = update[sl]
-            tangents[len(slices) + p, sl] = decay[sl]
-        tangents[-2] = modelled
-        tangents[-1] = recorded
+            tangents[n + p, sl] = decay[sl]
+        tangents[2 * n:] = torch.stack(totals)
         phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select)
         full = phi.reshape(-1, phi.shape[-1])  # [T·O, V]
         rows = self.reduce_rows(full)  # [rows, V]
-        n = len(slices)
         self.add(self.attribution, s, [rows[:, p, None] for p in range(n)])
         self.add(self.regularization, s, [rows[:, n + p] for p in range(n)])
-        self.total += full[:, -2]
+        self.total += full[:, 2 * n]
         self.path_change += full[:, -1]
 
     def _backward(self, records: Iterable[StepRecord]) -> None:
