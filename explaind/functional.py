@@ -265,16 +265,15 @@ class FlatModel:
         """
         rows = len(t)
         slots, slot_of_row = torch.unique(owner, return_inverse=True)
-        named = list(zip(self.layout.slices().items(), self.layout.shapes))
-        per_owner = {name: theta[sl].view(shape).expand(len(slots), *shape) for (name, sl), shape in named}
-        direction = {name: delta[sl].view(shape) for (name, sl), shape in named}
+        per_owner = {name: v.expand(len(slots), *v.shape) for name, v in self.layout.unflatten(theta).items()}
+        direction = self.layout.unflatten(delta)
 
         def one(p: dict[str, torch.Tensor], x1: torch.Tensor) -> torch.Tensor:
             return self._explain(self._call(p, x1.unsqueeze(0)), target)[0]
 
         def at_rows(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            points = {name: p[name].index_select(0, slot_of_row)
-                      + t.view(rows, *[1] * len(shape)) * direction[name] for (name, _), shape in named}
+            points = {name: p[name].index_select(0, slot_of_row) + t.view(rows, *[1] * d.dim()) * d
+                      for name, d in direction.items()}
             return vmap(one)(points, x)
 
         values, pull = vjp(at_rows, per_owner)
