@@ -8,6 +8,9 @@ optimizer's preconditioners are plain matrices and the contraction is one big ma
 
 from __future__ import annotations
 
+import copy
+import itertools
+import warnings
 from dataclasses import dataclass
 from math import prod
 from typing import Sequence
@@ -166,25 +169,50 @@ def compute_device(device) -> torch.device:
     return dev
 
 
+def _private_structure(model: nn.Module) -> nn.Module:
+    """A copy of the module whose parameters and buffers are empty placeholders on the meta
+    device. functional_call swaps the given tensors into the module it calls for the duration
+    of the call: on the user's own module, any other thread using it meanwhile (their training
+    or serving loop, a second explain) would run with our θ or fail. Every call here supplies
+    all tensors, so the placeholders are never read. A module that cannot be deep-copied is
+    used as it is, with a warning."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        placeholder = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(placeholder, t.requires_grad) if isinstance(t, nn.Parameter) else placeholder
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:  # noqa: BLE001 - any failure of a user's __deepcopy__ falls back alike
+        warnings.warn(
+            f"explaind could not copy the module ({type(error).__name__}: {error}), so it calls the module "
+            "itself, swapping parameters in for each call: do not use the module from another thread "
+            "while explaind works with it", stacklevel=3)
+        return model
+
+
 class FlatModel:
     """f(x; θ) for a flat θ, with the constant rest of the module (frozen tensors, buffers)."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, dtype: torch.dtype, device,
                  constants: dict[str, torch.Tensor] | None = None):
-        self.model = model
         self.layout = layout
         self.dtype = dtype
         self.device = compute_device(device)
         trainable = set(layout.names)
         # frozen parameters and buffers enter every call as constants: the recorded ones when
-        # given (a history's), else the module's own
-        if constants is None:
-            constants = {
-                name: t.detach()
-                for name, t in list(model.named_parameters()) + list(model.named_buffers())
-                if name not in trainable
-            }
+        # given (a history's), the module's own for the rest
+        own = {name: t.detach() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+               if name not in trainable}
+        constants = {**own, **(constants or {})}
         self.constants = {name: t.to(self.device, self._cast(t)) for name, t in constants.items()}
+        self.model = _private_structure(model)
+
+    def in_dtype(self, dtype: torch.dtype) -> "FlatModel":
+        """The same function computed in another dtype (sharing the private module)."""
+        twin = copy.copy(self)
+        twin.dtype = dtype
+        twin.constants = {name: t.to(self.device, twin._cast(t)) for name, t in self.constants.items()}
+        return twin
 
     def _cast(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if t.is_floating_point() else t.dtype

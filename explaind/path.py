@@ -130,8 +130,7 @@ class PathIntegral:
         self.w_search = torch.tensor(w, dtype=torch.float64, device=self.flat.device)
         # The search runs in float64 whatever the working dtype: along a short segment a
         # float32 θ + tΔ takes few distinct values, and its rounding makes patterns flicker.
-        self.search = FlatModel(self.flat.model, self.flat.layout, torch.float64, self.flat.device,
-                                self.flat.constants)
+        self.search = self.flat.in_dtype(torch.float64)
         # it stops at this width: the misplaced sliver of J is then below rounding
         self.resolution = 2.0**-40
         # a crossing of a distance in an interval this short (relative to the segment) is

@@ -8,6 +8,7 @@ the optimizer unrolled by hand) that the engine's cubes are compared against ele
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -654,6 +655,52 @@ def test_recorded_frozen_tensors_and_buffers_are_used(tmp_path):
     cube = ex.explain(tmp_path / "h", fresh, tx, progress=False, tolerance=None)
     assert np.abs(cube["final"].values - trained).max() <= 1e-13, "frozen tensors were not taken from the history"
     assert cube.attrs["relative_residual"] <= 1e-9
+
+
+def test_explain_leaves_the_users_module_alone(runs):
+    """explain() calls a private copy of the module's structure, never the module it is handed:
+    torch.func.functional_call swaps tensors into the module it calls, so calling the user's
+    own would show θ_s to any other thread using it meanwhile. Two explains of one module in two
+    threads therefore give the cube of one."""
+    run = runs.get(BRUTE["adamw"])
+    model = run.model
+    originals = [(p, p.detach().clone()) for p in model.parameters()]
+    calls = {"own module": 0, "copy": 0}
+
+    def count(module, args, output):
+        calls["own module" if module is model else "copy"] += 1
+
+    handle = model.register_forward_hook(count)
+    try:
+        alone = run.explain(quadrature=3, tolerance=1e-9)
+    finally:
+        handle.remove()
+    assert calls["own module"] == 0 and calls["copy"] > 0, calls
+    assert [p for p, _ in originals] == list(model.parameters())
+    assert all(torch.equal(p, value) for p, value in originals)
+
+    cubes = [None, None]
+
+    def explain_into(i):
+        cubes[i] = run.explain(quadrature=3, tolerance=1e-9)
+
+    threads = [threading.Thread(target=explain_into, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for cube in cubes:
+        for name in ("attribution", "regularization", "final", "residual"):
+            np.testing.assert_array_equal(cube[name].values, alone[name].values)
+
+    # a module that cannot be deep-copied is called itself, after a warning that says so
+    model.lock = threading.Lock()
+    try:
+        with pytest.warns(UserWarning, match="could not copy the module .*another thread"):
+            borrowed = run.explain(quadrature=3, tolerance=1e-9)
+    finally:
+        del model.lock
+    np.testing.assert_array_equal(borrowed["attribution"].values, alone["attribution"].values)
 
 
 # --------------------------------------------------------------------------- 7. the store
