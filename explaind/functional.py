@@ -169,6 +169,24 @@ def compute_device(device) -> torch.device:
     return dev
 
 
+def _explainable_outputs(out) -> torch.Tensor:
+    """The module's output as the [batch, O] matrix explain() decomposes: [batch] is one output
+    per input; a non-tensor or more dims are refused, naming the fix."""
+    if not isinstance(out, torch.Tensor):
+        raise InputError(
+            f"the model returned a {type(out).__name__}, not a tensor: explaind explains a tensor of outputs "
+            "[batch, outputs]. Fix: record and explain a wrapper module whose forward returns that tensor "
+            "(for example model(x).logits or model(x)[0])")
+    if out.dim() == 1:
+        return out[:, None]
+    if out.dim() != 2:
+        raise InputError(
+            f"the model returned outputs of shape {tuple(out.shape)}: explaind explains [batch, outputs] or "
+            "[batch]. Fix: record and explain a wrapper module whose forward returns a matrix, for example "
+            "one position's logits out[:, -1] or out.flatten(1)")
+    return out
+
+
 def _private_structure(model: nn.Module) -> nn.Module:
     """A copy of the module whose parameters and buffers are empty placeholders on the meta
     device. functional_call swaps the given tensors into the module it calls for the duration
@@ -182,7 +200,7 @@ def _private_structure(model: nn.Module) -> nn.Module:
         memo[id(t)] = nn.Parameter(placeholder, t.requires_grad) if isinstance(t, nn.Parameter) else placeholder
     try:
         return copy.deepcopy(model, memo)
-    except Exception as error:  # noqa: BLE001 - any failure of a user's __deepcopy__ falls back alike
+    except Exception as error:  # whatever a user's module raises when copied: fall back alike
         warnings.warn(
             f"explaind could not copy the module ({type(error).__name__}: {error}), so it calls the module "
             "itself, swapping parameters in for each call: do not use the module from another thread "
@@ -228,6 +246,10 @@ class FlatModel:
         return self._call(self.layout.unflatten(theta), x)
 
     def _explain(self, out: torch.Tensor, target: str) -> torch.Tensor:
+        out = _explainable_outputs(out)
+        if target == "log_prob" and out.shape[-1] == 1:
+            raise InputError("the model has one output per input, whose log-probability is always 0: "
+                             "explain it with target='logit'")
         return F.log_softmax(out, dim=-1) if target == "log_prob" else out
 
     def explained(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:

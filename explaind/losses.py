@@ -16,13 +16,49 @@ from .errors import InputError
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+def _described(out) -> str:
+    return f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+
+
+def _classes(name: str, out, y: torch.Tensor, soft: bool) -> None:
+    """Refuse what the classification losses would fail on deep inside torch, or broadcast.
+    soft: class probabilities [batch, classes] are targets too (cross-entropy)."""
+    matrix = isinstance(out, torch.Tensor) and out.dim() == 2
+    if not matrix or not (y.shape == out.shape[:1] or (soft and y.is_floating_point() and y.shape == out.shape)):
+        targets = "targets [batch] (or class probabilities [batch, classes])" if soft else "targets [batch]"
+        raise InputError(
+            f"the built-in loss {name!r} takes outputs [batch, classes] and {targets}; the model "
+            f"returned {_described(out)} for targets of shape {tuple(y.shape)}. Fix: pass "
+            "loss=callable(output, target) returning per-sample losses [batch] (to explain the run, its "
+            "module must return [batch, outputs] as well)")
+
+
+def _cross_entropy(out, y):
+    _classes("cross_entropy", out, y, soft=True)
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _nll(out, y):
+    _classes("nll", out, y, soft=False)
+    return F.nll_loss(out, y, reduction="none")
+
+
+def _squared_error(out, y):
+    if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+        raise InputError(
+            f"the built-in loss 'mse' takes outputs and targets of the same shape; the model returned "
+            f"{_described(out)} for targets of shape {tuple(y.shape)}. Fix: give the targets the outputs' shape, "
+            "or pass loss=callable(output, target) returning per-sample losses [batch]")
+    return ((out - y) ** 2).reshape(len(out), -1).sum(1)
+
+
 # name -> loss of a batch without reduction, shape [batch]
 BUILTIN_LOSSES: dict[str, PerSampleLoss] = {
     # on raw logits or on log-probabilities alike: log_softmax is idempotent on log-probabilities
-    "cross_entropy": lambda out, y: F.cross_entropy(out, y, reduction="none"),
-    # the model's output is already log-probabilities
-    "nll": lambda out, y: F.nll_loss(out, y, reduction="none"),
-    "mse": lambda out, y: ((out - y) ** 2).flatten(1).sum(1),
+    "cross_entropy": _cross_entropy,
+    "nll": _nll,  # the model's output is already log-probabilities
+    "mse": _squared_error,
 }
 
 REDUCTIONS = ("mean", "sum")

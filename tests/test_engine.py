@@ -657,6 +657,47 @@ def test_recorded_frozen_tensors_and_buffers_are_used(tmp_path):
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
+class Regression(nn.Module):
+    """One value per input: [batch] (as regression models often return) or [batch, 1]."""
+
+    def __init__(self, column: bool):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+        self.column = column
+
+    def forward(self, x):
+        out = self.body(x)
+        return out if self.column else out.squeeze(1)
+
+
+def test_one_value_per_input_is_one_output(tmp_path):
+    """A model returning [batch], trained with the built-in mse on targets [batch], is explained
+    as one output per input: exact in float64, and the same cube as the model returning
+    [batch, 1] trained on targets [batch, 1]."""
+    x, _, tx, _ = make_data("mlp", 8, 3, 0)
+    values = torch.sin(x.sum(1))
+    cubes = []
+    for column in (False, True):
+        torch.manual_seed(0)
+        model = Regression(column).double()
+        y = values[:, None] if column else values
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        with ex.Recorder(tmp_path / f"h{column}", model, optimizer, loss="mse", check_every=1) as rec:
+            for _ in range(4):
+                optimizer.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                rec.batch(torch.arange(8), x, y)
+                optimizer.step()
+        cubes.append(ex.explain(tmp_path / f"h{column}", model, tx, progress=False, target="logit",
+                                quadrature=4, tolerance=1e-9))
+    flat, column = cubes
+    assert flat["attribution"].sizes["output"] == 1
+    assert flat.attrs["relative_residual"] <= 1e-9 and flat.attrs["max_update_residual"] <= 1e-12
+    assert_self_consistent(flat, 1e-12)
+    for name in ("attribution", "regularization", "initial", "final", "residual"):
+        np.testing.assert_array_equal(flat[name].values, column[name].values)
+
+
 def test_explain_leaves_the_users_module_alone(runs):
     """explain() calls a private copy of the module's structure, never the module it is handed:
     torch.func.functional_call swaps tensors into the module it calls, so calling the user's

@@ -141,6 +141,73 @@ def test_wrong_reduction_declared(tmp_path):
         ex.Recorder(tmp_path / "h2", model, optimizer, reduction="average")
 
 
+class Outputs(nn.Module):
+    """The MLP's logits [batch, 3] in another form: a dict (as many libraries' models return),
+    a sequence [batch, 2, 3], or one column [batch, 1]."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.inner = Case("mlp").fresh_model()
+        self.form = form
+
+    def forward(self, x):
+        logits = self.inner(x)
+        if self.form == "dict":
+            return {"logits": logits}
+        if self.form == "sequence":
+            return torch.stack([logits, logits.flip(1)], 1)
+        return logits[:, :1]
+
+
+def logits_of(out):
+    return out["logits"] if isinstance(out, dict) else out
+
+
+@pytest.mark.parametrize("form, loss, targets, words", [
+    ("dict", "cross_entropy", "classes", ("'cross_entropy'", "a dict", "[batch, classes]", "loss=callable")),
+    ("sequence", "nll", "sequence", ("'nll'", "(8, 2, 3)", "(8, 2)", "loss=callable")),
+    ("column", "mse", "values", ("'mse'", "(8, 1)", "(8,)", "same shape")),
+])
+def test_outputs_the_built_in_loss_cannot_take(tmp_path, form, loss, targets, words):
+    """Caught by the record-time check with the cause and the fix, not deep inside torch (or,
+    for mse, silently broadcast to a [batch, batch] loss)."""
+    model = Outputs(form).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    y = {"classes": y, "sequence": torch.stack([y, y], 1), "values": y.double()}[targets]
+    with pytest.raises(ex.InputError, match=says(*words)):
+        with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss, check_every=1) as rec:
+            optimizer.zero_grad()
+            (logits_of(model(x)).flatten(1) ** 2).sum(1).mean().backward()
+            rec.batch(torch.arange(8), x, y)
+            optimizer.step()
+
+
+@pytest.mark.parametrize("form, target, words", [
+    ("dict", "log_prob", ("a dict", "not a tensor", "wrapper", "model(x).logits")),
+    ("sequence", "log_prob", ("(1, 2, 3)", "[batch, outputs]", "wrapper", "out[:, -1]")),
+    ("column", "log_prob", ("one output", "always 0", "target='logit'")),
+])
+def test_outputs_explain_cannot_decompose(tmp_path, no_heavy_compute, form, target, words):
+    """A run recorded with a custom loss that reads the model's output, explained: refused before
+    any Jacobian, naming the wrapper that fixes it."""
+    model = Outputs(form).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+
+    def loss(out, targets):
+        return (logits_of(out).flatten(1) ** 2).sum(1)
+
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss, check_every=1) as rec:
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss(model(x), y).mean().backward()
+            rec.batch(torch.arange(8), x, y)
+            optimizer.step()
+    with pytest.raises(ex.InputError, match=says(*words)):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False, loss=loss, target=target)
+
+
 def test_optimizer_with_existing_state(tmp_path):
     model, optimizer = model_and_sgd(momentum=0.9)
     x, y = data()
