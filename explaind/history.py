@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -80,6 +81,19 @@ def _json_bytes(obj) -> bytes:
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
+
+
+def _rows(name: str, value) -> torch.Tensor:
+    """A batch's inputs or targets as one tensor with a row per sample (numpy arrays too)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise InputError(
+        f"batch() takes the {name} as one tensor (or numpy array) with a row per sample, got a "
+        f"{type(value).__name__}. Fix: pass torch.as_tensor(...); a model of several inputs is "
+        "explained as a wrapper module whose forward takes them as one tensor (concatenated, or "
+        "the constant ones kept as buffers)")
 
 
 # --------------------------------------------------------------------------- checks on the model
@@ -271,6 +285,7 @@ class Recorder:
                 "with all rows that entered the loss"
             )
         indices = torch.as_tensor(indices).long().reshape(-1)
+        inputs, targets = _rows("inputs", inputs), _rows("targets", targets)
         if not (len(indices) == len(inputs) == len(targets)):
             raise InputError(
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "

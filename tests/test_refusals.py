@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,6 +246,33 @@ def test_batch_with_inconsistent_lengths(tmp_path):
     with pytest.raises(ex.InputError, match=says("indices", "one dataset index per row")):
         with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
             rec.batch(torch.arange(7), x, y)
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict", "list"])
+def test_batch_inputs_that_are_not_one_tensor(tmp_path, form):
+    """Several inputs (or a list) used to pass the length check or fail deep inside; now the
+    refusal names the wrapper that makes them one tensor."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    bad = {"tuple": (x, x), "dict": {"x": x}, "list": x.tolist()}[form]
+    with pytest.raises(ex.InputError, match=says("batch()", "one tensor", f"got a {form}", "wrapper")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            rec.batch(torch.arange(8), bad, y)
+
+
+def test_batch_of_numpy_arrays_is_recorded_as_tensors(tmp_path):
+    x, y = data()
+    cubes = []
+    for name, rows in (("tensors", lambda t: t), ("numpy", lambda t: t.numpy())):
+        model, optimizer = model_and_sgd(momentum=0.5)
+        with ex.Recorder(tmp_path / name, model, optimizer, check_every=1) as rec:
+            for _ in range(2):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                rec.batch(rows(torch.arange(8)), rows(x), rows(y))
+                optimizer.step()
+        cubes.append(ex.explain(tmp_path / name, model, x[:2], progress=False, quadrature=4, tolerance=1e-9))
+    np.testing.assert_array_equal(cubes[1]["attribution"].values, cubes[0]["attribution"].values)
 
 
 # --------------------------------------------------------------------------- at explain time
