@@ -184,14 +184,14 @@ def test_outputs_the_built_in_loss_cannot_take(tmp_path, form, loss, targets, wo
             optimizer.step()
 
 
-@pytest.mark.parametrize("form, target, words", [
-    ("dict", "log_prob", ("a dict", "not a tensor", "wrapper", "model(x).logits")),
-    ("sequence", "log_prob", ("(1, 2, 3)", "[batch, outputs]", "wrapper", "out[:, -1]")),
-    ("column", "log_prob", ("one output", "always 0", "target='logit'")),
+@pytest.mark.parametrize("form, words", [
+    ("dict", ("a dict", "not a tensor", "wrapper", "model(x).logits")),
+    ("sequence", ("(1, 2, 3)", "[batch, outputs]", "wrapper", "out[:, -1]")),
+    ("column", ("one output", "always 0", "target='logit'")),  # log-probabilities of one output
 ])
-def test_outputs_explain_cannot_decompose(tmp_path, no_heavy_compute, form, target, words):
+def test_outputs_explain_cannot_decompose(tmp_path, no_heavy_compute, form, words):
     """A run recorded with a custom loss that reads the model's output, explained: refused before
-    any Jacobian, naming the wrapper that fixes it."""
+    any Jacobian, naming the fix."""
     model = Outputs(form).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data()
@@ -206,7 +206,7 @@ def test_outputs_explain_cannot_decompose(tmp_path, no_heavy_compute, form, targ
             rec.batch(torch.arange(8), x, y)
             optimizer.step()
     with pytest.raises(ex.InputError, match=says(*words)):
-        ex.explain(tmp_path / "h", model, x[:2], progress=False, loss=loss, target=target)
+        ex.explain(tmp_path / "h", model, x[:2], progress=False, loss=loss)
 
 
 def test_optimizer_with_existing_state(tmp_path):
