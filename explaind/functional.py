@@ -9,6 +9,7 @@ optimizer's preconditioners are plain matrices and the contraction is one big ma
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 from .losses import PerSampleLoss
 
 TARGETS = ("log_prob", "logit")
@@ -187,6 +188,28 @@ def _explainable_outputs(out) -> torch.Tensor:
     return out
 
 
+def _forward_mode(method):
+    """Turn torch's refusal of forward-mode AD for an op of the model into an error that names
+    what needs forward mode and how to do without it."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except NotImplementedError as error:
+            if "forward AD" not in str(error):
+                raise
+            cause = str(error).splitlines()[0]
+            raise UnsupportedError(
+                f"torch cannot differentiate an op of the model in forward mode ({cause}). explaind uses "
+                "forward mode to locate kinks (breakpoints=True), for cubes without a train dim and in "
+                "reconstruct(). Fix: explain with breakpoints=False and a train dim (or parameter_scores="
+                "True), which need reverse mode only, or build that op from ones torch differentiates in "
+                "forward mode (for weight norm: w = g * v / v.norm(dim=1, keepdim=True))") from error
+
+    return wrapped
+
+
 def _private_structure(model: nn.Module) -> nn.Module:
     """A copy of the module whose parameters and buffers are empty placeholders on the meta
     device. functional_call swaps the given tensors into the module it calls for the duration
@@ -338,6 +361,7 @@ class FlatModel:
         with mode:
             return self._call(self.layout.unflatten(theta), x)
 
+    @_forward_mode
     def kink_pattern(
         self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float,
         target: str = "logit",
@@ -392,15 +416,18 @@ class FlatModel:
                 depends[i] = g != 0
         return _rows(depends, len(x), torch.bool).any(0)
 
+    @_forward_mode
     def directional(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """J(θ)·Δ for every input of a batch, all outputs, by one forward-mode pass: [B, O]."""
         return jvp(lambda th: self.explained(th, x, target), (theta,), (delta,))[1]
 
+    @_forward_mode
     def directional_many(self, theta: torch.Tensor, tangents: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """J(θ)·v for every tangent v [V, D] and every input of a batch, all outputs: [V, B, O]."""
         f = lambda th: self.explained(th, x, target)
         return vmap(lambda v: jvp(f, (theta,), (v,))[1])(tangents)
 
+    @_forward_mode
     def directional_rows(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                          tangents: torch.Tensor, target: str) -> torch.Tensor:
         """J(x_r; θ + t_r Δ)·v for each row r (its own input and point) and tangent v: [R, V, O]."""
@@ -411,6 +438,7 @@ class FlatModel:
 
         return vmap(one)(x, t)
 
+    @_forward_mode
     def directional_along(
         self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
     ) -> torch.Tensor:
@@ -433,6 +461,7 @@ class FlatModel:
         params = self.layout.unflatten(theta)
         return self.layout.flatten(vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y))
 
+    @_forward_mode
     def per_sample_directional(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss, tangents: torch.Tensor
     ) -> torch.Tensor:

@@ -357,6 +357,26 @@ def test_reconstruct_refuses_a_device_it_cannot_use(run, no_heavy_compute):
         ex.reconstruct(run.path, run.model, run.test_x, device=f"cuda:{torch.cuda.device_count()}", progress=False)
 
 
+# torch warns that vmap loops over the weight norm backward, which has no batching rule
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_an_op_without_forward_mode_names_the_reverse_mode_route(tmp_path):
+    """torch has no forward-mode derivative of weight norm: the routes that need forward mode
+    say so and name the fix, and the fix (breakpoints=False with a train dim) decomposes exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    fix = ("forward mode", "weight_norm", "breakpoints=False", "train dim", "reverse mode")
+    with pytest.raises(ex.UnsupportedError, match=says(*fix, "locate kinks")):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    with pytest.raises(ex.UnsupportedError, match=says(*fix, "reconstruct()")):
+        ex.reconstruct(tmp_path / "h", model, x[:2], progress=False)
+    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, breakpoints=False, quadrature=6, tolerance=1e-9)
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
 def test_custom_loss_must_be_passed_again(tmp_path, no_heavy_compute):
     from engine_cases import smooth_loss
 
