@@ -83,7 +83,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def _rows(name: str, value) -> torch.Tensor:
+def _batch_tensor(name: str, value) -> torch.Tensor:
     """A batch's inputs or targets as one tensor with a row per sample (numpy arrays too)."""
     if isinstance(value, torch.Tensor):
         return value
@@ -285,7 +285,7 @@ class Recorder:
                 "with all rows that entered the loss"
             )
         indices = torch.as_tensor(indices).long().reshape(-1)
-        inputs, targets = _rows("inputs", inputs), _rows("targets", targets)
+        inputs, targets = _batch_tensor("inputs", inputs), _batch_tensor("targets", targets)
         if not (len(indices) == len(inputs) == len(targets)):
             raise InputError(
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
