@@ -40,7 +40,8 @@ from torch import nn
 
 from .errors import HistoryError, InputError, UnsupportedError
 from .functional import FlatModel, ParamLayout, layout_of, trainable_parameters
-from .losses import BUILTIN_LOSSES, REDUCTIONS, check_reduction, resolve_loss, sample_weights
+from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_per_sample, check_reduction, resolve_loss,
+                     sample_weights)
 
 FORMAT = "explaind-history"
 VERSION = 1
@@ -71,12 +72,77 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise HistoryError(f"{file} cannot be read ({err}). {_RESTORE}") from err
+
+
+def _parse_json(file: Path, data: bytes):
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HistoryError(f"{file} is corrupted ({err}). {_RESTORE}") from err
+
+
+def _read_json(file: Path):
+    return _parse_json(file, _read_bytes(file))
+
+
+def _field(record, key: str, file: Path):
+    """record[key] of a JSON file of the history; a missing key means the file was damaged."""
+    try:
+        return record[key]
+    except (KeyError, IndexError, TypeError) as err:
+        raise HistoryError(f"{file} lacks {key!r}: the file was edited or damaged. {_RESTORE}") from err
+
+
+# what a history holds at its top level; steps/ holds NNNNNNN.safetensors (and their .tmp)
+HISTORY_FILES = ("meta.json", "initial.safetensors", "manifest.jsonl", "resume.json",
+                 "resume-0.safetensors", "resume-1.safetensors", "closed.json")
+_RESTORE = "Fix: restore the history from its source (dvc pull) or record it again"
+
+
+def _is_history(path: Path) -> bool:
+    try:
+        return json.loads((path / "meta.json").read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_history(path: Path) -> None:
+    """Delete the files of the history at `path`, and nothing else the directory holds."""
+    for name in HISTORY_FILES:
+        for file in (path / name, path / (name + ".tmp")):
+            if file.is_file() or file.is_symlink():
+                file.unlink()
+    steps = path / "steps"
+    if steps.is_dir() and not steps.is_symlink():
+        for file in steps.iterdir():
+            if file.name.removesuffix(".tmp").removesuffix(".safetensors").isdigit() and not file.is_dir():
+                file.unlink()
+        if not any(steps.iterdir()):
+            steps.rmdir()
+
+
 def _manifest_line(line: dict) -> str:
     return json.dumps(line, sort_keys=True) + "\n"
 
 
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def _plain(value):
+    """0-d tensors (a tensor lr, ...) as numbers, so that JSON can store them."""
+    if torch.is_tensor(value) and value.dim() == 0:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +160,23 @@ def _batch_tensor(name: str, value) -> torch.Tensor:
         f"{type(value).__name__}. Fix: pass torch.as_tensor(...); a model of several inputs is "
         "explained as a wrapper module whose forward takes them as one tensor (concatenated, or "
         "the constant ones kept as buffers)")
+
+
+def _dataset_indices(indices) -> torch.Tensor:
+    """The batch's dataset indices as int64; floats, bools and negatives are not indices."""
+    indices = torch.as_tensor(indices).reshape(-1)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise InputError(
+            f"batch() takes integer dataset indices, got dtype {indices.dtype}: a bool mask or "
+            "float ids would name the wrong samples. Fix: pass the indices of the rows, e.g. "
+            "mask.nonzero().squeeze(1), or ids.long() when they are whole numbers"
+        )
+    if (indices < 0).any():
+        raise InputError(
+            f"batch() got negative dataset indices (smallest {indices.min().item()}): indices "
+            "count rows of the training set from 0. Fix: pass each row's position in the dataset"
+        )
+    return indices.long()
 
 
 # --------------------------------------------------------------------------- checks on the model
@@ -197,6 +280,7 @@ class Recorder:
         self._closed = False
         self._seen: set[int] = set()
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
+        self._scheduler_steps_vary = False  # ... not the same after every optimizer step
         self._epoch_after_step: int | None = None  # scheduler.last_epoch right after a step
         self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
 
@@ -223,6 +307,9 @@ class Recorder:
                     "model.parameters() to it, or freeze the tensor with requires_grad_(False)"
                 )
             group_of[name] = by_id.pop(id(p))
+        # torch's optimizers skip a tensor without .grad: a frozen one in the optimizer stays
+        # a recorded constant, as long as it never gets a gradient (checked at every step)
+        self._frozen = {n: p for n, p in self.model.named_parameters() if by_id.pop(id(p), None) is not None}
         if by_id:
             raise InputError(
                 f"the optimizer holds {len(by_id)} tensor(s) that are not trainable parameters "
@@ -231,15 +318,13 @@ class Recorder:
         return group_of
 
     def _start_new(self, overwrite: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(
+                f"{self.path} is a file, not a directory: a history is a directory of files. "
+                "Fix: pass the path of a new (or empty) directory"
+            )
         if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise HistoryError(
-                    f"{self.path} already holds files: choose a new directory, pass "
-                    "overwrite=True to replace the history, or continue a killed run with "
-                    "Recorder.resume(...)"
-                )
-            for f in sorted(self.path.rglob("*"), reverse=True):
-                f.unlink() if f.is_file() else f.rmdir()
+            self._replace_existing(overwrite)
         if any(len(s) for s in self.optimizer.state.values()):
             raise UnsupportedError(
                 "the optimizer already has state (momentum buffers or moments) from earlier "
@@ -275,6 +360,21 @@ class Recorder:
         }
         _write_atomic(self.path / "meta.json", _json_bytes(meta))
 
+    def _replace_existing(self, overwrite: bool) -> None:
+        """Only a history may be replaced, and only its own files are deleted."""
+        if not _is_history(self.path):
+            raise InputError(
+                f"{self.path} holds files but no explaind history (no meta.json of format "
+                f"{FORMAT!r}), so nothing there is replaced. Fix: choose a new or empty directory"
+            )
+        if not overwrite:
+            raise HistoryError(
+                f"{self.path} already holds files: choose a new directory, pass "
+                "overwrite=True to replace the history, or continue a killed run with "
+                "Recorder.resume(...)"
+            )
+        _remove_history(self.path)
+
     # ----------------------------------------------------------------- the three calls
 
     def batch(self, indices, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -284,8 +384,13 @@ class Recorder:
                 "batch() was called twice before optimizer.step(): call it once per step, "
                 "with all rows that entered the loss"
             )
-        indices = torch.as_tensor(indices).long().reshape(-1)
         inputs, targets = _batch_tensor("inputs", inputs), _batch_tensor("targets", targets)
+        if len(inputs) == 0:
+            raise InputError(
+                "batch() got an empty batch: a step without samples has no gradient to explain. "
+                "Fix: skip optimizer.step() for empty batches (e.g. drop_last=True)"
+            )
+        indices = _dataset_indices(indices)
         if not (len(indices) == len(inputs) == len(targets)):
             raise InputError(
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
@@ -300,6 +405,14 @@ class Recorder:
                 "optimizer.step() was called without rec.batch(indices, inputs, targets) "
                 "for this step: declare the batch after backward() and before step()"
             )
+        for name, p in self._frozen.items():
+            if p.grad is not None:
+                raise UnsupportedError(
+                    f"the frozen parameter {name!r} has a gradient at step {self.step}, so the "
+                    "optimizer would update a tensor recorded as constant. Fix: keep it frozen "
+                    "with no .grad (optimizer.zero_grad(set_to_none=True)), or leave it out of "
+                    "the optimizer"
+                )
         for name, p in self._params.items():
             if p.grad is None:
                 raise UnsupportedError(
@@ -315,11 +428,18 @@ class Recorder:
         if self.step > 0 and self.scheduler is not None:
             # the loop has stepped its scheduler since the last step: store its state now
             if self._epoch_after_step is not None:  # (unknown right after a resume)
-                self._scheduler_steps = self.scheduler.last_epoch - self._epoch_after_step
+                self._observe_scheduler_steps(self.scheduler.last_epoch - self._epoch_after_step)
             self._write_resume_info(scheduler_stepped=True)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
         if self.check_every and self.step % self.check_every == 0:
             self._check_gradient()
+
+    def _observe_scheduler_steps(self, steps: int) -> None:
+        """A scheduler stepped per epoch steps 0 times after most optimizer steps and 1 after
+        some: a resume cannot tell which count the killed step needed."""
+        if self._scheduler_steps is not None and steps != self._scheduler_steps:
+            self._scheduler_steps_vary = True
+        self._scheduler_steps = steps
 
     def _check_gradient(self) -> None:
         """Compare .grad with the gradient of the declared loss on the declared batch."""
@@ -328,6 +448,8 @@ class Recorder:
         flat = FlatModel(self.model, self.layout, p0.dtype, p0.device)
         theta = torch.cat([p.detach().reshape(-1) for p in self._params.values()])
         x, y = flat.cast_inputs(x), y.to(p0.device)
+        with torch.no_grad():
+            check_per_sample(self.loss_name, self.loss(flat.raw(theta, x), y), len(x))
         w = sample_weights(self.reduction, len(x), p0.dtype, p0.device)
         expected = flat.batch_gradient(theta, x, y, w, self.loss)
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
@@ -349,6 +471,7 @@ class Recorder:
         indices, inputs, targets = self._pending
         self._pending = None
         after = {n: _cpu(p) for n, p in self._params.items()}
+        self._refuse_non_finite(after)
         tensors = {f"param/{n}": t for n, t in after.items()}
         if self.kind in ("adam", "adamw"):
             for n, p in self._params.items():
@@ -370,6 +493,16 @@ class Recorder:
         self.step += 1
         self._write_resume_tensors()
         self._write_resume_info(scheduler_stepped=False)
+
+    def _refuse_non_finite(self, params: dict[str, torch.Tensor]) -> None:
+        """NaN != NaN: without this, the next step would blame the loop for changing θ."""
+        for name, value in params.items():
+            if not torch.isfinite(value).all():
+                raise UnsupportedError(
+                    f"parameter {name!r} became NaN or infinite at step {self.step}: the run "
+                    "diverged, and a diverged run has no decomposition. Fix: lower the learning "
+                    "rate, and keep Adam's eps > 0"
+                )
 
     def _write_resume_tensors(self) -> None:
         """Optimizer state and RNG right after a step (before the next batch draws from it),
@@ -394,10 +527,11 @@ class Recorder:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scheduler_stepped": scheduler_stepped,
             "scheduler_steps_per_step": self._scheduler_steps,
+            "scheduler_steps_vary": self._scheduler_steps_vary,
             **self._resume_tensors,
         }
         try:
-            _write_atomic(self.path / "resume.json", _json_bytes(info))
+            _write_atomic(self.path / "resume.json", _json_bytes(_plain(info)))
         except TypeError as err:
             raise UnsupportedError(
                 f"the scheduler's state_dict cannot be stored as JSON ({err}); "
@@ -437,13 +571,14 @@ class Recorder:
 
     @classmethod
     def resume(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer, *, scheduler=None,
-               **kwargs) -> "Recorder":
+               loss=None, reduction: str | None = None, **kwargs) -> "Recorder":
         """Continue a killed recording from its last complete step.
 
         Loads θ, the optimizer's and scheduler's state and the CPU RNG state of that step into
         the given objects; continue the training loop at `recorder.step`. A step stored after
         the last resume state, and a manifest line cut by the crash, are dropped from the
-        manifest: the resumed loop records that step again.
+        manifest: the resumed loop records that step again. `loss` and `reduction` default to
+        the recorded ones (a custom loss must be passed again).
         """
         history = History(path, allow_incomplete=True)
         if history.closed:
@@ -451,6 +586,13 @@ class Recorder:
         history.check_model(model)
         path = Path(path)
         info = _read_resume_info(path)
+        declared = _recorded_loss(history, loss, reduction)
+        if scheduler is None and info["scheduler"] is not None:
+            raise InputError(
+                f"{path} was recorded with a learning-rate scheduler, whose state the resume "
+                "restores: without it the resumed run follows another schedule. Fix: pass "
+                "Recorder.resume(..., scheduler=scheduler), built as in the killed run"
+            )
         step = min(info["next_step"], history.n_steps)
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
@@ -469,10 +611,11 @@ class Recorder:
         if scheduler is not None and info["scheduler"] is not None:
             scheduler.load_state_dict(info["scheduler"])
             if not info["scheduler_stepped"]:
-                _catch_up(scheduler, info["scheduler_steps_per_step"], path)
+                _catch_up(scheduler, info, path)
         torch.set_rng_state(tensors["rng/cpu"])
-        recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **kwargs)
+        recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **declared, **kwargs)
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
+        recorder._scheduler_steps_vary = info.get("scheduler_steps_vary", False)
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
         recorder._seen = set(history.train_indices().tolist())
         return recorder
@@ -485,7 +628,10 @@ def _read_resume_info(path: Path) -> dict:
             f"{path} has no resume state: the run was killed before the state after its first "
             "step was stored. Record it again with overwrite=True"
         )
-    return json.loads(resume.read_text())
+    info = _read_json(resume)
+    for key in ("next_step", "param_groups", "scheduler", "scheduler_stepped", "scheduler_steps_per_step"):
+        _field(info, key, resume)
+    return info
 
 
 def _read_resume_tensors(path: Path, info: dict) -> dict[str, torch.Tensor]:
@@ -494,7 +640,7 @@ def _read_resume_tensors(path: Path, info: dict) -> dict[str, torch.Tensor]:
             f"{path} was recorded by an older explaind whose resume state could pair the "
             "optimizer state of one step with another: record the run again with overwrite=True"
         )
-    data = (path / info["tensors"]).read_bytes()
+    data = _read_bytes(path / info["tensors"])
     if _sha256(data) != info["tensors_sha256"]:
         raise HistoryError(
             f"{path / info['tensors']} does not match the sha256 in resume.json: the resume state "
@@ -514,12 +660,48 @@ def _keep_manifest_lines(path: Path, lines: list[dict]) -> None:
     _write_atomic(path / "manifest.jsonl", text.encode())
 
 
-def _catch_up(scheduler, steps: int | None, path) -> None:
+def _recorded_loss(history: "History", loss, reduction: str | None) -> dict:
+    """The loss and reduction a resumed run continues with: the recorded ones, which a resume
+    may repeat but not change."""
+    if loss is None and history.loss not in BUILTIN_LOSSES:
+        raise InputError(
+            f"{history.path} was recorded with the custom loss {history.loss.removeprefix('custom:')}, "
+            "which cannot be stored: pass it again as Recorder.resume(..., loss=...)"
+        )
+    loss = history.loss if loss is None else loss
+    reduction = history.reduction if reduction is None else check_reduction(reduction)
+    name = resolve_loss(loss)[0]
+    if (name, reduction) != (history.loss, history.reduction):
+        raise InputError(
+            f"{history.path} was recorded with loss {history.loss!r}, reduction="
+            f"{history.reduction!r}; the resume was given loss {name!r}, reduction={reduction!r}. "
+            "A history has one loss: leave loss= and reduction= out to continue with the recorded ones"
+        )
+    return {"loss": loss, "reduction": reduction}
+
+
+def _catch_up(scheduler, info: dict, path) -> None:
     """Step a scheduler restored from just after an optimizer step as the loop would have."""
+    steps = info["scheduler_steps_per_step"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise UnsupportedError(
+            f"{path} was killed between optimizer.step() and the step of its ReduceLROnPlateau, "
+            "which needs a metric the history does not hold: it cannot be caught up "
+            "automatically. Fix: record the run again with overwrite=True, or use a schedule "
+            "that depends on the step count only"
+        )
     if steps is None:
         raise HistoryError(
             f"{path} was killed right after its first step, before its scheduler's stepping "
             "could be observed: record it again with overwrite=True"
+        )
+    if steps == 0 or info.get("scheduler_steps_vary", False):
+        raise UnsupportedError(
+            f"{path} was killed right after an optimizer step, and its scheduler was not stepped "
+            "once after every optimizer step (a per-epoch scheduler?), so whether it was due "
+            "now is unknown. Fix: record the run again with overwrite=True; "
+            "to make runs resumable, step the scheduler after every optimizer step (a per-step "
+            "schedule, e.g. StepLR(step_size=steps_per_epoch))"
         )
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
@@ -582,37 +764,33 @@ class History:
                 f"{self.path} is not a training history (no meta.json): record one with "
                 "explaind.Recorder, or check the path"
             )
-        meta_bytes = (self.path / "meta.json").read_bytes()
-        try:
-            self.meta = json.loads(meta_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HistoryError(
-                f"{self.path}/meta.json is corrupted ({err}): restore the history from its "
-                "source (dvc pull) or record it again"
-            ) from err
+        meta_file = self.path / "meta.json"
+        meta_bytes = _read_bytes(meta_file)
+        self.meta = _parse_json(meta_file, meta_bytes)
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise HistoryError(
                 f"{self.path} has format {self.meta.get('format')!r} version "
                 f"{self.meta.get('version')!r}; this explaind reads {FORMAT!r} version {VERSION}"
             )
-        self.layout = ParamLayout(
-            tuple(p["name"] for p in self.meta["params"]),
-            tuple(tuple(p["shape"]) for p in self.meta["params"]),
-        )
-        self.group_of = {p["name"]: p["group"] for p in self.meta["params"]}
-        self.dtype = getattr(torch, self.meta["params"][0]["dtype"])
+        params = [{key: _field(p, key, meta_file) for key in ("name", "shape", "group", "dtype")}
+                  for p in _field(self.meta, "params", meta_file)]
+        self.layout = ParamLayout(tuple(p["name"] for p in params), tuple(tuple(p["shape"]) for p in params))
+        self.group_of = {p["name"]: p["group"] for p in params}
+        self.dtype = getattr(torch, str(_field(params, 0, meta_file)["dtype"]), None)
+        if not isinstance(self.dtype, torch.dtype):
+            raise HistoryError(f"{meta_file} records an unknown dtype: the file was edited or damaged. {_RESTORE}")
         self.manifest = self._read_manifest()
         self._check_meta()
         closed = self.path / "closed.json"
         self.closed = closed.is_file()
         if self.closed:
-            summary = json.loads(closed.read_text())
+            summary = _read_json(closed)
             if summary.get("meta_sha256") != _sha256(meta_bytes):
                 raise HistoryError(
                     f"{self.path}/meta.json does not match the hash recorded when the history "
                     "was closed: it was edited or corrupted. Restore it from its source"
                 )
-            expected = summary["n_steps"]
+            expected = _field(summary, "n_steps", closed)
             if expected != len(self.manifest):
                 raise HistoryError(
                     f"{self.path} is truncated: closed with {expected} steps but the manifest "
@@ -657,13 +835,15 @@ class History:
                 if number == len(text.splitlines()) - 1:
                     break  # a line cut by a crash: that step never completed
                 raise HistoryError(f"{self.path}/manifest.jsonl line {number + 1} is corrupted")
-            if line["step"] != number:
+            step, name, size, _, _ = (_field(line, key, self.path / "manifest.jsonl")
+                                      for key in ("step", "file", "bytes", "sha256", "groups"))
+            if step != number:
                 raise HistoryError(
-                    f"{self.path}/manifest.jsonl: line {number + 1} is step {line['step']}, "
+                    f"{self.path}/manifest.jsonl: line {number + 1} is step {step}, "
                     f"expected {number}; the manifest is corrupted"
                 )
-            file = self.path / line["file"]
-            if not file.is_file() or file.stat().st_size != line["bytes"]:
+            file = self.path / name
+            if not file.is_file() or file.stat().st_size != size:
                 raise HistoryError(
                     f"{file} is missing or has the wrong size for step {number}: the history is "
                     "truncated or corrupted. Restore it from its source or record it again"
@@ -718,7 +898,7 @@ class History:
     # ----------------------------------------------------------------- tensors
 
     def _load(self, name: str, sha256: str | None) -> dict[str, torch.Tensor]:
-        data = (self.path / name).read_bytes()
+        data = _read_bytes(self.path / name)
         if sha256 is not None and _sha256(data) != sha256:
             raise HistoryError(
                 f"{self.path / name} does not match its recorded sha256: the file is corrupted. "
@@ -785,7 +965,7 @@ class History:
         """Every dataset index that appears in some batch, sorted."""
         closed = self.path / "closed.json"
         if self.closed and closed.stat().st_size:
-            listed = json.loads(closed.read_text()).get("train_indices")
+            listed = _read_json(closed).get("train_indices")
             if listed is not None:
                 return torch.tensor(listed, dtype=torch.long)
         seen: set[int] = set()

@@ -34,14 +34,19 @@ def _classes(name: str, out, y: torch.Tensor, soft: bool) -> None:
             "module must return [batch, outputs] as well)")
 
 
+def _class_indices(y: torch.Tensor) -> torch.Tensor:
+    """torch's class losses take int64 class indices only: widen int32, uint8, ... targets."""
+    return y if y.is_floating_point() else y.long()
+
+
 def _cross_entropy(out, y):
     _classes("cross_entropy", out, y, soft=True)
-    return F.cross_entropy(out, y, reduction="none")
+    return F.cross_entropy(out, _class_indices(y), reduction="none")
 
 
 def _nll(out, y):
     _classes("nll", out, y, soft=False)
-    return F.nll_loss(out, y, reduction="none")
+    return F.nll_loss(out, _class_indices(y), reduction="none")
 
 
 def _squared_error(out, y):
@@ -75,6 +80,17 @@ def resolve_loss(loss: str | PerSampleLoss) -> tuple[str, PerSampleLoss]:
             "loss(output, target) -> per-sample losses of shape [batch]"
         )
     return loss, BUILTIN_LOSSES[loss]
+
+
+def check_per_sample(name: str, losses, batch_size: int) -> None:
+    """Refuse a loss that does not return one loss per sample: a reduced scalar or [batch, outputs]
+    would break the per-sample gradients of the decomposition long after recording."""
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch_size,):
+        raise InputError(
+            f"the loss {name} returned {_described(losses).replace('outputs', 'losses')} on a batch of "
+            f"{batch_size}, not one loss per sample [{batch_size}]. Fix: pass a loss(output, target) "
+            "with reduction='none' that sums over the outputs of a sample, e.g. "
+            "lambda o, t: F.mse_loss(o, t, reduction='none').sum(1)")
 
 
 def check_reduction(reduction: str) -> str:

@@ -408,3 +408,267 @@ def test_refuses_to_overwrite_a_history(tmp_path):
     hist = ex.History(run.path)
     assert hist.n_steps == 3 and hist.fingerprint() != before
     assert sorted(f.name for f in (run.path / "steps").iterdir()) == [f"{s:07d}.safetensors" for s in range(3)]
+
+
+# --------------------------------------------------------------------------- defects found by probing
+
+
+def tiny(seed: int = 0, activation=torch.nn.ReLU) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), activation(), torch.nn.Linear(8, 3)).double()
+
+
+def tiny_data(n: int = 12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def sgd_steps(rec, model, optimizer, x, y, start: int, stop: int, *, loss=None, scheduler=None,
+              crash_at: int | None = None, scheduler_every: int = 1):
+    """SGD-style loop over batches of 4; killed right after optimizer.step() of `crash_at`."""
+    loss = loss or (lambda out, t: F.cross_entropy(out, t))
+    for step in range(start, stop):
+        rows = torch.arange(4 * step, 4 * step + 4) % len(x)
+        optimizer.zero_grad()
+        value = loss(model(x[rows]), y[rows])
+        value.backward()
+        rec.batch(rows, x[rows], y[rows])
+        optimizer.step()
+        if step == crash_at:
+            raise Crash(f"killed after step {step}")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(value.item())
+        elif scheduler is not None and step % scheduler_every == scheduler_every - 1:
+            scheduler.step()
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_history(tmp_path):
+    path, elsewhere = tmp_path / "results", tmp_path / "keep"
+    (path / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "important.txt").write_text("x")
+    (path / "notes.txt").write_text("my notes")
+    (path / "sub" / "model.pt").write_text("weights")
+    (path / "link").symlink_to(elsewhere)
+    before = sorted(str(f) for f in tmp_path.rglob("*"))
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for overwrite in (False, True):
+        with pytest.raises(ex.InputError, match="(?s)no explaind history.*new or empty directory") as err:
+            ex.Recorder(path, model, optimizer, overwrite=overwrite)
+        assert "overwrite=True" not in str(err.value)
+    assert sorted(str(f) for f in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_deletes_only_the_history_files(tmp_path):
+    x, y = tiny_data()
+    path = tmp_path / "h"
+    for steps in (3, 2):
+        model = tiny(steps)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with ex.Recorder(path, model, optimizer, overwrite=steps == 2) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, steps)
+        if steps == 3:  # the user's files, next to the history that is then replaced
+            (path / "notes.txt").write_text("mine")
+            (path / "steps" / "README").write_text("mine too")
+    assert ex.History(path).n_steps == 2
+    assert sorted(f.name for f in (path / "steps").iterdir()) == ["0000000.safetensors", "0000001.safetensors", "README"]
+    assert (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_as_history_path_is_refused(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    model = tiny()
+    with pytest.raises(ex.InputError, match="(?s)is a file.*directory"):
+        ex.Recorder(tmp_path / "f.txt", model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("loss, reduction", [(torch.nn.CrossEntropyLoss(), "mean"),
+                                             (torch.nn.MSELoss(reduction="none"), "sum")],
+                         ids=["mean-reducing", "per-output"])
+def test_a_loss_without_per_sample_values_is_refused_at_record_time(tmp_path, loss, reduction):
+    """Both match .grad at record time (a batch of 3 against 3 outputs broadcasts), and break
+    explain() later: refused at the first gradient check."""
+    x, y = tiny_data(3)
+    targets = y if isinstance(loss, torch.nn.CrossEntropyLoss) else F.one_hot(y, 3).double()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.InputError, match="(?s)one loss per sample.*reduction='none'.*sum"):
+        with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss, reduction=reduction) as rec:
+            optimizer.zero_grad()
+            loss(model(x), targets).sum().backward()
+            rec.batch(torch.arange(3), x, targets)
+            optimizer.step()
+
+
+def crashed_mse_run(path: Path) -> None:
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    targets = F.one_hot(y, 3).double()
+    mse = lambda out, t: F.mse_loss(out, t, reduction="sum")  # noqa: E731
+    with pytest.raises(Crash), ex.Recorder(path, model, optimizer, loss="mse", reduction="sum", check_every=1) as rec:
+        sgd_steps(rec, model, optimizer, x, targets, 0, 3, loss=mse, crash_at=1)
+
+
+def test_resume_continues_with_the_recorded_loss(tmp_path):
+    path = tmp_path / "h"
+    crashed_mse_run(path)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ex.InputError, match="(?s)reduction='sum'.*reduction='mean'.*leave loss= and reduction= out"):
+        ex.Recorder.resume(path, model, optimizer, reduction="mean")
+    x, y = tiny_data()
+    mse = lambda out, t: F.mse_loss(out, t, reduction="sum")  # noqa: E731
+    with ex.Recorder.resume(path, model, optimizer, check_every=1) as rec:  # the gradient check passes
+        assert (rec.loss_name, rec.reduction) == ("mse", "sum")
+        sgd_steps(rec, model, optimizer, x, F.one_hot(y, 3).double(), rec.step, 4, loss=mse)
+    assert ex.History(path).n_steps == 4
+
+
+def crashed_scheduled_run(path: Path, scheduler_of, crash_at: int, scheduler_every: int = 1):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = scheduler_of(optimizer)
+    with pytest.raises(Crash), ex.Recorder(path, model, optimizer, scheduler=scheduler) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler, crash_at=crash_at,
+                  scheduler_every=scheduler_every)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, optimizer, scheduler_of(optimizer)
+
+
+def step_lr(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+
+def test_resume_without_the_recorded_scheduler_is_refused(tmp_path):
+    model, optimizer, _ = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at=2)
+    before = files_on_disk(tmp_path / "h")
+    with pytest.raises(ex.InputError, match="(?s)scheduler.*scheduler="):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer)
+    assert files_on_disk(tmp_path / "h") == before  # refused before anything is rewritten
+
+
+def test_resume_refuses_to_catch_up_a_metric_driven_scheduler(tmp_path):
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)  # noqa: E731
+    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", plateau, crash_at=2)
+    with pytest.raises(ex.UnsupportedError, match="(?s)ReduceLROnPlateau.*metric.*Fix"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=scheduler)
+
+
+@pytest.mark.parametrize("crash_at", [2, 5])
+def test_resume_refuses_to_catch_up_a_per_epoch_scheduler(tmp_path, crash_at):
+    """Stepped after every 4th optimizer step: whether it was due after the killed step is unknown."""
+    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at, scheduler_every=4)
+    with pytest.raises(ex.UnsupportedError, match="(?s)per-epoch.*Fix.*every optimizer step"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=scheduler)
+
+
+@pytest.mark.parametrize("ids", [torch.arange(-4, 0), torch.ones(4, dtype=torch.bool), torch.arange(4) + 0.5, [], ],
+                         ids=["negative", "bool", "float", "empty batch"])
+def test_batch_refuses_what_is_not_a_batch_of_dataset_indices(tmp_path, ids):
+    x, y = tiny_data(4)
+    rows = slice(0, len(ids))
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        with pytest.raises(ex.InputError, match="(?s)batch\\(\\).*(negative|integer|empty).*Fix"):
+            rec.batch(ids, x[rows], y[rows])
+
+
+def test_int32_class_targets_are_recorded_and_explained(tmp_path):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        sgd_steps(rec, model, optimizer, x, y.int(), 0, 3, loss=lambda out, t: F.cross_entropy(out, t.long()))
+    cube = ex.explain(tmp_path / "h", model, x[:2], y[:2].int(), progress=False, dtype=torch.float64)
+    assert cube.attrs["max_abs_residual"] < 1e-12
+
+
+def test_a_diverging_run_is_refused_as_divergence(tmp_path):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e308)
+    with pytest.raises(ex.UnsupportedError, match="(?s)NaN or infinite at step 1.*lower the learning rate"):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 2)
+
+
+def test_frozen_parameters_left_in_the_optimizer_are_constants(tmp_path):
+    x, y = tiny_data()
+    model = tiny(activation=torch.nn.Tanh)  # (explaining ReLU kinks behind a frozen layer fails in path.py)
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[:4]), y[:4]).backward()
+        model[0].weight.grad = torch.ones_like(model[0].weight)  # the optimizer would now move it
+        rec.batch(torch.arange(4), x[:4], y[:4])
+        with pytest.raises(ex.UnsupportedError, match="(?s)frozen parameter '0.weight' has a gradient.*Fix"):
+            optimizer.step()
+        rec._pending = None  # the refused step never ran
+    cube = ex.explain(tmp_path / "h", model, x[:2], y[:2], progress=False, dtype=torch.float64)
+    assert cube.attrs["max_abs_residual"] < 1e-12
+
+
+def edit_json(name: str, change):
+    def damage(path: Path) -> None:
+        content = json.loads((path / name).read_text())
+        change(content)
+        (path / name).write_text(json.dumps(content))
+    return damage
+
+
+def drop_file_of_second_manifest_line(path: Path) -> None:
+    lines = manifest(path)
+    del lines[1]["file"]
+    (path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.mark.parametrize("file, damage", [
+    ("closed.json", lambda path: (path / "closed.json").write_text("")),
+    ("closed.json", edit_json("closed.json", lambda c: c.pop("n_steps"))),
+    ("meta.json", edit_json("meta.json", lambda c: c.pop("params"))),
+    ("meta.json", edit_json("meta.json", lambda c: c["params"][0].update(dtype="float33"))),
+    ("manifest.jsonl", drop_file_of_second_manifest_line),
+    ("initial.safetensors", lambda path: (path / "initial.safetensors").unlink()),
+], ids=["empty closed.json", "closed.json without n_steps", "meta.json without params", "bad dtype",
+        "manifest line without file", "initial state deleted"])
+def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
+    path = copy_of()
+    damage(path)
+    with pytest.raises(ex.HistoryError, match=f"(?s){file}.*Fix: restore the history"):
+        ex.History(path).params(0)
+
+
+@pytest.mark.parametrize("damage", ["corrupt resume.json", "resume tensors deleted"])
+def test_damaged_resume_files_are_refused_naming_the_file(tmp_path, damage):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    if damage == "corrupt resume.json":
+        file = "resume.json"
+        (path / file).write_text("{bad")
+    else:
+        file = resume_tensors_file(path)
+        (path / file).unlink()
+    model, optimizer, scheduler = fresh_objects(0)
+    with pytest.raises(ex.HistoryError, match=f"(?s){file}.*Fix"):
+        ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
+
+
+def test_a_tensor_learning_rate_is_recorded_and_resumed(tmp_path):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3, crash_at=1)
+    model = tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
+    with ex.Recorder.resume(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, rec.step, 3)
+    assert [line["groups"][0]["lr"] for line in manifest(tmp_path / "h")] == pytest.approx([0.01] * 3)
