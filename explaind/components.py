@@ -44,7 +44,13 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[
         )
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault(fn(n), []).append(n)
+        component = fn(n)
+        if not isinstance(component, str) or not component:  # labels of the cube's component dim
+            raise InputError(
+                f"components maps {n!r} to {component!r}: component names must be non-empty "
+                "strings; fix the function or mapping"
+            )
+        groups.setdefault(component, []).append(n)
     if isinstance(spec, Mapping):
         empty = {c: list(spec[c]) for c in spec if c not in groups}
         if empty:

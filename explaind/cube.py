@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,8 +34,10 @@ def residual_attrs(residual, change, from_updates=None) -> dict[str, float]:
     residual = np.asarray(residual)
     largest = float(np.abs(residual).max())
     change = float(np.abs(np.asarray(change)).max())
-    attrs = {"max_abs_residual": largest, "max_abs_change": change,
-             "relative_residual": largest / change if change > 0 else 0.0}
+    relative = largest / change if change > 0 else 0.0
+    if np.isnan(largest) or np.isnan(change):  # a NaN output must never read as exact
+        relative = float("nan")
+    attrs = {"max_abs_residual": largest, "max_abs_change": change, "relative_residual": relative}
     if from_updates is not None:
         from_updates = np.asarray(from_updates)
         attrs.update(max_abs_residual_from_updates=float(np.abs(from_updates).max()),
@@ -178,25 +181,55 @@ def _version() -> str:
 def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a cube to a chunked, compressed zarr store, format 2 (readable lazily with open_cube).
 
-    Refuses to replace an existing store unless overwrite=True; the store is written next to
-    its destination and moved into place, so a failed write never leaves half a cube.
+    Refuses to replace an existing store unless overwrite=True, and never replaces anything that
+    is not a cube store; the store is written to a fresh folder next to its destination and moved
+    into place, so a failed write never leaves half a cube or removes the old one.
     """
     path = Path(path)
+    if path.suffix != ".zarr":
+        raise InputError(
+            f"{path}: save_cube writes a zarr store (a folder), so its name must end in .zarr: "
+            f"save to {path.with_suffix('.zarr')} (for NetCDF, call cube.to_netcdf yourself)"
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: choose another path or pass overwrite=True to replace it")
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if path.exists() and not _is_store(path):
+        raise FileExistsError(f"{path} exists and is not a cube store, so it is not replaced: remove it "
+                              "yourself or choose another path")
     encoding = {
         name: {"chunks": tuple(min(n, 256) for n in var.shape)}
         for name, var in cube.data_vars.items()
         if var.ndim
     }
-    cube.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_writes(path)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path)))  # nobody else's name
+    try:
+        cube.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
+        if path.exists():  # moved aside, not deleted, until the new store is in place
+            os.replace(path, scratch / "old")
+        os.replace(scratch / "new", path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+def _scratch_prefix(path: Path) -> str:
+    return f".{path.name}.explaind-partial-"
+
+
+def _remove_killed_writes(path: Path) -> None:
+    """The scratch folders of earlier saves to `path` that were killed while writing. One that
+    holds an `old` store was killed between moving the old store aside and the new one in: it
+    is kept, since it may hold the only copy of the old store."""
+    for scratch in path.parent.glob(_scratch_prefix(path) + "*"):
+        if scratch.is_dir() and not (scratch / "old").exists():
+            shutil.rmtree(scratch)
+
+
+def _is_store(path: Path) -> bool:
+    """Whether path is a store save_cube wrote (a zarr format 2 group holding an attribution)."""
+    return (path / ".zgroup").is_file() and (path / "attribution" / ".zarray").is_file()
 
 
 def open_cube(path: str | os.PathLike) -> xr.Dataset:
@@ -204,5 +237,6 @@ def open_cube(path: str | os.PathLike) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cube at {path}: compute one with explaind.explain and save_cube")
+    if not _is_store(path):
+        raise InputError(f"{path} is not a cube store: open a folder written by explaind.save_cube")
     return xr.open_zarr(path, consolidated=False)
-

@@ -38,6 +38,7 @@ from .path import PathIntegral
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
+DTYPES = (torch.float64, torch.float32)
 # The backward pass needs effect · ∇ℓ_k for R carried effects and the B samples of a step: by
 # forward mode (R jvps over the batch) when R · FORWARD_MODE_RATIO ≤ B, else by contracting
 # materialised per-sample gradients [B, D]. One jvp costs about as much as two or three forward
@@ -88,8 +89,8 @@ def explain(
     inputs: torch.Tensor,
     targets: torch.Tensor | None = None,
     *,
-    keep: Sequence[str] = DIMS,
-    outputs: str | Sequence[int] = "all",
+    keep: str | Sequence[str] = DIMS,
+    outputs: str | int | Sequence[int] = "all",
     target: str = "log_prob",
     quadrature: int = 4,
     rule: str = "gauss",
@@ -121,8 +122,8 @@ def explain(
     integral's error); with a bounded `replay`, also `carried` (below).
     Positive attribution raises the output.
 
-    outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model) or a
-    list of output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
+    outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model), an output
+    index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
     (the raw output). quadrature / rule: nodes and rule of the path integral, applied to each
     smooth piece of the path; breakpoints: locate the kinks of ReLU / max-pool along each
     segment first (exact for piecewise-smooth models; False: plain quadrature). kink_tolerance:
@@ -179,7 +180,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
                    breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
                    replay=None, dtype, device, test_chunk, train_chunk, loss, check_updates=True) -> Request:
     history = open_history(history, model)
-    keep = tuple(keep)
+    keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)
     unknown = [d for d in keep if d not in DIMS]
     if unknown:
         raise InputError(f"cannot keep dims {unknown}: choose among {DIMS}")
@@ -187,16 +188,13 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         raise InputError(f"unknown step convention {convention!r}: use one of {CONVENTIONS}")
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not supported: pass torch.float64 (the default) or torch.float32")
+    test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     loss = _resolve_history_loss(history, loss)
-
-    shape, _ = history.input_spec()
-    inputs = torch.as_tensor(inputs)
-    if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape:
-        raise InputError(
-            f"test inputs have shape {tuple(inputs.shape)}, but the model was trained on inputs "
-            f"of shape [batch, {', '.join(map(str, shape))}]: pass a batch of inputs shaped "
-            "like the training inputs"
-        )
+    inputs = _test_inputs(history, inputs)
+    if isinstance(targets, torch.Tensor):
+        targets = targets.detach()
 
     groups = group_tensors(history.layout.names, components)
     ordered = [n for names in groups.values() for n in names]  # each component contiguous
@@ -223,9 +221,51 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
-        test_chunk=test_chunk or 0, train_chunk=train_chunk or 0,
+        test_chunk=test_chunk, train_chunk=train_chunk,
         progress=True, component_slices=slices, check_updates=check_updates,
     )
+
+
+def _chunk_size(name: str, value) -> int:
+    """A chunk size given by the user (0: unset, planned from the memory budget)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}={value!r} must be a whole number ≥ 1 (None: chosen from memory_budget)")
+    return int(value)
+
+
+def _test_inputs(history: History, inputs) -> torch.Tensor:
+    """The test inputs, detached (explain differentiates parameters, never inputs), checked
+    against the recorded training inputs' shape and kind."""
+    shape, recorded = history.input_spec()
+    inputs = torch.as_tensor(inputs).detach()
+    if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape or not len(inputs):
+        raise InputError(
+            f"test inputs have shape {tuple(inputs.shape)}, but the model was trained on inputs "
+            f"of shape [batch, {', '.join(map(str, shape))}]: pass a batch of at least one input "
+            "shaped like the training inputs"
+        )
+    if inputs.is_floating_point() != recorded.is_floating_point:
+        raise InputError(
+            f"test inputs have dtype {inputs.dtype}, but the model was trained on {recorded} inputs: "
+            f"convert them, e.g. inputs.to({recorded})"
+        )
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        bad = sorted({int(i) for i in (~torch.isfinite(inputs)).flatten(1).any(1).nonzero()[:, 0]})
+        raise InputError(f"test inputs {bad[:10]} hold NaN or inf: remove them or fill in finite values")
+    return inputs
+
+
+def _integers(value) -> np.ndarray | None:
+    """value (a whole number or a list of them) as a 1-d integer array; None if it is not that."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if array.ndim == 1 and not len(array):
+        return array.astype(np.int64)  # [] holds no number of the wrong kind
+    return np.atleast_1d(array) if array.dtype.kind in "iu" and array.ndim <= 1 else None
 
 
 def _resolve_history_loss(history: History, loss):
@@ -266,7 +306,13 @@ def _select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target
             f"outputs={outputs!r} is not understood: use 'all', 'true', 'predicted' or a list of "
             "output indices"
         )
-    chosen = [int(o) for o in outputs]
+    indices = _integers(outputs)
+    if indices is None or len(set(indices.tolist())) != len(indices):
+        raise InputError(
+            f"outputs={outputs!r} is not understood: pass 'all', 'true', 'predicted', an output "
+            "index or a list of distinct output indices (whole numbers)"
+        )
+    chosen = indices.tolist()
     bad = [o for o in chosen if not 0 <= o < n_total]
     if bad or not chosen:
         raise InputError(
@@ -278,7 +324,10 @@ def _select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target
 def _step_range(steps, n_steps: int, convention: str, parameter_scores: bool) -> tuple[int, int]:
     if steps is None:
         return 0, n_steps
-    start, stop = (int(v) for v in steps)
+    bounds = _integers(steps)
+    if bounds is None or len(bounds) != 2:
+        raise InputError(f"steps={steps!r} must be two whole numbers (start, stop), or None for all steps")
+    start, stop = bounds.tolist()
     if not 0 <= start < stop <= n_steps:
         raise InputError(f"steps={steps!r} must satisfy 0 ≤ start < stop ≤ {n_steps} (the number of steps)")
     if convention != "update":
@@ -314,15 +363,15 @@ def _replay_start(history: History, start: int, replay: int | None, keep: tuple[
 def _step_edges(step_bins, n_steps: int) -> np.ndarray:
     if step_bins is None:
         return np.arange(n_steps + 1)
-    if isinstance(step_bins, (int, np.integer)):
+    if isinstance(step_bins, (int, np.integer)) and not isinstance(step_bins, bool):
         if not 1 <= step_bins <= n_steps:
             raise InputError(f"step_bins={step_bins} must lie in 1 … {n_steps} (the number of steps)")
         return np.unique(np.linspace(0, n_steps, step_bins + 1).round().astype(int))
-    edges = np.asarray(step_bins, dtype=int)
-    if edges[0] != 0 or edges[-1] != n_steps or np.any(np.diff(edges) <= 0):
+    edges = _integers(step_bins)
+    if edges is None or len(edges) < 2 or edges[0] != 0 or edges[-1] != n_steps or np.any(np.diff(edges) <= 0):
         raise InputError(
-            f"step bin edges must rise strictly from 0 to {n_steps} (the number of steps), got "
-            f"{edges.tolist()}"
+            f"step_bins={step_bins!r}: pass a number of bins in 1 … {n_steps}, or bin edges (whole "
+            f"numbers) that rise strictly from 0 to {n_steps} (the number of steps)"
         )
     return edges
 
@@ -396,12 +445,20 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     needed = pass_bytes(req, test, train)
     if needed > budget:
         raise InputError(
-            f"one pass needs about {needed / 2**30:.1f} GiB, over memory_budget="
-            f"{budget / 2**30:.1f} GiB, even with test_chunk={test}, train_chunk={train}. Fix: "
+            f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
+            f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}. Fix: "
             "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
             "convention='gradient' (no per-sample momentum buffer), float32, or a larger budget"
         )
     req.test_chunk, req.train_chunk = test, train
+
+
+def _size(n_bytes: float) -> str:
+    """A byte count in the largest unit that keeps it ≥ 1, to three significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes:.0f} bytes"
 
 
 # --------------------------------------------------------------------------- passes
@@ -461,12 +518,12 @@ class _Pass:
         self.n_test = len(self.x)
         self.first_train_chunk = first_train_chunk
         self.group_index = group_index(req.history, flat)
-        # training samples of this chunk: dataset index -> column (−1: not in this chunk)
+        # training samples of this chunk, found by binary search in their sorted dataset indices
+        # (a table indexed by dataset index would be as large as the largest, e.g. a hash)
         chunk_index = req.train_index[trains]
         self.n_train = len(chunk_index) if req.keeps("train") else 1
-        lookup_size = int(req.train_index.max()) + 1 if len(req.train_index) else 1
-        self.column = torch.full((lookup_size,), -1, dtype=torch.long)
-        self.column[chunk_index] = torch.arange(len(chunk_index)) if req.keeps("train") else 0
+        self.chunk_ids, order = chunk_index.sort()
+        self.chunk_columns = order if req.keeps("train") else torch.zeros_like(order)
         # rows of the contraction: test and output dims that are kept (the others are summed)
         self.rows_shape = (
             self.n_test if req.keeps("test") else 1,
@@ -534,7 +591,12 @@ class _Pass:
         """A step's sample weights, the chunk column of each sample (−1: not in this chunk), and
         its inputs and targets on the compute device."""
         weights = sample_weights(self.req.history.reduction, len(rec.indices), self.dt, self.dev)
-        return weights, self.column[rec.indices], self.req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
+        return weights, self.columns(rec.indices), self.req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
+
+    def columns(self, indices: torch.Tensor) -> torch.Tensor:
+        """The chunk column of each dataset index (−1: not in this chunk)."""
+        at = torch.searchsorted(self.chunk_ids, indices).clamp_max(len(self.chunk_ids) - 1)
+        return torch.where(self.chunk_ids[at] == indices, self.chunk_columns[at], -1)
 
     def batch_gradients(self, rec: StepRecord, theta: torch.Tensor):
         """Weighted per-sample gradients w g of the chunk's rows [B_c, D], their columns, and
@@ -791,7 +853,9 @@ class _Pass:
             dots = dots * weights[in_chunk][None]
         else:  # none of this batch's samples is in the chunk
             dots = tangents.new_zeros(len(tangents), 0)
-        return list(dots.view(n_comp, -1, dots.shape[-1])), columns[in_chunk.cpu()].to(self.dev), g_full
+        # explicit sizes: a batch with no sample in the chunk gives 0 columns, which -1 cannot infer
+        blocks = dots.view(n_comp, len(tangents) // n_comp, dots.shape[-1])
+        return list(blocks), columns[in_chunk.cpu()].to(self.dev), g_full
 
     def book(self, target: torch.Tensor, s: int, first: int, blocks: list[torch.Tensor], n_bins: int,
              columns: torch.Tensor | None = None) -> None:
@@ -801,7 +865,7 @@ class _Pass:
             self.add(target, s, blocks, columns)
             return
         for p, block in enumerate(blocks):
-            block = block.view(n_bins, -1, block.shape[-1])
+            block = block.view(n_bins, len(block) // n_bins, block.shape[-1])  # n may be 0
             if columns is None:
                 target[first:first + n_bins, p] += block.reshape(target[first:first + n_bins, p].shape)
             else:
@@ -836,6 +900,12 @@ def _check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     relative = float(cube.attrs["relative_residual"])
     if tolerance is None or relative <= tolerance:
         return
+    if not np.isfinite(relative):
+        raise ReconstructionError(
+            "the outputs or the decomposition hold NaN or inf (an overflow in the model or the "
+            "recorded run): compute in float64, or check the run for diverging steps. Pass "
+            "tolerance=None to get the cube anyway."
+        )
     from_updates = float(cube.attrs["max_abs_residual_from_updates"])
     path = float(cube.attrs["max_abs_path_residual"])
     worst_update = float(cube["update_residual"].max())  # NaN: not checked (check_updates=False)

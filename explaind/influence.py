@@ -78,9 +78,12 @@ def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dic
     """The k most helpful (largest positive) and most harmful training samples for one input."""
     scores = data_scores(cube).sel(test=test)
     if "output" in scores.dims:
-        if output is None:
-            raise InputError("the cube keeps several outputs: pass output=... to choose one")
-        scores = scores.sel(output=output)
+        labels = scores["output"].values.tolist()
+        if output is None and len(labels) > 1:
+            raise InputError(f"the cube keeps several outputs: pass output=... to choose one of {labels}")
+        if output is not None and output not in labels:
+            raise InputError(f"output={output!r} is not in the cube: choose one of {labels}")
+        scores = scores.isel(output=labels.index(labels[0] if output is None else output))
     order = np.argsort(scores.values)
     return {"helpful": scores.isel(train=order[::-1][:k]), "harmful": scores.isel(train=order[:k])}
 

@@ -35,3 +35,68 @@ def test_labelled_cube_round_trip_is_exact_and_warning_free(cube, tmp_path):
         assert opened[name].dtype == variable.dtype, name
         np.testing.assert_array_equal(opened[name].values, variable.values, err_msg=name)
     assert opened.attrs == cube.attrs
+
+
+def test_saving_removes_nothing_of_the_users_and_leaves_no_scratch(cube, tmp_path):
+    notes = tmp_path / "c.zarr.partial" / "notes.txt"  # a name the old scratch folder used
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    ex.save_cube(cube, tmp_path / "c.zarr")
+    ex.save_cube(cube, tmp_path / "c.zarr", overwrite=True)
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "c.zarr.partial"]
+
+
+def test_a_killed_write_is_cleaned_up_unless_it_holds_the_old_store(cube, tmp_path):
+    """A save killed while writing leaves its scratch folder with a partial `new` store: the next
+    save to that path removes it. One killed between moving the old store aside and the new one
+    in holds the only copy of the old store: it is kept."""
+    partial = tmp_path / ".c.zarr.explaind-partial-killed1" / "new"
+    aside = tmp_path / ".d.zarr.explaind-partial-killed2" / "old"
+    partial.mkdir(parents=True)
+    aside.mkdir(parents=True)
+    ex.save_cube(cube, tmp_path / "c.zarr")
+    ex.save_cube(cube, tmp_path / "d.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aside.parent.name, "c.zarr", "d.zarr"]
+
+
+def test_a_failed_write_keeps_the_old_store(cube, tmp_path, monkeypatch):
+    ex.save_cube(cube, tmp_path / "c.zarr")
+
+    write = xr.Dataset.to_zarr
+
+    def full_disk(self, store, **kwargs):  # the disk fills up after half the store is written
+        write(self[["initial"]], store, **{**kwargs, "encoding": None})
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        ex.save_cube(cube * 2, tmp_path / "c.zarr", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
+    np.testing.assert_array_equal(ex.open_cube(tmp_path / "c.zarr")["attribution"].values, cube["attribution"].values)
+
+
+def test_only_a_cube_store_is_replaced(cube, tmp_path):
+    (tmp_path / "file.zarr").write_text("not a cube")
+    (tmp_path / "folder.zarr").mkdir()
+    for target in ("file.zarr", "folder.zarr"):
+        with pytest.raises(FileExistsError, match="(?s)not a cube store.*another path"):
+            ex.save_cube(cube, tmp_path / target, overwrite=True)
+    assert (tmp_path / "file.zarr").read_text() == "not a cube"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "folder.zarr"]
+    with pytest.raises(ex.InputError, match="(?s)not a cube store.*save_cube"):
+        ex.open_cube(tmp_path / "folder.zarr")
+
+
+def test_a_name_that_promises_another_format_is_refused(cube, tmp_path):
+    with pytest.raises(ex.InputError, match=r"(?s)must end in \.zarr.*cube\.zarr.*to_netcdf"):
+        ex.save_cube(cube, tmp_path / "cube.nc")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_nan_residual_is_not_exact():
+    from explaind.cube import residual_attrs
+
+    assert np.isnan(residual_attrs([np.nan, 0.0], [1.0, 2.0])["relative_residual"])
+    assert np.isnan(residual_attrs([0.0], [np.nan])["relative_residual"])
+    assert residual_attrs([0.0], [0.0])["relative_residual"] == 0.0

@@ -143,7 +143,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(run, split, tmp_path, com
     with pytest.raises(Interrupted):
         call(tmp_path / "parts")
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-00000.zarr"]
-    (tmp_path / "parts" / "part-00001.zarr.partial").mkdir()  # as if killed while storing part 1
+    (tmp_path / "parts" / ".part-00001.zarr.explaind-partial-x1" / "new").mkdir(parents=True)  # killed storing part 1
     first = files_on_disk(tmp_path / "parts" / "part-00000.zarr")
     computed_parts.stop_at = None
     resumed = call(tmp_path / "parts")

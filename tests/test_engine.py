@@ -796,3 +796,57 @@ def test_a_window_checks_only_its_own_updates(runs, keep):
     assert whole.all() and whole.max() <= 1e-12
     np.testing.assert_array_equal(window[1:3], whole[1:3])
     assert not window[[0, 3, 4, 5]].any()
+
+
+def record_in_order(path: Path, ids: torch.Tensor, opt: str = "sgd_momentum", steps: int = 3, batch: int = 4):
+    """A run over unshuffled batches (rows 0–3, 4–7, …) whose samples have dataset ids `ids`."""
+    case = Case("mlp", opt)
+    model = case.fresh_model()
+    x, y, tx, ty = make_data("mlp", len(ids), 2, 0)
+    optimizer = build_optimizer(model, *optimizer_spec(opt, 1))
+    with ex.Recorder(path, model, optimizer, loss="cross_entropy", check_every=1) as rec:
+        for rows in torch.arange(len(ids)).split(batch)[:steps]:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            rec.batch(ids[rows], x[rows], y[rows])
+            optimizer.step()
+    return model, tx, ty
+
+
+@pytest.mark.parametrize("keep", [("train", "test"), ("step", "train", "test")])
+@pytest.mark.parametrize("convention", ["update", "gradient"])
+def test_train_chunks_that_miss_a_batch_give_the_whole_cube(tmp_path, convention, keep):
+    """With batches in order, a chunk of 8 samples holds none of two steps' samples. One input
+    and two step bins: the backward pass pushes its few effects through a batch by forward mode."""
+    model, tx, ty = record_in_order(tmp_path / "h", torch.arange(24), batch=8)
+    kwargs = dict(keep=keep, outputs="true", convention=convention, step_bins=2, progress=False, tolerance=1e-9)
+    whole = ex.explain(tmp_path / "h", model, tx[:1], ty[:1], **kwargs)
+    chunked = ex.explain(tmp_path / "h", model, tx[:1], ty[:1], train_chunk=8, **kwargs)
+    np.testing.assert_allclose(chunked["attribution"].values, whole["attribution"].values, rtol=0, atol=1e-14)
+    assert chunked.attrs["relative_residual"] <= 1e-9
+
+
+def test_huge_sparse_training_ids_are_columns_not_a_table(tmp_path):
+    """Ids such as hashes (10¹² + …) are looked up, not used as offsets into a table of max id + 1."""
+    ids = 10**12 + 7 * torch.arange(12).flip(0)
+    model, tx, ty = record_in_order(tmp_path / "h", ids)
+    cube = ex.explain(tmp_path / "h", model, tx, ty, keep=("train", "test"), outputs="true",
+                      train_chunk=5, progress=False, tolerance=1e-9)
+    assert cube["train"].values.tolist() == sorted(ids.tolist())
+    dense = ex.explain(tmp_path / "h", model, tx, ty, keep=("train", "test"), outputs="true", progress=False)
+    np.testing.assert_allclose(cube["attribution"].values, dense["attribution"].values, rtol=0, atol=1e-14)
+
+
+def test_inputs_that_require_grad_are_explained_as_values(tmp_path):
+    model, tx, ty = record_in_order(tmp_path / "h", torch.arange(8), steps=2)
+    plain = ex.explain(tmp_path / "h", model, tx, ty, progress=False)
+    tracked = ex.explain(tmp_path / "h", model, tx.clone().requires_grad_(), ty, progress=False)
+    np.testing.assert_array_equal(tracked["attribution"].values, plain["attribution"].values)
+
+
+@pytest.mark.parametrize("outputs, labels", [(1, [1]), (torch.tensor(2), [2]), (np.array([2, 0]), [2, 0])])
+def test_a_single_output_index_is_a_list_of_one(tmp_path, outputs, labels):
+    model, tx, ty = record_in_order(tmp_path / "h", torch.arange(8), steps=2)
+    cube = ex.explain(tmp_path / "h", model, tx, ty, outputs=outputs, keep="output", progress=False)
+    assert cube["attribution"].dims == ("output",)
+    assert cube["output"].values.tolist() == labels

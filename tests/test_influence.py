@@ -64,8 +64,18 @@ def test_top_training_samples_orders_by_score():
     top = top_training_samples(cube, test=1, k=2, output=0)
     assert list(top["helpful"].train.values) == list(np.arange(4)[np.argsort(-scores)][:2] * 10)
     assert list(top["harmful"].train.values) == list(np.arange(4)[np.argsort(scores)][:2] * 10)
-    with pytest.raises(InputError, match="output"):
+    with pytest.raises(InputError, match=r"several outputs.*\[0, 1\]"):
         top_training_samples(cube, test=1)
+    with pytest.raises(InputError, match=r"output=5 is not in the cube.*\[0, 1\]"):
+        top_training_samples(cube, test=1, output=5)
+
+
+def test_top_training_samples_of_a_single_output_need_no_choice():
+    cube = make_cube(out=1).assign_coords(output=["true"])  # as explain(outputs="true") labels it
+    scores = cube.attribution.values.sum((0, 1))[:, 1, 0]
+    top = top_training_samples(cube, test=1, k=2)
+    assert list(top["helpful"].train.values) == list(np.arange(4)[np.argsort(-scores)][:2] * 10)
+    assert top["helpful"].equals(top_training_samples(cube, test=1, k=2, output="true")["helpful"])
 
 
 def test_cosine_similarity_matches_numpy():

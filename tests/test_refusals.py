@@ -413,3 +413,40 @@ def test_save_cube_refuses_to_overwrite(run, tmp_path):
     ex.save_cube(cube, tmp_path / "c.zarr")
     with pytest.raises(FileExistsError, match=says("exists", "overwrite=True")):
         ex.save_cube(cube, tmp_path / "c.zarr")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(outputs=[1.7]), ("outputs=[1.7]", "whole numbers")),
+    (dict(outputs=[1, 1]), ("outputs=[1, 1]", "distinct")),
+    (dict(step_bins=2.0), ("step_bins=2.0", "number of bins", "edges")),
+    (dict(step_bins=[]), ("step_bins=[]", "edges")),
+    (dict(step_bins=[0, 2.5, 4]), ("step_bins=[0, 2.5, 4]", "whole numbers")),
+    (dict(steps=(2,)), ("steps=(2,)", "start, stop")),
+    (dict(steps=(0.5, 3)), ("steps=(0.5, 3)", "whole numbers")),
+    (dict(dtype="float32"), ("dtype='float32'", "torch.float64", "torch.float32")),
+    (dict(dtype=torch.bfloat16), ("bfloat16", "torch.float64", "torch.float32")),
+    (dict(test_chunk=-1), ("test_chunk=-1", "≥ 1")),
+    (dict(train_chunk=2.5), ("train_chunk=2.5", "≥ 1")),
+    (dict(components=lambda n: (n,)), ("components", "non-empty strings")),
+    (dict(components=lambda n: None), ("components", "None", "non-empty strings")),
+    (dict(keep="trian"), ("['trian']", "choose among")),
+])
+def test_malformed_arguments(run, no_heavy_compute, kwargs, words):
+    with pytest.raises(ex.InputError, match=says(*words)):
+        run.explain(**kwargs)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda x: x.long(), ("torch.int64", "torch.float64", "inputs.to(")),
+    (lambda x: x[:0], ("shape (0, 4)", "at least one input")),
+    (lambda x: torch.where(torch.arange(len(x))[:, None] == 1, float("nan"), x), ("[1]", "NaN", "finite")),
+    (lambda x: x.index_fill(0, torch.tensor([0, 2]), float("inf")), ("[0, 2]", "inf", "finite")),
+])
+def test_unusable_test_inputs(run, no_heavy_compute, change, words):
+    with pytest.raises(ex.InputError, match=says(*words)):
+        ex.explain(run.path, run.model, change(run.test_x), progress=False)
+
+
+def test_a_small_memory_budget_is_told_in_small_units(run, no_heavy_compute):
+    with pytest.raises(ex.InputError, match=says("KiB", "memory_budget=1000 bytes")):
+        run.explain(memory_budget=1000)
