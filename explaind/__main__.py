@@ -13,8 +13,20 @@ import sys
 from pathlib import Path
 
 from .engine import CONVENTIONS, DIMS
+from .errors import ExplaindError
 from .functional import TARGETS
 from .training import DTYPES
+
+
+def _at_least(minimum: int, kind=int):
+    """An argparse type that refuses numbers below `minimum` (above it, for a float)."""
+    def convert(text: str):
+        value = kind(text)
+        if value < minimum or (kind is float and value <= minimum):
+            bound = f"above {minimum}" if kind is float else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{text} is not {bound}")
+        return value
+    return convert
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plan", help="memory, disk and time of an explain() request on a recorded run")
     p.add_argument("run", type=Path, help="a run folder of the pipeline: config.json, model.safetensors, history/")
     p.add_argument("--data", type=Path, default=Path("data"), help="the data folder (the CNN's images)")
-    p.add_argument("--tests", type=int, default=0, help="held-out inputs explained (0: all)")
+    p.add_argument("--tests", type=_at_least(0), default=0, help="held-out inputs explained (0: all)")
     p.add_argument("--keep", nargs="*", default=list(DIMS), choices=DIMS, help="dims kept in the cube")
     p.add_argument("--outputs", default="all", help="all, true, predicted, or comma-separated output indices")
     p.add_argument("--target", default="log_prob", choices=TARGETS)
@@ -37,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="trust the recorded updates (checked by verify_updates): no gradients without a train dim")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory-budget", type=float, default=4.0, help="GiB on the compute device")
-    p.add_argument("--calibrate", type=int, default=0, metavar="STEPS",
+    p.add_argument("--memory-budget", type=_at_least(0, float), default=4.0, help="GiB on the compute device")
+    p.add_argument("--calibrate", type=_at_least(0), default=0, metavar="STEPS",
                    help="time this many steps of the first pass and extrapolate (0: no time estimate)")
     return parser
 
@@ -78,7 +90,11 @@ def plan_command(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    print(plan_command(args))
+    try:
+        print(plan_command(args))
+    except (ExplaindError, FileNotFoundError) as error:  # the message names the fix: no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,9 +12,12 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
+
+from .errors import InputError
 
 
 @dataclass
@@ -108,9 +111,27 @@ def _load_digits(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(
             f"no digits in {folder}; run explaind.data.export_digits({str(data_dir)!r}) first"
         )
-    images = np.load(folder / "images.npy", allow_pickle=False)
-    labels = np.load(folder / "labels.npy", allow_pickle=False)
+    images, labels = _load_array(folder / "images.npy"), _load_array(folder / "labels.npy")
+    if images.ndim != 3 or not np.issubdtype(images.dtype, np.number):
+        _bad_data(folder / "images.npy", f"holds {images.dtype} of shape {images.shape}, not images [N, H, W]")
+    if not np.isfinite(images).all():
+        _bad_data(folder / "images.npy", "holds NaN or infinite pixels")
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        _bad_data(folder / "labels.npy", f"holds {labels.dtype} of shape {labels.shape}, not one integer label "
+                  f"per image ({len(images)})")
     return images[:, None], labels  # add the channel axis: [N, 1, 8, 8]
+
+
+def _bad_data(path: Path, cause: str) -> NoReturn:
+    raise InputError(f"{path} {cause}: data/ is damaged. Fix: delete data/ and run `make data` "
+                     "(`python -m explaind.pipeline data --check-only` compares it with data.dvc)")
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # truncated, empty or not an .npy file
+        _bad_data(path, f"cannot be read ({error})")
 
 
 # --- CIFAR-2 ------------------------------------------------------------------------------
@@ -162,8 +183,11 @@ def _read_cifar_batches(data_dir: Path) -> dict[str, bytes]:
     if folder.is_dir():
         return {name: (folder / name).read_bytes() for name in names}
     if archive.is_file():
-        with tarfile.open(archive, "r:gz") as tar:  # read members in memory: nothing is extracted
-            return {name: tar.extractfile(f"{CIFAR_FOLDER}/{name}").read() for name in names}
+        try:
+            with tarfile.open(archive, "r:gz") as tar:  # read members in memory: nothing is extracted
+                return {name: tar.extractfile(f"{CIFAR_FOLDER}/{name}").read() for name in names}
+        except (tarfile.TarError, OSError, EOFError, KeyError) as error:  # truncated or another archive
+            _bad_data(archive, f"is not a complete CIFAR-10 python archive ({type(error).__name__}: {error})")
     raise FileNotFoundError(
         f"CIFAR-10 not found: put the python version ({CIFAR_ARCHIVE}, from "
         f"https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted {CIFAR_FOLDER}/ into {data_dir}"
@@ -227,6 +251,9 @@ def _split_digits(
         raise ValueError(f"test_size is a fraction of the images and must lie in (0, 1), got {test_size}")
     images, labels = _load_digits(data_dir)
     keep = np.isin(labels, classes)
+    missing = [c for c in classes if not (labels == c).any()]
+    if missing:  # a one-class task would train silently
+        _bad_data(Path(data_dir) / "digits" / "labels.npy", f"has no image of class(es) {missing}")
     images, labels = images[keep], (labels[keep] == classes[1]).astype(np.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
     n_test = round(test_size * len(labels))

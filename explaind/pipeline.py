@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .errors import ExplaindError
+from .errors import ExplaindError, InputError
 
 # Environment variable that pins the repository root (the runner sets it for the kernel).
 ROOT_ENV = "EXPLAIND_ROOT"
@@ -185,7 +185,26 @@ def make_config(stage: str, params: Mapping[str, Any]) -> Any:
     if cls is None:
         raise ParameterError(f"stage {stage!r} has no config dataclass; use its parameters directly")
     names = {field.name for field in dataclasses.fields(cls)}
-    return cls(**{key: value for key, value in params.items() if key in names})
+    config = cls(**{key: value for key, value in params.items() if key in names})  # checks the ranges
+    if "device" in params:  # before the stage deletes its old outputs, as the config's ranges
+        check_device(params["device"])
+    return config
+
+
+def check_device(device: str, here: bool = True) -> None:
+    """Refuse a device torch does not know; with `here`, also one this machine lacks (a profile
+    for a GPU machine is still checked on a laptop without `here`)."""
+    import torch
+
+    from .functional import compute_device
+
+    try:
+        compute_device(device) if here else torch.device(device)
+    except InputError as error:
+        raise InputError(f"device (section 'base' or the stage's): {error}") from None
+    except RuntimeError as error:
+        raise InputError(f"device (section 'base' or the stage's) is {device!r}, which torch does not know "
+                         f"({error}). Fix: set it to cpu, cuda, cuda:N or mps") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,15 +444,53 @@ def notebook_params(stage: str, namespace: Mapping[str, Any], before: set[str]) 
     return check_params(values, stage, source=source)
 
 
+def _unique_keys_loader(path: Path) -> type:
+    """A YAML SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ParameterError(f"{path}, line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                         "in the same section. Fix: keep one of them")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _unknown(name: str, known: list[str], path: Path) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"unknown section {name!r}{guess} of {path}. Fix: rename or remove it; "
+            f"the sections are {', '.join(known)}")
+
+
+def _check_sections(content: Mapping[str, Any], path: Path) -> None:
+    """Refuse a misspelled section (a stage would silently run on its defaults' neighbours)."""
+    known = ["base", *STAGES]
+    problems = [_unknown(name, known, path) for name in content if name not in known]
+    for name, info in STAGES.items():
+        if info.models and isinstance(content.get(name), Mapping):
+            problems += [_unknown(f"{name}.{item}", [f"{name}.{m}" for m in info.models], path)
+                         for item in content[name] if item not in info.models]
+    if problems:
+        raise ParameterError("\n".join(problems))
+
+
 def read_params_file(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run from the repository root or pass its path")
-    content = yaml.safe_load(path.read_text()) or {}
+    content = yaml.load(path.read_text(), Loader=_unique_keys_loader(path)) or {}
     if not isinstance(content, dict):
         raise ParameterError(f"{path} must map section names to sections, got {type(content).__name__}")
+    _check_sections(content, path)
     return content
 
 
@@ -473,7 +530,13 @@ def load_params(
         )
     section = f"{name}.{item}" if item else name
     merged = {**sections["base"], **sections[section]}
-    return check_params(merged, stage, source=f"{path} (sections 'base' + {section!r})")
+    checked = check_params(merged, stage, source=f"{path} (sections 'base' + {section!r})")
+    try:  # the values' ranges, as the stage checks them (the device may be another machine's)
+        make_config(stage, {key: value for key, value in checked.items() if key != "device"})
+        check_device(checked["device"], here=False)
+    except InputError as error:
+        raise ParameterError(f"{path} (sections 'base' + {section!r}): {error}") from None
+    return checked
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -653,6 +716,10 @@ def run_stage(
 
     root = Path(root).resolve() if root is not None else repo_root()
     params = load_params(stage, params_file=params_file, root=root)
+    try:  # the kernel runs here: a device this machine lacks stops the stage before it starts
+        check_device(params["device"])
+    except InputError as error:
+        raise ParameterError(f"{params_file or PARAMS_FILE}: {error}") from None
     info = get_stage(stage)
     notebook = root / info.notebook
     if not notebook.is_file():

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,14 @@ from .history import Recorder
 from .models import ModAddTransformer, ResNet9
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def require(ok: bool, section: str, key: str, value, rule: str) -> None:
+    """Refuse a config value out of range when the config is built, so that a pipeline stage stops
+    before it deletes or trains anything; the message names the params.yaml key and the fix."""
+    if not ok:
+        raise InputError(f"{section}.{key} is {value!r}, but it must be {rule}. Fix: set {section}.{key} "
+                         "in the params file to such a value")
 
 
 @dataclass
@@ -53,6 +62,30 @@ class TransformerConfig:
     seed: int = 0  # seed of the parameter initialisation
     dtype: str = "float64"  # "float64" makes the decomposition exact to rounding; or "float32"
 
+    def __post_init__(self):
+        pairs = self.p * (self.p + 1) // 2 if self.only_a_ge_b else self.p**2
+        for key, ok, rule in (
+            ("p", self.p >= 2, "at least 2"),
+            ("train_size", self.train_size >= 1, "at least 1"),
+            ("val_size", self.val_size >= 1, "at least 1: the run stops on validation accuracy"),
+            ("val_size", self.train_size + self.val_size <= pairs,
+             f"at most {pairs} - train_size: mod {self.p} has {pairs} pairs"),
+            ("d_model", self.d_model >= 1, "at least 1"),
+            ("n_heads", self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+             f"a divisor of d_model={self.d_model}"),
+            ("d_mlp", self.d_mlp >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "positive"),
+            ("weight_decay", self.weight_decay >= 0, "at least 0"),
+            ("max_steps", self.max_steps >= 0, "at least 0"),
+            ("stop_val_acc", 0 < self.stop_val_acc <= 1,
+             "in (0, 1]: the validation accuracy at which a run that has memorised stops"),
+            ("dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}"),
+        ):
+            require(ok, "train_transformer", key, getattr(self, key), rule)
+
     @classmethod
     def paper(cls) -> "TransformerConfig":
         """DESIGN §7: p = 113, 4,000 / 2,000 pairs, 64-wide, 4 heads, MLP 512, lr 1e-3, wd 4.0."""
@@ -65,7 +98,7 @@ class TransformerConfig:
 class CNNConfig:
     """Binary image classification with a BatchNorm-free ResNet-9 and momentum SGD."""
 
-    dataset: str = "digits"  # "digits" (shipped with scikit-learn) or "cifar2" (needs the archive)
+    dataset: Literal["digits", "cifar2"] = "digits"  # "digits" (shipped with scikit-learn) or "cifar2" (needs the archive)
     classes: tuple[int, int] = (3, 8)  # original labels of class 0 and class 1
     test_size: float = 0.3  # held-out fraction (digits only; CIFAR has its own test split)
     data_seed: int = 0  # seed of the digits train/test split
@@ -79,6 +112,23 @@ class CNNConfig:
     flip: bool = True  # random horizontal flips of each batch
     seed: int = 0  # seed of initialisation, batch order and flips
     dtype: str = "float64"  # "float64" makes the decomposition exact to rounding; or "float32"
+
+    def __post_init__(self):
+        for key, ok, rule in (
+            ("dataset", self.dataset in ("digits", "cifar2"), "'digits' or 'cifar2'"),
+            ("classes", len(self.classes) == 2 and len(set(self.classes)) == 2
+             and all(0 <= c <= 9 for c in self.classes), "two different labels in 0 … 9"),
+            ("test_size", 0 < self.test_size < 1, "in (0, 1)"),
+            ("width", self.width >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("peak_epoch", 0 < self.peak_epoch <= self.epochs, f"in (0, epochs={self.epochs}]"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "at least 0"),
+            ("dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}"),
+        ):
+            require(ok, "train_cnn", key, getattr(self, key), rule)
 
     @classmethod
     def paper(cls) -> "CNNConfig":
@@ -193,11 +243,6 @@ def train_transformer(
     e.g. layers copied from a checkpoint (retraining experiments); the others keep it.
     """
     dtype, device = _dtype(cfg.dtype), compute_device(device)
-    if cfg.val_size < 1:
-        raise ValueError("val_size must be at least 1: the run stops on validation accuracy")
-    if not 0.0 < cfg.stop_val_acc <= 1.0:
-        raise ValueError(f"stop_val_acc must lie in (0, 1], got {cfg.stop_val_acc}: it is the "
-                         "validation accuracy at which a run that has memorised stops")
     data = modular_addition(cfg.p, cfg.train_size, cfg.val_size, cfg.data_seed, cfg.only_a_ge_b)
     indices = _training_subset(train_indices, len(data.train_targets)).to(device)
     x, y = data.train_inputs.to(device)[indices], data.train_targets.to(device)[indices]

@@ -50,6 +50,9 @@ def test_plan_command_calibrates_and_runs_as_a_module(run_dir, tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--outputs", "first"], ["--outputs 'first'", "indices like 0,3,7"]),
     (["--keep", "steps"], ["invalid choice", "'steps'"]),
+    (["--memory-budget", "0"], ["--memory-budget", "0 is not above 0"]),
+    (["--calibrate", "-1"], ["--calibrate", "-1 is not at least 0"]),
+    (["--tests", "-2"], ["--tests", "-2 is not at least 0"]),
 ])
 def test_plan_command_refuses_bad_options(run_dir, tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as stop:
@@ -61,3 +64,19 @@ def test_plan_command_refuses_bad_options(run_dir, tmp_path, capsys, argv, words
 def test_plan_command_refuses_a_folder_without_a_run(tmp_path):
     with pytest.raises(SystemExit, match="config.json is missing: pass a run folder"):
         main(["plan", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv", [["--quadrature", "0"], ["--step-bins", "0"], ["--outputs", "99"]])
+def test_plan_command_reports_a_refused_request_without_a_traceback(run_dir, tmp_path, capsys, argv):
+    assert main(["plan", str(run_dir), "--data", str(tmp_path), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_plan_command_reports_a_missing_history(run_dir, tmp_path, capsys):
+    broken = tmp_path / "transformer"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((run_dir / name).read_bytes())
+    assert main(["plan", str(broken), "--data", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

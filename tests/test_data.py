@@ -2,12 +2,14 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
+from explaind import InputError
 from explaind.data import export_digits, load_cifar2, load_image_pair, modular_addition
 
 
@@ -180,3 +182,41 @@ def test_cifar2_refuses_malicious_pickle(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         load_cifar2(tmp_path)
     assert not marker.exists()
+
+
+# --- damaged data/ ------------------------------------------------------------------------
+
+
+def _damage(folder, name, kind):
+    path = folder / "digits" / name
+    good = np.load(path)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "short":
+        np.save(path, good[:-5])
+    elif kind == "2d":
+        np.save(path, good.reshape(len(good), -1))
+    elif kind == "nan":
+        np.save(path, np.where(np.arange(good.size).reshape(good.shape) == 7, np.nan, good))
+    elif kind == "no class 8":
+        np.save(path, np.where(good == 8, 9, good))
+
+
+@pytest.mark.parametrize("name, kind, cause", [
+    ("images.npy", "truncated", "cannot be read"), ("images.npy", "empty", "cannot be read"),
+    ("labels.npy", "short", "one integer label per image"), ("images.npy", "2d", "not images"),
+    ("images.npy", "nan", "NaN"), ("labels.npy", "no class 8", r"no image of class\(es\) \[8\]"),
+])
+def test_damaged_digits_are_refused_naming_the_file_and_the_fix(digits_data, tmp_path, name, kind, cause):
+    folder = shutil.copytree(digits_data, tmp_path / "data")
+    _damage(folder, name, kind)
+    with pytest.raises(InputError, match=rf"(?s){name} .*{cause}.*Fix: delete data/ and run `make data`"):
+        load_image_pair(folder, "digits", (3, 8))
+
+
+def test_truncated_cifar_archive_is_refused_naming_the_fix(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100))
+    with pytest.raises(InputError, match="(?s)cifar-10-python.tar.gz is not a complete.*Fix: delete data/"):
+        load_cifar2(tmp_path, (3, 5))

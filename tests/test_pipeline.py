@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from explaind import grokking, pipeline
+from explaind.errors import InputError
 from explaind.pipeline import ParameterError
 from repo_copy import BIN, dvc, run_cli
 
@@ -272,6 +273,7 @@ def test_paper_profile_is_the_papers_configuration():
 
     for stage, cls in (("train_cnn", CNNConfig), ("train_transformer", TransformerConfig)):
         params = pipeline.load_params(stage, params_file=ROOT / "params_paper.yaml")
+        params.pop("device")  # cuda: make_config refuses a device this machine lacks (the stage runs there)
         assert pipeline.make_config(stage, params) == cls.paper(), f"params_paper.yaml {stage} != {cls.__name__}.paper()"
     assert pipeline.load_params("train_transformer", params_file=ROOT / "params_paper.yaml")["p"] == 113
 
@@ -519,3 +521,61 @@ def test_end_to_end_dvc_repro(tiny_repro, tmp_path):
     assert "Running stage 'train_transformer'" in third.stdout and "Running stage 'train_cnn'" not in third.stdout
     assert "Running stage 'cubes@transformer'" in third.stdout and "Running stage 'verify@cnn'" not in third.stdout
     assert json.loads(pipeline.stage_paths("train_transformer", copy).metrics.read_text())["steps"] == 8
+
+
+@pytest.mark.parametrize("stage, section, key, value", [
+    ("train_transformer", "train_transformer", "max_steps", -5),
+    ("train_transformer", "train_transformer", "n_heads", 3),
+    ("train_cnn", "train_cnn", "batch_size", 0),
+    ("verify@transformer", "verify.transformer", "quadrature", 0),
+    ("cubes@cnn", "cubes.cnn", "step_bins", 0),
+])
+def test_params_refuse_values_out_of_range_naming_key_and_file(tmp_path, stage, section, key, value):
+    content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
+    target = content
+    for name in section.split("."):
+        target = target[name]
+    target[key] = value
+    path = write_yaml(tmp_path / "params.yaml", content)
+    with pytest.raises(ParameterError, match=rf"(?s){path}.*{section}\.{key} is {value}.*Fix: set {section}\.{key}"):
+        pipeline.load_params(stage, params_file=path)
+
+
+def test_params_refuse_an_unknown_device_but_not_an_absent_gpu(tmp_path):
+    content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
+    content["base"]["device"] = "gpu"
+    with pytest.raises(ParameterError, match="device .*'gpu'.*Fix"):
+        pipeline.load_params("train_cnn", params_file=write_yaml(tmp_path / "bad.yaml", content))
+    content["base"]["device"] = "cuda:7"  # a profile for another machine is still printable here
+    assert pipeline.load_params("train_cnn", params_file=write_yaml(tmp_path / "gpu.yaml", content))["device"] == "cuda:7"
+
+
+def test_stage_config_refuses_a_device_before_the_stage_deletes_its_outputs():
+    """The notebooks build the config before fresh_dir: a device this machine lacks stops them there."""
+    params = pipeline.load_params("train_transformer", params_file=ROOT / "tests" / "params_tiny.yaml")
+    with pytest.raises(InputError, match="device .*cuda:99"):
+        pipeline.make_config("train_transformer", {**params, "device": "cuda:99"})
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("\ntrain_transformer:", "\ntrain_transfomer:", ["'train_transfomer'", "did you mean 'train_transformer'"]),
+    ("\nverify:", "\nverify_:", ["'verify_'", "did you mean 'verify'"]),
+    ("\n  cnn:", "\n  mlp:", ["'verify.mlp'", "did you mean 'verify.cnn'"]),
+])
+def test_params_refuse_unknown_sections(tmp_path, old, new, words):
+    text = (ROOT / "tests" / "params_tiny.yaml").read_text()
+    assert old in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, new, 1))
+    for call in (lambda: pipeline.load_params("train_cnn", params_file=path), lambda: pipeline.set_args(path)):
+        with pytest.raises(ParameterError) as error:
+            call()
+        assert all(word in str(error.value) for word in words), error.value
+
+
+def test_params_refuse_a_duplicate_key(tmp_path):
+    text = (ROOT / "tests" / "params_tiny.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("\ntrain_cnn:\n", "\ntrain_cnn:\n  epochs: 99\n", 1))
+    with pytest.raises(ParameterError, match="key 'epochs' is given twice.*Fix: keep one"):
+        pipeline.load_params("train_cnn", params_file=path)

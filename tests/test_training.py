@@ -90,11 +90,20 @@ def test_transformer_is_deterministic():
     assert one.log.equals(two.log)
 
 
-def test_transformer_rejects_bad_config():
-    with pytest.raises(ValueError, match="dtype"):
-        train_transformer(dataclasses.replace(TINY_TRANSFORMER, dtype="float16"), progress=False)
-    with pytest.raises(ValueError, match="val_size"):
-        train_transformer(dataclasses.replace(TINY_TRANSFORMER, val_size=0), progress=False)
+@pytest.mark.parametrize("key, value", [("dtype", "float16"), ("val_size", 0), ("max_steps", -5), ("d_model", 0),
+                                        ("n_heads", 3), ("lr", -0.1), ("stop_val_acc", 0.0), ("val_size", 10_000)])
+def test_transformer_config_refuses_values_out_of_range(key, value):
+    # refused when the config is built, before a stage deletes or trains anything
+    with pytest.raises(InputError, match=f"train_transformer.{key} is .*Fix: set train_transformer.{key}"):
+        dataclasses.replace(TINY_TRANSFORMER, **{key: value})
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 0), ("batch_size", -4), ("width", 0), ("lr", -0.1),
+                                        ("epochs", 0), ("peak_epoch", 3.0), ("classes", (3, 3)),
+                                        ("classes", (3, 10)), ("test_size", 1.0), ("dataset", "mnist")])
+def test_cnn_config_refuses_values_out_of_range(key, value):
+    with pytest.raises(InputError, match=f"train_cnn.{key} is .*Fix: set train_cnn.{key}"):
+        dataclasses.replace(TINY_CNN, **{key: value})
 
 
 def test_training_refuses_a_device_it_cannot_use(data_dir):
