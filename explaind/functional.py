@@ -407,9 +407,10 @@ class FlatModel:
             if mode.pooled:
                 return None
             weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            # a unit whose input does not depend on θ (after a frozen layer) has no kink along a segment
             live = [i for i, unit in enumerate(mode.units) if unit.requires_grad]
             grads = torch.autograd.grad((out * weights.to(out)).sum(), [mode.units[i] for i in live],
-                                        allow_unused=True)
+                                        allow_unused=True) if live else ()
         depends = [torch.zeros_like(d, dtype=torch.bool) for d in mode.distances]
         for i, g in zip(live, grads):
             if g is not None:

@@ -31,10 +31,23 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
     steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
     buffer m_{replay_start − 1}; None: zero, from step 0)."""
+    out = np.zeros(history.n_steps)
+    for s, residual, _ in _update_checks(history, flat, loss, steps, replay_start, momentum):
+        out[s] = residual
+    return out
+
+
+def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start, momentum):
+    """(step, relative update residual, its rounding floor) for each checked step.
+
+    The floor is what storing θ allows: θ_{s+1} is rounded to the history's dtype (AdamW
+    rounds it twice, after the decay and after the step), so the recorded Δθ_s carries errors
+    up to ~ε max |θ| however exactly the update is modelled. Relative to a small update (a
+    learning rate decayed by orders of magnitude) that exceeds any fixed tolerance."""
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
     groups = group_index(history, flat)
-    out = np.zeros(history.n_steps)
+    eps = max(torch.finfo(history.dtype).eps, torch.finfo(flat.dtype).eps)
     start, stop = steps or (0, history.n_steps)
     for rec in history.steps(replay_start, stop):
         theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
@@ -46,8 +59,9 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
             scale = delta.abs().max().clamp_min(torch.finfo(flat.dtype).tiny)
-            out[rec.step] = ((delta + k.eta * modelled).abs().max() / scale).item()
-    return out
+            largest = torch.maximum(theta.abs().max(), (theta + delta).abs().max())
+            yield (rec.step, ((delta + k.eta * modelled).abs().max() / scale).item(),
+                   (4 * eps * largest / scale).item())
 
 
 def verify_updates(
@@ -61,20 +75,26 @@ def verify_updates(
 ) -> np.ndarray:
     """Check 1 for a whole history: the per-step relative update residuals.
 
-    Raises ReconstructionError if one exceeds `tolerance` (default: 1e-10 for a float64
-    history, 1e-4 for float32, whose own rounding of θ_{s+1} − θ_s is that large).
+    Raises ReconstructionError if one exceeds both `tolerance` (default: 1e-10 for a float64
+    history, 1e-4 for float32, whose own rounding of θ_{s+1} − θ_s is that large) and what
+    the rounding of the stored θ allows at that step (4 ε max |θ| / max |Δθ_s|, which grows as
+    a schedule shrinks the updates).
     """
     from .engine import _resolve_history_loss
 
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    residuals = update_residuals(history, flat, _resolve_history_loss(history, loss))
+    residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
+    for s, residual, floor in _update_checks(history, flat, _resolve_history_loss(history, loss), None, 0, None):
+        residuals[s], floors[s] = residual, floor
     tolerance = tolerance or (1e-10 if history.dtype == torch.float64 else 1e-4)
-    worst = int(residuals.argmax())
-    if residuals[worst] > tolerance:
+    allowed = np.maximum(tolerance, floors)
+    worst = int((residuals / allowed).argmax())
+    if residuals[worst] > allowed[worst]:
         raise ReconstructionError(
             f"step {worst}'s recorded update differs from the modelled {history.optimizer} update "
-            f"by {residuals[worst]:.2e} of its size (tolerance {tolerance:.0e}). The run does not "
+            f"by {residuals[worst]:.2e} of its size (tolerance {tolerance:.0e}; the rounding of the "
+            f"stored parameters allows {floors[worst]:.0e} there). The run does not "
             "follow the recorded optimizer: look for gradient clipping, a changed loss, extra "
             "parameter edits, or an optimizer option explaind does not model."
         )

@@ -492,3 +492,22 @@ def test_few_inputs_take_one_per_row_pass_with_the_same_integral(kinked_run, mon
     few = path.change(theta, delta, x[:2], "log_prob")
     assert calls == [2 * 5]
     torch.testing.assert_close(few, batched[:2], rtol=0, atol=1e-14)
+
+
+def test_a_relu_after_a_frozen_layer_has_no_kinks_to_search(tmp_path):
+    """The ReLU's input does not depend on θ when the layer before it is frozen: nothing to
+    search there, and the kinks of a later ReLU are still located (here none is left)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+            rec.batch(torch.arange(4), x[:4], y[:4])
+            optimizer.step()
+    cube = ex.explain(tmp_path / "h", model, x[4:], y[4:], progress=False)
+    assert cube.attrs["kinks_located"] == 0
+    assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
