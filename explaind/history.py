@@ -179,6 +179,16 @@ def _dataset_indices(indices) -> torch.Tensor:
     return indices.long()
 
 
+def _constant_tensors(model: nn.Module, trainable) -> dict[str, torch.Tensor]:
+    """The frozen parameters and buffers, named as initial.safetensors names them."""
+    frozen = {f"frozen/{n}": p for n, p in model.named_parameters() if n not in trainable}
+    return {**frozen, **{f"buffer/{n}": b for n, b in model.named_buffers()}}
+
+
+def _members(optimizer: torch.optim.Optimizer) -> list[list[int]]:
+    return [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+
+
 # --------------------------------------------------------------------------- checks on the model
 
 
@@ -289,6 +299,9 @@ class Recorder:
         else:
             self.step = _resume_from
             self._last = {n: _cpu(p) for n, p in self._params.items()}
+        # what the history holds fixed, to refuse an unrecorded change at any step
+        self._members = _members(optimizer)
+        self._constants = {n: _cpu(t) for n, t in _constant_tensors(model, self._params).items()}
         self._manifest = open(self.path / "manifest.jsonl", "a")
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -405,6 +418,7 @@ class Recorder:
                 "optimizer.step() was called without rec.batch(indices, inputs, targets) "
                 "for this step: declare the batch after backward() and before step()"
             )
+        self._refuse_unrecorded_changes(optimizer)
         for name, p in self._frozen.items():
             if p.grad is not None:
                 raise UnsupportedError(
@@ -434,6 +448,28 @@ class Recorder:
         if self.check_every and self.step % self.check_every == 0:
             self._check_gradient()
 
+    def _refuse_unrecorded_changes(self, optimizer) -> None:
+        """The history fixes which tensors the optimizer trains and the values of the frozen
+        ones and buffers: a layer unfrozen or a mask edited mid-run would be explained wrongly."""
+        if _members(optimizer) != self._members:
+            raise UnsupportedError(
+                f"the optimizer's parameter groups changed before step {self.step} (add_param_group, "
+                "or tensors added or removed): a history records one fixed set of trained tensors. "
+                "Fix: build the optimizer with every tensor it will train from the start, or record "
+                "each phase of the run as its own history"
+            )
+        now = _constant_tensors(self.model, self._params)
+        for name in sorted(now.keys() | self._constants.keys()):
+            if name not in now or name not in self._constants or \
+                    not torch.equal(now[name].detach().cpu(), self._constants[name]):
+                kind, tensor = name.split("/", 1)
+                raise HistoryError(
+                    f"the {'frozen parameter' if kind == 'frozen' else 'buffer'} {tensor!r}, a constant of "
+                    f"the recorded function, changed before step {self.step}: only optimizer.step() may change the model while "
+                    "recording. Fix: make the change before recording starts, or train the tensor "
+                    "(requires_grad and in the optimizer)"
+                )
+
     def _observe_scheduler_steps(self, steps: int) -> None:
         """A scheduler stepped per epoch steps 0 times after most optimizer steps and 1 after
         some: a resume cannot tell which count the killed step needed."""
@@ -457,6 +493,10 @@ class Recorder:
         error = ((actual - expected).abs().max() / scale).item()
         tolerance = self.check_tolerance or (1e-9 if p0.dtype == torch.float64 else 1e-3)
         if error > tolerance:
+            # torch's mse_loss / MSELoss mean over every element, outputs included
+            mse = (" The built-in 'mse' sums a sample's squared errors over its outputs; for "
+                   "torch's F.mse_loss / nn.MSELoss (a mean over outputs too) declare "
+                   "loss=lambda o, t: ((o - t) ** 2).mean(1).") if self.loss_name == "mse" else ""
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
@@ -464,7 +504,7 @@ class Recorder:
                 "a different loss reduction, gradient clipping or scaling, dropout or other "
                 "randomness in forward, a loss term not declared to the Recorder, or inputs "
                 "passed to batch() that differ from those the model saw. Fix the training "
-                "loop or declare the loss you use (loss=callable returning per-sample losses)."
+                f"loop or declare the loss you use (loss=callable returning per-sample losses).{mse}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -805,7 +845,9 @@ class History:
                 "complete steps"
             )
         if not self.manifest:
-            raise HistoryError(f"{self.path} holds no complete step: train at least one step")
+            raise HistoryError(f"{self.path} holds no complete step (a run killed before its first step "
+                               "ends, or one that never stepped): there is nothing to open or resume. Fix: "
+                               "record the run again, with Recorder(..., overwrite=True) on this path")
         self._initial = None
 
     def _check_meta(self) -> None:

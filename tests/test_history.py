@@ -599,7 +599,7 @@ def test_a_diverging_run_is_refused_as_divergence(tmp_path):
 
 def test_frozen_parameters_left_in_the_optimizer_are_constants(tmp_path):
     x, y = tiny_data()
-    model = tiny(activation=torch.nn.Tanh)  # (explaining ReLU kinks behind a frozen layer fails in path.py)
+    model = tiny()
     model[0].requires_grad_(False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
@@ -613,6 +613,55 @@ def test_frozen_parameters_left_in_the_optimizer_are_constants(tmp_path):
         rec._pending = None  # the refused step never ran
     cube = ex.explain(tmp_path / "h", model, x[:2], y[:2], progress=False, dtype=torch.float64)
     assert cube.attrs["max_abs_residual"] < 1e-12
+
+
+class Masked(torch.nn.Module):
+    """A ReLU MLP whose hidden units pass through a constant mask buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny()
+        self.register_buffer("mask", torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) * self.mask
+
+
+@pytest.mark.parametrize("change", ["add_param_group", "buffer", "frozen parameter"])
+def test_changes_the_history_cannot_hold_are_refused_at_the_next_step(tmp_path, change):
+    """The optimizer's tensors and the constants (frozen parameters, buffers) are fixed by the
+    history; changed mid-run, the cube would explain another function than the one trained."""
+    x, y = tiny_data()
+    model = Masked()
+    model.net[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.net[2].parameters(), lr=0.1)
+    expected = {"add_param_group": (ex.UnsupportedError, "parameter groups changed before step 2"),
+                "buffer": (ex.HistoryError, "buffer 'mask'.*changed before step 2"),
+                "frozen parameter": (ex.HistoryError, "frozen parameter 'net.0.weight'.*changed before step 2")}
+    error, message = expected[change]
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+        if change == "add_param_group":
+            model.net[0].requires_grad_(True)
+            optimizer.add_param_group({"params": model.net[0].parameters()})
+        else:
+            with torch.no_grad():
+                (model.mask if change == "buffer" else model.net[0].weight)[0] = 0.0
+        with pytest.raises(error, match="(?s)" + message + ".*Fix"):
+            sgd_steps(rec, model, optimizer, x, y, 2, 3)
+        rec._pending = None  # the refused step never ran
+    assert ex.History(tmp_path / "h").n_steps == 2
+
+
+def test_a_history_without_a_complete_step_names_the_fix(tmp_path):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Crash):
+        with ex.Recorder(tmp_path / "h", model, optimizer):
+            raise Crash("killed before the first step")
+    with pytest.raises(ex.HistoryError, match="(?s)no complete step.*overwrite=True"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer)
 
 
 def edit_json(name: str, change):
@@ -672,3 +721,28 @@ def test_a_tensor_learning_rate_is_recorded_and_resumed(tmp_path):
     with ex.Recorder.resume(tmp_path / "h", model, optimizer) as rec:
         sgd_steps(rec, model, optimizer, x, y, rec.step, 3)
     assert [line["groups"][0]["lr"] for line in manifest(tmp_path / "h")] == pytest.approx([0.01] * 3)
+
+
+def test_torchs_mean_squared_error_is_named_with_the_loss_that_matches_it(tmp_path):
+    """torch's MSELoss averages over outputs as well as the batch: the check says so, and the
+    loss it names records the run and explains it exactly."""
+    x, y = tiny_data()
+    targets = F.one_hot(y, 3).double()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loop(rec, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.MSELoss()(model(x), targets).backward()
+            rec.batch(torch.arange(len(x)), x, targets)
+            optimizer.step()
+
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)built-in 'mse'.*\(\(o - t\) \*\* 2\)\.mean\(1\)"):
+        with ex.Recorder(tmp_path / "h", model, optimizer, loss="mse") as rec:
+            loop(rec, 1)
+    with ex.Recorder(tmp_path / "h2", model, optimizer, loss=lambda o, t: ((o - t) ** 2).mean(1)) as rec:
+        loop(rec, 3)
+    cube = ex.explain(tmp_path / "h2", model, x[:2], progress=False, target="logit",
+                      loss=lambda o, t: ((o - t) ** 2).mean(1))
+    assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
