@@ -34,7 +34,7 @@ from .errors import InputError, ReconstructionError
 from .history import History
 from .models import TRANSFORMER_COMPONENTS
 from .parallel import run_all
-from .training import DTYPES, TransformerConfig, first_step, train_transformer
+from .training import DTYPES, TransformerConfig, first_step, require, train_transformer
 
 PIPELINE = ("attention", "mlp_in")
 OUTER = ("embedding", "mlp_out", "unembedding")
@@ -90,6 +90,31 @@ class GrokkingConfig:
     retrain_dtype: Literal["float32", "float64"] = "float32"  # precision of the retraining runs
     retrain_workers: int = 1  # processes running retraining runs side by side, one CPU thread each (0: one per core)
     reinit_std: float = 0.0  # std of the re-initialised layers' normal init; 0 = the model's own init
+
+    def __post_init__(self):
+        for key, ok, rule in (
+            ("val_inputs", self.val_inputs >= 1, "at least 1"),
+            ("train_inputs", self.train_inputs >= 0, "at least 0"),
+            ("step_bins", self.step_bins >= 1, "at least 1"),
+            ("quadrature", self.quadrature >= 1, "at least 1"),
+            ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
+            ("tolerance", self.tolerance >= 0, "at least 0"),
+            ("phases", self.phases >= 1, "at least 1"),
+            ("min_phase_bins", self.min_phase_bins >= 1 and self.phases * self.min_phase_bins <= self.step_bins,
+             f"at least 1, and phases x min_phase_bins at most step_bins={self.step_bins}"),
+            ("data_inputs", self.data_inputs >= 1, "at least 1"),
+            ("data_steps", self.data_steps >= 0, "at least 0 (0: the whole phase)"),
+            ("data_replay", self.data_replay >= -1, "at least -1 (-1: all earlier steps)"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "at least 1"),
+            ("key_frequencies", self.key_frequencies >= 1, "at least 1"),
+            ("retrain_seeds", self.retrain_seeds >= 1, "at least 1"),
+            ("retrain_checkpoints", self.retrain_checkpoints >= 1, "at least 1"),
+            ("retrain_max_steps", self.retrain_max_steps >= 1, "at least 1"),
+            ("retrain_target", 0 < self.retrain_target <= 1, "in (0, 1]"),
+            ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
+            ("reinit_std", self.reinit_std >= 0, "at least 0 (0: the model's own init)"),
+        ):
+            require(ok, "grokking", key, getattr(self, key), rule)
 
 
 # --- components ---------------------------------------------------------------------------

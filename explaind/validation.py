@@ -32,7 +32,7 @@ from .functional import FlatModel
 from .influence import data_scores
 from .losses import resolve_loss
 from .stages import Run, first
-from .training import train_cnn, train_transformer
+from .training import require, train_cnn, train_transformer
 
 
 @dataclass
@@ -63,6 +63,27 @@ class InfluenceConfig:
     retrain_workers: int = 1  # processes retraining subsets side by side, one CPU thread each (0: one per core)
     bootstrap: int = 1000  # bootstrap resamples of the confidence intervals
     confidence: float = 0.95  # level of the confidence intervals
+
+    def __post_init__(self):
+        for key, ok, rule in (
+            ("splits", self.splits >= 1, "at least 1"),
+            ("score_inputs", self.score_inputs >= 1, "at least 1"),
+            ("min_fraction", 0 < self.min_fraction <= self.max_fraction, "in (0, max_fraction]"),
+            ("max_fraction", self.max_fraction <= 1, "at most 1"),
+            ("fractions", self.fractions >= 1, "at least 1"),
+            ("quadrature", self.quadrature >= 1, "at least 1"),
+            ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
+            ("tolerance", self.tolerance >= 0, "at least 0"),
+            ("lds_subsets", self.lds_subsets >= 2, "at least 2 (a correlation over subsets)"),
+            ("lds_fraction", 0 < self.lds_fraction < 1, "in (0, 1)"),
+            ("lds_inputs", self.lds_inputs >= 1, "at least 1"),
+            ("lds_steps", self.lds_steps >= 0, "at least 0 (0: the whole schedule)"),
+            ("lds_quadrature", self.lds_quadrature >= 1, "at least 1"),
+            ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
+            ("bootstrap", self.bootstrap >= 1, "at least 1"),
+            ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
+        ):
+            require(ok, f"influence.{self.model}", key, getattr(self, key), rule)
 
 
 def explain_options(cfg: InfluenceConfig, run: Run, dtype: torch.dtype, device: str, progress: bool) -> dict:

@@ -529,6 +529,8 @@ def test_end_to_end_dvc_repro(tiny_repro, tmp_path):
     ("train_cnn", "train_cnn", "batch_size", 0),
     ("verify@transformer", "verify.transformer", "quadrature", 0),
     ("cubes@cnn", "cubes.cnn", "step_bins", 0),
+    ("influence@transformer", "influence.transformer", "lds_fraction", 1.5),
+    ("grokking", "grokking", "min_phase_bins", 100),
 ])
 def test_params_refuse_values_out_of_range_naming_key_and_file(tmp_path, stage, section, key, value):
     content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
