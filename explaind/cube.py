@@ -90,12 +90,17 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
     return merged
 
 
-def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Tensor, test_ids=None) -> xr.Dataset:
-    merged = _merge_parts(req, parts)
-    n_test = len(req.inputs)
+def test_labels(test_ids, n_test: int) -> np.ndarray:
+    """The test coordinate: the given ids (one per input), or 0 … n_test − 1."""
     test_ids = np.arange(n_test) if test_ids is None else np.asarray(test_ids)
-    if len(test_ids) != n_test:
-        raise InputError(f"got {len(test_ids)} test_ids for {n_test} inputs: pass one per input")
+    if test_ids.ndim != 1 or len(test_ids) != n_test:
+        raise InputError(f"got test_ids of shape {test_ids.shape} for {n_test} inputs: pass one id per input")
+    return test_ids
+
+
+def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Tensor,
+                  test_ids: np.ndarray) -> xr.Dataset:
+    merged = _merge_parts(req, parts)
     edges = req.step_edges
     coords = {
         "step": ("step", edges[:-1]),

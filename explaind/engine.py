@@ -28,7 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import ComponentSpec, group_tensors
-from .cube import assemble_cube
+from .cube import assemble_cube, test_labels
 from .errors import InputError, ReconstructionError
 from .functional import TARGETS, FlatModel, ParamLayout
 from .history import History, StepRecord, open_history
@@ -162,6 +162,7 @@ def explain(
         step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, replay=replay, dtype=dtype,
         device=device, test_chunk=test_chunk, train_chunk=train_chunk, loss=loss, check_updates=check_updates,
     )
+    test_ids = test_labels(test_ids, len(request.inputs))
     plan_chunks(request, memory_budget)
     request.progress = progress
     if progress:

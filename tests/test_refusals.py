@@ -430,6 +430,7 @@ def test_save_cube_refuses_to_overwrite(run, tmp_path):
     (dict(components=lambda n: (n,)), ("components", "non-empty strings")),
     (dict(components=lambda n: None), ("components", "None", "non-empty strings")),
     (dict(keep="trian"), ("['trian']", "choose among")),
+    (dict(test_ids=["a", "b"]), ("test_ids of shape (2,)", "one id per input")),
 ])
 def test_malformed_arguments(run, no_heavy_compute, kwargs, words):
     with pytest.raises(ex.InputError, match=says(*words)):
