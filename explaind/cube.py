@@ -233,8 +233,9 @@ def _remove_killed_writes(path: Path) -> None:
 
 
 def _is_store(path: Path) -> bool:
-    """Whether path is a store save_cube wrote (a zarr format 2 group holding an attribution)."""
-    return (path / ".zgroup").is_file() and (path / "attribution" / ".zarray").is_file()
+    """Whether path is a store save_cube writes: a zarr format 2 group (of a cube, or of any
+    other dataset the pipeline stores with it, such as the datamodels' results)."""
+    return (path / ".zgroup").is_file()
 
 
 def open_cube(path: str | os.PathLike) -> xr.Dataset:

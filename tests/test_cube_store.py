@@ -88,6 +88,13 @@ def test_only_a_cube_store_is_replaced(cube, tmp_path):
         ex.open_cube(tmp_path / "folder.zarr")
 
 
+def test_any_stored_dataset_is_replaced_with_overwrite(cube, tmp_path):
+    """save_cube also stores datasets without an attribution (the datamodels' results)."""
+    ex.save_cube(cube[["initial"]], tmp_path / "d.zarr")
+    ex.save_cube(cube[["final"]], tmp_path / "d.zarr", overwrite=True)
+    assert list(ex.open_cube(tmp_path / "d.zarr").data_vars) == ["final"]
+
+
 def test_a_name_that_promises_another_format_is_refused(cube, tmp_path):
     with pytest.raises(ex.InputError, match=r"(?s)must end in \.zarr.*cube\.zarr.*to_netcdf"):
         ex.save_cube(cube, tmp_path / "cube.nc")

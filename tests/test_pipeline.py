@@ -433,16 +433,30 @@ def test_runner_refuses_bad_params_before_starting_a_kernel(tmp_path, tiny_param
 
 
 def test_a_failing_cell_fails_the_stage_with_the_notebooks_error(tmp_path, tiny_params):
-    # valid types, impossible values: the error comes from a notebook cell (the training call)
+    write_yaml(tmp_path / "params.yaml", tiny_params)
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    notebook = tmp_path / "notebooks" / "02_train_transformer.ipynb"
+    content = json.loads(notebook.read_text())
+    content["cells"].append({"cell_type": "code", "execution_count": None, "id": "failing", "metadata": {},
+                             "outputs": [], "source": ["raise ValueError('a cell that fails')"]})
+    notebook.write_text(json.dumps(content))
+    result = run_cli("run", "train_transformer", cwd=tmp_path, env={pipeline.ROOT_ENV: str(tmp_path)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stage train_transformer failed in its notebook" in result.stderr
+    assert "ValueError" in result.stderr and "a cell that fails" in result.stderr
+    executed = (tmp_path / "results" / "train_transformer" / "notebook.ipynb").read_text()
+    assert "a cell that fails" in executed  # kept, with the error, for reading
+
+
+def test_impossible_values_stop_the_stage_before_its_notebook(tmp_path, tiny_params):
+    """Valid types, impossible values: refused when the parameters are read, so nothing runs."""
     bad = {**tiny_params, "train_transformer": {**tiny_params["train_transformer"], "train_size": 10_000}}
     write_yaml(tmp_path / "params.yaml", bad)
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
     result = run_cli("run", "train_transformer", cwd=tmp_path, env={pipeline.ROOT_ENV: str(tmp_path)})
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "stage train_transformer failed in its notebook" in result.stderr
-    assert "ValueError" in result.stderr and "exceeds the 91 pairs" in result.stderr
-    executed = (tmp_path / "results" / "train_transformer" / "notebook.ipynb").read_text()
-    assert "exceeds the 91 pairs" in executed  # kept, with the error, for reading
+    assert "train_transformer.val_size" in result.stderr and "91 pairs" in result.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
 def test_a_mistyped_papermill_parameter_stops_the_notebook(tmp_path):
