@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .engine import FORWARD_MODE_RATIO
+from .engine import FORWARD_MODE_RATIO, _select_outputs, _test_inputs
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
@@ -80,8 +80,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
     history.check_model(model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     loss = resolve_loss(history.loss)[1]
-    x = flat.cast_inputs(torch.as_tensor(inputs))
-    select = torch.as_tensor(targets).long().reshape(-1, 1).to(flat.device)
+    x, select = _checked_inputs(history, flat, inputs, targets)
     train_index = history.train_indices()
     column = torch.full((int(train_index.max()) + 1,), -1, dtype=torch.long)
     column[train_index] = torch.arange(len(train_index))
@@ -102,6 +101,18 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
                         coords={"train": train_index.numpy(), "test": np.arange(len(x))})
 
 
+def _checked_inputs(history: History, flat: FlatModel, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs cast for `flat` and their true classes [T, 1], checked as explain() checks them,
+    before the pass over the history (a wrong shape or class would fail deep inside it)."""
+    inputs = _test_inputs(history, inputs)
+    x = flat.cast_inputs(inputs)
+    with torch.no_grad():  # one input's outputs: how many classes the model has
+        n_outputs = flat.explained(flat.layout.flatten(history.params(0)).to(flat.device, flat.dtype), x[:1],
+                                   "log_prob").shape[-1]
+    select, _ = _select_outputs("true", targets, inputs, n_outputs, flat, None, "log_prob")
+    return x, select.to(flat.device)
+
+
 def subset_predictions(scores: np.ndarray, subsets: torch.Tensor) -> np.ndarray:
     """Σ_{k∈S_r} τ(k, x) for every subset r and input x: [R, T] from scores [M, T]."""
     return subsets.double().numpy() @ np.asarray(scores, dtype=float)
@@ -119,7 +130,8 @@ def ranks(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman's rank correlation of a[:, j] with b[:, j] for every column j (NaN where a column is constant)."""
+    """Spearman's rank correlation of a[:, j] with b[:, j] for every column j (NaN where a column
+    is constant or holds a NaN: a missing value has no rank)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 2:
         raise InputError(f"spearman needs two [samples, columns] arrays of one shape, got {a.shape} and {b.shape}")
@@ -127,7 +139,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra -= ra.mean(0)
     rb -= rb.mean(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (ra * rb).sum(0) / np.sqrt((ra**2).sum(0) * (rb**2).sum(0))
+        rho = (ra * rb).sum(0) / np.sqrt((ra**2).sum(0) * (rb**2).sum(0))
+    rho[np.isnan(a).any(0) | np.isnan(b).any(0)] = np.nan  # ranks() would place NaN above every number
+    return rho
 
 
 def lds(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -146,6 +160,10 @@ def bootstrap_lds(actual: np.ndarray, predicted: Mapping[str, np.ndarray], resam
         raise InputError(f"need 0 < level < 1 and resamples >= 1, got {level} and {resamples}")
     actual = np.asarray(actual, dtype=float)
     names = list(predicted)
+    shapes = {name: np.shape(predicted[name]) for name in names if np.shape(predicted[name]) != actual.shape}
+    if actual.ndim != 2 or shapes:
+        raise InputError(f"bootstrap_lds needs [models, inputs] arrays of one shape: actual is {actual.shape}, "
+                         f"predicted {shapes}; pass each method's subset_predictions of the same subsets and inputs")
     rng = np.random.default_rng(seed)
     draws = np.empty((resamples, len(names)))
     for b in tqdm(range(resamples), desc="bootstrap", disable=not progress, leave=False):
@@ -182,6 +200,9 @@ def percentile_interval(draws: np.ndarray, level: float) -> dict[str, float]:
 def aligned_scores(scores: xr.DataArray, n_train: int) -> np.ndarray:
     """Scores [train, test] labelled by dataset index, as a dense [n_train, test] array (training
     samples that were never in a batch score 0)."""
+    if set(scores.dims) != {"train", "test"}:
+        raise InputError(f"aligned_scores needs [train, test] scores, got dims {scores.dims}: select one output "
+                         "first (scores.sel(output=...)) or explain with outputs='true'")
     dense = np.zeros((n_train, scores.sizes["test"]))
     dense[scores["train"].values] = scores.transpose("train", "test").values
     return dense

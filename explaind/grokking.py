@@ -163,6 +163,9 @@ def segment(series: np.ndarray, n_segments: int, min_size: int = 1, weights: np.
                          "lower phases / min_phase_bins or use more step_bins")
     if w.shape != (n,) or not np.all(w > 0):
         raise InputError(f"segment weights must be {n} positive numbers, one per row")
+    if not np.isfinite(x).all():  # a NaN cost compares false everywhere and leaves empty segments
+        raise InputError("the series to segment holds NaN or inf: fill them in (e.g. shares.fillna(0)) "
+                         "or drop those rows")
     total_w = np.concatenate([[0.0], np.cumsum(w)])
     first = np.vstack([np.zeros(x.shape[1]), np.cumsum(x * w[:, None], 0)])
     second = np.concatenate([[0.0], np.cumsum(w * (x ** 2).sum(1))])
@@ -281,6 +284,9 @@ def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, 
     before that carried into the window by momentum is `carried` (per input, not split). The
     per-sample split costs about as much per step as training on every pair separately, hence
     windows. Residual attributes are the worst window's."""
+    if not len(windows):
+        raise InputError("windows is empty: pass at least one (start, stop) window of update steps, "
+                         "e.g. data_windows(phases, ...)")
     edges = [start for start, _ in windows] + [windows[-1][1]]
     tiles = edges[0] == 0 and edges[-1] == history.n_steps and all(
         stop == following for (_, stop), (following, _) in zip(windows, windows[1:]))
@@ -314,7 +320,9 @@ def bin_residuals(cube: xr.Dataset, history: History, model: torch.nn.Module, x:
                              .gather(1, y[:, None]).squeeze(1).double().numpy() for e in edges])
     change = xr.DataArray(np.diff(at_edges, axis=0), dims=("step", "test"),
                           coords={"step": cube["step"].values, "test": cube["test"].values})
-    attributed = (cube["attribution"].sum("component") + cube["regularization"].sum("component")).transpose("step", "test")
+    # skipna=False: a NaN attribution must show as a NaN residual, not as a missing term
+    attributed = (cube["attribution"].sum("component", skipna=False)
+                  + cube["regularization"].sum("component", skipna=False)).transpose("step", "test")
     return xr.Dataset({"change": change, "attributed": attributed.drop_vars("output", errors="ignore"),
                        "residual": change - attributed.drop_vars("output", errors="ignore")})
 
@@ -323,8 +331,8 @@ def bin_errors(residuals: xr.Dataset) -> pd.DataFrame:
     """Per step bin (from `bin_residuals`): the largest exact change of an input, the largest
     residual, and their ratio, the bin's relative residual."""
     frame = pd.DataFrame({"step": residuals["step"].values,
-                          "max_change": np.abs(residuals["change"]).max("test").values,
-                          "max_residual": np.abs(residuals["residual"]).max("test").values})
+                          "max_change": np.abs(residuals["change"]).max("test", skipna=False).values,
+                          "max_residual": np.abs(residuals["residual"]).max("test", skipna=False).values})
     return frame.assign(relative=frame["max_residual"] / frame["max_change"])
 
 
@@ -332,7 +340,7 @@ def check_bins(errors: pd.DataFrame, tolerance: float) -> None:
     """Refuse step bins whose attribution misses more than `tolerance` of their change."""
     bad = errors[~(errors["relative"] <= tolerance)]
     if len(bad):
-        worst = bad.loc[bad["relative"].idxmax()]
+        worst = bad.loc[bad["relative"].fillna(np.inf).idxmax()]  # a NaN bin is the worst
         raise ReconstructionError(
             f"{len(bad)} step bin(s) miss more than tolerance {tolerance:g} of their change, worst the bin from step "
             f"{int(worst['step'])} ({worst['relative']:.3g}). Fix: raise quadrature or locate the kinks "
@@ -542,7 +550,11 @@ def retraining_checkpoints(n_steps: int, count: int) -> list[int]:
 def phase_of(steps: Sequence[int], phases: pd.DataFrame) -> np.ndarray:
     """The phase number of each step (the last phase whose start is at or before it)."""
     starts = phases["start"].to_numpy()
-    return phases["phase"].to_numpy()[np.searchsorted(starts, np.asarray(steps), side="right") - 1]
+    position = np.searchsorted(starts, np.asarray(steps), side="right") - 1
+    if np.any(position < 0):  # index -1 would name the last phase
+        raise InputError(f"steps {sorted(set(np.asarray(steps)[position < 0].tolist()))[:10]} come before the first "
+                         f"phase, which starts at step {starts[0]}: pass steps of the phases' range")
+    return phases["phase"].to_numpy()[position]
 
 
 def swap_summary(swap: pd.DataFrame, target: float) -> pd.DataFrame:

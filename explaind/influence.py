@@ -12,6 +12,8 @@ import xarray as xr
 
 from .errors import InputError
 
+COSINE_OVER = ("train", "component")
+
 
 def _require(cube: xr.Dataset, *dims: str) -> xr.DataArray:
     attribution = cube["attribution"]
@@ -25,7 +27,8 @@ def _require(cube: xr.Dataset, *dims: str) -> xr.DataArray:
 
 
 def _sum_except(array: xr.DataArray, keep: tuple[str, ...]) -> xr.DataArray:
-    return array.sum([d for d in array.dims if d not in keep])
+    # skipna=False: a NaN in the cube must show in every score it enters, not count as 0
+    return array.sum([d for d in array.dims if d not in keep], skipna=False)
 
 
 def data_scores(cube: xr.Dataset) -> xr.DataArray:
@@ -57,7 +60,7 @@ def component_shares(cube: xr.Dataset, absolute: bool = True) -> xr.DataArray:
     """
     scores = component_scores(cube)
     scores = _sum_except(scores, ("step", "component"))
-    denominator = abs(scores).sum("component")
+    denominator = abs(scores).sum("component", skipna=False)
     return (abs(scores) if absolute else scores) / denominator.where(denominator > 0)
 
 
@@ -75,8 +78,10 @@ def decay_share(cube: xr.Dataset) -> xr.DataArray:
 
 
 def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dict[str, xr.DataArray]:
-    """The k most helpful (largest positive) and most harmful training samples for one input."""
-    scores = data_scores(cube).sel(test=test)
+    """The k most helpful (largest positive) and most harmful (most negative) training samples
+    for one input. Only positive scores are helpful and only negative ones harmful, so either
+    list holds fewer than k samples when fewer scores have that sign."""
+    scores = data_scores(cube).sel(test=_test_label(cube, test))
     if "output" in scores.dims:
         labels = scores["output"].values.tolist()
         if output is None and len(labels) > 1:
@@ -84,12 +89,29 @@ def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dic
         if output is not None and output not in labels:
             raise InputError(f"output={output!r} is not in the cube: choose one of {labels}")
         scores = scores.isel(output=labels.index(labels[0] if output is None else output))
+    if bool(np.isnan(scores.values).any()):
+        raise InputError(f"the data scores of test input {test!r} contain NaN: the cube holds non-finite "
+                         "attributions; explain again from a finite run")
     order = np.argsort(scores.values)
-    return {"helpful": scores.isel(train=order[::-1][:k]), "harmful": scores.isel(train=order[:k])}
+    helpful = order[::-1][:k]
+    harmful = order[:k]
+    return {"helpful": scores.isel(train=helpful[scores.values[helpful] > 0]),
+            "harmful": scores.isel(train=harmful[scores.values[harmful] < 0])}
+
+
+def _test_label(cube: xr.Dataset, test):
+    """`test` checked to be one label of the cube's test dim."""
+    labels = cube["test"].values.tolist()
+    if np.ndim(test) != 0 or test not in labels:
+        shown = labels if len(labels) <= 10 else labels[:10] + ["…"]
+        raise InputError(f"test={test!r} is not one label of the cube's test inputs: pass a single one of {shown}")
+    return test
 
 
 def cosine_similarity(cube: xr.Dataset, over: str = "train") -> xr.DataArray:
     """Cosine similarity of the test inputs' score vectors over `over` (train or component)."""
+    if over not in COSINE_OVER:
+        raise InputError(f"over={over!r}: the score vectors run over one of {list(COSINE_OVER)}")
     attribution = _require(cube, over, "test")
     vectors = _sum_except(attribution, (over, "test")).transpose("test", over).values
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -105,6 +105,9 @@ def cube_scores(cube: xr.Dataset, layout: ParamLayout) -> dict[str, torch.Tensor
 def gradient_scores(flat: FlatModel, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
                     loss, chunk: int = 64) -> dict[str, torch.Tensor]:
     """For one group of inputs: Σ_x |θ ⊙ ∇ℓ(x)| ("taylor") and Σ_x ∇ℓ(x) ("gradient")."""
+    if not len(inputs) or len(inputs) != len(targets):
+        raise InputError(f"gradient scores need at least one input and one target per input, got {len(inputs)} "
+                         f"inputs and {len(targets)} targets: pass a non-empty group of inputs with their targets")
     taylor = torch.zeros_like(theta)
     gradient = torch.zeros_like(theta)
     for x, y in zip(inputs.split(chunk), targets.split(chunk)):
@@ -185,6 +188,9 @@ def keep_mask(scores: torch.Tensor, fraction: float, prunable: torch.Tensor,
     fraction of each group of coordinates (a threshold per component). Ties keep the lower index."""
     if not 0.0 < fraction <= 1.0:
         raise InputError(f"fraction kept {fraction} must lie in (0, 1]")
+    if scores.shape != prunable.shape:
+        raise InputError(f"scores of shape {tuple(scores.shape)} for a prunable mask of shape {tuple(prunable.shape)}: "
+                         "pass one score per coordinate of the flat parameter vector (the history's layout)")
     if bool(torch.isnan(scores).any()):
         raise InputError("the scores contain NaN: a criterion failed; check its inputs")
     keep = ~prunable
@@ -270,6 +276,9 @@ def verdicts(areas: pd.DataFrame, reference: str = "explaind") -> pd.DataFrame:
     rows = []
     for protocol, table in areas.groupby("protocol", sort=False):
         own = table[table["criterion"] == reference].set_index("split")
+        if own.empty:  # compared with nothing, the reference would "win" every row
+            raise InputError(f"reference={reference!r} has no areas under protocol {protocol!r}: choose one of the "
+                             f"criteria there, {table['criterion'].unique().tolist()}")
         for criterion, other in table[table["criterion"] != reference].groupby("criterion", sort=False):
             other = other.set_index("split").loc[own.index]
             for metric in METRICS:
@@ -277,7 +286,10 @@ def verdicts(areas: pd.DataFrame, reference: str = "explaind") -> pd.DataFrame:
                 better = sign * (own[metric] - other[metric])
                 verdict = "wins" if (better > 0).all() else "loses" if (better < 0).all() else "ties"
                 rows.append({"protocol": protocol, "metric": metric, "against": criterion,
-                             "reference": float(own[metric].mean()), "other": float(other[metric].mean()),
-                             "better_by": float(better.mean()), "spread": float(better.std(ddof=1)) if len(better) > 1 else 0.0,
+                             # skipna=False: a NaN area must not vanish from the means
+                             "reference": float(own[metric].mean(skipna=False)),
+                             "other": float(other[metric].mean(skipna=False)),
+                             "better_by": float(better.mean(skipna=False)),
+                             "spread": float(better.std(ddof=1, skipna=False)) if len(better) > 1 else 0.0,
                              "splits_better": int((better > 0).sum()), "splits": len(better), "verdict": verdict})
     return pd.DataFrame(rows)

@@ -146,8 +146,9 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
              for q, rule, kinks in settings]
     inputs = torch.as_tensor(inputs)
     shape, _ = history.input_spec()
-    if tuple(inputs.shape[1:]) != shape:
-        raise InputError(f"inputs have shape {tuple(inputs.shape)}; the model was trained on [batch, {shape}]")
+    if tuple(inputs.shape[1:]) != shape or not len(inputs):  # no input: nothing to reconstruct
+        raise InputError(f"inputs have shape {tuple(inputs.shape)}; the model was trained on [batch, {shape}]: "
+                         "pass a batch of at least one input shaped like the training inputs")
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
     def outputs(theta):
@@ -208,7 +209,15 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
 def restricted(reconstruction: xr.Dataset, tests) -> xr.Dataset:
     """The reconstruction of some of its inputs (labels `tests`), with the residual attributes
     recomputed over them: what reconstruct() of those inputs alone returns, up to rounding."""
-    out = reconstruction.sel(test=list(tests))
+    tests = np.atleast_1d(tests).tolist()
+    labels = reconstruction["test"].values.tolist()
+    known = set(labels)
+    missing = [t for t in tests if t not in known]
+    if not tests or missing:
+        shown = labels if len(labels) <= 10 else labels[:10] + ["…"]
+        raise InputError(f"tests must be a non-empty list of the reconstruction's test labels, got {tests[:10]} "
+                         f"(not labels: {missing[:10]}): choose among {shown}")
+    out = reconstruction.sel(test=tests)
     out.attrs = {**reconstruction.attrs, **residual_attrs(out["residual"], out["final"] - out["initial"])}
     return out
 
@@ -235,6 +244,10 @@ def with_refined(reconstruction: xr.Dataset, refined: xr.Dataset, tests) -> xr.D
     reconstruction of those inputs alone from the same history; the residual attributes are
     recomputed, and `refined_tests` lists the positions."""
     tests = np.asarray(tests, dtype=np.int64)
+    n = reconstruction.sizes["test"]
+    if tests.ndim != 1 or ((tests < 0) | (tests >= n)).any():
+        raise InputError(f"tests={tests.tolist()} must be a list of positions 0 … {n - 1} of the reconstruction's "
+                         "inputs: pass the positions of the refined inputs")
     if refined.attrs["history_sha256"] != reconstruction.attrs["history_sha256"]:
         raise InputError("the refined reconstruction comes from another history than the reconstruction: "
                          "reconstruct the refined inputs from the same history")

@@ -229,3 +229,28 @@ def test_subset_retraining_in_worker_processes_gives_the_same_outputs():
     two = datamodels.subset_outputs(*args, workers=2, progress=False)
     torch.testing.assert_close(one, two, rtol=0, atol=0)
     assert not torch.equal(one[0], one[1])  # the subsets' models differ, so the order is checked too
+
+
+def test_a_column_holding_nan_has_no_rank_correlation():
+    actual = np.array([[1.0, 1.0], [np.nan, 2.0], [3.0, 3.0], [2.0, 4.0]])  # a diverged retraining in column 0
+    rho = datamodels.lds(actual, np.arange(8.0).reshape(4, 2))
+    assert np.isnan(rho[0]) and rho[1] == pytest.approx(1.0)
+
+
+def test_tracin_refuses_inputs_and_targets_the_model_cannot_take(recorded):
+    history, model = ex.History(recorded.path), recorded.model
+    x, y = recorded.test_x, recorded.test_y
+    with pytest.raises(InputError, match=r"targets must lie in 0 … "):
+        datamodels.tracin_scores(history, model, x[:1], torch.tensor([99]), progress=False)
+    with pytest.raises(InputError, match=r"test inputs have shape \(2, 1\)"):
+        datamodels.tracin_scores(history, model, x[:2, :1], y[:2], progress=False)
+    with pytest.raises(InputError, match=rf"got 2 targets for {len(x)} inputs"):
+        datamodels.tracin_scores(history, model, x, y[:2], progress=False)
+
+
+def test_aligned_scores_and_bootstrap_refuse_arrays_of_another_shape():
+    scores = xr.DataArray(np.zeros((2, 3, 2)), dims=("train", "test", "output"), coords={"train": [0, 1]})
+    with pytest.raises(InputError, match=r"sel\(output=...\)"):
+        datamodels.aligned_scores(scores, 4)
+    with pytest.raises(InputError, match=r"predicted \{'a': \(5, 2\)\}"):
+        datamodels.bootstrap_lds(np.zeros((5, 3)), {"a": np.zeros((5, 2))}, resamples=3, progress=False)

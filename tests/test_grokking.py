@@ -485,3 +485,30 @@ def test_loss_spikes():
     log = pd.DataFrame({"step": range(6), "train_loss": [3.0, 1.0, 1e-4, 5e-2, 4e-2, 0.5]})
     assert grokking.loss_spikes(log) == [3, 5]
     assert grokking.loss_spikes(log, factor=100) == [3]
+
+
+def test_segment_refuses_a_series_with_nan():
+    with pytest.raises(InputError, match="NaN or inf"):
+        grokking.segment(np.array([0, 0, np.nan, 1, 1, 1, 5, 5.0]), 3)
+
+
+def test_phase_of_refuses_steps_before_the_first_phase():
+    phases = pd.DataFrame({"phase": [1, 2, 3], "start": [0, 3, 6]})
+    assert grokking.phase_of([0, 3, 5, 7], phases).tolist() == [1, 2, 2, 3]
+    with pytest.raises(InputError, match=r"steps \[-1\] come before the first phase"):
+        grokking.phase_of([-1, 4], phases)
+
+
+def test_data_attribution_refuses_no_windows(tiny_run, tiny_data):
+    history, _ = tiny_run
+    with pytest.raises(InputError, match="windows is empty"):
+        grokking.data_attribution(history, fresh_model(TINY), tiny_data.val_inputs[:1], tiny_data.val_targets[:1], [])
+
+
+def test_a_nan_residual_is_the_worst_bin_not_a_missing_one():
+    residuals = xr.Dataset({"change": (("step", "test"), [[1.0, -4.0], [0.5, 0.1]]),
+                            "residual": (("step", "test"), [[0.1, np.nan], [0.0, 0.2]])}, coords={"step": [0, 5]})
+    errors = grokking.bin_errors(residuals)
+    assert np.isnan(errors["max_residual"][0]) and errors["max_residual"][1] == 0.2
+    with pytest.raises(ReconstructionError, match="2 step bin.*from step 0 \\(nan\\)"):
+        grokking.check_bins(errors, 0.3)

@@ -63,7 +63,7 @@ def test_top_training_samples_orders_by_score():
     scores = cube.attribution.values.sum((0, 1))[:, 1, 0]  # train scores for test 1, output 0
     top = top_training_samples(cube, test=1, k=2, output=0)
     assert list(top["helpful"].train.values) == list(np.arange(4)[np.argsort(-scores)][:2] * 10)
-    assert list(top["harmful"].train.values) == list(np.arange(4)[np.argsort(scores)][:2] * 10)
+    assert (scores > 0).all() and len(top["harmful"]) == 0  # no negative score: nothing harmful
     with pytest.raises(InputError, match=r"several outputs.*\[0, 1\]"):
         top_training_samples(cube, test=1)
     with pytest.raises(InputError, match=r"output=5 is not in the cube.*\[0, 1\]"):
@@ -107,3 +107,34 @@ def test_replication_metrics_by_hand():
     kl1 = float((final[1].exp() * (final[1] - q)).sum())
     assert m["kl"] == pytest.approx(kl1 / 2, rel=1e-12)
     assert m["max_abs_residual"] == pytest.approx(float((final - rebuilt).abs().max()))
+
+
+def test_a_nan_in_the_cube_shows_in_every_score():
+    cube = make_cube()
+    cube["attribution"][0, 0, 0, 0, 0] = np.nan  # step 0, component a, train 0, test 0, output 0
+    assert np.isnan(data_scores(cube).sel(train=0, test=0, output=0))
+    assert np.isnan(step_scores(cube).sel(step=0, test=0, output=0))
+    assert np.isnan(component_shares(cube).sel(step=0)).all()
+    assert np.isnan(decay_share(cube).sel(step=0)) and not np.isnan(decay_share(cube).sel(step=1))
+    assert np.isnan(cosine_similarity(cube).values[0]).all()
+    with pytest.raises(InputError, match="contain NaN"):
+        top_training_samples(cube, test=0, output=0)
+
+
+def test_top_training_samples_keep_only_scores_of_their_sign():
+    cube = make_cube(train=8)
+    scores = data_scores(cube).sel(test=1, output=0).values
+    top = top_training_samples(cube, test=1, k=100, output=0)
+    assert (top["helpful"].values > 0).all() and (top["harmful"].values < 0).all()
+    assert len(top["helpful"]) == (scores > 0).sum() and len(top["harmful"]) == (scores < 0).sum()
+
+
+@pytest.mark.parametrize("test", [99, [0, 1]])
+def test_top_training_samples_need_one_test_label(test):
+    with pytest.raises(InputError, match=r"single one of \[0, 1\]"):
+        top_training_samples(make_cube(), test=test, output=0)
+
+
+def test_cosine_similarity_refuses_an_unusable_dim():
+    with pytest.raises(InputError, match=r"over='test'.*\['train', 'component'\]"):
+        cosine_similarity(make_cube(), over="test")

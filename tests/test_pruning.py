@@ -249,3 +249,28 @@ def test_split_scores_combine_the_groups_of_a_split():
     first = pruning.split_scores(per_group, np.array([True, False]), theta, generator)
     assert first["taylor"].tolist() == [0.1, 0.2, 0.3]
     assert not torch.equal(both["random"], first["random"])  # a fresh draw per split
+
+
+def test_verdicts_refuse_a_reference_absent_from_the_table():
+    areas = pd.DataFrame([{"split": 0, "protocol": "global", "criterion": c, "accuracy": a, "agreement": a, "kl": 1 - a}
+                          for c, a in (("magnitude", 0.9), ("random", 0.5))])
+    with pytest.raises(InputError, match=r"reference='explaind'.*\['magnitude', 'random'\]"):
+        pruning.verdicts(areas)
+
+
+def test_keep_mask_refuses_scores_of_another_length():
+    with pytest.raises(InputError, match=r"scores of shape \(10,\) for a prunable mask of shape \(67,\)"):
+        pruning.keep_mask(torch.rand(10, dtype=torch.float64), 0.5, torch.ones(67, dtype=torch.bool))
+
+
+def test_gradient_scores_refuse_an_empty_group(recorded):
+    flat, _ = flat_model(recorded)
+    with pytest.raises(InputError, match="at least one input"):
+        pruning.gradient_scores(flat, recorded.thetas[-1], recorded.test_x[:0], recorded.test_y[:0], CROSS_ENTROPY)
+
+
+def test_verdicts_keep_a_nan_area_in_the_means():
+    areas = pd.DataFrame([{"split": s, "protocol": "global", "criterion": c, "accuracy": a, "agreement": a, "kl": 0.1}
+                          for s in (0, 1) for c, a in (("explaind", 0.9 if s else np.nan), ("magnitude", 0.5))])
+    row = pruning.verdicts(areas).set_index("metric").loc["accuracy"]
+    assert np.isnan(row["reference"]) and np.isnan(row["better_by"]) and row["verdict"] == "ties"

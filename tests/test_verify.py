@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import explaind as ex
+from explaind.verify import reconstruct, restricted, with_refined
 from engine_cases import Case, make_data
 
 
@@ -49,3 +50,26 @@ def test_a_real_mismatch_at_a_small_learning_rate_still_fails(tmp_path):
     model = record(tmp_path / "h", clip_from=9)
     with pytest.raises(ex.ReconstructionError, match="step 9's recorded update.*rounding of the stored parameters"):
         ex.verify_updates(tmp_path / "h", model)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("verify") / "h"
+    model = record(path, steps=2)
+    return path, model, make_data("mlp", 16, 0, 0)[0][:3]
+
+
+def test_reconstruct_refuses_zero_inputs(short_run):
+    path, model, x = short_run
+    with pytest.raises(ex.InputError, match=r"shape \(0, .*at least one input"):
+        reconstruct(path, model, x[:0], progress=False)
+
+
+def test_restricted_and_with_refined_refuse_tests_they_cannot_select(short_run):
+    path, model, x = short_run
+    rec = reconstruct(path, model, x, progress=False)
+    for tests in ([], [99]):
+        with pytest.raises(ex.InputError, match=r"non-empty list of the reconstruction's test labels.*\[0, 1, 2\]"):
+            restricted(rec, tests)
+    with pytest.raises(ex.InputError, match=r"tests=\[5\] must be a list of positions 0 … 2"):
+        with_refined(rec, restricted(rec, [0]), [5])
