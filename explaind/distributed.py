@@ -13,7 +13,11 @@ merges them into exactly the cube one process writes and returns it (the others 
   repeated except the per-sample gradients of the training batches.
 - split="steps": each process explains a contiguous range of update steps; it first replays
   the momentum of the earlier steps (per-sample gradients only, no Jacobians). Update-step
-  convention only; parameter-wise scores need all steps in one process.
+  convention only; parameter-wise scores need all steps in one process. With
+  steps=(start, stop), the ranges divide that window.
+
+Every part records a fingerprint of its request (see explaind.resumable): a part stored for
+another request, or by an older call without one, is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import torch.distributed as dist
 import xarray as xr
 
 from .cube import open_cube, residual_attrs, save_cube
-from .engine import _check_residual, explain
+from .engine import _check_residual, _step_range, explain
 from .errors import InputError
 from .history import History
 
 SPLITS = ("test", "steps")
+# a stored part's request fingerprint and rank (explaind.resumable.request_fingerprint)
+REQUEST_ATTR = "resumable_request_sha256"
+PART_ATTR = "resumable_part"
 
 
 def part_path(parts_dir: str | os.PathLike, rank: int) -> Path:
@@ -43,6 +50,12 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """The [start, stop) of rank's contiguous share of n items (sizes differ by at most 1)."""
     edges = np.linspace(0, n, world_size + 1).round().astype(int)
     return int(edges[rank]), int(edges[rank + 1])
+
+
+def step_window(history: History, options: dict) -> tuple[int, int]:
+    """The [start, stop) of the update steps that explain(**options) covers, checked."""
+    return _step_range(options.get("steps"), history.n_steps, options.get("convention", "update"),
+                       options.get("parameter_scores", False))
 
 
 def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int, world_size: int, **kwargs):
@@ -59,15 +72,18 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
         return explain(history, model, inputs[start:stop],
                        None if targets is None else targets[start:stop],
                        test_ids=test_ids[start:stop], **kwargs)
-    start, stop = shard_bounds(history.n_steps, rank, world_size)
+    first, last = step_window(history, kwargs)
+    kwargs.pop("steps", None)  # replaced by this part's share of the window
+    start, stop = (first + bound for bound in shard_bounds(last - first, rank, world_size))
     if start == stop:
-        raise InputError(f"{world_size} processes for {history.n_steps} steps: use fewer processes")
+        raise InputError(f"{world_size} processes for {last - first} steps: use fewer processes")
     # the parts are checked once merged: a part's own residual covers only its steps
     return explain(history, model, inputs, targets, steps=(start, stop), **kwargs)
 
 
 def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
     """Combine the parts of explain_shard, in rank order, into one cube."""
+    _check_same_coords(parts, split)
     if split == "test":
         merged = _merge_by_test(parts)
     else:
@@ -83,7 +99,32 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         kinks_located=sum(int(p.attrs["kinks_located"]) for p in parts),
         kink_segments_unresolved=sum(int(p.attrs["kink_segments_unresolved"]) for p in parts),
     )
+    for key in (REQUEST_ATTR, PART_ATTR):  # a part's, not the whole cube's
+        merged.attrs.pop(key, None)
     return merged
+
+
+def _check_same_coords(parts: list[xr.Dataset], split: str) -> None:
+    """Refuse parts labelled differently: xarray would add them over the common labels only,
+    silently dropping the rest (all of them for other component names: a cube of zeros)."""
+    def labels(part: xr.Dataset) -> dict:
+        return {name: coord for name, coord in part.coords.items() if not (split == "test" and "test" in coord.dims)}
+
+    first = labels(parts[0])
+    for rank, part in enumerate(parts[1:], start=1):
+        other = labels(part)
+        for name in sorted(first.keys() | other.keys()):
+            if name not in first or name not in other or not first[name].equals(other[name]):
+                raise InputError(
+                    f"part {rank} has other {name!r} labels than part 0 "
+                    f"({_shown(other.get(name))} vs {_shown(first.get(name))}): the parts were computed "
+                    "for different requests (components, outputs, step_bins, keep, ...) and cannot be "
+                    "added. Fix: compute every part with the same options, into a new parts_dir"
+                )
+
+
+def _shown(coord) -> str:
+    return "none" if coord is None else str(coord.values.tolist())[:200]
 
 
 def _merge_by_test(parts: list[xr.Dataset]) -> xr.Dataset:
@@ -101,16 +142,24 @@ def _merge_by_test(parts: list[xr.Dataset]) -> xr.Dataset:
 def explain_distributed(history, model, inputs, targets=None, *, split: str = "test",
                         parts_dir: str | os.PathLike, **kwargs) -> xr.Dataset | None:
     """explain() across the processes of a torchrun launch; process 0 returns the cube."""
+    from .resumable import is_stored, request_fingerprint  # resumable imports this module
+
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if str(kwargs.get("device", "cpu")).startswith("cuda"):
         kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     tolerance = kwargs.pop("tolerance", 1e-4)
+    history = history if isinstance(history, History) else History(history)
+    request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **kwargs)
+    # every process checks every part, so that all of them refuse together, before computing
+    for r in range(world_size):
+        is_stored(part_path(parts_dir, r), request, r)
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
                          world_size=world_size, tolerance=None, **kwargs)
+    part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    save_cube(part, part_path(parts_dir, rank), overwrite=True)
+    save_cube(part, part_path(parts_dir, rank), overwrite=True)  # this request's own part, if any
     dist.barrier()
     if rank != 0:
         return None

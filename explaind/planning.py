@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .engine import _Pass, _build_request, _kept_sizes, explain, pass_bytes, plan_chunks, walks_backwards
@@ -39,7 +40,7 @@ class Plan:
     device_bytes: int  # peak of one pass on the compute device
     host_bytes: int  # step records in flight (prefetch) and the cube's accumulators on the host
     history_bytes: int  # the recorded history on disk, read once per pass
-    cube_bytes: int  # the attribution cube, uncompressed
+    cube_bytes: int  # the attribution array and any parameter scores, uncompressed
     seconds_per_step: float | None = None  # calibrated on the first steps of the first pass
     seconds: float | None = None  # passes x steps x seconds_per_step
 
@@ -87,6 +88,9 @@ def describe(request) -> Plan:
     kept = _kept_sizes(request, n_test, n_train)
     size = torch.finfo(request.flat.dtype).bits // 8
     cube_bytes = kept[0] * kept[1] * kept[2] * kept[3] * size
+    if request.parameter_scores:  # cube.PARAMETER_SCORES: 3 x [kept rows, D], and D int32 tensor ids
+        d = request.flat.layout.dim
+        cube_bytes += 3 * kept[0] * d * size + d * np.dtype(np.int32).itemsize
     step_bytes = max(line["bytes"] for line in history.manifest)
     return Plan(
         n_steps=history.n_steps, n_params=request.flat.layout.dim, n_test=n_test,

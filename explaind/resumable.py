@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,17 +26,16 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .components import group_tensors
 from .cube import open_cube, save_cube
-from .distributed import SPLITS, explain_shard, merge, part_path
+from .distributed import PART_ATTR, REQUEST_ATTR, SPLITS, explain_shard, merge, part_path, step_window
 from .engine import _check_residual
 from .errors import InputError
 from .history import History
 
-REQUEST_ATTR = "resumable_request_sha256"
-PART_ATTR = "resumable_part"
-# options that change how a part is computed (memory, device), not what it holds: a run
-# killed on one machine may be finished on another
-EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "memory_budget")
+# options that change how a part is computed (memory, device, display), not what it holds: a
+# run killed on one machine may be finished on another
+EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "memory_budget", "progress")
 
 
 def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | os.PathLike, n_parts: int,
@@ -43,15 +43,20 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
                       **kwargs) -> xr.Dataset:
     """explain(history, model, inputs, targets, **kwargs) in `n_parts` stored parts.
 
-    split="steps" divides the update steps into n_parts contiguous ranges (update-step
-    convention; each part replays the momentum of the steps before it), split="test" the
-    test inputs. Run the same call again after an interruption to continue it.
+    split="steps" divides the update steps (those of `steps=(start, stop)` if given) into
+    n_parts contiguous ranges (update-step convention; each part replays the momentum of the
+    steps before it), split="test" the test inputs. Run the same call again after an
+    interruption to continue it.
     """
     history = history if isinstance(history, History) else History(history)
-    _check_parts(split, n_parts, history.n_steps if split == "steps" else len(inputs))
+    if split == "steps":
+        start, stop = step_window(history, kwargs)
+        _check_parts(split, n_parts, stop - start)
+    else:
+        _check_parts(split, n_parts, len(inputs))
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=n_parts, **kwargs)
     paths = [part_path(parts_dir, rank) for rank in range(n_parts)]
-    missing = [rank for rank, path in enumerate(paths) if not _is_stored(path, request, rank)]
+    missing = [rank for rank, path in enumerate(paths) if not is_stored(path, request, rank)]
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
         for rank in missing:
@@ -63,8 +68,6 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     # merged from the stored parts only, so that a resumed call and an uninterrupted one
     # combine the very same numbers
     merged = merge([open_cube(path).load() for path in paths], split)
-    for key in (REQUEST_ATTR, PART_ATTR):
-        del merged.attrs[key]
     _check_residual(merged, tolerance)
     return merged
 
@@ -77,7 +80,7 @@ def _check_parts(split: str, n_parts: int, n_items: int) -> None:
         raise InputError(f"n_parts={n_parts} for {n_items} {what}: use 1 … {n_items} parts")
 
 
-def _is_stored(path: Path, request: str, rank: int) -> bool:
+def is_stored(path: Path, request: str, rank: int) -> bool:
     """Whether part `rank` of this request is stored at `path`; refuses another request's."""
     if not path.exists():
         return False
@@ -86,14 +89,17 @@ def _is_stored(path: Path, request: str, rank: int) -> bool:
     if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
         raise InputError(
             f"{path} holds a part computed for a different request (another history, model, "
-            "inputs, targets, split, n_parts or explain option): it is neither reused nor "
-            "overwritten. Pass a new parts_dir, or delete the old parts to recompute them"
+            "inputs, targets, split, n_parts / number of processes or explain option): it is "
+            "neither reused nor overwritten. Pass a new parts_dir, or delete the old parts to "
+            "recompute them"
         )
     return True
 
 
 def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> str:
     """A sha256 of everything that determines a part's numbers."""
+    if "components" in options:  # the grouping decides the cube, not how it was spelled
+        options = {**options, "components": group_tensors(history.layout.names, options["components"])}
     described = {
         "history": history.fingerprint(),
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -124,8 +130,18 @@ def _canonical(value):
         return value.item()
     if isinstance(value, torch.dtype):
         return str(value)
-    if callable(value):  # a custom loss or component function: identified by its name
-        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, types.FunctionType):  # e.g. a custom loss: every lambda is '<lambda>'
+        return {"function": f"{value.__module__}.{value.__qualname__}", "code": _code(value.__code__),
+                "defaults": _canonical(value.__defaults__),
+                "closure": _canonical([cell.cell_contents for cell in value.__closure__ or ()])}
+    if callable(value):  # a callable object: identified by its class and attributes
+        return {"callable": f"{type(value).__module__}.{type(value).__qualname__}", "repr": repr(value)}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
+
+
+def _code(code: types.CodeType) -> list:
+    """What a function's code does (bytecode, constants, names), not where it was defined."""
+    constants = [_code(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return [hashlib.sha256(code.co_code).hexdigest(), constants, list(code.co_names)]

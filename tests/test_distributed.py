@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.distributed as dist
 import xarray as xr
 from safetensors.torch import save_file
 
 import explaind as ex
 import explaind.resumable as resumable
 from engine_cases import Case, train
-from explaind.distributed import merge, shard_bounds
+from explaind.distributed import explain_distributed, merge, shard_bounds
 from explaind.resumable import explain_resumable
 
 WORKER = Path(__file__).parent / "workers" / "explain_distributed.py"
@@ -172,3 +173,91 @@ def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):
     with pytest.raises(ex.InputError, match="(?s)n_parts=8.*7 update steps.*1 … 7"):
         explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=8, **OPTIONS)
     assert computed_parts == [] and not (tmp_path / "parts").exists()
+
+
+def by_kind(name):
+    return "weights" if name.endswith("weight") else "others"
+
+
+def by_module(name):
+    return name.split(".")[0]
+
+
+def test_resumed_with_another_components_function_is_refused(run, tmp_path, computed_parts):
+    """Two lambdas share the name '<lambda>': the grouping they make identifies them."""
+    def call(components):
+        return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2,
+                                 components=components, **{**OPTIONS, "keep": ("component", "test")})
+
+    computed_parts.stop_at = 1
+    with pytest.raises(Interrupted):
+        call(lambda n: by_kind(n))
+    stored = files_on_disk(tmp_path / "parts")
+    computed_parts.stop_at = None
+    with pytest.raises(ex.InputError, match="(?s)part-00000.zarr.*different request.*new parts_dir"):
+        call(lambda n: by_module(n))
+    assert files_on_disk(tmp_path / "parts") == stored and computed_parts == [0]
+    # the same grouping, spelled as a mapping, resumes
+    names = ex.History(run.path).layout.names
+    resumed = call({group: [n for n in names if by_kind(n) == group] for group in ("weights", "others")})
+    assert computed_parts == [0, 1]
+    assert_same_cube(resumed, run.explain(components=by_kind, **{**OPTIONS, "keep": ("component", "test")}))
+
+
+def test_fingerprint_tells_functions_apart_by_what_they_do(run):
+    history = ex.History(run.path)
+
+    def fingerprint(**options):
+        return resumable.request_fingerprint(history, run.model, run.test_x, None, **options)
+
+    assert fingerprint(loss=lambda o, t: (o - t) ** 2) != fingerprint(loss=lambda o, t: abs(o - t))
+    assert fingerprint(loss=lambda o, t: (o - t) ** 2) == fingerprint(loss=lambda o, t: (o - t) ** 2)
+    assert fingerprint(components=by_module) != fingerprint(components=by_kind)
+    assert fingerprint(components="tensor") == fingerprint(components=lambda n: n)
+
+
+@pytest.mark.parametrize("split", ["steps", "test"])
+def test_merge_refuses_parts_with_other_labels(run, split):
+    """xarray would add parts over their common labels only: other component names, none."""
+    from explaind.distributed import explain_shard
+
+    parts = [explain_shard(run.path, run.model, run.test_x, split=split, rank=r, world_size=2,
+                           components=components, keep=("component", "test"), step_bins=3, progress=False,
+                           tolerance=None)
+             for r, components in enumerate([by_kind, by_module])]
+    with pytest.raises(ex.InputError, match="(?s)part 1 has other 'component' labels.*same options"):
+        merge(parts, split)
+
+
+def test_resumable_splits_a_step_window(run, tmp_path, computed_parts):
+    window = dict(OPTIONS, steps=(2, 7))
+    with pytest.raises(ex.InputError, match="(?s)n_parts=6 for 5 update steps.*1 … 5"):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=6, **window)
+    cube = explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2, **window)
+    assert computed_parts == [0, 1]
+    assert_same_cube(cube, run.explain(**window))
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """explain_distributed as the only process of a gloo group, in this process."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", free_port())
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_distributed_refuses_to_overwrite_another_requests_parts(run, tmp_path, one_process_group):
+    parts_dir = tmp_path / "parts"
+    explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, split="test", **OPTIONS)
+    stored = files_on_disk(parts_dir)
+    with pytest.raises(ex.InputError, match="(?s)part-00000.zarr.*different request.*new parts_dir"):
+        explain_distributed(run.path, run.model, run.test_x, parts_dir=parts_dir, **OPTIONS)
+    assert files_on_disk(parts_dir) == stored
+    # its own parts, from an earlier launch of the same request, are replaced
+    first = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "own", **OPTIONS)
+    again = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "own", **OPTIONS)
+    xr.testing.assert_identical(again, first)

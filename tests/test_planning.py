@@ -87,3 +87,13 @@ def test_explain_prints_its_plan_before_computing(run, capsys):
     run.explain(keep=("test",), quadrature=2, progress=True, tolerance=None)
     printed = capsys.readouterr()
     assert "passes" in printed.out + printed.err and "history" in printed.out + printed.err
+
+
+def test_plan_counts_the_parameter_scores(run):
+    options = dict(keep=("test", "output"), parameter_scores=True, quadrature=2)
+    plan = ex.plan(run.path, run.model, run.test_x, run.test_y, **options)
+    cube = run.explain(tolerance=None, **options)
+    scores = sum(cube[name].values.nbytes for name in ("parameter_score", "parameter_score_signed",
+                                                         "parameter_score_stepwise_abs"))
+    assert plan.cube_bytes == cube["attribution"].values.nbytes + scores + cube["parameter_tensor"].values.nbytes
+    assert plan.host_bytes >= 2 * plan.cube_bytes
