@@ -194,23 +194,35 @@ def test_killed_between_the_resume_tensors_and_resume_json(uninterrupted, tmp_pa
     assert_same_history(path, uninterrupted)
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "older format"])
-def test_damaged_resume_state_is_refused(tmp_path, damage):
-    path = tmp_path / "crashed"
-    with pytest.raises(Crash):
-        record(path, crash_at=CRASH_AT)
+def damage_resume_state(path: Path, damage: str) -> str:
+    """Damage the resume state of a crashed run; returns what the refusal must say."""
     if damage == "flipped byte":
         file = path / resume_tensors_file(path)
         data = bytearray(file.read_bytes())
         data[-5] ^= 0x01
         file.write_bytes(bytes(data))
-    else:  # resume.json as explaind wrote it before naming its tensors file
+        return "resume.json.*corrupted.*overwrite=True"
+    if damage == "older format":  # resume.json as explaind wrote it before naming its tensors file
         info = json.loads((path / "resume.json").read_text())
         del info["tensors"], info["tensors_sha256"]
         (path / "resume.json").write_text(json.dumps(info))
+        return "older explaind.*overwrite=True"
+    if damage == "corrupt resume.json":
+        (path / "resume.json").write_text("{bad")
+        return "resume.json.*Fix"
+    file = resume_tensors_file(path)  # deleted
+    (path / file).unlink()
+    return f"{file}.*Fix"
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "older format", "corrupt resume.json", "resume tensors deleted"])
+def test_damaged_resume_state_is_refused(tmp_path, damage):
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    words = damage_resume_state(path, damage)
     model, optimizer, scheduler = fresh_objects(0)
-    words = "resume.json.*corrupted" if damage == "flipped byte" else "older explaind"
-    with pytest.raises(ex.HistoryError, match=f"(?s){words}.*overwrite=True"):
+    with pytest.raises(ex.HistoryError, match=f"(?s){words}"):
         ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
 
 
@@ -692,22 +704,6 @@ def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
     damage(path)
     with pytest.raises(ex.HistoryError, match=f"(?s){file}.*Fix: restore the history"):
         ex.History(path).params(0)
-
-
-@pytest.mark.parametrize("damage", ["corrupt resume.json", "resume tensors deleted"])
-def test_damaged_resume_files_are_refused_naming_the_file(tmp_path, damage):
-    path = tmp_path / "crashed"
-    with pytest.raises(Crash):
-        record(path, crash_at=CRASH_AT)
-    if damage == "corrupt resume.json":
-        file = "resume.json"
-        (path / file).write_text("{bad")
-    else:
-        file = resume_tensors_file(path)
-        (path / file).unlink()
-    model, optimizer, scheduler = fresh_objects(0)
-    with pytest.raises(ex.HistoryError, match=f"(?s){file}.*Fix"):
-        ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
 
 
 def test_a_tensor_learning_rate_is_recorded_and_resumed(tmp_path):
