@@ -25,29 +25,38 @@ PYTEST_ARGS ?=
 # pytest-xdist workers. The notebook and end-to-end tests share one `dvc repro` and so run on one
 # worker (--dist loadgroup), the longest part of the suite; the rest fits beside it on a second.
 TEST_WORKERS ?= 2
+# Extra package index for torch: PyTorch's wheel index for your CUDA version, for a CUDA build.
 TORCH_INDEX ?=
 
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.explaind-setup
+# The knobs setup was run with: setup reruns when they change, not only when pyproject.toml does.
+SETTINGS := $(VENV)/.explaind-settings
 # dvc.yaml's commands call `python`: make sure that is the environment's interpreter.
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data repro repro-paper test plots clean-venv
+.PHONY: help setup data repro repro-paper test plots clean-venv FORCE
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
 setup: $(STAMP)  ## create .venv, install explaind[dev], register the Jupyter kernel
 
-# Rebuilt only when pyproject.toml changes (or the stamp is deleted).
-$(STAMP): pyproject.toml
+# Rebuilt only when pyproject.toml or the knobs change (or the stamp is deleted).
+$(STAMP): pyproject.toml $(SETTINGS)
+	@test -n "$(EXTRAS)" || { echo "EXTRAS is empty, but the pipeline and the tests need explaind[pipeline] or [dev]: leave EXTRAS=dev (the default)"; exit 1; }
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "explaind needs Python >= 3.10, got " + sys.version'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" > /dev/null
 	@touch $@
 	@echo "setup done: $(VENV) with explaind[$(EXTRAS)] and Jupyter kernel '$(KERNEL)'"
+
+# rewritten only when the knobs differ from the last setup's, so that an unchanged setup stays done
+$(SETTINGS): FORCE
+	@mkdir -p $(VENV)
+	@echo 'EXTRAS=$(EXTRAS) TORCH_INDEX=$(TORCH_INDEX)' | cmp -s - $@ || echo 'EXTRAS=$(EXTRAS) TORCH_INDEX=$(TORCH_INDEX)' > $@
 
 data: setup  ## rebuild data/ (dvc pull with a remote, else the export) and check it against data.dvc
 	$(BIN)/python -m explaind.pipeline data
@@ -59,6 +68,7 @@ repro-paper: setup data  ## run the pipeline as a DVC experiment with the paper 
 	set -f; $(BIN)/dvc exp run $$($(BIN)/python -m explaind.pipeline set-args params_paper.yaml)
 
 plots: setup  ## render the training curves to dvc_plots/index.html
+	@ls reports/train_*/curves.csv > /dev/null 2>&1 || { echo "no training curves in reports/: run make repro first"; exit 1; }
 	$(BIN)/dvc plots show
 
 test: setup  ## run the whole test suite

@@ -6,13 +6,17 @@
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 exec > >(tee "${1:-gpu_check.log}") 2>&1
-nvidia-smi -L
-python3 -c "import torch, xarray; print('torch', torch.__version__, 'xarray', xarray.__version__, torch.cuda.get_device_name())"
+# without a GPU every part would fail: stop at once
+nvidia-smi -L || { echo "no NVIDIA GPU here (nvidia-smi failed): nothing to check"; exit 1; }
+python3 -c "import torch, xarray; print('torch', torch.__version__, 'xarray', xarray.__version__, torch.cuda.get_device_name())" || exit 1
+failed=0
 part() {
-    local limit=$1 start=$SECONDS; shift
+    local limit=$1 start=$SECONDS status; shift
     echo; echo "=== $* (limit ${limit} s, $(date +%T))"
     timeout "$limit" "$@"
-    echo "=== exit status $? after $((SECONDS - start)) s"
+    status=$?
+    echo "=== exit status $status after $((SECONDS - start)) s"
+    [ "$status" -eq 0 ] || failed=$((failed + 1))
 }
 part 40 python3 benchmarks/paper_scale.py contraction
 part 90 python3 benchmarks/paper_scale.py transformer --steps 20 --views data
@@ -22,3 +26,5 @@ part 40 python3 benchmarks/reference_workload.py --quick --repeat 2 --device cud
 # the engine's brute-force tests with every explain() on the GPU (the cube round trip needs zarr)
 part 120 env EXPLAIND_TEST_DEVICE=cuda python3 -m pytest tests/test_engine.py -q -p no:cacheprovider \
     --maxfail=5 --deselect tests/test_engine.py::test_save_and_open_cube_round_trip
+echo; echo "=== $failed part(s) failed"
+exit $((failed > 0))

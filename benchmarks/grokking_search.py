@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from explaind.errors import InputError
 from explaind.training import TransformerConfig, train_transformer
 
 
@@ -105,7 +106,10 @@ def main() -> None:
     else:
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TransformerConfig)
                  if getattr(args, f.name) is not None}
-        configs = [dataclasses.replace(TransformerConfig(**given), seed=s) for s in args.seeds]
+        try:  # the config's own range checks, named by their flags
+            configs = [dataclasses.replace(TransformerConfig(**given), seed=s) for s in args.seeds]
+        except InputError as error:
+            parser.error(str(error).replace("train_transformer.", "--").split(". Fix:")[0].replace("_", "-"))
 
     fields = [f.name for f in dataclasses.fields(TransformerConfig)]
     columns = fields + ["t_mem", "t_val_95", "t_val_100", "steps", "val_acc", "wall_time_s",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import explaind as ex
 from explaind.data import load_image_pair, modular_addition
+from explaind.functional import compute_device
 from explaind.models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS, ModAddTransformer, ResNet9
 from explaind.training import TransformerConfig, train_transformer
 
@@ -221,6 +222,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="where a CIFAR-10 archive may be")
     parser.add_argument("--root", type=Path, default=None, help="where histories go (default: a temporary folder)")
     args = parser.parse_args()
+    try:  # before any torch.cuda call: a device torch cannot use is refused with the library's fix
+        compute_device(args.device)
+    except ex.InputError as error:
+        parser.error(str(error))
     if args.workload == "contraction":
         contraction(args)
         return

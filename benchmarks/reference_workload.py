@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import explaind as ex
 from explaind.data import modular_addition
+from explaind.functional import compute_device
 from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer
 
 P = 23
@@ -74,13 +75,24 @@ def workload(root: Path, repeat: int, n_test=10, dtype=torch.float32, quadrature
     )
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the reference numbers")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=positive, default=3, help="timed calls after the first (at least 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="compute device of explain(): cpu, cuda, cuda:1 ...")
     args = parser.parse_args()
+    try:  # before any torch.cuda call: a device torch cannot use is refused with the library's fix
+        compute_device(args.device)
+    except ex.InputError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
