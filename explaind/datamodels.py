@@ -81,9 +81,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     loss = resolve_loss(history.loss)[1]
     x, select = _checked_inputs(history, flat, inputs, targets)
-    train_index = history.train_indices()
-    column = torch.full((int(train_index.max()) + 1,), -1, dtype=torch.long)
-    column[train_index] = torch.arange(len(train_index))
+    train_index = history.train_indices()  # sorted: a sample's column is found by binary search
     groups = group_index(history, flat)
     scores = torch.zeros(len(train_index), len(x), dtype=dtype, device=flat.device)
     for rec in tqdm(history.steps(start, stop), total=stop - start, desc="TracIn", disable=not progress, leave=False):
@@ -96,7 +94,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
             products = flat.per_sample_directional(theta, batch_x, batch_y, loss, directions).T
         else:
             products = flat.per_sample_gradients(theta, batch_x, batch_y, loss) @ directions.T
-        scores.index_add_(0, column[rec.indices].to(flat.device), -weights[:, None] * products)  # [B, T]
+        scores.index_add_(0, torch.searchsorted(train_index, rec.indices).to(flat.device), -weights[:, None] * products)  # [B, T]
     return xr.DataArray(scores.cpu().numpy(), dims=("train", "test"),
                         coords={"train": train_index.numpy(), "test": np.arange(len(x))})
 

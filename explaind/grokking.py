@@ -34,7 +34,7 @@ from .errors import InputError, ReconstructionError
 from .history import History
 from .models import TRANSFORMER_COMPONENTS
 from .parallel import run_all
-from .training import DTYPES, TransformerConfig, first_step, require, train_transformer
+from .training import DTYPES, TransformerConfig, first_step, check_ranges, train_transformer
 
 PIPELINE = ("attention", "mlp_in")
 OUTER = ("embedding", "mlp_out", "unembedding")
@@ -92,7 +92,7 @@ class GrokkingConfig:
     reinit_std: float = 0.0  # std of the re-initialised layers' normal init; 0 = the model's own init
 
     def __post_init__(self):
-        for key, ok, rule in (
+        check_ranges("grokking", self, (
             ("val_inputs", self.val_inputs >= 1, "at least 1"),
             ("train_inputs", self.train_inputs >= 0, "at least 0"),
             ("step_bins", self.step_bins >= 1, "at least 1"),
@@ -113,8 +113,7 @@ class GrokkingConfig:
             ("retrain_target", 0 < self.retrain_target <= 1, "in (0, 1]"),
             ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
             ("reinit_std", self.reinit_std >= 0, "at least 0 (0: the model's own init)"),
-        ):
-            require(ok, "grokking", key, getattr(self, key), rule)
+        ))
 
 
 # --- components ---------------------------------------------------------------------------

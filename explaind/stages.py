@@ -23,7 +23,7 @@ import xarray as xr
 
 from .cube import PARAMETER_SCORES, per_parameter, residual_attrs
 from .errors import ExplaindError, InputError, ReconstructionError
-from .training import DTYPES, require  # DTYPES re-exported: the notebooks read it from here
+from .training import DTYPES, check_ranges  # DTYPES re-exported: the notebooks read it from here
 
 MODELS = ("cnn", "transformer")
 CONFIG_FILE = "config.json"  # the training config, saved next to model.safetensors
@@ -67,7 +67,7 @@ class VerifyConfig:
 
     def __post_init__(self):
         # refused here so that the message names these keys (the library's names its own arguments)
-        for key, ok, rule in (
+        check_ranges(f"verify.{self.model}", self, (
             ("inputs", self.inputs >= 0, "at least 0 (0: the whole held-out set)"),
             ("quadrature", self.quadrature >= 1, "at least 1"),
             ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
@@ -83,8 +83,7 @@ class VerifyConfig:
             ("refine_max_kinks", self.refine_max_kinks >= 1, "at least 1"),
             ("tolerance", self.tolerance >= 0, "at least 0"),
             ("min_agreement", 0 <= self.min_agreement <= 1, "in [0, 1]"),
-        ):
-            require(ok, f"verify.{self.model}", key, getattr(self, key), rule)
+        ))
         if self.refine_kink_tolerance > 0 and not self.refine_breakpoints:
             raise InputError(
                 f"verify.{self.model}: refine_kink_tolerance={self.refine_kink_tolerance} chooses the steps whose "
@@ -108,14 +107,13 @@ class CubesConfig:
     top_k: int = 8  # most helpful / harmful training samples shown per explained input
 
     def __post_init__(self):
-        for key, ok, rule in (
+        check_ranges(f"cubes.{self.model}", self, (
             ("tests", self.tests >= 1, "at least 1"),
             ("step_bins", self.step_bins >= 1, "at least 1"),
             ("tolerance", self.tolerance >= 0, "at least 0"),
             ("verify_tolerance", self.verify_tolerance >= 0, "at least 0"),
             ("top_k", self.top_k >= 0, "at least 0"),
-        ):
-            require(ok, f"cubes.{self.model}", key, getattr(self, key), rule)
+        ))
 
 
 # --- a trained run ------------------------------------------------------------------------

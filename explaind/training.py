@@ -31,12 +31,14 @@ from .models import ModAddTransformer, ResNet9
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def require(ok: bool, section: str, key: str, value, rule: str) -> None:
+def check_ranges(section: str, config, rules) -> None:
     """Refuse a config value out of range when the config is built, so that a pipeline stage stops
-    before it deletes or trains anything; the message names the params.yaml key and the fix."""
-    if not ok:
-        raise InputError(f"{section}.{key} is {value!r}, but it must be {rule}. Fix: set {section}.{key} "
-                         "in the params file to such a value")
+    before it deletes or trains anything; the message names the params.yaml key and the fix.
+    rules: (key, whether its value is in range, the range in words)."""
+    for key, ok, rule in rules:
+        if not ok:
+            raise InputError(f"{section}.{key} is {getattr(config, key)!r}, but it must be {rule}. Fix: set "
+                             f"{section}.{key} in the params file to such a value")
 
 
 @dataclass
@@ -64,7 +66,7 @@ class TransformerConfig:
 
     def __post_init__(self):
         pairs = self.p * (self.p + 1) // 2 if self.only_a_ge_b else self.p**2
-        for key, ok, rule in (
+        check_ranges("train_transformer", self, (
             ("p", self.p >= 2, "at least 2"),
             ("train_size", self.train_size >= 1, "at least 1"),
             ("val_size", self.val_size >= 1, "at least 1: the run stops on validation accuracy"),
@@ -83,8 +85,7 @@ class TransformerConfig:
             ("stop_val_acc", 0 < self.stop_val_acc <= 1,
              "in (0, 1]: the validation accuracy at which a run that has memorised stops"),
             ("dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}"),
-        ):
-            require(ok, "train_transformer", key, getattr(self, key), rule)
+        ))
 
     @classmethod
     def paper(cls) -> "TransformerConfig":
@@ -114,7 +115,7 @@ class CNNConfig:
     dtype: str = "float64"  # "float64" makes the decomposition exact to rounding; or "float32"
 
     def __post_init__(self):
-        for key, ok, rule in (
+        check_ranges("train_cnn", self, (
             ("dataset", self.dataset in ("digits", "cifar2"), "'digits' or 'cifar2'"),
             ("classes", len(self.classes) == 2 and len(set(self.classes)) == 2
              and all(0 <= c <= 9 for c in self.classes), "two different labels in 0 … 9"),
@@ -127,8 +128,7 @@ class CNNConfig:
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
             ("dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}"),
-        ):
-            require(ok, "train_cnn", key, getattr(self, key), rule)
+        ))
 
     @classmethod
     def paper(cls) -> "CNNConfig":

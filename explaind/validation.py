@@ -32,7 +32,7 @@ from .functional import FlatModel
 from .influence import data_scores
 from .losses import resolve_loss
 from .stages import Run, first
-from .training import require, train_cnn, train_transformer
+from .training import check_ranges, train_cnn, train_transformer
 
 
 @dataclass
@@ -65,7 +65,7 @@ class InfluenceConfig:
     confidence: float = 0.95  # level of the confidence intervals
 
     def __post_init__(self):
-        for key, ok, rule in (
+        check_ranges(f"influence.{self.model}", self, (
             ("splits", self.splits >= 1, "at least 1"),
             ("score_inputs", self.score_inputs >= 1, "at least 1"),
             ("min_fraction", 0 < self.min_fraction <= self.max_fraction, "in (0, max_fraction]"),
@@ -82,8 +82,7 @@ class InfluenceConfig:
             ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
             ("bootstrap", self.bootstrap >= 1, "at least 1"),
             ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
-        ):
-            require(ok, f"influence.{self.model}", key, getattr(self, key), rule)
+        ))
 
 
 def explain_options(cfg: InfluenceConfig, run: Run, dtype: torch.dtype, device: str, progress: bool) -> dict:

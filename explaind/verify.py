@@ -144,11 +144,9 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
              for q, rule, kinks in settings]
-    inputs = torch.as_tensor(inputs)
-    shape, _ = history.input_spec()
-    if tuple(inputs.shape[1:]) != shape or not len(inputs):  # no input: nothing to reconstruct
-        raise InputError(f"inputs have shape {tuple(inputs.shape)}; the model was trained on [batch, {shape}]: "
-                         "pass a batch of at least one input shaped like the training inputs")
+    from .engine import _test_inputs  # engine imports this module
+
+    inputs = _test_inputs(history, inputs)
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
     def outputs(theta):
