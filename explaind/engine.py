@@ -17,6 +17,7 @@ Two step conventions, both exact (DESIGN §2):
 
 from __future__ import annotations
 
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .history import History, StepRecord, open_history
 from .losses import resolve_loss, sample_weights
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
+from .verify import check_tolerance
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -163,6 +165,7 @@ def explain(
         device=device, test_chunk=test_chunk, train_chunk=train_chunk, loss=loss, check_updates=check_updates,
     )
     test_ids = test_labels(test_ids, len(request.inputs))
+    check_tolerance("tolerance", tolerance, "no check")
     plan_chunks(request, memory_budget)
     request.progress = progress
     if progress:
@@ -427,8 +430,12 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
 
 
 def plan_chunks(req: Request, budget: float | None) -> None:
-    """Fill in test_chunk / train_chunk left unset: as large as the budget allows."""
+    """Fill in test_chunk / train_chunk left unset: as large as the budget allows; a chunk asked
+    for is costed and run at most as large as the data (a pass never holds more)."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget > 0):
+        raise InputError(f"memory_budget={budget!r} must be a number of bytes > 0 (None: no limit)")
     n_test, n_train = len(req.inputs), len(req.train_index)
+    req.test_chunk, req.train_chunk = min(req.test_chunk, n_test), min(req.train_chunk, n_train)
     if budget is None:
         req.test_chunk, req.train_chunk = req.test_chunk or n_test, req.train_chunk or n_train
         return

@@ -131,6 +131,10 @@ class ModAddTransformer(nn.Module):
         super().__init__()
         if p < 2:
             raise ValueError(f"modulus p={p} must be at least 2")
+        if min(d_model, n_heads, d_mlp) < 1:
+            raise ValueError(
+                f"need d_model, n_heads and d_mlp >= 1, got d_model={d_model}, n_heads={n_heads}, d_mlp={d_mlp}"
+            )
         vocab = p + 2
         self.p = p
         self.embed = nn.Embedding(vocab, d_model)
@@ -156,7 +160,13 @@ class ModAddTransformer(nn.Module):
                 f"expected tokens of shape [batch, {self.seq_len}] ('a + b ='), got {tuple(tokens.shape)}; "
                 "add a batch dimension with tokens.unsqueeze(0) for a single example"
             )
-        x = self.embed(tokens) + self.pos_embed
+        try:
+            x = self.embed(tokens) + self.pos_embed
+        except IndexError:  # checked here, not before: a data-dependent check would break vmap
+            raise ValueError(
+                f"tokens must lie in 0 … {self.p + 1} (residues 0 … {self.p - 1}, '+' = {self.p}, "
+                f"'=' = {self.p + 1}); some lie outside: build inputs for this model's p={self.p}"
+            ) from None
         last = x[:, -1] + self.attn(x)  # the residual stream at '=', the only one the output reads
         last = last + self.mlp(last)
         return F.log_softmax(self.unembed(last), dim=-1)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cube import test_labels
 from .engine import _Pass, _build_request, _kept_sizes, explain, pass_bytes, plan_chunks, walks_backwards
+from .errors import InputError
 
 
 @dataclass
@@ -41,12 +43,16 @@ class Plan:
     host_bytes: int  # step records in flight (prefetch) and the cube's accumulators on the host
     history_bytes: int  # the recorded history on disk, read once per pass
     cube_bytes: int  # the attribution array and any parameter scores, uncompressed
-    seconds_per_step: float | None = None  # calibrated on the first steps of the first pass
-    seconds: float | None = None  # passes x steps x seconds_per_step
+    seconds_per_step: float | None = None  # of an explained step, calibrated on the first steps of the first pass
+    # of a step before steps=(start, stop) that only replays the momentum (None: there is none)
+    seconds_per_replayed_step: float | None = None
+    seconds: float | None = None  # passes x (explained steps x seconds_per_step + replayed x seconds_per_replayed_step)
 
     def __str__(self) -> str:
         estimate = "not calibrated (plan(..., calibrate_steps=3))" if self.seconds is None else (
-            f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step and pass)")
+            f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step and pass"
+            + ("" if self.seconds_per_replayed_step is None else
+               f", {self.seconds_per_replayed_step * 1e3:.1f} ms per replayed step") + ")")
         return "\n".join([
             f"explain: {self.n_test} inputs x {self.n_outputs} outputs, {self.n_train} training samples, "
             f"{self.n_steps} steps, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
@@ -64,17 +70,23 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
          memory_budget: float | None = 4 * 2**30, **options) -> Plan:
     """The Plan of `explain(history, model, inputs, targets, memory_budget=..., **options)`.
 
-    calibrate_steps > 0 runs that many steps of the first pass twice (the first run warms up)
-    and extrapolates the second to every step of every pass.
+    calibrate_steps > 0 runs that many steps of the first pass twice (the first run warms up;
+    at most the history's steps) and extrapolates the second to every step of every pass; with
+    steps=(start, stop), the steps before start that only replay the momentum are timed apart,
+    since they cost a fraction of an explained step. 0: no time estimate.
     """
+    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, (int, np.integer)) or calibrate_steps < 0:
+        raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
     request = _build_request(history, model, inputs, targets, **_request_options(options))
+    test_labels(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too
     plan_chunks(request, memory_budget)
     request.progress = False
     result = describe(request)
     if calibrate_steps > 0:
-        result.seconds_per_step = _calibrate(request, calibrate_steps)
-        streamed = request.step_range[1] - request.replay_start  # the steps each pass reads
-        result.seconds = result.seconds_per_step * result.passes * streamed
+        result.seconds_per_step, result.seconds_per_replayed_step = _calibrate(request, int(calibrate_steps))
+        start, stop = request.step_range
+        replayed = (start - request.replay_start) * (result.seconds_per_replayed_step or 0.0)
+        result.seconds = result.passes * ((stop - start) * result.seconds_per_step + replayed)
     return result
 
 
@@ -82,9 +94,11 @@ def describe(request) -> Plan:
     """The Plan of a built request whose chunks are planned (no calibration)."""
     history = request.history
     n_test, n_train = len(request.inputs), len(request.train_index)
-    test_passes = math.ceil(n_test / request.test_chunk)
-    train_passes = math.ceil(n_train / request.train_chunk) if request.keeps("train") else 1
-    rows, _, _, train = _kept_sizes(request, request.test_chunk, request.train_chunk)
+    test_chunk = request.test_chunk  # plan_chunks caps both at the data
+    train_chunk = request.train_chunk if request.keeps("train") else n_train  # samples are chunked only when kept
+    test_passes = math.ceil(n_test / test_chunk)
+    train_passes = math.ceil(n_train / train_chunk)
+    rows, _, _, train = _kept_sizes(request, test_chunk, train_chunk)
     kept = _kept_sizes(request, n_test, n_train)
     size = torch.finfo(request.flat.dtype).bits // 8
     cube_bytes = kept[0] * kept[1] * kept[2] * kept[3] * size
@@ -96,8 +110,8 @@ def describe(request) -> Plan:
         n_steps=history.n_steps, n_params=request.flat.layout.dim, n_test=n_test,
         n_outputs=request.n_outputs, n_train=n_train, keep=request.keep, convention=request.convention,
         direction="backward" if walks_backwards(request, rows, train) else "forward",
-        test_chunk=request.test_chunk, train_chunk=request.train_chunk, passes=test_passes * train_passes,
-        device=str(request.flat.device), device_bytes=pass_bytes(request, request.test_chunk, request.train_chunk),
+        test_chunk=test_chunk, train_chunk=train_chunk, passes=test_passes * train_passes,
+        device=str(request.flat.device), device_bytes=pass_bytes(request, test_chunk, train_chunk),
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
     )
@@ -118,11 +132,29 @@ def _request_options(options: dict) -> dict:
     return merged
 
 
-def _calibrate(request, steps: int) -> float:
-    """Seconds per step of the first pass over the first `steps` steps, timed on a second run
+def _calibrate(request, steps: int) -> tuple[float, float | None]:
+    """Seconds per explained step of the first pass over the first `steps` steps, and per step
+    that only replays the momentum (None: the request has none), each timed on a second run
     (the first one pays for warm-up: allocation, vmap tracing, file cache)."""
-    steps = max(1, min(steps, request.history.n_steps))
-    short = dataclasses.replace(request, step_range=(0, steps), replay_start=0)
+    steps = min(steps, request.history.n_steps)
+    explained = _timed(request, (0, steps)) / steps
+    start = request.step_range[0]
+    if start == request.replay_start:
+        return explained, None
+    # one explained step (stop ≥ start + 1) after `replay` steps that only replay the momentum,
+    # less the same step without them; that one solves its momentum from update replay − 1,
+    # which a learning rate of 0 (a warm-up) does not allow: then less the mean explained step
+    replay = min(steps, start)
+    with_replay = _timed(request, (replay, replay + 1))
+    lr_zero = any(float(g["lr"]) == 0 for g in request.history.manifest[replay - 1]["groups"])
+    alone = explained if lr_zero else _timed(request, (replay, replay + 1), replay)
+    return explained, max(0.0, with_replay - alone) / replay
+
+
+def _timed(request, step_range: tuple[int, int], replay_start: int = 0) -> float:
+    """Seconds of a second run of the first pass over steps replay_start … step_range[1] − 1,
+    explaining those from step_range[0] on."""
+    short = dataclasses.replace(request, step_range=step_range, replay_start=replay_start)
     tests = slice(0, min(request.test_chunk, len(request.inputs)))
     trains = slice(0, min(request.train_chunk, len(request.train_index)))
     rows, _, _, train = _kept_sizes(request, tests.stop, trains.stop)
@@ -134,7 +166,7 @@ def _calibrate(request, steps: int) -> float:
         started = time.perf_counter()
         _Pass(short, tests, trains, first_train_chunk=first_chunk).run("calibrate")
         elapsed.append(time.perf_counter() - started)
-    return elapsed[-1] / steps
+    return elapsed[-1]
 
 
 def _size(n: float) -> str:

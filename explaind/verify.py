@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .cube import residual_attrs
 from .errors import InputError, ReconstructionError
-from .functional import FlatModel
+from .functional import TARGETS, FlatModel
 from .history import History, open_history
 from .losses import sample_weights
 from .optimizers import AggregateUpdate, group_index, step_coefficients
@@ -82,12 +83,15 @@ def verify_updates(
     """
     from .engine import _resolve_history_loss
 
+    _check_dtype(dtype)
+    check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
     for s, residual, floor in _update_checks(history, flat, _resolve_history_loss(history, loss), None, 0, None):
         residuals[s], floors[s] = residual, floor
-    tolerance = tolerance or (1e-10 if history.dtype == torch.float64 else 1e-4)
+    if tolerance is None:
+        tolerance = 1e-10 if history.dtype == torch.float64 else 1e-4
     allowed = np.maximum(tolerance, floors)
     worst = int((residuals / allowed).argmax())
     if residuals[worst] > allowed[worst]:
@@ -135,17 +139,37 @@ def reconstruct(
                             kink_tolerance=kink_tolerance, max_kinks=max_kinks)[0]
 
 
+def check_tolerance(name: str, value, none_means: str) -> None:
+    """Refuse a tolerance that is not None or a number ≥ 0: 0 is a tolerance, not "unset", NaN
+    would pass every check, and a string would fail only after all the compute."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0):
+        raise InputError(f"{name}={value!r} must be a number ≥ 0 (None: {none_means})")
+
+
+def _check_dtype(dtype) -> None:
+    from .engine import DTYPES  # engine imports this module
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not supported: pass torch.float64 (the default) or torch.float32")
+
+
 def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
                      dtype: torch.dtype, device, batch_size: int, progress: bool,
                      kink_tolerance: float = 0.0, max_kinks: int = 16) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
+    from .engine import _test_inputs  # engine imports this module
+
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
+    _check_dtype(dtype)
+    for name, value, least in (("batch_size", batch_size, 1), ("max_kinks", max_kinks, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise InputError(f"{name}={value!r} must be a whole number ≥ {least}")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
              for q, rule, kinks in settings]
-    from .engine import _test_inputs  # engine imports this module
-
     inputs = _test_inputs(history, inputs)
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
@@ -241,14 +265,21 @@ def with_refined(reconstruction: xr.Dataset, refined: xr.Dataset, tests) -> xr.D
     """The reconstruction with the inputs at positions `tests` taken from `refined`, a finer
     reconstruction of those inputs alone from the same history; the residual attributes are
     recomputed, and `refined_tests` lists the positions."""
-    tests = np.asarray(tests, dtype=np.int64)
+    tests = np.asarray(tests)
     n = reconstruction.sizes["test"]
-    if tests.ndim != 1 or ((tests < 0) | (tests >= n)).any():
+    # a float is no position (it would be truncated), and a boolean mask would read as positions 0 and 1
+    if (tests.ndim != 1 or (tests.size and tests.dtype.kind not in "iu") or ((tests < 0) | (tests >= n)).any()
+            or len(np.unique(tests)) != len(tests)):
         raise InputError(f"tests={tests.tolist()} must be a list of positions 0 … {n - 1} of the reconstruction's "
-                         "inputs: pass the positions of the refined inputs")
+                         "inputs, integers, each once: pass the positions of the refined inputs "
+                         "(np.flatnonzero(mask) for a boolean mask)")
+    tests = tests.astype(np.int64)
     if refined.attrs["history_sha256"] != reconstruction.attrs["history_sha256"]:
         raise InputError("the refined reconstruction comes from another history than the reconstruction: "
                          "reconstruct the refined inputs from the same history")
+    if refined.attrs["target"] != reconstruction.attrs["target"]:
+        raise InputError(f"the refined reconstruction explains target={refined.attrs['target']!r}, the reconstruction "
+                         f"target={reconstruction.attrs['target']!r}: reconstruct the refined inputs with the same target")
     if refined.sizes["test"] != len(tests):
         raise InputError(f"the refined reconstruction holds {refined.sizes['test']} inputs for {len(tests)} "
                          "positions in tests: reconstruct exactly the inputs at those positions, in their order")

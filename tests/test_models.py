@@ -154,3 +154,26 @@ def test_resnet9_outputs_log_probabilities_for_small_and_large_inputs(shape):
 def test_resnet9_rejects_too_small_images():
     with pytest.raises(ValueError, match="H, W >= 4"):
         ResNet9(1, 2, 4)(torch.randn(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("d_model, n_heads, d_mlp", [(0, 4, 32), (16, 0, 32), (-8, 2, 32), (16, -1, 32), (16, 4, 0)])
+def test_transformer_refuses_sizes_below_one(d_model, n_heads, d_mlp):
+    with pytest.raises(ValueError) as refused:
+        ModAddTransformer(13, d_model, n_heads, d_mlp)
+    assert str(refused.value) == (f"need d_model, n_heads and d_mlp >= 1, got d_model={d_model}, "
+                                  f"n_heads={n_heads}, d_mlp={d_mlp}")
+
+
+@pytest.mark.parametrize("bad", [15, 40, -1])
+def test_transformer_refuses_tokens_outside_its_vocabulary(bad):
+    """p = 13: residues 0 … 12, '+' 13, '=' 14; eagerly and under vmap (as explain calls it)."""
+    model = ModAddTransformer(13, 16, 4, 32)
+    x = torch.tensor([[1, 13, 2, 14], [3, 13, bad, 14]])
+    message = "tokens must lie in 0 … 14 (residues 0 … 12, '+' = 13, '=' = 14); some lie outside: " \
+              "build inputs for this model's p=13"
+    with pytest.raises(ValueError) as eager:
+        model(x)
+    with pytest.raises(ValueError) as mapped:
+        vmap(lambda row: model(row.unsqueeze(0)))(x)
+    assert str(eager.value) == str(mapped.value) == message
+    assert model(x[:1]).shape == (1, 15)  # the in-vocabulary row alone is fine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import explaind as ex
 from engine_cases import Case, train
-from explaind import engine
+from explaind import engine, planning
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,104 @@ def test_plan_counts_the_parameter_scores(run):
                                                          "parameter_score_stepwise_abs"))
     assert plan.cube_bytes == cube["attribution"].values.nbytes + scores + cube["parameter_tensor"].values.nbytes
     assert plan.host_bytes >= 2 * plan.cube_bytes
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True, "3", None])
+def test_plan_refuses_a_calibration_that_is_not_a_number_of_steps(run, steps):
+    with pytest.raises(ex.InputError) as refused:
+        ex.plan(run.path, run.model, run.test_x, run.test_y, calibrate_steps=steps)
+    assert str(refused.value) == (f"calibrate_steps={steps!r} must be a whole number of steps ≥ 0 "
+                                  "(0: no time estimate)")
+
+
+def test_plan_refuses_the_test_ids_explain_refuses(run):
+    message = "got test_ids of shape (2,) for 4 inputs: pass one id per input"
+    with pytest.raises(ex.InputError) as planned:
+        ex.plan(run.path, run.model, run.test_x, run.test_y, test_ids=[7, 8])
+    with pytest.raises(ex.InputError) as explained:
+        run.explain(test_ids=[7, 8])
+    assert str(planned.value) == str(explained.value) == message
+
+
+def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
+    """explain never holds more than the 4 inputs and 10 samples there are in a pass."""
+    asked = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"),
+                    test_chunk=100, train_chunk=1000, memory_budget=None)
+    whole = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), memory_budget=None)
+    assert (asked.test_chunk, asked.train_chunk, asked.passes) == (4, 10, 1)
+    assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(
+        engine._build_request(run.path, run.model, run.test_x, run.test_y,
+                              **planning._request_options(dict(keep=("train", "test")))), 4, 10)
+
+
+def sleeping_pass(self, label):
+    """A pass that takes 50 ms per explained step and 10 ms per step that only replays momentum."""
+    start, stop = self.req.step_range
+    time.sleep(0.05 * (stop - start) + 0.01 * (start - self.req.replay_start))
+    return {}
+
+
+@pytest.mark.parametrize("steps, calibrate, explained, replayed", [
+    (None, 3, 5, 0),
+    (None, 100, 5, 0),  # more steps than the history: all of them
+    ((3, 5), 2, 2, 3),  # steps 0 … 2 only replay the momentum
+])
+def test_calibration_times_replayed_steps_apart(run, monkeypatch, steps, calibrate, explained, replayed):
+    """The estimate is 50 ms x explained + 10 ms x replayed steps (not 50 ms x every step read)."""
+    monkeypatch.setattr(engine._Pass, "run", sleeping_pass)
+    plan = ex.plan(run.path, run.model, run.test_x, run.test_y, steps=steps, calibrate_steps=calibrate)
+    assert plan.passes == 1
+    assert plan.seconds_per_step == pytest.approx(0.05, rel=0.25)
+    assert plan.seconds == pytest.approx(0.05 * explained + 0.01 * replayed, rel=0.25)
+    if replayed:
+        assert plan.seconds_per_replayed_step == pytest.approx(0.01, rel=0.5)
+        assert "ms per replayed step" in str(plan)
+
+
+def test_calibration_of_a_window_after_a_warm_up_from_learning_rate_0(tmp_path, monkeypatch):
+    """Momentum cannot be solved from the update of step 0 (lr 0), so the replay is not timed
+    from step 1; the estimate stays 50 ms x 3 explained + 10 ms x 2 replayed steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, s / 2))
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss="cross_entropy", scheduler=scheduler) as rec:
+        for s in range(5):
+            rows = torch.arange(4) + 4 * (s % 2)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+            scheduler.step()
+    monkeypatch.setattr(engine._Pass, "run", sleeping_pass)
+    plan = ex.plan(tmp_path / "h", model, x[:2], y[:2], steps=(2, 5), calibrate_steps=1)
+    assert plan.seconds == pytest.approx(0.05 * 3 + 0.01 * 2, rel=0.25)
+
+
+
+def test_chunks_asked_beyond_the_data_fit_the_budget_the_data_needs(run):
+    """A chunk far beyond the data is run, and costed, at the data's size: the budget that fits
+    every sample in one chunk fits it too (it was refused as needing 458 MiB)."""
+    args = (run.path, run.model, run.test_x, run.test_y)
+    fits = ex.plan(*args, keep=("train", "test"), memory_budget=None)
+    huge = ex.plan(*args, keep=("train", "test"), train_chunk=10**6, test_chunk=10**6, memory_budget=fits.device_bytes)
+    assert (huge.train_chunk, huge.test_chunk, huge.device_bytes) == (10, 4, fits.device_bytes)
+    cube = run.explain(keep=("train", "test"), train_chunk=10**6, memory_budget=fits.device_bytes, tolerance=None)
+    reference = run.explain(keep=("train", "test"), tolerance=None)
+    np.testing.assert_array_equal(cube["attribution"].values, reference["attribution"].values)
+
+
+@pytest.mark.parametrize("budget", [float("nan"), "1e9", 0, -5, True])
+def test_memory_budgets_that_are_no_number_of_bytes_are_refused(run, budget):
+    for call in (ex.plan, ex.explain):
+        with pytest.raises(ex.InputError, match=r"memory_budget=.* must be a number of bytes > 0"):
+            call(run.path, run.model, run.test_x, run.test_y, memory_budget=budget)
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), "x", -1e-3, True])
+def test_explain_refuses_a_tolerance_before_any_compute(run, tolerance, monkeypatch):
+    monkeypatch.setattr(engine, "_run_chunks", lambda request: pytest.fail("computed before the refusal"))
+    with pytest.raises(ex.InputError, match=r"tolerance=.* must be a number ≥ 0 \(None: no check\)"):
+        run.explain(tolerance=tolerance)

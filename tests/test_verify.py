@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import explaind as ex
+from explaind.quadrature import nodes
 from explaind.verify import reconstruct, restricted, with_refined
 from engine_cases import Case, make_data
 
@@ -73,3 +75,71 @@ def test_restricted_and_with_refined_refuse_tests_they_cannot_select(short_run):
             restricted(rec, tests)
     with pytest.raises(ex.InputError, match=r"tests=\[5\] must be a list of positions 0 … 2"):
         with_refined(rec, restricted(rec, [0]), [5])
+
+
+def test_tolerance_zero_allows_only_the_rounding_and_nonsense_tolerances_are_refused(tmp_path):
+    """README: a step fails when it misses by more than `tolerance` and by more than the rounding
+    allows. A gradient entry raised by 1e-12 at step 0 of a float64 SGD run (undeclared) misses by
+    ~1e-11 of the update: within the default (1e-10), beyond the rounding floor, so tolerance=0
+    must catch it (it used to be read as "unset"); a NaN tolerance used to pass every step."""
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, _, _ = make_data("mlp", 16, 0, 0)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=10**6) as rec:
+        for s in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if s == 0:
+                next(model.parameters()).grad.view(-1)[0] += 1e-12
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    residuals = ex.verify_updates(tmp_path / "h", model)
+    theta = [ex.History(tmp_path / "h").flat_params(s).double() for s in (0, 1)]
+    change = (theta[1] - theta[0]).abs().max()
+    floor = 4 * torch.finfo(torch.float64).eps * max(theta[0].abs().max(), theta[1].abs().max()) / change
+    assert float(residuals[0]) == pytest.approx(0.1 * 1e-12 / float(change), rel=0.05)
+    assert floor < residuals[0] < 1e-10 and residuals[1] < floor
+    with pytest.raises(ex.ReconstructionError, match=r"step 0's recorded update .* \(tolerance 0e\+00;"):
+        ex.verify_updates(tmp_path / "h", model, tolerance=0)
+    for bad in (float("nan"), -1e-3, "1e-3", True):
+        with pytest.raises(ex.InputError, match=rf"tolerance={bad!r} must be a number ≥ 0 \(None: 1e-10"):
+            ex.verify_updates(tmp_path / "h", model, tolerance=bad)
+    with pytest.raises(ex.InputError, match=r"dtype=torch.float16 is not supported"):
+        ex.verify_updates(tmp_path / "h", model, dtype=torch.float16)
+
+
+def test_reconstruct_refuses_settings_it_would_mislabel_or_crash_on(short_run):
+    """An unknown target was computed as logits and labelled with the unknown name; float16 ran
+    silently; batch_size 0 and True nodes failed inside torch or were taken as 1."""
+    path, model, x = short_run
+    for kwargs, message in [
+        (dict(target="prob"), r"unknown target 'prob': use one of \('log_prob', 'logit'\)"),
+        (dict(dtype=torch.float16), r"dtype=torch.float16 is not supported: pass torch.float64"),
+        (dict(batch_size=0), r"batch_size=0 must be a whole number ≥ 1"),
+        (dict(max_kinks=-1), r"max_kinks=-1 must be a whole number ≥ 0"),
+        (dict(quadrature=True), r"positive integer, got True"),
+    ]:
+        with pytest.raises(ex.InputError, match=message):
+            reconstruct(path, model, x, progress=False, **kwargs)
+    for rule in ("gauss", "midpoint"):
+        with pytest.raises(ex.InputError, match=r"positive integer, got True"):
+            nodes(True, rule)
+
+
+def test_with_refined_refuses_masks_fractions_repeats_and_another_target(short_run):
+    path, model, x = short_run
+    rec = reconstruct(path, model, x, quadrature=1, progress=False)
+    refined = reconstruct(path, model, x[[0, 2]], quadrature=6, progress=False)
+    mixed = with_refined(rec, refined, np.array([0, 2]))
+    np.testing.assert_array_equal(mixed["residual"].values[[0, 2]], refined["residual"].values)
+    np.testing.assert_array_equal(mixed["residual"].values[1], rec["residual"].values[1])
+    positions = r"must be a list of positions 0 … 2 of the reconstruction's inputs, integers, each once"
+    # a mask read as positions 1, 0, 1; 2.7 truncated to 2 (and accepted)
+    for tests in (np.array([True, False, True]), [0.0, 2.7]):
+        with pytest.raises(ex.InputError, match=positions + r".*np.flatnonzero\(mask\)"):
+            with_refined(rec, refined, tests)
+    with pytest.raises(ex.InputError, match=r"tests=\[0, 0\] " + positions):
+        with_refined(rec, reconstruct(path, model, x[[0, 0]], progress=False), [0, 0])
+    logits = reconstruct(path, model, x[[0, 2]], target="logit", progress=False)
+    with pytest.raises(ex.InputError, match=r"explains target='logit', the reconstruction target='log_prob'"):
+        with_refined(rec, logits, [0, 2])
