@@ -17,7 +17,6 @@ Two step conventions, both exact (DESIGN §2):
 
 from __future__ import annotations
 
-import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube, test_labels
-from .errors import InputError, ReconstructionError
-from .functional import TARGETS, FlatModel, ParamLayout
+from .errors import InputError, ReconstructionError, is_number, is_whole
+from .functional import FlatModel, ParamLayout, check_target
 from .history import History, StepRecord, open_history
 from .losses import resolve_loss, sample_weights
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
@@ -190,10 +189,8 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         raise InputError(f"cannot keep dims {unknown}: choose among {DIMS}")
     if convention not in CONVENTIONS:
         raise InputError(f"unknown step convention {convention!r}: use one of {CONVENTIONS}")
-    if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
-    if dtype not in DTYPES:
-        raise InputError(f"dtype={dtype!r} is not supported: pass torch.float64 (the default) or torch.float32")
+    check_target(target)
+    check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     loss = _resolve_history_loss(history, loss)
     inputs = _test_inputs(history, inputs)
@@ -230,11 +227,16 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     )
 
 
+def check_dtype(dtype) -> None:
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not supported: pass torch.float64 (the default) or torch.float32")
+
+
 def _chunk_size(name: str, value) -> int:
     """A chunk size given by the user (0: unset, planned from the memory budget)."""
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_whole(value) or value < 1:
         raise InputError(f"{name}={value!r} must be a whole number ≥ 1 (None: chosen from memory_budget)")
     return int(value)
 
@@ -367,7 +369,7 @@ def _replay_start(history: History, start: int, replay: int | None, keep: tuple[
 def _step_edges(step_bins, n_steps: int) -> np.ndarray:
     if step_bins is None:
         return np.arange(n_steps + 1)
-    if isinstance(step_bins, (int, np.integer)) and not isinstance(step_bins, bool):
+    if is_whole(step_bins):
         if not 1 <= step_bins <= n_steps:
             raise InputError(f"step_bins={step_bins} must lie in 1 … {n_steps} (the number of steps)")
         return np.unique(np.linspace(0, n_steps, step_bins + 1).round().astype(int))
@@ -432,7 +434,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
 def plan_chunks(req: Request, budget: float | None) -> None:
     """Fill in test_chunk / train_chunk left unset: as large as the budget allows; a chunk asked
     for is costed and run at most as large as the data (a pass never holds more)."""
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget > 0):
+    if budget is not None and not (is_number(budget) and budget > 0):
         raise InputError(f"memory_budget={budget!r} must be a number of bytes > 0 (None: no limit)")
     n_test, n_train = len(req.inputs), len(req.train_index)
     req.test_chunk, req.train_chunk = min(req.test_chunk, n_test), min(req.train_chunk, n_train)

@@ -1,5 +1,9 @@
 """Errors a user can meet. Each message names the cause and the fix."""
 
+import numbers
+
+import numpy as np
+
 
 class ExplaindError(Exception):
     """Base class of every error raised on purpose by explaind."""
@@ -19,3 +23,17 @@ class InputError(ExplaindError):
 
 class ReconstructionError(ExplaindError):
     """A measured residual of the decomposition exceeds the tolerance the user set."""
+
+
+# Argument checks shared by the public calls: bool is an int to Python, and True must not pass
+# for a count or a tolerance.
+
+
+def is_whole(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number, not a bool (NaN included: compare it to refuse it)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -28,6 +28,11 @@ from .losses import PerSampleLoss
 TARGETS = ("log_prob", "logit")
 
 
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
+
+
 @dataclass(frozen=True)
 class ParamLayout:
     """Names, shapes and offsets of the trainable tensors inside the flat vector."""

@@ -20,7 +20,7 @@ import torch
 
 from .cube import test_labels
 from .engine import _Pass, _build_request, _kept_sizes, explain, pass_bytes, plan_chunks, walks_backwards
-from .errors import InputError
+from .errors import InputError, is_whole
 
 
 @dataclass
@@ -75,7 +75,7 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     steps=(start, stop), the steps before start that only replay the momentum are timed apart,
     since they cost a fraction of an explained step. 0: no time estimate.
     """
-    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, (int, np.integer)) or calibrate_steps < 0:
+    if not is_whole(calibrate_steps) or calibrate_steps < 0:
         raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
     request = _build_request(history, model, inputs, targets, **_request_options(options))
     test_labels(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too

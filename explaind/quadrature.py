@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_whole
 
 RULES = ("gauss", "midpoint")
 
@@ -15,7 +15,7 @@ def nodes(n: int, rule: str = "gauss") -> tuple[np.ndarray, np.ndarray]:
     Gauss–Legendre integrates polynomials of degree 2n−1 exactly; the midpoint rule (the prior
     implementation's choice) only degree 1, so it needs far more nodes for the same error.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:  # True is an int to Python
+    if not is_whole(n) or n < 1:
         raise InputError(f"the number of quadrature nodes must be a positive integer, got {n!r}")
     if rule == "gauss":
         x, w = np.polynomial.legendre.leggauss(int(n))

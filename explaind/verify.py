@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 
 import numpy as np
@@ -17,8 +16,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .cube import residual_attrs
-from .errors import InputError, ReconstructionError
-from .functional import TARGETS, FlatModel
+from .errors import InputError, ReconstructionError, is_number, is_whole
+from .functional import FlatModel, check_target
 from .history import History, open_history
 from .losses import sample_weights
 from .optimizers import AggregateUpdate, group_index, step_coefficients
@@ -81,9 +80,9 @@ def verify_updates(
     the rounding of the stored θ allows at that step (4 ε max |θ| / max |Δθ_s|, which grows as
     a schedule shrinks the updates).
     """
-    from .engine import _resolve_history_loss
+    from .engine import _resolve_history_loss, check_dtype
 
-    _check_dtype(dtype)
+    check_dtype(dtype)
     check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
@@ -142,15 +141,8 @@ def reconstruct(
 def check_tolerance(name: str, value, none_means: str) -> None:
     """Refuse a tolerance that is not None or a number ≥ 0: 0 is a tolerance, not "unset", NaN
     would pass every check, and a string would fail only after all the compute."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0):
+    if value is not None and not (is_number(value) and value >= 0):
         raise InputError(f"{name}={value!r} must be a number ≥ 0 (None: {none_means})")
-
-
-def _check_dtype(dtype) -> None:
-    from .engine import DTYPES  # engine imports this module
-
-    if dtype not in DTYPES:
-        raise InputError(f"dtype={dtype!r} is not supported: pass torch.float64 (the default) or torch.float32")
 
 
 def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
@@ -158,13 +150,12 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                      kink_tolerance: float = 0.0, max_kinks: int = 16) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
-    from .engine import _test_inputs  # engine imports this module
+    from .engine import _test_inputs, check_dtype  # engine imports this module
 
-    if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
-    _check_dtype(dtype)
+    check_target(target)
+    check_dtype(dtype)
     for name, value, least in (("batch_size", batch_size, 1), ("max_kinks", max_kinks, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        if not is_whole(value) or value < least:
             raise InputError(f"{name}={value!r} must be a whole number ≥ {least}")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())

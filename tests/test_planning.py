@@ -174,7 +174,6 @@ def test_calibration_of_a_window_after_a_warm_up_from_learning_rate_0(tmp_path, 
     assert plan.seconds == pytest.approx(0.05 * 3 + 0.01 * 2, rel=0.25)
 
 
-
 def test_chunks_asked_beyond_the_data_fit_the_budget_the_data_needs(run):
     """A chunk far beyond the data is run, and costed, at the data's size: the budget that fits
     every sample in one chunk fits it too (it was refused as needing 458 MiB)."""
