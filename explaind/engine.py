@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -428,7 +428,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
         # autograd's per-node gradients while integrating φ (capped by the path integral)
         + min(req.path.max_elements, rows_full * d * req.path.quadrature * 4)
     )
-    return int(elements * size)
+    return int(elements * size) + req.path.search_reserve(req.inputs, n_test)
 
 
 def plan_chunks(req: Request, budget: float | None) -> None:
@@ -453,6 +453,8 @@ def plan_chunks(req: Request, budget: float | None) -> None:
         else:
             break
     needed = pass_bytes(req, test, train)
+    # the kink search takes what the pass leaves of the budget, beyond its reserve
+    req.path.search_bytes = max(0, int(budget - needed))
     if needed > budget:
         raise InputError(
             f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
@@ -499,7 +501,10 @@ def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
         for j, trains in enumerate(train_chunks):
             label = f"explain {i * len(train_chunks) + j + 1}/{len(test_chunks) * len(train_chunks)}"
             state = _Pass(req, tests, trains, first_train_chunk=(j == 0))
+            counted = replace(req.path.stats)
             parts.append((tests, trains, state.run(label)))
+            if j > 0:  # the same segments as the first train chunk's: searched again, not counted again
+                req.path.stats = counted
     return parts
 
 

@@ -38,6 +38,14 @@ unsearched while the shares of the change among samples and components (φ·v fo
 the dip's error. The certified search (tolerance 0) finds such ReLU dips; the error control
 catches any piece whose change is missed, whatever the search overlooked there (e.g. max-pool
 switches placed wrongly by the thirds).
+
+Memory. Each interval keeps the pattern at both of its ends (every searched unit's z and dz/dt),
+and a pattern pass holds each row's parameters and activations, so an unbounded search grows
+with intervals × units. With `search_bytes` set (explain sets it to what memory_budget leaves
+beyond the pass, which reserves search_reserve), a round takes only as many intervals, and a
+pass as many rows, as those bytes hold: the first inputs are searched to the end before the
+others (depth first), so what waits is other inputs' intervals. The kinks found are the same;
+only the number of passes changes.
 """
 
 from __future__ import annotations
@@ -76,13 +84,19 @@ class _Intervals:
     b: torch.Tensor
     start: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     end: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    miss: torch.Tensor | None = None  # with a kink tolerance: how far each piece's integral misses
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, keep: torch.Tensor) -> "_Intervals":
+    def take(self, keep: torch.Tensor | slice) -> "_Intervals":
         return _Intervals(self.rows[keep], self.a[keep], self.b[keep],
-                          tuple(v[keep] for v in self.start), tuple(v[keep] for v in self.end))
+                          tuple(v[keep] for v in self.start), tuple(v[keep] for v in self.end),
+                          None if self.miss is None else self.miss[keep])
+
+    def pattern_bytes(self) -> int:
+        """Bytes of one end's pattern of one interval."""
+        return sum(v[0].numel() * v.element_size() for v in self.start) if len(self) else 0
 
     def crossing(self) -> torch.Tensor:
         """Intervals whose ends lie on different pieces: [K] bool."""
@@ -106,6 +120,9 @@ class PathIntegral:
     max_elements: int = 2**26
     # rows (input × point on the segment) of one pass with per-row parameters; None: unbounded
     max_rows: int | None = None
+    # bytes the kink search may hold at once beyond search_reserve (None: unbounded); explain
+    # sets it from memory_budget
+    search_bytes: int | None = None
     # at most this many inputs, and inputs x nodes, take φ·Δ with all plain nodes in one per-row
     # pass (see _integral)
     few_inputs: int = 2
@@ -138,6 +155,7 @@ class PathIntegral:
         self.settle_width = 2.0**-20
         self._relevance: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
         self._output_counts: dict[tuple[int, ...], int] = {}  # per input shape (see _zeros)
+        self._row_costs: dict[tuple[int, ...], tuple[int, int]] = {}  # per input shape (see _costs)
 
     # ----------------------------------------------------------------- kinks
 
@@ -185,7 +203,8 @@ class PathIntegral:
         n = len(intervals)
         rows, t = [intervals.rows[:0]], [intervals.a[:0]]
         crowded = torch.zeros(n, dtype=torch.bool, device=intervals.rows.device)
-        for _ in range(self.max_rounds):
+
+        def search(intervals: _Intervals, depth: int) -> _Intervals | None:
             width = intervals.b - intervals.a
             crossing = intervals.crossing()
             roots = _first_roots(intervals, self.roots_per_round)  # [K, roots] in u, inf: none
@@ -194,22 +213,93 @@ class PathIntegral:
             settled = crossing & (width <= self.settle_width) & _distances_only(intervals, self.roots_per_round)
             pinned = crossing & narrow & ~settled
             placed = settled[:, None] & torch.isfinite(roots)
-            rows += [intervals.rows[pinned], intervals.rows[:, None].expand_as(roots)[placed]]
-            t += [((intervals.a + intervals.b) / 2)[pinned], (intervals.a[:, None] + roots * width[:, None])[placed]]
+            rows.extend([intervals.rows[pinned], intervals.rows[:, None].expand_as(roots)[placed]])
+            t.extend([((intervals.a + intervals.b) / 2)[pinned], (intervals.a[:, None] + roots * width[:, None])[placed]])
             coverage, gap = _dip_gap(intervals, self.curvature_safety)
             open_ = ~narrow & ~settled & (crossing | (coverage < 1))
             pending = torch.cat([*rows, intervals.rows[open_ & crossing]])
-            crowded |= torch.bincount(pending, minlength=n) > self.max_kinks
+            crowded.logical_or_(torch.bincount(pending, minlength=n) > self.max_kinks)
             open_ &= ~crowded[intervals.rows]
-            intervals = intervals.take(open_)
-            if not len(intervals):
-                break
-            probes = self._probes(intervals, crossing[open_], roots[open_], gap[open_])
-            intervals = self._split(theta, delta, x, intervals, probes, relevant)
+            if not open_.any() or depth == self.max_rounds - 1:
+                return None
+            searched = intervals.take(open_)
+            probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
+            return self._split(theta, delta, x, searched, probes, relevant)
+
+        self._depth_first(intervals, search)
         self.stats.unresolved += int(crowded.sum())
         rows, t = torch.cat(rows), torch.cat(t)
         keep = ~crowded[rows]
         return rows[keep], t[keep]
+
+    def _depth_first(self, intervals: _Intervals, search) -> None:
+        """Run search(group, round) on `intervals` and then on the pieces it returns (None: no
+        more), newest pieces first, in groups that keep the search within `search_bytes`.
+
+        A group over the limit is parted at an input (the intervals are ordered by input, and
+        each input's search is its own): its first inputs are searched to the end before the
+        others' next round, so what waits are other inputs' intervals, never a pile of one
+        input's rounds. An input whose intervals alone exceed the limit is parted among them.
+        Without a limit, or within it, each round takes every open interval at once."""
+        waiting = [(intervals, 0)]
+        while waiting:
+            group, depth = waiting.pop()
+            most = self._group_limit(group, waiting)
+            if len(group) > most:
+                inputs_end = torch.cumsum(torch.unique_consecutive(group.rows, return_counts=True)[1], 0)
+                fits = inputs_end[inputs_end <= most]
+                cut = int(fits[-1]) if len(fits) else int(most)
+                waiting += [(group.take(slice(cut, None)), depth), (group.take(slice(0, cut)), depth)]
+                continue
+            pieces = search(group, depth)
+            if pieces is not None and len(pieces):
+                waiting.append((pieces, depth + 1))
+
+    # ----------------------------------------------------------------- memory
+
+    # what a round of the search holds per interval, in patterns of one end: both ends, the
+    # ~15 [intervals, units] temporaries of classifying it, its ≤ 8 probes, the table of
+    # patterns the pieces gather from and the ≤ 9 pieces' ends (see _split)
+    round_patterns = 40
+
+    def _costs(self, x: torch.Tensor) -> tuple[int, int]:
+        """(bytes of one row's kink pattern, bytes one row of a pattern pass holds while it
+        runs), once per input shape. The pass holds the row's parameters and tangent and its
+        forward and tangent activations: ~3.5× the pattern on a ResNet9 (4× is taken)."""
+        shape = tuple(x.shape[1:])
+        if shape not in self._row_costs:
+            zero = torch.zeros(self.flat.layout.dim, dtype=torch.float64, device=self.flat.device)
+            pattern = self.search.kink_pattern(zero, zero, self.search.cast_inputs(x[:1]), 0.0)
+            smooth = pattern[0].shape[1] + pattern[2].shape[1] == 0
+            one = sum(v[0].numel() * v.element_size() for v in pattern)
+            self._row_costs[shape] = (0, 0) if smooth else (one, 4 * one + 2 * 8 * self.flat.layout.dim)
+        return self._row_costs[shape]
+
+    def search_reserve(self, x: torch.Tensor, n: int) -> int:
+        """Bytes the kink search holds at least for n inputs shaped like x's: every input's
+        patterns at both ends of its segment and the pass computing them, and one interval's
+        round. search_bytes comes on top of it."""
+        if not self.breakpoints:
+            return 0
+        pattern, row = self._costs(x)
+        return n * (2 * pattern + row) + row + self.round_patterns * pattern
+
+    def _search_rows(self, x: torch.Tensor) -> int | None:
+        """The most rows of one pattern pass of the search: max_rows, and the reserved row plus
+        a quarter of search_bytes (None: no bound)."""
+        if self.search_bytes is None:
+            return self.max_rows
+        rows = 1 + self.search_bytes // 4 // max(1, self._costs(x)[1])
+        return min(rows, self.max_rows or rows)
+
+    def _group_limit(self, group: _Intervals, waiting) -> int | float:
+        """How many intervals of `group` one round may take: the reserved one, and as many
+        more as the rest of search_bytes holds beside the intervals waiting for their turn."""
+        if self.search_bytes is None:
+            return float("inf")
+        held = sum(2 * g.pattern_bytes() * len(g) for g, _ in waiting)
+        free = max(0, self.search_bytes - self.search_bytes // 4 - held)
+        return 1 + free // max(1, self.round_patterns * group.pattern_bytes())
 
     def _relevant(self, theta, x, xs) -> torch.Tensor | None:
         """The distances the explained output depends on, computed once per input batch.
@@ -256,20 +346,23 @@ class PathIntegral:
         at[:, -1] = iv.b  # exactly, not a + 1·(b − a)
         row, col = torch.nonzero(inner, as_tuple=True)
         probed = self._pattern_rows(theta, delta, x, iv.rows[row], at[row, col], relevant, target)
-        patterns = []
-        for first, last, values in zip(iv.start, iv.end, probed):
-            cut = last[:, None].expand(-1, u.shape[1], -1).clone()
-            cut[:, 0] = first
-            cut[row, col] = values
-            patterns.append(cut)
+        # each point of u names a pattern in [starts; ends; probes]: the first point is the
+        # interval's start, an inner one its probe, any other (u = 1) its end. The pieces
+        # gather theirs from that table, so no [K, points, units] copy of the patterns is made.
+        index = (k + torch.arange(k, device=u.device))[:, None].repeat(1, u.shape[1])
+        index[:, 0] = torch.arange(k, device=u.device)
+        index[row, col] = 2 * k + torch.arange(len(row), device=u.device)
+        table = [torch.cat(parts) for parts in zip(iv.start, iv.end, probed)]
+        del probed
         keep = u[:, 1:] > u[:, :-1]  # pieces of zero width (unused probes) are dropped
         rows = iv.rows[:, None].expand(-1, keep.shape[1])[keep]
+        first, last = index[:, :-1][keep], index[:, 1:][keep]
         return _Intervals(rows, at[:, :-1][keep], at[:, 1:][keep],
-                          tuple(c[:, :-1][keep] for c in patterns), tuple(c[:, 1:][keep] for c in patterns))
+                          tuple(v[first] for v in table), tuple(v[last] for v in table))
 
     def _pattern_rows(self, theta, delta, x, rows, t, relevant, target: str = "logit"):
         """The relevant kink pattern of input rows[r] at t[r], in passes of at most max_rows."""
-        size = self.max_rows or len(rows)
+        size = self._search_rows(x) or len(rows)
         parts = [self.search.kink_pattern(theta, delta, x[r], tr, target)
                  for r, tr in zip(rows.split(size), t.split(size))]
         return _columns(tuple(torch.cat(p) for p in zip(*parts)), relevant)
@@ -301,25 +394,29 @@ class PathIntegral:
         relevant = self._relevant(theta, x, xs)
         ends = [self._pattern_rows(theta, delta, xs, rows, torch.full_like(plain[rows, 0], t), relevant, target)
                 for t in (0.0, 1.0)]
-        intervals = _Intervals(rows, plain.new_zeros(len(rows)), plain.new_ones(len(rows)), *ends)
-        miss = missed[rows]
+        intervals = _Intervals(rows, plain.new_zeros(len(rows)), plain.new_ones(len(rows)), *ends, miss=missed[rows])
         done, unresolved = [], []
-        for _ in range(self.max_rounds):
+
+        def search(intervals: _Intervals, depth: int) -> _Intervals | None:
+            if depth == self.max_rounds:  # out of rounds: the last pieces are accepted as they are
+                done.append((intervals.rows, intervals.a, intervals.b))
+                unresolved.append(intervals.rows[intervals.miss > tol])
+                return None
             pieces = torch.bincount(torch.cat([*(d[0] for d in done), intervals.rows]), minlength=n)
-            ok = miss <= tol
+            ok = intervals.miss <= tol
             # too narrow to cut, or too many pieces already: accepted as they are
             stop = ~ok & ((intervals.b - intervals.a <= self.resolution) | (pieces[intervals.rows] > 4 * self.max_kinks))
             unresolved.append(intervals.rows[stop])
             ok |= stop
             done.append((intervals.rows[ok], intervals.a[ok], intervals.b[ok]))
-            intervals, miss = intervals.take(~ok), miss[~ok]
-            if not len(intervals):
-                break
-            intervals = self._split(theta, delta, xs, intervals, self._cuts(intervals), relevant, target)
-            miss = self._misses(theta, delta, xs, intervals, target)
-        else:  # out of rounds: the last pieces are accepted as they are
-            done.append((intervals.rows, intervals.a, intervals.b))
-            unresolved.append(intervals.rows[miss > tol])
+            missing = intervals.take(~ok)
+            if not len(missing):
+                return None
+            cut = self._split(theta, delta, xs, missing, self._cuts(missing), relevant, target)
+            cut.miss = self._misses(theta, delta, xs, cut, target)
+            return cut
+
+        self._depth_first(intervals, search)
         owner, lo, hi = (torch.cat(v) for v in zip(*done))
         order = torch.argsort(owner.double() * 2 + lo)
         self.stats.kinks += len(owner) - len(rows)
@@ -359,7 +456,7 @@ class PathIntegral:
         t = (iv.a[:, None] + width * self.t_search).flatten()
         w = (width * self.w_search).flatten()
         rows = iv.rows.repeat_interleave(len(self.t_search))
-        size = self.max_rows or len(t)
+        size = self._search_rows(x) or len(t)
         along = torch.cat([self.search.directional_along(theta, delta, x[r], tr, target)
                            for r, tr in zip(rows.split(size), t.split(size))]) * w[:, None]
         integral = along.view(len(iv), len(self.t_search), -1).sum(1)
@@ -436,12 +533,18 @@ class PathIntegral:
         """φ_s for every input and selected output: [T, O, D].
 
         All (input, node) rows go through batched reverse passes, in groups that keep the
-        per-node gradients below `max_elements`.
+        per-node gradients below `max_elements`. Under a memory budget, a pass takes the plain
+        rule's rows (inputs × Q, which the pass's bytes count) or as many as the kink search's
+        bytes hold, whichever is more: its rows on kinked segments come after the search.
         """
         dim = len(theta)
         size = max(1, self.max_elements // (n_outputs * dim))
         if self.max_rows:
             size = min(size, self.max_rows)
+        if self.search_bytes is not None and self.breakpoints:
+            per_row = 4 * n_outputs * dim * self.flat.dtype.itemsize + self._costs(x)[1]
+            allowance = (self.search_reserve(x, len(x)) + self.search_bytes) // per_row
+            size = min(size, max(len(x) * len(self.t_nodes), allowance))
 
         def sel(i):
             return None if select is None else select[i.to(select.device)]

@@ -46,6 +46,10 @@ class Plan:
     seconds_per_step: float | None = None  # of an explained step, calibrated on the first steps of the first pass
     # of a step before steps=(start, stop) that only replays the momentum (None: there is none)
     seconds_per_replayed_step: float | None = None
+    # the part of device_bytes reserved for the kink search (0: none), and what memory_budget
+    # leaves it beyond the pass (None: no budget, so no bound)
+    search_reserve: int = 0
+    search_bytes: int | None = None
     seconds: float | None = None  # passes x (explained steps x seconds_per_step + replayed x seconds_per_replayed_step)
 
     def __str__(self) -> str:
@@ -58,12 +62,19 @@ class Plan:
             f"{self.n_steps} steps, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
             f"  passes     {self.passes} ({self.direction}, {self.convention} convention; test chunk "
             f"{self.test_chunk}, train chunk {self.train_chunk})",
-            f"  {self.device:<10} {_size(self.device_bytes)} per pass",
+            f"  {self.device:<10} {_size(self.device_bytes)} per pass{self._search()}",
             f"  host       {_size(self.host_bytes)}",
             f"  disk       {_size(self.history_bytes)} of history, read {self.passes} time(s); "
             f"cube {_size(self.cube_bytes)} uncompressed",
             f"  time       {estimate}",
         ])
+
+    def _search(self) -> str:
+        if not self.search_reserve:
+            return ""
+        rest = "unbounded (no memory_budget)" if self.search_bytes is None else \
+            f"up to {_size(self.search_bytes)} more from memory_budget"
+        return f", of which {_size(self.search_reserve)} for the kink search; it may take {rest}"
 
 
 def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
@@ -112,6 +123,8 @@ def describe(request) -> Plan:
         direction="backward" if walks_backwards(request, rows, train) else "forward",
         test_chunk=test_chunk, train_chunk=train_chunk, passes=test_passes * train_passes,
         device=str(request.flat.device), device_bytes=pass_bytes(request, test_chunk, train_chunk),
+        search_reserve=request.path.search_reserve(request.inputs, test_chunk),
+        search_bytes=request.path.search_bytes,
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
     )

@@ -244,6 +244,49 @@ def test_reconstruct_batch_size_bounds_rows_of_every_pass(tmp_path, monkeypatch)
     assert split.attrs["relative_residual"] <= 1e-9
 
 
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
+def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_at_a_time(
+        tmp_path, monkeypatch, kink_tolerance):
+    """With memory_budget exactly what the plan reserves, the kink search holds one interval per
+    round and one row per pattern pass, searching the inputs one after another, and the
+    Jacobians on kinked segments come in passes of the plain rule's rows (2 inputs of a chunk ×
+    4 nodes; 16 at once without a budget); the kinks and the cube are those found unbounded."""
+    run = train(Case("mlp", "adamw", act="relu", steps=4, lr_scale=3.0, n_test=6), tmp_path / "h")
+    options = dict(keep=("train", "test", "output"), kink_tolerance=kink_tolerance, tolerance=None)
+    whole = run.explain(memory_budget=None, **options)
+    assert whole.attrs["kinks_located"] > 0
+    reserve = ex.plan(run.path, run.model, run.test_x, run.test_y, test_chunk=2, **options).device_bytes
+    groups, rows = [], []
+    split, pattern = PathIntegral._split, FlatModel.kink_pattern
+    monkeypatch.setattr(PathIntegral, "_split", lambda self, th, de, x, iv, *a: groups.append(len(iv))
+                        or split(self, th, de, x, iv, *a))
+    monkeypatch.setattr(FlatModel, "kink_pattern", lambda self, th, de, x, t, *a: rows.append(
+        (len(x), isinstance(t, torch.Tensor))) or pattern(self, th, de, x, t, *a))
+    jacobian_rows, node_jacobians = [], FlatModel.add_node_jacobians
+    monkeypatch.setattr(FlatModel, "add_node_jacobians", lambda self, out, owner, *a: jacobian_rows.append(
+        len(owner)) or node_jacobians(self, out, owner, *a))
+    bounded = run.explain(memory_budget=reserve, test_chunk=2, **options)
+    assert set(groups) == {1} and len(groups) > run.case.steps
+    assert max(n for n, per_row in rows if per_row) == 1
+    assert max(jacobian_rows) == 2 * 4
+    for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+        assert bounded.attrs[name] == whole.attrs[name]
+    scale = float(abs(whole["attribution"]).max())
+    np.testing.assert_allclose(bounded["attribution"].values, whole["attribution"].values, rtol=0, atol=1e-13 * scale)
+
+
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
+def test_the_kink_counts_are_those_of_the_segments_not_of_the_passes(tmp_path, kink_tolerance):
+    """With 4 train chunks each test chunk's segments are searched in 4 passes; the cube counts
+    them once (it counted each 4 times)."""
+    run = train(Case("mlp", "adamw", act="relu", steps=4, lr_scale=3.0, n_test=6), tmp_path / "h")
+    options = dict(keep=("train", "test"), kink_tolerance=kink_tolerance, tolerance=None)
+    whole, chunked = run.explain(**options), run.explain(train_chunk=3, **options)
+    assert whole.attrs["kinks_located"] > 0
+    for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+        assert chunked.attrs[name] == whole.attrs[name]
+
+
 # --- error-controlled kink search (kink_tolerance > 0) ------------------------------------------
 
 KINKED = Case("mlp", "adamw", act="relu", steps=6, lr_scale=3.0, n_test=8)

@@ -198,3 +198,24 @@ def test_explain_refuses_a_tolerance_before_any_compute(run, tolerance, monkeypa
     monkeypatch.setattr(engine, "_run_chunks", lambda request: pytest.fail("computed before the refusal"))
     with pytest.raises(ex.InputError, match=r"tolerance=.* must be a number ≥ 0 \(None: no check\)"):
         run.explain(tolerance=tolerance)
+
+
+def test_the_kink_search_is_costed_per_input(run, tmp_path):
+    """A ReLU model's pass reserves the kink search's memory, counted by hand: per input its
+    patterns at both ends of the segment (6 distances, their 6 derivatives and 3 outputs, in
+    float64: 120 bytes) and its row of the pass computing them (4 patterns, and its 51
+    parameters and their tangent: 1,296 bytes); plus one more row and one interval's round
+    (40 patterns). The search may take what the budget leaves beyond the pass. A smooth model
+    (tanh) has no search and reserves nothing."""
+    args = (run.path, run.model, run.test_x, run.test_y)
+    assert ex.plan(*args, memory_budget=None).device_bytes == ex.plan(*args, breakpoints=False,
+                                                                      memory_budget=None).device_bytes
+    relu = train(Case("mlp", "adamw", act="relu", steps=3, lr_scale=3.0, n_test=4), tmp_path / "h")
+    args = (relu.path, relu.model, relu.test_x, relu.test_y)
+    unbounded, plain = ex.plan(*args, memory_budget=None), ex.plan(*args, breakpoints=False, memory_budget=None)
+    pattern, row = (6 + 6 + 3) * 8, 4 * 120 + 2 * 8 * 51
+    reserve = 4 * (2 * pattern + row) + row + 40 * pattern
+    assert unbounded.device_bytes - plain.device_bytes == unbounded.search_reserve == reserve
+    assert "for the kink search; it may take unbounded (no memory_budget)" in str(unbounded)
+    budget = ex.plan(*args, memory_budget=unbounded.device_bytes + 2**20)
+    assert budget.search_bytes == 2**20 and "it may take up to 1.0 MiB more from memory_budget" in str(budget)
