@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .engine import FORWARD_MODE_RATIO, _select_outputs, _test_inputs
+from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
@@ -102,12 +102,12 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
 def _checked_inputs(history: History, flat: FlatModel, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs cast for `flat` and their true classes [T, 1], checked as explain() checks them,
     before the pass over the history (a wrong shape or class would fail deep inside it)."""
-    inputs = _test_inputs(history, inputs)
+    inputs = checked_test_inputs(history, inputs)
     x = flat.cast_inputs(inputs)
     with torch.no_grad():  # one input's outputs: how many classes the model has
         n_outputs = flat.explained(flat.layout.flatten(history.params(0)).to(flat.device, flat.dtype), x[:1],
                                    "log_prob").shape[-1]
-    select, _ = _select_outputs("true", targets, inputs, n_outputs, flat, None, "log_prob")
+    select, _ = select_outputs("true", targets, inputs, n_outputs, flat, None, "log_prob")
     return x, select.to(flat.device)
 
 

@@ -17,6 +17,7 @@ Two step conventions, both exact (DESIGN §2):
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -79,6 +80,11 @@ class Request:
     @property
     def n_outputs(self) -> int:
         return len(self.output_labels)
+
+    @functools.cached_property
+    def activations(self) -> int:
+        """Elements a forward pass produces per input (FlatModel.activation_elements)."""
+        return self.flat.activation_elements(self.inputs)
 
     def keeps(self, dim: str) -> bool:
         return dim in self.keep
@@ -193,7 +199,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     loss = _resolve_history_loss(history, loss)
-    inputs = _test_inputs(history, inputs)
+    inputs = checked_test_inputs(history, inputs)
     if isinstance(targets, torch.Tensor):
         targets = targets.detach()
 
@@ -211,7 +217,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     theta_final = flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype)
     with torch.no_grad():
         final = flat.explained(theta_final, flat.cast_inputs(inputs[:1]), target)
-    select, labels = _select_outputs(outputs, targets, inputs, final.shape[-1], flat, theta_final, target)
+    select, labels = select_outputs(outputs, targets, inputs, final.shape[-1], flat, theta_final, target)
 
     n_steps = history.n_steps
     train_index = history.train_indices()
@@ -241,7 +247,7 @@ def _chunk_size(name: str, value) -> int:
     return int(value)
 
 
-def _test_inputs(history: History, inputs) -> torch.Tensor:
+def checked_test_inputs(history: History, inputs) -> torch.Tensor:
     """The test inputs, detached (explain differentiates parameters, never inputs), checked
     against the recorded training inputs' shape and kind."""
     shape, recorded = history.input_spec()
@@ -287,7 +293,7 @@ def _resolve_history_loss(history: History, loss):
     return resolve_loss(history.loss)[1]
 
 
-def _select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target):
+def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target):
     """The output indices to explain per input, and the labels of the output dim."""
     if isinstance(outputs, str) and outputs == "all":
         return None, list(range(n_total))
@@ -358,7 +364,7 @@ def _replay_start(history: History, start: int, replay: int | None, keep: tuple[
     if "train" not in keep:
         raise InputError("replay= bounds the per-sample split of a cube with a train dim; without one "
                          "the steps before start cost one batch gradient each: drop replay=")
-    if not isinstance(replay, (int, np.integer)) or replay < 0:
+    if not is_whole(replay) or replay < 0:
         raise InputError(f"replay={replay!r} must be a whole number of steps ≥ 0 (None: replay from step 0)")
     first = max(0, start - int(replay))
     while first > 0 and any(float(g["lr"]) == 0 for g in history.manifest[first - 1]["groups"]):
@@ -406,12 +412,29 @@ def walks_backwards(req: Request, rows: int, train: int) -> bool:
     return n_bins * rows < train
 
 
+def by_directions(req: Request) -> bool:
+    """Whether a pass needs G_s only along a few vectors, by forward mode (see add_directions):
+    the update convention without a train dim or parameter-wise scores."""
+    return req.convention == "update" and not req.keeps("train") and not req.parameter_scores
+
+
 def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
     """Estimated peak bytes of one pass over n_test inputs and n_train training samples."""
     size = torch.finfo(req.flat.dtype).bits // 8
     d = req.flat.layout.dim
     rows_full = n_test * req.n_outputs
     rows, n_bins, n_comp, train = _kept_sizes(req, n_test, n_train)
+    search = req.path.search_reserve(req.inputs, n_test)
+    if by_directions(req):
+        tangents = 2 * n_comp + 2
+        elements = (
+            tangents * d  # the tangents: update and weight decay per kept component, two totals
+            + 10 * d  # the step's parameter-sized vectors: θ, Δθ, gradient, updates, optimizer state
+            + n_test * (tangents + 1) * req.activations  # the forward pass, with a tangent copy each
+            + rows_full * tangents * 2  # φ·v on every row, and its kept sum
+            + n_bins * n_comp * rows * 2  # the cube's accumulators (attribution, regularization)
+        )
+        return int(elements * size) + search
     if req.convention == "gradient":
         momentum = rows * d  # the carried K
     elif walks_backwards(req, rows, train):
@@ -428,7 +451,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
         # autograd's per-node gradients while integrating φ (capped by the path integral)
         + min(req.path.max_elements, rows_full * d * req.path.quadrature * 4)
     )
-    return int(elements * size) + req.path.search_reserve(req.inputs, n_test)
+    return int(elements * size) + search
 
 
 def plan_chunks(req: Request, budget: float | None) -> None:
@@ -559,7 +582,7 @@ class _Pass:
         self.path_change = torch.zeros_like(self.total)
         self.update_residual = np.zeros(req.history.n_steps)
         # without a train dim or parameter-wise scores, G_s is needed only along a few vectors
-        self.by_directions = not req.keeps("train") and not req.parameter_scores
+        self.by_directions = by_directions(req)
         # without a train dim and with the update check left to verify_updates, no gradient is
         # needed: the recorded Δθ_s is the update, and the modelled weight decay splits it
         self.recorded_updates = not req.keeps("train") and not req.check_updates

@@ -81,6 +81,20 @@ def _flat_part(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t.reshape(*t.shape[: t.dim() - len(shape)], -1)
 
 
+class _OutputSizes(TorchFunctionMode):
+    """Counts the elements of the tensors that a forward pass's torch calls return."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                             if isinstance(t, torch.Tensor))
+        return out
+
+
 class _KinkPattern(TorchFunctionMode):
     """Records where a forward pass stands relative to the kinks of piecewise-linear ops.
 
@@ -266,6 +280,16 @@ class FlatModel:
     def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self._cast(x))
 
+    def activation_elements(self, x: torch.Tensor) -> int:
+        """The elements a forward pass on one input (x[:1]) produces: an upper bound on what it
+        holds at once (views and intermediates freed on the way count too)."""
+        mode = _OutputSizes()
+        params = self.layout.unflatten(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device))
+        x = self.cast_inputs(x[:1])
+        with torch.no_grad(), mode:
+            self._call(params, x)
+        return mode.elements
+
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**params, **self.constants}, (x,))
 
@@ -365,6 +389,16 @@ class FlatModel:
     def _pattern(self, theta: torch.Tensor, x: torch.Tensor, mode: _KinkPattern) -> torch.Tensor:
         with mode:
             return self._call(self.layout.unflatten(theta), x)
+
+    def kink_sizes(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """How many distances, argmax indices and explained outputs kink_pattern gives per
+        input, from one plain forward pass on x[:1] (no derivatives: cheap enough for a plan)."""
+        mode = _KinkPattern()
+        with torch.no_grad():
+            out = self._pattern(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device),
+                                self.cast_inputs(x[:1]), mode)
+        distances, indices = mode.flat(1)
+        return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
 
     @_forward_mode
     def kink_pattern(

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .components import group_tensors
+
 # Paper component name -> parameter-name prefixes of ModAddTransformer.
 TRANSFORMER_COMPONENTS: dict[str, list[str]] = {
     "embedding": ["embed.weight", "pos_embed"],
@@ -34,24 +36,12 @@ CNN_COMPONENTS: dict[str, list[str]] = {
 }
 
 
-def group_parameters(
-    model: nn.Module, components: dict[str, list[str]]
-) -> dict[str, list[str]]:
-    """Map each component to the model's parameter names that start with one of its prefixes.
-
-    Raises ValueError if a parameter belongs to no component or to several, so a grouping can
-    never silently drop or double-count part of the model.
-    """
-    groups: dict[str, list[str]] = {name: [] for name in components}
-    for param_name, _ in model.named_parameters():
-        owners = [c for c, prefixes in components.items() if any(param_name.startswith(p) for p in prefixes)]
-        if len(owners) != 1:
-            raise ValueError(
-                f"parameter {param_name!r} matches components {owners}; "
-                "each parameter must match exactly one component's prefixes"
-            )
-        groups[owners[0]].append(param_name)
-    return groups
+def group_parameters(model: nn.Module, components: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Map each component to the model's parameter names that its tensor names or module
+    prefixes match (components.group_tensors). Raises InputError if a parameter belongs to no
+    component or to several, or a component matches none, so a grouping can never silently
+    drop or double-count part of the model."""
+    return group_tensors([name for name, _ in model.named_parameters()], components)
 
 
 def _normal_init(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:

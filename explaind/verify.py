@@ -150,7 +150,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                      kink_tolerance: float = 0.0, max_kinks: int = 16) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
-    from .engine import _test_inputs, check_dtype  # engine imports this module
+    from .engine import checked_test_inputs, check_dtype  # engine imports this module
 
     check_target(target)
     check_dtype(dtype)
@@ -161,7 +161,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
              for q, rule, kinks in settings]
-    inputs = _test_inputs(history, inputs)
+    inputs = checked_test_inputs(history, inputs)
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
     def outputs(theta):

@@ -407,7 +407,7 @@ def test_a_bounded_replay_splits_its_steps_and_carries_the_rest(runs, references
 def test_a_replay_starts_after_a_step_that_moved(runs):
     """The momentum carried into a replay is solved from the update before it, which a step with
     learning rate 0 does not reveal: the replay then starts earlier. Without a train dim, or with
-    a negative length, replay= is refused."""
+    a negative length, a fraction or True (it was taken as 1), replay= is refused."""
     run = runs.get(BRUTE["adamw"])
     history = ex.History(run.path)
     assert ex.engine._replay_start(history, 4, 1, ("train",)) == 3
@@ -417,8 +417,9 @@ def test_a_replay_starts_after_a_step_that_moved(runs):
     assert ex.engine._replay_start(history, 4, 1, ("train",)) == 1
     with pytest.raises(ex.InputError, match="drop replay="):
         run.explain(steps=(3, 5), replay=1, keep=("test", "output"))
-    with pytest.raises(ex.InputError, match="whole number"):
-        run.explain(steps=(3, 5), replay=-1)
+    for replay in (-1, 2.5, True):
+        with pytest.raises(ex.InputError, match=rf"replay={replay!r} must be a whole number"):
+            run.explain(steps=(3, 5), replay=replay)
 
 
 def test_update_pass_is_chosen_by_size(runs):

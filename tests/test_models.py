@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
+import explaind as ex
 from explaind.models import (
     CNN_COMPONENTS,
     TRANSFORMER_COMPONENTS,
@@ -59,8 +60,15 @@ def test_components_partition_the_parameters(model, groups):
 
 
 def test_group_parameters_refuses_unassigned_parameter():
-    with pytest.raises(ValueError, match="unembed.weight"):
-        group_parameters(ModAddTransformer(11, 16, 4, 32), {"rest": ["embed", "pos", "attn", "mlp"]})
+    with pytest.raises(ex.InputError, match="'unembed.weight' is in no component"):
+        group_parameters(ModAddTransformer(11, 16, 4, 32), {"rest": ["embed", "pos_embed", "attn", "mlp"]})
+
+
+def test_group_parameters_refuses_a_component_that_matches_nothing():
+    """A typo'd prefix left an empty component in the grouping (it was returned as [])."""
+    groups = {**CNN_COMPONENTS, "conv5": ["conv5."]}
+    with pytest.raises(ex.InputError, match=r"\{'conv5': \['conv5.'\]\}.*match no parameter tensor"):
+        group_parameters(ResNet9(1, 2, 4), groups)
 
 
 def test_transformer_outputs_log_probabilities():
