@@ -280,14 +280,18 @@ class FlatModel:
     def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self._cast(x))
 
+    def _sizing_pass(self, x: torch.Tensor, mode: TorchFunctionMode) -> torch.Tensor:
+        """One forward pass on x[:1] at θ = 0 under `mode`, for the sizes it records."""
+        params = self.layout.unflatten(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device))
+        x = self.cast_inputs(x[:1])
+        with torch.no_grad(), mode:
+            return self._call(params, x)
+
     def activation_elements(self, x: torch.Tensor) -> int:
         """The elements a forward pass on one input (x[:1]) produces: an upper bound on what it
         holds at once (views and intermediates freed on the way count too)."""
         mode = _OutputSizes()
-        params = self.layout.unflatten(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device))
-        x = self.cast_inputs(x[:1])
-        with torch.no_grad(), mode:
-            self._call(params, x)
+        self._sizing_pass(x, mode)
         return mode.elements
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -394,9 +398,7 @@ class FlatModel:
         """How many distances, argmax indices and explained outputs kink_pattern gives per
         input, from one plain forward pass on x[:1] (no derivatives: cheap enough for a plan)."""
         mode = _KinkPattern()
-        with torch.no_grad():
-            out = self._pattern(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device),
-                                self.cast_inputs(x[:1]), mode)
+        out = self._sizing_pass(x, mode)
         distances, indices = mode.flat(1)
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
 
