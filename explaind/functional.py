@@ -14,7 +14,7 @@ import itertools
 import warnings
 from dataclasses import dataclass
 from math import prod
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,17 +81,28 @@ def _flat_part(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t.reshape(*t.shape[: t.dim() - len(shape)], -1)
 
 
+class ActivationSizes(NamedTuple):
+    """What a forward pass on one input produces: all its elements (an upper bound on what it
+    holds at once: views and intermediates freed on the way count too) and the largest single
+    tensor (what a pass that keeps nothing for a backward holds, a few at a time)."""
+
+    total: int
+    largest: int
+
+
 class _OutputSizes(TorchFunctionMode):
     """Counts the elements of the tensors that a forward pass's torch calls return."""
 
     def __init__(self):
         super().__init__()
         self.elements = 0
+        self.largest = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
-                             if isinstance(t, torch.Tensor))
+        sizes = [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        self.elements += sum(sizes)
+        self.largest = max([self.largest, *sizes])
         return out
 
 
@@ -287,12 +298,11 @@ class FlatModel:
         with torch.no_grad(), mode:
             return self._call(params, x)
 
-    def activation_elements(self, x: torch.Tensor) -> int:
-        """The elements a forward pass on one input (x[:1]) produces: an upper bound on what it
-        holds at once (views and intermediates freed on the way count too)."""
+    def activation_sizes(self, x: torch.Tensor) -> ActivationSizes:
+        """What a forward pass on one input (x[:1]) produces (see ActivationSizes)."""
         mode = _OutputSizes()
         self._sizing_pass(x, mode)
-        return mode.elements
+        return ActivationSizes(mode.elements, mode.largest)
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**params, **self.constants}, (x,))

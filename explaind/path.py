@@ -533,9 +533,10 @@ class PathIntegral:
         """φ_s for every input and selected output: [T, O, D].
 
         All (input, node) rows go through batched reverse passes, in groups that keep the
-        per-node gradients below `max_elements`. Under a memory budget, a pass takes the plain
-        rule's rows (inputs × Q, which the pass's bytes count) or as many as the kink search's
-        bytes hold, whichever is more: its rows on kinked segments come after the search.
+        per-node gradients below `max_elements`. Under a memory budget, a pass on kinked
+        segments (after the search) takes the rows that the pass's bytes count for one plain
+        node's Jacobians (2·O·D per input, so half the inputs at ~4·O·D a row) and as many more
+        as the kink search's bytes hold.
         """
         dim = len(theta)
         size = max(1, self.max_elements // (n_outputs * dim))
@@ -544,7 +545,7 @@ class PathIntegral:
         if self.search_bytes is not None and self.breakpoints:
             per_row = 4 * n_outputs * dim * self.flat.dtype.itemsize + self._costs(x)[1]
             allowance = (self.search_reserve(x, len(x)) + self.search_bytes) // per_row
-            size = min(size, max(len(x) * len(self.t_nodes), allowance))
+            size = min(size, max(1, len(x) // 2) + allowance)
 
         def sel(i):
             return None if select is None else select[i.to(select.device)]

@@ -249,8 +249,10 @@ def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_a
         tmp_path, monkeypatch, kink_tolerance):
     """With memory_budget exactly what the plan reserves, the kink search holds one interval per
     round and one row per pattern pass, searching the inputs one after another, and the
-    Jacobians on kinked segments come in passes of the plain rule's rows (2 inputs of a chunk ×
-    4 nodes; 16 at once without a budget); the kinks and the cube are those found unbounded."""
+    Jacobians on kinked segments come in passes of the rows the pass counts for one plain node
+    (2·O·D per input: 1 row of ~4·O·D for the chunk's 2 inputs) and those the search's bytes
+    hold (its reserve, 9,168 bytes, holds 1 row of 4·3·51·8 + 1,296 = 6,192 bytes), 16 rows at
+    once without a budget; the kinks and the cube are those found unbounded."""
     run = train(Case("mlp", "adamw", act="relu", steps=4, lr_scale=3.0, n_test=6), tmp_path / "h")
     options = dict(keep=("train", "test", "output"), kink_tolerance=kink_tolerance, tolerance=None)
     whole = run.explain(memory_budget=None, **options)
@@ -268,7 +270,7 @@ def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_a
     bounded = run.explain(memory_budget=reserve, test_chunk=2, **options)
     assert set(groups) == {1} and len(groups) > run.case.steps
     assert max(n for n, per_row in rows if per_row) == 1
-    assert max(jacobian_rows) == 2 * 4
+    assert max(jacobian_rows) == 1 + 1
     for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
         assert bounded.attrs[name] == whole.attrs[name]
     scale = float(abs(whole["attribution"]).max())

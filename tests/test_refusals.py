@@ -12,6 +12,7 @@ from torch import nn
 
 import explaind as ex
 import explaind.functional as functional
+from explaind.quadrature import MAX_NODES, nodes
 from engine_cases import MLP, Case, make_data, train
 
 
@@ -342,6 +343,7 @@ def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
     (dict(target="prob"), ("target", "log_prob", "logit")),
     (dict(rule="simpson"), ("rule", "gauss", "midpoint")),
     (dict(quadrature=0), ("quadrature", "positive integer")),
+    (dict(quadrature=1001, rule="midpoint"), ("quadrature=1001", "at most 1000", "breakpoints=True")),
     (dict(loss="mse"), ("loss", "cross_entropy")),
     # one past the last CUDA device: invalid on any machine, with or without a GPU
     (dict(device=f"cuda:{torch.cuda.device_count()}"), ("device", "cuda", "Fix", "cpu")),
@@ -451,3 +453,12 @@ def test_unusable_test_inputs(run, no_heavy_compute, change, words):
 def test_a_small_memory_budget_is_told_in_small_units(run, no_heavy_compute):
     with pytest.raises(ex.InputError, match=says("KiB", "memory_budget=1000 bytes")):
         run.explain(memory_budget=1000)
+
+
+def test_the_largest_quadrature_allowed_is_accurate():
+    """The cap on nodes leaves a usable rule: 1,000 Gauss–Legendre nodes integrate t^k on [0, 1]
+    to 1/(k + 1) (a polynomial of degree ≤ 1,999 is integrated exactly)."""
+    t, w = nodes(MAX_NODES)
+    assert len(t) == 1000
+    for k in (0, 1, 7, 40, 300):
+        assert abs(float(w @ t**k) - 1 / (k + 1)) < 1e-12

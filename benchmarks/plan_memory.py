@@ -1,0 +1,107 @@
+"""Benchmark: the bytes ex.plan counts for a pass with a train dim, against what explain holds.
+
+Three models, each recorded for 3 AdamW steps of random data: an MLP 64-256-256-10 (tanh, 85,002
+parameters), the same with ReLU (the kink search runs), and a ResNet9 of width 4 (9,072
+parameters, 32x32 images; its kinks are integrated plainly here). Each case explains its inputs
+keeping train x test, in its own process (peak RSS is a process's), after a warm-up explain of
+a run with 2-sample batches, so that what is measured is the pass and not torch's lazy
+initialisation: the peak is reported above the process's resident memory before explain.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/plan_memory.py
+
+Without that variable, peak RSS also counts what glibc keeps of freed memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import explaind as ex
+from explaind.models import ResNet9
+
+# (model, test inputs, batch size, convention, memory_budget or None)
+CASES = (
+    ("mlp", 50, 32, "update", None),
+    ("mlp", 2, 128, "update", None),
+    ("relu", 20, 32, "update", 600e6),
+    ("relu", 20, 32, "update", 300e6),
+    ("resnet", 10, 32, "update", None),
+    ("resnet", 80, 32, "update", None),
+    ("resnet", 10, 256, "update", None),
+    ("resnet", 2, 256, "update", None),
+    ("resnet", 10, 256, "gradient", None),
+)
+
+
+def model_and_data(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "resnet":
+        return ResNet9(3, 2, width=4), torch.randn(1000, 3, 32, 32), torch.randint(0, 2, (1000,))
+    act = nn.Tanh if kind == "mlp" else nn.ReLU
+    model = nn.Sequential(nn.Linear(64, 256), act(), nn.Linear(256, 256), act(), nn.Linear(256, 10))
+    return model, torch.randn(1000, 64), torch.randint(0, 10, (1000,))
+
+
+def record(path: Path, kind: str, batch: int) -> None:
+    model, x, y = model_and_data(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with ex.Recorder(path, model, opt) as rec:
+        for step in range(3):
+            rows = torch.arange(batch * step, batch * step + batch)
+            opt.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            rec.batch(rows, x[rows], y[rows])
+            opt.step()
+
+
+def resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, budget: float | None) -> str:
+    """One case, in this process."""
+    model, x, _ = model_and_data(kind)
+    options = dict(keep=("train", "test"), progress=False, tolerance=None, dtype=torch.float32,
+                   breakpoints=kind == "relu", convention=convention, memory_budget=budget)
+    record(root / "warm-up", kind, 2)
+    ex.explain(root / "warm-up", model, x[-1:], **options)
+    # training raises peak RSS as explain would: the measured run is recorded by another process
+    subprocess.run([sys.executable, __file__, "--record", kind, str(batch), str(root / "run")], check=True)
+    plan = ex.plan(root / "run", model, x[-n_test:], **options)
+    before = resident_mib()
+    ex.explain(root / "run", model, x[-n_test:], **options)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    limit = "none" if budget is None else f"{budget / 2**20:.0f} MiB"
+    return (f"{kind:6s} {convention:8s} {n_test:3d} inputs  batch {batch:3d}  budget {limit:>8s}  "
+            f"planned {plan.device_bytes / 2**20:7.1f} MiB a pass ({plan.passes} passes of {plan.test_chunk} inputs)"
+            f"  peak RSS +{peak - before:7.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", type=int, help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--record", nargs=3, help=argparse.SUPPRESS)  # a child process: kind, batch, path
+    args = parser.parse_args()
+    if args.record:
+        kind, batch, path = args.record
+        record(Path(path), kind, int(batch))
+        return
+    if args.case is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(measure(Path(tmp), *CASES[args.case]), flush=True)
+        return
+    for i in range(len(CASES)):
+        subprocess.run([sys.executable, __file__, "--case", str(i)], check=True)
+
+
+if __name__ == "__main__":
+    main()
