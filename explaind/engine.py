@@ -435,6 +435,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
             + n_test * (tangents + 1) * act.total  # the forward pass, with a tangent copy each
             + rows_full * tangents * 2  # φ·v on every row, and its kept sum
             + n_bins * n_comp * rows * 2  # the cube's accumulators (attribution, regularization)
+            + _batch_backward_elements(req)  # the batch gradient of the modelled update
         )
         return int(elements * size) + search
     # the backward walk carries effects on the rows (the gradient convention's one K, the update
@@ -472,12 +473,18 @@ def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int) -
     samples = min(batch, train) if req.keeps("train") else 0
     d = req.flat.layout.dim
     act = req.activations
-    backward_pass = batch * act.total * 3 // 2
+    backward_pass = _batch_backward_elements(req)
     elements = samples * d * 3 + backward_pass
     tangents = effects * n_comp
     if samples and tangents and tangents * FORWARD_MODE_RATIO <= batch:
         elements = max(elements, (tangents + 1) * samples * act.largest * 3 + backward_pass)
     return elements
+
+
+def _batch_backward_elements(req: Request) -> int:
+    """What a backward pass over the largest recorded batch saves (see _sample_pass_elements):
+    no chunk of test inputs or training samples makes it smaller."""
+    return req.history.max_batch() * req.activations.total * 3 // 2
 
 
 def plan_chunks(req: Request, budget: float | None) -> None:
@@ -505,9 +512,12 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     # the kink search takes what the pass leaves of the budget, beyond its reserve
     req.path.search_bytes = max(0, int(budget - needed))
     if needed > budget:
+        batch_bytes = _batch_backward_elements(req) * torch.finfo(req.flat.dtype).bits // 8
         raise InputError(
             f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
-            f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}. Fix: "
+            f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}; "
+            f"{_size(batch_bytes)} of it is a backward pass over a recorded batch of "
+            f"{req.history.max_batch()} samples, which no chunk shrinks. Fix: "
             "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
             "convention='gradient' (no per-sample momentum buffer), float32, or a larger budget"
         )

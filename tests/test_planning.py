@@ -56,6 +56,10 @@ def test_calibration_extrapolates_to_every_step_of_every_pass(run):
 def test_a_request_over_budget_is_refused_with_the_fixes(run):
     with pytest.raises(ex.InputError, match="(?s)memory_budget.*outputs='true'.*step_bins.*gradient"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000)
+    # what no chunking can shrink is named: a float64 backward pass over the batch of 4 saves
+    # 1.5 x the 15 activations of a forward pass per sample, 90 numbers
+    with pytest.raises(ex.InputError, match="720 bytes of it is a backward pass over a recorded batch of 4 samples"):
+        ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000)
 
 
 def test_plan_refuses_arguments_explain_does_not_take(run):
@@ -236,7 +240,8 @@ def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(r
         dict(keep=("component", "test", "output"), breakpoints=False)))
     assert request.activations == (6 + 6 + 3, 6)  # all elements, the largest tensor
     tangents, rows = 2 * 4 + 2, 4 * 3
-    elements = tangents * 51 + 10 * 51 + 4 * (tangents + 1) * 15 + rows * tangents * 2 + 4 * rows * 2
+    batch_backward = 4 * 15 * 3 // 2  # the batch gradient over a batch of 4
+    elements = tangents * 51 + 10 * 51 + 4 * (tangents + 1) * 15 + rows * tangents * 2 + 4 * rows * 2 + batch_backward
     assert engine.pass_bytes(request, 4, 10) == 8 * elements
     with_train = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("component", "test", "output", "train"))
     assert with_train.device_bytes > 8 * elements
