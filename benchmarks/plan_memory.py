@@ -37,7 +37,9 @@ CASES = (
     ("resnet", 10, 32, "update", None),
     ("resnet", 80, 32, "update", None),
     ("resnet", 10, 256, "update", None),
+    ("resnet", 10, 256, "update", 100e6),
     ("resnet", 2, 256, "update", None),
+    ("resnet", 2, 256, "update", 40e6),
     ("resnet", 10, 256, "gradient", None),
 )
 
@@ -82,7 +84,8 @@ def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, bud
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     limit = "none" if budget is None else f"{budget / 2**20:.0f} MiB"
     return (f"{kind:6s} {convention:8s} {n_test:3d} inputs  batch {batch:3d}  budget {limit:>8s}  "
-            f"planned {plan.device_bytes / 2**20:7.1f} MiB a pass ({plan.passes} passes of {plan.test_chunk} inputs)"
+            f"planned {plan.device_bytes / 2**20:7.1f} MiB a pass ({plan.passes} passes of {plan.test_chunk} inputs, "
+            f"batch parts of {plan.batch_chunk})"
             f"  peak RSS +{peak - before:7.1f} MiB")
 
 

@@ -74,6 +74,7 @@ class Request:
     test_chunk: int
     train_chunk: int
     progress: bool
+    batch_chunk: int = 0  # samples of a recorded batch per backward pass (0: planned)
     component_slices: list[slice] = field(default_factory=list)
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
 
@@ -115,6 +116,7 @@ def explain(
     device: str | torch.device = "cpu",
     test_chunk: int | None = None,
     train_chunk: int | None = None,
+    batch_chunk: int | None = None,
     memory_budget: float | None = 4 * 2**30,
     loss=None,
     tolerance: float | None = 1e-4,
@@ -159,16 +161,19 @@ def explain(
     all: the recorded update is split into its weight-decay part and the rest.
     tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised (None: never).
-    test_chunk / train_chunk bound memory: test inputs per pass and training samples per
-    momentum buffer (the history is streamed once per chunk pair). Left as None, they are
-    chosen as large as `memory_budget` (bytes, on the compute device) allows.
+    test_chunk / train_chunk / batch_chunk bound memory: test inputs per pass, training samples
+    per momentum buffer (the history is streamed once per chunk pair) and samples of a recorded
+    batch per backward pass (a batch's gradient is summed over its parts, so this chunk costs no
+    recomputation). Left as None, they are chosen as large as `memory_budget` (bytes, on the
+    compute device) allows.
     """
     request = _build_request(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, kink_tolerance=kink_tolerance,
         convention=convention, components=components,
         step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, replay=replay, dtype=dtype,
-        device=device, test_chunk=test_chunk, train_chunk=train_chunk, loss=loss, check_updates=check_updates,
+        device=device, test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk, loss=loss,
+        check_updates=check_updates,
     )
     test_ids = test_labels(test_ids, len(request.inputs))
     check_tolerance("tolerance", tolerance, "no check")
@@ -188,7 +193,8 @@ def explain(
 
 def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
                    breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
-                   replay=None, dtype, device, test_chunk, train_chunk, loss, check_updates=True) -> Request:
+                   replay=None, dtype, device, test_chunk, train_chunk, batch_chunk=None, loss,
+                   check_updates=True) -> Request:
     history = open_history(history, model)
     keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)
     unknown = [d for d in keep if d not in DIMS]
@@ -199,6 +205,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     check_target(target)
     check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
+    batch_chunk = _chunk_size("batch_chunk", batch_chunk)
     loss = _resolve_history_loss(history, loss)
     inputs = checked_test_inputs(history, inputs)
     if isinstance(targets, torch.Tensor):
@@ -229,7 +236,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
-        test_chunk=test_chunk, train_chunk=train_chunk,
+        test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
         progress=True, component_slices=slices, check_updates=check_updates,
     )
 
@@ -419,23 +426,25 @@ def by_directions(req: Request) -> bool:
     return req.convention == "update" and not req.keeps("train") and not req.parameter_scores
 
 
-def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
-    """Estimated peak bytes of one pass over n_test inputs and n_train training samples."""
+def pass_bytes(req: Request, n_test: int, n_train: int, batch_rows: int) -> int:
+    """Estimated peak bytes of one pass over n_test inputs and n_train training samples, with
+    backward passes over at most batch_rows samples of a recorded batch."""
     size = torch.finfo(req.flat.dtype).bits // 8
     d = req.flat.layout.dim
     rows_full = n_test * req.n_outputs
     rows, n_bins, n_comp, train = _kept_sizes(req, n_test, n_train)
     search = req.path.search_reserve(req.inputs, n_test)
     act = req.activations
+    step_vectors = 10 * d  # the step's parameter-sized vectors: θ, Δθ, gradient, updates, optimizer state
     if by_directions(req):
         tangents = 2 * n_comp + 2
         elements = (
             tangents * d  # the tangents: update and weight decay per kept component, two totals
-            + 10 * d  # the step's parameter-sized vectors: θ, Δθ, gradient, updates, optimizer state
+            + step_vectors
             + n_test * (tangents + 1) * act.total  # the forward pass, with a tangent copy each
             + rows_full * tangents * 2  # φ·v on every row, and its kept sum
             + n_bins * n_comp * rows * 2  # the cube's accumulators (attribution, regularization)
-            + _batch_backward_elements(req)  # the batch gradient of the modelled update
+            + _batch_backward_elements(req, batch_rows)  # the batch gradient of the modelled update
         )
         return int(elements * size) + search
     # the backward walk carries effects on the rows (the gradient convention's one K, the update
@@ -446,10 +455,10 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
     elif walks_backwards(req, rows, train):
         effects = n_bins * rows
     elements = (
-        10 * d  # the step's parameter-sized vectors: θ, Δθ, gradient, updates, optimizer state
+        step_vectors
         + rows_full * d * 4  # φ / G, its scaled copies, the carried effect on all rows
         + (effects or train) * d * 2  # the carried effects / momentum buffer, and what is booked this step
-        + _sample_pass_elements(req, effects, n_comp, train)
+        + _sample_pass_elements(req, effects, n_comp, train, batch_rows)
         + ((rows_full + rows) * d if req.parameter_scores else 0)
         + n_bins * n_comp * rows * train  # the cube's accumulator
         # a node's Jacobians and their flat copy (or a kinked pass's rows and gradients), on at
@@ -461,67 +470,71 @@ def pass_bytes(req: Request, n_test: int, n_train: int) -> int:
     return int(elements * size) + search
 
 
-def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int) -> int:
+def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, batch_rows: int) -> int:
     """Peak elements of a step's pass over its batch: the per-sample gradients of the chunk's
-    samples and their weighted copies, and the activations a backward pass over the whole
-    batch saves (measured: 1.25-1.4x the forward's elements per sample on ResNet9); for a
-    backward walk with few carried effects (sample_effects' forward mode), the primal and each
-    effect's tangents through the chunk's samples, taken as 3 of the largest activation each
-    (measured: a backward walk with 10 effects over batches of 256 images of ResNet9 width 4
-    peaked 173 MiB above where it started; this function counts 188 MiB of the 196 planned)."""
+    samples and their weighted copies, and the activations a backward pass over a part of
+    batch_rows samples saves (measured: 1.25-1.4x the forward's elements per sample on
+    ResNet9); for a backward walk with few carried effects (sample_effects' forward mode), the
+    primal and each effect's tangents through a part's samples, taken as 3 of the largest
+    activation each (measured: a backward walk with 10 effects over batches of 256 images of
+    ResNet9 width 4 peaked 173 MiB above where it started; this function counts 188 MiB of the
+    196 planned)."""
     batch = req.history.max_batch()
     samples = min(batch, train) if req.keeps("train") else 0
     d = req.flat.layout.dim
-    act = req.activations
-    backward_pass = _batch_backward_elements(req)
+    backward_pass = _batch_backward_elements(req, batch_rows)
     elements = samples * d * 3 + backward_pass
     tangents = effects * n_comp
     if samples and tangents and tangents * FORWARD_MODE_RATIO <= batch:
-        elements = max(elements, (tangents + 1) * samples * act.largest * 3 + backward_pass)
+        pushed = (tangents + 1) * min(samples, batch_rows) * req.activations.largest * 3
+        elements = max(elements, pushed + backward_pass)
     return elements
 
 
-def _batch_backward_elements(req: Request) -> int:
-    """What a backward pass over the largest recorded batch saves (see _sample_pass_elements):
-    no chunk of test inputs or training samples makes it smaller."""
-    return req.history.max_batch() * req.activations.total * 3 // 2
+def _batch_backward_elements(req: Request, batch_rows: int) -> int:
+    """What a backward pass over batch_rows samples of a recorded batch saves (see
+    _sample_pass_elements)."""
+    return min(batch_rows, req.history.max_batch()) * req.activations.total * 3 // 2
 
 
 def plan_chunks(req: Request, budget: float | None) -> None:
-    """Fill in test_chunk / train_chunk left unset: as large as the budget allows; a chunk asked
-    for is costed and run at most as large as the data (a pass never holds more)."""
+    """Fill in test_chunk / train_chunk / batch_chunk left unset: as large as the budget allows;
+    a chunk asked for is costed and run at most as large as the data (a pass never holds more)."""
     if budget is not None and not (is_number(budget) and budget > 0):
         raise InputError(f"memory_budget={budget!r} must be a number of bytes > 0 (None: no limit)")
-    n_test, n_train = len(req.inputs), len(req.train_index)
+    n_test, n_train, batch = len(req.inputs), len(req.train_index), req.history.max_batch()
     req.test_chunk, req.train_chunk = min(req.test_chunk, n_test), min(req.train_chunk, n_train)
+    req.batch_chunk = min(req.batch_chunk, batch)
+    test, train, rows = req.test_chunk or n_test, req.train_chunk or n_train, req.batch_chunk or batch
     if budget is None:
-        req.test_chunk, req.train_chunk = req.test_chunk or n_test, req.train_chunk or n_train
+        req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
         return
-    train = req.train_chunk or n_train
-    test = req.test_chunk or n_test
-    while pass_bytes(req, test, train) > budget and (test > 1 or train > 1):
-        if not req.test_chunk and test > 1 and (test * req.n_outputs >= train or req.train_chunk):
+    while (needed := pass_bytes(req, test, train, rows)) > budget:
+        can_test = not req.test_chunk and test > 1
+        can_train = not req.train_chunk and train > 1
+        can_split_batch = not req.batch_chunk and rows > 1
+        # smaller parts of a batch cost more, smaller passes over it but no recomputation (a
+        # smaller test or train chunk streams the history again), so they go first while
+        # halving them saves a quarter of the pass
+        if can_split_batch and (4 * (needed - pass_bytes(req, test, train, (rows + 1) // 2)) >= needed
+                                or not (can_test or can_train)):
+            rows = (rows + 1) // 2
+        elif can_test and (test * req.n_outputs >= train or not can_train):
             test = (test + 1) // 2
-        elif not req.train_chunk and train > 1:
+        elif can_train:
             train = (train + 1) // 2
-        elif not req.test_chunk and test > 1:
-            test = (test + 1) // 2
         else:
             break
-    needed = pass_bytes(req, test, train)
     # the kink search takes what the pass leaves of the budget, beyond its reserve
     req.path.search_bytes = max(0, int(budget - needed))
     if needed > budget:
-        batch_bytes = _batch_backward_elements(req) * torch.finfo(req.flat.dtype).bits // 8
         raise InputError(
             f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
-            f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}; "
-            f"{_size(batch_bytes)} of it is a backward pass over a recorded batch of "
-            f"{req.history.max_batch()} samples, which no chunk shrinks. Fix: "
+            f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
             "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
             "convention='gradient' (no per-sample momentum buffer), float32, or a larger budget"
         )
-    req.test_chunk, req.train_chunk = test, train
+    req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
 
 
 def _size(n_bytes: float) -> str:
@@ -681,17 +694,18 @@ class _Pass:
         if req.keeps("train"):
             rows = in_chunk.to(self.dev)
             if bool(rows.any()):
-                wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss) * weights[rows, None]
+                wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss, req.batch_chunk)
+                wg *= weights[rows, None]
             else:  # none of this batch's samples is in the chunk
                 wg = torch.zeros(0, req.flat.layout.dim, dtype=self.dt, device=self.dev)
             full = wg.sum(0) if bool(in_chunk.all()) else None
         else:
-            full = req.flat.batch_gradient(theta, x, y, weights, req.loss)
+            full = req.flat.batch_gradient(theta, x, y, weights, req.loss, req.batch_chunk)
             wg = full[None]
             columns = torch.zeros(1, dtype=torch.long)
             in_chunk = torch.ones(1, dtype=torch.bool)
         if full is None and self.first_train_chunk:
-            full = req.flat.batch_gradient(theta, x, y, weights, req.loss)
+            full = req.flat.batch_gradient(theta, x, y, weights, req.loss, req.batch_chunk)
         return wg, columns[in_chunk].to(self.dev), full
 
     def contract(self, left: torch.Tensor, right: torch.Tensor) -> list[torch.Tensor]:
@@ -738,7 +752,8 @@ class _Pass:
         direct = None
         if bool(((k.e != 0) & (k.c != 0)).any()):  # nesterov: the update holds d_{T−1} too
             weights, _, x, y = self.step_batch(rec)
-            direct = self.req.flat.batch_gradient(theta, x, y, weights, self.req.loss) + k.coupled_decay * theta
+            direct = self.req.flat.batch_gradient(theta, x, y, weights, self.req.loss, self.req.batch_chunk)
+            direct += k.coupled_decay * theta
         return momentum_from_update(k, theta, theta_next - theta, direct)
 
     def run(self, label: str) -> dict:
@@ -899,7 +914,7 @@ class _Pass:
             from .verify import update_residuals
 
             self.update_residual = update_residuals(req.history, req.flat, req.loss, req.step_range,
-                                                    req.replay_start, momentum)
+                                                    req.replay_start, momentum, req.batch_chunk)
         elif self.first_train_chunk:
             self.update_residual[:] = np.nan
 
@@ -916,14 +931,17 @@ class _Pass:
             return self.contract(tangents, wg), columns, g_full
         weights, columns, x, y = self.step_batch(rec)
         in_chunk = (columns >= 0).to(self.dev)
-        g_full = req.flat.batch_gradient(theta, x, y, weights, req.loss) if self.first_train_chunk else None
+        g_full = None
+        if self.first_train_chunk:
+            g_full = req.flat.batch_gradient(theta, x, y, weights, req.loss, req.batch_chunk)
         if req.keeps("component"):  # one tangent per component: the effect restricted to it
             masked = tangents.new_zeros(n_comp, *tangents.shape)
             for p, sl in enumerate(req.component_slices):
                 masked[p, :, sl] = tangents[:, sl]
             tangents = masked.reshape(-1, tangents.shape[-1])
         if bool(in_chunk.any()):
-            dots = req.flat.per_sample_directional(theta, x[in_chunk], y[in_chunk], req.loss, tangents)
+            dots = req.flat.per_sample_directional(theta, x[in_chunk], y[in_chunk], req.loss, tangents,
+                                                   req.batch_chunk)
             dots = dots * weights[in_chunk][None]
         else:  # none of this batch's samples is in the chunk
             dots = tangents.new_zeros(len(tangents), 0)

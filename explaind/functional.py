@@ -503,32 +503,43 @@ class FlatModel:
         return vmap(one)(x, t)
 
     def per_sample_gradients(
-        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss,
+        rows: int | None = None,
     ) -> torch.Tensor:
-        """∇_θ ℓ(f(x_k; θ), y_k) for each row k of a batch: [B, D]."""
+        """∇_θ ℓ(f(x_k; θ), y_k) for each row k of a batch: [B, D], by backward passes over at
+        most `rows` samples each (None: the whole batch at once)."""
 
         def sample_loss(p: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
             return loss(self._call(p, x1.unsqueeze(0)), y1.unsqueeze(0))[0]
 
         params = self.layout.unflatten(theta)
-        return self.layout.flatten(vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y))
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        parts = sample_parts(len(x), rows)
+        if len(parts) == 1:
+            return self.layout.flatten(per_sample(params, x, y))
+        out = theta.new_empty(len(x), self.layout.dim)
+        for part in parts:
+            out[part] = self.layout.flatten(per_sample(params, x[part], y[part]))
+        return out
 
     @_forward_mode
     def per_sample_directional(
-        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss, tangents: torch.Tensor
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss, tangents: torch.Tensor,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """∇_θ ℓ(f(x_k; θ), y_k) · v_r for each row k of a batch and each tangent v_r [R, D], by
-        forward mode: [R, B]. About R forward passes of the batch; the [B, D] per-sample
-        gradients are never held, which makes it the cheaper route when R is small."""
+        forward mode: [R, B]. About R forward passes of the batch (in parts of at most `rows`
+        samples; None: all at once); the [B, D] per-sample gradients are never held, which makes
+        it the cheaper route when R is small."""
         params = self.layout.unflatten(theta)
 
-        def losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return loss(self._call(p, x), y)
+        def along(x_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:
+            def losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return loss(self._call(p, x_part), y_part)
 
-        def along(v: torch.Tensor) -> torch.Tensor:
-            return jvp(losses, (params,), (self.layout.unflatten(v),))[1]
+            return vmap(lambda v: jvp(losses, (params,), (self.layout.unflatten(v),))[1])(tangents)
 
-        return vmap(along)(tangents)
+        return torch.cat([along(x[part], y[part]) for part in sample_parts(len(x), rows)], dim=1)
 
     def batch_gradient(
         self,
@@ -537,11 +548,26 @@ class FlatModel:
         y: torch.Tensor,
         weights: torch.Tensor,
         loss: PerSampleLoss,
+        rows: int | None = None,
     ) -> torch.Tensor:
-        """Σ_k w_k ∇ℓ_k by one ordinary backward pass: [D]."""
+        """Σ_k w_k ∇ℓ_k by ordinary backward passes over at most `rows` samples each (None: one
+        pass over the whole batch): [D]. The sum is linear in the samples, so parts add up to it
+        exactly (up to the order of rounding)."""
         params = self.layout.unflatten(theta)
-        g = grad(lambda p: (weights * loss(self._call(p, x), y)).sum())(params)
-        return self.layout.flatten(g)
+        total = None
+        for part in sample_parts(len(x), rows):
+            g = grad(lambda p: (weights[part] * loss(self._call(p, x[part]), y[part])).sum())(params)
+            flat = self.layout.flatten(g)
+            total = flat if total is None else total.add_(flat)
+        return total
+
+
+def sample_parts(n: int, rows: int | None) -> list[slice]:
+    """The batch's samples 0 … n − 1 in consecutive parts of at most `rows` (None: one part).
+    Splitting a batch is exact because each sample's loss depends on its own input only: the
+    loss is per sample, and modules that mix a batch (train-mode BatchNorm) are refused."""
+    size = n if rows is None else max(1, rows)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)] or [slice(0, 0)]
 
 
 def layout_of(model: nn.Module, names: Sequence[str] | None = None) -> ParamLayout:

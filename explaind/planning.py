@@ -37,6 +37,7 @@ class Plan:
     direction: str  # of the first pass: "forward" (per-sample momentum buffer) or "backward" (carried effects)
     test_chunk: int
     train_chunk: int
+    batch_chunk: int  # samples of a recorded batch per backward pass
     passes: int  # streams over the history: one per (test chunk, train chunk)
     device: str
     device_bytes: int  # peak of one pass on the compute device
@@ -61,7 +62,7 @@ class Plan:
             f"explain: {self.n_test} inputs x {self.n_outputs} outputs, {self.n_train} training samples, "
             f"{self.n_steps} steps, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
             f"  passes     {self.passes} ({self.direction}, {self.convention} convention; test chunk "
-            f"{self.test_chunk}, train chunk {self.train_chunk})",
+            f"{self.test_chunk}, train chunk {self.train_chunk}, batch chunk {self.batch_chunk})",
             f"  {self.device:<10} {_size(self.device_bytes)} per pass{self._search()}",
             f"  host       {_size(self.host_bytes)}",
             f"  disk       {_size(self.history_bytes)} of history, read {self.passes} time(s); "
@@ -121,8 +122,9 @@ def describe(request) -> Plan:
         n_steps=history.n_steps, n_params=request.flat.layout.dim, n_test=n_test,
         n_outputs=request.n_outputs, n_train=n_train, keep=request.keep, convention=request.convention,
         direction="backward" if walks_backwards(request, rows, train) else "forward",
-        test_chunk=test_chunk, train_chunk=train_chunk, passes=test_passes * train_passes,
-        device=str(request.flat.device), device_bytes=pass_bytes(request, test_chunk, train_chunk),
+        test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=request.batch_chunk,
+        passes=test_passes * train_passes, device=str(request.flat.device),
+        device_bytes=pass_bytes(request, test_chunk, train_chunk, request.batch_chunk),
         search_reserve=request.path.search_reserve(request.inputs, test_chunk),
         search_bytes=request.path.search_bytes,
         host_bytes=2 * step_bytes + 2 * cube_bytes,

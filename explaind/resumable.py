@@ -35,7 +35,7 @@ from .history import History
 
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another
-EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "memory_budget", "progress")
+EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "batch_chunk", "memory_budget", "progress")
 
 
 def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | os.PathLike, n_parts: int,

@@ -25,19 +25,20 @@ from .path import PathIntegral
 
 
 def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None,
-                     replay_start: int = 0, momentum: torch.Tensor | None = None) -> np.ndarray:
+                     replay_start: int = 0, momentum: torch.Tensor | None = None,
+                     batch_rows: int | None = None) -> np.ndarray:
     """Per step: max |Δθ_s + η_s(Σ_k u_{s,k} + r_s)| / max |Δθ_s| (recorded vs modelled).
 
     steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
     buffer m_{replay_start − 1}; None: zero, from step 0)."""
     out = np.zeros(history.n_steps)
-    for s, residual, _ in _update_checks(history, flat, loss, steps, replay_start, momentum):
+    for s, residual, _ in _update_checks(history, flat, loss, steps, replay_start, momentum, batch_rows):
         out[s] = residual
     return out
 
 
-def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start, momentum):
+def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start, momentum, batch_rows=None):
     """(step, relative update residual, its rounding floor) for each checked step.
 
     The floor is what storing θ allows: θ_{s+1} is rounded to the history's dtype (AdamW
@@ -55,7 +56,8 @@ def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start,
         moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)
         k = step_coefficients(history.optimizer, rec.groups, groups, moment, rec.step == 0, flat.dtype)
         weights = sample_weights(history.reduction, len(rec.indices), flat.dtype, flat.device)
-        g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss)
+        g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss,
+                                batch_rows)
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
             scale = delta.abs().max().clamp_min(torch.finfo(flat.dtype).tiny)

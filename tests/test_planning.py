@@ -56,10 +56,59 @@ def test_calibration_extrapolates_to_every_step_of_every_pass(run):
 def test_a_request_over_budget_is_refused_with_the_fixes(run):
     with pytest.raises(ex.InputError, match="(?s)memory_budget.*outputs='true'.*step_bins.*gradient"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000)
-    # what no chunking can shrink is named: a float64 backward pass over the batch of 4 saves
-    # 1.5 x the 15 activations of a forward pass per sample, 90 numbers
-    with pytest.raises(ex.InputError, match="720 bytes of it is a backward pass over a recorded batch of 4 samples"):
+    # every chunk the planner may shrink is shrunk to one before it refuses; one asked for is kept
+    with pytest.raises(ex.InputError, match="even with test_chunk=1, train_chunk=1, batch_chunk=1"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000)
+    with pytest.raises(ex.InputError, match="even with test_chunk=1, train_chunk=1, batch_chunk=3"):
+        ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000, batch_chunk=3)
+
+
+def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_cube(tmp_path):
+    """A backward pass over a recorded batch holds the batch's activations, which no test or
+    train chunk shrinks: the planner splits the batch into parts whose gradients add up (it
+    did not, and a budget below one batch's backward pass was refused). Full batches of 10 of
+    the MLP 4 → 6 → 3, test and train chunks asked for, float64; the cube with the batch split
+    equals the one without."""
+    case = train(Case("mlp", "adamw", steps=3, n_train=10, batch=10, n_test=4), tmp_path / "h")
+    args = (case.path, case.model, case.test_x, case.test_y)
+    options = dict(keep=("train", "test", "output"), breakpoints=False, quadrature=2, test_chunk=4, train_chunk=10)
+    whole = ex.plan(*args, memory_budget=None, **options)
+    assert (whole.test_chunk, whole.train_chunk, whole.batch_chunk) == (4, 10, 10)
+    request = engine._build_request(*args, **planning._request_options(options))
+    # a budget that the pass misses by its batch's backward pass less that of 5 samples
+    saved = engine._batch_backward_elements(request, 10) - engine._batch_backward_elements(request, 5)
+    assert saved == 10 * 15 * 3 // 2 - 5 * 15 * 3 // 2  # 1.5 x the 15 activations per sample
+    budget = whole.device_bytes - 8 * saved
+    split = ex.plan(*args, memory_budget=budget, **options)
+    assert (split.test_chunk, split.train_chunk, split.batch_chunk) == (4, 10, 5)
+    assert split.device_bytes == budget
+    cube = ex.explain(*args, memory_budget=budget, tolerance=None, progress=False, **options)
+    reference = ex.explain(*args, memory_budget=None, tolerance=None, progress=False, **options)
+    for name in ("attribution", "regularization", "residual", "update_residual"):
+        np.testing.assert_allclose(cube[name].values, reference[name].values, rtol=1e-12, atol=1e-15)
+    assert np.abs(cube["update_residual"].values).max() <= 1e-12
+
+
+def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run):
+    """FlatModel's batch gradient, per-sample gradients and per-sample directional derivatives
+    over parts of 3, 3, 3 and 1 of a batch of 10 equal one pass over all 10 (float64), and
+    each per-sample gradient equals a backward pass over its sample alone."""
+    history = ex.History(run.path)
+    flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
+    theta = flat.layout.flatten(history.params(2))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 4, dtype=torch.float64, generator=generator), torch.arange(10) % 3
+    weights = torch.rand(10, dtype=torch.float64, generator=generator)
+    tangents = torch.randn(2, flat.layout.dim, dtype=torch.float64, generator=generator)
+    _, loss = engine.resolve_loss("cross_entropy")
+    grads = flat.per_sample_gradients(theta, x, y, loss, 3)
+    alone = torch.stack([flat.batch_gradient(theta, x[k:k + 1], y[k:k + 1], torch.ones(1, dtype=torch.float64), loss)
+                         for k in range(10)])
+    np.testing.assert_allclose(grads.numpy(), alone.numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(flat.batch_gradient(theta, x, y, weights, loss, 3).numpy(),
+                               (weights @ alone).numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(flat.per_sample_directional(theta, x, y, loss, tangents, 3).numpy(),
+                               (tangents @ alone.T).numpy(), rtol=1e-12, atol=1e-14)
 
 
 def test_plan_refuses_arguments_explain_does_not_take(run):
@@ -128,7 +177,7 @@ def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
     assert (asked.test_chunk, asked.train_chunk, asked.passes) == (4, 10, 1)
     assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(
         engine._build_request(run.path, run.model, run.test_x, run.test_y,
-                              **planning._request_options(dict(keep=("train", "test")))), 4, 10)
+                              **planning._request_options(dict(keep=("train", "test")))), 4, 10, 4)
 
 
 @pytest.fixture
@@ -242,7 +291,8 @@ def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(r
     tangents, rows = 2 * 4 + 2, 4 * 3
     batch_backward = 4 * 15 * 3 // 2  # the batch gradient over a batch of 4
     elements = tangents * 51 + 10 * 51 + 4 * (tangents + 1) * 15 + rows * tangents * 2 + 4 * rows * 2 + batch_backward
-    assert engine.pass_bytes(request, 4, 10) == 8 * elements
+    assert engine.pass_bytes(request, 4, 10, 4) == 8 * elements
+    assert engine.pass_bytes(request, 4, 10, 2) == 8 * (elements - 2 * 15 * 3 // 2)  # a batch split in two
     with_train = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("component", "test", "output", "train"))
     assert with_train.device_bytes > 8 * elements
 
@@ -261,7 +311,9 @@ def test_a_cube_with_a_train_dim_counts_the_activations_of_its_passes(run):
                 + batch * d * 3 + batch * 15 * 3 // 2  # per-sample gradients, a batch's backward pass
                 + rows * train  # the cube
                 + rows * d * 2 + 4 * 2 * (15 + 3 * 6))  # a node's Jacobians, the reverse pass over 4 inputs
-    assert engine.pass_bytes(request, 4, 10) == 8 * elements
+    assert engine.pass_bytes(request, 4, 10, batch) == 8 * elements
+    # the per-sample gradients [4, D] are held whole; the backward passes run over parts of 3
+    assert engine.pass_bytes(request, 4, 10, 3) == 8 * (elements - batch * 15 * 3 // 2 + 3 * 15 * 3 // 2)
 
 
 def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path):
@@ -272,7 +324,9 @@ def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path):
     request = engine._build_request(case.path, case.model, case.test_x, case.test_y, **planning._request_options(
         dict(keep=("train",), outputs="true", breakpoints=False)))
     backward_pass = 10 * 15 * 3 // 2
-    assert engine._sample_pass_elements(request, 1, 1, 10) == 10 * 51 * 3 + backward_pass  # materialised is more
+    assert engine._sample_pass_elements(request, 1, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # materialised is more
     request.__dict__["activations"] = request.activations._replace(largest=1000)  # a wide layer
-    assert engine._sample_pass_elements(request, 1, 1, 10) == (1 + 1) * 10 * 1000 * 3 + backward_pass
-    assert engine._sample_pass_elements(request, 3, 1, 10) == 10 * 51 * 3 + backward_pass  # 12 > 10: materialised
+    assert engine._sample_pass_elements(request, 1, 1, 10, 10) == (1 + 1) * 10 * 1000 * 3 + backward_pass
+    # the batch split in parts of 4: the tangents and the backward pass go through 4 samples at once
+    assert engine._sample_pass_elements(request, 1, 1, 10, 4) == (1 + 1) * 4 * 1000 * 3 + 4 * 15 * 3 // 2
+    assert engine._sample_pass_elements(request, 3, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # 12 > 10: materialised

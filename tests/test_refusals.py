@@ -429,6 +429,7 @@ def test_save_cube_refuses_to_overwrite(run, tmp_path):
     (dict(dtype=torch.bfloat16), ("bfloat16", "torch.float64", "torch.float32")),
     (dict(test_chunk=-1), ("test_chunk=-1", "≥ 1")),
     (dict(train_chunk=2.5), ("train_chunk=2.5", "≥ 1")),
+    (dict(batch_chunk=0), ("batch_chunk=0", "≥ 1")),
     (dict(components=lambda n: (n,)), ("components", "non-empty strings")),
     (dict(components=lambda n: None), ("components", "None", "non-empty strings")),
     (dict(keep="trian"), ("['trian']", "choose among")),
