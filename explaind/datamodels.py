@@ -102,7 +102,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
 def _checked_inputs(history: History, flat: FlatModel, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs cast for `flat` and their true classes [T, 1], checked as explain() checks them,
     before the pass over the history (a wrong shape or class would fail deep inside it)."""
-    inputs = checked_test_inputs(history, inputs)
+    inputs = checked_test_inputs(history, flat, inputs)
     x = flat.cast_inputs(inputs)
     with torch.no_grad():  # one input's outputs: how many classes the model has
         n_outputs = flat.explained(flat.layout.flatten(history.params(0)).to(flat.device, flat.dtype), x[:1],

@@ -207,7 +207,6 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     batch_chunk = _chunk_size("batch_chunk", batch_chunk)
     loss = _resolve_history_loss(history, loss)
-    inputs = checked_test_inputs(history, inputs)
     if isinstance(targets, torch.Tensor):
         targets = targets.detach()
 
@@ -216,6 +215,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     shapes = dict(zip(history.layout.names, history.layout.shapes))
     layout = ParamLayout(tuple(ordered), tuple(shapes[n] for n in ordered))
     flat = FlatModel(model, layout, dtype, device, history.constants())
+    inputs = checked_test_inputs(history, flat, inputs)
     slices, start = [], 0
     for names in groups.values():
         size = sum(int(np.prod(shapes[n])) for n in names)
@@ -255,9 +255,10 @@ def _chunk_size(name: str, value) -> int:
     return int(value)
 
 
-def checked_test_inputs(history: History, inputs) -> torch.Tensor:
+def checked_test_inputs(history: History, flat: FlatModel, inputs) -> torch.Tensor:
     """The test inputs, detached (explain differentiates parameters, never inputs), checked
-    against the recorded training inputs' shape and kind."""
+    against the recorded training inputs' shape and kind, and integer ones against the tables
+    the model looks them up in."""
     shape, recorded = history.input_spec()
     inputs = torch.as_tensor(inputs).detach()
     if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape or not len(inputs):
@@ -274,6 +275,7 @@ def checked_test_inputs(history: History, inputs) -> torch.Tensor:
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         bad = sorted({int(i) for i in (~torch.isfinite(inputs)).flatten(1).any(1).nonzero()[:, 0]})
         raise InputError(f"test inputs {bad[:10]} hold NaN or inf: remove them or fill in finite values")
+    flat.check_lookups(inputs)
     return inputs
 
 

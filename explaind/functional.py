@@ -157,6 +157,43 @@ class _KinkPattern(TorchFunctionMode):
         return _rows(self.distances, rows, torch.get_default_dtype()), _rows(self.indices, rows, torch.long)
 
 
+class _TableLookups(TorchFunctionMode):
+    """Refuses an index outside the table it looks up (an embedding's rows, one_hot's classes)
+    before the lookup runs: on CUDA such an index stops the process with a device-side assert
+    instead of raising an error. Inputs [first, first + rows) of the test batch are checked."""
+
+    def __init__(self, first: int, rows: int):
+        super().__init__()
+        self.first, self.rows = first, rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            index = kwargs.get("input", args[0])
+            self._check(index, kwargs.get("weight", args[1] if len(args) > 1 else None).shape[0], "an embedding")
+        elif func is torch.embedding:
+            self._check(args[1], args[0].shape[0], "an embedding")
+        elif func is F.one_hot:
+            classes = kwargs.get("num_classes", args[1] if len(args) > 1 else -1)
+            if classes >= 0:  # -1: as many classes as the largest index needs
+                self._check(args[0], classes, "one_hot")
+        return func(*args, **kwargs)
+
+    def _check(self, index: torch.Tensor, size: int, table: str) -> None:
+        outside = (index < 0) | (index >= size)
+        if not bool(outside.any()):
+            return
+        where = ""
+        if index.dim() and len(index) == self.rows:  # the lookup keeps the batch dim: name the inputs
+            bad = outside.reshape(self.rows, -1).any(1).nonzero()[:, 0] + self.first
+            where = f" {bad[:10].tolist()}"
+        values = index[outside].unique()[:10].tolist()
+        raise InputError(
+            f"test inputs{where} hold indices {values} that the model looks up in {table} of {size} "
+            f"entries (0 … {size - 1}); on CUDA such an index stops the process with a device-side "
+            "assert. Fix: drop those inputs, or map them into the model's vocabulary")
+
+
 def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> torch.Tensor:
     """Recorded per-batch tensors side by side: [rows, Σ sizes] ([rows, 0] if none)."""
     if not tensors:
@@ -297,6 +334,17 @@ class FlatModel:
         x = self.cast_inputs(x[:1])
         with torch.no_grad(), mode:
             return self._call(params, x)
+
+    def check_lookups(self, x: torch.Tensor, rows: int = 1024) -> None:
+        """Refuse integer inputs that index outside a table the model looks them up in (see
+        _TableLookups), by forward passes over `rows` inputs at a time at θ = 0."""
+        if x.is_floating_point():  # no lookup takes a float index
+            return
+        params = self.layout.unflatten(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device))
+        for first in range(0, len(x), rows):
+            part = self.cast_inputs(x[first:first + rows])
+            with torch.no_grad(), _TableLookups(first, len(part)):
+                self._call(params, part)
 
     def activation_sizes(self, x: torch.Tensor) -> ActivationSizes:
         """What a forward pass on one input (x[:1]) produces (see ActivationSizes)."""

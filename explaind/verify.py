@@ -163,7 +163,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
              for q, rule, kinks in settings]
-    inputs = checked_test_inputs(history, inputs)
+    inputs = checked_test_inputs(history, flat, inputs)
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
     def outputs(theta):

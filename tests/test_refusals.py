@@ -451,6 +451,46 @@ def test_unusable_test_inputs(run, no_heavy_compute, change, words):
         ex.explain(run.path, run.model, change(run.test_x), progress=False)
 
 
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory):
+    return train(Case("transformer", "adamw", steps=2, n_train=8, n_test=4), tmp_path_factory.mktemp("tokens") / "h")
+
+
+@pytest.mark.parametrize("call", ["explain", "reconstruct"])
+def test_tokens_outside_the_vocabulary(token_run, no_heavy_compute, call):
+    """A token the embedding has no row for: on CUDA the lookup stops the process with a
+    device-side assert (on CPU an IndexError that names nothing); it is refused before any
+    lookup runs, naming the inputs, the tokens and the vocabulary of 5."""
+    tokens = token_run.test_x.clone()
+    tokens[1, 2], tokens[3, 0] = 5, 7
+    functions = {"explain": ex.explain, "reconstruct": ex.reconstruct}
+    with pytest.raises(ex.InputError, match=says("test inputs [1, 3]", "indices [5, 7]", "embedding of 5 entries",
+                                                 "0 … 4", "device-side assert", "vocabulary")):
+        functions[call](token_run.path, token_run.model, tokens, progress=False)
+
+
+class OneHotLinear(nn.Module):
+    """A linear map of 2 one-hot tokens from a vocabulary of 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.linear(F.one_hot(tokens, num_classes=4).to(self.linear.weight.dtype).flatten(1))
+
+
+def test_classes_outside_one_hot(tmp_path, no_heavy_compute):
+    torch.manual_seed(0)
+    model = OneHotLinear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens, labels = torch.randint(0, 4, (6, 2)), torch.randint(0, 3, (6,))
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, tokens, labels)
+    with pytest.raises(ex.InputError, match=says("test inputs [2]", "indices [4]", "one_hot of 4 entries")):
+        ex.explain(tmp_path / "h", model, torch.tensor([[0, 1], [3, 2], [1, 4]]), progress=False)
+
+
 def test_a_small_memory_budget_is_told_in_small_units(run, no_heavy_compute):
     with pytest.raises(ex.InputError, match=says("KiB", "memory_budget=1000 bytes")):
         run.explain(memory_budget=1000)
