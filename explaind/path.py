@@ -44,8 +44,9 @@ and a pattern pass holds each row's parameters and activations, so an unbounded 
 with intervals × units. With `search_bytes` set (explain sets it to what memory_budget leaves
 beyond the pass, which reserves search_reserve), a round takes only as many intervals, and a
 pass as many rows, as those bytes hold: the first inputs are searched to the end before the
-others (depth first), so what waits is other inputs' intervals. The kinks found are the same;
-only the number of passes changes.
+others (depth first), so what waits is other inputs' intervals; waiting intervals beyond half
+of those bytes shed their end patterns, computed again at their turn. The kinks found are the
+same; only the number of passes changes.
 """
 
 from __future__ import annotations
@@ -77,26 +78,40 @@ class KinkStats:
 @dataclass
 class _Intervals:
     """Intervals [a, b] of the segments of some inputs (`rows`), with the kink pattern at both
-    ends: distances z, their derivatives dz/dt, argmax indices, explained outputs."""
+    ends: distances z, their derivatives dz/dt, argmax indices, explained outputs. Intervals
+    waiting for their turn may have shed their patterns (start = end = None) to stay within
+    the search's bytes; they are computed again when the intervals are searched."""
 
     rows: torch.Tensor
     a: torch.Tensor
     b: torch.Tensor
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-    end: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    end: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     miss: torch.Tensor | None = None  # with a kink tolerance: how far each piece's integral misses
+    shed_bytes: int = 0  # with the patterns shed: the bytes one end's pattern takes
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def take(self, keep: torch.Tensor | slice) -> "_Intervals":
-        return _Intervals(self.rows[keep], self.a[keep], self.b[keep],
-                          tuple(v[keep] for v in self.start), tuple(v[keep] for v in self.end),
-                          None if self.miss is None else self.miss[keep])
+        ends = (None, None) if self.start is None else \
+            (tuple(v[keep] for v in self.start), tuple(v[keep] for v in self.end))
+        return _Intervals(self.rows[keep], self.a[keep], self.b[keep], *ends,
+                          None if self.miss is None else self.miss[keep], self.shed_bytes)
+
+    def shed(self) -> "_Intervals":
+        """The same intervals without their patterns."""
+        return _Intervals(self.rows, self.a, self.b, None, None, self.miss, self.pattern_bytes())
 
     def pattern_bytes(self) -> int:
         """Bytes of one end's pattern of one interval."""
+        if self.start is None:
+            return self.shed_bytes
         return sum(v[0].numel() * v.element_size() for v in self.start) if len(self) else 0
+
+    def held_bytes(self) -> int:
+        """Bytes of the patterns this group holds."""
+        return 0 if self.start is None else 2 * self.pattern_bytes() * len(self)
 
     def crossing(self) -> torch.Tensor:
         """Intervals whose ends lie on different pieces: [K] bool."""
@@ -226,13 +241,13 @@ class PathIntegral:
             probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
             return self._split(theta, delta, x, searched, probes, relevant)
 
-        self._depth_first(intervals, search)
+        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, x, iv, relevant, "logit"))
         self.stats.unresolved += int(crowded.sum())
         rows, t = torch.cat(rows), torch.cat(t)
         keep = ~crowded[rows]
         return rows[keep], t[keep]
 
-    def _depth_first(self, intervals: _Intervals, search) -> None:
+    def _depth_first(self, intervals: _Intervals, search, restore) -> None:
         """Run search(group, round) on `intervals` and then on the pieces it returns (None: no
         more), newest pieces first, in groups that keep the search within `search_bytes`.
 
@@ -240,7 +255,11 @@ class PathIntegral:
         each input's search is its own): its first inputs are searched to the end before the
         others' next round, so what waits are other inputs' intervals, never a pile of one
         input's rounds. An input whose intervals alone exceed the limit is parted among them.
-        Without a limit, or within it, each round takes every open interval at once."""
+        Without a limit, or within it, each round takes every open interval at once.
+
+        Depth first, each round leaves the pieces of its other intervals waiting; under a limit
+        the oldest waiting groups shed their patterns beyond half of it (_shed), and restore(group)
+        computes them again when the group's turn comes."""
         waiting = [(intervals, 0)]
         while waiting:
             group, depth = waiting.pop()
@@ -251,9 +270,33 @@ class PathIntegral:
                 cut = int(fits[-1]) if len(fits) else int(most)
                 waiting += [(group.take(slice(cut, None)), depth), (group.take(slice(0, cut)), depth)]
                 continue
+            if group.start is None:
+                group = restore(group)
             pieces = search(group, depth)
             if pieces is not None and len(pieces):
                 waiting.append((pieces, depth + 1))
+                self._shed(waiting)
+
+    def _shed(self, waiting: list[tuple[_Intervals, int]]) -> None:
+        """Drop the patterns of the oldest waiting groups (not the newest, searched next) while
+        the waiting patterns exceed half of what search_bytes leaves a round (see _group_limit):
+        a deep search leaves up to 8 pieces per round waiting (measured: 43 intervals, 23 MiB
+        of patterns, on a ResNet9 with 6 MiB of search_bytes before they were shed)."""
+        if self.search_bytes is None:
+            return
+        allowed = (self.search_bytes - self.search_bytes // 4) // 2
+        held = sum(g.held_bytes() for g, _ in waiting)
+        for i, (group, depth) in enumerate(waiting[:-1]):
+            if held <= allowed:
+                return
+            held -= group.held_bytes()
+            waiting[i] = (group.shed(), depth)
+
+    def _with_ends(self, theta, delta, x, iv: _Intervals, relevant, target: str) -> _Intervals:
+        """Shed intervals with the patterns at their ends computed again."""
+        k = len(iv)
+        both = self._pattern_rows(theta, delta, x, iv.rows.repeat(2), torch.cat([iv.a, iv.b]), relevant, target)
+        return _Intervals(iv.rows, iv.a, iv.b, tuple(v[:k] for v in both), tuple(v[k:] for v in both), iv.miss)
 
     # ----------------------------------------------------------------- memory
 
@@ -297,7 +340,7 @@ class PathIntegral:
         more as the rest of search_bytes holds beside the intervals waiting for their turn."""
         if self.search_bytes is None:
             return float("inf")
-        held = sum(2 * g.pattern_bytes() * len(g) for g, _ in waiting)
+        held = sum(g.held_bytes() for g, _ in waiting)
         free = max(0, self.search_bytes - self.search_bytes // 4 - held)
         return 1 + free // max(1, self.round_patterns * group.pattern_bytes())
 
@@ -416,7 +459,7 @@ class PathIntegral:
             cut.miss = self._misses(theta, delta, xs, cut, target)
             return cut
 
-        self._depth_first(intervals, search)
+        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, xs, iv, relevant, target))
         owner, lo, hi = (torch.cat(v) for v in zip(*done))
         order = torch.argsort(owner.double() * 2 + lo)
         self.stats.kinks += len(owner) - len(rows)

@@ -252,7 +252,9 @@ def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_a
     Jacobians on kinked segments come in passes of the rows the pass counts for one plain node
     (2·O·D per input: 1 row of ~4·O·D for the chunk's 2 inputs) and those the search's bytes
     hold (its reserve, 9,168 bytes, holds 1 row of 4·3·51·8 + 1,296 = 6,192 bytes), 16 rows at
-    once without a budget; the kinks and the cube are those found unbounded."""
+    once without a budget. Nothing beyond the reserve leaves no room for waiting intervals' patterns:
+    all but the newest group shed them, and they are computed again at their turn. The kinks and
+    the cube are those found unbounded."""
     run = train(Case("mlp", "adamw", act="relu", steps=4, lr_scale=3.0, n_test=6), tmp_path / "h")
     options = dict(keep=("train", "test", "output"), kink_tolerance=kink_tolerance, tolerance=None)
     whole = run.explain(memory_budget=None, **options)
@@ -267,8 +269,12 @@ def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_a
     jacobian_rows, node_jacobians = [], FlatModel.add_node_jacobians
     monkeypatch.setattr(FlatModel, "add_node_jacobians", lambda self, out, owner, *a: jacobian_rows.append(
         len(owner)) or node_jacobians(self, out, owner, *a))
+    restored, with_ends = [], PathIntegral._with_ends
+    monkeypatch.setattr(PathIntegral, "_with_ends", lambda self, th, de, x, iv, *a: restored.append(len(iv))
+                        or with_ends(self, th, de, x, iv, *a))
     bounded = run.explain(memory_budget=reserve, test_chunk=2, **options)
     assert set(groups) == {1} and len(groups) > run.case.steps
+    assert set(restored) == {1} and len(restored) < len(groups)  # one interval a round; the newest kept theirs
     assert max(n for n, per_row in rows if per_row) == 1
     assert max(jacobian_rows) == 1 + 1
     for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
