@@ -530,10 +530,13 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     # the kink search takes what the pass leaves of the budget, beyond its reserve
     req.path.search_bytes = max(0, int(budget - needed))
     if needed > budget:
+        asked = [f"{name}=None" for name, value in (("test_chunk", req.test_chunk), ("train_chunk", req.train_chunk),
+                                                    ("batch_chunk", req.batch_chunk)) if value]
         raise InputError(
             f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
             f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
-            "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
+            + (f"leave the chunks to the planner ({', '.join(asked)}), " if asked else "")
+            + "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
             "convention='gradient' (no per-sample momentum buffer), float32, or a larger budget"
         )
     req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows

@@ -168,9 +168,8 @@ class _TableLookups(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.embedding:
-            index = kwargs.get("input", args[0])
-            self._check(index, kwargs.get("weight", args[1] if len(args) > 1 else None).shape[0], "an embedding")
+        if func is F.embedding:  # torch hands its (input, weight) on positionally, however called
+            self._check(args[0], args[1].shape[0], "an embedding")
         elif func is torch.embedding:
             self._check(args[1], args[0].shape[0], "an embedding")
         elif func is F.one_hot:
@@ -614,7 +613,7 @@ def sample_parts(n: int, rows: int | None) -> list[slice]:
     """The batch's samples 0 … n − 1 in consecutive parts of at most `rows` (None: one part).
     Splitting a batch is exact because each sample's loss depends on its own input only: the
     loss is per sample, and modules that mix a batch (train-mode BatchNorm) are refused."""
-    size = n if rows is None else max(1, rows)
+    size = max(1, n if rows is None else rows)
     return [slice(start, min(start + size, n)) for start in range(0, n, size)] or [slice(0, 0)]
 
 
