@@ -36,7 +36,7 @@ from .history import History, StepRecord, open_history
 from .losses import resolve_loss, sample_weights
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
-from .verify import check_tolerance
+from .verify import check_tolerance, update_miss
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -733,8 +733,7 @@ class _Pass:
         if not self.req.check_updates:
             self.update_residual[s] = np.nan
             return
-        scale = delta.abs().max().clamp_min(torch.finfo(self.dt).tiny)
-        self.update_residual[s] = ((delta + k.eta * modelled).abs().max() / scale).item()
+        self.update_residual[s] = update_miss(k, delta, modelled).item()
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
         """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""

@@ -8,9 +8,11 @@ optimizer's preconditioners are plain matrices and the contraction is one big ma
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
+import threading
 import warnings
 from dataclasses import dataclass
 from math import prod
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, UnsupportedError
@@ -297,6 +300,40 @@ def _private_structure(model: nn.Module) -> nn.Module:
         return model
 
 
+class _DifferentiableKernels:
+    """Attention computed by ops that torch.func can differentiate, while explaind calls a model.
+
+    `scaled_dot_product_attention`'s fused kernels (flash, memory-efficient) have no forward-mode
+    derivative, and in eval mode `nn.MultiheadAttention` and `nn.TransformerEncoderLayer` take a
+    fused "fast path" with no derivative at all; the math kernel and the modules' composite path
+    compute the same attention from ops that have both. Both switches are process-wide, so the
+    first call in sets them and the last one out restores them (a thread of your own that runs
+    attention meanwhile runs it the slower, equal way)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._restore = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._calls == 0:
+                self._restore.enter_context(sdpa_kernel(SDPBackend.MATH))
+                self._restore.callback(torch.backends.mha.set_fastpath_enabled,
+                                       torch.backends.mha.get_fastpath_enabled())
+                torch.backends.mha.set_fastpath_enabled(False)
+            self._calls += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._calls -= 1
+            if self._calls == 0:
+                self._restore.close()
+
+
+_DIFFERENTIABLE_KERNELS = _DifferentiableKernels()
+
+
 class FlatModel:
     """f(x; θ) for a flat θ, with the constant rest of the module (frozen tensors, buffers)."""
 
@@ -352,7 +389,8 @@ class FlatModel:
         return ActivationSizes(mode.elements, mode.largest)
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**params, **self.constants}, (x,))
+        with _DIFFERENTIABLE_KERNELS:
+            return functional_call(self.model, {**params, **self.constants}, (x,))
 
     def raw(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The module's output on a batch x, with parameters θ."""

@@ -1,7 +1,8 @@
 """The two checks that make "exact" a measured fact (DESIGN §2).
 
 1. update reconstruction, in parameter space, at every step: the modelled optimizer applied
-   to the recorded batch reproduces the recorded Δθ_s (independent of quadrature);
+   to the recorded batch reproduces the recorded Δθ_s (independent of quadrature), measured in
+   the gradient's units (see `update_miss`);
 2. output reconstruction of *all* outputs of many inputs: f(θ_N) − f(θ_0) against
    Σ_s φ_s·Δθ_s, by forward-mode JVPs along each segment (no per-sample split needed).
 """
@@ -20,14 +21,32 @@ from .errors import InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, check_target
 from .history import History, open_history
 from .losses import sample_weights
-from .optimizers import AggregateUpdate, group_index, step_coefficients
+from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coefficients
 from .path import PathIntegral
+
+
+def update_miss(k: StepCoefficients, delta: torch.Tensor, modelled: torch.Tensor) -> torch.Tensor:
+    """max_j |Δθ_j + η_j m_j| / P_j over max_j |Δθ_j| / P_j: how far the modelled update
+    −η(Σ_k u_k + r) = −η m misses the recorded Δθ_s, relative to the step.
+
+    Both are divided by the preconditioner P (1 for SGD; 1/(√v̂ + ε) for Adam), which puts the
+    miss in the gradient's units. Adam divides each gradient coordinate by its own size, so a
+    coordinate whose gradient is zero but for float32 rounding (the key bias of attention, which
+    softmax ignores) moves by rounding noise scaled up to the learning rate: no recomputation
+    reproduces that noise, and it moves no output. Divided by P it is the rounding it came from."""
+    return ((delta + k.eta * modelled) / k.precond).abs().max() / _step_size(k, delta)
+
+
+def _step_size(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
+    """max_j |Δθ_j| / P_j, the scale of `update_miss`."""
+    return (delta / k.precond).abs().max().clamp_min(torch.finfo(delta.dtype).tiny)
 
 
 def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None,
                      replay_start: int = 0, momentum: torch.Tensor | None = None,
                      batch_rows: int | None = None) -> np.ndarray:
-    """Per step: max |Δθ_s + η_s(Σ_k u_{s,k} + r_s)| / max |Δθ_s| (recorded vs modelled).
+    """Per step: the relative miss of the modelled update η_s(Σ_k u_{s,k} + r_s) on the recorded
+    −Δθ_s (`update_miss`).
 
     steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
@@ -43,8 +62,9 @@ def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start,
 
     The floor is what storing θ allows: θ_{s+1} is rounded to the history's dtype (AdamW
     rounds it twice, after the decay and after the step), so the recorded Δθ_s carries errors
-    up to ~ε max |θ| however exactly the update is modelled. Relative to a small update (a
-    learning rate decayed by orders of magnitude) that exceeds any fixed tolerance."""
+    up to ~ε |θ| however exactly the update is modelled. Relative to a small update (a learning
+    rate decayed by orders of magnitude) that exceeds any fixed tolerance. It is measured in the
+    units of `update_miss`: 4 ε max_j |θ_j| / P_j over max_j |Δθ_j| / P_j."""
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
     groups = group_index(history, flat)
@@ -60,10 +80,9 @@ def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start,
                                 batch_rows)
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
-            scale = delta.abs().max().clamp_min(torch.finfo(flat.dtype).tiny)
-            largest = torch.maximum(theta.abs().max(), (theta + delta).abs().max())
-            yield (rec.step, ((delta + k.eta * modelled).abs().max() / scale).item(),
-                   (4 * eps * largest / scale).item())
+            largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
+            floor = 4 * eps * largest / _step_size(k, delta)
+            yield rec.step, update_miss(k, delta, modelled).item(), floor.item()
 
 
 def verify_updates(
@@ -79,8 +98,8 @@ def verify_updates(
 
     Raises ReconstructionError if one exceeds both `tolerance` (default: 1e-10 for a float64
     history, 1e-4 for float32, whose own rounding of θ_{s+1} − θ_s is that large) and what
-    the rounding of the stored θ allows at that step (4 ε max |θ| / max |Δθ_s|, which grows as
-    a schedule shrinks the updates).
+    the rounding of the stored θ allows at that step (4 ε max |θ| / max |Δθ_s|, both divided by
+    the preconditioner as in `update_miss`; it grows as a schedule shrinks the updates).
     """
     from .engine import _resolve_history_loss, check_dtype
 

@@ -240,8 +240,10 @@ def test_chunks_asked_beyond_the_data_fit_the_budget_the_data_needs(run):
     huge = ex.plan(*args, keep=("train", "test"), train_chunk=10**6, test_chunk=10**6, memory_budget=fits.device_bytes)
     assert (huge.train_chunk, huge.test_chunk, huge.device_bytes) == (10, 4, fits.device_bytes)
     cube = run.explain(keep=("train", "test"), train_chunk=10**6, memory_budget=fits.device_bytes, tolerance=None)
-    reference = run.explain(keep=("train", "test"), tolerance=None)
-    np.testing.assert_array_equal(cube["attribution"].values, reference["attribution"].values)
+    reference = run.explain(keep=("train", "test"), tolerance=None).attribution.values
+    # equal to rounding: under the budget the path integral (breakpoints=True) takes its rows in
+    # passes of another size, whose products some CPUs' BLAS kernels sum in another order
+    assert abs(cube.attribution.values - reference).max() <= 1e-13 * abs(reference).max()
 
 
 @pytest.mark.parametrize("budget", [float("nan"), "1e9", 0, -5, True])

@@ -34,15 +34,19 @@ def record(path, steps: int = 12, clip_from: int | None = None) -> torch.nn.Modu
 
 def test_a_decayed_learning_rate_is_not_mistaken_for_a_mismatch(tmp_path):
     """At lr 1e-7 the rounding of the stored θ_{s+1} alone is ~1e-9 of the update: above the
-    fixed float64 tolerance (1e-10), within 4 ε max |θ| / max |Δθ_s|, computed here from the
-    history's own parameters."""
+    fixed float64 tolerance (1e-10), within 4 ε max |θ| / max |Δθ_s|, both divided by AdamW's
+    preconditioner P = 1/(√(v/(1 − β2^t)) + ε), computed here from the history's own records."""
     model = record(tmp_path / "h")
     residuals = ex.verify_updates(tmp_path / "h", model)
     history = ex.History(tmp_path / "h")
-    theta = [history.flat_params(s).double() for s in range(history.n_steps + 1)]
-    for s, residual in enumerate(residuals):
-        largest = max(theta[s].abs().max(), theta[s + 1].abs().max())
-        floor = 4 * torch.finfo(torch.float64).eps * largest / (theta[s + 1] - theta[s]).abs().max()
+    for rec, residual in zip(history.steps(), residuals):
+        theta, after = (history.layout.flatten(p).double() for p in (rec.before, rec.after))
+        group = rec.groups[0]
+        beta2 = group["betas"][1]
+        v = history.layout.flatten(rec.second_moment).double()
+        precond = 1 / ((v / (1 - beta2 ** group["t"])).sqrt() + group["eps"])
+        largest = (torch.maximum(theta.abs(), after.abs()) / precond).max()
+        floor = 4 * torch.finfo(torch.float64).eps * largest / ((after - theta) / precond).abs().max()
         assert residual <= floor
     assert residuals[:2].max() < 1e-13 and residuals[-1] > 1e-10
 
