@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -257,9 +258,13 @@ def _explainable_outputs(out) -> torch.Tensor:
     return out
 
 
-def _forward_mode(method):
-    """Turn torch's refusal of forward-mode AD for an op of the model into an error that names
-    what needs forward mode and how to do without it."""
+# what torch.func.vmap says when an op writes in place into a tensor that is not batched
+_UNBATCHED_WRITE = re.compile(r"doesn't match the broadcast shape|vmap: .* is not possible because")
+
+
+def _transformed(method):
+    """Turn torch's refusals to transform an op of the model (no forward-mode derivative; an
+    in-place write vmap cannot batch) into errors that name the cause and the fix."""
 
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
@@ -275,6 +280,18 @@ def _forward_mode(method):
                 "reconstruct(). Fix: explain with breakpoints=False and a train dim (or parameter_scores="
                 "True), which need reverse mode only, or build that op from ones torch differentiates in "
                 "forward mode (for weight norm: w = g * v / v.norm(dim=1, keepdim=True))") from error
+        except RuntimeError as error:
+            if not _UNBATCHED_WRITE.search(str(error)):
+                raise
+            cause = str(error).splitlines()[0]
+            raise UnsupportedError(
+                f"torch.func.vmap cannot batch an op of the model ({cause}): it writes in place into a "
+                "tensor the model made without the input, such as torch.zeros(...), which vmap does "
+                "not batch. explaind batches every derivative over inputs, samples or points with vmap. "
+                "PyTorch's nn.LSTMCell and nn.GRUCell make their state so when called without one, and "
+                "nn.LSTM, nn.GRU and nn.RNN in float64 on the CPU. Fix: make such tensors from the input "
+                "(x.new_zeros(...), torch.zeros_like(x)); for those modules pass that state, for example "
+                "h0 = x.new_zeros(layers, batch, hidden)") from error
 
     return wrapped
 
@@ -425,6 +442,7 @@ class FlatModel:
         """out[rows[i]] += weight · J(x_i; θ) for each input x_i of a batch (out: [N, O, D])."""
         self.layout.index_add(out, rows, self._jacobians(theta, x, select, target), alpha=weight)
 
+    @_transformed
     def _jacobians(self, theta, x, select, target) -> dict[str, torch.Tensor]:
         """J per named tensor: [T, O, *shape] each."""
         params = self.layout.unflatten(theta)
@@ -440,6 +458,7 @@ class FlatModel:
             return vmap(lambda x1: one(x1, None))(x)
         return vmap(one)(x, select)
 
+    @_transformed
     def add_node_jacobians(
         self,
         out: torch.Tensor,
@@ -497,7 +516,7 @@ class FlatModel:
         distances, indices = mode.flat(1)
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
 
-    @_forward_mode
+    @_transformed
     def kink_pattern(
         self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float,
         target: str = "logit",
@@ -553,18 +572,18 @@ class FlatModel:
                 depends[i] = g != 0
         return _rows(depends, len(x), torch.bool).any(0)
 
-    @_forward_mode
+    @_transformed
     def directional(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """J(θ)·Δ for every input of a batch, all outputs, by one forward-mode pass: [B, O]."""
         return jvp(lambda th: self.explained(th, x, target), (theta,), (delta,))[1]
 
-    @_forward_mode
+    @_transformed
     def directional_many(self, theta: torch.Tensor, tangents: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """J(θ)·v for every tangent v [V, D] and every input of a batch, all outputs: [V, B, O]."""
         f = lambda th: self.explained(th, x, target)
         return vmap(lambda v: jvp(f, (theta,), (v,))[1])(tangents)
 
-    @_forward_mode
+    @_transformed
     def directional_rows(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                          tangents: torch.Tensor, target: str) -> torch.Tensor:
         """J(x_r; θ + t_r Δ)·v for each row r (its own input and point) and tangent v: [R, V, O]."""
@@ -575,7 +594,7 @@ class FlatModel:
 
         return vmap(one)(x, t)
 
-    @_forward_mode
+    @_transformed
     def directional_along(
         self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
     ) -> torch.Tensor:
@@ -587,6 +606,7 @@ class FlatModel:
 
         return vmap(one)(x, t)
 
+    @_transformed
     def per_sample_gradients(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss,
         rows: int | None = None,
@@ -607,7 +627,7 @@ class FlatModel:
             out[part] = self.layout.flatten(per_sample(params, x[part], y[part]))
         return out
 
-    @_forward_mode
+    @_transformed
     def per_sample_directional(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss, tangents: torch.Tensor,
         rows: int | None = None,

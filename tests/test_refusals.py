@@ -379,6 +379,45 @@ def test_an_op_without_forward_mode_names_the_reverse_mode_route(tmp_path):
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
+class Recurrent(nn.Module):
+    """An nn.LSTM over the 4 features as a sequence; its initial state made by the LSTM itself
+    (torch.zeros, not batched by vmap) or, with `state_from_input`, from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(1, 5, batch_first=True)
+        self.out = nn.Linear(5, 3)
+        self.state_from_input = False
+
+    def forward(self, x):
+        sequence = x.unsqueeze(-1)
+        state = None
+        if self.state_from_input:
+            h0 = sequence.new_zeros(1, len(sequence), 5)
+            state = (h0, h0)
+        return self.out(self.lstm(sequence, state)[0][:, -1])
+
+
+# torch warns that vmap loops over the LSTM, which has no batching rule
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_an_in_place_write_vmap_cannot_batch_names_the_fix(tmp_path):
+    """In float64 on the CPU nn.LSTM writes into a state it makes itself, which vmap cannot
+    batch: explain names the cause and the fix, and the fix (the state made from the input)
+    explains the same history exactly."""
+    torch.manual_seed(0)
+    model = Recurrent().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    with pytest.raises(ex.UnsupportedError, match=says("vmap", "in place", "nn.LSTM", "x.new_zeros", "h0")):
+        ex.explain(tmp_path / "h", model, x[:2], keep=("train", "test"), progress=False)
+    model.state_from_input = True
+    cube = ex.explain(tmp_path / "h", model, x[:2], keep=("train", "test"), quadrature=6, progress=False,
+                      tolerance=1e-9)
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
 def test_custom_loss_must_be_passed_again(tmp_path, no_heavy_compute):
     from engine_cases import smooth_loss
 
