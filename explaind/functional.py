@@ -217,8 +217,17 @@ def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
     )
 
 
+def module_of(model: nn.Module) -> nn.Module:
+    """The module a torch.compile'd one wraps (whose tensors are the same, named without the
+    wrapper's "_orig_mod." prefix); any other module as it is. explaind records names and calls
+    code of the plain module, so a history matches the compiled module and the plain one alike,
+    and torch.func transforms eager code."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p for name, p in module_of(model).named_parameters() if p.requires_grad}
 
 
 def compute_device(device) -> torch.device:
@@ -359,6 +368,7 @@ class FlatModel:
         self.layout = layout
         self.dtype = dtype
         self.device = compute_device(device)
+        model = module_of(model)
         trainable = set(layout.names)
         # frozen parameters and buffers enter every call as constants: the recorded ones when
         # given (a history's), the module's own for the rest

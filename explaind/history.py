@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .errors import HistoryError, InputError, UnsupportedError
-from .functional import FlatModel, ParamLayout, layout_of, trainable_parameters
+from .functional import FlatModel, ParamLayout, layout_of, module_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_per_sample, check_reduction, resolve_loss,
                      sample_weights)
 
@@ -274,7 +274,7 @@ class Recorder:
         _resume_from: int | None = None,
     ):
         self.path = Path(path)
-        self.model = model
+        self.model = module_of(model)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.kind = optimizer_kind(optimizer)
@@ -301,7 +301,7 @@ class Recorder:
             self._last = {n: _cpu(p) for n, p in self._params.items()}
         # what the history holds fixed, to refuse an unrecorded change at any step
         self._members = _members(optimizer)
-        self._constants = {n: _cpu(t) for n, t in _constant_tensors(model, self._params).items()}
+        self._constants = {n: _cpu(t) for n, t in _constant_tensors(self.model, self._params).items()}
         self._manifest = open(self.path / "manifest.jsonl", "a")
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -502,9 +502,11 @@ class Recorder:
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
                 f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}). Causes: "
                 "a different loss reduction, gradient clipping or scaling, dropout or other "
-                "randomness in forward, a loss term not declared to the Recorder, or inputs "
-                "passed to batch() that differ from those the model saw. Fix the training "
-                f"loop or declare the loss you use (loss=callable returning per-sample losses).{mse}"
+                "randomness in forward, mixed precision (torch.autocast: its low-precision "
+                "rounding of every product is not reproducible from the recorded tensors), a "
+                "loss term not declared to the Recorder, or inputs passed to batch() that differ "
+                "from those the model saw. Fix the training loop (train in float32 or float64) "
+                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -641,7 +643,7 @@ class Recorder:
         tensors = _read_resume_tensors(path, info)
         with torch.no_grad():
             for name, value in history.params(step).items():
-                dict(model.named_parameters())[name].copy_(value)
+                dict(module_of(model).named_parameters())[name].copy_(value)
         opt_state: dict = {}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):

@@ -699,6 +699,28 @@ def test_one_value_per_input_is_one_output(tmp_path):
         np.testing.assert_array_equal(flat[name].values, column[name].values)
 
 
+def test_a_compiled_module_records_under_its_own_names_and_explains_either_way(tmp_path):
+    """torch.compile wraps a module under "_orig_mod.": the history keeps the module's own names,
+    so the compiled module (as trained) and the plain one (as loaded later) explain it alike,
+    and exactly (float64, tanh MLP: the residual is the quadrature's)."""
+    torch.manual_seed(0)
+    plain = Case("mlp").fresh_model()
+    compiled = torch.compile(plain, backend="eager")  # eager: no compiler needed, the same wrapper
+    optimizer = torch.optim.AdamW(compiled.parameters(), lr=0.05)
+    x, y, test_x, _ = make_data("mlp", 16, 3, 0)
+    with ex.Recorder(tmp_path / "h", compiled, optimizer, check_every=1) as rec:
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(compiled(x), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    assert list(ex.History(tmp_path / "h").layout.names) == [name for name, _ in plain.named_parameters()]
+    cubes = [ex.explain(tmp_path / "h", model, test_x, keep=("train", "test"), quadrature=6, progress=False)
+             for model in (compiled, plain)]
+    xr.testing.assert_equal(cubes[0].attribution, cubes[1].attribution)
+    assert cubes[1].attrs["relative_residual"] <= 1e-9
+
+
 def test_explain_leaves_the_users_module_alone(runs):
     """explain() calls a private copy of the module's structure, never the module it is handed:
     torch.func.functional_call swaps tensors into the module it calls, so calling the user's

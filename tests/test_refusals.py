@@ -119,6 +119,24 @@ def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
             loop(rec, model, optimizer, x, y, clip=1e-3)
 
 
+def test_mixed_precision_is_caught_by_the_record_time_check(tmp_path):
+    """bfloat16 autocast rounds every product of the forward and backward pass: the recorded
+    float32 tensors cannot reproduce that gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))  # float32: what autocast casts
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(64)
+    x = x.float()
+    with pytest.raises(ex.UnsupportedError, match=says("step 0", "mixed precision", "autocast", "float32")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+
+
 def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path):
     """With check_every=50 only step 0 is checked: later clipping is caught by both checks."""
     model, optimizer = model_and_sgd(momentum=0.9)
