@@ -116,3 +116,24 @@ def test_adam_noise_on_a_gradient_free_key_bias_is_not_a_mismatch(tmp_path):
     cube = ex.explain(tmp_path / "h", model, tokens[:2], keep=("train", "test"), dtype=torch.float64,
                       progress=False)
     assert abs(cube.update_residual.values - residuals).max() <= 1e-12
+
+
+def test_overlapping_calls_keep_attention_differentiable_until_the_last_one_returns():
+    """Two explains in two threads overlap as: first in, second in, first out, second out. The
+    switches must stay set until the second returns, then come back as they were."""
+    from explaind.functional import _DIFFERENTIABLE_KERNELS
+
+    def switched() -> bool:
+        return not torch.backends.mha.get_fastpath_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+
+    kernels = _DIFFERENTIABLE_KERNELS
+    assert not switched()
+    kernels.__enter__()  # the first call in
+    kernels.__enter__()  # the second
+    kernels.__exit__(None, None, None)  # the first returns
+    assert switched()
+    kernels.__exit__(None, None, None)  # the second returns
+    assert not switched()
+    with _DIFFERENTIABLE_KERNELS:  # and it can be entered again
+        assert switched()
+    assert not switched()
