@@ -24,7 +24,7 @@ from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
-from .losses import resolve_loss, sample_weights
+from .losses import resolve_loss
 from .optimizers import group_index
 from .parallel import run_all
 
@@ -88,7 +88,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
         eta = torch.tensor([g["lr"] for g in rec.groups], dtype=dtype, device=flat.device)[groups]
         directions = flat.jacobian(theta, x, select, "log_prob")[:, 0] * eta  # η ∇ log p per input: [T, D]
-        weights = sample_weights(history.reduction, len(rec.indices), dtype, flat.device)
+        weights = history.sample_weights(rec, dtype, flat.device)
         batch_x, batch_y = flat.cast_inputs(rec.inputs), rec.targets.to(flat.device)
         if len(x) * FORWARD_MODE_RATIO <= len(rec.indices):  # few inputs: one JVP of the batch's losses each
             products = flat.per_sample_directional(theta, batch_x, batch_y, loss, directions).T

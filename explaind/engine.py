@@ -33,7 +33,7 @@ from .cube import assemble_cube, test_labels
 from .errors import InputError, ReconstructionError, is_number, is_whole
 from .functional import ActivationSizes, FlatModel, ParamLayout, check_target
 from .history import History, StepRecord, open_history
-from .losses import resolve_loss, sample_weights
+from .losses import resolve_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
 from .verify import check_tolerance, update_miss
@@ -682,7 +682,7 @@ class _Pass:
     def step_batch(self, rec: StepRecord):
         """A step's sample weights, the chunk column of each sample (−1: not in this chunk), and
         its inputs and targets on the compute device."""
-        weights = sample_weights(self.req.history.reduction, len(rec.indices), self.dt, self.dev)
+        weights = self.req.history.sample_weights(rec, self.dt, self.dev)
         return weights, self.columns(rec.indices), self.req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
 
     def columns(self, indices: torch.Tensor) -> torch.Tensor:
@@ -1008,9 +1008,9 @@ def _check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     checked = f" (worst step's update residual {worst_update:.2e})" if np.isfinite(worst_update) else ""
     if from_updates > path:
         fix = ("The recorded run does not follow the modelled optimizer closely enough (gradient "
-               "clipping, a changed loss, an option explaind does not model, or a float32 run's own "
-               "rounding): look at update_residual per step, or explain with check_updates=False and "
-               "no train dim to split the recorded updates instead.")
+               "clipping not done by rec.clip_grad_norm_, a changed loss, an option explaind does not "
+               "model, or a float32 run's own rounding): look at update_residual per step, or explain "
+               "with check_updates=False and no train dim to split the recorded updates instead.")
     else:
         fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
     raise ReconstructionError(

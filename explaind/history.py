@@ -9,7 +9,9 @@ On-disk format (a directory; no pickle anywhere):
                          enter its preconditioner, and the batch: dataset indices, the actual
                          (augmented) inputs and the targets
     manifest.jsonl       one line per *complete* step: file, size, sha256, per-group
-                         hyperparameters used at that step (lr, betas, momentum, ...)
+                         hyperparameters used at that step (lr, betas, momentum, ...) and,
+                         where the recorder clipped the step's gradient, the factor it
+                         scaled the gradient by
     resume.json / resume-0.safetensors, resume-1.safetensors
                          the latest full optimizer, scheduler and RNG state, so that a killed
                          run can continue from its last complete step. The tensors alternate
@@ -38,7 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .errors import HistoryError, InputError, UnsupportedError
+from .errors import HistoryError, InputError, UnsupportedError, is_number
 from .functional import FlatModel, ParamLayout, layout_of, module_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_per_sample, check_reduction, resolve_loss,
                      sample_weights)
@@ -255,8 +257,10 @@ class Recorder:
 
     `loss` and `reduction` declare the training loss; every `check_every` steps the
     recorder recomputes the batch gradient from the recorded batch and compares it with
-    `.grad`, so that clipping, dropout, a wrong reduction or an undeclared loss term fail at
-    once instead of after hours of attribution.
+    `.grad`, so that undeclared clipping, dropout, a wrong reduction or an undeclared loss
+    term fail at once instead of after hours of attribution. Clipping the gradient's norm is
+    recorded by calling `rec.clip_grad_norm_(max_norm)` in place of
+    `torch.nn.utils.clip_grad_norm_`.
     """
 
     def __init__(
@@ -287,6 +291,7 @@ class Recorder:
         self._params = trainable_parameters(model)
         self._group_of = self._param_groups()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._gradient_scale: float | None = None  # this step's clipping factor, once clipped
         self._closed = False
         self._seen: set[int] = set()
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
@@ -412,6 +417,32 @@ class Recorder:
         self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
         self._seen.update(indices.tolist())
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over all trained parameters, recorded: call it in its
+        place (after backward, before optimizer.step()). Returns the gradients' total norm.
+
+        Clipping scales the whole batch gradient by one factor, c = min(1, max_norm / (‖ḡ‖ + 1e-6)),
+        so every sample's share of the step is scaled by it too and the decomposition stays exact:
+        the history keeps c with the step, as it keeps the learning rate.
+        """
+        if not (is_number(max_norm) and max_norm > 0):
+            raise InputError(f"clip_grad_norm_() needs max_norm > 0, got {max_norm!r}")
+        if self._gradient_scale is not None:
+            raise InputError(
+                f"clip_grad_norm_() was called twice before optimizer.step() (step {self.step}): "
+                "clip once per step, after backward() and before step()"
+            )
+        total = torch.nn.utils.clip_grad_norm_(list(self._params.values()), max_norm, norm_type, error_if_nonfinite)
+        # the factor torch scaled .grad by, computed as torch computes it (same ops, same dtype)
+        self._gradient_scale = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        if not self._gradient_scale > 0:
+            raise UnsupportedError(
+                f"the gradients' total norm at step {self.step} is {float(total)}: a step with a "
+                "non-finite gradient has no decomposition. Fix: lower the learning rate, or skip "
+                "optimizer.step() for such a batch"
+            )
+        return total
+
     def _before_step(self, optimizer, args, kwargs) -> None:
         if self._pending is None:
             raise InputError(
@@ -444,6 +475,7 @@ class Recorder:
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(self.scheduler.last_epoch - self._epoch_after_step)
             self._write_resume_info(scheduler_stepped=True)
+        self._refuse_low_precision_lr(optimizer)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
         if self.check_every and self.step % self.check_every == 0:
             self._check_gradient()
@@ -470,6 +502,23 @@ class Recorder:
                     "(requires_grad and in the optimizer)"
                 )
 
+    def _refuse_low_precision_lr(self, optimizer) -> None:
+        """Adam and AdamW compute their step size in the precision of a tensor learning rate
+        (as capturable or compiled optimizers use): a float32 lr on float64 parameters moves
+        them by ~1e-7 of a step away from any float64 model of the update."""
+        if self.kind == "sgd":  # SGD reads a tensor lr as a number
+            return
+        dtype = next(iter(self._params.values())).dtype
+        for i, group in enumerate(optimizer.param_groups):
+            lr = group["lr"]
+            if torch.is_tensor(lr) and torch.finfo(lr.dtype).eps > torch.finfo(dtype).eps:
+                raise UnsupportedError(
+                    f"param group {i}'s learning rate is a {lr.dtype} tensor and the parameters are "
+                    f"{dtype}: {type(optimizer).__name__} then computes its step size in {lr.dtype}, "
+                    "which the recorded learning rate cannot reproduce. Fix: make the learning rate "
+                    f"a {dtype} tensor (torch.tensor(lr, dtype={dtype})) or a float"
+                )
+
     def _observe_scheduler_steps(self, steps: int) -> None:
         """A scheduler stepped per epoch steps 0 times after most optimizer steps and 1 after
         some: a resume cannot tell which count the killed step needed."""
@@ -486,7 +535,7 @@ class Recorder:
         x, y = flat.cast_inputs(x), y.to(p0.device)
         with torch.no_grad():
             check_per_sample(self.loss_name, self.loss(flat.raw(theta, x), y), len(x))
-        w = sample_weights(self.reduction, len(x), p0.dtype, p0.device)
+        w = sample_weights(self.reduction, len(x), p0.dtype, p0.device) * (self._gradient_scale or 1.0)
         expected = flat.batch_gradient(theta, x, y, w, self.loss)
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
@@ -501,7 +550,9 @@ class Recorder:
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
                 f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}). Causes: "
-                "a different loss reduction, gradient clipping or scaling, dropout or other "
+                "a different loss reduction, gradient clipping or scaling (clip the norm with "
+                "rec.clip_grad_norm_(max_norm) in place of torch.nn.utils.clip_grad_norm_: it "
+                "records the factor; clipping by value cannot be recorded), dropout or other "
                 "randomness in forward, mixed precision (torch.autocast: its low-precision "
                 "rounding of every product is not reproducible from the recorded tensors), a "
                 "loss term not declared to the Recorder, or inputs passed to batch() that differ "
@@ -528,6 +579,9 @@ class Recorder:
         _write_atomic(self.path / file, data)
         line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
                 "groups": self._hyper, "batch_size": len(indices)}
+        if self._gradient_scale is not None:
+            line["gradient_scale"] = self._gradient_scale
+            self._gradient_scale = None
         self._manifest.write(_manifest_line(line))
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
@@ -641,9 +695,10 @@ class Recorder:
         _keep_manifest_lines(path, history.manifest[:step])
         history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
         tensors = _read_resume_tensors(path, info)
+        named = dict(module_of(model).named_parameters())
         with torch.no_grad():
             for name, value in history.params(step).items():
-                dict(module_of(model).named_parameters())[name].copy_(value)
+                named[name].copy_(value)
         opt_state: dict = {}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
@@ -785,6 +840,7 @@ class StepRecord:
     before: dict[str, torch.Tensor]  # θ_s
     after: dict[str, torch.Tensor]  # θ_{s+1}
     groups: list[dict]  # per-group hyperparameters used at this step
+    gradient_scale: float  # c_s: the factor clipping scaled the batch gradient by (1: not clipped)
     second_moment: dict[str, torch.Tensor] | None  # Adam's v_t (or max v_t with amsgrad)
     indices: torch.Tensor
     inputs: torch.Tensor
@@ -885,6 +941,12 @@ class History:
                 raise HistoryError(
                     f"{self.path}/manifest.jsonl: line {number + 1} is step {step}, "
                     f"expected {number}; the manifest is corrupted"
+                )
+            scale = line.get("gradient_scale", 1.0)
+            if not (is_number(scale) and 0 < scale <= 1):
+                raise HistoryError(
+                    f"{self.path}/manifest.jsonl: step {step} records the gradient scale {scale!r}, "
+                    f"not a number in (0, 1]: the manifest was edited or corrupted. {_RESTORE}"
                 )
             file = self.path / name
             if not file.is_file() or file.stat().st_size != size:
@@ -995,11 +1057,17 @@ class History:
                 before=before,
                 after=after,
                 groups=self.manifest[s]["groups"],
+                gradient_scale=self.manifest[s].get("gradient_scale", 1.0),
                 second_moment=self._prefixed(tensors, "second_moment/") or None,
                 indices=tensors["batch/indices"],
                 inputs=tensors["batch/inputs"],
                 targets=tensors["batch/targets"],
             )
+
+    def sample_weights(self, rec: StepRecord, dtype: torch.dtype, device) -> torch.Tensor:
+        """c_s w_{s,k}: each sample's weight in step s's batch gradient, from the loss's
+        reduction, times the factor the step's gradient was clipped by."""
+        return sample_weights(self.reduction, len(rec.indices), dtype, device) * rec.gradient_scale
 
     def max_batch(self) -> int:
         """The largest batch of the run (rows of per-sample gradients held at once)."""

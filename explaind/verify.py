@@ -20,7 +20,6 @@ from .cube import residual_attrs
 from .errors import InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, check_target
 from .history import History, open_history
-from .losses import sample_weights
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coefficients
 from .path import PathIntegral
 
@@ -75,7 +74,7 @@ def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start,
         delta = flat.layout.flatten(rec.after).to(flat.device, flat.dtype) - theta
         moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)
         k = step_coefficients(history.optimizer, rec.groups, groups, moment, rec.step == 0, flat.dtype)
-        weights = sample_weights(history.reduction, len(rec.indices), flat.dtype, flat.device)
+        weights = history.sample_weights(rec, flat.dtype, flat.device)
         g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss,
                                 batch_rows)
         modelled = aggregate.step(k, g, theta)
@@ -119,8 +118,9 @@ def verify_updates(
             f"step {worst}'s recorded update differs from the modelled {history.optimizer} update "
             f"by {residuals[worst]:.2e} of its size (tolerance {tolerance:.0e}; the rounding of the "
             f"stored parameters allows {floors[worst]:.0e} there). The run does not "
-            "follow the recorded optimizer: look for gradient clipping, a changed loss, extra "
-            "parameter edits, or an optimizer option explaind does not model."
+            "follow the recorded optimizer: look for gradient clipping not done by "
+            "rec.clip_grad_norm_, a changed loss, extra parameter edits, or an optimizer option "
+            "explaind does not model."
         )
     return residuals
 

@@ -125,8 +125,10 @@ def reference(
     *,
     target: str = "log_prob",
     nodes: int = 10,
+    clip: float | None = None,
 ) -> Reference:
-    """Unroll the run by hand and decompose f(test_x) along it."""
+    """Unroll the run by hand and decompose f(test_x) along it. `clip`: the max_norm the
+    loop clipped each step's gradient to, as torch.nn.utils.clip_grad_norm_ documents it."""
     call, names, tensor_of = _functional(model)
     group_of = np.asarray(group_of_tensor)[tensor_of]
     dim = len(tensor_of)
@@ -161,6 +163,8 @@ def reference(
             loss = loss_fn(call(th, x1), y[row:row + 1]).sum()
             (g,) = torch.autograd.grad(loss, th)
             fresh[s, column[int(idx[row])]] += weight * g
+        if clip is not None:  # the whole batch gradient scaled by min(1, max_norm / (‖ḡ‖ + 1e-6))
+            fresh[s, :m] *= min(1.0, clip / (float(fresh[s, :m].sum(0).norm()) + 1e-6))
         if cls_name in ("SGD", "Adam"):  # coupled L2 decay: enters the gradient
             fresh[s, m] = wd * theta
         d_total = fresh.sum((0, 1))
@@ -225,5 +229,5 @@ def reference_for_run(run, *, target: str = "log_prob", nodes: int = 10, test_x=
     return reference(
         run.model, run.thetas[0], run.batches, run.lrs, run.cls_name, run.group_specs,
         run.group_of_tensor, run.loss_fn, run.case.reduction,
-        run.test_x if test_x is None else test_x, target=target, nodes=nodes,
+        run.test_x if test_x is None else test_x, target=target, nodes=nodes, clip=run.case.clip,
     )

@@ -215,6 +215,7 @@ class Case:
     widths: tuple = (6,)
     act: str = "tanh"
     overrides: tuple = ()  # extra optimizer hyperparameters as (key, value) pairs
+    clip: float | None = None  # max_norm of rec.clip_grad_norm_ at every step (None: no clipping)
 
     def model_kwargs(self) -> dict:
         return {"widths": self.widths, "act": self.act} if self.model == "mlp" else {}
@@ -300,6 +301,8 @@ def train(case: Case, path: Path, *, check_every: int = 1) -> Run:
             losses = loss_fn(model(xb), yb)
             (losses.mean() if case.reduction == "mean" else losses.sum()).backward()
             rec.batch(ids[rows], xb, yb)
+            if case.clip is not None:
+                rec.clip_grad_norm_(case.clip)
             run.lrs.append([g["lr"] for g in optimizer.param_groups])
             run.batches.append((ids[rows], xb, yb))
             optimizer.step()

@@ -21,12 +21,20 @@ from explaind.training import TransformerConfig, train_transformer
 from engine_cases import Case, train
 
 
+RECORDED = Case(model="mlp", opt="sgd_momentum", schedule="lambda", groups=2, steps=6, batch=4, n_train=10, n_test=3)
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """Mini-batch momentum SGD, two parameter groups (two learning rates), a decaying schedule,
     dataset indices that are not 0 … M−1."""
-    case = Case(model="mlp", opt="sgd_momentum", schedule="lambda", groups=2, steps=6, batch=4, n_train=10, n_test=3)
-    return train(case, tmp_path_factory.mktemp("datamodels") / "history")
+    return train(RECORDED, tmp_path_factory.mktemp("datamodels") / "history")
+
+
+@pytest.fixture(scope="module")
+def clipped(tmp_path_factory):
+    """The same run with its gradient norm clipped to 0.5 by rec.clip_grad_norm_."""
+    return train(RECORDED.with_(clip=0.5), tmp_path_factory.mktemp("datamodels") / "clipped")
 
 
 def test_random_subsets_have_the_asked_size_and_follow_the_seed():
@@ -109,8 +117,10 @@ def test_subset_outputs_record_the_true_class_log_probability():
     torch.testing.assert_close(outputs, expected)
 
 
-def test_tracin_against_a_brute_force_loop_over_the_checkpoints(recorded):
-    run = recorded
+@pytest.mark.parametrize("fixture", ["recorded", "clipped"])
+def test_tracin_against_a_brute_force_loop_over_the_checkpoints(request, fixture):
+    """A clipped step moves every sample's gradient by c_s = min(1, max_norm / (‖ḡ_s‖ + 1e-6))."""
+    run = request.getfixturevalue(fixture)
     scores = datamodels.tracin_scores(ex.History(run.path), run.model, run.test_x, run.test_y, progress=False)
     model = run.case.fresh_model()
     params = list(model.parameters())
@@ -123,8 +133,10 @@ def test_tracin_against_a_brute_force_loop_over_the_checkpoints(recorded):
         def gradient(value):
             return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
 
+        g_batch = gradient(F.cross_entropy(model(xb), yb))
+        clip = 1.0 if run.case.clip is None else min(1.0, run.case.clip / (float(g_batch.norm()) + 1e-6))
         for k, xk, yk in zip(ids.tolist(), xb, yb):
-            g_train = gradient(F.cross_entropy(model(xk[None]), yk[None])) / len(ids)  # mean over the batch
+            g_train = clip * gradient(F.cross_entropy(model(xk[None]), yk[None])) / len(ids)  # mean over the batch
             for t, (xt, yt) in enumerate(zip(run.test_x, run.test_y)):
                 g_test = gradient(F.log_softmax(model(xt[None]), -1)[0, yt])
                 expected[k][t] += -(eta * g_train * g_test).sum()

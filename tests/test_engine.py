@@ -46,6 +46,10 @@ CASES = {
     "transformer-sgd_nesterov": Case("transformer", "sgd_nesterov", loss="custom", schedule="step"),
     "transformer-adam": Case("transformer", "adam", schedule="step", groups=2),
     "transformer-adamw": Case("transformer", "adamw", reduction="sum", schedule="lambda", groups=2),
+    # gradient-norm clipping recorded by rec.clip_grad_norm_ (every step clipped, or some)
+    "mlp-adamw-clipped": Case("mlp", "adamw", loss="custom", schedule="step", groups=2, clip=0.5),
+    "cnn-sgd_nesterov-clipped": Case("cnn", "sgd_nesterov", schedule="step", groups=2, clip=0.5),
+    "transformer-adam-clipped": Case("transformer", "adam", schedule="step", groups=2, clip=1.0),
 }
 
 # Test 2's brute-force cases: one tiny MLP run per optimizer kind.
@@ -160,6 +164,8 @@ def test_decomposition_is_exact_float64(runs, name):
         # every training sample seen, labelled by its dataset index
         seen = sorted({int(i) for b in run.batches for i in b[0]})
         assert cube["train"].values.tolist() == seen
+    if run.case.clip is not None:  # the clipping changed the run
+        assert min(rec.gradient_scale for rec in ex.History(run.path).steps()) < 0.9
 
 
 @pytest.mark.parametrize("name", ["mlp-adam", "cnn-sgd_momentum", "transformer-adamw"])
@@ -261,6 +267,30 @@ def test_full_cube_matches_brute_force(runs, references, opt):
         up, gr = ref.cube("update")[0], ref.cube("gradient")[0]
         assert np.abs(up - gr).max() > 1e-6 * np.abs(up).max()
         assert_close(up.sum(0), gr.sum(0), 1e-12, "step-summed conventions")
+
+
+# a max_norm per brute-force case that clips some of its steps and leaves others (asserted below)
+CLIP = {"sgd": 0.6, "sgd_momentum": 1.0, "sgd_nesterov": 2.5, "adam": 1.0, "adamw": 0.6}
+
+
+@pytest.mark.parametrize("opt", list(BRUTE))
+def test_clipped_runs_match_brute_force(runs, references, opt):
+    """rec.clip_grad_norm_ scales step s's gradient by c_s = min(1, max_norm / (‖ḡ_s‖ + 1e-6)); the
+    brute force takes c_s from its own gradients, as torch documents it, not from the history."""
+    run = runs.get(BRUTE[opt].with_(clip=CLIP[opt]))
+    scales = [rec.gradient_scale for rec in ex.History(run.path).steps()]
+    assert min(scales) < 0.9 and max(scales) == 1.0, scales
+    ref = references(run)
+    assert_close(ref.thetas.numpy(), torch.stack(run.thetas).numpy(), 1e-13, "trajectory")
+    assert ex.verify_updates(run.path, run.model).max() <= 1e-12
+    for convention in ("update", "gradient"):
+        cube = run.explain(convention=convention, quadrature=8, tolerance=1e-9)
+        a, r = ref.cube(convention)
+        scale = max(np.abs(a).max(), np.abs(r).max())
+        assert np.abs(full_cube(cube) - a[:, :, train_positions(cube, ref)]).max() <= 1e-12 * scale, convention
+        assert np.abs(cube["regularization"].transpose("step", "component", "test", "output").values - r).max() \
+            <= 1e-12 * scale, convention
+        assert cube.attrs["max_update_residual"] <= 1e-12
 
 
 def test_brute_force_logit_target(runs, references):
@@ -544,6 +574,7 @@ def random_cases(draw):
         act=draw(st.sampled_from(["tanh", "gelu", "softplus"])),
         lr_scale=hyper.pop("lr") / OPTIMIZERS[opt][1]["lr"],
         overrides=tuple(sorted(hyper.items())),
+        clip=draw(st.sampled_from([None, 0.3, 1.0])),
     )
 
 

@@ -16,6 +16,7 @@ import explaind as ex
 from engine_cases import Case, make_data, train
 
 N_STEPS, CRASH_AT, N_TRAIN, BATCH = 10, 5, 12, 4
+MAX_NORM = 0.8  # the loop clips its gradients' norm to this: some steps are clipped, some not
 
 
 class Crash(RuntimeError):
@@ -47,6 +48,7 @@ def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: 
         optimizer.zero_grad()
         F.cross_entropy(model(xb), y[rows]).backward()
         rec.batch(rows + 100, xb, y[rows])
+        rec.clip_grad_norm_(MAX_NORM)
         if step == crash_at:  # killed after backward and batch(), before the step
             raise Crash(f"killed at step {step}")
         optimizer.step()
@@ -122,6 +124,8 @@ def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     model, start = resume(path)
     assert start == CRASH_AT
     assert_same_history(path, uninterrupted)
+    scales = [line["gradient_scale"] for line in manifest(path)]
+    assert min(scales[:CRASH_AT]) < 0.9 and min(scales[CRASH_AT:]) < 0.9 and max(scales) == 1.0
     # the resumed model ends exactly where the uninterrupted one does
     whole = ex.History(uninterrupted)
     for name, value in whole.params(N_STEPS).items():
@@ -684,6 +688,14 @@ def edit_json(name: str, change):
     return damage
 
 
+def scale_second_step(value):
+    def damage(path: Path) -> None:
+        lines = manifest(path)
+        lines[1]["gradient_scale"] = value
+        (path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return damage
+
+
 def drop_file_of_second_manifest_line(path: Path) -> None:
     lines = manifest(path)
     del lines[1]["file"]
@@ -696,9 +708,13 @@ def drop_file_of_second_manifest_line(path: Path) -> None:
     ("meta.json", edit_json("meta.json", lambda c: c.pop("params"))),
     ("meta.json", edit_json("meta.json", lambda c: c["params"][0].update(dtype="float33"))),
     ("manifest.jsonl", drop_file_of_second_manifest_line),
+    ("manifest.jsonl", scale_second_step(1.5)),
+    ("manifest.jsonl", scale_second_step(0)),
+    ("manifest.jsonl", scale_second_step("0.5")),
     ("initial.safetensors", lambda path: (path / "initial.safetensors").unlink()),
 ], ids=["empty closed.json", "closed.json without n_steps", "meta.json without params", "bad dtype",
-        "manifest line without file", "initial state deleted"])
+        "manifest line without file", "gradient scale above 1", "gradient scale 0", "gradient scale as text",
+        "initial state deleted"])
 def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
     path = copy_of()
     damage(path)
@@ -742,3 +758,33 @@ def test_torchs_mean_squared_error_is_named_with_the_loss_that_matches_it(tmp_pa
     cube = ex.explain(tmp_path / "h2", model, x[:2], progress=False, target="logit",
                       loss=lambda o, t: ((o - t) ** 2).mean(1))
     assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_recorded_clipping_factor_is_the_one_torch_applies(tmp_path, dtype):
+    """Twin loops, one clipping through the recorder and one with torch.nn.utils.clip_grad_norm_:
+    their gradients are equal bit for bit, and each is the unclipped gradient times the factor
+    in the manifest (1 where the norm was under max_norm)."""
+    x, y = tiny_data()
+    x = x.to(dtype)
+    model, twin = tiny().to(dtype), tiny().to(dtype)
+    optimizer, twin_optimizer = (torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (model, twin))
+    unclipped, clipped = [], []
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        for step in range(6):
+            rows = torch.arange(4 * step, 4 * step + 4) % len(x)
+            for m, o in ((model, optimizer), (twin, twin_optimizer)):
+                o.zero_grad()
+                F.cross_entropy(m(x[rows]), y[rows]).backward()
+            unclipped.append([p.grad.clone() for p in model.parameters()])
+            rec.batch(rows, x[rows], y[rows])
+            total = rec.clip_grad_norm_(0.45)
+            assert torch.equal(total, torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.45))
+            clipped.append([p.grad.clone() for p in model.parameters()])
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+            optimizer.step()
+            twin_optimizer.step()
+    scales = [line["gradient_scale"] for line in manifest(tmp_path / "h")]
+    assert min(scales) < 0.9 and max(scales) == 1.0, scales
+    for scale, before, after in zip(scales, unclipped, clipped):
+        assert all(torch.equal(b * torch.tensor(scale, dtype=dtype), a) for b, a in zip(before, after))

@@ -114,9 +114,66 @@ def test_train_mode_dropout_and_batchnorm_at_explain_time(tmp_path, no_heavy_com
 def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
     model, optimizer = model_and_sgd(momentum=0.9)
     x, y = data()
-    with pytest.raises(ex.UnsupportedError, match=says("gradient", "clipping", "step 0", "Fix")):
+    with pytest.raises(ex.UnsupportedError, match=says("gradient", "clipping", "step 0", "rec.clip_grad_norm_")):
         with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
             loop(rec, model, optimizer, x, y, clip=1e-3)
+
+
+def clip_step(rec, model, optimizer, x, y, max_norm: float = 1e-3, times: int = 1):
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    rec.batch(torch.arange(len(x)), x, y)
+    for _ in range(times):
+        rec.clip_grad_norm_(max_norm)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("max_norm, times, words", [
+    (1e-3, 2, ("twice", "step 0", "once per step")),
+    (0.0, 1, ("max_norm > 0", "0.0")),
+    (-1.0, 1, ("max_norm > 0", "-1.0")),
+], ids=["twice in a step", "zero", "negative"])
+def test_clipping_through_the_recorder_refuses_misuse(tmp_path, max_norm, times, words):
+    model, optimizer = model_and_sgd(momentum=0.9)
+    x, y = data()
+    with pytest.raises(ex.InputError, match=says(*words)):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            clip_step(rec, model, optimizer, x, y, max_norm, times)
+
+
+def test_clipping_a_non_finite_gradient_is_refused(tmp_path):
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("total norm", "step 0", "inf", "non-finite", "Fix")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            next(model.parameters()).grad[0, 0] = float("inf")
+            rec.batch(torch.arange(len(x)), x, y)
+            rec.clip_grad_norm_(1.0)
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_a_float32_tensor_learning_rate_on_float64_parameters_is_refused(tmp_path, cls):
+    """Adam computes its step size in the tensor's float32: verify_updates would miss by ~1e-7."""
+    model = Case("mlp").fresh_model()
+    optimizer = getattr(torch.optim, cls)(model.parameters(), lr=torch.tensor(0.01))
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("group 0", "torch.float32 tensor", "torch.float64",
+                                                       "step size", "Fix", "dtype=torch.float64")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y)
+
+
+@pytest.mark.parametrize("cls, lr_dtype", [("SGD", torch.float32), ("AdamW", torch.float64)])
+def test_tensor_learning_rates_that_reproduce_are_recorded(tmp_path, cls, lr_dtype):
+    """SGD reads a tensor lr as a number; a float64 tensor gives Adam float64 step sizes."""
+    model = Case("mlp").fresh_model()
+    optimizer = getattr(torch.optim, cls)(model.parameters(), lr=torch.tensor(0.01, dtype=lr_dtype))
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    assert ex.verify_updates(tmp_path / "h", model).max() <= 1e-12
 
 
 def test_mixed_precision_is_caught_by_the_record_time_check(tmp_path):
