@@ -149,6 +149,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         units=UNITS[req.target],
         sign_convention="positive attribution raises the output",
         target=req.target,
+        output_fn=req.flat.output_fn_name,
         step_convention=req.convention,
         optimizer=history.optimizer,
         loss=history.loss,

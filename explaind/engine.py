@@ -21,7 +21,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -101,6 +101,7 @@ def explain(
     keep: str | Sequence[str] = DIMS,
     outputs: str | int | Sequence[int] = "all",
     target: str = "log_prob",
+    output_fn: Callable | None = None,
     quadrature: int = 4,
     rule: str = "gauss",
     breakpoints: bool = True,
@@ -134,7 +135,9 @@ def explain(
 
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model), an output
     index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
-    (the raw output). quadrature / rule: nodes and rule of the path integral, applied to each
+    (the raw output). output_fn: a function of the model's output that returns what is explained,
+    [batch, outputs] or [batch] (e.g. lambda out: out[:, -1], a sequence model's last position, or
+    lambda out: out.logits); the training loss keeps the model's own output. quadrature / rule: nodes and rule of the path integral, applied to each
     smooth piece of the path; breakpoints: locate the kinks of ReLU / max-pool along each
     segment first (exact for piecewise-smooth models; False: plain quadrature). kink_tolerance:
     0 locates and certifies every kink; a positive value searches only the segments whose plain
@@ -168,7 +171,7 @@ def explain(
     compute device) allows.
     """
     request = _build_request(
-        history, model, inputs, targets, keep=keep, outputs=outputs, target=target,
+        history, model, inputs, targets, keep=keep, outputs=outputs, target=target, output_fn=output_fn,
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, kink_tolerance=kink_tolerance,
         convention=convention, components=components,
         step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, replay=replay, dtype=dtype,
@@ -191,7 +194,7 @@ def explain(
     return cube
 
 
-def _build_request(history, model, inputs, targets, *, keep, outputs, target, quadrature, rule,
+def _build_request(history, model, inputs, targets, *, keep, outputs, target, output_fn=None, quadrature, rule,
                    breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
                    replay=None, dtype, device, test_chunk, train_chunk, batch_chunk=None, loss,
                    check_updates=True) -> Request:
@@ -214,7 +217,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, qu
     ordered = [n for names in groups.values() for n in names]  # each component contiguous
     shapes = dict(zip(history.layout.names, history.layout.shapes))
     layout = ParamLayout(tuple(ordered), tuple(shapes[n] for n in ordered))
-    flat = FlatModel(model, layout, dtype, device, history.constants())
+    flat = FlatModel(model, layout, dtype, device, history.constants(), output_fn)
     inputs = checked_test_inputs(history, flat, inputs)
     slices, start = [], 0
     for names in groups.values():

@@ -17,7 +17,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from math import prod
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -249,21 +249,24 @@ def compute_device(device) -> torch.device:
     return dev
 
 
-def _explainable_outputs(out) -> torch.Tensor:
-    """The module's output as the [batch, O] matrix explain() decomposes: [batch] is one output
-    per input; a non-tensor or more dims are refused, naming the fix."""
+def _explainable_outputs(out, source: str) -> torch.Tensor:
+    """What `source` returned (the model, or output_fn) as the [batch, O] matrix explain()
+    decomposes: [batch] is one output per input; a non-tensor or more dims are refused, naming
+    the fix."""
     if not isinstance(out, torch.Tensor):
         raise InputError(
-            f"the model returned a {type(out).__name__}, not a tensor: explaind explains a tensor of outputs "
-            "[batch, outputs]. Fix: record and explain a wrapper module whose forward returns that tensor "
-            "(for example model(x).logits or model(x)[0])")
+            f"{source} returned a {type(out).__name__}, not a tensor: explaind explains a tensor of outputs "
+            "[batch, outputs]. Fix: pass output_fn, a function of the model's output that returns that "
+            "tensor (for example output_fn=lambda out: out.logits, or out[0]); the training loss keeps "
+            "the model's own output")
     if out.dim() == 1:
         return out[:, None]
     if out.dim() != 2:
         raise InputError(
-            f"the model returned outputs of shape {tuple(out.shape)}: explaind explains [batch, outputs] or "
-            "[batch]. Fix: record and explain a wrapper module whose forward returns a matrix, for example "
-            "one position's logits out[:, -1] or out.flatten(1)")
+            f"{source} returned outputs of shape {tuple(out.shape)}: explaind explains [batch, outputs] or "
+            "[batch]. Fix: pass output_fn, a function of the model's output that returns such a matrix, "
+            "for example one position's logits (output_fn=lambda out: out[:, -1]) or out.flatten(1) "
+            "(with target='logit'); the training loss keeps the model's own output")
     return out
 
 
@@ -364,8 +367,11 @@ class FlatModel:
     """f(x; θ) for a flat θ, with the constant rest of the module (frozen tensors, buffers)."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, dtype: torch.dtype, device,
-                 constants: dict[str, torch.Tensor] | None = None):
+                 constants: dict[str, torch.Tensor] | None = None, output_fn: Callable | None = None):
+        if output_fn is not None and not callable(output_fn):
+            raise InputError(f"output_fn must be a function of the model's output (or None), got {output_fn!r}")
         self.layout = layout
+        self.output_fn = output_fn  # what is explained of the module's output (None: all of it)
         self.dtype = dtype
         self.device = compute_device(device)
         model = module_of(model)
@@ -419,12 +425,22 @@ class FlatModel:
         with _DIFFERENTIABLE_KERNELS:
             return functional_call(self.model, {**params, **self.constants}, (x,))
 
+    @property
+    def output_fn_name(self) -> str:
+        """How a cube names output_fn: its qualified name, "" when the whole output is explained."""
+        if self.output_fn is None:
+            return ""
+        return getattr(self.output_fn, "__qualname__", type(self.output_fn).__name__)
+
     def raw(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The module's output on a batch x, with parameters θ."""
         return self._call(self.layout.unflatten(theta), x)
 
     def _explain(self, out: torch.Tensor, target: str) -> torch.Tensor:
-        out = _explainable_outputs(out)
+        if self.output_fn is None:
+            out = _explainable_outputs(out, "the model")
+        else:
+            out = _explainable_outputs(self.output_fn(out), "output_fn")
         if target == "log_prob" and out.shape[-1] == 1:
             raise InputError("the model has one output per input, whose log-probability is always 0: "
                              "explain it with target='logit'")

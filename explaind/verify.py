@@ -135,6 +135,7 @@ def reconstruct(
     breakpoints: bool = True,
     kink_tolerance: float = 0.0,
     target: str = "log_prob",
+    output_fn=None,
     dtype: torch.dtype = torch.float64,
     device="cpu",
     batch_size: int = 4096,
@@ -153,10 +154,11 @@ def reconstruct(
     |f(θ_{s+1}) − f(θ_s)|.
     batch_size bounds the rows of one pass: inputs, or (input, point on the segment) pairs
     where each row carries its own parameters (quadrature nodes, kink search probes).
+    output_fn: what is explained of the model's output, as in explain().
     """
-    return _reconstructions(history, model, inputs, [(quadrature, rule, breakpoints)], target=target, dtype=dtype,
-                            device=device, batch_size=batch_size, progress=progress,
-                            kink_tolerance=kink_tolerance, max_kinks=max_kinks)[0]
+    return _reconstructions(history, model, inputs, [(quadrature, rule, breakpoints)], target=target,
+                            output_fn=output_fn, dtype=dtype, device=device, batch_size=batch_size,
+                            progress=progress, kink_tolerance=kink_tolerance, max_kinks=max_kinks)[0]
 
 
 def check_tolerance(name: str, value, none_means: str) -> None:
@@ -168,7 +170,7 @@ def check_tolerance(name: str, value, none_means: str) -> None:
 
 def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
                      dtype: torch.dtype, device, batch_size: int, progress: bool,
-                     kink_tolerance: float = 0.0, max_kinks: int = 16) -> list[xr.Dataset]:
+                     kink_tolerance: float = 0.0, max_kinks: int = 16, output_fn=None) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
     from .engine import checked_test_inputs, check_dtype  # engine imports this module
@@ -179,7 +181,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
         if not is_whole(value) or value < least:
             raise InputError(f"{name}={value!r} must be a whole number ≥ {least}")
     history = open_history(history, model)
-    flat = FlatModel(model, history.layout, dtype, device, history.constants())
+    flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
              for q, rule, kinks in settings]
     inputs = checked_test_inputs(history, flat, inputs)
@@ -232,6 +234,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                 "kink_tolerance": float(kink_tolerance),
                 **path.stats.as_attrs(),
                 "target": target,
+                "output_fn": flat.output_fn_name,
                 "dtype": str(dtype).removeprefix("torch."),
                 **residual_attrs(residual.cpu().numpy(), (final - initial).cpu().numpy()),
                 "history_sha256": history.fingerprint(),
@@ -347,16 +350,18 @@ def quadrature_sensitivity(
     nodes_list: tuple[int, ...] = (1, 2, 3, 4, 6, 10, 30, 100),
     rules: tuple[str, ...] = ("gauss", "midpoint"),
     breakpoints: tuple[bool, ...] = (True, False),
+    output_fn=None,
     dtype: torch.dtype = torch.float64,
     device="cpu",
     progress: bool = True,
 ):
     """Residual of the output reconstruction against the number of quadrature nodes, for each
-    rule, with and without locating kinks: a pandas DataFrame, one row per setting."""
+    rule, with and without locating kinks: a pandas DataFrame, one row per setting (output_fn:
+    as in explain())."""
     import pandas as pd
 
     settings = [(q, r, b) for r in rules for b in breakpoints for q in nodes_list]
-    recs = _reconstructions(history, model, inputs, settings, target="log_prob", dtype=dtype, device=device,
-                            batch_size=4096, progress=progress)
+    recs = _reconstructions(history, model, inputs, settings, target="log_prob", output_fn=output_fn, dtype=dtype,
+                            device=device, batch_size=4096, progress=progress)
     return pd.DataFrame([{"rule": rule, "nodes": q, "breakpoints": kinks, **replication_metrics(rec),
                           "kinks_located": rec.attrs["kinks_located"]} for (q, rule, kinks), rec in zip(settings, recs)])

@@ -788,3 +788,32 @@ def test_the_recorded_clipping_factor_is_the_one_torch_applies(tmp_path, dtype):
     assert min(scales) < 0.9 and max(scales) == 1.0, scales
     for scale, before, after in zip(scales, unclipped, clipped):
         assert all(torch.equal(b * torch.tensor(scale, dtype=dtype), a) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("parts, exact", [((4, 4), True), ((5, 3), False)], ids=["equal micro-batches", "unequal"])
+def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, parts, exact):
+    """Micro-batch losses (means) divided by their number and accumulated: the step's gradient is
+    the mean over their union only when they are of equal size; otherwise the check refuses it."""
+    x, y = tiny_data()
+    model = tiny(activation=torch.nn.Tanh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    def loop(rec):
+        for step in range(3):
+            rows = torch.arange(8 * step, 8 * step + 8) % len(x)
+            optimizer.zero_grad()
+            for part in rows.split(list(parts)):
+                (F.cross_entropy(model(x[part]), y[part]) / len(parts)).backward()
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+
+    if not exact:
+        with pytest.raises(ex.UnsupportedError, match="step 0 the gradient in .grad differs"):
+            with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+                loop(rec)
+        return
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec)
+    assert ex.verify_updates(tmp_path / "h", model).max() <= 1e-12
+    cube = ex.explain(tmp_path / "h", model, x[:2], y[:2], quadrature=8, tolerance=1e-9, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9

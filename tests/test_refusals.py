@@ -261,8 +261,8 @@ def test_outputs_the_built_in_loss_cannot_take(tmp_path, form, loss, targets, wo
 
 
 @pytest.mark.parametrize("form, words", [
-    ("dict", ("a dict", "not a tensor", "wrapper", "model(x).logits")),
-    ("sequence", ("(1, 2, 3)", "[batch, outputs]", "wrapper", "out[:, -1]")),
+    ("dict", ("the model returned a dict", "not a tensor", "output_fn", "out.logits")),
+    ("sequence", ("(1, 2, 3)", "[batch, outputs]", "output_fn", "out[:, -1]", "training loss")),
     ("column", ("one output", "always 0", "target='logit'")),  # log-probabilities of one output
 ])
 def test_outputs_explain_cannot_decompose(tmp_path, no_heavy_compute, form, words):

@@ -1,0 +1,163 @@
+"""explain(output_fn=...): a model whose output is not one [batch, outputs] matrix (a sequence
+model's logits at every position, a dict of tensors) is trained on its whole output and explained
+on a part of it. The training loss, and so every per-sample gradient, keeps the whole output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import explaind as ex
+
+VOCAB, LENGTH, N_TRAIN, BATCH, STEPS = 6, 4, 12, 4, 6
+
+
+class SequenceModel(nn.Module):
+    """Next-token logits at every position, [batch, length, vocab]: tokens embedded, mixed
+    causally (a running mean over the positions so far), through a tanh layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.unembed = nn.Linear(8, VOCAB)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h = h.cumsum(1) / torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.unembed(torch.tanh(self.hidden(h)))
+
+
+class FlattenedSequenceModel(SequenceModel):
+    """The same function and parameter names, returning [batch, length · vocab]."""
+
+    def forward(self, tokens):
+        return super().forward(tokens).flatten(1)
+
+
+def sequence_loss(out, targets):
+    """Per-sample mean next-token cross-entropy over the positions."""
+    return F.cross_entropy(out.transpose(1, 2), targets, reduction="none").mean(1)
+
+
+def flattened_loss(out, targets):
+    return sequence_loss(out.view(len(out), LENGTH, VOCAB), targets)
+
+
+def last_position(out):
+    return out[:, -1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """AdamW on shuffled mini-batches of token sequences (the target: the next token)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (N_TRAIN + 3, LENGTH + 1), generator=generator)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    torch.manual_seed(0)
+    model = SequenceModel().double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    path = tmp_path_factory.mktemp("output_fn") / "history"
+    with ex.Recorder(path, model, optimizer, loss=sequence_loss, check_every=1) as rec:
+        for step in range(STEPS):
+            rows = torch.randperm(N_TRAIN, generator=generator)[:BATCH]
+            optimizer.zero_grad()
+            sequence_loss(model(x[rows]), y[rows]).mean().backward()
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+    return path, model, x[N_TRAIN:], y[N_TRAIN:, -1]
+
+
+def explain(run, model=None, **kwargs):
+    path, trained, test_x, test_y = run
+    kwargs.setdefault("loss", sequence_loss)
+    return ex.explain(path, model or trained, test_x, test_y, quadrature=8, progress=False, **kwargs)
+
+
+def at_step(path, step: int) -> SequenceModel:
+    model = SequenceModel().double()
+    with torch.no_grad():
+        for name, value in ex.History(path).params(step).items():
+            dict(model.named_parameters())[name].copy_(value)
+    return model
+
+
+def test_the_last_positions_log_probabilities_are_decomposed_exactly(run):
+    path, _, test_x, _ = run
+    cube = explain(run, output_fn=last_position, tolerance=1e-9)
+    assert cube.attrs["relative_residual"] <= 1e-9 and cube.attrs["output_fn"] == "last_position"
+    assert cube.sizes["output"] == VOCAB and cube.attrs["max_abs_change"] > 1e-2
+    with torch.no_grad():  # the module's own last position, before and after training
+        for variable, step in (("initial", 0), ("final", STEPS)):
+            expected = F.log_softmax(at_step(path, step)(test_x)[:, -1], -1).numpy()
+            np.testing.assert_allclose(cube[variable].values, expected, rtol=0, atol=1e-13)
+    summed = cube["attribution"].sum(["step", "component", "train"]) + cube["regularization"].sum(["step", "component"])
+    gap = np.abs(summed - (cube["final"] - cube["initial"] - cube["residual"])).max()
+    assert float(gap) <= 1e-12 * cube.attrs["max_abs_change"]
+
+
+def test_output_fn_equals_the_same_outputs_selected_from_the_flattened_model(run):
+    """The whole output flattened (same parameter names), its last position's logits selected."""
+    selected = explain(run, FlattenedSequenceModel().double(), loss=flattened_loss, target="logit",
+                       outputs=list(range((LENGTH - 1) * VOCAB, LENGTH * VOCAB)), tolerance=1e-9)
+    viewed = explain(run, output_fn=last_position, target="logit", tolerance=1e-9)
+    for variable in ("attribution", "regularization", "initial", "final"):
+        expected = selected[variable].values
+        assert np.abs(viewed[variable].values - expected).max() <= 1e-12 * np.abs(expected).max(), variable
+
+
+def test_reconstruct_and_plan_take_output_fn(run):
+    path, model, test_x, _ = run
+    rec = ex.reconstruct(path, model, test_x, output_fn=last_position, quadrature=8, progress=False)
+    cube = explain(run, output_fn=last_position, keep=("test", "output"))
+    assert rec.attrs["output_fn"] == "last_position" and rec.sizes["output"] == VOCAB
+    np.testing.assert_allclose(rec["residual"].values, cube["residual"].values, rtol=0, atol=1e-12)
+    plan = ex.plan(path, model, test_x, loss=sequence_loss, output_fn=last_position)
+    assert plan.n_outputs == VOCAB
+
+
+class DictOutput(nn.Module):
+    """A model returning a dict, as many libraries' models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.layer(torch.tanh(x)), "hidden": x}
+
+
+def test_a_dict_output_is_explained_through_output_fn(tmp_path):
+    torch.manual_seed(0)
+    model = DictOutput().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+
+    def loss(out, targets):
+        return F.cross_entropy(out["logits"], targets, reduction="none")
+
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss) as rec:
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss(model(x[:8]), y[:8]).mean().backward()
+            rec.batch(torch.arange(8), x[:8], y[:8])
+            optimizer.step()
+    cube = ex.explain(tmp_path / "h", model, x[8:], y[8:], loss=loss, output_fn=lambda out: out["logits"],
+                      quadrature=8, tolerance=1e-9, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9 and cube.sizes["output"] == 3
+    with torch.no_grad():
+        expected = F.log_softmax(model(x[8:])["logits"], -1).numpy()
+    np.testing.assert_allclose(cube["final"].values, expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("output_fn, words", [
+    ("last", ("output_fn must be a function", "'last'")),
+    (lambda out: out, ("output_fn returned outputs of shape (1, 4, 6)", "[batch, outputs]")),
+], ids=["not callable", "still three dims"])
+def test_an_output_fn_that_gives_no_matrix_is_refused(run, output_fn, words):
+    with pytest.raises(ex.InputError) as caught:
+        explain(run, output_fn=output_fn)
+    assert all(w in str(caught.value) for w in words), str(caught.value)
