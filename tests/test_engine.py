@@ -490,8 +490,10 @@ def test_keep_subsets_match_brute_force(runs, references, keep):
 
 
 @pytest.mark.parametrize("convention", ["update", "gradient"])
-def test_chunks_match_brute_force(runs, references, convention):
-    run = runs.get(BRUTE["sgd_momentum"])
+@pytest.mark.parametrize("clip", [None, CLIP["sgd_momentum"]], ids=["unclipped", "clipped"])
+def test_chunks_match_brute_force(runs, references, convention, clip):
+    """Every train chunk scales its samples' gradients by the recorded clipping factor."""
+    run = runs.get(BRUTE["sgd_momentum"].with_(clip=clip))
     ref = references(run)
     a, r = ref.cube(convention)
     cube = run.explain(convention=convention, quadrature=4, test_chunk=2, train_chunk=3, parameter_scores=True)
