@@ -817,3 +817,14 @@ def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, par
     assert ex.verify_updates(tmp_path / "h", model).max() <= 1e-12
     cube = ex.explain(tmp_path / "h", model, x[:2], y[:2], quadrature=8, tolerance=1e-9, progress=False)
     assert cube.attrs["relative_residual"] <= 1e-9
+
+
+def test_an_unclipped_step_stores_no_gradient_scale_and_reads_as_one(tmp_path):
+    """Histories recorded without clipping keep the manifest they had before clipping was recorded."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+    assert all("gradient_scale" not in line for line in manifest(tmp_path / "h"))
+    assert [rec.gradient_scale for rec in ex.History(tmp_path / "h").steps()] == [1.0] * 3
