@@ -20,11 +20,10 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs
+from .engine import FORWARD_MODE_RATIO, _resolve_history_loss, checked_test_inputs, select_outputs
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
-from .losses import resolve_loss
 from .optimizers import group_index
 from .parallel import run_all
 
@@ -64,22 +63,26 @@ def _subset_output(train: Callable[[torch.Tensor], torch.nn.Module], indices: to
 
 
 def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
-                  steps: tuple[int, int] | None = None, dtype: torch.dtype = torch.float64,
-                  device: str | torch.device = "cpu", progress: bool = True) -> xr.DataArray:
+                  steps: tuple[int, int] | None = None, loss=None, output_fn: Callable | None = None,
+                  dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
+                  progress: bool = True) -> xr.DataArray:
     """TracIn (Pruthi et al. 2020) from a recorded history, on the true-class log-probability.
 
     τ(k, x) = Σ_{s : k ∈ b_s} ⟨∇_θ log p(y_x | x; θ_s), −η_s w_{s,k} ∇_θ ℓ(z_k; θ_s)⟩: the first-order
     change of the output that plain gradient descent would book to sample k at every recorded
     step where it was in the batch (TracIn with every step as a checkpoint and the recorded
     batches; no momentum or Adam preconditioning, which is where it differs from ExPLAIND).
-    Positive raises the output. Returns [train, test], train labelled by dataset index.
+    w_{s,k} is the sample's weight in the step's gradient: the loss reduction's, times the
+    recorded clipping factor c_s. Positive raises the output. Returns [train, test], train
+    labelled by dataset index. loss and output_fn as in explain(): the per-sample loss of a
+    history recorded with a custom one, and what is explained of the model's output.
     """
     start, stop = (0, history.n_steps) if steps is None else steps
     if not 0 <= start < stop <= history.n_steps:
         raise InputError(f"steps={steps} must satisfy 0 ≤ start < stop ≤ {history.n_steps}")
     history.check_model(model)
-    flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    loss = resolve_loss(history.loss)[1]
+    flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
+    loss = _resolve_history_loss(history, loss)
     x, select = _checked_inputs(history, flat, inputs, targets)
     train_index = history.train_indices()  # sorted: a sample's column is found by binary search
     groups = group_index(history, flat)

@@ -134,10 +134,11 @@ def explain(
     Positive attribution raises the output.
 
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model), an output
-    index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's output) or "logit"
-    (the raw output). output_fn: a function of the model's output that returns what is explained,
-    [batch, outputs] or [batch] (e.g. lambda out: out[:, -1], a sequence model's last position, or
-    lambda out: out.logits); the training loss keeps the model's own output. quadrature / rule: nodes and rule of the path integral, applied to each
+    index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's
+    output) or "logit" (the raw output). output_fn: a function of the model's output that
+    returns what is explained, [batch, outputs] or [batch] (e.g. lambda out: out[:, -1], a
+    sequence model's last position, or lambda out: out.logits); the training loss keeps the
+    model's own output. quadrature / rule: nodes and rule of the path integral, applied to each
     smooth piece of the path; breakpoints: locate the kinks of ReLU / max-pool along each
     segment first (exact for piecewise-smooth models; False: plain quadrature). kink_tolerance:
     0 locates and certifies every kink; a positive value searches only the segments whose plain
@@ -159,9 +160,10 @@ def explain(
     parameter (weight decay excluded): |·| is taken per explained input and output, and the sum
     runs over the test / output dims not in `keep` (the pruning importance: keep neither).
     check_updates: True recomputes every step's batch gradient and checks the modelled update
-    against the recorded one (DESIGN §2, check 1; stored as update_residual). False, for a history already checked with verify_updates,
-    skips that check (update_residual NaN); a cube without a train dim then needs no gradient at
-    all: the recorded update is split into its weight-decay part and the rest.
+    against the recorded one (DESIGN §2, check 1; stored as update_residual). False, for a
+    history already checked with verify_updates, skips that check (update_residual NaN); a cube
+    without a train dim then needs no gradient at all: the recorded update is split into its
+    weight-decay part and the rest.
     tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised (None: never).
     test_chunk / train_chunk / batch_chunk bound memory: test inputs per pass, training samples

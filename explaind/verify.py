@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -135,7 +136,7 @@ def reconstruct(
     breakpoints: bool = True,
     kink_tolerance: float = 0.0,
     target: str = "log_prob",
-    output_fn=None,
+    output_fn: Callable | None = None,
     dtype: torch.dtype = torch.float64,
     device="cpu",
     batch_size: int = 4096,
@@ -170,7 +171,8 @@ def check_tolerance(name: str, value, none_means: str) -> None:
 
 def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
                      dtype: torch.dtype, device, batch_size: int, progress: bool,
-                     kink_tolerance: float = 0.0, max_kinks: int = 16, output_fn=None) -> list[xr.Dataset]:
+                     kink_tolerance: float = 0.0, max_kinks: int = 16,
+                     output_fn: Callable | None = None) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
     (reading and checking the steps costs as much as a cheap integral)."""
     from .engine import checked_test_inputs, check_dtype  # engine imports this module
@@ -350,7 +352,7 @@ def quadrature_sensitivity(
     nodes_list: tuple[int, ...] = (1, 2, 3, 4, 6, 10, 30, 100),
     rules: tuple[str, ...] = ("gauss", "midpoint"),
     breakpoints: tuple[bool, ...] = (True, False),
-    output_fn=None,
+    output_fn: Callable | None = None,
     dtype: torch.dtype = torch.float64,
     device="cpu",
     progress: bool = True,

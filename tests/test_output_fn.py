@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import explaind as ex
+from explaind import datamodels
 
-VOCAB, LENGTH, N_TRAIN, BATCH, STEPS = 6, 4, 12, 4, 6
+VOCAB, LENGTH, N_TRAIN, BATCH, STEPS, LR = 6, 4, 12, 4, 6, 0.05
 
 
 class SequenceModel(nn.Module):
@@ -51,19 +52,24 @@ def last_position(out):
     return out[:, -1]
 
 
+def sequences_and_batches():
+    """Token sequences x [N_TRAIN + 3, LENGTH] with their next tokens y, and each step's rows."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (N_TRAIN + 3, LENGTH + 1), generator=generator)
+    batches = [torch.randperm(N_TRAIN, generator=generator)[:BATCH] for _ in range(STEPS)]
+    return tokens[:, :-1], tokens[:, 1:], batches
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """AdamW on shuffled mini-batches of token sequences (the target: the next token)."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (N_TRAIN + 3, LENGTH + 1), generator=generator)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    x, y, batches = sequences_and_batches()
     torch.manual_seed(0)
     model = SequenceModel().double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     path = tmp_path_factory.mktemp("output_fn") / "history"
     with ex.Recorder(path, model, optimizer, loss=sequence_loss, check_every=1) as rec:
-        for step in range(STEPS):
-            rows = torch.randperm(N_TRAIN, generator=generator)[:BATCH]
+        for rows in batches:
             optimizer.zero_grad()
             sequence_loss(model(x[rows]), y[rows]).mean().backward()
             rec.batch(rows, x[rows], y[rows])
@@ -117,6 +123,32 @@ def test_reconstruct_and_plan_take_output_fn(run):
     np.testing.assert_allclose(rec["residual"].values, cube["residual"].values, rtol=0, atol=1e-12)
     plan = ex.plan(path, model, test_x, loss=sequence_loss, output_fn=last_position)
     assert plan.n_outputs == VOCAB
+
+
+def test_tracin_takes_the_custom_loss_and_output_fn(run):
+    """TracIn of the last position's true next token against its definition, summed by hand:
+    −η ⟨∇ log p(y_x | x; θ_s), ∇ ℓ(z_k; θ_s) / |b_s|⟩ over the steps whose batch held k."""
+    path, model, test_x, test_y = run
+    scores = datamodels.tracin_scores(ex.History(path), model, test_x, test_y, loss=sequence_loss,
+                                      output_fn=last_position, progress=False)
+    x, y, batches = sequences_and_batches()
+    expected = np.zeros((N_TRAIN, len(test_x)))
+    for step, rows in enumerate(batches):
+        at = at_step(path, step)
+
+        def gradient(value):
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(at.parameters()))])
+
+        tests = [gradient(F.log_softmax(at(xt[None])[:, -1], -1)[0, yt]) for xt, yt in zip(test_x, test_y)]
+        for k in rows.tolist():
+            g_train = gradient(sequence_loss(at(x[k:k + 1]), y[k:k + 1])[0]) / BATCH
+            expected[k] += [-LR * float(g_train @ g_test) for g_test in tests]
+    seen = scores["train"].values  # the samples some batch held
+    assert seen.tolist() == torch.cat(batches).unique().tolist()
+    np.testing.assert_allclose(scores.values, expected[seen], rtol=1e-10, atol=1e-15)
+    assert np.abs(expected).max() > 1e-3
+    with pytest.raises(ex.InputError, match="custom loss"):
+        datamodels.tracin_scores(ex.History(path), model, test_x, test_y, output_fn=last_position, progress=False)
 
 
 class DictOutput(nn.Module):
