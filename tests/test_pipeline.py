@@ -527,14 +527,20 @@ def test_end_to_end_dvc_repro(tiny_repro, tmp_path):
     html = (copy / "plots_html" / "index.html").read_text()
     assert "transformer_accuracy" in html and "cnn_loss" in html
 
-    # a changed parameter reruns only its stage
+    # a changed parameter reruns its stage and what reads that stage's outputs, nothing else:
+    # cubes@transformer integrates with the verify stage's nodes, read from its reconstruction
+    # (a middle stage, so that two stages rerun instead of the Transformer's five)
     tiny = pipeline.read_params_file(copy / "params.yaml")
-    tiny["train_transformer"]["max_steps"] = 8
+    tiny["verify"]["transformer"]["quadrature"] = 3
     write_yaml(copy / "params.yaml", tiny)
-    third = dvc(copy, "repro")
-    assert "Running stage 'train_transformer'" in third.stdout and "Running stage 'train_cnn'" not in third.stdout
-    assert "Running stage 'cubes@transformer'" in third.stdout and "Running stage 'verify@cnn'" not in third.stdout
-    assert json.loads(pipeline.stage_paths("train_transformer", copy).metrics.read_text())["steps"] == 8
+    third = dvc(copy, "repro").stdout
+    reran = {stage for stage in pipeline.stage_instances() if f"Running stage '{stage}'" in third}
+    assert reran == {"verify@transformer", "cubes@transformer"}
+    executed = json.loads(pipeline.stage_paths("verify@transformer", copy).notebook.read_text())
+    injected = next(cell for cell in executed["cells"] if "injected-parameters" in cell["metadata"].get("tags", []))
+    assert "quadrature = 3\n" in "".join(injected["source"])
+    cubes = json.loads(pipeline.stage_paths("cubes@transformer", copy).metrics.read_text())
+    assert cubes["train_test_verify_gap"] <= 1e-12  # the cube equals the new reconstruction
 
 
 @pytest.mark.parametrize("stage, section, key, value", [
