@@ -20,10 +20,11 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .engine import FORWARD_MODE_RATIO, _resolve_history_loss, checked_test_inputs, select_outputs
+from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
+from .losses import recorded_loss
 from .optimizers import group_index
 from .parallel import run_all
 
@@ -82,7 +83,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
         raise InputError(f"steps={steps} must satisfy 0 ≤ start < stop ≤ {history.n_steps}")
     history.check_model(model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
-    loss = _resolve_history_loss(history, loss)
+    loss = recorded_loss(history.loss, loss)
     x, select = _checked_inputs(history, flat, inputs, targets)
     train_index = history.train_indices()  # sorted: a sample's column is found by binary search
     groups = group_index(history, flat)

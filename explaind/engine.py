@@ -33,7 +33,7 @@ from .cube import assemble_cube, test_labels
 from .errors import InputError, ReconstructionError, is_number, is_whole
 from .functional import ActivationSizes, FlatModel, ParamLayout, check_target
 from .history import History, StepRecord, open_history
-from .losses import resolve_loss
+from .losses import recorded_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
 from .verify import check_tolerance, update_miss
@@ -211,7 +211,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, ou
     check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     batch_chunk = _chunk_size("batch_chunk", batch_chunk)
-    loss = _resolve_history_loss(history, loss)
+    loss = recorded_loss(history.loss, loss)
     if isinstance(targets, torch.Tensor):
         targets = targets.detach()
 
@@ -293,19 +293,6 @@ def _integers(value) -> np.ndarray | None:
     if array.ndim == 1 and not len(array):
         return array.astype(np.int64)  # [] holds no number of the wrong kind
     return np.atleast_1d(array) if array.dtype.kind in "iu" and array.ndim <= 1 else None
-
-
-def _resolve_history_loss(history: History, loss):
-    if history.loss.startswith("custom:"):
-        if loss is None:
-            raise InputError(
-                f"the history was trained with a custom loss ({history.loss}): pass the same "
-                "per-sample function as loss=..."
-            )
-        return resolve_loss(loss)[1]
-    if loss is not None and resolve_loss(loss)[0] != history.loss:
-        raise InputError(f"loss={loss!r} differs from the recorded loss {history.loss!r}")
-    return resolve_loss(history.loss)[1]
 
 
 def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target):

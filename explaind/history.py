@@ -426,7 +426,10 @@ class Recorder:
         the history keeps c with the step, as it keeps the learning rate.
         """
         if not (is_number(max_norm) and max_norm > 0):
-            raise InputError(f"clip_grad_norm_() needs max_norm > 0, got {max_norm!r}")
+            raise InputError(
+                f"clip_grad_norm_() got max_norm={max_norm!r}: the norm to clip to must be a number "
+                "above 0. Fix: pass the max_norm you would pass to torch.nn.utils.clip_grad_norm_"
+            )
         if self._gradient_scale is not None:
             raise InputError(
                 f"clip_grad_norm_() was called twice before optimizer.step() (step {self.step}): "
@@ -434,13 +437,14 @@ class Recorder:
             )
         total = torch.nn.utils.clip_grad_norm_(list(self._params.values()), max_norm, norm_type, error_if_nonfinite)
         # the factor torch scaled .grad by, computed as torch computes it (same ops, same dtype)
-        self._gradient_scale = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        if not self._gradient_scale > 0:
+        scale = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        if not scale > 0:  # (not kept: a caller who catches this and clips again is not "twice")
             raise UnsupportedError(
                 f"the gradients' total norm at step {self.step} is {float(total)}: a step with a "
                 "non-finite gradient has no decomposition. Fix: lower the learning rate, or skip "
                 "optimizer.step() for such a batch"
             )
+        self._gradient_scale = scale
         return total
 
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -502,13 +506,18 @@ class Recorder:
                     "(requires_grad and in the optimizer)"
                 )
 
+    @property
+    def _first_parameter(self) -> torch.Tensor:
+        """The first trained tensor, whose dtype the history records as the run's."""
+        return next(iter(self._params.values()))
+
     def _refuse_low_precision_lr(self, optimizer) -> None:
         """Adam and AdamW compute their step size in the precision of a tensor learning rate
         (as capturable or compiled optimizers use): a float32 lr on float64 parameters moves
         them by ~1e-7 of a step away from any float64 model of the update."""
         if self.kind == "sgd":  # SGD reads a tensor lr as a number
             return
-        dtype = next(iter(self._params.values())).dtype
+        dtype = self._first_parameter.dtype
         for i, group in enumerate(optimizer.param_groups):
             lr = group["lr"]
             if torch.is_tensor(lr) and torch.finfo(lr.dtype).eps > torch.finfo(dtype).eps:
@@ -529,7 +538,7 @@ class Recorder:
     def _check_gradient(self) -> None:
         """Compare .grad with the gradient of the declared loss on the declared batch."""
         _, x, y = self._pending
-        p0 = next(iter(self._params.values()))
+        p0 = self._first_parameter
         flat = FlatModel(self.model, self.layout, p0.dtype, p0.device)
         theta = torch.cat([p.detach().reshape(-1) for p in self._params.values()])
         x, y = flat.cast_inputs(x), y.to(p0.device)
@@ -682,7 +691,7 @@ class Recorder:
         history.check_model(model)
         path = Path(path)
         info = _read_resume_info(path)
-        declared = _recorded_loss(history, loss, reduction)
+        declared = _resumed_loss(history, loss, reduction)
         if scheduler is None and info["scheduler"] is not None:
             raise InputError(
                 f"{path} was recorded with a learning-rate scheduler, whose state the resume "
@@ -757,7 +766,7 @@ def _keep_manifest_lines(path: Path, lines: list[dict]) -> None:
     _write_atomic(path / "manifest.jsonl", text.encode())
 
 
-def _recorded_loss(history: "History", loss, reduction: str | None) -> dict:
+def _resumed_loss(history: "History", loss, reduction: str | None) -> dict:
     """The loss and reduction a resumed run continues with: the recorded ones, which a resume
     may repeat but not change."""
     if loss is None and history.loss not in BUILTIN_LOSSES:

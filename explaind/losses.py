@@ -82,6 +82,21 @@ def resolve_loss(loss: str | PerSampleLoss) -> tuple[str, PerSampleLoss]:
     return loss, BUILTIN_LOSSES[loss]
 
 
+def recorded_loss(recorded: str, loss: str | PerSampleLoss | None) -> PerSampleLoss:
+    """The per-sample loss of a history recorded with the loss named `recorded`: the built-in
+    one of that name, or, for a custom loss (whose code the history cannot hold), `loss`."""
+    if recorded.startswith("custom:"):
+        if loss is None:
+            raise InputError(
+                f"the history was trained with a custom loss ({recorded}): pass the same "
+                "per-sample function as loss=..."
+            )
+        return resolve_loss(loss)[1]
+    if loss is not None and resolve_loss(loss)[0] != recorded:
+        raise InputError(f"loss={loss!r} differs from the recorded loss {recorded!r}")
+    return resolve_loss(recorded)[1]
+
+
 def check_per_sample(name: str, losses, batch_size: int) -> None:
     """Refuse a loss that does not return one loss per sample: a reduced scalar or [batch, outputs]
     would break the per-sample gradients of the decomposition long after recording."""

@@ -21,6 +21,7 @@ from .cube import residual_attrs
 from .errors import InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, check_target
 from .history import History, open_history
+from .losses import recorded_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coefficients
 from .path import PathIntegral
 
@@ -34,7 +35,12 @@ def update_miss(k: StepCoefficients, delta: torch.Tensor, modelled: torch.Tensor
     coordinate whose gradient is zero but for float32 rounding (the key bias of attention, which
     softmax ignores) moves by rounding noise scaled up to the learning rate: no recomputation
     reproduces that noise, and it moves no output. Divided by P it is the rounding it came from."""
-    return ((delta + k.eta * modelled) / k.precond).abs().max() / _step_size(k, delta)
+    return _absolute_miss(k, delta, modelled) / _step_size(k, delta)
+
+
+def _absolute_miss(k: StepCoefficients, delta: torch.Tensor, modelled: torch.Tensor) -> torch.Tensor:
+    """max_j |Δθ_j + η_j m_j| / P_j, the numerator of `update_miss`."""
+    return ((delta + k.eta * modelled) / k.precond).abs().max()
 
 
 def _step_size(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
@@ -81,8 +87,8 @@ def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start,
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
             largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
-            floor = 4 * eps * largest / _step_size(k, delta)
-            yield rec.step, update_miss(k, delta, modelled).item(), floor.item()
+            size = _step_size(k, delta)  # both in the units of update_miss
+            yield rec.step, (_absolute_miss(k, delta, modelled) / size).item(), (4 * eps * largest / size).item()
 
 
 def verify_updates(
@@ -101,14 +107,14 @@ def verify_updates(
     the rounding of the stored θ allows at that step (4 ε max |θ| / max |Δθ_s|, both divided by
     the preconditioner as in `update_miss`; it grows as a schedule shrinks the updates).
     """
-    from .engine import _resolve_history_loss, check_dtype
+    from .engine import check_dtype
 
     check_dtype(dtype)
     check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
-    for s, residual, floor in _update_checks(history, flat, _resolve_history_loss(history, loss), None, 0, None):
+    for s, residual, floor in _update_checks(history, flat, recorded_loss(history.loss, loss), None, 0, None):
         residuals[s], floors[s] = residual, floor
     if tolerance is None:
         tolerance = 1e-10 if history.dtype == torch.float64 else 1e-4

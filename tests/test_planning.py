@@ -11,6 +11,7 @@ import torch
 import explaind as ex
 from engine_cases import Case, train
 from explaind import engine, planning
+from explaind.losses import resolve_loss
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
     x, y = torch.randn(10, 4, dtype=torch.float64, generator=generator), torch.arange(10) % 3
     weights = torch.rand(10, dtype=torch.float64, generator=generator)
     tangents = torch.randn(2, flat.layout.dim, dtype=torch.float64, generator=generator)
-    _, loss = engine.resolve_loss("cross_entropy")
+    _, loss = resolve_loss("cross_entropy")
     grads = flat.per_sample_gradients(theta, x, y, loss, 3)
     alone = torch.stack([flat.batch_gradient(theta, x[k:k + 1], y[k:k + 1], torch.ones(1, dtype=torch.float64), loss)
                          for k in range(10)])
@@ -122,7 +123,7 @@ def test_forward_mode_sample_effects_equal_per_sample_gradients(run):
     flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
     theta = flat.layout.flatten(history.params(2))
     rec = next(history.steps(2, 3))
-    _, loss = engine.resolve_loss("cross_entropy")
+    _, loss = resolve_loss("cross_entropy")
     tangents = torch.randn(3, flat.layout.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     by_jvp = flat.per_sample_directional(theta, rec.inputs, rec.targets, loss, tangents)
     grads = flat.per_sample_gradients(theta, rec.inputs, rec.targets, loss)
