@@ -93,7 +93,10 @@ def recorded_loss(recorded: str, loss: str | PerSampleLoss | None) -> PerSampleL
             )
         return resolve_loss(loss)[1]
     if loss is not None and resolve_loss(loss)[0] != recorded:
-        raise InputError(f"loss={loss!r} differs from the recorded loss {recorded!r}")
+        raise InputError(
+            f"loss={loss!r} differs from the loss {recorded!r} the history was trained with: a "
+            "run is explained with its own loss. Fix: leave loss= out (the recorded one is used)"
+        )
     return resolve_loss(recorded)[1]
 
 

@@ -512,6 +512,15 @@ def test_custom_loss_must_be_passed_again(tmp_path, no_heavy_compute):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
 
 
+def test_another_builtin_loss_than_the_recorded_one_is_refused(tmp_path, no_heavy_compute):
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:  # cross-entropy, the default
+        loop(rec, model, optimizer, x, y, steps=2)
+    with pytest.raises(ex.InputError, match=says("loss='nll'", "'cross_entropy'", "Fix", "leave loss= out")):
+        ex.explain(tmp_path / "h", model, x[:2], loss="nll", progress=False)
+
+
 def test_missing_history(tmp_path, no_heavy_compute):
     with pytest.raises(ex.HistoryError, match=says("not a training history", "Recorder")):
         ex.explain(tmp_path / "nowhere", Case("mlp").fresh_model(), torch.zeros(2, 4), progress=False)
