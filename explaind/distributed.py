@@ -31,7 +31,7 @@ import torch.distributed as dist
 import xarray as xr
 
 from .cube import open_cube, residual_attrs, save_cube
-from .engine import _check_residual, _step_range, explain
+from .engine import check_residual, checked_steps, explain
 from .errors import InputError
 from .history import History
 
@@ -54,8 +54,8 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def step_window(history: History, options: dict) -> tuple[int, int]:
     """The [start, stop) of the update steps that explain(**options) covers, checked."""
-    return _step_range(options.get("steps"), history.n_steps, options.get("convention", "update"),
-                       options.get("parameter_scores", False))
+    return checked_steps(options.get("steps"), history.n_steps, options.get("convention", "update"),
+                         options.get("parameter_scores", False))
 
 
 def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int, world_size: int, **kwargs):
@@ -164,5 +164,5 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     if rank != 0:
         return None
     merged = merge([open_cube(part_path(parts_dir, r)).load() for r in range(world_size)], split)
-    _check_residual(merged, tolerance)
+    check_residual(merged, tolerance)
     return merged

@@ -172,7 +172,7 @@ def explain(
     recomputation). Left as None, they are chosen as large as `memory_budget` (bytes, on the
     compute device) allows.
     """
-    request = _build_request(
+    request = build_request(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target, output_fn=output_fn,
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, kink_tolerance=kink_tolerance,
         convention=convention, components=components,
@@ -192,14 +192,16 @@ def explain(
     final = _outputs_at(request, request.step_range[1])
     parts = _run_chunks(request)
     cube = assemble_cube(request, parts, initial, final, test_ids)
-    _check_residual(cube, tolerance)
+    check_residual(cube, tolerance)
     return cube
 
 
-def _build_request(history, model, inputs, targets, *, keep, outputs, target, output_fn=None, quadrature, rule,
-                   breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
-                   replay=None, dtype, device, test_chunk, train_chunk, batch_chunk=None, loss,
-                   check_updates=True) -> Request:
+def build_request(history, model, inputs, targets, *, keep, outputs, target, output_fn=None, quadrature, rule,
+                  breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
+                  replay=None, dtype, device, test_chunk, train_chunk, batch_chunk=None, loss,
+                  check_updates=True) -> Request:
+    """explain()'s arguments checked and resolved into a Request, before any heavy compute
+    (explaind.planning costs the same Request without running it)."""
     history = open_history(history, model)
     keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)
     unknown = [d for d in keep if d not in DIMS]
@@ -234,7 +236,7 @@ def _build_request(history, model, inputs, targets, *, keep, outputs, target, ou
 
     n_steps = history.n_steps
     train_index = history.train_indices()
-    step_range = _step_range(steps, n_steps, convention, parameter_scores)
+    step_range = checked_steps(steps, n_steps, convention, parameter_scores)
     return Request(
         history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
         keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance),
@@ -335,7 +337,8 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     return torch.tensor(chosen).expand(len(inputs), -1), chosen
 
 
-def _step_range(steps, n_steps: int, convention: str, parameter_scores: bool) -> tuple[int, int]:
+def checked_steps(steps, n_steps: int, convention: str, parameter_scores: bool) -> tuple[int, int]:
+    """The [start, stop) of the update steps explain(steps=...) explains, refused if it cannot."""
     if steps is None:
         return 0, n_steps
     bounds = _integers(steps)
@@ -393,7 +396,7 @@ def _step_edges(step_bins, n_steps: int) -> np.ndarray:
 # --------------------------------------------------------------------------- memory
 
 
-def _kept_sizes(req: Request, n_test: int, n_train: int) -> tuple[int, int, int, int]:
+def kept_sizes(req: Request, n_test: int, n_train: int) -> tuple[int, int, int, int]:
     """Rows (kept test x output), step bins, components and training columns of a pass."""
     rows = (n_test if req.keeps("test") else 1) * (req.n_outputs if req.keeps("output") else 1)
     n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
@@ -426,7 +429,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int, batch_rows: int) -> int:
     size = torch.finfo(req.flat.dtype).bits // 8
     d = req.flat.layout.dim
     rows_full = n_test * req.n_outputs
-    rows, n_bins, n_comp, train = _kept_sizes(req, n_test, n_train)
+    rows, n_bins, n_comp, train = kept_sizes(req, n_test, n_train)
     search = req.path.search_reserve(req.inputs, n_test)
     act = req.activations
     step_vectors = 10 * d  # the step's parameter-sized vectors: θ, Δθ, gradient, updates, optimizer state
@@ -569,7 +572,7 @@ def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
     for i, tests in enumerate(test_chunks):
         for j, trains in enumerate(train_chunks):
             label = f"explain {i * len(train_chunks) + j + 1}/{len(test_chunks) * len(train_chunks)}"
-            state = _Pass(req, tests, trains, first_train_chunk=(j == 0))
+            state = ChunkPass(req, tests, trains, first_train_chunk=(j == 0))
             counted = replace(req.path.stats)
             parts.append((tests, trains, state.run(label)))
             if j > 0:  # the same segments as the first train chunk's: searched again, not counted again
@@ -590,7 +593,7 @@ def _prefetched(records: Iterable[StepRecord]) -> Iterator[StepRecord]:
             yield record
 
 
-class _Pass:
+class ChunkPass:
     """One stream over the history for a chunk of test inputs and of training samples."""
 
     def __init__(self, req: Request, tests: slice, trains: slice, first_train_chunk: bool):
@@ -984,7 +987,9 @@ def recorded_update(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
     return torch.where(k.eta != 0, -delta / k.eta, torch.zeros_like(delta))
 
 
-def _check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
+def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
+    """Raise ReconstructionError if the cube misses more than `tolerance` of the largest output
+    change, saying whether the recorded updates or the path integral miss and what to change."""
     relative = float(cube.attrs["relative_residual"])
     if tolerance is None or relative <= tolerance:
         return

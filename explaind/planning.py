@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .cube import test_labels
-from .engine import _Pass, _build_request, _kept_sizes, explain, pass_bytes, plan_chunks, walks_backwards
+from .engine import ChunkPass, build_request, explain, kept_sizes, pass_bytes, plan_chunks, walks_backwards
 from .errors import InputError, is_whole
 
 
@@ -89,7 +89,7 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     """
     if not is_whole(calibrate_steps) or calibrate_steps < 0:
         raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
-    request = _build_request(history, model, inputs, targets, **_request_options(options))
+    request = build_request(history, model, inputs, targets, **_request_options(options))
     test_labels(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too
     plan_chunks(request, memory_budget)
     request.progress = False
@@ -110,8 +110,8 @@ def describe(request) -> Plan:
     train_chunk = request.train_chunk if request.keeps("train") else n_train  # samples are chunked only when kept
     test_passes = math.ceil(n_test / test_chunk)
     train_passes = math.ceil(n_train / train_chunk)
-    rows, _, _, train = _kept_sizes(request, test_chunk, train_chunk)
-    kept = _kept_sizes(request, n_test, n_train)
+    rows, _, _, train = kept_sizes(request, test_chunk, train_chunk)
+    kept = kept_sizes(request, n_test, n_train)
     size = torch.finfo(request.flat.dtype).bits // 8
     cube_bytes = kept[0] * kept[1] * kept[2] * kept[3] * size
     if request.parameter_scores:  # cube.PARAMETER_SCORES: 3 x [kept rows, D], and D int32 tensor ids
@@ -172,14 +172,14 @@ def _timed(request, step_range: tuple[int, int], replay_start: int = 0) -> float
     short = dataclasses.replace(request, step_range=step_range, replay_start=replay_start)
     tests = slice(0, min(request.test_chunk, len(request.inputs)))
     trains = slice(0, min(request.train_chunk, len(request.train_index)))
-    rows, _, _, train = _kept_sizes(request, tests.stop, trains.stop)
+    rows, _, _, train = kept_sizes(request, tests.stop, trains.stop)
     # the forward pass books totals and checks inline (cheap); the backward pass would check
     # every update of the history afterwards, which is not part of a step's cost
     first_chunk = not walks_backwards(request, rows, train)
     elapsed = []
     for _ in range(2):
         started = time.perf_counter()
-        _Pass(short, tests, trains, first_train_chunk=first_chunk).run("calibrate")
+        ChunkPass(short, tests, trains, first_train_chunk=first_chunk).run("calibrate")
         elapsed.append(time.perf_counter() - started)
     return elapsed[-1]
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .components import group_tensors
 from .cube import open_cube, save_cube
 from .distributed import PART_ATTR, REQUEST_ATTR, SPLITS, explain_shard, merge, part_path, step_window
-from .engine import _check_residual
+from .engine import check_residual
 from .errors import InputError
 from .history import History
 
@@ -68,7 +68,7 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     # merged from the stored parts only, so that a resumed call and an uninterrupted one
     # combine the very same numbers
     merged = merge([open_cube(path).load() for path in paths], split)
-    _check_residual(merged, tolerance)
+    check_residual(merged, tolerance)
     return merged
 
 

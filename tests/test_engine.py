@@ -456,7 +456,7 @@ def test_update_pass_is_chosen_by_size(runs):
     """Without a train dim the forward buffer is one row: it is taken; with many training
     samples and few kept rows the backward pass is."""
     run = runs.get(BRUTE["adamw"])  # 7 training samples, 4 test inputs
-    request = ex.engine._build_request(
+    request = ex.engine.build_request(
         run.path, run.model, run.test_x, None, keep=("train",), outputs="all", target="log_prob",
         quadrature=2, rule="gauss", breakpoints=False, convention="update", components="tensor",
         step_bins=None, parameter_scores=False, steps=None, dtype=torch.float64, device="cpu",

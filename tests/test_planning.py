@@ -31,8 +31,8 @@ def test_plan_matches_what_explain_computes(run, monkeypatch):
     assert plan.history_bytes == history_files_bytes(run.path)
     assert plan.seconds is None and "not calibrated" in str(plan)
     passes = []
-    monkeypatch.setattr(engine._Pass, "_forward", lambda self, records: passes.append("forward") or list(records))
-    monkeypatch.setattr(engine._Pass, "_backward", lambda self, records: passes.append("backward") or list(records))
+    monkeypatch.setattr(engine.ChunkPass, "_forward", lambda self, records: passes.append("forward") or list(records))
+    monkeypatch.setattr(engine.ChunkPass, "_backward", lambda self, records: passes.append("backward") or list(records))
     cube = run.explain(keep=("train", "test", "output"), quadrature=2, test_chunk=3, train_chunk=4, tolerance=None)
     assert len(passes) == plan.passes and passes[0] == plan.direction  # chunks may differ: last ones are smaller
     assert cube["attribution"].values.nbytes == plan.cube_bytes
@@ -75,7 +75,7 @@ def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_
     options = dict(keep=("train", "test", "output"), breakpoints=False, quadrature=2, test_chunk=4, train_chunk=10)
     whole = ex.plan(*args, memory_budget=None, **options)
     assert (whole.test_chunk, whole.train_chunk, whole.batch_chunk) == (4, 10, 10)
-    request = engine._build_request(*args, **planning._request_options(options))
+    request = engine.build_request(*args, **planning._request_options(options))
     # a budget that the pass misses by its batch's backward pass less that of 5 samples
     saved = engine._batch_backward_elements(request, 10) - engine._batch_backward_elements(request, 5)
     assert saved == 10 * 15 * 3 // 2 - 5 * 15 * 3 // 2  # 1.5 x the 15 activations per sample
@@ -177,8 +177,8 @@ def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
     whole = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), memory_budget=None)
     assert (asked.test_chunk, asked.train_chunk, asked.passes) == (4, 10, 1)
     assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(
-        engine._build_request(run.path, run.model, run.test_x, run.test_y,
-                              **planning._request_options(dict(keep=("train", "test")))), 4, 10, 4)
+        engine.build_request(run.path, run.model, run.test_x, run.test_y,
+                             **planning._request_options(dict(keep=("train", "test")))), 4, 10, 4)
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def timed_pass(monkeypatch):
         clock[0] += 0.05 * (stop - start) + 0.01 * (start - self.req.replay_start)
         return {}
 
-    monkeypatch.setattr(engine._Pass, "run", run)
+    monkeypatch.setattr(engine.ChunkPass, "run", run)
     monkeypatch.setattr(planning.time, "perf_counter", lambda: clock[0])
 
 
@@ -288,7 +288,7 @@ def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(r
     33 MiB measured for 400 inputs of an 85,002-parameter MLP). Counted by hand for the
     MLP 4 → 6 → 3 (51 parameters; a forward pass on one input makes 6 + 6 + 3 numbers), 4
     inputs × 3 outputs, 4 tensors kept as components: 10 tangents, float64."""
-    request = engine._build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(
         dict(keep=("component", "test", "output"), breakpoints=False)))
     assert request.activations == (6 + 6 + 3, 6)  # all elements, the largest tensor
     tangents, rows = 2 * 4 + 2, 4 * 3
@@ -306,7 +306,7 @@ def test_a_cube_with_a_train_dim_counts_the_activations_of_its_passes(run):
     above the start against 41 MiB planned). Counted by hand for the forward walk of the MLP
     4 → 6 → 3 (51 parameters; 15 activations per input, 6 the largest), 4 inputs × 3 outputs,
     10 training samples in batches of 4, float64."""
-    request = engine._build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(
         dict(keep=("train", "test", "output"), breakpoints=False)))
     d, rows, train, batch = 51, 4 * 3, 10, 4
     assert not engine.walks_backwards(request, rows, train)  # 12 rows > 10 samples
@@ -324,7 +324,7 @@ def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path):
     a primal and a tangent per effect of every activation, counted as 3 of the largest. Full
     batches of 10; one effect (one row, one step bin) ≤ 10 / FORWARD_MODE_RATIO."""
     case = train(Case("mlp", "sgd_momentum", steps=2, n_train=10, batch=10, n_test=4), tmp_path / "h")
-    request = engine._build_request(case.path, case.model, case.test_x, case.test_y, **planning._request_options(
+    request = engine.build_request(case.path, case.model, case.test_x, case.test_y, **planning._request_options(
         dict(keep=("train",), outputs="true", breakpoints=False)))
     backward_pass = 10 * 15 * 3 // 2
     assert engine._sample_pass_elements(request, 1, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # materialised is more
