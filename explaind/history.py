@@ -564,8 +564,11 @@ class Recorder:
                 "records the factor; clipping by value cannot be recorded), dropout or other "
                 "randomness in forward, mixed precision (torch.autocast: its low-precision "
                 "rounding of every product is not reproducible from the recorded tensors), a "
-                "loss term not declared to the Recorder, or inputs passed to batch() that differ "
-                "from those the model saw. Fix the training loop (train in float32 or float64) "
+                "loss term not declared to the Recorder, gradient accumulation over micro-batches "
+                "of unequal size whose mean losses were averaged (divide each micro-batch's summed "
+                "loss by the size of the step's whole batch instead: its gradient is then the mean "
+                "over that batch), or inputs passed to batch() that differ from those the model "
+                "saw. Fix the training loop (train in float32 or float64) "
                 f"or declare the loss you use (loss=callable returning per-sample losses).{mse}"
             )
 

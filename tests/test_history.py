@@ -790,10 +790,27 @@ def test_the_recorded_clipping_factor_is_the_one_torch_applies(tmp_path, dtype):
         assert all(torch.equal(b * torch.tensor(scale, dtype=dtype), a) for b, a in zip(before, after))
 
 
-@pytest.mark.parametrize("parts, exact", [((4, 4), True), ((5, 3), False)], ids=["equal micro-batches", "unequal"])
-def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, parts, exact):
-    """Micro-batch losses (means) divided by their number and accumulated: the step's gradient is
-    the mean over their union only when they are of equal size; otherwise the check refuses it."""
+def averaged_means(model, x, y, parts):
+    """The usual accumulation: each micro-batch's mean loss divided by their number."""
+    for part in parts:
+        (F.cross_entropy(model(x[part]), y[part]) / len(parts)).backward()
+
+
+def sums_over_the_batch(model, x, y, parts):
+    """The fix for unequal micro-batches: each one's summed loss divided by the whole batch's size."""
+    for part in parts:
+        (F.cross_entropy(model(x[part]), y[part], reduction="sum") / sum(map(len, parts))).backward()
+
+
+@pytest.mark.parametrize("sizes, accumulate, exact", [
+    ((4, 4), averaged_means, True),
+    ((5, 3), averaged_means, False),
+    ((5, 3), sums_over_the_batch, True),
+], ids=["equal micro-batches", "unequal", "unequal, summed over the batch"])
+def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, sizes, accumulate, exact):
+    """Micro-batch losses accumulated into one step: the step's gradient is the mean over their
+    union when averaged means come from micro-batches of equal size, or when each summed loss is
+    divided by the whole batch's size; averaged means of unequal ones are refused, naming that fix."""
     x, y = tiny_data()
     model = tiny(activation=torch.nn.Tanh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
@@ -802,13 +819,13 @@ def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, par
         for step in range(3):
             rows = torch.arange(8 * step, 8 * step + 8) % len(x)
             optimizer.zero_grad()
-            for part in rows.split(list(parts)):
-                (F.cross_entropy(model(x[part]), y[part]) / len(parts)).backward()
+            accumulate(model, x, y, rows.split(list(sizes)))
             rec.batch(rows, x[rows], y[rows])
             optimizer.step()
 
     if not exact:
-        with pytest.raises(ex.UnsupportedError, match="step 0 the gradient in .grad differs"):
+        with pytest.raises(ex.UnsupportedError, match="(?s)step 0 the gradient in .grad differs.*micro-batches of "
+                           "unequal size.*divide each micro-batch's summed loss by the size of the step's whole batch"):
             with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
                 loop(rec)
         return
