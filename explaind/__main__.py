@@ -12,9 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .engine import CONVENTIONS, DIMS
 from .errors import ExplaindError
 from .functional import TARGETS
+from .history import _is_history
 from .training import DTYPES
 
 
@@ -31,6 +33,7 @@ def _at_least(minimum: int, kind=int):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m explaind", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"explaind {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("plan", help="memory, disk and time of an explain() request on a recorded run")
     p.add_argument("run", type=Path, help="a run folder of the pipeline: config.json, model.safetensors, history/")
@@ -69,6 +72,13 @@ def plan_command(args: argparse.Namespace) -> str:
     from .stages import load_run
 
     config = args.run / "config.json"
+    if not args.run.is_dir():
+        raise SystemExit(f"{args.run} is not a folder: pass a run folder written by a training stage "
+                         "(runs/cnn, runs/transformer, which `make repro` writes)")
+    if not config.is_file() and _is_history(args.run):
+        raise SystemExit(f"{args.run} is a training history, without the config.json from which the command rebuilds "
+                         "the pipeline's models: for your own model, call explaind.plan(history, model, inputs, ...) "
+                         "in Python, with explain()'s arguments")
     if not config.is_file():
         raise SystemExit(f"{config} is missing: pass a run folder written by a training stage (runs/cnn, runs/transformer)")
     kind = json.loads(config.read_text()).get("class")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +23,9 @@ UNITS = {"log_prob": "log-probability", "logit": "logit"}
 # format 3 has no stable specification for it yet (zarr warns UnstableSpecificationWarning), and
 # its specified variable-length strings would come back with another dtype.
 STORE_FORMAT = 2
+# An attribute save_cube puts in every store it writes (and open_cube hides again): overwrite=True
+# replaces only such stores, never a zarr store of another program (which has a .zgroup too).
+STORE_MARK = "written_by_explaind_save_cube"
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
 
 
@@ -188,8 +192,9 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     """Write a cube to a chunked, compressed zarr store, format 2 (readable lazily with open_cube).
 
     Refuses to replace an existing store unless overwrite=True, and never replaces anything that
-    is not a cube store; the store is written to a fresh folder next to its destination and moved
-    into place, so a failed write never leaves half a cube or removes the old one.
+    save_cube did not write (it marks its stores with the attribute STORE_MARK); the store is
+    written to a fresh folder next to its destination and moved into place, so a failed write
+    never leaves half a cube or removes the old one.
     """
     path = Path(path)
     if path.suffix != ".zarr":
@@ -199,9 +204,10 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
         )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: choose another path or pass overwrite=True to replace it")
-    if path.exists() and not _is_store(path):
-        raise FileExistsError(f"{path} exists and is not a cube store, so it is not replaced: remove it "
-                              "yourself or choose another path")
+    if path.exists() and not _written_by_save_cube(path):
+        raise FileExistsError(f"{path} exists and is not a store save_cube wrote (no attribute {STORE_MARK!r}, "
+                              "which save_cube puts in every store), so it is not replaced: remove it yourself "
+                              "or choose another path")
     encoding = {
         name: {"chunks": tuple(min(n, 256) for n in var.shape)}
         for name, var in cube.data_vars.items()
@@ -211,7 +217,8 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     _remove_killed_writes(path)
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path)))  # nobody else's name
     try:
-        cube.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
+        marked = cube.assign_attrs({STORE_MARK: _version()})  # a copy: the caller's cube is left as it is
+        marked.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
         if path.exists():  # moved aside, not deleted, until the new store is in place
             os.replace(path, scratch / "old")
         os.replace(scratch / "new", path)
@@ -239,11 +246,23 @@ def _is_store(path: Path) -> bool:
     return (path / ".zgroup").is_file()
 
 
+def _written_by_save_cube(path: Path) -> bool:
+    try:
+        return STORE_MARK in json.loads((path / ".zattrs").read_text())
+    except (OSError, ValueError, TypeError):  # no attributes, not JSON, or not a JSON object
+        return False
+
+
 def open_cube(path: str | os.PathLike) -> xr.Dataset:
     """Open a stored cube lazily (nothing is read until values are used)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cube at {path}: compute one with explaind.explain and save_cube")
+    if (path / "zarr.json").is_file():
+        raise InputError(f"{path} is a zarr format 3 store, and save_cube writes format {STORE_FORMAT}: it is "
+                         "no cube store. Open it with xarray.open_zarr, or save the cube with explaind.save_cube")
     if not _is_store(path):
         raise InputError(f"{path} is not a cube store: open a folder written by explaind.save_cube")
-    return xr.open_zarr(path, consolidated=False)
+    store = xr.open_zarr(path, consolidated=False)
+    store.attrs.pop(STORE_MARK, None)
+    return store

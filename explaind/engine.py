@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube, test_labels
-from .errors import InputError, ReconstructionError, is_number, is_whole
+from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
 from .functional import ActivationSizes, FlatModel, ParamLayout, check_target
 from .history import History, StepRecord, open_history
 from .losses import recorded_loss
@@ -999,20 +999,22 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
             "recorded run): compute in float64, or check the run for diverging steps. Pass "
             "tolerance=None to get the cube anyway."
         )
-    from_updates = float(cube.attrs["max_abs_residual_from_updates"])
-    path = float(cube.attrs["max_abs_path_residual"])
+    change = float(cube.attrs["max_abs_change"])  # > 0 here: relative is 0 when nothing changed
+    from_updates = float(cube.attrs["max_abs_residual_from_updates"]) / change
+    path = float(cube.attrs["max_abs_path_residual"]) / change
     worst_update = float(cube["update_residual"].max())  # NaN: not checked (check_updates=False)
     checked = f" (worst step's update residual {worst_update:.2e})" if np.isfinite(worst_update) else ""
     if from_updates > path:
-        fix = ("The recorded run does not follow the modelled optimizer closely enough (gradient "
-               "clipping not done by rec.clip_grad_norm_, a changed loss, an option explaind does not "
-               "model, or a float32 run's own rounding): look at update_residual per step, or explain "
-               "with check_updates=False and no train dim to split the recorded updates instead.")
+        fix = (f"The recorded updates are not those of the modelled optimizer on the declared batches: "
+               f"{UPDATE_MISS_CAUSES}. Look at update_residual per step to find where it starts. Only if "
+               "the run is right and the miss is its own float32 rounding: explain with check_updates=False "
+               "and no train dim, which splits the recorded updates instead.")
     else:
         fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
     raise ReconstructionError(
-        f"the decomposition misses {relative:.2e} of the largest output change (tolerance "
-        f"{tolerance:.0e}). Of that miss, up to {from_updates:.2e} comes from the recorded updates "
-        f"differing from the modelled ones{checked} and up to {path:.2e} from the path integral. "
+        f"the decomposition misses {relative:.2e} of the largest output change (max |residual| "
+        f"{float(cube.attrs['max_abs_residual']):.2e} of a change of {change:.2e}; tolerance {tolerance:.0e}). "
+        f"Of the largest change, up to {from_updates:.2e} is missed through the recorded updates "
+        f"differing from the modelled ones{checked} and up to {path:.2e} by the path integral. "
         f"{fix} Pass tolerance=None to get the cube anyway."
     )

@@ -25,6 +25,15 @@ class ReconstructionError(ExplaindError):
     """A measured residual of the decomposition exceeds the tolerance the user set."""
 
 
+# What makes recorded updates differ from the modelled optimizer, as both checks name it.
+UPDATE_MISS_CAUSES = (
+    "the model passed computes another function than the one trained (another activation or "
+    "forward), or the loop did what the history does not record (optimizer.zero_grad() forgotten, "
+    "dropout or other randomness in training, a changed loss, gradient clipping not done by "
+    "rec.clip_grad_norm_, an optimizer option explaind does not model)"
+)
+
+
 # Argument checks shared by the public calls: bool is an int to Python, and True must not pass
 # for a count or a tolerance.
 

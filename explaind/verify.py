@@ -18,7 +18,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .cube import residual_attrs
-from .errors import InputError, ReconstructionError, is_number, is_whole
+from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, check_target
 from .history import History, open_history
 from .losses import recorded_loss
@@ -125,9 +125,7 @@ def verify_updates(
             f"step {worst}'s recorded update differs from the modelled {history.optimizer} update "
             f"by {residuals[worst]:.2e} of its size (tolerance {tolerance:.0e}; the rounding of the "
             f"stored parameters allows {floors[worst]:.0e} there). The run does not "
-            "follow the recorded optimizer: look for gradient clipping not done by "
-            "rec.clip_grad_norm_, a changed loss, extra parameter edits, or an optimizer option "
-            "explaind does not model."
+            f"follow the recorded optimizer: {UPDATE_MISS_CAUSES}."
         )
     return residuals
 

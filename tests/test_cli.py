@@ -61,9 +61,20 @@ def test_plan_command_refuses_bad_options(run_dir, tmp_path, capsys, argv, words
     assert stop.value.code != 0 and all(w in message for w in words), message
 
 
-def test_plan_command_refuses_a_folder_without_a_run(tmp_path):
+def test_plan_command_refuses_a_folder_without_a_run(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="config.json is missing: pass a run folder"):
         main(["plan", str(tmp_path)])
+    with pytest.raises(SystemExit, match="(?s)missing is not a folder: pass a run folder.*make repro"):
+        main(["plan", str(tmp_path / "missing")])
+    # a user's own history: the command cannot rebuild the model, explaind.plan can
+    with pytest.raises(SystemExit, match="(?s)is a training history.*explaind.plan\\(history, model, inputs"):
+        main(["plan", str(run_dir / "history")])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"explaind {ex.__version__}\n"
 
 
 @pytest.mark.parametrize("argv", [["--quadrature", "0"], ["--step-bins", "0"], ["--outputs", "99"]])

@@ -76,14 +76,20 @@ def test_a_failed_write_keeps_the_old_store(cube, tmp_path, monkeypatch):
     np.testing.assert_array_equal(ex.open_cube(tmp_path / "c.zarr")["attribution"].values, cube["attribution"].values)
 
 
-def test_only_a_cube_store_is_replaced(cube, tmp_path):
+def test_only_a_store_save_cube_wrote_is_replaced(cube, tmp_path):
     (tmp_path / "file.zarr").write_text("not a cube")
     (tmp_path / "folder.zarr").mkdir()
-    for target in ("file.zarr", "folder.zarr"):
-        with pytest.raises(FileExistsError, match="(?s)not a cube store.*another path"):
+    other = xr.Dataset({"a": ("x", np.arange(3.0))})  # another program's zarr store: a .zgroup too
+    other.to_zarr(tmp_path / "other.zarr", zarr_format=2, consolidated=False)
+    for target in ("file.zarr", "folder.zarr", "other.zarr"):
+        with pytest.raises(FileExistsError, match="(?s)not a store save_cube wrote.*another path"):
             ex.save_cube(cube, tmp_path / target, overwrite=True)
     assert (tmp_path / "file.zarr").read_text() == "not a cube"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "folder.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "folder.zarr", "other.zarr"]
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "other.zarr", consolidated=False).load(), other)
+    other.to_zarr(tmp_path / "v3.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(ex.InputError, match="(?s)zarr format 3 store.*format 2.*xarray.open_zarr"):
+        ex.open_cube(tmp_path / "v3.zarr")
     with pytest.raises(ex.InputError, match="(?s)not a cube store.*save_cube"):
         ex.open_cube(tmp_path / "folder.zarr")
 

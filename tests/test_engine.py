@@ -218,7 +218,7 @@ def test_the_residual_splits_into_the_updates_share_and_the_path_integrals(tmp_p
             shares.append(from_updates)
     for other in shares[1:]:
         np.testing.assert_allclose(other, shares[0], rtol=0, atol=1e-12 * change)
-    with pytest.raises(ex.ReconstructionError, match="comes from the recorded updates"):
+    with pytest.raises(ex.ReconstructionError, match="is missed through the recorded updates"):
         ex.explain(tmp_path / "h", model, test_x, keep=("test",), quadrature=6, tolerance=1e-6, progress=False)
     # the fix the error names: without a train dim, the recorded updates themselves are split
     trusted = ex.explain(tmp_path / "h", model, test_x, keep=("test",), quadrature=6, tolerance=1e-6,

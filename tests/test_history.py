@@ -290,6 +290,14 @@ def test_cut_manifest_is_refused(copy_of):
         ex.History(path)
 
 
+def test_a_deleted_manifest_is_named(copy_of):
+    path = copy_of()
+    (path / "manifest.jsonl").unlink()
+    for allow_incomplete in (False, True):
+        with pytest.raises(ex.HistoryError, match="(?s)manifest.jsonl is missing.*deleted.*record it again"):
+            ex.History(path, allow_incomplete=allow_incomplete)
+
+
 def test_manifest_cut_mid_line_is_refused(copy_of):
     path = copy_of()
     text = (path / "manifest.jsonl").read_text()
@@ -567,6 +575,24 @@ def test_resume_without_the_recorded_scheduler_is_refused(tmp_path):
     assert files_on_disk(tmp_path / "h") == before  # refused before anything is rewritten
 
 
+def test_resume_with_a_scheduler_the_recording_did_not_store_is_refused(tmp_path):
+    """Recorded without scheduler=: a scheduler passed to resume() would restart its schedule."""
+    path, (x, y) = tmp_path / "h", tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = step_lr(optimizer)
+    with pytest.raises(Crash), ex.Recorder(path, model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler, crash_at=2)
+    before = files_on_disk(path)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ex.InputError, match="(?s)without scheduler=.*Fix.*Recorder\\(\\.\\.\\., scheduler=scheduler\\)"):
+        ex.Recorder.resume(path, model, optimizer, scheduler=step_lr(optimizer))
+    assert files_on_disk(path) == before  # refused before anything is rewritten
+    with ex.Recorder.resume(path, model, optimizer) as rec:  # scheduler=None: the last recorded step's lr
+        assert rec.step == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
 def test_resume_refuses_to_catch_up_a_metric_driven_scheduler(tmp_path):
     plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)  # noqa: E731
     model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", plateau, crash_at=2)
@@ -592,6 +618,32 @@ def test_batch_refuses_what_is_not_a_batch_of_dataset_indices(tmp_path, ids):
     with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
         with pytest.raises(ex.InputError, match="(?s)batch\\(\\).*(negative|integer|empty).*Fix"):
             rec.batch(ids, x[rows], y[rows])
+
+
+def test_batch_positions_declared_as_dataset_indices_are_refused(tmp_path):
+    """Shuffled batches declared with arange(batch size): position 0 holds another sample, of another
+    class, at the next step. The same index with the same class (a later epoch) is fine."""
+    x, y = tiny_data(12)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rows = [torch.arange(4), torch.arange(4), torch.tensor([5, 2, 7, 9])]  # two epochs, then shuffled
+    assert y[5] != y[0]
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for step, r in enumerate(rows):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[r]), y[r]).backward()
+            if step < 2:
+                rec.batch(r, x[r], y[r])
+                optimizer.step()
+        with pytest.raises(ex.InputError, match=f"(?s)index 0 with target {y[5]} at step 2.*step 0.*"
+                                                f"target {y[0]}.*Fix.*not its position in the batch"):
+            rec.batch(torch.arange(4), x[r], y[r])
+        twice = torch.tensor([11, 11])  # one index, two classes, in one batch
+        with pytest.raises(ex.InputError, match=f"(?s)index 11 with target {y[5]} at step 2.*step 2.*target {y[0]}"):
+            rec.batch(twice, x[[0, 5]], y[[0, 5]])
+        rec.batch(r, x[r], y[r])  # the batch's own dataset indices
+        optimizer.step()
+    assert ex.History(tmp_path / "h").n_steps == 3
 
 
 def test_int32_class_targets_are_recorded_and_explained(tmp_path):

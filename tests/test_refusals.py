@@ -111,6 +111,20 @@ def test_train_mode_dropout_and_batchnorm_at_explain_time(tmp_path, no_heavy_com
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
 
 
+def test_dropout_switched_on_mid_run_is_refused_at_that_step(tmp_path):
+    """A loop's model.train() at an epoch's start, after the Recorder saw the model in eval mode:
+    refused at the next step, not only at the next gradient check (check_every steps later)."""
+    model = WithModule(nn.Dropout(0.2)).double().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("Dropout", "at step 2", "no model.train() in the loop")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y, steps=2)
+            model.train()
+            loop(rec, model, optimizer, x, y, steps=1)
+    assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2  # nothing of the refused step
+
+
 def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
     model, optimizer = model_and_sgd(momentum=0.9)
     x, y = data()
@@ -209,6 +223,35 @@ def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path
         ex.verify_updates(tmp_path / "h", model)
     with pytest.raises(ex.ReconstructionError, match=says("update residual", "tolerance")):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
+
+
+def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_path):
+    """Both escape the record-time check (check_every=50 checks step 0 only); explain() misses
+    through the recorded updates and says so, with its numbers all relative to the largest change."""
+    x, y = data()
+    model = WithModule(nn.Tanh()).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=1)
+        for _ in range(2):  # gradients accumulate over the steps
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    with pytest.raises(ex.ReconstructionError, match=says("zero_grad()", "update_residual per step")) as error:
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    number = r"([0-9.]+e[+-][0-9]+)"
+    relative, largest, change, through_updates, through_path = map(float, re.search(
+        f"misses {number} of the largest output change \\(max \\|residual\\| {number} of a change of {number};"
+        f".*up to {number} is missed through the recorded updates.*up to {number} by the path integral",
+        str(error.value), re.S).groups())
+    assert relative == pytest.approx(largest / change, rel=1e-2) and through_path < through_updates <= 2 * relative
+
+    model = WithModule(nn.Tanh()).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h2", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    with pytest.raises(ex.ReconstructionError, match=says("another function than the one trained")):
+        ex.explain(tmp_path / "h2", WithModule(nn.ReLU()).double(), x[:2], progress=False)
 
 
 def test_wrong_reduction_declared(tmp_path):
