@@ -99,9 +99,10 @@ class GrokkingConfig:
             ("quadrature", self.quadrature >= 1, "at least 1"),
             ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
             ("tolerance", self.tolerance >= 0, "at least 0"),
-            ("phases", self.phases >= 1, "at least 1"),
-            ("min_phase_bins", self.min_phase_bins >= 1 and self.phases * self.min_phase_bins <= self.step_bins,
-             f"at least 1, and phases x min_phase_bins at most step_bins={self.step_bins}"),
+            ("phases", self.phases >= 1 and self.phases * self.min_phase_bins <= self.step_bins,
+             f"at least 1, and phases x min_phase_bins ({self.min_phase_bins}) at most step_bins ({self.step_bins}): "
+             "lower phases or min_phase_bins, or raise step_bins"),
+            ("min_phase_bins", self.min_phase_bins >= 1, "at least 1"),
             ("data_inputs", self.data_inputs >= 1, "at least 1"),
             ("data_steps", self.data_steps >= 0, "at least 0 (0: the whole phase)"),
             ("data_replay", self.data_replay >= -1, "at least -1 (-1: all earlier steps)"),
@@ -109,6 +110,9 @@ class GrokkingConfig:
             ("key_frequencies", self.key_frequencies >= 1, "at least 1"),
             ("retrain_seeds", self.retrain_seeds >= 1, "at least 1"),
             ("retrain_checkpoints", self.retrain_checkpoints >= 1, "at least 1"),
+            ("retrain_variants", set(self.retrain_variants) <= set(RETRAIN_VARIANTS)
+             and "pipeline" in self.retrain_variants,
+             f"names from {list(RETRAIN_VARIANTS)}, pipeline among them (the paper's retraining claim concerns it)"),
             ("retrain_max_steps", self.retrain_max_steps >= 1, "at least 1"),
             ("retrain_target", 0 < self.retrain_target <= 1, "in (0, 1]"),
             ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),

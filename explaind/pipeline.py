@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from . import __version__
 from .errors import ExplaindError, InputError
 
 # Environment variable that pins the repository root (the runner sets it for the kernel).
@@ -369,7 +370,12 @@ def _hint(value: Any, expected: Any) -> str:
         except ValueError:
             pass
         else:
-            return "write it as a number without quotes; YAML reads 1e-3 as text, so write 1.0e-3 (with a dot)"
+            if expected is float and "e" in value.lower():  # YAML 1.1 floats: a dot, and a signed exponent
+                mantissa, exponent = value.strip().lower().split("e")
+                mantissa += "" if "." in mantissa else ".0"
+                exponent = exponent if exponent[:1] in ("+", "-") else "+" + exponent
+                return f"write {mantissa}e{exponent}: YAML 1.1 reads an exponent without a dot before it or a sign as text"
+            return "write it as a number, without quotes"
     if isinstance(value, float) and expected is int and value.is_integer():
         return f"write {int(value)} (no decimal point)"
     if isinstance(value, bool) and expected in (int, float):
@@ -487,7 +493,10 @@ def read_params_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run from the repository root or pass its path")
-    content = yaml.load(path.read_text(), Loader=_unique_keys_loader(path)) or {}
+    try:
+        content = yaml.load(path.read_text(), Loader=_unique_keys_loader(path)) or {}
+    except yaml.MarkedYAMLError as error:  # a syntax error, with its line and column
+        raise ParameterError(f"{path} is not valid YAML: {error}\nFix: mend the file at the line named above") from None
     if not isinstance(content, dict):
         raise ParameterError(f"{path} must map section names to sections, got {type(content).__name__}")
     _check_sections(content, path)
@@ -886,6 +895,7 @@ def set_args(profile: str | os.PathLike, stages: list[str] | None = None) -> lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m explaind.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"explaind {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute a stage's notebook with its params.yaml parameters")
     run.add_argument("stage", choices=stage_instances())

@@ -388,6 +388,13 @@ def test_the_retraining_claim_reads_the_pipeline_copied_last():
         grokking.retraining_finding(summary[summary["variant"] == "outer"], max_steps=500)
 
 
+@pytest.mark.parametrize("variants", [("pipelin",), ("outer",)], ids=["typo", "no pipeline"])
+def test_the_config_refuses_retraining_variants_before_the_stage_starts(variants):
+    """Checked with the other ranges when the config is built, not at the stage's retraining cell."""
+    with pytest.raises(InputError, match="(?s)grokking.retrain_variants is .*names from .*'pipeline'.*pipeline among them"):
+        grokking.GrokkingConfig(retrain_variants=variants)
+
+
 def test_retraining_refuses_bad_requests(tiny_run):
     history, _ = tiny_run
     with pytest.raises(InputError, match="unknown retraining variant 'pipe'"):

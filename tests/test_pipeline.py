@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -136,12 +137,34 @@ def test_a_string_where_an_int_is_expected_is_an_error_with_type_and_fix():
         pipeline.check_params(values, "train_transformer")
 
 
-def test_yaml_11_exponent_without_dot_gets_a_specific_hint():
-    # PyYAML (YAML 1.1) reads `lr: 1e-3` as the string "1e-3"
-    content = yaml.safe_load("lr: 1e-3\n")
-    assert content["lr"] == "1e-3"
-    with pytest.raises(ParameterError, match=r"'lr' must be float, got str '1e-3'.*1\.0e-3"):
+@pytest.mark.parametrize("text, written", [("1e-3", "1.0e-3"), ("1.0e3", "1.0e+3"), ("2E5", "2.0e+5")])
+def test_yaml_11_exponent_without_dot_or_sign_gets_a_specific_hint(text, written):
+    # PyYAML (YAML 1.1) reads these as strings: a float needs a dot and a signed exponent
+    content = yaml.safe_load(f"lr: {text}\n")
+    assert content["lr"] == text
+    with pytest.raises(ParameterError, match=rf"'lr' must be float, got str '{text}'.*write {re.escape(written)}:"):
         pipeline.check_params(valid("train_transformer") | content, "train_transformer")
+    assert yaml.safe_load(f"lr: {written}\n")["lr"] == float(text)  # the hint's spelling is a float
+
+
+def test_a_quoted_number_is_told_to_lose_its_quotes():
+    with pytest.raises(ParameterError, match=r"'max_steps' must be int, got str '5'.*write it as a number, without quotes"):
+        pipeline.check_params(valid("train_transformer") | {"max_steps": "5"}, "train_transformer")
+
+
+def test_a_yaml_syntax_error_is_one_error_naming_the_line(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: 0\n  device: [cpu\n")
+    with pytest.raises(ParameterError, match="(?s)params.yaml is not valid YAML.*line 3.*Fix: mend the file"):
+        pipeline.read_params_file(path)
+    assert pipeline.main(["params", "train_cnn", "--params", str(path)]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("explaind ")
 
 
 def test_an_int_is_accepted_where_a_float_is_expected_and_converted():
@@ -550,7 +573,8 @@ def test_end_to_end_dvc_repro(tiny_repro, tmp_path):
     ("verify@transformer", "verify.transformer", "quadrature", 0),
     ("cubes@cnn", "cubes.cnn", "step_bins", 0),
     ("influence@transformer", "influence.transformer", "lds_fraction", 1.5),
-    ("grokking", "grokking", "min_phase_bins", 100),
+    ("grokking", "grokking", "phases", 100),
+    ("grokking", "grokking", "min_phase_bins", 0),
 ])
 def test_params_refuse_values_out_of_range_naming_key_and_file(tmp_path, stage, section, key, value):
     content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
