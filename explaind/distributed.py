@@ -144,11 +144,13 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     """explain() across the processes of a torchrun launch; process 0 returns the cube."""
     from .resumable import is_stored, request_fingerprint  # resumable imports this module
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if str(kwargs.get("device", "cpu")).startswith("cuda"):
+    on_gpu = str(kwargs.get("device", "cpu")).startswith("cuda")
+    if on_gpu:  # one GPU per process; NCCL's barrier runs on the current device
         kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(kwargs["device"])
+    if not dist.is_initialized():  # the backend follows the request, not the machine: NCCL needs CUDA
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     tolerance = kwargs.pop("tolerance", 1e-4)
     history = history if isinstance(history, History) else History(history)
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **kwargs)

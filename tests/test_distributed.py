@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import xarray as xr
 from safetensors.torch import save_file
@@ -248,6 +249,15 @@ def one_process_group(monkeypatch):
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def test_a_cpu_request_takes_gloo_on_a_machine_with_cuda(run, tmp_path, one_process_group, monkeypatch):
+    """The backend follows the requested device: NCCL (which this CPU build of torch lacks, and which
+    moves only CUDA tensors) was chosen whenever CUDA was available, whatever the device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cube = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", **OPTIONS)
+    assert dist.get_backend() == "gloo"
+    assert_same_cube(cube, run.explain(**OPTIONS))
 
 
 def test_distributed_refuses_to_overwrite_another_requests_parts(run, tmp_path, one_process_group):
