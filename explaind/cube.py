@@ -26,6 +26,8 @@ STORE_FORMAT = 2
 # An attribute save_cube puts in every store it writes (and open_cube hides again): overwrite=True
 # replaces only such stores, never a zarr store of another program (which has a .zgroup too).
 STORE_MARK = "written_by_explaind_save_cube"
+# the update check, one value per recorded step (not per step bin)
+PER_HISTORY_STEP = ("update_residual", "update_rounding_floor")
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
 
 
@@ -85,6 +87,7 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
             total[tests] = part["total"]
             path_change[tests] = part["path_change"]
             merged["update_residual"] = torch.as_tensor(part["update_residual"])
+            merged["update_rounding_floor"] = torch.as_tensor(part["update_rounding_floor"])
             for key in PARAMETER_SCORES:
                 if key in part:
                     empty = torch.zeros(t_dim, o_dim, part[key].shape[-1], dtype=req.flat.dtype)
@@ -138,6 +141,9 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         "residual": (("test", "output"), residual),
         "residual_from_updates": (("test", "output"), from_updates),
         "update_residual": (("history_step",), merged["update_residual"].numpy()),
+        # the update residual the rounding of the stored θ allows at each step (it grows as a
+        # schedule shrinks the updates): update_residual below it is rounding, not a miss
+        "update_rounding_floor": (("history_step",), merged["update_rounding_floor"].numpy()),
     }
     if req.parameter_scores:
         tensor_id = np.repeat(np.arange(len(req.flat.layout.names)), req.flat.layout.sizes).astype(np.int32)
@@ -205,9 +211,7 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: choose another path or pass overwrite=True to replace it")
     if path.exists() and not _written_by_save_cube(path):
-        raise FileExistsError(f"{path} exists and is not a store save_cube wrote (no attribute {STORE_MARK!r}, "
-                              "which save_cube puts in every store), so it is not replaced: remove it yourself "
-                              "or choose another path")
+        raise FileExistsError(_not_replaced(path))
     encoding = {
         name: {"chunks": tuple(min(n, 256) for n in var.shape)}
         for name, var in cube.data_vars.items()
@@ -225,6 +229,15 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+def _not_replaced(path: Path) -> str:
+    fix = "remove it yourself (if it is yours to lose) or choose another path"
+    if _is_store(path):  # a zarr group without the mark: an older explaind's store, or another program's
+        return (f"{path} is a zarr store without the attribute {STORE_MARK!r} that save_cube puts in every "
+                "store: another program wrote it, or an older explaind, which did not mark its stores yet. It "
+                f"is not replaced: {fix}")
+    return f"{path} exists and is not a store save_cube wrote, so it is not replaced: {fix}"
 
 
 def _scratch_prefix(path: Path) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import xarray as xr
 
-from .cube import open_cube, residual_attrs, save_cube
+from .cube import PER_HISTORY_STEP, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
 from .errors import InputError
 from .history import History
@@ -88,7 +88,7 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         merged = _merge_by_test(parts)
     else:
         merged = parts[0].copy()
-        for name in ("attribution", "regularization", "residual", "residual_from_updates", "update_residual"):
+        for name in ("attribution", "regularization", "residual", "residual_from_updates", *PER_HISTORY_STEP):
             merged[name] = sum(p[name] for p in parts)
         if any("carried" in p for p in parts):  # parts with a bounded replay
             merged["carried"] = sum(p["carried"] for p in parts if "carried" in p)
@@ -129,12 +129,13 @@ def _shown(coord) -> str:
 
 def _merge_by_test(parts: list[xr.Dataset]) -> xr.Dataset:
     with_test = [n for n in parts[0].data_vars if "test" in parts[0][n].dims]
-    summed = [n for n in parts[0].data_vars if n not in with_test and n != "update_residual"]
+    summed = [n for n in parts[0].data_vars if n not in with_test and n not in PER_HISTORY_STEP]
     merged = xr.concat([p[with_test] for p in parts], dim="test", data_vars="all", coords="different",
                        compat="equals", join="exact")
     for name in summed:  # test was summed while explaining, or a sum over test inputs
         merged[name] = sum(p[name] for p in parts)
-    merged["update_residual"] = parts[0]["update_residual"]
+    for name in PER_HISTORY_STEP:  # every part checked the same steps
+        merged[name] = parts[0][name]
     merged.attrs = dict(parts[0].attrs)
     return merged
 

@@ -36,7 +36,7 @@ from .history import History, StepRecord, open_history
 from .losses import recorded_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
-from .verify import check_tolerance, update_miss
+from .verify import check_tolerance, rounding_eps, rounding_floor, update_miss
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -630,6 +630,8 @@ class ChunkPass:
         # miss (the update residual), the change misses it by the path integral's error
         self.path_change = torch.zeros_like(self.total)
         self.update_residual = np.zeros(req.history.n_steps)
+        self.update_rounding_floor = np.zeros(req.history.n_steps)  # what the stored θ's rounding allows
+        self.eps = rounding_eps(req.history, req.flat)
         # without a train dim or parameter-wise scores, G_s is needed only along a few vectors
         self.by_directions = by_directions(req)
         # without a train dim and with the update check left to verify_updates, no gradient is
@@ -722,13 +724,15 @@ class ChunkPass:
             else:
                 target[b, p].index_add_(1, columns, block)
 
-    def record_update_check(self, s: int, k: StepCoefficients, modelled: torch.Tensor, delta: torch.Tensor) -> None:
-        """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ (NaN:
-        not checked: check_updates=False)."""
+    def record_update_check(self, s: int, k: StepCoefficients, modelled: torch.Tensor, theta: torch.Tensor,
+                            delta: torch.Tensor) -> None:
+        """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ, and the
+        miss the rounding of the stored θ allows (NaN: not checked: check_updates=False)."""
         if not self.req.check_updates:
-            self.update_residual[s] = np.nan
+            self.update_residual[s] = self.update_rounding_floor[s] = np.nan
             return
         self.update_residual[s] = update_miss(k, delta, modelled).item()
+        self.update_rounding_floor[s] = rounding_floor(k, theta, delta, self.eps).item()
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
         """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""
@@ -802,7 +806,7 @@ class ChunkPass:
             if self.by_directions:
                 self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled,
                                     None if self.recorded_updates else -k.eta * recorded)
-                self.record_update_check(s, k, modelled, delta)
+                self.record_update_check(s, k, modelled, theta, delta)
                 continue
 
             full = self.path_jacobian(theta, delta).mul_(-k.eta)  # G_s, [T·O, D]
@@ -823,7 +827,7 @@ class ChunkPass:
                 self.total += step_total
                 self.path_change += step_total if self.recorded_updates else full @ recorded
                 self.record_scores(full, modelled - r)
-                self.record_update_check(s, k, modelled, delta)
+                self.record_update_check(s, k, modelled, theta, delta)
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
                        modelled: torch.Tensor, recorded: torch.Tensor | None) -> None:
@@ -912,10 +916,10 @@ class ChunkPass:
         if self.first_train_chunk and req.check_updates:
             from .verify import update_residuals
 
-            self.update_residual = update_residuals(req.history, req.flat, req.loss, req.step_range,
-                                                    req.replay_start, momentum, req.batch_chunk)
+            self.update_residual, self.update_rounding_floor = update_residuals(
+                req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk)
         elif self.first_train_chunk:
-            self.update_residual[:] = np.nan
+            self.update_residual[:] = self.update_rounding_floor[:] = np.nan
 
     def sample_effects(self, rec: StepRecord, theta: torch.Tensor, effect: torch.Tensor):
         """effect [bins, rows, D] · w_k ∇ℓ_k for the chunk's training samples k of this step, per
@@ -974,6 +978,7 @@ class ChunkPass:
             out["total"] = self.total.view(self.n_test, self.req.n_outputs).cpu()
             out["path_change"] = self.path_change.view(self.n_test, self.req.n_outputs).cpu()
             out["update_residual"] = self.update_residual
+            out["update_rounding_floor"] = self.update_rounding_floor
             if self.req.parameter_scores:
                 out["parameter_score"] = self.reduce_rows(self.score_sum.abs()).cpu()
                 out["parameter_score_signed"] = self.reduce_rows(self.score_sum).cpu()
@@ -1002,11 +1007,15 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     change = float(cube.attrs["max_abs_change"])  # > 0 here: relative is 0 when nothing changed
     from_updates = float(cube.attrs["max_abs_residual_from_updates"]) / change
     path = float(cube.attrs["max_abs_path_residual"]) / change
-    worst_update = float(cube["update_residual"].max())  # NaN: not checked (check_updates=False)
-    checked = f" (worst step's update residual {worst_update:.2e})" if np.isfinite(worst_update) else ""
+    update, floor = cube["update_residual"].values, cube["update_rounding_floor"].values
+    checked = ""
+    if np.isfinite(update).any():  # all NaN: not checked (check_updates=False)
+        worst = int(np.nanargmax(update / np.maximum(floor, np.finfo(float).tiny)))  # the furthest above its floor
+        checked = (f" (step {worst}'s update residual is {update[worst]:.2e}, where the rounding of the stored "
+                   f"parameters allows {floor[worst]:.0e})")
     if from_updates > path:
         fix = (f"The recorded updates are not those of the modelled optimizer on the declared batches: "
-               f"{UPDATE_MISS_CAUSES}. Look at update_residual per step to find where it starts. Only if "
+               f"{UPDATE_MISS_CAUSES}. Compare update_residual with update_rounding_floor per step to find where it starts. Only if "
                "the run is right and the miss is its own float32 rounding: explain with check_updates=False "
                "and no train dim, which splits the recorded updates instead.")
     else:

@@ -29,6 +29,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .components import group_tensors
+from .cube import PER_HISTORY_STEP
 from .engine import explain
 from .errors import InputError, ReconstructionError
 from .history import History
@@ -117,6 +118,17 @@ class GrokkingConfig:
             ("retrain_target", 0 < self.retrain_target <= 1, "in (0, 1]"),
             ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
             ("reinit_std", self.reinit_std >= 0, "at least 0 (0: the model's own init)"),
+        ))
+
+    def check_run(self, p: int, train_pairs: int, val_pairs: int) -> None:
+        """Refuse counts beyond what the trained run has (modulus p, its training and validation
+        pairs), which slicing would otherwise cap without a word."""
+        check_ranges("grokking", self, (
+            ("val_inputs", self.val_inputs <= val_pairs, f"at most {val_pairs} (the run's validation pairs)"),
+            ("train_inputs", self.train_inputs <= train_pairs, f"at most {train_pairs} (the run's training pairs)"),
+            ("data_inputs", self.data_inputs <= val_pairs, f"at most {val_pairs} (the run's validation pairs)"),
+            ("key_frequencies", self.key_frequencies <= p // 2,
+             f"at most {p // 2} (the non-constant frequencies of residues mod {p})"),
         ))
 
 
@@ -296,7 +308,7 @@ def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, 
     if replay is None and tiles:  # whole phases: one pass with a step bin per phase
         cube = explain(history, model, x, y, keep=("step", "train", "test"), outputs="true", step_bins=edges,
                        check_updates=False, **options)
-        return cube.assign(carried=xr.zeros_like(cube["regularization"])).drop_vars(["update_residual", "history_step"])
+        return cube.assign(carried=xr.zeros_like(cube["regularization"])).drop_vars([*PER_HISTORY_STEP, "history_step"])
     parts = []
     for start, stop in windows:
         steps = None if (start, stop) == (0, history.n_steps) else (start, stop)
@@ -304,7 +316,7 @@ def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, 
                        replay=replay if start > 0 else None, check_updates=False, **options)
         if "carried" not in cube:  # replayed from step 0: nothing carried
             cube["carried"] = xr.zeros_like(cube["regularization"])
-        parts.append(cube.drop_vars(["update_residual", "history_step"]).expand_dims(step=[start])
+        parts.append(cube.drop_vars([*PER_HISTORY_STEP, "history_step"]).expand_dims(step=[start])
                      .assign_coords(step_stop=("step", [stop])))
     merged = xr.concat(parts, dim="step", combine_attrs="drop_conflicts")
     worst = max(parts, key=lambda c: c.attrs["relative_residual"])

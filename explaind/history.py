@@ -417,24 +417,28 @@ class Recorder:
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
                 f"{len(targets)} targets: pass one dataset index per row of the batch"
             )
-        self._refuse_another_class_for_a_seen_index(indices, targets)
+        self._declare(indices, targets, self.step)
         self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
+
+    def _declare(self, indices: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        """Note the dataset indices of step `step`'s batch, and the class each was declared with."""
+        self._refuse_another_class_for_a_seen_index(indices, targets, step)
         self._seen.update(indices.tolist())
 
-    def _refuse_another_class_for_a_seen_index(self, indices: torch.Tensor, targets: torch.Tensor) -> None:
+    def _refuse_another_class_for_a_seen_index(self, indices: torch.Tensor, targets: torch.Tensor, step: int) -> None:
         """An index names one sample of the dataset: declared again with another class, it is
         not a dataset index (a row's position in its batch, say), and the train dim would mix
-        samples. Checked for class targets, over the steps this Recorder saw. (A dict lookup
-        per row: 1.7 ms for 4,000 rows, where a sort-and-search in torch took 6.5 ms in its
-        twenty small ops, both on a busy 2-core CPU.)"""
+        samples. Checked for class targets, over every step of the run (a resumed Recorder reads
+        those of the killed one). (A dict lookup per row: 1.7 ms for 4,000 rows, where a
+        sort-and-search in torch took 6.5 ms in its twenty small ops, both on a busy 2-core CPU.)"""
         if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
             return
         new: dict[int, tuple[int, int]] = {}  # kept only if the whole batch passes
         for index, target in zip(indices.tolist(), targets.tolist()):
-            first = self._class_of.get(index) or new.setdefault(index, (target, self.step))
+            first = self._class_of.get(index) or new.setdefault(index, (target, step))
             if first[0] != target:
                 raise InputError(
-                    f"batch() declares dataset index {index} with target {target} at step {self.step}, "
+                    f"batch() declares dataset index {index} with target {target} at step {step}, "
                     f"but step {first[1]} declared it with target {first[0]}: an index names one sample "
                     "of the dataset. Fix: pass each row's index in the dataset (e.g. from a Dataset whose "
                     "__getitem__ returns it), not its position in the batch"
@@ -760,7 +764,9 @@ class Recorder:
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
         recorder._scheduler_steps_vary = info.get("scheduler_steps_vary", False)
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
-        recorder._seen = set(history.train_indices().tolist())
+        for s in range(step):  # the killed run's batches: the indices it saw, and the class of each
+            batch = history._step_tensors(s)
+            recorder._declare(batch["batch/indices"], batch["batch/targets"], s)
         return recorder
 
 

@@ -35,12 +35,7 @@ def update_miss(k: StepCoefficients, delta: torch.Tensor, modelled: torch.Tensor
     coordinate whose gradient is zero but for float32 rounding (the key bias of attention, which
     softmax ignores) moves by rounding noise scaled up to the learning rate: no recomputation
     reproduces that noise, and it moves no output. Divided by P it is the rounding it came from."""
-    return _absolute_miss(k, delta, modelled) / _step_size(k, delta)
-
-
-def _absolute_miss(k: StepCoefficients, delta: torch.Tensor, modelled: torch.Tensor) -> torch.Tensor:
-    """max_j |Δθ_j + η_j m_j| / P_j, the numerator of `update_miss`."""
-    return ((delta + k.eta * modelled) / k.precond).abs().max()
+    return ((delta + k.eta * modelled) / k.precond).abs().max() / _step_size(k, delta)
 
 
 def _step_size(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
@@ -48,33 +43,37 @@ def _step_size(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
     return (delta / k.precond).abs().max().clamp_min(torch.finfo(delta.dtype).tiny)
 
 
+def rounding_eps(history: History, flat: FlatModel) -> float:
+    """ε of the coarser of the stored θ and the computation."""
+    return max(torch.finfo(history.dtype).eps, torch.finfo(flat.dtype).eps)
+
+
+def rounding_floor(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """The update residual that storing θ allows at a step, in the units of `update_miss`:
+    4 ε max_j max(|θ_j|, |θ_j + Δθ_j|) / P_j over max_j |Δθ_j| / P_j.
+
+    θ_{s+1} is rounded to the history's dtype (AdamW rounds it twice, after the decay and after
+    the step), so the recorded Δθ_s carries errors up to ~ε |θ| however exactly the update is
+    modelled. Relative to a small update (a learning rate decayed by orders of magnitude) that
+    exceeds any fixed tolerance."""
+    largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
+    return 4 * eps * largest / _step_size(k, delta)
+
+
 def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None,
                      replay_start: int = 0, momentum: torch.Tensor | None = None,
-                     batch_rows: int | None = None) -> np.ndarray:
+                     batch_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per step: the relative miss of the modelled update η_s(Σ_k u_{s,k} + r_s) on the recorded
-    −Δθ_s (`update_miss`).
+    −Δθ_s (`update_miss`), and its `rounding_floor`.
 
     steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
     buffer m_{replay_start − 1}; None: zero, from step 0)."""
-    out = np.zeros(history.n_steps)
-    for s, residual, _ in _update_checks(history, flat, loss, steps, replay_start, momentum, batch_rows):
-        out[s] = residual
-    return out
-
-
-def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start, momentum, batch_rows=None):
-    """(step, relative update residual, its rounding floor) for each checked step.
-
-    The floor is what storing θ allows: θ_{s+1} is rounded to the history's dtype (AdamW
-    rounds it twice, after the decay and after the step), so the recorded Δθ_s carries errors
-    up to ~ε |θ| however exactly the update is modelled. Relative to a small update (a learning
-    rate decayed by orders of magnitude) that exceeds any fixed tolerance. It is measured in the
-    units of `update_miss`: 4 ε max_j |θ_j| / P_j over max_j |Δθ_j| / P_j."""
+    residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
     groups = group_index(history, flat)
-    eps = max(torch.finfo(history.dtype).eps, torch.finfo(flat.dtype).eps)
+    eps = rounding_eps(history, flat)
     start, stop = steps or (0, history.n_steps)
     for rec in history.steps(replay_start, stop):
         theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
@@ -86,9 +85,9 @@ def _update_checks(history: History, flat: FlatModel, loss, steps, replay_start,
                                 batch_rows)
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
-            largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
-            size = _step_size(k, delta)  # both in the units of update_miss
-            yield rec.step, (_absolute_miss(k, delta, modelled) / size).item(), (4 * eps * largest / size).item()
+            residuals[rec.step] = update_miss(k, delta, modelled).item()
+            floors[rec.step] = rounding_floor(k, theta, delta, eps).item()
+    return residuals, floors
 
 
 def verify_updates(
@@ -113,9 +112,7 @@ def verify_updates(
     check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
-    for s, residual, floor in _update_checks(history, flat, recorded_loss(history.loss, loss), None, 0, None):
-        residuals[s], floors[s] = residual, floor
+    residuals, floors = update_residuals(history, flat, recorded_loss(history.loss, loss))
     if tolerance is None:
         tolerance = 1e-10 if history.dtype == torch.float64 else 1e-4
     allowed = np.maximum(tolerance, floors)

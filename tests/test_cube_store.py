@@ -81,9 +81,12 @@ def test_only_a_store_save_cube_wrote_is_replaced(cube, tmp_path):
     (tmp_path / "folder.zarr").mkdir()
     other = xr.Dataset({"a": ("x", np.arange(3.0))})  # another program's zarr store: a .zgroup too
     other.to_zarr(tmp_path / "other.zarr", zarr_format=2, consolidated=False)
-    for target in ("file.zarr", "folder.zarr", "other.zarr"):
-        with pytest.raises(FileExistsError, match="(?s)not a store save_cube wrote.*another path"):
+    for target in ("file.zarr", "folder.zarr"):
+        with pytest.raises(FileExistsError, match="(?s)not a store save_cube wrote.*remove it yourself.*another path"):
             ex.save_cube(cube, tmp_path / target, overwrite=True)
+    with pytest.raises(FileExistsError, match="(?s)zarr store without the attribute.*another program.*older "
+                                              "explaind.*remove it yourself.*another path"):
+        ex.save_cube(cube, tmp_path / "other.zarr", overwrite=True)
     assert (tmp_path / "file.zarr").read_text() == "not a cube"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "folder.zarr", "other.zarr"]
     xr.testing.assert_identical(xr.open_zarr(tmp_path / "other.zarr", consolidated=False).load(), other)

@@ -395,6 +395,22 @@ def test_the_config_refuses_retraining_variants_before_the_stage_starts(variants
         grokking.GrokkingConfig(retrain_variants=variants)
 
 
+@pytest.mark.parametrize("p", [23, 24])
+def test_the_config_refuses_counts_beyond_the_run(p):
+    """Slicing would cap them silently: 12 validation pairs asked, 10 explained."""
+    nonconstant = len(grokking.fourier_power(np.random.default_rng(0).normal(size=(p, 3)))) - 1
+    config = grokking.GrokkingConfig(val_inputs=10, train_inputs=20, data_inputs=10, key_frequencies=nonconstant)
+    config.check_run(p, train_pairs=20, val_pairs=10)
+    assert len(set(grokking.key_frequencies(np.arange(nonconstant + 1.0), nonconstant))) == nonconstant
+    for key, value, rule in (("val_inputs", 11, "at most 10 .the run's validation pairs"),
+                             ("train_inputs", 21, "at most 20 .the run's training pairs"),
+                             ("data_inputs", 11, "at most 10 .the run's validation pairs"),
+                             ("key_frequencies", nonconstant + 1, f"at most {nonconstant} .the non-constant")):
+        with pytest.raises(InputError, match=f"(?s)grokking.{key} is {value}, but it must be {rule}.*Fix: set "
+                                             f"grokking.{key}"):
+            dataclasses.replace(config, **{key: value}).check_run(p, train_pairs=20, val_pairs=10)
+
+
 def test_retraining_refuses_bad_requests(tiny_run):
     history, _ = tiny_run
     with pytest.raises(InputError, match="unknown retraining variant 'pipe'"):

@@ -646,6 +646,30 @@ def test_batch_positions_declared_as_dataset_indices_are_refused(tmp_path):
     assert ex.History(tmp_path / "h").n_steps == 3
 
 
+def test_a_resumed_recorder_knows_the_classes_the_killed_run_declared(tmp_path):
+    """The killed run declared index 0 with class y[0] at step 0; after the resume, position 0
+    declared with another class is refused, naming that step."""
+    x, y = tiny_data(12)
+    assert y[5] != y[0]
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 8, crash_at=1)  # indices 0-3, then 4-7
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ex.Recorder.resume(tmp_path / "h", model, optimizer) as rec:
+        assert rec.step == 2
+        r = torch.tensor([5, 2, 7, 9])
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[r]), y[r]).backward()
+        with pytest.raises(ex.InputError, match=f"(?s)index 0 with target {y[5]} at step 2.*step 0 declared it "
+                                                f"with target {y[0]}.*Fix"):
+            rec.batch(torch.arange(4), x[r], y[r])
+        rec.batch(r, x[r], y[r])
+        optimizer.step()
+    assert ex.History(tmp_path / "h").train_indices().tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+
+
 def test_int32_class_targets_are_recorded_and_explained(tmp_path):
     x, y = tiny_data()
     model = tiny()

@@ -237,14 +237,19 @@ def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_pat
             F.cross_entropy(model(x), y).backward()
             rec.batch(torch.arange(len(x)), x, y)
             optimizer.step()
-    with pytest.raises(ex.ReconstructionError, match=says("zero_grad()", "update_residual per step")) as error:
+    with pytest.raises(ex.ReconstructionError, match=says("zero_grad()", "update_rounding_floor per step")) as error:
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
     number = r"([0-9.]+e[+-][0-9]+)"
-    relative, largest, change, through_updates, through_path = map(float, re.search(
+    relative, largest, change, through_updates, step, update, floor, through_path = map(float, re.search(
         f"misses {number} of the largest output change \\(max \\|residual\\| {number} of a change of {number};"
-        f".*up to {number} is missed through the recorded updates.*up to {number} by the path integral",
+        f".*up to {number} is missed through the recorded updates differing from the modelled ones \\(step ([0-9]+)'s update residual is {number}, "
+        f"where the rounding of the stored parameters allows {number}\\).*up to {number} by the path integral",
         str(error.value), re.S).groups())
     assert relative == pytest.approx(largest / change, rel=1e-2) and through_path < through_updates <= 2 * relative
+    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, tolerance=None)
+    above = (cube["update_residual"] / cube["update_rounding_floor"]).values  # step 0 had fresh gradients
+    assert step == int(above.argmax()) in (1, 2) and float(above[0]) < 1
+    assert update == pytest.approx(float(cube["update_residual"][int(step)]), rel=1e-2) and update > 1e-3 > floor
 
     model = WithModule(nn.Tanh()).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

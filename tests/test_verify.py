@@ -39,6 +39,7 @@ def test_a_decayed_learning_rate_is_not_mistaken_for_a_mismatch(tmp_path):
     model = record(tmp_path / "h")
     residuals = ex.verify_updates(tmp_path / "h", model)
     history = ex.History(tmp_path / "h")
+    floors = []
     for rec, residual in zip(history.steps(), residuals):
         theta, after = (history.layout.flatten(p).double() for p in (rec.before, rec.after))
         group = rec.groups[0]
@@ -46,9 +47,21 @@ def test_a_decayed_learning_rate_is_not_mistaken_for_a_mismatch(tmp_path):
         v = history.layout.flatten(rec.second_moment).double()
         precond = 1 / ((v / (1 - beta2 ** group["t"])).sqrt() + group["eps"])
         largest = (torch.maximum(theta.abs(), after.abs()) / precond).max()
-        floor = 4 * torch.finfo(torch.float64).eps * largest / ((after - theta) / precond).abs().max()
-        assert residual <= floor
+        floors.append(float(4 * torch.finfo(torch.float64).eps * largest / ((after - theta) / precond).abs().max()))
+        assert residual <= floors[-1]
     assert residuals[:2].max() < 1e-13 and residuals[-1] > 1e-10
+    assert floors[-1] > 1e4 * floors[0]  # it grows as the schedule shrinks the updates
+
+    # the cube stores both, from the pass over the steps and from the replay of a window's momentum
+    x, y, _, _ = make_data("mlp", 16, 0, 0)
+    whole = ex.explain(tmp_path / "h", model, x[:2], y[:2], keep=("step",), progress=False, tolerance=None)
+    window = ex.explain(tmp_path / "h", model, x[:2], y[:2], keep=("train",), steps=(4, 12), progress=False,
+                        tolerance=None)
+    np.testing.assert_allclose(whole["update_rounding_floor"].values, floors, rtol=1e-9)
+    np.testing.assert_allclose(whole["update_residual"].values, residuals, rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(window["update_rounding_floor"].values, [0] * 4 + floors[4:], rtol=1e-9)
+    unchecked = ex.explain(tmp_path / "h", model, x[:2], y[:2], keep=("step",), progress=False, check_updates=False)
+    assert np.isnan(unchecked["update_rounding_floor"].values).all()
 
 
 def test_a_real_mismatch_at_a_small_learning_rate_still_fails(tmp_path):
