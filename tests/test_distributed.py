@@ -42,7 +42,7 @@ def free_port() -> str:
 def assert_same_cube(merged, single):
     change = float(np.abs(single["final"] - single["initial"]).max())
     for name in ("attribution", "regularization", "initial", "final", "residual", "residual_from_updates",
-                 "update_residual"):
+                 "update_residual", "update_rounding_floor"):
         a, b = merged[name], single[name].transpose(*merged[name].dims)
         # residuals are rounding-sized themselves: compare them at the scale of the change
         scale = {"residual": change, "residual_from_updates": change, "update_residual": 1.0}.get(
@@ -155,16 +155,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(run, split, tmp_path, com
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part-0000{r}.zarr" for r in range(3)]
 
 
-@pytest.mark.parametrize("change", ["quadrature", "inputs", "n_parts"])
+@pytest.mark.parametrize("change", ["quadrature", "inputs", "n_parts", "history"])
 def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_parts):
     parts_dir = tmp_path / "parts"
     explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, **OPTIONS)
     stored = files_on_disk(parts_dir)
     inputs = run.test_x.flip(0) if change == "inputs" else run.test_x
     options = {**OPTIONS, "quadrature": 4} if change == "quadrature" else OPTIONS
+    path = run.path
+    if change == "history":  # the same model and steps, trained from another seed
+        case = Case(model=run.case.model, opt=run.case.opt, steps=7, n_test=5, seed=1)
+        path = train(case, tmp_path / "other").path
     computed_parts.clear()
     with pytest.raises(ex.InputError, match="(?s)part-00000.zarr.*different request.*new parts_dir"):
-        explain_resumable(run.path, run.model, inputs, parts_dir=parts_dir, n_parts=3 if change == "n_parts" else 2,
+        explain_resumable(path, run.model, inputs, parts_dir=parts_dir, n_parts=3 if change == "n_parts" else 2,
                           **options)
     assert computed_parts == []  # refused before any compute
     assert files_on_disk(parts_dir) == stored  # nothing overwritten

@@ -332,6 +332,17 @@ def test_output_selections_match_brute_force(runs, references, convention):
     assert np.abs(chosen["residual"].values - residual).max() <= 1e-12 * np.abs(change).max()
 
 
+def test_a_module_prefix_ends_at_a_dot():
+    """"mlp" names the module mlp and what it holds, not the module mlp_out beside it."""
+    from explaind.components import group_tensors
+
+    names = ["mlp.fc.weight", "mlp.fc.bias", "mlp_out.weight", "mlp_outer.weight"]
+    grouped = group_tensors(names, {"a": ["mlp"], "b": ["mlp_out."], "c": ["mlp_outer.weight"]})
+    assert grouped == {"a": ["mlp.fc.weight", "mlp.fc.bias"], "b": ["mlp_out.weight"], "c": ["mlp_outer.weight"]}
+    with pytest.raises(ex.InputError, match="'mlp_out.weight' is in no component"):
+        group_tensors(names, {"a": ["mlp"], "c": ["mlp_outer.weight"]})
+
+
 def test_component_groupings_match_brute_force(runs, references):
     run = runs.get(BRUTE["sgd_momentum"])
     ref = references(run)

@@ -412,6 +412,25 @@ def test_no_pickle_in_the_history(tmp_path):
         assert not head.startswith(b"PK"), f"{f} looks like a torch.save zip archive"
 
 
+def test_the_fingerprint_covers_every_step(tmp_path):
+    """Two runs alike but for their last step's learning rate: a cube of one must not cite the other."""
+    x, y = tiny_data()
+    histories = []
+    for last_lr in (0.1, 0.2):
+        model = tiny()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with ex.Recorder(tmp_path / f"lr{last_lr}", model, optimizer) as rec:
+            optimizer.param_groups[0]["lr"] = 0.1
+            sgd_steps(rec, model, optimizer, x, y, 0, 2)
+            optimizer.param_groups[0]["lr"] = last_lr
+            sgd_steps(rec, model, optimizer, x, y, 2, 3)
+        histories.append(ex.History(tmp_path / f"lr{last_lr}"))
+    same, other = histories
+    assert [line["sha256"] for line in same.manifest[:2]] == [line["sha256"] for line in other.manifest[:2]]
+    assert same.manifest[2]["sha256"] != other.manifest[2]["sha256"]
+    assert same.fingerprint() != other.fingerprint()
+
+
 def test_refuses_to_overwrite_a_history(tmp_path):
     run = train(Case("mlp", "sgd", steps=2), tmp_path / "h")
     before = ex.History(run.path).fingerprint()

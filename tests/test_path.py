@@ -19,6 +19,7 @@ import explaind as ex
 from explaind.cube import residual_attrs
 from explaind.functional import FlatModel, layout_of
 from explaind.path import PathIntegral, _Intervals
+from explaind.quadrature import nodes
 from explaind.verify import residual_to_gap, restricted, with_refined
 from engine_cases import Case, train
 
@@ -53,6 +54,24 @@ def integral(poly, pieces) -> float:
     """∫ of a numpy polynomial over a list of (start, stop) pieces."""
     anti = np.polynomial.Polynomial(poly).integ()
     return sum(anti(b) - anti(a) for a, b in pieces)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_the_quadrature_rules_integrate_monomials_as_derived_by_hand(n):
+    """On [0, 1], n Gauss–Legendre nodes integrate t^k exactly up to k = 2n − 1 and miss t^2n by
+    (n!)^4 / ((2n + 1) ((2n)!)^2); the midpoint rule puts its nodes at (i + ½)/n with weights 1/n
+    and integrates t² to 1/3 − 1/(12 n²)."""
+    from math import factorial
+
+    t, w = nodes(n, "gauss")
+    for k in range(2 * n):
+        assert float(w @ t**k) == pytest.approx(1 / (k + 1), rel=1e-13, abs=1e-15)
+    missed = factorial(n) ** 4 / ((2 * n + 1) * factorial(2 * n) ** 2)
+    assert 1 / (2 * n + 1) - float(w @ t ** (2 * n)) == pytest.approx(missed, rel=1e-9)
+    t, w = nodes(n, "midpoint")
+    np.testing.assert_allclose(t, (np.arange(n) + 0.5) / n, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(w, np.full(n, 1 / n), rtol=1e-15)
+    assert float(w @ t**2) == pytest.approx(1 / 3 - 1 / (12 * n**2), rel=1e-13)
 
 
 def test_a_relu_input_that_crosses_zero_twice_in_one_step():

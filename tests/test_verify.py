@@ -94,30 +94,45 @@ def test_restricted_and_with_refined_refuse_tests_they_cannot_select(short_run):
         with_refined(rec, restricted(rec, [0]), [5])
 
 
+def record_raised_gradient(path, raise_by: float) -> torch.nn.Module:
+    """Two float64 SGD steps; step 0's first gradient entry is raised by `raise_by` (undeclared)."""
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, _, _ = make_data("mlp", 16, 0, 0)
+    with ex.Recorder(path, model, optimizer, check_every=10**6) as rec:
+        for s in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if s == 0:
+                next(model.parameters()).grad.view(-1)[0] += raise_by
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    return model
+
+
 def test_tolerance_zero_allows_only_the_rounding_and_nonsense_tolerances_are_refused(tmp_path):
     """README: a step fails when it misses by more than `tolerance` and by more than the rounding
     allows. A gradient entry raised by 1e-12 at step 0 of a float64 SGD run (undeclared) misses by
     ~1e-11 of the update: within the default (1e-10), beyond the rounding floor, so tolerance=0
     must catch it (it used to be read as "unset"); a NaN tolerance used to pass every step."""
-    model = Case("mlp").fresh_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y, _, _ = make_data("mlp", 16, 0, 0)
-    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=10**6) as rec:
-        for s in range(2):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            if s == 0:
-                next(model.parameters()).grad.view(-1)[0] += 1e-12
-            rec.batch(torch.arange(len(x)), x, y)
-            optimizer.step()
+    model = record_raised_gradient(tmp_path / "h", 1e-12)
     residuals = ex.verify_updates(tmp_path / "h", model)
     theta = [ex.History(tmp_path / "h").flat_params(s).double() for s in (0, 1)]
     change = (theta[1] - theta[0]).abs().max()
-    floor = 4 * torch.finfo(torch.float64).eps * max(theta[0].abs().max(), theta[1].abs().max()) / change
+    floor = float(4 * torch.finfo(torch.float64).eps * max(theta[0].abs().max(), theta[1].abs().max()) / change)
     assert float(residuals[0]) == pytest.approx(0.1 * 1e-12 / float(change), rel=0.05)
     assert floor < residuals[0] < 1e-10 and residuals[1] < floor
-    with pytest.raises(ex.ReconstructionError, match=r"step 0's recorded update .* \(tolerance 0e\+00;"):
+    with pytest.raises(ex.ReconstructionError, match=rf"step 0's recorded update .* \(tolerance 0e\+00; the rounding "
+                                                     rf"of the stored parameters allows {floor:.0e} there\)"):
         ex.verify_updates(tmp_path / "h", model, tolerance=0)
+    # the bound is the floor itself, not a multiple of it: 3 floors are refused, half a floor passes
+    for times in (3, 0.5):
+        model = record_raised_gradient(tmp_path / f"h{times}", 1e-12 * times * floor / residuals[0])
+        if times > 1:
+            with pytest.raises(ex.ReconstructionError, match="step 0's recorded update"):
+                ex.verify_updates(tmp_path / f"h{times}", model, tolerance=0)
+        else:
+            assert ex.verify_updates(tmp_path / f"h{times}", model, tolerance=0)[0] < floor
     for bad in (float("nan"), -1e-3, "1e-3", True):
         with pytest.raises(ex.InputError, match=rf"tolerance={bad!r} must be a number ≥ 0 \(None: 1e-10"):
             ex.verify_updates(tmp_path / "h", model, tolerance=bad)
