@@ -217,6 +217,11 @@ def test_detect_phases_and_the_paper_findings_on_synthetic_shares():
     assert "3 switches" in findings.loc[1, "ours"]
     reversed_decay = pd.Series(0.2 - decay.to_numpy(), index=decay.index)
     assert grokking.paper_findings(phases, leaders, reversed_decay)["holds"].tolist() == [True, True, True, False]
+    # phase 2 (bins 3-6) swings 0.49 / 0.54: mean 0.515, standard deviation 0.025
+    for phase_3, holds in ((0.53, False), (0.545, True)):
+        noisy = pd.Series([0.3] * 3 + [0.49, 0.54] * 2 + [phase_3] * 3, index=decay.index)
+        row = grokking.paper_findings(phases, leaders, noisy).loc[3]
+        assert row["holds"] == holds and row["ours"] == f"decay share 0.515 in phase 2 (its bins spread ±0.025), {phase_3:.3f} in phase 3"
     with pytest.raises(InputError, match="step_stop"):
         grokking.detect_phases(shares.drop_vars("step_stop"), 3)
 
