@@ -8,8 +8,9 @@ the finished parts back and computes only the missing ones; the cube equals the 
 uninterrupted call returns, exactly.
 
 Each part records a fingerprint of its request: the history, the model's class, the inputs,
-the targets and every option that changes the result. A part stored for another request is
-refused with an error, never reused and never overwritten.
+the targets, every option that changes the result and the format of a part. A part stored for
+another request, or by an explaind whose parts hold other variables, is refused with an error,
+never reused and never overwritten.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from .distributed import PART_ATTR, REQUEST_ATTR, SPLITS, explain_shard, merge, 
 from .engine import check_residual
 from .errors import InputError
 from .history import History
+
+# Raised whenever explain()'s cube gains or loses a variable: a part stored by an explaind of
+# another format cannot be merged with new ones (2: update_rounding_floor)
+PART_FORMAT = 2
 
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another
@@ -89,8 +94,8 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
     if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
         raise InputError(
             f"{path} holds a part computed for a different request (another history, model, "
-            "inputs, targets, split, n_parts / number of processes or explain option): it is "
-            "neither reused nor overwritten. Pass a new parts_dir, or delete the old parts to "
+            "inputs, targets, split, n_parts / number of processes or explain option, or an "
+            "explaind whose parts hold other variables): it is neither reused nor overwritten. Pass a new parts_dir, or delete the old parts to "
             "recompute them"
         )
     return True
@@ -102,6 +107,7 @@ def request_fingerprint(history: History, model: torch.nn.Module, inputs, target
         options = {**options, "components": group_tensors(history.layout.names, options["components"])}
     described = {
         "history": history.fingerprint(),
+        "part_format": PART_FORMAT,
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "inputs": inputs,
         "targets": targets,

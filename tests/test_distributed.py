@@ -155,10 +155,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(run, split, tmp_path, com
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part-0000{r}.zarr" for r in range(3)]
 
 
-@pytest.mark.parametrize("change", ["quadrature", "inputs", "n_parts", "history"])
-def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_parts):
+@pytest.mark.parametrize("change", ["quadrature", "inputs", "n_parts", "history", "part_format"])
+def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_parts, monkeypatch):
     parts_dir = tmp_path / "parts"
+    current = resumable.PART_FORMAT
+    if change == "part_format":  # stored by an explaind whose parts held other variables
+        monkeypatch.setattr(resumable, "PART_FORMAT", current - 1)
     explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, **OPTIONS)
+    monkeypatch.setattr(resumable, "PART_FORMAT", current)
     stored = files_on_disk(parts_dir)
     inputs = run.test_x.flip(0) if change == "inputs" else run.test_x
     options = {**OPTIONS, "quadrature": 4} if change == "quadrature" else OPTIONS

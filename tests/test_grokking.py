@@ -402,7 +402,7 @@ def test_the_config_refuses_retraining_variants_before_the_stage_starts(variants
 
 @pytest.mark.parametrize("p", [23, 24])
 def test_the_config_refuses_counts_beyond_the_run(p):
-    """Slicing would cap them silently: 12 validation pairs asked, 10 explained."""
+    """Slicing would cap them silently: 11 validation pairs asked, 10 explained."""
     nonconstant = len(grokking.fourier_power(np.random.default_rng(0).normal(size=(p, 3)))) - 1
     config = grokking.GrokkingConfig(val_inputs=10, train_inputs=20, data_inputs=10, key_frequencies=nonconstant)
     config.check_run(p, train_pairs=20, val_pairs=10)
