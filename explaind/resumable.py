@@ -95,8 +95,8 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
         raise InputError(
             f"{path} holds a part computed for a different request (another history, model, "
             "inputs, targets, split, n_parts / number of processes or explain option, or an "
-            "explaind whose parts hold other variables): it is neither reused nor overwritten. Pass a new parts_dir, or delete the old parts to "
-            "recompute them"
+            "explaind whose parts hold other variables): it is neither reused nor overwritten. "
+            "Pass a new parts_dir, or delete the old parts to recompute them"
         )
     return True
 
