@@ -36,7 +36,7 @@ from .history import History, StepRecord, open_history
 from .losses import recorded_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
-from .verify import check_tolerance, rounding_eps, rounding_floor, update_miss
+from .verify import check_tolerance, rounding_eps, update_check
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -734,8 +734,7 @@ class ChunkPass:
         miss the rounding of the stored θ allows (left NaN: not checked: check_updates=False)."""
         if not self.req.check_updates:
             return
-        self.update_residual[s] = update_miss(k, delta, modelled).item()
-        self.update_rounding_floor[s] = rounding_floor(k, theta, delta, self.eps).item()
+        self.update_residual[s], self.update_rounding_floor[s] = update_check(k, theta, delta, modelled, self.eps)
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
         """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""
@@ -1016,9 +1015,9 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
                    f"parameters allows {floor[worst]:.0e})")
     if from_updates > path:
         fix = (f"The recorded updates are not those of the modelled optimizer on the declared batches: "
-               f"{UPDATE_MISS_CAUSES}. Compare update_residual with update_rounding_floor per step to find where it starts. Only if "
-               "the run is right and the miss is its own float32 rounding: explain with check_updates=False "
-               "and no train dim, which splits the recorded updates instead.")
+               f"{UPDATE_MISS_CAUSES}. Compare update_residual with update_rounding_floor per step to "
+               "find where it starts. Only if the run is right and the miss is its own float32 rounding: "
+               "explain with check_updates=False and no train dim, which splits the recorded updates instead.")
     else:
         fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
     raise ReconstructionError(
