@@ -36,7 +36,7 @@ from .history import History, StepRecord, open_history
 from .losses import recorded_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
 from .path import PathIntegral
-from .verify import check_tolerance, rounding_eps, rounding_floor, update_miss
+from .verify import check_tolerance, rounding_eps, update_check
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -128,7 +128,8 @@ def explain(
 
     Returns the attribution cube (DESIGN §3): `attribution` over the dims in `keep` (the
     others are summed while streaming), `regularization` (the weight-decay share), `initial`,
-    `final`, `residual`, `update_residual` and `residual_from_updates` (the part of the residual
+    `final`, `residual`, `update_residual` with its `update_rounding_floor` (what the rounding of
+    the stored θ allows it) and `residual_from_updates` (the part of the residual
     that the recorded updates' difference from the modelled ones causes; the rest is the path
     integral's error); with a bounded `replay`, also `carried` (below).
     Positive attribution raises the output.
@@ -161,7 +162,8 @@ def explain(
     runs over the test / output dims not in `keep` (the pruning importance: keep neither).
     check_updates: True recomputes every step's batch gradient and checks the modelled update
     against the recorded one (DESIGN §2, check 1; stored as update_residual). False, for a
-    history already checked with verify_updates, skips that check (update_residual NaN); a cube
+    history already checked with verify_updates, skips that check (update_residual and
+    update_rounding_floor NaN); a cube
     without a train dim then needs no gradient at all: the recorded update is split into its
     weight-decay part and the rest.
     tolerance: the largest output residual, relative to the largest change of an explained
@@ -629,8 +631,10 @@ class ChunkPass:
         # Σ_s φ_s·Δθ_s with the recorded updates: total misses it by what the modelled updates
         # miss (the update residual), the change misses it by the path integral's error
         self.path_change = torch.zeros_like(self.total)
-        self.update_residual = np.zeros(req.history.n_steps)
-        self.update_rounding_floor = np.zeros(req.history.n_steps)  # what the stored θ's rounding allows
+        # DESIGN §2 check 1 per step (0 outside the explained steps; NaN throughout when not checked)
+        unchecked = 0.0 if req.check_updates else np.nan
+        self.update_residual = np.full(req.history.n_steps, unchecked)
+        self.update_rounding_floor = np.full(req.history.n_steps, unchecked)  # what the stored θ's rounding allows
         self.eps = rounding_eps(req.history, req.flat)
         # without a train dim or parameter-wise scores, G_s is needed only along a few vectors
         self.by_directions = by_directions(req)
@@ -727,12 +731,10 @@ class ChunkPass:
     def record_update_check(self, s: int, k: StepCoefficients, modelled: torch.Tensor, theta: torch.Tensor,
                             delta: torch.Tensor) -> None:
         """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ, and the
-        miss the rounding of the stored θ allows (NaN: not checked: check_updates=False)."""
+        miss the rounding of the stored θ allows (left NaN: not checked: check_updates=False)."""
         if not self.req.check_updates:
-            self.update_residual[s] = self.update_rounding_floor[s] = np.nan
             return
-        self.update_residual[s] = update_miss(k, delta, modelled).item()
-        self.update_rounding_floor[s] = rounding_floor(k, theta, delta, self.eps).item()
+        self.update_residual[s], self.update_rounding_floor[s] = update_check(k, theta, delta, modelled, self.eps)
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
         """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""
@@ -918,8 +920,6 @@ class ChunkPass:
 
             self.update_residual, self.update_rounding_floor = update_residuals(
                 req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk)
-        elif self.first_train_chunk:
-            self.update_residual[:] = self.update_rounding_floor[:] = np.nan
 
     def sample_effects(self, rec: StepRecord, theta: torch.Tensor, effect: torch.Tensor):
         """effect [bins, rows, D] · w_k ∇ℓ_k for the chunk's training samples k of this step, per
@@ -1015,9 +1015,9 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
                    f"parameters allows {floor[worst]:.0e})")
     if from_updates > path:
         fix = (f"The recorded updates are not those of the modelled optimizer on the declared batches: "
-               f"{UPDATE_MISS_CAUSES}. Compare update_residual with update_rounding_floor per step to find where it starts. Only if "
-               "the run is right and the miss is its own float32 rounding: explain with check_updates=False "
-               "and no train dim, which splits the recorded updates instead.")
+               f"{UPDATE_MISS_CAUSES}. Compare update_residual with update_rounding_floor per step to "
+               "find where it starts. Only if the run is right and the miss is its own float32 rounding: "
+               "explain with check_updates=False and no train dim, which splits the recorded updates instead.")
     else:
         fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
     raise ReconstructionError(

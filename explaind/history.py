@@ -417,33 +417,17 @@ class Recorder:
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
                 f"{len(targets)} targets: pass one dataset index per row of the batch"
             )
-        self._declare(indices, targets, self.step)
-        self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
-
-    def _declare(self, indices: torch.Tensor, targets: torch.Tensor, step: int) -> None:
-        """Note the dataset indices of step `step`'s batch, and the class each was declared with."""
-        self._refuse_another_class_for_a_seen_index(indices, targets, step)
+        conflict = _class_conflict(self._class_of, indices, targets, self.step)
+        if conflict is not None:
+            index, target, (first_target, first_step) = conflict
+            raise InputError(
+                f"batch() declares dataset index {index} with target {target} at step {self.step}, "
+                f"but step {first_step} declared it with target {first_target}: an index names one sample "
+                "of the dataset. Fix: pass each row's index in the dataset (e.g. from a Dataset whose "
+                "__getitem__ returns it), not its position in the batch"
+            )
         self._seen.update(indices.tolist())
-
-    def _refuse_another_class_for_a_seen_index(self, indices: torch.Tensor, targets: torch.Tensor, step: int) -> None:
-        """An index names one sample of the dataset: declared again with another class, it is
-        not a dataset index (a row's position in its batch, say), and the train dim would mix
-        samples. Checked for class targets, over every step of the run (a resumed Recorder reads
-        those of the killed one). (A dict lookup per row: 1.7 ms for 4,000 rows, where a
-        sort-and-search in torch took 6.5 ms in its twenty small ops, both on a busy 2-core CPU.)"""
-        if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
-            return
-        new: dict[int, tuple[int, int]] = {}  # kept only if the whole batch passes
-        for index, target in zip(indices.tolist(), targets.tolist()):
-            first = self._class_of.get(index) or new.setdefault(index, (target, step))
-            if first[0] != target:
-                raise InputError(
-                    f"batch() declares dataset index {index} with target {target} at step {step}, "
-                    f"but step {first[1]} declared it with target {first[0]}: an index names one sample "
-                    "of the dataset. Fix: pass each row's index in the dataset (e.g. from a Dataset whose "
-                    "__getitem__ returns it), not its position in the batch"
-                )
-        self._class_of.update(new)
+        self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` over all trained parameters, recorded: call it in its
@@ -742,6 +726,7 @@ class Recorder:
         step = min(info["next_step"], history.n_steps)
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
+        seen, class_of = _declared_classes(history, step, path)
         _keep_manifest_lines(path, history.manifest[:step])
         history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
         tensors = _read_resume_tensors(path, info)
@@ -764,10 +749,47 @@ class Recorder:
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
         recorder._scheduler_steps_vary = info.get("scheduler_steps_vary", False)
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
-        for s in range(step):  # the killed run's batches: the indices it saw, and the class of each
-            batch = history._step_tensors(s)
-            recorder._declare(batch["batch/indices"], batch["batch/targets"], s)
+        recorder._seen, recorder._class_of = seen, class_of
         return recorder
+
+
+def _class_conflict(class_of: dict[int, tuple[int, int]], indices: torch.Tensor, targets: torch.Tensor,
+                    step: int) -> tuple[int, int, tuple[int, int]] | None:
+    """Add the classes of step `step`'s batch to `class_of` (dataset index: (class target, first
+    step)), or return the first (index, target, what was declared before) that contradicts it,
+    adding nothing. An index names one sample of the dataset: declared again with another class,
+    it is not a dataset index (a row's position in its batch, say), and the train dim would mix
+    samples. Only class targets are checked. (A dict lookup per row: 1.7 ms for 4,000 rows, where
+    a sort-and-search in torch took 6.5 ms in its twenty small ops, both on a busy 2-core CPU.)"""
+    if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+        return None
+    new: dict[int, tuple[int, int]] = {}
+    for index, target in zip(indices.tolist(), targets.tolist()):
+        first = class_of.get(index) or new.setdefault(index, (target, step))
+        if first[0] != target:
+            return index, target, first
+    class_of.update(new)
+    return None
+
+
+def _declared_classes(history: "History", stop: int, path: Path) -> tuple[set[int], dict[int, tuple[int, int]]]:
+    """The dataset indices that steps 0 … stop−1 declared, and the class of each (what a resumed
+    Recorder checks its new batches against)."""
+    seen: set[int] = set()
+    class_of: dict[int, tuple[int, int]] = {}
+    for s in range(stop):
+        batch = history._step_tensors(s)
+        conflict = _class_conflict(class_of, batch["batch/indices"], batch["batch/targets"], s)
+        if conflict is not None:
+            index, target, (first_target, first_step) = conflict
+            raise HistoryError(
+                f"{path}: step {s} declares dataset index {index} with target {target}, but step {first_step} "
+                f"with target {first_target}: the history's train dim mixes samples (recorded by an explaind "
+                "that did not check this yet). Fix: record the run again with overwrite=True, passing each "
+                "row's index in the dataset"
+            )
+        seen.update(batch["batch/indices"].tolist())
+    return seen, class_of
 
 
 def _read_resume_info(path: Path) -> dict:

@@ -309,7 +309,8 @@ def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def reduce_cube(cube: xr.Dataset, keep: tuple[str, ...]) -> xr.Dataset:
     """The cube summed over the attribution dims not in `keep` (weight decay likewise), with its
-    initial / final / residual / update_residual; the parameter scores are left out."""
+    initial / final / residual / update_residual / update_rounding_floor; the parameter scores
+    are left out."""
     out = cube.drop_vars([v for v in PARAMETER_SCORES if v in cube], errors="ignore")
     for name in ("attribution", "regularization", "carried"):
         if name not in cube:

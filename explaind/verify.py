@@ -2,7 +2,7 @@
 
 1. update reconstruction, in parameter space, at every step: the modelled optimizer applied
    to the recorded batch reproduces the recorded Δθ_s (independent of quadrature), measured in
-   the gradient's units (see `update_miss`);
+   the gradient's units (see `update_check`);
 2. output reconstruction of *all* outputs of many inputs: f(θ_N) − f(θ_0) against
    Σ_s φ_s·Δθ_s, by forward-mode JVPs along each segment (no per-sample split needed).
 """
@@ -26,21 +26,27 @@ from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coe
 from .path import PathIntegral
 
 
-def update_miss(k: StepCoefficients, delta: torch.Tensor, modelled: torch.Tensor) -> torch.Tensor:
-    """max_j |Δθ_j + η_j m_j| / P_j over max_j |Δθ_j| / P_j: how far the modelled update
-    −η(Σ_k u_k + r) = −η m misses the recorded Δθ_s, relative to the step.
+def update_check(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, modelled: torch.Tensor,
+                 eps: float) -> tuple[float, float]:
+    """DESIGN §2 check 1 at one step: how far the modelled update −η(Σ_k u_k + r) = −η m misses
+    the recorded Δθ_s, max_j |Δθ_j + η_j m_j| / P_j, and the miss that storing θ allows,
+    4 ε max_j max(|θ_j|, |θ_j + Δθ_j|) / P_j, both over the step, max_j |Δθ_j| / P_j.
 
-    Both are divided by the preconditioner P (1 for SGD; 1/(√v̂ + ε) for Adam), which puts the
-    miss in the gradient's units. Adam divides each gradient coordinate by its own size, so a
-    coordinate whose gradient is zero but for float32 rounding (the key bias of attention, which
-    softmax ignores) moves by rounding noise scaled up to the learning rate: no recomputation
-    reproduces that noise, and it moves no output. Divided by P it is the rounding it came from."""
-    return ((delta + k.eta * modelled) / k.precond).abs().max() / _step_size(k, delta)
+    Dividing by the preconditioner P (1 for SGD; 1/(√v̂ + ε) for Adam) puts the miss in the
+    gradient's units. Adam divides each gradient coordinate by its own size, so a coordinate
+    whose gradient is zero but for float32 rounding (the key bias of attention, which softmax
+    ignores) moves by rounding noise scaled up to the learning rate: no recomputation reproduces
+    that noise, and it moves no output. Divided by P it is the rounding it came from.
 
-
-def _step_size(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
-    """max_j |Δθ_j| / P_j, the scale of `update_miss`."""
-    return (delta / k.precond).abs().max().clamp_min(torch.finfo(delta.dtype).tiny)
+    The floor: θ_{s+1} is rounded to the history's dtype (AdamW rounds it twice, after the decay
+    and after the step), so the recorded Δθ_s carries errors up to ~ε |θ| however exactly the
+    update is modelled. Relative to a small update (a learning rate decayed by orders of
+    magnitude) that exceeds any fixed tolerance."""
+    size = (delta / k.precond).abs().max().clamp_min(torch.finfo(delta.dtype).tiny)
+    miss = ((delta + k.eta * modelled) / k.precond).abs().max()
+    largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
+    residual, floor = (torch.stack([miss, 4 * eps * largest]) / size).tolist()  # one device sync
+    return residual, floor
 
 
 def rounding_eps(history: History, flat: FlatModel) -> float:
@@ -48,23 +54,11 @@ def rounding_eps(history: History, flat: FlatModel) -> float:
     return max(torch.finfo(history.dtype).eps, torch.finfo(flat.dtype).eps)
 
 
-def rounding_floor(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """The update residual that storing θ allows at a step, in the units of `update_miss`:
-    4 ε max_j max(|θ_j|, |θ_j + Δθ_j|) / P_j over max_j |Δθ_j| / P_j.
-
-    θ_{s+1} is rounded to the history's dtype (AdamW rounds it twice, after the decay and after
-    the step), so the recorded Δθ_s carries errors up to ~ε |θ| however exactly the update is
-    modelled. Relative to a small update (a learning rate decayed by orders of magnitude) that
-    exceeds any fixed tolerance."""
-    largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
-    return 4 * eps * largest / _step_size(k, delta)
-
-
 def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None,
                      replay_start: int = 0, momentum: torch.Tensor | None = None,
                      batch_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per step: the relative miss of the modelled update η_s(Σ_k u_{s,k} + r_s) on the recorded
-    −Δθ_s (`update_miss`), and its `rounding_floor`.
+    −Δθ_s, and the miss the rounding of the stored θ allows (`update_check`).
 
     steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
@@ -85,8 +79,7 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
                                 batch_rows)
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
-            residuals[rec.step] = update_miss(k, delta, modelled).item()
-            floors[rec.step] = rounding_floor(k, theta, delta, eps).item()
+            residuals[rec.step], floors[rec.step] = update_check(k, theta, delta, modelled, eps)
     return residuals, floors
 
 
@@ -104,7 +97,7 @@ def verify_updates(
     Raises ReconstructionError if one exceeds both `tolerance` (default: 1e-10 for a float64
     history, 1e-4 for float32, whose own rounding of θ_{s+1} − θ_s is that large) and what
     the rounding of the stored θ allows at that step (4 ε max |θ| / max |Δθ_s|, both divided by
-    the preconditioner as in `update_miss`; it grows as a schedule shrinks the updates).
+    the preconditioner as in `update_check`; it grows as a schedule shrinks the updates).
     """
     from .engine import check_dtype
 

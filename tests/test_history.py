@@ -689,6 +689,35 @@ def test_a_resumed_recorder_knows_the_classes_the_killed_run_declared(tmp_path):
     assert ex.History(tmp_path / "h").train_indices().tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]
 
 
+def test_resuming_a_history_whose_steps_mix_classes_is_refused_before_anything_changes(tmp_path, monkeypatch):
+    """Recorded by an explaind that did not check the classes (the check switched off here): step 1
+    declares index 0 with another class than step 0. The resume names both steps, changes no file
+    and leaves no hook on the optimizer."""
+    import explaind.history as history_module
+
+    x, y = tiny_data(12)
+    assert y[4] != y[0]
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with monkeypatch.context() as unchecked:
+        unchecked.setattr(history_module, "_class_conflict", lambda *args: None)
+        with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            for step, rows in enumerate([torch.arange(4), torch.arange(4, 8)]):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[rows]), y[rows]).backward()
+                rec.batch(torch.arange(4), x[rows], y[rows])  # positions, not dataset indices
+                optimizer.step()
+            raise Crash("killed after step 1")
+    before = files_on_disk(tmp_path / "h")
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ex.HistoryError, match=f"(?s)step 1 declares dataset index 0 with target {y[4]}, but step 0 "
+                                              f"with target {y[0]}.*Fix: record the run again with overwrite=True"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer)
+    assert files_on_disk(tmp_path / "h") == before
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
 def test_int32_class_targets_are_recorded_and_explained(tmp_path):
     x, y = tiny_data()
     model = tiny()

@@ -60,8 +60,11 @@ def test_a_decayed_learning_rate_is_not_mistaken_for_a_mismatch(tmp_path):
     np.testing.assert_allclose(whole["update_rounding_floor"].values, floors, rtol=1e-9)
     np.testing.assert_allclose(whole["update_residual"].values, residuals, rtol=1e-6, atol=1e-15)
     np.testing.assert_allclose(window["update_rounding_floor"].values, [0] * 4 + floors[4:], rtol=1e-9)
-    unchecked = ex.explain(tmp_path / "h", model, x[:2], y[:2], keep=("step",), progress=False, check_updates=False)
-    assert np.isnan(unchecked["update_rounding_floor"].values).all()
+    for keep, steps in ((("step",), None), (("step",), (4, 12)), (("train",), (4, 12))):  # both passes, windows
+        unchecked = ex.explain(tmp_path / "h", model, x[:2], y[:2], keep=keep, steps=steps, progress=False,
+                               check_updates=False, tolerance=None)
+        for name in ("update_residual", "update_rounding_floor"):  # not checked anywhere: no step is 0
+            assert np.isnan(unchecked[name].values).all(), (keep, steps, name)
 
 
 def test_a_real_mismatch_at_a_small_learning_rate_still_fails(tmp_path):
