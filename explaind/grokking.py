@@ -616,35 +616,42 @@ def retraining_finding(summary: pd.DataFrame, max_steps: int) -> dict:
             "holds": bool(np.isfinite(median) and median <= PAPER_PIPELINE_STEPS)}
 
 
-def paper_findings(phases: pd.DataFrame, leaders: pd.Series, decay_share: pd.Series) -> pd.DataFrame:
+def _phase_rise(per_bin: xr.DataArray, phases: pd.DataFrame) -> tuple[float, float, float, bool]:
+    """Mean of a per-bin share over phase 2's bins and over phase 3's, phase 2's bin-to-bin spread
+    (standard deviation), and whether phase 3 exceeds phase 2 by more than that spread: a rise
+    within the noise is no finding, and neither is one whose noise is unknown (one bin)."""
+    phase = phase_of(per_bin["step"].values, phases)
+    second, third = per_bin.values[phase == 2], per_bin.values[phase == 3]
+    spread = float(second.std()) if len(second) > 1 else np.nan
+    rises = bool(np.isfinite(spread) and third.mean() - second.mean() > spread)
+    return float(second.mean()), float(third.mean()), spread, rises
+
+
+def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.DataArray) -> pd.DataFrame:
     """The paper's three phases (DESIGN §7) checked on detected phases: one row per claim with
-    what we measured and whether it holds. `leaders` and `decay_share` are per step bin (index:
-    bin start); phases must number at least three. Weight decay takes a larger share in phase 3
-    only if its mean there exceeds phase 2's by more than phase 2's bins spread (their standard
-    deviation): a rise within the bin-to-bin noise is no finding."""
+    what we measured and whether it holds. `shares` (step bin × component) and `decay_share` (per
+    step bin) are those the phases were detected on; phases must number at least three. A share
+    takes a larger part in phase 3 only if its mean over phase 3's bins exceeds that over phase 2's
+    by more than phase 2's bins spread (`_phase_rise`)."""
     if len(phases) < 3:
         raise InputError(f"the paper's findings concern three phases, got {len(phases)}: set phases to 3 or more")
-    bin_phase = phase_of(leaders.index, phases)
-    second = leaders[bin_phase == 2]
+    leaders = bin_leaders(shares)
+    second = leaders[phase_of(leaders.index, phases) == 2]
     pipeline_bins = second.isin(PIPELINE)
     switches = int((second[pipeline_bins] != second[pipeline_bins].shift()).sum() - 1) if pipeline_bins.any() else 0
-    outer = phases[[f"share_{c}" for c in OUTER]].sum(axis=1).to_numpy()
-    decay_phase = phase_of(decay_share.index, phases)
-    decay = [float(decay_share[decay_phase == n].mean()) for n in (2, 3)]
-    spread = float(decay_share[decay_phase == 2].std(ddof=0))
     first = phases.iloc[0]
-    return pd.DataFrame([
+    claims = [
         {"claim": "phase 1 (memorisation) is led by the unembedding",
          "ours": f"led by {first['leader']} (unembedding share {first['share_unembedding']:.2f})",
          "holds": first["leader"] == "unembedding"},
         {"claim": "phase 2: attention and the first MLP layer alternate in leading",
          "ours": f"they lead {int(pipeline_bins.sum())} of {len(second)} bins, {switches} switches between them",
          "holds": bool(pipeline_bins.mean() > 0.5 and second.isin(["attention"]).any()
-                       and second.isin(["mlp_in"]).any() and switches >= 1)},
-        {"claim": "phase 3: the outer layers take a larger share",
-         "ours": f"outer share {outer[1]:.2f} in phase 2, {outer[2]:.2f} in phase 3",
-         "holds": bool(outer[2] > outer[1])},
-        {"claim": "phase 3: weight decay takes a larger share",
-         "ours": f"decay share {decay[0]:.3f} in phase 2 (its bins spread ±{spread:.3f}), {decay[1]:.3f} in phase 3",
-         "holds": bool(decay[1] - decay[0] > spread)},
-    ])
+                       and second.isin(["mlp_in"]).any() and switches >= 1)}]
+    for claim, name, per_bin in (("the outer layers take", "outer share", shares.sel(component=list(OUTER)).sum("component")),
+                                 ("weight decay takes", "decay share", decay_share)):
+        before, after, spread, rises = _phase_rise(per_bin, phases)
+        noise = f"its bins spread ±{spread:.3f}" if np.isfinite(spread) else "one bin: its spread unknown"
+        claims.append({"claim": f"phase 3: {claim} a larger share",
+                       "ours": f"{name} {before:.3f} in phase 2 ({noise}), {after:.3f} in phase 3", "holds": rises})
+    return pd.DataFrame(claims)

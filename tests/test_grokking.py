@@ -211,17 +211,30 @@ def test_detect_phases_and_the_paper_findings_on_synthetic_shares():
     leaders = grokking.bin_leaders(shares)
     assert leaders.tolist()[3:7] == ["attention", "mlp_in", "attention", "mlp_in"]
     np.testing.assert_array_equal(grokking.phase_of([0, 29, 30, 69, 70, 1000], phases), [1, 1, 2, 2, 3, 3])
-    decay = pd.Series(np.r_[np.zeros(7), np.ones(3)] * 0.2, index=shares["step"].values)
-    findings = grokking.paper_findings(phases, leaders, decay)
+    decay = xr.DataArray(np.r_[np.zeros(7), np.ones(3)] * 0.2, dims="step", coords={"step": shares["step"]})
+    findings = grokking.paper_findings(phases, shares, decay)
     assert findings["holds"].tolist() == [True, True, True, True]
     assert "3 switches" in findings.loc[1, "ours"]
-    reversed_decay = pd.Series(0.2 - decay.to_numpy(), index=decay.index)
-    assert grokking.paper_findings(phases, leaders, reversed_decay)["holds"].tolist() == [True, True, True, False]
+    assert findings.loc[2, "ours"] == "outer share 0.300 in phase 2 (its bins spread ±0.000), 0.850 in phase 3"
+    assert grokking.paper_findings(phases, shares, 0.2 - decay)["holds"].tolist() == [True, True, True, False]
     # phase 2 (bins 3-6) swings 0.49 / 0.54: mean 0.515, standard deviation 0.025
     for phase_3, holds in ((0.53, False), (0.545, True)):
-        noisy = pd.Series([0.3] * 3 + [0.49, 0.54] * 2 + [phase_3] * 3, index=decay.index)
-        row = grokking.paper_findings(phases, leaders, noisy).loc[3]
+        noisy = decay.copy(data=[0.3] * 3 + [0.49, 0.54] * 2 + [phase_3] * 3)
+        row = grokking.paper_findings(phases, shares, noisy).loc[3]
         assert row["holds"] == holds and row["ours"] == f"decay share 0.515 in phase 2 (its bins spread ±0.025), {phase_3:.3f} in phase 3"
+    # the outer layers by the same rule: phase 2's outer share swings 0.25 / 0.35 (± 0.05 in the
+    # embedding, leaders unchanged); phase 3's (embedding e + 0.2) rises by 0.04 or by 0.06
+    for embedding, holds in ((0.14, False), (0.16, True)):
+        swinging = shares.copy()
+        swinging.loc[{"component": "embedding"}] = [0.1] * 3 + [0.05, 0.15] * 2 + [embedding] * 3
+        swinging.loc[{"component": "mlp_out"}] = [0.1] * 10
+        swinging.loc[{"component": "unembedding"}] = [0.6] * 3 + [0.1] * 7
+        row = grokking.paper_findings(phases, swinging, decay).loc[2]
+        assert row["holds"] == holds and row["ours"] == f"outer share 0.300 in phase 2 (its bins spread ±0.050), {embedding + 0.2:.3f} in phase 3"
+    # a phase 2 of one bin has no bin-to-bin spread to judge a rise by: neither rise holds
+    one_bin = grokking.paper_findings(phases.assign(start=[0, 60, 70]), shares, decay)
+    assert one_bin["holds"].tolist()[2:] == [False, False]
+    assert one_bin.loc[3, "ours"] == "decay share 0.000 in phase 2 (one bin: its spread unknown), 0.200 in phase 3"
     with pytest.raises(InputError, match="step_stop"):
         grokking.detect_phases(shares.drop_vars("step_stop"), 3)
 
