@@ -616,25 +616,42 @@ def retraining_finding(summary: pd.DataFrame, max_steps: int) -> dict:
             "holds": bool(np.isfinite(median) and median <= PAPER_PIPELINE_STEPS)}
 
 
-def _phase_rise(per_bin: xr.DataArray, phases: pd.DataFrame) -> tuple[float, float, float, bool]:
-    """Mean of a per-bin share over phase 2's bins and over phase 3's, phase 2's bin-to-bin spread
-    (standard deviation), and whether phase 3 exceeds phase 2 by more than that spread: a rise
-    within the noise is no finding, and neither is one whose noise is unknown (one bin)."""
+def _phase_rise(per_bin: xr.DataArray, phases: pd.DataFrame) -> tuple[float, float, float, int, bool]:
+    """A per-bin share's step-weighted mean over phase 2's bins and over phase 3's (as
+    detect_phases weighs them), phase 2's bin-to-bin spread (weighted standard deviation), its
+    bin count, and whether phase 3 exceeds phase 2 by more than that spread: a rise within the
+    noise is no finding, and neither is one whose noise is unknown (one bin). Bins without a
+    share (no change to share: NaN) are left out."""
+    per_bin = per_bin[np.isfinite(per_bin.values)]
     phase = phase_of(per_bin["step"].values, phases)
-    second, third = per_bin.values[phase == 2], per_bin.values[phase == 3]
-    spread = float(second.std()) if len(second) > 1 else np.nan
-    rises = bool(np.isfinite(spread) and third.mean() - second.mean() > spread)
-    return float(second.mean()), float(third.mean()), spread, rises
+    width = per_bin["step_stop"].values - per_bin["step"].values
+
+    def mean(values: np.ndarray, number: int) -> float:  # NaN for a phase without bins
+        chosen = phase == number
+        return float(np.average(values[chosen], weights=width[chosen])) if chosen.any() else np.nan
+
+    before, after = mean(per_bin.values, 2), mean(per_bin.values, 3)
+    bins = int((phase == 2).sum())
+    spread = float(np.sqrt(mean((per_bin.values - before) ** 2, 2))) if bins > 1 else np.nan
+    rises = bool(np.isfinite(spread) and after - before > spread)
+    return before, after, spread, bins, rises
 
 
 def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.DataArray) -> pd.DataFrame:
     """The paper's three phases (DESIGN §7) checked on detected phases: one row per claim with
     what we measured and whether it holds. `shares` (step bin × component) and `decay_share` (per
-    step bin) are those the phases were detected on; phases must number at least three. A share
-    takes a larger part in phase 3 only if its mean over phase 3's bins exceeds that over phase 2's
-    by more than phase 2's bins spread (`_phase_rise`)."""
+    step bin, the same bins) are those the phases were detected on; phases must number at least
+    three. A share takes a larger part in phase 3 only if its step-weighted mean there exceeds
+    phase 2's by more than phase 2's bins spread (`_phase_rise`)."""
     if len(phases) < 3:
         raise InputError(f"the paper's findings concern three phases, got {len(phases)}: set phases to 3 or more")
+    for name, array, dims in (("shares", shares, {"step", "component"}), ("decay_share", decay_share, {"step"})):
+        if not isinstance(array, xr.DataArray) or set(array.dims) != dims or "step_stop" not in array.coords:
+            raise InputError(f"{name} must be an xarray.DataArray over {sorted(dims)} with the bins' `step_stop` "
+                             f"coordinate, got {type(array).__name__}: pass influence."
+                             f"{'component_shares' if name == 'shares' else 'decay_share'}(cube) of the binned cube")
+    if not np.array_equal(shares["step"].values, decay_share["step"].values):
+        raise InputError("shares and decay_share cover different step bins: compute both from the same cube")
     leaders = bin_leaders(shares)
     second = leaders[phase_of(leaders.index, phases) == 2]
     pipeline_bins = second.isin(PIPELINE)
@@ -648,10 +665,10 @@ def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.D
          "ours": f"they lead {int(pipeline_bins.sum())} of {len(second)} bins, {switches} switches between them",
          "holds": bool(pipeline_bins.mean() > 0.5 and second.isin(["attention"]).any()
                        and second.isin(["mlp_in"]).any() and switches >= 1)}]
-    for claim, name, per_bin in (("the outer layers take", "outer share", shares.sel(component=list(OUTER)).sum("component")),
-                                 ("weight decay takes", "decay share", decay_share)):
-        before, after, spread, rises = _phase_rise(per_bin, phases)
-        noise = f"its bins spread ±{spread:.3f}" if np.isfinite(spread) else "one bin: its spread unknown"
+    outer = shares.sel(component=list(OUTER)).sum("component", skipna=False)
+    for claim, name, per_bin in (("the outer layers take", "outer share", outer), ("weight decay takes", "decay share", decay_share)):
+        before, after, spread, bins, rises = _phase_rise(per_bin, phases)
+        noise = f"its bins spread ±{spread:.3f}" if np.isfinite(spread) else f"{bins} bin(s): its spread unknown"
         claims.append({"claim": f"phase 3: {claim} a larger share",
                        "ours": f"{name} {before:.3f} in phase 2 ({noise}), {after:.3f} in phase 3", "holds": rises})
     return pd.DataFrame(claims)

@@ -211,7 +211,8 @@ def test_detect_phases_and_the_paper_findings_on_synthetic_shares():
     leaders = grokking.bin_leaders(shares)
     assert leaders.tolist()[3:7] == ["attention", "mlp_in", "attention", "mlp_in"]
     np.testing.assert_array_equal(grokking.phase_of([0, 29, 30, 69, 70, 1000], phases), [1, 1, 2, 2, 3, 3])
-    decay = xr.DataArray(np.r_[np.zeros(7), np.ones(3)] * 0.2, dims="step", coords={"step": shares["step"]})
+    decay = xr.DataArray(np.r_[np.zeros(7), np.ones(3)] * 0.2, dims="step",
+                         coords={"step": shares["step"], "step_stop": shares["step_stop"]})
     findings = grokking.paper_findings(phases, shares, decay)
     assert findings["holds"].tolist() == [True, True, True, True]
     assert "3 switches" in findings.loc[1, "ours"]
@@ -234,9 +235,34 @@ def test_detect_phases_and_the_paper_findings_on_synthetic_shares():
     # a phase 2 of one bin has no bin-to-bin spread to judge a rise by: neither rise holds
     one_bin = grokking.paper_findings(phases.assign(start=[0, 60, 70]), shares, decay)
     assert one_bin["holds"].tolist()[2:] == [False, False]
-    assert one_bin.loc[3, "ours"] == "decay share 0.000 in phase 2 (one bin: its spread unknown), 0.200 in phase 3"
+    assert one_bin.loc[3, "ours"] == "decay share 0.000 in phase 2 (1 bin(s): its spread unknown), 0.200 in phase 3"
     with pytest.raises(InputError, match="step_stop"):
         grokking.detect_phases(shares.drop_vars("step_stop"), 3)
+
+
+def test_the_paper_findings_weigh_bins_by_their_steps_and_leave_out_bins_without_a_share():
+    """Hand-derived: phase 2's decay shares 0.1, 0.9, 0.5 over 10, 10 and 80 steps (and a bin of
+    no change, NaN) have the step-weighted mean 0.5 and spread √0.032 = 0.179; phase 3's 0.4, 0.8
+    over 50 and 150 steps mean 0.7, a rise of 0.2 that exceeds it. Unweighted, the rise (0.1)
+    would stay within the spread (0.327)."""
+    edges = np.array([0, 30, 40, 50, 130, 140, 190, 340])
+    coords = {"step": edges[:-1], "step_stop": ("step", edges[1:])}
+    decay = xr.DataArray([0.0, 0.1, 0.9, 0.5, np.nan, 0.4, 0.8], dims="step", coords=coords)
+    rows = [[0.1, 0.1, 0.5, 0.1, 0.1]] * 4 + [[np.nan] * 5] + [[0.1, 0.5, 0.1, 0.1, 0.1]] * 2
+    shares = xr.DataArray(rows, dims=("step", "component"),
+                          coords={**coords, "component": ["embedding", "attention", "mlp_in", "mlp_out", "unembedding"]})
+    phases = pd.DataFrame({"phase": [1, 2, 3], "start": [0, 30, 140], "stop": [30, 140, 340],
+                           "leader": ["mlp_in", "mlp_in", "attention"], "share_unembedding": [0.1] * 3})
+    findings = grokking.paper_findings(phases, shares, decay)
+    assert findings.loc[3, "ours"] == "decay share 0.500 in phase 2 (its bins spread ±0.179), 0.700 in phase 3"
+    assert findings.loc[2, "ours"] == "outer share 0.300 in phase 2 (its bins spread ±0.000), 0.300 in phase 3"
+    assert findings["holds"].tolist() == [False, False, False, True]
+    with pytest.raises(InputError, match="decay_share must be an xarray.DataArray over .'step'. with the bins' `step_stop`"):
+        grokking.paper_findings(phases, shares, decay.drop_vars("step_stop"))
+    with pytest.raises(InputError, match="shares must be an xarray.DataArray.*got Series.*component_shares"):
+        grokking.paper_findings(phases, grokking.bin_leaders(shares), decay)
+    with pytest.raises(InputError, match="different step bins"):
+        grokking.paper_findings(phases, shares, decay.assign_coords(step=decay["step"] + 1))
 
 
 def test_milestones_and_nearest_boundaries():
@@ -509,6 +535,7 @@ def test_component_attribution_labels_the_splits_and_each_bin_adds_up(tiny_run, 
     explained = cube["attribution"] + cube["regularization"]
     expected = component_path_integrals(history, model, x, y, edges)
     assert list(COMPONENT_TENSORS) == cube["component"].values.tolist()
+    assert sorted(sum(COMPONENT_TENSORS.values(), [])) == sorted(name for name, _ in model.named_parameters())
     np.testing.assert_allclose(explained.transpose("step", "component", "test").values, expected,
                                rtol=0, atol=1e-4 * np.abs(expected).max())
 
