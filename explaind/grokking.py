@@ -650,9 +650,13 @@ def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.D
             raise InputError(f"{name} must be an xarray.DataArray over {sorted(dims)} with the bins' `step_stop` "
                              f"coordinate, got {type(array).__name__}: pass influence."
                              f"{'component_shares' if name == 'shares' else 'decay_share'}(cube) of the binned cube")
-    if not np.array_equal(shares["step"].values, decay_share["step"].values):
+    missing = sorted({*PIPELINE, *OUTER, "unembedding"} - set(shares["component"].values.tolist()))
+    if missing:
+        raise InputError(f"shares lack the components {missing}: pass the shares of a cube split by "
+                         "TRANSFORMER_COMPONENTS (grokking.component_attribution)")
+    if not all(np.array_equal(shares[c].values, decay_share[c].values) for c in ("step", "step_stop")):
         raise InputError("shares and decay_share cover different step bins: compute both from the same cube")
-    leaders = bin_leaders(shares)
+    leaders = bin_leaders(shares[shares.notnull().any("component")])  # a bin without a share has no leader
     second = leaders[phase_of(leaders.index, phases) == 2]
     pipeline_bins = second.isin(PIPELINE)
     switches = int((second[pipeline_bins] != second[pipeline_bins].shift()).sum() - 1) if pipeline_bins.any() else 0
