@@ -616,23 +616,25 @@ def retraining_finding(summary: pd.DataFrame, max_steps: int) -> dict:
             "holds": bool(np.isfinite(median) and median <= PAPER_PIPELINE_STEPS)}
 
 
-def _phase_rise(per_bin: xr.DataArray, phases: pd.DataFrame) -> tuple[float, float, float, int, bool]:
-    """A per-bin share's step-weighted mean over phase 2's bins and over phase 3's (as
-    detect_phases weighs them), phase 2's bin-to-bin spread (weighted standard deviation), its
-    bin count, and whether phase 3 exceeds phase 2 by more than that spread: a rise within the
-    noise is no finding, and neither is one whose noise is unknown (one bin). Bins without a
-    share (no change to share: NaN) are left out."""
+def phase_weighted(per_bin: xr.DataArray, phases: pd.DataFrame) -> dict:
+    """A per-bin share's bins grouped by phase (the phases that have a bin with a share), each bin
+    weighted by the steps it spans, as detect_phases weighs them; bins without a share (NaN: no
+    change to share) are left out. `.mean()` / `.std()` of a group: the phase's mean and spread."""
     per_bin = per_bin[np.isfinite(per_bin.values)]
+    width = per_bin["step_stop"] - per_bin["step"]
     phase = phase_of(per_bin["step"].values, phases)
-    width = per_bin["step_stop"].values - per_bin["step"].values
+    return {int(n): per_bin[phase == n].weighted(width[phase == n]) for n in np.unique(phase)}
 
-    def mean(values: np.ndarray, number: int) -> float:  # NaN for a phase without bins
-        chosen = phase == number
-        return float(np.average(values[chosen], weights=width[chosen])) if chosen.any() else np.nan
 
-    before, after = mean(per_bin.values, 2), mean(per_bin.values, 3)
-    bins = int((phase == 2).sum())
-    spread = float(np.sqrt(mean((per_bin.values - before) ** 2, 2))) if bins > 1 else np.nan
+def _phase_rise(per_bin: xr.DataArray, phases: pd.DataFrame) -> tuple[float, float, float, int, bool]:
+    """A per-bin share's step-weighted mean over phase 2 and over phase 3 (`phase_weighted`),
+    phase 2's bin-to-bin spread (weighted standard deviation), its bin count, and whether phase 3
+    exceeds phase 2 by more than that spread: a rise within the noise is no finding, and neither
+    is one whose noise is unknown (one bin)."""
+    groups = phase_weighted(per_bin, phases)
+    before, after = (float(groups[n].mean()) if n in groups else np.nan for n in (2, 3))
+    bins = groups[2].obj.sizes["step"] if 2 in groups else 0
+    spread = float(groups[2].std()) if bins > 1 else np.nan
     rises = bool(np.isfinite(spread) and after - before > spread)
     return before, after, spread, bins, rises
 
@@ -650,9 +652,13 @@ def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.D
             raise InputError(f"{name} must be an xarray.DataArray over {sorted(dims)} with the bins' `step_stop` "
                              f"coordinate, got {type(array).__name__}: pass influence."
                              f"{'component_shares' if name == 'shares' else 'decay_share'}(cube) of the binned cube")
-    if not np.array_equal(shares["step"].values, decay_share["step"].values):
+    missing = sorted({*PIPELINE, *OUTER, "unembedding"} - set(shares["component"].values.tolist()))
+    if missing:
+        raise InputError(f"shares lack the components {missing}: pass the shares of a cube split by "
+                         "TRANSFORMER_COMPONENTS (grokking.component_attribution)")
+    if not all(np.array_equal(shares[c].values, decay_share[c].values) for c in ("step", "step_stop")):
         raise InputError("shares and decay_share cover different step bins: compute both from the same cube")
-    leaders = bin_leaders(shares)
+    leaders = bin_leaders(shares[shares.notnull().any("component")])  # a bin without a share has no leader
     second = leaders[phase_of(leaders.index, phases) == 2]
     pipeline_bins = second.isin(PIPELINE)
     switches = int((second[pipeline_bins] != second[pipeline_bins].shift()).sum() - 1) if pipeline_bins.any() else 0

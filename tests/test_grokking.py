@@ -263,6 +263,12 @@ def test_the_paper_findings_weigh_bins_by_their_steps_and_leave_out_bins_without
         grokking.paper_findings(phases, grokking.bin_leaders(shares), decay)
     with pytest.raises(InputError, match="different step bins"):
         grokking.paper_findings(phases, shares, decay.assign_coords(step=decay["step"] + 1))
+    with pytest.raises(InputError, match="different step bins"):
+        grokking.paper_findings(phases, shares, decay.assign_coords(step_stop=("step", edges[1:] + 1)))
+    with pytest.raises(InputError, match=r"shares lack the components \['mlp_out'\].*component_attribution"):
+        grokking.paper_findings(phases, shares.drop_sel(component="mlp_out"), decay)
+    # the bin without a share leads nothing: phase 2's 3 bins with a share are all mlp_in's
+    assert findings.loc[1, "ours"] == "they lead 3 of 3 bins, 0 switches between them"
 
 
 def test_milestones_and_nearest_boundaries():
