@@ -17,11 +17,15 @@ merges them into exactly the cube one process writes and returns it (the others 
   steps=(start, stop), the ranges divide that window.
 
 Every part records a fingerprint of its request (see explaind.resumable): a part stored for
-another request, or by an older call without one, is refused, never overwritten.
+another request, or by an older call without one, is refused, never overwritten. It also records
+a sha256 of its labels and numbers, so that a part damaged on disk after it was written (a chunk
+file lost or changed, which zarr would read as NaN or fail to decompress) is named, never merged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -39,11 +43,70 @@ SPLITS = ("test", "steps")
 # a stored part's request fingerprint and rank (explaind.resumable.request_fingerprint)
 REQUEST_ATTR = "resumable_request_sha256"
 PART_ATTR = "resumable_part"
+PART_DIGEST_ATTR = "resumable_part_sha256"  # of its variables' labels and values (part_digest)
 
 
 def part_path(parts_dir: str | os.PathLike, rank: int) -> Path:
     """Where shard `rank` of a split explain() is stored."""
     return Path(parts_dir) / f"part-{rank:05d}.zarr"
+
+
+def part_digest(part: xr.Dataset) -> str:
+    """A sha256 of every variable and coordinate of a part: names, dims, dtypes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(part.variables):
+        values = np.asarray(part[name].values)
+        text = values.dtype.kind in "OUS"  # labels: zarr may store them with another string dtype
+        dtype = "str" if text else values.dtype.str
+        digest.update(json.dumps([name, list(part[name].dims), list(values.shape), dtype]).encode())
+        digest.update(json.dumps(values.astype(str).tolist()).encode() if text
+                      else np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def store_part(part: xr.Dataset, path: Path, request: str, rank: int, *, overwrite: bool = False) -> None:
+    """Save part `rank` of a request with its fingerprint and the digest of its numbers."""
+    part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank, PART_DIGEST_ATTR: part_digest(part)})
+    save_cube(part, path, overwrite=overwrite)
+
+
+def is_stored(path: Path, request: str, rank: int) -> bool:
+    """Whether part `rank` of this request is stored at `path` (its attributes only: read_part
+    checks its numbers); refuses another request's."""
+    if not path.exists():
+        return False
+    try:
+        with open_cube(path) as stored:
+            attrs = dict(stored.attrs)
+    except Exception as error:  # its metadata lost or changed: unreadable for zarr or json
+        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})") from error
+    if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
+        raise InputError(
+            f"{path} holds a part computed for a different request (another history, model, "
+            "inputs, targets, split, n_parts / number of processes or explain option, or an "
+            "explaind whose parts hold other variables): it is neither reused nor overwritten. "
+            "Pass a new parts_dir, or delete the old parts to recompute them"
+        )
+    return True
+
+
+def read_part(path: Path, request: str, rank: int) -> xr.Dataset:
+    """Stored part `rank` of this request, loaded, with its numbers checked against its digest."""
+    if not is_stored(path, request, rank):
+        raise _damaged(path, rank, "it is missing")
+    try:
+        part = open_cube(path).load()
+    except Exception as error:  # a chunk file truncated or changed: its compressed data fail to decode
+        raise _damaged(path, rank, f"a chunk cannot be read ({type(error).__name__}: {error})") from error
+    if part.attrs.get(PART_DIGEST_ATTR) != part_digest(part):
+        raise _damaged(path, rank, "its numbers differ from those it was written with (a chunk file lost, "
+                                   "which reads as NaN, or changed)")
+    return part
+
+
+def _damaged(path: Path, rank: int, cause: str) -> InputError:
+    return InputError(f"part {rank} at {path} is damaged: {cause}. It is not merged, and not overwritten. "
+                      f"Fix: delete {path} and call again: only that part is computed again")
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -99,7 +162,7 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         kinks_located=sum(int(p.attrs["kinks_located"]) for p in parts),
         kink_segments_unresolved=sum(int(p.attrs["kink_segments_unresolved"]) for p in parts),
     )
-    for key in (REQUEST_ATTR, PART_ATTR):  # a part's, not the whole cube's
+    for key in (REQUEST_ATTR, PART_ATTR, PART_DIGEST_ATTR):  # a part's, not the whole cube's
         merged.attrs.pop(key, None)
     return merged
 
@@ -143,7 +206,7 @@ def _merge_by_test(parts: list[xr.Dataset]) -> xr.Dataset:
 def explain_distributed(history, model, inputs, targets=None, *, split: str = "test",
                         parts_dir: str | os.PathLike, **kwargs) -> xr.Dataset | None:
     """explain() across the processes of a torchrun launch; process 0 returns the cube."""
-    from .resumable import is_stored, request_fingerprint  # resumable imports this module
+    from .resumable import request_fingerprint  # resumable imports this module
 
     on_gpu = str(kwargs.get("device", "cpu")).startswith("cuda")
     if on_gpu:  # one GPU per process; NCCL's barrier runs on the current device
@@ -160,12 +223,11 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
         is_stored(part_path(parts_dir, r), request, r)
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
                          world_size=world_size, tolerance=None, **kwargs)
-    part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    save_cube(part, part_path(parts_dir, rank), overwrite=True)  # this request's own part, if any
+    store_part(part, part_path(parts_dir, rank), request, rank, overwrite=True)  # this request's own part, if any
     dist.barrier()
     if rank != 0:
         return None
-    merged = merge([open_cube(part_path(parts_dir, r)).load() for r in range(world_size)], split)
+    merged = merge([read_part(part_path(parts_dir, r), request, r) for r in range(world_size)], split)
     check_residual(merged, tolerance)
     return merged

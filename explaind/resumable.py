@@ -3,7 +3,8 @@
 explain_resumable(...) computes the cube in parts, the shards of explaind.distributed run one
 after another in this process (ranges of update steps, or shares of the test inputs), stores
 each finished part in `parts_dir` (written next to its place and moved there, so a part is
-either complete or absent) and merges the stored parts. Calling it again after a crash reads
+either complete or absent) and merges the stored parts, each checked against the sha256 of its
+numbers that it was written with (a part damaged on disk is named, never merged). Calling it again after a crash reads
 the finished parts back and computes only the missing ones; the cube equals the one an
 uninterrupted call returns, exactly.
 
@@ -28,15 +29,15 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import group_tensors
-from .cube import open_cube, save_cube
-from .distributed import PART_ATTR, REQUEST_ATTR, SPLITS, explain_shard, merge, part_path, step_window
+from .distributed import SPLITS, explain_shard, is_stored, merge, part_path, read_part, step_window, store_part
 from .engine import check_residual
 from .errors import InputError
 from .history import History
 
-# Raised whenever explain()'s cube gains or loses a variable: a part stored by an explaind of
-# another format cannot be merged with new ones (2: update_rounding_floor)
-PART_FORMAT = 2
+# Raised whenever explain()'s cube gains or loses a variable, or a part's metadata change: a
+# part stored by an explaind of another format cannot be merged with new ones
+# (2: update_rounding_floor; 3: the digest of a part's numbers)
+PART_FORMAT = 3
 
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another
@@ -62,17 +63,18 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=n_parts, **kwargs)
     paths = [part_path(parts_dir, rank) for rank in range(n_parts)]
     missing = [rank for rank, path in enumerate(paths) if not is_stored(path, request, rank)]
+    for rank in sorted(set(range(n_parts)) - set(missing)):  # a damaged part is named before any compute
+        read_part(paths[rank], request, rank)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
         for rank in missing:
             part = explain_shard(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
                                  tolerance=None, progress=progress, **kwargs)
-            part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
-            save_cube(part, paths[rank])
+            store_part(part, paths[rank], request, rank)
             bar.update()
     # merged from the stored parts only, so that a resumed call and an uninterrupted one
     # combine the very same numbers
-    merged = merge([open_cube(path).load() for path in paths], split)
+    merged = merge([read_part(path, request, rank) for rank, path in enumerate(paths)], split)
     check_residual(merged, tolerance)
     return merged
 
@@ -83,22 +85,6 @@ def _check_parts(split: str, n_parts: int, n_items: int) -> None:
     what = "update steps" if split == "steps" else "test inputs"
     if not 1 <= n_parts <= n_items:
         raise InputError(f"n_parts={n_parts} for {n_items} {what}: use 1 … {n_items} parts")
-
-
-def is_stored(path: Path, request: str, rank: int) -> bool:
-    """Whether part `rank` of this request is stored at `path`; refuses another request's."""
-    if not path.exists():
-        return False
-    with open_cube(path) as stored:
-        attrs = stored.attrs
-    if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
-        raise InputError(
-            f"{path} holds a part computed for a different request (another history, model, "
-            "inputs, targets, split, n_parts / number of processes or explain option, or an "
-            "explaind whose parts hold other variables): it is neither reused nor overwritten. "
-            "Pass a new parts_dir, or delete the old parts to recompute them"
-        )
-    return True
 
 
 def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> str:

@@ -4,6 +4,7 @@ same shards, run one after another and stored, make a long explain() resumable."
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import xarray as xr
+import zarr
 from safetensors.torch import save_file
 
 import explaind as ex
@@ -176,6 +178,38 @@ def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_pa
                           **options)
     assert computed_parts == []  # refused before any compute
     assert files_on_disk(parts_dir) == stored  # nothing overwritten
+
+
+def damage(part: Path, how: str) -> None:
+    """Damage a stored part as a disk or a careless hand might."""
+    chunk = next(f for f in sorted((part / "attribution").iterdir()) if not f.name.startswith("."))
+    if how == "chunk_lost":  # zarr reads a missing chunk as its fill value, NaN
+        chunk.unlink()
+    elif how == "chunk_truncated":  # its compressed data no longer decode
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    elif how == "chunk_rewritten":  # valid data, other numbers
+        array = zarr.open_array(part / "attribution", mode="r+")
+        array[...] = array[...] + 1.0
+    else:  # the attributes, which hold the request's fingerprint
+        (part / ".zattrs").write_text("{ not json")
+
+
+@pytest.mark.parametrize("how", ["chunk_lost", "chunk_truncated", "chunk_rewritten", "attributes_garbled"])
+def test_a_damaged_part_is_named_before_any_compute_and_recomputed_once_deleted(run, how, tmp_path, computed_parts):
+    def call():
+        return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=3, **OPTIONS)
+
+    whole = call()
+    damage(tmp_path / "parts" / "part-00001.zarr", how)
+    stored = files_on_disk(tmp_path / "parts")
+    computed_parts.clear()
+    with pytest.raises(ex.InputError, match=r"(?s)part 1 at \S*part-00001.zarr is damaged: .*Fix: delete"):
+        call()
+    assert computed_parts == []  # refused before computing anything
+    assert files_on_disk(tmp_path / "parts") == stored  # and nothing overwritten
+    shutil.rmtree(tmp_path / "parts" / "part-00001.zarr")
+    xr.testing.assert_identical(call(), whole)
+    assert computed_parts == [1]
 
 
 def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):
