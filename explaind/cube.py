@@ -168,6 +168,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         quadrature_nodes=req.path.quadrature,
         breakpoints=int(req.path.breakpoints),
         kink_tolerance=float(req.path.kink_tolerance),
+        max_kinks=req.path.max_kinks,
         **req.path.stats.as_attrs(),
         dtype=str(req.flat.dtype).removeprefix("torch."),
         explaind_version=_version(),

@@ -106,6 +106,7 @@ def explain(
     rule: str = "gauss",
     breakpoints: bool = True,
     kink_tolerance: float = 0.0,
+    max_kinks: int = 16,
     convention: str = "update",
     components: ComponentSpec = "tensor",
     step_bins: int | Sequence[int] | None = None,
@@ -147,7 +148,10 @@ def explain(
     selected ones) by more than it, which is far cheaper when most steps cross no kink: each
     segment's change then misses by at most that much per smooth piece, but a unit that
     switches off and back on between the plain nodes goes unnoticed and skews the shares of
-    that change (explaind/path.py). step_bins: None
+    that change (explaind/path.py). max_kinks: the kinks per input and step that the search
+    resolves; a segment crossing more is integrated plainly and counted in the attribute
+    `kink_segments_unresolved` (raise it when that count is not 0 and the residual matters).
+    step_bins: None
     (every step), a number of equal bins, or bin edges 0 = e_0 < … < e_n = n_steps.
     steps: (start, stop) explains only the updates start ≤ s < stop (update convention; the
     momentum of earlier steps is replayed), e.g. to split a long run across processes; initial
@@ -177,7 +181,7 @@ def explain(
     request = build_request(
         history, model, inputs, targets, keep=keep, outputs=outputs, target=target, output_fn=output_fn,
         quadrature=quadrature, rule=rule, breakpoints=breakpoints, kink_tolerance=kink_tolerance,
-        convention=convention, components=components,
+        max_kinks=max_kinks, convention=convention, components=components,
         step_bins=step_bins, parameter_scores=parameter_scores, steps=steps, replay=replay, dtype=dtype,
         device=device, test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk, loss=loss,
         check_updates=check_updates,
@@ -199,7 +203,7 @@ def explain(
 
 
 def build_request(history, model, inputs, targets, *, keep, outputs, target, output_fn=None, quadrature, rule,
-                  breakpoints, convention, kink_tolerance=0.0, components, step_bins, parameter_scores, steps,
+                  breakpoints, convention, kink_tolerance=0.0, max_kinks=16, components, step_bins, parameter_scores, steps,
                   replay=None, dtype, device, test_chunk, train_chunk, batch_chunk=None, loss,
                   check_updates=True) -> Request:
     """explain()'s arguments checked and resolved into a Request, before any heavy compute
@@ -241,7 +245,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     step_range = checked_steps(steps, n_steps, convention, parameter_scores)
     return Request(
         history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
-        keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance),
+        keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance, max_kinks),
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
@@ -1019,7 +1023,7 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
                "find where it starts. Only if the run is right and the miss is its own float32 rounding: "
                "explain with check_updates=False and no train dim, which splits the recorded updates instead.")
     else:
-        fix = "The path integral is too coarse: raise quadrature=..., keep breakpoints=True or compute in float64."
+        fix = _path_fix(cube.attrs)
     raise ReconstructionError(
         f"the decomposition misses {relative:.2e} of the largest output change (max |residual| "
         f"{float(cube.attrs['max_abs_residual']):.2e} of a change of {change:.2e}; tolerance {tolerance:.0e}). "
@@ -1027,3 +1031,22 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
         f"differing from the modelled ones{checked} and up to {path:.2e} by the path integral. "
         f"{fix} Pass tolerance=None to get the cube anyway."
     )
+
+
+def _path_fix(attrs: dict) -> str:
+    """What to change when the path integral misses, from the options the cube records."""
+    unresolved = int(attrs["kink_segments_unresolved"])
+    if unresolved:
+        settle = ", or a miss above kink_tolerance it could not settle" if attrs["kink_tolerance"] > 0 else ""
+        return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
+                f"segment(s) unresolved (more kinks than max_kinks={attrs['max_kinks']}{settle}) and integrated "
+                "them plainly. Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
+    if not attrs["breakpoints"]:
+        return ("The path integral is too coarse: set breakpoints=True (locates the ReLU / max-pool kinks), "
+                "or raise quadrature=...")
+    if attrs["kink_tolerance"] > 0:
+        return (f"The path integral is too coarse: lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates "
+                "every kink), or raise quadrature=...")
+    if attrs["dtype"] != "float64":
+        return "The path integral is too coarse for its dtype: compute in float64 (dtype=torch.float64)."
+    return "The path integral is too coarse: raise quadrature=..."

@@ -194,22 +194,37 @@ def _members(optimizer: torch.optim.Optimizer) -> list[list[int]]:
 # --------------------------------------------------------------------------- checks on the model
 
 
+EVAL_MODE = "keep it in eval mode for the whole run (.eval() before training, and no model.train() in the loop)"
+
+
 def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
     """Train-mode dropout and BatchNorm make f depend on more than (x, θ): refuse them.
-    `when` says where the check ran (e.g. " at step 3"), for a model switched mid-run."""
+    `when` says where the check ran (e.g. " at step 3"), for a model switched mid-run.
+    InstanceNorm without running statistics normalises each sample by its own: a function of
+    (x, θ) in any mode, so it passes."""
     for name, module in model.named_modules():
-        stochastic = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-        batch_stats = isinstance(module, nn.modules.batchnorm._NormBase) and (
-            module.training or not module.track_running_stats
-        )
-        if (stochastic and module.training) or batch_stats:
-            kind = type(module).__name__
-            raise UnsupportedError(
-                f"module {name or '<root>'!r} is a train-mode {kind}{when}: its output depends on "
-                "random masks or batch statistics, which no exact decomposition can replay. "
-                "Fix: remove it, set p=0, or keep it in eval mode for the whole run (.eval() before "
-                "training, and no model.train() in the loop)."
-            )
+        kind = type(module).__name__
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
+            cause = f"is a train-mode {kind}{when}: its output depends on random masks"
+            fix = f"set p=0, {EVAL_MODE}, or remove it"
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            # eval mode does not help: without running statistics it normalises with the batch's
+            cause = f"is a {kind} with track_running_stats=False{when}: in any mode its output depends on the batch"
+            fix = ("build it with track_running_stats=True and keep it in eval mode for the whole run, or use a "
+                   "norm without batch statistics (LayerNorm, GroupNorm, InstanceNorm)")
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            cause = f"is a train-mode {kind}{when}: its output depends on the batch's statistics"
+            fix = f"{EVAL_MODE}, or remove it"
+        elif isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats \
+                and module.training:
+            cause = (f"is a train-mode {kind} with track_running_stats=True{when}: it normalises by each sample's "
+                     "statistics but updates running ones, which eval mode uses")
+            fix = (f"build it with track_running_stats=False (each sample's own statistics in any mode), or "
+                   f"{EVAL_MODE}")
+        else:
+            continue
+        raise UnsupportedError(f"module {name or '<root>'!r} {cause}; no exact decomposition can replay it. "
+                               f"Fix: {fix}.")
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
@@ -465,9 +480,11 @@ class Recorder:
                 "optimizer.step() was called without rec.batch(indices, inputs, targets) "
                 "for this step: declare the batch after backward() and before step()"
             )
-        self._refuse_unrecorded_changes(optimizer)
-        # a loop's model.train() (at each epoch's start, say) turns dropout back on mid-run
+        # a loop's model.train() (at each epoch's start, say) turns dropout back on mid-run; checked
+        # first, since a train-mode BatchNorm also changes its buffers, which the next check refuses
+        # without naming the cause
         refuse_stochastic_modules(self.model, f" at step {self.step}")
+        self._refuse_unrecorded_changes(optimizer)
         for name, p in self._frozen.items():
             if p.grad is not None:
                 raise UnsupportedError(

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, is_whole
 from .functional import FlatModel
 from .quadrature import nodes
 
@@ -148,6 +148,9 @@ class PathIntegral:
     roots_per_round: int = 4  # crossings per interval bracketed at once
 
     def __post_init__(self):
+        if not is_whole(self.max_kinks) or self.max_kinks < 0:
+            raise InputError(f"max_kinks={self.max_kinks!r} must be a whole number ≥ 0 (kinks per input and step "
+                             "that the search resolves)")
         if self.kink_tolerance < 0:
             raise InputError(f"kink_tolerance is {self.kink_tolerance}: use 0 (locate every kink) or a "
                              "positive error per step and output")

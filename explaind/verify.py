@@ -173,9 +173,8 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
 
     check_target(target)
     check_dtype(dtype)
-    for name, value, least in (("batch_size", batch_size, 1), ("max_kinks", max_kinks, 0)):
-        if not is_whole(value) or value < least:
-            raise InputError(f"{name}={value!r} must be a whole number ≥ {least}")
+    if not is_whole(batch_size) or batch_size < 1:  # max_kinks: checked by PathIntegral
+        raise InputError(f"batch_size={batch_size!r} must be a whole number ≥ 1")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)

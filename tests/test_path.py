@@ -544,6 +544,30 @@ def test_max_kinks_bounds_the_kinks_resolved_per_segment(kinked_run):
     assert capped.attrs["relative_residual"] > 1e3 * resolved.attrs["relative_residual"]
 
 
+def test_explain_takes_max_kinks_and_its_error_names_the_unresolved_segments(kinked_run):
+    """explain's cap on the kinks resolved per segment is reconstruct's: capped at 0, the same
+    segments are integrated plainly (the same residual to rounding), and the error above the
+    tolerance says so and names the fix instead of more nodes."""
+    run = kinked_run
+    capped = run.explain(keep=("test", "output"), quadrature=3, max_kinks=0, tolerance=None)
+    reconstructed = ex.reconstruct(run.path, run.model, run.test_x, quadrature=3, max_kinks=0, progress=False)
+    assert capped.attrs["max_kinks"] == 0
+    assert capped.attrs["kink_segments_unresolved"] == reconstructed.attrs["kink_segments_unresolved"] > 0
+    np.testing.assert_allclose(capped["residual"].values, reconstructed["residual"].values, rtol=0, atol=1e-12)
+    assert run.explain(keep=("test", "output"), quadrature=3).attrs["kink_segments_unresolved"] == 0
+    unresolved = capped.attrs["kink_segments_unresolved"]
+    with pytest.raises(ex.ReconstructionError, match=rf"(?s)left {unresolved} \(step, input\) segment.*max_kinks=0.*"
+                                                      r"Raise max_kinks=.*kink_segments_unresolved is 0"):
+        run.explain(keep=("test", "output"), quadrature=3, max_kinks=0, tolerance=1e-6)
+    with pytest.raises(ex.ReconstructionError, match=r"(?s)set breakpoints=True.*or raise quadrature="):
+        run.explain(keep=("test", "output"), quadrature=1, breakpoints=False, tolerance=1e-6)
+    with pytest.raises(ex.ReconstructionError, match=r"(?s)lower kink_tolerance=0.5 \(0 locates every kink\)"):
+        run.explain(keep=("test", "output"), quadrature=1, kink_tolerance=0.5, tolerance=1e-6)  # no segment searched
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ex.InputError, match=rf"max_kinks={bad!r} must be a whole number ≥ 0"):
+            run.explain(max_kinks=bad)
+
+
 def test_few_inputs_take_one_per_row_pass_with_the_same_integral(kinked_run, monkeypatch):
     """φ·Δ of one or two inputs goes through one per-row pass over all nodes instead of a pass
     per node: the same numbers as the shared-node passes of a larger batch."""

@@ -111,18 +111,70 @@ def test_train_mode_dropout_and_batchnorm_at_explain_time(tmp_path, no_heavy_com
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
 
 
-def test_dropout_switched_on_mid_run_is_refused_at_that_step(tmp_path):
+@pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d")])
+def test_dropout_or_batchnorm_switched_on_mid_run_is_refused_at_that_step(tmp_path, module, name):
     """A loop's model.train() at an epoch's start, after the Recorder saw the model in eval mode:
-    refused at the next step, not only at the next gradient check (check_every steps later)."""
-    model = WithModule(nn.Dropout(0.2)).double().eval()
+    refused at the next step, not only at the next gradient check (check_every steps later), and
+    named as such (a train-mode BatchNorm also changes its buffers, a cause that says less)."""
+    model = WithModule(module).double().eval()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data()
-    with pytest.raises(ex.UnsupportedError, match=says("Dropout", "at step 2", "no model.train() in the loop")):
+    with pytest.raises(ex.UnsupportedError, match=says(name, "at step 2", "no model.train() in the loop")):
         with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
             loop(rec, model, optimizer, x, y, steps=2)
             model.train()
             loop(rec, model, optimizer, x, y, steps=1)
     assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2  # nothing of the refused step
+
+
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode_too(tmp_path):
+    model = WithModule(nn.BatchNorm1d(4, track_running_stats=False)).double().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.UnsupportedError, match=says("BatchNorm1d", "track_running_stats=False", "in any mode",
+                                                       "track_running_stats=True", "LayerNorm")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+
+
+class SampleNorm(nn.Module):
+    """InstanceNorm over each sample's 4 features (as one channel of length 4)."""
+
+    def __init__(self, track_running_stats: bool = False):
+        super().__init__()
+        self.norm = nn.InstanceNorm1d(1, affine=True, track_running_stats=track_running_stats)
+
+    def forward(self, x):
+        return self.norm(x.unsqueeze(1)).squeeze(1)
+
+
+def test_instancenorm_without_running_statistics_is_explained_exactly_in_train_mode(tmp_path):
+    """Each sample normalised by its own statistics is a function of (x, θ): accepted, and the
+    logits' change, bilinear in θ along each step, is integrated exactly by 4 Gauss nodes."""
+    torch.manual_seed(0)
+    model = WithModule(SampleNorm()).double().train()
+    with torch.no_grad():  # γ = 1, β = 0 at init would make the first steps' norm trivially linear
+        model.inner.norm.weight.uniform_(0.5, 1.5)
+        model.inner.norm.bias.uniform_(-0.5, 0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    x, y = data()
+    test_x = x[:3] + 0.5
+    with torch.no_grad():
+        before = model(test_x)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=4)
+    with torch.no_grad():
+        change = model(test_x) - before
+    cube = ex.explain(tmp_path / "h", model, test_x, target="logit", keep=("test", "output"), progress=False)
+    total = (cube["attribution"] + cube["regularization"]).transpose("test", "output").values
+    assert np.abs(change.numpy()).max() > 0.05
+    np.testing.assert_allclose(total, change.numpy(), rtol=0, atol=1e-12 * np.abs(change.numpy()).max())
+
+
+def test_train_mode_instancenorm_with_running_statistics_is_refused(tmp_path):
+    model = WithModule(SampleNorm(track_running_stats=True)).double().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.UnsupportedError, match=says("InstanceNorm1d", "track_running_stats=True",
+                                                       "track_running_stats=False", "eval mode")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
 
 
 def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
