@@ -52,15 +52,22 @@ def part_path(parts_dir: str | os.PathLike, rank: int) -> Path:
 
 
 def part_digest(part: xr.Dataset) -> str:
-    """A sha256 of every variable and coordinate of a part: names, dims, dtypes and values."""
+    """A sha256 of every variable and coordinate of a part: names, dims, dtypes and values, in
+    a form that survives the zarr round trip (which may change how labels, times and NaN are
+    held, not what they are)."""
     digest = hashlib.sha256()
     for name in sorted(part.variables):
         values = np.asarray(part[name].values)
-        text = values.dtype.kind in "OUS"  # labels: zarr may store them with another string dtype
-        dtype = "str" if text else values.dtype.str
+        if values.dtype.kind in "OUST":  # labels: read back in another string dtype
+            dtype, data = "str", json.dumps([str(label) for label in values.ravel().tolist()]).encode()
+        else:
+            if values.dtype.kind in "Mm":  # times: read back in nanoseconds
+                values = values.astype(f"{values.dtype.str[1:3]}[ns]")
+            if values.dtype.kind == "f":  # NaN: a chunk of only NaN is read back with another sign bit
+                values = np.where(np.isnan(values), np.nan, values).astype(values.dtype)
+            dtype, data = values.dtype.str, np.ascontiguousarray(values)
         digest.update(json.dumps([name, list(part[name].dims), list(values.shape), dtype]).encode())
-        digest.update(json.dumps(values.astype(str).tolist()).encode() if text
-                      else np.ascontiguousarray(values).tobytes())
+        digest.update(data)
     return digest.hexdigest()
 
 
@@ -70,7 +77,12 @@ def store_part(part: xr.Dataset, path: Path, request: str, rank: int, *, overwri
     save_cube(part, path, overwrite=overwrite)
 
 
-def is_stored(path: Path, request: str, rank: int) -> bool:
+# how a damaged part is computed again, for the fix of the error that names it
+DELETE_AND_RESUME = "delete it and call again: only that part is computed again"
+CALL_AGAIN = "call again: every process computes its part again and replaces it"
+
+
+def is_stored(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME) -> bool:
     """Whether part `rank` of this request is stored at `path` (its attributes only: read_part
     checks its numbers); refuses another request's."""
     if not path.exists():
@@ -79,7 +91,7 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
         with open_cube(path) as stored:
             attrs = dict(stored.attrs)
     except Exception as error:  # its metadata lost or changed: unreadable for zarr or json
-        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})") from error
+        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})", fix) from error
     if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
         raise InputError(
             f"{path} holds a part computed for a different request (another history, model, "
@@ -90,23 +102,23 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
     return True
 
 
-def read_part(path: Path, request: str, rank: int) -> xr.Dataset:
+def read_part(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME) -> xr.Dataset:
     """Stored part `rank` of this request, loaded, with its numbers checked against its digest."""
-    if not is_stored(path, request, rank):
-        raise _damaged(path, rank, "it is missing")
+    if not is_stored(path, request, rank, fix):
+        raise InputError(f"part {rank} was stored, but {path} is gone: parts_dir must be one folder that every "
+                         "process sees (on several nodes, a shared file system) and that nothing else cleans up")
     try:
         part = open_cube(path).load()
     except Exception as error:  # a chunk file truncated or changed: its compressed data fail to decode
-        raise _damaged(path, rank, f"a chunk cannot be read ({type(error).__name__}: {error})") from error
+        raise _damaged(path, rank, f"a chunk cannot be read ({type(error).__name__}: {error})", fix) from error
     if part.attrs.get(PART_DIGEST_ATTR) != part_digest(part):
         raise _damaged(path, rank, "its numbers differ from those it was written with (a chunk file lost, "
-                                   "which reads as NaN, or changed)")
+                                   "which reads as NaN, or changed)", fix)
     return part
 
 
-def _damaged(path: Path, rank: int, cause: str) -> InputError:
-    return InputError(f"part {rank} at {path} is damaged: {cause}. It is not merged, and not overwritten. "
-                      f"Fix: delete {path} and call again: only that part is computed again")
+def _damaged(path: Path, rank: int, cause: str, fix: str) -> InputError:
+    return InputError(f"part {rank} at {path} is damaged: {cause}. It is not merged. Fix: {fix}")
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -220,7 +232,7 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **kwargs)
     # every process checks every part, so that all of them refuse together, before computing
     for r in range(world_size):
-        is_stored(part_path(parts_dir, r), request, r)
+        is_stored(part_path(parts_dir, r), request, r, fix="delete it and call again")
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
                          world_size=world_size, tolerance=None, **kwargs)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
@@ -228,6 +240,6 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     dist.barrier()
     if rank != 0:
         return None
-    merged = merge([read_part(part_path(parts_dir, r), request, r) for r in range(world_size)], split)
+    merged = merge([read_part(part_path(parts_dir, r), request, r, CALL_AGAIN) for r in range(world_size)], split)
     check_residual(merged, tolerance)
     return merged

@@ -1042,11 +1042,11 @@ def _path_fix(attrs: dict) -> str:
                 f"segment(s) unresolved (more kinks than max_kinks={attrs['max_kinks']}{settle}) and integrated "
                 "them plainly. Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
     if not attrs["breakpoints"]:
-        return ("The path integral is too coarse: set breakpoints=True (locates the ReLU / max-pool kinks), "
-                "or raise quadrature=...")
-    if attrs["kink_tolerance"] > 0:
-        return (f"The path integral is too coarse: lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates "
-                "every kink), or raise quadrature=...")
+        fix = "set breakpoints=True (locates the ReLU / max-pool kinks), or raise quadrature=..."
+    elif attrs["kink_tolerance"] > 0:
+        fix = f"lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates every kink), or raise quadrature=..."
+    else:
+        fix = "raise quadrature=..."
     if attrs["dtype"] != "float64":
-        return "The path integral is too coarse for its dtype: compute in float64 (dtype=torch.float64)."
-    return "The path integral is too coarse: raise quadrature=..."
+        fix += f"; if that no longer helps, the {attrs['dtype']} rounding of each step's integral is left: dtype=torch.float64"
+    return f"The path integral is too coarse: {fix}."

@@ -207,9 +207,11 @@ def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on random masks"
             fix = f"set p=0, {EVAL_MODE}, or remove it"
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-            # eval mode does not help: without running statistics it normalises with the batch's
-            cause = f"is a {kind} with track_running_stats=False{when}: in any mode its output depends on the batch"
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None \
+                and module.running_var is None:
+            # eval mode does not help: without running statistics torch normalises with the batch's
+            cause = (f"is a {kind} without running statistics (track_running_stats=False, or running_mean and "
+                     f"running_var set to None){when}: in any mode its output depends on the batch")
             fix = ("build it with track_running_stats=True and keep it in eval mode for the whole run, or use a "
                    "norm without batch statistics (LayerNorm, GroupNorm, InstanceNorm)")
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:

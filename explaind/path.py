@@ -174,6 +174,13 @@ class PathIntegral:
         self._relevance: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
         self._output_counts: dict[tuple[int, ...], int] = {}  # per input shape (see _zeros)
         self._row_costs: dict[tuple[int, ...], tuple[int, int]] = {}  # per input shape (see _costs)
+        self.smooth = False  # found so on the first segment searched: the model has no kinks at all
+
+    @property
+    def searches(self) -> bool:
+        """Whether kinks are located: asked for (breakpoints, as the cube records it) and the
+        model has some."""
+        return self.breakpoints and not self.smooth
 
     # ----------------------------------------------------------------- kinks
 
@@ -190,13 +197,13 @@ class PathIntegral:
         n = len(x)
         self.stats.segments += n
         none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
-        if not self.breakpoints:
+        if not self.searches:
             return none
         theta, delta = theta.to(torch.float64), delta.to(torch.float64)
         xs = self.search.cast_inputs(x)
         start = self.search.kink_pattern(theta, delta, xs, 0.0)
         if start[0].shape[1] + start[2].shape[1] == 0:  # no piecewise-linear op: smooth everywhere
-            self.breakpoints = False
+            self.smooth = True
             return none
         self.stats.searched += n
         relevant = self._relevant(theta, x, xs)
@@ -325,7 +332,7 @@ class PathIntegral:
         """Bytes the kink search holds at least for n inputs shaped like x's: every input's
         patterns at both ends of its segment and the pass computing them, and one interval's
         round. search_bytes comes on top of it."""
-        if not self.breakpoints:
+        if not self.searches:
             return 0
         pattern, row = self._costs(x)
         return n * (2 * pattern + row) + row + self.round_patterns * pattern
@@ -546,7 +553,7 @@ class PathIntegral:
         1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows)."""
         n = len(x)
         everyone = torch.arange(n, device=x.device)
-        if not self.breakpoints:
+        if not self.searches:
             nodes = len(self.t_nodes)
             if change and n <= self.few_inputs and n * nodes <= self.few_rows:
                 self.stats.segments += n
@@ -588,7 +595,7 @@ class PathIntegral:
         size = max(1, self.max_elements // (n_outputs * dim))
         if self.max_rows:
             size = min(size, self.max_rows)
-        if self.search_bytes is not None and self.breakpoints:
+        if self.search_bytes is not None and self.searches:
             per_row = 4 * n_outputs * dim * self.flat.dtype.itemsize + self._costs(x)[1]
             allowance = (self.search_reserve(x, len(x)) + self.search_bytes) // per_row
             size = min(size, max(1, len(x) // 2) + allowance)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import explaind as ex
 import explaind.resumable as resumable
 from engine_cases import Case, train
-from explaind.distributed import explain_distributed, merge, shard_bounds
+from explaind.distributed import explain_distributed, merge, read_part, shard_bounds, store_part
 from explaind.resumable import explain_resumable
 
 WORKER = Path(__file__).parent / "workers" / "explain_distributed.py"
@@ -210,6 +210,30 @@ def test_a_damaged_part_is_named_before_any_compute_and_recomputed_once_deleted(
     shutil.rmtree(tmp_path / "parts" / "part-00001.zarr")
     xr.testing.assert_identical(call(), whole)
     assert computed_parts == [1]
+
+
+def test_a_part_of_any_dtype_reads_back_as_written(tmp_path):
+    """The digest survives zarr's round trip, which hands labels back in another string dtype,
+    times in nanoseconds, and a chunk of only NaN with another sign bit; a lost or changed
+    value is still caught, and a part that is gone is named as such."""
+    negative_nan = -np.abs(np.float64(np.nan))  # the sign bit torch's 0/0 sets
+    part = xr.Dataset(
+        {"all_nan": ("test", np.full(3, negative_nan)), "some_nan": ("test", np.array([1.0, negative_nan, -0.0])),
+         "float32": ("test", np.array([1, np.nan, 3], dtype=np.float32)), "count": ((), np.int64(7)),
+         "flag": ("test", np.array([True, False, True])), "lag": ("test", np.arange(3).astype("timedelta64[s]"))},
+        coords={"test": np.array(["a", "bb", "c"], dtype=object), "day": ("test", np.arange(3).astype("datetime64[D]")),
+                "label": ("test", np.array(["x", "y", "z"]))},
+    )
+    path = tmp_path / "part-00000.zarr"
+    store_part(part, path, "request", 0)
+    xr.testing.assert_identical(read_part(path, "request", 0).drop_attrs(), part.drop_attrs())
+    array = zarr.open_array(path / "some_nan", mode="r+")
+    array[0] = 2.0
+    with pytest.raises(ex.InputError, match="part 0 at .* is damaged: its numbers differ"):
+        read_part(path, "request", 0)
+    shutil.rmtree(path)
+    with pytest.raises(ex.InputError, match="part 0 was stored, but .* is gone: parts_dir must be one folder"):
+        read_part(path, "request", 0)
 
 
 def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):
