@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import xarray as xr
+import zarr
 
-from .cube import PER_HISTORY_STEP, open_cube, residual_attrs, save_cube
+from .cube import PER_HISTORY_STEP, STORE_FORMAT, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
 from .errors import InputError
 from .history import History
@@ -52,29 +53,26 @@ def part_path(parts_dir: str | os.PathLike, rank: int) -> Path:
 
 
 def part_digest(part: xr.Dataset) -> str:
-    """A sha256 of every variable and coordinate of a part: names, dims, dtypes and values, in
-    a form that survives the zarr round trip (which may change how labels, times and NaN are
-    held, not what they are)."""
+    """A sha256 of every variable and coordinate of a part as read back from its store: names,
+    dims, dtypes and values."""
     digest = hashlib.sha256()
     for name in sorted(part.variables):
         values = np.asarray(part[name].values)
-        if values.dtype.kind in "OUST":  # labels: read back in another string dtype
-            dtype, data = "str", json.dumps([str(label) for label in values.ravel().tolist()]).encode()
-        else:
-            if values.dtype.kind in "Mm":  # times: read back in nanoseconds
-                values = values.astype(f"{values.dtype.str[1:3]}[ns]")
-            if values.dtype.kind == "f":  # NaN: a chunk of only NaN is read back with another sign bit
-                values = np.where(np.isnan(values), np.nan, values).astype(values.dtype)
-            dtype, data = values.dtype.str, np.ascontiguousarray(values)
-        digest.update(json.dumps([name, list(part[name].dims), list(values.shape), dtype]).encode())
+        text = values.dtype.kind in "OUST"  # labels: their bytes would be pointers or padding
+        data = json.dumps([str(label) for label in values.ravel().tolist()]).encode() if text \
+            else np.ascontiguousarray(values)
+        digest.update(json.dumps([name, list(part[name].dims), list(values.shape), values.dtype.str]).encode())
         digest.update(data)
     return digest.hexdigest()
 
 
 def store_part(part: xr.Dataset, path: Path, request: str, rank: int, *, overwrite: bool = False) -> None:
-    """Save part `rank` of a request with its fingerprint and the digest of its numbers."""
-    part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank, PART_DIGEST_ATTR: part_digest(part)})
+    """Save part `rank` of a request with its fingerprint, then the digest of what reads back
+    (zarr may hand values back otherwise held: object ids as integers, times in nanoseconds)."""
+    part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
     save_cube(part, path, overwrite=overwrite)
+    digest = part_digest(open_cube(path).load())
+    zarr.open_group(path, mode="r+", zarr_format=STORE_FORMAT).attrs[PART_DIGEST_ATTR] = digest
 
 
 # how a damaged part is computed again, for the fix of the error that names it
@@ -82,7 +80,7 @@ DELETE_AND_RESUME = "delete it and call again: only that part is computed again"
 CALL_AGAIN = "call again: every process computes its part again and replaces it"
 
 
-def is_stored(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME) -> bool:
+def is_stored(path: Path, request: str, rank: int) -> bool:
     """Whether part `rank` of this request is stored at `path` (its attributes only: read_part
     checks its numbers); refuses another request's."""
     if not path.exists():
@@ -91,7 +89,8 @@ def is_stored(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME)
         with open_cube(path) as stored:
             attrs = dict(stored.attrs)
     except Exception as error:  # its metadata lost or changed: unreadable for zarr or json
-        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})", fix) from error
+        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})",
+                       "delete it and call again") from error
     if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
         raise InputError(
             f"{path} holds a part computed for a different request (another history, model, "
@@ -104,14 +103,17 @@ def is_stored(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME)
 
 def read_part(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME) -> xr.Dataset:
     """Stored part `rank` of this request, loaded, with its numbers checked against its digest."""
-    if not is_stored(path, request, rank, fix):
+    if not is_stored(path, request, rank):
         raise InputError(f"part {rank} was stored, but {path} is gone: parts_dir must be one folder that every "
                          "process sees (on several nodes, a shared file system) and that nothing else cleans up")
     try:
         part = open_cube(path).load()
     except Exception as error:  # a chunk file truncated or changed: its compressed data fail to decode
         raise _damaged(path, rank, f"a chunk cannot be read ({type(error).__name__}: {error})", fix) from error
-    if part.attrs.get(PART_DIGEST_ATTR) != part_digest(part):
+    stored = part.attrs.pop(PART_DIGEST_ATTR, None)
+    if stored is None:
+        raise _damaged(path, rank, "it has no digest: the process storing it stopped before writing one", fix)
+    if stored != part_digest(part):
         raise _damaged(path, rank, "its numbers differ from those it was written with (a chunk file lost, "
                                    "which reads as NaN, or changed)", fix)
     return part
@@ -232,7 +234,7 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **kwargs)
     # every process checks every part, so that all of them refuse together, before computing
     for r in range(world_size):
-        is_stored(part_path(parts_dir, r), request, r, fix="delete it and call again")
+        is_stored(part_path(parts_dir, r), request, r)
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
                          world_size=world_size, tolerance=None, **kwargs)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)

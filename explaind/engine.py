@@ -1036,13 +1036,17 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
 def _path_fix(attrs: dict) -> str:
     """What to change when the path integral misses, from the options the cube records."""
     unresolved = int(attrs["kink_segments_unresolved"])
+    if unresolved and attrs["kink_tolerance"] > 0:  # pieces still missing it: kinks, or curvature a node misses
+        return (f"The path integral misses where the kink search gave up: it left {unresolved} (step, input) "
+                f"segment(s) unresolved (more than max_kinks={attrs['max_kinks']} cuts, or pieces whose miss "
+                f"stayed above kink_tolerance={attrs['kink_tolerance']:g}) and integrated them plainly. Raise "
+                "max_kinks=... or quadrature=... until the cube's attribute kink_segments_unresolved is 0.")
     if unresolved:
-        settle = ", or a miss above kink_tolerance it could not settle" if attrs["kink_tolerance"] > 0 else ""
         return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
-                f"segment(s) unresolved (more kinks than max_kinks={attrs['max_kinks']}{settle}) and integrated "
-                "them plainly. Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
+                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. "
+                "Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
     if not attrs["breakpoints"]:
-        fix = "set breakpoints=True (locates the ReLU / max-pool kinks), or raise quadrature=..."
+        fix = "raise quadrature=..., or set breakpoints=True if the model has ReLU / max-pool kinks"
     elif attrs["kink_tolerance"] > 0:
         fix = f"lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates every kink), or raise quadrature=..."
     else:

@@ -198,7 +198,7 @@ EVAL_MODE = "keep it in eval mode for the whole run (.eval() before training, an
 
 
 def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
-    """Train-mode dropout and BatchNorm make f depend on more than (x, θ): refuse them.
+    """Train-mode dropout, RReLU and BatchNorm make f depend on more than (x, θ): refuse them.
     `when` says where the check ran (e.g. " at step 3"), for a model switched mid-run.
     InstanceNorm without running statistics normalises each sample by its own: a function of
     (x, θ) in any mode, so it passes."""
@@ -207,6 +207,9 @@ def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on random masks"
             fix = f"set p=0, {EVAL_MODE}, or remove it"
+        elif isinstance(module, nn.RReLU) and module.training and module.lower != module.upper:
+            cause = f"is a train-mode {kind}{when}: its negative slopes are drawn at random"
+            fix = f"{EVAL_MODE} (it then uses the mean slope), or use LeakyReLU"
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None \
                 and module.running_var is None:
             # eval mode does not help: without running statistics torch normalises with the batch's

@@ -213,9 +213,10 @@ def test_a_damaged_part_is_named_before_any_compute_and_recomputed_once_deleted(
 
 
 def test_a_part_of_any_dtype_reads_back_as_written(tmp_path):
-    """The digest survives zarr's round trip, which hands labels back in another string dtype,
-    times in nanoseconds, and a chunk of only NaN with another sign bit; a lost or changed
-    value is still caught, and a part that is gone is named as such."""
+    """The digest is taken of the part as read back, since zarr's round trip hands labels back
+    in another string dtype, object ids as integers, None as '', times in nanoseconds, and a
+    chunk of only NaN with another sign bit; a lost or changed value is still caught, and a part
+    that is gone is named as such."""
     negative_nan = -np.abs(np.float64(np.nan))  # the sign bit torch's 0/0 sets
     part = xr.Dataset(
         {"all_nan": ("test", np.full(3, negative_nan)), "some_nan": ("test", np.array([1.0, negative_nan, -0.0])),
@@ -224,16 +225,36 @@ def test_a_part_of_any_dtype_reads_back_as_written(tmp_path):
         coords={"test": np.array(["a", "bb", "c"], dtype=object), "day": ("test", np.arange(3).astype("datetime64[D]")),
                 "label": ("test", np.array(["x", "y", "z"]))},
     )
+    pandas_like = {"id": ("test", np.array([10, 11, 12], dtype=object)), "name": ("test", np.array(["a", None, "c"]))}
     path = tmp_path / "part-00000.zarr"
-    store_part(part, path, "request", 0)
-    xr.testing.assert_identical(read_part(path, "request", 0).drop_attrs(), part.drop_attrs())
+    store_part(part.assign_coords(pandas_like), path, "request", 0)
+    read = read_part(path, "request", 0)
+    assert read.attrs == {"resumable_request_sha256": "request", "resumable_part": 0}
+    xr.testing.assert_identical(read.drop_vars(pandas_like).drop_attrs(), part)
     array = zarr.open_array(path / "some_nan", mode="r+")
     array[0] = 2.0
     with pytest.raises(ex.InputError, match="part 0 at .* is damaged: its numbers differ"):
         read_part(path, "request", 0)
+    group = zarr.open_group(path, mode="r+", zarr_format=2)
+    del group.attrs["resumable_part_sha256"]  # as if killed between storing the part and its digest
+    with pytest.raises(ex.InputError, match="part 0 at .* is damaged: it has no digest"):
+        read_part(path, "request", 0)
     shutil.rmtree(path)
     with pytest.raises(ex.InputError, match="part 0 was stored, but .* is gone: parts_dir must be one folder"):
         read_part(path, "request", 0)
+
+
+def test_parts_labelled_by_a_pandas_column_of_ids_resume(run, tmp_path, computed_parts):
+    """Object ids (what a pandas column gives) are stored as integers: their parts still read back."""
+    ids = np.arange(100, 100 + len(run.test_x)).astype(object)
+
+    def call():
+        return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2,
+                                 test_ids=ids, **OPTIONS)
+    first = call()
+    xr.testing.assert_identical(call(), first)
+    assert computed_parts == [0, 1]  # the second call read both parts back
+    assert first["test"].values.tolist() == ids.tolist()
 
 
 def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):

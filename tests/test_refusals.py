@@ -90,8 +90,9 @@ class WithModule(nn.Module):
         return self.head(self.inner(x))
 
 
-@pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d")])
-def test_train_mode_dropout_and_batchnorm_at_record_time(tmp_path, module, name):
+@pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d"),
+                                          (nn.RReLU(), "RReLU")])
+def test_train_mode_dropout_rrelu_and_batchnorm_at_record_time(tmp_path, module, name):
     model = WithModule(module).double().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ex.UnsupportedError, match=says(name, "inner", "eval()")):
@@ -644,6 +645,11 @@ def test_residual_above_tolerance(tmp_path):
     with pytest.raises(ex.ReconstructionError, match=says("tolerance", "quadrature=", "tolerance=None")) as error:
         run.explain(quadrature=1, rule="midpoint", tolerance=1e-12)
     assert "breakpoints" not in str(error.value) and "float64" not in str(error.value)
+    # an error-controlled search cuts the smooth path into pieces until each meets the tolerance
+    cube = run.explain(quadrature=1, rule="midpoint", kink_tolerance=1e-9, tolerance=None)
+    assert cube.attrs["kink_segments_unresolved"] > 0
+    with pytest.raises(ex.ReconstructionError, match=says("gave up", "kink_tolerance=1e-09", "max_kinks=... or quadrature=")):
+        run.explain(quadrature=1, rule="midpoint", kink_tolerance=1e-9, tolerance=1e-12)
     cube = run.explain(quadrature=1, rule="midpoint", tolerance=None)
     assert cube.attrs["breakpoints"] == 1 and cube.attrs["kinks_located"] == 0  # asked for; none to locate
     assert cube.attrs["relative_residual"] > 1e-6  # reported, never hidden
