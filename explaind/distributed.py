@@ -76,7 +76,8 @@ def store_part(part: xr.Dataset, path: Path, request: str, rank: int, *, overwri
 
 
 # how a damaged part is computed again, for the fix of the error that names it
-DELETE_AND_RESUME = "delete it and call again: only that part is computed again"
+DELETE = "delete it and call again"  # a part that cannot be opened, which nothing overwrites
+DELETE_AND_RESUME = f"{DELETE}: only that part is computed again"
 CALL_AGAIN = "call again: every process computes its part again and replaces it"
 
 
@@ -89,8 +90,7 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
         with open_cube(path) as stored:
             attrs = dict(stored.attrs)
     except Exception as error:  # its metadata lost or changed: unreadable for zarr or json
-        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})",
-                       "delete it and call again") from error
+        raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})", DELETE) from error
     if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
         raise InputError(
             f"{path} holds a part computed for a different request (another history, model, "

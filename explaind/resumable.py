@@ -4,9 +4,9 @@ explain_resumable(...) computes the cube in parts, the shards of explaind.distri
 after another in this process (ranges of update steps, or shares of the test inputs), stores
 each finished part in `parts_dir` (written next to its place and moved there, so a part is
 either complete or absent) and merges the stored parts, each checked against the sha256 of its
-numbers that it was written with (a part damaged on disk is named, never merged). Calling it again after a crash reads
-the finished parts back and computes only the missing ones; the cube equals the one an
-uninterrupted call returns, exactly.
+numbers that it was written with (a part damaged on disk is named, never merged). Calling it
+again after a crash reads the finished parts back and computes only the missing ones; the cube
+equals the one an uninterrupted call returns, exactly.
 
 Each part records a fingerprint of its request: the history, the model's class, the inputs,
 the targets, every option that changes the result and the format of a part. A part stored for

@@ -251,6 +251,7 @@ def test_parts_labelled_by_a_pandas_column_of_ids_resume(run, tmp_path, computed
     def call():
         return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2,
                                  test_ids=ids, **OPTIONS)
+
     first = call()
     xr.testing.assert_identical(call(), first)
     assert computed_parts == [0, 1]  # the second call read both parts back
