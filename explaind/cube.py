@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 
@@ -56,7 +58,8 @@ def per_parameter(cube: xr.Dataset) -> xr.Dataset:
     and outputs the cube may keep."""
     if "parameter_score" not in cube:
         raise InputError("the cube holds no parameter scores: explain again with parameter_scores=True")
-    return xr.Dataset({name: cube[name].sum([d for d in cube[name].dims if d != "parameter"])
+    # skipna=False: a NaN score must reach keep_mask, which refuses it, rather than count as 0
+    return xr.Dataset({name: cube[name].sum([d for d in cube[name].dims if d != "parameter"], skipna=False)
                        for name in PARAMETER_SCORES if name in cube})
 
 
@@ -102,6 +105,9 @@ def test_labels(test_ids, n_test: int) -> np.ndarray:
     test_ids = np.arange(n_test) if test_ids is None else np.asarray(test_ids)
     if test_ids.ndim != 1 or len(test_ids) != n_test:
         raise InputError(f"got test_ids of shape {test_ids.shape} for {n_test} inputs: pass one id per input")
+    ids = pd.Index(test_ids)
+    if ids.has_duplicates:  # the cube's test labels select inputs: a repeated one could not be told apart
+        raise InputError(f"test_ids repeat {ids[ids.duplicated()].unique().tolist()[:10]}: pass a distinct id per input")
     return test_ids
 
 
@@ -228,6 +234,8 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
             os.replace(path, scratch / "old")
         os.replace(scratch / "new", path)
     finally:
+        if (scratch / "old").exists() and not path.exists():  # the new store did not move in
+            os.replace(scratch / "old", path)  # if even this fails, scratch keeps the old store
         shutil.rmtree(scratch, ignore_errors=True)
     return path
 
@@ -249,7 +257,7 @@ def _remove_killed_writes(path: Path) -> None:
     """The scratch folders of earlier saves to `path` that were killed while writing. One that
     holds an `old` store was killed between moving the old store aside and the new one in: it
     is kept, since it may hold the only copy of the old store."""
-    for scratch in path.parent.glob(_scratch_prefix(path) + "*"):
+    for scratch in path.parent.glob(glob.escape(_scratch_prefix(path)) + "*"):  # names may hold [ ] * ?
         if scratch.is_dir() and not (scratch / "old").exists():
             shutil.rmtree(scratch)
 

@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs
+from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs, step_range
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
@@ -44,8 +44,15 @@ def random_subsets(n_train: int, n_subsets: int, fraction: float, seed: int) -> 
 
 @torch.no_grad()
 def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(y | x) of a model returning log-probabilities (or logits): [N]."""
-    out = torch.log_softmax(model(inputs), dim=-1)
+    """log p(y | x) of a model returning log-probabilities (or logits): [N], in eval mode (dropout
+    off, BatchNorm on its running statistics: each input's value must not depend on its batch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = torch.log_softmax(model(inputs), dim=-1)
+    finally:
+        model.train(was_training)
     return out.gather(1, targets.reshape(-1, 1).to(out.device)).squeeze(1).cpu()
 
 
@@ -78,9 +85,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
     labelled by dataset index. loss and output_fn as in explain(): the per-sample loss of a
     history recorded with a custom one, and what is explained of the model's output.
     """
-    start, stop = (0, history.n_steps) if steps is None else steps
-    if not 0 <= start < stop <= history.n_steps:
-        raise InputError(f"steps={steps} must satisfy 0 ≤ start < stop ≤ {history.n_steps}")
+    start, stop = step_range(steps, history.n_steps)
     history.check_model(model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     loss = recorded_loss(history.loss, loss)

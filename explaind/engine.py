@@ -310,7 +310,11 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     if isinstance(outputs, str) and outputs == "true":
         if targets is None:
             raise InputError("outputs='true' needs the test targets: pass targets=...")
-        targets = torch.as_tensor(targets).long().reshape(-1)
+        targets = torch.as_tensor(targets).reshape(-1)
+        if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+            raise InputError(f"targets must be class indices, got {targets.dtype} values that are not whole "
+                             f"numbers (e.g. {targets[targets != targets.round()][0].item()}): pass the classes")
+        targets = targets.long()
         if len(targets) != len(inputs):
             raise InputError(f"got {len(targets)} targets for {len(inputs)} inputs: pass one per input")
         if targets.min() < 0 or targets.max() >= n_total:
@@ -343,8 +347,8 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     return torch.tensor(chosen).expand(len(inputs), -1), chosen
 
 
-def checked_steps(steps, n_steps: int, convention: str, parameter_scores: bool) -> tuple[int, int]:
-    """The [start, stop) of the update steps explain(steps=...) explains, refused if it cannot."""
+def step_range(steps, n_steps: int) -> tuple[int, int]:
+    """steps=(start, stop) checked to be a window of a run of n_steps steps; None: all of them."""
     if steps is None:
         return 0, n_steps
     bounds = _integers(steps)
@@ -353,6 +357,14 @@ def checked_steps(steps, n_steps: int, convention: str, parameter_scores: bool) 
     start, stop = bounds.tolist()
     if not 0 <= start < stop <= n_steps:
         raise InputError(f"steps={steps!r} must satisfy 0 ≤ start < stop ≤ {n_steps} (the number of steps)")
+    return start, stop
+
+
+def checked_steps(steps, n_steps: int, convention: str, parameter_scores: bool) -> tuple[int, int]:
+    """The [start, stop) of the update steps explain(steps=...) explains, refused if it cannot."""
+    if steps is None:
+        return 0, n_steps
+    start, stop = step_range(steps, n_steps)
     if convention != "update":
         raise InputError(
             "steps=(start, stop) needs convention='update': with the gradient-step convention "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .errors import InputError
+from .errors import InputError, is_whole
 
 COSINE_OVER = ("train", "component")
 
@@ -38,11 +38,16 @@ def data_scores(cube: xr.Dataset) -> xr.DataArray:
 
 
 def step_scores(cube: xr.Dataset, include_decay: bool = True) -> xr.DataArray:
-    """Which steps moved each prediction: Σ_train Σ_component ψ, plus the decay term."""
+    """Which steps moved each prediction: Σ_train Σ_component ψ, plus the decay term, plus what
+    momentum carried into a window from before its replay (`carried`, in a cube explained with
+    steps=... and replay=...), so that the scores of a window still add up to its change."""
     attribution = _require(cube, "step")
-    scores = _sum_except(attribution, ("step", "test", "output"))
+    keep = ("step", "test", "output")
+    scores = _sum_except(attribution, keep)
     if include_decay:
-        scores = scores + _sum_except(cube["regularization"], ("step", "test", "output"))
+        scores = scores + _sum_except(cube["regularization"], keep)
+    if "carried" in cube:
+        scores = scores + _sum_except(cube["carried"], keep)
     return scores
 
 
@@ -81,22 +86,29 @@ def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dic
     """The k most helpful (largest positive) and most harmful (most negative) training samples
     for one input. Only positive scores are helpful and only negative ones harmful, so either
     list holds fewer than k samples when fewer scores have that sign."""
-    scores = data_scores(cube).sel(test=_test_label(cube, test))
-    if "output" in scores.dims:
-        labels = scores["output"].values.tolist()
-        if output is None and len(labels) > 1:
-            raise InputError(f"the cube keeps several outputs: pass output=... to choose one of {labels}")
-        if output is not None and output not in labels:
-            raise InputError(f"output={output!r} is not in the cube: choose one of {labels}")
-        scores = scores.isel(output=labels.index(labels[0] if output is None else output))
+    if not is_whole(k) or k < 0:
+        raise InputError(f"k={k!r} must be a whole number ≥ 0 of samples to list")
+    scores = _one_output(data_scores(cube).sel(test=_test_label(cube, test)), output)
     if bool(np.isnan(scores.values).any()):
         raise InputError(f"the data scores of test input {test!r} contain NaN: the cube holds non-finite "
                          "attributions; explain again from a finite run")
     order = np.argsort(scores.values)
-    helpful = order[::-1][:k]
-    harmful = order[:k]
+    helpful = order[::-1][:int(k)]
+    harmful = order[:int(k)]
     return {"helpful": scores.isel(train=helpful[scores.values[helpful] > 0]),
             "harmful": scores.isel(train=harmful[scores.values[harmful] < 0])}
+
+
+def _one_output(scores: xr.DataArray, output) -> xr.DataArray:
+    """The scores of one explained output: `output`, or the only one the cube keeps."""
+    if "output" not in scores.dims:
+        return scores
+    labels = scores["output"].values.tolist()
+    if output is None and len(labels) > 1:
+        raise InputError(f"the cube keeps several outputs: pass output=... to choose one of {labels}")
+    if output is not None and output not in labels:
+        raise InputError(f"output={output!r} is not in the cube: choose one of {labels}")
+    return scores.isel(output=labels.index(labels[0] if output is None else output))
 
 
 def _test_label(cube: xr.Dataset, test):
@@ -108,14 +120,17 @@ def _test_label(cube: xr.Dataset, test):
     return test
 
 
-def cosine_similarity(cube: xr.Dataset, over: str = "train") -> xr.DataArray:
-    """Cosine similarity of the test inputs' score vectors over `over` (train or component)."""
+def cosine_similarity(cube: xr.Dataset, over: str = "train", output=None) -> xr.DataArray:
+    """Cosine similarity of the test inputs' score vectors over `over` (train or component), for
+    one explained output (`output`, or the only one the cube keeps: summing the scores of
+    several outputs would let them cancel). An input whose vector is zero has no direction: NaN."""
     if over not in COSINE_OVER:
         raise InputError(f"over={over!r}: the score vectors run over one of {list(COSINE_OVER)}")
     attribution = _require(cube, over, "test")
-    vectors = _sum_except(attribution, (over, "test")).transpose("test", over).values
+    scores = _one_output(_sum_except(attribution, (over, "test", "output")), output)
+    vectors = scores.transpose("test", over).values
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.where(norms > 0, norms, 1.0)
+    unit = vectors / np.where(norms > 0, norms, np.nan)
     test = cube["test"].values
     return xr.DataArray(unit @ unit.T, dims=("test", "test_other"),
                         coords={"test": test, "test_other": test})

@@ -24,6 +24,7 @@ import xarray as xr
 from torch.func import vjp, vmap
 from tqdm.auto import tqdm
 
+from .components import ComponentSpec, group_tensors
 from .cube import per_parameter
 from .errors import InputError
 from .functional import FlatModel, ParamLayout
@@ -165,8 +166,10 @@ def split_scores(group_scores: dict[str, torch.Tensor], member: np.ndarray, thet
 # --------------------------------------------------------------------------- masks
 
 
-def prunable_mask(layout: ParamLayout, components: dict[str, list[str]], protected: Sequence[str]) -> torch.Tensor:
-    """[D] True where a coordinate may be pruned (outside the protected components)."""
+def prunable_mask(layout: ParamLayout, components: ComponentSpec, protected: Sequence[str]) -> torch.Tensor:
+    """[D] True where a coordinate may be pruned (outside the protected components). components:
+    any form explain() takes (tensor names or module prefixes per component, a function, ...)."""
+    components = group_tensors(layout.names, components)
     unknown = sorted(set(protected) - set(components))
     if unknown:
         raise InputError(f"protected components {unknown} do not exist; the components are {list(components)}")
@@ -174,8 +177,9 @@ def prunable_mask(layout: ParamLayout, components: dict[str, list[str]], protect
     return torch.cat([torch.full((size,), name not in blocked) for name, size in zip(layout.names, layout.sizes)])
 
 
-def component_coordinates(layout: ParamLayout, components: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """Each component's coordinates in the flat vector."""
+def component_coordinates(layout: ParamLayout, components: ComponentSpec) -> dict[str, torch.Tensor]:
+    """Each component's coordinates in the flat vector (components: as for prunable_mask)."""
+    components = group_tensors(layout.names, components)
     slices = layout.slices()
     return {c: torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
             for c, names in components.items()}

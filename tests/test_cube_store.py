@@ -3,7 +3,9 @@ exactly, and writes nothing zarr flags as unstable."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +76,33 @@ def test_a_failed_write_keeps_the_old_store(cube, tmp_path, monkeypatch):
         ex.save_cube(cube * 2, tmp_path / "c.zarr", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
     np.testing.assert_array_equal(ex.open_cube(tmp_path / "c.zarr")["attribution"].values, cube["attribution"].values)
+
+
+def test_a_store_that_fails_to_move_in_puts_the_old_one_back(cube, tmp_path, monkeypatch):
+    ex.save_cube(cube, tmp_path / "c.zarr")
+    replace = os.replace
+
+    def refuse_the_new_store(source, target):  # e.g. the path was taken again in between
+        if Path(source).name == "new":
+            raise OSError("simulated failure moving the new store into place")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new_store)
+    with pytest.raises(OSError, match="simulated"):
+        ex.save_cube(cube * 2, tmp_path / "c.zarr", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
+    np.testing.assert_array_equal(ex.open_cube(tmp_path / "c.zarr")["attribution"].values, cube["attribution"].values)
+
+
+def test_killed_writes_are_matched_by_the_stores_literal_name(cube, tmp_path):
+    """`[1]` in a store's name is no glob character class: the scratch folder of `cube[1].zarr` is
+    cleaned up, and that of `cube1.zarr`, which another save may still be writing, is left alone."""
+    own = tmp_path / ".cube[1].zarr.explaind-partial-killed" / "new"
+    other = tmp_path / ".cube1.zarr.explaind-partial-writing" / "new"
+    own.mkdir(parents=True)
+    other.mkdir(parents=True)
+    ex.save_cube(cube, tmp_path / "cube[1].zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.parent.name, "cube[1].zarr"]
 
 
 def test_only_a_store_save_cube_wrote_is_replaced(cube, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from torch import nn
 import xarray as xr
 
 import explaind as ex
@@ -106,9 +107,17 @@ def test_subset_outputs_record_the_true_class_log_probability():
     logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
     trained = []
 
-    def fake_train(indices):  # a "model" whose outputs scale with the subset's size
+    class Scaled(nn.Module):  # a "model" whose outputs scale with the subset's size
+        def __init__(self, size):
+            super().__init__()
+            self.size = size
+
+        def forward(self, x):
+            return x * self.size
+
+    def fake_train(indices):
         trained.append(indices.tolist())
-        return lambda x: x * len(indices)
+        return Scaled(len(indices))
 
     subsets = torch.tensor([[True, False, True], [True, True, True]])
     outputs = datamodels.subset_outputs(fake_train, subsets, logits, torch.tensor([1, 0]), progress=False)
@@ -247,6 +256,29 @@ def test_a_column_holding_nan_has_no_rank_correlation():
     actual = np.array([[1.0, 1.0], [np.nan, 2.0], [3.0, 3.0], [2.0, 4.0]])  # a diverged retraining in column 0
     rho = datamodels.lds(actual, np.arange(8.0).reshape(4, 2))
     assert np.isnan(rho[0]) and rho[1] == pytest.approx(1.0)
+
+
+def test_true_class_log_probs_are_the_eval_mode_outputs_and_leave_the_mode_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 2)).double()
+    model[2].running_mean.normal_()  # running statistics unlike those of any batch
+    model[2].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    w, b = model[0].weight, model[0].bias
+    hidden = (x @ w.T + b - model[2].running_mean) / torch.sqrt(model[2].running_var + model[2].eps)
+    by_hand = F.log_softmax(model[3](hidden * model[2].weight + model[2].bias), -1)[torch.arange(5), y]
+    model.train()
+    first = datamodels.true_class_log_probs(model, x, y)
+    assert model.training and not first.requires_grad
+    torch.testing.assert_close(first, by_hand.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(datamodels.true_class_log_probs(model, x[:1], y[:1]), first[:1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("steps", [(0.5, 2), "ab", (2,)])
+def test_tracin_refuses_a_malformed_step_window(recorded, steps):
+    with pytest.raises(InputError, match=r"must be two whole numbers \(start, stop\)"):
+        datamodels.tracin_scores(ex.History(recorded.path), recorded.model, recorded.test_x, recorded.test_y,
+                                 steps=steps, progress=False)
 
 
 def test_tracin_refuses_inputs_and_targets_the_model_cannot_take(recorded):

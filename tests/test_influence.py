@@ -78,12 +78,35 @@ def test_top_training_samples_of_a_single_output_need_no_choice():
     assert top["helpful"].equals(top_training_samples(cube, test=1, k=2, output="true")["helpful"])
 
 
-def test_cosine_similarity_matches_numpy():
+def test_step_scores_of_a_window_count_what_momentum_carried_into_it():
     cube = make_cube()
-    v = cube.attribution.values.sum((0, 1, 4)).T  # test × train
-    expected = (v @ v.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
-    np.testing.assert_allclose(cosine_similarity(cube).values, expected)
-    np.testing.assert_allclose(np.diag(cosine_similarity(cube).values), 1.0)
+    carried = np.random.default_rng(1).normal(size=cube.regularization.shape)  # as explain(steps=, replay=) books it
+    cube["carried"] = (cube.regularization.dims, carried)
+    a, r = cube.attribution.values, cube.regularization.values
+    np.testing.assert_allclose(step_scores(cube).transpose("step", "test", "output").values,
+                               a.sum((1, 2)) + r.sum(1) + carried.sum(1))
+    np.testing.assert_allclose(step_scores(cube, include_decay=False).transpose("step", "test", "output").values,
+                               a.sum((1, 2)) + carried.sum(1))
+
+
+def test_cosine_similarity_matches_numpy_for_each_output():
+    cube = make_cube()
+    for output in (0, 1):
+        v = cube.attribution.values.sum((0, 1))[..., output].T  # test × train
+        expected = (v @ v.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
+        np.testing.assert_allclose(cosine_similarity(cube, output=output).values, expected)
+        np.testing.assert_allclose(np.diag(cosine_similarity(cube, output=output).values), 1.0)
+    with pytest.raises(InputError, match=r"several outputs.*\[0, 1\]"):  # summed, outputs would cancel
+        cosine_similarity(cube)
+    single = make_cube(out=1)
+    np.testing.assert_array_equal(cosine_similarity(single).values, cosine_similarity(single, output=0).values)
+
+
+def test_a_zero_score_vector_has_no_cosine():
+    cube = make_cube(out=1)
+    cube["attribution"][:, :, :, 1] = 0.0  # test input 1: no training sample moved it
+    cosine = cosine_similarity(cube).values
+    assert np.isnan(cosine[1]).all() and np.isnan(cosine[:, 1]).all() and cosine[0, 0] == pytest.approx(1.0)
 
 
 def test_summed_dim_is_a_clear_error():
@@ -116,7 +139,8 @@ def test_a_nan_in_the_cube_shows_in_every_score():
     assert np.isnan(step_scores(cube).sel(step=0, test=0, output=0))
     assert np.isnan(component_shares(cube).sel(step=0)).all()
     assert np.isnan(decay_share(cube).sel(step=0)) and not np.isnan(decay_share(cube).sel(step=1))
-    assert np.isnan(cosine_similarity(cube).values[0]).all()
+    assert np.isnan(cosine_similarity(cube, output=0).values[0]).all()
+    assert not np.isnan(cosine_similarity(cube, output=1).values).any()
     with pytest.raises(InputError, match="contain NaN"):
         top_training_samples(cube, test=0, output=0)
 
@@ -127,6 +151,12 @@ def test_top_training_samples_keep_only_scores_of_their_sign():
     top = top_training_samples(cube, test=1, k=100, output=0)
     assert (top["helpful"].values > 0).all() and (top["harmful"].values < 0).all()
     assert len(top["helpful"]) == (scores > 0).sum() and len(top["harmful"]) == (scores < 0).sum()
+
+
+@pytest.mark.parametrize("k", [-1, 2.5, True])
+def test_top_training_samples_need_a_count(k):
+    with pytest.raises(InputError, match=rf"k={k!r} must be a whole number ≥ 0"):
+        top_training_samples(make_cube(), test=1, k=k, output=0)
 
 
 @pytest.mark.parametrize("test", [99, [0, 1]])

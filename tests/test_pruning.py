@@ -11,6 +11,7 @@ from torch import nn
 
 import explaind as ex
 from explaind import InputError, pruning
+from explaind.cube import per_parameter
 from explaind.functional import FlatModel, ParamLayout
 from explaind.losses import BUILTIN_LOSSES
 
@@ -86,6 +87,10 @@ def test_prunable_mask_and_component_coordinates():
     assert coordinates["hidden"].tolist() == list(range(6)) and coordinates["output"].tolist() == [6, 7]
     with pytest.raises(InputError, match=r"protected components \['head'\] do not exist"):
         pruning.prunable_mask(layout, components, ["head"])
+    prefixes = {"hidden": ["a"], "output": ["out"]}  # module prefixes, as explain(components=...) takes them
+    assert pruning.prunable_mask(layout, prefixes, ["output"]).tolist() == [True] * 6 + [False] * 2
+    assert {c: t.tolist() for c, t in pruning.component_coordinates(layout, prefixes).items()} == \
+        {c: t.tolist() for c, t in coordinates.items()}
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -175,6 +180,15 @@ def test_cube_scores_follow_the_layout_order():
     assert pruning.cube_scores(per_input, layout)["explaind"].tolist() == [3.0, 6.0, 30.0, 33.0, 36.0]
     with pytest.raises(InputError, match="parameter_scores=True"):
         pruning.cube_scores(cube.drop_vars("parameter_score"), layout)
+
+
+def test_a_nan_score_of_one_input_reaches_keep_mask_which_refuses_it():
+    per_input = xr.Dataset({"parameter_score": (("test", "parameter"), np.array([[1.0, np.nan, 3.0],
+                                                                                 [1.0, 2.0, 4.0]]))})
+    scores = per_parameter(per_input)["parameter_score"].values
+    assert scores[0] == 2.0 and np.isnan(scores[1]) and scores[2] == 7.0  # not 2.0: NaN is no zero
+    with pytest.raises(InputError, match="contain NaN"):
+        pruning.keep_mask(torch.from_numpy(scores), 0.5, torch.ones(3, dtype=torch.bool))
 
 
 def test_explaind_scores_of_groups_are_sums_of_the_scores_per_input(recorded):

@@ -505,6 +505,8 @@ def test_true_outputs_need_targets(run, no_heavy_compute):
         ex.explain(run.path, run.model, run.test_x, run.test_y[:2], outputs="true", progress=False)
     with pytest.raises(ex.InputError, match=says("targets", "0 … 2")):
         ex.explain(run.path, run.model, run.test_x, run.test_y + 5, outputs="true", progress=False)
+    with pytest.raises(ex.InputError, match=says("class indices", "not whole numbers", "0.5")):
+        ex.explain(run.path, run.model, run.test_x, run.test_y + 0.5, outputs="true", progress=False)
 
 
 def test_unknown_keep_dim(run, no_heavy_compute):
@@ -681,6 +683,7 @@ def test_save_cube_refuses_to_overwrite(run, tmp_path):
     (dict(components=lambda n: None), ("components", "None", "non-empty strings")),
     (dict(keep="trian"), ("['trian']", "choose among")),
     (dict(test_ids=["a", "b"]), ("test_ids of shape (2,)", "one id per input")),
+    (dict(test_ids=["a", "b", "a"]), ("test_ids repeat ['a']", "distinct id")),
 ])
 def test_malformed_arguments(run, no_heavy_compute, kwargs, words):
     with pytest.raises(ex.InputError, match=says(*words)):
