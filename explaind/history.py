@@ -26,6 +26,7 @@ file is on disk (fsync + atomic rename), so a crash leaves at worst an ignored o
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -113,6 +114,16 @@ def _is_history(path: Path) -> bool:
         return False
 
 
+def _killed_at_start(path: Path) -> bool:
+    """A folder that a Recorder was killed in while writing θ_0 or meta.json: only history
+    files (no meta.json yet) and an empty steps/."""
+    names = {name for base in HISTORY_FILES for name in (base, base + ".tmp")} - {"meta.json"}
+    entries = list(path.iterdir())
+    steps = path / "steps"
+    return bool(entries) and all(e.name in names and e.is_file() for e in entries if e != steps) \
+        and (not steps.exists() or (steps.is_dir() and not any(steps.iterdir())))
+
+
 def _remove_history(path: Path) -> None:
     """Delete the files of the history at `path`, and nothing else the directory holds."""
     for name in HISTORY_FILES:
@@ -136,14 +147,34 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
 
 
+# JSON turns every key into a string: a dict with other keys (MultiStepLR's milestones, a
+# Counter of step numbers) is stored as its items under this key, and restored as it was
+_KEYED = "__explaind_items__"
+
+
 def _plain(value):
     """0-d tensors (a tensor lr, ...) as numbers, so that JSON can store them."""
     if torch.is_tensor(value) and value.dim() == 0:
         return value.item()
+    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+        return {_KEYED: [[_plain(k), _plain(v)] for k, v in value.items()],
+                "counter": isinstance(value, collections.Counter)}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    return value
+
+
+def _unplain(value):
+    """What _plain stored, with the keys and Counters of its dicts restored."""
+    if isinstance(value, dict) and _KEYED in value:
+        items = {_unplain(k): _unplain(v) for k, v in value[_KEYED]}
+        return collections.Counter(items) if value.get("counter") else items
+    if isinstance(value, dict):
+        return {k: _unplain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
     return value
 
 
@@ -299,7 +330,7 @@ class Recorder:
         overwrite: bool = False,
         _resume_from: int | None = None,
     ):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # the loop may change the working directory
         self.model = module_of(model)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -311,6 +342,9 @@ class Recorder:
         refuse_stochastic_modules(model)
         self.layout = layout_of(model)
         self._params = trainable_parameters(model)
+        if not self._params:
+            raise InputError("the model has no trainable parameter (every one has requires_grad=False): a run "
+                             "that trains nothing has no history. Fix: unfreeze the parameters to train")
         self._group_of = self._param_groups()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._gradient_scale: float | None = None  # this step's clipping factor, once clipped
@@ -364,14 +398,14 @@ class Recorder:
                 f"{self.path} is a file, not a directory: a history is a directory of files. "
                 "Fix: pass the path of a new (or empty) directory"
             )
-        if self.path.exists() and any(self.path.iterdir()):
-            self._replace_existing(overwrite)
-        if any(len(s) for s in self.optimizer.state.values()):
+        if any(len(s) for s in self.optimizer.state.values()):  # refused before any old history is replaced
             raise UnsupportedError(
                 "the optimizer already has state (momentum buffers or moments) from earlier "
                 "steps, which the history would miss. Fix: record from a freshly built "
                 "optimizer, or continue a recorded run with Recorder.resume(...)"
             )
+        if self.path.exists() and any(self.path.iterdir()):
+            self._replace_existing(overwrite)
         (self.path / "steps").mkdir(parents=True, exist_ok=True)
         self.step = 0
         self._last = {n: _cpu(p) for n, p in self._params.items()}
@@ -402,8 +436,14 @@ class Recorder:
         _write_atomic(self.path / "meta.json", _json_bytes(meta))
 
     def _replace_existing(self, overwrite: bool) -> None:
-        """Only a history may be replaced, and only its own files are deleted."""
-        if not _is_history(self.path):
+        """Only a history (or what a recording killed as it started left) may be replaced, and
+        only its own files are deleted."""
+        if _killed_at_start(self.path) and not overwrite:
+            raise HistoryError(
+                f"{self.path} holds what a recording killed as it started left (no meta.json yet): "
+                "no step was recorded. Fix: record it again with overwrite=True, or choose another directory"
+            )
+        if not _is_history(self.path) and not _killed_at_start(self.path):
             raise InputError(
                 f"{self.path} holds files but no explaind history (no meta.json of format "
                 f"{FORMAT!r}), so nothing there is replaced. Fix: choose a new or empty directory"
@@ -728,7 +768,8 @@ class Recorder:
         if history.closed:
             raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
         history.check_model(model)
-        path = Path(path)
+        _refuse_another_setup(history, model, optimizer)
+        path = history.path
         info = _read_resume_info(path)
         declared = _resumed_loss(history, loss, reduction)
         if scheduler is None and info["scheduler"] is not None:
@@ -752,9 +793,13 @@ class Recorder:
         _keep_manifest_lines(path, history.manifest[:step])
         history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
         tensors = _read_resume_tensors(path, info)
-        named = dict(module_of(model).named_parameters())
+        named = {**dict(module_of(model).named_parameters()), **dict(module_of(model).named_buffers())}
+        restored = {**history.params(step), **history.constants()}  # θ, and the constants it was trained with
+        if set(restored) - set(named):
+            raise InputError(f"the model lacks the recorded frozen tensors or buffers {sorted(set(restored) - set(named))[:5]}"
+                             f" of {path}: pass the architecture that was trained")
         with torch.no_grad():
-            for name, value in history.params(step).items():
+            for name, value in restored.items():
                 named[name].copy_(value)
         opt_state: dict = {}
         for key, value in tensors.items():
@@ -763,7 +808,7 @@ class Recorder:
                 opt_state.setdefault(int(idx), {})[name] = value
         optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
         if scheduler is not None and info["scheduler"] is not None:
-            scheduler.load_state_dict(info["scheduler"])
+            scheduler.load_state_dict(_unplain(info["scheduler"]))
             if not info["scheduler_stepped"]:
                 _catch_up(scheduler, info, path)
         torch.set_rng_state(tensors["rng/cpu"])
@@ -773,6 +818,22 @@ class Recorder:
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
         recorder._seen, recorder._class_of = seen, class_of
         return recorder
+
+
+def _refuse_another_setup(history: "History", model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A resume continues the recorded run: another dtype, optimizer or group count would mix
+    two runs in one history (and fail deep inside torch's load_state_dict)."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in trainable_parameters(model).values()}
+    recorded = {p["dtype"] for p in history.meta["params"]}
+    if dtypes != recorded:
+        raise InputError(f"{history.path} was recorded in {sorted(recorded)}, the model to resume is in "
+                         f"{sorted(dtypes)}: one history holds one precision. Fix: convert the model first, "
+                         f"e.g. model.to({', '.join(f'torch.{d}' for d in sorted(recorded))})")
+    kind, groups = optimizer_kind(optimizer), len(optimizer.param_groups)
+    if (kind, groups) != (history.optimizer, history.meta["n_groups"]):
+        raise InputError(f"{history.path} was recorded with {history.optimizer} over {history.meta['n_groups']} "
+                         f"parameter group(s), the resume was given {kind} over {groups}: a resume continues "
+                         "the recorded run. Fix: build the optimizer as the killed run did")
 
 
 def _class_conflict(class_of: dict[int, tuple[int, int]], indices: torch.Tensor, targets: torch.Tensor,
@@ -952,7 +1013,13 @@ class History:
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # the caller may change the working directory
+        if self.path.is_dir() and _killed_at_start(self.path):
+            raise HistoryError(
+                f"{self.path} holds what a recording killed as it started left (no meta.json yet): no "
+                "step was recorded, so there is nothing to open or resume. Fix: record the run again, "
+                "with Recorder(..., overwrite=True) on this path"
+            )
         if not (self.path / "meta.json").is_file():
             raise HistoryError(
                 f"{self.path} is not a training history (no meta.json): record one with "

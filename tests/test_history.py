@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -969,3 +970,139 @@ def test_an_unclipped_step_stores_no_gradient_scale_and_reads_as_one(tmp_path):
         sgd_steps(rec, model, optimizer, x, y, 0, 3)
     assert all("gradient_scale" not in line for line in manifest(tmp_path / "h"))
     assert [rec.gradient_scale for rec in ex.History(tmp_path / "h").steps()] == [1.0] * 3
+
+
+# --------------------------------------------------------------------------- from a second probe of recording
+
+
+def test_overwrite_keeps_the_old_history_when_the_new_recording_is_refused(tmp_path):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+    before = files_on_disk(tmp_path / "h")
+    with pytest.raises(ex.UnsupportedError, match="already has state"):  # this optimizer has stepped
+        ex.Recorder(tmp_path / "h", model, optimizer, overwrite=True)
+    assert files_on_disk(tmp_path / "h") == before
+
+
+class WithConstants(torch.nn.Module):
+    """A frozen scale and a buffer shift between two trained layers."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+        self.scale = torch.nn.Parameter(torch.rand(6, dtype=torch.float64) + 0.5, requires_grad=False)
+        self.register_buffer("shift", torch.randn(6, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * self.scale + self.shift)
+
+
+def test_resume_restores_the_recorded_frozen_parameters_and_buffers(tmp_path):
+    x, y = tiny_data()
+    for name, crash_at in (("whole", None), ("crashed", 2)):
+        model = WithConstants(0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with pytest.raises(Crash) if crash_at else nullcontext(), ex.Recorder(tmp_path / name, model, optimizer) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 6, crash_at=crash_at)
+    model = WithConstants(1)  # other constants, as a fresh process would build them
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ex.Recorder.resume(tmp_path / "crashed", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, rec.step, 6)
+    assert torch.equal(model.scale, WithConstants(0).scale) and torch.equal(model.shift, WithConstants(0).shift)
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("other", ["float32 model", "Adam", "two groups"])
+def test_resume_refuses_another_precision_optimizer_or_grouping(tmp_path, other):
+    model, optimizer, _ = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at=2)
+    if other == "float32 model":
+        model.float()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        words = r"recorded in \['float64'\], the model to resume is in \['float32'\].*model.to\(torch.float64\)"
+    elif other == "Adam":
+        optimizer = torch.optim.Adam(model.parameters())
+        words = r"recorded with sgd over 1 parameter group\(s\), the resume was given adam over 1"
+    else:
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, momentum=0.9)
+        words = r"recorded with sgd over 1 parameter group\(s\), the resume was given sgd over 2"
+    before = files_on_disk(tmp_path / "h")
+    with pytest.raises(ex.InputError, match=f"(?s){words}"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=step_lr(optimizer))
+    assert files_on_disk(tmp_path / "h") == before
+
+
+def test_a_resumed_multistep_schedule_keeps_its_milestones(tmp_path):
+    """MultiStepLR keeps its milestones in a Counter of step numbers, which JSON would turn into
+    strings: the resumed run would then never reach them."""
+    def multistep(optimizer):
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[4, 6], gamma=0.1)
+
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = multistep(optimizer)
+    with ex.Recorder(tmp_path / "whole", model, optimizer, scheduler=scheduler) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler)
+    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "crashed", multistep, crash_at=4)
+    with ex.Recorder.resume(tmp_path / "crashed", model, optimizer, scheduler=scheduler) as rec:
+        sgd_steps(rec, model, optimizer, x, y, rec.step, 8, scheduler=scheduler)
+    rates = [[line["groups"][0]["lr"] for line in manifest(tmp_path / name)] for name in ("whole", "crashed")]
+    assert rates[0] == rates[1] and rates[0][-1] == pytest.approx(1e-3)  # both milestones passed
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
+def test_a_recording_killed_as_it_started_is_named_and_replaced_with_overwrite(tmp_path, monkeypatch):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    write = ex.history._write_atomic
+
+    def killed_writing_meta(path, data):
+        if path.name == "meta.json":
+            path.with_name("meta.json.tmp").write_bytes(data[:10])
+            raise Crash("killed while writing meta.json")
+        write(path, data)
+
+    monkeypatch.setattr(ex.history, "_write_atomic", killed_writing_meta)
+    with pytest.raises(Crash):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+    monkeypatch.undo()
+    assert sorted(f.name for f in (tmp_path / "h").iterdir()) == ["initial.safetensors", "meta.json.tmp", "steps"]
+    for call in (lambda: ex.History(tmp_path / "h"), lambda: ex.Recorder.resume(tmp_path / "h", model, optimizer)):
+        with pytest.raises(ex.HistoryError, match="(?s)killed as it started.*overwrite=True"):
+            call()
+    with pytest.raises(ex.HistoryError, match="(?s)killed as it started.*overwrite=True"):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+    with ex.Recorder(tmp_path / "h", model, optimizer, overwrite=True) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    assert ex.History(tmp_path / "h").n_steps == 2
+
+
+def test_a_relative_path_stays_where_it_was_when_the_loop_changes_directory(tmp_path, monkeypatch):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with ex.Recorder("h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+        monkeypatch.chdir(tmp_path / "b")
+        sgd_steps(rec, model, optimizer, x, y, 2, 4)
+    assert not (tmp_path / "b" / "h").exists()
+    monkeypatch.chdir(tmp_path / "a")
+    history = ex.History("h")
+    monkeypatch.chdir(tmp_path / "b")
+    assert history.n_steps == 4 and history.params(4).keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_a_model_with_nothing_to_train_is_refused(tmp_path):
+    model = tiny().requires_grad_(False)
+    with pytest.raises(ex.InputError, match="(?s)no trainable parameter.*Fix"):
+        ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not (tmp_path / "h").exists()
