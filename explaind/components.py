@@ -14,12 +14,13 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern if pattern.endswith(".") else pattern + ".")
 
 
-def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[str, list[str]]:
+def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, complete: bool = True) -> dict[str, list[str]]:
     """Map component name -> tensor names, every tensor in exactly one component.
 
     spec: "tensor" (one component per tensor), "module" (tensors grouped by the module that
     owns them, e.g. "mlp.fc_in.weight" -> "mlp.fc_in"), a mapping component -> tensor names or
-    module prefixes, or a function tensor name -> component name.
+    module prefixes, or a function tensor name -> component name. complete=False lets a
+    mapping leave tensors out (in no component); each of its components must still match one.
     """
     if spec == "tensor":
         return {n: [n] for n in names}
@@ -28,8 +29,10 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[
     elif callable(spec):
         fn = spec
     elif isinstance(spec, Mapping):
-        def fn(n: str) -> str:
+        def fn(n: str) -> str | None:
             owners = [c for c, patterns in spec.items() if any(_matches(n, p) for p in patterns)]
+            if not owners and not complete:
+                return None
             if len(owners) != 1:
                 where = f"in components {owners}" if owners else "in no component"
                 raise InputError(
@@ -45,6 +48,8 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor") -> dict[
     groups: dict[str, list[str]] = {}
     for n in names:
         component = fn(n)
+        if component is None and not complete and isinstance(spec, Mapping):
+            continue
         if not isinstance(component, str) or not component:  # labels of the cube's component dim
             raise InputError(
                 f"components maps {n!r} to {component!r}: component names must be non-empty "

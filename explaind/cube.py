@@ -227,16 +227,19 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_writes(path)
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path)))  # nobody else's name
+    moved_in = False
     try:
         marked = cube.assign_attrs({STORE_MARK: _version()})  # a copy: the caller's cube is left as it is
         marked.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
         if path.exists():  # moved aside, not deleted, until the new store is in place
             os.replace(path, scratch / "old")
         os.replace(scratch / "new", path)
+        moved_in = True
     finally:
-        if (scratch / "old").exists() and not path.exists():  # the new store did not move in
-            os.replace(scratch / "old", path)  # if even this fails, scratch keeps the old store
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not moved_in and (scratch / "old").exists() and not path.exists():
+            os.replace(scratch / "old", path)  # the old store goes back
+        if moved_in or not (scratch / "old").exists():  # else scratch keeps the only copy of the old store
+            shutil.rmtree(scratch, ignore_errors=True)
     return path
 
 

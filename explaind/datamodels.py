@@ -45,14 +45,18 @@ def random_subsets(n_train: int, n_subsets: int, fraction: float, seed: int) -> 
 @torch.no_grad()
 def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(y | x) of a model returning log-probabilities (or logits): [N], in eval mode (dropout
-    off, BatchNorm on its running statistics: each input's value must not depend on its batch)."""
-    was_training = model.training
-    model.eval()
+    off, BatchNorm on its running statistics: each input's value must not depend on its batch).
+    Each module's mode is restored after (a recorded loop may keep parts of its model in eval mode)."""
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []  # a plain function has none
+    modes = [m.training for m in modules]
     try:
+        for m in modules:
+            m.training = False
         with torch.no_grad():
             out = torch.log_softmax(model(inputs), dim=-1)
     finally:
-        model.train(was_training)
+        for m, mode in zip(modules, modes):
+            m.training = mode
     return out.gather(1, targets.reshape(-1, 1).to(out.device)).squeeze(1).cpu()
 
 

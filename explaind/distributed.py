@@ -35,7 +35,7 @@ import torch.distributed as dist
 import xarray as xr
 import zarr
 
-from .cube import PER_HISTORY_STEP, STORE_FORMAT, open_cube, residual_attrs, save_cube
+from .cube import PER_HISTORY_STEP, STORE_FORMAT, open_cube, residual_attrs, save_cube, test_labels
 from .engine import check_residual, checked_steps, explain
 from .errors import InputError
 from .history import History
@@ -144,8 +144,7 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
         start, stop = shard_bounds(len(inputs), rank, world_size)
         if start == stop:
             raise InputError(f"{world_size} processes for {len(inputs)} test inputs: use fewer processes")
-        test_ids = kwargs.pop("test_ids", None)
-        test_ids = np.arange(len(inputs)) if test_ids is None else np.asarray(test_ids)
+        test_ids = test_labels(kwargs.pop("test_ids", None), len(inputs))  # checked whole: a part sees only its slice
         return explain(history, model, inputs[start:stop],
                        None if targets is None else targets[start:stop],
                        test_ids=test_ids[start:stop], **kwargs)

@@ -178,6 +178,19 @@ def _unplain(value):
     return value
 
 
+def _keys_restored(stored: dict, fresh: dict) -> dict:
+    """A scheduler state stored before _KEYED: a dict whose keys JSON made strings (MultiStepLR's
+    milestones) gets the key type of the fresh scheduler's own state back."""
+    restored = dict(stored)
+    for key, value in fresh.items():
+        if isinstance(value, dict) and value and isinstance(stored.get(key), dict) \
+                and all(isinstance(k, str) for k in stored[key]) and not all(isinstance(k, str) for k in value):
+            kind = type(next(iter(value)))
+            items = {kind(k): v for k, v in stored[key].items()}
+            restored[key] = collections.Counter(items) if isinstance(value, collections.Counter) else items
+    return restored
+
+
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
@@ -794,12 +807,8 @@ class Recorder:
         history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
         tensors = _read_resume_tensors(path, info)
         named = {**dict(module_of(model).named_parameters()), **dict(module_of(model).named_buffers())}
-        restored = {**history.params(step), **history.constants()}  # θ, and the constants it was trained with
-        if set(restored) - set(named):
-            raise InputError(f"the model lacks the recorded frozen tensors or buffers {sorted(set(restored) - set(named))[:5]}"
-                             f" of {path}: pass the architecture that was trained")
-        with torch.no_grad():
-            for name, value in restored.items():
+        with torch.no_grad():  # θ, and the constants it was trained with (checked to fit above)
+            for name, value in {**history.params(step), **history.constants()}.items():
                 named[name].copy_(value)
         opt_state: dict = {}
         for key, value in tensors.items():
@@ -808,7 +817,7 @@ class Recorder:
                 opt_state.setdefault(int(idx), {})[name] = value
         optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
         if scheduler is not None and info["scheduler"] is not None:
-            scheduler.load_state_dict(_unplain(info["scheduler"]))
+            scheduler.load_state_dict(_keys_restored(_unplain(info["scheduler"]), scheduler.state_dict()))
             if not info["scheduler_stepped"]:
                 _catch_up(scheduler, info, path)
         torch.set_rng_state(tensors["rng/cpu"])
@@ -821,8 +830,9 @@ class Recorder:
 
 
 def _refuse_another_setup(history: "History", model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """A resume continues the recorded run: another dtype, optimizer or group count would mix
-    two runs in one history (and fail deep inside torch's load_state_dict)."""
+    """A resume continues the recorded run: another dtype, optimizer, grouping or set of constants
+    would mix two runs in one history (or fail deep inside torch), so it is refused before the
+    history is touched."""
     dtypes = {str(p.dtype).removeprefix("torch.") for p in trainable_parameters(model).values()}
     recorded = {p["dtype"] for p in history.meta["params"]}
     if dtypes != recorded:
@@ -834,6 +844,21 @@ def _refuse_another_setup(history: "History", model: nn.Module, optimizer: torch
         raise InputError(f"{history.path} was recorded with {history.optimizer} over {history.meta['n_groups']} "
                          f"parameter group(s), the resume was given {kind} over {groups}: a resume continues "
                          "the recorded run. Fix: build the optimizer as the killed run did")
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    moved = [p["name"] for p in history.meta["params"]
+             if group_of.get(id(trainable_parameters(model)[p["name"]])) != p["group"]]
+    if moved:
+        raise InputError(f"parameters {moved[:5]} are not in the parameter group they were recorded in: a resume "
+                         "continues the recorded run. Fix: build the optimizer's groups as the killed run did")
+    def kinds(tensors):  # a resume copies the recorded constants into the model's: they must fit
+        return {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+
+    constants = kinds(_constant_tensors(module_of(model), trainable_parameters(model)))
+    recorded = kinds({n: t for n, t in history.initial().items() if n.startswith(("frozen/", "buffer/"))})
+    if constants != recorded:
+        differ = sorted(n for n in set(constants) | set(recorded) if constants.get(n) != recorded.get(n))[:5]
+        raise InputError(f"the model's frozen parameters and buffers differ from those {history.path} recorded, "
+                         f"in name, shape or dtype: {differ}. Fix: pass the architecture that was trained")
 
 
 def _class_conflict(class_of: dict[int, tuple[int, int]], indices: torch.Tensor, targets: torch.Tensor,

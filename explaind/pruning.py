@@ -168,8 +168,9 @@ def split_scores(group_scores: dict[str, torch.Tensor], member: np.ndarray, thet
 
 def prunable_mask(layout: ParamLayout, components: ComponentSpec, protected: Sequence[str]) -> torch.Tensor:
     """[D] True where a coordinate may be pruned (outside the protected components). components:
-    any form explain() takes (tensor names or module prefixes per component, a function, ...)."""
-    components = group_tensors(layout.names, components)
+    any form explain() takes (tensor names or module prefixes per component, a function, ...), or
+    a mapping that names only some tensors (the rest are prunable)."""
+    components = group_tensors(layout.names, components, complete=False)
     unknown = sorted(set(protected) - set(components))
     if unknown:
         raise InputError(f"protected components {unknown} do not exist; the components are {list(components)}")
@@ -179,7 +180,7 @@ def prunable_mask(layout: ParamLayout, components: ComponentSpec, protected: Seq
 
 def component_coordinates(layout: ParamLayout, components: ComponentSpec) -> dict[str, torch.Tensor]:
     """Each component's coordinates in the flat vector (components: as for prunable_mask)."""
-    components = group_tensors(layout.names, components)
+    components = group_tensors(layout.names, components, complete=False)
     slices = layout.slices()
     return {c: torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
             for c, names in components.items()}

@@ -94,6 +94,25 @@ def test_a_store_that_fails_to_move_in_puts_the_old_one_back(cube, tmp_path, mon
     np.testing.assert_array_equal(ex.open_cube(tmp_path / "c.zarr")["attribution"].values, cube["attribution"].values)
 
 
+def test_a_store_whose_path_was_taken_meanwhile_keeps_the_old_one_aside(cube, tmp_path, monkeypatch):
+    ex.save_cube(cube, tmp_path / "c.zarr")
+    replace = os.replace
+
+    def another_writer_first(source, target):  # someone else's folder appears at the path in between
+        if Path(source).name == "new":
+            (Path(target) / "theirs").mkdir(parents=True)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", another_writer_first)
+    with pytest.raises(OSError):
+        ex.save_cube(cube * 2, tmp_path / "c.zarr", overwrite=True)
+    monkeypatch.undo()
+    (aside,) = tmp_path.glob(".c.zarr.explaind-partial-*")
+    np.testing.assert_array_equal(ex.open_cube(aside / "old")["attribution"].values, cube["attribution"].values)
+    ex.save_cube(cube, tmp_path / "d.zarr")  # the next save to another path leaves it alone too
+    assert aside.is_dir() and (tmp_path / "c.zarr" / "theirs").is_dir()
+
+
 def test_killed_writes_are_matched_by_the_stores_literal_name(cube, tmp_path):
     """`[1]` in a store's name is no glob character class: the scratch folder of `cube[1].zarr` is
     cleaned up, and that of `cube1.zarr`, which another save may still be writing, is left alone."""

@@ -107,17 +107,9 @@ def test_subset_outputs_record_the_true_class_log_probability():
     logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
     trained = []
 
-    class Scaled(nn.Module):  # a "model" whose outputs scale with the subset's size
-        def __init__(self, size):
-            super().__init__()
-            self.size = size
-
-        def forward(self, x):
-            return x * self.size
-
-    def fake_train(indices):
+    def fake_train(indices):  # a "model" whose outputs scale with the subset's size
         trained.append(indices.tolist())
-        return Scaled(len(indices))
+        return lambda x: x * len(indices)
 
     subsets = torch.tensor([[True, False, True], [True, True, True]])
     outputs = datamodels.subset_outputs(fake_train, subsets, logits, torch.tensor([1, 0]), progress=False)
@@ -268,8 +260,9 @@ def test_true_class_log_probs_are_the_eval_mode_outputs_and_leave_the_mode_as_it
     hidden = (x @ w.T + b - model[2].running_mean) / torch.sqrt(model[2].running_var + model[2].eps)
     by_hand = F.log_softmax(model[3](hidden * model[2].weight + model[2].bias), -1)[torch.arange(5), y]
     model.train()
+    model[2].eval()  # as a recorded loop keeps its BatchNorm: each module's mode is given back
     first = datamodels.true_class_log_probs(model, x, y)
-    assert model.training and not first.requires_grad
+    assert [m.training for m in model] == [True, True, False, True] and not first.requires_grad
     torch.testing.assert_close(first, by_hand.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(datamodels.true_class_log_probs(model, x[:1], y[:1]), first[:1], rtol=0, atol=0)
 

@@ -258,6 +258,14 @@ def test_parts_labelled_by_a_pandas_column_of_ids_resume(run, tmp_path, computed
     assert first["test"].values.tolist() == ids.tolist()
 
 
+def test_repeated_test_ids_are_refused_though_each_part_sees_distinct_ones(run, tmp_path, computed_parts):
+    ids = ["a", "b", "c", "a", "b"]  # parts of 3 and 2 inputs: distinct within each
+    with pytest.raises(ex.InputError, match=r"test_ids repeat \['a', 'b'\]"):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2, split="test",
+                          test_ids=ids, **OPTIONS)
+    assert computed_parts == [0] and not list(tmp_path.rglob("part-*"))  # refused as the first part began
+
+
 def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):
     with pytest.raises(ex.InputError, match="(?s)n_parts=8.*7 update steps.*1 … 7"):
         explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=8, **OPTIONS)

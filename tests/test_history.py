@@ -1016,9 +1016,17 @@ def test_resume_restores_the_recorded_frozen_parameters_and_buffers(tmp_path):
     assert_same_history(tmp_path / "crashed", tmp_path / "whole")
 
 
-@pytest.mark.parametrize("other", ["float32 model", "Adam", "two groups"])
-def test_resume_refuses_another_precision_optimizer_or_grouping(tmp_path, other):
-    model, optimizer, _ = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at=2)
+@pytest.mark.parametrize("other", ["float32 model", "Adam", "two groups", "swapped groups", "another buffer"])
+def test_resume_refuses_another_precision_optimizer_grouping_or_constant(tmp_path, other):
+    if other == "swapped groups":  # recorded with the first layer's tensors in group 0
+        x, y = tiny_data()
+        model = tiny()
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.1)
+        with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 8, crash_at=2)
+    else:
+        model, optimizer, _ = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at=2)
     if other == "float32 model":
         model.float()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -1026,13 +1034,22 @@ def test_resume_refuses_another_precision_optimizer_or_grouping(tmp_path, other)
     elif other == "Adam":
         optimizer = torch.optim.Adam(model.parameters())
         words = r"recorded with sgd over 1 parameter group\(s\), the resume was given adam over 1"
-    else:
+    elif other == "two groups":
         params = list(model.parameters())
         optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, momentum=0.9)
         words = r"recorded with sgd over 1 parameter group\(s\), the resume was given sgd over 2"
+    elif other == "swapped groups":
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD([{"params": params[2:]}, {"params": params[:2], "lr": 0.01}], lr=0.1)
+        words = r"parameters \['0.weight', '0.bias', '2.weight', '2.bias'\] are not in the parameter group"
+    else:
+        model.register_buffer("mask", torch.ones(3, dtype=torch.float64))  # the recorded model had none
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        words = r"frozen parameters and buffers differ .* name, shape or dtype: \['buffer/mask'\]"
     before = files_on_disk(tmp_path / "h")
     with pytest.raises(ex.InputError, match=f"(?s){words}"):
-        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=step_lr(optimizer))
+        ex.Recorder.resume(tmp_path / "h", model, optimizer,
+                           scheduler=None if other == "swapped groups" else step_lr(optimizer))
     assert files_on_disk(tmp_path / "h") == before
 
 
@@ -1054,6 +1071,14 @@ def test_a_resumed_multistep_schedule_keeps_its_milestones(tmp_path):
     rates = [[line["groups"][0]["lr"] for line in manifest(tmp_path / name)] for name in ("whole", "crashed")]
     assert rates[0] == rates[1] and rates[0][-1] == pytest.approx(1e-3)  # both milestones passed
     assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+    # a run killed under an older explaind, which stored the milestones with the keys JSON made strings
+    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "older", multistep, crash_at=4)
+    info = json.loads((tmp_path / "older" / "resume.json").read_text())
+    info["scheduler"]["milestones"] = {"4": 1, "6": 1}
+    (tmp_path / "older" / "resume.json").write_text(json.dumps(info))
+    with ex.Recorder.resume(tmp_path / "older", model, optimizer, scheduler=scheduler) as rec:
+        sgd_steps(rec, model, optimizer, x, y, rec.step, 8, scheduler=scheduler)
+    assert_same_history(tmp_path / "older", tmp_path / "whole")
 
 
 def test_a_recording_killed_as_it_started_is_named_and_replaced_with_overwrite(tmp_path, monkeypatch):

@@ -91,6 +91,10 @@ def test_prunable_mask_and_component_coordinates():
     assert pruning.prunable_mask(layout, prefixes, ["output"]).tolist() == [True] * 6 + [False] * 2
     assert {c: t.tolist() for c, t in pruning.component_coordinates(layout, prefixes).items()} == \
         {c: t.tolist() for c, t in coordinates.items()}
+    head_only = {"output": ["out"]}  # a mapping may name only what it protects: the rest is prunable
+    assert pruning.prunable_mask(layout, head_only, ["output"]).tolist() == [True] * 6 + [False] * 2
+    with pytest.raises(InputError, match=r"\{'head': \['outt'\]\}.*match no parameter tensor"):
+        pruning.prunable_mask(layout, {"head": ["outt"]}, ["head"])  # a typo protects nothing: refused
 
 
 # --- evaluation ----------------------------------------------------------------------------
