@@ -78,16 +78,25 @@ def test_a_failed_write_keeps_the_old_store(cube, tmp_path, monkeypatch):
     np.testing.assert_array_equal(ex.open_cube(tmp_path / "c.zarr")["attribution"].values, cube["attribution"].values)
 
 
-def test_a_store_that_fails_to_move_in_puts_the_old_one_back(cube, tmp_path, monkeypatch):
-    ex.save_cube(cube, tmp_path / "c.zarr")
+def before_moving_the_new_store_in(monkeypatch, action):
+    """os.replace that runs action(target) first when save_cube moves its new store into place."""
     replace = os.replace
 
-    def refuse_the_new_store(source, target):  # e.g. the path was taken again in between
+    def replace_after(source, target):
         if Path(source).name == "new":
-            raise OSError("simulated failure moving the new store into place")
+            action(Path(target))
         replace(source, target)
 
-    monkeypatch.setattr(os, "replace", refuse_the_new_store)
+    monkeypatch.setattr(os, "replace", replace_after)
+
+
+def test_a_store_that_fails_to_move_in_puts_the_old_one_back(cube, tmp_path, monkeypatch):
+    ex.save_cube(cube, tmp_path / "c.zarr")
+
+    def fail(target):  # e.g. the path was taken again in between
+        raise OSError("simulated failure moving the new store into place")
+
+    before_moving_the_new_store_in(monkeypatch, fail)
     with pytest.raises(OSError, match="simulated"):
         ex.save_cube(cube * 2, tmp_path / "c.zarr", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
@@ -96,14 +105,8 @@ def test_a_store_that_fails_to_move_in_puts_the_old_one_back(cube, tmp_path, mon
 
 def test_a_store_whose_path_was_taken_meanwhile_keeps_the_old_one_aside(cube, tmp_path, monkeypatch):
     ex.save_cube(cube, tmp_path / "c.zarr")
-    replace = os.replace
-
-    def another_writer_first(source, target):  # someone else's folder appears at the path in between
-        if Path(source).name == "new":
-            (Path(target) / "theirs").mkdir(parents=True)
-        replace(source, target)
-
-    monkeypatch.setattr(os, "replace", another_writer_first)
+    # someone else's folder appears at the path in between
+    before_moving_the_new_store_in(monkeypatch, lambda target: (target / "theirs").mkdir(parents=True))
     with pytest.raises(OSError):
         ex.save_cube(cube * 2, tmp_path / "c.zarr", overwrite=True)
     monkeypatch.undo()
