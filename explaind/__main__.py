@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
 from .engine import CONVENTIONS, DIMS
-from .errors import ExplaindError
+from .errors import ExplaindError, InputError
 from .functional import TARGETS
 from .history import _is_history
 from .training import DTYPES
@@ -29,6 +31,14 @@ def _at_least(minimum: int, kind=int):
             raise argparse.ArgumentTypeError(f"{text} is not {bound}")
         return value
     return convert
+
+
+def _gib(text: str) -> float:
+    """--memory-budget: GiB above 0 and finite (NaN passes every comparison; no chunk fills infinity)."""
+    value = _at_least(0, float)(text)
+    if not math.isfinite(value * 2**30):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of GiB")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="trust the recorded updates (checked by verify_updates): no gradients without a train dim")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory-budget", type=_at_least(0, float), default=4.0, help="GiB on the compute device")
+    p.add_argument("--memory-budget", type=_gib, default=4.0, help="GiB on the compute device")
     p.add_argument("--calibrate", type=_at_least(0), default=0, metavar="STEPS",
                    help="time this many steps of the first pass and extrapolate (0: no time estimate)")
     return parser
@@ -69,7 +79,6 @@ def _outputs(text: str):
 
 def plan_command(args: argparse.Namespace) -> str:
     from .planning import plan
-    from .stages import load_run
 
     config = args.run / "config.json"
     if not args.run.is_dir():
@@ -81,21 +90,78 @@ def plan_command(args: argparse.Namespace) -> str:
                          "in Python, with explain()'s arguments")
     if not config.is_file():
         raise SystemExit(f"{config} is missing: pass a run folder written by a training stage (runs/cnn, runs/transformer)")
-    kind = json.loads(config.read_text()).get("class")
-    names = {"CNNConfig": "cnn", "TransformerConfig": "transformer"}
-    if kind not in names:
-        raise SystemExit(f"{config} describes a {kind!r}; the command knows {sorted(names)}")
-    run = load_run(names[kind], args.run, args.data)
+    run = _load_run(args.run, args.data)
     n = len(run.test_x) if args.tests <= 0 else min(args.tests, len(run.test_x))
-    result = plan(
-        run.history, run.model, run.test_x[:n], run.test_y[:n], keep=tuple(args.keep), outputs=_outputs(args.outputs),
-        target=args.target, quadrature=args.quadrature, rule=args.rule, breakpoints=args.breakpoints,
-        convention=args.convention, components=run.components, step_bins=args.step_bins,
-        parameter_scores=args.parameter_scores, check_updates=args.check_updates,
-        dtype=DTYPES[args.dtype], device=args.device,
-        memory_budget=args.memory_budget * 2**30, calibrate_steps=args.calibrate,
-    )
+    try:
+        result = plan(
+            run.history, run.model, run.test_x[:n], run.test_y[:n], keep=tuple(args.keep),
+            outputs=_outputs(args.outputs), target=args.target, quadrature=args.quadrature, rule=args.rule,
+            breakpoints=args.breakpoints, convention=args.convention, components=run.components,
+            step_bins=args.step_bins, parameter_scores=args.parameter_scores, check_updates=args.check_updates,
+            dtype=DTYPES[args.dtype], device=args.device,
+            memory_budget=args.memory_budget * 2**30, calibrate_steps=args.calibrate,
+        )
+    except InputError as error:
+        raise _in_gib(error, args.memory_budget) from None
     return str(result)
+
+
+def _restore(name: str | None = None) -> str:
+    """The fix for a damaged run folder: the stage that writes it, once the config names it."""
+    stage = f"train_{name}" if name else "train_cnn / train_transformer"
+    return f"restore the run folder from a copy, or rerun its training stage (dvc repro {stage})"
+
+
+def _load_run(run_dir: Path, data_dir: Path):
+    """load_run, with a config.json or model.safetensors that cannot rebuild the run refused in one
+    line that names the file (load_run refuses a config.json of other keys itself, and lets json
+    and torch raise their own)."""
+    from safetensors import SafetensorError
+
+    from .stages import load_run
+
+    config, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    name = _run_name(config, _config_values(config))
+    try:
+        return load_run(name, run_dir, data_dir)
+    except SafetensorError as error:
+        raise SystemExit(f"{weights} cannot be read ({error}): {_restore(name)}") from None
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        # its first line names the model class; the next ones each tensor that does not fit
+        details = str(error).splitlines()
+        detail = (details[1] if len(details) > 1 else details[0]).strip().rstrip(".")
+        raise SystemExit(f"{weights} does not fit the model that {config} describes ({detail}); the two come "
+                         f"from different runs: {_restore(name)}") from None
+
+
+def _config_values(config: Path) -> dict:
+    """config.json's settings, refused if they are not a JSON object."""
+    try:
+        values = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"{config} is not valid JSON ({error}): {_restore()}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"{config} holds a JSON {type(values).__name__}, not an object of training settings: {_restore()}")
+    return values
+
+
+def _run_name(config: Path, values: dict) -> str:
+    """The pipeline run that config.json describes (load_run checks its keys against the class)."""
+    names = {"CNNConfig": "cnn", "TransformerConfig": "transformer"}
+    kind = values.get("class")
+    if not isinstance(kind, str) or kind not in names:
+        raise SystemExit(f"{config} describes a {kind!r}; the command knows {sorted(names)}")
+    return names[kind]
+
+
+def _in_gib(error: InputError, gib: float) -> InputError:
+    """The planner's refusal of a budget, in the GiB of --memory-budget rather than in bytes."""
+    text = str(error)
+    if "memory_budget" not in text:
+        return error
+    return InputError(re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -201,13 +202,15 @@ def _version() -> str:
     return __version__
 
 
-def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False,
+              finish: Callable[[Path], None] | None = None) -> Path:
     """Write a cube to a chunked, compressed zarr store, format 2 (readable lazily with open_cube).
 
     Refuses to replace an existing store unless overwrite=True, and never replaces anything that
     save_cube did not write (it marks its stores with the attribute STORE_MARK); the store is
     written to a fresh folder next to its destination and moved into place, so a failed write
-    never leaves half a cube or removes the old one.
+    never leaves half a cube or removes the old one. `finish(store)` runs on the written store
+    before it is moved into place (e.g. to add what only the written store can tell).
     """
     path = Path(path)
     if path.suffix != ".zarr":
@@ -231,6 +234,8 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     try:
         marked = cube.assign_attrs({STORE_MARK: _version()})  # a copy: the caller's cube is left as it is
         marked.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
+        if finish is not None:
+            finish(scratch / "new")
         if path.exists():  # moved aside, not deleted, until the new store is in place
             os.replace(path, scratch / "old")
         os.replace(scratch / "new", path)

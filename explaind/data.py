@@ -17,7 +17,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, is_whole
 
 
 @dataclass
@@ -42,6 +42,8 @@ def modular_addition(
     (6,441 for p = 113). The pairs are shuffled by a torch.Generator seeded with `seed`; the
     first train_size form the training set, the next val_size the validation set.
     """
+    if not is_whole(p):  # a float p would make float tokens, which an embedding cannot look up
+        raise ValueError(f"modulus p={p!r} must be an integer, got {type(p).__name__}")
     if p < 2:
         raise ValueError(f"modulus p={p} must be at least 2")
     if train_size < 1 or val_size < 0:
@@ -140,6 +142,29 @@ CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST_BATCH = "test_batch"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR_IMAGE_VALUES = 3 * 32 * 32  # uint8 values per image, channel-major
+
+
+class _UnreadableBatch(InputError, pickle.UnpicklingError):
+    """A CIFAR batch that does not unpickle: an InputError naming the file, and still the
+    UnpicklingError that callers caught before it did."""
+
+
+def _cifar_fix(path: Path) -> str:
+    """How to repair the damaged CIFAR-10 file `path`. Never `make data`: nothing downloads
+    CIFAR-10, the copy in the data directory is the user's own."""
+    fresh = f"a fresh copy of CIFAR-10's python archive (from {CIFAR_URL})"
+    if path.parent.name == CIFAR_FOLDER and path.parent.parent.name != CIFAR_ARCHIVE:  # extracted file
+        archive = path.parent.parent / CIFAR_ARCHIVE
+        return (f"restore this file from the archive, or delete {path.parent} so that {archive} is read "
+                f"instead; if that archive is missing or damaged too, put {fresh} there")
+    archive = path if path.name == CIFAR_ARCHIVE else path.parent.parent  # the archive or a member
+    return f"replace {archive} with {fresh}"
+
+
+def _bad_cifar(path: Path, cause: str, error: type[InputError] = InputError) -> NoReturn:
+    raise error(f"{path} {cause}: the CIFAR-10 copy is damaged. Fix: {_cifar_fix(path)}")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -169,11 +194,48 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _unpickle_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
-    batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    """Images uint8 [N, 3, 32, 32] and labels int64 [N] of one batch; `name` is its path, for errors."""
+    path = Path(name)
+    try:
+        batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as error:  # garbage, empty, truncated or tampered: every failure means "not a batch"
+        _bad_cifar(path, f"is not a CIFAR-10 python batch ({type(error).__name__}: {error})", _UnreadableBatch)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"CIFAR batch {name} is not a dict with b'data' and b'labels'")
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+        _bad_cifar(path, "is not a dict with b'data' and b'labels'")
+    try:
+        data, labels = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        _bad_cifar(path, f"holds data or labels that are not arrays of numbers ({error})")
+    if data.size % CIFAR_IMAGE_VALUES:
+        _bad_cifar(path, f"holds {data.size} pixel values, not a whole number of 3x32x32 images")
+    data = data.reshape(-1, 3, 32, 32)
+    if labels.shape != data.shape[:1]:  # images and labels are matched by position
+        _bad_cifar(path, f"holds {labels.size} labels for {len(data)} images")
+    if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
+        _bad_cifar(path, f"holds labels outside 0..9 (from {labels.min()} to {labels.max()})")
+    return data, labels
+
+
+def _cifar_batch_path(data_dir: Path, name: str) -> Path:
+    """Where batch `name` is read from, for messages: the extracted folder, else inside the archive."""
+    folder = data_dir / CIFAR_FOLDER
+    return folder / name if folder.is_dir() else data_dir / CIFAR_ARCHIVE / CIFAR_FOLDER / name
+
+
+def _read_extracted(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        _bad_cifar(path, "is missing")
+    except OSError as error:  # a folder or an unreadable file in its place
+        _bad_cifar(path, f"cannot be read ({error})")
+
+
+def _read_member(tar: tarfile.TarFile, archive: Path, name: str) -> bytes:
+    member = tar.extractfile(f"{CIFAR_FOLDER}/{name}")  # KeyError when absent
+    if member is None:  # a folder or a device of that name, not a file
+        _bad_cifar(archive / CIFAR_FOLDER / name, "is not a regular file")
+    return member.read()
 
 
 def _read_cifar_batches(data_dir: Path) -> dict[str, bytes]:
@@ -181,17 +243,30 @@ def _read_cifar_batches(data_dir: Path) -> dict[str, bytes]:
     names = CIFAR_TRAIN_BATCHES + [CIFAR_TEST_BATCH]
     folder, archive = data_dir / CIFAR_FOLDER, data_dir / CIFAR_ARCHIVE
     if folder.is_dir():
-        return {name: (folder / name).read_bytes() for name in names}
+        return {name: _read_extracted(folder / name) for name in names}
     if archive.is_file():
         try:
             with tarfile.open(archive, "r:gz") as tar:  # read members in memory: nothing is extracted
-                return {name: tar.extractfile(f"{CIFAR_FOLDER}/{name}").read() for name in names}
+                return {name: _read_member(tar, archive, name) for name in names}
         except (tarfile.TarError, OSError, EOFError, KeyError) as error:  # truncated or another archive
-            _bad_data(archive, f"is not a complete CIFAR-10 python archive ({type(error).__name__}: {error})")
+            _bad_cifar(archive, f"is not a complete CIFAR-10 python archive ({type(error).__name__}: {error})")
     raise FileNotFoundError(
         f"CIFAR-10 not found: put the python version ({CIFAR_ARCHIVE}, from "
-        f"https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted {CIFAR_FOLDER}/ into {data_dir}"
+        f"{CIFAR_URL}) or its extracted {CIFAR_FOLDER}/ into {data_dir}"
     )
+
+
+def _check_cifar_classes(
+    data_dir: Path, classes: tuple[int, int], labels: np.ndarray, split: str, names: list[str]
+) -> None:
+    missing = [c for c in classes if not (labels == c).any()]
+    if missing:  # a one-class or empty task would train silently (e.g. a hand-made subset of CIFAR-10)
+        where = _cifar_batch_path(data_dir, names[0]).parent
+        raise InputError(
+            f"the CIFAR-10 {split} split ({', '.join(names)} in {where}) has no image of class(es) "
+            f"{missing}, so classes {classes} do not make a two-class task. Fix: choose two classes that "
+            f"both splits contain, or use the complete CIFAR-10 ({CIFAR_ARCHIVE}, from {CIFAR_URL})"
+        )
 
 
 @dataclass
@@ -210,11 +285,15 @@ def load_cifar2(data_dir: str | os.PathLike, classes: tuple[int, int] = (3, 5)) 
     Uses CIFAR-10's own split: 10,000 training and 2,000 test images for two classes.
     """
     _check_classes(classes, 10)
-    batches = {name: _unpickle_batch(raw, name) for name, raw in _read_cifar_batches(Path(data_dir)).items()}
+    data_dir = Path(data_dir)
+    batches = {name: _unpickle_batch(raw, str(_cifar_batch_path(data_dir, name)))
+               for name, raw in _read_cifar_batches(data_dir).items()}
     train = [batches[name] for name in CIFAR_TRAIN_BATCHES]
     train_images = np.concatenate([images for images, _ in train])
     train_labels = np.concatenate([labels for _, labels in train])
     test_images, test_labels = batches[CIFAR_TEST_BATCH]
+    _check_cifar_classes(data_dir, classes, train_labels, "training", CIFAR_TRAIN_BATCHES)
+    _check_cifar_classes(data_dir, classes, test_labels, "test", [CIFAR_TEST_BATCH])
     keep_train, keep_test = np.isin(train_labels, classes), np.isin(test_labels, classes)
     return ImageArrays(
         train_images[keep_train],
@@ -257,6 +336,12 @@ def _split_digits(
     images, labels = images[keep], (labels[keep] == classes[1]).astype(np.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
     n_test = round(test_size * len(labels))
+    if not 0 < n_test < len(labels):  # an empty split fails later, far from its cause
+        raise ValueError(
+            f"test_size={test_size} leaves the {'test' if n_test == 0 else 'training'} split empty: "
+            f"classes {classes} have {len(labels)} images, so use a test_size between "
+            f"{1 / len(labels):.4g} and {1 - 1 / len(labels):.4g}"
+        )
     test, train = order[:n_test], order[n_test:]
     return ImageArrays(images[train], labels[train], images[test], labels[test])
 

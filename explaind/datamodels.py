@@ -52,8 +52,7 @@ def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: 
     try:
         for m in modules:
             m.training = False
-        with torch.no_grad():
-            out = torch.log_softmax(model(inputs), dim=-1)
+        out = torch.log_softmax(model(inputs), dim=-1)
     finally:
         for m, mode in zip(modules, modes):
             m.training = mode

@@ -37,7 +37,7 @@ import zarr
 
 from .cube import PER_HISTORY_STEP, STORE_FORMAT, open_cube, residual_attrs, save_cube, test_labels
 from .engine import check_residual, checked_steps, explain
-from .errors import InputError
+from .errors import InputError, is_whole
 from .history import History
 
 SPLITS = ("test", "steps")
@@ -67,12 +67,16 @@ def part_digest(part: xr.Dataset) -> str:
 
 
 def store_part(part: xr.Dataset, path: Path, request: str, rank: int, *, overwrite: bool = False) -> None:
-    """Save part `rank` of a request with its fingerprint, then the digest of what reads back
-    (zarr may hand values back otherwise held: object ids as integers, times in nanoseconds)."""
+    """Save part `rank` of a request with its fingerprint and the digest of what reads back
+    (zarr may hand values back otherwise held: object ids as integers, times in nanoseconds),
+    signed before the store is moved into place: a part in place is complete."""
     part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
-    save_cube(part, path, overwrite=overwrite)
-    digest = part_digest(open_cube(path).load())
-    zarr.open_group(path, mode="r+", zarr_format=STORE_FORMAT).attrs[PART_DIGEST_ATTR] = digest
+    save_cube(part, path, overwrite=overwrite, finish=_sign)
+
+
+def _sign(store: Path) -> None:
+    digest = part_digest(open_cube(store).load())
+    zarr.open_group(store, mode="r+", zarr_format=STORE_FORMAT).attrs[PART_DIGEST_ATTR] = digest
 
 
 # how a damaged part is computed again, for the fix of the error that names it
@@ -153,8 +157,11 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
     start, stop = (first + bound for bound in shard_bounds(last - first, rank, world_size))
     if start == stop:
         raise InputError(f"{world_size} processes for {last - first} steps: use fewer processes")
+    replay = kwargs.pop("replay", None)
+    if is_whole(replay) and replay >= 0:  # counted from the window's start, as one call counts it
+        replay += start - first
     # the parts are checked once merged: a part's own residual covers only its steps
-    return explain(history, model, inputs, targets, steps=(start, stop), **kwargs)
+    return explain(history, model, inputs, targets, steps=(start, stop), replay=replay, **kwargs)
 
 
 def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
@@ -172,8 +179,8 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
     merged.attrs.update(
         **residual_attrs(merged["residual"], merged["final"] - merged["initial"], merged["residual_from_updates"]),
         max_update_residual=float(merged["update_residual"].max()),
-        kinks_located=sum(int(p.attrs["kinks_located"]) for p in parts),
-        kink_segments_unresolved=sum(int(p.attrs["kink_segments_unresolved"]) for p in parts),
+        **{key: sum(int(p.attrs[key]) for p in parts)
+           for key in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved")},
     )
     for key in (REQUEST_ATTR, PART_ATTR, PART_DIGEST_ATTR):  # a part's, not the whole cube's
         merged.attrs.pop(key, None)

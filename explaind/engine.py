@@ -34,7 +34,8 @@ from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_numb
 from .functional import ActivationSizes, FlatModel, ParamLayout, check_target
 from .history import History, StepRecord, open_history
 from .losses import recorded_loss
-from .optimizers import AggregateUpdate, StepCoefficients, group_index, momentum_from_update, step_coefficients
+from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
+                         step_coefficients)
 from .path import PathIntegral
 from .verify import check_tolerance, rounding_eps, update_check
 
@@ -380,8 +381,9 @@ def checked_steps(steps, n_steps: int, convention: str, parameter_scores: bool) 
 
 def _replay_start(history: History, start: int, replay: int | None, keep: tuple[str, ...]) -> int:
     """The first step whose gradients are split by sample: `replay` steps before start, or
-    earlier while the update before it moved nothing (lr 0), since the momentum carried into
-    the replay is solved from that update."""
+    earlier while the update before it does not show the momentum buffer (lr 0, or SGD run with
+    momentum 0 while its buffer held earlier momentum), since the momentum carried into the
+    replay is solved from that update."""
     if replay is None:
         return 0
     if "train" not in keep:
@@ -390,7 +392,13 @@ def _replay_start(history: History, start: int, replay: int | None, keep: tuple[
     if not is_whole(replay) or replay < 0:
         raise InputError(f"replay={replay!r} must be a whole number of steps ≥ 0 (None: replay from step 0)")
     first = max(0, start - int(replay))
-    while first > 0 and any(float(g["lr"]) == 0 for g in history.manifest[first - 1]["groups"]):
+    started = sgd_buffers_started(history)
+
+    def hides_momentum(step: int) -> bool:
+        groups = history.manifest[step]["groups"]
+        return any(float(g["lr"]) == 0 or (was and g["momentum"] == 0) for was, g in zip(started[step], groups))
+
+    while first > 0 and hides_momentum(first - 1):
         first -= 1
     return first
 
@@ -540,8 +548,10 @@ def plan_chunks(req: Request, budget: float | None) -> None:
             train = (train + 1) // 2
         else:
             break
-    # the kink search takes what the pass leaves of the budget, beyond its reserve
-    req.path.search_bytes = max(0, int(budget - needed))
+    # the kink search takes what the pass leaves of the budget, beyond its reserve; a budget
+    # beyond any machine's memory (inf too) leaves it unbounded, where int() would overflow
+    spare = budget - needed
+    req.path.search_bytes = None if spare >= 2**62 else max(0, int(spare))
     if needed > budget:
         asked = [f"{name}=None" for name, value in (("test_chunk", req.test_chunk), ("train_chunk", req.train_chunk),
                                                     ("batch_chunk", req.batch_chunk)) if value]
@@ -623,6 +633,7 @@ class ChunkPass:
         self.n_test = len(self.x)
         self.first_train_chunk = first_train_chunk
         self.group_index = group_index(req.history, flat)
+        self.buffers_started = sgd_buffers_started(req.history)
         # training samples of this chunk, found by binary search in their sorted dataset indices
         # (a table indexed by dataset index would be as large as the largest, e.g. a hash)
         chunk_index = req.train_index[trains]
@@ -672,7 +683,7 @@ class ChunkPass:
         if rec.second_moment is not None:
             moment = self.req.flat.layout.flatten(rec.second_moment).to(self.dev)
         return step_coefficients(self.req.history.optimizer, rec.groups, self.group_index,
-                                 moment, rec.step == 0, self.dt)
+                                 moment, self.buffers_started[rec.step], self.dt)
 
     def thetas(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
         layout = self.req.flat.layout
@@ -1055,14 +1066,17 @@ def _path_fix(attrs: dict) -> str:
                 "max_kinks=... or quadrature=... until the cube's attribute kink_segments_unresolved is 0.")
     if unresolved:
         return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
-                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. "
-                "Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
+                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} (or, rarely, a crossing it could "
+                "not pin down) and integrated them plainly. Raise max_kinks=... until the cube's attribute "
+                "kink_segments_unresolved is 0; where that does not lower it, raise quadrature=... instead.")
     if not attrs["breakpoints"]:
         fix = "raise quadrature=..., or set breakpoints=True if the model has ReLU / max-pool kinks"
     elif attrs["kink_tolerance"] > 0:
         fix = f"lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates every kink), or raise quadrature=..."
     else:
-        fix = "raise quadrature=..."
+        fix = ("raise quadrature=..., and if the model has kinks the search does not see (torch.where on a "
+               "comparison, torch.maximum / minimum of two tensors, F.threshold), where "
+               "more nodes converge only slowly: write them as relu, clamp or max_pool so that they are located")
     if attrs["dtype"] != "float64":
         fix += f"; if that no longer helps, the {attrs['dtype']} rounding of each step's integral is left: dtype=torch.float64"
     return f"The path integral is too coarse: {fix}."

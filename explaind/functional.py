@@ -116,7 +116,8 @@ class _KinkPattern(TorchFunctionMode):
     f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's bound) or a
     max-pool's argmax switches; between such kinks Gauss–Legendre converges fast. Recorded:
     each ReLU-type input's signed distance to its kink (its sign says the piece; under forward
-    mode its derivative along the segment comes with it) and each max-pool's argmax indices.
+    mode its derivative along the segment comes with it) and each max-pool's argmax indices
+    (amax and max over dims other than the batch's included).
 
     With `straight_through`, ReLU-type ops pass gradients as if they were the identity, so a
     backward pass measures how the output depends on each unit whatever piece the unit is on;
@@ -125,10 +126,15 @@ class _KinkPattern(TorchFunctionMode):
     """
 
     SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
-    RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clip"}
+    RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
+                 "clamp_max", "clamp_max_"}
+    # tracked only on a tensor that leads with the batch's rows: on a parameter (a learned
+    # temperature's clamp_min, a max over a weight's rows) they are kinks of no input's pattern
+    PER_INPUT_OPS = {"clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "amax", "max"}
 
-    def __init__(self, straight_through: bool = False):
+    def __init__(self, rows: int, straight_through: bool = False):
         super().__init__()
+        self.rows = rows
         self.straight_through = straight_through
         self.distances: list[torch.Tensor] = []
         self.units: list[torch.Tensor] = []
@@ -138,6 +144,8 @@ class _KinkPattern(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name in self.PER_INPUT_OPS and not self._per_input(args[0] if args else kwargs.get("input")):
+            return func(*args, **kwargs)
         kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
         if kinked:
             bounds = [0.0] if name in self.SIGN_OPS else _range_bounds(name, args, kwargs)
@@ -150,15 +158,22 @@ class _KinkPattern(TorchFunctionMode):
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
             self.indices.append(indices)
             self.pooled = True
+        elif name in ("amax", "max") and (dims := _pooled_dims(args, kwargs)) is not None:
+            self.indices.append(_argmax_over(args[0] if args else kwargs["input"], dims))
+            self.pooled = True
         if not (kinked and self.straight_through):
             return func(*args, **kwargs)
         z = args[0]
         out = func(z.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
         return z + (out - z).detach()
 
-    def flat(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recorded distances [rows, P] and argmax indices [rows, P'] of a batch of rows."""
-        return _rows(self.distances, rows, torch.get_default_dtype()), _rows(self.indices, rows, torch.long)
+    def _per_input(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded distances [rows, P] and argmax indices [rows, P'] of the batch."""
+        return (_rows(self.distances, self.rows, torch.get_default_dtype()),
+                _rows(self.indices, self.rows, torch.long))
 
 
 class _TableLookups(TorchFunctionMode):
@@ -204,10 +219,32 @@ def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> t
     return torch.cat([t.reshape(rows, -1) for t in tensors], 1)
 
 
+def _pooled_dims(args, kwargs) -> list[int] | None:
+    """The dims an amax / max(x, dim) pools over: reduced away (keepdim=False) and not the batch's.
+    None for an elementwise max(x, other), a max over everything, or one kept for broadcasting
+    (keepdim=True: the shift of a hand-written stable softmax, whose kink cancels in its output)."""
+    x = args[0] if args else kwargs["input"]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if dim is None or isinstance(dim, torch.Tensor) or keepdim:
+        return None
+    dims = sorted({d % x.dim() for d in (dim if isinstance(dim, (tuple, list)) else (dim,))})
+    return dims if dims and 0 not in dims else None
+
+
+def _argmax_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """The argmax of x over `dims` (flattened together), per position of the other dims."""
+    kept = [d for d in range(x.dim()) if d not in dims]
+    return x.permute(kept + dims).reshape(*(x.shape[d] for d in kept), -1).argmax(-1)
+
+
 def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
     """The (low, high) kinks of a clamp-like op; None where a side is unbounded."""
     if name == "relu6":
         return 0.0, 6.0
+    if name.startswith("clamp_m"):  # clamp_min(x, min), clamp_max(x, max): one bound, given first
+        bound = kwargs.get(name[6:9], args[1] if len(args) > 1 else None)
+        return (bound, None) if name.startswith("clamp_min") else (None, bound)
     keys = ("min_val", "max_val") if name.startswith("hardtanh") else ("min", "max")
     defaults = (-1.0, 1.0) if name.startswith("hardtanh") else (None, None)
     positional = list(args[1:3]) + [None, None]
@@ -537,9 +574,9 @@ class FlatModel:
     def kink_sizes(self, x: torch.Tensor) -> tuple[int, int, int]:
         """How many distances, argmax indices and explained outputs kink_pattern gives per
         input, from one plain forward pass on x[:1] (no derivatives: cheap enough for a plan)."""
-        mode = _KinkPattern()
+        mode = _KinkPattern(rows=1)
         out = self._sizing_pass(x, mode)
-        distances, indices = mode.flat(1)
+        distances, indices = mode.flat()
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
 
     @_transformed
@@ -557,9 +594,9 @@ class FlatModel:
         """
 
         def pattern(th: torch.Tensor, x_: torch.Tensor):
-            mode = _KinkPattern()
+            mode = _KinkPattern(rows=len(x_))
             out = self._explain(self._pattern(th, x_, mode), target)
-            distances, indices = mode.flat(len(x_))
+            distances, indices = mode.flat()
             return distances.to(self.dtype), (indices, out)
 
         def along(th: torch.Tensor, x_: torch.Tensor):
@@ -581,7 +618,7 @@ class FlatModel:
         count too) and random output weights finds the units the output depends on. None (all
         relevant) if the model max-pools: its gradient reaches only the current argmax.
         """
-        mode = _KinkPattern(straight_through=True)
+        mode = _KinkPattern(rows=len(x), straight_through=True)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             out = self._explain(self._pattern(th, x, mode), target)

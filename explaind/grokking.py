@@ -35,6 +35,7 @@ from .errors import InputError, ReconstructionError
 from .history import History
 from .models import TRANSFORMER_COMPONENTS
 from .parallel import run_all
+from .quadrature import MAX_NODES
 from .training import DTYPES, TransformerConfig, first_step, check_ranges, train_transformer
 
 PIPELINE = ("attention", "mlp_in")
@@ -64,7 +65,11 @@ RELATIONS = ("same pair", "same sum", "shared operand", "other")
 @dataclass
 class GrokkingConfig:
     """Section `grokking` of params.yaml: what the grokking stage measures, and how much of it.
-    The defaults are the CPU profile; params_paper.yaml holds the full protocol."""
+
+    The defaults are a cheap setting for calling the analyses by hand, not a profile: params.yaml
+    holds the CPU profile, which differs from them in the path integral (quadrature, breakpoints,
+    kink_tolerance), the tolerance and the retraining experiment (retrain_seeds to reinit_std),
+    and params_paper.yaml the full protocol."""
 
     val_inputs: int = 12  # validation pairs whose true-class change is split by step and component
     train_inputs: int = 4  # training pairs, likewise
@@ -97,7 +102,8 @@ class GrokkingConfig:
             ("val_inputs", self.val_inputs >= 1, "at least 1"),
             ("train_inputs", self.train_inputs >= 0, "at least 0"),
             ("step_bins", self.step_bins >= 1, "at least 1"),
-            ("quadrature", self.quadrature >= 1, "at least 1"),
+            ("quadrature", 1 <= self.quadrature <= MAX_NODES,
+             f"at least 1 and at most {MAX_NODES} (each node is one Jacobian pass per step)"),
             ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
             ("tolerance", self.tolerance >= 0, "at least 0"),
             ("phases", self.phases >= 1 and self.phases * self.min_phase_bins <= self.step_bins,
@@ -112,18 +118,30 @@ class GrokkingConfig:
             ("retrain_seeds", self.retrain_seeds >= 1, "at least 1"),
             ("retrain_checkpoints", self.retrain_checkpoints >= 1, "at least 1"),
             ("retrain_variants", set(self.retrain_variants) <= set(RETRAIN_VARIANTS)
-             and "pipeline" in self.retrain_variants,
-             f"names from {list(RETRAIN_VARIANTS)}, pipeline among them (the paper's retraining claim concerns it)"),
+             and "pipeline" in self.retrain_variants
+             and len(set(self.retrain_variants)) == len(self.retrain_variants),
+             f"names from {list(RETRAIN_VARIANTS)}, each at most once (a repeat would run its jobs twice), "
+             "pipeline among them (the paper's retraining claim concerns it)"),
             ("retrain_max_steps", self.retrain_max_steps >= 1, "at least 1"),
             ("retrain_target", 0 < self.retrain_target <= 1, "in (0, 1]"),
             ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
             ("reinit_std", self.reinit_std >= 0, "at least 0 (0: the model's own init)"),
         ))
 
-    def check_run(self, p: int, train_pairs: int, val_pairs: int) -> None:
+    def check_run(self, p: int, train_pairs: int, val_pairs: int, *, n_steps: int) -> None:
         """Refuse counts beyond what the trained run has (modulus p, its training and validation
-        pairs), which slicing would otherwise cap without a word."""
+        pairs, its `n_steps` update steps), which slicing would otherwise cap without a word, and
+        phases that the run's step bins cannot hold: log_step_edges merges edges that round to the
+        same step, so a short run gets fewer bins than step_bins (1,842 steps: 36 of 40), and
+        detect_phases would refuse them only after the component attribution."""
+        bins = len(log_step_edges(n_steps, self.step_bins)) - 1
         check_ranges("grokking", self, (
+            ("phases", self.phases * self.min_phase_bins <= bins,
+             f"such that phases x min_phase_bins ({self.phases} x {self.min_phase_bins}) is at most the {bins} "
+             f"step bins that step_bins={self.step_bins} yields over the run's {n_steps} update steps (log-spaced "
+             "edges that round to the same step merge): lower phases or min_phase_bins, or raise step_bins"),
+            ("retrain_checkpoints", self.retrain_checkpoints <= n_steps,
+             f"at most {n_steps} (the run's update steps after step 0)"),
             ("val_inputs", self.val_inputs <= val_pairs, f"at most {val_pairs} (the run's validation pairs)"),
             ("train_inputs", self.train_inputs <= train_pairs, f"at most {train_pairs} (the run's training pairs)"),
             ("data_inputs", self.data_inputs <= val_pairs, f"at most {val_pairs} (the run's validation pairs)"),
@@ -542,6 +560,10 @@ def retraining_experiment(config: TransformerConfig, history: History, checkpoin
     unknown = sorted(set(variants) - set(RETRAIN_VARIANTS))
     if unknown:
         raise InputError(f"unknown retraining variants {unknown}: use names from {list(RETRAIN_VARIANTS)}")
+    repeated = sorted({v for v in variants if list(variants).count(v) > 1})
+    if repeated:
+        raise InputError(f"retraining variants {repeated} are given more than once, which would run their jobs "
+                         "twice and count every seed twice: name each once")
     points = [(v, t) for t in checkpoints for v in variants if v != "scratch"] + [("scratch", None)]
     copied_from = {t: history.params(0 if t is None else t) for _, t in points}  # scratch copies nothing
     common = dict(max_steps=max_steps, target=target, dtype=dtype, reinit_std=reinit_std, device=device)
@@ -552,10 +574,13 @@ def retraining_experiment(config: TransformerConfig, history: History, checkpoin
 
 
 def retraining_checkpoints(n_steps: int, count: int) -> list[int]:
-    """`count` checkpoints evenly spaced over the run, ending at the final step (step 0 excluded:
-    copying from the initialisation is training from scratch)."""
+    """`count` distinct checkpoints evenly spaced over the run, ending at the final step (step 0
+    excluded: copying from the initialisation is training from scratch), so at most `n_steps`."""
     if count < 1:
         raise InputError(f"retrain_checkpoints must be at least 1, got {count}")
+    if count > n_steps:  # rounding would repeat steps, or give step 0
+        raise InputError(f"retrain_checkpoints={count} exceeds the run's {n_steps} update steps: there are only "
+                         f"{n_steps} checkpoints after step 0. Fix: set retrain_checkpoints to at most {n_steps}")
     return sorted({int(round(v)) for v in np.linspace(0, n_steps, count + 1)[1:]})
 
 

@@ -276,7 +276,7 @@ def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
                                f"Fix: {fix}.")
 
 
-def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+def optimizer_kind(optimizer: torch.optim.Optimizer, when: str = "") -> str:
     name = type(optimizer).__name__
     if name not in OPTIMIZER_KINDS:
         raise UnsupportedError(
@@ -286,7 +286,8 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     kind = OPTIMIZER_KINDS[name]
     for i, group in enumerate(optimizer.param_groups):
         if group.get("maximize", False):
-            raise UnsupportedError(f"param group {i} has maximize=True; train with maximize=False")
+            raise UnsupportedError(f"param group {i} has maximize=True{when}: explaind models descent. Fix: "
+                                   "train with maximize=False (to maximise an objective, minimise its negative)")
         if kind == "adam" and group.get("decoupled_weight_decay", False):
             kind = "adamw"  # Adam(decoupled_weight_decay=True) is AdamW
     return kind
@@ -351,6 +352,10 @@ class Recorder:
         self.loss_name, self.loss = resolve_loss(loss)
         self.reduction = check_reduction(reduction)
         self.check_every = check_every
+        if check_tolerance is not None and not (is_number(check_tolerance) and check_tolerance >= 0):
+            raise InputError(f"check_tolerance={check_tolerance!r} must be a number ≥ 0, the largest relative "
+                             "difference of .grad from the declared loss's gradient (None: 1e-9 in float64, "
+                             "1e-3 in float32)")  # NaN would pass every check
         self.check_tolerance = check_tolerance
         refuse_stochastic_modules(model)
         self.layout = layout_of(model)
@@ -451,12 +456,13 @@ class Recorder:
     def _replace_existing(self, overwrite: bool) -> None:
         """Only a history (or what a recording killed as it started left) may be replaced, and
         only its own files are deleted."""
-        if _killed_at_start(self.path) and not overwrite:
+        killed = _killed_at_start(self.path)
+        if killed and not overwrite:
             raise HistoryError(
                 f"{self.path} holds what a recording killed as it started left (no meta.json yet): "
                 "no step was recorded. Fix: record it again with overwrite=True, or choose another directory"
             )
-        if not _is_history(self.path) and not _killed_at_start(self.path):
+        if not _is_history(self.path) and not killed:
             raise InputError(
                 f"{self.path} holds files but no explaind history (no meta.json of format "
                 f"{FORMAT!r}), so nothing there is replaced. Fix: choose a new or empty directory"
@@ -568,7 +574,7 @@ class Recorder:
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(self.scheduler.last_epoch - self._epoch_after_step)
             self._write_resume_info(scheduler_stepped=True)
-        self._refuse_low_precision_lr(optimizer)
+        self._refuse_unmodelled_settings(optimizer)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
         if self.check_every and self.step % self.check_every == 0:
             self._check_gradient()
@@ -600,22 +606,32 @@ class Recorder:
         """The first trained tensor, whose dtype the history records as the run's."""
         return next(iter(self._params.values()))
 
-    def _refuse_low_precision_lr(self, optimizer) -> None:
-        """Adam and AdamW compute their step size in the precision of a tensor learning rate
-        (as capturable or compiled optimizers use): a float32 lr on float64 parameters moves
-        them by ~1e-7 of a step away from any float64 model of the update."""
-        if self.kind == "sgd":  # SGD reads a tensor lr as a number
+    def _refuse_unmodelled_settings(self, optimizer) -> None:
+        """Settings changed in param_groups mid-run that the history cannot model: maximize, or
+        Adam's decoupled_weight_decay (which makes it AdamW), and tensor hyperparameters of
+        lower precision than the parameters. Adam and AdamW compute their step size and bias
+        corrections in the precision of a tensor learning rate or beta (as capturable or compiled
+        optimizers use): in float32 on float64 parameters that moves them by ~1e-7 of a step away
+        from any float64 model of the update."""
+        kind = optimizer_kind(optimizer, f" before step {self.step}")  # (refuses maximize=True itself)
+        if kind != self.kind:
+            raise UnsupportedError(
+                f"the optimizer became {kind} before step {self.step}, it was {self.kind} "
+                "when recording started (decoupled_weight_decay changed in param_groups): a history "
+                "records one optimizer. Fix: leave it as it was, or record each phase as its own history"
+            )
+        if self.kind == "sgd":  # SGD reads tensor hyperparameters as numbers
             return
         dtype = self._first_parameter.dtype
         for i, group in enumerate(optimizer.param_groups):
-            lr = group["lr"]
-            if torch.is_tensor(lr) and torch.finfo(lr.dtype).eps > torch.finfo(dtype).eps:
-                raise UnsupportedError(
-                    f"param group {i}'s learning rate is a {lr.dtype} tensor and the parameters are "
-                    f"{dtype}: {type(optimizer).__name__} then computes its step size in {lr.dtype}, "
-                    "which the recorded learning rate cannot reproduce. Fix: make the learning rate "
-                    f"a {dtype} tensor (torch.tensor(lr, dtype={dtype})) or a float"
-                )
+            for name, value in (("learning rate", group["lr"]), *(("beta", b) for b in group["betas"])):
+                if torch.is_tensor(value) and torch.finfo(value.dtype).eps > torch.finfo(dtype).eps:
+                    raise UnsupportedError(
+                        f"param group {i}'s {name} is a {value.dtype} tensor and the parameters are "
+                        f"{dtype}: {type(optimizer).__name__} then computes its step size in {value.dtype}, "
+                        f"which the recorded {name} cannot reproduce. Fix: make it a {dtype} tensor "
+                        f"(torch.tensor(value, dtype={dtype})) or a float"
+                    )
 
     def _observe_scheduler_steps(self, steps: int) -> None:
         """A scheduler stepped per epoch steps 0 times after most optimizer steps and 1 after
@@ -638,7 +654,9 @@ class Recorder:
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
         error = ((actual - expected).abs().max() / scale).item()
-        tolerance = self.check_tolerance or (1e-9 if p0.dtype == torch.float64 else 1e-3)
+        tolerance = self.check_tolerance
+        if tolerance is None:
+            tolerance = 1e-9 if p0.dtype == torch.float64 else 1e-3
         if error > tolerance:
             # torch's mse_loss / MSELoss mean over every element, outputs included
             mse = (" The built-in 'mse' sums a sample's squared errors over its outputs; for "

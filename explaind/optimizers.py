@@ -11,6 +11,7 @@ diagonal preconditioner P_s:
 
     SGD, no momentum     a=0  b=0    c=0           e=1  P=1   λ_c=λ  λ_d=0
     SGD, momentum μ      a=μ  b=1−τ  c=1 (μ, nesterov) e=0 (1, nesterov)    (first step: a=0, b=1)
+    SGD, μ = 0 once μ was not  a=1  b=0  c=0  e=1  (PyTorch leaves the buffer as it was)
     Adam                 a=β1 b=1−β1 c=1/(1−β1^t)  e=0  P=1⊘(√v_t/√(1−β2^t)+ε)  λ_c=λ
     AdamW                as Adam, but λ_c=0 and λ_d=λ
 
@@ -21,6 +22,7 @@ gradient-norm clipping scaled step s's gradient, 1 without clipping).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,14 +63,14 @@ def step_coefficients(
     groups: list[dict],
     group_index: torch.Tensor,
     second_moment: torch.Tensor | None,
-    first_step: bool,
+    started: Sequence[bool],
     dtype: torch.dtype,
 ) -> StepCoefficients:
     """Coefficients of step s from its recorded hyperparameters.
 
     `group_index` is the [D] vector of each coordinate's parameter group, `second_moment` the
-    flat recorded v_t for Adam (None for SGD), `first_step` whether this is step 0 (PyTorch's
-    SGD copies the first direction into its momentum buffer without dampening).
+    flat recorded v_t for Adam (None for SGD), `started` per group whether SGD's momentum buffer
+    exists before step s (`sgd_buffers_started`).
     """
 
     def vec(key_or_fn) -> torch.Tensor:
@@ -78,17 +80,17 @@ def step_coefficients(
     zeros = torch.zeros_like(group_index, dtype=torch.float64)
     ones = torch.ones_like(zeros)
     if kind == "sgd":
-        for i, g in enumerate(groups):
-            if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
-                raise UnsupportedError(f"group {i}: nesterov needs momentum > 0 and dampening 0")
         mu = vec("momentum")
         has_momentum = mu != 0
         nesterov = vec(lambda g: float(bool(g["nesterov"])))
-        a = zeros if first_step else mu
-        b = ones if first_step else 1 - vec("dampening")
+        started = _per_group([float(bool(x)) for x in started], group_index) > 0
+        # PyTorch copies the first direction into a new buffer without dampening, and leaves an
+        # existing buffer untouched at a step with momentum 0 (it counts again once μ is back)
+        a = torch.where(started, mu, zeros)
+        b = torch.where(started, 1 - vec("dampening"), ones)
         coeffs = StepCoefficients(
             eta=vec("lr"),
-            a=torch.where(has_momentum, a, zeros),
+            a=torch.where(has_momentum, a, started.to(zeros.dtype)),
             b=torch.where(has_momentum, b, zeros),
             c=torch.where(has_momentum, torch.where(nesterov > 0, mu, ones), zeros),
             e=torch.where(has_momentum, nesterov, ones),
@@ -116,6 +118,18 @@ def step_coefficients(
     else:
         raise UnsupportedError(f"unknown optimizer kind {kind!r} in the history")
     return StepCoefficients(**{k: v.to(dtype) for k, v in vars(coeffs).items()})
+
+
+def sgd_buffers_started(history) -> list[list[bool]]:
+    """Per step s and parameter group: whether SGD's momentum buffer exists before step s, i.e.
+    an earlier step ran with momentum ≠ 0 (PyTorch creates it at the first such step)."""
+    started = [False] * history.meta["n_groups"]
+    rows = []
+    for line in history.manifest:
+        rows.append(list(started))
+        if history.optimizer == "sgd":
+            started = [was or g["momentum"] != 0 for was, g in zip(started, line["groups"])]
+    return rows
 
 
 class AggregateUpdate:

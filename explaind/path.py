@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError, is_whole
+from .errors import InputError, is_number, is_whole
 from .functional import FlatModel
 from .quadrature import nodes
 
@@ -151,9 +151,12 @@ class PathIntegral:
         if not is_whole(self.max_kinks) or self.max_kinks < 0:
             raise InputError(f"max_kinks={self.max_kinks!r} must be a whole number ≥ 0 (kinks per input and step "
                              "that the search resolves)")
-        if self.kink_tolerance < 0:
-            raise InputError(f"kink_tolerance is {self.kink_tolerance}: use 0 (locate every kink) or a "
+        if not (is_number(self.kink_tolerance) and self.kink_tolerance >= 0):  # NaN too: it would search nothing
+            raise InputError(f"kink_tolerance={self.kink_tolerance!r}: use 0 (locate every kink) or a "
                              "positive error per step and output")
+        if not isinstance(self.breakpoints, bool):
+            raise InputError(f"breakpoints={self.breakpoints!r} must be True (locate the kinks) or False "
+                             "(plain quadrature)")
         if self.kink_tolerance > 0 and not self.breakpoints:
             raise InputError(f"kink_tolerance={self.kink_tolerance} chooses which steps' kinks are located, but "
                              "breakpoints=False locates none: set breakpoints=True, or kink_tolerance=0 for "
@@ -245,7 +248,10 @@ class PathIntegral:
             pending = torch.cat([*rows, intervals.rows[open_ & crossing]])
             crowded.logical_or_(torch.bincount(pending, minlength=n) > self.max_kinks)
             open_ &= ~crowded[intervals.rows]
-            if not open_.any() or depth == self.max_rounds - 1:
+            if depth == self.max_rounds - 1:  # a crossing still open: the input's kinks are incomplete
+                crowded[intervals.rows[open_ & crossing]] = True
+                return None
+            if not open_.any():
                 return None
             searched = intervals.take(open_)
             probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
@@ -702,10 +708,26 @@ def _first_roots(iv: _Intervals, count: int) -> torch.Tensor:
         slope = c1 + u * (2 * c2 + 3 * u * c3)
         step = torch.where(slope != 0, value / torch.where(slope != 0, slope, 1.0), 0.0)
         u = (u - step).clamp(0, 1)
+    # Newton left the interval (a unit heading away first), unless that end is the root itself
+    stuck = flips & (((u == 0) & (za != 0)) | ((u == 1) & (zb != 0)))
+    if stuck.any():
+        u[stuck] = _bisect_root(*(c[stuck] for c in (c0, c1, c2, c3)))
     u = torch.where(flips, u, torch.inf)
     if u.shape[1] < count:
         u = torch.cat([u, torch.full((len(u), count - u.shape[1]), torch.inf, dtype=u.dtype, device=u.device)], 1)
     return torch.topk(u, count, dim=1, largest=False).values
+
+
+def _bisect_root(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
+    """A root in (0, 1) of cubics c0 + c1·u + c2·u² + c3·u³ whose values at 0 and 1 differ in
+    sign, by bisection to the last bit of u: [K]."""
+    lo, hi = torch.zeros_like(c0), torch.ones_like(c0)
+    positive_at_lo = c0 > 0  # the sides as a crossing counts them: > 0, and ≤ 0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        with_lo = (c0 + mid * (c1 + mid * (c2 + mid * c3)) > 0) == positive_at_lo
+        lo, hi = torch.where(with_lo, mid, lo), torch.where(with_lo, hi, mid)
+    return (lo + hi) / 2
 
 
 def _distances_only(iv: _Intervals, most: int) -> torch.Tensor:

@@ -168,12 +168,22 @@ def stage_schema(stage: str) -> dict[str, Any]:
     return schema
 
 
+def check_base(params: Mapping[str, Any]) -> None:
+    """Refuse base values out of range (their types are checked by check_params): threads below 0,
+    which torch would silently take for its default."""
+    threads = params.get("threads", 0)
+    if threads < 0:
+        raise InputError(f"threads (section 'base' or the stage's) is {threads!r}, but it must be at least 0 "
+                         "(0: torch's default, one per core). Fix: set threads in the params file to such a value")
+
+
 def apply_base(params: Mapping[str, Any]) -> None:
     """Apply the base settings that act on the process rather than on a config: CPU threads.
 
     Small models gain little from several threads, and on a busy machine an oversubscribed
     thread pool can make each step ten times slower; one thread is the robust CPU default.
     """
+    check_base(params)
     if params.get("threads", 0) > 0:
         import torch
 
@@ -187,6 +197,7 @@ def make_config(stage: str, params: Mapping[str, Any]) -> Any:
         raise ParameterError(f"stage {stage!r} has no config dataclass; use its parameters directly")
     names = {field.name for field in dataclasses.fields(cls)}
     config = cls(**{key: value for key, value in params.items() if key in names})  # checks the ranges
+    check_base(params)  # and those of the base keys
     if "device" in params:  # before the stage deletes its old outputs, as the config's ranges
         check_device(params["device"])
     return config
@@ -450,20 +461,43 @@ def notebook_params(stage: str, namespace: Mapping[str, Any], before: set[str]) 
     return check_params(values, stage, source=source)
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _unique_keys_loader(path: Path) -> type:
-    """A YAML SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+    """A YAML SafeLoader that refuses a key given twice in one mapping (YAML would keep the last).
+
+    Merge keys (`<<: *anchor`) work as in yaml.safe_load: the mapping's own keys override the
+    merged ones, which is no repeat. The check runs on the document's nodes before anything is
+    constructed, since constructing a mapping flattens its merges into the merged node's keys."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise ParameterError(f"{path}, line {key_node.start_mark.line + 1}: key {key!r} is given twice "
-                                         "in the same section. Fix: keep one of them")
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+        def construct_document(self, node):
+            self._check_unique_keys(node, set())
+            return super().construct_document(node)
+
+        def _check_unique_keys(self, node, visited: set[int]) -> None:
+            if id(node) in visited:  # an alias: the anchored node is checked once
+                return
+            visited.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                for item in node.value:
+                    self._check_unique_keys(item, visited)
+            elif isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, value_node in node.value:
+                    if key_node.tag != MERGE_TAG:
+                        key = self.construct_object(key_node, deep=True)
+                        try:
+                            repeated = key in seen
+                        except TypeError:  # an unhashable key: construct_mapping refuses it, naming the line
+                            continue
+                        if repeated:
+                            raise ParameterError(f"{path}, line {key_node.start_mark.line + 1}: key {key!r} is given "
+                                                 "twice in the same section. Fix: keep one of them")
+                        seen.add(key)
+                    self._check_unique_keys(value_node, visited)
 
     return UniqueKeyLoader
 
@@ -494,7 +528,12 @@ def read_params_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run from the repository root or pass its path")
     try:
-        content = yaml.load(path.read_text(), Loader=_unique_keys_loader(path)) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ParameterError(f"{path} is not UTF-8 text ({error}). Fix: save it as UTF-8 "
+                             "(e.g. `iconv -f latin1 -t utf-8`)") from None
+    try:
+        content = yaml.load(text, Loader=_unique_keys_loader(path)) or {}
     except yaml.MarkedYAMLError as error:  # a syntax error, with its line and column
         raise ParameterError(f"{path} is not valid YAML: {error}\nFix: mend the file at the line named above") from None
     if not isinstance(content, dict):
@@ -789,9 +828,24 @@ def recorded_data_hash(root: str | os.PathLike | None = None) -> dict[str, Any]:
     import yaml
 
     root = Path(root) if root is not None else repo_root()
-    entry = yaml.safe_load((root / DATA_DVC_FILE).read_text())["outs"][0]
+    path = root / DATA_DVC_FILE
+    fix = f"Fix: restore it (git checkout {DATA_DVC_FILE}), or record data/ anew with `dvc add data`"
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing. {fix}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise DataError(f"{path} is not valid YAML ({error}). {fix}") from None
+    outs = content.get("outs") if isinstance(content, dict) else None
+    entry = outs[0] if isinstance(outs, list) and outs else None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} does not hold DVC's record of an output (`outs:` with one entry of path, md5, "
+                        f"size and nfiles). {fix}")
     if entry.get("path") != DATA_DIR:
         raise DataError(f"{DATA_DVC_FILE} tracks {entry.get('path')!r}, expected {DATA_DIR!r}")
+    missing = [key for key in ("md5", "size", "nfiles") if key not in entry]
+    if missing:
+        raise DataError(f"{path} records no {', '.join(missing)} for {DATA_DIR}/. {fix}")
     return {key: entry[key] for key in ("md5", "size", "nfiles")}
 
 

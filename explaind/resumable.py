@@ -16,9 +16,11 @@ never reused and never overwritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,17 +33,21 @@ from tqdm.auto import tqdm
 from .components import group_tensors
 from .distributed import SPLITS, explain_shard, is_stored, merge, part_path, read_part, step_window, store_part
 from .engine import check_residual
-from .errors import InputError
+from .errors import InputError, is_whole
 from .history import History
 
 # Raised whenever explain()'s cube gains or loses a variable, or a part's metadata change: a
 # part stored by an explaind of another format cannot be merged with new ones
-# (2: update_rounding_floor; 3: the digest of a part's numbers)
-PART_FORMAT = 3
+# (2: update_rounding_floor; 3: the digest of a part's numbers; 4: a split by steps counts replay
+# from the window's start, as one call does)
+PART_FORMAT = 4
 
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another
 EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "batch_chunk", "memory_budget", "progress")
+
+# a default repr names where an object lives in memory: another number in every process
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | os.PathLike, n_parts: int,
@@ -54,6 +60,8 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     steps before it), split="test" the test inputs. Run the same call again after an
     interruption to continue it.
     """
+    _check_split(split, n_parts, kwargs)
+    _check_parts_dir(Path(parts_dir))
     history = history if isinstance(history, History) else History(history)
     if split == "steps":
         start, stop = step_window(history, kwargs)
@@ -79,9 +87,34 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     return merged
 
 
-def _check_parts(split: str, n_parts: int, n_items: int) -> None:
+def _check_split(split: str, n_parts, options: dict) -> None:
+    """What the parts are, refused before the history is read."""
     if split not in SPLITS:
         raise InputError(f"split={split!r}: use one of {SPLITS}")
+    if not is_whole(n_parts):
+        raise InputError(f"n_parts={n_parts!r}: pass a whole number of parts, an int such as 2")
+    if split == "steps" and options.get("convention", "update") != "update":
+        # each part would explain a range of steps, which the gradient-step convention cannot
+        raise InputError(
+            f"split='steps' needs convention='update': with convention={options['convention']!r} a step's "
+            "attribution depends on every later step, so the steps cannot be explained in parts. Fix: pass "
+            "split='test' (parts of the test inputs, any convention), or convention='update'"
+        )
+    if split == "steps" and options.get("parameter_scores", False):
+        raise InputError("split='steps' cannot give parameter_scores: they take |·| after summing over all steps. "
+                         "Fix: pass split='test' (parts of the test inputs)")
+
+
+def _check_parts_dir(parts_dir: Path) -> None:
+    """A parts_dir that is a file, or lies under one, is named before any compute."""
+    existing = next((path for path in (parts_dir, *parts_dir.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == parts_dir else f"lies under the file {existing}"
+        raise InputError(f"parts_dir={str(parts_dir)!r} {where}, not a folder: pass the path of a folder for the "
+                         "parts (created if missing), or move the file away")
+
+
+def _check_parts(split: str, n_parts: int, n_items: int) -> None:
     what = "update steps" if split == "steps" else "test inputs"
     if not 1 <= n_parts <= n_items:
         raise InputError(f"n_parts={n_parts} for {n_items} {what}: use 1 … {n_items} parts")
@@ -103,8 +136,9 @@ def request_fingerprint(history: History, model: torch.nn.Module, inputs, target
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _canonical(value):
-    """A JSON-serialisable description of an option value (order kept: it orders the cube)."""
+def _canonical(value, seen: frozenset = frozenset()):
+    """A JSON-serialisable description of an option value (order kept: it orders the cube), the
+    same in every process. `seen`: the objects being described, around a cycle of references."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().contiguous()
         return {"dtype": str(value.dtype), "shape": list(value.shape),
@@ -113,24 +147,79 @@ def _canonical(value):
         return {"dtype": value.dtype.str, "shape": list(value.shape),
                 "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
     if isinstance(value, np.ndarray):
-        return _canonical(value.tolist())
+        return _canonical(value.tolist(), seen)
+    if isinstance(value, torch.nn.Module):
+        return _module(value, seen)
     if isinstance(value, Mapping):
-        return [[str(key), _canonical(item)] for key, item in value.items()]
+        return [[str(key), _canonical(item, seen)] for key, item in value.items()]
     if isinstance(value, (list, tuple)):
-        return [_canonical(item) for item in value]
+        return [_canonical(item, seen) for item in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, types.FunctionType):  # e.g. a custom loss: every lambda is '<lambda>'
-        return {"function": f"{value.__module__}.{value.__qualname__}", "code": _code(value.__code__),
-                "defaults": _canonical(value.__defaults__),
-                "closure": _canonical([cell.cell_contents for cell in value.__closure__ or ()])}
-    if callable(value):  # a callable object: identified by its class and attributes
-        return {"callable": f"{type(value).__module__}.{type(value).__qualname__}", "repr": repr(value)}
+        name = f"{value.__module__}.{value.__qualname__}"
+        if id(value) in seen:  # a nested function that calls itself holds itself in its closure
+            return {"function": name, "cycle": True}
+        seen = seen | {id(value)}
+        return {"function": name, "code": _code(value.__code__), "defaults": _canonical(value.__defaults__, seen),
+                "closure": _canonical([cell.cell_contents for cell in value.__closure__ or ()], seen)}
+    if isinstance(value, functools.partial):
+        return {"partial": _canonical(value.func, seen), "args": _canonical(value.args, seen),
+                "keywords": _canonical(value.keywords, seen)}
+    if isinstance(value, types.MethodType):  # what the method does, and to which object
+        return {"method": _canonical(value.__func__, seen), "self": _canonical(value.__self__, seen)}
+    if isinstance(value, (types.BuiltinFunctionType, types.MethodWrapperType)):  # e.g. torch.log_softmax
+        owner = value.__self__
+        return {"builtin": f"{getattr(value, '__module__', None)}.{value.__qualname__}",
+                # a builtin method of an object (tensor.add) depends on it; a module's function does not
+                "self": None if owner is None or isinstance(owner, (types.ModuleType, type)) else _canonical(owner, seen)}
+    if isinstance(value, type):
+        return {"class": f"{value.__module__}.{value.__qualname__}"}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    return repr(value)
+    if hasattr(value, "__array__"):  # e.g. a pandas column of ids, whose repr elides the middle rows
+        return _canonical(np.asarray(value), seen)
+    return _object(value, seen)
+
+
+def _module(module: torch.nn.Module, seen: frozenset):
+    """A module (a loss, an output head) by its class, repr, tensors and settings: its repr does
+    not show its weights, nor every setting (CrossEntropyLoss(reduction='sum') reads 'CrossEntropyLoss()')."""
+    if id(module) in seen:
+        return {"module": _kind(module), "cycle": True}
+    seen = seen | {id(module)}
+    settings = [[name, _canonical({key: item for key, item in vars(part).items() if not key.startswith("_")}, seen)]
+                for name, part in module.named_modules()]
+    return {"module": _kind(module), "repr": repr(module), "state": _canonical(module.state_dict(), seen),
+            "settings": settings}
+
+
+def _object(value, seen: frozenset):
+    """Any other object by its class and repr, or by its attributes where the repr is the default
+    one or names a memory address (another in every process)."""
+    text = repr(value)
+    if type(value).__repr__ is not object.__repr__ and not _ADDRESS.search(text):
+        return {"callable": _kind(value), "repr": text} if callable(value) else text
+    if id(value) in seen:
+        return {"object": _kind(value), "cycle": True}
+    return {"object": _kind(value), "attributes": _canonical(_attributes(value), seen | {id(value)})}
+
+
+def _attributes(value) -> dict:
+    """An object's instance attributes: its __dict__ and its __slots__."""
+    found = dict(getattr(value, "__dict__", {}))
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in [slots] if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                found[name] = getattr(value, name)
+    return found
+
+
+def _kind(value) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def _code(code: types.CodeType) -> list:

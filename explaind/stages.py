@@ -23,6 +23,7 @@ import xarray as xr
 
 from .cube import PARAMETER_SCORES, per_parameter, residual_attrs
 from .errors import ExplaindError, InputError, ReconstructionError
+from .quadrature import MAX_NODES
 from .training import DTYPES, check_ranges  # DTYPES re-exported: the notebooks read it from here
 
 MODELS = ("cnn", "transformer")
@@ -67,18 +68,20 @@ class VerifyConfig:
 
     def __post_init__(self):
         # refused here so that the message names these keys (the library's names its own arguments)
+        nodes = f"at most {MAX_NODES} (each node is one Jacobian pass per step)"
         check_ranges(f"verify.{self.model}", self, (
             ("inputs", self.inputs >= 0, "at least 0 (0: the whole held-out set)"),
-            ("quadrature", self.quadrature >= 1, "at least 1"),
+            ("quadrature", 1 <= self.quadrature <= MAX_NODES, f"at least 1 and {nodes}"),
             ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("sensitivity_inputs", self.sensitivity_inputs >= 0, "at least 0"),
-            ("sensitivity_nodes", all(n >= 1 for n in self.sensitivity_nodes), "node counts of at least 1"),
-            ("sensitivity_kink_nodes", all(n >= 1 for n in self.sensitivity_kink_nodes),
-             "node counts of at least 1"),
+            ("sensitivity_nodes", all(1 <= n <= MAX_NODES for n in self.sensitivity_nodes),
+             f"node counts of at least 1 and {nodes}"),
+            ("sensitivity_kink_nodes", all(1 <= n <= MAX_NODES for n in self.sensitivity_kink_nodes),
+             f"node counts of at least 1 and {nodes}"),
             ("float32_inputs", self.float32_inputs >= 0, "at least 0"),
             ("refine_ratio", self.refine_ratio >= 0, "at least 0 (0: refine none)"),
-            ("refine_quadrature", self.refine_quadrature >= 1, "at least 1"),
+            ("refine_quadrature", 1 <= self.refine_quadrature <= MAX_NODES, f"at least 1 and {nodes}"),
             ("refine_kink_tolerance", self.refine_kink_tolerance >= 0, "at least 0"),
             ("refine_max_kinks", self.refine_max_kinks >= 1, "at least 1"),
             ("tolerance", self.tolerance >= 0, "at least 0"),
@@ -164,12 +167,8 @@ def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike)
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: rerun the training stage (dvc repro train_{name})")
-    values = json.loads(config_path.read_text())
-    kind = values.pop("class")
     if name == "cnn":
-        if kind != "CNNConfig":
-            raise ExplaindError(f"{config_path} holds a {kind}, not a CNNConfig")
-        config = CNNConfig(**{**values, "classes": tuple(values["classes"])})
+        config = _load_config(config_path, name, CNNConfig)
         pair = load_image_pair(data_dir, config.dataset, tuple(config.classes), config.test_size, config.data_seed)
         model = ResNet9(pair.train_x.shape[1], 2, config.width)
         train = (pair.train_x, pair.train_y)
@@ -177,9 +176,7 @@ def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike)
         held_out, components = "test", dict(CNN_COMPONENTS)
         class_names = [f"digit {c}" if config.dataset == "digits" else f"CIFAR class {c}" for c in config.classes]
     elif name == "transformer":
-        if kind != "TransformerConfig":
-            raise ExplaindError(f"{config_path} holds a {kind}, not a TransformerConfig")
-        config = TransformerConfig(**values)
+        config = _load_config(config_path, name, TransformerConfig)
         data = modular_addition(config.p, config.train_size, config.val_size, config.data_seed, config.only_a_ge_b)
         model = ModAddTransformer(config.p, config.d_model, config.n_heads, config.d_mlp)
         train = (data.train_inputs, data.train_targets)
@@ -196,6 +193,37 @@ def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike)
         train_x, test_x = train_x.to(dtype), test_x.to(dtype)
     return Run(name, config, model, History(run_dir / "history"), train_x, train[1], test_x, test[1],
                held_out, components, class_names)
+
+
+def _load_config(path: Path, name: str, cls: type) -> Any:
+    """The training config a run folder's config.json holds, as save_config writes it: a JSON
+    object with the config's class name under "class" and exactly the fields of `cls`."""
+    fix = f"Fix: rerun the stage that wrote it (dvc repro train_{name}), or restore it from the DVC cache (dvc checkout)"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error}); it should hold the run's training config. {fix}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path} holds a JSON {type(values).__name__}, not an object of the training config's "
+                         f"fields. {fix}")
+    if "class" not in values:
+        raise InputError(f"{path} lacks the key 'class' (the config's class, here {cls.__name__}). {fix}")
+    kind = values.pop("class")
+    if kind != cls.__name__:
+        raise ExplaindError(f"{path} holds a {kind}, not a {cls.__name__}")
+    fields = {field.name for field in dataclasses.fields(cls)}
+    unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
+    if unknown or missing:
+        found = "; ".join(text for text in (f"unknown keys {unknown}" if unknown else "",
+                                            f"missing keys {missing}" if missing else "") if text)
+        raise InputError(f"{path} does not match {cls.__name__} ({found}): it was written by another version "
+                         f"of explaind or edited. {fix}")
+    if "classes" in values and isinstance(values["classes"], list):  # JSON has no tuples
+        values["classes"] = tuple(values["classes"])
+    try:
+        return cls(**values)
+    except (InputError, TypeError) as error:  # a value out of range or of another type
+        raise InputError(f"{path} holds a config that is refused: {error}. {fix}") from None
 
 
 def first(n: int, total: int) -> int:

@@ -31,6 +31,7 @@ from .errors import ExplaindError, InputError
 from .functional import FlatModel
 from .influence import data_scores
 from .losses import recorded_loss
+from .quadrature import MAX_NODES
 from .stages import Run, first
 from .training import check_ranges, train_cnn, train_transformer
 
@@ -65,23 +66,31 @@ class InfluenceConfig:
     confidence: float = 0.95  # level of the confidence intervals
 
     def __post_init__(self):
+        nodes = f"at least 1 and at most {MAX_NODES} (each node is one Jacobian pass per step)"
         check_ranges(f"influence.{self.model}", self, (
             ("splits", self.splits >= 1, "at least 1"),
             ("score_inputs", self.score_inputs >= 1, "at least 1"),
             ("min_fraction", 0 < self.min_fraction <= self.max_fraction, "in (0, max_fraction]"),
             ("max_fraction", self.max_fraction <= 1, "at most 1"),
             ("fractions", self.fractions >= 1, "at least 1"),
-            ("quadrature", self.quadrature >= 1, "at least 1"),
+            ("quadrature", 1 <= self.quadrature <= MAX_NODES, nodes),
             ("kink_tolerance", self.kink_tolerance >= 0, "at least 0"),
             ("tolerance", self.tolerance >= 0, "at least 0"),
             ("lds_subsets", self.lds_subsets >= 2, "at least 2 (a correlation over subsets)"),
             ("lds_fraction", 0 < self.lds_fraction < 1, "in (0, 1)"),
             ("lds_inputs", self.lds_inputs >= 1, "at least 1"),
             ("lds_steps", self.lds_steps >= 0, "at least 0 (0: the whole schedule)"),
-            ("lds_quadrature", self.lds_quadrature >= 1, "at least 1"),
+            ("lds_quadrature", 1 <= self.lds_quadrature <= MAX_NODES, nodes),
             ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
             ("bootstrap", self.bootstrap >= 1, "at least 1"),
             ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
+        ))
+
+    def check_run(self, held_out: int) -> None:
+        """Refuse counts beyond what the trained run has (its `held_out` inputs), which slicing would
+        otherwise cap without a word (score_inputs: pruning.split_inputs refuses it)."""
+        check_ranges(f"influence.{self.model}", self, (
+            ("lds_inputs", self.lds_inputs <= held_out, f"at most {held_out} (the run's held-out inputs)"),
         ))
 
 
@@ -141,6 +150,7 @@ def group_scores(run: Run, flat: FlatModel, theta: torch.Tensor, groups: list[np
 def pruning_study(run: Run, cfg: InfluenceConfig, seed: int, dtype: torch.dtype, device: str = "cpu",
                   progress: bool = True) -> PruningResult:
     """Every criterion on every split, both protocols, on the held-out inputs of `run`."""
+    cfg.check_run(held_out=len(run.test_x))  # the stage's first study: refuse the second's counts before any work
     history = run.history
     flat = FlatModel(run.model, history.layout, dtype, device, history.constants())
     theta = flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype)
@@ -238,6 +248,7 @@ def _transformer_on_subset(config, device: str, indices: torch.Tensor) -> torch.
 def datamodel_study(run: Run, cfg: InfluenceConfig, data_dir: str | Path, seed: int, dtype: torch.dtype,
                     device: str = "cpu", progress: bool = True) -> DatamodelResult:
     """The linear datamodeling score of ExPLAIND's data scores, TracIn and random scores."""
+    cfg.check_run(held_out=len(run.test_x))
     steps = explained_steps(run, cfg)
     n_inputs = first(cfg.lds_inputs, len(run.test_x))
     x, y = run.test_x[:n_inputs], run.test_y[:n_inputs]

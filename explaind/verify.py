@@ -22,7 +22,7 @@ from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_numb
 from .functional import FlatModel, check_target
 from .history import History, open_history
 from .losses import recorded_loss
-from .optimizers import AggregateUpdate, StepCoefficients, group_index, step_coefficients
+from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
 
 
@@ -66,14 +66,14 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
     residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
-    groups = group_index(history, flat)
+    groups, started = group_index(history, flat), sgd_buffers_started(history)
     eps = rounding_eps(history, flat)
     start, stop = steps or (0, history.n_steps)
     for rec in history.steps(replay_start, stop):
         theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
         delta = flat.layout.flatten(rec.after).to(flat.device, flat.dtype) - theta
         moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)
-        k = step_coefficients(history.optimizer, rec.groups, groups, moment, rec.step == 0, flat.dtype)
+        k = step_coefficients(history.optimizer, rec.groups, groups, moment, started[rec.step], flat.dtype)
         weights = history.sample_weights(rec, flat.dtype, flat.device)
         g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss,
                                 batch_rows)

@@ -3,6 +3,8 @@ request on a pipeline run folder, and refuses bad input with the fix."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -51,6 +53,8 @@ def test_plan_command_calibrates_and_runs_as_a_module(run_dir, tmp_path):
     (["--outputs", "first"], ["--outputs 'first'", "indices like 0,3,7"]),
     (["--keep", "steps"], ["invalid choice", "'steps'"]),
     (["--memory-budget", "0"], ["--memory-budget", "0 is not above 0"]),
+    (["--memory-budget", "nan"], ["--memory-budget", "nan is not a finite number of GiB"]),
+    (["--memory-budget", "inf"], ["--memory-budget", "inf is not a finite number of GiB"]),
     (["--calibrate", "-1"], ["--calibrate", "-1 is not at least 0"]),
     (["--tests", "-2"], ["--tests", "-2 is not at least 0"]),
 ])
@@ -91,3 +95,46 @@ def test_plan_command_reports_a_missing_history(run_dir, tmp_path, capsys):
         (broken / name).write_bytes((run_dir / name).read_bytes())
     assert main(["plan", str(broken), "--data", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_plan_command_speaks_of_the_budget_in_gib(run_dir, tmp_path, capsys):
+    """--memory-budget is typed in GiB: a budget too small is refused in GiB, not in bytes."""
+    assert main(["plan", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--memory-budget", "1e-6"]) == 1
+    err = capsys.readouterr().err
+    assert "over --memory-budget 1e-06 GiB" in err and "bytes" not in err, err
+
+
+def damage_config(folder, how: str) -> str:
+    """Damage a copied run folder's config.json as a careless edit or another run's files might;
+    the words its refusal must hold."""
+    config = folder / "config.json"
+    values = json.loads(config.read_text())
+    if how == "not_json":
+        config.write_text("{ training settings")
+        return "config.json is not valid JSON"
+    if how == "not_object":
+        config.write_text("[1, 2]")
+        return "config.json holds a JSON list, not an object"
+    config.write_text(json.dumps({**values, "d_model": 16}))  # another architecture than the weights'
+    return "model.safetensors does not fit the model that"
+
+
+@pytest.mark.parametrize("how", ["not_json", "not_object", "other_model"])
+def test_plan_command_names_a_damaged_run_folder(run_dir, tmp_path, how):
+    broken = tmp_path / "transformer"
+    shutil.copytree(run_dir, broken)
+    words = damage_config(broken, how)
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", str(broken), "--data", str(tmp_path)])
+    message = str(stop.value.code)
+    assert words in message and "rerun its training stage" in message and "\n" not in message, message
+
+
+def test_plan_command_names_a_config_of_other_keys(run_dir, tmp_path, capsys):
+    broken = tmp_path / "transformer"
+    shutil.copytree(run_dir, broken)
+    values = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**values, "width": 3}))
+    assert main(["plan", str(broken), "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "does not match TransformerConfig (unknown keys ['width'])" in err and "dvc repro train_transformer" in err, err

@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tarfile
 
@@ -49,6 +50,18 @@ def test_modular_addition_is_seeded():
 def test_modular_addition_refuses_too_many_pairs():
     with pytest.raises(ValueError, match="exceeds the 276 pairs"):
         modular_addition(23, 200, 77, seed=0)
+
+
+@pytest.mark.parametrize("p", [7.0, True])
+def test_modular_addition_refuses_a_modulus_that_is_not_an_integer(p):
+    with pytest.raises(ValueError, match=rf"p={p!r} must be an integer"):  # 7.0 made float tokens
+        modular_addition(p, 10, 5, seed=0)
+
+
+def test_modular_addition_takes_a_numpy_integer_modulus():
+    data = modular_addition(np.int64(7), 10, 5, seed=0)
+    assert data.train_inputs.dtype == torch.long and data.train_targets.dtype == torch.long
+    assert torch.equal(data.train_inputs, modular_addition(7, 10, 5, seed=0).train_inputs)
 
 
 # --- digits -------------------------------------------------------------------------------
@@ -108,6 +121,19 @@ def test_image_pair_rejects_bad_arguments(tmp_path):
         load_image_pair(tmp_path, "digits", test_size=1.5)
 
 
+@pytest.mark.parametrize("test_size, empty", [(0.001, "test"), (0.999, "training")])
+def test_digits_refuse_a_test_size_that_empties_a_split(digits_data, test_size, empty):
+    # 357 threes and eights: 0.001 holds out round(0.357) = 0 images, 0.999 keeps none for training
+    with pytest.raises(ValueError, match=rf"test_size={test_size} leaves the {empty} split empty: "
+                       r"classes \(3, 8\) have 357 images, so use a test_size between 0.002801 and 0.9972"):
+        load_image_pair(digits_data, "digits", classes=(3, 8), test_size=test_size)
+
+
+def test_digits_test_size_bounds_in_the_message_work(digits_data):
+    assert len(load_image_pair(digits_data, "digits", (3, 8), test_size=0.002801).test_y) == 1
+    assert len(load_image_pair(digits_data, "digits", (3, 8), test_size=0.9972).train_y) == 1
+
+
 # --- CIFAR-2 ------------------------------------------------------------------------------
 
 
@@ -120,12 +146,20 @@ def fake_batch(n: int, seed: int) -> dict:
 
 
 def write_archive(path, batches: dict, protocol: int = 2) -> None:
+    write_raw_archive(path, {name: pickle.dumps(batch, protocol=protocol) for name, batch in batches.items()})
+
+
+def write_raw_archive(path, payloads: dict, folders: tuple = ()) -> None:
+    """An archive of cifar-10-batches-py/<name> holding `payloads` (name -> bytes), and `folders` as folders."""
     with tarfile.open(path, "w:gz") as tar:
-        for name, batch in batches.items():
-            payload = pickle.dumps(batch, protocol=protocol)
+        for name, payload in payloads.items():
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+        for name in folders:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
 
 
 def fake_batches() -> dict:
@@ -218,5 +252,115 @@ def test_damaged_digits_are_refused_naming_the_file_and_the_fix(digits_data, tmp
 
 def test_truncated_cifar_archive_is_refused_naming_the_fix(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100))
-    with pytest.raises(InputError, match="(?s)cifar-10-python.tar.gz is not a complete.*Fix: delete data/"):
+    # CIFAR-10 is the user's copy: `make data` cannot bring it back, so the fix must not say so
+    with pytest.raises(InputError, match="(?s)cifar-10-python.tar.gz is not a complete.*Fix: replace "
+                       ".*cifar-10-python.tar.gz with a fresh copy of CIFAR-10's python archive") as error:
         load_cifar2(tmp_path, (3, 5))
+    assert "make data" not in str(error.value)
+
+
+def _damage_batch(batches: dict, kind: str) -> None:
+    """Damage data_batch_2 of `batches` (name -> pickle bytes) in the way `kind` names."""
+    batch = pickle.loads(batches["data_batch_2"])
+    if kind == "missing":
+        del batches["data_batch_2"]
+        return
+    if kind == "garbage":
+        batches["data_batch_2"] = b"these bytes are no pickle"
+    elif kind == "empty":
+        batches["data_batch_2"] = b""
+    elif kind == "truncated":
+        batches["data_batch_2"] = batches["data_batch_2"][:-100]
+    elif kind == "list":
+        batches["data_batch_2"] = pickle.dumps([1, 2, 3], protocol=2)
+    elif kind == "wrong size":
+        batch[b"data"] = batch[b"data"][:, :3000]
+    elif kind == "more labels":
+        batch[b"labels"] = batch[b"labels"] + [3]
+    elif kind == "fewer labels":
+        batch[b"labels"] = batch[b"labels"][:-1]
+    elif kind == "label 10":
+        batch[b"labels"][4] = 10
+    elif kind == "label -1":
+        batch[b"labels"][4] = -1
+    if kind in ("wrong size", "more labels", "fewer labels", "label 10", "label -1"):
+        batches["data_batch_2"] = pickle.dumps(batch, protocol=2)
+
+
+BATCH_DAMAGE = [
+    ("garbage", "is not a CIFAR-10 python batch"), ("empty", "is not a CIFAR-10 python batch"),
+    ("truncated", "is not a CIFAR-10 python batch"), ("list", "is not a dict with b'data' and b'labels'"),
+    ("wrong size", "holds 120000 pixel values, not a whole number of 3x32x32 images"),
+    ("more labels", "holds 41 labels for 40 images"), ("fewer labels", "holds 39 labels for 40 images"),
+    ("label 10", r"holds labels outside 0..9 \(from 0 to 10\)"),
+    ("label -1", r"holds labels outside 0..9 \(from -1 to"),
+]
+
+
+def pickled_fake_batches() -> dict:
+    return {name: pickle.dumps(batch, protocol=2) for name, batch in fake_batches().items()}
+
+
+@pytest.mark.parametrize("kind, cause", [("missing", "is missing")] + BATCH_DAMAGE)
+def test_damaged_extracted_cifar_batch_is_refused_naming_the_file_and_the_fix(tmp_path, kind, cause):
+    batches = pickled_fake_batches()
+    _damage_batch(batches, kind)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, payload in batches.items():
+        (folder / name).write_bytes(payload)
+    path = re.escape(str(folder / "data_batch_2"))
+    fix = (rf"Fix: restore this file from the archive, or delete {re.escape(str(folder))} so that "
+           rf"{re.escape(str(tmp_path / 'cifar-10-python.tar.gz'))} is read instead; .*put a fresh copy")
+    with pytest.raises(InputError, match=rf"(?s){path} {cause}.*{fix}") as error:
+        load_image_pair(tmp_path, "cifar2")
+    assert "make data" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind, cause", BATCH_DAMAGE)
+def test_damaged_cifar_archive_member_is_refused_naming_the_member_and_the_fix(tmp_path, kind, cause):
+    batches = pickled_fake_batches()
+    _damage_batch(batches, kind)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_raw_archive(archive, batches)
+    member = re.escape(str(archive / "cifar-10-batches-py" / "data_batch_2"))
+    with pytest.raises(InputError, match=rf"(?s){member} {cause}.*Fix: replace {re.escape(str(archive))} "
+                       "with a fresh copy of CIFAR-10's python archive") as error:
+        load_cifar2(tmp_path)
+    assert "make data" not in str(error.value)
+
+
+def test_cifar_archive_member_that_is_a_folder_is_refused(tmp_path):
+    batches = pickled_fake_batches()
+    del batches["test_batch"]
+    write_raw_archive(tmp_path / "cifar-10-python.tar.gz", batches, folders=("test_batch",))
+    with pytest.raises(InputError, match="test_batch is not a regular file.*Fix: replace"):
+        load_cifar2(tmp_path)
+
+
+def test_malicious_extracted_cifar_batch_is_refused_naming_the_file(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = fake_batches()
+    batches["test_batch"] = {b"data": Exploit(str(marker)), b"labels": [0]}
+    for name, batch in batches.items():
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(InputError, match=f"{re.escape(str(folder / 'test_batch'))} is not a CIFAR-10 python "
+                       "batch .*refusing to load") as error:
+        load_cifar2(tmp_path)
+    assert isinstance(error.value, pickle.UnpicklingError)  # what the refusal was before it named the file
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("batch, split", [("data_batch_4", "training"), ("test_batch", "test")])
+def test_cifar2_refuses_a_class_missing_from_a_split(tmp_path, batch, split):
+    batches = fake_batches()
+    names = [batch] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    for name in names:  # a hand-made subset without dogs (5) in this split
+        labels = batches[name][b"labels"]
+        batches[name][b"labels"] = [6 if label == 5 else label for label in labels]
+    write_archive(tmp_path / "cifar-10-python.tar.gz", batches)
+    with pytest.raises(InputError, match=rf"the CIFAR-10 {split} split .* has no image of class\(es\) \[5\]"):
+        load_cifar2(tmp_path, (3, 5))
+    assert len(load_cifar2(tmp_path, (3, 4)).test_labels) > 0  # classes both splits contain still load

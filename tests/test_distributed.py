@@ -84,6 +84,35 @@ def test_merging_three_shards_in_process(run, split):
     assert_same_cube(merged, run.explain(keep=("step", "train", "test"), step_bins=3))
 
 
+def test_steps_split_with_a_bounded_replay_equals_one_call(run):
+    """Each part replays from the window's replay start, as one call does (each counted its
+    `replay` steps back from its own start: per-sample shares off by half their scale)."""
+    from explaind.distributed import explain_shard
+
+    options = dict(keep=("step", "train", "test"), steps=(3, 7), replay=1, progress=False, tolerance=None)
+    parts = [explain_shard(run.path, run.model, run.test_x, split="steps", rank=r, world_size=3, **options)
+             for r in range(3)]
+    merged, single = merge(parts, "steps"), run.explain(**options)
+    assert_same_cube(merged, single)
+    scale = float(np.abs(single["carried"]).max())
+    assert scale > 0 and float(np.abs(merged["carried"] - single["carried"]).max()) <= 1e-12 * scale
+    for key in ("replay_start", "kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+        assert merged.attrs[key] == single.attrs[key], key
+
+
+def test_a_part_killed_while_signed_is_absent(run, tmp_path, monkeypatch):
+    """The digest is written before the part is moved into place: a kill while reading it back
+    leaves no part (one without a digest blocked the resume until deleted by hand)."""
+    import explaind.distributed as distributed
+
+    part = distributed.explain_shard(run.path, run.model, run.test_x, split="test", rank=0, world_size=2,
+                                     progress=False, tolerance=None)
+    monkeypatch.setattr(distributed, "part_digest", lambda part: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        store_part(part, tmp_path / "part-00000.zarr", "request", 0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_shard_bounds_cover_everything_once():
     for n, world in [(5, 2), (7, 3), (10, 10), (3, 1)]:
         bounds = [shard_bounds(n, r, world) for r in range(world)]
@@ -367,3 +396,115 @@ def test_distributed_refuses_to_overwrite_another_requests_parts(run, tmp_path, 
     first = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "own", **OPTIONS)
     again = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "own", **OPTIONS)
     xr.testing.assert_identical(again, first)
+
+
+# --------------------------------------------------------------------------- resumable: arguments and callable options
+
+
+@pytest.mark.parametrize("n_parts", [2.0, "2", True])
+def test_resumable_refuses_a_count_of_parts_that_is_not_whole(run, n_parts, tmp_path, computed_parts):
+    with pytest.raises(ex.InputError, match=f"n_parts={n_parts!r}: pass a whole number of parts"):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=n_parts, **OPTIONS)
+    assert computed_parts == [] and not (tmp_path / "parts").exists()
+
+
+@pytest.mark.parametrize("option", [{"convention": "gradient"}, {"parameter_scores": True}])
+def test_resumable_by_steps_names_split_test_for_what_it_cannot_split(run, option, tmp_path, computed_parts):
+    """The user passed no steps=(start, stop): the refusal speaks of split='steps', the default,
+    and names split='test', which takes the request."""
+    with pytest.raises(ex.InputError, match="(?s)^split='steps' .*Fix: pass split='test'"):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2,
+                          **OPTIONS, **option)
+    assert computed_parts == [] and not (tmp_path / "parts").exists()
+    explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2, split="test",
+                      **OPTIONS, **option)
+    assert computed_parts == [0, 1]
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_resumable_refuses_a_parts_dir_that_is_a_file(run, under, tmp_path, computed_parts):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    parts_dir = notes / "parts" if under else notes
+    where = f"lies under the file {notes}" if under else "is a file"
+    with pytest.raises(ex.InputError, match=f"(?s)parts_dir='{parts_dir}' {where}, not a folder.*pass the path of a"):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, **OPTIONS)
+    assert computed_parts == [] and notes.read_text() == "keep me"
+
+
+def first_outputs(outputs, n):
+    return outputs[:, :n]
+
+
+class Scaled:
+    """A callable without a __repr__ of its own: its default repr names a memory address."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, outputs):
+        return outputs * self.factor
+
+    def halve(self, outputs):
+        return outputs / 2
+
+
+def callable_options() -> dict:
+    """Callables whose repr names a memory address (other in every process), built alike in every process."""
+    import functools
+
+    torch.manual_seed(0)
+    return {"partial": functools.partial(first_outputs, n=2), "object": Scaled(3.0), "method": Scaled(2.0).halve,
+            "builtin": torch.log_softmax, "module": torch.nn.Linear(3, 3), "module_method": torch.nn.Linear(3, 3).forward,
+            "loss": torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))}
+
+
+def callable_fingerprints(history_path) -> dict:
+    history = ex.History(history_path)
+    model, inputs = torch.nn.Linear(4, 3), torch.zeros(2, 4)
+    return {name: resumable.request_fingerprint(history, model, inputs, None, split="test", n_parts=2, output_fn=fn)
+            for name, fn in callable_options().items()}
+
+
+def test_callable_options_fingerprint_alike_in_a_new_process(tmp_path):
+    """A resumed call runs in another process: a partial, a bound method, a builtin or an object
+    without a __repr__ of its own must describe the request as they did there."""
+    path = train(Case(steps=2, n_test=2), tmp_path / "history").path
+    here = Path(__file__).parent
+    code = "import json, sys, test_distributed as t; print(json.dumps(t.callable_fingerprints(sys.argv[1])))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    import json
+
+    there = json.loads(done.stdout.splitlines()[-1])
+    assert there == callable_fingerprints(path)
+
+
+def test_fingerprint_sees_the_tensors_and_arguments_of_callable_options(run):
+    """Two output heads, losses or partials that compute differently are two requests, though
+    their reprs read alike."""
+    import functools
+
+    import pandas as pd
+
+    history = ex.History(run.path)
+
+    def fingerprint(**options):
+        return resumable.request_fingerprint(history, run.model, run.test_x, None, split="test", n_parts=2, **options)
+
+    torch.manual_seed(0)
+    head, other_head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    assert fingerprint(output_fn=head) != fingerprint(output_fn=other_head)
+    assert fingerprint(output_fn=head.forward) != fingerprint(output_fn=other_head.forward)
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    assert fingerprint(loss=torch.nn.CrossEntropyLoss(weight=weight)) != \
+        fingerprint(loss=torch.nn.CrossEntropyLoss(weight=2 * weight))
+    assert fingerprint(loss=torch.nn.CrossEntropyLoss()) != fingerprint(loss=torch.nn.CrossEntropyLoss(reduction="sum"))
+    assert fingerprint(output_fn=functools.partial(first_outputs, n=1)) != \
+        fingerprint(output_fn=functools.partial(first_outputs, n=2))
+    assert fingerprint(output_fn=Scaled(2.0)) != fingerprint(output_fn=Scaled(3.0))
+    assert fingerprint(output_fn=Scaled(2.0)) == fingerprint(output_fn=Scaled(2.0))
+    # a pandas column of ids, whose repr elides the middle rows
+    ids = pd.Series(np.arange(100))
+    assert fingerprint(test_ids=ids) != fingerprint(test_ids=ids.replace(50, 1000))

@@ -450,7 +450,7 @@ def test_the_config_refuses_counts_beyond_the_run(p):
     """Slicing would cap them silently: 11 validation pairs asked, 10 explained."""
     nonconstant = len(grokking.fourier_power(np.random.default_rng(0).normal(size=(p, 3)))) - 1
     config = grokking.GrokkingConfig(val_inputs=10, train_inputs=20, data_inputs=10, key_frequencies=nonconstant)
-    config.check_run(p, train_pairs=20, val_pairs=10)
+    config.check_run(p, train_pairs=20, val_pairs=10, n_steps=1000)
     assert len(set(grokking.key_frequencies(np.arange(nonconstant + 1.0), nonconstant))) == nonconstant
     for key, value, rule in (("val_inputs", 11, "at most 10 .the run's validation pairs"),
                              ("train_inputs", 21, "at most 20 .the run's training pairs"),
@@ -458,7 +458,67 @@ def test_the_config_refuses_counts_beyond_the_run(p):
                              ("key_frequencies", nonconstant + 1, f"at most {nonconstant} .the non-constant")):
         with pytest.raises(InputError, match=f"(?s)grokking.{key} is {value}, but it must be {rule}.*Fix: set "
                                              f"grokking.{key}"):
-            dataclasses.replace(config, **{key: value}).check_run(p, train_pairs=20, val_pairs=10)
+            dataclasses.replace(config, **{key: value}).check_run(p, train_pairs=20, val_pairs=10, n_steps=1000)
+
+
+def test_the_config_refuses_phases_that_the_runs_merged_step_bins_cannot_hold():
+    """1,842 steps in 40 log-spaced bins give 36 (edges that round to the same step merge): 3 phases
+    of at least 13 bins pass the config's own check (39 <= 40) but not the run's, which refuses them
+    before the component attribution rather than in detect_phases after it."""
+    bins = len(grokking.log_step_edges(1842, 40)) - 1
+    assert bins == 36
+    counts = dict(p=23, train_pairs=20, val_pairs=10, n_steps=1842)
+    config = grokking.GrokkingConfig(val_inputs=10, train_inputs=4, data_inputs=8, step_bins=40, phases=3,
+                                     min_phase_bins=13)
+    with pytest.raises(InputError, match=r"(?s)grokking.phases is 3, but it must be .*\(3 x 13\) is at most the 36 step "
+                                         r"bins that step_bins=40 yields over the run's 1842 update steps.*raise step_bins"):
+        config.check_run(**counts)
+    dataclasses.replace(config, phases=1, min_phase_bins=bins).check_run(**counts)
+    with pytest.raises(InputError, match="at most the 36 step bins"):
+        dataclasses.replace(config, phases=1, min_phase_bins=bins + 1).check_run(**counts)
+    dataclasses.replace(config, min_phase_bins=12).check_run(**counts)  # 3 x 12 = 36
+    with pytest.raises(InputError, match="grokking.phases is 3"):  # a short run merges more
+        dataclasses.replace(config, min_phase_bins=3).check_run(**{**counts, "n_steps": 8})
+
+
+def test_the_config_refuses_more_retraining_checkpoints_than_the_run_has_steps():
+    config = grokking.GrokkingConfig(val_inputs=10, train_inputs=4, data_inputs=8, step_bins=6, min_phase_bins=1,
+                                     retrain_checkpoints=5)
+    config.check_run(23, train_pairs=20, val_pairs=10, n_steps=5)
+    with pytest.raises(InputError, match=r"grokking.retrain_checkpoints is 5, but it must be at most 4 "):
+        config.check_run(23, train_pairs=20, val_pairs=10, n_steps=4)
+
+
+def test_retraining_checkpoints_are_distinct_and_never_step_0():
+    """As the docstring says: `count` checkpoints after step 0, ending at the last step."""
+    for n_steps in range(1, 30):
+        for count in range(1, n_steps + 1):
+            steps = grokking.retraining_checkpoints(n_steps, count)
+            assert len(steps) == count and steps[0] >= 1 and steps[-1] == n_steps, (n_steps, count, steps)
+    with pytest.raises(InputError, match="retrain_checkpoints=3 exceeds the run's 1 update steps"):
+        grokking.retraining_checkpoints(1, 3)  # rounding gave [0, 1]: step 0 and one checkpoint short
+    with pytest.raises(InputError, match="retrain_checkpoints=6 exceeds the run's 5 update steps"):
+        grokking.retraining_checkpoints(5, 6)  # rounding gave five of six
+
+
+def test_the_config_refuses_a_repeated_retraining_variant(tiny_run):
+    """A repeat would run its jobs twice and report every seed twice."""
+    with pytest.raises(InputError, match="(?s)grokking.retrain_variants is .*each at most once"):
+        grokking.GrokkingConfig(retrain_variants=("pipeline", "pipeline"))
+    history, _ = tiny_run
+    with pytest.raises(InputError, match=r"retraining variants \['pipeline'\] are given more than once"):
+        grokking.retraining_experiment(TINY, history, [1], ["pipeline", "outer", "pipeline"], [0], max_steps=1,
+                                       target=0.9, dtype="float32", reinit_std=0)
+
+
+def test_the_config_refuses_more_quadrature_nodes_than_explain_takes():
+    """explain refuses them (quadrature.nodes) only once the stage has started."""
+    from explaind.quadrature import MAX_NODES
+
+    grokking.GrokkingConfig(quadrature=MAX_NODES)
+    with pytest.raises(InputError, match=f"grokking.quadrature is {MAX_NODES + 1}, but it must be at least 1 and at "
+                                         f"most {MAX_NODES} .each node is one Jacobian pass per step"):
+        grokking.GrokkingConfig(quadrature=MAX_NODES + 1)
 
 
 def test_retraining_refuses_bad_requests(tiny_run):

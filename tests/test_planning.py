@@ -254,6 +254,20 @@ def test_memory_budgets_that_are_no_number_of_bytes_are_refused(run, budget):
             call(run.path, run.model, run.test_x, run.test_y, memory_budget=budget)
 
 
+@pytest.fixture(scope="module")
+def kinked_run(tmp_path_factory):
+    return train(Case("mlp", "sgd_momentum", steps=4, n_train=8, act="relu", lr_scale=10.0), tmp_path_factory.mktemp("plan") / "h")
+
+
+@pytest.mark.parametrize("budget", [float("inf"), 1e19, 1e300])
+def test_a_budget_beyond_any_memory_is_no_limit(kinked_run, budget):
+    """inf failed in int(), 1e19 in the kink search's row counts (beyond int64)."""
+    cube = kinked_run.explain(keep=("train", "test"), memory_budget=budget)
+    unbounded = kinked_run.explain(keep=("train", "test"), memory_budget=None)
+    assert cube.attrs["kinks_located"] == unbounded.attrs["kinks_located"] > 0
+    np.testing.assert_array_equal(cube.attribution.values, unbounded.attribution.values)
+
+
 @pytest.mark.parametrize("tolerance", [float("nan"), "x", -1e-3, True])
 def test_explain_refuses_a_tolerance_before_any_compute(run, tolerance, monkeypatch):
     monkeypatch.setattr(engine, "_run_chunks", lambda request: pytest.fail("computed before the refusal"))

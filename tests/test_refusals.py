@@ -247,6 +247,57 @@ def test_a_float32_tensor_learning_rate_on_float64_parameters_is_refused(tmp_pat
             loop(rec, model, optimizer, x, y)
 
 
+def test_float32_tensor_betas_on_float64_parameters_are_refused(tmp_path):
+    """Adam's bias corrections are computed in the betas' float32: verify_updates missed by 7e-7."""
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("group 0", "beta", "torch.float32 tensor", "torch.float64",
+                                                       "Fix", "dtype=torch.float64")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y)
+
+
+@pytest.mark.parametrize("setting, words", [
+    (dict(maximize=True), ("maximize=True", "maximize=False")),
+    (dict(decoupled_weight_decay=True), ("became adamw", "was adam", "decoupled_weight_decay", "Fix")),
+])
+def test_optimizer_settings_changed_mid_run_are_refused_at_that_step(tmp_path, setting, words):
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.1)
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("before step 2", *words)):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y)
+            optimizer.param_groups[0].update(setting)
+            loop(rec, model, optimizer, x, y, steps=1)
+    assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2  # nothing of the refused step
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), -1e-9, "1e-9", True])
+def test_a_nonsense_gradient_check_tolerance_is_refused(tmp_path, tolerance):
+    """NaN turned the gradient check off, a negative one failed every step, 0 read as the default."""
+    model, optimizer = model_and_sgd()
+    with pytest.raises(ex.InputError, match=says(f"check_tolerance={tolerance!r}", "number ≥ 0", "None")):
+        ex.Recorder(tmp_path / "h", model, optimizer, check_tolerance=tolerance)
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_gradient_check_tolerance_of_zero_is_a_tolerance(tmp_path):
+    """Zero allows no difference at all (it read as unset, i.e. the default 1e-9): a .grad
+    scaled by 1 + 1e-12 is then refused."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("at step 0", "tolerance 0e+00")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, check_tolerance=0, check_every=1) as rec:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            for p in model.parameters():
+                p.grad.mul_(1 + 1e-12)
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+
+
 @pytest.mark.parametrize("cls, lr_dtype", [("SGD", torch.float32), ("AdamW", torch.float64)])
 def test_tensor_learning_rates_that_reproduce_are_recorded(tmp_path, cls, lr_dtype):
     """SGD reads a tensor lr as a number; a float64 tensor gives Adam float64 step sizes."""
@@ -684,6 +735,10 @@ def test_save_cube_refuses_to_overwrite(run, tmp_path):
     (dict(keep="trian"), ("['trian']", "choose among")),
     (dict(test_ids=["a", "b"]), ("test_ids of shape (2,)", "one id per input")),
     (dict(test_ids=["a", "b", "a"]), ("test_ids repeat ['a']", "distinct id")),
+    (dict(kink_tolerance=float("nan")), ("kink_tolerance=nan", "positive error")),
+    (dict(kink_tolerance="1e-3"), ("kink_tolerance='1e-3'", "positive error")),
+    (dict(kink_tolerance=True), ("kink_tolerance=True", "positive error")),
+    (dict(breakpoints="no"), ("breakpoints='no'", "True", "False")),
 ])
 def test_malformed_arguments(run, no_heavy_compute, kwargs, words):
     with pytest.raises(ex.InputError, match=says(*words)):

@@ -3,16 +3,29 @@
 A cube and a forward-mode reconstruction computed with the same path integral are two
 independent computations of the same number: they must agree to rounding, and a cube computed
 with another integral, or from another history, must be refused.
+
+Also what the stages refuse before they start: the stage configs' ranges, a run folder's
+config.json (load_run), and the params and data.dvc files the pipeline runner reads.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import types
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 import explaind as ex
 from engine_cases import Case, train
-from explaind import stages
+from explaind import pipeline, stages, validation
+from explaind.quadrature import MAX_NODES
+from explaind.training import CNNConfig, TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +128,134 @@ def test_a_refinement_that_locates_no_kinks_cannot_have_a_kink_tolerance():
     with pytest.raises(ex.InputError, match="(?s)refine_kink_tolerance.*refine_breakpoints: true"):
         stages.VerifyConfig(model="transformer", refine_breakpoints=False, refine_kink_tolerance=1e-4)
     stages.VerifyConfig(refine_breakpoints=False, refine_kink_tolerance=0.0)  # the CNN's plain refinement is fine
+
+
+# --- the stage configs' ranges ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, section, key, value", [
+    (stages.VerifyConfig, "verify.cnn", "quadrature", MAX_NODES + 1),
+    (stages.VerifyConfig, "verify.cnn", "refine_quadrature", MAX_NODES + 1),
+    (stages.VerifyConfig, "verify.cnn", "sensitivity_nodes", (1, 10, MAX_NODES + 1)),
+    (stages.VerifyConfig, "verify.cnn", "sensitivity_kink_nodes", (MAX_NODES + 1,)),
+    (validation.InfluenceConfig, "influence.cnn", "quadrature", MAX_NODES + 1),
+    (validation.InfluenceConfig, "influence.cnn", "lds_quadrature", MAX_NODES + 1),
+])
+def test_the_configs_refuse_more_quadrature_nodes_than_explain_takes(cls, section, key, value):
+    """explain (quadrature.nodes) refuses them only once the stage has started."""
+    cls(**{key: (MAX_NODES,) if isinstance(value, tuple) else MAX_NODES})
+    with pytest.raises(ex.InputError, match=rf"(?s){section}\.{key} is .*at most {MAX_NODES} \(each node is one "
+                                            rf"Jacobian pass per step\).*Fix: set {section}\.{key}"):
+        cls(**{key: value})
+
+
+def test_the_influence_config_refuses_more_lds_inputs_than_the_run_holds_out():
+    """Slicing would cap them without a word; both studies check before any work."""
+    config = validation.InfluenceConfig(model="transformer", lds_inputs=16)
+    config.check_run(held_out=16)
+    with pytest.raises(ex.InputError, match=r"influence.transformer.lds_inputs is 16, but it must be at most 15 "
+                                            r"\(the run's held-out inputs\)"):
+        config.check_run(held_out=15)
+    run = types.SimpleNamespace(test_x=np.zeros((15, 2)))  # refused before the run is touched otherwise
+    for study in (lambda: validation.pruning_study(run, config, 0, None),
+                  lambda: validation.datamodel_study(run, config, "data", 0, None)):
+        with pytest.raises(ex.InputError, match="lds_inputs is 16"):
+            study()
+
+
+# --- a run folder's config.json -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [TransformerConfig(), CNNConfig()], ids=["transformer", "cnn"])
+def test_a_saved_training_config_reads_back_equal(tmp_path, config):
+    path = stages.save_config(config, tmp_path)
+    assert stages._load_config(path, "x", type(config)) == config
+
+
+@pytest.mark.parametrize("name, write, words", [
+    ("transformer", lambda values: "{oops", ["is not valid JSON"]),
+    ("transformer", lambda values: json.dumps([values]), ["holds a JSON list, not an object"]),
+    ("transformer", lambda values: json.dumps({**values, "dropout": 0.1}), ["unknown keys ['dropout']"]),
+    ("transformer", lambda values: json.dumps({k: v for k, v in values.items() if k != "lr"}),
+     ["missing keys ['lr']"]),
+    ("transformer", lambda values: json.dumps({k: v for k, v in values.items() if k != "class"}),
+     ["lacks the key 'class'", "TransformerConfig"]),
+    ("transformer", lambda values: json.dumps({**values, "p": "43"}), ["holds a config that is refused"]),
+    ("cnn", lambda values: json.dumps({**values, "class": "CNNConfig"}), ["unknown keys", "missing keys"]),
+], ids=["broken", "not an object", "unknown key", "missing key", "no class", "wrong type", "other config"])
+def test_load_run_refuses_a_broken_config_json_naming_it_and_the_fix(tmp_path, name, write, words):
+    path = stages.save_config(TransformerConfig(), tmp_path)
+    path.write_text(write(json.loads(path.read_text())))
+    with pytest.raises(ex.InputError) as error:
+        stages.load_run(name, tmp_path, tmp_path / "data")
+    message = str(error.value)
+    assert str(path) in message and f"dvc repro train_{name}" in message, message
+    assert all(word in message for word in words), message
+
+
+# --- the params and data.dvc files the pipeline reads -------------------------------------
+
+
+def tiny_params() -> dict:
+    return yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
+
+
+def test_params_with_a_yaml_merge_key_read_as_yaml_reads_them(tmp_path):
+    """`<<: *anchor` is valid YAML (yaml.safe_load and DVC read it); the duplicate-key check must
+    not take it for an unknown tag, nor a key the mapping overrides for a repeat."""
+    text = (ROOT / "tests" / "params_tiny.yaml").read_text()
+    assert "\nverify:\n  cnn:\n" in text and "\n  transformer:\n" in text
+    text = text.replace("\nverify:\n  cnn:\n", "\nverify:\n  cnn: &verify_cnn\n", 1)
+    start = text.index("\n  transformer:\n", text.index("\nverify:\n"))
+    merged = text[:start] + "\n  transformer:\n    <<: *verify_cnn\n" + text[start + len("\n  transformer:\n"):]
+    path = tmp_path / "params.yaml"
+    path.write_text(merged)
+    assert pipeline.read_params_file(path) == yaml.safe_load(merged)
+    assert pipeline.load_params("verify@transformer", params_file=path) == pipeline.load_params(
+        "verify@transformer", params_file=ROOT / "tests" / "params_tiny.yaml")  # every key overridden
+    path.write_text(merged.replace("    <<: *verify_cnn\n", "    <<: *verify_cnn\n    inputs: 1\n", 1))
+    with pytest.raises(pipeline.ParameterError, match="key 'inputs' is given twice.*Fix: keep one"):
+        pipeline.read_params_file(path)  # an explicit key given twice is still refused
+
+
+def test_params_that_are_not_utf8_are_refused_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("# Paramètres\n".encode("latin-1") + (ROOT / "tests" / "params_tiny.yaml").read_bytes())
+    with pytest.raises(pipeline.ParameterError, match=f"{path} is not UTF-8 text.*Fix: save it as UTF-8"):
+        pipeline.read_params_file(path)
+    assert pipeline.main(["params", "train_cnn", "--params", str(path)]) == 1
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["outs: oops\n", "outs: []\n", "- 1\n", "", "outs: [{path: data}]\n",
+                                  "outs: [{path: data\n", b"outs: \xe8\n"],
+                         ids=["outs not a list", "no outs", "a list", "empty", "no hash", "broken", "not utf-8"])
+def test_a_malformed_data_dvc_is_refused_naming_the_file(tmp_path, text):
+    path = tmp_path / "data.dvc"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(pipeline.DataError, match=f"(?s){path}.*Fix: restore it .git checkout data.dvc."):
+        pipeline.recorded_data_hash(tmp_path)
+    path.unlink()
+    with pytest.raises(pipeline.DataError, match="data.dvc is missing"):
+        pipeline.recorded_data_hash(tmp_path)
+    shutil.copy(ROOT / "data.dvc", path)
+    assert pipeline.recorded_data_hash(tmp_path) == {key: yaml.safe_load(path.read_text())["outs"][0][key]
+                                                     for key in ("md5", "size", "nfiles")}
+
+
+def test_a_negative_thread_count_is_refused_not_taken_for_torchs_default(tmp_path):
+    content = tiny_params()
+    content["base"]["threads"] = -3
+    content["train_cnn"].pop("threads")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    with pytest.raises(pipeline.ParameterError, match=rf"(?s){path}.*threads .*is -3, but it must be at least 0"):
+        pipeline.load_params("train_cnn", params_file=path)
+    params = pipeline.load_params("train_cnn", params_file=ROOT / "tests" / "params_tiny.yaml")
+    params.pop("device")
+    for call in (pipeline.make_config, lambda stage, values: pipeline.apply_base(values)):
+        with pytest.raises(ex.InputError, match="threads .*is -3"):
+            call("train_cnn", {**params, "threads": -3})
+    content["base"]["threads"] = 0  # 0: torch's default, as before
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    assert pipeline.load_params("train_cnn", params_file=path)["threads"] == 0

@@ -178,3 +178,46 @@ def test_with_refined_refuses_masks_fractions_repeats_and_another_target(short_r
     logits = reconstruct(path, model, x[[0, 2]], target="logit", progress=False)
     with pytest.raises(ex.InputError, match=r"explains target='logit', the reconstruction target='log_prob'"):
         with_refined(rec, logits, [0, 2])
+
+
+@pytest.mark.parametrize("momenta, dampening, nesterov", [
+    ((0.9, 0.45, 0.0, 0.0, 0.9, 0.9), 0.3, False),  # a cyclic schedule reaching 0: the buffer waits
+    ((0.0, 0.0, 0.9, 0.9, 0.9, 0.9), 0.5, False),  # momentum from step 2: its first step is undampened
+    ((0.9,) * 6, 0.2, True),  # nesterov with dampening, set after construction (torch runs it)
+])
+def test_sgd_momentum_changed_mid_run_is_modelled_as_torch_steps(tmp_path, momenta, dampening, nesterov):
+    """PyTorch's SGD leaves its momentum buffer untouched at a step with momentum 0 and creates
+    it, copying the direction undampened, at the first step with momentum ≠ 0: the recorded
+    θ (torch's own steps) must be reproduced to rounding, and the explained change add up."""
+    model, test_x, test_y = record_momentum_schedule(tmp_path / "h", momenta, dampening, nesterov)
+    residuals = ex.verify_updates(tmp_path / "h", model, tolerance=None)
+    assert residuals.max() <= 1e-12
+    cube = ex.explain(tmp_path / "h", model, test_x, test_y, keep=("step", "train"), progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
+def record_momentum_schedule(path, momenta, dampening: float = 0.0, nesterov: bool = False):
+    """An SGD run whose momentum follows `momenta` step by step: (model, test inputs, targets)."""
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.param_groups[0].update(dampening=dampening, nesterov=nesterov)
+    x, y, test_x, test_y = make_data("mlp", 12, 3, 0)
+    with ex.Recorder(path, model, optimizer, check_every=1) as rec:
+        for s, momentum in enumerate(momenta):
+            optimizer.param_groups[0]["momentum"] = momentum
+            optimizer.zero_grad()
+            rows = torch.arange(4 * (s % 3), 4 * (s % 3) + 4)
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+    return model, test_x, test_y
+
+
+def test_a_window_after_steps_without_momentum_replays_from_where_the_buffer_shows(tmp_path):
+    """Steps 2 and 3 ran with momentum 0, so their updates do not show the buffer that step 4
+    continues: a replay from step 3 or 4 starts at step 2, after the last update that shows it."""
+    model, test_x, test_y = record_momentum_schedule(tmp_path / "h", (0.9, 0.9, 0.0, 0.0, 0.9, 0.9))
+    for replay in (0, 1):  # the buffer solved from step 3's update was 0: relative residual 0.50
+        window = ex.explain(tmp_path / "h", model, test_x, test_y, keep=("step", "train"), steps=(4, 6),
+                            replay=replay, progress=False, tolerance=None)
+        assert window.attrs["replay_start"] == 2 and window.attrs["relative_residual"] <= 1e-9
