@@ -1066,9 +1066,8 @@ def _path_fix(attrs: dict) -> str:
                 "max_kinks=... or quadrature=... until the cube's attribute kink_segments_unresolved is 0.")
     if unresolved:
         return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
-                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} (or, rarely, a crossing it could "
-                "not pin down) and integrated them plainly. Raise max_kinks=... until the cube's attribute "
-                "kink_segments_unresolved is 0; where that does not lower it, raise quadrature=... instead.")
+                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. "
+                "Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
     if not attrs["breakpoints"]:
         fix = "raise quadrature=..., or set breakpoints=True if the model has ReLU / max-pool kinks"
     elif attrs["kink_tolerance"] > 0:

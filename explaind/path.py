@@ -248,10 +248,7 @@ class PathIntegral:
             pending = torch.cat([*rows, intervals.rows[open_ & crossing]])
             crowded.logical_or_(torch.bincount(pending, minlength=n) > self.max_kinks)
             open_ &= ~crowded[intervals.rows]
-            if depth == self.max_rounds - 1:  # a crossing still open: the input's kinks are incomplete
-                crowded[intervals.rows[open_ & crossing]] = True
-                return None
-            if not open_.any():
+            if not open_.any() or depth == self.max_rounds - 1:
                 return None
             searched = intervals.take(open_)
             probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
@@ -708,26 +705,10 @@ def _first_roots(iv: _Intervals, count: int) -> torch.Tensor:
         slope = c1 + u * (2 * c2 + 3 * u * c3)
         step = torch.where(slope != 0, value / torch.where(slope != 0, slope, 1.0), 0.0)
         u = (u - step).clamp(0, 1)
-    # Newton left the interval (a unit heading away first), unless that end is the root itself
-    stuck = flips & (((u == 0) & (za != 0)) | ((u == 1) & (zb != 0)))
-    if stuck.any():
-        u[stuck] = _bisect_root(*(c[stuck] for c in (c0, c1, c2, c3)))
     u = torch.where(flips, u, torch.inf)
     if u.shape[1] < count:
         u = torch.cat([u, torch.full((len(u), count - u.shape[1]), torch.inf, dtype=u.dtype, device=u.device)], 1)
     return torch.topk(u, count, dim=1, largest=False).values
-
-
-def _bisect_root(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
-    """A root in (0, 1) of cubics c0 + c1·u + c2·u² + c3·u³ whose values at 0 and 1 differ in
-    sign, by bisection to the last bit of u: [K]."""
-    lo, hi = torch.zeros_like(c0), torch.ones_like(c0)
-    positive_at_lo = c0 > 0  # the sides as a crossing counts them: > 0, and ≤ 0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        with_lo = (c0 + mid * (c1 + mid * (c2 + mid * c3)) > 0) == positive_at_lo
-        lo, hi = torch.where(with_lo, mid, lo), torch.where(with_lo, hi, mid)
-    return (lo + hi) / 2
 
 
 def _distances_only(iv: _Intervals, most: int) -> torch.Tensor:
