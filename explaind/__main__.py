@@ -124,6 +124,10 @@ def _load_run(run_dir: Path, data_dir: Path):
     name = _run_name(config, _config_values(config))
     try:
         return load_run(name, run_dir, data_dir)
+    except FileNotFoundError:
+        if weights.exists():  # another file (the CNN's data) names itself
+            raise
+        raise SystemExit(f"{weights} is missing: {_restore(name)}") from None
     except SafetensorError as error:
         raise SystemExit(f"{weights} cannot be read ({error}): {_restore(name)}") from None
     except RuntimeError as error:

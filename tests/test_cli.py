@@ -115,11 +115,14 @@ def damage_config(folder, how: str) -> str:
     if how == "not_object":
         config.write_text("[1, 2]")
         return "config.json holds a JSON list, not an object"
+    if how == "no_weights":
+        (folder / "model.safetensors").unlink()
+        return "model.safetensors is missing"
     config.write_text(json.dumps({**values, "d_model": 16}))  # another architecture than the weights'
     return "model.safetensors does not fit the model that"
 
 
-@pytest.mark.parametrize("how", ["not_json", "not_object", "other_model"])
+@pytest.mark.parametrize("how", ["not_json", "not_object", "no_weights", "other_model"])
 def test_plan_command_names_a_damaged_run_folder(run_dir, tmp_path, how):
     broken = tmp_path / "transformer"
     shutil.copytree(run_dir, broken)
