@@ -259,32 +259,31 @@ def test_truncated_cifar_archive_is_refused_naming_the_fix(tmp_path):
     assert "make data" not in str(error.value)
 
 
-def _damage_batch(batches: dict, kind: str) -> None:
-    """Damage data_batch_2 of `batches` (name -> pickle bytes) in the way `kind` names."""
-    batch = pickle.loads(batches["data_batch_2"])
-    if kind == "missing":
-        del batches["data_batch_2"]
-        return
-    if kind == "garbage":
-        batches["data_batch_2"] = b"these bytes are no pickle"
-    elif kind == "empty":
-        batches["data_batch_2"] = b""
-    elif kind == "truncated":
-        batches["data_batch_2"] = batches["data_batch_2"][:-100]
-    elif kind == "list":
-        batches["data_batch_2"] = pickle.dumps([1, 2, 3], protocol=2)
-    elif kind == "wrong size":
+def damaged_batches(kind: str | None = None) -> dict:
+    """The fake batches as pickle bytes (name -> bytes), data_batch_2 damaged as `kind` names (None:
+    intact): its numbers changed before pickling, or its bytes after."""
+    batches = fake_batches()
+    batch = batches["data_batch_2"]
+    if kind == "wrong size":
         batch[b"data"] = batch[b"data"][:, :3000]
     elif kind == "more labels":
         batch[b"labels"] = batch[b"labels"] + [3]
     elif kind == "fewer labels":
         batch[b"labels"] = batch[b"labels"][:-1]
-    elif kind == "label 10":
-        batch[b"labels"][4] = 10
-    elif kind == "label -1":
-        batch[b"labels"][4] = -1
-    if kind in ("wrong size", "more labels", "fewer labels", "label 10", "label -1"):
-        batches["data_batch_2"] = pickle.dumps(batch, protocol=2)
+    elif kind in ("label 10", "label -1"):
+        batch[b"labels"][4] = int(kind.split()[1])
+    pickled = {name: pickle.dumps(b, protocol=2) for name, b in batches.items()}
+    if kind == "missing":
+        del pickled["data_batch_2"]
+    elif kind == "garbage":
+        pickled["data_batch_2"] = b"these bytes are no pickle"
+    elif kind == "empty":
+        pickled["data_batch_2"] = b""
+    elif kind == "truncated":
+        pickled["data_batch_2"] = pickled["data_batch_2"][:-100]
+    elif kind == "list":
+        pickled["data_batch_2"] = pickle.dumps([1, 2, 3], protocol=2)
+    return pickled
 
 
 BATCH_DAMAGE = [
@@ -297,14 +296,9 @@ BATCH_DAMAGE = [
 ]
 
 
-def pickled_fake_batches() -> dict:
-    return {name: pickle.dumps(batch, protocol=2) for name, batch in fake_batches().items()}
-
-
 @pytest.mark.parametrize("kind, cause", [("missing", "is missing")] + BATCH_DAMAGE)
 def test_damaged_extracted_cifar_batch_is_refused_naming_the_file_and_the_fix(tmp_path, kind, cause):
-    batches = pickled_fake_batches()
-    _damage_batch(batches, kind)
+    batches = damaged_batches(kind)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for name, payload in batches.items():
@@ -319,8 +313,7 @@ def test_damaged_extracted_cifar_batch_is_refused_naming_the_file_and_the_fix(tm
 
 @pytest.mark.parametrize("kind, cause", BATCH_DAMAGE)
 def test_damaged_cifar_archive_member_is_refused_naming_the_member_and_the_fix(tmp_path, kind, cause):
-    batches = pickled_fake_batches()
-    _damage_batch(batches, kind)
+    batches = damaged_batches(kind)
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_raw_archive(archive, batches)
     member = re.escape(str(archive / "cifar-10-batches-py" / "data_batch_2"))
@@ -331,7 +324,7 @@ def test_damaged_cifar_archive_member_is_refused_naming_the_member_and_the_fix(t
 
 
 def test_cifar_archive_member_that_is_a_folder_is_refused(tmp_path):
-    batches = pickled_fake_batches()
+    batches = damaged_batches()
     del batches["test_batch"]
     write_raw_archive(tmp_path / "cifar-10-python.tar.gz", batches, folders=("test_batch",))
     with pytest.raises(InputError, match="test_batch is not a regular file.*Fix: replace"):
