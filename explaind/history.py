@@ -18,7 +18,9 @@ On-disk format (a directory; no pickle anywhere):
                          between the two files and resume.json, written last, names its file
                          and that file's sha256: a crash between the two writes leaves the
                          previous, consistent pair
-    closed.json          written by close(): the number of steps and the final hash
+    closed.json          written by close(): the number of steps, the hashes of meta.json and
+                         of the manifest (its per-step values are covered by nothing else) and
+                         the final step's hash
 
 A step counts only once its manifest line exists; the manifest is appended after the step
 file is on disk (fsync + atomic rename), so a crash leaves at worst an ignored orphan file.
@@ -766,6 +768,7 @@ class Recorder:
             "meta_sha256": _sha256((self.path / "meta.json").read_bytes()),
             "n_steps": self.step,
             "final_sha256": _manifest_last_hash(self.path),
+            "manifest_sha256": _sha256((self.path / "manifest.jsonl").read_bytes()),
             "train_indices": sorted(self._seen),
         }
         _write_atomic(self.path / "closed.json", _json_bytes(closed))
@@ -1101,6 +1104,7 @@ class History:
                     f"lists {len(self.manifest)}. Restore the history from its source (dvc pull) "
                     "or record it again"
                 )
+            self._check_closed_manifest(summary)
         elif not allow_incomplete:
             raise HistoryError(
                 f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but the "
@@ -1113,6 +1117,18 @@ class History:
                                "ends, or one that never stepped): there is nothing to open or resume. Fix: "
                                "record the run again, with Recorder(..., overwrite=True) on this path")
         self._initial = None
+
+    def _check_closed_manifest(self, summary: dict) -> None:
+        """The manifest as close() left it: its learning rates, betas and clip factors enter every
+        decomposition, and only this hash covers them (histories closed before it was written
+        carry the final step's hash only)."""
+        text = (self.path / "manifest.jsonl").read_bytes()
+        recorded = summary.get("manifest_sha256", _sha256(text))
+        last = self.manifest[-1]["sha256"] if self.manifest else None
+        if recorded != _sha256(text) or summary.get("final_sha256", last) != last:
+            raise HistoryError(
+                f"{self.path}/manifest.jsonl does not match the hashes recorded when the history was "
+                f"closed: it was edited or corrupted. {_RESTORE}")
 
     def _check_meta(self) -> None:
         """Refuse a meta.json whose facts this library cannot honour (edited or damaged)."""

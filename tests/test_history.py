@@ -316,6 +316,17 @@ def test_missing_closed_json_means_incomplete(copy_of):
     assert hist.n_steps == N_STEPS and not hist.closed
 
 
+def test_a_history_closed_before_the_manifest_was_hashed_still_opens(copy_of):
+    """Its closed.json carries the final step file's hash only, which is still checked against
+    the manifest's last line."""
+    path = copy_of()
+    edit_json("closed.json", lambda c: c.pop("manifest_sha256"))(path)
+    assert ex.History(path).n_steps == N_STEPS
+    edit_json("closed.json", lambda c: c.update(final_sha256="0" * 64))(path)
+    with pytest.raises(ex.HistoryError, match="manifest.jsonl does not match"):
+        ex.History(path)
+
+
 def test_flipped_byte_in_step_file_is_refused_when_read(copy_of):
     path = copy_of()
     file = path / manifest(path)[3]["file"]
@@ -821,6 +832,12 @@ def scale_second_step(value):
     return damage
 
 
+def halve_the_last_learning_rate(path: Path) -> None:
+    lines = manifest(path)
+    lines[-1]["groups"][0]["lr"] /= 2
+    (path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def drop_file_of_second_manifest_line(path: Path) -> None:
     lines = manifest(path)
     del lines[1]["file"]
@@ -836,9 +853,12 @@ def drop_file_of_second_manifest_line(path: Path) -> None:
     ("manifest.jsonl", scale_second_step(1.5)),
     ("manifest.jsonl", scale_second_step(0)),
     ("manifest.jsonl", scale_second_step("0.5")),
+    ("manifest.jsonl", halve_the_last_learning_rate),
+    ("manifest.jsonl", edit_json("closed.json", lambda c: c.update(final_sha256="0" * 64))),
     ("initial.safetensors", lambda path: (path / "initial.safetensors").unlink()),
 ], ids=["empty closed.json", "closed.json without n_steps", "meta.json without params", "bad dtype",
         "manifest line without file", "gradient scale above 1", "gradient scale 0", "gradient scale as text",
+        "a learning rate edited", "another final step hash",
         "initial state deleted"])
 def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
     path = copy_of()
