@@ -89,6 +89,12 @@ class Request:
         inputs are taken to be of its size)."""
         return self.flat.activation_sizes(self.inputs)
 
+    @functools.cached_property
+    def buffers_started(self) -> list[list[bool]]:
+        """Per step and group, whether SGD's momentum buffer exists before the step; once per
+        call, not per chunk of inputs."""
+        return sgd_buffers_started(self.history)
+
     def keeps(self, dim: str) -> bool:
         return dim in self.keep
 
@@ -633,7 +639,6 @@ class ChunkPass:
         self.n_test = len(self.x)
         self.first_train_chunk = first_train_chunk
         self.group_index = group_index(req.history, flat)
-        self.buffers_started = sgd_buffers_started(req.history)
         # training samples of this chunk, found by binary search in their sorted dataset indices
         # (a table indexed by dataset index would be as large as the largest, e.g. a hash)
         chunk_index = req.train_index[trains]
@@ -683,7 +688,7 @@ class ChunkPass:
         if rec.second_moment is not None:
             moment = self.req.flat.layout.flatten(rec.second_moment).to(self.dev)
         return step_coefficients(self.req.history.optimizer, rec.groups, self.group_index,
-                                 moment, self.buffers_started[rec.step], self.dt)
+                                 moment, self.req.buffers_started[rec.step], self.dt)
 
     def thetas(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
         layout = self.req.flat.layout
@@ -1066,16 +1071,18 @@ def _path_fix(attrs: dict) -> str:
                 "max_kinks=... or quadrature=... until the cube's attribute kink_segments_unresolved is 0.")
     if unresolved:
         return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
-                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. "
-                "Raise max_kinks=... until the cube's attribute kink_segments_unresolved is 0.")
+                f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. Raise "
+                "max_kinks=... until the cube's attribute kink_segments_unresolved is 0. A count that does not fall "
+                "is of segments whose crossings the search could not pin down within its rounds (rare; cut where "
+                "their interpolants predict them): their miss is the search's limit.")
     if not attrs["breakpoints"]:
         fix = "raise quadrature=..., or set breakpoints=True if the model has ReLU / max-pool kinks"
     elif attrs["kink_tolerance"] > 0:
         fix = f"lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates every kink), or raise quadrature=..."
     else:
         fix = ("raise quadrature=..., and if the model has kinks the search does not see (torch.where on a "
-               "comparison, torch.maximum / minimum of two tensors, F.threshold), where "
-               "more nodes converge only slowly: write them as relu, clamp or max_pool so that they are located")
+               "comparison, F.threshold), where more nodes converge only slowly: write them as relu, clamp, "
+               "torch.maximum or max_pool so that they are located")
     if attrs["dtype"] != "float64":
         fix += f"; if that no longer helps, the {attrs['dtype']} rounding of each step's integral is left: dtype=torch.float64"
     return f"The path integral is too coarse: {fix}."

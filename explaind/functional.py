@@ -113,65 +113,110 @@ class _OutputSizes(TorchFunctionMode):
 class _KinkPattern(TorchFunctionMode):
     """Records where a forward pass stands relative to the kinks of piecewise-linear ops.
 
-    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's bound) or a
-    max-pool's argmax switches; between such kinks Gauss–Legendre converges fast. Recorded:
-    each ReLU-type input's signed distance to its kink (its sign says the piece; under forward
-    mode its derivative along the segment comes with it) and each max-pool's argmax indices
-    (amax and max over dims other than the batch's included).
+    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's bound), the two
+    sides of an elementwise max / min tie, or a max-pool's argmax switches; between such kinks
+    Gauss–Legendre converges fast. Recorded: each ReLU-type input's signed distance to its kink
+    and each pair's difference (its sign says the piece; under forward mode its derivative along
+    the segment comes with it), and each max-pool's argmax indices (amax / max and amin / min
+    included).
+
+    A tracked tensor of one input per row gives that row's entries. One of parameters alone (a
+    learned temperature's clamp_min, a max over a weight's rows) switches along every input's
+    path: each row gets all of its entries. Which call is which is told by `shared` (see
+    FlatModel.shared_kinks); without it the pass only counts each call's elements, `sizes`.
 
     With `straight_through`, ReLU-type ops pass gradients as if they were the identity, so a
     backward pass measures how the output depends on each unit whatever piece the unit is on;
-    `units` holds each distance's input tensor, and `pooled` says a max-pool (whose gradient
-    reaches only the argmax) was met.
+    `units` holds each distance's input tensor (a pair's tie a − b) and whether it is shared,
+    and `pooled` says a max-pool (whose gradient reaches only the argmax) was met.
     """
 
     SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
     RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
                  "clamp_max", "clamp_max_"}
-    # tracked only on a tensor that leads with the batch's rows: on a parameter (a learned
-    # temperature's clamp_min, a max over a weight's rows) they are kinks of no input's pattern
-    PER_INPUT_OPS = {"clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "amax", "max"}
+    # the elementwise max / min of two tensors (max and min only when given a tensor to compare)
+    PAIR_OPS = {"maximum", "minimum", "fmax", "fmin", "max", "min"}
+    # reductions, tracked like a max-pool (see _reduced_dims); whether they take the largest
+    POOL_OPS = {"amax": True, "max": True, "amin": False, "min": False}
 
-    def __init__(self, rows: int, straight_through: bool = False):
+    def __init__(self, rows: int, shared: list[bool] | None, straight_through: bool = False):
         super().__init__()
         self.rows = rows
+        self.shared = shared
+        self.sizes: list[int] = []
         self.straight_through = straight_through
         self.distances: list[torch.Tensor] = []
-        self.units: list[torch.Tensor] = []
+        self.units: list[tuple[torch.Tensor, bool]] = []  # with whether it is shared
         self.indices: list[torch.Tensor] = []
         self.pooled = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in self.PER_INPUT_OPS and not self._per_input(args[0] if args else kwargs.get("input")):
-            return func(*args, **kwargs)
+        x = args[0] if args else kwargs.get("input")
+        if name in self.PAIR_OPS and (pair := _pair_operands(args, kwargs)) is not None:
+            # of integers or booleans (indices, masks) it has no kink along θ
+            return self._pair(func, args, kwargs, *pair) if any(t.is_floating_point() for t in pair) else \
+                func(*args, **kwargs)
         kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
         if kinked:
+            shared = self._is_shared(x)
             bounds = [0.0] if name in self.SIGN_OPS else _range_bounds(name, args, kwargs)
             for bound in bounds:
                 if bound is not None:
-                    self.distances.append(args[0] - bound)
-                    self.units.append(args[0])
+                    self.distances.append(self._per_row(x - bound, shared))
+                    self.units.append((x, shared))
         elif "max_pool" in name:
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
-            self.indices.append(indices)
-            self.pooled = True
-        elif name in ("amax", "max") and (dims := _pooled_dims(args, kwargs)) is not None:
-            self.indices.append(_argmax_over(args[0] if args else kwargs["input"], dims))
-            self.pooled = True
+            self._pooled(indices, self._is_shared(x))
+        elif name in self.POOL_OPS and (dims := _reduced_dims(args, kwargs)) is not None:
+            shared = self._is_shared(x)
+            if shared or 0 not in dims:  # a max over the batch's rows couples inputs: no kink of one path
+                self._pooled(_argmax_over(x if self.POOL_OPS[name] else -x, dims), shared)
         if not (kinked and self.straight_through):
             return func(*args, **kwargs)
-        z = args[0]
-        out = func(z.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
-        return z + (out - z).detach()
+        out = func(x.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
+        return x + (out - x).detach()
 
-    def _per_input(self, x) -> bool:
-        return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows
+    def _pair(self, func, args, kwargs, a: torch.Tensor, b: torch.Tensor):
+        """An elementwise max / min of a and b: its kink is where they tie, at a − b = 0."""
+        out = func(*args, **kwargs)
+        tie = a - b
+        shared = self._is_shared(tie)
+        self.distances.append(self._per_row(tie, shared))
+        self.units.append((tie, shared))
+        if not self.straight_through:
+            return out
+        # the output depends on both sides whichever leads (∂a = 3/4, ∂b = 1/4) and on their tie
+        # (1/4): unequal, so that no side's gradient cancels against the tie's
+        through = (a + b) / 2 + tie / 4
+        return out.detach() + through - through.detach()
+
+    def _is_shared(self, x: torch.Tensor) -> bool:
+        """Whether this tracked call's tensor is of parameters alone, as `shared` tells."""
+        self.sizes.append(x.numel())
+        if self.shared is None:
+            return False
+        if len(self.sizes) > len(self.shared):
+            raise UnsupportedError(_branching(len(self.sizes), len(self.shared)))
+        return self.shared[len(self.sizes) - 1]
+
+    def _per_row(self, tensor: torch.Tensor, shared: bool) -> torch.Tensor:
+        """[rows, entries]: a shared tensor's entries repeated for every row (as it is while only
+        counting, when nothing is laid out)."""
+        if self.shared is None:
+            return tensor
+        return tensor.reshape(1, -1).expand(self.rows, -1) if shared else tensor.reshape(self.rows, -1)
+
+    def _pooled(self, indices: torch.Tensor, shared: bool) -> None:
+        self.indices.append(self._per_row(indices, shared))
+        self.pooled = True
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded distances [rows, P] and argmax indices [rows, P'] of the batch."""
+        if len(self.sizes) != len(self.shared):
+            raise UnsupportedError(_branching(len(self.sizes), len(self.shared)))
         return (_rows(self.distances, self.rows, torch.get_default_dtype()),
                 _rows(self.indices, self.rows, torch.long))
 
@@ -212,6 +257,12 @@ class _TableLookups(TorchFunctionMode):
             "assert. Fix: drop those inputs, or map them into the model's vocabulary")
 
 
+def _branching(made: int, sorted_on: int) -> str:
+    return (f"the model's forward pass made {made} calls of ReLU / clamp / max ops where another pass made "
+            f"{sorted_on}: it branches on its input, its parameters or the batch's size, so its kinks cannot be "
+            "tracked. Fix: explain with breakpoints=False (and more quadrature=...)")
+
+
 def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> torch.Tensor:
     """Recorded per-batch tensors side by side: [rows, Σ sizes] ([rows, 0] if none)."""
     if not tensors:
@@ -219,17 +270,25 @@ def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> t
     return torch.cat([t.reshape(rows, -1) for t in tensors], 1)
 
 
-def _pooled_dims(args, kwargs) -> list[int] | None:
-    """The dims an amax / max(x, dim) pools over: reduced away (keepdim=False) and not the batch's.
-    None for an elementwise max(x, other), a max over everything, or one kept for broadcasting
-    (keepdim=True: the shift of a hand-written stable softmax, whose kink cancels in its output)."""
+def _pair_operands(args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two tensors of an elementwise max / min (torch.max(a, b), a.maximum(b), ...); None for
+    a reduction such as max(x, dim)."""
+    a = args[0] if args else kwargs.get("input")
+    b = args[1] if len(args) > 1 else kwargs.get("other")
+    return (a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else None
+
+
+def _reduced_dims(args, kwargs) -> list[int] | None:
+    """The dims an amax / max(x, dim) (or amin / min) reduces away: all of them without `dim`.
+    None for one kept for broadcasting (keepdim=True: the shift of a hand-written stable softmax,
+    whose kink cancels in its output)."""
     x = args[0] if args else kwargs["input"]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-    if dim is None or isinstance(dim, torch.Tensor) or keepdim:
+    if isinstance(dim, torch.Tensor) or keepdim or x.dim() == 0:  # a 0-d tensor's max is itself
         return None
-    dims = sorted({d % x.dim() for d in (dim if isinstance(dim, (tuple, list)) else (dim,))})
-    return dims if dims and 0 not in dims else None
+    dims = range(x.dim()) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
+    return sorted({d % x.dim() for d in dims}) or None
 
 
 def _argmax_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -420,6 +479,7 @@ class FlatModel:
         constants = {**own, **(constants or {})}
         self.constants = {name: t.to(self.device, self._cast(t)) for name, t in constants.items()}
         self.model = _private_structure(model)
+        self._shared_kinks: dict[tuple[int, ...], list[bool]] = {}  # per input shape (see shared_kinks)
 
     def in_dtype(self, dtype: torch.dtype) -> "FlatModel":
         """The same function computed in another dtype (sharing the private module)."""
@@ -434,10 +494,10 @@ class FlatModel:
     def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self._cast(x))
 
-    def _sizing_pass(self, x: torch.Tensor, mode: TorchFunctionMode) -> torch.Tensor:
-        """One forward pass on x[:1] at θ = 0 under `mode`, for the sizes it records."""
+    def _sizing_pass(self, x: torch.Tensor, mode: TorchFunctionMode, copies: int = 1) -> torch.Tensor:
+        """One forward pass on `copies` of x[:1] at θ = 0 under `mode`, for the sizes it records."""
         params = self.layout.unflatten(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device))
-        x = self.cast_inputs(x[:1])
+        x = self.cast_inputs(torch.cat([x[:1]] * copies))
         with torch.no_grad(), mode:
             return self._call(params, x)
 
@@ -571,10 +631,30 @@ class FlatModel:
         with mode:
             return self._call(self.layout.unflatten(theta), x)
 
+    def shared_kinks(self, x: torch.Tensor) -> list[bool]:
+        """Per call of a piecewise-linear op in a forward pass (see _KinkPattern): whether its
+        tensor is of parameters alone. Told once per input shape by two passes on 2 and 3 copies
+        of x[:1]: a tensor of the inputs grows with them, one of parameters alone does not (its
+        shape may still lead with the batch's size: a [1] temperature with one input)."""
+        key = tuple(x.shape[1:])
+        if not len(x):
+            raise InputError("no inputs to explain: the batch is empty")
+        if key not in self._shared_kinks:
+            sizes = []
+            for copies in (2, 3):
+                mode = _KinkPattern(copies, shared=None)
+                self._sizing_pass(x, mode, copies)
+                sizes.append(mode.sizes)
+            if len(sizes[0]) != len(sizes[1]):
+                raise UnsupportedError(_branching(len(sizes[1]), len(sizes[0])))
+            self._shared_kinks[key] = [two == three for two, three in zip(*sizes)]
+        return self._shared_kinks[key]
+
     def kink_sizes(self, x: torch.Tensor) -> tuple[int, int, int]:
         """How many distances, argmax indices and explained outputs kink_pattern gives per
-        input, from one plain forward pass on x[:1] (no derivatives: cheap enough for a plan)."""
-        mode = _KinkPattern(rows=1)
+        input, from a plain forward pass on x[:1] (no derivatives: cheap enough for a plan; the
+        first for an input shape takes two more, see shared_kinks)."""
+        mode = _KinkPattern(rows=1, shared=self.shared_kinks(x))
         out = self._sizing_pass(x, mode)
         distances, indices = mode.flat()
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
@@ -593,8 +673,10 @@ class FlatModel:
         one point per row (a vmapped pass, each row with its own parameters).
         """
 
+        shared = self.shared_kinks(x)
+
         def pattern(th: torch.Tensor, x_: torch.Tensor):
-            mode = _KinkPattern(rows=len(x_))
+            mode = _KinkPattern(rows=len(x_), shared=shared)
             out = self._explain(self._pattern(th, x_, mode), target)
             distances, indices = mode.flat()
             return distances.to(self.dtype), (indices, out)
@@ -618,7 +700,7 @@ class FlatModel:
         count too) and random output weights finds the units the output depends on. None (all
         relevant) if the model max-pools: its gradient reaches only the current argmax.
         """
-        mode = _KinkPattern(rows=len(x), straight_through=True)
+        mode = _KinkPattern(rows=len(x), shared=self.shared_kinks(x), straight_through=True)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             out = self._explain(self._pattern(th, x, mode), target)
@@ -626,13 +708,13 @@ class FlatModel:
                 return None
             weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             # a unit whose input does not depend on θ (after a frozen layer) has no kink along a segment
-            live = [i for i, unit in enumerate(mode.units) if unit.requires_grad]
-            grads = torch.autograd.grad((out * weights.to(out)).sum(), [mode.units[i] for i in live],
+            live = [i for i, (unit, _) in enumerate(mode.units) if unit.requires_grad]
+            grads = torch.autograd.grad((out * weights.to(out)).sum(), [mode.units[i][0] for i in live],
                                         allow_unused=True) if live else ()
         depends = [torch.zeros_like(d, dtype=torch.bool) for d in mode.distances]
         for i, g in zip(live, grads):
             if g is not None:
-                depends[i] = g != 0
+                depends[i] = mode._per_row(g != 0, mode.units[i][1])
         return _rows(depends, len(x), torch.bool).any(0)
 
     @_transformed

@@ -227,10 +227,12 @@ class PathIntegral:
         """Split intervals until each one is certified smooth or pins its kinks down.
 
         An input with more than `max_kinks` kinks is not worth resolving: its segment is
-        integrated plainly (counted as unresolved)."""
+        integrated plainly (counted as unresolved). So is an input left with an open interval
+        after `max_rounds`, which keeps its kinks (see search)."""
         n = len(intervals)
         rows, t = [intervals.rows[:0]], [intervals.a[:0]]
         crowded = torch.zeros(n, dtype=torch.bool, device=intervals.rows.device)
+        unsettled = torch.zeros_like(crowded)  # a crossing left open after the last round
 
         def search(intervals: _Intervals, depth: int) -> _Intervals | None:
             width = intervals.b - intervals.a
@@ -248,14 +250,26 @@ class PathIntegral:
             pending = torch.cat([*rows, intervals.rows[open_ & crossing]])
             crowded.logical_or_(torch.bincount(pending, minlength=n) > self.max_kinks)
             open_ &= ~crowded[intervals.rows]
-            if not open_.any() or depth == self.max_rounds - 1:
+            if depth == self.max_rounds - 1:
+                # out of rounds: an interval still crossing is cut at its interpolant's roots (the
+                # middle where it predicts none), so the input keeps its other kinks; every input
+                # with an open interval counts as unresolved
+                last = open_ & crossing
+                at = torch.where(torch.isfinite(roots[last, 0]), roots[last, 0], 0.5)[:, None]
+                at = torch.cat([at, roots[last, 1:]], 1)
+                cut = torch.isfinite(at)
+                rows.append(intervals.rows[last, None].expand_as(at)[cut])
+                t.append((intervals.a[last, None] + at * width[last, None])[cut])
+                unsettled[intervals.rows[open_]] = True
+                return None
+            if not open_.any():
                 return None
             searched = intervals.take(open_)
             probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
             return self._split(theta, delta, x, searched, probes, relevant)
 
         self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, x, iv, relevant, "logit"))
-        self.stats.unresolved += int(crowded.sum())
+        self.stats.unresolved += int((crowded | unsettled).sum())
         rows, t = torch.cat(rows), torch.cat(t)
         keep = ~crowded[rows]
         return rows[keep], t[keep]
@@ -705,10 +719,26 @@ def _first_roots(iv: _Intervals, count: int) -> torch.Tensor:
         slope = c1 + u * (2 * c2 + 3 * u * c3)
         step = torch.where(slope != 0, value / torch.where(slope != 0, slope, 1.0), 0.0)
         u = (u - step).clamp(0, 1)
+    # Newton left the interval (a unit heading away first), unless that end is the root itself
+    stuck = flips & (((u == 0) & (za != 0)) | ((u == 1) & (zb != 0)))
+    if stuck.any():
+        u[stuck] = _bisect_root(*(c[stuck] for c in (c0, c1, c2, c3)))
     u = torch.where(flips, u, torch.inf)
     if u.shape[1] < count:
         u = torch.cat([u, torch.full((len(u), count - u.shape[1]), torch.inf, dtype=u.dtype, device=u.device)], 1)
     return torch.topk(u, count, dim=1, largest=False).values
+
+
+def _bisect_root(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
+    """A root in (0, 1) of cubics c0 + c1·u + c2·u² + c3·u³ whose values at 0 and 1 differ in
+    sign, by bisection to the last bit of u: [K]."""
+    lo, hi = torch.zeros_like(c0), torch.ones_like(c0)
+    positive_at_lo = c0 > 0  # the sides as a crossing counts them: > 0, and ≤ 0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        with_lo = (c0 + mid * (c1 + mid * (c2 + mid * c3)) > 0) == positive_at_lo
+        lo, hi = torch.where(with_lo, mid, lo), torch.where(with_lo, hi, mid)
+    return (lo + hi) / 2
 
 
 def _distances_only(iv: _Intervals, most: int) -> torch.Tensor:

@@ -96,11 +96,33 @@ def test_a_relu_input_that_crosses_zero_twice_in_one_step():
     assert miss > 1e-2
 
 
+AWAY_THETA = torch.tensor([0.01, -0.6, 1.0, -1.0], dtype=DT)  # (w, v, out)
+AWAY_DELTA = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=DT)
+
+
+def test_a_relu_input_heading_away_from_zero_before_it_crosses():
+    """z(t) = (0.01 + t)(t − 0.6) starts just below 0 and falls before it rises through 0 at
+    t = 0.6: Newton from the secant's root leaves the segment at its start, and a search that
+    took that end for the root cut slivers there until it ran out of rounds, dropping the kink."""
+    flat, _ = flat_of(Product(c=0.0))
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    (kinks,) = path.kinks(AWAY_THETA, AWAY_DELTA, x)
+    np.testing.assert_allclose(kinks, [0.6], rtol=0, atol=1e-12)
+    assert path.stats.unresolved == 0
+
+    on = [(0.6, 1.0)]  # z > 0 there: ∂f₀/∂w = v(t), ∂f₀/∂v = w(t), ∂f₀/∂out₀ = z(t)
+    row = [integral([-0.6, 1], on), integral([0.01, 1], on), integral([-0.006, -0.59, 1], on), 0.0]
+    expected = torch.tensor([row, [-row[0], -row[1], 0.0, row[2]]], dtype=DT)
+    phi = path.jacobian(AWAY_THETA, AWAY_DELTA, x, None, "logit", 2)[0]
+    torch.testing.assert_close(phi, expected, rtol=0, atol=1e-14)
+
+
 class ClampedProduct(Product):
     """Product's ReLU written with another clamp-like op."""
 
     def __init__(self, relu):
-        super().__init__(c=-0.1)
+        super().__init__(c=0.0)
         self.relu = relu
 
     def forward(self, x):
@@ -110,14 +132,24 @@ class ClampedProduct(Product):
 @pytest.mark.parametrize("relu", [
     lambda z: z.clamp_min(0), lambda z: torch.clamp_min(z, min=0.0), lambda z: -(-z).clamp_max(0),
     lambda z: z.clone().clamp_(min=0), lambda z: z.clone().clip_(0, None),
-], ids=["clamp_min", "torch.clamp_min", "clamp_max", "clamp_", "clip_"])
+    lambda z: torch.maximum(z, torch.zeros_like(z)), lambda z: torch.max(torch.zeros_like(z), z),
+    lambda z: -(-z).minimum(torch.zeros_like(z)), lambda z: torch.fmax(z, z.new_zeros(1)),
+], ids=["clamp_min", "torch.clamp_min", "clamp_max", "clamp_", "clip_", "maximum", "max of two tensors",
+        "minimum", "fmax with a broadcast zero"])
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over an in-place clamp_
 def test_clamp_like_ops_are_kinks_too(relu):
-    """These ops were not seen as kinks: the model counted as smooth, and its dip was not cut
-    (z < 0 on (0.375, 0.75), as in test_a_relu_input_that_crosses_zero_twice_in_one_step)."""
-    flat, theta = flat_of(ClampedProduct(relu))
-    (kinks,) = PathIntegral(flat, quadrature=2).kinks(theta, PRODUCT_DELTA, torch.ones(1, 1, dtype=DT))
-    np.testing.assert_allclose(kinks, [0.375, 0.75], rtol=0, atol=1e-12)
+    """These ops were not seen as kinks: the model counted as smooth, and its crossing was not cut.
+    φ is the hand-derived one of test_a_relu_input_heading_away_from_zero_before_it_crosses."""
+    flat, _ = flat_of(ClampedProduct(relu))
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    (kinks,) = path.kinks(AWAY_THETA, AWAY_DELTA, x)
+    np.testing.assert_allclose(kinks, [0.6], rtol=0, atol=1e-12)
+    on = [(0.6, 1.0)]
+    row = [integral([-0.6, 1], on), integral([0.01, 1], on), integral([-0.006, -0.59, 1], on), 0.0]
+    expected = torch.tensor([row, [-row[0], -row[1], 0.0, row[2]]], dtype=DT)
+    torch.testing.assert_close(path.jacobian(AWAY_THETA, AWAY_DELTA, x, None, "logit", 2)[0], expected,
+                               rtol=0, atol=1e-14)
 
 
 class ArgmaxProduct(nn.Module):
@@ -135,8 +167,9 @@ class ArgmaxProduct(nn.Module):
 
 
 @pytest.mark.parametrize("reduce", [lambda z: torch.amax(z, dim=-1), lambda z: z.max(dim=1).values,
-                                    lambda z: torch.amax(z[:, None, :], dim=(1, 2))],
-                         ids=["amax", "max(dim)", "amax over two dims"])
+                                    lambda z: torch.amax(z[:, None, :], dim=(1, 2)),
+                                    lambda z: -torch.amin(-z, dim=-1), lambda z: -(-z).min(1).values],
+                         ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)"])
 def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     """A global max-pool written as amax (the paper's ResNet-9 ends in one) switches like a
     max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027)."""
@@ -182,6 +215,163 @@ def test_reductions_that_pool_no_input_are_no_kinks_and_explain_as_before(tmp_pa
             optimizer.step()
     cube = ex.reconstruct(tmp_path / "h", model, x, quadrature=8, progress=False)
     assert cube.attrs["kinks_located"] == 0 and cube.attrs["relative_residual"] <= 1e-9
+
+
+class SharedKinks(nn.Module):
+    """Kinks of parameters alone, on every input's path: a [1] temperature's clamp_min (0.6 → 0.4
+    along the test's Δ: clamped from t = 0.5) and, with `pool`, a max over a weight's rows (row 0
+    goes (0.3, 0) → (0, 0.7): its entries tie at t = 0.3)."""
+
+    def __init__(self, pool: bool):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[0.3, 0.0], [0.1, 0.5]], dtype=DT))
+        self.t = nn.Parameter(torch.tensor([0.6], dtype=DT))
+        self.pool = pool
+
+    def forward(self, x):
+        logits = x @ self.w.T / self.t.clamp_min(0.5)
+        return logits + self.w.amax(dim=1) if self.pool else logits
+
+
+@pytest.mark.parametrize("pool, expected", [(False, [0.5]), (True, [0.3, 0.5])], ids=["clamp", "clamp and amax"])
+def test_kinks_of_parameters_alone_are_kinks_of_every_input(pool, expected):
+    """These were skipped (a reduction of a parameter) or, for a [1] parameter, taken for one
+    input's and crashed the search on the next batch's size. The change of each output along
+    the segment, from two forward passes, is what the located pieces integrate to."""
+    flat, theta = flat_of(SharedKinks(pool))
+    delta = torch.tensor([-0.3, 0.7, 0.0, 0.0, -0.2], dtype=DT)  # (w, t)
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    path = PathIntegral(flat, quadrature=8)
+    for kinks in path.kinks(theta, delta, x):
+        np.testing.assert_allclose(kinks, expected, rtol=0, atol=1e-12)
+    change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
+    torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
+    plain = PathIntegral(flat, quadrature=8, breakpoints=False)
+    assert (plain.change(theta, delta, x, "logit") - change).abs().max() > 1e-3
+
+
+class IndexAndMaskOps(nn.Module):
+    """max / min of integer and boolean tensors (a padding id mapped to 1, a mask), and a 0-d
+    scale's max: no kink along θ, and they must run as the model wrote them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, dtype=DT)
+        self.scale = nn.Parameter(torch.tensor(0.7, dtype=DT))
+
+    def forward(self, ids):
+        ids = torch.maximum(ids, torch.ones_like(ids))
+        keep = torch.minimum(ids > 2, ids < 8)
+        return (F.relu(self.emb(ids)) * keep[..., None]).sum(1) * self.scale.amax(dim=0)
+
+
+def test_max_and_min_of_indices_masks_and_scalars_run_and_keep_the_relus_kinks():
+    """These crashed the kink search: a maximum of ids made float by the relevance pass, a
+    difference of booleans, a modulo by the 0 dims of a 0-d tensor. The pieces still integrate
+    to the change from forward passes."""
+    model = IndexAndMaskOps()
+    flat, theta = flat_of(model)
+    delta = torch.randn(theta.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(2))
+    path = PathIntegral(flat, quadrature=4)
+    assert sum(map(len, path.kinks(theta, delta, x))) > 0
+    change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
+    torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
+
+
+def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
+    flat, theta = flat_of(SharedKinks(pool=False))
+    delta = torch.tensor([-0.3, 0.7, 0.0, 0.0, -0.2], dtype=DT)
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    path = PathIntegral(flat, quadrature=8)
+    with pytest.raises(ex.InputError, match="batch is empty"):
+        path.kinks(theta, delta, x[:0])
+    assert path.kinks(theta, delta, x) == [[pytest.approx(0.5, abs=1e-12)]] * 3
+
+
+class Branching(nn.Module):
+    """A ReLU applied once or twice, by the sign of a weight: which kinks a pass meets depends on θ."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5], dtype=DT))
+
+    def forward(self, x):
+        z = F.relu(x * self.w)
+        return F.relu(z - 0.1) if self.w > 0 else z
+
+
+def test_a_model_whose_kink_ops_depend_on_its_parameters_is_refused_naming_the_fix():
+    flat, theta = flat_of(Branching())
+    with pytest.raises(ex.UnsupportedError, match="(?s)made 2 calls.*made 1.*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
+
+
+@pytest.mark.parametrize("za, ga, zb, gb", [
+    (-1e-4, -0.02, 0.0173, 0.055),  # below 0 and heading down before it rises through 0
+    (1e-4, 0.02, -0.0173, -0.055),  # the mirror image: above 0 and heading up first
+    (0.0173, 0.055, -1e-4, 0.02),  # falls through 0, turning up again just before the end
+    (0.0, 1.0, 1.0, 1.0),  # the root is the start itself
+])
+def test_each_predicted_root_is_the_interpolants_first_root_in_the_interval(za, ga, zb, gb):
+    """Newton from the secant's root left the interval at an end and stayed there (a root
+    predicted at the end that was none); the cubic interpolant's own roots, from numpy, say
+    where it is."""
+    from explaind.path import _first_roots, _hermite
+
+    value = lambda v: torch.tensor([[v]], dtype=DT)
+    none = torch.zeros(1, 0, dtype=torch.long)
+    interval = _Intervals(torch.tensor([0]), value(0.0)[0], value(1.0)[0],
+                          (value(za), value(ga), none, value(0.0)), (value(zb), value(gb), none, value(0.0)))
+    coefficients = [float(c) for c in _hermite(interval)]
+    roots = np.roots(coefficients[::-1])
+    inside = sorted(r.real for r in roots if abs(r.imag) < 1e-12 and 0 <= r.real < 1)
+    predicted = _first_roots(interval, 2)[0]
+    assert predicted[0].item() == pytest.approx(inside[0], abs=1e-12) and predicted[1].item() == np.inf
+
+
+class TwoUnits(nn.Module):
+    """Two ReLU units along AWAY_DELTA with Δb = 1: z₁ = (0.01 + t)(t − 0.6) (Product's, c = 0)
+    and z₂ = t − 0.3, both crossing 0 inside the segment."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.v, self.b = (nn.Parameter(torch.tensor([value], dtype=DT)) for value in (0.01, -0.6, -0.3))
+        self.out = nn.Parameter(torch.tensor([1.0, -1.0], dtype=DT))
+
+    def forward(self, x):
+        return (F.relu(self.w * self.v * x) + F.relu(self.b * x)) * self.out
+
+
+@pytest.mark.parametrize("max_rounds, unresolved", [(1, 1), (64, 0)])
+def test_crossings_still_open_after_the_last_round_are_cut_at_their_predicted_roots(max_rounds, unresolved):
+    """With one round the search cannot certify the crossings; it cuts the segment where the
+    interpolants predict them (here exactly: both are quadratics) and counts the segment as
+    unresolved, rather than dropping the input's kinks or passing it as smooth."""
+    flat, theta = flat_of(TwoUnits())
+    delta = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0], dtype=DT)  # (w, v, b, out)
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=2, max_rounds=max_rounds)
+    (kinks,) = path.kinks(theta, delta, x)
+    np.testing.assert_allclose(kinks, [0.3, 0.6], rtol=0, atol=1e-12)
+    assert path.stats.unresolved == unresolved
+
+    # φ by hand: ∂f₀/∂w = v(t)·[z₁ > 0], ∂f₀/∂v = w(t)·[z₁ > 0], ∂f₀/∂b = [z₂ > 0], ∂f₀/∂out₀ = relu(z₁) + relu(z₂)
+    on1, on2 = [(0.6, 1.0)], [(0.3, 1.0)]
+    out = integral([-0.006, -0.59, 1], on1) + integral([-0.3, 1], on2)
+    row = [integral([-0.6, 1], on1), integral([0.01, 1], on1), integral([1], on2), out, 0.0]
+    expected = torch.tensor([row, [-row[0], -row[1], -row[2], 0.0, out]], dtype=DT)
+    phi = path.jacobian(theta, delta, x, None, "logit", 2)[0]
+    torch.testing.assert_close(phi, expected, rtol=0, atol=1e-12)
+
+
+def test_a_dip_still_uncertified_after_the_last_round_is_counted_unresolved():
+    """A unit that dips below 0 and back within the segment shows no crossing at its ends; with one
+    round the search cannot find it, and the segment says so rather than passing as smooth."""
+    flat, theta = flat_of(Product(c=-0.1))
+    path = PathIntegral(flat, quadrature=2, max_rounds=1)
+    assert path.kinks(theta, PRODUCT_DELTA, torch.ones(1, 1, dtype=DT)) == [[]]
+    assert path.stats.unresolved == 1
 
 
 def test_the_error_control_certifies_the_change_not_its_shares():
