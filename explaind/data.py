@@ -203,9 +203,14 @@ def _unpickle_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         _bad_cifar(path, "is not a dict with b'data' and b'labels'")
     try:
-        data, labels = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[b"labels"], dtype=np.int64)
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as error:
         _bad_cifar(path, f"holds data or labels that are not arrays of numbers ({error})")
+    # a cast to uint8 would wrap 256 to 0 and truncate fractions without a word
+    if data.dtype.kind not in "ui" or (data.size and not 0 <= data.min() <= data.max() <= 255):
+        found = f"{data.min()} to {data.max()}" if data.dtype.kind in "uif" and data.size else "no numbers"
+        _bad_cifar(path, f"holds pixels of dtype {data.dtype} ({found}), not whole values 0..255")
+    data = data.astype(np.uint8)
     if data.size % CIFAR_IMAGE_VALUES:
         _bad_cifar(path, f"holds {data.size} pixel values, not a whole number of 3x32x32 images")
     data = data.reshape(-1, 3, 32, 32)

@@ -272,6 +272,11 @@ def damaged_batches(kind: str | None = None) -> dict:
         batch[b"labels"] = batch[b"labels"][:-1]
     elif kind in ("label 10", "label -1"):
         batch[b"labels"][4] = int(kind.split()[1])
+    elif kind == "pixel 256":
+        batch[b"data"] = batch[b"data"].astype(np.int64)
+        batch[b"data"][1, 7] = 256
+    elif kind == "float pixels":
+        batch[b"data"] = batch[b"data"] / 255
     pickled = {name: pickle.dumps(b, protocol=2) for name, b in batches.items()}
     if kind == "missing":
         del pickled["data_batch_2"]
@@ -293,6 +298,8 @@ BATCH_DAMAGE = [
     ("more labels", "holds 41 labels for 40 images"), ("fewer labels", "holds 39 labels for 40 images"),
     ("label 10", r"holds labels outside 0..9 \(from 0 to 10\)"),
     ("label -1", r"holds labels outside 0..9 \(from -1 to"),
+    ("pixel 256", r"holds pixels of dtype int64 \(0 to 256\), not whole values 0..255"),
+    ("float pixels", r"holds pixels of dtype float64 \(0.0 to 1.0\), not whole values 0..255"),
 ]
 
 
