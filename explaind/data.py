@@ -210,7 +210,7 @@ def _unpickle_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     if data.dtype.kind not in "ui" or (data.size and not 0 <= data.min() <= data.max() <= 255):
         found = f"{data.min()} to {data.max()}" if data.dtype.kind in "uif" and data.size else "no numbers"
         _bad_cifar(path, f"holds pixels of dtype {data.dtype} ({found}), not whole values 0..255")
-    data = data.astype(np.uint8)
+    data = data.astype(np.uint8, copy=False)
     if data.size % CIFAR_IMAGE_VALUES:
         _bad_cifar(path, f"holds {data.size} pixel values, not a whole number of 3x32x32 images")
     data = data.reshape(-1, 3, 32, 32)

@@ -113,41 +113,43 @@ class _OutputSizes(TorchFunctionMode):
 class _KinkPattern(TorchFunctionMode):
     """Records where a forward pass stands relative to the kinks of piecewise-linear ops.
 
-    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's bound), the two
-    sides of an elementwise max / min tie, or a max-pool's argmax switches; between such kinks
-    Gauss–Legendre converges fast. Recorded: each ReLU-type input's signed distance to its kink
-    and each pair's difference (its sign says the piece; under forward mode its derivative along
-    the segment comes with it), and each max-pool's argmax indices (amax / max and amin / min
-    included).
+    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's or threshold's
+    bound), the two sides of an elementwise max / min tie, or a max-pool's argmax switches;
+    between such kinks Gauss–Legendre converges fast. Recorded: each ReLU-type input's signed
+    distance to its kink and each pair's difference (its sign says the piece; under forward mode
+    its derivative along the segment comes with it), and each max-pool's argmax indices (amax /
+    max and amin / min included).
 
-    A tracked tensor of one input per row gives that row's entries. One of parameters alone (a
-    learned temperature's clamp_min, a max over a weight's rows) switches along every input's
-    path: each row gets all of its entries. Which call is which is told by `shared` (see
-    FlatModel.shared_kinks); without it the pass only counts each call's elements, `sizes`.
+    A tracked tensor of the inputs gives each row the entries along its batch dim (dim 1 of a
+    sequence-first [L, B, E] activation). One of parameters alone (a learned temperature's
+    clamp_min, a max over a weight's rows) switches along every input's path: each row gets all
+    of its entries. Each call's batch dim (None: parameters alone) is told by `batch_dims` (see
+    FlatModel.batch_dims); without it the pass only records each call's tensor shape, `shapes`.
 
     With `straight_through`, ReLU-type ops pass gradients as if they were the identity, so a
     backward pass measures how the output depends on each unit whatever piece the unit is on;
-    `units` holds each distance's input tensor (a pair's tie a − b) and whether it is shared,
+    `units` holds each distance's input tensor (a pair's tie a − b) and its batch dim,
     and `pooled` says a max-pool (whose gradient reaches only the argmax) was met.
     """
 
     SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
     RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
-                 "clamp_max", "clamp_max_"}
+                 "clamp_max", "clamp_max_", "_threshold", "threshold", "threshold_"}
     # the elementwise max / min of two tensors (max and min only when given a tensor to compare)
     PAIR_OPS = {"maximum", "minimum", "fmax", "fmin", "max", "min"}
     # reductions, tracked like a max-pool (see _reduced_dims); whether they take the largest
     POOL_OPS = {"amax": True, "max": True, "amin": False, "min": False}
 
-    def __init__(self, rows: int, shared: list[bool] | None, straight_through: bool = False):
+    def __init__(self, rows: int, batch_dims: list[int | None] | None, straight_through: bool = False):
         super().__init__()
         self.rows = rows
-        self.shared = shared
-        self.sizes: list[int] = []
+        self.batch_dims = batch_dims
+        self.shapes: list[tuple[int, ...]] = []
         self.straight_through = straight_through
         self.distances: list[torch.Tensor] = []
-        self.units: list[tuple[torch.Tensor, bool]] = []  # with whether it is shared
+        self.units: list[tuple[torch.Tensor, int | None]] = []  # with its batch dim
         self.indices: list[torch.Tensor] = []
+        self.index_dims: list[int | None] = []  # each argmax's batch dim
         self.pooled = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -155,25 +157,27 @@ class _KinkPattern(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         x = args[0] if args else kwargs.get("input")
         if name in self.PAIR_OPS and (pair := _pair_operands(args, kwargs)) is not None:
-            # of integers or booleans (indices, masks) it has no kink along θ
-            return self._pair(func, args, kwargs, *pair) if any(t.is_floating_point() for t in pair) else \
-                func(*args, **kwargs)
+            if any(t.is_floating_point() for t in pair):
+                return self._pair(func, args, kwargs, *pair)
+            return func(*args, **kwargs)  # of integers or booleans (indices, masks): no kink along θ
         kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
         if kinked:
-            shared = self._is_shared(x)
+            dim = self._batch_dim(x)
             bounds = [0.0] if name in self.SIGN_OPS else _range_bounds(name, args, kwargs)
             for bound in bounds:
                 if bound is not None:
-                    self.distances.append(self._per_row(x - bound, shared))
-                    self.units.append((x, shared))
+                    self.distances.append(self.per_row(x - bound, dim))
+                    self.units.append((x, dim))
         elif "max_pool" in name:
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
-            self._pooled(indices, self._is_shared(x))
+            self._pooled(indices, self._batch_dim(indices))
         elif name in self.POOL_OPS and (dims := _reduced_dims(args, kwargs)) is not None:
-            shared = self._is_shared(x)
-            if shared or 0 not in dims:  # a max over the batch's rows couples inputs: no kink of one path
-                self._pooled(_argmax_over(x if self.POOL_OPS[name] else -x, dims), shared)
+            dim = self._batch_dim(x)
+            if dim is None or dim not in dims:  # a max over the batch's inputs couples them: no kink of one path
+                kept = [d for d in range(x.dim()) if d not in dims]  # the argmax's dims
+                argmax = _argmax_over(x if self.POOL_OPS[name] else -x, dims)
+                self._pooled(argmax, None if dim is None else kept.index(dim))
         if not (kinked and self.straight_through):
             return func(*args, **kwargs)
         out = func(x.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
@@ -183,9 +187,9 @@ class _KinkPattern(TorchFunctionMode):
         """An elementwise max / min of a and b: its kink is where they tie, at a − b = 0."""
         out = func(*args, **kwargs)
         tie = a - b
-        shared = self._is_shared(tie)
-        self.distances.append(self._per_row(tie, shared))
-        self.units.append((tie, shared))
+        dim = self._batch_dim(tie)
+        self.distances.append(self.per_row(tie, dim))
+        self.units.append((tie, dim))
         if not self.straight_through:
             return out
         # the output depends on both sides whichever leads (∂a = 3/4, ∂b = 1/4) and on their tie
@@ -193,32 +197,46 @@ class _KinkPattern(TorchFunctionMode):
         through = (a + b) / 2 + tie / 4
         return out.detach() + through - through.detach()
 
-    def _is_shared(self, x: torch.Tensor) -> bool:
-        """Whether this tracked call's tensor is of parameters alone, as `shared` tells."""
-        self.sizes.append(x.numel())
-        if self.shared is None:
-            return False
-        if len(self.sizes) > len(self.shared):
-            raise UnsupportedError(_branching(len(self.sizes), len(self.shared)))
-        return self.shared[len(self.sizes) - 1]
+    def _batch_dim(self, tensor: torch.Tensor) -> int | None:
+        """This tracked call's batch dim in `tensor` (None: of parameters alone), as `batch_dims`
+        tells; 0 while only recording shapes."""
+        self.shapes.append(tuple(tensor.shape))
+        if self.batch_dims is None:
+            return 0
+        if len(self.shapes) > len(self.batch_dims):
+            raise UnsupportedError(_branching(len(self.shapes), len(self.batch_dims)))
+        return self.batch_dims[len(self.shapes) - 1]
 
-    def _per_row(self, tensor: torch.Tensor, shared: bool) -> torch.Tensor:
-        """[rows, entries]: a shared tensor's entries repeated for every row (as it is while only
-        counting, when nothing is laid out)."""
-        if self.shared is None:
+    def per_row(self, tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
+        """[rows, entries]: each row's entries along batch dim `dim`, in the same order whatever
+        the batch's size; a shared tensor's (dim None) repeated for every row. As it is while
+        only recording shapes, when nothing is laid out."""
+        if self.batch_dims is None:
             return tensor
-        return tensor.reshape(1, -1).expand(self.rows, -1) if shared else tensor.reshape(self.rows, -1)
+        if dim is None:
+            return tensor.reshape(1, -1).expand(self.rows, -1)
+        return tensor.movedim(dim, 0).reshape(self.rows, -1)
 
-    def _pooled(self, indices: torch.Tensor, shared: bool) -> None:
-        self.indices.append(self._per_row(indices, shared))
+    def _pooled(self, indices: torch.Tensor, dim: int | None) -> None:
+        self.indices.append(self.per_row(indices, dim))
+        self.index_dims.append(dim)
         self.pooled = True
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded distances [rows, P] and argmax indices [rows, P'] of the batch."""
-        if len(self.sizes) != len(self.shared):
-            raise UnsupportedError(_branching(len(self.sizes), len(self.shared)))
+        if len(self.shapes) != len(self.batch_dims):
+            raise UnsupportedError(_branching(len(self.shapes), len(self.batch_dims)))
         return (_rows(self.distances, self.rows, torch.get_default_dtype()),
                 _rows(self.indices, self.rows, torch.long))
+
+    def shared_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which columns of flat()'s distances [P] and argmax indices [P'] are of parameters alone."""
+
+        def columns(tensors: list[torch.Tensor], dims: list[int | None]) -> torch.Tensor:
+            shared = torch.tensor([dim is None for dim in dims], dtype=torch.bool)
+            return shared.repeat_interleave(torch.tensor([t.shape[1] for t in tensors], dtype=torch.long))
+
+        return columns(self.distances, [dim for _, dim in self.units]), columns(self.indices, self.index_dims)
 
 
 class _TableLookups(TorchFunctionMode):
@@ -263,6 +281,18 @@ def _branching(made: int, sorted_on: int) -> str:
             "tracked. Fix: explain with breakpoints=False (and more quadrature=...)")
 
 
+def _grown_dim(two: tuple[int, ...], three: tuple[int, ...]) -> int | None:
+    """The dim of a tracked tensor that grew from the pass on 2 copies of an input to the pass
+    on 3 (see FlatModel.batch_dims); None if none did."""
+    grown = [d for d, (a, b) in enumerate(zip(two, three)) if a != b]
+    if len(two) != len(three) or len(grown) > 1:
+        raise UnsupportedError(
+            f"a ReLU / clamp / max op of the model's forward pass takes a tensor shaped {list(two)} for 2 inputs "
+            f"and {list(three)} for 3: no single dim runs over the inputs, so its kinks cannot be told per input. "
+            "Fix: explain with breakpoints=False (and more quadrature=...)")
+    return grown[0] if grown else None
+
+
 def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> torch.Tensor:
     """Recorded per-batch tensors side by side: [rows, Σ sizes] ([rows, 0] if none)."""
     if not tensors:
@@ -301,6 +331,8 @@ def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
     """The (low, high) kinks of a clamp-like op; None where a side is unbounded."""
     if name == "relu6":
         return 0.0, 6.0
+    if name.lstrip("_").startswith("threshold"):  # (x, threshold, value): x where x > threshold
+        return kwargs.get("threshold", args[1] if len(args) > 1 else None), None
     if name.startswith("clamp_m"):  # clamp_min(x, min), clamp_max(x, max): one bound, given first
         bound = kwargs.get(name[6:9], args[1] if len(args) > 1 else None)
         return (bound, None) if name.startswith("clamp_min") else (None, bound)
@@ -479,7 +511,8 @@ class FlatModel:
         constants = {**own, **(constants or {})}
         self.constants = {name: t.to(self.device, self._cast(t)) for name, t in constants.items()}
         self.model = _private_structure(model)
-        self._shared_kinks: dict[tuple[int, ...], list[bool]] = {}  # per input shape (see shared_kinks)
+        self._batch_dims: dict[tuple[int, ...], list[int | None]] = {}  # per input shape (see batch_dims)
+        self._shared_columns: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # and shared_columns
 
     def in_dtype(self, dtype: torch.dtype) -> "FlatModel":
         """The same function computed in another dtype (sharing the private module)."""
@@ -631,30 +664,42 @@ class FlatModel:
         with mode:
             return self._call(self.layout.unflatten(theta), x)
 
-    def shared_kinks(self, x: torch.Tensor) -> list[bool]:
-        """Per call of a piecewise-linear op in a forward pass (see _KinkPattern): whether its
-        tensor is of parameters alone. Told once per input shape by two passes on 2 and 3 copies
-        of x[:1]: a tensor of the inputs grows with them, one of parameters alone does not (its
-        shape may still lead with the batch's size: a [1] temperature with one input)."""
+    def batch_dims(self, x: torch.Tensor) -> list[int | None]:
+        """Per call of a piecewise-linear op in a forward pass (see _KinkPattern): the dim of its
+        tensor that runs over the inputs, None for a tensor of parameters alone. Told once per
+        input shape by two passes on 2 and 3 copies of x[:1]: the dim that grows with them (1 for
+        a sequence-first [L, B, E] activation); one of parameters alone grows in none (its shape
+        may still lead with the batch's size: a [1] temperature with one input). A dim that
+        folds the inputs with another ([B·L, E]) is taken to hold them first."""
         key = tuple(x.shape[1:])
         if not len(x):
             raise InputError("no inputs to explain: the batch is empty")
-        if key not in self._shared_kinks:
-            sizes = []
+        if key not in self._batch_dims:
+            shapes = []
             for copies in (2, 3):
-                mode = _KinkPattern(copies, shared=None)
+                mode = _KinkPattern(copies, batch_dims=None)
                 self._sizing_pass(x, mode, copies)
-                sizes.append(mode.sizes)
-            if len(sizes[0]) != len(sizes[1]):
-                raise UnsupportedError(_branching(len(sizes[1]), len(sizes[0])))
-            self._shared_kinks[key] = [two == three for two, three in zip(*sizes)]
-        return self._shared_kinks[key]
+                shapes.append(mode.shapes)
+            if len(shapes[0]) != len(shapes[1]):
+                raise UnsupportedError(_branching(len(shapes[1]), len(shapes[0])))
+            self._batch_dims[key] = [_grown_dim(two, three) for two, three in zip(*shapes)]
+        return self._batch_dims[key]
+
+    def shared_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which columns of kink_pattern's distances [P] and argmax indices [P'] are of
+        parameters alone, and so the same for every input: bool, on the model's device."""
+        key = tuple(x.shape[1:])
+        if key not in self._shared_columns:
+            mode = _KinkPattern(rows=1, batch_dims=self.batch_dims(x))
+            self._sizing_pass(x, mode)
+            self._shared_columns[key] = tuple(c.to(self.device) for c in mode.shared_columns())
+        return self._shared_columns[key]
 
     def kink_sizes(self, x: torch.Tensor) -> tuple[int, int, int]:
         """How many distances, argmax indices and explained outputs kink_pattern gives per
         input, from a plain forward pass on x[:1] (no derivatives: cheap enough for a plan; the
-        first for an input shape takes two more, see shared_kinks)."""
-        mode = _KinkPattern(rows=1, shared=self.shared_kinks(x))
+        first for an input shape takes two more, see batch_dims)."""
+        mode = _KinkPattern(rows=1, batch_dims=self.batch_dims(x))
         out = self._sizing_pass(x, mode)
         distances, indices = mode.flat()
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
@@ -673,10 +718,10 @@ class FlatModel:
         one point per row (a vmapped pass, each row with its own parameters).
         """
 
-        shared = self.shared_kinks(x)
+        batch_dims = self.batch_dims(x)
 
         def pattern(th: torch.Tensor, x_: torch.Tensor):
-            mode = _KinkPattern(rows=len(x_), shared=shared)
+            mode = _KinkPattern(rows=len(x_), batch_dims=batch_dims)
             out = self._explain(self._pattern(th, x_, mode), target)
             distances, indices = mode.flat()
             return distances.to(self.dtype), (indices, out)
@@ -700,7 +745,7 @@ class FlatModel:
         count too) and random output weights finds the units the output depends on. None (all
         relevant) if the model max-pools: its gradient reaches only the current argmax.
         """
-        mode = _KinkPattern(rows=len(x), shared=self.shared_kinks(x), straight_through=True)
+        mode = _KinkPattern(rows=len(x), batch_dims=self.batch_dims(x), straight_through=True)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             out = self._explain(self._pattern(th, x, mode), target)
@@ -714,7 +759,7 @@ class FlatModel:
         depends = [torch.zeros_like(d, dtype=torch.bool) for d in mode.distances]
         for i, g in zip(live, grads):
             if g is not None:
-                depends[i] = mode._per_row(g != 0, mode.units[i][1])
+                depends[i] = mode.per_row(g != 0, mode.units[i][1])
         return _rows(depends, len(x), torch.bool).any(0)
 
     @_transformed

@@ -1086,7 +1086,7 @@ class History:
         self.dtype = getattr(torch, str(_field(params, 0, meta_file)["dtype"]), None)
         if not isinstance(self.dtype, torch.dtype):
             raise HistoryError(f"{meta_file} records an unknown dtype: the file was edited or damaged. {_RESTORE}")
-        self.manifest = self._read_manifest()
+        self.manifest, manifest_bytes = self._read_manifest()
         self._check_meta()
         closed = self.path / "closed.json"
         self.closed = closed.is_file()
@@ -1104,7 +1104,7 @@ class History:
                     f"lists {len(self.manifest)}. Restore the history from its source (dvc pull) "
                     "or record it again"
                 )
-            self._check_closed_manifest(summary)
+            self._check_closed_manifest(summary, _sha256(manifest_bytes))
         elif not allow_incomplete:
             raise HistoryError(
                 f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but the "
@@ -1118,14 +1118,13 @@ class History:
                                "record the run again, with Recorder(..., overwrite=True) on this path")
         self._initial = None
 
-    def _check_closed_manifest(self, summary: dict) -> None:
+    def _check_closed_manifest(self, summary: dict, manifest_sha256: str) -> None:
         """The manifest as close() left it: its learning rates, betas and clip factors enter every
         decomposition, and only this hash covers them (histories closed before it was written
         carry the final step's hash only)."""
-        text = (self.path / "manifest.jsonl").read_bytes()
-        recorded = summary.get("manifest_sha256", _sha256(text))
         last = self.manifest[-1]["sha256"] if self.manifest else None
-        if recorded != _sha256(text) or summary.get("final_sha256", last) != last:
+        if (summary.get("manifest_sha256", manifest_sha256) != manifest_sha256
+                or summary.get("final_sha256", last) != last):
             raise HistoryError(
                 f"{self.path}/manifest.jsonl does not match the hashes recorded when the history was "
                 f"closed: it was edited or corrupted. {_RESTORE}")
@@ -1147,7 +1146,8 @@ class History:
                 "edited or corrupted. Restore the history from its source or record it again"
             )
 
-    def _read_manifest(self) -> list[dict]:
+    def _read_manifest(self) -> tuple[list[dict], bytes]:
+        """The complete steps' lines, and the file's bytes for the hash close() recorded."""
         lines = []
         if not (self.path / "manifest.jsonl").is_file():  # the Recorder creates it before any step
             raise HistoryError(
@@ -1155,7 +1155,8 @@ class History:
                 "was deleted (or the recording was killed as it started). Restore the history from its "
                 "source (dvc pull) or record it again"
             )
-        text = (self.path / "manifest.jsonl").read_text()
+        raw_bytes = (self.path / "manifest.jsonl").read_bytes()
+        text = raw_bytes.decode()
         for number, raw in enumerate(text.splitlines()):
             try:
                 line = json.loads(raw)
@@ -1183,7 +1184,7 @@ class History:
                     "truncated or corrupted. Restore it from its source or record it again"
                 )
             lines.append(line)
-        return lines
+        return lines, raw_bytes
 
     # ----------------------------------------------------------------- facts
 

@@ -21,7 +21,8 @@ segment is split further while
 Max-pool argmax switches are found where the end indices differ, by thirds down to 2^-40 (a
 switch and switch-back of an argmax inside one interval is not detected). Only units the
 explained output depends on are searched (FlatModel.kink_relevance): the kinks of the others
-leave J unchanged.
+leave J unchanged. Units of parameters alone (a clamp of a weight) switch at the same t on
+every input's path: they are searched once per batch of inputs, on its first.
 
 Error-controlled search (`kink_tolerance` > 0). Most segments of a long run cross no kink,
 and certifying that for every unit costs far more than the integral. With a tolerance, each
@@ -211,11 +212,7 @@ class PathIntegral:
         self.stats.searched += n
         relevant = self._relevant(theta, x, xs)
         end = self.search.kink_pattern(theta, delta, xs, 1.0)
-        start, end = (_columns(p, relevant) for p in (start, end))
-        dev = theta.device
-        intervals = _Intervals(torch.arange(n, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
-                               torch.ones(n, dtype=torch.float64, device=dev), start, end)
-        rows, t = self._refine(theta, delta, xs, intervals, relevant)
+        rows, t = self._refine_own_and_shared(theta, delta, xs, start, end, relevant)
         order = torch.argsort(rows.double() * 2 + t)
         rows, t = rows[order], t[order]
         fresh = torch.ones_like(rows, dtype=torch.bool)  # units crossing at the same point: one kink
@@ -223,16 +220,43 @@ class PathIntegral:
         self.stats.kinks += int(fresh.sum())
         return rows[fresh].cpu(), t[fresh].cpu()
 
-    def _refine(self, theta, delta, x, intervals: _Intervals, relevant) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split intervals until each one is certified smooth or pins its kinks down.
+    def _refine_own_and_shared(self, theta, delta, x, start, end, relevant) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kinks of every input's segment, (input index [K], position [K]), from its
+        pattern at both ends: those of its own units, and those of parameters alone (see
+        FlatModel.shared_columns), which lie on every input's path at the same t and so are
+        searched once, on the first input, whatever the batch's size.
 
-        An input with more than `max_kinks` kinks is not worth resolving: its segment is
+        An input with more than `max_kinks` kinks in all is not worth resolving: its segment is
         integrated plainly (counted as unresolved). So is an input left with an open interval
-        after `max_rounds`, which keeps its kinks (see search)."""
+        after `max_rounds`, which keeps its kinks (see _refine)."""
+        n, dev = len(x), theta.device
+        shared, shared_indices = self.search.shared_columns(x)
+        own = None if relevant is None else (relevant, None)
+        common_t, common_unresolved, budget = theta.new_zeros(0), False, self.max_kinks
+        if shared.any() or shared_indices.any():
+            own = (~shared if relevant is None else relevant & ~shared, ~shared_indices)
+            common = (shared if relevant is None else relevant & shared, shared_indices)
+            _, common_t, crowded, unsettled = self._refine(theta, delta, x[:1], _whole(start, end, 1, common),
+                                                           common, self.max_kinks)
+            if crowded.any():  # more than max_kinks on every input's path
+                self.stats.unresolved += n
+                return torch.zeros(0, dtype=torch.long, device=dev), theta.new_zeros(0)
+            common_unresolved, budget = bool(unsettled.any()), self.max_kinks - len(torch.unique(common_t))
+        rows, t, crowded, unsettled = self._refine(theta, delta, x, _whole(start, end, n, own), own, budget)
+        self.stats.unresolved += n if common_unresolved else int((crowded | unsettled).sum())
+        with_common = torch.nonzero(~crowded)[:, 0]
+        return (torch.cat([rows, with_common.repeat_interleave(len(common_t))]),
+                torch.cat([t, common_t.repeat(len(with_common))]))
+
+    def _refine(self, theta, delta, x, intervals: _Intervals, columns, max_kinks: int) -> tuple[torch.Tensor, ...]:
+        """Split intervals until each one is certified smooth or pins its kinks down: the kinks
+        (input index, position) of the inputs with at most `max_kinks`, and which inputs have
+        more (crowded) or an interval still open after `max_rounds`, which keeps its kinks
+        (unsettled). Only the pattern's `columns` are followed (see _columns)."""
         n = len(intervals)
         rows, t = [intervals.rows[:0]], [intervals.a[:0]]
         crowded = torch.zeros(n, dtype=torch.bool, device=intervals.rows.device)
-        unsettled = torch.zeros_like(crowded)  # a crossing left open after the last round
+        unsettled = torch.zeros_like(crowded)  # an input with an interval still open after the last round
 
         def search(intervals: _Intervals, depth: int) -> _Intervals | None:
             width = intervals.b - intervals.a
@@ -248,15 +272,15 @@ class PathIntegral:
             coverage, gap = _dip_gap(intervals, self.curvature_safety)
             open_ = ~narrow & ~settled & (crossing | (coverage < 1))
             pending = torch.cat([*rows, intervals.rows[open_ & crossing]])
-            crowded.logical_or_(torch.bincount(pending, minlength=n) > self.max_kinks)
+            crowded.logical_or_(torch.bincount(pending, minlength=n) > max_kinks)
             open_ &= ~crowded[intervals.rows]
             if depth == self.max_rounds - 1:
                 # out of rounds: an interval still crossing is cut at its interpolant's roots (the
                 # middle where it predicts none), so the input keeps its other kinks; every input
                 # with an open interval counts as unresolved
                 last = open_ & crossing
-                at = torch.where(torch.isfinite(roots[last, 0]), roots[last, 0], 0.5)[:, None]
-                at = torch.cat([at, roots[last, 1:]], 1)
+                first = roots[last, :1]
+                at = torch.cat([torch.where(torch.isfinite(first), first, 0.5), roots[last, 1:]], 1)
                 cut = torch.isfinite(at)
                 rows.append(intervals.rows[last, None].expand_as(at)[cut])
                 t.append((intervals.a[last, None] + at * width[last, None])[cut])
@@ -266,13 +290,12 @@ class PathIntegral:
                 return None
             searched = intervals.take(open_)
             probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
-            return self._split(theta, delta, x, searched, probes, relevant)
+            return self._split(theta, delta, x, searched, probes, columns)
 
-        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, x, iv, relevant, "logit"))
-        self.stats.unresolved += int((crowded | unsettled).sum())
+        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, x, iv, columns, "logit"))
         rows, t = torch.cat(rows), torch.cat(t)
         keep = ~crowded[rows]
-        return rows[keep], t[keep]
+        return rows[keep], t[keep], crowded, unsettled
 
     def _depth_first(self, intervals: _Intervals, search, restore) -> None:
         """Run search(group, round) on `intervals` and then on the pieces it returns (None: no
@@ -319,10 +342,10 @@ class PathIntegral:
             held -= group.held_bytes()
             waiting[i] = (group.shed(), depth)
 
-    def _with_ends(self, theta, delta, x, iv: _Intervals, relevant, target: str) -> _Intervals:
+    def _with_ends(self, theta, delta, x, iv: _Intervals, columns, target: str) -> _Intervals:
         """Shed intervals with the patterns at their ends computed again."""
         k = len(iv)
-        both = self._pattern_rows(theta, delta, x, iv.rows.repeat(2), torch.cat([iv.a, iv.b]), relevant, target)
+        both = self._pattern_rows(theta, delta, x, iv.rows.repeat(2), torch.cat([iv.a, iv.b]), columns, target)
         return _Intervals(iv.rows, iv.a, iv.b, tuple(v[:k] for v in both), tuple(v[k:] for v in both), iv.miss)
 
     # ----------------------------------------------------------------- memory
@@ -403,7 +426,7 @@ class PathIntegral:
         located = torch.where(torch.isfinite(root[:, :1]), bracket, thirds)
         return torch.where(crossing[:, None], located, dips)
 
-    def _split(self, theta, delta, x, iv: _Intervals, probes: torch.Tensor, relevant,
+    def _split(self, theta, delta, x, iv: _Intervals, probes: torch.Tensor, columns,
                target: str = "logit") -> _Intervals:
         """Evaluate the pattern at the probes and cut each interval there."""
         k = len(iv)
@@ -415,7 +438,7 @@ class PathIntegral:
         at = iv.a[:, None] + u * width
         at[:, -1] = iv.b  # exactly, not a + 1·(b − a)
         row, col = torch.nonzero(inner, as_tuple=True)
-        probed = self._pattern_rows(theta, delta, x, iv.rows[row], at[row, col], relevant, target)
+        probed = self._pattern_rows(theta, delta, x, iv.rows[row], at[row, col], columns, target)
         # each point of u names a pattern in [starts; ends; probes]: the first point is the
         # interval's start, an inner one its probe, any other (u = 1) its end. The pieces
         # gather theirs from that table, so no [K, points, units] copy of the patterns is made.
@@ -430,12 +453,12 @@ class PathIntegral:
         return _Intervals(rows, at[:, :-1][keep], at[:, 1:][keep],
                           tuple(v[first] for v in table), tuple(v[last] for v in table))
 
-    def _pattern_rows(self, theta, delta, x, rows, t, relevant, target: str = "logit"):
-        """The relevant kink pattern of input rows[r] at t[r], in passes of at most max_rows."""
+    def _pattern_rows(self, theta, delta, x, rows, t, columns, target: str = "logit"):
+        """The kink pattern's `columns` of input rows[r] at t[r], in passes of at most max_rows."""
         size = self._search_rows(x) or len(rows)
         parts = [self.search.kink_pattern(theta, delta, x[r], tr, target)
                  for r, tr in zip(rows.split(size), t.split(size))]
-        return _columns(tuple(torch.cat(p) for p in zip(*parts)), relevant)
+        return _columns(tuple(torch.cat(p) for p in zip(*parts)), columns)
 
     # ----------------------------------------------------------- error control
 
@@ -462,7 +485,8 @@ class PathIntegral:
         if not len(rows):
             return (rows, plain.new_zeros(0), plain.new_zeros(0)), plain
         relevant = self._relevant(theta, x, xs)
-        ends = [self._pattern_rows(theta, delta, xs, rows, torch.full_like(plain[rows, 0], t), relevant, target)
+        columns = None if relevant is None else (relevant, None)
+        ends = [self._pattern_rows(theta, delta, xs, rows, torch.full_like(plain[rows, 0], t), columns, target)
                 for t in (0.0, 1.0)]
         intervals = _Intervals(rows, plain.new_zeros(len(rows)), plain.new_ones(len(rows)), *ends, miss=missed[rows])
         done, unresolved = [], []
@@ -482,11 +506,11 @@ class PathIntegral:
             missing = intervals.take(~ok)
             if not len(missing):
                 return None
-            cut = self._split(theta, delta, xs, missing, self._cuts(missing), relevant, target)
+            cut = self._split(theta, delta, xs, missing, self._cuts(missing), columns, target)
             cut.miss = self._misses(theta, delta, xs, cut, target)
             return cut
 
-        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, xs, iv, relevant, target))
+        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, xs, iv, columns, target))
         owner, lo, hi = (torch.cat(v) for v in zip(*done))
         order = torch.argsort(owner.double() * 2 + lo)
         self.stats.kinks += len(owner) - len(rows)
@@ -691,12 +715,23 @@ def _pieces(rows: torch.Tensor, kinks: torch.Tensor, n: int) -> tuple[torch.Tens
     return owner[kinked], lo[kinked], hi[kinked]
 
 
-def _columns(pattern, relevant: torch.Tensor | None):
-    """The relevant distance columns of a pattern (z, dz/dt, indices, outputs)."""
-    if relevant is None:
+def _columns(pattern, columns: tuple[torch.Tensor | None, torch.Tensor | None] | None):
+    """The columns (distances [P] bool, argmax indices [P'] bool; None: all) of a pattern
+    (z, dz/dt, indices, outputs) that a search follows."""
+    if columns is None:
         return pattern
-    z, dz, idx, out = pattern
-    return z[:, relevant], dz[:, relevant], idx, out
+    (z, dz, idx, out), (distances, indices) = pattern, columns
+    if distances is not None:
+        z, dz = z[:, distances], dz[:, distances]
+    return z, dz, idx if indices is None else idx[:, indices], out
+
+
+def _whole(start, end, n: int, columns) -> _Intervals:
+    """The whole segments [0, 1] of the first n inputs, with the `columns` of their patterns at both ends."""
+    dev = start[0].device
+    return _Intervals(torch.arange(n, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
+                      torch.ones(n, dtype=torch.float64, device=dev),
+                      _columns(tuple(v[:n] for v in start), columns), _columns(tuple(v[:n] for v in end), columns))
 
 
 def _hermite(iv: _Intervals) -> tuple[torch.Tensor, ...]:

@@ -134,8 +134,10 @@ class ClampedProduct(Product):
     lambda z: z.clone().clamp_(min=0), lambda z: z.clone().clip_(0, None),
     lambda z: torch.maximum(z, torch.zeros_like(z)), lambda z: torch.max(torch.zeros_like(z), z),
     lambda z: -(-z).minimum(torch.zeros_like(z)), lambda z: torch.fmax(z, z.new_zeros(1)),
+    lambda z: F.threshold(z, 0.0, 0.0), lambda z: nn.Threshold(0.5, 0.5)(z + 0.5) - 0.5,
+    lambda z: torch.threshold(z, 0.0, 0.0),
 ], ids=["clamp_min", "torch.clamp_min", "clamp_max", "clamp_", "clip_", "maximum", "max of two tensors",
-        "minimum", "fmax with a broadcast zero"])
+        "minimum", "fmax with a broadcast zero", "F.threshold", "nn.Threshold at 0.5", "torch.threshold"])
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over an in-place clamp_
 def test_clamp_like_ops_are_kinks_too(relu):
     """These ops were not seen as kinks: the model counted as smooth, and its crossing was not cut.
@@ -279,6 +281,66 @@ def test_max_and_min_of_indices_masks_and_scalars_run_and_keep_the_relus_kinks()
     torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
 
 
+class ClampedWeights(nn.Module):
+    """An input-convex layer's weights kept nonnegative, W.clamp(min=0): a kink of parameters
+    alone wherever an entry of W crosses 0, the same on every input's path; with `relu`, each
+    input's own kinks on top."""
+
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(1)))
+        self.relu = relu
+
+    def forward(self, x):
+        z = x @ self.w.clamp(min=0).T
+        return F.relu(z - 0.5) if self.relu else z
+
+
+def test_kinks_of_parameters_alone_are_searched_once_whatever_the_batch(monkeypatch):
+    """They were searched again for every input (a clamp of a whole weight matrix cost the
+    search that matrix's size per input). By hand, entry w of W crosses 0 at t = −w / Δw; the
+    passes that probe inside the segments take as many rows for 20 inputs as for one."""
+    flat, theta = flat_of(ClampedWeights(relu=False))
+    delta = 2 * torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(2))
+    crossings = -theta / delta
+    by_hand = sorted(crossings[(crossings > 0) & (crossings < 1)].tolist())
+    assert len(by_hand) >= 3
+    x = torch.rand(20, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    probed = []
+    for n in (1, 20):
+        path, rows = PathIntegral(flat, quadrature=4), []
+
+        def counted(th, d, x_, t, *args, pattern=path.search.kink_pattern, rows=rows):
+            if isinstance(t, torch.Tensor):  # a probe pass: each row its own point
+                rows.append(len(x_))
+            return pattern(th, d, x_, t, *args)
+
+        monkeypatch.setattr(path.search, "kink_pattern", counted)
+        for kinks in path.kinks(theta, delta, x[:n]):
+            np.testing.assert_allclose(kinks, by_hand, rtol=0, atol=1e-12)
+        probed.append(sum(rows))
+    assert probed[0] == probed[1] > 0
+
+
+def test_kinks_of_parameters_alone_and_of_each_input_make_the_path_exact():
+    """Every input's pieces hold the shared kinks and its own: the located pieces integrate to
+    the change of each output, which plain quadrature misses."""
+    flat, theta = flat_of(ClampedWeights(relu=True))
+    delta = 2 * torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(2))
+    crossings = -theta / delta
+    shared = crossings[(crossings > 0) & (crossings < 1)].tolist()
+    x = torch.rand(6, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    path = PathIntegral(flat, quadrature=4)
+    kinks = path.kinks(theta, delta, x)
+    for found in kinks:
+        assert all(min(abs(k - t) for k in found) < 1e-12 for t in shared)
+    assert sum(len(found) for found in kinks) > len(x) * len(shared)  # and some of their own
+    change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
+    torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
+    plain = PathIntegral(flat, quadrature=4, breakpoints=False)
+    assert (plain.change(theta, delta, x, "logit") - change).abs().max() > 1e-3
+
+
 def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
     flat, theta = flat_of(SharedKinks(pool=False))
     delta = torch.tensor([-0.3, 0.7, 0.0, 0.0, -0.2], dtype=DT)
@@ -287,6 +349,55 @@ def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
     with pytest.raises(ex.InputError, match="batch is empty"):
         path.kinks(theta, delta, x[:0])
     assert path.kinks(theta, delta, x) == [[pytest.approx(0.5, abs=1e-12)]] * 3
+
+
+class SequenceFirst(nn.Module):
+    """Inputs [B, 2] scaled per position by a, laid out batch-first [B, L] or, as
+    nn.TransformerEncoderLayer takes them without batch_first, position-first [L, B]: outputs
+    Σ_l ReLU(a_l x_bl − 1) and max_l a_l x_bl."""
+
+    def __init__(self, position_first: bool):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, 0.2], dtype=DT))
+        self.position_first = position_first
+
+    def forward(self, x):
+        h, positions = (self.a[:, None] * x.T, 0) if self.position_first else (self.a * x, 1)
+        return torch.stack([F.relu(h - 1).sum(positions), h.amax(positions)], 1)
+
+
+@pytest.mark.parametrize("position_first", [False, True], ids=["batch first", "position first"])
+def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_first):
+    """Position-first activations were laid out per input by a reshape of [L, B] (rows of
+    other inputs' units mixed), and their max over positions, which reduces dim 0, was taken
+    for a max over the batch and skipped. By hand, along a(t) = (0.5 + t, 0.2 + 1.5t): input
+    b's ReLUs switch where a_l(t) x_bl = 1, its max where a_0(t) x_b0 = a_1(t) x_b1."""
+    flat, theta = flat_of(SequenceFirst(position_first))
+    delta = torch.tensor([1.0, 1.5], dtype=DT)
+    x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    path = PathIntegral(flat, quadrature=8)
+    for kinks, (x0, x1) in zip(path.kinks(theta, delta, x), x.tolist()):
+        by_hand = [1 / x0 - 0.5, (1 / x1 - 0.2) / 1.5, (0.5 * x0 - 0.2 * x1) / (1.5 * x1 - x0)]
+        np.testing.assert_allclose(kinks, sorted(t for t in by_hand if 0 < t < 1), rtol=0, atol=1e-11)
+    change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
+    torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
+
+
+class Pairwise(nn.Module):
+    """A ReLU of every pair of inputs' products, [B, B]: no one dim runs over the inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5], dtype=DT))
+
+    def forward(self, x):
+        return F.relu(self.w * x @ x.T).sum(1, keepdim=True)
+
+
+def test_a_kink_op_that_couples_the_inputs_is_refused_naming_the_fix():
+    flat, theta = flat_of(Pairwise())
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[2, 2\] for 2 inputs and \[3, 3\].*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
 
 
 class Branching(nn.Module):
