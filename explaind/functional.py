@@ -113,12 +113,13 @@ class _OutputSizes(TorchFunctionMode):
 class _KinkPattern(TorchFunctionMode):
     """Records where a forward pass stands relative to the kinks of piecewise-linear ops.
 
-    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's or threshold's
-    bound), the two sides of an elementwise max / min tie, or a max-pool's argmax switches;
-    between such kinks Gauss–Legendre converges fast. Recorded: each ReLU-type input's signed
-    distance to its kink and each pair's difference (its sign says the piece; under forward mode
-    its derivative along the segment comes with it), and each max-pool's argmax indices (amax /
-    max and amin / min included).
+    f is smooth in θ except where a ReLU-type input crosses zero (or a clamp's, a hard
+    activation's or a threshold's bound), the two sides of an elementwise max / min tie, the two
+    sides of a comparison that selects a piece (torch.where(z > 0, ...)) tie, or a max-pool's
+    argmax switches; between such kinks Gauss–Legendre converges fast. Recorded: each ReLU-type
+    input's signed distance to its kink and each pair's or comparison's difference (its sign
+    says the piece; under forward mode its derivative along the segment comes with it), and
+    each max-pool's argmax indices (amax / max and amin / min included).
 
     A tracked tensor of the inputs gives each row the entries along its batch dim (dim 1 of a
     sequence-first [L, B, E] activation). One of parameters alone (a learned temperature's
@@ -129,12 +130,21 @@ class _KinkPattern(TorchFunctionMode):
     With `straight_through`, ReLU-type ops pass gradients as if they were the identity, so a
     backward pass measures how the output depends on each unit whatever piece the unit is on;
     `units` holds each distance's input tensor (a pair's tie a − b) and its batch dim,
-    and `pooled` says a max-pool (whose gradient reaches only the argmax) was met.
+    `selectors` which of them are comparisons (whose boolean result passes no gradient: every
+    one of θ counts), and `pooled` says a max-pool (whose gradient reaches only the argmax) was
+    met.
     """
 
-    SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu"}
+    # kinked at 0 (ELU, CELU and SELU in their slope, or in their curvature when it is 1)
+    SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu", "elu", "elu_", "celu", "celu_",
+                "selu", "selu_"}
     RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
-                 "clamp_max", "clamp_max_", "_threshold", "threshold", "threshold_"}
+                 "clamp_max", "clamp_max_", "_threshold", "threshold", "threshold_", "hardsigmoid", "hardswish",
+                 "softshrink", "hardshrink"}
+    # the sides of a comparison (of floating-point values: integers and masks cross nothing along θ)
+    COMPARISONS = {"gt", "lt", "ge", "le", "gt_", "lt_", "ge_", "le_", "greater", "less", "greater_equal",
+                   "less_equal"}
+    SIGN_TESTS = {"sign", "sign_", "sgn", "sgn_", "signbit"}  # x against 0
     # the elementwise max / min of two tensors (max and min only when given a tensor to compare)
     PAIR_OPS = {"maximum", "minimum", "fmax", "fmin", "max", "min"}
     # reductions, tracked like a max-pool (see _reduced_dims); whether they take the largest
@@ -148,6 +158,7 @@ class _KinkPattern(TorchFunctionMode):
         self.straight_through = straight_through
         self.distances: list[torch.Tensor] = []
         self.units: list[tuple[torch.Tensor, int | None]] = []  # with its batch dim
+        self.selectors: set[int] = set()  # indices into units
         self.indices: list[torch.Tensor] = []
         self.index_dims: list[int | None] = []  # each argmax's batch dim
         self.pooled = False
@@ -160,14 +171,18 @@ class _KinkPattern(TorchFunctionMode):
             if any(t.is_floating_point() for t in pair):
                 return self._pair(func, args, kwargs, *pair)
             return func(*args, **kwargs)  # of integers or booleans (indices, masks): no kink along θ
+        if name in self.COMPARISONS or name in self.SIGN_TESTS:
+            if (side := _compared(args, kwargs, name in self.SIGN_TESTS)) is not None:
+                self.selectors.add(len(self.units))
+                self._track(side, self._batch_dim(side), side)
+            return func(*args, **kwargs)
         kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
         if kinked:
             dim = self._batch_dim(x)
             bounds = [0.0] if name in self.SIGN_OPS else _range_bounds(name, args, kwargs)
             for bound in bounds:
                 if bound is not None:
-                    self.distances.append(self.per_row(x - bound, dim))
-                    self.units.append((x, dim))
+                    self._track(x - bound, dim, x)
         elif "max_pool" in name:
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
@@ -187,15 +202,18 @@ class _KinkPattern(TorchFunctionMode):
         """An elementwise max / min of a and b: its kink is where they tie, at a − b = 0."""
         out = func(*args, **kwargs)
         tie = a - b
-        dim = self._batch_dim(tie)
-        self.distances.append(self.per_row(tie, dim))
-        self.units.append((tie, dim))
+        self._track(tie, self._batch_dim(tie), tie)
         if not self.straight_through:
             return out
         # the output depends on both sides whichever leads (∂a = 3/4, ∂b = 1/4) and on their tie
         # (1/4): unequal, so that no side's gradient cancels against the tie's
         through = (a + b) / 2 + tie / 4
         return out.detach() + through - through.detach()
+
+    def _track(self, distance: torch.Tensor, dim: int | None, unit: torch.Tensor) -> None:
+        """Record a signed distance to a kink, laid out per row, and the unit it measures."""
+        self.distances.append(self.per_row(distance, dim))
+        self.units.append((unit, dim))
 
     def _batch_dim(self, tensor: torch.Tensor) -> int | None:
         """This tracked call's batch dim in `tensor` (None: of parameters alone), as `batch_dims`
@@ -276,8 +294,8 @@ class _TableLookups(TorchFunctionMode):
 
 
 def _branching(made: int, sorted_on: int) -> str:
-    return (f"the model's forward pass made {made} calls of ReLU / clamp / max ops where another pass made "
-            f"{sorted_on}: it branches on its input, its parameters or the batch's size, so its kinks cannot be "
+    return (f"the model's forward pass made {made} calls of ReLU / clamp / max / comparison ops where another "
+            f"pass made {sorted_on}: it branches on its input, its parameters or the batch's size, so its kinks cannot be "
             "tracked. Fix: explain with breakpoints=False (and more quadrature=...)")
 
 
@@ -287,8 +305,8 @@ def _grown_dim(two: tuple[int, ...], three: tuple[int, ...]) -> int | None:
     grown = [d for d, (a, b) in enumerate(zip(two, three)) if a != b]
     if len(two) != len(three) or len(grown) > 1:
         raise UnsupportedError(
-            f"a ReLU / clamp / max op of the model's forward pass takes a tensor shaped {list(two)} for 2 inputs "
-            f"and {list(three)} for 3: no single dim runs over the inputs, so its kinks cannot be told per input. "
+            f"a ReLU / clamp / max / comparison op of the model's forward pass takes a tensor shaped {list(two)} for "
+            f"2 inputs and {list(three)} for 3: no single dim runs over the inputs, so its kinks cannot be told per input. "
             "Fix: explain with breakpoints=False (and more quadrature=...)")
     return grown[0] if grown else None
 
@@ -306,6 +324,16 @@ def _pair_operands(args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
     a = args[0] if args else kwargs.get("input")
     b = args[1] if len(args) > 1 else kwargs.get("other")
     return (a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else None
+
+
+def _compared(args, kwargs, against_zero: bool) -> torch.Tensor | None:
+    """The difference a − b of a comparison's sides (x − 0 for a sign test); None unless one
+    side is a floating-point tensor."""
+    a = args[0] if args else kwargs.get("input")
+    b = 0.0 if against_zero else (args[1] if len(args) > 1 else kwargs.get("other"))
+    if not any(isinstance(side, torch.Tensor) and side.is_floating_point() for side in (a, b)):
+        return None
+    return a.to(torch.result_type(a, b)) - b
 
 
 def _reduced_dims(args, kwargs) -> list[int] | None:
@@ -331,6 +359,11 @@ def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
     """The (low, high) kinks of a clamp-like op; None where a side is unbounded."""
     if name == "relu6":
         return 0.0, 6.0
+    if name in ("hardsigmoid", "hardswish"):
+        return -3.0, 3.0
+    if name.endswith("shrink"):  # softshrink, hardshrink: 0 on [−lambd, lambd]
+        lambd = kwargs.get("lambd", args[1] if len(args) > 1 else 0.5)
+        return -lambd, lambd
     if name.lstrip("_").startswith("threshold"):  # (x, threshold, value): x where x > threshold
         return kwargs.get("threshold", args[1] if len(args) > 1 else None), None
     if name.startswith("clamp_m"):  # clamp_min(x, min), clamp_max(x, max): one bound, given first
@@ -754,12 +787,15 @@ class FlatModel:
             weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             # a unit whose input does not depend on θ (after a frozen layer) has no kink along a segment
             live = [i for i, (unit, _) in enumerate(mode.units) if unit.requires_grad]
-            grads = torch.autograd.grad((out * weights.to(out)).sum(), [mode.units[i][0] for i in live],
-                                        allow_unused=True) if live else ()
+            traced = [i for i in live if i not in mode.selectors]
+            grads = torch.autograd.grad((out * weights.to(out)).sum(), [mode.units[i][0] for i in traced],
+                                        allow_unused=True) if traced else ()
         depends = [torch.zeros_like(d, dtype=torch.bool) for d in mode.distances]
-        for i, g in zip(live, grads):
+        for i, g in zip(traced, grads):
             if g is not None:
                 depends[i] = mode.per_row(g != 0, mode.units[i][1])
+        for i in mode.selectors.intersection(live):  # what it selects is not traced: taken to matter
+            depends[i] = torch.ones_like(depends[i])
         return _rows(depends, len(x), torch.bool).any(0)
 
     @_transformed

@@ -136,8 +136,12 @@ class ClampedProduct(Product):
     lambda z: -(-z).minimum(torch.zeros_like(z)), lambda z: torch.fmax(z, z.new_zeros(1)),
     lambda z: F.threshold(z, 0.0, 0.0), lambda z: nn.Threshold(0.5, 0.5)(z + 0.5) - 0.5,
     lambda z: torch.threshold(z, 0.0, 0.0),
+    lambda z: torch.where(z > 0, z, 0.0), lambda z: z * (0 < z), lambda z: z.masked_fill(z.le(0), 0.0),
+    lambda z: torch.where(torch.lt(z, torch.zeros_like(z)), torch.zeros_like(z), z),
+    lambda z: (z + z * z.sign()) / 2, lambda z: torch.where(z.signbit(), 0.0, z),
 ], ids=["clamp_min", "torch.clamp_min", "clamp_max", "clamp_", "clip_", "maximum", "max of two tensors",
-        "minimum", "fmax with a broadcast zero", "F.threshold", "nn.Threshold at 0.5", "torch.threshold"])
+        "minimum", "fmax with a broadcast zero", "F.threshold", "nn.Threshold at 0.5", "torch.threshold",
+        "where z > 0", "times a mask", "masked_fill", "where of two tensors compared", "sign", "signbit"])
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over an in-place clamp_
 def test_clamp_like_ops_are_kinks_too(relu):
     """These ops were not seen as kinks: the model counted as smooth, and its crossing was not cut.
@@ -152,6 +156,57 @@ def test_clamp_like_ops_are_kinks_too(relu):
     expected = torch.tensor([row, [-row[0], -row[1], 0.0, row[2]]], dtype=DT)
     torch.testing.assert_close(path.jacobian(AWAY_THETA, AWAY_DELTA, x, None, "logit", 2)[0], expected,
                                rtol=0, atol=1e-14)
+
+
+class Activated(nn.Module):
+    """logits ±act(a·x + b): along Δa = 2, Δb = 7 from a = 1, b = −6, the input of x = 1 runs
+    z(t) = −5 + 9t, through a kink at z = k where t = (k + 5) / 9 (off centre: on a path symmetric
+    about 0 plain Gauss–Legendre integrates hardswish' = ½ + an odd function exactly)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.0], dtype=DT))
+        self.b = nn.Parameter(torch.tensor([-6.0], dtype=DT))
+        self.out = nn.Parameter(torch.tensor([1.0, -1.0], dtype=DT))
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.a * x + self.b) * self.out
+
+
+ACTIVATED_DELTA = torch.tensor([2.0, 7.0, 0.0, 0.0], dtype=DT)  # (a, b, out)
+
+
+@pytest.mark.parametrize("act, kinks, rounding", [
+    (F.hardswish, [-3, 3], 1e-13), (lambda z: F.softshrink(z, 1.5), [-1.5, 1.5], 1e-13),
+    (nn.Softshrink(), [-0.5, 0.5], 1e-13), (lambda z: F.elu(z, alpha=0.5), [0], 1e-13), (nn.CELU(2.0), [0], 1e-13),
+    (F.selu, [0], 1e-13), (lambda z: F.hardswish(z.clone(), inplace=True), [-3, 3], 1e-13),
+    (nn.Hardsigmoid(), [-3, 3], 1e-7),  # torch differentiates it with 1/6 in float32: 3e-8 off
+], ids=["hardswish", "softshrink 1.5", "nn.Softshrink", "elu 0.5", "nn.CELU 2", "selu", "hardswish in place",
+        "nn.Hardsigmoid"])
+def test_piecewise_activations_are_kinks_at_their_breaks(act, kinks, rounding):
+    """Each break is located where z(t) reaches it, and the integral between them is then exact: φ·Δ
+    equals the change of the outputs (forward passes) to rounding, where plain quadrature misses."""
+    flat, theta = flat_of(Activated(act))
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=12)
+    (located,) = path.kinks(theta, ACTIVATED_DELTA, x)
+    np.testing.assert_allclose(located, [(k + 5) / 9 for k in kinks], rtol=0, atol=1e-12)
+    change = flat.explained(theta + ACTIVATED_DELTA, x, "logit") - flat.explained(theta, x, "logit")
+
+    def miss(integral: PathIntegral) -> float:
+        phi = integral.jacobian(theta, ACTIVATED_DELTA, x, None, "logit", 2)
+        return float((phi @ ACTIVATED_DELTA - change).abs().max() / change.abs().max())
+
+    assert miss(path) < rounding
+    assert miss(PathIntegral(flat, quadrature=12, breakpoints=False)) > 1e-6
+
+
+def test_a_jump_is_located_though_no_integral_spans_it():
+    """hardshrink is 0 on [−λ, λ] and the identity outside: its jumps are located like kinks."""
+    flat, theta = flat_of(Activated(lambda z: F.hardshrink(z, 2.0)))
+    (located,) = PathIntegral(flat, quadrature=2).kinks(theta, ACTIVATED_DELTA, torch.ones(1, 1, dtype=DT))
+    np.testing.assert_allclose(located, [3 / 9, 7 / 9], rtol=0, atol=1e-12)
 
 
 class ArgmaxProduct(nn.Module):
@@ -276,6 +331,7 @@ def test_max_and_min_of_indices_masks_and_scalars_run_and_keep_the_relus_kinks()
     delta = torch.randn(theta.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
     x = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(2))
     path = PathIntegral(flat, quadrature=4)
+    assert flat.kink_pattern(theta, delta, x, 0.0)[0].shape == (3, 5 * 4)  # the ReLU's units: no comparison of ids
     assert sum(map(len, path.kinks(theta, delta, x))) > 0
     change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
     torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
@@ -414,7 +470,8 @@ class Branching(nn.Module):
 
 def test_a_model_whose_kink_ops_depend_on_its_parameters_is_refused_naming_the_fix():
     flat, theta = flat_of(Branching())
-    with pytest.raises(ex.UnsupportedError, match="(?s)made 2 calls.*made 1.*breakpoints=False"):
+    # ReLU, the comparison w > 0, ReLU against ReLU, comparison
+    with pytest.raises(ex.UnsupportedError, match="(?s)made 3 calls.*made 2.*breakpoints=False"):
         PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
 
 
