@@ -149,6 +149,8 @@ class _KinkPattern(TorchFunctionMode):
     PAIR_OPS = {"maximum", "minimum", "fmax", "fmin", "max", "min"}
     # reductions, tracked like a max-pool (see _reduced_dims); whether they take the largest
     POOL_OPS = {"amax": True, "max": True, "amin": False, "min": False}
+    # ops that order their input along a dim (see _ordered_dims): tracked by the indices they return
+    ORDER_OPS = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "argmax", "argmin"}
 
     def __init__(self, rows: int, batch_dims: list[int | None] | None, straight_through: bool = False):
         super().__init__()
@@ -193,6 +195,8 @@ class _KinkPattern(TorchFunctionMode):
                 kept = [d for d in range(x.dim()) if d not in dims]  # the argmax's dims
                 argmax = _argmax_over(x if self.POOL_OPS[name] else -x, dims)
                 self._pooled(argmax, None if dim is None else kept.index(dim))
+        elif name in self.ORDER_OPS and x.is_floating_point() and (dims := _ordered_dims(name, args, kwargs, x)):
+            return self._ordered(func(*args, **kwargs), x, dims)
         if not (kinked and self.straight_through):
             return func(*args, **kwargs)
         out = func(x.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
@@ -209,6 +213,16 @@ class _KinkPattern(TorchFunctionMode):
         # (1/4): unequal, so that no side's gradient cancels against the tie's
         through = (a + b) / 2 + tie / 4
         return out.detach() + through - through.detach()
+
+    def _ordered(self, out, x: torch.Tensor, dims: list[int]):
+        """An op that orders x along `dims` (sort, topk, argmax, ...): its pieces switch where the
+        indices it returns do."""
+        dim = self._batch_dim(x)
+        if dim is None or dim not in dims:  # an order over the batch's inputs couples them: no kink of one path
+            indices = out if isinstance(out, torch.Tensor) else out.indices
+            kept = [d for d in range(x.dim()) if d not in dims]
+            self._pooled(indices, dim if dim is None or indices.dim() == x.dim() else kept.index(dim))
+        return out
 
     def _track(self, distance: torch.Tensor, dim: int | None, unit: torch.Tensor) -> None:
         """Record a signed distance to a kink, laid out per row, and the unit it measures."""
@@ -347,6 +361,18 @@ def _reduced_dims(args, kwargs) -> list[int] | None:
         return None
     dims = range(x.dim()) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
     return sorted({d % x.dim() for d in dims}) or None
+
+
+def _ordered_dims(name: str, args, kwargs, x: torch.Tensor) -> list[int] | None:
+    """The dim an ordering op orders along (sort's, topk's dim), all of x's for an argmax of the
+    flattened input; None for one that returns no indices (a median of all entries) or orders
+    nothing (a 0-d tensor)."""
+    position = 2 if name in ("topk", "kthvalue") else 1
+    default = None if name in ("argmax", "argmin", "median", "nanmedian") else -1
+    dim = kwargs.get("dim", args[position] if len(args) > position else default)
+    if x.dim() == 0 or (dim is None and "median" in name):
+        return None
+    return list(range(x.dim())) if dim is None else [dim % x.dim()]
 
 
 def _argmax_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:

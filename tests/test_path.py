@@ -223,13 +223,19 @@ class ArgmaxProduct(nn.Module):
         return self.reduce(self.a * x)[:, None] * self.out
 
 
-@pytest.mark.parametrize("reduce", [lambda z: torch.amax(z, dim=-1), lambda z: z.max(dim=1).values,
-                                    lambda z: torch.amax(z[:, None, :], dim=(1, 2)),
-                                    lambda z: -torch.amin(-z, dim=-1), lambda z: -(-z).min(1).values],
-                         ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)"])
+@pytest.mark.parametrize("reduce", [
+    lambda z: torch.amax(z, dim=-1), lambda z: z.max(dim=1).values, lambda z: torch.amax(z[:, None, :], dim=(1, 2)),
+    lambda z: -torch.amin(-z, dim=-1), lambda z: -(-z).min(1).values,
+    lambda z: z.sort(dim=1).values[:, -1], lambda z: torch.sort(z, descending=True).values[:, 0],
+    lambda z: z.topk(1).values[:, 0], lambda z: torch.kthvalue(z, 2, dim=1).values,
+    lambda z: -(-z).median(dim=-1).values, lambda z: z.gather(1, z.argmax(1, keepdim=True))[:, 0],
+    lambda z: z.gather(1, (-z).argmin(dim=1)[:, None])[:, 0], lambda z: z.gather(1, z.argsort(1)[:, 1:])[:, 0],
+], ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)", "sort", "sort descending", "topk",
+        "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort"])
 def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     """A global max-pool written as amax (the paper's ResNet-9 ends in one) switches like a
-    max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027)."""
+    max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027); so does one
+    written with an op that orders its input (sort, topk, argmax, ...)."""
     flat, theta = flat_of(ArgmaxProduct(reduce))
     delta = torch.tensor([-0.3, 0.7, 0.0, 0.0], dtype=DT)
     x = torch.ones(1, 2, dtype=DT)
@@ -277,9 +283,10 @@ def test_reductions_that_pool_no_input_are_no_kinks_and_explain_as_before(tmp_pa
 class SharedKinks(nn.Module):
     """Kinks of parameters alone, on every input's path: a [1] temperature's clamp_min (0.6 → 0.4
     along the test's Δ: clamped from t = 0.5) and, with `pool`, a max over a weight's rows (row 0
-    goes (0.3, 0) → (0, 0.7): its entries tie at t = 0.3)."""
+    goes (0.3, 0) → (0, 0.7): its entries tie at t = 0.3) or over all its entries (w₀₁ = 0.7t
+    passes w₁₁ = 0.5 at t = 5/7)."""
 
-    def __init__(self, pool: bool):
+    def __init__(self, pool=None):
         super().__init__()
         self.w = nn.Parameter(torch.tensor([[0.3, 0.0], [0.1, 0.5]], dtype=DT))
         self.t = nn.Parameter(torch.tensor([0.6], dtype=DT))
@@ -287,10 +294,12 @@ class SharedKinks(nn.Module):
 
     def forward(self, x):
         logits = x @ self.w.T / self.t.clamp_min(0.5)
-        return logits + self.w.amax(dim=1) if self.pool else logits
+        return logits + self.pool(self.w) if self.pool else logits
 
 
-@pytest.mark.parametrize("pool, expected", [(False, [0.5]), (True, [0.3, 0.5])], ids=["clamp", "clamp and amax"])
+@pytest.mark.parametrize("pool, expected", [
+    (None, [0.5]), (lambda w: w.amax(dim=1), [0.3, 0.5]), (lambda w: w.flatten().gather(0, w.argmax().reshape(1)), [0.5, 5 / 7]),
+], ids=["clamp", "clamp and amax", "clamp and a flat argmax"])
 def test_kinks_of_parameters_alone_are_kinks_of_every_input(pool, expected):
     """These were skipped (a reduction of a parameter) or, for a [1] parameter, taken for one
     input's and crashed the search on the next batch's size. The change of each output along
@@ -398,7 +407,7 @@ def test_kinks_of_parameters_alone_and_of_each_input_make_the_path_exact():
 
 
 def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
-    flat, theta = flat_of(SharedKinks(pool=False))
+    flat, theta = flat_of(SharedKinks())
     delta = torch.tensor([-0.3, 0.7, 0.0, 0.0, -0.2], dtype=DT)
     x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
     path = PathIntegral(flat, quadrature=8)
