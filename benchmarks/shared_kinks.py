@@ -5,7 +5,8 @@ entry of W crosses 0 along a step, every input's path has a kink at the same t (
 input's own ReLU kinks). The search follows those shared units on the first input only and adds
 their kinks to every input's, so its time grows with the inputs by their own kinks alone.
 `reconstruct` (all outputs, Gauss-Legendre with 2 nodes per piece) runs on 1, 10 and 40 test
-inputs; each line gives its time, the kinks located and the relative residual (float64 run).
+inputs; each line gives its time, the kinks located, the segments left unresolved (more kinks
+than max_kinks) and the relative residual (float64 run).
 
     python benchmarks/shared_kinks.py               # width 64: 4,096 clamped weights
     python benchmarks/shared_kinks.py --width 128 --inputs 1 20

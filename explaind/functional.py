@@ -190,13 +190,11 @@ class _KinkPattern(TorchFunctionMode):
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
             self._pooled(indices, self._batch_dim(indices))
         elif name in self.POOL_OPS and (dims := _reduced_dims(args, kwargs)) is not None:
-            dim = self._batch_dim(x)
-            if dim is None or dim not in dims:  # a max over the batch's inputs couples them: no kink of one path
-                kept = [d for d in range(x.dim()) if d not in dims]  # the argmax's dims
-                argmax = _argmax_over(x if self.POOL_OPS[name] else -x, dims)
-                self._pooled(argmax, None if dim is None else kept.index(dim))
+            self._ordered(x, dims, lambda: _argmax_over(x if self.POOL_OPS[name] else -x, dims))
         elif name in self.ORDER_OPS and x.is_floating_point() and (dims := _ordered_dims(name, args, kwargs, x)):
-            return self._ordered(func(*args, **kwargs), x, dims)
+            out = func(*args, **kwargs)
+            self._ordered(x, dims, lambda: out if isinstance(out, torch.Tensor) else out.indices)
+            return out
         if not (kinked and self.straight_through):
             return func(*args, **kwargs)
         out = func(x.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
@@ -214,15 +212,14 @@ class _KinkPattern(TorchFunctionMode):
         through = (a + b) / 2 + tie / 4
         return out.detach() + through - through.detach()
 
-    def _ordered(self, out, x: torch.Tensor, dims: list[int]):
-        """An op that orders x along `dims` (sort, topk, argmax, ...): its pieces switch where the
-        indices it returns do."""
+    def _ordered(self, x: torch.Tensor, dims: list[int], indices_of: Callable[[], torch.Tensor]) -> None:
+        """A max / min reduction or an op that orders x along `dims` (sort, topk, argmax, ...):
+        its pieces switch where its indices do. They keep x's dims or drop `dims`."""
         dim = self._batch_dim(x)
         if dim is None or dim not in dims:  # an order over the batch's inputs couples them: no kink of one path
-            indices = out if isinstance(out, torch.Tensor) else out.indices
+            indices = indices_of()
             kept = [d for d in range(x.dim()) if d not in dims]
             self._pooled(indices, dim if dim is None or indices.dim() == x.dim() else kept.index(dim))
-        return out
 
     def _track(self, distance: torch.Tensor, dim: int | None, unit: torch.Tensor) -> None:
         """Record a signed distance to a kink, laid out per row, and the unit it measures."""
@@ -308,7 +305,7 @@ class _TableLookups(TorchFunctionMode):
 
 
 def _branching(made: int, sorted_on: int) -> str:
-    return (f"the model's forward pass made {made} calls of ReLU / clamp / max / comparison ops where another "
+    return (f"the model's forward pass made {made} calls of ReLU / clamp / max / sort / comparison ops where another "
             f"pass made {sorted_on}: it branches on its input, its parameters or the batch's size, so its kinks cannot be "
             "tracked. Fix: explain with breakpoints=False (and more quadrature=...)")
 
@@ -319,7 +316,7 @@ def _grown_dim(two: tuple[int, ...], three: tuple[int, ...]) -> int | None:
     grown = [d for d, (a, b) in enumerate(zip(two, three)) if a != b]
     if len(two) != len(three) or len(grown) > 1:
         raise UnsupportedError(
-            f"a ReLU / clamp / max / comparison op of the model's forward pass takes a tensor shaped {list(two)} for "
+            f"a ReLU / clamp / max / sort / comparison op of the model's forward pass takes a tensor shaped {list(two)} for "
             f"2 inputs and {list(three)} for 3: no single dim runs over the inputs, so its kinks cannot be told per input. "
             "Fix: explain with breakpoints=False (and more quadrature=...)")
     return grown[0] if grown else None
