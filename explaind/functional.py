@@ -119,7 +119,8 @@ class _KinkPattern(TorchFunctionMode):
     argmax switches; between such kinks Gauss–Legendre converges fast. Recorded: each ReLU-type
     input's signed distance to its kink and each pair's or comparison's difference (its sign
     says the piece; under forward mode its derivative along the segment comes with it), and
-    each max-pool's argmax indices (amax / max and amin / min included).
+    each max-pool's argmax indices (amax / max and amin / min included; sort, topk, ... their
+    indices; a quantile or a median of all entries the indices of the entries it reads).
 
     A tracked tensor of the inputs gives each row the entries along its batch dim (dim 1 of a
     sequence-first [L, B, E] activation). One of parameters alone (a learned temperature's
@@ -151,6 +152,9 @@ class _KinkPattern(TorchFunctionMode):
     POOL_OPS = {"amax": True, "max": True, "amin": False, "min": False}
     # ops that order their input along a dim (see _ordered_dims): tracked by the indices they return
     ORDER_OPS = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "argmax", "argmin"}
+    # ops that read their input at ranks and return no indices (see _ranked_dims): tracked by the
+    # indices of the entries at those ranks
+    RANK_OPS = {"quantile", "nanquantile", "median", "nanmedian"}
 
     def __init__(self, rows: int, batch_dims: list[int | None] | None, straight_through: bool = False):
         super().__init__()
@@ -195,6 +199,9 @@ class _KinkPattern(TorchFunctionMode):
             out = func(*args, **kwargs)
             self._ordered(x, dims, lambda: out if isinstance(out, torch.Tensor) else out.indices)
             return out
+        elif name in self.RANK_OPS and x.is_floating_point() and (dims := _ranked_dims(name, args, kwargs, x)):
+            quantiles = None if "median" in name else kwargs.get("q", args[1] if len(args) > 1 else None)
+            self._ordered(x, dims, lambda: _at_ranks(x, dims, quantiles, skip_nan=name.startswith("nan")))
         if not (kinked and self.straight_through):
             return func(*args, **kwargs)
         out = func(x.clone(), *args[1:], **kwargs)  # an in-place op must leave the unit's input intact
@@ -362,14 +369,43 @@ def _reduced_dims(args, kwargs) -> list[int] | None:
 
 def _ordered_dims(name: str, args, kwargs, x: torch.Tensor) -> list[int] | None:
     """The dim an ordering op orders along (sort's, topk's dim), all of x's for an argmax of the
-    flattened input; None for one that returns no indices (a median of all entries) or orders
-    nothing (a 0-d tensor)."""
+    flattened input; None for one that returns no indices (a median of all entries: see
+    _ranked_dims) or orders nothing (a 0-d tensor)."""
     position = 2 if name in ("topk", "kthvalue") else 1
     default = None if name in ("argmax", "argmin", "median", "nanmedian") else -1
     dim = kwargs.get("dim", args[position] if len(args) > position else default)
     if x.dim() == 0 or (dim is None and "median" in name):
         return None
     return list(range(x.dim())) if dim is None else [dim % x.dim()]
+
+
+def _ranked_dims(name: str, args, kwargs, x: torch.Tensor) -> list[int] | None:
+    """The dim a quantile (or a median of all entries) ranks x along: all of x's, flattened
+    together, without `dim`. None for a 0-d tensor, which is its own quantile."""
+    position = 2 if "quantile" in name else 1
+    dim = kwargs.get("dim", args[position] if len(args) > position else None)
+    if x.dim() == 0:
+        return None
+    return list(range(x.dim())) if dim is None else [dim % x.dim()]
+
+
+def _at_ranks(x: torch.Tensor, dims: list[int], quantiles, skip_nan: bool) -> torch.Tensor:
+    """The indices of the entries of x, ordered along `dims`, at the ranks that quantiles q read
+    (the two that a quantile interpolates between: ⌊q(n − 1)⌋ and ⌈q(n − 1)⌉) or that a median
+    reads (⌊(n − 1)/2⌋, the lower of two middles), per position of the other dims; n counts the
+    entries that are not NaN with `skip_nan`. Laid out as x is, the ranks in place of `dims`,
+    when they are one dim."""
+    kept = [d for d in range(x.dim()) if d not in dims]
+    along = x.detach().permute(kept + dims).reshape(*(x.shape[d] for d in kept), -1)
+    count = (~along.isnan()).sum(-1, keepdim=True) if skip_nan else torch.full_like(along[..., :1], along.shape[-1])
+    last = count.to(torch.float64) - 1
+    if quantiles is None:
+        ranks = (last / 2).floor()
+    else:
+        position = torch.as_tensor(quantiles, dtype=torch.float64, device=x.device).detach().reshape(-1) * last
+        ranks = torch.cat([position.floor(), position.ceil()], -1)
+    indices = along.argsort(-1).gather(-1, ranks.clamp(min=0).long())  # NaN sorts last
+    return indices.movedim(-1, dims[0]) if len(dims) == 1 else indices
 
 
 def _argmax_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:

@@ -223,6 +223,8 @@ class ArgmaxProduct(nn.Module):
         return self.reduce(self.a * x)[:, None] * self.out
 
 
+# torch's vmap has no batching rule for quantile: it warns, and loops
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.parametrize("reduce", [
     lambda z: torch.amax(z, dim=-1), lambda z: z.max(dim=1).values, lambda z: torch.amax(z[:, None, :], dim=(1, 2)),
     lambda z: -torch.amin(-z, dim=-1), lambda z: -(-z).min(1).values,
@@ -230,8 +232,10 @@ class ArgmaxProduct(nn.Module):
     lambda z: z.topk(1).values[:, 0], lambda z: torch.kthvalue(z, 2, dim=1).values,
     lambda z: -(-z).median(dim=-1).values, lambda z: z.gather(1, z.argmax(1, keepdim=True))[:, 0],
     lambda z: z.gather(1, (-z).argmin(dim=1)[:, None])[:, 0], lambda z: z.gather(1, z.argsort(1)[:, 1:])[:, 0],
+    lambda z: z.quantile(1.0, dim=1),
+    lambda z: torch.nanquantile(z, torch.tensor([0.0, 1.0], dtype=DT), dim=-1, interpolation="higher")[1],
 ], ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)", "sort", "sort descending", "topk",
-        "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort"])
+        "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort", "quantile", "nanquantile"])
 def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     """A global max-pool written as amax (the paper's ResNet-9 ends in one) switches like a
     max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027); so does one
@@ -284,7 +288,9 @@ class SharedKinks(nn.Module):
     """Kinks of parameters alone, on every input's path: a [1] temperature's clamp_min (0.6 → 0.4
     along the test's Δ: clamped from t = 0.5) and, with `pool`, a max over a weight's rows (row 0
     goes (0.3, 0) → (0, 0.7): its entries tie at t = 0.3) or over all its entries (w₀₁ = 0.7t
-    passes w₁₁ = 0.5 at t = 5/7)."""
+    passes w₁₁ = 0.5 at t = 5/7). The lower median of w's four entries (0.3 − 0.3t, 0.7t, 0.1,
+    0.5) is w₁₀ = 0.1 until w₀₁ passes it at t = 1/7, then w₀₁ until it passes w₀₀ at t = 0.3,
+    then w₀₀ until it falls below 0.1 at t = 2/3."""
 
     def __init__(self, pool=None):
         super().__init__()
@@ -297,9 +303,16 @@ class SharedKinks(nn.Module):
         return logits + self.pool(self.w) if self.pool else logits
 
 
+# torch's vmap has no batching rule for quantile: it warns, and loops
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.parametrize("pool, expected", [
     (None, [0.5]), (lambda w: w.amax(dim=1), [0.3, 0.5]), (lambda w: w.flatten().gather(0, w.argmax().reshape(1)), [0.5, 5 / 7]),
-], ids=["clamp", "clamp and amax", "clamp and a flat argmax"])
+    (lambda w: w.median(), [1 / 7, 0.3, 0.5, 2 / 3]),
+    # the median of the four entries that are not NaN (of all five, the kinks would be 0.3 and 5/7)
+    (lambda w: torch.cat([w.flatten(), torch.tensor([torch.nan], dtype=DT)]).nanmedian(), [1 / 7, 0.3, 0.5, 2 / 3]),
+    (lambda w: torch.quantile(w, 0.75, dim=1), [0.3, 0.5]),  # row 0's min + ¾ (max − min)
+], ids=["clamp", "clamp and amax", "clamp and a flat argmax", "clamp and median", "clamp and nanmedian",
+        "clamp and a quantile of rows"])
 def test_kinks_of_parameters_alone_are_kinks_of_every_input(pool, expected):
     """These were skipped (a reduction of a parameter) or, for a [1] parameter, taken for one
     input's and crashed the search on the next batch's size. The change of each output along
