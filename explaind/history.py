@@ -29,6 +29,7 @@ file is on disk (fsync + atomic rename), so a crash leaves at worst an ignored o
 from __future__ import annotations
 
 import collections
+import copy
 import hashlib
 import json
 import os
@@ -350,6 +351,8 @@ class Recorder:
         self.model = module_of(model)
         self.optimizer = optimizer
         self.scheduler = scheduler
+        if scheduler is not None:
+            _schedule_position(scheduler)  # refuses one whose steps cannot be counted
         self.kind = optimizer_kind(optimizer)
         self.loss_name, self.loss = resolve_loss(loss)
         self.reduction = check_reduction(reduction)
@@ -373,7 +376,8 @@ class Recorder:
         self._class_of: dict[int, tuple[int, int]] = {}  # dataset index: (class target, first step)
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
         self._scheduler_steps_vary = False  # ... not the same after every optimizer step
-        self._epoch_after_step: int | None = None  # scheduler.last_epoch right after a step
+        self._epoch_after_step: int | None = None  # the scheduler's position right after a step
+        self._resumed_schedule: tuple[dict, list[dict]] | None = None  # until the first step after a resume
         self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
 
         if _resume_from is None:
@@ -571,10 +575,12 @@ class Recorder:
                     f"parameter {name!r} changed between optimizer steps (before step "
                     f"{self.step}): only optimizer.step() may change parameters while recording"
                 )
+        if self._resumed_schedule is not None:
+            self._undo_a_repeated_schedule_step()
         if self.step > 0 and self.scheduler is not None:
             # the loop has stepped its scheduler since the last step: store its state now
             if self._epoch_after_step is not None:  # (unknown right after a resume)
-                self._observe_scheduler_steps(self.scheduler.last_epoch - self._epoch_after_step)
+                self._observe_scheduler_steps(_schedule_position(self.scheduler) - self._epoch_after_step)
             self._write_resume_info(scheduler_stepped=True)
         self._refuse_unmodelled_settings(optimizer)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
@@ -634,6 +640,22 @@ class Recorder:
                         f"which the recorded {name} cannot reproduce. Fix: make it a {dtype} tensor "
                         f"(torch.tensor(value, dtype={dtype})) or a float"
                     )
+
+    def _remember_resumed_schedule(self) -> None:
+        """The schedule as a resume restored it: the one its first step runs with."""
+        groups = [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups]
+        self._resumed_schedule = copy.deepcopy((self.scheduler.state_dict(), groups))
+
+    def _undo_a_repeated_schedule_step(self) -> None:
+        """A loop that steps its scheduler at the start of a step, before the batch, has stepped
+        it again since the resume, which had brought it to this step already (the state stored
+        for it, or caught up): put the schedule and the learning rates back where they were."""
+        (state, groups), self._resumed_schedule = self._resumed_schedule, None
+        if _schedule_position(self.scheduler) == _schedule_position_in(state):
+            return
+        self.scheduler.load_state_dict(copy.deepcopy(state))
+        for group, values in zip(self.optimizer.param_groups, groups):
+            group.update(copy.deepcopy(values))
 
     def _observe_scheduler_steps(self, steps: int) -> None:
         """A scheduler stepped per epoch steps 0 times after most optimizer steps and 1 after
@@ -737,7 +759,7 @@ class Recorder:
         next one once the loop has stepped its scheduler; a run killed in between is resumed
         by stepping the scheduler as often as the loop did per step."""
         if self.scheduler is not None and not scheduler_stepped:
-            self._epoch_after_step = self.scheduler.last_epoch
+            self._epoch_after_step = _schedule_position(self.scheduler)
         info = {
             "next_step": self.step,
             "param_groups": self.optimizer.state_dict()["param_groups"],
@@ -843,6 +865,8 @@ class Recorder:
                 _catch_up(scheduler, info, path)
         torch.set_rng_state(tensors["rng/cpu"])
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **declared, **kwargs)
+        if scheduler is not None:
+            recorder._remember_resumed_schedule()
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
         recorder._scheduler_steps_vary = info.get("scheduler_steps_vary", False)
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
@@ -978,6 +1002,26 @@ def _resumed_loss(history: "History", loss, reduction: str | None) -> dict:
             "A history has one loss: leave loss= and reduction= out to continue with the recorded ones"
         )
     return {"loss": loss, "reduction": reduction}
+
+
+def _schedule_position(scheduler) -> int:
+    """How often a scheduler has been stepped: its last_epoch (a ChainedScheduler's, that of the
+    first scheduler it chains)."""
+    while not hasattr(scheduler, "last_epoch") and getattr(scheduler, "_schedulers", None):
+        scheduler = scheduler._schedulers[0]
+    if not isinstance(getattr(scheduler, "last_epoch", None), int):
+        raise InputError(
+            f"the scheduler {type(scheduler).__name__} has no last_epoch counting its steps, which the recorder "
+            "stores with each step to resume the schedule where a killed run left it. Fix: pass a "
+            "torch.optim.lr_scheduler scheduler, or give yours a last_epoch that step() increments")
+    return scheduler.last_epoch
+
+
+def _schedule_position_in(state: dict) -> int:
+    """_schedule_position of a scheduler's state_dict."""
+    while "last_epoch" not in state and state.get("_schedulers"):
+        state = state["_schedulers"][0]
+    return state["last_epoch"]
 
 
 def _catch_up(scheduler, info: dict, path) -> None:

@@ -41,8 +41,13 @@ def rows_of(step: int) -> torch.Tensor:
     return torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(step))[:BATCH]
 
 
-def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: int | None = None):
+def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: int | None = None,
+                  scheduler_first: bool = False):
+    """With `scheduler_first`, the schedule is stepped at the start of each step but the first,
+    before the batch, as some loops do (rather than after optimizer.step())."""
     for step in range(start, N_STEPS):
+        if scheduler_first and step > 0:
+            scheduler.step()
         rows = rows_of(step)
         # random augmentation through torch's global RNG: resuming must restore its state
         xb = x[rows] + 0.1 * torch.randn(len(rows), x.shape[1], dtype=x.dtype)
@@ -53,25 +58,26 @@ def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: 
         if step == crash_at:  # killed after backward and batch(), before the step
             raise Crash(f"killed at step {step}")
         optimizer.step()
-        scheduler.step()
+        if not scheduler_first:
+            scheduler.step()
 
 
-def record(path: Path, crash_at: int | None = None):
+def record(path: Path, crash_at: int | None = None, **loop):
     x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
     model, optimizer, scheduler = fresh_objects(0)
     torch.manual_seed(1234)
     with ex.Recorder(path, model, optimizer, scheduler=scheduler, check_every=1) as rec:
-        training_loop(rec, model, optimizer, scheduler, x, y, 0, crash_at)
+        training_loop(rec, model, optimizer, scheduler, x, y, 0, crash_at, **loop)
     return model
 
 
-def resume(path: Path):
+def resume(path: Path, **loop):
     x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
     model, optimizer, scheduler = fresh_objects(99)  # a different initialisation: θ must be loaded
     torch.manual_seed(555)  # a different RNG state: it must be restored
     with ex.Recorder.resume(path, model, optimizer, scheduler=scheduler, check_every=1) as rec:
         start = rec.step
-        training_loop(rec, model, optimizer, scheduler, x, y, start)
+        training_loop(rec, model, optimizer, scheduler, x, y, start, **loop)
     return model, start
 
 
@@ -131,6 +137,21 @@ def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     whole = ex.History(uninterrupted)
     for name, value in whole.params(N_STEPS).items():
         assert torch.equal(dict(model.named_parameters())[name].detach(), value)
+
+
+def test_a_loop_that_steps_its_scheduler_first_resumes_on_its_schedule(tmp_path):
+    """The resumed loop steps the schedule again at the start of the step it redoes: the resume
+    had already brought the schedule to that step (restored, or caught up), so it was a step
+    ahead, and the learning rates recorded from there on were the next step's."""
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    record(whole, scheduler_first=True)
+    with pytest.raises(Crash):
+        record(crashed, crash_at=CRASH_AT, scheduler_first=True)
+    _, start = resume(crashed, scheduler_first=True)
+    assert start == CRASH_AT
+    lrs = [line["groups"][0]["lr"] for line in manifest(whole)]
+    assert lrs[CRASH_AT] != lrs[CRASH_AT + 1]  # StepLR(3): step 5 is the last of its learning rate
+    assert_same_history(crashed, whole)
 
 
 def record_step_past_resume_state(path: Path) -> None:
@@ -1073,21 +1094,62 @@ def test_resume_refuses_another_precision_optimizer_grouping_or_constant(tmp_pat
     assert files_on_disk(tmp_path / "h") == before
 
 
+def chained(optimizer):
+    return torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5),
+                                                      torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)])
+
+
+def sequential(optimizer):
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, 0.2, total_iters=3),
+                                                             torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)], [3])
+
+
+def record_whole_and_resumed(tmp_path: Path, schedule) -> None:
+    """8 SGD steps under `schedule` recorded into whole/, and into crashed/ killed right after
+    step 4 (its scheduler then caught up by the resume) and resumed."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = schedule(optimizer)
+    with ex.Recorder(tmp_path / "whole", model, optimizer, scheduler=scheduler) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler)
+    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "crashed", schedule, crash_at=4)
+    with ex.Recorder.resume(tmp_path / "crashed", model, optimizer, scheduler=scheduler) as rec:
+        sgd_steps(rec, model, optimizer, x, y, rec.step, 8, scheduler=scheduler)
+
+
+@pytest.mark.parametrize("schedule", [chained, sequential])
+def test_schedulers_of_schedulers_record_and_resume(tmp_path, schedule):
+    """A ChainedScheduler has no last_epoch of its own: recording with one stopped on an
+    AttributeError after the first step."""
+    record_whole_and_resumed(tmp_path, schedule)
+    assert len({line["groups"][0]["lr"] for line in manifest(tmp_path / "whole")}) >= 6
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
+def test_a_scheduler_whose_steps_cannot_be_counted_is_refused(tmp_path):
+    class Halving:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            for group in self.optimizer.param_groups:
+                group["lr"] /= 2
+
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.InputError, match="(?s)Halving has no last_epoch.*Fix"):
+        ex.Recorder(tmp_path / "h", model, optimizer, scheduler=Halving(optimizer))
+    assert not (tmp_path / "h").exists()
+
+
 def test_a_resumed_multistep_schedule_keeps_its_milestones(tmp_path):
     """MultiStepLR keeps its milestones in a Counter of step numbers, which JSON would turn into
     strings: the resumed run would then never reach them."""
     def multistep(optimizer):
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[4, 6], gamma=0.1)
 
-    x, y = tiny_data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = multistep(optimizer)
-    with ex.Recorder(tmp_path / "whole", model, optimizer, scheduler=scheduler) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler)
-    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "crashed", multistep, crash_at=4)
-    with ex.Recorder.resume(tmp_path / "crashed", model, optimizer, scheduler=scheduler) as rec:
-        sgd_steps(rec, model, optimizer, x, y, rec.step, 8, scheduler=scheduler)
+    record_whole_and_resumed(tmp_path, multistep)
     rates = [[line["groups"][0]["lr"] for line in manifest(tmp_path / name)] for name in ("whole", "crashed")]
     assert rates[0] == rates[1] and rates[0][-1] == pytest.approx(1e-3)  # both milestones passed
     assert_same_history(tmp_path / "crashed", tmp_path / "whole")
@@ -1096,6 +1158,7 @@ def test_a_resumed_multistep_schedule_keeps_its_milestones(tmp_path):
     info = json.loads((tmp_path / "older" / "resume.json").read_text())
     info["scheduler"]["milestones"] = {"4": 1, "6": 1}
     (tmp_path / "older" / "resume.json").write_text(json.dumps(info))
+    x, y = tiny_data()
     with ex.Recorder.resume(tmp_path / "older", model, optimizer, scheduler=scheduler) as rec:
         sgd_steps(rec, model, optimizer, x, y, rec.step, 8, scheduler=scheduler)
     assert_same_history(tmp_path / "older", tmp_path / "whole")
