@@ -221,7 +221,8 @@ class _KinkPattern(TorchFunctionMode):
 
     def _ordered(self, x: torch.Tensor, dims: list[int], indices_of: Callable[[], torch.Tensor]) -> None:
         """A max / min reduction or an op that orders x along `dims` (sort, topk, argmax, ...):
-        its pieces switch where its indices do. They keep x's dims or drop `dims`."""
+        its pieces switch where its indices do. They keep x's dims or drop `dims` (laid out as
+        they may, for x of parameters alone)."""
         dim = self._batch_dim(x)
         if dim is None or dim not in dims:  # an order over the batch's inputs couples them: no kink of one path
             indices = indices_of()
@@ -395,8 +396,7 @@ def _at_ranks(x: torch.Tensor, dims: list[int], quantiles, skip_nan: bool) -> to
     reads (⌊(n − 1)/2⌋, the lower of two middles), per position of the other dims; n counts the
     entries that are not NaN with `skip_nan`. Laid out as x is, the ranks in place of `dims`,
     when they are one dim."""
-    kept = [d for d in range(x.dim()) if d not in dims]
-    along = x.detach().permute(kept + dims).reshape(*(x.shape[d] for d in kept), -1)
+    along = _flattened_over(x.detach(), dims)
     count = (~along.isnan()).sum(-1, keepdim=True) if skip_nan else torch.full_like(along[..., :1], along.shape[-1])
     last = count.to(torch.float64) - 1
     if quantiles is None:
@@ -410,8 +410,13 @@ def _at_ranks(x: torch.Tensor, dims: list[int], quantiles, skip_nan: bool) -> to
 
 def _argmax_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """The argmax of x over `dims` (flattened together), per position of the other dims."""
+    return _flattened_over(x, dims).argmax(-1)
+
+
+def _flattened_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """x with `dims` flattened into its last dim, after the other dims in their order."""
     kept = [d for d in range(x.dim()) if d not in dims]
-    return x.permute(kept + dims).reshape(*(x.shape[d] for d in kept), -1).argmax(-1)
+    return x.permute(kept + dims).reshape(*(x.shape[d] for d in kept), -1)
 
 
 def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:

@@ -377,7 +377,9 @@ class Recorder:
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
         self._scheduler_steps_vary = False  # ... not the same after every optimizer step
         self._epoch_after_step: int | None = None  # the scheduler's position right after a step
-        self._resumed_schedule: tuple[dict, list[dict]] | None = None  # until the first step after a resume
+        # the schedule's position, state and group hyperparameters as a resume left them (see
+        # _undo_a_repeated_schedule_step): until the first step after a resume
+        self._resumed_schedule: tuple[int, dict, list[dict]] | None = None
         self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
 
         if _resume_from is None:
@@ -644,18 +646,19 @@ class Recorder:
     def _remember_resumed_schedule(self) -> None:
         """The schedule as a resume restored it: the one its first step runs with."""
         groups = [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups]
-        self._resumed_schedule = copy.deepcopy((self.scheduler.state_dict(), groups))
+        state, groups = copy.deepcopy((self.scheduler.state_dict(), groups))
+        self._resumed_schedule = (_schedule_position(self.scheduler), state, groups)
 
     def _undo_a_repeated_schedule_step(self) -> None:
         """A loop that steps its scheduler at the start of a step, before the batch, has stepped
         it again since the resume, which had brought it to this step already (the state stored
         for it, or caught up): put the schedule and the learning rates back where they were."""
-        (state, groups), self._resumed_schedule = self._resumed_schedule, None
-        if _schedule_position(self.scheduler) == _schedule_position_in(state):
+        (position, state, groups), self._resumed_schedule = self._resumed_schedule, None
+        if _schedule_position(self.scheduler) == position:
             return
-        self.scheduler.load_state_dict(copy.deepcopy(state))
+        self.scheduler.load_state_dict(state)  # copies taken at the resume, used once
         for group, values in zip(self.optimizer.param_groups, groups):
-            group.update(copy.deepcopy(values))
+            group.update(values)
 
     def _observe_scheduler_steps(self, steps: int) -> None:
         """A scheduler stepped per epoch steps 0 times after most optimizer steps and 1 after
@@ -1015,13 +1018,6 @@ def _schedule_position(scheduler) -> int:
             "stores with each step to resume the schedule where a killed run left it. Fix: pass a "
             "torch.optim.lr_scheduler scheduler, or give yours a last_epoch that step() increments")
     return scheduler.last_epoch
-
-
-def _schedule_position_in(state: dict) -> int:
-    """_schedule_position of a scheduler's state_dict."""
-    while "last_epoch" not in state and state.get("_schedulers"):
-        state = state["_schedulers"][0]
-    return state["last_epoch"]
 
 
 def _catch_up(scheduler, info: dict, path) -> None:
