@@ -209,6 +209,10 @@ def test_a_jump_is_located_though_no_integral_spans_it():
     np.testing.assert_allclose(located, [3 / 9, 7 / 9], rtol=0, atol=1e-12)
 
 
+# torch's vmap has no batching rule for quantile: it warns, and loops
+QUANTILE_UNBATCHED = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
 class ArgmaxProduct(nn.Module):
     """f = max(a ⊙ x over its last dim) · out, the max written as a reduction: along
     Δa = (−0.3, 0.7) from a = (0.3, 0) the two entries of x = (1, 1) tie at t = 0.3."""
@@ -223,8 +227,7 @@ class ArgmaxProduct(nn.Module):
         return self.reduce(self.a * x)[:, None] * self.out
 
 
-# torch's vmap has no batching rule for quantile: it warns, and loops
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@QUANTILE_UNBATCHED
 @pytest.mark.parametrize("reduce", [
     lambda z: torch.amax(z, dim=-1), lambda z: z.max(dim=1).values, lambda z: torch.amax(z[:, None, :], dim=(1, 2)),
     lambda z: -torch.amin(-z, dim=-1), lambda z: -(-z).min(1).values,
@@ -303,8 +306,7 @@ class SharedKinks(nn.Module):
         return logits + self.pool(self.w) if self.pool else logits
 
 
-# torch's vmap has no batching rule for quantile: it warns, and loops
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@QUANTILE_UNBATCHED
 @pytest.mark.parametrize("pool, expected", [
     (None, [0.5]), (lambda w: w.amax(dim=1), [0.3, 0.5]), (lambda w: w.flatten().gather(0, w.argmax().reshape(1)), [0.5, 5 / 7]),
     (lambda w: w.median(), [1 / 7, 0.3, 0.5, 2 / 3]),
