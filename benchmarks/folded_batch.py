@@ -1,13 +1,13 @@
-"""Benchmark: what the kink search gives when a model folds its batch length-major.
+"""Benchmark: the kink search on a model that folds its batch length-major.
 
-The search lays each ReLU's tensor out per input along the dim that grows with the batch, and
-takes a dim that folds the inputs with another to hold the inputs outermost ([B·L, E], as
-`h.reshape(-1, E)` of a batch-first [B, L, E] gives). A sequence-first model that folds its
-[L, B, E] activations into [L·B, E] holds them innermost: each input's kinks are then read off
-other inputs' units, and nothing refuses it. The same small sequence-first ReLU model, recorded
-for 5 SGD steps in float64, is reconstructed with its ReLU applied to [L, B, F] and to the
-folded [L·B, F]; each line gives the kinks located, the segments left unresolved and the
-relative residual.
+The search lays each ReLU's tensor out per input along the dim that grows with the batch. A dim
+that folds the inputs with another holds each input's entries one after another ([B·L, E], as
+`h.reshape(-1, E)` of a batch-first [B, L, E] gives) or interleaved a batch apart ([L·B, E], of
+a sequence-first [L, B, E]); the search tells which by passes on distinct inputs. Read the wrong
+way (before that check every fold was read input by input), its kinks are other inputs'. The same small
+sequence-first ReLU model, recorded for 5 SGD steps in float64, is reconstructed with its ReLU
+applied to [L, B, F] and to the folded [L·B, F]; each line gives the kinks located, the segments
+left unresolved and the relative residual, which agree when the fold is read right.
 
     python benchmarks/folded_batch.py
 """

@@ -110,6 +110,17 @@ class _OutputSizes(TorchFunctionMode):
         return out
 
 
+class InputAxis(NamedTuple):
+    """Where a tensor of a forward pass holds the batch's inputs: along `dim`, `span` entries
+    each. A dim that folds the inputs with another ([B·L, E] from a batch-first [B, L, E], or
+    [L·B, E] from a sequence-first [L, B, E]) spans more than one; `interleaved` says the inputs
+    run innermost in it ([L·B, E]: an input's entries a batch's size apart) rather than in turn."""
+
+    dim: int
+    span: int = 1
+    interleaved: bool = False
+
+
 class _KinkPattern(TorchFunctionMode):
     """Records where a forward pass stands relative to the kinks of piecewise-linear ops.
 
@@ -122,11 +133,12 @@ class _KinkPattern(TorchFunctionMode):
     each max-pool's argmax indices (amax / max and amin / min included; sort, topk, ... their
     indices; a quantile or a median of all entries the indices of the entries it reads).
 
-    A tracked tensor of the inputs gives each row the entries along its batch dim (dim 1 of a
-    sequence-first [L, B, E] activation). One of parameters alone (a learned temperature's
-    clamp_min, a max over a weight's rows) switches along every input's path: each row gets all
-    of its entries. Each call's batch dim (None: parameters alone) is told by `batch_dims` (see
-    FlatModel.batch_dims); without it the pass only records each call's tensor shape, `shapes`.
+    A tracked tensor of the inputs gives each row the entries along its input axis (dim 1 of a
+    sequence-first [L, B, E] activation; see InputAxis). One of parameters alone (a learned
+    temperature's clamp_min, a max over a weight's rows) switches along every input's path: each
+    row gets all of its entries. Each call's axis (None: parameters alone) is told by `axes` (see
+    FlatModel.input_axes); without it the pass only records each call's tensor, in `tracked`, and
+    its shape, in `shapes`.
 
     With `straight_through`, ReLU-type ops pass gradients as if they were the identity, so a
     backward pass measures how the output depends on each unit whatever piece the unit is on;
@@ -156,17 +168,18 @@ class _KinkPattern(TorchFunctionMode):
     # indices of the entries at those ranks
     RANK_OPS = {"quantile", "nanquantile", "median", "nanmedian"}
 
-    def __init__(self, rows: int, batch_dims: list[int | None] | None, straight_through: bool = False):
+    def __init__(self, rows: int, axes: list[InputAxis | None] | None, straight_through: bool = False):
         super().__init__()
         self.rows = rows
-        self.batch_dims = batch_dims
+        self.axes = axes
+        self.tracked: list[torch.Tensor] = []  # while only recording
         self.shapes: list[tuple[int, ...]] = []
         self.straight_through = straight_through
         self.distances: list[torch.Tensor] = []
-        self.units: list[tuple[torch.Tensor, int | None]] = []  # with its batch dim
+        self.units: list[tuple[torch.Tensor, InputAxis | None]] = []  # with its input axis
         self.selectors: set[int] = set()  # indices into units
         self.indices: list[torch.Tensor] = []
-        self.index_dims: list[int | None] = []  # each argmax's batch dim
+        self.index_axes: list[InputAxis | None] = []  # each argmax's input axis
         self.pooled = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -180,19 +193,19 @@ class _KinkPattern(TorchFunctionMode):
         if name in self.COMPARISONS or name in self.SIGN_TESTS:
             if (side := _compared(args, kwargs, name in self.SIGN_TESTS)) is not None:
                 self.selectors.add(len(self.units))
-                self._track(side, self._batch_dim(side), side)
+                self._track(side, self._input_axis(side), side)
             return func(*args, **kwargs)
         kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
         if kinked:
-            dim = self._batch_dim(x)
+            axis = self._input_axis(x)
             bounds = [0.0] if name in self.SIGN_OPS else _range_bounds(name, args, kwargs)
             for bound in bounds:
                 if bound is not None:
-                    self._track(x - bound, dim, x)
+                    self._track(x - bound, axis, x)
         elif "max_pool" in name:
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
             _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
-            self._pooled(indices, self._batch_dim(indices))
+            self._pooled(indices, self._input_axis(indices))
         elif name in self.POOL_OPS and (dims := _reduced_dims(args, kwargs)) is not None:
             self._ordered(x, dims, lambda: _argmax_over(x if self.POOL_OPS[name] else -x, dims))
         elif name in self.ORDER_OPS and x.is_floating_point() and (dims := _ordered_dims(name, args, kwargs, x)):
@@ -211,7 +224,7 @@ class _KinkPattern(TorchFunctionMode):
         """An elementwise max / min of a and b: its kink is where they tie, at a − b = 0."""
         out = func(*args, **kwargs)
         tie = a - b
-        self._track(tie, self._batch_dim(tie), tie)
+        self._track(tie, self._input_axis(tie), tie)
         if not self.straight_through:
             return out
         # the output depends on both sides whichever leads (∂a = 3/4, ∂b = 1/4) and on their tie
@@ -223,57 +236,62 @@ class _KinkPattern(TorchFunctionMode):
         """A max / min reduction or an op that orders x along `dims` (sort, topk, argmax, ...):
         its pieces switch where its indices do. They keep x's dims or drop `dims` (laid out as
         they may, for x of parameters alone)."""
-        dim = self._batch_dim(x)
-        if dim is None or dim not in dims:  # an order over the batch's inputs couples them: no kink of one path
+        axis = self._input_axis(x)
+        if axis is None or axis.dim not in dims:  # an order over the batch's inputs couples them: no kink of one path
             indices = indices_of()
             kept = [d for d in range(x.dim()) if d not in dims]
-            self._pooled(indices, dim if dim is None or indices.dim() == x.dim() else kept.index(dim))
+            same = axis is None or indices.dim() == x.dim()
+            self._pooled(indices, axis if same else axis._replace(dim=kept.index(axis.dim)))
 
-    def _track(self, distance: torch.Tensor, dim: int | None, unit: torch.Tensor) -> None:
+    def _track(self, distance: torch.Tensor, axis: InputAxis | None, unit: torch.Tensor) -> None:
         """Record a signed distance to a kink, laid out per row, and the unit it measures."""
-        self.distances.append(self.per_row(distance, dim))
-        self.units.append((unit, dim))
+        self.distances.append(self.per_row(distance, axis))
+        self.units.append((unit, axis))
 
-    def _batch_dim(self, tensor: torch.Tensor) -> int | None:
-        """This tracked call's batch dim in `tensor` (None: of parameters alone), as `batch_dims`
-        tells; 0 while only recording shapes."""
+    def _input_axis(self, tensor: torch.Tensor) -> InputAxis | None:
+        """This tracked call's input axis in `tensor` (None: of parameters alone), as `axes`
+        tells; dim 0 while only recording."""
         self.shapes.append(tuple(tensor.shape))
-        if self.batch_dims is None:
-            return 0
-        if len(self.shapes) > len(self.batch_dims):
-            raise UnsupportedError(_branching(len(self.shapes), len(self.batch_dims)))
-        return self.batch_dims[len(self.shapes) - 1]
+        if self.axes is None:
+            self.tracked.append(tensor)
+            return InputAxis(0)
+        if len(self.shapes) > len(self.axes):
+            raise UnsupportedError(_branching(len(self.shapes), len(self.axes)))
+        return self.axes[len(self.shapes) - 1]
 
-    def per_row(self, tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
-        """[rows, entries]: each row's entries along batch dim `dim`, in the same order whatever
-        the batch's size; a shared tensor's (dim None) repeated for every row. As it is while
-        only recording shapes, when nothing is laid out."""
-        if self.batch_dims is None:
+    def per_row(self, tensor: torch.Tensor, axis: InputAxis | None) -> torch.Tensor:
+        """[rows, entries]: each row's entries along its input axis, in the same order whatever
+        the batch's size; a shared tensor's (axis None) repeated for every row. As it is while
+        only recording, when nothing is laid out."""
+        if self.axes is None:
             return tensor
-        if dim is None:
+        if axis is None:
             return tensor.reshape(1, -1).expand(self.rows, -1)
-        return tensor.movedim(dim, 0).reshape(self.rows, -1)
+        tensor = tensor.movedim(axis.dim, 0)
+        if axis.interleaved:  # [span · rows, ...] → [rows, span, ...]
+            tensor = tensor.reshape(-1, self.rows, *tensor.shape[1:]).transpose(0, 1)
+        return tensor.reshape(self.rows, -1)
 
-    def _pooled(self, indices: torch.Tensor, dim: int | None) -> None:
-        self.indices.append(self.per_row(indices, dim))
-        self.index_dims.append(dim)
+    def _pooled(self, indices: torch.Tensor, axis: InputAxis | None) -> None:
+        self.indices.append(self.per_row(indices, axis))
+        self.index_axes.append(axis)
         self.pooled = True
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded distances [rows, P] and argmax indices [rows, P'] of the batch."""
-        if len(self.shapes) != len(self.batch_dims):
-            raise UnsupportedError(_branching(len(self.shapes), len(self.batch_dims)))
+        if len(self.shapes) != len(self.axes):
+            raise UnsupportedError(_branching(len(self.shapes), len(self.axes)))
         return (_rows(self.distances, self.rows, torch.get_default_dtype()),
                 _rows(self.indices, self.rows, torch.long))
 
     def shared_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Which columns of flat()'s distances [P] and argmax indices [P'] are of parameters alone."""
 
-        def columns(tensors: list[torch.Tensor], dims: list[int | None]) -> torch.Tensor:
-            shared = torch.tensor([dim is None for dim in dims], dtype=torch.bool)
+        def columns(tensors: list[torch.Tensor], axes: list[InputAxis | None]) -> torch.Tensor:
+            shared = torch.tensor([axis is None for axis in axes], dtype=torch.bool)
             return shared.repeat_interleave(torch.tensor([t.shape[1] for t in tensors], dtype=torch.long))
 
-        return columns(self.distances, [dim for _, dim in self.units]), columns(self.indices, self.index_dims)
+        return columns(self.distances, [axis for _, axis in self.units]), columns(self.indices, self.index_axes)
 
 
 class _TableLookups(TorchFunctionMode):
@@ -318,16 +336,43 @@ def _branching(made: int, sorted_on: int) -> str:
             "tracked. Fix: explain with breakpoints=False (and more quadrature=...)")
 
 
-def _grown_dim(two: tuple[int, ...], three: tuple[int, ...]) -> int | None:
+def _grown_axis(two: tuple[int, ...], three: tuple[int, ...]) -> InputAxis | None:
     """The dim of a tracked tensor that grew from the pass on 2 copies of an input to the pass
-    on 3 (see FlatModel.batch_dims); None if none did."""
+    on 3, by as much per input (see FlatModel.input_axes); None if none did."""
     grown = [d for d, (a, b) in enumerate(zip(two, three)) if a != b]
-    if len(two) != len(three) or len(grown) > 1:
+    if len(two) != len(three) or len(grown) > 1 or (grown and two[grown[0]] != 2 * (three[grown[0]] - two[grown[0]])):
         raise UnsupportedError(
             f"a ReLU / clamp / max / sort / comparison op of the model's forward pass takes a tensor shaped {list(two)} for "
             f"2 inputs and {list(three)} for 3: no single dim runs over the inputs, so its kinks cannot be told per input. "
             "Fix: explain with breakpoints=False (and more quadrature=...)")
-    return grown[0] if grown else None
+    return InputAxis(grown[0], three[grown[0]] - two[grown[0]]) if grown else None
+
+
+def _unread_fold(shape: torch.Size, axis: InputAxis, inputs: int) -> str:
+    return (f"a ReLU / clamp / max / sort / comparison op of the model's forward pass takes a tensor shaped {list(shape)} "
+            f"for {inputs} inputs whose dim {axis.dim} folds them with another dim ({axis.span} entries each) in an order "
+            "other than input by input or interleaved (a permute or a reshape across dims before it), so its kinks cannot "
+            "be told per input. Fix: apply the op to the tensor before it is folded (a Linear and a ReLU take any leading "
+            "dims), or explain with breakpoints=False (and more quadrature=...)")
+
+
+def _distinct_inputs(x: torch.Tensor, most: int) -> torch.Tensor:
+    """Up to `most` inputs of the batch that differ from each other."""
+    flat = x.reshape(len(x), -1)
+    if bool((flat == flat[:1]).all()):  # copies of one input (a search's probes of it)
+        return x[:1]
+    return torch.unique(flat, dim=0)[:most].reshape(-1, *x.shape[1:])
+
+
+def _misread(seen: torch.Tensor, read: torch.Tensor) -> float:
+    """The share of a tracked tensor's entries that a reading of it per input gets wrong: that
+    differ by more than rounding (a batched pass rounds unlike one input's) from the passes on
+    each input alone, laid out as the reading takes them."""
+    if not seen.is_floating_point():  # argmax indices
+        return float((seen != read).double().mean())
+    slack = torch.finfo(seen.dtype).eps ** 0.5  # half the digits
+    scale = float(read.abs().max()) if read.numel() else 0.0
+    return float(((seen - read).abs() > slack * scale).double().mean())
 
 
 def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> torch.Tensor:
@@ -608,7 +653,8 @@ class FlatModel:
         constants = {**own, **(constants or {})}
         self.constants = {name: t.to(self.device, self._cast(t)) for name, t in constants.items()}
         self.model = _private_structure(model)
-        self._batch_dims: dict[tuple[int, ...], list[int | None]] = {}  # per input shape (see batch_dims)
+        self._input_axes: dict[tuple[int, ...], list[InputAxis | None]] = {}  # per input shape (see input_axes)
+        self._read_axes: dict[tuple[int, ...], list[InputAxis | None]] = {}  # and read_axes
         self._shared_columns: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # and shared_columns
 
     def in_dtype(self, dtype: torch.dtype) -> "FlatModel":
@@ -761,33 +807,72 @@ class FlatModel:
         with mode:
             return self._call(self.layout.unflatten(theta), x)
 
-    def batch_dims(self, x: torch.Tensor) -> list[int | None]:
-        """Per call of a piecewise-linear op in a forward pass (see _KinkPattern): the dim of its
-        tensor that runs over the inputs, None for a tensor of parameters alone. Told once per
-        input shape by two passes on 2 and 3 copies of x[:1]: the dim that grows with them (1 for
-        a sequence-first [L, B, E] activation); one of parameters alone grows in none (its shape
-        may still lead with the batch's size: a [1] temperature with one input). A dim that
-        folds the inputs with another ([B·L, E]) is taken to hold them first."""
+    def input_axes(self, x: torch.Tensor) -> list[InputAxis | None]:
+        """Per call of a piecewise-linear op in a forward pass (see _KinkPattern): where its
+        tensor runs over the inputs, None for a tensor of parameters alone. Told once per input
+        shape by two passes on 2 and 3 copies of x[:1]: the dim that grows with them (1 for a
+        sequence-first [L, B, E] activation), by its span per input; one of parameters alone grows
+        in none (its shape may still lead with the batch's size: a [1] temperature with one
+        input). Which way a dim that folds the inputs with another holds them, copies cannot
+        tell: read_axes does."""
         key = tuple(x.shape[1:])
         if not len(x):
             raise InputError("no inputs to explain: the batch is empty")
-        if key not in self._batch_dims:
+        if key not in self._input_axes:
             shapes = []
             for copies in (2, 3):
-                mode = _KinkPattern(copies, batch_dims=None)
+                mode = _KinkPattern(copies, axes=None)
                 self._sizing_pass(x, mode, copies)
                 shapes.append(mode.shapes)
             if len(shapes[0]) != len(shapes[1]):
                 raise UnsupportedError(_branching(len(shapes[1]), len(shapes[0])))
-            self._batch_dims[key] = [_grown_dim(two, three) for two, three in zip(*shapes)]
-        return self._batch_dims[key]
+            self._input_axes[key] = [_grown_axis(two, three) for two, three in zip(*shapes)]
+        return self._input_axes[key]
+
+    def read_axes(self, theta: torch.Tensor, x: torch.Tensor, most: int = 8) -> list[InputAxis | None]:
+        """input_axes, with the order of the inputs in each dim that folds them with another told
+        by passes at θ: on up to `most` distinct inputs of the batch together, and on each alone.
+        An input's entries follow each other ([B·L, E]) or lie a batch's size apart ([L·B, E]);
+        a fold in neither order is refused. Told once per input shape, on the first batch of two
+        distinct inputs (copies of one read alike either way); a fold whose entries are the same
+        for all of that batch's inputs keeps the first order."""
+        key = tuple(x.shape[1:])
+        axes = self.input_axes(x)
+        if key in self._read_axes:
+            return self._read_axes[key]
+        folds = [i for i, axis in enumerate(axes) if axis is not None and axis.span > 1]
+        if not folds:
+            self._read_axes[key] = axes
+            return axes
+        inputs = _distinct_inputs(x, most)
+        if len(inputs) < 2:  # copies of one input, read alike either way: told on a later batch
+            return axes
+        together = self._tracked(theta, inputs)
+        alone = [self._tracked(theta, inputs[k:k + 1]) for k in range(len(inputs))]
+        read = list(axes)
+        for i in folds:
+            seen = together[i].movedim(axes[i].dim, 0)
+            each = [tracked[i].movedim(axes[i].dim, 0) for tracked in alone]
+            in_turn, interleaved = _misread(seen, torch.cat(each)), _misread(seen, torch.stack(each, 1).flatten(0, 1))
+            if min(in_turn, interleaved) > 0.05:  # more than a tie's rounding apart
+                raise UnsupportedError(_unread_fold(together[i].shape, axes[i], len(inputs)))
+            read[i] = axes[i]._replace(interleaved=interleaved < in_turn)
+        self._read_axes[key] = read
+        return read
+
+    def _tracked(self, theta: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+        """The tensor of each call of a piecewise-linear op in a forward pass on x at θ."""
+        mode = _KinkPattern(len(x), axes=None)
+        with torch.no_grad():
+            self._pattern(theta, self.cast_inputs(x), mode)
+        return mode.tracked
 
     def shared_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which columns of kink_pattern's distances [P] and argmax indices [P'] are of
         parameters alone, and so the same for every input: bool, on the model's device."""
         key = tuple(x.shape[1:])
         if key not in self._shared_columns:
-            mode = _KinkPattern(rows=1, batch_dims=self.batch_dims(x))
+            mode = _KinkPattern(rows=1, axes=self.input_axes(x))
             self._sizing_pass(x, mode)
             self._shared_columns[key] = tuple(c.to(self.device) for c in mode.shared_columns())
         return self._shared_columns[key]
@@ -795,8 +880,8 @@ class FlatModel:
     def kink_sizes(self, x: torch.Tensor) -> tuple[int, int, int]:
         """How many distances, argmax indices and explained outputs kink_pattern gives per
         input, from a plain forward pass on x[:1] (no derivatives: cheap enough for a plan; the
-        first for an input shape takes two more, see batch_dims)."""
-        mode = _KinkPattern(rows=1, batch_dims=self.batch_dims(x))
+        first for an input shape takes two more, see input_axes)."""
+        mode = _KinkPattern(rows=1, axes=self.input_axes(x))
         out = self._sizing_pass(x, mode)
         distances, indices = mode.flat()
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
@@ -815,10 +900,10 @@ class FlatModel:
         one point per row (a vmapped pass, each row with its own parameters).
         """
 
-        batch_dims = self.batch_dims(x)
+        axes = self.read_axes(theta, x)
 
         def pattern(th: torch.Tensor, x_: torch.Tensor):
-            mode = _KinkPattern(rows=len(x_), batch_dims=batch_dims)
+            mode = _KinkPattern(rows=len(x_), axes=axes)
             out = self._explain(self._pattern(th, x_, mode), target)
             distances, indices = mode.flat()
             return distances.to(self.dtype), (indices, out)
@@ -842,7 +927,7 @@ class FlatModel:
         count too) and random output weights finds the units the output depends on. None (all
         relevant) if the model max-pools: its gradient reaches only the current argmax.
         """
-        mode = _KinkPattern(rows=len(x), batch_dims=self.batch_dims(x), straight_through=True)
+        mode = _KinkPattern(rows=len(x), axes=self.read_axes(theta, x), straight_through=True)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             out = self._explain(self._pattern(th, x, mode), target)

@@ -433,26 +433,31 @@ def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
 
 class SequenceFirst(nn.Module):
     """Inputs [B, 2] scaled per position by a, laid out batch-first [B, L] or, as
-    nn.TransformerEncoderLayer takes them without batch_first, position-first [L, B]: outputs
-    Σ_l ReLU(a_l x_bl − 1) and max_l a_l x_bl."""
+    nn.TransformerEncoderLayer takes them without batch_first, position-first [L, B], their ReLU
+    taken as they are or with both dims folded into one ([B·L]; [L·B], the inputs interleaved):
+    outputs Σ_l ReLU(a_l x_bl − 1) and max_l a_l x_bl."""
 
-    def __init__(self, position_first: bool):
+    def __init__(self, position_first: bool, fold: bool = False):
         super().__init__()
         self.a = nn.Parameter(torch.tensor([0.5, 0.2], dtype=DT))
         self.position_first = position_first
+        self.fold = fold
 
     def forward(self, x):
         h, positions = (self.a[:, None] * x.T, 0) if self.position_first else (self.a * x, 1)
-        return torch.stack([F.relu(h - 1).sum(positions), h.amax(positions)], 1)
+        units = F.relu(h.reshape(-1) - 1).reshape(h.shape) if self.fold else F.relu(h - 1)
+        return torch.stack([units.sum(positions), h.amax(positions)], 1)
 
 
-@pytest.mark.parametrize("position_first", [False, True], ids=["batch first", "position first"])
-def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_first):
+@pytest.mark.parametrize("position_first, fold", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["batch first", "position first", "batch first, folded", "position first, folded"])
+def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_first, fold):
     """Position-first activations were laid out per input by a reshape of [L, B] (rows of
     other inputs' units mixed), and their max over positions, which reduces dim 0, was taken
-    for a max over the batch and skipped. By hand, along a(t) = (0.5 + t, 0.2 + 1.5t): input
-    b's ReLUs switch where a_l(t) x_bl = 1, its max where a_0(t) x_b0 = a_1(t) x_b1."""
-    flat, theta = flat_of(SequenceFirst(position_first))
+    for a max over the batch and skipped; folded into [L·B], each input's ReLUs were read off
+    its neighbour's entries. By hand, along a(t) = (0.5 + t, 0.2 + 1.5t): input b's ReLUs switch
+    where a_l(t) x_bl = 1, its max where a_0(t) x_b0 = a_1(t) x_b1."""
+    flat, theta = flat_of(SequenceFirst(position_first, fold))
     delta = torch.tensor([1.0, 1.5], dtype=DT)
     x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
     path = PathIntegral(flat, quadrature=8)
@@ -461,6 +466,62 @@ def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_fi
         np.testing.assert_allclose(kinks, sorted(t for t in by_hand if 0 < t < 1), rtol=0, atol=1e-11)
     change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
     torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("position_first, fold", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["batch first", "position first", "batch first, folded", "position first, folded"])
+def test_each_row_of_the_kink_pattern_holds_its_own_inputs_units(position_first, fold):
+    """By hand: row b's ReLU distances are a_l x_bl − 1 for l = 0, 1, moving at Δa_l x_bl along
+    the segment, and its max's index is argmax_l a_l x_bl, whichever way the batch is laid out."""
+    flat, theta = flat_of(SequenceFirst(position_first, fold))
+    delta = torch.tensor([1.0, 1.5], dtype=DT)
+    x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    z, dz, indices, _ = flat.kink_pattern(theta, delta, x, 0.0)
+    a = torch.tensor([0.5, 0.2], dtype=DT)
+    torch.testing.assert_close(z, a * x - 1, rtol=0, atol=1e-15)
+    torch.testing.assert_close(dz, delta * x, rtol=0, atol=1e-15)
+    torch.testing.assert_close(indices, (a * x).argmax(1, keepdim=True), rtol=0, atol=0)
+
+
+class TokensSequenceFirst(nn.Module):
+    """Token ids [B, L] → embeddings [L, B, E] → a ReLU layer → mean over positions → logits;
+    with `fold`, the ReLU layer takes its input folded length-major into [L·B, E], as a
+    sequence-first model flattens its tokens."""
+
+    def __init__(self, fold: bool):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, dtype=DT)
+        self.hidden = nn.Linear(4, 8, dtype=DT)
+        self.out = nn.Linear(8, 3, dtype=DT)
+        self.fold = fold
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(0, 1)
+        length, batch, width = h.shape
+        if self.fold:
+            return self.out(F.relu(self.hidden(h.reshape(length * batch, width))).reshape(length, batch, -1).mean(0))
+        return self.out(F.relu(self.hidden(h)).mean(0))
+
+
+def test_a_batch_folded_length_major_explains_as_unfolded(tmp_path):
+    """Its units were read off other inputs' (29 kinks located here and 2 segments left
+    unresolved; benchmarks/folded_batch.py). The same history explained through the folded and
+    the unfolded forward passes now locates the same kinks and gives the same cube."""
+    torch.manual_seed(0)
+    model = TokensSequenceFirst(fold=True)
+    x, y = torch.randint(0, 7, (12, 4)), torch.randint(0, 3, (12,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for _ in range(4):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(12), x, y)
+            optimizer.step()
+    folded, unfolded = (ex.explain(tmp_path / "h", TokensSequenceFirst(fold), x[:6], keep=("step", "test"),
+                                   quadrature=4, progress=False) for fold in (True, False))
+    assert folded.attrs["kinks_located"] == unfolded.attrs["kinks_located"] > 0
+    assert folded.attrs["kink_segments_unresolved"] == 0 and folded.attrs["relative_residual"] <= 1e-9
+    xr.testing.assert_allclose(folded.attribution, unfolded.attribution, rtol=0, atol=1e-12)
 
 
 class Pairwise(nn.Module):
@@ -477,6 +538,46 @@ class Pairwise(nn.Module):
 def test_a_kink_op_that_couples_the_inputs_is_refused_naming_the_fix():
     flat, theta = flat_of(Pairwise())
     with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[2, 2\] for 2 inputs and \[3, 3\].*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
+
+
+class Scrambled(nn.Module):
+    """Inputs [B, 4] scaled per entry by a, as [B, 2, 2] with the batch moved between the
+    pairs and all folded into one dim before the ReLU: an input's 4 entries lie in 2 pairs a
+    batch apart, neither one after another nor interleaved one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, 0.2, 0.7, 0.3], dtype=DT))
+
+    def forward(self, x):
+        h = (self.a * x).reshape(len(x), 2, 2).transpose(0, 1)
+        return F.relu(h.reshape(-1) - 1).reshape(h.shape).transpose(0, 1).sum((1, 2))[:, None]
+
+
+class WithWeight(nn.Module):
+    """A ReLU of the inputs' values and the weight side by side ([B + 1]): no dim of B's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5], dtype=DT))
+
+    def forward(self, x):
+        return F.relu(torch.cat([self.w * x[:, 0], self.w]))[:len(x), None]
+
+
+def test_a_fold_of_the_inputs_in_another_order_is_refused_naming_the_fix():
+    """Read per input in either order, its kinks were other inputs' (nothing refused it)."""
+    flat, theta = flat_of(Scrambled())
+    x = 1 + torch.rand(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[12\] for 3 inputs whose dim 0 folds them with "
+                                                   r"another dim \(4 entries each\).*before it is folded.*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, theta, x)
+
+
+def test_a_kink_op_whose_tensor_grows_by_other_than_whole_inputs_is_refused_naming_the_fix():
+    flat, theta = flat_of(WithWeight())
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[3\] for 2 inputs and \[4\] for 3.*breakpoints=False"):
         PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
 
 
