@@ -352,7 +352,7 @@ class Recorder:
         self.optimizer = optimizer
         self.scheduler = scheduler
         if scheduler is not None:
-            _schedule_position(scheduler)  # refuses one whose steps cannot be counted
+            _check_scheduler(scheduler)
         self.kind = optimizer_kind(optimizer)
         self.loss_name, self.loss = resolve_loss(loss)
         self.reduction = check_reduction(reduction)
@@ -1005,6 +1005,19 @@ def _resumed_loss(history: "History", loss, reduction: str | None) -> dict:
             "A history has one loss: leave loss= and reduction= out to continue with the recorded ones"
         )
     return {"loss": loss, "reduction": reduction}
+
+
+def _check_scheduler(scheduler) -> None:
+    """Refuse a scheduler that the recorder cannot store with each step and restore at a resume:
+    one whose steps it cannot count (see _schedule_position), or with no state_dict to store."""
+    _schedule_position(scheduler)
+    missing = [method for method in ("state_dict", "load_state_dict") if not callable(getattr(scheduler, method, None))]
+    if missing:
+        raise InputError(
+            f"the scheduler {type(scheduler).__name__} has no {' or '.join(missing)}, with which the recorder stores its "
+            "state with each step and resumes the schedule where a killed run left it. Fix: pass a "
+            "torch.optim.lr_scheduler scheduler (LambdaLR takes any function of the step), or give yours "
+            "state_dict() and load_state_dict()")
 
 
 def _schedule_position(scheduler) -> int:

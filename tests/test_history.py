@@ -1127,19 +1127,35 @@ def test_schedulers_of_schedulers_record_and_resume(tmp_path, schedule):
     assert_same_history(tmp_path / "crashed", tmp_path / "whole")
 
 
-def test_a_scheduler_whose_steps_cannot_be_counted_is_refused(tmp_path):
-    class Halving:
-        def __init__(self, optimizer):
-            self.optimizer = optimizer
+class Halving:
+    """A hand-made scheduler: halves every group's learning rate at each step."""
 
-        def step(self):
-            for group in self.optimizer.param_groups:
-                group["lr"] /= 2
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
 
+    def step(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] /= 2
+
+
+class CountedHalving(Halving):
+    """Halving that counts its steps, but has no state_dict to store."""
+
+    last_epoch = 0
+
+    def step(self):
+        super().step()
+        self.last_epoch += 1
+
+
+@pytest.mark.parametrize("scheduler, cause", [(Halving, "Halving has no last_epoch"),
+                                              (CountedHalving, "CountedHalving has no state_dict or load_state_dict")])
+def test_a_scheduler_that_cannot_be_stored_is_refused_before_any_file(tmp_path, scheduler, cause):
+    """CountedHalving stopped with an AttributeError at the first step, its history written."""
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ex.InputError, match="(?s)Halving has no last_epoch.*Fix"):
-        ex.Recorder(tmp_path / "h", model, optimizer, scheduler=Halving(optimizer))
+    with pytest.raises(ex.InputError, match=f"(?s){cause}.*Fix"):
+        ex.Recorder(tmp_path / "h", model, optimizer, scheduler=scheduler(optimizer))
     assert not (tmp_path / "h").exists()
 
 
