@@ -849,6 +849,9 @@ class FlatModel:
             return axes
         together = self._tracked(theta, inputs)
         alone = [self._tracked(theta, inputs[k:k + 1]) for k in range(len(inputs))]
+        for tracked in (together, *alone):
+            if len(tracked) != len(axes):
+                raise UnsupportedError(_branching(len(tracked), len(axes)))
         read = list(axes)
         for i in folds:
             seen = together[i].movedim(axes[i].dim, 0)
