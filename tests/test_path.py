@@ -555,6 +555,30 @@ class Scrambled(nn.Module):
         return F.relu(h.reshape(-1) - 1).reshape(h.shape).transpose(0, 1).sum((1, 2))[:, None]
 
 
+class FoldedBranching(nn.Module):
+    """Position-first ReLUs folded into [L·B], and a second ReLU when any input's first entry
+    exceeds 1.5: one input alone may make fewer calls than the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, 0.2], dtype=DT))
+
+    def forward(self, x):
+        h = (self.a * x).T
+        z = F.relu(h.reshape(-1) - 1).reshape(h.shape).sum(0)
+        return (F.relu(z - 0.1) if (x[:, 0] > 1.5).any() else z)[:, None]
+
+
+def test_a_fold_whose_inputs_alone_branch_otherwise_is_refused_naming_the_fix():
+    """Its order is told from passes on each input alone: input (1.2, 1.9) makes 2 calls (ReLU,
+    comparison) where the batch makes 3. That stopped later, in vmap's refusal of data-dependent
+    control flow, which names no fix."""
+    flat, theta = flat_of(FoldedBranching())
+    x = torch.tensor([[2.0, 1.7], [1.2, 1.9], [1.6, 1.8]], dtype=DT)
+    with pytest.raises(ex.UnsupportedError, match="(?s)made 2 calls.*made 3.*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, theta, x)
+
+
 class WithWeight(nn.Module):
     """A ReLU of the inputs' values and the weight side by side ([B + 1]): no dim of B's size."""
 
