@@ -4,10 +4,10 @@ The search lays each ReLU's tensor out per input along the dim that grows with t
 that folds the inputs with another holds each input's entries one after another ([B·L, E], as
 `h.reshape(-1, E)` of a batch-first [B, L, E] gives) or interleaved a batch apart ([L·B, E], of
 a sequence-first [L, B, E]); the search tells which by passes on distinct inputs. Read the wrong
-way (before that check every fold was read input by input), its kinks are other inputs'. The same small
-sequence-first ReLU model, recorded for 5 SGD steps in float64, is reconstructed with its ReLU
-applied to [L, B, F] and to the folded [L·B, F]; each line gives the kinks located, the segments
-left unresolved and the relative residual, which agree when the fold is read right.
+way (before that check every fold was read input by input), its kinks are other inputs'. The
+same small sequence-first ReLU model, recorded for 5 SGD steps in float64, is reconstructed with
+its ReLU applied to [L, B, F] and to the folded [L·B, F]; each line gives the kinks located, the
+segments left unresolved and the relative residual, which agree when the fold is read right.
 
     python benchmarks/folded_batch.py
 """

@@ -47,6 +47,16 @@ def flat_of(model: nn.Module) -> tuple[FlatModel, torch.Tensor]:
     return FlatModel(model, layout, DT, "cpu"), theta
 
 
+def record_full_batch(path, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """Record `steps` full-batch cross-entropy steps on (x, y), its rows dataset indices 0 … n − 1."""
+    with ex.Recorder(path, model, optimizer) as rec:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+
+
 PRODUCT_DELTA = torch.tensor([-2.0, -1.6, 0.0, 0.0], dtype=DT)  # (w, v, out)
 
 
@@ -277,12 +287,7 @@ def test_reductions_that_pool_no_input_are_no_kinks_and_explain_as_before(tmp_pa
     model = MaxOfWeights()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = torch.randn(6, 2, dtype=DT, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 3)
-    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
-        for _ in range(3):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            rec.batch(torch.arange(6), x, y)
-            optimizer.step()
+    record_full_batch(tmp_path / "h", model, optimizer, x, y, steps=3)
     cube = ex.reconstruct(tmp_path / "h", model, x, quadrature=8, progress=False)
     assert cube.attrs["kinks_located"] == 0 and cube.attrs["relative_residual"] <= 1e-9
 
@@ -511,12 +516,7 @@ def test_a_batch_folded_length_major_explains_as_unfolded(tmp_path):
     model = TokensSequenceFirst(fold=True)
     x, y = torch.randint(0, 7, (12, 4)), torch.randint(0, 3, (12,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
-        for _ in range(4):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            rec.batch(torch.arange(12), x, y)
-            optimizer.step()
+    record_full_batch(tmp_path / "h", model, optimizer, x, y, steps=4)
     folded, unfolded = (ex.explain(tmp_path / "h", TokensSequenceFirst(fold), x[:6], keep=("step", "test"),
                                    quadrature=4, progress=False) for fold in (True, False))
     assert folded.attrs["kinks_located"] == unfolded.attrs["kinks_located"] > 0
@@ -1195,12 +1195,7 @@ def test_a_relu_after_a_frozen_layer_has_no_kinks_to_search(tmp_path):
     model[0].requires_grad_(False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
-    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
-        for _ in range(3):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[:4]), y[:4]).backward()
-            rec.batch(torch.arange(4), x[:4], y[:4])
-            optimizer.step()
+    record_full_batch(tmp_path / "h", model, optimizer, x[:4], y[:4], steps=3)
     cube = ex.explain(tmp_path / "h", model, x[4:], y[4:], progress=False)
     assert cube.attrs["kinks_located"] == 0
     assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
