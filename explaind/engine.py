@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube, test_labels
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
-from .functional import ActivationSizes, FlatModel, ParamLayout, check_target
+from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, check_target
 from .history import History, StepRecord, open_history
 from .losses import recorded_loss
 from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
@@ -88,6 +88,11 @@ class Request:
         """What a forward pass produces per input, sized on the first test input (training
         inputs are taken to be of its size)."""
         return self.flat.activation_sizes(self.inputs)
+
+    @functools.cached_property
+    def forward_mode(self) -> ForwardModeSizes:
+        """What a forward-mode pass holds per input, sized on the first test input."""
+        return self.flat.forward_mode_sizes(self.inputs)
 
     @functools.cached_property
     def buffers_started(self) -> list[list[bool]]:
@@ -470,7 +475,9 @@ def pass_bytes(req: Request, n_test: int, n_train: int, batch_rows: int) -> int:
         elements = (
             tangents * d  # the tangents: update and weight decay per kept component, two totals
             + step_vectors
-            + n_test * (tangents + 1) * act.total  # the forward pass, with a tangent copy each
+            # the forward-mode pass, and an eighth more for scratch inside kernels that no
+            # dispatch mode sees (an encoder layer's pass peaked 2% above the tensors seen)
+            + n_test * (req.forward_mode.base + tangents * req.forward_mode.per_tangent) * 9 // 8
             + rows_full * tangents * 2  # φ·v on every row, and its kept sum
             + n_bins * n_comp * rows * 2  # the cube's accumulators (attribution, regularization)
             + _batch_backward_elements(req, batch_rows)  # the batch gradient of the modelled update

@@ -15,6 +15,7 @@ import itertools
 import re
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from math import prod
 from typing import Callable, NamedTuple, Sequence
@@ -25,6 +26,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .errors import InputError, UnsupportedError
 from .losses import PerSampleLoss
@@ -86,28 +89,73 @@ def _flat_part(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class ActivationSizes(NamedTuple):
-    """What a forward pass on one input produces: all its elements (an upper bound on what it
-    holds at once: views and intermediates freed on the way count too) and the largest single
-    tensor (what a pass that keeps nothing for a backward holds, a few at a time)."""
+    """What a forward pass on one input makes, in elements: all the new tensors of its ops (an
+    upper bound on what a reverse pass saves) and the largest one."""
 
     total: int
     largest: int
 
 
-class _OutputSizes(TorchFunctionMode):
-    """Counts the elements of the tensors that a forward pass's torch calls return."""
+class ForwardModeSizes(NamedTuple):
+    """The most elements a forward-mode pass on one input holds at once (it keeps nothing for a
+    backward): `base` + `per_tangent` for each tangent pushed through it together."""
+
+    base: int
+    per_tangent: int
+
+
+class _OutputSizes(TorchDispatchMode):
+    """Sizes the tensors a pass's ops make: all new ones, the largest, and the peak of those alive
+    at once. A dispatch mode sees the ops inside composite ones (the [heads, L, L] scores of
+    attention's math kernel, which a torch-function mode misses) and those that torch.func's
+    transforms run. A view or in-place result shares its input's storage and is not new; a
+    storage counts as alive until the last tensor on it is freed."""
 
     def __init__(self):
         super().__init__()
-        self.elements = 0
-        self.largest = 0
+        self.total = self.largest = self.live = self.peak = 0
+        self.tensors_on = {}  # storage address -> [elements, tensors alive on it]
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        sizes = [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-        self.elements += sum(sizes)
-        self.largest = max([self.largest, *sizes])
+        given = {_storage_address(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel():
+                self._made(t, given)
         return out
+
+    def _made(self, t: torch.Tensor, given: set) -> None:
+        address = _storage_address(t)
+        if address is not None and address in given and address not in self.tensors_on:
+            return  # a view of a parameter or of the input
+        self.largest = max(self.largest, t.numel())
+        if address is None:  # no storage to follow (a sparse tensor): new, and alive to the end
+            self.total += t.numel()
+            self.live += t.numel()
+        elif address in self.tensors_on:
+            self.tensors_on[address][1] += 1
+        else:
+            elements = t.untyped_storage().nbytes() // t.element_size()
+            self.tensors_on[address] = [elements, 1]
+            self.total += elements
+            self.live += elements
+        self.peak = max(self.peak, self.live)
+        if address is not None:
+            weakref.finalize(t, self._freed, address)
+
+    def _freed(self, address: int) -> None:
+        entry = self.tensors_on[address]
+        entry[1] -= 1
+        if not entry[1]:
+            self.live -= entry[0]
+            del self.tensors_on[address]
+
+
+def _storage_address(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class InputAxis(NamedTuple):
@@ -340,12 +388,16 @@ def _grown_axis(two: tuple[int, ...], three: tuple[int, ...]) -> InputAxis | Non
     """The dim of a tracked tensor that grew from the pass on 2 copies of an input to the pass
     on 3, by as much per input (see FlatModel.input_axes); None if none did."""
     grown = [d for d, (a, b) in enumerate(zip(two, three)) if a != b]
-    if len(two) != len(three) or len(grown) > 1 or (grown and two[grown[0]] != 2 * (three[grown[0]] - two[grown[0]])):
-        raise UnsupportedError(
-            f"a ReLU / clamp / max / sort / comparison op of the model's forward pass takes a tensor shaped {list(two)} for "
-            f"2 inputs and {list(three)} for 3: no single dim runs over the inputs, so its kinks cannot be told per input. "
-            "Fix: explain with breakpoints=False (and more quadrature=...)")
-    return InputAxis(grown[0], three[grown[0]] - two[grown[0]]) if grown else None
+    if len(two) != len(three) or len(grown) > 1:
+        cause = "no single dim runs over the inputs"
+    elif grown and two[grown[0]] != 2 * (three[grown[0]] - two[grown[0]]):
+        cause = f"its dim {grown[0]} grows with the inputs but also holds entries of no input (a weight put beside them)"
+    else:
+        return InputAxis(grown[0], three[grown[0]] - two[grown[0]]) if grown else None
+    raise UnsupportedError(
+        f"a ReLU / clamp / max / sort / comparison op of the model's forward pass takes a tensor shaped {list(two)} for "
+        f"2 inputs and {list(three)} for 3: {cause}, so its kinks cannot be told per input. "
+        "Fix: explain with breakpoints=False (and more quadrature=...)")
 
 
 def _unread_fold(shape: torch.Size, axis: InputAxis, inputs: int) -> str:
@@ -670,7 +722,7 @@ class FlatModel:
     def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self._cast(x))
 
-    def _sizing_pass(self, x: torch.Tensor, mode: TorchFunctionMode, copies: int = 1) -> torch.Tensor:
+    def _sizing_pass(self, x: torch.Tensor, mode: TorchFunctionMode | TorchDispatchMode, copies: int = 1) -> torch.Tensor:
         """One forward pass on `copies` of x[:1] at θ = 0 under `mode`, for the sizes it records."""
         params = self.layout.unflatten(torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device))
         x = self.cast_inputs(torch.cat([x[:1]] * copies))
@@ -692,7 +744,26 @@ class FlatModel:
         """What a forward pass on one input (x[:1]) produces (see ActivationSizes)."""
         mode = _OutputSizes()
         self._sizing_pass(x, mode)
-        return ActivationSizes(mode.elements, mode.largest)
+        return ActivationSizes(mode.total, mode.largest)
+
+    @_transformed
+    def forward_mode_sizes(self, x: torch.Tensor) -> ForwardModeSizes:
+        """What forward-mode passes on one input (x[:1]) hold at once: measured with three and
+        with four tangents at θ = 0, whose difference is the part of each tangent (a product
+        rule's terms and the batching of a tangent of the weights included). A pass needs at
+        least four; vmap runs one or two of them in other ways (attention: 210, 230, then 240
+        elements more per tangent)."""
+        theta = torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device)
+        x = self.cast_inputs(x[:1])
+        peaks = []
+        for n in (3, 4):
+            mode = _OutputSizes()
+            tangents = torch.ones(n, self.layout.dim, dtype=self.dtype, device=self.device)
+            with torch.no_grad(), mode:
+                vmap(lambda v: jvp(lambda th: self.raw(th, x), (theta,), (v,))[1])(tangents)
+            peaks.append(mode.peak)
+        per_tangent = max(peaks[1] - peaks[0], 0)
+        return ForwardModeSizes(max(peaks[0] - 3 * per_tangent, 0), per_tangent)
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         with _DIFFERENTIABLE_KERNELS:

@@ -601,7 +601,8 @@ def test_a_fold_of_the_inputs_in_another_order_is_refused_naming_the_fix():
 
 def test_a_kink_op_whose_tensor_grows_by_other_than_whole_inputs_is_refused_naming_the_fix():
     flat, theta = flat_of(WithWeight())
-    with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[3\] for 2 inputs and \[4\] for 3.*breakpoints=False"):
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[3\] for 2 inputs and \[4\] for 3: its dim 0 grows with the "
+                                                   r"inputs but also holds entries of no input.*breakpoints=False"):
         PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
 
 

@@ -7,10 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import jvp, vmap
 
 import explaind as ex
 from engine_cases import Case, train
 from explaind import engine, planning
+from explaind.functional import FlatModel, _OutputSizes, layout_of
 from explaind.losses import resolve_loss
 
 
@@ -307,11 +311,54 @@ def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(r
     assert request.activations == (6 + 6 + 3, 6)  # all elements, the largest tensor
     tangents, rows = 2 * 4 + 2, 4 * 3
     batch_backward = 4 * 15 * 3 // 2  # the batch gradient over a batch of 4
-    elements = tangents * 51 + 10 * 51 + 4 * (tangents + 1) * 15 + rows * tangents * 2 + 4 * rows * 2 + batch_backward
+    forward = request.forward_mode  # measured (test_forward_mode_sizes_...), an eighth added
+    elements = (tangents * 51 + 10 * 51 + 4 * (forward.base + tangents * forward.per_tangent) * 9 // 8
+                + rows * tangents * 2 + 4 * rows * 2 + batch_backward)
     assert engine.pass_bytes(request, 4, 10, 4) == 8 * elements
     assert engine.pass_bytes(request, 4, 10, 2) == 8 * (elements - 2 * 15 * 3 // 2)  # a batch split in two
     with_train = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("component", "test", "output", "train"))
     assert with_train.device_bytes > 8 * elements
+
+
+class ScoresOfAttention(nn.Module):
+    """Self-attention of 2 heads over 5 positions of 4 features, queries scaled by a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):  # [B, 2, 5, 4]
+        return F.scaled_dot_product_attention(x * self.w, x, x).flatten(1)
+
+
+def test_the_activations_count_what_ops_make_inside_composite_ones():
+    """Attention's math kernel makes the [2, 5, 5] scores inside one call: the largest tensor is
+    those 50 numbers, not the call's [2, 5, 4] result (the sizing missed them: a cube without a
+    train dim of an encoder layer over 64 positions peaked 806 MiB against 469 MiB planned)."""
+    model = ScoresOfAttention()
+    flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    total, largest = flat.activation_sizes(x)
+    assert largest == 2 * 5 * 5
+    assert total >= 2 * (2 * 5 * 5) + 2 * 5 * 4 + 2 * 5 * 4  # scores, their softmax, scaled queries, result
+
+
+def test_forward_mode_sizes_grow_by_the_same_part_for_every_tangent():
+    """The plan takes a forward-mode pass with V tangents to hold base + V · per_tangent, read
+    from passes with 3 and 4 tangents; passes with 5 and 8 hold exactly that (a ReLU MLP and an
+    attention model, at θ = 0 as sized), and each tangent holds at least the output's tangent."""
+    for model, x in ((nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).double(), torch.randn(2, 4)),
+                     (ScoresOfAttention(), torch.randn(2, 2, 5, 4))):
+        flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
+        x = x.double()
+        base, per_tangent = flat.forward_mode_sizes(x)
+        theta = torch.zeros(flat.layout.dim, dtype=torch.float64)
+        for n in (5, 8):
+            tangents, mode = torch.ones(n, flat.layout.dim, dtype=torch.float64), _OutputSizes()
+            with torch.no_grad(), mode:
+                vmap(lambda v: jvp(lambda th: flat.raw(th, x[:1]), (theta,), (v,))[1])(tangents)
+            assert mode.peak == base + n * per_tangent
+        assert per_tangent >= flat.raw(theta, x[:1]).numel()
 
 
 def test_a_cube_with_a_train_dim_counts_the_activations_of_its_passes(run):
