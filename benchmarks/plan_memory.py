@@ -1,11 +1,13 @@
-"""Benchmark: the bytes ex.plan counts for a pass with a train dim, against what explain holds.
+"""Benchmark: the bytes ex.plan counts for a pass, against what explain holds.
 
-Three models, each recorded for 3 AdamW steps of random data: an MLP 64-256-256-10 (tanh, 85,002
-parameters), the same with ReLU (the kink search runs), and a ResNet9 of width 4 (9,072
-parameters, 32x32 images; its kinks are integrated plainly here). Each case explains its inputs
-keeping train x test, in its own process (peak RSS is a process's), after a warm-up explain of
-a run with 2-sample batches, so that what is measured is the pass and not torch's lazy
-initialisation: the peak is reported above the process's resident memory before explain.
+Four models, each recorded for 3 AdamW steps of random data: an MLP 64-256-256-10 (tanh, 85,002
+parameters), the same with ReLU (the kink search runs), a ResNet9 of width 4 (9,072 parameters,
+32x32 images; its kinks are integrated plainly here) and a Transformer encoder layer (d_model 32,
+4 heads, 64 positions; 8,997 parameters). Each case explains its inputs keeping train x test (the
+reverse-mode passes), or test x component (the forward-mode pass of a cube without a train dim),
+in its own process (peak RSS is a process's), after a warm-up explain of a run with 2-sample
+batches, so that what is measured is the pass and not torch's lazy initialisation: the peak is
+reported above the process's resident memory before explain.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/plan_memory.py
 
@@ -28,26 +30,41 @@ from torch import nn
 import explaind as ex
 from explaind.models import ResNet9
 
-# (model, test inputs, batch size, convention, memory_budget or None)
+TRAIN, NO_TRAIN = ("train", "test"), ("test", "component")
+# (model, test inputs, batch size, convention, memory_budget or None, dims kept)
 CASES = (
-    ("mlp", 50, 32, "update", None),
-    ("mlp", 2, 128, "update", None),
-    ("relu", 20, 32, "update", 600e6),
-    ("relu", 20, 32, "update", 300e6),
-    ("resnet", 10, 32, "update", None),
-    ("resnet", 80, 32, "update", None),
-    ("resnet", 10, 256, "update", None),
-    ("resnet", 10, 256, "update", 100e6),
-    ("resnet", 2, 256, "update", None),
-    ("resnet", 2, 256, "update", 40e6),
-    ("resnet", 10, 256, "gradient", None),
+    ("mlp", 50, 32, "update", None, TRAIN),
+    ("mlp", 2, 128, "update", None, TRAIN),
+    ("relu", 20, 32, "update", 600e6, TRAIN),
+    ("relu", 20, 32, "update", 300e6, TRAIN),
+    ("resnet", 10, 32, "update", None, TRAIN),
+    ("resnet", 80, 32, "update", None, TRAIN),
+    ("resnet", 10, 256, "update", None, TRAIN),
+    ("resnet", 10, 256, "update", 100e6, TRAIN),
+    ("resnet", 2, 256, "update", None, TRAIN),
+    ("resnet", 2, 256, "update", 40e6, TRAIN),
+    ("resnet", 10, 256, "gradient", None, TRAIN),
+    ("encoder", 100, 32, "update", None, TRAIN),
+    ("resnet", 200, 32, "update", None, NO_TRAIN),
+    ("resnet", 200, 32, "update", 200e6, NO_TRAIN),
+    ("encoder", 100, 32, "update", None, NO_TRAIN),
+    ("encoder", 100, 32, "update", 400e6, NO_TRAIN),
 )
+
+
+class MeanOverPositions(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
 
 
 def model_and_data(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "resnet":
         return ResNet9(3, 2, width=4), torch.randn(1000, 3, 32, 32), torch.randint(0, 2, (1000,))
+    if kind == "encoder":
+        model = nn.Sequential(nn.Linear(8, 32), nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                              MeanOverPositions(), nn.Linear(32, 5))
+        return model, torch.randn(1000, 64, 8), torch.randint(0, 5, (1000,))
     act = nn.Tanh if kind == "mlp" else nn.ReLU
     model = nn.Sequential(nn.Linear(64, 256), act(), nn.Linear(256, 256), act(), nn.Linear(256, 10))
     return model, torch.randn(1000, 64), torch.randint(0, 10, (1000,))
@@ -69,10 +86,11 @@ def resident_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, budget: float | None) -> str:
+def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, budget: float | None,
+            keep: tuple[str, ...]) -> str:
     """One case, in this process."""
     model, x, _ = model_and_data(kind)
-    options = dict(keep=("train", "test"), progress=False, tolerance=None, dtype=torch.float32,
+    options = dict(keep=keep, progress=False, tolerance=None, dtype=torch.float32,
                    breakpoints=kind == "relu", convention=convention, memory_budget=budget)
     record(root / "warm-up", kind, 2)
     ex.explain(root / "warm-up", model, x[-1:], **options)
@@ -83,7 +101,7 @@ def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, bud
     ex.explain(root / "run", model, x[-n_test:], **options)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     limit = "none" if budget is None else f"{budget / 2**20:.0f} MiB"
-    return (f"{kind:6s} {convention:8s} {n_test:3d} inputs  batch {batch:3d}  budget {limit:>8s}  "
+    return (f"{kind:7s} {' x '.join(keep):16s} {convention:8s} {n_test:3d} inputs  batch {batch:3d}  budget {limit:>8s}  "
             f"planned {plan.device_bytes / 2**20:7.1f} MiB a pass ({plan.passes} passes of {plan.test_chunk} inputs, "
             f"batch parts of {plan.batch_chunk})"
             f"  peak RSS +{peak - before:7.1f} MiB")
