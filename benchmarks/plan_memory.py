@@ -45,6 +45,8 @@ CASES = (
     ("resnet", 2, 256, "update", 40e6, TRAIN),
     ("resnet", 10, 256, "gradient", None, TRAIN),
     ("encoder", 100, 32, "update", None, TRAIN),
+    ("encoder", 10, 256, "update", None, TRAIN),
+    ("encoder", 2, 256, "update", None, TRAIN),
     ("resnet", 200, 32, "update", None, NO_TRAIN),
     ("resnet", 200, 32, "update", 200e6, NO_TRAIN),
     ("encoder", 100, 32, "update", None, NO_TRAIN),
