@@ -3,11 +3,12 @@
 Four models, each recorded for 3 AdamW steps of random data: an MLP 64-256-256-10 (tanh, 85,002
 parameters), the same with ReLU (the kink search runs), a ResNet9 of width 4 (9,072 parameters,
 32x32 images; its kinks are integrated plainly here) and a Transformer encoder layer (d_model 32,
-4 heads, 64 positions; 8,997 parameters). Each case explains its inputs keeping train x test (the
-reverse-mode passes), or test x component (the forward-mode pass of a cube without a train dim),
-in its own process (peak RSS is a process's), after a warm-up explain of a run with 2-sample
-batches, so that what is measured is the pass and not torch's lazy initialisation: the peak is
-reported above the process's resident memory before explain.
+4 heads, 64 positions; 8,997 parameters; its ReLU's kinks located in the last two cases). Each
+case explains its inputs keeping train x test (the reverse-mode passes), or test x component
+(the forward-mode pass of a cube without a train dim), in its own process (peak RSS is a
+process's), after a warm-up explain of a run with 2-sample batches, so that what is measured is
+the pass and not torch's lazy initialisation: the peak is reported above the process's resident
+memory before explain.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/plan_memory.py
 
@@ -31,26 +32,28 @@ import explaind as ex
 from explaind.models import ResNet9
 
 TRAIN, NO_TRAIN = ("train", "test"), ("test", "component")
-# (model, test inputs, batch size, convention, memory_budget or None, dims kept)
+# (model, test inputs, batch size, convention, memory_budget or None, dims kept, kinks located)
 CASES = (
-    ("mlp", 50, 32, "update", None, TRAIN),
-    ("mlp", 2, 128, "update", None, TRAIN),
-    ("relu", 20, 32, "update", 600e6, TRAIN),
-    ("relu", 20, 32, "update", 300e6, TRAIN),
-    ("resnet", 10, 32, "update", None, TRAIN),
-    ("resnet", 80, 32, "update", None, TRAIN),
-    ("resnet", 10, 256, "update", None, TRAIN),
-    ("resnet", 10, 256, "update", 100e6, TRAIN),
-    ("resnet", 2, 256, "update", None, TRAIN),
-    ("resnet", 2, 256, "update", 40e6, TRAIN),
-    ("resnet", 10, 256, "gradient", None, TRAIN),
-    ("encoder", 100, 32, "update", None, TRAIN),
-    ("encoder", 10, 256, "update", None, TRAIN),
-    ("encoder", 2, 256, "update", None, TRAIN),
-    ("resnet", 200, 32, "update", None, NO_TRAIN),
-    ("resnet", 200, 32, "update", 200e6, NO_TRAIN),
-    ("encoder", 100, 32, "update", None, NO_TRAIN),
-    ("encoder", 100, 32, "update", 400e6, NO_TRAIN),
+    ("mlp", 50, 32, "update", None, TRAIN, False),
+    ("mlp", 2, 128, "update", None, TRAIN, False),
+    ("relu", 20, 32, "update", 600e6, TRAIN, True),
+    ("relu", 20, 32, "update", 300e6, TRAIN, True),
+    ("resnet", 10, 32, "update", None, TRAIN, False),
+    ("resnet", 80, 32, "update", None, TRAIN, False),
+    ("resnet", 10, 256, "update", None, TRAIN, False),
+    ("resnet", 10, 256, "update", 100e6, TRAIN, False),
+    ("resnet", 2, 256, "update", None, TRAIN, False),
+    ("resnet", 2, 256, "update", 40e6, TRAIN, False),
+    ("resnet", 10, 256, "gradient", None, TRAIN, False),
+    ("encoder", 100, 32, "update", None, TRAIN, False),
+    ("encoder", 10, 256, "update", None, TRAIN, False),
+    ("encoder", 2, 256, "update", None, TRAIN, False),
+    ("resnet", 200, 32, "update", None, NO_TRAIN, False),
+    ("resnet", 200, 32, "update", 200e6, NO_TRAIN, False),
+    ("encoder", 100, 32, "update", None, NO_TRAIN, False),
+    ("encoder", 100, 32, "update", 400e6, NO_TRAIN, False),
+    ("encoder", 10, 32, "update", None, NO_TRAIN, True),
+    ("encoder", 10, 32, "update", 150e6, NO_TRAIN, True),
 )
 
 
@@ -89,11 +92,11 @@ def resident_mib() -> float:
 
 
 def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, budget: float | None,
-            keep: tuple[str, ...]) -> str:
+            keep: tuple[str, ...], kinks: bool) -> str:
     """One case, in this process."""
     model, x, _ = model_and_data(kind)
     options = dict(keep=keep, progress=False, tolerance=None, dtype=torch.float32,
-                   breakpoints=kind == "relu", convention=convention, memory_budget=budget)
+                   breakpoints=kinks, convention=convention, memory_budget=budget)
     record(root / "warm-up", kind, 2)
     ex.explain(root / "warm-up", model, x[-1:], **options)
     # training raises peak RSS as explain would: the measured run is recorded by another process
@@ -103,7 +106,9 @@ def measure(root: Path, kind: str, n_test: int, batch: int, convention: str, bud
     ex.explain(root / "run", model, x[-n_test:], **options)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     limit = "none" if budget is None else f"{budget / 2**20:.0f} MiB"
-    return (f"{kind:7s} {' x '.join(keep):16s} {convention:8s} {n_test:3d} inputs  batch {batch:3d}  budget {limit:>8s}  "
+    located = "kinks located" if kinks else "plain"
+    return (f"{kind:7s} {' x '.join(keep):16s} {located:13s} {convention:8s} {n_test:3d} inputs  batch {batch:3d}  "
+            f"budget {limit:>8s}  "
             f"planned {plan.device_bytes / 2**20:7.1f} MiB a pass ({plan.passes} passes of {plan.test_chunk} inputs, "
             f"batch parts of {plan.batch_chunk})"
             f"  peak RSS +{peak - before:7.1f} MiB")

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError, is_number, is_whole
-from .functional import FlatModel
+from .functional import FlatModel, ForwardModeSizes
 from .quadrature import nodes
 
 
@@ -178,6 +178,7 @@ class PathIntegral:
         self._relevance: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
         self._output_counts: dict[tuple[int, ...], int] = {}  # per input shape (see _zeros)
         self._row_costs: dict[tuple[int, ...], tuple[int, int]] = {}  # per input shape (see _costs)
+        self._forward_sizes: dict[tuple[int, ...], ForwardModeSizes] = {}  # per input shape (see _directional_rows)
         self.smooth = False  # found so on the first segment searched: the model has no kinks at all
 
     @property
@@ -667,7 +668,7 @@ class PathIntegral:
         [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed."""
         out = self._zeros(theta, x, target, len(tangents))
         self._integral(
-            theta, delta, x, target, out, self.max_rows,
+            theta, delta, x, target, out, self._directional_rows(x, len(tangents)),
             lambda out, i, t, w: out.index_add_(
                 0, i, self.flat.directional_many(theta + t * delta, tangents, x[i], target).permute(1, 2, 0), alpha=w),
             lambda out, i, t, w: out.index_add_(
@@ -676,6 +677,22 @@ class PathIntegral:
         if select is not None:
             out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
         return out
+
+    def _directional_rows(self, x: torch.Tensor, n_tangents: int) -> int | None:
+        """The most rows of one forward-mode pass of `directional`: max_rows, and under a memory
+        budget the chunk's inputs (the plan costs a pass over them) and as many more as the kink
+        search's bytes hold, which it has given back once the pieces are found. A row holds its
+        parameters and the pass's activations with an eighth more for scratch, as planned."""
+        if self.search_bytes is None or not self.searches:
+            return self.max_rows
+        shape = tuple(x.shape[1:])
+        if shape not in self._forward_sizes:
+            self._forward_sizes[shape] = self.flat.forward_mode_sizes(x)
+        sizes = self._forward_sizes[shape]
+        activations = (sizes.base + n_tangents * sizes.per_tangent) * 9 // 8
+        per_row = self.flat.dtype.itemsize * (self.flat.layout.dim + activations)
+        rows = len(x) + (self.search_reserve(x, len(x)) + self.search_bytes) // per_row
+        return min(rows, self.max_rows or rows)
 
     def _zeros(self, theta, x, target: str, *trailing: int) -> torch.Tensor:
         """Zeros [T, O, *trailing] for integrands over all O outputs. O comes from one input's

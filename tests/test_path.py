@@ -898,6 +898,29 @@ def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_a
     np.testing.assert_allclose(bounded["attribution"].values, whole["attribution"].values, rtol=0, atol=1e-13 * scale)
 
 
+def test_a_cube_without_a_train_dim_takes_the_kinked_rows_in_passes_the_budget_holds(tmp_path, monkeypatch):
+    """Without a train dim the kinked segments' rows go through forward-mode passes. Under a
+    budget of what the plan reserves, a pass takes the chunk's 2 inputs and as many more rows as
+    the search's reserve (9,168 bytes, as above) holds: a row holds its 51 parameters and a pass
+    with 4 tangents, 16 + 4 · 18 elements (FlatModel.forward_mode_sizes) and an eighth more, so
+    8 · (51 + 99) = 1,200 bytes, and 7 fit: 9 rows, where all 16 went at once whatever the
+    budget. The cube is the one computed unbounded."""
+    run = train(Case("mlp", "adamw", act="relu", steps=4, lr_scale=3.0, n_test=6), tmp_path / "h")
+    options = dict(keep=("test", "output"), tolerance=None)
+    rows, directional_rows = [], FlatModel.directional_rows
+    monkeypatch.setattr(FlatModel, "directional_rows", lambda self, th, de, x, *a: rows.append(len(x))
+                        or directional_rows(self, th, de, x, *a))
+    whole = run.explain(memory_budget=None, **options)
+    assert whole.attrs["kinks_located"] > 0 and max(rows) == 16
+    reserve = ex.plan(run.path, run.model, run.test_x, run.test_y, test_chunk=2, **options).device_bytes
+    rows.clear()
+    bounded = run.explain(memory_budget=reserve, test_chunk=2, **options)
+    assert max(rows) == 9
+    assert bounded.attrs["kinks_located"] == whole.attrs["kinks_located"]
+    scale = float(abs(whole["attribution"]).max())
+    np.testing.assert_allclose(bounded["attribution"].values, whole["attribution"].values, rtol=0, atol=1e-13 * scale)
+
+
 @pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
 def test_the_kink_counts_are_those_of_the_segments_not_of_the_passes(tmp_path, kink_tolerance):
     """With 4 train chunks each test chunk's segments are searched in 4 passes; the cube counts
