@@ -475,9 +475,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int, batch_rows: int) -> int:
         elements = (
             tangents * d  # the tangents: update and weight decay per kept component, two totals
             + step_vectors
-            # the forward-mode pass, and an eighth more for scratch inside kernels that no
-            # dispatch mode sees (an encoder layer's pass peaked 2% above the tensors seen)
-            + n_test * (req.forward_mode.base + tangents * req.forward_mode.per_tangent) * 9 // 8
+            + req.forward_mode.elements(n_test, tangents)  # the forward-mode pass
             + rows_full * tangents * 2  # φ·v on every row, and its kept sum
             + n_bins * n_comp * rows * 2  # the cube's accumulators (attribution, regularization)
             + _batch_backward_elements(req, batch_rows)  # the batch gradient of the modelled update

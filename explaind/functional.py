@@ -103,6 +103,12 @@ class ForwardModeSizes(NamedTuple):
     base: int
     per_tangent: int
 
+    def elements(self, n_inputs: int, n_tangents: int) -> int:
+        """What a pass on n_inputs inputs with n_tangents tangents is planned to hold, with an
+        eighth more for scratch inside kernels that no dispatch mode sees (an encoder layer's
+        pass peaked 2% above the tensors seen)."""
+        return n_inputs * (self.base + n_tangents * self.per_tangent) * 9 // 8
+
 
 class _OutputSizes(TorchDispatchMode):
     """Sizes the tensors a pass's ops make: all new ones, the largest, and the peak of those alive

@@ -689,8 +689,7 @@ class PathIntegral:
         if shape not in self._forward_sizes:
             self._forward_sizes[shape] = self.flat.forward_mode_sizes(x)
         sizes = self._forward_sizes[shape]
-        activations = (sizes.base + n_tangents * sizes.per_tangent) * 9 // 8
-        per_row = self.flat.dtype.itemsize * (self.flat.layout.dim + activations)
+        per_row = self.flat.dtype.itemsize * (self.flat.layout.dim + sizes.elements(1, n_tangents))
         rows = len(x) + (self.search_reserve(x, len(x)) + self.search_bytes) // per_row
         return min(rows, self.max_rows or rows)
 
