@@ -702,6 +702,60 @@ def test_recorded_frozen_tensors_and_buffers_are_used(tmp_path):
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
+class TiedLM(nn.Module):
+    """A language-model shape: the output layer is the embedding itself (tied, as GPT-2 ties
+    them), LayerNorm, PyTorch's own attention, a ReLU convolution and a max over positions."""
+
+    def __init__(self, vocab: int = 7, d: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.conv = nn.Conv1d(d, d, 3, padding=1)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        n = self.norm(h)
+        h = h + self.attn(n, n, n, need_weights=False)[0]
+        h = F.relu(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.head(h.amax(1))
+
+
+def test_tied_weights_are_one_tensor_that_both_uses_move(tmp_path):
+    """A tensor used twice (input embedding and output layer) is recorded once, and its
+    attribution carries both uses: the cube sums, to float64 quadrature level, to the change of
+    the outputs of the user's own module before and after training, computed here by torch."""
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 7, (24, 5), generator=g), torch.randint(0, 7, (24,), generator=g)
+    test_x = torch.randint(0, 7, (4, 5), generator=g)
+    with torch.no_grad():
+        before = F.log_softmax(model(test_x), -1)
+    decayed = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    rest = [p for name, p in model.named_parameters() if not name.endswith("weight")]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=5e-3)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        for rows in torch.randperm(24, generator=g).split(6) * 2:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+    with torch.no_grad():
+        change = (F.log_softmax(model(test_x), -1) - before).numpy()
+    names = list(ex.History(tmp_path / "h").layout.names)
+    assert "embed.weight" in names and "head.weight" not in names
+    cube = ex.explain(tmp_path / "h", model.eval(), test_x, keep=("component", "train", "test", "output"), quadrature=8,
+                      progress=False)
+    assert cube.attrs["kinks_located"] > 0 and cube.attrs["max_update_residual"] <= 1e-12
+    summed = (cube["attribution"].sum(("component", "train")) + cube["regularization"].sum("component")).values
+    assert np.abs(summed - change).max() <= 1e-9 * np.abs(change).max()
+    assert np.abs(cube["attribution"].sel(component="embed.weight")).max() > 0
+
+
 class Regression(nn.Module):
     """One value per input: [batch] (as regression models often return) or [batch, 1]."""
 
