@@ -642,19 +642,23 @@ def _private_structure(model: nn.Module) -> nn.Module:
     of the call: on the user's own module, any other thread using it meanwhile (their training
     or serving loop, a second explain) would run with our θ or fail. Every call here supplies
     all tensors, so the placeholders are never read. A module that cannot be deep-copied is
-    used as it is, with a warning."""
+    used as it is, with a warning. The copy's embeddings make dense gradients (sparse=False)."""
     memo = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         placeholder = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(placeholder, t.requires_grad) if isinstance(t, nn.Parameter) else placeholder
     try:
-        return copy.deepcopy(model, memo)
+        private = copy.deepcopy(model, memo)
     except Exception as error:  # whatever a user's module raises when copied: fall back alike
         warnings.warn(
             f"explaind could not copy the module ({type(error).__name__}: {error}), so it calls the module "
             "itself, swapping parameters in for each call: do not use the module from another thread "
             "while explaind works with it", stacklevel=3)
         return model
+    for module in private.modules():  # torch.func's transforms take no sparse gradient: the same numbers, dense
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            module.sparse = False
+    return private
 
 
 class _DifferentiableKernels:

@@ -279,6 +279,44 @@ def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
                                f"Fix: {fix}.")
 
 
+SPARSE_FIX = ("Fix: sparse=False for the recorded run (SGD makes the same updates with dense gradients, and "
+              "explain takes a module with sparse=True as well)")
+
+
+def _refuse_sparse_embeddings(model: nn.Module) -> None:
+    """Sparse gradients are refused: a resumed run would continue the momentum densely, which
+    rounds otherwise than the sparse buffer, and torch's clip_grad_norm_ does not take them."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
+            raise UnsupportedError(f"module {name!r} is an {type(module).__name__} with sparse=True, whose sparse "
+                                   f"gradients explaind does not record. {SPARSE_FIX}")
+
+
+def _refuse_parameter_dtypes(params: dict[str, torch.Tensor]) -> None:
+    """The trained tensors share one precision, float32 or float64: the history records one, the
+    decomposition computes in it, and a 16-bit one rounds every update by far more than the
+    decomposition's exactness (bfloat16: up to 2^-8 of each parameter), by no rule of the optimizer."""
+    names_of: dict[torch.dtype, list[str]] = {}
+    for name, p in params.items():
+        names_of.setdefault(p.dtype, []).append(name)
+    if len(names_of) > 1:
+        listed = "; ".join(f"{str(d).removeprefix('torch.')}: {', '.join(map(repr, names[:3]))}"
+                           f"{' …' if len(names) > 3 else ''}" for d, names in names_of.items())
+        raise UnsupportedError(
+            f"the trainable parameters come in {len(names_of)} dtypes ({listed}): a history records one "
+            "precision, and the decomposition computes in it. Fix: convert the model to one before building "
+            "the optimizer (model.float() or model.double())")
+    dtype = next(iter(names_of))
+    if dtype not in (torch.float32, torch.float64):
+        why = "complex parameters have no such decomposition" if dtype.is_complex else (
+            f"a {torch.finfo(dtype).bits}-bit float rounds each parameter at every update by up to "
+            f"{torch.finfo(dtype).eps / 2:.0e} of its value, which no model of the optimizer reproduces")
+        raise UnsupportedError(
+            f"the trainable parameters are {str(dtype).removeprefix('torch.')}: explaind decomposes runs "
+            f"trained in float32 or float64 ({why}). Fix: train with float32 parameters (model.float() "
+            "before building the optimizer)")
+
+
 def optimizer_kind(optimizer: torch.optim.Optimizer, when: str = "") -> str:
     name = type(optimizer).__name__
     if name not in OPTIMIZER_KINDS:
@@ -368,6 +406,8 @@ class Recorder:
         if not self._params:
             raise InputError("the model has no trainable parameter (every one has requires_grad=False): a run "
                              "that trains nothing has no history. Fix: unfreeze the parameters to train")
+        _refuse_parameter_dtypes(self._params)
+        _refuse_sparse_embeddings(self.model)
         self._group_of = self._param_groups()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._gradient_scale: float | None = None  # this step's clipping factor, once clipped
@@ -572,6 +612,11 @@ class Recorder:
                     "skips it and its update cannot be modelled. Fix: freeze it with "
                     "requires_grad_(False) or make it enter the loss"
                 )
+            if p.grad.layout != torch.strided:
+                raise UnsupportedError(
+                    f"parameter {name!r} has a sparse gradient at step {self.step} (F.embedding(..., sparse=True) "
+                    f"in forward, or an embedding made sparse after recording started), which explaind does not "
+                    f"record. {SPARSE_FIX}")
             if not torch.equal(p.detach().cpu(), self._last[name]):
                 raise HistoryError(
                     f"parameter {name!r} changed between optimizer steps (before step "

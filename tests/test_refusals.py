@@ -327,6 +327,76 @@ def test_mixed_precision_is_caught_by_the_record_time_check(tmp_path):
             optimizer.step()
 
 
+@pytest.mark.parametrize("dtype, rounding", [(torch.bfloat16, "4e-03"), (torch.float16, "5e-04")])
+def test_16_bit_parameters_are_refused(tmp_path, dtype, rounding):
+    """A 16-bit run rounds every update far beyond what the decomposition can attribute: explain
+    blamed the optimizer model for it, after the whole computation."""
+    model = Case("mlp").fresh_model().to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with pytest.raises(ex.UnsupportedError, match=says(str(dtype).removeprefix("torch."), "float32 or float64",
+                                                       rounding, "Fix", "model.float()")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+    assert not (tmp_path / "h").exists()
+
+
+def test_parameters_of_two_precisions_are_refused(tmp_path):
+    """A float32 layer beside a float64 one failed in the gradient check with torch's dtype error."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3).double())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.UnsupportedError, match=says("2 dtypes", "float32: '0.weight', '0.bias'",
+                                                       "float64: '2.weight', '2.bias'", "model.double()")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+    assert not (tmp_path / "h").exists()
+
+
+class Bag(nn.Module):
+    """Token embeddings averaged: the module's (sparse gradients with sparse_module), or F.embedding's
+    with sparse=True (sparse_call)."""
+
+    def __init__(self, sparse_module: bool = False, sparse_call: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, sparse=sparse_module)
+        self.head = nn.Linear(4, 3)
+        self.sparse_call = sparse_call
+
+    def forward(self, tokens):
+        vectors = F.embedding(tokens, self.embed.weight, sparse=True) if self.sparse_call else self.embed(tokens)
+        return self.head(torch.tanh(vectors.mean(1)))
+
+
+def test_sparse_embedding_gradients_are_refused(tmp_path):
+    """Sparse gradients crashed the gradient check (torch cannot reshape them); a module is
+    refused when the Recorder is built, a call in forward at its first step."""
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    model = Bag(sparse_module=True).double()
+    with pytest.raises(ex.UnsupportedError, match=says("'embed'", "Embedding with sparse=True", "Fix",
+                                                       "sparse=False")):
+        ex.Recorder(tmp_path / "module", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not (tmp_path / "module").exists()
+    model = Bag(sparse_call=True).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ex.UnsupportedError, match=says("'embed.weight'", "sparse gradient", "step 0",
+                                                       "F.embedding", "sparse=False")):
+        with ex.Recorder(tmp_path / "call", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y)
+    assert not any((tmp_path / "call" / "steps").iterdir())  # refused before its first step was stored
+
+
+def test_a_sparse_embedding_explains_a_run_recorded_dense(tmp_path):
+    """The fix the refusal names: record with sparse=False; explain takes the module with
+    sparse=True (torch.func's transforms take no sparse gradient: explaind's copy makes them dense)."""
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    torch.manual_seed(0)
+    model = Bag().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    cubes = [ex.explain(tmp_path / "h", Bag(sparse_module=sparse).double(), x[:3], keep=("train", "test"),
+                        quadrature=8, progress=False) for sparse in (False, True)]
+    np.testing.assert_array_equal(cubes[0]["attribution"].values, cubes[1]["attribution"].values)
+    assert cubes[1].attrs["relative_residual"] <= 1e-9
+
+
 def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path):
     """With check_every=50 only step 0 is checked: later clipping is caught by both checks."""
     model, optimizer = model_and_sgd(momentum=0.9)
