@@ -600,11 +600,13 @@ def _explainable_outputs(out, source: str) -> torch.Tensor:
 
 # what torch.func.vmap says when an op writes in place into a tensor that is not batched
 _UNBATCHED_WRITE = re.compile(r"doesn't match the broadcast shape|vmap: .* is not possible because")
+# what torch.func says of saved-tensor hooks (non-reentrant activation checkpointing installs them)
+_SAVED_TENSOR_HOOKS = "saved tensor hooks"
 
 
 def _transformed(method):
     """Turn torch's refusals to transform an op of the model (no forward-mode derivative; an
-    in-place write vmap cannot batch) into errors that name the cause and the fix."""
+    in-place write vmap cannot batch; saved-tensor hooks) into errors that name the cause and the fix."""
 
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
@@ -621,9 +623,17 @@ def _transformed(method):
                 "True), which need reverse mode only, or build that op from ones torch differentiates in "
                 "forward mode (for weight norm: w = g * v / v.norm(dim=1, keepdim=True))") from error
         except RuntimeError as error:
+            cause = str(error).splitlines()[0]
+            if _SAVED_TENSOR_HOOKS in cause:
+                raise UnsupportedError(
+                    f"torch.func cannot transform the model ({cause}): it installs saved-tensor hooks, as "
+                    "torch.utils.checkpoint(..., use_reentrant=False) and torch.autograd.graph.save_on_cpu "
+                    "do. They save memory and leave the gradients as they are. Fix: give explaind the model "
+                    "without them: explain with the architecture built without checkpointing (explain takes "
+                    "every parameter value from the history), and record either so (a switch that forward "
+                    "reads) or with check_every=0, which skips the Recorder's gradient check") from error
             if not _UNBATCHED_WRITE.search(str(error)):
                 raise
-            cause = str(error).splitlines()[0]
             raise UnsupportedError(
                 f"torch.func.vmap cannot batch an op of the model ({cause}): it writes in place into a "
                 "tensor the model made without the input, such as torch.zeros(...), which vmap does "
@@ -1105,6 +1115,7 @@ class FlatModel:
 
         return torch.cat([along(x[part], y[part]) for part in sample_parts(len(x), rows)], dim=1)
 
+    @_transformed
     def batch_gradient(
         self,
         theta: torch.Tensor,

@@ -267,6 +267,10 @@ def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on the batch's statistics"
             fix = f"{EVAL_MODE}, or remove it"
+        elif module.training and _spectral_norm(module):
+            cause = (f"has spectral norm in train mode{when}: every forward pass updates its power-iteration "
+                     "vectors (buffers), so the function changes as it runs")
+            fix = f"{EVAL_MODE}: it then divides by the σ of its stored vectors; or remove it"
         elif isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats \
                 and module.training:
             cause = (f"is a train-mode {kind} with track_running_stats=True{when}: it normalises by each sample's "
@@ -315,6 +319,13 @@ def _refuse_parameter_dtypes(params: dict[str, torch.Tensor]) -> None:
             f"the trainable parameters are {str(dtype).removeprefix('torch.')}: explaind decomposes runs "
             f"trained in float32 or float64 ({why}). Fix: train with float32 parameters (model.float() "
             "before building the optimizer)")
+
+
+def _spectral_norm(module: nn.Module) -> bool:
+    """Whether spectral norm runs power iterations in the module's forward: the parametrization
+    (torch.nn.utils.parametrizations.spectral_norm) or the older forward pre-hook."""
+    hooks = module._forward_pre_hooks.values()
+    return any(getattr(f, "n_power_iterations", 0) > 0 for f in (module, *hooks))
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer, when: str = "") -> str:
