@@ -244,11 +244,12 @@ def _members(optimizer: torch.optim.Optimizer) -> list[list[int]]:
 EVAL_MODE = "keep it in eval mode for the whole run (.eval() before training, and no model.train() in the loop)"
 
 
-def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
-    """Train-mode dropout, RReLU and BatchNorm make f depend on more than (x, θ): refuse them.
-    `when` says where the check ran (e.g. " at step 3"), for a model switched mid-run.
-    InstanceNorm without running statistics normalises each sample by its own: a function of
-    (x, θ) in any mode, so it passes."""
+def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
+    """Refuse modules whose forward pass is not a fixed function of (x, θ): train-mode dropout,
+    RReLU and BatchNorm (random, or of the batch), train-mode spectral norm (it updates its
+    buffers) and embeddings with max_norm (they renormalise θ in place). `when` says where the
+    check ran (e.g. " at step 3"), for a model switched mid-run. InstanceNorm without running
+    statistics normalises each sample by its own: a function of (x, θ) in any mode, so it passes."""
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
@@ -267,6 +268,11 @@ def refuse_stochastic_modules(model: nn.Module, when: str = "") -> None:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on the batch's statistics"
             fix = f"{EVAL_MODE}, or remove it"
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            cause = (f"is an {kind} with max_norm={module.max_norm}{when}: every forward pass renormalises the "
+                     "rows it looks up in place, a change of the parameters outside optimizer.step()")
+            fix = ("max_norm=None; to bound the vectors, scale them in forward instead (v * (max_norm / "
+                   "v.norm(dim=-1, keepdim=True)).clamp(max=1)), which leaves the parameters to the optimizer")
         elif module.training and _spectral_norm(module):
             cause = (f"has spectral norm in train mode{when}: every forward pass updates its power-iteration "
                      "vectors (buffers), so the function changes as it runs")
@@ -411,7 +417,7 @@ class Recorder:
                              "difference of .grad from the declared loss's gradient (None: 1e-9 in float64, "
                              "1e-3 in float32)")  # NaN would pass every check
         self.check_tolerance = check_tolerance
-        refuse_stochastic_modules(model)
+        refuse_unreplayable_modules(model)
         self.layout = layout_of(model)
         self._params = trainable_parameters(model)
         if not self._params:
@@ -606,7 +612,7 @@ class Recorder:
         # a loop's model.train() (at each epoch's start, say) turns dropout back on mid-run; checked
         # first, since a train-mode BatchNorm also changes its buffers, which the next check refuses
         # without naming the cause
-        refuse_stochastic_modules(self.model, f" at step {self.step}")
+        refuse_unreplayable_modules(self.model, f" at step {self.step}")
         self._refuse_unrecorded_changes(optimizer)
         for name, p in self._frozen.items():
             if p.grad is not None:
@@ -1122,7 +1128,7 @@ def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "H
     """Open (if given a path) and check a history against the model that explains it."""
     history = history if isinstance(history, History) else History(history)
     history.check_model(model)
-    refuse_stochastic_modules(model)
+    refuse_unreplayable_modules(model)
     return history
 
 

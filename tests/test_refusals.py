@@ -412,6 +412,53 @@ def test_sparse_embedding_gradients_are_refused(tmp_path):
     assert not any((tmp_path / "call" / "steps").iterdir())  # refused before its first step was stored
 
 
+class Bounded(nn.Module):
+    """Token vectors of norm at most 1: by nn.Embedding's max_norm (which renormalises the looked-up
+    rows of the weight in place), or by scaling them in forward."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, max_norm=1.0 if in_place else None)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        v = self.embed(tokens)
+        if self.embed.max_norm is None:
+            v = v * (1.0 / v.norm(dim=-1, keepdim=True)).clamp(max=1)
+        return self.head(torch.tanh(v.mean(1)))
+
+
+def test_an_embedding_with_max_norm_is_refused_when_recorded_and_explained(tmp_path, no_heavy_compute):
+    """max_norm edits the parameters in each forward pass: it read as parameters changed by hand
+    between steps (and explain would have renormalised the history's θ in place)."""
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    words = ("'embed'", "Embedding with max_norm=1.0", "in place", "Fix", "max_norm=None", "clamp(max=1)")
+    torch.manual_seed(0)
+    model = Bounded(in_place=True).double()
+    with pytest.raises(ex.UnsupportedError, match=says(*words)):
+        ex.Recorder(tmp_path / "in_place", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not (tmp_path / "in_place").exists()
+    model = Bounded(in_place=False).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    with pytest.raises(ex.UnsupportedError, match=says(*words)):
+        ex.explain(tmp_path / "h", Bounded(in_place=True).double(), x[:2], progress=False)
+
+
+def test_scaling_token_vectors_in_forward_decomposes_exactly(tmp_path):
+    """The route the max_norm refusal names: a clamp in forward, whose kinks are located."""
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    torch.manual_seed(0)
+    model = Bounded(in_place=False).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    cube = ex.explain(tmp_path / "h", model, x[:3], keep=("train", "test"), quadrature=8, progress=False)
+    assert cube.attrs["kinks_located"] > 0
+    assert cube.attrs["relative_residual"] <= 1e-9 and cube.attrs["max_update_residual"] <= 1e-12
+
+
 def test_a_sparse_embedding_explains_a_run_recorded_dense(tmp_path):
     """The fix the refusal names: record with sparse=False; explain takes the module with
     sparse=True (torch.func's transforms take no sparse gradient: explaind's copy makes them dense)."""
