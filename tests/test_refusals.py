@@ -429,8 +429,8 @@ class Bounded(nn.Module):
 
 
 def test_an_embedding_with_max_norm_is_refused_when_recorded_and_explained(tmp_path, no_heavy_compute):
-    """max_norm edits the parameters in each forward pass: it read as parameters changed by hand
-    between steps (and explain would have renormalised the history's θ in place)."""
+    """max_norm edits the parameters in each forward pass: recording read it as parameters changed
+    by hand between steps, and explain failed in vmap, naming a tensor made without the input."""
     x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
     words = ("'embed'", "Embedding with max_norm=1.0", "in place", "Fix", "max_norm=None", "clamp(max=1)")
     torch.manual_seed(0)
