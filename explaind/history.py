@@ -245,11 +245,12 @@ EVAL_MODE = "keep it in eval mode for the whole run (.eval() before training, an
 
 
 def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
-    """Refuse modules whose forward pass is not a fixed function of (x, θ): train-mode dropout,
-    RReLU and BatchNorm (random, or of the batch), train-mode spectral norm (it updates its
-    buffers) and embeddings with max_norm (they renormalise θ in place). `when` says where the
-    check ran (e.g. " at step 3"), for a model switched mid-run. InstanceNorm without running
-    statistics normalises each sample by its own: a function of (x, θ) in any mode, so it passes."""
+    """Refuse modules that no decomposition over samples replays: train-mode dropout, RReLU and
+    BatchNorm (random, or of the batch), train-mode spectral norm (it updates its buffers),
+    embeddings with max_norm (they renormalise θ in place) or scale_grad_by_freq (their batch
+    gradient is no sum over samples). `when` says where the check ran (e.g. " at step 3"), for a
+    model switched mid-run. InstanceNorm without running statistics normalises each sample by its
+    own: a function of (x, θ) in any mode, so it passes."""
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
@@ -273,6 +274,12 @@ def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
                      "rows it looks up in place, a change of the parameters outside optimizer.step()")
             fix = ("max_norm=None; to bound the vectors, scale them in forward instead (v * (max_norm / "
                    "v.norm(dim=-1, keepdim=True)).clamp(max=1)), which leaves the parameters to the optimizer")
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq \
+                and module.weight.requires_grad:
+            cause = (f"is an {kind} with scale_grad_by_freq=True{when}: it divides each row's gradient by how "
+                     "often the row occurs in the whole batch, so the batch's gradient is not the sum of its "
+                     "samples' gradients that explaind splits it into")
+            fix = "scale_grad_by_freq=False"
         elif module.training and _spectral_norm(module):
             cause = (f"has spectral norm in train mode{when}: every forward pass updates its power-iteration "
                      "vectors (buffers), so the function changes as it runs")
@@ -751,6 +758,11 @@ class Recorder:
             mse = (" The built-in 'mse' sums a sample's squared errors over its outputs; for "
                    "torch's F.mse_loss / nn.MSELoss (a mean over outputs too) declare "
                    "loss=lambda o, t: ((o - t) ** 2).mean(1).") if self.loss_name == "mse" else ""
+            # torch's class-weighted mean divides by the batch's total weight, no per-sample loss's mean
+            weighted = (" Class weights (F.cross_entropy(..., weight=w), nn.CrossEntropyLoss(weight=w)) make "
+                        "torch's mean divide by the batch's total weight: declare loss=lambda o, t: w[t] * "
+                        "F.cross_entropy(o, t, reduction='none') and train with that loss's mean."
+                        ) if self.loss_name in ("cross_entropy", "nll") else ""
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
@@ -765,7 +777,7 @@ class Recorder:
                 "loss by the size of the step's whole batch instead: its gradient is then the mean "
                 "over that batch), or inputs passed to batch() that differ from those the model "
                 "saw. Fix the training loop (train in float32 or float64) "
-                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}"
+                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
