@@ -171,6 +171,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         optimizer=history.optimizer,
         loss=history.loss,
         reduction=history.reduction,
+        **({} if history.class_weights is None else {"class_weights": history.class_weights.tolist()}),
         quadrature_rule=req.path.rule,
         quadrature_nodes=req.path.quadrature,
         breakpoints=int(req.path.breakpoints),

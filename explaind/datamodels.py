@@ -24,7 +24,6 @@ from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs, ste
 from .errors import InputError
 from .functional import FlatModel
 from .history import History
-from .losses import recorded_loss
 from .optimizers import group_index
 from .parallel import run_all
 
@@ -91,7 +90,7 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
     start, stop = step_range(steps, history.n_steps)
     history.check_model(model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
-    loss = recorded_loss(history.loss, loss)
+    loss = history.per_sample_loss(loss)
     x, select = _checked_inputs(history, flat, inputs, targets)
     train_index = history.train_indices()  # sorted: a sample's column is found by binary search
     groups = group_index(history, flat)

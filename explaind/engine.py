@@ -33,7 +33,6 @@ from .cube import assemble_cube, test_labels
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
 from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, check_target
 from .history import History, StepRecord, open_history
-from .losses import recorded_loss
 from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
                          step_coefficients)
 from .path import PathIntegral
@@ -231,7 +230,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     batch_chunk = _chunk_size("batch_chunk", batch_chunk)
-    loss = recorded_loss(history.loss, loss)
+    loss = history.per_sample_loss(loss)
     if isinstance(targets, torch.Tensor):
         targets = targets.detach()
 

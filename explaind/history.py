@@ -46,11 +46,13 @@ from torch import nn
 
 from .errors import HistoryError, InputError, UnsupportedError, is_number
 from .functional import FlatModel, ParamLayout, layout_of, module_of, trainable_parameters
-from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_per_sample, check_reduction, resolve_loss,
-                     sample_weights)
+from .losses import (BUILTIN_LOSSES, CLASS_WEIGHTED, REDUCTIONS, check_class_weights, check_per_sample,
+                     check_reduction, recorded_loss, resolve_loss, sample_weights)
 
 FORMAT = "explaind-history"
 VERSION = 1
+# a history with class weights: a reader of version 1 alone would explain it without them
+CLASS_WEIGHTS_VERSION = 2
 
 # optimizer class name -> kind, and the group hyperparameters each kind's update depends on
 OPTIMIZER_KINDS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
@@ -387,7 +389,9 @@ class Recorder:
                 scheduler.step()
         # leaving the block closes the history                        # 3
 
-    `loss` and `reduction` declare the training loss; every `check_every` steps the
+    `loss` and `reduction` declare the training loss, and `class_weights` the weight= of a
+    cross_entropy / nll loss (torch's mean then divides by the batch's total weight, which the
+    history follows from each step's targets); every `check_every` steps the
     recorder recomputes the batch gradient from the recorded batch and compares it with
     `.grad`, so that undeclared clipping, dropout, a wrong reduction or an undeclared loss
     term fail at once instead of after hours of attribution. Clipping the gradient's norm is
@@ -403,6 +407,7 @@ class Recorder:
         *,
         loss="cross_entropy",
         reduction: str = "mean",
+        class_weights=None,
         scheduler=None,
         check_every: int = 50,
         check_tolerance: float | None = None,
@@ -416,7 +421,8 @@ class Recorder:
         if scheduler is not None:
             _check_scheduler(scheduler)
         self.kind = optimizer_kind(optimizer)
-        self.loss_name, self.loss = resolve_loss(loss)
+        self.class_weights = check_class_weights(class_weights)
+        self.loss_name, self.loss = resolve_loss(loss, self.class_weights)
         self.reduction = check_reduction(reduction)
         self.check_every = check_every
         if check_tolerance is not None and not (is_number(check_tolerance) and check_tolerance >= 0):
@@ -510,10 +516,11 @@ class Recorder:
         _write_atomic(self.path / "initial.safetensors", data)
         meta = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.class_weights is None else CLASS_WEIGHTS_VERSION,
             "optimizer": self.kind,
             "loss": self.loss_name,
             "reduction": self.reduction,
+            **({} if self.class_weights is None else {"class_weights": self.class_weights.tolist()}),
             "params": [
                 {"name": n, "shape": list(s), "dtype": str(self._params[n].dtype).removeprefix("torch."),
                  "group": self._group_of[n]}
@@ -745,7 +752,8 @@ class Recorder:
         x, y = flat.cast_inputs(x), y.to(p0.device)
         with torch.no_grad():
             check_per_sample(self.loss_name, self.loss(flat.raw(theta, x), y), len(x))
-        w = sample_weights(self.reduction, len(x), p0.dtype, p0.device) * (self._gradient_scale or 1.0)
+        w = sample_weights(self.reduction, self.loss_name, y, self.class_weights, p0.dtype, p0.device)
+        w = w * (self._gradient_scale or 1.0)
         expected = flat.batch_gradient(theta, x, y, w, self.loss)
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
@@ -759,10 +767,9 @@ class Recorder:
                    "torch's F.mse_loss / nn.MSELoss (a mean over outputs too) declare "
                    "loss=lambda o, t: ((o - t) ** 2).mean(1).") if self.loss_name == "mse" else ""
             # torch's class-weighted mean divides by the batch's total weight, no per-sample loss's mean
-            weighted = (" Class weights (F.cross_entropy(..., weight=w), nn.CrossEntropyLoss(weight=w)) make "
-                        "torch's mean divide by the batch's total weight: declare loss=lambda o, t: w[t] * "
-                        "F.cross_entropy(o, t, reduction='none') and train with that loss's mean."
-                        ) if self.loss_name in ("cross_entropy", "nll") else ""
+            weighted = (" Class weights (F.cross_entropy(..., weight=w), nn.CrossEntropyLoss(weight=w)) are "
+                        "declared as Recorder(..., class_weights=w)."
+                        ) if self.loss_name in CLASS_WEIGHTED and self.class_weights is None else ""
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
@@ -888,14 +895,14 @@ class Recorder:
 
     @classmethod
     def resume(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer, *, scheduler=None,
-               loss=None, reduction: str | None = None, **kwargs) -> "Recorder":
+               loss=None, reduction: str | None = None, class_weights=None, **kwargs) -> "Recorder":
         """Continue a killed recording from its last complete step.
 
         Loads θ, the optimizer's and scheduler's state and the CPU RNG state of that step into
         the given objects; continue the training loop at `recorder.step`. A step stored after
         the last resume state, and a manifest line cut by the crash, are dropped from the
-        manifest: the resumed loop records that step again. `loss` and `reduction` default to
-        the recorded ones (a custom loss must be passed again).
+        manifest: the resumed loop records that step again. `loss`, `reduction` and
+        `class_weights` default to the recorded ones (a custom loss must be passed again).
         """
         history = History(path, allow_incomplete=True)
         if history.closed:
@@ -904,7 +911,7 @@ class Recorder:
         _refuse_another_setup(history, model, optimizer)
         path = history.path
         info = _read_resume_info(path)
-        declared = _resumed_loss(history, loss, reduction)
+        declared = _resumed_loss(history, loss, reduction, class_weights)
         if scheduler is None and info["scheduler"] is not None:
             raise InputError(
                 f"{path} was recorded with a learning-rate scheduler, whose state the resume "
@@ -1061,9 +1068,9 @@ def _keep_manifest_lines(path: Path, lines: list[dict]) -> None:
     _write_atomic(path / "manifest.jsonl", text.encode())
 
 
-def _resumed_loss(history: "History", loss, reduction: str | None) -> dict:
-    """The loss and reduction a resumed run continues with: the recorded ones, which a resume
-    may repeat but not change."""
+def _resumed_loss(history: "History", loss, reduction: str | None, class_weights) -> dict:
+    """The loss, reduction and class weights a resumed run continues with: the recorded ones,
+    which a resume may repeat but not change."""
     if loss is None and history.loss not in BUILTIN_LOSSES:
         raise InputError(
             f"{history.path} was recorded with the custom loss {history.loss.removeprefix('custom:')}, "
@@ -1078,7 +1085,20 @@ def _resumed_loss(history: "History", loss, reduction: str | None) -> dict:
             f"{history.reduction!r}; the resume was given loss {name!r}, reduction={reduction!r}. "
             "A history has one loss: leave loss= and reduction= out to continue with the recorded ones"
         )
-    return {"loss": loss, "reduction": reduction}
+    recorded, given = history.class_weights, check_class_weights(class_weights)
+    if given is not None and (recorded is None or not torch.equal(given, recorded)):
+        raise InputError(
+            f"{history.path} was recorded with class_weights={None if recorded is None else recorded.tolist()}; "
+            f"the resume was given {given.tolist()}. A history has one loss: leave class_weights= out to "
+            "continue with the recorded ones")
+    return {"loss": loss, "reduction": reduction, "class_weights": recorded}
+
+
+def _class_weights_valid(meta: dict, loss: str) -> bool:
+    """Whether meta.json's class weights are what a Recorder writes: weights ≥ 0 of a built-in class loss."""
+    weights = meta["class_weights"]
+    return (loss in CLASS_WEIGHTED and isinstance(weights, list) and len(weights) > 0
+            and all(is_number(w) and 0 <= w < float("inf") for w in weights))
 
 
 def _check_scheduler(scheduler) -> None:
@@ -1201,10 +1221,10 @@ class History:
         meta_file = self.path / "meta.json"
         meta_bytes = _read_bytes(meta_file)
         self.meta = _parse_json(meta_file, meta_bytes)
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+        if self.meta.get("format") != FORMAT or self.meta.get("version") not in (VERSION, CLASS_WEIGHTS_VERSION):
             raise HistoryError(
-                f"{self.path} has format {self.meta.get('format')!r} version "
-                f"{self.meta.get('version')!r}; this explaind reads {FORMAT!r} version {VERSION}"
+                f"{self.path} has format {self.meta.get('format')!r} version {self.meta.get('version')!r}; "
+                f"this explaind reads {FORMAT!r} versions {VERSION} and {CLASS_WEIGHTS_VERSION}"
             )
         params = [{key: _field(p, key, meta_file) for key in ("name", "shape", "group", "dtype")}
                   for p in _field(self.meta, "params", meta_file)]
@@ -1267,10 +1287,13 @@ class History:
         loss = str(meta.get("loss"))
         if not (loss in BUILTIN_LOSSES or loss.startswith("custom:")):
             problems.append(f"loss {loss!r}")
+        weighted = meta.get("version") == CLASS_WEIGHTS_VERSION
+        if weighted != ("class_weights" in meta) or (weighted and not _class_weights_valid(meta, loss)):
+            problems.append(f"class_weights {meta.get('class_weights')!r} (format version {meta.get('version')})")
         if problems:
             raise HistoryError(
                 f"{self.path}/meta.json records an unknown {', '.join(problems)}: the file was "
-                "edited or corrupted. Restore the history from its source or record it again"
+                f"edited or corrupted. {_RESTORE}"
             )
 
     def _read_manifest(self) -> tuple[list[dict], bytes]:
@@ -1331,9 +1354,21 @@ class History:
     def reduction(self) -> str:
         return self.meta["reduction"]
 
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """The loss's class weights (float64), or None: unweighted."""
+        weights = self.meta.get("class_weights")
+        return None if weights is None else torch.tensor(weights, dtype=torch.float64)
+
+    def per_sample_loss(self, loss=None):
+        """The per-sample training loss (see losses.recorded_loss; a custom one is passed as `loss`)."""
+        return recorded_loss(self.loss, loss, self.class_weights)
+
     def fingerprint(self) -> str:
         """A hash of the whole history (from the per-file hashes): cubes cite it."""
         h = hashlib.sha256(self.meta["initial_sha256"].encode())
+        if "class_weights" in self.meta:  # they enter every decomposition (histories without them hash as before)
+            h.update(_json_bytes(self.meta["class_weights"]))
         for line in self.manifest:
             h.update(line["sha256"].encode())
         return h.hexdigest()
@@ -1423,7 +1458,8 @@ class History:
     def sample_weights(self, rec: StepRecord, dtype: torch.dtype, device) -> torch.Tensor:
         """c_s w_{s,k}: each sample's weight in step s's batch gradient, from the loss's
         reduction, times the factor the step's gradient was clipped by."""
-        return sample_weights(self.reduction, len(rec.indices), dtype, device) * rec.gradient_scale
+        weights = sample_weights(self.reduction, self.loss, rec.targets, self.class_weights, dtype, device)
+        return weights * rec.gradient_scale
 
     def max_batch(self) -> int:
         """The largest batch of the run (rows of per-sample gradients held at once)."""

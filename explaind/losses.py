@@ -1,12 +1,15 @@
 """Training losses as per-sample functions, and the weight each sample gets in a batch.
 
 The decomposition needs the loss of *one* sample (to take per-sample gradients) and the
-weight w_{s,k} with which that sample enters the batch gradient: 1/|b_s| for a mean-reduced
-loss, 1 for a sum-reduced one.
+weight w_{s,k} with which that sample enters the batch gradient: 1 for a sum-reduced loss,
+1/|b_s| for a mean-reduced one — except torch's mean of cross-entropy / NLL over class
+indices, which divides by the batch's total class weight (class_weights, 1 each by default),
+targets equal to ignore_index (-100) counting 0.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -21,7 +24,12 @@ def _described(out) -> str:
     return f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
 
 
-def _classes(name: str, out, y: torch.Tensor, soft: bool) -> None:
+IGNORE_INDEX = -100  # torch's default ignore_index: such a target adds no loss and no count to the mean
+
+CLASS_WEIGHTED = ("cross_entropy", "nll")  # the built-in losses that take class_weights (torch's weight=)
+
+
+def _classes(name: str, out, y: torch.Tensor, soft: bool, weight: torch.Tensor | None) -> None:
     """Refuse what the classification losses would fail on deep inside torch, or broadcast.
     soft: class probabilities [batch, classes] are targets too (cross-entropy)."""
     matrix = isinstance(out, torch.Tensor) and out.dim() == 2
@@ -32,6 +40,9 @@ def _classes(name: str, out, y: torch.Tensor, soft: bool) -> None:
             f"returned {_described(out)} for targets of shape {tuple(y.shape)}. Fix: pass "
             "loss=callable(output, target) returning per-sample losses [batch] (to explain the run, its "
             "module must return [batch, outputs] as well)")
+    if weight is not None and len(weight) != out.shape[1]:
+        raise InputError(f"class_weights has {len(weight)} entries but the model returns {out.shape[1]} classes. "
+                         "Fix: pass one weight per class, as torch's weight= of the loss you train with")
 
 
 def _class_indices(y: torch.Tensor) -> torch.Tensor:
@@ -39,14 +50,16 @@ def _class_indices(y: torch.Tensor) -> torch.Tensor:
     return y if y.is_floating_point() else y.long()
 
 
-def _cross_entropy(out, y):
-    _classes("cross_entropy", out, y, soft=True)
-    return F.cross_entropy(out, _class_indices(y), reduction="none")
+def _cross_entropy(out, y, weight=None):
+    _classes("cross_entropy", out, y, soft=True, weight=weight)
+    weight = None if weight is None else weight.to(out.dtype)
+    return F.cross_entropy(out, _class_indices(y), weight=weight, reduction="none")
 
 
-def _nll(out, y):
-    _classes("nll", out, y, soft=False)
-    return F.nll_loss(out, _class_indices(y), reduction="none")
+def _nll(out, y, weight=None):
+    _classes("nll", out, y, soft=False, weight=weight)
+    weight = None if weight is None else weight.to(out.dtype)
+    return F.nll_loss(out, _class_indices(y), weight=weight, reduction="none")
 
 
 def _squared_error(out, y):
@@ -69,22 +82,49 @@ BUILTIN_LOSSES: dict[str, PerSampleLoss] = {
 REDUCTIONS = ("mean", "sum")
 
 
-def resolve_loss(loss: str | PerSampleLoss) -> tuple[str, PerSampleLoss]:
-    """Return (name, per-sample function) for a built-in name or a user callable."""
+def resolve_loss(loss: str | PerSampleLoss, class_weights: torch.Tensor | None = None) -> tuple[str, PerSampleLoss]:
+    """Return (name, per-sample function) for a built-in name or a user callable; class_weights
+    (see check_class_weights) weight a built-in cross_entropy / nll as torch's weight= does."""
     if callable(loss):
         name = getattr(loss, "__qualname__", type(loss).__name__)
-        return f"custom:{getattr(loss, '__module__', '?')}.{name}", loss
-    if loss not in BUILTIN_LOSSES:
+        name = f"custom:{getattr(loss, '__module__', '?')}.{name}"
+    elif loss not in BUILTIN_LOSSES:
         raise InputError(
             f"unknown loss {loss!r}: use one of {sorted(BUILTIN_LOSSES)} or pass a callable "
             "loss(output, target) -> per-sample losses of shape [batch]"
         )
-    return loss, BUILTIN_LOSSES[loss]
+    else:
+        name = loss
+    if class_weights is None:
+        return name, loss if callable(loss) else BUILTIN_LOSSES[loss]
+    if name not in CLASS_WEIGHTED:
+        raise InputError(
+            f"class_weights weight the built-in losses {CLASS_WEIGHTED}, not {name!r}. Fix: put the weights "
+            "in your per-sample loss, e.g. loss=lambda o, t: w[t] * your_loss(o, t), and train with its "
+            "mean or sum as declared by reduction=")
+    return name, functools.partial(BUILTIN_LOSSES[name], weight=class_weights)
 
 
-def recorded_loss(recorded: str, loss: str | PerSampleLoss | None) -> PerSampleLoss:
-    """The per-sample loss of a history recorded with the loss named `recorded`: the built-in
-    one of that name, or, for a custom loss (whose code the history cannot hold), `loss`."""
+def check_class_weights(class_weights) -> torch.Tensor | None:
+    """The class weights as a float64 CPU vector (the history stores them as numbers), or None."""
+    if class_weights is None:
+        return None
+    try:
+        weights = torch.as_tensor(class_weights).detach().to("cpu", torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"class_weights={class_weights!r} is no vector of numbers ({error}). Fix: pass one "
+                         "weight per class, as torch's weight= of the loss you train with") from None
+    if weights.dim() != 1 or len(weights) == 0 or not (weights.isfinite() & (weights >= 0)).all():
+        raise InputError(f"class_weights must be a vector of finite weights ≥ 0, one per class; got "
+                         f"{weights.tolist() if weights.numel() <= 8 else tuple(weights.shape)}")
+    return weights
+
+
+def recorded_loss(recorded: str, loss: str | PerSampleLoss | None,
+                  class_weights: torch.Tensor | None = None) -> PerSampleLoss:
+    """The per-sample loss of a history recorded with the loss named `recorded` (and its class
+    weights): the built-in one of that name, or, for a custom loss (whose code the history
+    cannot hold), `loss`."""
     if recorded.startswith("custom:"):
         if loss is None:
             raise InputError(
@@ -97,7 +137,7 @@ def recorded_loss(recorded: str, loss: str | PerSampleLoss | None) -> PerSampleL
             f"loss={loss!r} differs from the loss {recorded!r} the history was trained with: a "
             "run is explained with its own loss. Fix: leave loss= out (the recorded one is used)"
         )
-    return resolve_loss(recorded)[1]
+    return resolve_loss(recorded, class_weights)[1]
 
 
 def check_per_sample(name: str, losses, batch_size: int) -> None:
@@ -117,7 +157,17 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def sample_weights(reduction: str, batch_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """w_{s,k}: how much each row of a batch counts in the batch gradient."""
-    value = 1.0 / batch_size if reduction == "mean" else 1.0
-    return torch.full((batch_size,), value, dtype=dtype, device=device)
+def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weights: torch.Tensor | None,
+                   dtype: torch.dtype, device) -> torch.Tensor:
+    """w_{s,k}: how much each row of a batch with these targets counts in the batch gradient
+    (the module doc)."""
+    n = len(targets)
+    if reduction == "sum":
+        return torch.ones(n, dtype=dtype, device=device)
+    total = float(n)
+    if loss in CLASS_WEIGHTED and not targets.is_floating_point():
+        targets = targets.long().cpu()
+        counted = targets != IGNORE_INDEX
+        each = torch.ones(n, dtype=torch.float64) if class_weights is None else class_weights[targets.clamp_min(0)]
+        total = float(torch.where(counted, each, 0.0).sum())
+    return torch.full((n,), 1.0 / total if total else float("nan"), dtype=dtype, device=device)

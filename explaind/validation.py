@@ -30,7 +30,6 @@ from .engine import explain
 from .errors import ExplaindError, InputError
 from .functional import FlatModel
 from .influence import data_scores
-from .losses import recorded_loss
 from .quadrature import MAX_NODES
 from .stages import Run, first
 from .training import check_ranges, train_cnn, train_transformer
@@ -124,7 +123,7 @@ def group_scores(run: Run, flat: FlatModel, theta: torch.Tensor, groups: list[np
                  dtype: torch.dtype, device: str, timings: dict, progress: bool) -> tuple[dict[str, torch.Tensor], float]:
     """The additive criteria's sums over each group of inputs ([groups, D] each), and the
     relative residual of the explain call (one for all groups: parameter scores per input)."""
-    loss = recorded_loss(run.history.loss, None)
+    loss = run.history.per_sample_loss()
     union = np.concatenate(groups)
     started = time.perf_counter()
     outputs = "true" if cfg.outputs == "true_class" else "all"  # "true" would read as a YAML boolean

@@ -21,7 +21,6 @@ from .cube import residual_attrs
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, check_target
 from .history import History, open_history
-from .losses import recorded_loss
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
 
@@ -105,7 +104,7 @@ def verify_updates(
     check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
-    residuals, floors = update_residuals(history, flat, recorded_loss(history.loss, loss))
+    residuals, floors = update_residuals(history, flat, history.per_sample_loss(loss))
     if tolerance is None:
         tolerance = 1e-10 if history.dtype == torch.float64 else 1e-4
     allowed = np.maximum(tolerance, floors)

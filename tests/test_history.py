@@ -877,10 +877,15 @@ def drop_file_of_second_manifest_line(path: Path) -> None:
     ("manifest.jsonl", halve_the_last_learning_rate),
     ("manifest.jsonl", edit_json("closed.json", lambda c: c.update(final_sha256="0" * 64))),
     ("initial.safetensors", lambda path: (path / "initial.safetensors").unlink()),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(reduction="max"))),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(class_weights=[1.0, 2.0, 3.0]))),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(version=2))),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(version=2, class_weights=[1.0, -2.0, 3.0]))),
 ], ids=["empty closed.json", "closed.json without n_steps", "meta.json without params", "bad dtype",
         "manifest line without file", "gradient scale above 1", "gradient scale 0", "gradient scale as text",
         "a learning rate edited", "another final step hash",
-        "initial state deleted"])
+        "initial state deleted", "unknown reduction", "class weights in format version 1",
+        "version 2 without class weights", "a negative class weight"])
 def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
     path = copy_of()
     damage(path)
@@ -924,6 +929,117 @@ def test_torchs_mean_squared_error_is_named_with_the_loss_that_matches_it(tmp_pa
     cube = ex.explain(tmp_path / "h2", model, x[:2], progress=False, target="logit",
                       loss=lambda o, t: ((o - t) ** 2).mean(1))
     assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
+
+
+CLASS_WEIGHTS = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+
+
+def class_targets(kind: str, y: torch.Tensor) -> torch.Tensor:
+    """Class indices with some ignored (torch's ignore_index, -100), or class probabilities."""
+    if kind == "probabilities":
+        return torch.softmax(torch.randn(len(y), 3, generator=torch.Generator().manual_seed(2), dtype=y.dtype
+                                         if y.is_floating_point() else torch.float64), 1)
+    ignored = y.clone()
+    ignored[[1, 6, 7]] = -100  # batches of 4: one ignored, two ignored, none
+    return ignored
+
+
+def torch_class_loss(name: str, weight, reduction: str):
+    """The loss as the user trains with it: torch's own reduction and weight=."""
+    function = F.cross_entropy if name == "cross_entropy" else F.nll_loss
+    return lambda out, t: function(out, t, weight=weight, reduction=reduction)
+
+
+@pytest.mark.parametrize("name, targets, reduction, weight", [
+    ("cross_entropy", "indices", "mean", CLASS_WEIGHTS), ("cross_entropy", "indices", "mean", None),
+    ("cross_entropy", "probabilities", "mean", CLASS_WEIGHTS), ("nll", "indices", "mean", CLASS_WEIGHTS),
+    ("nll", "indices", "sum", CLASS_WEIGHTS)])
+def test_class_weights_and_ignored_targets_follow_torchs_reduction(tmp_path, name, targets, reduction, weight):
+    """torch's mean over class indices divides by the batch's total class weight, an ignored
+    target (-100) counting 0; over class probabilities by the batch size. The Recorder checks
+    torch's .grad at every step; explain reconstructs every update and sums to the change.
+    (Ignored targets were divided by the batch size before: explain missed 11 % of the change.)"""
+    x, y = tiny_data()
+    t = class_targets(targets, y)
+    model = tiny() if name == "cross_entropy" else torch.nn.Sequential(tiny(), torch.nn.LogSoftmax(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=name, reduction=reduction, class_weights=weight,
+                     check_every=1) as rec:
+        sgd_steps(rec, model, optimizer, x, t, 0, 6, loss=torch_class_loss(name, weight, reduction))
+    cube = ex.explain(tmp_path / "h", model, x[:3], keep=("train", "test"), quadrature=8, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9 and cube.attrs["max_update_residual"] <= 1e-12
+    recorded = ex.History(tmp_path / "h").class_weights
+    if weight is None:
+        assert recorded is None and "class_weights" not in cube.attrs
+    else:
+        assert torch.equal(recorded, weight) and cube.attrs["class_weights"] == weight.tolist()
+
+
+def test_class_weights_are_part_of_the_history(tmp_path):
+    """Two runs that differ in their class weights alone are two histories (cubes cite the
+    fingerprint); an unweighted history hashes as before class weights existed."""
+    x, y = tiny_data()
+    fingerprints = []
+    for weight in (None, CLASS_WEIGHTS, 2 * CLASS_WEIGHTS):  # 2w: the same mean, the same steps
+        model = tiny()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with ex.Recorder(tmp_path / str(len(fingerprints)), model, optimizer, class_weights=weight) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 2, loss=torch_class_loss("cross_entropy", weight, "mean"))
+        fingerprints.append(ex.History(tmp_path / str(len(fingerprints))).fingerprint())
+    assert len(set(fingerprints)) == 3
+    history = ex.History(tmp_path / "0")
+    unweighted = hashlib.sha256(history.meta["initial_sha256"].encode())
+    for line in history.manifest:
+        unweighted.update(line["sha256"].encode())
+    assert fingerprints[0] == unweighted.hexdigest()
+
+
+@pytest.mark.parametrize("loss, weight, says", [
+    ("mse", CLASS_WEIGHTS, "built-in losses.*not 'mse'.*w\\[t\\] \\* your_loss"),
+    (lambda o, t: F.cross_entropy(o, t, reduction="none"), CLASS_WEIGHTS, "not 'custom:.*w\\[t\\] \\* your_loss"),
+    ("cross_entropy", CLASS_WEIGHTS.reshape(1, 3), "vector of finite weights ≥ 0, one per class"),
+    ("cross_entropy", [1.0, -1.0, 2.0], "finite weights ≥ 0.*\\[1.0, -1.0, 2.0\\]"),
+    ("cross_entropy", [1.0, float("nan"), 2.0], "finite weights ≥ 0"),
+    ("cross_entropy", "heavy", "no vector of numbers"),
+], ids=["mse", "custom", "matrix", "negative", "nan", "text"])
+def test_class_weights_that_cannot_weight_the_loss_are_refused_before_anything_is_written(tmp_path, loss,
+                                                                                           weight, says):
+    model = tiny()
+    with pytest.raises(ex.InputError, match=f"(?s)class_weights.*{says}"):
+        ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1), loss=loss,
+                    class_weights=weight)
+    assert not (tmp_path / "h").exists()
+
+
+def test_class_weights_of_another_length_are_named_at_the_first_step(tmp_path):
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*returns 3 classes.*one weight per class"):
+        with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0]) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 1)
+
+
+def test_resume_continues_with_the_recorded_class_weights(tmp_path):
+    """Resumed without class_weights=, the gradient check of every step passes only with the
+    recorded weights restored; other weights are refused."""
+    x, y = tiny_data()
+    t = class_targets("indices", y)
+    weighted = torch_class_loss("cross_entropy", CLASS_WEIGHTS, "mean")
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer, class_weights=CLASS_WEIGHTS) as rec:
+        sgd_steps(rec, model, optimizer, x, t, 0, 4, loss=weighted, crash_at=1)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.InputError, match=r"(?s)class_weights=\[1.0, 3.0, 0.5\].*\[1.0, 1.0, 1.0\].*leave "
+                                            "class_weights= out"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer, class_weights=[1.0, 1.0, 1.0])
+    with ex.Recorder.resume(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        assert torch.equal(rec.class_weights, CLASS_WEIGHTS)
+        sgd_steps(rec, model, optimizer, x, t, rec.step, 4, loss=weighted)
+    cube = ex.explain(tmp_path / "h", model, x[:2], keep=("train",), quadrature=8, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9 and cube.attrs["max_update_residual"] <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
