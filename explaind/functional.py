@@ -33,6 +33,7 @@ from .errors import InputError, UnsupportedError
 from .losses import PerSampleLoss
 
 TARGETS = ("log_prob", "logit")
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)  # torch's embedding modules (checked for sparse=, max_norm=, scale_grad_by_freq=)
 
 
 def check_target(target: str) -> None:
@@ -666,7 +667,7 @@ def _private_structure(model: nn.Module) -> nn.Module:
             "while explaind works with it", stacklevel=3)
         return model
     for module in private.modules():  # torch.func's transforms take no sparse gradient: the same numbers, dense
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        if isinstance(module, EMBEDDINGS):
             module.sparse = False
     return private
 

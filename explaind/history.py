@@ -45,7 +45,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .errors import HistoryError, InputError, UnsupportedError, is_number
-from .functional import FlatModel, ParamLayout, layout_of, module_of, trainable_parameters
+from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, CLASS_WEIGHTED, REDUCTIONS, check_class_weights, check_per_sample,
                      check_reduction, recorded_loss, resolve_loss, sample_weights)
 
@@ -271,12 +271,12 @@ def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on the batch's statistics"
             fix = f"{EVAL_MODE}, or remove it"
-        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+        elif isinstance(module, EMBEDDINGS) and module.max_norm is not None:
             cause = (f"is an {kind} with max_norm={module.max_norm}{when}: every forward pass renormalises the "
                      "rows it looks up in place, a change of the parameters outside optimizer.step()")
             fix = ("max_norm=None; to bound the vectors, scale them in forward instead (v * (max_norm / "
                    "v.norm(dim=-1, keepdim=True)).clamp(max=1)), which leaves the parameters to the optimizer")
-        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq \
+        elif isinstance(module, EMBEDDINGS) and module.scale_grad_by_freq \
                 and module.weight.requires_grad:
             cause = (f"is an {kind} with scale_grad_by_freq=True{when}: it divides each row's gradient by how "
                      "often the row occurs in the whole batch, so the batch's gradient is not the sum of its "
@@ -306,7 +306,7 @@ def _refuse_sparse_embeddings(model: nn.Module) -> None:
     """Sparse gradients are refused: a resumed run would continue the momentum densely, which
     rounds otherwise than the sparse buffer, and torch's clip_grad_norm_ does not take them."""
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
+        if isinstance(module, EMBEDDINGS) and module.sparse and module.weight.requires_grad:
             raise UnsupportedError(f"module {name!r} is an {type(module).__name__} with sparse=True, whose sparse "
                                    f"gradients explaind does not record. {SPARSE_FIX}")
 
@@ -646,7 +646,7 @@ class Recorder:
             if p.grad.layout != torch.strided:
                 raise UnsupportedError(
                     f"parameter {name!r} has a sparse gradient at step {self.step} (F.embedding(..., sparse=True) "
-                    f"in forward, or an embedding made sparse after recording started), which explaind does not "
+                    "in forward, or an embedding made sparse after recording started), which explaind does not "
                     f"record. {SPARSE_FIX}")
             if not torch.equal(p.detach().cpu(), self._last[name]):
                 raise HistoryError(
