@@ -584,6 +584,11 @@ class Recorder:
                 "of the dataset. Fix: pass each row's index in the dataset (e.g. from a Dataset whose "
                 "__getitem__ returns it), not its position in the batch"
             )
+        weights = sample_weights(self.reduction, self.loss_name, targets, self.class_weights, torch.float64, "cpu")
+        if not weights.isfinite().all():
+            raise InputError(
+                f"batch() at step {self.step}: every target of the batch is ignored (-100) or has class weight 0, so "
+                "torch's mean loss is 0 / 0 (NaN). Fix: skip optimizer.step() for such a batch")
         self._seen.update(indices.tolist())
         self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
 

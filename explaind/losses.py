@@ -52,13 +52,13 @@ def _class_indices(y: torch.Tensor) -> torch.Tensor:
 
 def _cross_entropy(out, y, weight=None):
     _classes("cross_entropy", out, y, soft=True, weight=weight)
-    weight = None if weight is None else weight.to(out.dtype)
+    weight = None if weight is None else weight.to(out.device, out.dtype)
     return F.cross_entropy(out, _class_indices(y), weight=weight, reduction="none")
 
 
 def _nll(out, y, weight=None):
     _classes("nll", out, y, soft=False, weight=weight)
-    weight = None if weight is None else weight.to(out.dtype)
+    weight = None if weight is None else weight.to(out.device, out.dtype)
     return F.nll_loss(out, _class_indices(y), weight=weight, reduction="none")
 
 
@@ -168,6 +168,10 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
     if loss in CLASS_WEIGHTED and not targets.is_floating_point():
         targets = targets.long().cpu()
         counted = targets != IGNORE_INDEX
+        if class_weights is not None and not (~counted | ((targets >= 0) & (targets < len(class_weights)))).all():
+            raise InputError(f"class_weights has {len(class_weights)} entries but a target is "
+                             f"{int(targets[counted].max())}. Fix: pass one weight per class, as torch's weight= "
+                             "of the loss you train with")
         each = torch.ones(n, dtype=torch.float64) if class_weights is None else class_weights[targets.clamp_min(0)]
         total = float(torch.where(counted, each, 0.0).sum())
     return torch.full((n,), 1.0 / total if total else float("nan"), dtype=dtype, device=device)

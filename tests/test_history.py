@@ -1015,9 +1015,24 @@ def test_class_weights_of_another_length_are_named_at_the_first_step(tmp_path):
     x, y = tiny_data()
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*returns 3 classes.*one weight per class"):
+    with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*a target is 2.*one weight per class"):
         with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0]) as rec:
             sgd_steps(rec, model, optimizer, x, y, 0, 1)
+    with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*returns 3 classes.*one weight per class"):
+        with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0], overwrite=True) as rec:
+            sgd_steps(rec, model, optimizer, x, y.clamp(max=1), 0, 1)
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)])
+def test_a_batch_whose_mean_has_no_weight_is_refused_when_declared(tmp_path, weight):
+    """All targets ignored (or of weight 0): torch's mean is 0 / 0, which used to surface only
+    as a diverged step."""
+    x, y = tiny_data(4)
+    t = torch.tensor([-100, -100, 0, 0]) if weight is not None else torch.full((4,), -100)
+    model = tiny()
+    with ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1), class_weights=weight) as rec:
+        with pytest.raises(ex.InputError, match="(?s)step 0: every target.*ignored.*0 / 0.*Fix: skip"):
+            rec.batch(torch.arange(4), x, t)
 
 
 def test_resume_continues_with_the_recorded_class_weights(tmp_path):
