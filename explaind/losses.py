@@ -165,7 +165,7 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
     if reduction == "sum":
         return torch.ones(n, dtype=dtype, device=device)
     total = float(n)
-    if loss in CLASS_WEIGHTED and not targets.is_floating_point():
+    if loss in CLASS_WEIGHTED and targets.dim() == 1 and not targets.is_floating_point():  # class indices
         targets = targets.long().cpu()
         counted = targets != IGNORE_INDEX
         if class_weights is not None and not (~counted | ((targets >= 0) & (targets < len(class_weights)))).all():
