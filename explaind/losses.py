@@ -168,10 +168,12 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
     if loss in CLASS_WEIGHTED and targets.dim() == 1 and not targets.is_floating_point():  # class indices
         targets = targets.long().cpu()
         counted = targets != IGNORE_INDEX
-        if class_weights is not None and not (~counted | ((targets >= 0) & (targets < len(class_weights)))).all():
-            raise InputError(f"class_weights has {len(class_weights)} entries but a target is "
-                             f"{int(targets[counted].max())}. Fix: pass one weight per class, as torch's weight= "
-                             "of the loss you train with")
+        if class_weights is not None:
+            beyond = counted & ((targets < 0) | (targets >= len(class_weights)))
+            if beyond.any():
+                raise InputError(f"class_weights has {len(class_weights)} entries but a target is "
+                                 f"{int(targets[beyond][0])}. Fix: pass one weight per class, as torch's weight= "
+                                 "of the loss you train with")
         each = torch.ones(n, dtype=torch.float64) if class_weights is None else class_weights[targets.clamp_min(0)]
         total = float(torch.where(counted, each, 0.0).sum())
     return torch.full((n,), 1.0 / total if total else float("nan"), dtype=dtype, device=device)

@@ -1018,6 +1018,9 @@ def test_class_weights_of_another_length_are_named_at_the_first_step(tmp_path):
     with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*a target is 2.*one weight per class"):
         with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0]) as rec:
             sgd_steps(rec, model, optimizer, x, y, 0, 1)
+    with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0], overwrite=True) as rec:
+        with pytest.raises(ex.InputError, match=r"(?s)class_weights has 2 entries.*a target is -5\."):
+            rec.batch(torch.arange(4), x[:4], torch.tensor([1, -5, 1, 0]))  # torch ignores -100 only
     with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*returns 3 classes.*one weight per class"):
         with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0], overwrite=True) as rec:
             sgd_steps(rec, model, optimizer, x, y.clamp(max=1), 0, 1)
