@@ -937,8 +937,8 @@ CLASS_WEIGHTS = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
 def class_targets(kind: str, y: torch.Tensor) -> torch.Tensor:
     """Class indices with some ignored (torch's ignore_index, -100), or class probabilities."""
     if kind == "probabilities":
-        return torch.softmax(torch.randn(len(y), 3, generator=torch.Generator().manual_seed(2), dtype=y.dtype
-                                         if y.is_floating_point() else torch.float64), 1)
+        g = torch.Generator().manual_seed(2)
+        return torch.softmax(torch.randn(len(y), 3, generator=g, dtype=torch.float64), 1)
     ignored = y.clone()
     ignored[[1, 6, 7]] = -100  # batches of 4: one ignored, two ignored, none
     return ignored
