@@ -439,7 +439,8 @@ class Recorder:
         _refuse_parameter_dtypes(self._params)
         _refuse_sparse_embeddings(self.model)
         self._group_of = self._param_groups()
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (indices, inputs, targets, each row's weight in the batch gradient) of the declared batch
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._gradient_scale: float | None = None  # this step's clipping factor, once clipped
         self._closed = False
         self._seen: set[int] = set()
@@ -590,7 +591,7 @@ class Recorder:
                 f"batch() at step {self.step}: every target of the batch is ignored (-100) or has class weight 0, so "
                 "torch's mean loss is 0 / 0 (NaN). Fix: skip optimizer.step() for such a batch")
         self._seen.update(indices.tolist())
-        self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets))
+        self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets), weights)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` over all trained parameters, recorded: call it in its
@@ -750,15 +751,14 @@ class Recorder:
 
     def _check_gradient(self) -> None:
         """Compare .grad with the gradient of the declared loss on the declared batch."""
-        _, x, y = self._pending
+        _, x, y, w = self._pending
         p0 = self._first_parameter
         flat = FlatModel(self.model, self.layout, p0.dtype, p0.device)
         theta = torch.cat([p.detach().reshape(-1) for p in self._params.values()])
         x, y = flat.cast_inputs(x), y.to(p0.device)
         with torch.no_grad():
             check_per_sample(self.loss_name, self.loss(flat.raw(theta, x), y), len(x))
-        w = sample_weights(self.reduction, self.loss_name, y, self.class_weights, p0.dtype, p0.device)
-        w = w * (self._gradient_scale or 1.0)
+        w = w.to(p0.device, p0.dtype) * (self._gradient_scale or 1.0)
         expected = flat.batch_gradient(theta, x, y, w, self.loss)
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
@@ -793,7 +793,7 @@ class Recorder:
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        indices, inputs, targets = self._pending
+        indices, inputs, targets, _ = self._pending
         self._pending = None
         after = {n: _cpu(p) for n, p in self._params.items()}
         self._refuse_non_finite(after)
@@ -1099,11 +1099,21 @@ def _resumed_loss(history: "History", loss, reduction: str | None, class_weights
     return {"loss": loss, "reduction": reduction, "class_weights": recorded}
 
 
-def _class_weights_valid(meta: dict, loss: str) -> bool:
-    """Whether meta.json's class weights are what a Recorder writes: weights ≥ 0 of a built-in class loss."""
-    weights = meta["class_weights"]
-    return (loss in CLASS_WEIGHTED and isinstance(weights, list) and len(weights) > 0
-            and all(is_number(w) and 0 <= w < float("inf") for w in weights))
+def _recorded_class_weights(meta: dict, loss: str) -> torch.Tensor | None:
+    """meta.json's class weights (float64), or None for an unweighted history; ValueError for what
+    no Recorder writes: weights in a history of another version, of a loss without classes, or
+    that check_class_weights refuses."""
+    weights = meta.get("class_weights")
+    if (meta.get("version") == CLASS_WEIGHTS_VERSION) != ("class_weights" in meta):
+        raise ValueError("class weights and format version disagree")
+    if weights is None:
+        return None
+    if loss not in CLASS_WEIGHTED or not isinstance(weights, list) or not all(map(is_number, weights)):
+        raise ValueError("no class weights a Recorder writes")
+    try:
+        return check_class_weights(weights)
+    except InputError as error:
+        raise ValueError(str(error)) from None
 
 
 def _check_scheduler(scheduler) -> None:
@@ -1282,7 +1292,8 @@ class History:
                 f"closed: it was edited or corrupted. {_RESTORE}")
 
     def _check_meta(self) -> None:
-        """Refuse a meta.json whose facts this library cannot honour (edited or damaged)."""
+        """Refuse a meta.json whose facts this library cannot honour (edited or damaged); keep
+        its class weights, the loss's weight= (float64), or None: unweighted."""
         meta = self.meta
         problems = []
         if meta.get("optimizer") not in GROUP_KEYS:
@@ -1292,8 +1303,9 @@ class History:
         loss = str(meta.get("loss"))
         if not (loss in BUILTIN_LOSSES or loss.startswith("custom:")):
             problems.append(f"loss {loss!r}")
-        weighted = meta.get("version") == CLASS_WEIGHTS_VERSION
-        if weighted != ("class_weights" in meta) or (weighted and not _class_weights_valid(meta, loss)):
+        try:
+            self.class_weights = _recorded_class_weights(meta, loss)
+        except ValueError:
             problems.append(f"class_weights {meta.get('class_weights')!r} (format version {meta.get('version')})")
         if problems:
             raise HistoryError(
@@ -1358,12 +1370,6 @@ class History:
     @property
     def reduction(self) -> str:
         return self.meta["reduction"]
-
-    @property
-    def class_weights(self) -> torch.Tensor | None:
-        """The loss's class weights (float64), or None: unweighted."""
-        weights = self.meta.get("class_weights")
-        return None if weights is None else torch.tensor(weights, dtype=torch.float64)
 
     def per_sample_loss(self, loss=None):
         """The per-sample training loss (see losses.recorded_loss; a custom one is passed as `loss`)."""

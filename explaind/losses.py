@@ -116,7 +116,8 @@ def check_class_weights(class_weights) -> torch.Tensor | None:
                          "weight per class, as torch's weight= of the loss you train with") from None
     if weights.dim() != 1 or len(weights) == 0 or not (weights.isfinite() & (weights >= 0)).all():
         raise InputError(f"class_weights must be a vector of finite weights ≥ 0, one per class; got "
-                         f"{weights.tolist() if weights.numel() <= 8 else tuple(weights.shape)}")
+                         f"{weights.tolist() if weights.numel() <= 8 else tuple(weights.shape)}. Fix: pass the "
+                         "weight= of the loss you train with (a 1-D tensor of length the number of classes)")
     return weights
 
 

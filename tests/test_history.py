@@ -881,11 +881,15 @@ def drop_file_of_second_manifest_line(path: Path) -> None:
     ("meta.json", edit_json("meta.json", lambda c: c.update(class_weights=[1.0, 2.0, 3.0]))),
     ("meta.json", edit_json("meta.json", lambda c: c.update(version=2))),
     ("meta.json", edit_json("meta.json", lambda c: c.update(version=2, class_weights=[1.0, -2.0, 3.0]))),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(version=2, class_weights=["1.0", 2.0, 3.0]))),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(version=2, class_weights=[]))),
+    ("meta.json", edit_json("meta.json", lambda c: c.update(version=2, class_weights=[1.0, 2.0], loss="mse"))),
 ], ids=["empty closed.json", "closed.json without n_steps", "meta.json without params", "bad dtype",
         "manifest line without file", "gradient scale above 1", "gradient scale 0", "gradient scale as text",
         "a learning rate edited", "another final step hash",
         "initial state deleted", "unknown reduction", "class weights in format version 1",
-        "version 2 without class weights", "a negative class weight"])
+        "version 2 without class weights", "a negative class weight", "a class weight as text",
+        "no class weight", "class weights of a loss without classes"])
 def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
     path = copy_of()
     damage(path)
@@ -998,7 +1002,7 @@ def test_class_weights_are_part_of_the_history(tmp_path):
     ("mse", CLASS_WEIGHTS, "built-in losses.*not 'mse'.*w\\[t\\] \\* your_loss"),
     (lambda o, t: F.cross_entropy(o, t, reduction="none"), CLASS_WEIGHTS, "not 'custom:.*w\\[t\\] \\* your_loss"),
     ("cross_entropy", CLASS_WEIGHTS.reshape(1, 3), "vector of finite weights ≥ 0, one per class"),
-    ("cross_entropy", [1.0, -1.0, 2.0], "finite weights ≥ 0.*\\[1.0, -1.0, 2.0\\]"),
+    ("cross_entropy", [1.0, -1.0, 2.0], "finite weights ≥ 0.*\\[1.0, -1.0, 2.0\\]. Fix: pass the weight="),
     ("cross_entropy", [1.0, float("nan"), 2.0], "finite weights ≥ 0"),
     ("cross_entropy", "heavy", "no vector of numbers"),
 ], ids=["mse", "custom", "matrix", "negative", "nan", "text"])
