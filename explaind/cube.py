@@ -179,6 +179,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         max_kinks=req.path.max_kinks,
         **req.path.stats.as_attrs(),
         dtype=str(req.flat.dtype).removeprefix("torch."),
+        coarser_rounding=req.coarser_rounding,
         explaind_version=_version(),
         history_sha256=history.fingerprint(),
         n_steps=history.n_steps,

@@ -77,6 +77,7 @@ class Request:
     batch_chunk: int = 0  # samples of a recorded batch per backward pass (0: planned)
     component_slices: list[slice] = field(default_factory=list)
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
+    coarser_rounding: str = ""  # where the model rounds to a coarser dtype (FlatModel.coarser_rounding)
 
     @property
     def n_outputs(self) -> int:
@@ -250,6 +251,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     with torch.no_grad():
         final = flat.explained(theta_final, flat.cast_inputs(inputs[:1]), target)
     select, labels = select_outputs(outputs, targets, inputs, final.shape[-1], flat, theta_final, target)
+    coarser_rounding = flat.coarser_rounding(theta_final, inputs, target)
 
     n_steps = history.n_steps
     train_index = history.train_indices()
@@ -261,7 +263,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
-        progress=True, component_slices=slices, check_updates=check_updates,
+        progress=True, component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding,
     )
 
 
@@ -1079,6 +1081,10 @@ def _path_fix(attrs: dict) -> str:
                 "max_kinks=... until the cube's attribute kink_segments_unresolved is 0. A count that does not fall "
                 "is of segments whose crossings the search could not pin down within its rounds (rare; cut where "
                 "their interpolants predict them): their miss is the search's limit.")
+    if attrs.get("coarser_rounding"):  # absent from cubes written before this attribute
+        return (f"The model itself rounds to a coarser dtype than {attrs['dtype']} ({attrs['coarser_rounding']}), "
+                "and no quadrature integrates that rounding away: compute that step in the model's dtype, or "
+                "accept a tolerance of the coarser dtype's precision.")
     if not attrs["breakpoints"]:
         fix = "raise quadrature=..., or set breakpoints=True if the model has ReLU / max-pool kinks"
     elif attrs["kink_tolerance"] > 0:

@@ -12,8 +12,10 @@ import contextlib
 import copy
 import functools
 import itertools
+import os
 import re
 import threading
+import traceback
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -156,6 +158,38 @@ class _OutputSizes(TorchDispatchMode):
         if not entry[1]:
             self.live -= entry[0]
             del self.tensors_on[address]
+
+
+class _CoarserRounding(TorchFunctionMode):
+    """Notes the first op that takes a tensor computed from the parameters in the explained dtype
+    and returns one in a coarser floating dtype (a float32 norm inside a float64 model), with
+    the line of the model's code that called it."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.eps = torch.finfo(dtype).eps
+        self.site = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.site and self._coarsens(tree_leaves((args, kwargs)), tree_leaves(out)):
+            self.site = f"{torch.overrides.resolve_name(func) or func} at {_callers_line()}"
+        return out
+
+    def _coarsens(self, given: list, made: list) -> bool:
+        def computed(ts):  # floating tensors that depend on θ (which requires grad here)
+            return [t for t in ts if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+        return (any(torch.finfo(t.dtype).eps <= self.eps for t in computed(given))
+                and any(torch.finfo(t.dtype).eps > self.eps for t in computed(made)))
+
+
+def _callers_line() -> str:
+    """file:line (function) of the innermost frame outside torch and explaind: the model's code."""
+    skipped = tuple(os.path.dirname(module) + os.sep for module in (torch.__file__, __file__))
+    for frame in reversed(traceback.extract_stack()):
+        if not frame.filename.startswith(skipped):
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
+    return "an unknown line"
 
 
 def _storage_address(t: torch.Tensor) -> int | None:
@@ -785,6 +819,22 @@ class FlatModel:
             peaks.append(mode.peak)
         per_tangent = max(peaks[1] - peaks[0], 0)
         return ForwardModeSizes(max(peaks[0] - 3 * per_tangent, 0), per_tangent)
+
+    def coarser_rounding(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> str:
+        """Where the explained output of x[:1] rounds a tensor computed from θ to a coarser dtype
+        than self.dtype ("torch.Tensor.to at file:line (function)"), or "": every residual then
+        keeps that rounding, whatever the quadrature. A warning says so."""
+        mode = _CoarserRounding(self.dtype)
+        with torch.enable_grad(), mode:
+            self.explained(theta.detach().requires_grad_(), self.cast_inputs(x[:1]), target)
+        if mode.site:
+            warnings.warn(
+                f"the model rounds tensors computed from its parameters from {self.dtype} to a coarser dtype "
+                f"({mode.site}): a decomposition in {self.dtype} then adds up only to that rounding, however "
+                "fine the quadrature (Hugging Face's LlamaRMSNorm, for one, computes in float32 by design). Fix: "
+                "compute that step in the model's dtype for a decomposition exact to its rounding, or expect a "
+                "residual of the coarser dtype's precision", stacklevel=4)
+        return mode.site
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         with _DIFFERENTIABLE_KERNELS:

@@ -187,6 +187,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
 
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
     initial = outputs(theta0)
+    coarser_rounding = flat.coarser_rounding(theta0, inputs, target)
     changes = [torch.zeros_like(initial) for _ in paths]
     # per step and input, over outputs: how far the integral misses the step's exact change
     misses = [torch.zeros(history.n_steps, len(inputs), dtype=torch.float64) for _ in paths]
@@ -230,6 +231,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                 "target": target,
                 "output_fn": flat.output_fn_name,
                 "dtype": str(dtype).removeprefix("torch."),
+                "coarser_rounding": coarser_rounding,
                 **residual_attrs(residual.cpu().numpy(), (final - initial).cpu().numpy()),
                 "history_sha256": history.fingerprint(),
             },

@@ -7,6 +7,7 @@ the optimizer unrolled by hand) that the engine's cubes are compared against ele
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -971,3 +972,59 @@ def test_a_single_output_index_is_a_list_of_one(tmp_path, outputs, labels):
     cube = ex.explain(tmp_path / "h", model, tx, ty, outputs=outputs, keep="output", progress=False)
     assert cube["attribution"].dims == ("output",)
     assert cube["output"].values.tolist() == labels
+
+
+class Float32Norm(nn.Module):
+    """A float64 MLP that rounds its input to float32 (a constant of the run, harmless) and, with
+    `coarse`, normalises its hidden layer in float32 as Hugging Face's LlamaRMSNorm does."""
+
+    def __init__(self, coarse: bool):
+        super().__init__()
+        self.coarse = coarse
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.hidden(x.float().to(x.dtype))
+        if self.coarse:
+            wide = h.float()
+            h = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return self.out(torch.tanh(h))
+
+
+def record_float32_norm(path, coarse: bool) -> tuple[nn.Module, torch.Tensor]:
+    x, y, tx, _ = make_data("mlp", 12, 3, 0)
+    torch.manual_seed(0)
+    model = Float32Norm(coarse).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with ex.Recorder(path, model, optimizer, check_every=1) as rec:
+        for _ in range(4):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    return model, tx
+
+
+def test_a_model_that_rounds_to_float32_inside_is_named_as_the_floor_of_the_residual(tmp_path):
+    """float64 history, float32 inside the forward: no quadrature lowers the residual below that
+    rounding, so explain and reconstruct name the line that rounds (warning, attribute, and the
+    fix of a residual above the tolerance) rather than asking for more nodes."""
+    model, tx = record_float32_norm(tmp_path / "h", coarse=True)
+    site = r"torch\.Tensor\.float at test_engine\.py:\d+ \(forward\)"
+    with pytest.warns(UserWarning, match=rf"from torch.float64 to a coarser dtype \({site}\)"):
+        reconstructions = [ex.reconstruct(tmp_path / "h", model, tx, quadrature=q, progress=False) for q in (8, 16)]
+    coarse, finer = (r.attrs["relative_residual"] for r in reconstructions)
+    assert 1e-11 < finer and finer > coarse / 10  # more nodes barely help: rounding, not quadrature
+    assert re.fullmatch(site, reconstructions[0].attrs["coarser_rounding"])
+    with pytest.warns(UserWarning, match=site), pytest.raises(
+            ex.ReconstructionError, match=rf"The model itself rounds to a coarser dtype than float64 \({site}\)"):
+        ex.explain(tmp_path / "h", model, tx, keep=("train", "test"), quadrature=8, tolerance=1e-13,
+                   progress=False)
+
+
+def test_rounding_what_the_parameters_do_not_move_is_not_named(tmp_path):
+    """The float32 rounding of the input is the same at every θ: the decomposition stays exact and
+    nothing is said of it."""
+    model, tx = record_float32_norm(tmp_path / "h", coarse=False)
+    cube = ex.explain(tmp_path / "h", model, tx, keep=("train", "test"), quadrature=8, progress=False)
+    assert cube.attrs["coarser_rounding"] == "" and cube.attrs["relative_residual"] <= 1e-12

@@ -1,0 +1,97 @@
+"""Hugging Face causal language models, as a stranger trains them: built from a config (no
+download), called on token ids, returning a ModelOutput whose `.logits` hold every position.
+
+They are trained on the next token after each prompt, through a custom per-sample loss, and
+explained through `output_fn`. What they bring that our own models do not: GPT-2's Conv1D
+(addmm on transposed weights), tied input and output embeddings, `gelu_new`, a causal mask built
+inside forward, SDPA attention; Llama's RMSNorm, rotary position embeddings computed in forward,
+SiLU gating and grouped-query attention.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import explaind as ex
+
+VOCAB = 11
+
+
+def gpt2() -> torch.nn.Module:
+    config = GPT2Config(vocab_size=VOCAB, n_positions=4, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(config)
+
+
+def llama() -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def next_token(out) -> torch.Tensor:
+    return out.logits[:, -1]
+
+
+def next_token_loss(out, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(next_token(out), target, reduction="none")
+
+
+def record_next_token(path, model: torch.nn.Module) -> torch.Tensor:
+    """AdamW with a schedule on shuffled mini-batches of 8 of 24 prompts (answer: their sum mod
+    VOCAB); returns the prompts."""
+    prompts = torch.randint(0, VOCAB, (24, 3))
+    answers = prompts.sum(1) % VOCAB
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    with ex.Recorder(path, model, optimizer, scheduler=scheduler, loss=next_token_loss, check_every=1) as rec:
+        for _ in range(4):
+            batch = torch.randperm(len(prompts))[:8]
+            optimizer.zero_grad()
+            next_token_loss(model(prompts[batch]), answers[batch]).mean().backward()
+            rec.batch(batch, prompts[batch], answers[batch])
+            optimizer.step()
+            scheduler.step()
+    return prompts
+
+
+def explained_against_the_models_own_change(path, model, initial, test) -> tuple[float, str]:
+    """The largest miss of the cube's sum over samples against the change of the next-token
+    log-probabilities that the untrained and the trained model compute themselves, relative to
+    the largest change; and where the model rounds to a coarser dtype ("" nowhere)."""
+    cube = ex.explain(path, model, test, keep=("train", "test", "output"), outputs="all", loss=next_token_loss,
+                      output_fn=next_token, quadrature=8, progress=False)
+    assert cube.sizes["train"] == len(ex.History(path).train_indices())
+    with torch.no_grad():
+        change = (F.log_softmax(next_token(model(test)), -1)
+                  - F.log_softmax(next_token(initial(test)), -1)).numpy()
+    explained = (cube.attribution.sum("train") + cube.regularization).transpose("test", "output").values
+    return abs(explained - change).max() / abs(change).max(), cube.attrs["coarser_rounding"]
+
+
+def test_gpt2_decomposes_exactly(tmp_path):
+    """float64: exact to rounding, and nothing of it rounds to a coarser dtype."""
+    torch.manual_seed(0)
+    model = gpt2().double().eval()  # eval: no dropout (the config sets it to 0 anyway)
+    initial = copy.deepcopy(model)
+    prompts = record_next_token(tmp_path / "h", model)
+    miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    assert miss <= 1e-9 and coarser_rounding == ""
+
+
+def test_llama_decomposes_to_its_float32_norms_rounding(tmp_path):
+    """LlamaRMSNorm normalises in float32 whatever the model's dtype: the float64 decomposition
+    adds up to that rounding (float32's 6e-8), and explain says where it comes from."""
+    torch.manual_seed(0)
+    model = llama().double().eval()
+    initial = copy.deepcopy(model)
+    prompts = record_next_token(tmp_path / "h", model)
+    with pytest.warns(UserWarning, match=r"torch\.Tensor\.to at modeling_llama\.py:\d+ \(forward\)"):
+        miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    assert 1e-11 < miss <= 1e-6 and coarser_rounding.startswith("torch.Tensor.to at modeling_llama.py:")
