@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs, step_range
 from .errors import InputError
-from .functional import FlatModel
+from .functional import FlatModel, checked_output
 from .history import History
 from .optimizers import group_index
 from .parallel import run_all
@@ -115,9 +115,9 @@ def _checked_inputs(history: History, flat: FlatModel, inputs, targets) -> tuple
     before the pass over the history (a wrong shape or class would fail deep inside it)."""
     inputs = checked_test_inputs(history, flat, inputs)
     x = flat.cast_inputs(inputs)
-    with torch.no_grad():  # one input's outputs: how many classes the model has
-        n_outputs = flat.explained(flat.layout.flatten(history.params(0)).to(flat.device, flat.dtype), x[:1],
-                                   "log_prob").shape[-1]
+    # one input's outputs: how many classes the model has
+    n_outputs = checked_output(flat, flat.layout.flatten(history.params(0)), x, "log_prob",
+                               "Fix: pass dtype=torch.float32").shape[-1]
     select, _ = select_outputs("true", targets, inputs, n_outputs, flat, None, "log_prob")
     return x, select.to(flat.device)
 

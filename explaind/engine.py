@@ -248,8 +248,8 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         start += size
 
     theta_final = flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype)
-    with torch.no_grad():
-        final = flat.explained(theta_final, flat.cast_inputs(inputs[:1]), target)
+    path = PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance, max_kinks)
+    final = path.model_output(theta_final, inputs, target)
     select, labels = select_outputs(outputs, targets, inputs, final.shape[-1], flat, theta_final, target)
     coarser_rounding = flat.coarser_rounding(theta_final, inputs, target)
 
@@ -258,7 +258,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     step_range = checked_steps(steps, n_steps, convention, parameter_scores)
     return Request(
         history=history, flat=flat, inputs=inputs, select=select, output_labels=labels,
-        keep=keep, target=target, path=PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance, max_kinks),
+        keep=keep, target=target, path=path,
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
@@ -301,7 +301,8 @@ def checked_test_inputs(history: History, flat: FlatModel, inputs) -> torch.Tens
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         bad = sorted({int(i) for i in (~torch.isfinite(inputs)).flatten(1).any(1).nonzero()[:, 0]})
         raise InputError(f"test inputs {bad[:10]} hold NaN or inf: remove them or fill in finite values")
-    flat.check_lookups(inputs)
+    # in the dtype the model was trained in, which it computes in (PathIntegral.model_output refuses the others)
+    (flat if flat.dtype == history.dtype else flat.in_dtype(history.dtype)).check_lookups(inputs)
     return inputs
 
 

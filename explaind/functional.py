@@ -681,6 +681,34 @@ def _transformed(method):
     return wrapped
 
 
+def checked_output(flat: "FlatModel", theta: torch.Tensor, x: torch.Tensor, target: str | None,
+                   fix: str) -> torch.Tensor:
+    """The explained output of x[:1] at θ in flat's dtype (target None: the module's own output,
+    which the loss reads). A model that fails in float64 but computes in float32 is refused,
+    naming `fix`; any other failure is raised as it is."""
+    try:
+        return _first_output(flat, theta, x, target)
+    except (RuntimeError, NotImplementedError) as error:
+        if flat.dtype != torch.float64 or not _computes(flat.in_dtype(torch.float32), theta, x, target):
+            raise
+        raise UnsupportedError(f"the model cannot compute in float64 ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0]}), though it does in float32. {fix}") from error
+
+
+def _first_output(flat: "FlatModel", theta: torch.Tensor, x: torch.Tensor, target: str | None):
+    theta, x = theta.to(flat.device, flat.dtype), flat.cast_inputs(x[:1])
+    with torch.no_grad():
+        return flat.raw(theta, x) if target is None else flat.explained(theta, x, target)
+
+
+def _computes(flat: "FlatModel", theta: torch.Tensor, x: torch.Tensor, target: str | None) -> bool:
+    try:
+        _first_output(flat, theta, x, target)
+    except Exception:  # whatever the model raises: it fails in this dtype too
+        return False
+    return True
+
+
 def _private_structure(model: nn.Module) -> nn.Module:
     """A copy of the module whose parameters and buffers are empty placeholders on the meta
     device. functional_call swaps the given tensors into the module it calls for the duration

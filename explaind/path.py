@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError, is_number, is_whole
-from .functional import FlatModel, ForwardModeSizes
+from .functional import FlatModel, ForwardModeSizes, checked_output
 from .quadrature import nodes
 
 
@@ -180,6 +180,21 @@ class PathIntegral:
         self._row_costs: dict[tuple[int, ...], tuple[int, int]] = {}  # per input shape (see _costs)
         self._forward_sizes: dict[tuple[int, ...], ForwardModeSizes] = {}  # per input shape (see _directional_rows)
         self.smooth = False  # found so on the first segment searched: the model has no kinks at all
+
+    def model_output(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
+        """The explained output of x[:1] at θ, with a model that cannot compute in float64 (a
+        kernel without it, as the grouped_mm of Hugging Face's mixture-of-experts layers on the
+        CPU) refused before any work where the dtype, or the kink search, needs float64."""
+        fixes = ["dtype=torch.float32"] if self.flat.dtype == torch.float64 else []
+        if self.breakpoints:
+            fixes.append("breakpoints=False (the kink search computes in float64 whatever the dtype, as float32 "
+                         "rounding makes the patterns it compares flicker; without it the quadrature converges "
+                         "only like 1/Q where the model has kinks: raise quadrature=...)")
+        fix = f"Fix: pass {' and '.join(fixes)}"
+        output = checked_output(self.flat, theta, x, target, fix)
+        if self.breakpoints and self.flat.dtype != torch.float64:
+            checked_output(self.search, theta, x, target, fix)
+        return output
 
     @property
     def searches(self) -> bool:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .cube import residual_attrs
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
-from .functional import FlatModel, check_target
+from .functional import FlatModel, check_target, checked_output
 from .history import History, open_history
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
@@ -104,6 +104,8 @@ def verify_updates(
     check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
     history = open_history(history, model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
+    first = next(history.steps(0, 1))
+    checked_output(flat, flat.layout.flatten(first.before), first.inputs, None, "Fix: pass dtype=torch.float32")
     residuals, floors = update_residuals(history, flat, history.per_sample_loss(loss))
     if tolerance is None:
         tolerance = 1e-10 if history.dtype == torch.float64 else 1e-4
@@ -186,6 +188,8 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
             return torch.cat([flat.explained(theta, x, target) for x in batches])
 
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
+    for path in paths:  # refuses a model without float64 where a path needs it
+        path.model_output(theta0, inputs, target)
     initial = outputs(theta0)
     coarser_rounding = flat.coarser_rounding(theta0, inputs, target)
     changes = [torch.zeros_like(initial) for _ in paths]

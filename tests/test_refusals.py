@@ -12,6 +12,7 @@ from torch import nn
 
 import explaind as ex
 import explaind.functional as functional
+from explaind.datamodels import tracin_scores
 from explaind.quadrature import MAX_NODES, nodes
 from engine_cases import MLP, Case, make_data, train
 
@@ -1020,3 +1021,67 @@ def test_the_largest_quadrature_allowed_is_accurate():
     assert len(t) == 1000
     for k in (0, 1, 7, 40, 300):
         assert abs(float(w @ t**k) - 1 / (k + 1)) < 1e-12
+
+
+class Float32Kernel(nn.Module):
+    """A model with a kernel that has no float64, as torch's grouped_mm on the CPU, which Hugging
+    Face's mixture-of-experts layers call; or, with `pairs`, one that fails in every dtype on a
+    single input (a failure that is not the dtype's)."""
+
+    def __init__(self, pairs: bool = False):
+        super().__init__()
+        self.pairs = pairs
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.hidden(x)
+        if h.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, got Double")
+        if self.pairs and len(x) == 1:
+            raise RuntimeError("this model takes inputs in pairs")
+        return self.out(torch.tanh(h))
+
+
+def record_float32_kernel(path, model: nn.Module) -> torch.Tensor:
+    x, y = data()
+    x = x.float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    with ex.Recorder(path, model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    return x
+
+
+def test_a_model_without_float64_is_refused_where_float64_is_needed(tmp_path, no_heavy_compute):
+    """float64 is explain's default dtype and the kink search's whatever the dtype: each refusal
+    names the options that avoid it."""
+    model = Float32Kernel()
+    x = record_float32_kernel(tmp_path / "h", model)
+    cause = "cannot compute in float64 (RuntimeError: Expected mat_a to be Float32, got Double), though it does in float32"
+    with pytest.raises(ex.UnsupportedError, match=says(cause, "Fix: pass dtype=torch.float32 and breakpoints=False")):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    with pytest.raises(ex.UnsupportedError, match=re.escape(cause) + r"\. Fix: pass breakpoints=False \(the kink search"):
+        ex.explain(tmp_path / "h", model, x[:2], dtype=torch.float32, progress=False)
+    with pytest.raises(ex.UnsupportedError, match=re.escape(cause) + r"\. Fix: pass dtype=torch.float32$"):
+        ex.reconstruct(tmp_path / "h", model, x[:2], breakpoints=False, progress=False)
+    with pytest.raises(ex.UnsupportedError, match=says(cause, "dtype=torch.float32 and breakpoints=False")):
+        ex.plan(tmp_path / "h", model, x[:2])
+    for call in (lambda: ex.verify_updates(tmp_path / "h", model),
+                 lambda: tracin_scores(ex.History(tmp_path / "h"), model, x[:2], [0, 1], progress=False)):
+        with pytest.raises(ex.UnsupportedError, match=re.escape(cause) + r"\. Fix: pass dtype=torch.float32$"):
+            call()
+
+
+def test_a_model_without_float64_is_explained_in_float32_by_plain_quadrature(tmp_path):
+    model = Float32Kernel()
+    x = record_float32_kernel(tmp_path / "h", model)
+    cube = ex.explain(tmp_path / "h", model, x[:2], dtype=torch.float32, breakpoints=False, quadrature=8,
+                      progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-5
+    assert ex.verify_updates(tmp_path / "h", model, dtype=torch.float32).max() <= 1e-4
+
+
+def test_a_failure_in_every_dtype_is_not_blamed_on_float64(tmp_path):
+    model = Float32Kernel(pairs=True)
+    x = record_float32_kernel(tmp_path / "h", model)
+    with pytest.raises(RuntimeError, match="Expected mat_a to be Float32, got Double"):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
