@@ -95,3 +95,32 @@ def test_llama_decomposes_to_its_float32_norms_rounding(tmp_path):
     with pytest.warns(UserWarning, match=r"torch\.Tensor\.to at modeling_llama\.py:\d+ \(forward\)"):
         miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
     assert 1e-11 < miss <= 1e-6 and coarser_rounding.startswith("torch.Tensor.to at modeling_llama.py:")
+
+
+def test_the_loss_hugging_face_computes_is_float32_and_named_so(tmp_path):
+    """model(x, labels=x).loss casts the logits to float32: in a float64 run the gradient check
+    names it; with the tolerance it suggests, the decomposition holds to float32's precision."""
+    torch.manual_seed(0)
+    model = gpt2().double().eval()
+    sequences = torch.randint(0, VOCAB, (16, 4))
+
+    def shifted_loss(out, tokens):  # the same loss per sequence, in float64 (equal lengths: HF's is its mean)
+        return F.cross_entropy(out.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+    def record(path, **options):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        with ex.Recorder(path, model, optimizer, loss=shifted_loss, check_every=1, **options) as rec:
+            for step in range(3):
+                batch = torch.arange(8) + 8 * (step % 2)
+                optimizer.zero_grad()
+                model(sequences[batch], labels=sequences[batch]).loss.backward()
+                rec.batch(batch, sequences[batch], sequences[batch])
+                optimizer.step()
+
+    with pytest.raises(ex.UnsupportedError, match="(?s)float32 rounding.*labels=.*check_tolerance=1e-6"):
+        record(tmp_path / "refused")
+    record(tmp_path / "h", check_tolerance=1e-6)
+    cube = ex.explain(tmp_path / "h", model, sequences[:2], loss=shifted_loss, output_fn=next_token, quadrature=8,
+                      progress=False)
+    assert 1e-10 < cube.attrs["relative_residual"] <= 1e-5
+    assert cube.attrs["max_abs_residual_from_updates"] > cube.attrs["max_abs_path_residual"]

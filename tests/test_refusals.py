@@ -358,6 +358,20 @@ def test_mixed_precision_is_caught_by_the_record_time_check(tmp_path):
             optimizer.step()
 
 
+def test_a_float32_loss_in_a_float64_run_is_named_with_both_fixes(tmp_path):
+    """A loss computed from logits cast to float32 (as Hugging Face's model(..., labels=) does)
+    misses the float64 gradient by float32's rounding: the check says so, and names computing
+    the loss in float64 or a tolerance of float32's precision."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("float32 rounding", "labels=", "check_tolerance=1e-6")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x).float(), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+
+
 @pytest.mark.parametrize("dtype, rounding", [(torch.bfloat16, "4e-03"), (torch.float16, "5e-04")])
 def test_16_bit_parameters_are_refused(tmp_path, dtype, rounding):
     """A 16-bit run rounds every update far beyond what the decomposition can attribute: explain
