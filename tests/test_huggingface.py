@@ -2,7 +2,8 @@
 download), called on token ids, returning a ModelOutput whose `.logits` hold every position.
 
 They are trained on the next token after each prompt, through a custom per-sample loss, and
-explained through `output_fn`. What they bring that our own models do not: GPT-2's Conv1D
+explained through `output_fn`; the last test trains on every position through the model's own
+loss (`labels=`), which computes in float32. What they bring that our own models do not: GPT-2's Conv1D
 (addmm on transposed weights), tied input and output embeddings, `gelu_new`, a causal mask built
 inside forward, SDPA attention; Llama's RMSNorm, rotary position embeddings computed in forward,
 SiLU gating and grouped-query attention.
