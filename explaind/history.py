@@ -776,11 +776,11 @@ class Recorder:
                         "declared as Recorder(..., class_weights=w)."
                         ) if self.loss_name in CLASS_WEIGHTED and self.class_weights is None else ""
             # a float64 run that misses by about float32's rounding computes some step in float32
-            single = (" A miss this small in a float64 run is float32 rounding: a step of the loop computes in "
-                      "float32, as Hugging Face's model(..., labels=...).loss does (it casts the logits to float32). "
-                      "Compute the loss from the logits in float64 (the declared per-sample loss, averaged) for an "
-                      "exact record, or pass check_tolerance=1e-6 and expect residuals of float32's precision."
-                      ) if p0.dtype == torch.float64 and error <= 1e-5 else ""
+            float32_loss = (" A miss this small in a float64 run is float32 rounding: a step of the loop computes in "
+                            "float32, as Hugging Face's model(..., labels=...).loss does (it casts the logits to "
+                            "float32). Compute the loss from the logits in float64 (the declared per-sample loss, "
+                            "averaged) for an exact record, or pass check_tolerance=1e-6 and expect residuals of "
+                            "float32's precision.") if p0.dtype == torch.float64 and error <= 1e-5 else ""
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
@@ -795,7 +795,7 @@ class Recorder:
                 "loss by the size of the step's whole batch instead: its gradient is then the mean "
                 "over that batch), or inputs passed to batch() that differ from those the model "
                 "saw. Fix the training loop (train in float32 or float64) "
-                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{single}"
+                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{float32_loss}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:

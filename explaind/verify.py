@@ -188,8 +188,8 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
             return torch.cat([flat.explained(theta, x, target) for x in batches])
 
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
-    for path in paths:  # refuses a model without float64 where a path needs it
-        path.model_output(theta0, inputs, target)
+    # the paths share one model and one search dtype: the one that searches kinks (if any) needs the most
+    max(paths, key=lambda path: path.breakpoints).model_output(theta0, inputs, target)
     initial = outputs(theta0)
     coarser_rounding = flat.coarser_rounding(theta0, inputs, target)
     changes = [torch.zeros_like(initial) for _ in paths]
