@@ -183,13 +183,21 @@ class _CoarserRounding(TorchFunctionMode):
                 and any(torch.finfo(t.dtype).eps > self.eps for t in computed(made)))
 
 
-def _callers_line() -> str:
-    """file:line (function) of the innermost frame outside torch and explaind: the model's code."""
+def _models_line(frames: traceback.StackSummary) -> str:
+    """file:line (function) of the innermost of the frames outside torch and explaind: the model's code."""
     skipped = tuple(os.path.dirname(module) + os.sep for module in (torch.__file__, __file__))
-    for frame in reversed(traceback.extract_stack()):
+    for frame in reversed(frames):
         if not frame.filename.startswith(skipped):
             return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
     return "an unknown line"
+
+
+def _callers_line() -> str:
+    return _models_line(traceback.extract_stack())
+
+
+def _raising_line(error: Exception) -> str:
+    return _models_line(traceback.extract_tb(error.__traceback__))
 
 
 def _storage_address(t: torch.Tensor) -> int | None:
@@ -635,50 +643,116 @@ def _explainable_outputs(out, source: str) -> torch.Tensor:
 
 # what torch.func.vmap says when an op writes in place into a tensor that is not batched
 _UNBATCHED_WRITE = re.compile(r"doesn't match the broadcast shape|vmap: .* is not possible because")
+# what torch.func.vmap says when the model reads a tensor's value in Python or makes a shape from it
+_DATA_DEPENDENT = re.compile(r"vmap: It looks like you're either \(1\) calling \.item\(\) on a Tensor or \(2\) "
+                             r"attempting to use a Tensor in some data-dependent control flow|vmap: We do not "
+                             r"support batching operators that can output dynamic shape\. Attempted to vmap over \S+")
 # what torch.func says of saved-tensor hooks (non-reentrant activation checkpointing installs them)
 _SAVED_TENSOR_HOOKS = "saved tensor hooks"
 
 
+# what torch.func says of a torch.autograd.Function it cannot transform: what the Function lacks, the fix
+_FUNCTION_GAPS = (
+    ("must override the setup_context staticmethod",
+     "it is written in the old style, forward(ctx, ...), which torch.func does not transform",
+     "write it in torch.func's style: forward(*inputs) without ctx, setup_context(ctx, inputs, output) to "
+     "save what backward needs, generate_vmap_rule = True, and jvp(ctx, *tangents) for forward mode; or, "
+     "where its backward is its forward's derivative, have the model compute the forward's torch ops "
+     "itself (a Hugging Face Bloom model: m.forward = bloom_gelu_forward for each of its BloomGelu m)"),
+    ("does not have vmap support", "it has no vmap rule",
+     "set generate_vmap_rule = True on it (or write its vmap staticmethod)"),
+    ("implement the jvp function", "it has no jvp staticmethod, which forward mode needs",
+     "give it a jvp staticmethod, or explain with breakpoints=False and a train dim (or "
+     "parameter_scores=True), which need reverse mode only"),
+)
+
+
+def _custom_function_refusal(error: Exception) -> UnsupportedError | None:
+    """The refusal naming the model's torch.autograd.Function that torch.func could not
+    transform, what it lacks and the fix; None for any other error."""
+    said = str(error)
+    for torch_says, gap, fix in _FUNCTION_GAPS:
+        if torch_says in said:
+            return UnsupportedError(
+                f"torch.func cannot transform {_function_call(error)}, a torch.autograd.Function of the model: "
+                f"{gap}. explaind takes every derivative with torch.func (per-sample gradients by vmap over "
+                f"grad; kinks, cubes without a train dim and reconstruct() by forward mode). Fix: {fix}")
+    return None
+
+
+def _function_call(error: Exception) -> str:
+    """'Name.apply at file:line (function)': the innermost torch.autograd.Function applied in the
+    error's traceback, and the model's line that applied it."""
+    for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+        cls = frame.f_locals.get("cls")
+        if frame.f_code.co_name == "apply" and isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            return f"{cls.__name__}.apply at {_raising_line(error)}"
+    return f"a torch.autograd.Function at {_raising_line(error)}"
+
+
 def _transformed(method):
-    """Turn torch's refusals to transform an op of the model (no forward-mode derivative; an
-    in-place write vmap cannot batch; saved-tensor hooks) into errors that name the cause and the fix."""
+    """Turn torch's refusals to transform an op of the model into errors that name the cause and
+    the fix (see _refusal)."""
 
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except NotImplementedError as error:
-            if "forward AD" not in str(error):
+        except (NotImplementedError, RuntimeError) as error:
+            refusal = _refusal(error)
+            if refusal is None:
                 raise
-            cause = str(error).splitlines()[0]
-            raise UnsupportedError(
-                f"torch cannot differentiate an op of the model in forward mode ({cause}). explaind uses "
-                "forward mode to locate kinks (breakpoints=True), for cubes without a train dim and in "
-                "reconstruct(). Fix: explain with breakpoints=False and a train dim (or parameter_scores="
-                "True), which need reverse mode only, or build that op from ones torch differentiates in "
-                "forward mode (for weight norm: w = g * v / v.norm(dim=1, keepdim=True))") from error
-        except RuntimeError as error:
-            cause = str(error).splitlines()[0]
-            if _SAVED_TENSOR_HOOKS in cause:
-                raise UnsupportedError(
-                    f"torch.func cannot transform the model ({cause}): it installs saved-tensor hooks, as "
-                    "torch.utils.checkpoint(..., use_reentrant=False) and torch.autograd.graph.save_on_cpu "
-                    "do. They save memory and leave the gradients as they are. Fix: give explaind the model "
-                    "without them: explain with the architecture built without checkpointing (explain takes "
-                    "every parameter value from the history), and record either so (a switch that forward "
-                    "reads) or with check_every=0, which skips the Recorder's gradient check") from error
-            if not _UNBATCHED_WRITE.search(str(error)):
-                raise
-            raise UnsupportedError(
-                f"torch.func.vmap cannot batch an op of the model ({cause}): it writes in place into a "
-                "tensor the model made without the input, such as torch.zeros(...), which vmap does "
-                "not batch. explaind batches every derivative over inputs, samples or points with vmap. "
-                "PyTorch's nn.LSTMCell and nn.GRUCell make their state so when called without one, and "
-                "nn.LSTM, nn.GRU and nn.RNN in float64 on the CPU. Fix: make such tensors from the input "
-                "(x.new_zeros(...), torch.zeros_like(x)); for those modules pass that state, for example "
-                "h0 = x.new_zeros(layers, batch, hidden)") from error
+            raise refusal from error
 
     return wrapped
+
+
+def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | None:
+    """What torch's error means for explaind, with the fix: a custom autograd.Function torch.func
+    does not take; an op without a forward-mode derivative; saved-tensor hooks; an in-place write
+    vmap cannot batch; a value or shape read from a tensor, which vmap cannot batch either. None for
+    any other error."""
+    if refusal := _custom_function_refusal(error):
+        return refusal
+    cause = str(error).splitlines()[0]
+    if isinstance(error, NotImplementedError):
+        if "forward AD" not in cause:
+            return None
+        return UnsupportedError(
+            f"torch cannot differentiate an op of the model in forward mode ({cause}). explaind uses "
+            "forward mode to locate kinks (breakpoints=True), for cubes without a train dim and in "
+            "reconstruct(). Fix: explain with breakpoints=False and a train dim (or parameter_scores="
+            "True), which need reverse mode only, or build that op from ones torch differentiates in "
+            "forward mode (for weight norm: w = g * v / v.norm(dim=1, keepdim=True))")
+    if _SAVED_TENSOR_HOOKS in cause:
+        return UnsupportedError(
+            f"torch.func cannot transform the model ({cause}): it installs saved-tensor hooks, as "
+            "torch.utils.checkpoint(..., use_reentrant=False) and torch.autograd.graph.save_on_cpu "
+            "do. They save memory and leave the gradients as they are. Fix: give explaind the model "
+            "without them: explain with the architecture built without checkpointing (explain takes "
+            "every parameter value from the history), and record either so (a switch that forward "
+            "reads) or with check_every=0, which skips the Recorder's gradient check")
+    if data_dependent := _DATA_DEPENDENT.search(cause):
+        return UnsupportedError(
+            f"torch.func.vmap cannot batch the model's forward at {_raising_line(error)} "
+            f"({data_dependent.group(0).rstrip('.')}): vmap runs it once for a whole batch of inputs, "
+            "samples or points, so forward can neither read a tensor's value in Python (.item(), `if t:`, "
+            "`v in t`) nor make a shape from one (torch.unique, nonzero, a boolean mask as an index). "
+            "explaind batches every derivative with vmap, except in a cube without a train dim and with "
+            "breakpoints=False, and in reconstruct(). Fix: write that step with ops of fixed shape "
+            "(torch.where, a mask multiplied in) or move it out of forward; where a library's check does "
+            "it, give the call what skips the check (Hugging Face's padding warning: an attention_mask, by "
+            "a module around the model whose forward returns model(x, attention_mask=torch.ones_like(x)))")
+    if not _UNBATCHED_WRITE.search(str(error)):
+        return None
+    return UnsupportedError(
+        f"torch.func.vmap cannot batch an op of the model at {_raising_line(error)} ({cause}): it writes "
+        "in place into a tensor the model made without the input, such as torch.zeros(...), which vmap "
+        "does not batch. explaind batches every derivative over inputs, samples or points with vmap. "
+        "PyTorch's nn.LSTMCell and nn.GRUCell make their state so when called without one, and nn.LSTM, "
+        "nn.GRU and nn.RNN in float64 on the CPU. Fix: make such tensors from the input (x.new_zeros(...), "
+        "torch.zeros_like(x)); for those modules pass that state, for example h0 = x.new_zeros(layers, "
+        "batch, hidden); a Hugging Face model filling its cache: build it with use_cache=False in its config")
 
 
 def checked_output(flat: "FlatModel", theta: torch.Tensor, x: torch.Tensor, target: str | None,

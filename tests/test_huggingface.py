@@ -6,7 +6,9 @@ explained through `output_fn`; the last test trains on every position through th
 loss (`labels=`), which computes in float32. What they bring that our own models do not: GPT-2's Conv1D
 (addmm on transposed weights), tied input and output embeddings, `gelu_new`, a causal mask built
 inside forward, SDPA attention; Llama's RMSNorm, rotary position embeddings computed in forward,
-SiLU gating and grouped-query attention.
+SiLU gating and grouped-query attention; Bloom's GeLU as a custom autograd.Function and its
+ALiBi attention; Mamba's selective scan and a cache filled in place; DeBERTa-v2's disentangled
+attention and a padding check on token values.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (BloomConfig, BloomForCausalLM, DebertaV2Config, DebertaV2ForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig,
+                          MambaForCausalLM)
+from transformers.models.bloom.modeling_bloom import BloomGelu, bloom_gelu_forward
 
 import explaind as ex
 
@@ -34,6 +39,12 @@ def llama() -> torch.nn.Module:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4,
                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return LlamaForCausalLM(config)
+
+
+def bloom() -> torch.nn.Module:
+    config = BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=4, hidden_dropout=0.0,
+                         attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return BloomForCausalLM(config)
 
 
 def next_token(out) -> torch.Tensor:
@@ -96,6 +107,92 @@ def test_llama_decomposes_to_its_float32_norms_rounding(tmp_path):
     with pytest.warns(UserWarning, match=r"torch\.Tensor\.to at modeling_llama\.py:\d+ \(forward\)"):
         miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
     assert 1e-11 < miss <= 1e-6 and coarser_rounding.startswith("torch.Tensor.to at modeling_llama.py:")
+
+
+def test_bloom_s_custom_gelu_is_named_and_its_fix_decomposes(tmp_path):
+    """Bloom's GeLU is an old-style torch.autograd.Function, which torch.func cannot transform: the
+    Recorder's gradient check names it and the fix; with the fix (the GeLU's own torch ops) the
+    decomposition adds up to the float32 rounding of Bloom's attention softmax, which explain names."""
+    torch.manual_seed(0)
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)GeLUFunction\.apply at modeling_bloom\.py:\d+.*bloom_gelu_forward"):
+        record_next_token(tmp_path / "refused", bloom().double().eval())
+    model = bloom().double().eval()
+    for module in model.modules():
+        if isinstance(module, BloomGelu):
+            module.forward = bloom_gelu_forward
+    initial = copy.deepcopy(model)
+    prompts = record_next_token(tmp_path / "h", model)
+    with pytest.warns(UserWarning, match=r"softmax at modeling_bloom\.py:\d+"):
+        miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    assert 1e-12 < miss <= 1e-6 and "softmax at modeling_bloom.py:" in coarser_rounding
+
+
+def test_mamba_s_cache_is_named_and_its_fix_decomposes(tmp_path):
+    """Mamba fills its cache in place, which vmap cannot batch: explain names that line and
+    use_cache=False, with which the decomposition adds up to the float32 rounding of its norms."""
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=2,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = MambaForCausalLM(config).double().eval()
+    initial = copy.deepcopy(model)
+    prompts = record_next_token(tmp_path / "h", model)
+    float32_norm = r"at modeling_mamba\.py:\d+"  # warned before each explain's first derivative
+    with (pytest.warns(UserWarning, match=float32_norm),
+          pytest.raises(ex.UnsupportedError, match=r"(?s)at cache_utils\.py:\d+.*in place.*use_cache=False")):
+        ex.explain(tmp_path / "h", model, prompts[:3], loss=next_token_loss, output_fn=next_token, progress=False)
+    model.config.use_cache = initial.config.use_cache = False
+    with pytest.warns(UserWarning, match=float32_norm):
+        miss, _ = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    assert 1e-12 < miss <= 1e-5
+
+
+class Unpadded(torch.nn.Module):
+    """The fix the refusal names for Hugging Face's padding warning: an attention mask of ones."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model(tokens, attention_mask=torch.ones_like(tokens))
+
+
+def test_deberta_s_padding_warning_is_named_and_its_fix_decomposes_exactly(tmp_path):
+    """DeBERTa-v2 checks for padding by reading token ids in Python when called without an
+    attention mask, which vmap cannot batch: explain names that line and the fix, which decomposes
+    to rounding."""
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, max_position_embeddings=8, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, pooler_dropout=0.0, pad_token_id=0, num_labels=3)
+    tokens = torch.randint(1, VOCAB, (16, 5))
+    labels = tokens.sum(1) % 3
+
+    def logits_loss(out, target):
+        return F.cross_entropy(out.logits, target, reduction="none")
+
+    def record(path, model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        with ex.Recorder(path, model, optimizer, loss=logits_loss, check_every=1) as rec:
+            for step in range(3):
+                batch = torch.arange(8) + 8 * (step % 2)
+                optimizer.zero_grad()
+                logits_loss(model(tokens[batch]), labels[batch]).mean().backward()
+                rec.batch(batch, tokens[batch], labels[batch])
+                optimizer.step()
+
+    def explain(path, model):
+        return ex.explain(path, model, tokens[:2], loss=logits_loss, output_fn=lambda out: out.logits, quadrature=8,
+                          tolerance=1e-9, progress=False)
+
+    model = DebertaV2ForSequenceClassification(config).double().eval()
+    record(tmp_path / "refused", model)
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)at modeling_utils\.py:\d+ \(warn_if_padding_and_no_attention_mask\).*"
+                                                  r"attention_mask=torch\.ones_like\(x\)"):
+        explain(tmp_path / "refused", model)
+    model = Unpadded(DebertaV2ForSequenceClassification(config).double().eval())
+    record(tmp_path / "h", model)
+    assert explain(tmp_path / "h", model).attrs["relative_residual"] <= 1e-9
 
 
 def test_the_loss_hugging_face_computes_is_float32_and_named_so(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import numpy as np
@@ -881,11 +882,162 @@ def test_an_in_place_write_vmap_cannot_batch_names_the_fix(tmp_path):
     x, y = data()
     with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
         loop(rec, model, optimizer, x, y, steps=3)
-    with pytest.raises(ex.UnsupportedError, match=says("vmap", "in place", "nn.LSTM", "x.new_zeros", "h0")):
+    with pytest.raises(ex.UnsupportedError, match=says("vmap", "at test_refusals.py:", "in place", "nn.LSTM", "x.new_zeros",
+                                                      "h0")):
         ex.explain(tmp_path / "h", model, x[:2], keep=("train", "test"), progress=False)
     model.state_from_input = True
     cube = ex.explain(tmp_path / "h", model, x[:2], keep=("train", "test"), quadrature=6, progress=False,
                       tolerance=1e-9)
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def swish_derivative(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+class OldStyleSwish(torch.autograd.Function):
+    """forward(ctx, x): the style of most custom kernels (Megatron's, Hugging Face Bloom's GeLU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return swish(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * swish_derivative(*ctx.saved_tensors)
+
+
+class SwishWithoutVmap(torch.autograd.Function):
+    """torch.func's style, but without a vmap rule."""
+
+    @staticmethod
+    def forward(x):
+        return swish(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * swish_derivative(*ctx.saved_tensors)
+
+
+class SwishWithoutJvp(SwishWithoutVmap):
+    generate_vmap_rule = True
+
+
+class Swish(SwishWithoutJvp):
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent * swish_derivative(*ctx.saved_tensors)
+
+
+class ThroughFunction(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]):
+        super().__init__()
+        self.hidden = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+        self.function = function
+
+    def forward(self, x):
+        return self.out(self.function.apply(self.hidden(x)))
+
+
+def record_through(path, function: type[torch.autograd.Function], check_every: int = 1):
+    torch.manual_seed(0)
+    model = ThroughFunction(function).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    x, y = data()
+    with ex.Recorder(path, model, optimizer, check_every=check_every) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    return model, x
+
+
+@pytest.mark.parametrize("function, words", [
+    (OldStyleSwish, ("old style", "forward(ctx", "setup_context(ctx, inputs, output)", "generate_vmap_rule = True",
+                     "jvp", "bloom_gelu_forward")),
+    (SwishWithoutVmap, ("no vmap rule", "generate_vmap_rule = True")),
+])
+def test_a_custom_autograd_function_torch_func_cannot_take_is_named_with_the_fix(tmp_path, function, words):
+    """Named (class and the model's line) by explain, with what the Function lacks and how to write
+    it; the old style already by the Recorder's gradient check (torch.func.grad cannot take it; the
+    check needs no vmap)."""
+    named = says(f"torch.func cannot transform {function.__name__}.apply at test_refusals.py:", "(forward)", *words)
+    if function is OldStyleSwish:
+        with pytest.raises(ex.UnsupportedError, match=named):
+            record_through(tmp_path / "checked", function)
+    model, x = record_through(tmp_path / "h", function, check_every=0)
+    with pytest.raises(ex.UnsupportedError, match=named):
+        ex.explain(tmp_path / "h", model, x[:2], breakpoints=False, progress=False)
+
+
+def test_a_custom_autograd_function_without_jvp_names_the_reverse_mode_route(tmp_path):
+    """Without a jvp, the routes through forward mode are refused naming the route around it, which
+    decomposes exactly; with one, every route does."""
+    model, x = record_through(tmp_path / "h", SwishWithoutJvp)
+    fix = ("SwishWithoutJvp.apply at test_refusals.py:", "no jvp staticmethod", "breakpoints=False", "train dim")
+    with pytest.raises(ex.UnsupportedError, match=says(*fix)):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    with pytest.raises(ex.UnsupportedError, match=says(*fix)):
+        ex.reconstruct(tmp_path / "h", model, x[:2], progress=False)
+    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, breakpoints=False, quadrature=6, tolerance=1e-9)
+    assert cube.attrs["relative_residual"] <= 1e-9
+    model.function = Swish
+    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, quadrature=6, tolerance=1e-9)
+    assert cube.attrs["relative_residual"] <= 1e-9
+    assert ex.reconstruct(tmp_path / "h", model, x[:2], progress=False).attrs["relative_residual"] <= 1e-9
+
+
+class CheckingInputs(nn.Module):
+    """Checks its inputs in Python, as library models do: by a value read from a tensor, or by a
+    shape made from one."""
+
+    def __init__(self, check: str | None):
+        super().__init__()
+        self.hidden = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+        self.check = check
+
+    def forward(self, x):
+        if self.check == "value" and bool((x.abs() > 1e3).any()):
+            raise ValueError("inputs out of range")
+        if self.check == "shape" and len(torch.unique(x.sign())) > 2:
+            raise ValueError("zero inputs")
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("check, words", [("value", (".item()", "data-dependent control flow")),
+                                          ("shape", ("dynamic shape", "aten::_unique2"))])
+def test_a_value_or_shape_read_from_a_tensor_in_forward_names_the_line_and_the_fix(tmp_path, check, words):
+    """vmap cannot batch such a forward: explain names the model's line, the cause and the fix; the
+    routes without vmap (no train dim, breakpoints=False) decompose as they are, and the model
+    without the check decomposes every way."""
+    torch.manual_seed(0)
+    model = CheckingInputs(check).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    source, first = inspect.getsourcelines(CheckingInputs.forward)
+    line = first + next(i for i, text in enumerate(source) if f'self.check == "{check}"' in text)
+    named = says(f"the model's forward at test_refusals.py:{line} (forward)", *words, "torch.where",
+                 "breakpoints=False", "attention_mask")
+    for breakpoints in (True, False):
+        with pytest.raises(ex.UnsupportedError, match=named):
+            ex.explain(tmp_path / "h", model, x[:2], breakpoints=breakpoints, progress=False)
+    cube = ex.explain(tmp_path / "h", model, x[:2], keep=("step", "test"), breakpoints=False, quadrature=6,
+                      tolerance=1e-9, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9
+    model.check = None
+    cube = ex.explain(tmp_path / "h", model, x[:2], quadrature=6, tolerance=1e-9, progress=False)
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
