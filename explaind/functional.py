@@ -649,6 +649,8 @@ _DATA_DEPENDENT = re.compile(r"vmap: It looks like you're either \(1\) calling \
                              r"support batching operators that can output dynamic shape\. Attempted to vmap over \S+")
 # what torch.func says of saved-tensor hooks (non-reentrant activation checkpointing installs them)
 _SAVED_TENSOR_HOOKS = "saved tensor hooks"
+# what torch.func says of requires_grad_() in forward (a hook of Hugging Face's checkpointing calls it)
+_REQUIRES_GRAD_INSIDE = "You are attempting to call Tensor.requires_grad_()"
 
 
 # what torch.func says of a torch.autograd.Function it cannot transform: what the Function lacks, the fix
@@ -709,9 +711,9 @@ def _transformed(method):
 
 def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | None:
     """What torch's error means for explaind, with the fix: a custom autograd.Function torch.func
-    does not take; an op without a forward-mode derivative; saved-tensor hooks; an in-place write
-    vmap cannot batch; a value or shape read from a tensor, which vmap cannot batch either. None for
-    any other error."""
+    does not take; an op without a forward-mode derivative; saved-tensor hooks; requires_grad_() in
+    forward; a value or shape read from a tensor, or an in-place write, which vmap cannot batch.
+    None for any other error."""
     if refusal := _custom_function_refusal(error):
         return refusal
     cause = str(error).splitlines()[0]
@@ -732,6 +734,15 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
             "without them: explain with the architecture built without checkpointing (explain takes "
             "every parameter value from the history), and record either so (a switch that forward "
             "reads) or with check_every=0, which skips the Recorder's gradient check")
+    if _REQUIRES_GRAD_INSIDE in cause:
+        return UnsupportedError(
+            f"torch.func cannot transform the model's forward at {_raising_line(error)}: it calls "
+            "requires_grad_() on a tensor, as the hook does that Hugging Face models put on their input "
+            "embeddings for activation checkpointing and adapters (enable_input_require_grads()). It leaves "
+            "the gradients of the parameters as they are. Fix: give explaind the model without it (explain "
+            "takes every parameter value from the history): model.disable_input_require_grads(), and "
+            "model.activation_checkpointing_disable() where checkpointing is on; record either so or with "
+            "check_every=0, which skips the Recorder's gradient check")
     if data_dependent := _DATA_DEPENDENT.search(cause):
         return UnsupportedError(
             f"torch.func.vmap cannot batch the model's forward at {_raising_line(error)} "
@@ -740,9 +751,12 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
             "`v in t`) nor make a shape from one (torch.unique, nonzero, a boolean mask as an index). "
             "explaind batches every derivative with vmap, except in a cube without a train dim and with "
             "breakpoints=False, and in reconstruct(). Fix: write that step with ops of fixed shape "
-            "(torch.where, a mask multiplied in) or move it out of forward; where a library's check does "
-            "it, give the call what skips the check (Hugging Face's padding warning: an attention_mask, by "
-            "a module around the model whose forward returns model(x, attention_mask=torch.ones_like(x)))")
+            "(torch.where, a mask multiplied in) or move it out of forward; where a library's code does it, "
+            "give the call what skips it. Hugging Face models, from a module around the model: no "
+            "attention_mask where nothing is padded (DeBERTa-v2 warns without one: pass "
+            "torch.ones_like(x)), and where something is, the 4D additive mask [batch, 1, queries, keys] "
+            "they take as it is (0 where a token may attend, torch.finfo(dtype).min elsewhere, ahead "
+            "included for a decoder)")
     if not _UNBATCHED_WRITE.search(str(error)):
         return None
     return UnsupportedError(

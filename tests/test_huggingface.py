@@ -55,14 +55,16 @@ def next_token_loss(out, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(next_token(out), target, reduction="none")
 
 
-def record_next_token(path, model: torch.nn.Module) -> torch.Tensor:
-    """AdamW with a schedule on shuffled mini-batches of 8 of 24 prompts (answer: their sum mod
-    VOCAB); returns the prompts."""
-    prompts = torch.randint(0, VOCAB, (24, 3))
-    answers = prompts.sum(1) % VOCAB
+def record_next_token(path, model: torch.nn.Module, prompts: torch.Tensor | None = None,
+                      check_every: int = 1) -> torch.Tensor:
+    """AdamW with a schedule on shuffled mini-batches of 8 of 24 prompts (by default 3 random
+    tokens; answer: the sum of the first row of each mod VOCAB); returns the prompts."""
+    if prompts is None:
+        prompts = torch.randint(0, VOCAB, (24, 3))
+    answers = prompts.flatten(1)[:, :prompts.shape[-1]].sum(1) % VOCAB
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
-    with ex.Recorder(path, model, optimizer, scheduler=scheduler, loss=next_token_loss, check_every=1) as rec:
+    with ex.Recorder(path, model, optimizer, scheduler=scheduler, loss=next_token_loss, check_every=check_every) as rec:
         for _ in range(4):
             batch = torch.randperm(len(prompts))[:8]
             optimizer.zero_grad()
@@ -107,6 +109,24 @@ def test_llama_decomposes_to_its_float32_norms_rounding(tmp_path):
     with pytest.warns(UserWarning, match=r"torch\.Tensor\.to at modeling_llama\.py:\d+ \(forward\)"):
         miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
     assert 1e-11 < miss <= 1e-6 and coarser_rounding.startswith("torch.Tensor.to at modeling_llama.py:")
+
+
+def test_activation_checkpointing_is_named_with_the_route_around_it(tmp_path):
+    """Hugging Face's activation checkpointing hooks the input embeddings to require grad, which
+    torch.func refuses: the Recorder's check names the hook and both switches; recorded unchecked
+    and explained with both off, the decomposition is exact."""
+    torch.manual_seed(0)
+    model = gpt2().double().train()  # Hugging Face checkpoints in train mode only (dropout is 0 here)
+    model.activation_checkpointing_enable()
+    initial = copy.deepcopy(model)
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)at modeling_utils\.py:\d+ \(make_inputs_require_grads\).*"
+                                                  r"disable_input_require_grads\(\).*activation_checkpointing_disable"):
+        record_next_token(tmp_path / "refused", model)
+    prompts = record_next_token(tmp_path / "h", model, check_every=0)
+    model.activation_checkpointing_disable()
+    model.disable_input_require_grads()
+    miss, _ = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    assert miss <= 1e-9
 
 
 def test_bloom_s_custom_gelu_is_named_and_its_fix_decomposes(tmp_path):
@@ -188,11 +208,50 @@ def test_deberta_s_padding_warning_is_named_and_its_fix_decomposes_exactly(tmp_p
     model = DebertaV2ForSequenceClassification(config).double().eval()
     record(tmp_path / "refused", model)
     with pytest.raises(ex.UnsupportedError, match=r"(?s)at modeling_utils\.py:\d+ \(warn_if_padding_and_no_attention_mask\).*"
-                                                  r"attention_mask=torch\.ones_like\(x\)"):
+                                                  r"torch\.ones_like\(x\)"):
         explain(tmp_path / "refused", model)
     model = Unpadded(DebertaV2ForSequenceClassification(config).double().eval())
     record(tmp_path / "h", model)
     assert explain(tmp_path / "h", model).attrs["relative_residual"] <= 1e-9
+
+
+class Padded(torch.nn.Module):
+    """Token ids and their padding mask as one input [batch, 2, length] (explaind takes one
+    tensor). Hugging Face's mask code reads the mask's values in Python, which vmap cannot batch;
+    a 4D additive mask [batch, 1, queries, keys] it takes as it is, so `additive` hands it that:
+    0 where a token may attend (not padding, not ahead), the dtype's lowest value elsewhere."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.additive = True
+
+    def forward(self, x):
+        tokens, kept = x[:, 0], x[:, 1]
+        if not self.additive:
+            return self.model(tokens, attention_mask=kept)
+        length = x.shape[-1]
+        ahead = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        masked = (kept[:, None, None, :] == 0) | ahead
+        return self.model(tokens, attention_mask=masked.to(self.model.dtype) * torch.finfo(self.model.dtype).min)
+
+
+def test_padded_prompts_decompose_exactly_through_a_4d_mask(tmp_path):
+    """Left-padded prompts of 2 to 4 tokens: with the 2D mask, explain names the mask code's line
+    and the 4D mask; with the 4D mask the decomposition is exact to rounding."""
+    torch.manual_seed(0)
+    model = Padded(gpt2().double().eval())
+    initial = copy.deepcopy(model)
+    kept = (torch.arange(4) >= torch.randint(0, 3, (24, 1))).long()
+    prompts = torch.stack([torch.randint(0, VOCAB, (24, 4)) * kept, kept], 1)
+    record_next_token(tmp_path / "h", model, prompts)
+    model.additive = False
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)at masking_utils\.py:\d+ \(_ignore_causal_mask_sdpa\).*"
+                                                  r"4D additive mask"):
+        explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    model.additive = True
+    miss, coarser_rounding = explained_against_the_models_own_change(tmp_path / "h", model, initial, prompts[:3])
+    assert miss <= 1e-9 and coarser_rounding == ""
 
 
 def test_the_loss_hugging_face_computes_is_float32_and_named_so(tmp_path):
