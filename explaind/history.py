@@ -623,11 +623,33 @@ class Recorder:
         self._gradient_scale = scale
         return total
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _before_step(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
+        # args: step()'s own, the optimizer first, so a closure passed by position is args[1]
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._check_step(optimizer)
+            return None
+
+        # optimizer.step(closure), as PyTorch Lightning's automatic optimization calls it: the
+        # closure makes the step's gradient (and declares its batch) inside step(), before the
+        # update, so the step is checked when it returns
+        def checked_closure():
+            loss = closure()
+            self._check_step(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": checked_closure}
+        return (args[0], checked_closure, *args[2:]), kwargs
+
+    def _check_step(self, optimizer) -> None:
+        """What must hold before the optimizer updates: the batch declared, nothing changed that the
+        history holds fixed, every trained tensor with a dense gradient, and the gradient check."""
         if self._pending is None:
             raise InputError(
                 "optimizer.step() was called without rec.batch(indices, inputs, targets) "
-                "for this step: declare the batch after backward() and before step()"
+                "for this step: declare the batch after backward() and before step() (with "
+                "optimizer.step(closure): inside the closure, as in a Lightning training_step)"
             )
         # a loop's model.train() (at each epoch's start, say) turns dropout back on mid-run; checked
         # first, since a train-mode BatchNorm also changes its buffers, which the next check refuses

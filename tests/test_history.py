@@ -42,22 +42,35 @@ def rows_of(step: int) -> torch.Tensor:
 
 
 def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: int | None = None,
-                  scheduler_first: bool = False):
+                  scheduler_first: bool = False, closure: str | None = None):
     """With `scheduler_first`, the schedule is stepped at the start of each step but the first,
-    before the batch, as some loops do (rather than after optimizer.step())."""
+    before the batch, as some loops do (rather than after optimizer.step()). With `closure`
+    ("positional" or "keyword"), the loop hands optimizer.step() a closure that makes the gradient,
+    declares the batch and clips, as PyTorch Lightning's automatic optimization does."""
     for step in range(start, N_STEPS):
         if scheduler_first and step > 0:
             scheduler.step()
         rows = rows_of(step)
         # random augmentation through torch's global RNG: resuming must restore its state
         xb = x[rows] + 0.1 * torch.randn(len(rows), x.shape[1], dtype=x.dtype)
-        optimizer.zero_grad()
-        F.cross_entropy(model(xb), y[rows]).backward()
-        rec.batch(rows + 100, xb, y[rows])
-        rec.clip_grad_norm_(MAX_NORM)
-        if step == crash_at:  # killed after backward and batch(), before the step
-            raise Crash(f"killed at step {step}")
-        optimizer.step()
+
+        def gradient(rows=rows, xb=xb):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(xb), y[rows])
+            loss.backward()
+            rec.batch(rows + 100, xb, y[rows])
+            rec.clip_grad_norm_(MAX_NORM)
+            return loss
+
+        if closure == "positional":
+            optimizer.step(gradient)
+        elif closure == "keyword":
+            optimizer.step(closure=gradient)
+        else:
+            gradient()
+            if step == crash_at:  # killed after backward and batch(), before the step
+                raise Crash(f"killed at step {step}")
+            optimizer.step()
         if not scheduler_first:
             scheduler.step()
 
@@ -178,6 +191,38 @@ def record_cut_manifest_line(path: Path, uninterrupted: Path) -> None:
     line = (uninterrupted / "manifest.jsonl").read_text().splitlines()[CRASH_AT]
     with open(path / "manifest.jsonl", "a") as fh:
         fh.write(line[: len(line) // 2])
+
+
+@pytest.mark.parametrize("closure", ["positional", "keyword"])
+def test_a_loop_that_steps_by_closure_records_the_same_history(uninterrupted, tmp_path, closure):
+    """optimizer.step(closure): the gradient, the batch and the clipping come inside step(), and the
+    history equals the plain loop's, file for file."""
+    record(tmp_path / "h", closure=closure)
+    assert_same_history(uninterrupted, tmp_path / "h")
+
+
+@pytest.mark.parametrize("forgets, refusal", [
+    ("batch", r"(?s)without rec\.batch.*inside the closure"),
+    ("clipping", r"(?s)gradient.*clipping.*rec\.clip_grad_norm_"),
+])
+def test_a_closure_is_checked_when_it_returns(tmp_path, forgets, refusal):
+    """The step's checks run once the closure has made the gradient: a closure that declares no
+    batch, or clips with torch's own clip_grad_norm_, is refused before the update."""
+    x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
+    model, optimizer, _ = fresh_objects(0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def gradient():
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if forgets == "clipping":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            rec.batch(torch.arange(N_TRAIN), x, y)
+
+    with pytest.raises((ex.InputError, ex.UnsupportedError), match=refusal):
+        with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+            optimizer.step(gradient)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_resume_when_the_last_step_outran_its_resume_state(uninterrupted, tmp_path):
