@@ -3,7 +3,8 @@
 `nn.TransformerEncoderLayer` and `nn.MultiheadAttention` call `scaled_dot_product_attention`,
 whose fused CPU kernel has no forward-mode derivative, and they carry a key bias, whose gradient
 is zero (softmax ignores a shift shared by all keys): in a float32 run Adam scales that
-gradient's rounding up to updates of the learning rate's size.
+gradient's rounding up to updates of the learning rate's size. A padding mask
+(`src_key_padding_mask`) is read from the input inside forward, which vmap batches as it is.
 """
 
 from __future__ import annotations
@@ -48,12 +49,25 @@ class AttentionClassifier(nn.Module):
         return self.head(self.attention(h, h, h, need_weights=False)[0][:, -1])
 
 
-def record_adamw(path, model: nn.Module, steps: int, lr: float = 1e-2) -> tuple[nn.Module, torch.Tensor]:
-    """AdamW on mini-batches of 8 of 24 token sequences (label: their sum mod VOCAB); returns the
-    untrained copy of the model and the data."""
+class PaddedEncoderClassifier(EncoderClassifier):
+    """Token ids and their padding mask (1: a token, 0: padding) as one input [batch, 2, LENGTH]
+    → the encoder layer with `src_key_padding_mask` → the mean over the tokens → logits."""
+
+    def forward(self, x):
+        tokens, kept = x[:, 0], x[:, 1]
+        h = self.encoder(self.embed(tokens) + self.position, src_key_padding_mask=kept == 0)
+        weights = kept.unsqueeze(-1).to(h.dtype)
+        return self.head((h * weights).sum(1) / weights.sum(1))
+
+
+def record_adamw(path, model: nn.Module, steps: int, lr: float = 1e-2,
+                 inputs: torch.Tensor | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """AdamW on mini-batches of 8 of 24 inputs (by default token sequences; label: the sum of
+    each input's first LENGTH entries mod VOCAB); returns the untrained copy of the model and the
+    data."""
     torch.manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (24, LENGTH))
-    labels = tokens.sum(1) % VOCAB
+    tokens = torch.randint(0, VOCAB, (24, LENGTH)) if inputs is None else inputs
+    labels = tokens.flatten(1)[:, :LENGTH].sum(1) % VOCAB
     initial = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     with ex.Recorder(path, model, optimizer, check_every=1) as rec:
@@ -86,6 +100,32 @@ def test_a_pytorch_encoder_layer_decomposes_exactly_with_its_kinks_located(tmp_p
     assert torch.backends.mha.get_fastpath_enabled() and torch.backends.cuda.flash_sdp_enabled()
     reconstruction = ex.reconstruct(tmp_path / "h", model, test, progress=False)
     assert reconstruction.attrs["relative_residual"] <= 1e-9
+
+
+def test_a_padding_mask_decomposes_exactly_and_padding_gets_no_share(tmp_path):
+    """float64, sequences of 1 to LENGTH tokens: exact against the module's own change; and a test
+    input whose padded positions hold other tokens gets the same attribution, to rounding."""
+    torch.manual_seed(0)
+    model = PaddedEncoderClassifier().double()
+    kept = (torch.arange(LENGTH) < torch.randint(1, LENGTH + 1, (24, 1))).long()
+    inputs = torch.stack([torch.randint(0, VOCAB, (24, LENGTH)) * kept, kept], 1)
+    initial, inputs = record_adamw(tmp_path / "h", model, steps=4, inputs=inputs)
+    model.eval()
+    test = inputs[kept.sum(1) < LENGTH][:3]  # each with padding
+
+    def explain(x):
+        return ex.explain(tmp_path / "h", model, x, keep=("train", "test", "output"), outputs="all",
+                          tolerance=None, progress=False)
+
+    cube = explain(test)
+    with torch.no_grad():
+        change = (F.log_softmax(model(test), -1) - F.log_softmax(initial.eval()(test), -1)).numpy()
+    explained = (cube.attribution.sum("train") + cube.regularization).transpose("test", "output").values
+    assert abs(explained - change).max() <= 1e-9 * abs(change).max()
+    other_padding = test.clone()
+    other_padding[:, 0] = torch.where(test[:, 1] == 0, (test[:, 0] + 3) % VOCAB, test[:, 0])
+    scale = abs(cube.attribution).max().item()
+    assert abs(explain(other_padding).attribution - cube.attribution).max().item() <= 1e-12 * scale
 
 
 def test_adam_noise_on_a_gradient_free_key_bias_is_not_a_mismatch(tmp_path):
