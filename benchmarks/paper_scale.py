@@ -137,6 +137,8 @@ def report(label: str, seconds: float, steps: int, paper_steps: int, cube, devic
     print(f"    extrapolated        {per_step * paper_steps / 60:.1f} min for the paper's {paper_steps} steps")
     print(f"    residual            max {cube.attrs['max_abs_residual']:.2e}, relative "
           f"{cube.attrs['relative_residual']:.2e}; update residual {cube.attrs['max_update_residual']:.2e}")
+    print(f"    kinks               {int(cube.attrs['kinks_located'])} located; "
+          f"{int(cube.attrs['kink_segments_unresolved'])} segment(s) with more than max_kinks integrated plainly")
 
 
 def explain_timed(args, history, model, x, y, label, steps, paper_steps, **request) -> None:

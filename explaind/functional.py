@@ -374,12 +374,13 @@ class _KinkPattern(TorchFunctionMode):
         self.index_axes.append(axis)
         self.pooled = True
 
-    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recorded distances [rows, P] and argmax indices [rows, P'] of the batch."""
+    def flat(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded distances [rows, P] and argmax indices [rows, P'] of the batch, on the
+        pass's `device` (where it names the empty ones: a model without max-pool has no indices)."""
         if len(self.shapes) != len(self.axes):
             raise UnsupportedError(_branching(len(self.shapes), len(self.axes)))
-        return (_rows(self.distances, self.rows, torch.get_default_dtype()),
-                _rows(self.indices, self.rows, torch.long))
+        return (_rows(self.distances, self.rows, torch.get_default_dtype(), device),
+                _rows(self.indices, self.rows, torch.long, device))
 
     def shared_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Which columns of flat()'s distances [P] and argmax indices [P'] are of parameters alone."""
@@ -476,10 +477,10 @@ def _misread(seen: torch.Tensor, read: torch.Tensor) -> float:
     return float(((seen - read).abs() > slack * scale).double().mean())
 
 
-def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype) -> torch.Tensor:
-    """Recorded per-batch tensors side by side: [rows, Σ sizes] ([rows, 0] if none)."""
+def _rows(tensors: list[torch.Tensor], rows: int, empty_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Recorded per-batch tensors side by side: [rows, Σ sizes] ([rows, 0] on `device` if none)."""
     if not tensors:
-        return torch.zeros(rows, 0, dtype=empty_dtype)
+        return torch.zeros(rows, 0, dtype=empty_dtype, device=device)
     return torch.cat([t.reshape(rows, -1) for t in tensors], 1)
 
 
@@ -1144,7 +1145,7 @@ class FlatModel:
         first for an input shape takes two more, see input_axes)."""
         mode = _KinkPattern(rows=1, axes=self.input_axes(x))
         out = self._sizing_pass(x, mode)
-        distances, indices = mode.flat()
+        distances, indices = mode.flat(x.device)
         return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
 
     @_transformed
@@ -1166,7 +1167,7 @@ class FlatModel:
         def pattern(th: torch.Tensor, x_: torch.Tensor):
             mode = _KinkPattern(rows=len(x_), axes=axes)
             out = self._explain(self._pattern(th, x_, mode), target)
-            distances, indices = mode.flat()
+            distances, indices = mode.flat(x_.device)
             return distances.to(self.dtype), (indices, out)
 
         def along(th: torch.Tensor, x_: torch.Tensor):
@@ -1206,7 +1207,7 @@ class FlatModel:
                 depends[i] = mode.per_row(g != 0, mode.units[i][1])
         for i in mode.selectors.intersection(live):  # what it selects is not traced: taken to matter
             depends[i] = torch.ones_like(depends[i])
-        return _rows(depends, len(x), torch.bool).any(0)
+        return _rows(depends, len(x), torch.bool, x.device).any(0)
 
     @_transformed
     def directional(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:

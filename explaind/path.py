@@ -216,7 +216,7 @@ class PathIntegral:
         """The kinks of every input's segment as (input index [K], position [K]), sorted."""
         n = len(x)
         self.stats.segments += n
-        none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+        none = (torch.zeros(0, dtype=torch.long, device=theta.device), theta.new_zeros(0, dtype=torch.float64))
         if not self.searches:
             return none
         theta, delta = theta.to(torch.float64), delta.to(torch.float64)
@@ -736,12 +736,12 @@ def _pieces(rows: torch.Tensor, kinks: torch.Tensor, n: int) -> tuple[torch.Tens
     kinks (input index, position) of n inputs."""
     pieces = torch.bincount(rows, minlength=n) + 1
     first = torch.cumsum(pieces, 0) - pieces  # each input's first piece
-    lo = torch.zeros(int(pieces.sum()), dtype=kinks.dtype)
+    lo = kinks.new_zeros(int(pieces.sum()))
     hi = torch.ones_like(lo)
-    rank = torch.arange(len(rows)) - (torch.cumsum(pieces - 1, 0) - (pieces - 1))[rows]
+    rank = torch.arange(len(rows), device=rows.device) - (torch.cumsum(pieces - 1, 0) - (pieces - 1))[rows]
     lo[first[rows] + rank + 1] = kinks
     hi[first[rows] + rank] = kinks
-    owner = torch.repeat_interleave(torch.arange(n), pieces)
+    owner = torch.repeat_interleave(torch.arange(n, device=rows.device), pieces)
     kinked = pieces[owner] > 1
     return owner[kinked], lo[kinked], hi[kinked]
 
