@@ -20,9 +20,11 @@ part() {
 }
 # most telling first: the engine's brute-force tests with every explain() on the GPU, one line
 # per test so that a part stopped at its limit still says which passed (the cube round trip
-# needs zarr: carry its wheels where the machine lacks it). Tiny models make these launch-bound.
-part 200 env EXPLAIND_TEST_DEVICE=cuda python3 -m pytest tests/test_engine.py -p no:cacheprovider \
-    -p no:benchmark -n 16 -v --tb=short -rf
+# needs zarr: carry its wheels where the machine lacks it). Two threads per worker: the training
+# loops and the brute force run on the CPU, and 8 workers with torch's one thread per core each
+# would oversubscribe the cores.
+part 200 env EXPLAIND_TEST_DEVICE=cuda OMP_NUM_THREADS=2 python3 -m pytest tests/test_engine.py \
+    -p no:cacheprovider -p no:benchmark -n 8 -v --tb=short -rf
 part 40 python3 benchmarks/reference_workload.py --quick --repeat 2 --device cuda
 part 30 python3 benchmarks/paper_scale.py contraction
 part 100 python3 benchmarks/paper_scale.py transformer --steps 3 --tests 500 --views data
