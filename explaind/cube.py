@@ -17,6 +17,7 @@ import torch
 import xarray as xr
 
 from .errors import InputError
+from .functional import tensor_of
 
 if TYPE_CHECKING:
     from .engine import Request
@@ -72,9 +73,10 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
     n_bins, n_comp = first["attribution"].shape[:2]
     t_dim = n_test if req.keeps("test") else 1
     o_dim = n_out if req.keeps("output") else 1
-    attribution = torch.zeros(n_bins, n_comp, t_dim, o_dim, n_train, dtype=req.flat.dtype)
-    regularization = torch.zeros(n_bins, n_comp, t_dim, o_dim, dtype=req.flat.dtype)
-    total = torch.zeros(n_test, n_out, dtype=req.flat.dtype)
+    # merged on the host, whatever torch.set_default_device has set
+    attribution = torch.zeros(n_bins, n_comp, t_dim, o_dim, n_train, dtype=req.flat.dtype, device="cpu")
+    regularization = torch.zeros(n_bins, n_comp, t_dim, o_dim, dtype=req.flat.dtype, device="cpu")
+    total = torch.zeros(n_test, n_out, dtype=req.flat.dtype, device="cpu")
     path_change = torch.zeros_like(total)
     merged: dict[str, torch.Tensor] = {}
     for tests, trains, part in parts:
@@ -90,11 +92,11 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
                 merged["carried"][:, :, t_index] += part["carried"].reshape(n_bins, n_comp, rows_t, rows_o)
             total[tests] = part["total"]
             path_change[tests] = part["path_change"]
-            merged["update_residual"] = torch.as_tensor(part["update_residual"])
-            merged["update_rounding_floor"] = torch.as_tensor(part["update_rounding_floor"])
+            merged["update_residual"] = tensor_of(part["update_residual"])
+            merged["update_rounding_floor"] = tensor_of(part["update_rounding_floor"])
             for key in PARAMETER_SCORES:
                 if key in part:
-                    empty = torch.zeros(t_dim, o_dim, part[key].shape[-1], dtype=req.flat.dtype)
+                    empty = torch.zeros(t_dim, o_dim, part[key].shape[-1], dtype=req.flat.dtype, device="cpu")
                     scores = merged.setdefault(key, empty)
                     scores[t_index] += part[key].reshape(rows_t, rows_o, -1)
     merged.update(attribution=attribution, regularization=regularization, total=total, path_change=path_change)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube, test_labels
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
-from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, check_target
+from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, check_target, tensor_of
 from .history import History, StepRecord, open_history
 from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
                          step_coefficients)
@@ -286,7 +286,7 @@ def checked_test_inputs(history: History, flat: FlatModel, inputs) -> torch.Tens
     against the recorded training inputs' shape and kind, and integer ones against the tables
     the model looks them up in."""
     shape, recorded = history.input_spec()
-    inputs = torch.as_tensor(inputs).detach()
+    inputs = tensor_of(inputs).detach()
     if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape or not len(inputs):
         raise InputError(
             f"test inputs have shape {tuple(inputs.shape)}, but the model was trained on inputs "
@@ -324,7 +324,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     if isinstance(outputs, str) and outputs == "true":
         if targets is None:
             raise InputError("outputs='true' needs the test targets: pass targets=...")
-        targets = torch.as_tensor(targets).reshape(-1)
+        targets = tensor_of(targets).reshape(-1)
         if targets.is_floating_point() and not bool((targets == targets.round()).all()):
             raise InputError(f"targets must be class indices, got {targets.dtype} values that are not whole "
                              f"numbers (e.g. {targets[targets != targets.round()][0].item()}): pass the classes")
@@ -728,7 +728,7 @@ class ChunkPass:
     def columns(self, indices: torch.Tensor) -> torch.Tensor:
         """The chunk column of each dataset index (−1: not in this chunk)."""
         at = torch.searchsorted(self.chunk_ids, indices).clamp_max(len(self.chunk_ids) - 1)
-        return torch.where(self.chunk_ids[at] == indices, self.chunk_columns[at], -1)
+        return self.chunk_columns[at].masked_fill(self.chunk_ids[at] != indices, -1)
 
     def batch_gradients(self, rec: StepRecord, theta: torch.Tensor):
         """Weighted per-sample gradients w g of the chunk's rows [B_c, D], their columns, and
@@ -747,8 +747,8 @@ class ChunkPass:
         else:
             full = req.flat.batch_gradient(theta, x, y, weights, req.loss, req.batch_chunk)
             wg = full[None]
-            columns = torch.zeros(1, dtype=torch.long)
-            in_chunk = torch.ones(1, dtype=torch.bool)
+            columns = torch.zeros(1, dtype=torch.long, device="cpu")  # as self.columns gives them
+            in_chunk = torch.ones(1, dtype=torch.bool, device="cpu")
         if full is None and self.first_train_chunk:
             full = req.flat.batch_gradient(theta, x, y, weights, req.loss, req.batch_chunk)
         return wg, columns[in_chunk].to(self.dev), full

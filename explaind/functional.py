@@ -38,6 +38,12 @@ TARGETS = ("log_prob", "logit")
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)  # torch's embedding modules (checked for sparse=, max_norm=, scale_grad_by_freq=)
 
 
+def tensor_of(value) -> torch.Tensor:
+    """`value` as a tensor: a tensor where it is, a list or an array on the CPU, whatever device
+    torch.set_default_device has set (torch.as_tensor would move even a tensor there)."""
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device="cpu")
+
+
 def check_target(target: str) -> None:
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
@@ -386,8 +392,9 @@ class _KinkPattern(TorchFunctionMode):
         """Which columns of flat()'s distances [P] and argmax indices [P'] are of parameters alone."""
 
         def columns(tensors: list[torch.Tensor], axes: list[InputAxis | None]) -> torch.Tensor:
-            shared = torch.tensor([axis is None for axis in axes], dtype=torch.bool)
-            return shared.repeat_interleave(torch.tensor([t.shape[1] for t in tensors], dtype=torch.long))
+            shared = torch.tensor([axis is None for axis in axes], dtype=torch.bool, device="cpu")
+            sizes = torch.tensor([t.shape[1] for t in tensors], dtype=torch.long, device="cpu")
+            return shared.repeat_interleave(sizes)
 
         return columns(self.distances, [axis for _, axis in self.units]), columns(self.indices, self.index_axes)
 
@@ -1195,7 +1202,8 @@ class FlatModel:
             out = self._explain(self._pattern(th, x, mode), target)
             if mode.pooled:
                 return None
-            weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                                 device="cpu")
             # a unit whose input does not depend on θ (after a frozen layer) has no kink along a segment
             live = [i for i, (unit, _) in enumerate(mode.units) if unit.requires_grad]
             traced = [i for i in live if i not in mode.selectors]

@@ -1510,11 +1510,11 @@ class History:
         if self.closed and closed.stat().st_size:
             listed = _read_json(closed).get("train_indices")
             if listed is not None:
-                return torch.tensor(listed, dtype=torch.long)
+                return torch.tensor(listed, dtype=torch.long, device="cpu")
         seen: set[int] = set()
         for s in range(self.n_steps):
             seen.update(self._step_tensors(s)["batch/indices"].tolist())
-        return torch.tensor(sorted(seen), dtype=torch.long)
+        return torch.tensor(sorted(seen), dtype=torch.long, device="cpu")
 
     def input_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape of one input and its dtype, as recorded in the first batch."""

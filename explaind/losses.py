@@ -175,6 +175,7 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
                 raise InputError(f"class_weights has {len(class_weights)} entries but a target is "
                                  f"{int(targets[beyond][0])}. Fix: pass one weight per class, as torch's weight= "
                                  "of the loss you train with")
-        each = torch.ones(n, dtype=torch.float64) if class_weights is None else class_weights[targets.clamp_min(0)]
+        each = (torch.ones(n, dtype=torch.float64, device="cpu") if class_weights is None
+                else class_weights[targets.clamp_min(0)])
         total = float(torch.where(counted, each, 0.0).sum())
     return torch.full((n,), 1.0 / total if total else float("nan"), dtype=dtype, device=device)

@@ -47,9 +47,9 @@ class StepCoefficients:
 def group_index(history, flat) -> torch.Tensor:
     """The [D] vector of each coordinate's parameter group, in the flat layout's order."""
     return torch.repeat_interleave(
-        torch.tensor([history.group_of[n] for n in flat.layout.names]),
-        torch.tensor(flat.layout.sizes),
-    ).to(flat.device)
+        torch.tensor([history.group_of[n] for n in flat.layout.names], device=flat.device),
+        torch.tensor(flat.layout.sizes, device=flat.device),
+    )
 
 
 def _per_group(values: list[float], group_index: torch.Tensor) -> torch.Tensor:

@@ -418,7 +418,7 @@ class PathIntegral:
         cached = self._relevance.get(id(x))
         if cached is not None and cached[0]() is x:
             return cached[1]
-        noise = torch.randn(len(theta), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        noise = torch.randn(len(theta), generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
         point = theta + noise.to(theta.device) * (1e-3 * float(theta.abs().max().clamp_min(1.0)))
         mask = self.search.kink_relevance(point, xs, "logit")
         self._relevance = {key: v for key, v in self._relevance.items() if v[0]() is not None}

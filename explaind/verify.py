@@ -194,8 +194,8 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     coarser_rounding = flat.coarser_rounding(theta0, inputs, target)
     changes = [torch.zeros_like(initial) for _ in paths]
     # per step and input, over outputs: how far the integral misses the step's exact change
-    misses = [torch.zeros(history.n_steps, len(inputs), dtype=torch.float64) for _ in paths]
-    step_change = torch.zeros(history.n_steps, len(inputs), dtype=torch.float64)
+    misses = [torch.zeros(history.n_steps, len(inputs), dtype=torch.float64, device="cpu") for _ in paths]
+    step_change = torch.zeros(history.n_steps, len(inputs), dtype=torch.float64, device="cpu")
     before = initial
     for rec in tqdm(history.steps(), total=history.n_steps, desc="reconstruct", disable=not progress, leave=False):
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)

@@ -23,7 +23,7 @@ from torch import nn
 
 import explaind as ex
 from brute_force import reference_for_run
-from engine_cases import OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
+from engine_cases import DEVICE, OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
 
 ORDER = ("step", "component", "train", "test", "output")
 
@@ -864,6 +864,38 @@ def test_explain_leaves_the_users_module_alone(runs):
     finally:
         del model.lock
     np.testing.assert_array_equal(borrowed["attribution"].values, alone["attribution"].values)
+
+
+# Every route of explain, by the options that choose it (the kink search with and without a
+# tolerance, both conventions and update passes, forward mode, parameter scores, a window).
+ROUTES = [dict(), dict(convention="gradient"), dict(parameter_scores=True), dict(keep=("step", "component", "test")),
+          dict(breakpoints=False), dict(kink_tolerance=1e-6), dict(steps=(2, 5), replay=1),
+          dict(outputs="predicted", keep=("train", "test")), dict(check_updates=False, keep=("step",))]
+
+
+@pytest.mark.parametrize("case", [Case("mlp", "adamw", act="relu", steps=6, lr_scale=3.0), CASES["cnn-sgd_nesterov"],
+                                  CASES["transformer-adam"]], ids=["relu-mlp", "cnn", "transformer"])
+def test_no_tensor_is_made_on_torchs_default_device(runs, case):
+    """explain, reconstruct, verify_updates and plan make each tensor on the compute device or on
+    the host, never on torch's default device: with that set to 'meta' (tensors without data),
+    one made there stops the call when it meets the compute device's tensors, as a CPU-made one
+    stops it on a GPU (the kink search's empty argmax indices did, in the first GPU run). Every
+    route then gives the cube it gives without the setting."""
+    run = runs.get(case)
+    for route in ROUTES:
+        expected = run.explain(tolerance=None, **route)
+        with torch.device("meta"):
+            cube = run.explain(tolerance=None, **route)
+        for name in ("attribution", "regularization", "residual"):
+            np.testing.assert_array_equal(cube[name].values, expected[name].values, err_msg=f"{route} {name}")
+    rebuilt = ex.reconstruct(run.path, run.model, run.test_x, device=DEVICE, progress=False)
+    with torch.device("meta"):
+        rebuilt_meta = ex.reconstruct(run.path, run.model, run.test_x, device=DEVICE, progress=False)
+        planned = ex.plan(run.path, run.model, run.test_x, run.test_y, device=DEVICE)
+        residuals_meta = ex.verify_updates(run.path, run.model, device=DEVICE)
+    np.testing.assert_array_equal(rebuilt_meta["reconstructed"].values, rebuilt["reconstructed"].values)
+    np.testing.assert_array_equal(residuals_meta, ex.verify_updates(run.path, run.model, device=DEVICE))
+    assert str(planned) == str(ex.plan(run.path, run.model, run.test_x, run.test_y, device=DEVICE))
 
 
 # --------------------------------------------------------------------------- 7. the store
