@@ -186,6 +186,16 @@ def test_interrupted_then_resumed_equals_uninterrupted(run, split, tmp_path, com
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part-0000{r}.zarr" for r in range(3)]
 
 
+def test_stored_parts_make_no_tensor_on_torchs_default_device(run, tmp_path):
+    """As explain itself (see test_engine): with torch's default device set to 'meta', where a
+    tensor made without naming its device would stop the call, the parts are computed, stored,
+    read back and merged into the same cube."""
+    expected = explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "a", n_parts=2, **OPTIONS)
+    with torch.device("meta"):
+        cube = explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "b", n_parts=2, **OPTIONS)
+    xr.testing.assert_identical(cube, expected)
+
+
 @pytest.mark.parametrize("change", ["quadrature", "inputs", "n_parts", "history", "part_format"])
 def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_parts, monkeypatch):
     parts_dir = tmp_path / "parts"
