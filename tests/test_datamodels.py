@@ -156,6 +156,19 @@ def test_tracin_is_the_same_by_forward_mode_and_by_per_sample_gradients(recorded
     np.testing.assert_allclose(many.values, np.tile(few.values, 2), rtol=1e-10, atol=1e-15)
 
 
+def test_tracin_makes_no_tensor_on_torchs_default_device(recorded):
+    """As explain (see test_engine): with the default device 'meta', a tensor made without naming
+    its device would stop the call; both routes (one input: forward mode; more: per-sample
+    gradients) give the same scores."""
+    history = ex.History(recorded.path)
+    for n in (1, len(recorded.test_x)):
+        args = (history, recorded.model, recorded.test_x[:n], recorded.test_y[:n])
+        expected = datamodels.tracin_scores(*args, progress=False)
+        with torch.device("meta"):
+            scores = datamodels.tracin_scores(*args, progress=False)
+        xr.testing.assert_identical(scores, expected)
+
+
 def test_tracin_over_a_step_range_is_the_sum_of_its_steps(recorded):
     history = ex.History(recorded.path)
     args = (history, recorded.model, recorded.test_x, recorded.test_y)
