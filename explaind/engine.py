@@ -1077,11 +1077,15 @@ def _path_fix(attrs: dict) -> str:
                 f"stayed above kink_tolerance={attrs['kink_tolerance']:g}) and integrated them plainly. Raise "
                 "max_kinks=... or quadrature=... until the cube's attribute kink_segments_unresolved is 0.")
     if unresolved:
+        # every segment then took the plain nodes: the search changed nothing but the time
+        none_located = (" It located no kink at all, so this cube is the one breakpoints=False gives without the "
+                        "search's cost: where raising max_kinks does not pay, take that and raise quadrature=..."
+                        if int(attrs["kinks_located"]) == 0 else "")
         return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
                 f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. Raise "
                 "max_kinks=... until the cube's attribute kink_segments_unresolved is 0. A count that does not fall "
                 "is of segments whose crossings the search could not pin down within its rounds (rare; cut where "
-                "their interpolants predict them): their miss is the search's limit.")
+                f"their interpolants predict them): their miss is the search's limit.{none_located}")
     if attrs.get("coarser_rounding"):  # absent from cubes written before this attribute
         return (f"The model itself rounds to a coarser dtype than {attrs['dtype']} ({attrs['coarser_rounding']}), "
                 "and no quadrature integrates that rounding away: compute that step in the model's dtype, or "

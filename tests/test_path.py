@@ -1175,8 +1175,13 @@ def test_explain_takes_max_kinks_and_its_error_names_the_unresolved_segments(kin
     np.testing.assert_allclose(capped["residual"].values, reconstructed["residual"].values, rtol=0, atol=1e-12)
     assert run.explain(keep=("test", "output"), quadrature=3).attrs["kink_segments_unresolved"] == 0
     unresolved = capped.attrs["kink_segments_unresolved"]
+    # capped at 0 it locates no kink: the cube is plain quadrature's, which the error says
+    assert capped.attrs["kinks_located"] == 0
+    plain = run.explain(keep=("test", "output"), quadrature=3, breakpoints=False, tolerance=None)
+    np.testing.assert_allclose(capped["attribution"].values, plain["attribution"].values, rtol=1e-13, atol=0)
     with pytest.raises(ex.ReconstructionError, match=rf"(?s)left {unresolved} \(step, input\) segment.*max_kinks=0.*"
-                                                      r"Raise max_kinks=\.\.\. until .*kink_segments_unresolved is 0"):
+                                                      r"Raise max_kinks=\.\.\. until .*kink_segments_unresolved is 0.*"
+                                                      r"located no kink at all.*breakpoints=False gives"):
         run.explain(keep=("test", "output"), quadrature=3, max_kinks=0, tolerance=1e-6)
     with pytest.raises(ex.ReconstructionError, match=r"(?s)raise quadrature=.*or set breakpoints=True") as error:
         run.explain(keep=("test", "output"), quadrature=1, breakpoints=False, tolerance=1e-6)
