@@ -286,7 +286,7 @@ def checked_test_inputs(history: History, flat: FlatModel, inputs) -> torch.Tens
     against the recorded training inputs' shape and kind, and integer ones against the tables
     the model looks them up in."""
     shape, recorded = history.input_spec()
-    inputs = tensor_of(inputs).detach()
+    inputs = tensor_of(inputs, "the test inputs").detach()
     if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape or not len(inputs):
         raise InputError(
             f"test inputs have shape {tuple(inputs.shape)}, but the model was trained on inputs "
@@ -324,7 +324,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     if isinstance(outputs, str) and outputs == "true":
         if targets is None:
             raise InputError("outputs='true' needs the test targets: pass targets=...")
-        targets = tensor_of(targets).reshape(-1)
+        targets = tensor_of(targets, "targets").reshape(-1)
         if targets.is_floating_point() and not bool((targets == targets.round()).all()):
             raise InputError(f"targets must be class indices, got {targets.dtype} values that are not whole "
                              f"numbers (e.g. {targets[targets != targets.round()][0].item()}): pass the classes")

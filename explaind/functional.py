@@ -38,10 +38,18 @@ TARGETS = ("log_prob", "logit")
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)  # torch's embedding modules (checked for sparse=, max_norm=, scale_grad_by_freq=)
 
 
-def tensor_of(value) -> torch.Tensor:
+def tensor_of(value, what: str = "the value") -> torch.Tensor:
     """`value` as a tensor: a tensor where it is, a list or an array on the CPU, whatever device
-    torch.set_default_device has set (torch.as_tensor would move even a tensor there)."""
-    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device="cpu")
+    torch.set_default_device has set (torch.as_tensor would move even a tensor there). `what`
+    names the argument in the error for a value torch makes no tensor of."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, device="cpu")
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(
+            f"{what} cannot be made a tensor ({type(value).__name__}: {error}): pass a tensor, a numpy "
+            "array or a (nested) list of numbers, every row of the same length") from None
 
 
 def check_target(target: str) -> None:
@@ -80,9 +88,25 @@ class ParamLayout:
         """out[index[r]] += alpha · (row r of the dict of [R, *batch, *shape] tensors, flattened):
         out is [N, *batch, D]. Each tensor goes into a view of its slice of D as it comes,
         strided or not: no [R, *batch, D] copy (measured: a fifth faster than adding a
-        contiguous copy), and the scaling rides on the addition."""
-        for (name, sl), shape in zip(self.slices().items(), self.shapes):
-            out[..., sl].view(*out.shape[:-1], *shape).index_add_(0, index, tensors[name], alpha=alpha)
+        contiguous copy), and the scaling rides on the addition.
+
+        Rows bound for consecutive places (a chunk of inputs in order, the common case) are
+        added run by run into narrowed views: CPU index_add_ into a strided view costs about a
+        nanosecond per element, an add_ a few microseconds per call (measured on the reference
+        workload's [10, 25, D] Jacobians: 0.5 ms against 2.0 ms). So on the CPU a tensor takes
+        the runs when each carries enough elements; on a GPU, whose index_add_ is one kernel,
+        only when the whole index is one run."""
+        runs = _runs(index)
+        per_row = prod(out.shape[1:-1])
+        one_run = len(runs) == 1
+        for (name, sl), shape, size in zip(self.slices().items(), self.shapes, self.sizes):
+            part = out[..., sl].view(*out.shape[:-1], *shape)
+            source = tensors[name]
+            if one_run or out.device.type == "cpu" and per_row * size * len(index) >= _RUN_ELEMENTS * len(runs):
+                for first, stop, at in runs:
+                    part[at:at + stop - first].add_(source[first:stop], alpha=alpha)
+            else:
+                part.index_add_(0, index, source, alpha=alpha)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """[D] -> dict of views with the tensors' shapes."""
@@ -90,6 +114,20 @@ class ParamLayout:
             name: flat[sl].view(shape)
             for (name, sl), shape in zip(self.slices().items(), self.shapes)
         }
+
+
+# Elements per run above which adding run by run beats CPU index_add_ (measured: 5× slower
+# for runs of 550 elements, 1.3× faster for 22,000).
+_RUN_ELEMENTS = 4096
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The consecutive runs of an index as (first, stop, at): index[first:stop] is at, at + 1, …"""
+    if not len(index):
+        return []
+    bounds = [0, *(torch.nonzero(index.diff() != 1).flatten() + 1).tolist(), len(index)]
+    starts = index[bounds[:-1]].tolist()
+    return list(zip(bounds[:-1], bounds[1:], starts))
 
 
 def _flat_part(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

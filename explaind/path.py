@@ -216,15 +216,14 @@ class PathIntegral:
         """The kinks of every input's segment as (input index [K], position [K]), sorted."""
         n = len(x)
         self.stats.segments += n
-        none = (torch.zeros(0, dtype=torch.long, device=theta.device), theta.new_zeros(0, dtype=torch.float64))
         if not self.searches:
-            return none
+            return _no_kinks(theta)
         theta, delta = theta.to(torch.float64), delta.to(torch.float64)
         xs = self.search.cast_inputs(x)
         start = self.search.kink_pattern(theta, delta, xs, 0.0)
         if start[0].shape[1] + start[2].shape[1] == 0:  # no piecewise-linear op: smooth everywhere
             self.smooth = True
-            return none
+            return _no_kinks(theta)
         self.stats.searched += n
         relevant = self._relevant(theta, x, xs)
         end = self.search.kink_pattern(theta, delta, xs, 1.0)
@@ -245,7 +244,7 @@ class PathIntegral:
         An input with more than `max_kinks` kinks in all is not worth resolving: its segment is
         integrated plainly (counted as unresolved). So is an input left with an open interval
         after `max_rounds`, which keeps its kinks (see _refine)."""
-        n, dev = len(x), theta.device
+        n = len(x)
         shared, shared_indices = self.search.shared_columns(x)
         own = None if relevant is None else (relevant, None)
         common_t, common_unresolved, budget = theta.new_zeros(0), False, self.max_kinks
@@ -256,7 +255,7 @@ class PathIntegral:
                                                            common, self.max_kinks)
             if crowded.any():  # more than max_kinks on every input's path
                 self.stats.unresolved += n
-                return torch.zeros(0, dtype=torch.long, device=dev), theta.new_zeros(0)
+                return _no_kinks(theta)
             common_unresolved, budget = bool(unsettled.any()), self.max_kinks - len(torch.unique(common_t))
         rows, t, crowded, unsettled = self._refine(theta, delta, x, _whole(start, end, n, own), own, budget)
         self.stats.unresolved += n if common_unresolved else int((crowded | unsettled).sum())
@@ -729,6 +728,11 @@ class PathIntegral:
                 self.stats.segments += len(chunk)
             for t, w in zip(self.t_nodes, self.t_weights.tolist()):
                 at(out, chunk, t, w)
+
+
+def _no_kinks(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """No kink: (input index [0], position [0]) on θ's device."""
+    return torch.zeros(0, dtype=torch.long, device=theta.device), theta.new_zeros(0, dtype=torch.float64)
 
 
 def _pieces(rows: torch.Tensor, kinks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 
 import explaind as ex
 from explaind.cube import residual_attrs
-from explaind.functional import FlatModel, layout_of
+from explaind.functional import FlatModel, ParamLayout, layout_of
 from explaind.path import PathIntegral, _Intervals
 from explaind.quadrature import nodes
 from explaind.verify import residual_to_gap, restricted, with_refined
@@ -1228,3 +1228,22 @@ def test_a_relu_after_a_frozen_layer_has_no_kinks_to_search(tmp_path):
     cube = ex.explain(tmp_path / "h", model, x[4:], y[4:], progress=False)
     assert cube.attrs["kinks_located"] == 0
     assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3], [1, 2], [3, 0, 1, 3, 2], [2, 2, 2], [3, 2, 1, 0], []])
+@pytest.mark.parametrize("wide", [False, True], ids=["by index_add_", "run by run"])
+def test_layout_index_add_equals_a_loop_over_rows(index, wide):
+    """The rows of the integrand land where the index says, repeated places summed, whether
+    added run by run into narrowed views (rows of 2 × 4,200 elements) or by index_add_ (rows
+    of 2 × 6, except a single run)."""
+    shapes = ((70, 60), (3,)) if wide else ((2, 3), (3,))
+    layout = ParamLayout(("w", "b"), shapes)
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(4, 2, layout.dim, dtype=DT, generator=g)
+    rows = {name: torch.randn(len(index), 2, *shape, dtype=DT, generator=g)
+            for name, shape in zip(layout.names, shapes)}
+    expected = out.clone()
+    for r, at in enumerate(index):
+        expected[at] += 0.5 * layout.flatten({name: t[r] for name, t in rows.items()})
+    layout.index_add(out, torch.tensor(index, dtype=torch.long), rows, alpha=0.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)

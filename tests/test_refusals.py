@@ -1135,6 +1135,22 @@ def test_unusable_test_inputs(run, no_heavy_compute, change, words):
         ex.explain(run.path, run.model, change(run.test_x), progress=False)
 
 
+@pytest.mark.parametrize("inputs, words", [
+    ("abc", ("str", "invalid data type")),
+    ([[0.0, 1.0, 2.0, 3.0], [0.0]], ("list", "expected sequence of length 4")),
+    (None, ("NoneType",)),
+])
+def test_test_inputs_torch_makes_no_tensor_of(run, no_heavy_compute, inputs, words):
+    with pytest.raises(ex.InputError, match=says("the test inputs cannot be made a tensor", *words,
+                                                 "numpy array", "same length")):
+        ex.explain(run.path, run.model, inputs, progress=False)
+
+
+def test_targets_torch_makes_no_tensor_of(run, no_heavy_compute):
+    with pytest.raises(ex.InputError, match=says("targets cannot be made a tensor", "str")):
+        ex.explain(run.path, run.model, run.test_x, "abc", outputs="true", progress=False)
+
+
 @pytest.fixture(scope="module")
 def token_run(tmp_path_factory):
     return train(Case("transformer", "adamw", steps=2, n_train=8, n_test=4), tmp_path_factory.mktemp("tokens") / "h")
