@@ -93,7 +93,7 @@ class ParamLayout:
         Rows bound for consecutive places (a chunk of inputs in order, the common case) are
         added run by run into narrowed views: CPU index_add_ into a strided view costs about a
         nanosecond per element, an add_ a few microseconds per call (measured on the reference
-        workload's [10, 25, D] Jacobians: 0.5 ms against 2.0 ms). So on the CPU a tensor takes
+        workload's [10, 25, 10,016] Jacobians: 0.6 ms against 1.9–2.0 ms). So on the CPU a tensor takes
         the runs when each carries enough elements; on a GPU, whose index_add_ is one kernel,
         only when the whole index is one run."""
         runs = _runs(index)

@@ -45,7 +45,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .errors import HistoryError, InputError, UnsupportedError, is_number
-from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, trainable_parameters
+from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, CLASS_WEIGHTED, REDUCTIONS, check_class_weights, check_per_sample,
                      check_reduction, recorded_loss, resolve_loss, sample_weights)
 
@@ -215,7 +215,7 @@ def _batch_tensor(name: str, value) -> torch.Tensor:
 
 def _dataset_indices(indices) -> torch.Tensor:
     """The batch's dataset indices as int64; floats, bools and negatives are not indices."""
-    indices = torch.as_tensor(indices).reshape(-1)
+    indices = tensor_of(indices, "batch()'s dataset indices").reshape(-1)
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise InputError(
             f"batch() takes integer dataset indices, got dtype {indices.dtype}: a bool mask or "

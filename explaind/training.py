@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import load_image_pair, modular_addition
 from .errors import InputError
-from .functional import compute_device
+from .functional import compute_device, tensor_of
 from .history import Recorder
 from .models import ModAddTransformer, ResNet9
 
@@ -202,7 +202,7 @@ def _training_subset(train_indices, n_train: int) -> torch.Tensor:
     """The dataset indices a run trains on: all of them, or a subset (datamodel retraining)."""
     if train_indices is None:
         return torch.arange(n_train)
-    indices = torch.as_tensor(train_indices, dtype=torch.long).reshape(-1)
+    indices = tensor_of(train_indices, "train_indices").long().reshape(-1)
     if len(indices) == 0 or indices.min() < 0 or indices.max() >= n_train or len(indices.unique()) != len(indices):
         raise InputError(f"train_indices must be distinct dataset indices in 0 … {n_train - 1} (the training "
                          f"set), at least one; got {len(indices)} values. Fix: pass a subset of range({n_train})")

@@ -202,6 +202,8 @@ def test_a_subset_retraining_is_a_manual_adamw_run_on_the_subset_from_the_same_i
     assert not torch.equal(next(full.parameters()), next(retrained.parameters()))
     with pytest.raises(InputError, match="distinct dataset indices in 0 … 15"):
         train_transformer(TINY, train_indices=[0, 16], progress=False)
+    with pytest.raises(InputError, match="train_indices cannot be made a tensor.*pass a tensor"):
+        train_transformer(TINY, train_indices="abc", progress=False)
 
 
 def test_the_datamodel_study_explains_a_prefix_of_full_batch_runs_only():

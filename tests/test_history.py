@@ -717,6 +717,14 @@ def test_batch_refuses_what_is_not_a_batch_of_dataset_indices(tmp_path, ids):
             rec.batch(ids, x[rows], y[rows])
 
 
+def test_batch_refuses_dataset_indices_torch_makes_no_tensor_of(tmp_path):
+    x, y = tiny_data(4)
+    model = tiny()
+    with ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1)) as rec:
+        with pytest.raises(ex.InputError, match="(?s)batch\\(\\)'s dataset indices cannot be made a tensor.*str.*pass a tensor"):
+            rec.batch("abcd", x, y)
+
+
 def test_batch_positions_declared_as_dataset_indices_are_refused(tmp_path):
     """Shuffled batches declared with arange(batch size): position 0 holds another sample, of another
     class, at the next step. The same index with the same class (a later epoch) is fine."""
