@@ -21,6 +21,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -702,9 +703,9 @@ class ChunkPass:
         return (layout.flatten(rec.before).to(self.dev, self.dt),
                 layout.flatten(rec.after).to(self.dev, self.dt))
 
-    def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]."""
-        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target, self.req.n_outputs)
+    def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor, kinks) -> torch.Tensor:
+        """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]; kinks: as _segments gives them."""
+        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target, self.req.n_outputs, kinks)
         return phi.reshape(-1, phi.shape[-1])
 
     def reduce_rows(self, full: torch.Tensor) -> torch.Tensor:
@@ -805,15 +806,40 @@ class ChunkPass:
         first, stop = self.req.replay_start, self.req.step_range[1]
         backward = walks_backwards(self.req, self.attribution.shape[2], self.n_train)
         records = history.steps(first, stop, reverse=backward)
-        bar = tqdm(_prefetched(records), total=stop - first, desc=label,
-                   disable=not self.req.progress, leave=False)
+        steps = tqdm(self._segments(_prefetched(records)), total=stop - first, desc=label,
+                     disable=not self.req.progress, leave=False)
         if backward:
-            self._backward(bar)
+            self._backward(steps)
         else:
-            self._forward(bar)
+            self._forward(steps)
         return self._result()
 
-    def _forward(self, records: Iterable[StepRecord]) -> None:
+    def _segments(self, records: Iterable[StepRecord]) -> Iterator[tuple]:
+        """(record, θ_s, θ_{s+1}, kinks) per step. The kinks of the explained steps' segments are
+        located for a window of steps at once (PathIntegral.window), by one search whose passes
+        each take rows of all of them; None where a step's search is left to the integral (a
+        window of one)."""
+        path, (start, stop) = self.req.path, self.req.step_range
+        records = iter(records)
+        first = next(records, None)
+        if first is None:
+            return
+        # a window holds its steps' records and θ_s, θ_{s+1}
+        size = path.window(self.x, stop - start, first.nbytes + 2 * self.req.flat.layout.dim * self.dt.itemsize)
+        records = chain([first], records)
+        while window := list(islice(records, size)):
+            thetas = [self.thetas(rec) for rec in window]
+            kinks = [None] * len(window)
+            explained = [j for j, rec in enumerate(window) if rec.step >= start]
+            if size > 1 and explained:
+                found = path.locate_steps(torch.stack([thetas[j][0] for j in explained]),
+                                          torch.stack([thetas[j][1] - thetas[j][0] for j in explained]), self.x)
+                for j, located in zip(explained, found):
+                    kinks[j] = located
+            for rec, (theta, theta_next), located in zip(window, thetas, kinks):
+                yield rec, theta, theta_next, located
+
+    def _forward(self, records: Iterable[tuple]) -> None:
         """Update-step convention: carry per-sample momentum forwards."""
         buffer = None  # m_{s,k} for the chunk's samples, [n_train, D]
         decay_momentum = None  # the momentum of the coupled weight decay, [D]
@@ -821,10 +847,9 @@ class ChunkPass:
         carried = self.momentum_before_replay()  # decays through the steps, never split
         aggregate.momentum = None if carried is None else carried.clone()
         start = self.req.step_range[0]
-        for rec in records:
+        for rec, theta, theta_next, kinks in records:
             s = rec.step
             k = self.coefficients(rec)
-            theta, theta_next = self.thetas(rec)
             delta = theta_next - theta
             recorded = recorded_update(k, delta)
             if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
@@ -846,11 +871,11 @@ class ChunkPass:
                 continue
             if self.by_directions:
                 self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled,
-                                    None if self.recorded_updates else -k.eta * recorded)
+                                    None if self.recorded_updates else -k.eta * recorded, kinks)
                 self.record_update_check(s, k, modelled, theta, delta)
                 continue
 
-            full = self.path_jacobian(theta, delta).mul_(-k.eta)  # G_s, [T·O, D]
+            full = self.path_jacobian(theta, delta, kinks).mul_(-k.eta)  # G_s, [T·O, D]
             rows = self.reduce_rows(full)
             if self.recorded_updates:  # one train column: the whole batch's share of the update
                 self.add(self.attribution, s, self.contract(rows, (modelled - r)[None]))
@@ -871,7 +896,7 @@ class ChunkPass:
                 self.record_update_check(s, k, modelled, theta, delta)
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
-                       modelled: torch.Tensor, recorded: torch.Tensor | None) -> None:
+                       modelled: torch.Tensor, recorded: torch.Tensor | None, kinks) -> None:
         """Book step s when no training sample is kept: G_s is only ever contracted with the
         (−η-scaled) update, its weight-decay part, each restricted to a kept component, and the
         modelled and recorded totals (None: the recorded update stands for the modelled one, one
@@ -884,7 +909,7 @@ class ChunkPass:
             tangents[p, sl] = update[sl]
             tangents[n + p, sl] = decay[sl]
         tangents[2 * n:] = torch.stack(totals)
-        phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select)
+        phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select, kinks)
         full = phi.reshape(-1, phi.shape[-1])  # [T·O, V]
         rows = self.reduce_rows(full)  # [rows, V]
         self.add(self.attribution, s, [rows[:, p, None] for p in range(n)])
@@ -892,7 +917,7 @@ class ChunkPass:
         self.total += full[:, 2 * n]
         self.path_change += full[:, -1]
 
-    def _backward(self, records: Iterable[StepRecord]) -> None:
+    def _backward(self, records: Iterable[tuple]) -> None:
         """Walk backwards carrying the effect of a gradient on the explained outputs (no
         per-sample buffer). A gradient computed at step s' moves the updates s ≥ s' through the
         momentum: K(s') = Σ_{s≥s'} (Π_{s'<r≤s} a_r) P_s c_s G_s. The gradient convention books
@@ -907,10 +932,9 @@ class ChunkPass:
         carried = None  # K per bin (or one), [bins, rows, D]
         carried_full = None
         a_next = None
-        for rec in records:
+        for rec, theta, theta_next, kinks in records:
             s = rec.step
             k = self.coefficients(rec)
-            theta, theta_next = self.thetas(rec)
             if carried is not None:  # from the effect on step s + 1 on to step s
                 carried.mul_(a_next)
                 if separate_full:
@@ -918,7 +942,7 @@ class ChunkPass:
             full = rows = None
             if s >= start:  # steps before the range only pass momentum on (update convention)
                 delta = theta_next - theta
-                full = self.path_jacobian(theta, delta).mul_(-k.eta)
+                full = self.path_jacobian(theta, delta, kinks).mul_(-k.eta)
                 rows = self.reduce_rows(full)
                 if self.first_train_chunk:
                     self.path_change += full @ recorded_update(k, delta)

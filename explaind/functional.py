@@ -1204,10 +1204,11 @@ class FlatModel:
         which the same pass computes.
 
         t is one float for all rows (one batched pass with shared parameters) or a tensor [R],
-        one point per row (a vmapped pass, each row with its own parameters).
+        one point per row (a vmapped pass, each row with its own parameters); then θ and Δ may
+        be [R, D] too, each row on its own segment (the segments of several steps in one pass).
         """
 
-        axes = self.read_axes(theta, x)
+        axes = self.read_axes(theta if theta.dim() == 1 else theta[0], x)
 
         def pattern(th: torch.Tensor, x_: torch.Tensor):
             mode = _KinkPattern(rows=len(x_), axes=axes)
@@ -1215,14 +1216,18 @@ class FlatModel:
             distances, indices = mode.flat(x_.device)
             return distances.to(self.dtype), (indices, out)
 
-        def along(th: torch.Tensor, x_: torch.Tensor):
-            z, dz, (idx, out) = jvp(lambda p: pattern(p, x_), (th,), (delta,), has_aux=True)
+        def along(th: torch.Tensor, d: torch.Tensor, x_: torch.Tensor):
+            z, dz, (idx, out) = jvp(lambda p: pattern(p, x_), (th,), (d,), has_aux=True)
             return z, dz, idx, out
 
         with torch.no_grad():
             if not isinstance(t, torch.Tensor):
-                return along(theta + t * delta, x)
-            z, dz, idx, out = vmap(lambda x1, t1: along(theta + t1 * delta, x1.unsqueeze(0)))(x, t)
+                return along(theta + t * delta, delta, x)
+            if theta.dim() == 1:
+                z, dz, idx, out = vmap(lambda x1, t1: along(theta + t1 * delta, delta, x1.unsqueeze(0)))(x, t)
+            else:
+                z, dz, idx, out = vmap(lambda x1, t1, th1, d1: along(th1 + t1 * d1, d1, x1.unsqueeze(0)))(
+                    x, t, theta, delta)
             return z[:, 0], dz[:, 0], idx[:, 0], out[:, 0]
 
     def kink_relevance(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor | None:

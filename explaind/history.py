@@ -1239,6 +1239,13 @@ class StepRecord:
     inputs: torch.Tensor
     targets: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its tensors."""
+        tensors = [*self.before.values(), *self.after.values(), *(self.second_moment or {}).values(),
+                   self.indices, self.inputs, self.targets]
+        return sum(t.nbytes for t in tensors)
+
 
 class History:
     """A recorded training run, opened read-only and checked.

@@ -48,6 +48,13 @@ pass as many rows, as those bytes hold: the first inputs are searched to the end
 others (depth first), so what waits is other inputs' intervals; waiting intervals beyond half
 of those bytes shed their end patterns, computed again at their turn. The kinks found are the
 same; only the number of passes changes.
+
+Several steps at once. A pattern pass costs far more in fixed overhead (a forward-mode pass
+through the model: ~3 ms on the reference workload's Transformer) than per row (~0.05 ms), and
+one step's search takes few rows a round. So explain hands the search the segments of a window
+of steps (locate_steps; `window` says how many): row r of the search is an input on one step's
+segment, and each pass takes the rows of every step in the window, with their own θ and Δ. The
+kinks found are those of a search per step; the passes are those of the window's longest one.
 """
 
 from __future__ import annotations
@@ -121,6 +128,29 @@ class _Intervals:
 
 
 @dataclass
+class _Segments:
+    """The segments θ_s + tΔ_s (float64, [S, D] each) of one or more steps, searched along the
+    paths of the same inputs x [n]: row r of a search is input r % n on segment r // n (with one
+    segment, row r is input r)."""
+
+    theta: torch.Tensor
+    delta: torch.Tensor
+    x: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return len(self.theta) * len(self.x)
+
+    def of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ, Δ and the input of each row: the one segment's [D] (each row a point along it) or
+        the rows' own [R, D]."""
+        if len(self.theta) == 1:
+            return self.theta[0], self.delta[0], self.x[rows]
+        on = rows // len(self.x)
+        return self.theta[on], self.delta[on], self.x[rows % len(self.x)]
+
+
+@dataclass
 class PathIntegral:
     flat: FlatModel
     quadrature: int = 4
@@ -147,6 +177,12 @@ class PathIntegral:
     curvature_safety: float = 2.0
     max_rounds: int = 64
     roots_per_round: int = 4  # crossings per interval bracketed at once
+    # steps whose kinks one search locates at once (see window), and the bytes of the float64
+    # parameters that one of its passes gives its rows of several steps (θ, Δ, the point and its
+    # tangent: 32·D a row). Measured on the reference workload (D = 10,016): a pass took 0.055 ms
+    # a row for 200 rows, 0.088 ms for 500, against ~3 ms for a pass of any size
+    max_window: int = 64
+    window_row_bytes: int = 2**26
 
     def __post_init__(self):
         if not is_whole(self.max_kinks) or self.max_kinks < 0:
@@ -214,61 +250,100 @@ class PathIntegral:
 
     def _locate(self, theta, delta, x) -> tuple[torch.Tensor, torch.Tensor]:
         """The kinks of every input's segment as (input index [K], position [K]), sorted."""
-        n = len(x)
-        self.stats.segments += n
+        return self.locate_steps(theta[None], delta[None], x)[0]
+
+    def window(self, x: torch.Tensor, steps: int, held: int = 0) -> int:
+        """How many steps' segments one search should take (locate_steps): each of its passes
+        then carries rows of all of them, so a pass's fixed cost (~3 ms on the reference
+        workload) is paid per round of the window, not per round of each step. At most
+        max_window and `steps`, and as many as fit within window_row_bytes (within a quarter of
+        search_bytes under a memory budget) with what each step of the window holds: its
+        float64 θ and Δ, its rows' end patterns and the caller's `held` bytes. 1 where each
+        step must search alone: with a kink tolerance, which starts from each step's plain
+        integral, or with no kinks to search."""
+        if not self.searches or self.kink_tolerance > 0:
+            return 1
+        per_step = 16 * self.flat.layout.dim + 2 * len(x) * self._costs(x)[0] + held
+        limit = self.window_row_bytes if self.search_bytes is None else self.search_bytes // 4
+        return max(1, min(steps, self.max_window, limit // per_step))
+
+    def locate_steps(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The kinks of every input's path along each of S segments θ_s + tΔ_s (θ, Δ: [S, D]),
+        per segment as (input index [K], position [K]), sorted: one search for all of them."""
+        n, steps = len(x), len(theta)
+        self.stats.segments += steps * n
         if not self.searches:
-            return _no_kinks(theta)
-        theta, delta = theta.to(torch.float64), delta.to(torch.float64)
-        xs = self.search.cast_inputs(x)
-        start = self.search.kink_pattern(theta, delta, xs, 0.0)
+            return [_no_kinks(theta)] * steps
+        seg = _Segments(theta.to(torch.float64), delta.to(torch.float64), self.search.cast_inputs(x))
+        start = self._ends(seg, 0.0)
         if start[0].shape[1] + start[2].shape[1] == 0:  # no piecewise-linear op: smooth everywhere
             self.smooth = True
-            return _no_kinks(theta)
-        self.stats.searched += n
-        relevant = self._relevant(theta, x, xs)
-        end = self.search.kink_pattern(theta, delta, xs, 1.0)
-        rows, t = self._refine_own_and_shared(theta, delta, xs, start, end, relevant)
+            return [_no_kinks(theta)] * steps
+        self.stats.searched += steps * n
+        relevant = self._relevant(seg.theta[0], x, seg.x)
+        end = self._ends(seg, 1.0)
+        rows, t = self._refine_own_and_shared(seg, start, end, relevant)
         order = torch.argsort(rows.double() * 2 + t)
         rows, t = rows[order], t[order]
         fresh = torch.ones_like(rows, dtype=torch.bool)  # units crossing at the same point: one kink
         fresh[1:] = (rows[1:] != rows[:-1]) | (t[1:] != t[:-1])
         self.stats.kinks += int(fresh.sum())
-        return rows[fresh].cpu(), t[fresh].cpu()
+        rows, t = rows[fresh].cpu(), t[fresh].cpu()
+        counts = torch.bincount(rows // n, minlength=steps).tolist()
+        return [(r % n, ts) for r, ts in zip(rows.split(counts), t.split(counts))]
 
-    def _refine_own_and_shared(self, theta, delta, x, start, end, relevant) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kinks of every input's segment, (input index [K], position [K]), from its
+    def _ends(self, seg: _Segments, t: float) -> tuple[torch.Tensor, ...]:
+        """Every row's pattern at t of its segment: one pass with the segment's parameters, or
+        per-row passes for the rows of several."""
+        if len(seg.theta) == 1:
+            return self.search.kink_pattern(seg.theta[0], seg.delta[0], seg.x, t)
+        at = torch.full((seg.rows,), t, dtype=torch.float64, device=seg.theta.device)
+        return self._pattern_rows(seg, torch.arange(seg.rows, device=seg.theta.device), at, None)
+
+    def _refine_own_and_shared(self, seg: _Segments, start, end, relevant) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kinks of every row (input on a segment), (row [K], position [K]), from its
         pattern at both ends: those of its own units, and those of parameters alone (see
-        FlatModel.shared_columns), which lie on every input's path at the same t and so are
-        searched once, on the first input, whatever the batch's size.
+        FlatModel.shared_columns), which lie on every input's path along a segment at the same t
+        and so are searched once per segment, on its first input, whatever the batch's size.
 
         An input with more than `max_kinks` kinks in all is not worth resolving: its segment is
         integrated plainly (counted as unresolved). So is an input left with an open interval
         after `max_rounds`, which keeps its kinks (see _refine)."""
-        n = len(x)
-        shared, shared_indices = self.search.shared_columns(x)
+        n = len(seg.x)
+        everyone = torch.arange(seg.rows, device=seg.theta.device)
+        shared, shared_indices = self.search.shared_columns(seg.x)
         own = None if relevant is None else (relevant, None)
-        common_t, common_unresolved, budget = theta.new_zeros(0), False, self.max_kinks
+        searched, budget = everyone, self.max_kinks
+        common_rows, common_t = everyone[:0], seg.theta.new_zeros(0)
+        unresolved = torch.zeros(seg.rows, dtype=torch.bool, device=everyone.device)
         if shared.any() or shared_indices.any():
             own = (~shared if relevant is None else relevant & ~shared, ~shared_indices)
             common = (shared if relevant is None else relevant & shared, shared_indices)
-            _, common_t, crowded, unsettled = self._refine(theta, delta, x[:1], _whole(start, end, 1, common),
-                                                           common, self.max_kinks)
-            if crowded.any():  # more than max_kinks on every input's path
-                self.stats.unresolved += n
-                return _no_kinks(theta)
-            common_unresolved, budget = bool(unsettled.any()), self.max_kinks - len(torch.unique(common_t))
-        rows, t, crowded, unsettled = self._refine(theta, delta, x, _whole(start, end, n, own), own, budget)
-        self.stats.unresolved += n if common_unresolved else int((crowded | unsettled).sum())
-        with_common = torch.nonzero(~crowded)[:, 0]
-        return (torch.cat([rows, with_common.repeat_interleave(len(common_t))]),
-                torch.cat([t, common_t.repeat(len(with_common))]))
+            firsts = everyone[::n]
+            common_rows, common_t, crowded, unsettled = self._refine(seg, _whole(start, end, firsts, common), common,
+                                                                     self.max_kinks)
+            # a segment with more than max_kinks of them is integrated plainly on every input's
+            # path; one with an interval of them still open counts as unresolved on every one
+            unresolved = (crowded | unsettled)[firsts].repeat_interleave(n)
+            searched = everyone[~crowded[firsts].repeat_interleave(n)]
+            distinct = torch.unique(common_rows.double() * 2 + common_t)  # a row's t ∈ (0, 1)
+            per_segment = torch.bincount(torch.div(distinct, 2, rounding_mode="floor").long() // n,
+                                         minlength=len(seg.theta))
+            budget = self.max_kinks - per_segment.repeat_interleave(n)
+        rows, t, crowded, unsettled = self._refine(seg, _whole(start, end, searched, own), own, budget)
+        self.stats.unresolved += int((unresolved | crowded | unsettled).sum())
+        extra_rows, extra_t = _spread(common_rows, common_t, searched[~crowded[searched]], seg)
+        return torch.cat([rows, extra_rows]), torch.cat([t, extra_t])
 
-    def _refine(self, theta, delta, x, intervals: _Intervals, columns, max_kinks: int) -> tuple[torch.Tensor, ...]:
+    def _refine(self, seg: _Segments, intervals: _Intervals, columns,
+                max_kinks: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split intervals until each one is certified smooth or pins its kinks down: the kinks
-        (input index, position) of the inputs with at most `max_kinks`, and which inputs have
-        more (crowded) or an interval still open after `max_rounds`, which keeps its kinks
-        (unsettled). Only the pattern's `columns` are followed (see _columns)."""
-        n = len(intervals)
+        (row, position) of the rows with at most `max_kinks` (one for all, or per row), and
+        which rows have more (crowded) or an interval still open after `max_rounds`, which keeps
+        its kinks (unsettled), [seg.rows] each. Only the pattern's `columns` are followed (see
+        _columns)."""
+        n = seg.rows
         rows, t = [intervals.rows[:0]], [intervals.a[:0]]
         crowded = torch.zeros(n, dtype=torch.bool, device=intervals.rows.device)
         unsettled = torch.zeros_like(crowded)  # an input with an interval still open after the last round
@@ -305,9 +380,9 @@ class PathIntegral:
                 return None
             searched = intervals.take(open_)
             probes = self._probes(searched, crossing[open_], roots[open_], gap[open_])
-            return self._split(theta, delta, x, searched, probes, columns)
+            return self._split(seg, searched, probes, columns)
 
-        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, x, iv, columns, "logit"))
+        self._depth_first(intervals, search, lambda iv: self._with_ends(seg, iv, columns, "logit"))
         rows, t = torch.cat(rows), torch.cat(t)
         keep = ~crowded[rows]
         return rows[keep], t[keep], crowded, unsettled
@@ -357,10 +432,10 @@ class PathIntegral:
             held -= group.held_bytes()
             waiting[i] = (group.shed(), depth)
 
-    def _with_ends(self, theta, delta, x, iv: _Intervals, columns, target: str) -> _Intervals:
+    def _with_ends(self, seg: _Segments, iv: _Intervals, columns, target: str) -> _Intervals:
         """Shed intervals with the patterns at their ends computed again."""
         k = len(iv)
-        both = self._pattern_rows(theta, delta, x, iv.rows.repeat(2), torch.cat([iv.a, iv.b]), columns, target)
+        both = self._pattern_rows(seg, iv.rows.repeat(2), torch.cat([iv.a, iv.b]), columns, target)
         return _Intervals(iv.rows, iv.a, iv.b, tuple(v[:k] for v in both), tuple(v[k:] for v in both), iv.miss)
 
     # ----------------------------------------------------------------- memory
@@ -441,7 +516,7 @@ class PathIntegral:
         located = torch.where(torch.isfinite(root[:, :1]), bracket, thirds)
         return torch.where(crossing[:, None], located, dips)
 
-    def _split(self, theta, delta, x, iv: _Intervals, probes: torch.Tensor, columns,
+    def _split(self, seg: _Segments, iv: _Intervals, probes: torch.Tensor, columns,
                target: str = "logit") -> _Intervals:
         """Evaluate the pattern at the probes and cut each interval there."""
         k = len(iv)
@@ -453,7 +528,7 @@ class PathIntegral:
         at = iv.a[:, None] + u * width
         at[:, -1] = iv.b  # exactly, not a + 1·(b − a)
         row, col = torch.nonzero(inner, as_tuple=True)
-        probed = self._pattern_rows(theta, delta, x, iv.rows[row], at[row, col], columns, target)
+        probed = self._pattern_rows(seg, iv.rows[row], at[row, col], columns, target)
         # each point of u names a pattern in [starts; ends; probes]: the first point is the
         # interval's start, an inner one its probe, any other (u = 1) its end. The pieces
         # gather theirs from that table, so no [K, points, units] copy of the patterns is made.
@@ -468,11 +543,13 @@ class PathIntegral:
         return _Intervals(rows, at[:, :-1][keep], at[:, 1:][keep],
                           tuple(v[first] for v in table), tuple(v[last] for v in table))
 
-    def _pattern_rows(self, theta, delta, x, rows, t, columns, target: str = "logit"):
-        """The kink pattern's `columns` of input rows[r] at t[r], in passes of at most max_rows."""
-        size = self._search_rows(x) or len(rows)
-        parts = [self.search.kink_pattern(theta, delta, x[r], tr, target)
-                 for r, tr in zip(rows.split(size), t.split(size))]
+    def _pattern_rows(self, seg: _Segments, rows, t, columns, target: str = "logit"):
+        """The kink pattern's `columns` of rows[r] at t[r] of its segment, in passes of at most
+        max_rows (and of window_row_bytes when the rows lie on several segments)."""
+        size = self._search_rows(seg.x) or len(rows)
+        if len(seg.theta) > 1:
+            size = min(size, max(1, self.window_row_bytes // (32 * seg.theta.shape[1])))
+        parts = [self.search.kink_pattern(*seg.of(r), tr, target) for r, tr in zip(rows.split(size), t.split(size))]
         return _columns(tuple(torch.cat(p) for p in zip(*parts)), columns)
 
     # ----------------------------------------------------------- error control
@@ -501,8 +578,8 @@ class PathIntegral:
             return (rows, plain.new_zeros(0), plain.new_zeros(0)), plain
         relevant = self._relevant(theta, x, xs)
         columns = None if relevant is None else (relevant, None)
-        ends = [self._pattern_rows(theta, delta, xs, rows, torch.full_like(plain[rows, 0], t), columns, target)
-                for t in (0.0, 1.0)]
+        seg = _Segments(theta[None], delta[None], xs)
+        ends = [self._pattern_rows(seg, rows, torch.full_like(plain[rows, 0], t), columns, target) for t in (0.0, 1.0)]
         intervals = _Intervals(rows, plain.new_zeros(len(rows)), plain.new_ones(len(rows)), *ends, miss=missed[rows])
         done, unresolved = [], []
 
@@ -521,11 +598,11 @@ class PathIntegral:
             missing = intervals.take(~ok)
             if not len(missing):
                 return None
-            cut = self._split(theta, delta, xs, missing, self._cuts(missing), columns, target)
+            cut = self._split(seg, missing, self._cuts(missing), columns, target)
             cut.miss = self._misses(theta, delta, xs, cut, target)
             return cut
 
-        self._depth_first(intervals, search, lambda iv: self._with_ends(theta, delta, xs, iv, columns, target))
+        self._depth_first(intervals, search, lambda iv: self._with_ends(seg, iv, columns, target))
         owner, lo, hi = (torch.cat(v) for v in zip(*done))
         order = torch.argsort(owner.double() * 2 + lo)
         self.stats.kinks += len(owner) - len(rows)
@@ -573,17 +650,18 @@ class PathIntegral:
 
     # ----------------------------------------------------------------- nodes
 
-    def _nodes(self, theta, delta, x, target: str):
+    def _nodes(self, theta, delta, x, target: str, kinks=None):
         """Quadrature rows of the inputs whose segment has more than one smooth piece: (input
         index, node t, weight), [R] each, Q nodes on each piece (the other inputs take the plain
         rule's shared nodes, see _integral); and the float64 plain integral φ·Δ of every input
-        when the kink tolerance computed it (else None)."""
+        when the kink tolerance computed it (else None). `kinks`: the segment's, if located
+        already (locate_steps), else None."""
         dev, dt = self.flat.device, self.flat.dtype
         if self.kink_tolerance > 0:
             (owner, lo, hi), plain = self._searched(theta, delta, x, target)
         else:
             plain = None
-            owner, lo, hi = _pieces(*self._locate(theta, delta, x), len(x))
+            owner, lo, hi = _pieces(*(self._locate(theta, delta, x) if kinks is None else kinks), len(x))
         owner, lo, hi = owner.to(dev), lo.to(dev, dt), hi.to(dev, dt)
         width = hi - lo
         t = (lo[:, None] + width[:, None] * self.t_nodes).flatten()
@@ -593,7 +671,7 @@ class PathIntegral:
     # ----------------------------------------------------------------- integrals
 
     def _integral(self, theta, delta, x, target: str, out: torch.Tensor, size: int | None, plain_at, rows_at,
-                  change: bool = False) -> torch.Tensor:
+                  change: bool = False, kinks=None) -> torch.Tensor:
         """Add Σ_r w_r · (integrand at node r) of every input into out [n, ...] (zeros) and return it.
 
         Inputs whose segment is one smooth piece (all of them when no kinks are located) share
@@ -606,10 +684,11 @@ class PathIntegral:
         tolerance's check has already computed the plain part, and for a very few inputs and
         nodes one per-row pass over all nodes beats a pass per node, whose fixed cost they do
         not amortise (measured: 5× faster for 1 input and 10 nodes of the default Transformer,
-        1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows)."""
+        1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows). kinks: the
+        segment's, located already (locate_steps, which counted it), or None."""
         n = len(x)
         everyone = torch.arange(n, device=x.device)
-        if not self.searches:
+        if not self.searches and kinks is None:
             nodes = len(self.t_nodes)
             if change and n <= self.few_inputs and n * nodes <= self.few_rows:
                 self.stats.segments += n
@@ -618,7 +697,7 @@ class PathIntegral:
             else:
                 self._plain(out, everyone, size, plain_at)
             return out
-        owner, t, w, checked = self._nodes(theta, delta, x, target)
+        owner, t, w, checked = self._nodes(theta, delta, x, target, kinks)
         pieced = torch.zeros(n, dtype=torch.bool, device=x.device)
         pieced[owner.to(x.device)] = True
         smooth = everyone[~pieced]
@@ -638,8 +717,9 @@ class PathIntegral:
         for c in torch.arange(len(t), device=t.device).split(size or len(t)):
             rows_at(out, owner[c], t[c], w[c])
 
-    def jacobian(self, theta, delta, x, select, target: str, n_outputs: int) -> torch.Tensor:
-        """φ_s for every input and selected output: [T, O, D].
+    def jacobian(self, theta, delta, x, select, target: str, n_outputs: int, kinks=None) -> torch.Tensor:
+        """φ_s for every input and selected output: [T, O, D]; `kinks` as located by
+        locate_steps (None: located here).
 
         All (input, node) rows go through batched reverse passes, in groups that keep the
         per-node gradients below `max_elements`. Under a memory budget, a pass on kinked
@@ -664,7 +744,8 @@ class PathIntegral:
             theta, delta, x, target, out, size,
             lambda out, i, t, w: self.flat.add_jacobian(out, i, theta + t * delta, x[i], sel(i), target, w),
             lambda out, i, t, w: self.flat.add_node_jacobians(out, i, theta, delta, x[i.to(x.device)], t, w, sel(i),
-                                                              target))
+                                                              target),
+            kinks=kinks)
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
@@ -677,9 +758,10 @@ class PathIntegral:
                 0, i, self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None]),
             change=True)
 
-    def directional(self, theta, delta, x, tangents, target: str, select=None) -> torch.Tensor:
+    def directional(self, theta, delta, x, tangents, target: str, select=None, kinks=None) -> torch.Tensor:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
-        [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed."""
+        [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed.
+        `kinks` as for jacobian."""
         out = self._zeros(theta, x, target, len(tangents))
         self._integral(
             theta, delta, x, target, out, self._directional_rows(x, len(tangents)),
@@ -687,7 +769,8 @@ class PathIntegral:
                 0, i, self.flat.directional_many(theta + t * delta, tangents, x[i], target).permute(1, 2, 0), alpha=w),
             lambda out, i, t, w: out.index_add_(
                 0, i, (self.flat.directional_rows(theta, delta, x[i.to(x.device)], t, tangents, target)
-                       * w[:, None, None]).transpose(1, 2)))
+                       * w[:, None, None]).transpose(1, 2)),
+            kinks=kinks)
         if select is not None:
             out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
         return out
@@ -761,12 +844,27 @@ def _columns(pattern, columns: tuple[torch.Tensor | None, torch.Tensor | None] |
     return z, dz, idx if indices is None else idx[:, indices], out
 
 
-def _whole(start, end, n: int, columns) -> _Intervals:
-    """The whole segments [0, 1] of the first n inputs, with the `columns` of their patterns at both ends."""
-    dev = start[0].device
-    return _Intervals(torch.arange(n, device=dev), torch.zeros(n, dtype=torch.float64, device=dev),
-                      torch.ones(n, dtype=torch.float64, device=dev),
-                      _columns(tuple(v[:n] for v in start), columns), _columns(tuple(v[:n] for v in end), columns))
+def _whole(start, end, rows: torch.Tensor, columns) -> _Intervals:
+    """The whole segments [0, 1] of `rows`, with the `columns` of their patterns at both ends."""
+    k = len(rows)
+    return _Intervals(rows, torch.zeros(k, dtype=torch.float64, device=rows.device),
+                      torch.ones(k, dtype=torch.float64, device=rows.device),
+                      _columns(tuple(v[rows] for v in start), columns), _columns(tuple(v[rows] for v in end), columns))
+
+
+def _spread(common_rows: torch.Tensor, common_t: torch.Tensor, rows: torch.Tensor, seg: _Segments
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kinks of parameters alone, found on each segment's first row (common_rows, common_t),
+    given to every one of `rows` on that segment: (row [K], position [K])."""
+    n = len(seg.x)
+    order = torch.argsort(common_rows, stable=True)
+    per_segment = torch.bincount(common_rows[order] // n, minlength=len(seg.theta))
+    segment = rows // n
+    repeats = per_segment[segment]
+    first = (torch.cumsum(per_segment, 0) - per_segment)[segment].repeat_interleave(repeats)
+    rank = torch.arange(int(repeats.sum()), device=rows.device)
+    rank -= (torch.cumsum(repeats, 0) - repeats).repeat_interleave(repeats)
+    return rows.repeat_interleave(repeats), common_t[order][first + rank]
 
 
 def _hermite(iv: _Intervals) -> tuple[torch.Tensor, ...]:

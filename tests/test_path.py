@@ -426,6 +426,64 @@ def test_kinks_of_parameters_alone_and_of_each_input_make_the_path_exact():
     assert (plain.change(theta, delta, x, "logit") - change).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("max_kinks", [16, 4, 2, 0])
+def test_one_search_over_several_steps_finds_each_steps_kinks(max_kinks):
+    """locate_steps searches the segments of several steps at once, each pass taking rows of all
+    of them. It finds what a search of each segment alone finds: the kinks of parameters alone
+    (by hand, entry w of W crosses 0 at t = −w / Δw, on every input of its segment) and each
+    input's own, the same inputs crowded out by max_kinks (those of parameters alone crowd a
+    whole segment out), and counts the same."""
+    flat, _ = flat_of(ClampedWeights(relu=True))
+    generator = torch.Generator().manual_seed(3)
+    theta = torch.randn(4, 12, dtype=DT, generator=generator)
+    delta = 2 * torch.randn(4, 12, dtype=DT, generator=generator)
+    x = torch.rand(6, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    together = PathIntegral(flat, quadrature=4, max_kinks=max_kinks)
+    found = together.locate_steps(theta, delta, x)
+    alone = PathIntegral(flat, quadrature=4, max_kinks=max_kinks)
+    for s, (rows, t) in enumerate(found):
+        by_itself = alone._locate(theta[s], delta[s], x)
+        assert rows.tolist() == by_itself[0].tolist()
+        np.testing.assert_allclose(t, by_itself[1], rtol=0, atol=1e-12)
+        crossings = -theta[s] / delta[s]
+        shared = crossings[(crossings > 0) & (crossings < 1)]
+        for i in rows.unique().tolist():
+            own = t[rows == i]
+            assert all(float((own - c).abs().min()) < 1e-12 for c in shared)
+    assert together.stats == alone.stats
+    kinks_by_segment = [len(rows) for rows, _ in found]
+    if max_kinks == 16:
+        assert min(kinks_by_segment) > 0 and together.stats.unresolved == 0
+    else:
+        assert together.stats.unresolved > 0
+    if max_kinks == 2:  # a segment crowded by its kinks of parameters alone, and another one not
+        assert 0 in kinks_by_segment and max(kinks_by_segment) > 0
+
+
+@pytest.mark.parametrize("convention", ["update", "gradient"])
+@pytest.mark.parametrize("keep", [("train", "test", "output"), ("test", "output")])
+def test_explain_searching_steps_in_windows_equals_searching_each_step(tmp_path, monkeypatch, convention, keep):
+    """explain locates the kinks of a window of steps in one search (both step conventions; a
+    cube with or without a train dim): the same kinks and the same cube as a search per step."""
+    run = train(Case("mlp", "adamw", act="relu", steps=5, lr_scale=3.0, n_test=6), tmp_path / "h")
+    options = dict(keep=keep, convention=convention, tolerance=None)
+    windows, locate = [], PathIntegral.locate_steps
+    monkeypatch.setattr(PathIntegral, "locate_steps", lambda self, th, *a: windows.append(len(th))
+                        or locate(self, th, *a))
+    searched_together = run.explain(**options)
+    assert set(windows) == {run.case.steps}
+    windows.clear()
+    monkeypatch.setattr(PathIntegral, "window", lambda self, *args: 1)
+    searched_alone = run.explain(**options)
+    assert set(windows) == {1}
+    for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+        assert searched_together.attrs[name] == searched_alone.attrs[name]
+    assert searched_together.attrs["kinks_located"] > 0
+    scale = float(abs(searched_alone["attribution"]).max())
+    np.testing.assert_allclose(searched_together["attribution"].values, searched_alone["attribution"].values,
+                               rtol=0, atol=1e-13 * scale)
+
+
 def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
     flat, theta = flat_of(SharedKinks())
     delta = torch.tensor([-0.3, 0.7, 0.0, 0.0, -0.2], dtype=DT)
@@ -877,16 +935,16 @@ def test_a_budget_with_nothing_beyond_the_search_reserve_searches_one_interval_a
     reserve = ex.plan(run.path, run.model, run.test_x, run.test_y, test_chunk=2, **options).device_bytes
     groups, rows = [], []
     split, pattern = PathIntegral._split, FlatModel.kink_pattern
-    monkeypatch.setattr(PathIntegral, "_split", lambda self, th, de, x, iv, *a: groups.append(len(iv))
-                        or split(self, th, de, x, iv, *a))
+    monkeypatch.setattr(PathIntegral, "_split", lambda self, seg, iv, *a: groups.append(len(iv))
+                        or split(self, seg, iv, *a))
     monkeypatch.setattr(FlatModel, "kink_pattern", lambda self, th, de, x, t, *a: rows.append(
         (len(x), isinstance(t, torch.Tensor))) or pattern(self, th, de, x, t, *a))
     jacobian_rows, node_jacobians = [], FlatModel.add_node_jacobians
     monkeypatch.setattr(FlatModel, "add_node_jacobians", lambda self, out, owner, *a: jacobian_rows.append(
         len(owner)) or node_jacobians(self, out, owner, *a))
     restored, with_ends = [], PathIntegral._with_ends
-    monkeypatch.setattr(PathIntegral, "_with_ends", lambda self, th, de, x, iv, *a: restored.append(len(iv))
-                        or with_ends(self, th, de, x, iv, *a))
+    monkeypatch.setattr(PathIntegral, "_with_ends", lambda self, seg, iv, *a: restored.append(len(iv))
+                        or with_ends(self, seg, iv, *a))
     bounded = run.explain(memory_budget=reserve, test_chunk=2, **options)
     assert set(groups) == {1} and len(groups) > run.case.steps
     assert set(restored) == {1} and len(restored) < len(groups)  # one interval a round; the newest kept theirs
