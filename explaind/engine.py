@@ -703,9 +703,9 @@ class ChunkPass:
         return (layout.flatten(rec.before).to(self.dev, self.dt),
                 layout.flatten(rec.after).to(self.dev, self.dt))
 
-    def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor, kinks) -> torch.Tensor:
-        """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]; kinks: as _segments gives them."""
-        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target, self.req.n_outputs, kinks)
+    def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor, pieces) -> torch.Tensor:
+        """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]; pieces: as _segments gives them."""
+        phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target, self.req.n_outputs, pieces)
         return phi.reshape(-1, phi.shape[-1])
 
     def reduce_rows(self, full: torch.Tensor) -> torch.Tensor:
@@ -815,10 +815,10 @@ class ChunkPass:
         return self._result()
 
     def _segments(self, records: Iterable[StepRecord]) -> Iterator[tuple]:
-        """(record, θ_s, θ_{s+1}, kinks) per step. The kinks of the explained steps' segments are
-        located for a window of steps at once (PathIntegral.window), by one search whose passes
-        each take rows of all of them; None where a step's search is left to the integral (a
-        window of one)."""
+        """(record, θ_s, θ_{s+1}, pieces) per step. The explained steps' segments are searched
+        for kinks a window of steps at once (PathIntegral.window), by one search whose passes
+        each take rows of all of them (search_steps); pieces None where a step's search is left
+        to its integral (a window of one)."""
         path, (start, stop) = self.req.path, self.req.step_range
         records = iter(records)
         first = next(records, None)
@@ -829,15 +829,16 @@ class ChunkPass:
         records = chain([first], records)
         while window := list(islice(records, size)):
             thetas = [self.thetas(rec) for rec in window]
-            kinks = [None] * len(window)
+            pieces = [None] * len(window)
             explained = [j for j, rec in enumerate(window) if rec.step >= start]
             if size > 1 and explained:
-                found = path.locate_steps(torch.stack([thetas[j][0] for j in explained]),
-                                          torch.stack([thetas[j][1] - thetas[j][0] for j in explained]), self.x)
-                for j, located in zip(explained, found):
-                    kinks[j] = located
-            for rec, (theta, theta_next), located in zip(window, thetas, kinks):
-                yield rec, theta, theta_next, located
+                found = path.search_steps(torch.stack([thetas[j][0] for j in explained]),
+                                          torch.stack([thetas[j][1] - thetas[j][0] for j in explained]), self.x,
+                                          self.req.target)
+                for j, step_pieces in zip(explained, found):
+                    pieces[j] = step_pieces
+            for rec, (theta, theta_next), step_pieces in zip(window, thetas, pieces):
+                yield rec, theta, theta_next, step_pieces
 
     def _forward(self, records: Iterable[tuple]) -> None:
         """Update-step convention: carry per-sample momentum forwards."""
@@ -847,7 +848,7 @@ class ChunkPass:
         carried = self.momentum_before_replay()  # decays through the steps, never split
         aggregate.momentum = None if carried is None else carried.clone()
         start = self.req.step_range[0]
-        for rec, theta, theta_next, kinks in records:
+        for rec, theta, theta_next, pieces in records:
             s = rec.step
             k = self.coefficients(rec)
             delta = theta_next - theta
@@ -871,11 +872,11 @@ class ChunkPass:
                 continue
             if self.by_directions:
                 self.add_directions(s, theta, delta, -k.eta * (modelled - r), -k.eta * r, -k.eta * modelled,
-                                    None if self.recorded_updates else -k.eta * recorded, kinks)
+                                    None if self.recorded_updates else -k.eta * recorded, pieces)
                 self.record_update_check(s, k, modelled, theta, delta)
                 continue
 
-            full = self.path_jacobian(theta, delta, kinks).mul_(-k.eta)  # G_s, [T·O, D]
+            full = self.path_jacobian(theta, delta, pieces).mul_(-k.eta)  # G_s, [T·O, D]
             rows = self.reduce_rows(full)
             if self.recorded_updates:  # one train column: the whole batch's share of the update
                 self.add(self.attribution, s, self.contract(rows, (modelled - r)[None]))
@@ -896,7 +897,7 @@ class ChunkPass:
                 self.record_update_check(s, k, modelled, theta, delta)
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
-                       modelled: torch.Tensor, recorded: torch.Tensor | None, kinks) -> None:
+                       modelled: torch.Tensor, recorded: torch.Tensor | None, pieces) -> None:
         """Book step s when no training sample is kept: G_s is only ever contracted with the
         (−η-scaled) update, its weight-decay part, each restricted to a kept component, and the
         modelled and recorded totals (None: the recorded update stands for the modelled one, one
@@ -909,7 +910,7 @@ class ChunkPass:
             tangents[p, sl] = update[sl]
             tangents[n + p, sl] = decay[sl]
         tangents[2 * n:] = torch.stack(totals)
-        phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select, kinks)
+        phi = self.req.path.directional(theta, delta, self.x, tangents, self.req.target, self.select, pieces)
         full = phi.reshape(-1, phi.shape[-1])  # [T·O, V]
         rows = self.reduce_rows(full)  # [rows, V]
         self.add(self.attribution, s, [rows[:, p, None] for p in range(n)])
@@ -932,7 +933,7 @@ class ChunkPass:
         carried = None  # K per bin (or one), [bins, rows, D]
         carried_full = None
         a_next = None
-        for rec, theta, theta_next, kinks in records:
+        for rec, theta, theta_next, pieces in records:
             s = rec.step
             k = self.coefficients(rec)
             if carried is not None:  # from the effect on step s + 1 on to step s
@@ -942,7 +943,7 @@ class ChunkPass:
             full = rows = None
             if s >= start:  # steps before the range only pass momentum on (update convention)
                 delta = theta_next - theta
-                full = self.path_jacobian(theta, delta, kinks).mul_(-k.eta)
+                full = self.path_jacobian(theta, delta, pieces).mul_(-k.eta)
                 rows = self.reduce_rows(full)
                 if self.first_train_chunk:
                     self.path_change += full @ recorded_update(k, delta)

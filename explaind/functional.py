@@ -1286,13 +1286,15 @@ class FlatModel:
     def directional_along(
         self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
     ) -> torch.Tensor:
-        """J(θ + t_r Δ)·Δ for row r's input, all outputs, by forward mode: [R, O]."""
+        """J(θ + t_r Δ)·Δ for row r's input, all outputs, by forward mode: [R, O]. θ and Δ are one
+        segment's [D] or each row's own [R, D] (see kink_pattern)."""
 
-        def one(x1: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        def one(x1: torch.Tensor, t1: torch.Tensor, th1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
             f = lambda th: self.explained(th, x1.unsqueeze(0), target)[0]
-            return jvp(f, (theta + t1 * delta,), (delta,))[1]
+            return jvp(f, (th1 + t1 * d1,), (d1,))[1]
 
-        return vmap(one)(x, t)
+        own = 0 if theta.dim() == 2 else None
+        return vmap(one, in_dims=(0, 0, own, own))(x, t, theta, delta)
 
     @_transformed
     def per_sample_gradients(

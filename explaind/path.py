@@ -49,12 +49,12 @@ others (depth first), so what waits is other inputs' intervals; waiting interval
 of those bytes shed their end patterns, computed again at their turn. The kinks found are the
 same; only the number of passes changes.
 
-Several steps at once. A pattern pass costs far more in fixed overhead (a forward-mode pass
-through the model: ~3 ms on the reference workload's Transformer) than per row (~0.05 ms), and
-one step's search takes few rows a round. So explain hands the search the segments of a window
-of steps (locate_steps; `window` says how many): row r of the search is an input on one step's
-segment, and each pass takes the rows of every step in the window, with their own θ and Δ. The
-kinks found are those of a search per step; the passes are those of the window's longest one.
+Several steps at once. A pass of the search costs far more in fixed overhead (a forward-mode
+pass through the model: ~3 ms on the reference workload's Transformer) than per row (~0.05 ms),
+and one step's search takes few rows a round. So explain hands the search the segments of a
+window of steps (search_steps; `window` says how many): row r of the search is an input on one
+step's segment, and each pass takes the rows of every step in the window, each with its own θ
+and Δ. What it finds is what a search per step finds; its rounds are those of the deepest.
 """
 
 from __future__ import annotations
@@ -258,10 +258,9 @@ class PathIntegral:
         workload) is paid per round of the window, not per round of each step. At most
         max_window and `steps`, and as many as fit within window_row_bytes (within a quarter of
         search_bytes under a memory budget) with what each step of the window holds: its
-        float64 θ and Δ, its rows' end patterns and the caller's `held` bytes. 1 where each
-        step must search alone: with a kink tolerance, which starts from each step's plain
-        integral, or with no kinks to search."""
-        if not self.searches or self.kink_tolerance > 0:
+        float64 θ and Δ, its rows' end patterns (and plain integrals) and the caller's `held`
+        bytes. 1 with no kinks to search."""
+        if not self.searches:
             return 1
         per_step = 16 * self.flat.layout.dim + 2 * len(x) * self._costs(x)[0] + held
         limit = self.window_row_bytes if self.search_bytes is None else self.search_bytes // 4
@@ -292,6 +291,15 @@ class PathIntegral:
         rows, t = rows[fresh].cpu(), t[fresh].cpu()
         counts = torch.bincount(rows // n, minlength=steps).tolist()
         return [(r % n, ts) for r, ts in zip(rows.split(counts), t.split(counts))]
+
+    def search_steps(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> list[tuple]:
+        """What the integral of each of S segments θ_s + tΔ_s (θ, Δ: [S, D]) needs from the
+        search, by one search for all of them: the smooth pieces of the inputs' paths with more
+        than one, (input index, lo, hi) [K] each, and with a kink tolerance the float64 plain
+        integral φ·Δ of every input [n, O] (None without)."""
+        if self.kink_tolerance > 0:
+            return self._searched(theta, delta, x, target)
+        return [(_pieces(rows, t, len(x)), None) for rows, t in self.locate_steps(theta, delta, x)]
 
     def _ends(self, seg: _Segments, t: float) -> tuple[torch.Tensor, ...]:
         """Every row's pattern at t of its segment: one pass with the segment's parameters, or
@@ -475,6 +483,15 @@ class PathIntegral:
         rows = 1 + self.search_bytes // 4 // max(1, self._costs(x)[1])
         return min(rows, self.max_rows or rows)
 
+    def _pass_rows(self, seg: _Segments) -> int | None:
+        """The most rows of one pass of the search along seg: _search_rows, and those whose own
+        parameters fit window_row_bytes when the rows lie on several segments."""
+        rows = self._search_rows(seg.x)
+        if len(seg.theta) == 1:
+            return rows
+        fit = max(1, self.window_row_bytes // (32 * seg.theta.shape[1]))
+        return min(rows or fit, fit)
+
     def _group_limit(self, group: _Intervals, waiting) -> int | float:
         """How many intervals of `group` one round may take: the reserved one, and as many
         more as the rest of search_bytes holds beside the intervals waiting for their turn."""
@@ -546,39 +563,37 @@ class PathIntegral:
     def _pattern_rows(self, seg: _Segments, rows, t, columns, target: str = "logit"):
         """The kink pattern's `columns` of rows[r] at t[r] of its segment, in passes of at most
         max_rows (and of window_row_bytes when the rows lie on several segments)."""
-        size = self._search_rows(seg.x) or len(rows)
-        if len(seg.theta) > 1:
-            size = min(size, max(1, self.window_row_bytes // (32 * seg.theta.shape[1])))
+        size = self._pass_rows(seg) or len(rows)
         parts = [self.search.kink_pattern(*seg.of(r), tr, target) for r, tr in zip(rows.split(size), t.split(size))]
         return _columns(tuple(torch.cat(p) for p in zip(*parts)), columns)
 
     # ----------------------------------------------------------- error control
 
-    def _searched(self, theta, delta, x, target: str):
-        """With a kink tolerance: the pieces of the segments whose plain integral misses, as
-        (input index, lo, hi) [K] each, and the plain integral φ·Δ of every input [T, O]
-        (float64). The other segments are one smooth piece for this purpose."""
-        n, tol = len(x), self.kink_tolerance
-        self.stats.segments += n
-        theta, delta = theta.to(torch.float64), delta.to(torch.float64)
-        xs = self.search.cast_inputs(x)
+    def _searched(self, theta, delta, x, target: str) -> list[tuple]:
+        """With a kink tolerance, per segment θ_s + tΔ_s (θ, Δ: [S, D]): the pieces of the
+        inputs' paths whose plain integral misses, as (input index, lo, hi) [K] each, and the
+        plain integral φ·Δ of every input [n, O] (float64). The other paths are one smooth piece
+        for this purpose. One search for all the segments' paths that miss (see window)."""
+        steps, n, tol = len(theta), len(x), self.kink_tolerance
+        self.stats.segments += steps * n
+        seg = _Segments(theta.to(torch.float64), delta.to(torch.float64), self.search.cast_inputs(x))
         size = self.max_rows or n
         plain, missed = [], []
         with torch.no_grad():
-            for c in xs.split(size):
-                change = self.search.explained(theta + delta, c, target) - self.search.explained(theta, c, target)
-                integral = sum(w * self.search.directional(theta + t * delta, delta, c, target)
-                               for t, w in zip(self.t_search, self.w_search))
-                plain.append(integral)
-                missed.append((change - integral).abs().amax(1))
-        plain, missed = torch.cat(plain), torch.cat(missed)
+            for th, de in zip(seg.theta, seg.delta):
+                for c in seg.x.split(size):
+                    change = self.search.explained(th + de, c, target) - self.search.explained(th, c, target)
+                    integral = sum(w * self.search.directional(th + t * de, de, c, target)
+                                   for t, w in zip(self.t_search, self.w_search))
+                    plain.append(integral)
+                    missed.append((change - integral).abs().amax(1))
+        plain, missed = torch.cat(plain), torch.cat(missed)  # row s·n + i: input i on segment s
         rows = torch.nonzero(missed > tol)[:, 0]
         self.stats.searched += len(rows)
         if not len(rows):
-            return (rows, plain.new_zeros(0), plain.new_zeros(0)), plain
-        relevant = self._relevant(theta, x, xs)
+            return [((rows, plain.new_zeros(0), plain.new_zeros(0)), part) for part in plain.split(n)]
+        relevant = self._relevant(seg.theta[0], x, seg.x)
         columns = None if relevant is None else (relevant, None)
-        seg = _Segments(theta[None], delta[None], xs)
         ends = [self._pattern_rows(seg, rows, torch.full_like(plain[rows, 0], t), columns, target) for t in (0.0, 1.0)]
         intervals = _Intervals(rows, plain.new_zeros(len(rows)), plain.new_ones(len(rows)), *ends, miss=missed[rows])
         done, unresolved = [], []
@@ -588,7 +603,7 @@ class PathIntegral:
                 done.append((intervals.rows, intervals.a, intervals.b))
                 unresolved.append(intervals.rows[intervals.miss > tol])
                 return None
-            pieces = torch.bincount(torch.cat([*(d[0] for d in done), intervals.rows]), minlength=n)
+            pieces = torch.bincount(torch.cat([*(d[0] for d in done), intervals.rows]), minlength=seg.rows)
             ok = intervals.miss <= tol
             # too narrow to cut, or too many pieces already: accepted as they are
             stop = ~ok & ((intervals.b - intervals.a <= self.resolution) | (pieces[intervals.rows] > 4 * self.max_kinks))
@@ -599,7 +614,7 @@ class PathIntegral:
             if not len(missing):
                 return None
             cut = self._split(seg, missing, self._cuts(missing), columns, target)
-            cut.miss = self._misses(theta, delta, xs, cut, target)
+            cut.miss = self._misses(seg, cut, target)
             return cut
 
         self._depth_first(intervals, search, lambda iv: self._with_ends(seg, iv, columns, target))
@@ -607,7 +622,10 @@ class PathIntegral:
         order = torch.argsort(owner.double() * 2 + lo)
         self.stats.kinks += len(owner) - len(rows)
         self.stats.unresolved += len(torch.unique(torch.cat(unresolved)))
-        return (owner[order], lo[order], hi[order]), plain
+        owner, lo, hi = owner[order], lo[order], hi[order]
+        counts = torch.bincount(owner // n, minlength=steps).tolist()
+        return [((o % n, a, b), part) for o, a, b, part
+                in zip(owner.split(counts), lo.split(counts), hi.split(counts), plain.split(n))]
 
     def _cuts(self, iv: _Intervals) -> torch.Tensor:
         """Where to cut pieces that miss, as fractions u ∈ (0, 1) of each: [K, 2·roots] (NaN:
@@ -636,32 +654,28 @@ class PathIntegral:
         [K]. The bracket spans at most half the settle width, so the next round places the root."""
         return torch.clamp(self.settle_width / 4 / (iv.b - iv.a), max=2.0**-4)
 
-    def _misses(self, theta, delta, x, iv: _Intervals, target: str) -> torch.Tensor:
+    def _misses(self, seg: _Segments, iv: _Intervals, target: str) -> torch.Tensor:
         """How far each piece's Q-node integral misses the change of its ends' outputs: [K]."""
         width = (iv.b - iv.a)[:, None]
         t = (iv.a[:, None] + width * self.t_search).flatten()
         w = (width * self.w_search).flatten()
         rows = iv.rows.repeat_interleave(len(self.t_search))
-        size = self._search_rows(x) or len(t)
-        along = torch.cat([self.search.directional_along(theta, delta, x[r], tr, target)
+        size = self._pass_rows(seg) or len(t)
+        along = torch.cat([self.search.directional_along(*seg.of(r), tr, target)
                            for r, tr in zip(rows.split(size), t.split(size))]) * w[:, None]
         integral = along.view(len(iv), len(self.t_search), -1).sum(1)
         return (iv.end[3] - iv.start[3] - integral).abs().amax(1)
 
     # ----------------------------------------------------------------- nodes
 
-    def _nodes(self, theta, delta, x, target: str, kinks=None):
+    def _nodes(self, theta, delta, x, target: str, pieces=None):
         """Quadrature rows of the inputs whose segment has more than one smooth piece: (input
         index, node t, weight), [R] each, Q nodes on each piece (the other inputs take the plain
         rule's shared nodes, see _integral); and the float64 plain integral φ·Δ of every input
-        when the kink tolerance computed it (else None). `kinks`: the segment's, if located
-        already (locate_steps), else None."""
+        when the kink tolerance computed it (else None). `pieces`: what search_steps found for
+        the segment already, else None."""
         dev, dt = self.flat.device, self.flat.dtype
-        if self.kink_tolerance > 0:
-            (owner, lo, hi), plain = self._searched(theta, delta, x, target)
-        else:
-            plain = None
-            owner, lo, hi = _pieces(*(self._locate(theta, delta, x) if kinks is None else kinks), len(x))
+        (owner, lo, hi), plain = self.search_steps(theta[None], delta[None], x, target)[0] if pieces is None else pieces
         owner, lo, hi = owner.to(dev), lo.to(dev, dt), hi.to(dev, dt)
         width = hi - lo
         t = (lo[:, None] + width[:, None] * self.t_nodes).flatten()
@@ -671,7 +685,7 @@ class PathIntegral:
     # ----------------------------------------------------------------- integrals
 
     def _integral(self, theta, delta, x, target: str, out: torch.Tensor, size: int | None, plain_at, rows_at,
-                  change: bool = False, kinks=None) -> torch.Tensor:
+                  change: bool = False, pieces=None) -> torch.Tensor:
         """Add Σ_r w_r · (integrand at node r) of every input into out [n, ...] (zeros) and return it.
 
         Inputs whose segment is one smooth piece (all of them when no kinks are located) share
@@ -684,11 +698,11 @@ class PathIntegral:
         tolerance's check has already computed the plain part, and for a very few inputs and
         nodes one per-row pass over all nodes beats a pass per node, whose fixed cost they do
         not amortise (measured: 5× faster for 1 input and 10 nodes of the default Transformer,
-        1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows). kinks: the
-        segment's, located already (locate_steps, which counted it), or None."""
+        1.2× for 2 inputs of the CNN; 2× slower for the CNN's 4 inputs or 40 rows). pieces: what
+        search_steps found for the segment (and counted), or None: searched here."""
         n = len(x)
         everyone = torch.arange(n, device=x.device)
-        if not self.searches and kinks is None:
+        if not self.searches and pieces is None:
             nodes = len(self.t_nodes)
             if change and n <= self.few_inputs and n * nodes <= self.few_rows:
                 self.stats.segments += n
@@ -697,7 +711,7 @@ class PathIntegral:
             else:
                 self._plain(out, everyone, size, plain_at)
             return out
-        owner, t, w, checked = self._nodes(theta, delta, x, target, kinks)
+        owner, t, w, checked = self._nodes(theta, delta, x, target, pieces)
         pieced = torch.zeros(n, dtype=torch.bool, device=x.device)
         pieced[owner.to(x.device)] = True
         smooth = everyone[~pieced]
@@ -717,9 +731,9 @@ class PathIntegral:
         for c in torch.arange(len(t), device=t.device).split(size or len(t)):
             rows_at(out, owner[c], t[c], w[c])
 
-    def jacobian(self, theta, delta, x, select, target: str, n_outputs: int, kinks=None) -> torch.Tensor:
-        """φ_s for every input and selected output: [T, O, D]; `kinks` as located by
-        locate_steps (None: located here).
+    def jacobian(self, theta, delta, x, select, target: str, n_outputs: int, pieces=None) -> torch.Tensor:
+        """φ_s for every input and selected output: [T, O, D]; `pieces`: what search_steps found
+        for the segment (None: searched here).
 
         All (input, node) rows go through batched reverse passes, in groups that keep the
         per-node gradients below `max_elements`. Under a memory budget, a pass on kinked
@@ -745,7 +759,7 @@ class PathIntegral:
             lambda out, i, t, w: self.flat.add_jacobian(out, i, theta + t * delta, x[i], sel(i), target, w),
             lambda out, i, t, w: self.flat.add_node_jacobians(out, i, theta, delta, x[i.to(x.device)], t, w, sel(i),
                                                               target),
-            kinks=kinks)
+            pieces=pieces)
 
     def change(self, theta, delta, x, target: str) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
@@ -758,10 +772,10 @@ class PathIntegral:
                 0, i, self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None]),
             change=True)
 
-    def directional(self, theta, delta, x, tangents, target: str, select=None, kinks=None) -> torch.Tensor:
+    def directional(self, theta, delta, x, tangents, target: str, select=None, pieces=None) -> torch.Tensor:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
         [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed.
-        `kinks` as for jacobian."""
+        `pieces` as for jacobian."""
         out = self._zeros(theta, x, target, len(tangents))
         self._integral(
             theta, delta, x, target, out, self._directional_rows(x, len(tangents)),
@@ -770,7 +784,7 @@ class PathIntegral:
             lambda out, i, t, w: out.index_add_(
                 0, i, (self.flat.directional_rows(theta, delta, x[i.to(x.device)], t, tangents, target)
                        * w[:, None, None]).transpose(1, 2)),
-            kinks=kinks)
+            pieces=pieces)
         if select is not None:
             out = out.gather(1, select.to(out.device)[:, :, None].expand(-1, -1, out.shape[2]))
         return out

@@ -460,16 +460,48 @@ def test_one_search_over_several_steps_finds_each_steps_kinks(max_kinks):
         assert 0 in kinks_by_segment and max(kinks_by_segment) > 0
 
 
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9, 1e3])
+def test_a_tolerance_search_over_several_steps_finds_each_steps_pieces(kink_tolerance):
+    """search_steps takes the segments of several steps in one search, with or without a kink
+    tolerance (whose search starts from each path's plain integral and cuts only the pieces that
+    miss; 1e3: none does): the pieces and plain integrals of a search per segment, and the same
+    counts."""
+    flat, _ = flat_of(ClampedWeights(relu=True))
+    generator = torch.Generator().manual_seed(3)
+    theta = torch.randn(4, 12, dtype=DT, generator=generator)
+    delta = 2 * torch.randn(4, 12, dtype=DT, generator=generator)
+    x = torch.rand(6, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    together = PathIntegral(flat, quadrature=4, kink_tolerance=kink_tolerance)
+    alone = PathIntegral(flat, quadrature=4, kink_tolerance=kink_tolerance)
+    for s, ((owner, lo, hi), plain) in enumerate(together.search_steps(theta, delta, x, "logit")):
+        (owner_alone, lo_alone, hi_alone), plain_alone = alone.search_steps(theta[s:s + 1], delta[s:s + 1], x,
+                                                                            "logit")[0]
+        assert owner.tolist() == owner_alone.tolist() and (len(owner) > 0) == (kink_tolerance < 1)
+        np.testing.assert_allclose(torch.stack([lo, hi]), torch.stack([lo_alone, hi_alone]), rtol=0, atol=1e-12)
+        if kink_tolerance:
+            np.testing.assert_allclose(plain, plain_alone, rtol=0, atol=1e-12)
+            # the plain integral misses the change of every path searched, by more than the tolerance
+            change = flat.explained(theta[s] + delta[s], x, "logit") - flat.explained(theta[s], x, "logit")
+            missed = (change - plain).abs().amax(1) > kink_tolerance
+            assert owner.unique().tolist() == torch.nonzero(missed)[:, 0].tolist()
+        else:
+            assert plain is None and plain_alone is None
+    assert together.stats == alone.stats
+
+
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
 @pytest.mark.parametrize("convention", ["update", "gradient"])
 @pytest.mark.parametrize("keep", [("train", "test", "output"), ("test", "output")])
-def test_explain_searching_steps_in_windows_equals_searching_each_step(tmp_path, monkeypatch, convention, keep):
-    """explain locates the kinks of a window of steps in one search (both step conventions; a
-    cube with or without a train dim): the same kinks and the same cube as a search per step."""
+def test_explain_searching_steps_in_windows_equals_searching_each_step(tmp_path, monkeypatch, convention, keep,
+                                                                       kink_tolerance):
+    """explain searches the kinks of a window of steps in one search (both step conventions; a
+    cube with or without a train dim; with or without a kink tolerance): the same kinks and the
+    same cube as a search per step."""
     run = train(Case("mlp", "adamw", act="relu", steps=5, lr_scale=3.0, n_test=6), tmp_path / "h")
-    options = dict(keep=keep, convention=convention, tolerance=None)
-    windows, locate = [], PathIntegral.locate_steps
-    monkeypatch.setattr(PathIntegral, "locate_steps", lambda self, th, *a: windows.append(len(th))
-                        or locate(self, th, *a))
+    options = dict(keep=keep, convention=convention, kink_tolerance=kink_tolerance, tolerance=None)
+    windows, search = [], PathIntegral.search_steps
+    monkeypatch.setattr(PathIntegral, "search_steps", lambda self, th, *a: windows.append(len(th))
+                        or search(self, th, *a))
     searched_together = run.explain(**options)
     assert set(windows) == {run.case.steps}
     windows.clear()
