@@ -253,7 +253,7 @@ class PathIntegral:
         return self.locate_steps(theta[None], delta[None], x)[0]
 
     def window(self, x: torch.Tensor, steps: int, held: int = 0) -> int:
-        """How many steps' segments one search should take (locate_steps): each of its passes
+        """How many steps' segments one search should take (search_steps): each of its passes
         then carries rows of all of them, so a pass's fixed cost (~3 ms on the reference
         workload) is paid per round of the window, not per round of each step. At most
         max_window and `steps`, and as many as fit within window_row_bytes (within a quarter of
@@ -577,24 +577,15 @@ class PathIntegral:
         steps, n, tol = len(theta), len(x), self.kink_tolerance
         self.stats.segments += steps * n
         seg = _Segments(theta.to(torch.float64), delta.to(torch.float64), self.search.cast_inputs(x))
-        size = self.max_rows or n
-        plain, missed = [], []
-        with torch.no_grad():
-            for th, de in zip(seg.theta, seg.delta):
-                for c in seg.x.split(size):
-                    change = self.search.explained(th + de, c, target) - self.search.explained(th, c, target)
-                    integral = sum(w * self.search.directional(th + t * de, de, c, target)
-                                   for t, w in zip(self.t_search, self.w_search))
-                    plain.append(integral)
-                    missed.append((change - integral).abs().amax(1))
-        plain, missed = torch.cat(plain), torch.cat(missed)  # row s·n + i: input i on segment s
+        relevant = self._relevant(seg.theta[0], x, seg.x)
+        columns = None if relevant is None else (relevant, None)
+        plain, missed, ends = self._plain_check(seg, columns, target)
         rows = torch.nonzero(missed > tol)[:, 0]
         self.stats.searched += len(rows)
         if not len(rows):
             return [((rows, plain.new_zeros(0), plain.new_zeros(0)), part) for part in plain.split(n)]
-        relevant = self._relevant(seg.theta[0], x, seg.x)
-        columns = None if relevant is None else (relevant, None)
-        ends = [self._pattern_rows(seg, rows, torch.full_like(plain[rows, 0], t), columns, target) for t in (0.0, 1.0)]
+        ends = [self._pattern_rows(seg, rows, torch.full_like(plain[rows, 0], t), columns, target) if both is None
+                else tuple(v[rows] for v in both) for t, both in zip((0.0, 1.0), ends)]
         intervals = _Intervals(rows, plain.new_zeros(len(rows)), plain.new_ones(len(rows)), *ends, miss=missed[rows])
         done, unresolved = [], []
 
@@ -626,6 +617,32 @@ class PathIntegral:
         counts = torch.bincount(owner // n, minlength=steps).tolist()
         return [((o % n, a, b), part) for o, a, b, part
                 in zip(owner.split(counts), lo.split(counts), hi.split(counts), plain.split(n))]
+
+    def _plain_check(self, seg: _Segments, columns, target: str) -> tuple:
+        """Every path's plain integral φ·Δ [S·n, O] (float64; row s·n + i: input i on segment s),
+        how far it misses the change of the explained outputs [S·n], and every path's patterns at
+        both ends, or (None, None). One segment goes through passes with its parameters over
+        chunks of inputs; the rows of several through per-row passes, whose patterns at the ends
+        give the change and are kept for the search."""
+        with torch.no_grad():
+            if len(seg.theta) > 1:
+                rows = torch.arange(seg.rows, device=seg.theta.device)
+                ends = [self._pattern_rows(seg, rows, torch.full((seg.rows,), t, dtype=torch.float64,
+                                                                 device=rows.device), columns, target)
+                        for t in (0.0, 1.0)]
+                size = self._pass_rows(seg) or seg.rows
+                plain = sum(w * torch.cat([self.search.directional_along(*seg.of(r), t.expand(len(r)), target)
+                                           for r in rows.split(size)]) for t, w in zip(self.t_search, self.w_search))
+                return plain, (ends[1][3] - ends[0][3] - plain).abs().amax(1), ends
+            plain, missed = [], []
+            th, de = seg.theta[0], seg.delta[0]
+            for c in seg.x.split(self.max_rows or len(seg.x)):
+                change = self.search.explained(th + de, c, target) - self.search.explained(th, c, target)
+                integral = sum(w * self.search.directional(th + t * de, de, c, target)
+                               for t, w in zip(self.t_search, self.w_search))
+                plain.append(integral)
+                missed.append((change - integral).abs().amax(1))
+            return torch.cat(plain), torch.cat(missed), (None, None)
 
     def _cuts(self, iv: _Intervals) -> torch.Tensor:
         """Where to cut pieces that miss, as fractions u ∈ (0, 1) of each: [K, 2·roots] (NaN:

@@ -426,6 +426,16 @@ def test_kinks_of_parameters_alone_and_of_each_input_make_the_path_exact():
     assert (plain.change(theta, delta, x, "logit") - change).abs().max() > 1e-3
 
 
+def four_clamped_segments() -> tuple[FlatModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ClampedWeights with ReLU, four random segments θ_s + tΔ_s of its 12 parameters ([4, 12]
+    each) and 6 inputs."""
+    flat, _ = flat_of(ClampedWeights(relu=True))
+    generator = torch.Generator().manual_seed(3)
+    theta = torch.randn(4, 12, dtype=DT, generator=generator)
+    delta = 2 * torch.randn(4, 12, dtype=DT, generator=generator)
+    return flat, theta, delta, torch.rand(6, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("max_kinks", [16, 4, 2, 0])
 def test_one_search_over_several_steps_finds_each_steps_kinks(max_kinks):
     """locate_steps searches the segments of several steps at once, each pass taking rows of all
@@ -433,11 +443,7 @@ def test_one_search_over_several_steps_finds_each_steps_kinks(max_kinks):
     (by hand, entry w of W crosses 0 at t = −w / Δw, on every input of its segment) and each
     input's own, the same inputs crowded out by max_kinks (those of parameters alone crowd a
     whole segment out), and counts the same."""
-    flat, _ = flat_of(ClampedWeights(relu=True))
-    generator = torch.Generator().manual_seed(3)
-    theta = torch.randn(4, 12, dtype=DT, generator=generator)
-    delta = 2 * torch.randn(4, 12, dtype=DT, generator=generator)
-    x = torch.rand(6, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    flat, theta, delta, x = four_clamped_segments()
     together = PathIntegral(flat, quadrature=4, max_kinks=max_kinks)
     found = together.locate_steps(theta, delta, x)
     alone = PathIntegral(flat, quadrature=4, max_kinks=max_kinks)
@@ -466,11 +472,7 @@ def test_a_tolerance_search_over_several_steps_finds_each_steps_pieces(kink_tole
     tolerance (whose search starts from each path's plain integral and cuts only the pieces that
     miss; 1e3: none does): the pieces and plain integrals of a search per segment, and the same
     counts."""
-    flat, _ = flat_of(ClampedWeights(relu=True))
-    generator = torch.Generator().manual_seed(3)
-    theta = torch.randn(4, 12, dtype=DT, generator=generator)
-    delta = 2 * torch.randn(4, 12, dtype=DT, generator=generator)
-    x = torch.rand(6, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    flat, theta, delta, x = four_clamped_segments()
     together = PathIntegral(flat, quadrature=4, kink_tolerance=kink_tolerance)
     alone = PathIntegral(flat, quadrature=4, kink_tolerance=kink_tolerance)
     for s, ((owner, lo, hi), plain) in enumerate(together.search_steps(theta, delta, x, "logit")):
