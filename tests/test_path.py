@@ -506,16 +506,19 @@ def test_explain_searching_steps_in_windows_equals_searching_each_step(tmp_path,
                         or search(self, th, *a))
     searched_together = run.explain(**options)
     assert set(windows) == {run.case.steps}
-    windows.clear()
-    monkeypatch.setattr(PathIntegral, "window", lambda self, *args: 1)
-    searched_alone = run.explain(**options)
-    assert set(windows) == {1}
-    for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
-        assert searched_together.attrs[name] == searched_alone.attrs[name]
+    cubes = {}
+    for size, sizes in ((2, [2, 2, 1]), (1, [1] * 5)):  # windows of 2 steps and a last one of 1; a search per step
+        windows.clear()
+        monkeypatch.setattr(PathIntegral, "window", lambda self, *args, size=size: size)
+        cubes[size] = run.explain(**options)
+        assert windows == sizes
+    for cube in (searched_together, cubes[2]):
+        for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+            assert cube.attrs[name] == cubes[1].attrs[name]
+        scale = float(abs(cubes[1]["attribution"]).max())
+        np.testing.assert_allclose(cube["attribution"].values, cubes[1]["attribution"].values, rtol=0,
+                                   atol=1e-13 * scale)
     assert searched_together.attrs["kinks_located"] > 0
-    scale = float(abs(searched_alone["attribution"]).max())
-    np.testing.assert_allclose(searched_together["attribution"].values, searched_alone["attribution"].values,
-                               rtol=0, atol=1e-13 * scale)
 
 
 def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
