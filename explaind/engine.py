@@ -815,7 +815,7 @@ class ChunkPass:
         return self._result()
 
     def _segments(self, records: Iterable[StepRecord]) -> Iterator[tuple]:
-        """(record, θ_s, θ_{s+1}, pieces) per step. The explained steps' segments are searched
+        """(record, θ_s, Δθ_s, pieces) per step. The explained steps' segments are searched
         for kinks a window of steps at once (PathIntegral.window), by one search whose passes
         each take rows of all of them (search_steps); pieces None where a step's search is left
         to its integral (a window of one)."""
@@ -828,17 +828,16 @@ class ChunkPass:
         size = path.window(self.x, stop - start, first.nbytes + 2 * self.req.flat.layout.dim * self.dt.itemsize)
         records = chain([first], records)
         while window := list(islice(records, size)):
-            thetas = [self.thetas(rec) for rec in window]
+            segments = [(theta, theta_next - theta) for theta, theta_next in map(self.thetas, window)]
             pieces = [None] * len(window)
             explained = [j for j, rec in enumerate(window) if rec.step >= start]
             if size > 1 and explained:
-                found = path.search_steps(torch.stack([thetas[j][0] for j in explained]),
-                                          torch.stack([thetas[j][1] - thetas[j][0] for j in explained]), self.x,
-                                          self.req.target)
+                found = path.search_steps(torch.stack([segments[j][0] for j in explained]),
+                                          torch.stack([segments[j][1] for j in explained]), self.x, self.req.target)
                 for j, step_pieces in zip(explained, found):
                     pieces[j] = step_pieces
-            for rec, (theta, theta_next), step_pieces in zip(window, thetas, pieces):
-                yield rec, theta, theta_next, step_pieces
+            for rec, (theta, delta), step_pieces in zip(window, segments, pieces):
+                yield rec, theta, delta, step_pieces
 
     def _forward(self, records: Iterable[tuple]) -> None:
         """Update-step convention: carry per-sample momentum forwards."""
@@ -848,10 +847,9 @@ class ChunkPass:
         carried = self.momentum_before_replay()  # decays through the steps, never split
         aggregate.momentum = None if carried is None else carried.clone()
         start = self.req.step_range[0]
-        for rec, theta, theta_next, pieces in records:
+        for rec, theta, delta, pieces in records:
             s = rec.step
             k = self.coefficients(rec)
-            delta = theta_next - theta
             recorded = recorded_update(k, delta)
             if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
                 modelled = recorded
@@ -933,7 +931,7 @@ class ChunkPass:
         carried = None  # K per bin (or one), [bins, rows, D]
         carried_full = None
         a_next = None
-        for rec, theta, theta_next, pieces in records:
+        for rec, theta, delta, pieces in records:
             s = rec.step
             k = self.coefficients(rec)
             if carried is not None:  # from the effect on step s + 1 on to step s
@@ -942,7 +940,6 @@ class ChunkPass:
                     carried_full.mul_(a_next)
             full = rows = None
             if s >= start:  # steps before the range only pass momentum on (update convention)
-                delta = theta_next - theta
                 full = self.path_jacobian(theta, delta, pieces).mul_(-k.eta)
                 rows = self.reduce_rows(full)
                 if self.first_train_chunk:

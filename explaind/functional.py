@@ -1223,11 +1223,9 @@ class FlatModel:
         with torch.no_grad():
             if not isinstance(t, torch.Tensor):
                 return along(theta + t * delta, delta, x)
-            if theta.dim() == 1:
-                z, dz, idx, out = vmap(lambda x1, t1: along(theta + t1 * delta, delta, x1.unsqueeze(0)))(x, t)
-            else:
-                z, dz, idx, out = vmap(lambda x1, t1, th1, d1: along(th1 + t1 * d1, d1, x1.unsqueeze(0)))(
-                    x, t, theta, delta)
+            own = 0 if theta.dim() == 2 else None
+            z, dz, idx, out = vmap(lambda x1, t1, th1, d1: along(th1 + t1 * d1, d1, x1.unsqueeze(0)),
+                                   in_dims=(0, 0, own, own))(x, t, theta, delta)
             return z[:, 0], dz[:, 0], idx[:, 0], out[:, 0]
 
     def kink_relevance(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor | None:

@@ -275,13 +275,13 @@ class PathIntegral:
         if not self.searches:
             return [_no_kinks(theta)] * steps
         seg = _Segments(theta.to(torch.float64), delta.to(torch.float64), self.search.cast_inputs(x))
-        start = self._ends(seg, 0.0)
+        start = self._ends(seg, 0.0, None)
         if start[0].shape[1] + start[2].shape[1] == 0:  # no piecewise-linear op: smooth everywhere
             self.smooth = True
             return [_no_kinks(theta)] * steps
         self.stats.searched += steps * n
         relevant = self._relevant(seg.theta[0], x, seg.x)
-        end = self._ends(seg, 1.0)
+        end = self._ends(seg, 1.0, None)
         rows, t = self._refine_own_and_shared(seg, start, end, relevant)
         order = torch.argsort(rows.double() * 2 + t)
         rows, t = rows[order], t[order]
@@ -301,13 +301,13 @@ class PathIntegral:
             return self._searched(theta, delta, x, target)
         return [(_pieces(rows, t, len(x)), None) for rows, t in self.locate_steps(theta, delta, x)]
 
-    def _ends(self, seg: _Segments, t: float) -> tuple[torch.Tensor, ...]:
-        """Every row's pattern at t of its segment: one pass with the segment's parameters, or
-        per-row passes for the rows of several."""
+    def _ends(self, seg: _Segments, t: float, columns, target: str = "logit") -> tuple[torch.Tensor, ...]:
+        """The pattern's `columns` of every row at t of its segment: one pass with the segment's
+        parameters, or per-row passes for the rows of several."""
         if len(seg.theta) == 1:
-            return self.search.kink_pattern(seg.theta[0], seg.delta[0], seg.x, t)
+            return _columns(self.search.kink_pattern(seg.theta[0], seg.delta[0], seg.x, t, target), columns)
         at = torch.full((seg.rows,), t, dtype=torch.float64, device=seg.theta.device)
-        return self._pattern_rows(seg, torch.arange(seg.rows, device=seg.theta.device), at, None)
+        return self._pattern_rows(seg, torch.arange(seg.rows, device=seg.theta.device), at, columns, target)
 
     def _refine_own_and_shared(self, seg: _Segments, start, end, relevant) -> tuple[torch.Tensor, torch.Tensor]:
         """The kinks of every row (input on a segment), (row [K], position [K]), from its
@@ -626,14 +626,11 @@ class PathIntegral:
         give the change and are kept for the search."""
         with torch.no_grad():
             if len(seg.theta) > 1:
-                rows = torch.arange(seg.rows, device=seg.theta.device)
-                ends = [self._pattern_rows(seg, rows, torch.full((seg.rows,), t, dtype=torch.float64,
-                                                                 device=rows.device), columns, target)
-                        for t in (0.0, 1.0)]
-                size = self._pass_rows(seg) or seg.rows
-                plain = sum(w * torch.cat([self.search.directional_along(*seg.of(r), t.expand(len(r)), target)
-                                           for r in rows.split(size)]) for t, w in zip(self.t_search, self.w_search))
-                return plain, (ends[1][3] - ends[0][3] - plain).abs().amax(1), ends
+                start, end = (self._ends(seg, t, columns, target) for t in (0.0, 1.0))
+                lo = torch.zeros(seg.rows, dtype=torch.float64, device=seg.theta.device)
+                whole = _Intervals(torch.arange(seg.rows, device=lo.device), lo, lo + 1, start, end)
+                plain = self._integrals(seg, whole, target)
+                return plain, self._misses(seg, whole, target, plain), (start, end)
             plain, missed = [], []
             th, de = seg.theta[0], seg.delta[0]
             for c in seg.x.split(self.max_rows or len(seg.x)):
@@ -671,8 +668,14 @@ class PathIntegral:
         [K]. The bracket spans at most half the settle width, so the next round places the root."""
         return torch.clamp(self.settle_width / 4 / (iv.b - iv.a), max=2.0**-4)
 
-    def _misses(self, seg: _Segments, iv: _Intervals, target: str) -> torch.Tensor:
-        """How far each piece's Q-node integral misses the change of its ends' outputs: [K]."""
+    def _misses(self, seg: _Segments, iv: _Intervals, target: str, integrals=None) -> torch.Tensor:
+        """How far each piece's Q-node integral (given, or computed here) misses the change of
+        its ends' outputs: [K]."""
+        integrals = self._integrals(seg, iv, target) if integrals is None else integrals
+        return (iv.end[3] - iv.start[3] - integrals).abs().amax(1)
+
+    def _integrals(self, seg: _Segments, iv: _Intervals, target: str) -> torch.Tensor:
+        """Each piece's Q-node integral φ·Δ of the explained outputs: [K, O]."""
         width = (iv.b - iv.a)[:, None]
         t = (iv.a[:, None] + width * self.t_search).flatten()
         w = (width * self.w_search).flatten()
@@ -680,8 +683,7 @@ class PathIntegral:
         size = self._pass_rows(seg) or len(t)
         along = torch.cat([self.search.directional_along(*seg.of(r), tr, target)
                            for r, tr in zip(rows.split(size), t.split(size))]) * w[:, None]
-        integral = along.view(len(iv), len(self.t_search), -1).sum(1)
-        return (iv.end[3] - iv.start[3] - integral).abs().amax(1)
+        return along.view(len(iv), len(self.t_search), -1).sum(1)
 
     # ----------------------------------------------------------------- nodes
 
