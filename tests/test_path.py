@@ -932,6 +932,38 @@ def test_jacobian_of_selected_outputs_matches_brute_force_on_a_kinked_mlp():
         torch.testing.assert_close(phi[i] @ delta, change, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("select", [None, [[0, 3], [3, 1], [1, 1], [2, 0], [0, 2]]], ids=["all outputs", "selected"])
+def test_smooth_inputs_join_the_kinked_inputs_per_row_passes_with_the_same_jacobian(monkeypatch, select):
+    """Inputs 1 and 4 have no kink on this step, the others one or two: their plain nodes join
+    the per-row pass of the kinked inputs' pieces (one pass, no pass per node), or with
+    join_elements=0 take a pass per node; both equal the brute force."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).to(DT)
+    flat, theta = flat_of(model)
+    delta = 0.05 * torch.randn(len(theta), generator=torch.Generator().manual_seed(13), dtype=DT)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(14), dtype=DT)
+    select = None if select is None else torch.tensor(select)
+    found = PathIntegral(flat, quadrature=3).kinks(theta, delta, x)
+    assert [len(kinks) for kinks in found] == [1, 0, 1, 2, 0]
+    passes = []
+    for method in ("add_jacobian", "add_node_jacobians"):
+        original = getattr(FlatModel, method)
+        monkeypatch.setattr(FlatModel, method, lambda self, out, rows, *args, method=method, original=original:
+                            passes.append((method, rows.tolist())) or original(self, out, rows, *args))
+    n_out = 4 if select is None else 2
+    joined = PathIntegral(flat, quadrature=3).jacobian(theta, delta, x, select, "log_prob", n_out)
+    # 3 nodes on each of the kinked inputs' 2, 2 and 3 pieces and on the smooth ones, by input
+    assert passes == [("add_node_jacobians", [0] * 6 + [1] * 3 + [2] * 6 + [3] * 9 + [4] * 3)]
+    passes.clear()
+    apart = PathIntegral(flat, quadrature=3, join_elements=0).jacobian(theta, delta, x, select, "log_prob", n_out)
+    assert passes == [("add_jacobian", [1, 4])] * 3 + [("add_node_jacobians", [0] * 6 + [2] * 6 + [3] * 9)]
+    torch.testing.assert_close(joined, apart, rtol=0, atol=1e-15)
+    for i in range(len(x)):
+        reference = brute_force_phi(model, theta, delta, x[i], found[i], nodes=3)
+        reference = reference if select is None else reference[select[i]]
+        torch.testing.assert_close(joined[i], reference, rtol=0, atol=1e-14 * float(reference.abs().max()))
+
+
 def test_reconstruct_batch_size_bounds_rows_of_every_pass(tmp_path, monkeypatch):
     """batch_size caps inputs × points on the segment, not inputs: no pass holds more rows,
     and the reconstruction is the same as in one batch."""
@@ -1325,20 +1357,35 @@ def test_a_relu_after_a_frozen_layer_has_no_kinks_to_search(tmp_path):
     assert cube.attrs["max_abs_residual"] <= 1e-12 * cube.attrs["max_abs_change"]
 
 
-@pytest.mark.parametrize("index", [[0, 1, 2, 3], [1, 2], [3, 0, 1, 3, 2], [2, 2, 2], [3, 2, 1, 0], []])
-@pytest.mark.parametrize("wide", [False, True], ids=["by index_add_", "run by run"])
-def test_layout_index_add_equals_a_loop_over_rows(index, wide):
-    """The rows of the integrand land where the index says, repeated places summed, whether
-    added run by run into narrowed views (rows of 2 × 4,200 elements) or by index_add_ (rows
-    of 2 × 6, except a single run)."""
-    shapes = ((70, 60), (3,)) if wide else ((2, 3), (3,))
-    layout = ParamLayout(("w", "b"), shapes)
+def rows_for(shapes: tuple[tuple[int, ...], ...], index: list[int], alpha: float):
+    """A layout of `shapes`, random out [4, 2, D], rows [R, 2, *shape] per tensor, and out with
+    alpha × row r added at index[r] by a loop."""
+    layout = ParamLayout(tuple("abc"[:len(shapes)]), shapes)
     g = torch.Generator().manual_seed(0)
     out = torch.randn(4, 2, layout.dim, dtype=DT, generator=g)
     rows = {name: torch.randn(len(index), 2, *shape, dtype=DT, generator=g)
             for name, shape in zip(layout.names, shapes)}
     expected = out.clone()
     for r, at in enumerate(index):
-        expected[at] += 0.5 * layout.flatten({name: t[r] for name, t in rows.items()})
+        expected[at] += alpha * layout.flatten({name: t[r] for name, t in rows.items()})
+    return layout, out, rows, expected
+
+
+@pytest.mark.parametrize("owner", [[0, 0, 1, 1, 1, 3], [2, 2, 0, 0, 2], [3, 3, 3], [1, 2, 3], [2, 0, 1], []])
+def test_layout_add_runs_equals_a_loop_over_rows(owner):
+    """Rows of one owner in a run are summed before they are added; owners repeated apart, and
+    rows each of their own owner (by index_add), land where the owner says."""
+    layout, out, rows, expected = rows_for(((7, 6), (3,), ()), owner, 1.0)
+    layout.add_runs(out, torch.tensor(owner, dtype=torch.long), rows)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3], [1, 2], [3, 0, 1, 3, 2], [2, 2, 2], [3, 2, 1, 0], []])
+@pytest.mark.parametrize("wide", [False, True], ids=["by index_add_", "run by run"])
+def test_layout_index_add_equals_a_loop_over_rows(index, wide):
+    """The rows of the integrand land where the index says, repeated places summed, whether
+    added run by run into narrowed views (rows of 2 × 4,200 elements) or by index_add_ (rows
+    of 2 × 6, except a single run)."""
+    layout, out, rows, expected = rows_for(((70, 60), (3,)) if wide else ((2, 3), (3,)), index, 0.5)
     layout.index_add(out, torch.tensor(index, dtype=torch.long), rows, alpha=0.5)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
