@@ -791,8 +791,9 @@ class PathIntegral:
                                                               target),
             pieces=pieces, joining=self.join_elements // (n_outputs * dim))
 
-    def change(self, theta, delta, x, target: str) -> torch.Tensor:
-        """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]."""
+    def change(self, theta, delta, x, target: str, pieces=None) -> torch.Tensor:
+        """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]; `pieces`: what
+        search_steps found for the segment (None: searched here)."""
         out = self._zeros(theta, x, target)
         return self._integral(
             theta, delta, x, target, out, self.max_rows,
@@ -800,7 +801,7 @@ class PathIntegral:
                                                 alpha=w),
             lambda out, i, t, w: out.index_add_(
                 0, i, self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None]),
-            change=True)
+            change=True, pieces=pieces)
 
     def directional(self, theta, delta, x, tangents, target: str, select=None, pieces=None) -> torch.Tensor:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from itertools import islice
 from typing import Callable
 
 import numpy as np
@@ -142,8 +143,8 @@ def reconstruct(
 
     Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
     `breakpoints` and `kink_tolerance`; a segment with more than `max_kinks` kinks is
-    integrated plainly, and counted in the `kink_segments_unresolved` attribute), and one
-    forward pass per step; returns initial, final,
+    integrated plainly, and counted in the `kink_segments_unresolved` attribute; as there, the
+    kinks of a window of steps are located by one search), and one forward pass per step; returns initial, final,
     reconstructed and residual over (test, output), with the relative residual in the
     attributes, and where it arises, over (step, test): `step_miss`, the largest
     |f(θ_{s+1}) − f(θ_s) − φ_s·Δθ_s| over outputs, and `step_change`, the largest
@@ -197,18 +198,26 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     misses = [torch.zeros(history.n_steps, len(inputs), dtype=torch.float64, device="cpu") for _ in paths]
     step_change = torch.zeros(history.n_steps, len(inputs), dtype=torch.float64, device="cpu")
     before = initial
-    for rec in tqdm(history.steps(), total=history.n_steps, desc="reconstruct", disable=not progress, leave=False):
-        theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
-        theta_next = flat.layout.flatten(rec.after).to(flat.device, dtype)
-        delta = theta_next - theta
-        reached = outputs(theta_next)
-        exact = reached - before
-        step_change[rec.step] = exact.abs().amax(1).cpu()
-        for path, change, miss in zip(paths, changes, misses):
-            step = torch.cat([path.change(theta, delta, x, target) for x in batches])
-            change += step
-            miss[rec.step] = (exact - step).abs().amax(1).cpu()
-        before = reached
+    records = iter(tqdm(history.steps(), total=history.n_steps, desc="reconstruct", disable=not progress,
+                        leave=False))
+    # the kinks of a window of steps are searched at once, as explain() does (PathIntegral.window)
+    size = max(path.window(batches[0], history.n_steps, 2 * flat.layout.dim * dtype.itemsize) for path in paths)
+    while window := list(islice(records, size)):
+        thetas = [flat.layout.flatten(rec.before).to(flat.device, dtype) for rec in window]
+        deltas = [flat.layout.flatten(rec.after).to(flat.device, dtype) - theta for rec, theta in zip(window, thetas)]
+        # per path and batch, each step's pieces (None: left to the step's own integral)
+        pieces = [[path.search_steps(torch.stack(thetas), torch.stack(deltas), x, target)
+                   if path.searches and len(window) > 1 else [None] * len(window) for x in batches] for path in paths]
+        for j, (rec, theta, delta) in enumerate(zip(window, thetas, deltas)):
+            reached = outputs(theta + delta)
+            exact = reached - before
+            step_change[rec.step] = exact.abs().amax(1).cpu()
+            for path, found, change, miss in zip(paths, pieces, changes, misses):
+                step = torch.cat([path.change(theta, delta, x, target, per_batch[j])
+                                  for x, per_batch in zip(batches, found)])
+                change += step
+                miss[rec.step] = (exact - step).abs().amax(1).cpu()
+            before = reached
     final = before  # f(θ_N): the last step's θ_after is the history's final parameters
     dims = ("test", "output")
     results = []

@@ -20,7 +20,7 @@ from explaind.cube import residual_attrs
 from explaind.functional import FlatModel, ParamLayout, layout_of
 from explaind.path import PathIntegral, _Intervals
 from explaind.quadrature import nodes
-from explaind.verify import residual_to_gap, restricted, with_refined
+from explaind.verify import _reconstructions, residual_to_gap, restricted, with_refined
 from engine_cases import Case, train
 
 DT = torch.float64
@@ -519,6 +519,42 @@ def test_explain_searching_steps_in_windows_equals_searching_each_step(tmp_path,
         np.testing.assert_allclose(cube["attribution"].values, cubes[1]["attribution"].values, rtol=0,
                                    atol=1e-13 * scale)
     assert searched_together.attrs["kinks_located"] > 0
+
+
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
+@pytest.mark.parametrize("batch_size", [6, 4], ids=["one batch", "two batches"])
+def test_reconstruct_searching_steps_in_windows_equals_searching_each_step(tmp_path, monkeypatch, kink_tolerance,
+                                                                          batch_size):
+    """reconstruct searches the kinks of a window of steps in one search per batch of inputs
+    (with or without a kink tolerance): the same kinks, reconstruction and step misses as a
+    search per step; a plain path alongside (no kink tolerance) takes no search and the same
+    numbers."""
+    run = train(Case("mlp", "adamw", act="relu", steps=5, lr_scale=3.0, n_test=6), tmp_path / "h")
+    windows, search = [], PathIntegral.search_steps
+    monkeypatch.setattr(PathIntegral, "search_steps", lambda self, th, *a: windows.append(len(th))
+                        or search(self, th, *a))
+    settings = [(3, "gauss", True), (3, "gauss", False)][:1 if kink_tolerance else 2]
+
+    def reconstructions():
+        return _reconstructions(run.path, run.model, run.test_x, settings, target="log_prob", dtype=DT, device="cpu",
+                                batch_size=batch_size, progress=False, kink_tolerance=kink_tolerance)
+
+    batches = -(-6 // batch_size)
+    together = reconstructions()
+    assert windows == [run.case.steps] * batches
+    windows.clear()
+    monkeypatch.setattr(PathIntegral, "window", lambda self, *args: 1)
+    alone = reconstructions()
+    assert windows == [1] * run.case.steps * batches
+    assert together[0].attrs["kinks_located"] > 0
+    for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+        assert together[0].attrs[name] == alone[0].attrs[name]
+    scale = float(abs(alone[0]["reconstructed"]).max())
+    for name in ("reconstructed", "step_miss"):
+        np.testing.assert_allclose(together[0][name].values, alone[0][name].values, rtol=0, atol=1e-13 * scale)
+        for plain, plain_alone in zip(together[1:], alone[1:]):
+            np.testing.assert_array_equal(plain[name].values, plain_alone[name].values)
+    assert together[0].attrs["relative_residual"] <= 1e-6
 
 
 def test_an_empty_batch_is_refused_and_leaves_the_model_usable():
