@@ -205,9 +205,10 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     while window := list(islice(records, size)):
         thetas = [flat.layout.flatten(rec.before).to(flat.device, dtype) for rec in window]
         deltas = [flat.layout.flatten(rec.after).to(flat.device, dtype) - theta for rec, theta in zip(window, thetas)]
+        segments = torch.stack(thetas), torch.stack(deltas)
         # per path and batch, each step's pieces (None: left to the step's own integral)
-        pieces = [[path.search_steps(torch.stack(thetas), torch.stack(deltas), x, target)
-                   if path.searches and len(window) > 1 else [None] * len(window) for x in batches] for path in paths]
+        pieces = [[path.search_steps(*segments, x, target) if path.searches and len(window) > 1
+                   else [None] * len(window) for x in batches] for path in paths]
         for j, (rec, theta, delta) in enumerate(zip(window, thetas, deltas)):
             reached = outputs(theta + delta)
             exact = reached - before
