@@ -831,9 +831,9 @@ class ChunkPass:
             segments = [(theta, theta_next - theta) for theta, theta_next in map(self.thetas, window)]
             pieces = [None] * len(window)
             explained = [j for j, rec in enumerate(window) if rec.step >= start]
-            if size > 1 and explained:
-                found = path.search_steps(torch.stack([segments[j][0] for j in explained]),
-                                          torch.stack([segments[j][1] for j in explained]), self.x, self.req.target)
+            if explained:
+                found = path.search_window(torch.stack([segments[j][0] for j in explained]),
+                                           torch.stack([segments[j][1] for j in explained]), self.x, self.req.target)
                 for j, step_pieces in zip(explained, found):
                     pieces[j] = step_pieces
             for rec, (theta, delta), step_pieces in zip(window, segments, pieces):

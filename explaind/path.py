@@ -308,6 +308,13 @@ class PathIntegral:
             return self._searched(theta, delta, x, target)
         return [(_pieces(rows, t, len(x)), None) for rows, t in self.locate_steps(theta, delta, x)]
 
+    def search_window(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> list:
+        """search_steps for a window of S segments (θ, Δ: [S, D]) when it has several and kinks
+        to search; else S Nones, each segment left to its own integral's search."""
+        if len(theta) < 2 or not self.searches:
+            return [None] * len(theta)
+        return self.search_steps(theta, delta, x, target)
+
     def _ends(self, seg: _Segments, t: float, columns, target: str = "logit") -> tuple[torch.Tensor, ...]:
         """The pattern's `columns` of every row at t of its segment: one pass with the segment's
         parameters, or per-row passes for the rows of several."""

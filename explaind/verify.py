@@ -204,13 +204,13 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     size = max(path.window(batches[0], history.n_steps, 2 * flat.layout.dim * dtype.itemsize) for path in paths)
     while window := list(islice(records, size)):
         thetas = [flat.layout.flatten(rec.before).to(flat.device, dtype) for rec in window]
-        deltas = [flat.layout.flatten(rec.after).to(flat.device, dtype) - theta for rec, theta in zip(window, thetas)]
+        nexts = [flat.layout.flatten(rec.after).to(flat.device, dtype) for rec in window]
+        deltas = [theta_next - theta for theta, theta_next in zip(thetas, nexts)]
         segments = torch.stack(thetas), torch.stack(deltas)
         # per path and batch, each step's pieces (None: left to the step's own integral)
-        pieces = [[path.search_steps(*segments, x, target) if path.searches and len(window) > 1
-                   else [None] * len(window) for x in batches] for path in paths]
-        for j, (rec, theta, delta) in enumerate(zip(window, thetas, deltas)):
-            reached = outputs(theta + delta)
+        pieces = [[path.search_window(*segments, x, target) for x in batches] for path in paths]
+        for j, (rec, theta, theta_next, delta) in enumerate(zip(window, thetas, nexts, deltas)):
+            reached = outputs(theta_next)  # the stored θ_{s+1}: θ_s + Δθ_s may round off it
             exact = reached - before
             step_change[rec.step] = exact.abs().amax(1).cpu()
             for path, found, change, miss in zip(paths, pieces, changes, misses):
