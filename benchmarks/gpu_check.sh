@@ -25,7 +25,7 @@ part() {
 # would oversubscribe the cores.
 part 200 env EXPLAIND_TEST_DEVICE=cuda OMP_NUM_THREADS=2 python3 -m pytest tests/test_engine.py \
     -p no:cacheprovider -p no:benchmark -n 8 -v --tb=short -rf
-part 40 python3 benchmarks/reference_workload.py --quick --repeat 2 --device cuda
+part 40 python3 benchmarks/reference_workload.py --quick --repeat 2 --device cuda --phases
 part 30 python3 benchmarks/paper_scale.py contraction
 part 100 python3 benchmarks/paper_scale.py transformer --steps 3 --tests 500 --views data
 part 90 python3 benchmarks/paper_scale.py transformer --steps 2 --views grokking

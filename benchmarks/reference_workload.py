@@ -7,11 +7,13 @@ keeping the full train × test × component × output kernel summed over steps.
     python benchmarks/reference_workload.py            # the reference numbers + scaling
     python benchmarks/reference_workload.py --quick    # the reference numbers only
     python benchmarks/reference_workload.py --quick --device cuda
+    python benchmarks/reference_workload.py --quick --phases   # and where a call's time goes
 
 Prints wall time (best of `--repeat`), peak resident memory (and peak device memory on a GPU)
 and max |residual|, split into what the recorded updates' difference from the modelled optimizer
 and what the path integral leave; then time against steps, training samples, test inputs and parameters, and
 the residual against the number of quadrature nodes for Gauss–Legendre and the midpoint rule.
+With --phases, also the seconds of each phase of the default setting's calls (explaind.phases).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import explaind as ex
 from explaind.data import modular_addition
 from explaind.functional import compute_device
 from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer
+from explaind.phases import EXPLAIN, timed
 
 P = 23
 LR = 3e-3  # log-probabilities move by up to ~8, as in the reference run
@@ -60,19 +63,43 @@ def timed_explain(path, model, test_inputs, repeat=3, **kwargs):
     return times[0], min(times[1:]), cube
 
 
-def workload(root: Path, repeat: int, n_test=10, dtype=torch.float32, quadrature=2, breakpoints=True,
-             kink_tolerance=0.0, device="cpu", **run):
+def request(root: Path, n_test=10, dtype=torch.float32, quadrature=2, breakpoints=True, kink_tolerance=0.0,
+            device="cpu", **run) -> tuple:
+    """explain()'s arguments for the workload (path, model, test inputs, keywords), recording
+    the run under root first if it is not there yet."""
     path = root / ("run_" + "_".join(f"{k}{v}" for k, v in sorted(run.items())))
     if not path.exists():
         record_run(path, **run)
     # the architecture only: explain() takes every parameter value from the history
     model = ModAddTransformer(P, d_model=run.get("d_model", 32), n_heads=4, d_mlp=run.get("d_mlp", 64))
     test = modular_addition(P, 200, 10 * n_test, seed=1, only_a_ge_b=False).val_inputs[:n_test]
-    return timed_explain(
-        path, model, test, repeat=repeat, keep=("component", "train", "test", "output"),
-        components=TRANSFORMER_COMPONENTS, dtype=dtype, quadrature=quadrature,
-        breakpoints=breakpoints, kink_tolerance=kink_tolerance, tolerance=None, device=device,
-    )
+    return path, model, test, dict(
+        keep=("component", "train", "test", "output"), components=TRANSFORMER_COMPONENTS, dtype=dtype,
+        quadrature=quadrature, breakpoints=breakpoints, kink_tolerance=kink_tolerance, tolerance=None, device=device)
+
+
+def workload(root: Path, repeat: int, **settings):
+    path, model, test, kwargs = request(root, **settings)
+    return timed_explain(path, model, test, repeat=repeat, **kwargs)
+
+
+def print_phases(root: Path, device: str, repeat: int) -> None:
+    """Where a call of the default setting spends its time: the seconds of each of explain's
+    phases (explaind.phases), from the fastest of `repeat` calls after a first one."""
+    path, model, test, kwargs = request(root, device=device)
+    ex.explain(path, model, test, progress=False, **kwargs)
+    calls = []
+    for _ in range(repeat):
+        with timed() as seconds:
+            ex.explain(path, model, test, progress=False, **kwargs)
+        calls.append(seconds)
+    fastest = min(calls, key=lambda seconds: sum(seconds.values()))
+    wall = sum(fastest.values())
+    print(f"\nwhere the time goes (exact setting, the fastest of {repeat} calls: {wall:.3f} s; each phase "
+          "without the phases inside it)")
+    for name, took in sorted(fastest.items(), key=lambda item: -item[1]):
+        label = "the rest (momentum buffer, coefficients, checks)" if name == EXPLAIN else name.removeprefix("explaind.")
+        print(f"  {label:48s} {took:7.3f} s  {took / wall:6.1%}")
 
 
 def positive(text: str) -> int:
@@ -88,6 +115,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=positive, default=3, help="timed calls after the first (at least 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="compute device of explain(): cpu, cuda, cuda:1 ...")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the phases of the default setting's calls (explaind.phases)")
     args = parser.parse_args()
     try:  # before any torch.cuda call: a device torch cannot use is refused with the library's fix
         compute_device(args.device)
@@ -124,6 +153,8 @@ def main() -> None:
             print(f"    max update residual {cube.attrs['max_update_residual']:.2e}")
             print(f"    kinks located       {cube.attrs['kinks_located']} "
                   f"({cube.attrs['kink_segments_searched']} of the step x input segments searched)")
+        if args.phases:
+            print_phases(root, args.device, args.repeat)
         if args.quick:
             return
         print("\nscaling (seconds, best of repeats; each should grow linearly)")

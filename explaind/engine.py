@@ -37,6 +37,7 @@ from .history import History, StepRecord, open_history
 from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
                          step_coefficients)
 from .path import PathIntegral
+from .phases import CONTRACTION, EXPLAIN, phase
 from .verify import check_tolerance, rounding_eps, update_check
 
 DIMS = ("step", "component", "train", "test", "output")
@@ -105,6 +106,7 @@ class Request:
         return dim in self.keep
 
 
+@phase(EXPLAIN)
 def explain(
     history: History | str | os.PathLike,
     model: torch.nn.Module,
@@ -754,6 +756,7 @@ class ChunkPass:
             full = req.flat.batch_gradient(theta, x, y, weights, req.loss, req.batch_chunk)
         return wg, columns[in_chunk].to(self.dev), full
 
+    @phase(CONTRACTION)
     def contract(self, left: torch.Tensor, right: torch.Tensor) -> list[torch.Tensor]:
         """left [rows, D] · right [n, D]ᵀ per kept component (or over all of D): [comp][rows, n]."""
         if not self.req.keeps("component"):

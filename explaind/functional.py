@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import InputError, UnsupportedError
 from .losses import PerSampleLoss
+from .phases import PER_ROW_JACOBIANS, SAMPLE_GRADIENTS, SHARED_NODE_JACOBIANS, phase
 
 TARGETS = ("log_prob", "logit")
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)  # torch's embedding modules (checked for sparse=, max_norm=, scale_grad_by_freq=)
@@ -1056,6 +1057,7 @@ class FlatModel:
         """
         return self.layout.flatten(self._jacobians(theta, x, select, target))
 
+    @phase(SHARED_NODE_JACOBIANS)
     def add_jacobian(self, out: torch.Tensor, rows: torch.Tensor, theta: torch.Tensor, x: torch.Tensor,
                      select: torch.Tensor | None, target: str, weight: float) -> None:
         """out[rows[i]] += weight · J(x_i; θ) for each input x_i of a batch (out: [N, O, D])."""
@@ -1081,6 +1083,7 @@ class FlatModel:
 
         return jacrev(f)(params)
 
+    @phase(PER_ROW_JACOBIANS)
     @_transformed
     def add_node_jacobians(
         self,
@@ -1303,6 +1306,7 @@ class FlatModel:
         own = 0 if theta.dim() == 2 else None
         return vmap(one, in_dims=(0, 0, own, own))(x, t, theta, delta)
 
+    @phase(SAMPLE_GRADIENTS)
     @_transformed
     def per_sample_gradients(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss,
@@ -1324,6 +1328,7 @@ class FlatModel:
             out[part] = self.layout.flatten(per_sample(params, x[part], y[part]))
         return out
 
+    @phase(SAMPLE_GRADIENTS)
     @_transformed
     def per_sample_directional(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: PerSampleLoss, tangents: torch.Tensor,
@@ -1343,6 +1348,7 @@ class FlatModel:
 
         return torch.cat([along(x[part], y[part]) for part in sample_parts(len(x), rows)], dim=1)
 
+    @phase(SAMPLE_GRADIENTS)
     @_transformed
     def batch_gradient(
         self,

@@ -66,6 +66,7 @@ import torch
 
 from .errors import InputError, is_number, is_whole
 from .functional import FlatModel, ForwardModeSizes, checked_output
+from .phases import FORWARD_MODE, KINK_SEARCH, phase
 from .quadrature import nodes
 
 
@@ -273,6 +274,7 @@ class PathIntegral:
         limit = self.window_row_bytes if self.search_bytes is None else self.search_bytes // 4
         return max(1, min(steps, self.max_window, limit // per_step))
 
+    @phase(KINK_SEARCH)
     def locate_steps(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The kinks of every input's path along each of S segments θ_s + tΔ_s (θ, Δ: [S, D]),
@@ -299,6 +301,7 @@ class PathIntegral:
         counts = torch.bincount(rows // n, minlength=steps).tolist()
         return [(r % n, ts) for r, ts in zip(rows.split(counts), t.split(counts))]
 
+    @phase(KINK_SEARCH)
     def search_steps(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> list[tuple]:
         """What the integral of each of S segments θ_s + tΔ_s (θ, Δ: [S, D]) needs from the
         search, by one search for all of them: the smooth pieces of the inputs' paths with more
@@ -798,6 +801,7 @@ class PathIntegral:
                                                               target),
             pieces=pieces, joining=self.join_elements // (n_outputs * dim))
 
+    @phase(FORWARD_MODE)
     def change(self, theta, delta, x, target: str, pieces=None) -> torch.Tensor:
         """φ_s(x)·Δθ_s for every input and all outputs, by forward mode: [T, O]; `pieces`: what
         search_steps found for the segment (None: searched here)."""
@@ -810,6 +814,7 @@ class PathIntegral:
                 0, i, self.flat.directional_along(theta, delta, x[i.to(x.device)], t, target) * w[:, None]),
             change=True, pieces=pieces)
 
+    @phase(FORWARD_MODE)
     def directional(self, theta, delta, x, tangents, target: str, select=None, pieces=None) -> torch.Tensor:
         """φ_s(x)·v for every input, selected output and tangent v [V, D], by forward mode:
         [T, O, V]. Far cheaper than the Jacobian when only a few contractions are needed.

@@ -24,6 +24,7 @@ from .functional import FlatModel, check_target, checked_output
 from .history import History, open_history
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
+from .phases import RECONSTRUCT, phase
 
 
 def update_check(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, modelled: torch.Tensor,
@@ -122,6 +123,7 @@ def verify_updates(
     return residuals
 
 
+@phase(RECONSTRUCT)
 def reconstruct(
     history: History | str | os.PathLike,
     model: torch.nn.Module,

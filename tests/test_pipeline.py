@@ -377,14 +377,15 @@ def module_imports(path: Path) -> set[str]:
 
 
 def imported_modules(*roots: str) -> set[str]:
-    """explaind modules the given modules import, transitively (errors excepted)."""
+    """explaind modules the given modules import, transitively, but for those that cannot change
+    an output (errors: exception types and messages; phases: profiler labels)."""
     todo, seen = list(roots), set()
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
             todo += module_imports(ROOT / "explaind" / f"{module}.py")
-    return seen - {"errors"}
+    return seen - {"errors", "phases"}
 
 
 def test_dvc_yaml_stages_follow_the_stage_registry():
