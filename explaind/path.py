@@ -301,7 +301,6 @@ class PathIntegral:
         counts = torch.bincount(rows // n, minlength=steps).tolist()
         return [(r % n, ts) for r, ts in zip(rows.split(counts), t.split(counts))]
 
-    @phase(KINK_SEARCH)
     def search_steps(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> list[tuple]:
         """What the integral of each of S segments θ_s + tΔ_s (θ, Δ: [S, D]) needs from the
         search, by one search for all of them: the smooth pieces of the inputs' paths with more
@@ -586,6 +585,7 @@ class PathIntegral:
 
     # ----------------------------------------------------------- error control
 
+    @phase(KINK_SEARCH)
     def _searched(self, theta, delta, x, target: str) -> list[tuple]:
         """With a kink tolerance, per segment θ_s + tΔ_s (θ, Δ: [S, D]): the pieces of the
         inputs' paths whose plain integral misses, as (input index, lo, hi) [K] each, and the

@@ -146,9 +146,9 @@ def reconstruct(
     Costs `quadrature` forward-mode passes per step and smooth piece (see explain() for
     `breakpoints` and `kink_tolerance`; a segment with more than `max_kinks` kinks is
     integrated plainly, and counted in the `kink_segments_unresolved` attribute; as there, the
-    kinks of a window of steps are located by one search), and one forward pass per step; returns initial, final,
-    reconstructed and residual over (test, output), with the relative residual in the
-    attributes, and where it arises, over (step, test): `step_miss`, the largest
+    kinks of a window of steps are located by one search), and one forward pass per step;
+    returns initial, final, reconstructed and residual over (test, output), with the relative
+    residual in the attributes, and where it arises, over (step, test): `step_miss`, the largest
     |f(θ_{s+1}) − f(θ_s) − φ_s·Δθ_s| over outputs, and `step_change`, the largest
     |f(θ_{s+1}) − f(θ_s)|.
     batch_size bounds the rows of one pass: inputs, or (input, point on the segment) pairs
