@@ -44,7 +44,6 @@ CRITERIA = {
 ADDITIVE = ("explaind", "explaind_abs", "taylor", "gradient", "lca")
 EXPLAIND_VARIABLES = {"explaind": "parameter_score", "explaind_abs": "parameter_score_stepwise_abs"}
 METRICS = ("accuracy", "agreement", "kl")
-PROTOCOLS = ("global", "layerwise")
 
 
 # --------------------------------------------------------------------------- splits

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from .cube import PARAMETER_SCORES, per_parameter, residual_attrs
+from .cube import per_parameter, residual_attrs
 from .errors import ExplaindError, InputError, ReconstructionError
 from .quadrature import MAX_NODES
 from .training import DTYPES, check_ranges  # DTYPES re-exported: the notebooks read it from here
@@ -333,23 +333,6 @@ def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     train_labels = run.train_y.numpy()[cube["train"].values]
     test_labels = run.test_y.numpy()[cube["test"].values]
     return np.argsort(train_labels, kind="stable"), np.argsort(test_labels, kind="stable")
-
-
-def reduce_cube(cube: xr.Dataset, keep: tuple[str, ...]) -> xr.Dataset:
-    """The cube summed over the attribution dims not in `keep` (weight decay likewise), with its
-    initial / final / residual / update_residual / update_rounding_floor; the parameter scores
-    are left out."""
-    out = cube.drop_vars([v for v in PARAMETER_SCORES if v in cube], errors="ignore")
-    for name in ("attribution", "regularization", "carried"):
-        if name not in cube:
-            continue
-        array = cube[name]
-        out[name] = array.sum([d for d in array.dims if d not in keep])
-    out = out.drop_dims([d for d in ("parameter",) if d in out.dims], errors="ignore")
-    unused = [c for c in out.coords if out[c].dims and not any(out[c].dims[0] in out[v].dims for v in out.data_vars)]
-    out = out.drop_vars(unused)
-    out.attrs = {**cube.attrs, "summed_over": [d for d in cube["attribution"].dims if d not in keep]}
-    return out
 
 
 def true_class_slice(cube: xr.Dataset, targets) -> xr.Dataset:

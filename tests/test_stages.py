@@ -22,6 +22,7 @@ import yaml
 import explaind as ex
 from engine_cases import Case, train
 from explaind import pipeline, stages, validation
+from explaind.cube import PARAMETER_SCORES
 from explaind.quadrature import MAX_NODES
 from explaind.training import CNNConfig, TransformerConfig
 
@@ -105,7 +106,7 @@ def test_the_stored_parameter_scores_are_one_per_parameter_summed_over_inputs(ru
     common = dict(outputs="true", parameter_scores=True, quadrature=2, tolerance=None)
     stored = stages.parameter_cube(run.explain(keep=("test",), **common))
     summed = run.explain(keep=(), **common)
-    for name in stages.PARAMETER_SCORES:
+    for name in PARAMETER_SCORES:
         assert stored[name].dims == ("parameter",), name
         np.testing.assert_allclose(stored[name].values, summed[name].values, rtol=1e-12, atol=0, err_msg=name)
     np.testing.assert_array_equal(stored["parameter_tensor"].values, summed["parameter_tensor"].values)
