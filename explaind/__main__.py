@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tests", type=_at_least(0), default=0, help="held-out inputs explained (0: all)")
     p.add_argument("--keep", nargs="*", default=list(DIMS), choices=DIMS, help="dims kept in the cube")
     p.add_argument("--outputs", default="all", help="all, true, predicted, or comma-separated output indices")
-    p.add_argument("--target", default="log_prob", choices=TARGETS)
+    p.add_argument("--target", default=None, choices=TARGETS,
+                   help="what is explained (default: the log-probabilities, or under MSE the output itself)")
     p.add_argument("--quadrature", type=int, default=4, help="nodes per smooth piece of each step")
     p.add_argument("--rule", default="gauss", choices=("gauss", "midpoint"))
     p.add_argument("--no-breakpoints", dest="breakpoints", action="store_false", help="do not locate kinks")

@@ -56,11 +56,12 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
                 "strings; fix the function or mapping"
             )
         groups.setdefault(component, []).append(n)
-    if isinstance(spec, Mapping):
-        empty = {c: list(spec[c]) for c in spec if c not in groups}
-        if empty:
+    if isinstance(spec, Mapping):  # a pattern that matches nothing is a typo, even beside one that does
+        unmatched = {c: [p for p in spec[c] if not any(_matches(n, p) for n in names)] for c in spec}
+        unmatched = {c: missing for c, missing in unmatched.items() if missing or c not in groups}
+        if unmatched:
             raise InputError(
-                f"components {empty} (component: patterns) match no parameter tensor (a typo?): "
+                f"components {unmatched} (component: patterns) match no parameter tensor (a typo?): "
                 f"patterns must be tensor names or module prefixes of the model, e.g. {list(names)[:4]}"
             )
     return groups

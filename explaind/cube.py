@@ -189,7 +189,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         components=list(req.components),
         tensor_names=list(req.flat.layout.names),
         **residual_attrs(residual, final - initial, from_updates),
-        max_update_residual=float(merged["update_residual"].max()),
+        max_update_residual=float(np.fmax.reduce(merged["update_residual"].numpy())),  # over the checked steps
         parameter_score_definitions=(
             "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "
             "parameter_score_stepwise_abs: Σ_test Σ_output Σ_step |Σ_train ψ| (no cancellation over "
@@ -288,7 +288,8 @@ def _written_by_save_cube(path: Path) -> bool:
 
 
 def open_cube(path: str | os.PathLike) -> xr.Dataset:
-    """Open a stored cube lazily (nothing is read until values are used)."""
+    """Open a stored cube lazily (nothing is read until values are used). A cube is derived data
+    without checksums: a damaged chunk fails when read, in zarr's decompression."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cube at {path}: compute one with explaind.explain and save_cube")

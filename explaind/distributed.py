@@ -24,6 +24,7 @@ file lost or changed, which zarr would read as NaN or fail to decompress) is nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -171,8 +172,10 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         merged = _merge_by_test(parts)
     else:
         merged = parts[0].copy()
-        for name in ("attribution", "regularization", "residual", "residual_from_updates", *PER_HISTORY_STEP):
+        for name in ("attribution", "regularization", "residual", "residual_from_updates"):
             merged[name] = sum(p[name] for p in parts)
+        for name in PER_HISTORY_STEP:  # each part checked its own steps (NaN elsewhere)
+            merged[name] = functools.reduce(lambda a, b: a.fillna(b), (p[name] for p in parts))
         if any("carried" in p for p in parts):  # parts with a bounded replay
             merged["carried"] = sum(p["carried"] for p in parts if "carried" in p)
         merged["final"] = parts[-1]["final"]

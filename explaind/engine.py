@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube, test_labels
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
-from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, check_target, tensor_of
+from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of
 from .history import History, StepRecord, open_history
 from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
                          step_coefficients)
@@ -115,7 +115,7 @@ def explain(
     *,
     keep: str | Sequence[str] = DIMS,
     outputs: str | int | Sequence[int] = "all",
-    target: str = "log_prob",
+    target: str | None = None,
     output_fn: Callable | None = None,
     quadrature: int = 4,
     rule: str = "gauss",
@@ -152,7 +152,8 @@ def explain(
 
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model), an output
     index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's
-    output) or "logit" (the raw output). output_fn: a function of the model's output that
+    output) or "logit" (the raw output); None: what the recorded loss reads, the raw output under
+    MSE and the log-probabilities otherwise. output_fn: a function of the model's output that
     returns what is explained, [batch, outputs] or [batch] (e.g. lambda out: out[:, -1], a
     sequence model's last position, or lambda out: out.logits); the training loss keeps the
     model's own output. quadrature / rule: nodes and rule of the path integral, applied to each
@@ -180,7 +181,8 @@ def explain(
     parameter (weight decay excluded): |·| is taken per explained input and output, and the sum
     runs over the test / output dims not in `keep` (the pruning importance: keep neither).
     check_updates: True recomputes every step's batch gradient and checks the modelled update
-    against the recorded one (DESIGN §2, check 1; stored as update_residual). False, for a
+    against the recorded one (DESIGN §2, check 1; stored as update_residual, NaN for the steps
+    outside `steps`). False, for a
     history already checked with verify_updates, skips that check (update_residual and
     update_rounding_floor NaN); a cube
     without a train dim then needs no gradient at all: the recorded update is split into its
@@ -230,7 +232,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         raise InputError(f"cannot keep dims {unknown}: choose among {DIMS}")
     if convention not in CONVENTIONS:
         raise InputError(f"unknown step convention {convention!r}: use one of {CONVENTIONS}")
-    check_target(target)
+    target = resolve_target(target, history.loss)
     check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     batch_chunk = _chunk_size("batch_chunk", batch_chunk)
@@ -673,10 +675,9 @@ class ChunkPass:
         # Σ_s φ_s·Δθ_s with the recorded updates: total misses it by what the modelled updates
         # miss (the update residual), the change misses it by the path integral's error
         self.path_change = torch.zeros_like(self.total)
-        # DESIGN §2 check 1 per step (0 outside the explained steps; NaN throughout when not checked)
-        unchecked = 0.0 if req.check_updates else np.nan
-        self.update_residual = np.full(req.history.n_steps, unchecked)
-        self.update_rounding_floor = np.full(req.history.n_steps, unchecked)  # what the stored θ's rounding allows
+        # DESIGN §2 check 1 per step (NaN where not checked: outside the explained steps, or throughout)
+        self.update_residual = np.full(req.history.n_steps, np.nan)
+        self.update_rounding_floor = np.full(req.history.n_steps, np.nan)  # what the stored θ's rounding allows
         self.eps = rounding_eps(req.history, req.flat)
         # without a train dim or parameter-wise scores, G_s is needed only along a few vectors
         self.by_directions = by_directions(req)

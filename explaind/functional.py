@@ -53,9 +53,14 @@ def tensor_of(value, what: str = "the value") -> torch.Tensor:
             "array or a (nested) list of numbers, every row of the same length") from None
 
 
-def check_target(target: str) -> None:
+def resolve_target(target: str | None, loss: str) -> str:
+    """What is explained of the output; None: what the recorded loss reads of it, the output
+    itself under MSE, its log-probabilities under a classification loss (or a custom one)."""
+    if target is None:
+        return "logit" if loss == "mse" else "log_prob"
     if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}: use one of {TARGETS}")
+        raise InputError(f"unknown target {target!r}: use one of {TARGETS}, or None (what the loss reads)")
+    return target
 
 
 @dataclass(frozen=True)

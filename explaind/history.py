@@ -110,6 +110,9 @@ def _field(record, key: str, file: Path):
 HISTORY_FILES = ("meta.json", "initial.safetensors", "manifest.jsonl", "resume.json",
                  "resume-0.safetensors", "resume-1.safetensors", "closed.json")
 _RESTORE = "Fix: restore the history from its source (dvc pull) or record it again"
+# where a recording that replaces a history (overwrite=True) writes until its first step has
+# passed its checks: the history it replaces stays whole until then
+REPLACEMENT = ".explaind-replacement"
 
 
 def _is_history(path: Path) -> bool:
@@ -123,7 +126,7 @@ def _killed_at_start(path: Path) -> bool:
     """A folder that a Recorder was killed in while writing θ_0 or meta.json: only history
     files (no meta.json yet) and an empty steps/."""
     names = {name for base in HISTORY_FILES for name in (base, base + ".tmp")} - {"meta.json"}
-    entries = list(path.iterdir())
+    entries = [e for e in path.iterdir() if e.name != REPLACEMENT]
     steps = path / "steps"
     return bool(entries) and all(e.name in names and e.is_file() for e in entries if e != steps) \
         and (not steps.exists() or (steps.is_dir() and not any(steps.iterdir())))
@@ -142,6 +145,14 @@ def _remove_history(path: Path) -> None:
                 file.unlink()
         if not any(steps.iterdir()):
             steps.rmdir()
+
+
+def _discard(replacement: Path) -> None:
+    """Delete a replacing recording's folder (only history files are ever written there)."""
+    if replacement.is_dir() and not replacement.is_symlink():
+        _remove_history(replacement)
+        if not any(replacement.iterdir()):
+            replacement.rmdir()
 
 
 def _manifest_line(line: dict) -> str:
@@ -244,23 +255,26 @@ def _members(optimizer: torch.optim.Optimizer) -> list[list[int]]:
 
 
 EVAL_MODE = "keep it in eval mode for the whole run (.eval() before training, and no model.train() in the loop)"
+# a recorded run had every such module in eval mode (the Recorder refuses the others): a module
+# handed to explain in train mode (as torch builds it) needs only to be switched
+EVAL_TO_EXPLAIN = "call model.eval() before explaining, as the run was recorded in eval mode"
 
 
-def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
+def refuse_unreplayable_modules(model: nn.Module, when: str = "", eval_mode: str = EVAL_MODE) -> None:
     """Refuse modules that no decomposition over samples replays: train-mode dropout, RReLU and
     BatchNorm (random, or of the batch), train-mode spectral norm (it updates its buffers),
     embeddings with max_norm (they renormalise θ in place) or scale_grad_by_freq (their batch
     gradient is no sum over samples). `when` says where the check ran (e.g. " at step 3"), for a
-    model switched mid-run. InstanceNorm without running statistics normalises each sample by its
-    own: a function of (x, θ) in any mode, so it passes."""
+    model switched mid-run; `eval_mode`, how to get to eval mode. InstanceNorm without running
+    statistics normalises each sample by its own: a function of (x, θ) in any mode, so it passes."""
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on random masks"
-            fix = f"set p=0, {EVAL_MODE}, or remove it"
+            fix = f"set p=0, {eval_mode}, or remove it"
         elif isinstance(module, nn.RReLU) and module.training and module.lower != module.upper:
             cause = f"is a train-mode {kind}{when}: its negative slopes are drawn at random"
-            fix = f"{EVAL_MODE} (it then uses the mean slope), or use LeakyReLU"
+            fix = f"{eval_mode} (it then uses the mean slope), or use LeakyReLU"
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None \
                 and module.running_var is None:
             # eval mode does not help: without running statistics torch normalises with the batch's
@@ -270,7 +284,7 @@ def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
                    "norm without batch statistics (LayerNorm, GroupNorm, InstanceNorm)")
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             cause = f"is a train-mode {kind}{when}: its output depends on the batch's statistics"
-            fix = f"{EVAL_MODE}, or remove it"
+            fix = f"{eval_mode}, or remove it"
         elif isinstance(module, EMBEDDINGS) and module.max_norm is not None:
             cause = (f"is an {kind} with max_norm={module.max_norm}{when}: every forward pass renormalises the "
                      "rows it looks up in place, a change of the parameters outside optimizer.step()")
@@ -285,13 +299,13 @@ def refuse_unreplayable_modules(model: nn.Module, when: str = "") -> None:
         elif module.training and _spectral_norm(module):
             cause = (f"has spectral norm in train mode{when}: every forward pass updates its power-iteration "
                      "vectors (buffers), so the function changes as it runs")
-            fix = f"{EVAL_MODE}: it then divides by the σ of its stored vectors; or remove it"
+            fix = f"{eval_mode}: it then divides by the σ of its stored vectors; or remove it"
         elif isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats \
                 and module.training:
             cause = (f"is a train-mode {kind} with track_running_stats=True{when}: it normalises by each sample's "
                      "statistics but updates running ones, which eval mode uses")
             fix = (f"build it with track_running_stats=False (each sample's own statistics in any mode), or "
-                   f"{EVAL_MODE}")
+                   f"{eval_mode}")
         else:
             continue
         raise UnsupportedError(f"module {name or '<root>'!r} {cause}; no exact decomposition can replay it. "
@@ -444,7 +458,7 @@ class Recorder:
         self._gradient_scale: float | None = None  # this step's clipping factor, once clipped
         self._closed = False
         self._seen: set[int] = set()
-        self._class_of: dict[int, tuple[int, int]] = {}  # dataset index: (class target, first step)
+        self._target_of: dict[int, tuple] = {}  # dataset index: (its checked target, first step)
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
         self._scheduler_steps_vary = False  # ... not the same after every optimizer step
         self._epoch_after_step: int | None = None  # the scheduler's position right after a step
@@ -456,12 +470,13 @@ class Recorder:
         if _resume_from is None:
             self._start_new(overwrite)
         else:
+            self._dir = self.path
             self.step = _resume_from
             self._last = {n: _cpu(p) for n, p in self._params.items()}
         # what the history holds fixed, to refuse an unrecorded change at any step
         self._members = _members(optimizer)
         self._constants = {n: _cpu(t) for n, t in _constant_tensors(self.model, self._params).items()}
-        self._manifest = open(self.path / "manifest.jsonl", "a")
+        self._manifest = open(self._dir / "manifest.jsonl", "a")
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -501,9 +516,12 @@ class Recorder:
                 "steps, which the history would miss. Fix: record from a freshly built "
                 "optimizer, or continue a recorded run with Recorder.resume(...)"
             )
+        self._dir = self.path  # where the files are written: the path, or beside what it replaces
         if self.path.exists() and any(self.path.iterdir()):
             self._replace_existing(overwrite)
-        (self.path / "steps").mkdir(parents=True, exist_ok=True)
+            self._dir = self.path / REPLACEMENT
+            _discard(self._dir)  # a replacement killed before its first step
+        (self._dir / "steps").mkdir(parents=True, exist_ok=True)
         self.step = 0
         self._last = {n: _cpu(p) for n, p in self._params.items()}
         initial = {f"param/{n}": t for n, t in self._last.items()}
@@ -514,7 +532,7 @@ class Recorder:
         for n, b in self.model.named_buffers():
             initial[f"buffer/{n}"] = _cpu(b)
         data = save_safetensors(initial)
-        _write_atomic(self.path / "initial.safetensors", data)
+        _write_atomic(self._dir / "initial.safetensors", data)
         meta = {
             "format": FORMAT,
             "version": VERSION if self.class_weights is None else CLASS_WEIGHTS_VERSION,
@@ -531,7 +549,7 @@ class Recorder:
             "initial_sha256": _sha256(data),
             "explaind_version": _version(),
         }
-        _write_atomic(self.path / "meta.json", _json_bytes(meta))
+        _write_atomic(self._dir / "meta.json", _json_bytes(meta))
 
     def _replace_existing(self, overwrite: bool) -> None:
         """Only a history (or what a recording killed as it started left) may be replaced, and
@@ -553,7 +571,25 @@ class Recorder:
                 "overwrite=True to replace the history, or continue a killed run with "
                 "Recorder.resume(...)"
             )
+
+    def _take_its_place(self) -> None:
+        """The replacing recording has passed its first step's checks (or closed without a
+        step): only now are the files of the history it replaces deleted, and its own moved in."""
         _remove_history(self.path)
+        (self.path / "steps").mkdir(exist_ok=True)
+        for file in sorted((self._dir / "steps").iterdir()):
+            os.replace(file, self.path / "steps" / file.name)
+        for name in reversed(HISTORY_FILES):  # meta.json last: until then the folder holds no history
+            if (self._dir / name).is_file():
+                os.replace(self._dir / name, self.path / name)
+        _discard(self._dir)
+        self._dir = self.path
+
+    def _abandon_replacement(self) -> None:
+        """A replacing recording failed before its first step passed: the history it was to
+        replace stays as it was."""
+        if self._dir != self.path:
+            _discard(self._dir)
 
     # ----------------------------------------------------------------- the three calls
 
@@ -576,7 +612,7 @@ class Recorder:
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
                 f"{len(targets)} targets: pass one dataset index per row of the batch"
             )
-        conflict = _class_conflict(self._class_of, indices, targets, self.step)
+        conflict = _target_conflict(self._target_of, indices, targets, self.step, self.loss_name)
         if conflict is not None:
             index, target, (first_target, first_step) = conflict
             raise InputError(
@@ -836,7 +872,7 @@ class Recorder:
         tensors.update({"batch/indices": indices, "batch/inputs": inputs, "batch/targets": targets})
         data = save_safetensors(tensors)
         file = f"steps/{self.step:07d}.safetensors"
-        _write_atomic(self.path / file, data)
+        _write_atomic(self._dir / file, data)
         line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
                 "groups": self._hyper, "batch_size": len(indices)}
         if self._gradient_scale is not None:
@@ -849,6 +885,10 @@ class Recorder:
         self.step += 1
         self._write_resume_tensors()
         self._write_resume_info(scheduler_stepped=False)
+        if self._dir != self.path:  # the first step has passed its checks
+            self._manifest.close()
+            self._take_its_place()
+            self._manifest = open(self.path / "manifest.jsonl", "a")
 
     def _refuse_non_finite(self, params: dict[str, torch.Tensor]) -> None:
         """NaN != NaN: without this, the next step would blame the loop for changing θ."""
@@ -869,7 +909,7 @@ class Recorder:
                 tensors[f"optimizer/{idx}/{key}"] = _cpu(torch.as_tensor(value))
         data = save_safetensors(tensors)
         self._resume_tensors = {"tensors": f"resume-{self.step % 2}.safetensors", "tensors_sha256": _sha256(data)}
-        _write_atomic(self.path / self._resume_tensors["tensors"], data)
+        _write_atomic(self._dir / self._resume_tensors["tensors"], data)
 
     def _write_resume_info(self, scheduler_stepped: bool) -> None:
         """Hyperparameters and scheduler state. Written after a step, and again before the
@@ -887,7 +927,7 @@ class Recorder:
             **self._resume_tensors,
         }
         try:
-            _write_atomic(self.path / "resume.json", _json_bytes(_plain(info)))
+            _write_atomic(self._dir / "resume.json", _json_bytes(_plain(info)))
         except TypeError as err:
             raise UnsupportedError(
                 f"the scheduler's state_dict cannot be stored as JSON ({err}); "
@@ -902,15 +942,18 @@ class Recorder:
         self._manifest.close()
         self._closed = True
         if self._pending is not None:
+            self._abandon_replacement()
             raise InputError("batch() was declared but optimizer.step() never ran for it")
         closed = {
-            "meta_sha256": _sha256((self.path / "meta.json").read_bytes()),
+            "meta_sha256": _sha256((self._dir / "meta.json").read_bytes()),
             "n_steps": self.step,
-            "final_sha256": _manifest_last_hash(self.path),
-            "manifest_sha256": _sha256((self.path / "manifest.jsonl").read_bytes()),
+            "final_sha256": _manifest_last_hash(self._dir),
+            "manifest_sha256": _sha256((self._dir / "manifest.jsonl").read_bytes()),
             "train_indices": sorted(self._seen),
         }
-        _write_atomic(self.path / "closed.json", _json_bytes(closed))
+        _write_atomic(self._dir / "closed.json", _json_bytes(closed))
+        if self._dir != self.path:  # closed without a step
+            self._take_its_place()
 
     def __enter__(self) -> "Recorder":
         return self
@@ -923,6 +966,7 @@ class Recorder:
                 hook.remove()
             self._manifest.close()
             self._closed = True
+            self._abandon_replacement()
 
     # ----------------------------------------------------------------- resuming
 
@@ -962,7 +1006,7 @@ class Recorder:
         step = min(info["next_step"], history.n_steps)
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
-        seen, class_of = _declared_classes(history, step, path)
+        seen, target_of = _declared_targets(history, step, path)
         _keep_manifest_lines(path, history.manifest[:step])
         history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
         tensors = _read_resume_tensors(path, info)
@@ -975,6 +1019,7 @@ class Recorder:
             if key.startswith("optimizer/"):
                 _, idx, name = key.split("/", 2)
                 opt_state.setdefault(int(idx), {})[name] = value
+        _warn_of_other_hyperparameters(optimizer, info["param_groups"], path)
         optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
         if scheduler is not None and info["scheduler"] is not None:
             scheduler.load_state_dict(_keys_restored(_unplain(info["scheduler"]), scheduler.state_dict()))
@@ -987,8 +1032,32 @@ class Recorder:
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
         recorder._scheduler_steps_vary = info.get("scheduler_steps_vary", False)
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
-        recorder._seen, recorder._class_of = seen, class_of
+        recorder._seen, recorder._target_of = seen, target_of
         return recorder
+
+
+# hyperparameters that no torch scheduler moves (OneCycleLR cycles momentum and β1, which are
+# therefore compared only in a run without a scheduler), and lr as a scheduler's base
+_FIXED_HYPERPARAMETERS = ("initial_lr", "weight_decay", "eps", "dampening", "nesterov", "amsgrad", "maximize")
+
+
+def _warn_of_other_hyperparameters(optimizer: torch.optim.Optimizer, recorded: list[dict], path: Path) -> None:
+    """The resume restores the recorded hyperparameters: an optimizer built with others (a changed
+    config) is told that they are not used, rather than left to believe it trains with them."""
+    differences = []
+    for index, (given, kept) in enumerate(zip(optimizer.param_groups, recorded)):
+        pairs = [(key, given.get(key), kept.get(key)) for key in _FIXED_HYPERPARAMETERS]
+        if "betas" in given:
+            pairs.append(("β2", given["betas"][1], kept["betas"][1]))
+        if "initial_lr" not in kept:  # no scheduler: momentum and β1 stay as built
+            pairs += [("momentum", given.get("momentum"), kept.get("momentum")),
+                      ("β1", given.get("betas", (None,))[0], kept.get("betas", (None,))[0])]
+        differences += [f"{key}={value!r} in group {index} (recorded: {old!r})" for key, value, old in pairs
+                        if value is not None and old is not None and _scalar(value) != _scalar(old)]
+    if differences:
+        warnings.warn(f"Recorder.resume({str(path)!r}) was given an optimizer with {', '.join(differences)}: the "
+                      "resume restores the recorded hyperparameters, so the resumed steps continue the recorded "
+                      "run with those. To train with the new ones, record a new run", stacklevel=3)
 
 
 def _refuse_another_setup(history: "History", model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -1023,33 +1092,36 @@ def _refuse_another_setup(history: "History", model: nn.Module, optimizer: torch
                          f"in name, shape or dtype: {differ}. Fix: pass the architecture that was trained")
 
 
-def _class_conflict(class_of: dict[int, tuple[int, int]], indices: torch.Tensor, targets: torch.Tensor,
-                    step: int) -> tuple[int, int, tuple[int, int]] | None:
-    """Add the classes of step `step`'s batch to `class_of` (dataset index: (class target, first
+def _target_conflict(target_of: dict[int, tuple], indices: torch.Tensor, targets: torch.Tensor, step: int,
+                     loss_name: str) -> tuple[int, object, tuple] | None:
+    """Add the targets of step `step`'s batch to `target_of` (dataset index: (target, first
     step)), or return the first (index, target, what was declared before) that contradicts it,
-    adding nothing. An index names one sample of the dataset: declared again with another class,
+    adding nothing. An index names one sample of the dataset: declared again with another target,
     it is not a dataset index (a row's position in its batch, say), and the train dim would mix
-    samples. Only class targets are checked. (A dict lookup per row: 1.7 ms for 4,000 rows, where
-    a sort-and-search in torch took 6.5 ms in its twenty small ops, both on a busy 2-core CPU.)"""
-    if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+    samples. Checked: class targets, and the targets of a regression (MSE), which are the sample's
+    own; not class probabilities, which a loop may mix anew each step (mixup), nor a custom
+    loss's, which may be anything. (A dict lookup per row: 1.7 ms for 4,000 rows, where a
+    sort-and-search in torch took 6.5 ms in its twenty small ops, both on a busy 2-core CPU.)"""
+    if targets.is_complex() or (targets.is_floating_point() and loss_name != "mse") \
+            or (not targets.is_floating_point() and targets.dim() != 1):
         return None
-    new: dict[int, tuple[int, int]] = {}
+    new: dict[int, tuple] = {}
     for index, target in zip(indices.tolist(), targets.tolist()):
-        first = class_of.get(index) or new.setdefault(index, (target, step))
+        first = target_of.get(index) or new.setdefault(index, (target, step))
         if first[0] != target:
             return index, target, first
-    class_of.update(new)
+    target_of.update(new)
     return None
 
 
-def _declared_classes(history: "History", stop: int, path: Path) -> tuple[set[int], dict[int, tuple[int, int]]]:
-    """The dataset indices that steps 0 … stop−1 declared, and the class of each (what a resumed
-    Recorder checks its new batches against)."""
+def _declared_targets(history: "History", stop: int, path: Path) -> tuple[set[int], dict[int, tuple]]:
+    """The dataset indices that steps 0 … stop−1 declared, and the target of each that is checked
+    (what a resumed Recorder checks its new batches against)."""
     seen: set[int] = set()
-    class_of: dict[int, tuple[int, int]] = {}
+    target_of: dict[int, tuple] = {}
     for s in range(stop):
         batch = history._step_tensors(s)
-        conflict = _class_conflict(class_of, batch["batch/indices"], batch["batch/targets"], s)
+        conflict = _target_conflict(target_of, batch["batch/indices"], batch["batch/targets"], s, history.loss)
         if conflict is not None:
             index, target, (first_target, first_step) = conflict
             raise HistoryError(
@@ -1059,7 +1131,7 @@ def _declared_classes(history: "History", stop: int, path: Path) -> tuple[set[in
                 "row's index in the dataset"
             )
         seen.update(batch["batch/indices"].tolist())
-    return seen, class_of
+    return seen, target_of
 
 
 def _read_resume_info(path: Path) -> dict:
@@ -1203,7 +1275,7 @@ def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "H
     """Open (if given a path) and check a history against the model that explains it."""
     history = history if isinstance(history, History) else History(history)
     history.check_model(model)
-    refuse_unreplayable_modules(model)
+    refuse_unreplayable_modules(model, eval_mode=EVAL_TO_EXPLAIN)
     return history
 
 
@@ -1263,6 +1335,8 @@ class History:
                 "step was recorded, so there is nothing to open or resume. Fix: record the run again, "
                 "with Recorder(..., overwrite=True) on this path"
             )
+        if not self.path.exists():
+            raise HistoryError(f"{self.path} does not exist: pass the folder that a Recorder wrote the run to")
         if not (self.path / "meta.json").is_file():
             raise HistoryError(
                 f"{self.path} is not a training history (no meta.json): record one with "
@@ -1302,7 +1376,7 @@ class History:
                     "or record it again"
                 )
             self._check_closed_manifest(summary, _sha256(manifest_bytes))
-        elif not allow_incomplete:
+        elif not allow_incomplete and self.manifest:  # (with none, the next error says more)
             raise HistoryError(
                 f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but the "
                 "recorder was never closed (the run was killed?). Continue it with "
@@ -1310,9 +1384,10 @@ class History:
                 "complete steps"
             )
         if not self.manifest:
-            raise HistoryError(f"{self.path} holds no complete step (a run killed before its first step "
-                               "ends, or one that never stepped): there is nothing to open or resume. Fix: "
-                               "record the run again, with Recorder(..., overwrite=True) on this path")
+            raise HistoryError(f"{self.path} holds no complete step (its recording stopped before the first "
+                               "step was stored: refused by a check, an error in the loop or killed; or it never "
+                               "stepped): there is nothing to open or resume. Fix: record the run again, with "
+                               "Recorder(..., overwrite=True) on this path")
         self._initial = None
 
     def _check_closed_manifest(self, summary: dict, manifest_sha256: str) -> None:

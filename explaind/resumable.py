@@ -39,8 +39,8 @@ from .history import History
 # Raised whenever explain()'s cube gains or loses a variable, or a part's metadata change: a
 # part stored by an explaind of another format cannot be merged with new ones
 # (2: update_rounding_floor; 3: the digest of a part's numbers; 4: a split by steps counts replay
-# from the window's start, as one call does)
-PART_FORMAT = 4
+# from the window's start, as one call does; 5: update_residual NaN outside the checked steps)
+PART_FORMAT = 5
 
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .cube import residual_attrs
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
-from .functional import FlatModel, check_target, checked_output
+from .functional import FlatModel, checked_output, resolve_target
 from .history import History, open_history
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
@@ -61,10 +61,10 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
     """Per step: the relative miss of the modelled update η_s(Σ_k u_{s,k} + r_s) on the recorded
     −Δθ_s, and the miss the rounding of the stored θ allows (`update_check`).
 
-    steps: (start, stop) checks only those updates (0 elsewhere); the momentum of the steps
+    steps: (start, stop) checks only those updates (NaN elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
     buffer m_{replay_start − 1}; None: zero, from step 0)."""
-    residuals, floors = np.zeros(history.n_steps), np.zeros(history.n_steps)
+    residuals, floors = np.full(history.n_steps, np.nan), np.full(history.n_steps, np.nan)
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
     groups, started = group_index(history, flat), sgd_buffers_started(history)
@@ -112,13 +112,16 @@ def verify_updates(
     if tolerance is None:
         tolerance = 1e-10 if history.dtype == torch.float64 else 1e-4
     allowed = np.maximum(tolerance, floors)
-    worst = int((residuals / allowed).argmax())
-    if residuals[worst] > allowed[worst]:
+    failed = np.flatnonzero(residuals > allowed)
+    if len(failed):  # where it starts (what went wrong there), and how far it goes
+        first, worst = int(failed[0]), int(failed[(residuals[failed] / allowed[failed]).argmax()])
+        worse = "" if worst == first else f"; the furthest above, step {worst}'s, by {residuals[worst]:.2e}"
         raise ReconstructionError(
-            f"step {worst}'s recorded update differs from the modelled {history.optimizer} update "
-            f"by {residuals[worst]:.2e} of its size (tolerance {tolerance:.0e}; the rounding of the "
-            f"stored parameters allows {floors[worst]:.0e} there). The run does not "
-            f"follow the recorded optimizer: {UPDATE_MISS_CAUSES}."
+            f"step {first}'s recorded update differs from the modelled {history.optimizer} update "
+            f"by {residuals[first]:.2e} of its size (tolerance {tolerance:.0e}; the rounding of the "
+            f"stored parameters allows {floors[first]:.0e} there), the first of {len(failed)} of "
+            f"{len(residuals)} steps that do{worse}. The run does not follow the recorded optimizer: "
+            f"{UPDATE_MISS_CAUSES}."
         )
     return residuals
 
@@ -133,7 +136,7 @@ def reconstruct(
     rule: str = "gauss",
     breakpoints: bool = True,
     kink_tolerance: float = 0.0,
-    target: str = "log_prob",
+    target: str | None = None,
     output_fn: Callable | None = None,
     dtype: torch.dtype = torch.float64,
     device="cpu",
@@ -167,7 +170,7 @@ def check_tolerance(name: str, value, none_means: str) -> None:
         raise InputError(f"{name}={value!r} must be a number ≥ 0 (None: {none_means})")
 
 
-def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str,
+def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str | None,
                      dtype: torch.dtype, device, batch_size: int, progress: bool,
                      kink_tolerance: float = 0.0, max_kinks: int = 16,
                      output_fn: Callable | None = None) -> list[xr.Dataset]:
@@ -175,11 +178,11 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     (reading and checking the steps costs as much as a cheap integral)."""
     from .engine import checked_test_inputs, check_dtype  # engine imports this module
 
-    check_target(target)
     check_dtype(dtype)
     if not is_whole(batch_size) or batch_size < 1:  # max_kinks: checked by PathIntegral
         raise InputError(f"batch_size={batch_size!r} must be a whole number ≥ 1")
     history = open_history(history, model)
+    target = resolve_target(target, history.loss)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
              for q, rule, kinks in settings]

@@ -50,6 +50,7 @@ def assert_same_cube(merged, single):
         scale = {"residual": change, "residual_from_updates": change, "update_residual": 1.0}.get(
             name, float(np.abs(b).max()))
         assert float(np.abs(a - b).max()) <= 1e-12 * scale, name
+        assert np.array_equal(np.isnan(a), np.isnan(b)), name  # the same steps left unchecked
     assert merged.attrs["relative_residual"] == pytest.approx(single.attrs["relative_residual"], abs=1e-13)
     assert merged.attrs["max_abs_path_residual"] == pytest.approx(single.attrs["max_abs_path_residual"],
                                                                   abs=1e-12 * change)

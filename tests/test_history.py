@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 import explaind as ex
 from engine_cases import Case, make_data, train
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 N_STEPS, CRASH_AT, N_TRAIN, BATCH = 10, 5, 12, 4
 MAX_NORM = 0.8  # the loop clips its gradients' norm to this: some steps are clipped, some not
 
@@ -150,6 +153,91 @@ def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     whole = ex.History(uninterrupted)
     for name, value in whole.params(N_STEPS).items():
         assert torch.equal(dict(model.named_parameters())[name].detach(), value)
+
+
+def test_a_resume_given_other_hyperparameters_says_that_it_keeps_the_recorded_ones(uninterrupted, tmp_path,
+                                                                                      monkeypatch):
+    """An optimizer built from a changed config (another base lr and eps) is told that the resume
+    restores the recorded ones; the resumed history is still the uninterrupted run's. One built as
+    the killed run's is not warned about (the scheduled lr at the crash differs from the built one)."""
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_at=CRASH_AT)
+    shutil.copytree(path, tmp_path / "again")
+
+    def changed(seed, built=fresh_objects):
+        model, _, _ = built(seed)
+        params = list(model.parameters())
+        optimizer = torch.optim.AdamW([{"params": params[:2], "lr": 0.03},
+                                       {"params": params[2:], "lr": 0.5, "weight_decay": 0.1, "eps": 1e-3}],
+                                      betas=(0.8, 0.9), amsgrad=True)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+
+    with monkeypatch.context() as other_config:
+        other_config.setitem(globals(), "fresh_objects", changed)
+        with pytest.warns(UserWarning, match=r"(?s)initial_lr=0.5 in group 1 \(recorded: 0.01\), eps=0.001 in "
+                                             r"group 1 \(recorded: 1e-08\).*restores the recorded.*record a new run"):
+            resume(path)
+    assert_same_history(path, uninterrupted)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Recorder.resume")
+        resume(tmp_path / "again")
+
+
+def resume_example() -> str:
+    """The README's loop that records and resumes alike."""
+    blocks = re.findall(r"```python\n(# a loop that records and resumes.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 1, "the README's resumable loop example is gone"
+    return blocks[0]
+
+
+class Augmented(torch.utils.data.Dataset):
+    """(dataset index, input with noise drawn from torch's global RNG, class)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return i, self.x[i] + 0.1 * torch.randn(self.x.shape[1], dtype=self.x.dtype), self.y[i]
+
+
+def test_a_shuffled_loader_resumes_as_the_readme_says(tmp_path):
+    """The README's loop, run as written: each epoch's order drawn from a generator seeded by the
+    epoch, which the loader also takes (or it draws a seed from the global RNG that the resume
+    restores), and the batches recorded before the crash left out of the sampler (not loaded and
+    skipped, which would draw their augmentation from that RNG). The same loop records and
+    resumes; killed in the middle of an epoch, it yields the uninterrupted history."""
+    x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
+    readme_loop = compile(resume_example(), str(README), "exec")
+    steps_per_epoch = N_TRAIN // BATCH
+
+    def loop(rec, model, optimizer, crash_at=None):
+        def killed(*_):  # runs after the Recorder's own hook: the step is stored
+            if rec.step == crash_at:
+                raise Crash(f"killed after step {crash_at - 1}")
+
+        hook = optimizer.register_step_post_hook(killed)
+        try:
+            exec(readme_loop, {"rec": rec, "model": model, "optimizer": optimizer, "torch": torch, "F": F,
+                               "DataLoader": torch.utils.data.DataLoader, "dataset": Augmented(x, y),
+                               "batch_size": BATCH, "steps_per_epoch": steps_per_epoch, "epochs": 3, "seed": 7})
+        finally:
+            hook.remove()
+
+    for name, crash_at in (("whole", None), ("killed", steps_per_epoch + 1)):
+        model, optimizer, _ = fresh_objects(0)
+        torch.manual_seed(1)
+        with pytest.raises(Crash) if crash_at else nullcontext(), ex.Recorder(tmp_path / name, model, optimizer) as rec:
+            loop(rec, model, optimizer, crash_at)
+    model, optimizer, _ = fresh_objects(2)
+    torch.manual_seed(3)
+    with ex.Recorder.resume(tmp_path / "killed", model, optimizer) as rec:
+        assert rec.step == steps_per_epoch + 1
+        loop(rec, model, optimizer)
+    assert_same_history(tmp_path / "killed", tmp_path / "whole")
 
 
 def test_a_loop_that_steps_its_scheduler_first_resumes_on_its_schedule(tmp_path):
@@ -597,6 +685,62 @@ def test_overwrite_deletes_only_the_history_files(tmp_path):
     assert (path / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_keeps_the_old_history_until_the_new_one_has_passed_its_first_step(tmp_path):
+    """The new recording is written beside the old history until its first step has passed the
+    gradient check: refused there (a loss other than the declared one), or raising in the loop,
+    or killed outright, it leaves the old history as it was; a later overwrite then succeeds."""
+    x, y = tiny_data()
+    path = tmp_path / "h"
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(path, model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+    before = files_on_disk(path)
+    def smoothed(out, t):  # not the declared loss: refused by the first step's gradient check
+        return F.cross_entropy(out, t, label_smoothing=0.1)
+
+    def broken(out, t):  # the loop fails before its first optimizer step
+        raise Crash("a bug in the new loop")
+
+    for failure, loss in [(ex.UnsupportedError, smoothed), (Crash, broken)]:
+        model = tiny(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(failure):
+            with ex.Recorder(path, model, optimizer, overwrite=True) as rec:
+                sgd_steps(rec, model, optimizer, x, y, 0, 3, loss=loss)
+        assert files_on_disk(path) == before
+    # killed before its first step (no `with` to clean up): the old history still opens
+    model = tiny(2)
+    ex.Recorder(path, model, torch.optim.SGD(model.parameters(), lr=0.1), overwrite=True)
+    assert (path / ex.history.REPLACEMENT / "meta.json").is_file()
+    assert ex.History(path).n_steps == 3
+    model = tiny(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(path, model, optimizer, overwrite=True) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 1)
+        assert ex.History(path, allow_incomplete=True).n_steps == 1  # in place once its first step passed
+        sgd_steps(rec, model, optimizer, x, y, 1, 2)
+    assert sorted(f.name for f in path.iterdir()) == sorted([*ex.history.HISTORY_FILES, "steps"])  # none left beside
+    hist = ex.History(path)
+    assert hist.n_steps == 2 and torch.equal(hist.params(2)["2.bias"], model[2].bias.detach())
+
+
+def test_overwrite_by_a_recording_of_no_step(tmp_path):
+    """A recording closed before any step replaces the old history too (as one of n steps does)."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    model = tiny(1)
+    with ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1), overwrite=True):
+        pass
+    assert sorted(f.name for f in (tmp_path / "h").iterdir()) == ["closed.json", "initial.safetensors",
+                                                                  "manifest.jsonl", "meta.json", "steps"]
+    with pytest.raises(ex.HistoryError, match="no complete step"):
+        ex.History(tmp_path / "h")
+
+
 def test_a_file_as_history_path_is_refused(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     model = tiny()
@@ -751,6 +895,39 @@ def test_batch_positions_declared_as_dataset_indices_are_refused(tmp_path):
     assert ex.History(tmp_path / "h").n_steps == 3
 
 
+def test_batch_positions_of_a_regression_are_refused_and_its_other_targets_are_not_checked(tmp_path):
+    """An MSE target is the sample's own, so positions declared as indices are refused by their
+    targets, as classes are; class probabilities (mixup draws them anew each step) and a custom
+    loss's targets are left alone."""
+    x, _ = tiny_data(12)
+    targets = torch.linspace(-1, 1, 36, dtype=torch.float64).view(12, 3)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "mse", model, optimizer, loss="mse") as rec:
+        for rows in (torch.arange(4), torch.arange(4)):  # one sample twice: the same targets
+            optimizer.zero_grad()
+            ((model(x[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+            rec.batch(rows, x[rows], targets[rows])
+            optimizer.step()
+        with pytest.raises(ex.InputError, match=r"(?s)index 0 with target \[0.37.*at step 2.*step 0.*"
+                                                r"target \[-1.0.*not its position in the batch"):
+            rec.batch(torch.arange(4), x[8:], targets[8:])
+    mixed = torch.softmax(targets, 1)
+    probabilities, custom = tiny(), tiny()
+    for name, model, loss, declared in [("p", probabilities, "cross_entropy", lambda r, s: mixed[r].roll(s, 1)),
+                                        ("c", custom, lambda o, t: ((o - t) ** 2).sum(1), lambda r, s: targets[r] + s)]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with ex.Recorder(tmp_path / name, model, optimizer, loss=loss) as rec:
+            for step in range(2):  # the same indices with other targets
+                rows = torch.arange(4)
+                optimizer.zero_grad()
+                out, t = model(x[rows]), declared(rows, step)
+                (F.cross_entropy(out, t) if name == "p" else loss(out, t).mean()).backward()
+                rec.batch(rows, x[rows], t)
+                optimizer.step()
+        assert ex.History(tmp_path / name).n_steps == 2
+
+
 def test_a_resumed_recorder_knows_the_classes_the_killed_run_declared(tmp_path):
     """The killed run declared index 0 with class y[0] at step 0; after the resume, position 0
     declared with another class is refused, naming that step."""
@@ -786,7 +963,7 @@ def test_resuming_a_history_whose_steps_mix_classes_is_refused_before_anything_c
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with monkeypatch.context() as unchecked:
-        unchecked.setattr(history_module, "_class_conflict", lambda *args: None)
+        unchecked.setattr(history_module, "_target_conflict", lambda *args: None)
         with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
             for step, rows in enumerate([torch.arange(4), torch.arange(4, 8)]):
                 optimizer.zero_grad()
@@ -886,8 +1063,11 @@ def test_a_history_without_a_complete_step_names_the_fix(tmp_path):
     with pytest.raises(Crash):
         with ex.Recorder(tmp_path / "h", model, optimizer):
             raise Crash("killed before the first step")
-    with pytest.raises(ex.HistoryError, match="(?s)no complete step.*overwrite=True"):
-        ex.Recorder.resume(tmp_path / "h", model, optimizer)
+    for call in (lambda: ex.Recorder.resume(tmp_path / "h", model, optimizer), lambda: ex.History(tmp_path / "h"),
+                 lambda: ex.explain(tmp_path / "h", model, x[:2], progress=False)):
+        with pytest.raises(ex.HistoryError, match="(?s)no complete step.*refused by a check.*overwrite=True") as err:
+            call()
+        assert "resume(" not in str(err.value)  # there is nothing to resume
 
 
 def edit_json(name: str, change):

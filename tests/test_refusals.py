@@ -109,9 +109,14 @@ def test_train_mode_dropout_and_batchnorm_at_explain_time(tmp_path, no_heavy_com
     x, y = data()
     with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
         loop(rec, model, optimizer, x, y)
-    model.train()
-    with pytest.raises(ex.UnsupportedError, match=says(name, "eval()")):
-        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    model.train()  # as torch builds a module: the fix is eval(), not another run
+    for call in (lambda: ex.explain(tmp_path / "h", model, x[:2], progress=False),
+                 lambda: ex.reconstruct(tmp_path / "h", model, x[:2], progress=False),
+                 lambda: ex.verify_updates(tmp_path / "h", model)):
+        with pytest.raises(ex.UnsupportedError, match=says(name, "model.eval() before explaining",
+                                                           "recorded in eval mode")) as err:
+            call()
+        assert "whole run" not in str(err.value)
 
 
 @pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d")])
@@ -803,6 +808,9 @@ def test_bad_step_bins(run, no_heavy_compute, bins):
     ({"a": ["hidden"], "b": ["hidden.0.bias", "out"]}, ("hidden.0.bias", "in components", "exactly one")),
     ({"a": ["hidden"]}, ("out.weight", "in no component", "exactly one")),
     ({"a": ["hidden", "out"], "b": ["nonexistent"]}, ("nonexistent",)),
+    # a typo beside a pattern that matches: the typo still matches nothing
+    ({"a": ["hidden", "hiden.0.bias"], "b": ["out"]}, ("{'a': ['hiden.0.bias']}", "typo")),
+    ({"a": ["hidden", "out"], "b": []}, ("{'b': []}", "match no parameter tensor")),
     (42, ("not understood", "'tensor'", "'module'")),
 ])
 def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
@@ -1066,8 +1074,11 @@ def test_another_builtin_loss_than_the_recorded_one_is_refused(tmp_path, no_heav
 
 
 def test_missing_history(tmp_path, no_heavy_compute):
-    with pytest.raises(ex.HistoryError, match=says("not a training history", "Recorder")):
+    with pytest.raises(ex.HistoryError, match=says("nowhere does not exist", "Recorder")):
         ex.explain(tmp_path / "nowhere", Case("mlp").fresh_model(), torch.zeros(2, 4), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ex.HistoryError, match=says("not a training history", "Recorder")):
+        ex.explain(tmp_path / "empty", Case("mlp").fresh_model(), torch.zeros(2, 4), progress=False)
 
 
 def test_residual_above_tolerance(tmp_path):

@@ -59,7 +59,7 @@ def test_a_decayed_learning_rate_is_not_mistaken_for_a_mismatch(tmp_path):
                         tolerance=None)
     np.testing.assert_allclose(whole["update_rounding_floor"].values, floors, rtol=1e-9)
     np.testing.assert_allclose(whole["update_residual"].values, residuals, rtol=1e-6, atol=1e-15)
-    np.testing.assert_allclose(window["update_rounding_floor"].values, [0] * 4 + floors[4:], rtol=1e-9)
+    np.testing.assert_allclose(window["update_rounding_floor"].values, [np.nan] * 4 + floors[4:], rtol=1e-9)
     for keep, steps in ((("step",), None), (("step",), (4, 12)), (("train",), (4, 12))):  # both passes, windows
         unchecked = ex.explain(tmp_path / "h", model, x[:2], y[:2], keep=keep, steps=steps, progress=False,
                                check_updates=False, tolerance=None)
@@ -71,6 +71,21 @@ def test_a_real_mismatch_at_a_small_learning_rate_still_fails(tmp_path):
     """Undeclared clipping at lr 1e-6 misses far more than the rounding allows."""
     model = record(tmp_path / "h", clip_from=9)
     with pytest.raises(ex.ReconstructionError, match="step 9's recorded update.*rounding of the stored parameters"):
+        ex.verify_updates(tmp_path / "h", model)
+
+
+def test_a_mismatch_is_named_where_it_starts(tmp_path):
+    """Clipped from step 4 on: the error names step 4, counts the failing steps and names the one
+    furthest above its bound, which the cube's update_residual confirms."""
+    model = record(tmp_path / "h", steps=8, clip_from=4)
+    cube = ex.explain(tmp_path / "h", model, make_data("mlp", 16, 0, 0)[0][:1], keep=(), progress=False,
+                      tolerance=None, breakpoints=False)
+    allowed = np.maximum(1e-10, cube["update_rounding_floor"].values)
+    above = cube["update_residual"].values / allowed
+    assert above[:4].max() <= 1 and above[4:].min() > 1
+    worst = int(above.argmax())
+    with pytest.raises(ex.ReconstructionError, match=rf"step 4's recorded update.*the first of 4 of 8 steps that do; "
+                                                     rf"the furthest above, step {worst}'s"):
         ex.verify_updates(tmp_path / "h", model)
 
 
