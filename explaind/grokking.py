@@ -37,6 +37,7 @@ from .models import TRANSFORMER_COMPONENTS
 from .parallel import run_all
 from .quadrature import MAX_NODES
 from .training import DTYPES, TransformerConfig, first_step, check_ranges, train_transformer
+from .verify import check_updates_once
 
 PIPELINE = ("attention", "mlp_in")
 OUTER = ("embedding", "mlp_out", "unembedding")
@@ -289,7 +290,7 @@ def component_attribution(history: History, model: torch.nn.Module,
     x = torch.cat([pair[0] for pair in inputs.values()])
     y = torch.cat([pair[1] for pair in inputs.values()])
     split = np.repeat(list(inputs), [len(pair[1]) for pair in inputs.values()])
-    # the verify stage checks the history's updates: trusting them here needs no gradients
+    check_updates_once(history, model, options.get("device", "cpu"))  # then trusting them needs no gradients
     cube = explain(history, model, x, y, keep=("step", "component", "test"), outputs="true",
                    components=TRANSFORMER_COMPONENTS, step_bins=edges, check_updates=False, **options)
     return cube.assign_coords(split=("test", split))
@@ -320,6 +321,7 @@ def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, 
     if not len(windows):
         raise InputError("windows is empty: pass at least one (start, stop) window of update steps, "
                          "e.g. data_windows(phases, ...)")
+    check_updates_once(history, model, options.get("device", "cpu"))  # the windows check none themselves
     edges = [start for start, _ in windows] + [windows[-1][1]]
     tiles = edges[0] == 0 and edges[-1] == history.n_steps and all(
         stop == following for (_, stop), (following, _) in zip(windows, windows[1:]))

@@ -89,6 +89,7 @@ class Stage:
 
 
 MODELS = ("cnn", "transformer")
+DATA_RUNS = ("cnn",)  # runs trained on data/ (the Transformer's pairs are generated from its params)
 
 STAGES: dict[str, Stage] = {
     "train_cnn": Stage(
@@ -122,6 +123,12 @@ def split_stage(name: str) -> tuple[str, str | None]:
     """'verify@cnn' -> ('verify', 'cnn'); 'train_cnn' -> ('train_cnn', None)."""
     stage, _, item = name.partition("@")
     return stage, item or None
+
+
+def reads_data(stage: str) -> bool:
+    """Whether a stage instance trains or analyses a run of data/'s images."""
+    info, item = get_stage(stage), split_stage(stage)[1]
+    return (info.run or item or info.reads) in DATA_RUNS
 
 
 def stage_instances() -> list[str]:
@@ -653,7 +660,7 @@ def save_run(paths: StagePaths, result: Any, config: Any = None) -> dict[str, An
     """
     from safetensors.torch import save_model
 
-    from .stages import save_config
+    from .training import save_config
 
     paths.model.parent.mkdir(parents=True, exist_ok=True)
     save_model(result.model, str(paths.model))
@@ -773,6 +780,9 @@ def run_stage(
     if not notebook.is_file():
         raise FileNotFoundError(f"stage {stage!r} runs {notebook}, which does not exist")
     check_kernel(kernel)
+    if reads_data(stage) and not (root / DATA_DIR).is_dir():  # before the notebook empties its outputs
+        raise DataError(f"{root / DATA_DIR} does not exist, and stage {stage!r} reads the CNN's images from it. "
+                        "Fix: run `make data`, which rebuilds data/ as data.dvc records it")
     paths = stage_paths(stage, root)
     paths.results.mkdir(parents=True, exist_ok=True)
     with _pinned_root(root):
@@ -859,7 +869,7 @@ def check_data(root: str | os.PathLike | None = None) -> dict[str, Any]:
     if actual == recorded:
         return actual
     message = [f"{folder} does not match {DATA_DVC_FILE}: recorded {recorded}, found {actual}."]
-    cache = root / ".dvc" / "cache" / "files" / "md5" / recorded["md5"][:2] / recorded["md5"][2:]
+    cache = dvc_cache_dir(root) / "files" / "md5" / recorded["md5"][:2] / recorded["md5"][2:]
     if cache.is_file():  # DVC's cached listing tells which files differ
         expected = {e["relpath"]: e["md5"] for e in json.loads(cache.read_text())}
         found = {e["relpath"]: e["md5"] for e in dir_listing(folder)}
@@ -877,6 +887,14 @@ def check_data(root: str | os.PathLike | None = None) -> dict[str, Any]:
 def _dvc(*args: str, root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True,
                           capture_output=True, text=True)
+
+
+def dvc_cache_dir(root: Path) -> Path:
+    """DVC's cache directory as configured (`dvc cache dir`), .dvc/cache where none is."""
+    try:
+        return Path(_dvc("cache", "dir", root=root).stdout.strip())
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return root / ".dvc" / "cache"
 
 
 def has_dvc_remote(root: Path) -> bool:

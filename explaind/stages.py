@@ -9,8 +9,6 @@ checks that tie every stored cube to the verify stage's reconstruction.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,9 @@ import xarray as xr
 from .cube import per_parameter, residual_attrs
 from .errors import ExplaindError, InputError, ReconstructionError
 from .quadrature import MAX_NODES
-from .training import DTYPES, check_ranges  # DTYPES re-exported: the notebooks read it from here
+from .training import CONFIG_FILE, DTYPES, check_ranges  # DTYPES re-exported: the notebooks read it from here
 
 MODELS = ("cnn", "transformer")
-CONFIG_FILE = "config.json"  # the training config, saved next to model.safetensors
 
 # DESIGN §7: the paper's replication numbers (mod-113 Transformer and CIFAR-2 ResNet-9).
 PAPER_REPLICATION = pd.DataFrame(
@@ -145,15 +142,6 @@ class Run:
         return f"transformer (mod {self.config.p})"
 
 
-def save_config(config: Any, run_dir: str | os.PathLike) -> Path:
-    """Write the training config next to the model, so later stages rebuild the same architecture."""
-    path = Path(run_dir) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    path.write_text(json.dumps({"class": type(config).__name__, **values}, indent=2, sort_keys=True) + "\n")
-    return path
-
-
 def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Run:
     """Rebuild a trained run from runs/<name>/: its config.json, model.safetensors and history."""
     from safetensors.torch import load_model
@@ -161,14 +149,14 @@ def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike)
     from .data import load_image_pair, modular_addition
     from .history import History
     from .models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS, ModAddTransformer, ResNet9
-    from .training import CNNConfig, TransformerConfig
+    from .training import CNNConfig, TransformerConfig, load_config
 
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: rerun the training stage (dvc repro train_{name})")
     if name == "cnn":
-        config = _load_config(config_path, name, CNNConfig)
+        config = load_config(config_path, name, CNNConfig)
         pair = load_image_pair(data_dir, config.dataset, tuple(config.classes), config.test_size, config.data_seed)
         model = ResNet9(pair.train_x.shape[1], 2, config.width)
         train = (pair.train_x, pair.train_y)
@@ -176,7 +164,7 @@ def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike)
         held_out, components = "test", dict(CNN_COMPONENTS)
         class_names = [f"digit {c}" if config.dataset == "digits" else f"CIFAR class {c}" for c in config.classes]
     elif name == "transformer":
-        config = _load_config(config_path, name, TransformerConfig)
+        config = load_config(config_path, name, TransformerConfig)
         data = modular_addition(config.p, config.train_size, config.val_size, config.data_seed, config.only_a_ge_b)
         model = ModAddTransformer(config.p, config.d_model, config.n_heads, config.d_mlp)
         train = (data.train_inputs, data.train_targets)
@@ -193,37 +181,6 @@ def load_run(name: str, run_dir: str | os.PathLike, data_dir: str | os.PathLike)
         train_x, test_x = train_x.to(dtype), test_x.to(dtype)
     return Run(name, config, model, History(run_dir / "history"), train_x, train[1], test_x, test[1],
                held_out, components, class_names)
-
-
-def _load_config(path: Path, name: str, cls: type) -> Any:
-    """The training config a run folder's config.json holds, as save_config writes it: a JSON
-    object with the config's class name under "class" and exactly the fields of `cls`."""
-    fix = f"Fix: rerun the stage that wrote it (dvc repro train_{name}), or restore it from the DVC cache (dvc checkout)"
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error}); it should hold the run's training config. {fix}") from None
-    if not isinstance(values, dict):
-        raise InputError(f"{path} holds a JSON {type(values).__name__}, not an object of the training config's "
-                         f"fields. {fix}")
-    if "class" not in values:
-        raise InputError(f"{path} lacks the key 'class' (the config's class, here {cls.__name__}). {fix}")
-    kind = values.pop("class")
-    if kind != cls.__name__:
-        raise ExplaindError(f"{path} holds a {kind}, not a {cls.__name__}")
-    fields = {field.name for field in dataclasses.fields(cls)}
-    unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
-    if unknown or missing:
-        found = "; ".join(text for text in (f"unknown keys {unknown}" if unknown else "",
-                                            f"missing keys {missing}" if missing else "") if text)
-        raise InputError(f"{path} does not match {cls.__name__} ({found}): it was written by another version "
-                         f"of explaind or edited. {fix}")
-    if "classes" in values and isinstance(values["classes"], list):  # JSON has no tuples
-        values["classes"] = tuple(values["classes"])
-    try:
-        return cls(**values)
-    except (InputError, TypeError) as error:  # a value out of range or of another type
-        raise InputError(f"{path} holds a config that is refused: {error}. {fix}") from None
 
 
 def first(n: int, total: int) -> int:

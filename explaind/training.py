@@ -9,11 +9,14 @@ log-probabilities (log_softmax is idempotent, so this equals the NLL of the outp
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_image_pair, modular_addition
-from .errors import InputError
+from .errors import ExplaindError, InputError
 from .functional import compute_device, tensor_of
 from .history import Recorder
 from .models import ModAddTransformer, ResNet9
@@ -135,6 +138,50 @@ class CNNConfig:
         """DESIGN §7: CIFAR-2, width 64, batch 256, 12 epochs, lr peak 0.1 at epoch 5, wd 5e-3."""
         return cls(dataset="cifar2", classes=(3, 5), width=64, batch_size=256, epochs=12,
                    lr=0.1, peak_epoch=5.0, momentum=0.9, weight_decay=5e-3, flip=True)
+
+
+# the training config, saved next to model.safetensors: the later stages rebuild the run from it
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: Any, run_dir: str | os.PathLike) -> Path:
+    """Write the training config next to the model, so later stages rebuild the same architecture."""
+    path = Path(run_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    path.write_text(json.dumps({"class": type(config).__name__, **values}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_config(path: Path, name: str, cls: type) -> Any:
+    """The training config a run folder's config.json holds, as save_config writes it: a JSON
+    object with the config's class name under "class" and exactly the fields of `cls`."""
+    fix = f"Fix: rerun the stage that wrote it (dvc repro train_{name}), or restore it from the DVC cache (dvc checkout)"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error}); it should hold the run's training config. {fix}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path} holds a JSON {type(values).__name__}, not an object of the training config's "
+                         f"fields. {fix}")
+    if "class" not in values:
+        raise InputError(f"{path} lacks the key 'class' (the config's class, here {cls.__name__}). {fix}")
+    kind = values.pop("class")
+    if kind != cls.__name__:
+        raise ExplaindError(f"{path} holds a {kind}, not a {cls.__name__}")
+    fields = {field.name for field in dataclasses.fields(cls)}
+    unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
+    if unknown or missing:
+        found = "; ".join(text for text in (f"unknown keys {unknown}" if unknown else "",
+                                            f"missing keys {missing}" if missing else "") if text)
+        raise InputError(f"{path} does not match {cls.__name__} ({found}): it was written by another version "
+                         f"of explaind or edited. {fix}")
+    if "classes" in values and isinstance(values["classes"], list):  # JSON has no tuples
+        values["classes"] = tuple(values["classes"])
+    try:
+        return cls(**values)
+    except (InputError, TypeError) as error:  # a value out of range or of another type
+        raise InputError(f"{path} holds a config that is refused: {error}. {fix}") from None
 
 
 @dataclass

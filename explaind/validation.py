@@ -33,6 +33,7 @@ from .influence import data_scores
 from .quadrature import MAX_NODES
 from .stages import Run, first
 from .training import check_ranges, train_cnn, train_transformer
+from .verify import check_updates_once
 
 
 @dataclass
@@ -94,9 +95,10 @@ class InfluenceConfig:
 
 
 def explain_options(cfg: InfluenceConfig, run: Run, dtype: torch.dtype, device: str, progress: bool) -> dict:
-    """The explain() arguments every call of the stage shares. The verify stage checks every
-    recorded update of the same history against the modelled optimizer, so the calls here trust
-    the recorded updates (no gradient is recomputed where no training sample is kept)."""
+    """The explain() arguments every call of the stage shares. The calls trust the recorded
+    updates (no gradient is recomputed where no training sample is kept), once checked against
+    the modelled optimizer here, once per process."""
+    check_updates_once(run.history, run.model, device)
     return dict(components=run.components, breakpoints=cfg.breakpoints, kink_tolerance=cfg.kink_tolerance,
                 dtype=dtype, device=device, tolerance=cfg.tolerance, check_updates=False, progress=progress)
 

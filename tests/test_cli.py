@@ -13,8 +13,8 @@ from safetensors.torch import save_model
 
 import explaind as ex
 from explaind.__main__ import main
-from explaind.stages import load_run, save_config
-from explaind.training import TransformerConfig, train_transformer
+from explaind.stages import load_run
+from explaind.training import TransformerConfig, save_config, train_transformer
 
 TINY = TransformerConfig(p=7, train_size=15, val_size=10, d_model=8, n_heads=2, d_mlp=16, lr=1e-2, max_steps=4)
 

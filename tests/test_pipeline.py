@@ -288,6 +288,22 @@ def test_check_data_names_the_changed_file(tmp_path, digits_data):
         pipeline.check_data(tmp_path)
 
 
+def test_check_data_reads_the_listing_from_dvcs_configured_cache(tmp_path, digits_data):
+    """A cache moved elsewhere (`dvc cache dir --local`) is where the listing is looked up."""
+    shutil.copytree(digits_data, tmp_path / "data")
+    shutil.copy(ROOT / "data.dvc", tmp_path / "data.dvc")
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([BIN / "dvc", "cache", "dir", "--local", str(tmp_path / "elsewhere")], cwd=tmp_path, check=True)
+    labels = tmp_path / "data" / "digits" / "labels.npy"
+    labels.write_bytes(labels.read_bytes()[:-1] + b"\x07")
+    recorded = pipeline.recorded_data_hash(tmp_path)["md5"]
+    listing = tmp_path / "elsewhere" / "files" / "md5" / recorded[:2] / recorded[2:]
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps(pipeline.dir_listing(digits_data)))
+    with pytest.raises(pipeline.DataError, match=r"(?s)changed: digits/labels\.npy"):
+        pipeline.check_data(tmp_path)
+
+
 # --- profiles, notebooks and dvc.yaml agree -----------------------------------------------
 
 
@@ -420,6 +436,8 @@ def test_dvc_yaml_stages_follow_the_stage_registry():
             plots = {file: options for plot in spec["plots"] for file, options in plot.items()}
             assert rel(paths.curves) in plots and plots[rel(paths.curves)]["cache"] is False
             assert all(options["cache"] is False for options in plots.values())
+            # every stage runs pipeline.py, whose own helpers write outputs (save_run: config.json)
+            modules |= module_imports(ROOT / "explaind" / "pipeline.py") - {"errors", "phases"}
             missing = {f"explaind/{m}.py" for m in modules} - set(spec["deps"])
             assert not missing, f"stage {instance} misses dependencies {sorted(missing)}"
     assert "results/verify/${item}/reconstruction.zarr" in dvc["stages"]["verify"]["do"]["outs"]
@@ -438,6 +456,22 @@ def test_every_notebook_belongs_to_a_stage():
 
 
 # --- the runner ---------------------------------------------------------------------------
+
+
+def test_runner_refuses_a_stage_that_reads_missing_data_before_touching_its_outputs(tmp_path, tiny_params):
+    """The CNN's stages read data/; without it the runner stops before the notebook empties the
+    stage's outputs, naming `make data`. The Transformer's stages generate their pairs."""
+    write_yaml(tmp_path / "params.yaml", tiny_params)
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    (tmp_path / "runs" / "cnn" / "history").mkdir(parents=True)
+    (tmp_path / "runs" / "cnn" / "history" / "meta.json").write_text("{}")
+    for stage in ("train_cnn", "verify@cnn", "cubes@cnn", "influence@cnn"):
+        with pytest.raises(pipeline.DataError, match=rf"(?s)data does not exist.*{stage}.*make data"):
+            pipeline.run_stage(stage, root=tmp_path)
+    assert (tmp_path / "runs" / "cnn" / "history" / "meta.json").read_text() == "{}"
+    assert not (tmp_path / "results").exists()
+    assert [s for s in pipeline.stage_instances() if pipeline.reads_data(s)] == [
+        "train_cnn", "verify@cnn", "cubes@cnn", "influence@cnn"]
 
 
 def test_runner_refuses_a_missing_kernel(tmp_path, tiny_params):

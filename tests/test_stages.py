@@ -24,7 +24,7 @@ from engine_cases import Case, train
 from explaind import pipeline, stages, validation
 from explaind.cube import PARAMETER_SCORES
 from explaind.quadrature import MAX_NODES
-from explaind.training import CNNConfig, TransformerConfig
+from explaind.training import CNNConfig, TransformerConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,8 +169,8 @@ def test_the_influence_config_refuses_more_lds_inputs_than_the_run_holds_out():
 
 @pytest.mark.parametrize("config", [TransformerConfig(), CNNConfig()], ids=["transformer", "cnn"])
 def test_a_saved_training_config_reads_back_equal(tmp_path, config):
-    path = stages.save_config(config, tmp_path)
-    assert stages._load_config(path, "x", type(config)) == config
+    path = save_config(config, tmp_path)
+    assert load_config(path, "x", type(config)) == config
 
 
 @pytest.mark.parametrize("name, write, words", [
@@ -185,7 +185,7 @@ def test_a_saved_training_config_reads_back_equal(tmp_path, config):
     ("cnn", lambda values: json.dumps({**values, "class": "CNNConfig"}), ["unknown keys", "missing keys"]),
 ], ids=["broken", "not an object", "unknown key", "missing key", "no class", "wrong type", "other config"])
 def test_load_run_refuses_a_broken_config_json_naming_it_and_the_fix(tmp_path, name, write, words):
-    path = stages.save_config(TransformerConfig(), tmp_path)
+    path = save_config(TransformerConfig(), tmp_path)
     path.write_text(write(json.loads(path.read_text())))
     with pytest.raises(ex.InputError) as error:
         stages.load_run(name, tmp_path, tmp_path / "data")

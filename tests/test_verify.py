@@ -236,3 +236,26 @@ def test_a_window_after_steps_without_momentum_replays_from_where_the_buffer_sho
         window = ex.explain(tmp_path / "h", model, test_x, test_y, keep=("step", "train"), steps=(4, 6),
                             replay=replay, progress=False, tolerance=None)
         assert window.attrs["replay_start"] == 2 and window.attrs["relative_residual"] <= 1e-9
+
+
+def test_analyses_that_trust_the_updates_check_each_history_once(tmp_path, monkeypatch):
+    """The influence and grokking analyses explain with check_updates=False (no gradient
+    recomputed): they check the history's updates first, once per history and process, and a
+    history whose updates miss is refused there, again at every call (a gradient raised by 3e-11
+    at step 0: within the Recorder's gradient check, beyond verify's 1e-10 of the update)."""
+    from explaind import grokking, verify
+
+    good, bad = record_raised_gradient(tmp_path / "good", 0.0), record_raised_gradient(tmp_path / "bad", 3e-11)
+    calls = []
+    check = verify.verify_updates
+    monkeypatch.setattr(verify, "verify_updates", lambda history, *args, **kw: calls.append(1) or check(history, *args, **kw))
+    monkeypatch.setattr(verify, "_CHECKED", set())
+    for _ in range(2):
+        verify.check_updates_once(ex.History(tmp_path / "good"), good)
+    assert len(calls) == 1
+    x = make_data("mlp", 16, 0, 0)[0][:2]
+    for _ in range(2):  # refused before it explains anything, each time
+        with pytest.raises(ex.ReconstructionError, match="step 0's recorded update"):
+            grokking.component_attribution(ex.History(tmp_path / "bad"), bad, {"x": (x, torch.zeros(2, dtype=torch.long))},
+                                           np.array([0, 2]))
+    assert len(calls) == 3
