@@ -5,6 +5,8 @@ profile (minutes on 2 cores, see docs/grokking_search.md); `Config.paper()` give
 With history_dir set, every update is recorded by explaind's Recorder so the run can later be
 decomposed exactly; the loss is cross-entropy with mean reduction on the model's
 log-probabilities (log_softmax is idempotent, so this equals the NLL of the output).
+save_config / load_config write and read the config.json next to a trained model, from which
+the later stages rebuild the run.
 """
 
 from __future__ import annotations
