@@ -2,7 +2,7 @@
 recorded run of the pipeline (runs/cnn, runs/transformer) will cost, before anything heavy runs.
 
     python -m explaind plan runs/transformer --tests 2000 --keep step component test \\
-        --outputs true --step-bins 100 --device cuda --calibrate 3
+        --outputs true --step-bins 100 --device cuda --calibrate 6
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory-budget", type=_gib, default=4.0, help="GiB on the compute device")
     p.add_argument("--calibrate", type=_at_least(0), default=0, metavar="STEPS",
-                   help="time this many steps of the first pass and extrapolate (0: no time estimate)")
+                   help="time this many steps, spread over the run, and extrapolate (0: no time estimate)")
     return parser
 
 

@@ -122,14 +122,29 @@ def _is_history(path: Path) -> bool:
         return False
 
 
-def _killed_at_start(path: Path) -> bool:
-    """A folder that a Recorder was killed in while writing θ_0 or meta.json: only history
-    files (no meta.json yet) and an empty steps/."""
-    names = {name for base in HISTORY_FILES for name in (base, base + ".tmp")} - {"meta.json"}
-    entries = [e for e in path.iterdir() if e.name != REPLACEMENT]
+def _killed_unfinished(path: Path) -> str | None:
+    """What a folder of history files without meta.json holds, said for a message, or None:
+    what a Recorder killed while writing θ_0 or meta.json left (history files only, steps/
+    empty), or a history's files without their meta.json (steps/ holding step files, beside
+    anything else: a replacing recording killed as it moved them in, which writes meta.json
+    last, or a meta.json deleted)."""
     steps = path / "steps"
-    return bool(entries) and all(e.name in names and e.is_file() for e in entries if e != steps) \
-        and (not steps.exists() or (steps.is_dir() and not any(steps.iterdir())))
+    if (path / "meta.json").exists() or steps.is_symlink() or (steps.exists() and not steps.is_dir()):
+        return None
+    if steps.exists() and any(steps.iterdir()):
+        if not all(_is_step_file(f) for f in steps.iterdir()):
+            return None
+        return ("the files of a history without their meta.json (what a replacing recording killed as it "
+                "moved them in left, or a meta.json deleted): it cannot be opened")
+    names = {name for base in HISTORY_FILES for name in (base, base + ".tmp")}
+    entries = [e for e in path.iterdir() if e.name != REPLACEMENT]
+    if entries and all(e.name in names and e.is_file() for e in entries if e != steps):
+        return "what a recording killed as it started left (no meta.json yet): no step was recorded"
+    return None
+
+
+def _is_step_file(file: Path) -> bool:
+    return file.name.removesuffix(".tmp").removesuffix(".safetensors").isdigit() and not file.is_dir()
 
 
 def _remove_history(path: Path) -> None:
@@ -141,7 +156,7 @@ def _remove_history(path: Path) -> None:
     steps = path / "steps"
     if steps.is_dir() and not steps.is_symlink():
         for file in steps.iterdir():
-            if file.name.removesuffix(".tmp").removesuffix(".safetensors").isdigit() and not file.is_dir():
+            if _is_step_file(file):
                 file.unlink()
         if not any(steps.iterdir()):
             steps.rmdir()
@@ -517,10 +532,12 @@ class Recorder:
                 "optimizer, or continue a recorded run with Recorder.resume(...)"
             )
         self._dir = self.path  # where the files are written: the path, or beside what it replaces
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(e.name != REPLACEMENT for e in self.path.iterdir()):
             self._replace_existing(overwrite)
             self._dir = self.path / REPLACEMENT
-            _discard(self._dir)  # a replacement killed before its first step
+        # a replacing recording killed before its first step (beside its history, or alone
+        # where that history was deleted by hand): explaind's own files, never a user's
+        _discard(self.path / REPLACEMENT)
         (self._dir / "steps").mkdir(parents=True, exist_ok=True)
         self.step = 0
         self._last = {n: _cpu(p) for n, p in self._params.items()}
@@ -552,14 +569,12 @@ class Recorder:
         _write_atomic(self._dir / "meta.json", _json_bytes(meta))
 
     def _replace_existing(self, overwrite: bool) -> None:
-        """Only a history (or what a recording killed as it started left) may be replaced, and
-        only its own files are deleted."""
-        killed = _killed_at_start(self.path)
+        """Only a history (or what a recording killed before its history was whole left) may be
+        replaced, and only its own files are deleted."""
+        killed = _killed_unfinished(self.path)
         if killed and not overwrite:
-            raise HistoryError(
-                f"{self.path} holds what a recording killed as it started left (no meta.json yet): "
-                "no step was recorded. Fix: record it again with overwrite=True, or choose another directory"
-            )
+            raise HistoryError(f"{self.path} holds {killed}. Fix: record it again with overwrite=True, "
+                               "or choose another directory")
         if not _is_history(self.path) and not killed:
             raise InputError(
                 f"{self.path} holds files but no explaind history (no meta.json of format "
@@ -1329,11 +1344,11 @@ class History:
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
         self.path = Path(path).absolute()  # the caller may change the working directory
-        if self.path.is_dir() and _killed_at_start(self.path):
+        killed = _killed_unfinished(self.path) if self.path.is_dir() else None
+        if killed:
             raise HistoryError(
-                f"{self.path} holds what a recording killed as it started left (no meta.json yet): no "
-                "step was recorded, so there is nothing to open or resume. Fix: record the run again, "
-                "with Recorder(..., overwrite=True) on this path"
+                f"{self.path} holds {killed}, so there is nothing to open or resume. Fix: record the "
+                "run again, with Recorder(..., overwrite=True) on this path"
             )
         if not self.path.exists():
             raise HistoryError(f"{self.path} does not exist: pass the folder that a Recorder wrote the run to")

@@ -2,9 +2,10 @@
 
 `plan(...)` takes the arguments of `explain` and returns a `Plan`: the chunk sizes the memory
 planner picks for the budget, the peak bytes of one pass on the compute device and on the host,
-the history's size on disk and the cube's in memory, and, from a short calibration over the
-first steps, a time estimate. `explain(..., progress=True)` prints the same summary (without the
-calibration) before it starts; `python -m explaind plan` prints it for a recorded paper run.
+the history's size on disk and the cube's in memory, and, from a short calibration on steps
+spread over the run, a time estimate. `explain(..., progress=True)` prints the same summary
+(without the calibration) before it starts; `python -m explaind plan` prints it for a recorded
+paper run.
 """
 
 from __future__ import annotations
@@ -44,18 +45,26 @@ class Plan:
     host_bytes: int  # step records in flight (prefetch) and the cube's accumulators on the host
     history_bytes: int  # the recorded history on disk, read once per pass
     cube_bytes: int  # the attribution array and any parameter scores, uncompressed
-    seconds_per_step: float | None = None  # of an explained step, calibrated on the first steps of the first pass
+    # of an explained step in a test chunk's first pass, which also checks the updates and books
+    # the totals, calibrated on steps spread over the explained range (_calibration_blocks)
+    seconds_per_step: float | None = None
+    # of an explained step in a later train chunk's pass (None: one train chunk)
+    seconds_per_later_step: float | None = None
     # of a step before steps=(start, stop) that only replays the momentum (None: there is none)
     seconds_per_replayed_step: float | None = None
     # the part of device_bytes reserved for the kink search (0: none), and what memory_budget
     # leaves it beyond the pass (None: no budget, so no bound)
     search_reserve: int = 0
     search_bytes: int | None = None
-    seconds: float | None = None  # passes x (explained steps x seconds_per_step + replayed x seconds_per_replayed_step)
+    # per test chunk: explained steps x (seconds_per_step + later train chunks x
+    # seconds_per_later_step) + train chunks x replayed steps x seconds_per_replayed_step
+    seconds: float | None = None
 
     def __str__(self) -> str:
-        estimate = "not calibrated (plan(..., calibrate_steps=3))" if self.seconds is None else (
-            f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step and pass"
+        estimate = "not calibrated (plan(..., calibrate_steps=6))" if self.seconds is None else (
+            f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step of a first pass"
+            + ("" if self.seconds_per_later_step is None else
+               f", {self.seconds_per_later_step * 1e3:.1f} ms of a later train chunk's")
             + ("" if self.seconds_per_replayed_step is None else
                f", {self.seconds_per_replayed_step * 1e3:.1f} ms per replayed step") + ")")
         return "\n".join([
@@ -82,10 +91,13 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
          memory_budget: float | None = 4 * 2**30, **options) -> Plan:
     """The Plan of `explain(history, model, inputs, targets, memory_budget=..., **options)`.
 
-    calibrate_steps > 0 runs that many steps of the first pass twice (the first run warms up;
-    at most the history's steps) and extrapolates the second to every step of every pass; with
-    steps=(start, stop), the steps before start that only replay the momentum are timed apart,
-    since they cost a fraction of an explained step. 0: no time estimate.
+    calibrate_steps > 0 times that many explained steps (at most those there are; 6 is a good
+    choice), in up to three runs of at least two consecutive steps at the start, middle and end
+    of the explained range (a step's cost follows the schedule and the kinks its segment
+    crosses), each run twice (the first warms up): as a test chunk's first pass, which also
+    checks the updates and books the totals, and, with several train chunks, as a later one.
+    With steps=(start, stop), the steps before start that only replay the momentum are timed
+    apart, since they cost a fraction of an explained step. 0: no time estimate.
     """
     if not is_whole(calibrate_steps) or calibrate_steps < 0:
         raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
@@ -95,10 +107,14 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     request.progress = False
     result = describe(request)
     if calibrate_steps > 0:
-        result.seconds_per_step, result.seconds_per_replayed_step = _calibrate(request, int(calibrate_steps))
+        test_passes = math.ceil(result.n_test / result.test_chunk)
+        later_chunks = result.passes // test_passes - 1
+        first, later, replayed = _calibrate(request, int(calibrate_steps), later_chunks > 0)
+        result.seconds_per_step, result.seconds_per_later_step, result.seconds_per_replayed_step = first, later, replayed
         start, stop = request.step_range
-        replayed = (start - request.replay_start) * (result.seconds_per_replayed_step or 0.0)
-        result.seconds = result.passes * ((stop - start) * result.seconds_per_step + replayed)
+        replay = (start - request.replay_start) * (replayed or 0.0)
+        result.seconds = test_passes * ((stop - start) * (first + later_chunks * (later or 0.0))
+                                        + (1 + later_chunks) * replay)
     return result
 
 
@@ -147,35 +163,65 @@ def _request_options(options: dict) -> dict:
     return merged
 
 
-def _calibrate(request, steps: int) -> tuple[float, float | None]:
-    """Seconds per explained step of the first pass over the first `steps` steps, and per step
-    that only replays the momentum (None: the request has none), each timed on a second run
-    (the first one pays for warm-up: allocation, vmap tracing, file cache)."""
-    steps = min(steps, request.history.n_steps)
-    explained = _timed(request, (0, steps)) / steps
+def _calibrate(request, steps: int, later_chunks: bool) -> tuple[float, float | None, float | None]:
+    """Seconds per explained step of a test chunk's first pass and (later_chunks) of a later
+    train chunk's pass, over `steps` steps spread over the explained range, and per step that
+    only replays the momentum (None: the request has none), each timed on a second run (the
+    first one pays for warm-up: allocation, vmap tracing, file cache)."""
+    blocks = _calibration_blocks(request, steps)
+    timed = sum(stop - first for first, stop, _ in blocks)
+
+    def per_step(first_chunk: bool) -> float:
+        return sum(_timed(request, (first, stop), replay, first_chunk) for first, stop, replay in blocks) / timed
+
+    first, later = per_step(True), per_step(False) if later_chunks else None
     start = request.step_range[0]
     if start == request.replay_start:
-        return explained, None
+        return first, later, None
     # one explained step (stop ≥ start + 1) after `replay` steps that only replay the momentum,
     # less the same step without them; that one solves its momentum from update replay − 1,
     # which a learning rate of 0 (a warm-up) does not allow: then less the mean explained step
     replay = min(steps, start)
-    with_replay = _timed(request, (replay, replay + 1))
-    lr_zero = any(float(g["lr"]) == 0 for g in request.history.manifest[replay - 1]["groups"])
-    alone = explained if lr_zero else _timed(request, (replay, replay + 1), replay)
-    return explained, max(0.0, with_replay - alone) / replay
+    with_replay = _timed(request, (replay, replay + 1), 0, True)
+    alone = _timed(request, (replay, replay + 1), replay, True) if _solvable(request, replay) else first
+    return first, later, max(0.0, with_replay - alone) / replay
 
 
-def _timed(request, step_range: tuple[int, int], replay_start: int = 0) -> float:
-    """Seconds of a second run of the first pass over steps replay_start … step_range[1] − 1,
-    explaining those from step_range[0] on."""
+def _calibration_blocks(request, steps: int) -> list[tuple[int, int, int]]:
+    """Up to three runs of consecutive explained steps, `steps` in all (at most those there
+    are), at the start, middle and end of the explained range, as (first, stop, replay start).
+    Each replays from its own first step, moved up to where the momentum can be solved from
+    the update before it (not after a learning rate of 0); where none can be, from the
+    request's replay start, whose steps its time then includes."""
+    start, stop = request.step_range
+    steps = min(steps, stop - start)
+    runs = max(1, min(3, steps // 2))  # a pass's first step costs more (a fresh pass's allocations)
+    sizes = [steps // runs + (i < steps % runs) for i in range(runs)]
+    if sum(sizes) + max(sizes) * (runs - 1) > stop - start:  # no room for gaps between them: one run
+        sizes = [steps]
+    blocks = []
+    for i, size in enumerate(sizes):
+        first = start + (stop - start - size) * i // max(1, len(sizes) - 1)
+        solvable = [s for s in range(first, stop - size + 1) if _solvable(request, s)]
+        blocks.append((solvable[0], solvable[0] + size, solvable[0]) if solvable else
+                      (first, first + size, request.replay_start))
+    return blocks
+
+
+def _solvable(request, step: int) -> bool:
+    """Whether a replay can start at `step`: the momentum there is solved from the update
+    before it, which a learning rate of 0 (a warm-up) does not allow."""
+    return step in (0, request.replay_start) or \
+        all(float(g["lr"]) != 0 for g in request.history.manifest[step - 1]["groups"])
+
+
+def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk: bool) -> float:
+    """Seconds of a second run of a pass over steps replay_start … step_range[1] − 1, explaining
+    those from step_range[0] on, for the first test and train chunks (first_chunk: as a test
+    chunk's first pass, which also checks the updates and books the totals)."""
     short = dataclasses.replace(request, step_range=step_range, replay_start=replay_start)
     tests = slice(0, min(request.test_chunk, len(request.inputs)))
     trains = slice(0, min(request.train_chunk, len(request.train_index)))
-    rows, _, _, train = kept_sizes(request, tests.stop, trains.stop)
-    # the forward pass books totals and checks inline (cheap); the backward pass would check
-    # every update of the history afterwards, which is not part of a step's cost
-    first_chunk = not walks_backwards(request, rows, train)
     elapsed = []
     for _ in range(2):
         started = time.perf_counter()

@@ -1578,6 +1578,71 @@ def test_a_recording_killed_as_it_started_is_named_and_replaced_with_overwrite(t
     assert ex.History(tmp_path / "h").n_steps == 2
 
 
+def test_a_replacement_left_alone_is_discarded_by_a_new_recording(tmp_path):
+    """A replacing recording killed before its first step leaves .explaind-replacement/ beside
+    the history; with the history deleted by hand (`rm path/*` leaves the hidden folder) a new
+    Recorder takes the folder as empty (it was refused as holding no history), records there
+    and discards the leftover."""
+    x, y = tiny_data()
+    path = tmp_path / "h"
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(path, model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    replacing = tiny(1)
+    ex.Recorder(path, replacing, torch.optim.SGD(replacing.parameters(), lr=0.1), overwrite=True)  # killed
+    assert (path / ex.history.REPLACEMENT / "meta.json").is_file()
+    ex.history._remove_history(path)
+    model = tiny(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(path, model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+    assert sorted(f.name for f in path.iterdir()) == sorted([*ex.history.HISTORY_FILES, "steps"])
+    history = ex.History(path)
+    assert history.n_steps == 3 and torch.equal(history.params(3)["2.bias"], model[2].bias.detach())
+
+
+def test_a_replacement_killed_as_it_moved_in_is_named_and_replaced_with_overwrite(tmp_path, monkeypatch):
+    """A replacing recording whose first step passed moves its files in after deleting the old
+    history's, meta.json last; failing there (the loop's exception discards the rest of the new
+    one), the folder holds a history's files without meta.json. Opening, resuming and a
+    recording without overwrite name that and overwrite=True (they said "not a training
+    history" and "holds files but no explaind history"); a recording with it replaces them,
+    keeping the user's file."""
+    x, y = tiny_data()
+    path = tmp_path / "h"
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(path, model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    (path / "notes.txt").write_text("mine")
+    move = ex.history.os.replace
+
+    def killed_moving_meta(source, target):
+        if Path(target) == path / "initial.safetensors":
+            raise Crash("killed while moving the new history in")
+        move(source, target)
+
+    monkeypatch.setattr(ex.history.os, "replace", killed_moving_meta)
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Crash):
+        with ex.Recorder(path, model, optimizer, overwrite=True) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 1)
+    monkeypatch.undo()
+    assert [f.name for f in (path / "steps").iterdir()] == ["0000000.safetensors"]
+    assert not (path / "meta.json").exists()
+    for call in (lambda: ex.History(path), lambda: ex.Recorder.resume(path, model, optimizer),
+                 lambda: ex.Recorder(path, model, optimizer)):
+        with pytest.raises(ex.HistoryError, match="(?s)without their meta.json.*killed as it moved them in.*"
+                                                  "overwrite=True"):
+            call()
+    with ex.Recorder(path, model, optimizer, overwrite=True) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    assert sorted(f.name for f in path.iterdir()) == sorted([*ex.history.HISTORY_FILES, "steps", "notes.txt"])
+    assert ex.History(path).n_steps == 2
+
+
 def test_a_relative_path_stays_where_it_was_when_the_loop_changes_directory(tmp_path, monkeypatch):
     x, y = tiny_data()
     model = tiny()

@@ -466,6 +466,26 @@ def test_one_search_over_several_steps_finds_each_steps_kinks(max_kinks):
         assert 0 in kinks_by_segment and max(kinks_by_segment) > 0
 
 
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
+def test_a_round_analysed_in_blocks_finds_what_the_whole_round_finds(kink_tolerance, monkeypatch):
+    """On the CPU a round's intervals are analysed in blocks that stay in cache (_analyse):
+    blocks of one interval find the same pieces, bit for bit, and the same counts as one block
+    per round, in the certified search and the tolerance search."""
+    flat, theta, delta, x = four_clamped_segments()
+    blocks, analyse = [], PathIntegral._analyse_block
+    monkeypatch.setattr(PathIntegral, "_analyse_block", lambda self, iv: blocks.append(len(iv)) or analyse(self, iv))
+    found, sizes = {}, {}
+    for elements in (1, 2**62):
+        blocks.clear()
+        search = PathIntegral(flat, quadrature=4, kink_tolerance=kink_tolerance, analysis_elements=elements)
+        found[elements], sizes[elements] = (search.search_steps(theta, delta, x, "logit"), search.stats), list(blocks)
+    assert set(sizes[1]) == {1} and len(sizes[1]) == sum(sizes[2**62]) > len(sizes[2**62])
+    one_each, whole = found[1], found[2**62]
+    assert one_each[1] == whole[1] and whole[1].kinks > 0
+    for ((owner, lo, hi), _), ((owner_whole, lo_whole, hi_whole), _) in zip(one_each[0], whole[0]):
+        assert torch.equal(owner, owner_whole) and torch.equal(lo, lo_whole) and torch.equal(hi, hi_whole)
+
+
 @pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9, 1e3])
 def test_a_tolerance_search_over_several_steps_finds_each_steps_pieces(kink_tolerance):
     """search_steps takes the segments of several steps in one search, with or without a kink
@@ -775,7 +795,7 @@ def test_each_predicted_root_is_the_interpolants_first_root_in_the_interval(za, 
     coefficients = [float(c) for c in _hermite(interval)]
     roots = np.roots(coefficients[::-1])
     inside = sorted(r.real for r in roots if abs(r.imag) < 1e-12 and 0 <= r.real < 1)
-    predicted = _first_roots(interval, 2)[0]
+    predicted = _first_roots(interval, _hermite(interval), 2)[0]
     assert predicted[0].item() == pytest.approx(inside[0], abs=1e-12) and predicted[1].item() == np.inf
 
 

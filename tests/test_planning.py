@@ -53,9 +53,64 @@ def test_the_pass_direction_follows_the_kept_sizes(run):
 def test_calibration_extrapolates_to_every_step_of_every_pass(run):
     plan = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), test_chunk=2,
                    calibrate_steps=3)
-    assert plan.seconds_per_step > 0
+    assert plan.seconds_per_step > 0 and plan.seconds_per_later_step is None  # one train chunk
     assert plan.seconds == pytest.approx(plan.seconds_per_step * plan.passes * plan.n_steps)
-    assert "ms per step" in str(plan)
+    assert "ms per step of a first pass" in str(plan)
+
+
+@pytest.fixture
+def passes_by_step(monkeypatch):
+    """Passes whose explained step s costs 10 ms x (1 + s), and 20 ms more in a test chunk's
+    first pass, on a clock of their own; each pass is noted as (steps, replay start, first)."""
+    clock, noted = [0.0], []
+
+    def run(self, label):
+        start, stop = self.req.step_range
+        noted.append(((start, stop), self.req.replay_start, self.first_train_chunk))
+        clock[0] += sum(0.01 * (1 + s) + 0.02 * self.first_train_chunk for s in range(start, stop))
+        return {}
+
+    monkeypatch.setattr(engine.ChunkPass, "run", run)
+    monkeypatch.setattr(planning.time, "perf_counter", lambda: clock[0])
+    return noted
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    return train(Case("mlp", "sgd_momentum", steps=12, n_train=10, n_test=4), tmp_path_factory.mktemp("plan") / "h")
+
+
+@pytest.mark.parametrize("calibrate, ranges", [
+    (6, [(0, 2), (5, 7), (10, 12)]),  # three runs of 2 at the start, middle and end of the 12 steps
+    (4, [(0, 2), (10, 12)]),
+    (3, [(0, 3)]),  # runs take at least 2 steps
+    (100, [(0, 12)]),  # every step
+])
+def test_calibration_spreads_its_steps_over_the_run_and_times_later_train_chunks_apart(long_run, passes_by_step,
+                                                                                      calibrate, ranges):
+    """A step's cost changes along a run (a schedule, the kinks its segment crosses), so the
+    calibration times runs of steps spread over it, each replaying from its own first step; a
+    later train chunk's pass skips the update checks and totals, and is timed apart. The
+    estimate is then what the passes of explain cost on this clock: 2 test chunks x (12 steps
+    of the first train chunk + 2 later chunks x 12 steps)."""
+    run = long_run
+    plan = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), test_chunk=2,
+                   train_chunk=4, calibrate_steps=calibrate)
+    assert plan.passes == 2 * 3
+    timed = [(steps, replay) for steps, replay, _ in passes_by_step]
+    assert timed == [(r, r[0]) for r in ranges for _ in range(2)] * 2  # each twice, as a first and a later pass
+    assert [first for *_, first in passes_by_step] == [True] * 2 * len(ranges) + [False] * 2 * len(ranges)
+    steps = [s for start, stop in ranges for s in range(start, stop)]
+    mean_cost = 0.01 * (1 + np.mean(steps))
+    assert plan.seconds_per_step == pytest.approx(mean_cost + 0.02, rel=1e-9)
+    assert plan.seconds_per_later_step == pytest.approx(mean_cost, rel=1e-9)
+    assert plan.seconds == pytest.approx(2 * 12 * (mean_cost + 0.02 + 2 * mean_cost), rel=1e-9)
+    assert "of a later train chunk's" in str(plan)
+    truth = 2 * 3 * sum(0.01 * (1 + s) for s in range(12)) + 2 * 12 * 0.02
+    if len(ranges) == 3 or calibrate == 100:  # steps spread over the run: the run's cost on this clock
+        assert plan.seconds == pytest.approx(truth, rel=1e-9)
+    if calibrate == 3:  # the first steps only: the cheap ones
+        assert plan.seconds < 0.5 * truth
 
 
 def test_a_request_over_budget_is_refused_with_the_fixes(run):
@@ -235,6 +290,32 @@ def test_calibration_of_a_window_after_a_warm_up_from_learning_rate_0(tmp_path, 
             scheduler.step()
     plan = ex.plan(tmp_path / "h", model, x[:2], y[:2], steps=(2, 5), calibrate_steps=1)
     assert plan.seconds == pytest.approx(0.05 * 3 + 0.01 * 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("rate, blocks", [
+    (lambda s: 0.0 if s == 4 else 1.0, [(0, 2, 0), (6, 8, 6), (10, 12, 10)]),  # the middle run moved past step 4
+    (lambda s: 1.0 if s < 4 else 0.0, [(0, 2, 0), (5, 7, 0), (10, 12, 0)]),  # none after step 4: replayed from 0
+])
+def test_calibration_runs_start_where_the_momentum_can_be_solved(tmp_path, passes_by_step, rate, blocks):
+    """A run of the calibration replays from its first step, whose momentum is solved from the
+    update before it: not after a learning rate of 0, so the run moves up to a step that can
+    be, or, where none can, replays from the request's start."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss="cross_entropy", scheduler=scheduler) as rec:
+        for s in range(12):
+            rows = torch.arange(4) + 4 * (s % 2)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+            scheduler.step()
+    ex.plan(tmp_path / "h", model, x[:2], y[:2], calibrate_steps=6)
+    assert [(*steps, replay) for steps, replay, _ in passes_by_step] == [b for b in blocks for _ in range(2)]
 
 
 def test_chunks_asked_beyond_the_data_fit_the_budget_the_data_needs(run):
