@@ -6,7 +6,7 @@ from typing import Callable, Mapping, Sequence
 
 from .errors import InputError
 
-ComponentSpec = str | Mapping[str, Sequence[str]] | Callable[[str], str]
+ComponentSpec = str | Mapping[str, str | Sequence[str]] | Callable[[str], str]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -14,13 +14,29 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern if pattern.endswith(".") else pattern + ".")
 
 
+def _patterns(spec: Mapping) -> dict[str, list[str]]:
+    """Each component's patterns as a list: one string is one pattern (iterating it would make
+    each character a prefix, so "0.weight" would also claim "0.bias")."""
+    patterns = {}
+    for c, value in spec.items():
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in value):
+            raise InputError(
+                f"components[{c!r}] = {value!r} is not understood: a component's value must be one "
+                "tensor name or module prefix, or a list of them, e.g. {'mlp': ['mlp.fc_in', 'mlp.fc_out']}"
+            )
+        patterns[c] = list(value)
+    return patterns
+
+
 def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, complete: bool = True) -> dict[str, list[str]]:
     """Map component name -> tensor names, every tensor in exactly one component.
 
     spec: "tensor" (one component per tensor), "module" (tensors grouped by the module that
-    owns them, e.g. "mlp.fc_in.weight" -> "mlp.fc_in"), a mapping component -> tensor names or
-    module prefixes, or a function tensor name -> component name. complete=False lets a
-    mapping leave tensors out (in no component); each of its components must still match one.
+    owns them, e.g. "mlp.fc_in.weight" -> "mlp.fc_in"), a mapping component -> one tensor name
+    or module prefix, or a list of them, or a function tensor name -> component name.
+    complete=False lets a mapping leave tensors out (in no component); each of its components
+    must still match one.
     """
     if spec == "tensor":
         return {n: [n] for n in names}
@@ -29,6 +45,19 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
     elif callable(spec):
         fn = spec
     elif isinstance(spec, Mapping):
+        spec = _patterns(spec)
+        # A pattern that matches nothing is a typo, even beside one that does. Checked before
+        # each tensor's owner: the typo is the likely cause of a tensor left in no component.
+        unmatched = {c: [p for p in ps if not any(_matches(n, p) for n in names)] for c, ps in spec.items()}
+        unmatched = {c: missing for c, missing in unmatched.items() if missing or not spec[c]}
+        if unmatched:
+            orphans = [n for n in names if not any(_matches(n, p) for ps in spec.values() for p in ps)]
+            raise InputError(
+                f"components {unmatched} (component: patterns) match no parameter tensor (a typo?): "
+                f"patterns must be tensor names or module prefixes of the model, e.g. {list(names)[:4]}"
+                + (f"; in no component now: {orphans}" if orphans and complete else "")
+            )
+
         def fn(n: str) -> str | None:
             owners = [c for c, patterns in spec.items() if any(_matches(n, p) for p in patterns)]
             if not owners and not complete:
@@ -56,12 +85,4 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
                 "strings; fix the function or mapping"
             )
         groups.setdefault(component, []).append(n)
-    if isinstance(spec, Mapping):  # a pattern that matches nothing is a typo, even beside one that does
-        unmatched = {c: [p for p in spec[c] if not any(_matches(n, p) for n in names)] for c in spec}
-        unmatched = {c: missing for c, missing in unmatched.items() if missing or c not in groups}
-        if unmatched:
-            raise InputError(
-                f"components {unmatched} (component: patterns) match no parameter tensor (a typo?): "
-                f"patterns must be tensor names or module prefixes of the model, e.g. {list(names)[:4]}"
-            )
     return groups

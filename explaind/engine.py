@@ -18,6 +18,7 @@ Two step conventions, both exact (DESIGN §2):
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -226,10 +227,14 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     """explain()'s arguments checked and resolved into a Request, before any heavy compute
     (explaind.planning costs the same Request without running it)."""
     history = open_history(history, model)
-    keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)
-    unknown = [d for d in keep if d not in DIMS]
-    if unknown:
-        raise InputError(f"cannot keep dims {unknown}: choose among {DIMS}")
+    keep = kept_dims(keep)
+    if step_bins is not None and "step" not in keep:  # the bins of a dim that is summed over: a mistake
+        raise InputError(f"step_bins={step_bins!r} bins the step dim, which keep={keep} sums over. Fix: add "
+                         "'step' to keep, or leave step_bins out")
+    if replay is not None and steps is None:
+        raise InputError(f"replay={replay!r} bounds the replay of the momentum before steps=(start, stop); without "
+                         "steps= every step is explained from step 0. Fix: pass steps=(start, stop), or leave "
+                         "replay out")
     if convention not in CONVENTIONS:
         raise InputError(f"unknown step convention {convention!r}: use one of {CONVENTIONS}")
     target = resolve_target(target, history.loss)
@@ -270,6 +275,24 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
         progress=True, component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding,
     )
+
+
+def explain_defaults() -> dict:
+    """explain()'s keyword options and their defaults."""
+    parameters = inspect.signature(explain).parameters
+    return {name: p.default for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+
+def kept_dims(keep: str | Sequence[str]) -> tuple[str, ...]:
+    """`keep` checked and in DIMS order, the order of the cube's dims whatever order they were named in."""
+    keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)
+    unknown = [d for d in keep if d not in DIMS]
+    if unknown:
+        raise InputError(f"cannot keep dims {unknown}: choose among {DIMS}")
+    repeated = sorted({d for d in keep if keep.count(d) > 1})
+    if repeated:
+        raise InputError(f"keep={keep} names {repeated} more than once: name each kept dim once")
+    return tuple(d for d in DIMS if d in keep)
 
 
 def check_dtype(dtype) -> None:
@@ -329,7 +352,12 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     if isinstance(outputs, str) and outputs == "true":
         if targets is None:
             raise InputError("outputs='true' needs the test targets: pass targets=...")
-        targets = tensor_of(targets, "targets").reshape(-1)
+        targets = tensor_of(targets, "targets")
+        if targets.dim() > 1 and targets.shape[0] == len(inputs) and targets.shape[1:].numel() > 1:
+            raise InputError(f"targets of shape {tuple(targets.shape)}: outputs='true' takes one class index per "
+                             "input [batch] (one-hot or probability rows are not class indices). Fix: pass "
+                             "targets.argmax(1)")
+        targets = targets.reshape(-1)
         if targets.is_floating_point() and not bool((targets == targets.round()).all()):
             raise InputError(f"targets must be class indices, got {targets.dtype} values that are not whole "
                              f"numbers (e.g. {targets[targets != targets.round()][0].item()}): pass the classes")
@@ -573,13 +601,17 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     if needed > budget:
         asked = [f"{name}=None" for name, value in (("test_chunk", req.test_chunk), ("train_chunk", req.train_chunk),
                                                     ("batch_chunk", req.batch_chunk)) if value]
+        # only the changes that shrink this request's pass
+        fixes = [f"leave the chunks to the planner ({', '.join(asked)})" if asked else "",
+                 "explain fewer outputs (outputs='true')" if req.n_outputs > 1 else "",
+                 "sum over steps or bin them (step_bins)" if req.keeps("step") else "",
+                 "use convention='gradient' (no per-sample momentum buffer)"
+                 if req.convention == "update" and req.keeps("train") else "",
+                 "float32" if req.flat.dtype == torch.float64 else ""]
         raise InputError(
             f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
             f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
-            + (f"leave the chunks to the planner ({', '.join(asked)}), " if asked else "")
-            + "explain fewer outputs (outputs='true'), sum over steps or bin them (step_bins), use "
-            "convention='gradient' (no per-sample momentum buffer), float32, or a larger budget"
-        )
+            + ", ".join(fix for fix in fixes if fix) + (", or" if any(fixes) else "") + " a larger budget")
     req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
 
 

@@ -688,10 +688,10 @@ def compute_device(device) -> torch.device:
     return dev
 
 
-def _explainable_outputs(out, source: str) -> torch.Tensor:
-    """What `source` returned (the model, or output_fn) as the [batch, O] matrix explain()
-    decomposes: [batch] is one output per input; a non-tensor or more dims are refused, naming
-    the fix."""
+def _explainable_outputs(out, source: str, rows: int) -> torch.Tensor:
+    """What `source` returned (the model, or output_fn) for `rows` inputs as the [batch, O]
+    matrix explain() decomposes: [batch] is one output per input; a non-tensor, more dims or
+    another batch size are refused, naming the fix."""
     if not isinstance(out, torch.Tensor):
         raise InputError(
             f"{source} returned a {type(out).__name__}, not a tensor: explaind explains a tensor of outputs "
@@ -699,13 +699,18 @@ def _explainable_outputs(out, source: str) -> torch.Tensor:
             "tensor (for example output_fn=lambda out: out.logits, or out[0]); the training loss keeps "
             "the model's own output")
     if out.dim() == 1:
-        return out[:, None]
+        out = out[:, None]
     if out.dim() != 2:
         raise InputError(
             f"{source} returned outputs of shape {tuple(out.shape)}: explaind explains [batch, outputs] or "
             "[batch]. Fix: pass output_fn, a function of the model's output that returns such a matrix, "
             "for example one position's logits (output_fn=lambda out: out[:, -1]) or out.flatten(1) "
             "(with target='logit'); the training loss keeps the model's own output")
+    if out.shape[0] != rows:  # a batch dim dropped or mixed: out[-1], out.mean(0), out.T
+        raise InputError(
+            f"{source} returned outputs of shape {tuple(out.shape)} for {rows} input(s): the first dim must be "
+            "the batch, one row per input. Fix: keep the batch dim first and select within each input, for "
+            "example output_fn=lambda out: out[:, -1] (the last position), not out[-1] or out.mean(0)")
     return out
 
 
@@ -1035,11 +1040,12 @@ class FlatModel:
         """The module's output on a batch x, with parameters θ."""
         return self._call(self.layout.unflatten(theta), x)
 
-    def _explain(self, out: torch.Tensor, target: str) -> torch.Tensor:
+    def _explain(self, out: torch.Tensor, target: str, rows: int) -> torch.Tensor:
+        """The explained [rows, O] of the module's output `out` for `rows` inputs."""
         if self.output_fn is None:
-            out = _explainable_outputs(out, "the model")
+            out = _explainable_outputs(out, "the model", rows)
         else:
-            out = _explainable_outputs(self.output_fn(out), "output_fn")
+            out = _explainable_outputs(self.output_fn(out), "output_fn", rows)
         if target == "log_prob" and out.shape[-1] == 1:
             raise InputError("the model has one output per input, whose log-probability is always 0: "
                              "explain it with target='logit'")
@@ -1047,7 +1053,7 @@ class FlatModel:
 
     def explained(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """The explained output f(x; θ), [batch, O]: log-probabilities or raw logits."""
-        return self._explain(self.raw(theta, x), target)
+        return self._explain(self.raw(theta, x), target, len(x))
 
     # Derivatives are taken with respect to the dict of named tensors, not the flat vector:
     # differentiating through slices of θ would materialise a [rows, D] zero tensor per named
@@ -1082,7 +1088,7 @@ class FlatModel:
         [O, *shape] per named tensor."""
 
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            y = self._explain(self._call(p, x1.unsqueeze(0)), target)[0]
+            y = self._explain(self._call(p, x1.unsqueeze(0)), target, 1)[0]
             y = y if sel is None else y[sel]
             return y if weight is None else y * weight
 
@@ -1208,7 +1214,7 @@ class FlatModel:
         mode = _KinkPattern(rows=1, axes=self.input_axes(x))
         out = self._sizing_pass(x, mode)
         distances, indices = mode.flat(x.device)
-        return distances.shape[1], indices.shape[1], self._explain(out, "logit").shape[1]
+        return distances.shape[1], indices.shape[1], self._explain(out, "logit", 1).shape[1]
 
     @_transformed
     def kink_pattern(
@@ -1229,7 +1235,7 @@ class FlatModel:
 
         def pattern(th: torch.Tensor, x_: torch.Tensor):
             mode = _KinkPattern(rows=len(x_), axes=axes)
-            out = self._explain(self._pattern(th, x_, mode), target)
+            out = self._explain(self._pattern(th, x_, mode), target, len(x_))
             distances, indices = mode.flat(x_.device)
             return distances.to(self.dtype), (indices, out)
 
@@ -1257,7 +1263,7 @@ class FlatModel:
         mode = _KinkPattern(rows=len(x), axes=self.read_axes(theta, x), straight_through=True)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            out = self._explain(self._pattern(th, x, mode), target)
+            out = self._explain(self._pattern(th, x, mode), target, len(x))
             if mode.pooled:
                 return None
             weights = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64,

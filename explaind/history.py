@@ -32,6 +32,7 @@ import collections
 import copy
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -420,10 +421,11 @@ class Recorder:
 
     `loss` and `reduction` declare the training loss, and `class_weights` the weight= of a
     cross_entropy / nll loss (torch's mean then divides by the batch's total weight, which the
-    history follows from each step's targets); every `check_every` steps the
-    recorder recomputes the batch gradient from the recorded batch and compares it with
-    `.grad`, so that undeclared clipping, dropout, a wrong reduction or an undeclared loss
-    term fail at once instead of after hours of attribution. Clipping the gradient's norm is
+    history follows from each step's targets); every `check_every` steps, and at the first
+    two steps of a recording or a resume, the recorder recomputes the batch gradient from
+    the recorded batch and compares it with `.grad`, so that undeclared clipping, dropout, a
+    wrong reduction, an undeclared loss term or a forgotten optimizer.zero_grad() fail at once
+    instead of after hours of attribution. Clipping the gradient's norm is
     recorded by calling `rec.clip_grad_norm_(max_norm)` in place of
     `torch.nn.utils.clip_grad_norm_`.
     """
@@ -454,6 +456,11 @@ class Recorder:
         self.loss_name, self.loss = resolve_loss(loss, self.class_weights)
         self.reduction = check_reduction(reduction)
         self.check_every = check_every
+        # the first two steps of a recording or a resume are checked too: a gradient that
+        # accumulates across steps (optimizer.zero_grad() forgotten) shows from the second on,
+        # and a resumed loop's own mistakes show at its first
+        first = 0 if _resume_from is None else _resume_from
+        self._also_checked = (first, first + 1)
         if check_tolerance is not None and not (is_number(check_tolerance) and check_tolerance >= 0):
             raise InputError(f"check_tolerance={check_tolerance!r} must be a number ≥ 0, the largest relative "
                              "difference of .grad from the declared loss's gradient (None: 1e-9 in float64, "
@@ -741,7 +748,7 @@ class Recorder:
             self._write_resume_info(scheduler_stepped=True)
         self._refuse_unmodelled_settings(optimizer)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
-        if self.check_every and self.step % self.check_every == 0:
+        if self.check_every and (self.step % self.check_every == 0 or self.step in self._also_checked):
             self._check_gradient()
 
     def _refuse_unrecorded_changes(self, optimizer) -> None:
@@ -857,7 +864,8 @@ class Recorder:
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
-                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}). Causes: "
+                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}).{_multiple(actual, expected, scale, len(x))} "
+                "Causes: optimizer.zero_grad() forgotten (the last step's gradient is still in .grad), "
                 "a different loss reduction, gradient clipping or scaling (clip the norm with "
                 "rec.clip_grad_norm_(max_norm) in place of torch.nn.utils.clip_grad_norm_: it "
                 "records the factor; clipping by value cannot be recorded), dropout or other "
@@ -1038,6 +1046,7 @@ class Recorder:
         optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
         if scheduler is not None and info["scheduler"] is not None:
             scheduler.load_state_dict(_keys_restored(_unplain(info["scheduler"]), scheduler.state_dict()))
+            _warn_of_another_schedule(scheduler, path)  # before a catch-up step overwrites the recorded rates
             if not info["scheduler_stepped"]:
                 _catch_up(scheduler, info, path)
         torch.set_rng_state(tensors["rng/cpu"])
@@ -1073,6 +1082,46 @@ def _warn_of_other_hyperparameters(optimizer: torch.optim.Optimizer, recorded: l
         warnings.warn(f"Recorder.resume({str(path)!r}) was given an optimizer with {', '.join(differences)}: the "
                       "resume restores the recorded hyperparameters, so the resumed steps continue the recorded "
                       "run with those. To train with the new ones, record a new run", stacklevel=3)
+
+
+def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, batch: int) -> str:
+    """What a gradient check says when .grad is the declared gradient times a factor (to
+    rounding), which names the mistake: a count of backward passes added up, or the batch size."""
+    factor = float(actual @ expected / (expected @ expected).clamp_min(torch.finfo(expected.dtype).tiny))
+    if factor == 0 or float((actual - factor * expected).abs().max() / scale) > 1e-6 * max(1.0, abs(factor)):
+        return ""
+    said = f" .grad is {factor:.6g} times the declared gradient"
+    if math.isclose(factor, batch, rel_tol=1e-6) or math.isclose(factor, 1 / batch, rel_tol=1e-6):
+        return said + f", a factor of the batch size ({batch}): the loss's reduction is not the declared one."
+    if factor >= 2 and math.isclose(factor, round(factor), rel_tol=1e-6):
+        return said + (f": {round(factor)} backward passes' gradients added up, as gradient accumulation whose "
+                       "micro-batch losses are not divided by their number makes.")
+    return said + "."
+
+
+def _warn_of_another_schedule(scheduler, path: Path) -> None:
+    """A LambdaLR's functions are not stored (only their state): restored, each gives its rate
+    at the recorded step again, which is the recorded rate only if the function is the killed
+    run's. Another one (a changed warm-up) would silently take the resumed steps on another
+    schedule. Nested schedulers (SequentialLR, ChainedScheduler) are looked into."""
+    differences = []
+    for inner in _schedulers_within(scheduler):
+        if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+            rates = [base * rule(inner.last_epoch) for base, rule in zip(inner.base_lrs, inner.lr_lambdas)]
+            differences += [f"{new:.6g} in group {index} (recorded: {old:.6g})"
+                            for index, (new, old) in enumerate(zip(rates, inner.get_last_lr()))
+                            if not math.isclose(new, old, rel_tol=1e-12, abs_tol=1e-300)]
+    if differences:
+        warnings.warn(f"Recorder.resume({str(path)!r}) was given a LambdaLR whose function sets the learning rate of "
+                      f"its recorded step to {', '.join(differences)}: it is not the killed run's function (a "
+                      "scheduler's functions are not stored), so the resumed steps follow another schedule and the "
+                      "history will not be the uninterrupted run's. Fix: build the scheduler with the killed run's "
+                      "function; to train on the new schedule, record a new run", stacklevel=3)
+
+
+def _schedulers_within(scheduler) -> list:
+    """The scheduler and those it chains or sequences, depth first."""
+    return [scheduler, *(s for inner in getattr(scheduler, "_schedulers", ()) for s in _schedulers_within(inner))]
 
 
 def _refuse_another_setup(history: "History", model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -1288,6 +1337,10 @@ def _catch_up(scheduler, info: dict, path) -> None:
 
 def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "History":
     """Open (if given a path) and check a history against the model that explains it."""
+    if isinstance(history, nn.Module) or not isinstance(model, nn.Module):
+        raise InputError(f"got a {type(history).__name__} as the history and a {type(model).__name__} as the model: "
+                         "the history (its folder, or an explaind.History) comes first, the model second. Fix: "
+                         "call explain(history, model, inputs, ...), and so reconstruct and verify_updates")
     history = history if isinstance(history, History) else History(history)
     history.check_model(model)
     refuse_unreplayable_modules(model, eval_mode=EVAL_TO_EXPLAIN)

@@ -52,12 +52,19 @@ def _class_indices(y: torch.Tensor) -> torch.Tensor:
 
 def _cross_entropy(out, y, weight=None):
     _classes("cross_entropy", out, y, soft=True, weight=weight)
+    if y.is_floating_point() and y.dim() == 1:  # torch would fail deep inside: "expected ... Long"
+        raise InputError(f"the built-in loss 'cross_entropy' got {y.dtype} targets [batch]: it takes class indices "
+                         "(integers) or class probabilities [batch, classes]. Fix: pass the class indices as "
+                         "integers (y.long()) to rec.batch and to the loss")
     weight = None if weight is None else weight.to(out.device, out.dtype)
     return F.cross_entropy(out, _class_indices(y), weight=weight, reduction="none")
 
 
 def _nll(out, y, weight=None):
     _classes("nll", out, y, soft=False, weight=weight)
+    if y.is_floating_point():
+        raise InputError(f"the built-in loss 'nll' got {y.dtype} targets: it takes class indices (integers). Fix: "
+                         "pass them as integers (y.long()) to rec.batch and to the loss")
     weight = None if weight is None else weight.to(out.device, out.dtype)
     return F.nll_loss(out, _class_indices(y), weight=weight, reduction="none")
 

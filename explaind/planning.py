@@ -11,7 +11,6 @@ paper run.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from .cube import test_labels
-from .engine import ChunkPass, build_request, explain, kept_sizes, pass_bytes, plan_chunks, walks_backwards
+from .engine import ChunkPass, build_request, explain_defaults, kept_sizes, pass_bytes, plan_chunks, walks_backwards
 from .errors import InputError, is_whole
 
 
@@ -151,8 +150,7 @@ def describe(request) -> Plan:
 def _request_options(options: dict) -> dict:
     """explain()'s keyword defaults overridden by `options`, as the request builder takes them
     (the options that only matter after computing are dropped; unknown names are refused)."""
-    parameters = inspect.signature(explain).parameters
-    defaults = {k: v.default for k, v in parameters.items() if v.kind == v.KEYWORD_ONLY}
+    defaults = explain_defaults()
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"plan() got arguments explain() does not take: {unknown}. Fix: pass explain()'s "

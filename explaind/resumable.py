@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .components import group_tensors
 from .distributed import SPLITS, explain_shard, is_stored, merge, part_path, read_part, step_window, store_part
-from .engine import check_residual
+from .engine import check_residual, explain_defaults, kept_dims
 from .errors import InputError, is_whole
 from .history import History
 
@@ -45,6 +45,8 @@ PART_FORMAT = 5
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another
 EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "batch_chunk", "memory_budget", "progress")
+# checked on the merged cube by each call (a part is computed without it)
+MERGED_CUBE_OPTIONS = ("tolerance",)
 
 # a default repr names where an object lives in memory: another number in every process
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -121,16 +123,19 @@ def _check_parts(split: str, n_parts: int, n_items: int) -> None:
 
 
 def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> str:
-    """A sha256 of everything that determines a part's numbers."""
-    if "components" in options:  # the grouping decides the cube, not how it was spelled
-        options = {**options, "components": group_tensors(history.layout.names, options["components"])}
+    """A sha256 of everything that determines a part's numbers: of the request, not of how it was
+    spelled (an option left at explain()'s default equals one given as that default)."""
+    options = {**explain_defaults(), **options}
+    # the grouping and the set of kept dims decide the cube, not the order or form they were named in
+    options["components"] = group_tensors(history.layout.names, options["components"])
+    options["keep"] = kept_dims(options["keep"])
     described = {
         "history": history.fingerprint(),
         "part_format": PART_FORMAT,
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "inputs": inputs,
         "targets": targets,
-        **{key: value for key, value in options.items() if key not in EXECUTION_OPTIONS},
+        **{key: value for key, value in options.items() if key not in (*EXECUTION_OPTIONS, *MERGED_CUBE_OPTIONS)},
     }
     text = json.dumps(_canonical(sorted(described.items())))
     return hashlib.sha256(text.encode()).hexdigest()

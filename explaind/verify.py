@@ -42,11 +42,14 @@ def update_check(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, 
     The floor: θ_{s+1} is rounded to the history's dtype (AdamW rounds it twice, after the decay
     and after the step), so the recorded Δθ_s carries errors up to ~ε |θ| however exactly the
     update is modelled. Relative to a small update (a learning rate decayed by orders of
-    magnitude) that exceeds any fixed tolerance."""
-    size = (delta / k.precond).abs().max().clamp_min(torch.finfo(delta.dtype).tiny)
+    magnitude) that exceeds any fixed tolerance; a step that moved nothing (learning rate 0)
+    allows any miss: its floor is inf."""
+    moved = (delta / k.precond).abs().max()
+    size = moved.clamp_min(torch.finfo(delta.dtype).tiny)
     miss = ((delta + k.eta * modelled) / k.precond).abs().max()
     largest = (torch.maximum(theta.abs(), (theta + delta).abs()) / k.precond).max()
-    residual, floor = (torch.stack([miss, 4 * eps * largest]) / size).tolist()  # one device sync
+    relative = torch.stack([miss, torch.where(moved > 0, 4 * eps * largest, torch.inf)]) / size
+    residual, floor = relative.tolist()  # one device sync
     return residual, floor
 
 

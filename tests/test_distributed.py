@@ -220,6 +220,55 @@ def test_parts_of_another_request_are_refused(run, change, tmp_path, computed_pa
     assert files_on_disk(parts_dir) == stored  # nothing overwritten
 
 
+# explain()'s defaults, given explicitly, and keep in the cube's dim order
+DEFAULTS_GIVEN = dict(keep=("train", "test"), quadrature=4, outputs="all", step_bins=None, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spelled", [
+    dict(keep=("test", "train")),  # every default left out, the dims named in another order
+    dict(keep=["test", "train"], quadrature=4),
+    dict(keep=("train", "test"), outputs="all", step_bins=None),
+    dict(keep=("test", "train"), dtype=torch.float64, memory_budget=2**30),  # memory_budget: how, not what
+], ids=["omitted", "quadrature", "outputs-step_bins", "dtype"])
+def test_the_same_request_spelled_otherwise_reuses_the_stored_parts(run, spelled, tmp_path, computed_parts):
+    parts_dir = tmp_path / "parts"
+
+    def call(**options):
+        return explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, progress=False,
+                                 **options)
+
+    first = call(**DEFAULTS_GIVEN)
+    stored = files_on_disk(parts_dir)
+    computed_parts.clear()
+    xr.testing.assert_identical(call(**spelled), first)
+    assert computed_parts == []  # read back, none computed again
+    assert files_on_disk(parts_dir) == stored
+    # another request still is refused: 3 quadrature nodes are not the default 4
+    with pytest.raises(ex.InputError, match="(?s)part-00000.zarr.*different request.*new parts_dir"):
+        call(**{**spelled, "quadrature": 3})
+    assert computed_parts == [] and files_on_disk(parts_dir) == stored
+
+
+def test_fingerprint_is_of_the_request_not_its_spelling(run):
+    history = ex.History(run.path)
+
+    def fingerprint(**options):
+        return resumable.request_fingerprint(history, run.model, run.test_x, None, split="test", n_parts=2,
+                                             **options)
+
+    assert fingerprint() == fingerprint(**{**DEFAULTS_GIVEN, "keep": ex.DIMS})
+    assert fingerprint(keep="test") == fingerprint(keep=("test",)) == fingerprint(keep=["test"])
+    assert fingerprint(keep=("output", "step")) == fingerprint(keep=("step", "output"))
+    assert fingerprint(keep=("step", "output")) != fingerprint(keep=("step",))
+    assert fingerprint(quadrature=3) != fingerprint()
+    assert fingerprint(dtype=torch.float32) != fingerprint(dtype=torch.float64)
+    assert fingerprint(step_bins=3) != fingerprint(step_bins=None)
+    with pytest.raises(ex.InputError, match="cannot keep dims"):  # as explain() names it, before any compute
+        fingerprint(keep=("tests",))
+    with pytest.raises(ex.InputError, match="more than once"):
+        fingerprint(keep=("test", "test"))
+
+
 def damage(part: Path, how: str) -> None:
     """Damage a stored part as a disk or a careless hand might."""
     chunk = next(f for f in sorted((part / "attribution").iterdir()) if not f.name.startswith("."))
@@ -322,9 +371,11 @@ def by_module(name):
 
 def test_resumed_with_another_components_function_is_refused(run, tmp_path, computed_parts):
     """Two lambdas share the name '<lambda>': the grouping they make identifies them."""
+    options = {**OPTIONS, "keep": ("component", "test"), "step_bins": None}
+
     def call(components):
         return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2,
-                                 components=components, **{**OPTIONS, "keep": ("component", "test")})
+                                 components=components, **options)
 
     computed_parts.stop_at = 1
     with pytest.raises(Interrupted):
@@ -338,7 +389,7 @@ def test_resumed_with_another_components_function_is_refused(run, tmp_path, comp
     names = ex.History(run.path).layout.names
     resumed = call({group: [n for n in names if by_kind(n) == group] for group in ("weights", "others")})
     assert computed_parts == [0, 1]
-    assert_same_cube(resumed, run.explain(components=by_kind, **{**OPTIONS, "keep": ("component", "test")}))
+    assert_same_cube(resumed, run.explain(components=by_kind, **options))
 
 
 def test_fingerprint_tells_functions_apart_by_what_they_do(run):
@@ -359,7 +410,7 @@ def test_merge_refuses_parts_with_other_labels(run, split):
     from explaind.distributed import explain_shard
 
     parts = [explain_shard(run.path, run.model, run.test_x, split=split, rank=r, world_size=2,
-                           components=components, keep=("component", "test"), step_bins=3, progress=False,
+                           components=components, keep=("component", "test"), progress=False,
                            tolerance=None)
              for r, components in enumerate([by_kind, by_module])]
     with pytest.raises(ex.InputError, match="(?s)part 1 has other 'component' labels.*same options"):

@@ -462,6 +462,13 @@ def test_a_replay_starts_after_a_step_that_moved(runs):
     for replay in (-1, 2.5, True):
         with pytest.raises(ex.InputError, match=rf"replay={replay!r} must be a whole number"):
             run.explain(steps=(3, 5), replay=replay)
+    # options that would be ignored (they were, silently): a replay without a window, the bins of
+    # a dim summed over, a dim kept twice
+    for options, words in ((dict(replay=1), "(?s)without steps= every step.*pass steps="),
+                           (dict(keep=("train", "test"), step_bins=2), "(?s)bins the step dim.*add 'step' to keep"),
+                           (dict(keep=("train", "train")), r"names \['train'\] more than once")):
+        with pytest.raises(ex.InputError, match=words):
+            run.explain(**options)
 
 
 def test_update_pass_is_chosen_by_size(runs):
@@ -639,7 +646,8 @@ def test_cubes_without_train_dim_by_forward_mode_equal_the_jacobian_route(runs, 
     by forward mode; with parameter scores it builds G_s. Same cube, kinks located or not."""
     run = runs.get(Case("mlp", "adamw", act="relu", steps=6, lr_scale=3.0))
     for keep in (("step", "component", "test", "output"), ("component",), ("step", "output")):
-        common = dict(keep=keep, step_bins=3, breakpoints=breakpoints, quadrature=3, tolerance=None)
+        common = dict(keep=keep, step_bins=3 if "step" in keep else None, breakpoints=breakpoints, quadrature=3,
+                      tolerance=None)
         by_directions = run.explain(**common)
         by_jacobian = run.explain(parameter_scores=True, **common)
         for name in ("attribution", "regularization"):
@@ -656,8 +664,9 @@ def test_recorded_updates_give_the_checked_cube(runs, opt):
     split into weight decay and the rest. Same cube as the checked route; no update residual."""
     run = runs.get(BRUTE[opt])
     for keep, scores in ((("step", "component", "test", "output"), False), (("component", "test"), True)):
-        checked = run.explain(keep=keep, step_bins=2, quadrature=4, parameter_scores=scores, tolerance=1e-9)
-        trusted = run.explain(keep=keep, step_bins=2, quadrature=4, parameter_scores=scores, tolerance=1e-9,
+        bins = 2 if "step" in keep else None
+        checked = run.explain(keep=keep, step_bins=bins, quadrature=4, parameter_scores=scores, tolerance=1e-9)
+        trusted = run.explain(keep=keep, step_bins=bins, quadrature=4, parameter_scores=scores, tolerance=1e-9,
                               check_updates=False)
         for name in ("attribution", "regularization") + (("parameter_score_signed",) if scores else ()):
             assert_close(trusted[name].values, checked[name].values, 1e-11, f"{opt} {keep} {name}")
@@ -1003,7 +1012,8 @@ def test_train_chunks_that_miss_a_batch_give_the_whole_cube(tmp_path, convention
     """With batches in order, a chunk of 8 samples holds none of two steps' samples. One input
     and two step bins: the backward pass pushes its few effects through a batch by forward mode."""
     model, tx, ty = record_in_order(tmp_path / "h", torch.arange(24), batch=8)
-    kwargs = dict(keep=keep, outputs="true", convention=convention, step_bins=2, progress=False, tolerance=1e-9)
+    kwargs = dict(keep=keep, outputs="true", convention=convention, step_bins=2 if "step" in keep else None,
+                  progress=False, tolerance=1e-9)
     whole = ex.explain(tmp_path / "h", model, tx[:1], ty[:1], **kwargs)
     chunked = ex.explain(tmp_path / "h", model, tx[:1], ty[:1], train_chunk=8, **kwargs)
     np.testing.assert_allclose(chunked["attribution"].values, whole["attribution"].values, rtol=0, atol=1e-14)

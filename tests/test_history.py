@@ -184,6 +184,39 @@ def test_a_resume_given_other_hyperparameters_says_that_it_keeps_the_recorded_on
         resume(tmp_path / "again")
 
 
+@pytest.mark.parametrize("sequential", [False, True], ids=["LambdaLR", "within a SequentialLR"])
+def test_a_resume_given_another_lambda_schedule_says_so(tmp_path, monkeypatch, sequential):
+    """A LambdaLR's function is not stored: a resume given another one (a longer warm-up) took the
+    resumed steps on another schedule, silently (a user's rates went 0, .002, .004, .003 … where
+    the uninterrupted run went on to .006). The restored function is evaluated at the recorded
+    step (4 of an 8-step warm-up: half of each base lr); another one is warned about, the killed
+    run's is not."""
+    made = fresh_objects
+
+    def warm_up(steps):
+        def built(seed):
+            model, optimizer, _ = made(seed)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, s / steps))
+            if sequential:
+                decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)
+                schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [schedule, decay], milestones=[8])
+            return model, optimizer, schedule
+        return built
+
+    monkeypatch.setitem(globals(), "fresh_objects", warm_up(8))
+    with pytest.raises(Crash):
+        record(tmp_path / "killed", crash_at=CRASH_AT)
+    shutil.copytree(tmp_path / "killed", tmp_path / "again")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Recorder.resume")
+        resume(tmp_path / "again")
+    monkeypatch.setitem(globals(), "fresh_objects", warm_up(16))
+    with pytest.warns(UserWarning, match=r"(?s)LambdaLR whose function sets the learning rate of its recorded step to "
+                                         r"0\.0075 in group 0 \(recorded: 0\.015\), 0\.0025 in group 1 "
+                                         r"\(recorded: 0\.005\).*the killed run's function"):
+        resume(tmp_path / "killed")
+
+
 def resume_example() -> str:
     """The README's loop that records and resumes alike."""
     blocks = re.findall(r"```python\n(# a loop that records and resumes.*?)```", README.read_text(), flags=re.DOTALL)

@@ -188,8 +188,19 @@ def test_a_dict_output_is_explained_through_output_fn(tmp_path):
 @pytest.mark.parametrize("output_fn, words", [
     ("last", ("output_fn must be a function", "'last'")),
     (lambda out: out, ("output_fn returned outputs of shape (1, 4, 6)", "[batch, outputs]")),
-], ids=["not callable", "still three dims"])
+    # the batch dim dropped or mixed: torch's own index_add_ error, or "one output per input" for
+    # the row of one position, before the batch size was checked
+    (lambda out: out[-1], ("output_fn returned outputs of shape (4, 6) for 1 input(s)", "out[:, -1]")),
+    (lambda out: out.mean(0), ("shape (4, 6) for 1 input(s)", "batch dim first")),
+    (lambda out: out[:, -1].T, ("shape (6, 1) for 1 input(s)",)),
+    (lambda out: out[0, -1], ("shape (6, 1) for 1 input(s)",)),
+], ids=["not callable", "still three dims", "last row", "mean over the batch", "transposed", "one row as a vector"])
 def test_an_output_fn_that_gives_no_matrix_is_refused(run, output_fn, words):
-    with pytest.raises(ex.InputError) as caught:
-        explain(run, output_fn=output_fn)
-    assert all(w in str(caught.value) for w in words), str(caught.value)
+    path, model, test_x, _ = run
+    calls = [lambda: explain(run, output_fn=output_fn)]
+    if callable(output_fn):
+        calls.append(lambda: ex.reconstruct(path, model, test_x, output_fn=output_fn, progress=False))
+    for call in calls:
+        with pytest.raises(ex.InputError) as caught:
+            call()
+        assert all(w in str(caught.value) for w in words), str(caught.value)

@@ -121,6 +121,12 @@ def test_a_request_over_budget_is_refused_with_the_fixes(run):
         ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000)
     with pytest.raises(ex.InputError, match="even with test_chunk=1, train_chunk=1, batch_chunk=3"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000, batch_chunk=3)
+    # only what shrinks this request is suggested: it sums over steps and explains one output
+    with pytest.raises(ex.InputError) as summed:
+        ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), outputs="true",
+                memory_budget=1000)
+    said = str(summed.value)
+    assert "step_bins" not in said and "outputs='true'" not in said and "convention='gradient'" in said, said
 
 
 def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_cube(tmp_path):
@@ -271,23 +277,30 @@ def test_calibration_times_replayed_steps_apart(run, timed_pass, steps, calibrat
         assert "ms per replayed step" in str(plan)
 
 
-def test_calibration_of_a_window_after_a_warm_up_from_learning_rate_0(tmp_path, timed_pass):
-    """Momentum cannot be solved from the update of step 0 (lr 0), so the replay is not timed
-    from step 1; the estimate stays 50 ms x 3 explained + 10 ms x 2 replayed steps."""
+def scheduled_run(path, rate, steps: int):
+    """An MLP trained by momentum SGD whose LambdaLR follows `rate`, two alternating batches of 4:
+    (model, x, y)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
     x = torch.randn(8, 3, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, s / 2))
-    with ex.Recorder(tmp_path / "h", model, optimizer, loss="cross_entropy", scheduler=scheduler) as rec:
-        for s in range(5):
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    with ex.Recorder(path, model, optimizer, loss="cross_entropy", scheduler=scheduler) as rec:
+        for s in range(steps):
             rows = torch.arange(4) + 4 * (s % 2)
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
             rec.batch(rows, x[rows], y[rows])
             optimizer.step()
             scheduler.step()
+    return model, x, y
+
+
+def test_calibration_of_a_window_after_a_warm_up_from_learning_rate_0(tmp_path, timed_pass):
+    """Momentum cannot be solved from the update of step 0 (lr 0), so the replay is not timed
+    from step 1; the estimate stays 50 ms x 3 explained + 10 ms x 2 replayed steps."""
+    model, x, y = scheduled_run(tmp_path / "h", lambda s: min(1.0, s / 2), 5)
     plan = ex.plan(tmp_path / "h", model, x[:2], y[:2], steps=(2, 5), calibrate_steps=1)
     assert plan.seconds == pytest.approx(0.05 * 3 + 0.01 * 2, rel=1e-9)
 
@@ -300,20 +313,7 @@ def test_calibration_runs_start_where_the_momentum_can_be_solved(tmp_path, passe
     """A run of the calibration replays from its first step, whose momentum is solved from the
     update before it: not after a learning rate of 0, so the run moves up to a step that can
     be, or, where none can, replays from the request's start."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
-    x = torch.randn(8, 3, dtype=torch.float64)
-    y = (x[:, 0] > 0).long()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-    with ex.Recorder(tmp_path / "h", model, optimizer, loss="cross_entropy", scheduler=scheduler) as rec:
-        for s in range(12):
-            rows = torch.arange(4) + 4 * (s % 2)
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
-            rec.batch(rows, x[rows], y[rows])
-            optimizer.step()
-            scheduler.step()
+    model, x, y = scheduled_run(tmp_path / "h", rate, 12)
     ex.plan(tmp_path / "h", model, x[:2], y[:2], calibrate_steps=6)
     assert [(*steps, replay) for steps, replay, _ in passes_by_step] == [b for b in blocks for _ in range(2)]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import explaind as ex
@@ -560,12 +561,37 @@ def test_activation_checkpointing_is_named_with_the_route_around_it(tmp_path):
     assert cube.attrs["relative_residual"] <= 1e-9 and cube.attrs["max_update_residual"] <= 1e-12
 
 
+def test_gradients_added_up_across_steps_or_micro_batches_are_named_at_record_time(tmp_path):
+    """optimizer.zero_grad() forgotten: step 0's gradient is still in .grad at step 1, which the
+    Recorder checks (it checked step 0 only, which cannot show it, and the mistake surfaced only
+    when explaining). Two micro-batches whose mean losses are not halved: .grad is twice the
+    declared gradient, and the message says so."""
+    x, y = data()
+    model, optimizer = model_and_sgd()
+    with pytest.raises(ex.UnsupportedError, match=says("at step 1", "optimizer.zero_grad() forgotten")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            for _ in range(2):
+                F.cross_entropy(model(x), y).backward()
+                rec.batch(torch.arange(len(x)), x, y)
+                optimizer.step()
+    model, optimizer = model_and_sgd()
+    half = len(x) // 2
+    with pytest.raises(ex.UnsupportedError, match=says("at step 0", ".grad is 2 times the declared gradient",
+                                                       "2 backward passes' gradients added up")):
+        with ex.Recorder(tmp_path / "h2", model, optimizer) as rec:
+            optimizer.zero_grad()
+            for rows in (slice(0, half), slice(half, None)):
+                F.cross_entropy(model(x[rows]), y[rows]).backward()  # not divided by 2
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+
+
 def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path):
-    """With check_every=50 only step 0 is checked: later clipping is caught by both checks."""
+    """With check_every=50 only steps 0 and 1 are checked: later clipping is caught by both checks."""
     model, optimizer = model_and_sgd(momentum=0.9)
     x, y = data()
     with ex.Recorder(tmp_path / "h", model, optimizer, check_every=50) as rec:
-        loop(rec, model, optimizer, x, y, steps=1)
+        loop(rec, model, optimizer, x, y, steps=2)
         loop(rec, model, optimizer, x, y, steps=2, clip=1e-3)
     with pytest.raises(ex.ReconstructionError, match=says("step", "clipping")):
         ex.verify_updates(tmp_path / "h", model)
@@ -574,13 +600,14 @@ def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path
 
 
 def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_path):
-    """Both escape the record-time check (check_every=50 checks step 0 only); explain() misses
-    through the recorded updates and says so, with its numbers all relative to the largest change."""
+    """Both escape the record-time check when they start after step 1 (check_every=50 checks
+    steps 0 and 1 only); explain() misses through the recorded updates and says so, with its
+    numbers all relative to the largest change."""
     x, y = data()
     model = WithModule(nn.Tanh()).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
-        loop(rec, model, optimizer, x, y, steps=1)
+        loop(rec, model, optimizer, x, y, steps=2)
         for _ in range(2):  # gradients accumulate over the steps
             F.cross_entropy(model(x), y).backward()
             rec.batch(torch.arange(len(x)), x, y)
@@ -595,8 +622,8 @@ def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_pat
         str(error.value), re.S).groups())
     assert relative == pytest.approx(largest / change, rel=1e-2) and through_path < through_updates <= 2 * relative
     cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, tolerance=None)
-    above = (cube["update_residual"] / cube["update_rounding_floor"]).values  # step 0 had fresh gradients
-    assert step == int(above.argmax()) in (1, 2) and float(above[0]) < 1
+    above = (cube["update_residual"] / cube["update_rounding_floor"]).values  # steps 0, 1 had fresh gradients
+    assert step == int(above.argmax()) in (2, 3) and float(above[:2].max()) < 1
     assert update == pytest.approx(float(cube["update_residual"][int(step)]), rel=1e-2) and update > 1e-3 > floor
 
     model = WithModule(nn.Tanh()).double()
@@ -607,10 +634,51 @@ def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_pat
         ex.explain(tmp_path / "h2", WithModule(nn.ReLU()).double(), x[:2], progress=False)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll"])
+def test_float_class_targets_are_named_at_record_time(tmp_path, loss):
+    """Class indices passed as floats reached torch's "expected target dtype to be Long" from
+    inside the Recorder's gradient check."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.InputError, match=says(f"'{loss}' got torch.float64 targets", "class indices", "y.long()")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss) as rec:
+            optimizer.zero_grad()
+            out = model(x) if loss == "cross_entropy" else F.log_softmax(model(x), -1)
+            getattr(F, loss if loss == "cross_entropy" else "nll_loss")(out, y).backward()
+            rec.batch(torch.arange(len(x)), x, y.double())
+            optimizer.step()
+
+
+def test_the_history_and_the_model_swapped_are_named(tmp_path):
+    """explain(model, path, ...) failed in pathlib: "expected str, bytes or os.PathLike object, not
+    Sequential"."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y)
+    for call in (lambda: ex.explain(model, tmp_path / "h", x, progress=False),
+                 lambda: ex.reconstruct(model, tmp_path / "h", x, progress=False),
+                 lambda: ex.verify_updates(model, tmp_path / "h")):
+        with pytest.raises(ex.InputError, match=says("as the history", "comes first, the model second")):
+            call()
+
+
+def test_one_hot_test_targets_are_named(tmp_path):
+    """One-hot rows were flattened and counted: "got 24 targets for 8 inputs"."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y)
+    with pytest.raises(ex.InputError, match=says("targets of shape (8, 3)", "one class index per input",
+                                                 "targets.argmax(1)")):
+        ex.explain(tmp_path / "h", model, x, F.one_hot(y, 3), outputs="true", progress=False)
+
+
 def test_wrong_reduction_declared(tmp_path):
     model, optimizer = model_and_sgd()
     x, y = data()
-    with pytest.raises(ex.UnsupportedError, match=says("reduction='mean'", "loss reduction")):
+    with pytest.raises(ex.UnsupportedError, match=says("reduction='mean'", f".grad is {len(x)} times the declared",
+                                                       f"batch size ({len(x)})", "loss reduction")):
         with ex.Recorder(tmp_path / "h", model, optimizer, reduction="mean") as rec:
             loop(rec, model, optimizer, x, y, reduction="sum")
     model, optimizer = model_and_sgd()
@@ -816,6 +884,56 @@ def test_bad_step_bins(run, no_heavy_compute, bins):
 def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
     with pytest.raises(ex.InputError, match=says(*words)):
         ex.explain(run.path, run.model, run.test_x, components=mapping, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """A user's report: Sequential(Linear, Tanh, Linear), tensors 0.weight, 0.bias, 2.weight,
+    2.bias, recorded for 2 steps; (history, model, test inputs, test targets)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    path = tmp_path_factory.mktemp("sequential") / "h"
+    with ex.Recorder(path, model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=2)
+    return path, model, x[:3], y[:3]
+
+
+def test_a_string_component_value_is_one_pattern(sequential):
+    """A value "0.weight" is one pattern, as ["0.weight"] is: its character "0" must not claim 0.bias."""
+    path, model, x, y = sequential
+
+    def cube(components):
+        return ex.explain(path, model, x, y, keep=("component",), components=components, progress=False)
+
+    expected = cube({"first": ["0.weight"], "rest": ["0.bias", "2"]})
+    assert list(expected.component.values) == ["first", "rest"]
+    for first in ("0.weight", ("0.weight",), {"0.weight"}):
+        xr.testing.assert_identical(cube({"first": first, "rest": ["0.bias", "2"]}).drop_attrs(),
+                                    expected.drop_attrs())
+
+
+@pytest.mark.parametrize("value", [None, 0, 2.5, [0], {"0.weight": 1}])
+def test_a_component_value_that_is_no_pattern(sequential, no_heavy_compute, value):
+    path, model, x, _ = sequential
+    with pytest.raises(ex.InputError, match=says("components['first']", repr(value), "one tensor name or module prefix",
+                                                  "or a list of them")):
+        ex.explain(path, model, x, components={"first": value, "rest": ["0.bias", "2"]}, progress=False)
+
+
+def test_a_typo_is_named_before_the_tensors_it_leaves_out(sequential, no_heavy_compute):
+    """'layer2' matches nothing, so 2.weight and 2.bias are in no component: the typo is the cause
+    and is named first, the tensors it leaves out after it."""
+    path, model, x, _ = sequential
+    with pytest.raises(ex.InputError) as refused:
+        ex.explain(path, model, x, components={"a": ["0"], "b": ["layer2"]}, progress=False)
+    message = str(refused.value)
+    assert message.startswith("components {'b': ['layer2']} (component: patterns) match no parameter tensor (a typo?)")
+    assert re.search(says("in no component", "['2.weight', '2.bias']"), message)
+    # the same with one string per component
+    with pytest.raises(ex.InputError, match=r"^components \{'b': \['layer2'\]\}"):
+        ex.explain(path, model, x, components={"a": "0", "b": "layer2"}, progress=False)
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -67,6 +67,28 @@ def test_a_decayed_learning_rate_is_not_mistaken_for_a_mismatch(tmp_path):
             assert np.isnan(unchecked[name].values).all(), (keep, steps, name)
 
 
+def test_a_step_at_learning_rate_0_moves_nothing_and_allows_any_miss(tmp_path):
+    """A warm-up from 0: step 0 moves no parameter, so its update residual is 0 and its floor
+    inf (it was 4ε max|θ| over the smallest float, ~1e290); the other steps' are finite."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y, _, _ = make_data("mlp", 8, 0, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: s / 3)
+    with ex.Recorder(tmp_path / "h", model, optimizer, scheduler=scheduler) as rec:
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+            scheduler.step()
+    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    floor, residual = cube["update_rounding_floor"].values, cube["update_residual"].values
+    assert floor[0] == np.inf and residual[0] == 0 and np.isfinite(floor[1:]).all() and residual[1:].max() < 1e-12
+    checked = ex.verify_updates(tmp_path / "h", model)
+    assert checked[0] == 0 and checked[1:].max() < 1e-12
+
+
 def test_a_real_mismatch_at_a_small_learning_rate_still_fails(tmp_path):
     """Undeclared clipping at lr 1e-6 misses far more than the rounding allows."""
     model = record(tmp_path / "h", clip_from=9)
