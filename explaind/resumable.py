@@ -116,6 +116,17 @@ def _check_parts_dir(parts_dir: Path) -> None:
                          "parts (created if missing), or move the file away")
 
 
+def _equals(value, default) -> bool:
+    """Whether an option given as a sequence of numbers equals the default it spells out."""
+    if value is None or isinstance(value, str):
+        return False
+    try:
+        given = np.asarray(value)
+    except (TypeError, ValueError):
+        return False
+    return given.shape == np.shape(default) and given.dtype.kind in "iu" and bool((given == default).all())
+
+
 def _check_parts(split: str, n_parts: int, n_items: int) -> None:
     what = "update steps" if split == "steps" else "test inputs"
     if not 1 <= n_parts <= n_items:
@@ -129,6 +140,11 @@ def request_fingerprint(history: History, model: torch.nn.Module, inputs, target
     # the grouping and the set of kept dims decide the cube, not the order or form they were named in
     options["components"] = group_tensors(history.layout.names, options["components"])
     options["keep"] = kept_dims(options["keep"])
+    # the whole run named as a window, and the default ids named as ids, are the defaults
+    if _equals(options["steps"], (0, history.n_steps)):
+        options["steps"] = None
+    if _equals(options["test_ids"], np.arange(len(inputs))):
+        options["test_ids"] = None
     described = {
         "history": history.fingerprint(),
         "part_format": PART_FORMAT,

@@ -263,6 +263,13 @@ def test_fingerprint_is_of_the_request_not_its_spelling(run):
     assert fingerprint(quadrature=3) != fingerprint()
     assert fingerprint(dtype=torch.float32) != fingerprint(dtype=torch.float64)
     assert fingerprint(step_bins=3) != fingerprint(step_bins=None)
+    # the whole run as a window, and the default ids, spelled out
+    n_steps, n_test = history.n_steps, len(run.test_x)
+    assert fingerprint(steps=(0, n_steps)) == fingerprint(steps=[0, n_steps]) == fingerprint()
+    assert fingerprint(steps=(0, n_steps - 1)) != fingerprint()
+    assert fingerprint(test_ids=np.arange(n_test)) == fingerprint(test_ids=list(range(n_test))) == fingerprint()
+    assert fingerprint(test_ids=np.arange(n_test) + 1) != fingerprint()
+    assert fingerprint(test_ids=[str(i) for i in range(n_test)]) != fingerprint()
     with pytest.raises(ex.InputError, match="cannot keep dims"):  # as explain() names it, before any compute
         fingerprint(keep=("tests",))
     with pytest.raises(ex.InputError, match="more than once"):
