@@ -438,15 +438,23 @@ def _replay_start(history: History, start: int, replay: int | None, keep: tuple[
     if not is_whole(replay) or replay < 0:
         raise InputError(f"replay={replay!r} must be a whole number of steps ≥ 0 (None: replay from step 0)")
     first = max(0, start - int(replay))
-    started = sgd_buffers_started(history)
-
-    def hides_momentum(step: int) -> bool:
-        groups = history.manifest[step]["groups"]
-        return any(float(g["lr"]) == 0 or (was and g["momentum"] == 0) for was, g in zip(started[step], groups))
-
-    while first > 0 and hides_momentum(first - 1):
+    shown = momentum_shown(history)
+    while first > 0 and not shown(first - 1):
         first -= 1
     return first
+
+
+def momentum_shown(history: History) -> Callable[[int], bool]:
+    """Whether step s's update shows the momentum buffer the next step continues, so that a
+    replay can start after it (the buffer solved from it): not at a learning rate of 0, nor for
+    SGD run with momentum 0 while its buffer held earlier momentum."""
+    started = sgd_buffers_started(history)
+
+    def shown(step: int) -> bool:
+        groups = history.manifest[step]["groups"]
+        return not any(float(g["lr"]) == 0 or (was and g["momentum"] == 0) for was, g in zip(started[step], groups))
+
+    return shown
 
 
 def _step_edges(step_bins, n_steps: int) -> np.ndarray:
@@ -602,16 +610,17 @@ def plan_chunks(req: Request, budget: float | None) -> None:
         asked = [f"{name}=None" for name, value in (("test_chunk", req.test_chunk), ("train_chunk", req.train_chunk),
                                                     ("batch_chunk", req.batch_chunk)) if value]
         # only the changes that shrink this request's pass
-        fixes = [f"leave the chunks to the planner ({', '.join(asked)})" if asked else "",
-                 "explain fewer outputs (outputs='true')" if req.n_outputs > 1 else "",
-                 "sum over steps or bin them (step_bins)" if req.keeps("step") else "",
-                 "use convention='gradient' (no per-sample momentum buffer)"
-                 if req.convention == "update" and req.keeps("train") else "",
-                 "float32" if req.flat.dtype == torch.float64 else ""]
+        fixes = [fix for fix, shrinks in (
+            (f"leave the chunks to the planner ({', '.join(asked)})", asked),
+            ("explain fewer outputs (outputs='true')", req.n_outputs > 1),
+            ("sum over steps or bin them (step_bins)", req.keeps("step")),
+            ("use convention='gradient' (no per-sample momentum buffer)",
+             req.convention == "update" and req.keeps("train")),
+            ("float32", req.flat.dtype == torch.float64)) if shrinks] + ["a larger budget"]
         raise InputError(
             f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
             f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
-            + ", ".join(fix for fix in fixes if fix) + (", or" if any(fixes) else "") + " a larger budget")
+            + ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1])
     req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
 
 

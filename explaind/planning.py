@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .cube import test_labels
-from .engine import ChunkPass, build_request, explain_defaults, kept_sizes, pass_bytes, plan_chunks, walks_backwards
+from .engine import (ChunkPass, build_request, explain_defaults, kept_sizes, momentum_shown, pass_bytes, plan_chunks,
+                     walks_backwards)
 from .errors import InputError, is_whole
 
 
@@ -166,7 +167,8 @@ def _calibrate(request, steps: int, later_chunks: bool) -> tuple[float, float | 
     train chunk's pass, over `steps` steps spread over the explained range, and per step that
     only replays the momentum (None: the request has none), each timed on a second run (the
     first one pays for warm-up: allocation, vmap tracing, file cache)."""
-    blocks = _calibration_blocks(request, steps)
+    shown = momentum_shown(request.history)
+    blocks = _calibration_blocks(request, steps, shown)
     timed = sum(stop - first for first, stop, _ in blocks)
 
     def per_step(first_chunk: bool) -> float:
@@ -178,18 +180,18 @@ def _calibrate(request, steps: int, later_chunks: bool) -> tuple[float, float | 
         return first, later, None
     # one explained step (stop ≥ start + 1) after `replay` steps that only replay the momentum,
     # less the same step without them; that one solves its momentum from update replay − 1,
-    # which a learning rate of 0 (a warm-up) does not allow: then less the mean explained step
+    # which must show it (not so after a learning rate of 0): else less the mean explained step
     replay = min(steps, start)
     with_replay = _timed(request, (replay, replay + 1), 0, True)
-    alone = _timed(request, (replay, replay + 1), replay, True) if _solvable(request, replay) else first
+    alone = _timed(request, (replay, replay + 1), replay, True) if _solvable(request, replay, shown) else first
     return first, later, max(0.0, with_replay - alone) / replay
 
 
-def _calibration_blocks(request, steps: int) -> list[tuple[int, int, int]]:
+def _calibration_blocks(request, steps: int, shown) -> list[tuple[int, int, int]]:
     """Up to three runs of consecutive explained steps, `steps` in all (at most those there
     are), at the start, middle and end of the explained range, as (first, stop, replay start).
     Each replays from its own first step, moved up to where the momentum can be solved from
-    the update before it (not after a learning rate of 0); where none can be, from the
+    the update before it (`shown`: engine.momentum_shown's); where none can be, from the
     request's replay start, whose steps its time then includes."""
     start, stop = request.step_range
     steps = min(steps, stop - start)
@@ -200,17 +202,16 @@ def _calibration_blocks(request, steps: int) -> list[tuple[int, int, int]]:
     blocks = []
     for i, size in enumerate(sizes):
         first = start + (stop - start - size) * i // max(1, len(sizes) - 1)
-        solvable = [s for s in range(first, stop - size + 1) if _solvable(request, s)]
+        solvable = [s for s in range(first, stop - size + 1) if _solvable(request, s, shown)]
         blocks.append((solvable[0], solvable[0] + size, solvable[0]) if solvable else
                       (first, first + size, request.replay_start))
     return blocks
 
 
-def _solvable(request, step: int) -> bool:
+def _solvable(request, step: int, shown) -> bool:
     """Whether a replay can start at `step`: the momentum there is solved from the update
-    before it, which a learning rate of 0 (a warm-up) does not allow."""
-    return step in (0, request.replay_start) or \
-        all(float(g["lr"]) != 0 for g in request.history.manifest[step - 1]["groups"])
+    before it, which must show it (`shown`: engine.momentum_shown's)."""
+    return step in (0, request.replay_start) or shown(step - 1)
 
 
 def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk: bool) -> float:

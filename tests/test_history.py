@@ -665,6 +665,16 @@ def tiny_data(n: int = 12):
     return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
+def sgd_history(path, steps: int):
+    """A closed history of `steps` SGD steps of tiny() on tiny_data(): (model, x, y)."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(path, model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, steps)
+    return model, x, y
+
+
 def sgd_steps(rec, model, optimizer, x, y, start: int, stop: int, *, loss=None, scheduler=None,
               crash_at: int | None = None, scheduler_every: int = 1):
     """SGD-style loop over batches of 4; killed right after optimizer.step() of `crash_at`."""
@@ -722,12 +732,8 @@ def test_overwrite_keeps_the_old_history_until_the_new_one_has_passed_its_first_
     """The new recording is written beside the old history until its first step has passed the
     gradient check: refused there (a loss other than the declared one), or raising in the loop,
     or killed outright, it leaves the old history as it was; a later overwrite then succeeds."""
-    x, y = tiny_data()
     path = tmp_path / "h"
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ex.Recorder(path, model, optimizer) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+    model, x, y = sgd_history(path, 3)
     before = files_on_disk(path)
     def smoothed(out, t):  # not the declared loss: refused by the first step's gradient check
         return F.cross_entropy(out, t, label_smoothing=0.1)
@@ -760,11 +766,7 @@ def test_overwrite_keeps_the_old_history_until_the_new_one_has_passed_its_first_
 
 def test_overwrite_by_a_recording_of_no_step(tmp_path):
     """A recording closed before any step replaces the old history too (as one of n steps does)."""
-    x, y = tiny_data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    sgd_history(tmp_path / "h", 2)
     model = tiny(1)
     with ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1), overwrite=True):
         pass
@@ -1408,11 +1410,7 @@ def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, siz
 
 def test_an_unclipped_step_stores_no_gradient_scale_and_reads_as_one(tmp_path):
     """Histories recorded without clipping keep the manifest they had before clipping was recorded."""
-    x, y = tiny_data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 3)
+    sgd_history(tmp_path / "h", 3)
     assert all("gradient_scale" not in line for line in manifest(tmp_path / "h"))
     assert [rec.gradient_scale for rec in ex.History(tmp_path / "h").steps()] == [1.0] * 3
 
@@ -1616,12 +1614,8 @@ def test_a_replacement_left_alone_is_discarded_by_a_new_recording(tmp_path):
     the history; with the history deleted by hand (`rm path/*` leaves the hidden folder) a new
     Recorder takes the folder as empty (it was refused as holding no history), records there
     and discards the leftover."""
-    x, y = tiny_data()
     path = tmp_path / "h"
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ex.Recorder(path, model, optimizer) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    model, x, y = sgd_history(path, 2)
     replacing = tiny(1)
     ex.Recorder(path, replacing, torch.optim.SGD(replacing.parameters(), lr=0.1), overwrite=True)  # killed
     assert (path / ex.history.REPLACEMENT / "meta.json").is_file()
@@ -1642,12 +1636,8 @@ def test_a_replacement_killed_as_it_moved_in_is_named_and_replaced_with_overwrit
     recording without overwrite name that and overwrite=True (they said "not a training
     history" and "holds files but no explaind history"); a recording with it replaces them,
     keeping the user's file."""
-    x, y = tiny_data()
     path = tmp_path / "h"
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ex.Recorder(path, model, optimizer) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    model, x, y = sgd_history(path, 2)
     (path / "notes.txt").write_text("mine")
     move = ex.history.os.replace
 
