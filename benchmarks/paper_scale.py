@@ -1,14 +1,14 @@
-"""Benchmark: the paper-scale requests of DESIGN §7 on one device, timed and extrapolated.
+"""Benchmark: the paper-scale requests of docs/method.md §3 on one device, timed and extrapolated.
 
     python benchmarks/paper_scale.py --device cuda contraction
     python benchmarks/paper_scale.py --device cuda transformer --steps 100
     python benchmarks/paper_scale.py --device cuda resnet --steps 8
 
-contraction: the achieved FLOP/s of the engine's dominant matmul (DESIGN §4) at the mod-113
+contraction: the achieved FLOP/s of the engine's dominant matmul at the mod-113
 Transformer's sizes, split by component as the engine splits it, against a large square matmul
 of the same dtype on the same device (the attainable peak).
 
-transformer: trains the paper's mod-113 run (DESIGN §7) for `--steps` steps with the history
+transformer: trains the paper's mod-113 run (docs/method.md §3) for `--steps` steps with the history
 recorded, then explains the true class of all 2,000 validation pairs, keeping component x train
 x test (the data view) and, separately, step x component x test (the grokking view). Time per
 step is measured after a warm-up call and extrapolated to the paper run's ~1,940 steps (time is
@@ -39,7 +39,7 @@ from explaind.functional import compute_device
 from explaind.models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS, ModAddTransformer, ResNet9
 from explaind.training import TransformerConfig, train_transformer
 
-PAPER_TRANSFORMER_STEPS = 1940  # DESIGN §7: stopped at 100% validation accuracy after ~1,940 steps
+PAPER_TRANSFORMER_STEPS = 1940  # docs/method.md §3: stopped at 100% validation accuracy after ~1,940 steps
 PAPER_RESNET_STEPS = 468  # 12 epochs of 39 batches
 VIEWS = {"data": ("data view: component x train x test", ("component", "train", "test")),
          "grokking": ("grokking view: step x component x test", ("step", "component", "test"))}

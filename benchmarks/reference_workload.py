@@ -1,4 +1,4 @@
-"""Benchmark: the reference workload of DESIGN §6, and how the cost scales.
+"""Benchmark: the reference workload (README "Benchmarks"), and how the cost scales.
 
 A one-layer Transformer (d_model 32, 4 heads, MLP 64) trained full-batch with AdamW on
 addition mod 23 (200 training pairs, 50 steps); explain 10 test inputs × all 25 outputs,

@@ -92,7 +92,10 @@ def plan_command(args: argparse.Namespace) -> str:
     if not config.is_file():
         raise SystemExit(f"{config} is missing: pass a run folder written by a training stage (runs/cnn, runs/transformer)")
     run = _load_run(args.run, args.data)
-    n = len(run.test_x) if args.tests <= 0 else min(args.tests, len(run.test_x))
+    if args.tests > len(run.test_x):
+        raise SystemExit(f"--tests {args.tests}: {args.run} holds {len(run.test_x)} held-out inputs; pass at most "
+                         "that many (0: all of them)")
+    n = args.tests or len(run.test_x)
     try:
         result = plan(
             run.history, run.model, run.test_x[:n], run.test_y[:n], keep=tuple(args.keep),
@@ -104,7 +107,7 @@ def plan_command(args: argparse.Namespace) -> str:
         )
     except InputError as error:
         raise _in_gib(error, args.memory_budget) from None
-    return str(result)
+    return result.report(calibrate="--calibrate 6")
 
 
 def _restore(name: str | None = None) -> str:

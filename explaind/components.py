@@ -29,14 +29,16 @@ def _patterns(spec: Mapping) -> dict[str, list[str]]:
     return patterns
 
 
-def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, complete: bool = True) -> dict[str, list[str]]:
+def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, complete: bool = True,
+                  untrained: Mapping[str, str] | None = None) -> dict[str, list[str]]:
     """Map component name -> tensor names, every tensor in exactly one component.
 
     spec: "tensor" (one component per tensor), "module" (tensors grouped by the module that
     owns them, e.g. "mlp.fc_in.weight" -> "mlp.fc_in"), a mapping component -> one tensor name
     or module prefix, or a list of them, or a function tensor name -> component name.
     complete=False lets a mapping leave tensors out (in no component); each of its components
-    must still match one.
+    must still match one. `untrained`: the model's other tensor names with why they are not in
+    `names` (tied, frozen), for the message about a pattern that matches only those.
     """
     if spec == "tensor":
         return {n: [n] for n in names}
@@ -51,12 +53,7 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
         unmatched = {c: [p for p in ps if not any(_matches(n, p) for n in names)] for c, ps in spec.items()}
         unmatched = {c: missing for c, missing in unmatched.items() if missing or not spec[c]}
         if unmatched:
-            orphans = [n for n in names if not any(_matches(n, p) for ps in spec.values() for p in ps)]
-            raise InputError(
-                f"components {unmatched} (component: patterns) match no parameter tensor (a typo?): "
-                f"patterns must be tensor names or module prefixes of the model, e.g. {list(names)[:4]}"
-                + (f"; in no component now: {orphans}" if orphans and complete else "")
-            )
+            raise InputError(_unmatched(unmatched, names, spec, complete, untrained or {}))
 
         def fn(n: str) -> str | None:
             owners = [c for c, patterns in spec.items() if any(_matches(n, p) for p in patterns)]
@@ -86,3 +83,18 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
             )
         groups.setdefault(component, []).append(n)
     return groups
+
+
+def _unmatched(unmatched: Mapping[str, list[str]], names: Sequence[str], spec: Mapping[str, list[str]],
+               complete: bool, untrained: Mapping[str, str]) -> str:
+    """Why a mapping's patterns match no trained tensor: they name only tied or frozen tensors,
+    or they are typos."""
+    reasons = [f"{n!r} is {why}" for n, why in untrained.items()
+               if any(_matches(n, p) for patterns in unmatched.values() for p in patterns)]
+    if reasons:
+        return (f"components {unmatched} (component: patterns) match no trained tensor: {'; '.join(reasons)}. "
+                "Fix: leave those patterns out")
+    orphans = [n for n in names if not any(_matches(n, p) for ps in spec.values() for p in ps)]
+    return (f"components {unmatched} (component: patterns) match no parameter tensor (a typo?): "
+            f"patterns must be tensor names or module prefixes of the model, e.g. {list(names)[:4]}"
+            + (f"; in no component now: {orphans}" if orphans and complete else ""))

@@ -1,4 +1,4 @@
-"""The attribution cube: a labelled xarray.Dataset (DESIGN §3), and its store on disk."""
+"""The attribution cube: a labelled xarray.Dataset (docs/method.md §2), and its store on disk."""
 
 from __future__ import annotations
 

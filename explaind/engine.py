@@ -3,11 +3,11 @@
 One pass streams the history from disk. At each step s it computes, for the explained
 inputs, the path-integrated Jacobian φ_s (Gauss–Legendre over the segment θ_s → θ_{s+1}),
 scales it by −η_s into G_s, and contracts it with the training samples' shares of the update
-(DESIGN §2). Dims the user does not keep are summed *before* the contraction, so a cube
+(docs/method.md §1). Dims the user does not keep are summed *before* the contraction, so a cube
 summed over training samples never materialises per-sample gradients' momentum buffers, and
 one summed over test inputs contracts a single row per output.
 
-Two step conventions, both exact (DESIGN §2):
+Two step conventions, both exact (docs/method.md §1):
 - "update": the step at which a sample's share moves the parameters. A per-sample momentum
   buffer [M, D] is carried forwards.
 - "gradient": the step at which the sample's gradient was computed. The history is walked
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from .components import ComponentSpec, group_tensors
 from .cube import assemble_cube, test_labels
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
-from .functional import ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of
+from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
+                         untrained_tensors)
 from .history import History, StepRecord, open_history
 from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
                          step_coefficients)
@@ -143,7 +144,7 @@ def explain(
 ) -> xr.Dataset:
     """Decompose the change of the model's outputs on `inputs` over a recorded training run.
 
-    Returns the attribution cube (DESIGN §3): `attribution` over the dims in `keep` (the
+    Returns the attribution cube (docs/method.md §2): `attribution` over the dims in `keep` (the
     others are summed while streaming), `regularization` (the weight-decay share), `initial`,
     `final`, `residual`, `update_residual` with its `update_rounding_floor` (what the rounding of
     the stored θ allows it) and `residual_from_updates` (the part of the residual
@@ -178,11 +179,11 @@ def explain(
     recorded update and booked whole as `carried` (exact, but not split by sample), so a window
     late in a long run costs its own steps plus the replay, not the run's length; with momentum
     β, `carried` holds about β^replay of the momentum at start.
-    parameter_scores: also return the parameter-wise scores of DESIGN §3, one per scalar
+    parameter_scores: also return the parameter-wise scores of docs/method.md §2, one per scalar
     parameter (weight decay excluded): |·| is taken per explained input and output, and the sum
     runs over the test / output dims not in `keep` (the pruning importance: keep neither).
     check_updates: True recomputes every step's batch gradient and checks the modelled update
-    against the recorded one (DESIGN §2, check 1; stored as update_residual, NaN for the steps
+    against the recorded one (docs/method.md §1, check 1; stored as update_residual, NaN for the steps
     outside `steps`). False, for a
     history already checked with verify_updates, skips that check (update_residual and
     update_rounding_floor NaN); a cube
@@ -245,7 +246,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     if isinstance(targets, torch.Tensor):
         targets = targets.detach()
 
-    groups = group_tensors(history.layout.names, components)
+    groups = group_tensors(history.layout.names, components, untrained=untrained_tensors(model))
     ordered = [n for names in groups.values() for n in names]  # each component contiguous
     shapes = dict(zip(history.layout.names, history.layout.shapes))
     layout = ParamLayout(tuple(ordered), tuple(shapes[n] for n in ordered))
@@ -716,7 +717,7 @@ class ChunkPass:
         # Σ_s φ_s·Δθ_s with the recorded updates: total misses it by what the modelled updates
         # miss (the update residual), the change misses it by the path integral's error
         self.path_change = torch.zeros_like(self.total)
-        # DESIGN §2 check 1 per step (NaN where not checked: outside the explained steps, or throughout)
+        # docs/method.md §1 check 1 per step (NaN where not checked: outside the explained steps, or throughout)
         self.update_residual = np.full(req.history.n_steps, np.nan)
         self.update_rounding_floor = np.full(req.history.n_steps, np.nan)  # what the stored θ's rounding allows
         self.eps = rounding_eps(req.history, req.flat)
@@ -815,7 +816,7 @@ class ChunkPass:
 
     def record_update_check(self, s: int, k: StepCoefficients, modelled: torch.Tensor, theta: torch.Tensor,
                             delta: torch.Tensor) -> None:
-        """DESIGN §2 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ, and the
+        """docs/method.md §1 check 1: the modelled update −η(Σ_k u + r) against the recorded Δθ, and the
         miss the rounding of the stored θ allows (left NaN: not checked: check_updates=False)."""
         if not self.req.check_updates:
             return

@@ -498,7 +498,9 @@ class _TableLookups(TorchFunctionMode):
 def _branching(made: int, sorted_on: int) -> str:
     return (f"the model's forward pass made {made} calls of ReLU / clamp / max / sort / comparison ops where another "
             f"pass made {sorted_on}: it branches on its input, its parameters or the batch's size, so its kinks cannot be "
-            "tracked. Fix: explain with breakpoints=False (and more quadrature=...)")
+            "tracked. Fix: explain with breakpoints=False (and more quadrature=...); a branch in Python on a "
+            "tensor's value (`if x.mean() > 0:`) also keeps the per-sample passes of a train dim from being "
+            "batched: write it with torch.where, or explain without a train dim")
 
 
 def _grown_axis(two: tuple[int, ...], three: tuple[int, ...]) -> InputAxis | None:
@@ -667,6 +669,21 @@ def module_of(model: nn.Module) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module_of(model).named_parameters() if p.requires_grad}
+
+
+def untrained_tensors(model: nn.Module) -> dict[str, str]:
+    """The model's parameter names that carry no attribution of their own, with why: a name
+    tied to an earlier one (one tensor, recorded under that name) or a frozen tensor."""
+    first: dict[int, str] = {}
+    why: dict[str, str] = {}
+    for name, p in module_of(model).named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            why[name] = f"tied to {first[id(p)]!r} (one tensor, recorded and attributed under that name)"
+            continue
+        first[id(p)] = name
+        if not p.requires_grad:
+            why[name] = "frozen (requires_grad=False: not trained, so without attribution)"
+    return why
 
 
 def compute_device(device) -> torch.device:

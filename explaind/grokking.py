@@ -1,4 +1,4 @@
-"""Grokking, explained (DESIGN §7): the analyses of the `grokking` stage (notebook 06).
+"""Grokking, explained (docs/method.md §3): the analyses of the `grokking` stage (notebook 06).
 
 The stage reads the recorded Transformer run and measures what the paper eyeballed:
 
@@ -626,7 +626,7 @@ def retraining_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-PAPER_PIPELINE_STEPS = 200  # DESIGN §7: a fresh model given a grokked pipeline generalises within ~200 steps
+PAPER_PIPELINE_STEPS = 200  # docs/method.md §3: a fresh model given a grokked pipeline generalises within ~200 steps
 
 
 def retraining_finding(summary: pd.DataFrame, max_steps: int) -> dict:
@@ -667,7 +667,7 @@ def _phase_rise(per_bin: xr.DataArray, phases: pd.DataFrame) -> tuple[float, flo
 
 
 def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.DataArray) -> pd.DataFrame:
-    """The paper's three phases (DESIGN §7) checked on detected phases: one row per claim with
+    """The paper's three phases (docs/method.md §3) checked on detected phases: one row per claim with
     what we measured and whether it holds. `shares` (step bin × component) and `decay_share` (per
     step bin, the same bins) are those the phases were detected on; phases must number at least
     three. A share takes a larger part in phase 3 only if its step-weighted mean there exceeds

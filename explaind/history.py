@@ -724,11 +724,7 @@ class Recorder:
                 )
         for name, p in self._params.items():
             if p.grad is None:
-                raise UnsupportedError(
-                    f"parameter {name!r} has no gradient at step {self.step}, so the optimizer "
-                    "skips it and its update cannot be modelled. Fix: freeze it with "
-                    "requires_grad_(False) or make it enter the loss"
-                )
+                raise UnsupportedError(_no_gradient(name, p, self.step))
             if p.grad.layout != torch.strided:
                 raise UnsupportedError(
                     f"parameter {name!r} has a sparse gradient at step {self.step} (F.embedding(..., sparse=True) "
@@ -769,8 +765,10 @@ class Recorder:
                 raise HistoryError(
                     f"the {'frozen parameter' if kind == 'frozen' else 'buffer'} {tensor!r}, a constant of "
                     f"the recorded function, changed before step {self.step}: only optimizer.step() may change the model while "
-                    "recording. Fix: make the change before recording starts, or train the tensor "
-                    "(requires_grad and in the optimizer)"
+                    "recording" + (" (a forward that updates a buffer in place, as a running statistic does, "
+                                   "changes it at every step)" if kind != "frozen" else "")
+                    + ". Fix: make the change before recording starts (a statistic computed from the dataset "
+                    "beforehand), or train the tensor (requires_grad and in the optimizer)"
                 )
 
     @property
@@ -805,6 +803,43 @@ class Recorder:
                         f"(torch.tensor(value, dtype={dtype})) or a float"
                     )
 
+    def _check_samples_alone(self, flat: FlatModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                             losses: torch.Tensor, tolerance: float) -> None:
+        """explain() computes each sample's share of a step on that sample alone (a batch of one),
+        and the shares add up to the step's gradient only if no sample's output depends on the
+        others in its batch, which the gradient check on the whole batch cannot see: the first and
+        last samples' losses alone must be their losses in the batch."""
+        scale = losses.abs().max().clamp_min(torch.finfo(losses.dtype).tiny)
+        # a random forward differs alone too: named as what it is, before it reads as batch mixing
+        again = float((self.loss(flat.raw(theta, x), y) - losses).abs().max() / scale)
+        if again > tolerance:
+            raise UnsupportedError(
+                f"at step {self.step} the model's forward gives other losses each time it runs on the same batch "
+                f"and parameters (relative difference {again:.2e}): it draws random numbers (F.dropout(..., "
+                "training=True), torch.rand in forward), which no decomposition can replay. Fix: remove the "
+                "randomness from forward (dropout with p=0 or in eval mode; random augmentation in the loop, "
+                "where batch() records the inputs it made)")
+        for row in sorted({0, len(x) - 1}):
+            try:
+                alone = self.loss(flat.raw(theta, x[row:row + 1]), y[row:row + 1])
+            except Exception as error:  # forward or loss assumes a batch of several samples
+                raise UnsupportedError(
+                    f"at step {self.step} the model or the declared loss fails on one sample alone (a batch of "
+                    f"1: sample {row} of the batch), on which explain() computes every sample's share of a step: "
+                    f"{type(error).__name__}: {error}. Fix: make forward and the loss take a batch of any size, "
+                    "including 1 (a squeeze() that drops the batch dim of a batch of one, say)") from error
+            error = float((alone.reshape(-1)[0] - losses[row]).abs() / scale)
+            if error > tolerance:
+                raise UnsupportedError(
+                    f"at step {self.step} the model's output for a sample depends on the other samples of its "
+                    f"batch: sample {row}'s loss is {float(losses[row]):.6g} in the batch and {float(alone.reshape(-1)[0]):.6g} "
+                    f"alone (relative difference {error:.2e}; tolerance {tolerance:.0e}). explain() computes each "
+                    "sample's share of a step on that sample alone, so the shares would not add up to the step. "
+                    "Causes: a statistic over the batch in forward (x.mean(0), a normalisation by the batch's mean "
+                    "or variance, a Python branch on one), attention or pooling across the batch dim. Fix: make "
+                    "forward treat each sample on its own (LayerNorm or GroupNorm for a batch statistic; constants "
+                    "computed from the dataset for a normalisation)")
+
     def _remember_resumed_schedule(self) -> None:
         """The schedule as a resume restored it: the one its first step runs with."""
         groups = [{key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups]
@@ -836,21 +871,25 @@ class Recorder:
         flat = FlatModel(self.model, self.layout, p0.dtype, p0.device)
         theta = torch.cat([p.detach().reshape(-1) for p in self._params.values()])
         x, y = flat.cast_inputs(x), y.to(p0.device)
+        tolerance = self.check_tolerance
+        if tolerance is None:
+            tolerance = 1e-9 if p0.dtype == torch.float64 else 1e-3
         with torch.no_grad():
-            check_per_sample(self.loss_name, self.loss(flat.raw(theta, x), y), len(x))
+            losses = self.loss(flat.raw(theta, x), y)
+            check_per_sample(self.loss_name, losses, len(x))
+            self._check_samples_alone(flat, theta, x, y, losses, tolerance)
         w = w.to(p0.device, p0.dtype) * (self._gradient_scale or 1.0)
         expected = flat.batch_gradient(theta, x, y, w, self.loss)
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
         error = ((actual - expected).abs().max() / scale).item()
-        tolerance = self.check_tolerance
-        if tolerance is None:
-            tolerance = 1e-9 if p0.dtype == torch.float64 else 1e-3
         if error > tolerance:
             # torch's mse_loss / MSELoss mean over every element, outputs included
             mse = (" The built-in 'mse' sums a sample's squared errors over its outputs; for "
                    "torch's F.mse_loss / nn.MSELoss (a mean over outputs too) declare "
-                   "loss=lambda o, t: ((o - t) ** 2).mean(1).") if self.loss_name == "mse" else ""
+                   "loss=lambda o, t: ((o - t) ** 2).mean(1), and explain with target='logit' (the outputs "
+                   "themselves: a declared loss's outputs are explained as log-probabilities unless told)."
+                   ) if self.loss_name == "mse" else ""
             # torch's class-weighted mean divides by the batch's total weight, no per-sample loss's mean
             weighted = (" Class weights (F.cross_entropy(..., weight=w), nn.CrossEntropyLoss(weight=w)) are "
                         "declared as Recorder(..., class_weights=w)."
@@ -1082,6 +1121,23 @@ def _warn_of_other_hyperparameters(optimizer: torch.optim.Optimizer, recorded: l
         warnings.warn(f"Recorder.resume({str(path)!r}) was given an optimizer with {', '.join(differences)}: the "
                       "resume restores the recorded hyperparameters, so the resumed steps continue the recorded "
                       "run with those. To train with the new ones, record a new run", stacklevel=3)
+
+
+def _no_gradient(name: str, p: nn.Parameter, step: int) -> str:
+    """Why a trained tensor without .grad cannot be recorded, and the fix for how it lost it."""
+    skipped = (f"parameter {name!r} has no gradient at step {step}, so the optimizer skips it (no decay, "
+               "no momentum, no step counted), which explaind cannot model")
+    if not p.requires_grad:
+        return (f"{skipped}: it was frozen (requires_grad_(False)) after the recording started, and a "
+                "history's trained tensors are those of its first step. Fix: record each phase as a history "
+                "of its own (close this Recorder, freeze, and record the rest with a new one), or freeze it "
+                "before the Recorder is built")
+    return (f"{skipped}: it did not enter this step's loss (a branch not taken, a head unused by this "
+            "batch). Fix: give it a zero gradient where it got none, before optimizer.step() (for p in "
+            "model.parameters(): if p.grad is None: p.grad = torch.zeros_like(p)), which the optimizer "
+            "steps as any other tensor; or, if it is never trained, freeze it (requires_grad_(False)) "
+            "before the Recorder is built. A model whose forward the loop switches between steps (a flag "
+            "that picks a head) is another function at each step, which one history cannot explain")
 
 
 def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, batch: int) -> str:

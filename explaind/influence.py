@@ -1,4 +1,4 @@
-"""Influence scores: reductions of an attribution cube (DESIGN §3).
+"""Influence scores: reductions of an attribution cube (docs/method.md §2).
 
 Every score is a sum of the atomic quantity ψ(s, j, k, x) over some of its indices; the cube
 already holds those sums for the dims the user kept, so these functions only choose which dims

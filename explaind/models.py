@@ -2,7 +2,7 @@
 
 Both are pure functions of their parameters and input (no buffers, no train/eval-mode
 behaviour, no in-place state), so `torch.func.functional_call`, `vmap`, `grad` and `jacrev`
-apply to them directly, and both return log-probabilities (the explained output of DESIGN §2).
+apply to them directly, and both return log-probabilities (the explained output of docs/method.md §1).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class MLP(nn.Module):
 
 
 class ModAddTransformer(nn.Module):
-    """One-layer Transformer for addition mod p (DESIGN §7), read at the '=' token.
+    """One-layer Transformer for addition mod p (docs/method.md §3), read at the '=' token.
 
     Input: tokens [batch, 4] = [a, p, b, p + 1] (vocabulary p + 2: residues, '+', '=').
     Output: log-probabilities over the p + 2 tokens at the last position, [batch, p + 2].

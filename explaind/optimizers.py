@@ -1,4 +1,4 @@
-"""The recorded optimizers' updates, written as one linear recurrence (DESIGN §2).
+"""The recorded optimizers' updates, written as one linear recurrence (docs/method.md §1).
 
 Every supported optimizer (PyTorch semantics) is an instance of
 
@@ -135,7 +135,7 @@ def sgd_buffers_started(history) -> list[list[bool]]:
 class AggregateUpdate:
     """The recurrence on whole-batch gradients: the modelled −Δθ_s/η_s, step after step.
 
-    Used by the update-reconstruction check (DESIGN §2, check 1) and for the total update
+    Used by the update-reconstruction check (docs/method.md §1, check 1) and for the total update
     that parameter-wise scores need.
     """
 

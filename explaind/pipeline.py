@@ -37,9 +37,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -197,6 +198,16 @@ def apply_base(params: Mapping[str, Any]) -> None:
         torch.set_num_threads(params["threads"])
 
 
+# Values a config takes for the library's own use that no pipeline stage can use:
+# stage -> (key, whether the value is in range, the range in words).
+PIPELINE_RANGES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    # train_transformer(max_steps=0) is an untrained model (the grokking study restarts from one);
+    # as a stage it would leave a history of no step, which every analysis stage refuses
+    "train_transformer": (("max_steps", lambda steps: steps >= 1,
+                           "at least 1 in the pipeline: the analysis stages explain the recorded steps"),),
+}
+
+
 def make_config(stage: str, params: Mapping[str, Any]) -> Any:
     """The stage's config dataclass built from checked parameters (keys it lacks are ignored)."""
     cls = config_class(stage)
@@ -204,6 +215,11 @@ def make_config(stage: str, params: Mapping[str, Any]) -> Any:
         raise ParameterError(f"stage {stage!r} has no config dataclass; use its parameters directly")
     names = {field.name for field in dataclasses.fields(cls)}
     config = cls(**{key: value for key, value in params.items() if key in names})  # checks the ranges
+    from .training import check_ranges  # torch: imported with the config class, not by the CLI
+
+    name, _ = split_stage(stage)
+    check_ranges(name, config, [(key, ok(getattr(config, key)), rule)
+                                for key, ok, rule in PIPELINE_RANGES.get(name, ())])
     check_base(params)  # and those of the base keys
     if "device" in params:  # before the stage deletes its old outputs, as the config's ranges
         check_device(params["device"])
@@ -586,9 +602,12 @@ def load_params(
     section = f"{name}.{item}" if item else name
     merged = {**sections["base"], **sections[section]}
     checked = check_params(merged, stage, source=f"{path} (sections 'base' + {section!r})")
+    data = (Path(root) if root is not None else path.parent) / DATA_DIR
     try:  # the values' ranges, as the stage checks them (the device may be another machine's)
-        make_config(stage, {key: value for key, value in checked.items() if key != "device"})
+        config = make_config(stage, {key: value for key, value in checked.items() if key != "device"})
         check_device(checked["device"], here=False)
+        if hasattr(config, "check_data") and data.is_dir():  # and those the data set (no data/: run_stage says so)
+            config.check_data(data)
     except InputError as error:
         raise ParameterError(f"{path} (sections 'base' + {section!r}): {error}") from None
     return checked
@@ -750,6 +769,34 @@ def check_kernel(kernel: str = KERNEL_NAME) -> None:
         )
 
 
+@contextlib.contextmanager
+def _kernel_sockets():
+    """A private folder for the kernel's Unix sockets, removed afterwards; None (TCP) on Windows,
+    where zmq may lack them, or where no temporary folder is short enough: a socket's path holds
+    at most ~100 characters, and this one adds 34 to the folder's."""
+    parent = next((p for p in (tempfile.gettempdir(), "/tmp") if len(p) <= 64 and os.path.isdir(p)), None)
+    if os.name != "posix" or parent is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="explaind-kernel-", dir=parent) as folder:
+        yield folder
+
+
+def _kernel_manager_class(sockets: str | None) -> type:
+    """nbclient's kernel manager, reaching the kernel through Unix sockets in the folder `sockets`
+    instead of TCP ports on localhost, which ipykernel 7 warns at every stage can be eavesdropped."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if sockets is None:
+        return AsyncKernelManager
+
+    class SocketFileKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=os.path.join(sockets, "kernel"), **kwargs)
+
+    return SocketFileKernelManager
+
+
 def _for_papermill(value: Any) -> Any:
     return [_for_papermill(v) for v in value] if isinstance(value, tuple) else value
 
@@ -785,7 +832,7 @@ def run_stage(
                         "Fix: run `make data`, which rebuilds data/ as data.dvc records it")
     paths = stage_paths(stage, root)
     paths.results.mkdir(parents=True, exist_ok=True)
-    with _pinned_root(root):
+    with _pinned_root(root), _kernel_sockets() as sockets:
         papermill.execute_notebook(
             str(notebook),
             str(paths.notebook),
@@ -794,6 +841,7 @@ def run_stage(
             cwd=str(root),
             progress_bar=sys.stderr.isatty(),  # papermill's cell progress bar, in a terminal
             log_output=log_output,
+            kernel_manager_class=_kernel_manager_class(sockets),
         )
     return paths.notebook
 
@@ -965,6 +1013,20 @@ def set_args(profile: str | os.PathLike, stages: list[str] | None = None) -> lis
 # --- command line -------------------------------------------------------------------------
 
 
+def _stream_papermill_log() -> None:
+    """Show papermill's log, where log_output puts each cell's start and output, on stderr (a
+    logger without a handler of its own shows warnings only)."""
+    import logging
+
+    log = logging.getLogger("papermill")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m explaind.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"explaind {__version__}")
@@ -973,7 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("stage", choices=stage_instances())
     run.add_argument("--params", default=None, help="parameters file (default: params.yaml in the root)")
     run.add_argument("--kernel", default=KERNEL_NAME, help="Jupyter kernel (default: %(default)s)")
-    run.add_argument("--log-output", action="store_true", help="stream the notebook's output")
+    run.add_argument("--log-output", action=argparse.BooleanOptionalAction, default=None,
+                     help="stream each cell's start and output to stderr (default: where stderr is no terminal, "
+                          "as a log file; a terminal shows papermill's progress bar)")
     show = commands.add_parser("params", help="print a stage's checked parameters")
     show.add_argument("stage", choices=stage_instances())
     show.add_argument("--params", default=None)
@@ -985,7 +1049,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            print(f"stage {args.stage}: executed notebook -> {run_stage(args.stage, params_file=args.params, kernel=args.kernel, log_output=args.log_output)}")
+            log_output = not sys.stderr.isatty() if args.log_output is None else args.log_output
+            if log_output:
+                _stream_papermill_log()
+            print(f"stage {args.stage}: executed notebook -> {run_stage(args.stage, params_file=args.params, kernel=args.kernel, log_output=log_output)}")
         elif args.command == "params":
             print(json.dumps(load_params(args.stage, params_file=args.params), indent=2))
         elif args.command == "data":

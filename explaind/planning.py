@@ -61,7 +61,11 @@ class Plan:
     seconds: float | None = None
 
     def __str__(self) -> str:
-        estimate = "not calibrated (plan(..., calibrate_steps=6))" if self.seconds is None else (
+        return self.report()
+
+    def report(self, calibrate: str = "plan(..., calibrate_steps=6)") -> str:
+        """The plan in lines; `calibrate` is how a plan without a time estimate asks for one."""
+        estimate = f"not calibrated ({calibrate})" if self.seconds is None else (
             f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step of a first pass"
             + ("" if self.seconds_per_later_step is None else
                f", {self.seconds_per_later_step * 1e3:.1f} ms of a later train chunk's")

@@ -1,6 +1,6 @@
 """Pruning with parameter-wise scores, and the criteria ExPLAIND's scores are compared with.
 
-The protocol (DESIGN §7): split the held-out inputs at random into a part that computes the
+The protocol (docs/method.md §3): split the held-out inputs at random into a part that computes the
 scores and a part that evaluates; keep the highest-scoring fraction of the prunable weights
 under one global threshold (or, as a second protocol, the same fraction of every component);
 never prune the protected components (the output layer); do not retrain. A pruned model is the

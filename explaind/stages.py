@@ -26,7 +26,7 @@ from .training import CONFIG_FILE, DTYPES, check_ranges  # DTYPES re-exported: t
 
 MODELS = ("cnn", "transformer")
 
-# DESIGN §7: the paper's replication numbers (mod-113 Transformer and CIFAR-2 ResNet-9).
+# docs/method.md §3: the paper's replication numbers (mod-113 Transformer and CIFAR-2 ResNet-9).
 PAPER_REPLICATION = pd.DataFrame(
     [
         {"source": "paper", "model": "transformer (mod 113)", "rule": "midpoint", "nodes": 100, "agreement": 1.0, "kl": 0.0},

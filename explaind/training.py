@@ -1,7 +1,7 @@
 """Seeded training loops for the paper's two models, optionally recording their history.
 
 Each config's field names are the keys of its params.yaml section. The defaults are the CPU
-profile (minutes on 2 cores, see docs/grokking_search.md); `Config.paper()` gives DESIGN §7.
+profile (minutes on 2 cores, see docs/grokking_search.md); `Config.paper()` gives docs/method.md §3.
 With history_dir set, every update is recorded by explaind's Recorder so the run can later be
 decomposed exactly; the loss is cross-entropy with mean reduction on the model's
 log-probabilities (log_softmax is idempotent, so this equals the NLL of the output).
@@ -94,7 +94,7 @@ class TransformerConfig:
 
     @classmethod
     def paper(cls) -> "TransformerConfig":
-        """DESIGN §7: p = 113, 4,000 / 2,000 pairs, 64-wide, 4 heads, MLP 512, lr 1e-3, wd 4.0."""
+        """docs/method.md §3: p = 113, 4,000 / 2,000 pairs, 64-wide, 4 heads, MLP 512, lr 1e-3, wd 4.0."""
         return cls(p=113, train_size=4000, val_size=2000, d_model=64, n_heads=4, d_mlp=512,
                    lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=4.0, max_steps=5000,
                    stop_val_acc=1.0)
@@ -135,9 +135,19 @@ class CNNConfig:
             ("dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}"),
         ))
 
+    def check_data(self, data_dir: str | os.PathLike) -> None:
+        """The ranges that depend on the dataset in data_dir: a batch no larger than the training
+        images (the pipeline checks this with the parameters, before a stage empties its outputs)."""
+        images = len(load_image_pair(data_dir, self.dataset, tuple(self.classes), self.test_size,
+                                     self.data_seed).train_y)
+        check_ranges("train_cnn", self, (
+            ("batch_size", self.batch_size <= images,
+             f"at most the {images} training images of {self.dataset} classes {list(self.classes)}"),
+        ))
+
     @classmethod
     def paper(cls) -> "CNNConfig":
-        """DESIGN §7: CIFAR-2, width 64, batch 256, 12 epochs, lr peak 0.1 at epoch 5, wd 5e-3."""
+        """docs/method.md §3: CIFAR-2, width 64, batch 256, 12 epochs, lr peak 0.1 at epoch 5, wd 5e-3."""
         return cls(dataset="cifar2", classes=(3, 5), width=64, batch_size=256, epochs=12,
                    lr=0.1, peak_epoch=5.0, momentum=0.9, weight_decay=5e-3, flip=True)
 

@@ -1,4 +1,4 @@
-"""The two checks that make "exact" a measured fact (DESIGN §2).
+"""The two checks that make "exact" a measured fact (docs/method.md §1).
 
 1. update reconstruction, in parameter space, at every step: the modelled optimizer applied
    to the recorded batch reproduces the recorded Δθ_s (independent of quadrature), measured in
@@ -29,7 +29,7 @@ from .phases import RECONSTRUCT, phase
 
 def update_check(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, modelled: torch.Tensor,
                  eps: float) -> tuple[float, float]:
-    """DESIGN §2 check 1 at one step: how far the modelled update −η(Σ_k u_k + r) = −η m misses
+    """docs/method.md §1 check 1 at one step: how far the modelled update −η(Σ_k u_k + r) = −η m misses
     the recorded Δθ_s, max_j |Δθ_j + η_j m_j| / P_j, and the miss that storing θ allows,
     4 ε max_j max(|θ_j|, |θ_j + Δθ_j|) / P_j, both over the step, max_j |Δθ_j| / P_j.
 
@@ -357,7 +357,7 @@ def _check_same_inputs(reconstruction: xr.Dataset, refined: xr.Dataset, tests: n
 
 
 def replication_metrics(reconstruction: xr.Dataset) -> dict[str, float]:
-    """The paper's replication table for a reconstruction of log-probabilities (DESIGN §7):
+    """The paper's replication table for a reconstruction of log-probabilities (docs/method.md §3):
     argmax agreement of model and reconstruction, KL(model ‖ reconstruction) averaged over
     inputs (the reconstruction renormalised with a softmax), and the residual sizes."""
     if reconstruction.attrs.get("target") != "log_prob":

@@ -1,4 +1,4 @@
-"""An independent, slow reference implementation of the exact decomposition (DESIGN §2).
+"""An independent, slow reference implementation of the exact decomposition (docs/method.md §1).
 
 Nothing here imports explaind. It works on one flat float64 parameter vector:
 - the optimizer is unrolled by hand from PyTorch's documented update rules (torch.optim.SGD,
@@ -75,7 +75,7 @@ class Reference:
         return a.numpy(), r.numpy(), c.numpy()
 
     def parameter_scores(self, convention: str = "update", keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-        """DESIGN §3, weight decay excluded, per coordinate in named_parameters order, summed over
+        """docs/method.md §2, weight decay excluded, per coordinate in named_parameters order, summed over
         the test and output dims not in `keep` after |·| is taken per (test, output)."""
         m = len(self.train_ids)
         samples = self.psi[:, :, :m].sum(2)  # [S, S, T, O, D]

@@ -36,7 +36,8 @@ def test_plan_command_prints_the_plan_of_the_same_request(run_dir, tmp_path, cap
     run = load_run("transformer", run_dir, tmp_path)
     expected = ex.plan(run.history, run.model, run.test_x[:3], run.test_y[:3], keep=("train", "test"),
                        outputs="true", quadrature=2, breakpoints=False, components=run.components)
-    assert printed.strip() == str(expected).strip()
+    assert printed.strip() == expected.report(calibrate="--calibrate 6").strip()
+    assert "time       not calibrated (--calibrate 6)" in printed  # the option, not the Python argument
     assert (expected.n_steps, expected.n_test, expected.n_train) == (4, 3, TINY.train_size)
 
 
@@ -57,6 +58,7 @@ def test_plan_command_calibrates_and_runs_as_a_module(run_dir, tmp_path):
     (["--memory-budget", "inf"], ["--memory-budget", "inf is not a finite number of GiB"]),
     (["--calibrate", "-1"], ["--calibrate", "-1 is not at least 0"]),
     (["--tests", "-2"], ["--tests", "-2 is not at least 0"]),
+    (["--tests", "11"], ["--tests 11", "holds 10 held-out inputs", "at most that many (0: all of them)"]),
 ])
 def test_plan_command_refuses_bad_options(run_dir, tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as stop:

@@ -1,7 +1,7 @@
 """The exact decomposition: sums to the change, agrees with an independent brute force.
 
 Runs are tiny smooth models (MLP, CNN, 1-layer attention) recorded by tests/engine_cases.py;
-tests/brute_force.py is a separate slow implementation of DESIGN §2 (materialised Jacobians,
+tests/brute_force.py is a separate slow implementation of docs/method.md §1 (materialised Jacobians,
 the optimizer unrolled by hand) that the engine's cubes are compared against elementwise.
 """
 

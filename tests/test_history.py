@@ -1193,7 +1193,7 @@ def test_torchs_mean_squared_error_is_named_with_the_loss_that_matches_it(tmp_pa
             rec.batch(torch.arange(len(x)), x, targets)
             optimizer.step()
 
-    with pytest.raises(ex.UnsupportedError, match=r"(?s)built-in 'mse'.*\(\(o - t\) \*\* 2\)\.mean\(1\)"):
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)built-in 'mse'.*\(\(o - t\) \*\* 2\)\.mean\(1\), and explain with target='logit'"):
         with ex.Recorder(tmp_path / "h", model, optimizer, loss="mse") as rec:
             loop(rec, 1)
     with ex.Recorder(tmp_path / "h2", model, optimizer, loss=lambda o, t: ((o - t) ** 2).mean(1)) as rec:

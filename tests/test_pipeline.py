@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -474,6 +475,27 @@ def test_runner_refuses_a_stage_that_reads_missing_data_before_touching_its_outp
         "train_cnn", "verify@cnn", "cubes@cnn", "influence@cnn"]
 
 
+def test_a_batch_larger_than_the_training_set_stops_the_stage_before_its_outputs_are_emptied(
+        tmp_path, tiny_params, digits_data):
+    """batch_size against the training images data/ holds: a range the data set, checked with the
+    parameters, so the runner stops before the notebook empties the last run's history."""
+    shutil.copytree(digits_data, tmp_path / "data")
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    history = tmp_path / "runs" / "cnn" / "history"
+    history.mkdir(parents=True)
+    (history / "meta.json").write_text("{}")
+    for batch_size, refused in ((287, True), (286, False)):  # 357 images of 3 and 8; 71 (a fifth) held out
+        write_yaml(tmp_path / "params.yaml", {**tiny_params, "train_cnn": {**tiny_params["train_cnn"],
+                                                                           "batch_size": batch_size}})
+        if refused:
+            with pytest.raises(ParameterError, match=r"train_cnn\.batch_size is 287, but it must be at most the 286 "
+                                                     r"training images of digits classes \[3, 8\].*Fix"):
+                pipeline.run_stage("train_cnn", root=tmp_path)
+        else:
+            assert pipeline.load_params("train_cnn", root=tmp_path)["batch_size"] == 286
+    assert (history / "meta.json").read_text() == "{}"
+
+
 def test_runner_refuses_a_missing_kernel(tmp_path, tiny_params):
     write_yaml(tmp_path / "params.yaml", tiny_params)
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
@@ -491,6 +513,9 @@ def test_runner_refuses_bad_params_before_starting_a_kernel(tmp_path, tiny_param
 
 
 def test_a_failing_cell_fails_the_stage_with_the_notebooks_error(tmp_path, tiny_params):
+    """... and the kernel is reached through sockets in a private folder, removed after the stage
+    (on TCP ports, ipykernel 7 warns at every stage that they can be eavesdropped); the notebook's
+    progress reaches a log."""
     write_yaml(tmp_path / "params.yaml", tiny_params)
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
     notebook = tmp_path / "notebooks" / "02_train_transformer.ipynb"
@@ -498,12 +523,19 @@ def test_a_failing_cell_fails_the_stage_with_the_notebooks_error(tmp_path, tiny_
     content["cells"].append({"cell_type": "code", "execution_count": None, "id": "failing", "metadata": {},
                              "outputs": [], "source": ["raise ValueError('a cell that fails')"]})
     notebook.write_text(json.dumps(content))
-    result = run_cli("run", "train_transformer", cwd=tmp_path, env={pipeline.ROOT_ENV: str(tmp_path)})
+    sockets = Path(tempfile.mkdtemp(dir="/tmp"))  # short enough for a socket's path (tmp_path may not be)
+    result = run_cli("run", "train_transformer", cwd=tmp_path,
+                     env={pipeline.ROOT_ENV: str(tmp_path), "TMPDIR": str(sockets)})
     assert result.returncode == 1, result.stdout + result.stderr
     assert "stage train_transformer failed in its notebook" in result.stderr
     assert "ValueError" in result.stderr and "a cell that fails" in result.stderr
     executed = (tmp_path / "results" / "train_transformer" / "notebook.ipynb").read_text()
     assert "a cell that fails" in executed  # kept, with the error, for reading
+    assert "without encryption" not in result.stderr and "Kernel is running over TCP" not in result.stderr
+    # stderr is no terminal: each cell's start and output are streamed to it, as to a log file
+    assert "Executing Cell 5" in result.stderr and "update steps in" in result.stderr
+    assert not list(sockets.glob("explaind-kernel-*"))
+    shutil.rmtree(sockets)
 
 
 def test_impossible_values_stop_the_stage_before_its_notebook(tmp_path, tiny_params):
@@ -603,6 +635,7 @@ def test_end_to_end_dvc_repro(tiny_repro, tmp_path):
 
 @pytest.mark.parametrize("stage, section, key, value", [
     ("train_transformer", "train_transformer", "max_steps", -5),
+    ("train_transformer", "train_transformer", "max_steps", 0),  # the library's untrained model, no stage's
     ("train_transformer", "train_transformer", "n_heads", 3),
     ("train_cnn", "train_cnn", "batch_size", 0),
     ("verify@transformer", "verify.transformer", "quadrature", 0),

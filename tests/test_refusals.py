@@ -1,4 +1,4 @@
-"""Every refusal of DESIGN §5: raised before heavy compute, naming the cause and a fix."""
+"""Every refusal of what cannot be decomposed exactly: raised before heavy compute, naming the cause and a fix."""
 
 from __future__ import annotations
 
@@ -134,6 +134,131 @@ def test_dropout_or_batchnorm_switched_on_mid_run_is_refused_at_that_step(tmp_pa
             model.train()
             loop(rec, model, optimizer, x, y, steps=1)
     assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2  # nothing of the refused step
+
+
+class BatchDependent(nn.Module):
+    """Hidden units centred on the batch's mean (the model "normalises" by a batch statistic); an
+    output whose batch dim squeeze() drops for a batch of one; or dropout in forward."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.a, self.b, self.form = nn.Linear(4, 6), nn.Linear(6, 3), form
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.form == "centred":
+            return self.b(torch.tanh(h - h.mean(0)))
+        if self.form == "squeezed":
+            return self.b(torch.tanh(h)).squeeze()
+        return self.b(F.dropout(torch.tanh(h), 0.3, training=True))
+
+
+@pytest.mark.parametrize("form, words", [
+    ("centred", ["at step 0", "depends on the other samples of its batch", "sample 0's loss", "alone",
+                 "x.mean(0)", "Fix", "each sample on its own"]),
+    ("squeezed", ["at step 0", "fails on one sample alone", "sample 0", "Fix", "including 1", "squeeze()"]),
+    ("random", ["at step 0", "other losses each time it runs on the same batch", "F.dropout", "Fix",
+                "remove the randomness"]),
+])
+def test_a_model_whose_samples_are_not_its_own_is_refused_at_the_first_step(tmp_path, form, words):
+    """Its whole-batch gradient passes the gradient check, but the per-sample shares explain()
+    computes on each sample alone would not add up to it: refused before the step is kept."""
+    model = BatchDependent(form).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says(*words)):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y, steps=1)
+    with pytest.raises(ex.HistoryError, match="no complete step"):  # the refused step is not kept
+        ex.History(tmp_path / "h", allow_incomplete=True)
+
+
+class RowBranch(nn.Module):
+    """A Python branch per input on its value: each sample's output is its own, but neither its
+    kinks nor its per-sample passes can be batched."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.stack([self.a(row) if row[0] > 0 else -self.a(row) for row in x])
+
+
+def test_a_python_branch_per_input_is_named_with_both_routes_around_it(tmp_path):
+    """The kink search's refusal names breakpoints=False and, since a train dim's per-sample
+    passes cannot be batched either, torch.where or a cube without a train dim, which is exact."""
+    torch.manual_seed(0)
+    model, (x, y) = RowBranch().double(), data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    with pytest.raises(ex.UnsupportedError, match=says("branches on its input", "breakpoints=False", "torch.where",
+                                                       "without a train dim")):
+        ex.explain(tmp_path / "h", model, x[:3], progress=False)
+    cube = ex.explain(tmp_path / "h", model, x[:3], keep=("step", "test"), breakpoints=False, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-12
+
+
+class Routed(nn.Module):
+    """A head added only to the inputs whose last feature is positive, and skipped by a Python
+    branch for a batch that holds none (as a mixture of experts skips an expert given no token):
+    a function of the parameters and each input alone, whose head gets no .grad at such a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        routed = x[:, 3:] > 0
+        return self.a(x) + routed * self.aux(x) if bool(routed.any()) else self.a(x)
+
+
+def routed_run(path, model, optimizer, steps: int, fill_missing: bool, freeze_at: int | None = None):
+    """Batches alternate between inputs routed to the head (even steps) and inputs that are not."""
+    x, y = routed_data()
+    with ex.Recorder(path, model, optimizer) as rec:
+        for step in range(steps):
+            rows = torch.arange(4) + 4 * (step % 2)
+            if step == freeze_at:
+                model.a.weight.requires_grad_(False)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            if fill_missing:  # the fix the refusal names
+                for p in model.parameters():
+                    if p.grad is None and p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+
+
+def routed_data():
+    x, y = data()
+    x[:, 3] = torch.where(torch.arange(8) < 4, x[:, 3].abs(), -x[:, 3].abs())
+    return x, y
+
+
+def test_a_parameter_without_gradient_is_named_with_the_fix_for_its_cause(tmp_path):
+    """Unused at a step (the optimizer skips it: no decay, no momentum) or frozen mid-run: each
+    refusal names its own fix, and the zero gradient it names for the first is explained exactly."""
+    torch.manual_seed(0)
+    model = Routed().double()
+    adamw = lambda: torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)  # noqa: E731
+    with pytest.raises(ex.UnsupportedError, match=says("'aux.weight' has no gradient at step 1", "did not enter",
+                                                       "p.grad = torch.zeros_like(p)")):
+        routed_run(tmp_path / "unused", model, adamw(), steps=3, fill_missing=False)
+    with pytest.raises(ex.UnsupportedError, match=says("'a.weight' has no gradient at step 2", "frozen",
+                                                       "after the recording started", "a new one")):
+        routed_run(tmp_path / "frozen", model, adamw(), steps=3, fill_missing=True, freeze_at=2)
+    model, (x, _) = Routed().double(), routed_data()
+    initial = model(x).detach()
+    routed_run(tmp_path / "filled", model, adamw(), steps=4, fill_missing=True)
+    cube = ex.explain(tmp_path / "filled", model, x, keep=("step", "component", "test", "output"),
+                      breakpoints=False, quadrature=8, progress=False)
+    assert float(abs(cube.regularization.sel(component="aux.weight").isel(step=1)).max()) > 0  # decayed unused
+    change = (model(x).log_softmax(1) - initial.log_softmax(1)).detach()
+    total = (cube.attribution + cube.regularization).sum(["step", "component"]).transpose("test", "output")
+    assert float(abs(total.values - change.numpy()).max()) <= 1e-12 * float(abs(change).max())
 
 
 def spectral_normed(style: str) -> nn.Module:
@@ -886,6 +1011,38 @@ def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
         ex.explain(run.path, run.model, run.test_x, components=mapping, progress=False)
 
 
+class TiedAndFrozen(nn.Module):
+    """Token embedding whose transpose is the unembedding (one tensor, two names), and a frozen gain."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.unemb = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+        self.unemb.weight = self.emb.weight
+        self.gain = nn.Parameter(torch.tensor(2.0), requires_grad=False)
+
+    def forward(self, tokens):
+        return self.unemb(torch.tanh(self.gain * self.emb(tokens).mean(1)))
+
+
+@pytest.mark.parametrize("mapping, words", [
+    ({"embedding": "emb", "unembedding": "unemb"},
+     ("{'unembedding': ['unemb']}", "'unemb.weight' is tied to 'emb.weight'", "recorded and attributed under that name",
+      "Fix: leave those patterns out")),
+    ({"embedding": "emb", "gain": ["gain"]}, ("{'gain': ['gain']}", "'gain' is frozen", "Fix: leave those patterns out")),
+])
+def test_a_component_of_tied_or_frozen_tensors_only_is_named_as_such(tmp_path, no_heavy_compute, mapping, words):
+    torch.manual_seed(0)
+    model = TiedAndFrozen().double()
+    x, y = make_data("transformer", 8, 0, 0)[:2]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=1)
+    assert ex.History(tmp_path / "h").layout.names == ("emb.weight",)
+    with pytest.raises(ex.InputError, match=says(*words)) as error:
+        ex.explain(tmp_path / "h", model, x[:2], components=mapping, progress=False)
+    assert "typo" not in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
     """A user's report: Sequential(Linear, Tanh, Linear), tensors 0.weight, 0.bias, 2.weight,
@@ -1353,11 +1510,11 @@ class Float32Kernel(nn.Module):
         return self.out(torch.tanh(h))
 
 
-def record_float32_kernel(path, model: nn.Module) -> torch.Tensor:
+def record_float32_kernel(path, model: nn.Module, check_every: int = 50) -> torch.Tensor:
     x, y = data()
     x = x.float()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    with ex.Recorder(path, model, optimizer) as rec:
+    with ex.Recorder(path, model, optimizer, check_every=check_every) as rec:
         loop(rec, model, optimizer, x, y, steps=3)
     return x
 
@@ -1392,7 +1549,11 @@ def test_a_model_without_float64_is_explained_in_float32_by_plain_quadrature(tmp
 
 
 def test_a_failure_in_every_dtype_is_not_blamed_on_float64(tmp_path):
+    """The Recorder's check runs a sample alone and refuses such a model at step 0; recorded
+    without the check, explain's failure on one input is its own, not float64's."""
     model = Float32Kernel(pairs=True)
-    x = record_float32_kernel(tmp_path / "h", model)
+    with pytest.raises(ex.UnsupportedError, match=says("fails on one sample alone", "inputs in pairs")):
+        record_float32_kernel(tmp_path / "checked", model)
+    x = record_float32_kernel(tmp_path / "h", model, check_every=0)
     with pytest.raises(RuntimeError, match="Expected mat_a to be Float32, got Double"):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)

@@ -1,4 +1,4 @@
-"""verify_updates (DESIGN §2, check 1) against the rounding the stored parameters allow."""
+"""verify_updates (docs/method.md §1, check 1) against the rounding the stored parameters allow."""
 
 from __future__ import annotations
 
