@@ -111,7 +111,8 @@ def _load_digits(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     folder = Path(data_dir) / "digits"
     if not (folder / "images.npy").exists() or not (folder / "labels.npy").exists():
         raise FileNotFoundError(
-            f"no digits in {folder}; run explaind.data.export_digits({str(data_dir)!r}) first"
+            f"no digits in {folder}: run `make data` in the repository (it writes data/), or "
+            f"explaind.data.export_digits({str(data_dir)!r}) for this folder"
         )
     images, labels = _load_array(folder / "images.npy"), _load_array(folder / "labels.npy")
     if images.ndim != 3 or not np.issubdtype(images.dtype, np.number):
