@@ -106,7 +106,7 @@ def plan_command(args: argparse.Namespace) -> str:
             memory_budget=args.memory_budget * 2**30, calibrate_steps=args.calibrate,
         )
     except InputError as error:
-        raise _in_gib(error, args.memory_budget) from None
+        raise _as_options(error, args.memory_budget) from None
     return result.report(calibrate="--calibrate 6")
 
 
@@ -164,12 +164,17 @@ def _run_name(config: Path, values: dict) -> str:
     return names[kind]
 
 
-def _in_gib(error: InputError, gib: float) -> InputError:
-    """The planner's refusal of a budget, in the GiB of --memory-budget rather than in bytes."""
-    text = str(error)
-    if "memory_budget" not in text:
-        return error
-    return InputError(re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", text))
+# explain()'s arguments that the library's messages name, as the options that set them here
+_OPTIONS = {"step_bins": "--step-bins", "quadrature": "--quadrature", "device": "--device", "dtype": "--dtype"}
+
+
+def _as_options(error: InputError, gib: float) -> InputError:
+    """The planner's refusal in the words of this command: its options instead of explain()'s
+    arguments (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
+    text = re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", str(error))
+    text = re.sub(r"\b(" + "|".join(_OPTIONS) + r")='?([^'\s,;:)]+)'?",
+                  lambda m: f"{_OPTIONS[m.group(1)]} {m.group(2).removeprefix('torch.')}", text)
+    return error if text == str(error) else InputError(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -831,14 +831,15 @@ class Recorder:
             error = float((alone.reshape(-1)[0] - losses[row]).abs() / scale)
             if error > tolerance:
                 raise UnsupportedError(
-                    f"at step {self.step} the model's output for a sample depends on the other samples of its "
+                    f"at step {self.step} a sample's loss depends on the other samples of its "
                     f"batch: sample {row}'s loss is {float(losses[row]):.6g} in the batch and {float(alone.reshape(-1)[0]):.6g} "
                     f"alone (relative difference {error:.2e}; tolerance {tolerance:.0e}). explain() computes each "
                     "sample's share of a step on that sample alone, so the shares would not add up to the step. "
                     "Causes: a statistic over the batch in forward (x.mean(0), a normalisation by the batch's mean "
-                    "or variance, a Python branch on one), attention or pooling across the batch dim. Fix: make "
-                    "forward treat each sample on its own (LayerNorm or GroupNorm for a batch statistic; constants "
-                    "computed from the dataset for a normalisation)")
+                    "or variance, a Python branch on one), attention or pooling across the batch dim, a declared "
+                    "loss that compares the samples (a contrastive loss). Fix: make forward and the loss treat "
+                    "each sample on its own (LayerNorm or GroupNorm for a batch statistic; constants computed from "
+                    "the dataset for a normalisation)")
 
     def _remember_resumed_schedule(self) -> None:
         """The schedule as a resume restored it: the one its first step runs with."""

@@ -83,11 +83,19 @@ def test_version(capsys):
     assert stop.value.code == 0 and capsys.readouterr().out == f"explaind {ex.__version__}\n"
 
 
-@pytest.mark.parametrize("argv", [["--quadrature", "0"], ["--step-bins", "0"], ["--outputs", "99"]])
-def test_plan_command_reports_a_refused_request_without_a_traceback(run_dir, tmp_path, capsys, argv):
+@pytest.mark.parametrize("argv, words", [
+    (["--quadrature", "0"], ["quadrature nodes must be a positive integer, got 0"]),
+    (["--quadrature", "5000"], ["--quadrature 5000 nodes: at most 1000"]),
+    (["--step-bins", "0"], ["--step-bins 0 must lie in 1 … 4"]),
+    (["--outputs", "99"], ["outputs [99] do not exist"]),
+    (["--device", "cuda:7"], ["--device cuda:7", "Fix: pass --device cpu"]),  # no GPU, or not 8 of them
+])
+def test_plan_command_reports_a_refused_request_without_a_traceback(run_dir, tmp_path, capsys, argv, words):
+    """... in the command's words: its options, not explain()'s arguments."""
     assert main(["plan", str(run_dir), "--data", str(tmp_path), *argv]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ") and "Traceback" not in err and all(w in err for w in words), err
+    assert "step_bins=" not in err and "device=" not in err and "quadrature=" not in err
 
 
 def test_plan_command_reports_a_missing_history(run_dir, tmp_path, capsys):

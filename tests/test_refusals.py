@@ -173,6 +173,23 @@ def test_a_model_whose_samples_are_not_its_own_is_refused_at_the_first_step(tmp_
         ex.History(tmp_path / "h", allow_incomplete=True)
 
 
+def test_a_loss_that_compares_the_samples_is_refused_at_the_first_step(tmp_path):
+    """A declared per-sample loss that reads the whole batch (logits centred on the batch's mean,
+    as a contrastive loss compares samples): no sample's share is its own either."""
+    def centred(out, targets):
+        return F.cross_entropy(out - out.mean(0), targets, reduction="none")
+
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("at step 0 a sample's loss depends on the other samples",
+                                                       "contrastive loss", "Fix")):
+        with ex.Recorder(tmp_path / "h", model, optimizer, loss=centred) as rec:
+            optimizer.zero_grad()
+            centred(model(x), y).mean().backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+
+
 class RowBranch(nn.Module):
     """A Python branch per input on its value: each sample's output is its own, but neither its
     kinks nor its per-sample passes can be batched."""
