@@ -821,18 +821,18 @@ class Recorder:
                 "where batch() records the inputs it made)")
         for row in sorted({0, len(x) - 1}):
             try:
-                alone = self.loss(flat.raw(theta, x[row:row + 1]), y[row:row + 1])
+                alone = self.loss(flat.raw(theta, x[row:row + 1]), y[row:row + 1]).reshape(-1)[0]
             except Exception as error:  # forward or loss assumes a batch of several samples
                 raise UnsupportedError(
                     f"at step {self.step} the model or the declared loss fails on one sample alone (a batch of "
                     f"1: sample {row} of the batch), on which explain() computes every sample's share of a step: "
                     f"{type(error).__name__}: {error}. Fix: make forward and the loss take a batch of any size, "
                     "including 1 (a squeeze() that drops the batch dim of a batch of one, say)") from error
-            error = float((alone.reshape(-1)[0] - losses[row]).abs() / scale)
+            error = float((alone - losses[row]).abs() / scale)
             if error > tolerance:
                 raise UnsupportedError(
                     f"at step {self.step} a sample's loss depends on the other samples of its "
-                    f"batch: sample {row}'s loss is {float(losses[row]):.6g} in the batch and {float(alone.reshape(-1)[0]):.6g} "
+                    f"batch: sample {row}'s loss is {float(losses[row]):.6g} in the batch and {float(alone):.6g} "
                     f"alone (relative difference {error:.2e}; tolerance {tolerance:.0e}). explain() computes each "
                     "sample's share of a step on that sample alone, so the shares would not add up to the step. "
                     "Causes: a statistic over the batch in forward (x.mean(0), a normalisation by the batch's mean "
