@@ -655,6 +655,19 @@ def test_params_refuse_values_out_of_range_naming_key_and_file(tmp_path, stage, 
         pipeline.load_params(stage, params_file=path)
 
 
+def test_params_refuse_protected_components_the_model_lacks(tmp_path):
+    """A misspelt protected component stops the stage at its parameters, before the run loads."""
+    content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
+    content["influence"]["cnn"]["protected"] = ["lnear"]
+    path = write_yaml(tmp_path / "params.yaml", content)
+    with pytest.raises(ParameterError, match=r"(?s)influence\.cnn\.protected is \('lnear',\).*the cnn's components: "
+                                             r"conv1, conv2, res1, conv3, res2, conv4, linear.*Fix: set influence\.cnn\.protected"):
+        pipeline.load_params("influence@cnn", params_file=path)
+    content["influence"]["cnn"]["protected"] = ["linear", "conv1"]
+    assert pipeline.load_params("influence@cnn", params_file=write_yaml(tmp_path / "ok.yaml", content))["protected"] == (
+        "linear", "conv1")
+
+
 def test_params_refuse_an_unknown_device_but_not_an_absent_gpu(tmp_path):
     content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
     content["base"]["device"] = "gpu"

@@ -84,3 +84,29 @@ def test_readme_examples_run_as_written_and_reconstruct_the_change(tmp_path, mon
     assert np.abs(parts.values.ravel() - change).max() <= 1e-9 * np.abs(change).max()
     reopened = ex.open_cube("results/cube.zarr")
     np.testing.assert_array_equal(reopened.attribution.values, cube.attribution.values)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_docs_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and an anchor a
+    heading of that file: moving a section between them cannot leave a link dangling."""
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    links = 0
+    for page in pages:
+        prose = re.sub(r"```.*?```|`[^`\n]*`", "", page.read_text(), flags=re.DOTALL)  # code is no link
+        prose = re.sub(r"^    .*$", "", prose, flags=re.MULTILINE)  # nor is an indented code block
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (page.parent / file).resolve() if file else page
+            assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)
+                assert anchor in {github_anchor(h) for h in headings}, f"{page.name}: no heading for {target}"
+            links += 1
+    assert links >= 10  # the README and the docs link each other
