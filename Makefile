@@ -29,6 +29,8 @@ TEST_WORKERS ?= 2
 TORCH_INDEX ?=
 
 BIN := $(CURDIR)/$(VENV)/bin
+# pyproject.toml's torch requirement, for installing torch alone from TORCH_INDEX
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch[^"]*\)".*/\1/p' pyproject.toml)
 STAMP := $(VENV)/.explaind-setup
 # The knobs setup was run with: setup reruns when they change, not only when pyproject.toml does.
 SETTINGS := $(VENV)/.explaind-settings
@@ -49,6 +51,8 @@ $(STAMP): pyproject.toml $(SETTINGS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "explaind needs Python >= 3.10, got " + sys.version'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e ".[$(EXTRAS)]"
+	@# a torch already installed satisfies the pin, so pip would keep it: take the index's build in its place
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet --upgrade --extra-index-url $(TORCH_INDEX) "$(TORCH_PIN)")
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" > /dev/null
 	@touch $@
 	@echo "setup done: $(VENV) with explaind[$(EXTRAS)] and Jupyter kernel '$(KERNEL)'"
@@ -65,7 +69,9 @@ repro: setup data  ## run the whole DVC pipeline (params.yaml)
 	$(BIN)/dvc repro
 
 repro-paper: setup data  ## run the pipeline as a DVC experiment with the paper profile (GPU)
-	set -f; $(BIN)/dvc exp run $$($(BIN)/python -m explaind.pipeline set-args params_paper.yaml)
+	@# the arguments first: a profile that fails its checks (no CIFAR-10 in data/) stops here, where
+	@# a failing substitution inside the command would run `dvc exp run` with no -S, the CPU profile
+	args=$$($(BIN)/python -m explaind.pipeline set-args params_paper.yaml); set -f; $(BIN)/dvc exp run $$args
 
 plots: setup  ## render the training curves to dvc_plots/index.html
 	@ls reports/train_*/curves.csv > /dev/null 2>&1 || { echo "no training curves in reports/: run make repro first"; exit 1; }

@@ -14,6 +14,7 @@ segments left unresolved and the relative residual, which agree when the fold is
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def reconstructed(path: Path, fold: bool) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    torch.set_num_threads(parser.parse_args().threads)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in (False, True):
             attrs = reconstructed(Path(tmp) / f"fold{fold}", fold)

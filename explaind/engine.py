@@ -387,10 +387,13 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
             "index or a list of distinct output indices (whole numbers)"
         )
     chosen = indices.tolist()
+    if not chosen:
+        raise InputError(f"outputs=[] names no output: pass at least one output index (the model has {n_total} "
+                         f"outputs, 0 … {n_total - 1}), or 'all', 'true' or 'predicted'")
     bad = [o for o in chosen if not 0 <= o < n_total]
-    if bad or not chosen:
+    if bad:
         raise InputError(
-            f"outputs {bad or chosen} do not exist: the model has {n_total} outputs (0 … {n_total - 1})"
+            f"outputs {bad} do not exist: the model has {n_total} outputs (0 … {n_total - 1})"
         )
     return torch.tensor(chosen).expand(len(inputs), -1), chosen
 

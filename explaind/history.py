@@ -17,7 +17,9 @@ On-disk format (a directory; no pickle anywhere):
                          run can continue from its last complete step. The tensors alternate
                          between the two files and resume.json, written last, names its file
                          and that file's sha256: a crash between the two writes leaves the
-                         previous, consistent pair
+                         previous, consistent pair. With a scheduler, the state of step 0 (taken
+                         as the recording starts and at its first batch) stays until the second
+                         step shows how often the loop steps the scheduler
     closed.json          written by close(): the number of steps, the hashes of meta.json and
                          of the manifest (its per-step values are covered by nothing else) and
                          the final step's hash
@@ -488,6 +490,7 @@ class Recorder:
         # _undo_a_repeated_schedule_step): until the first step after a resume
         self._resumed_schedule: tuple[int, dict, list[dict]] | None = None
         self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
+        self._resume_info_written = _resume_from is not None  # a resume starts from the stored state
 
         if _resume_from is None:
             self._start_new(overwrite)
@@ -574,6 +577,7 @@ class Recorder:
             "explaind_version": _version(),
         }
         _write_atomic(self._dir / "meta.json", _json_bytes(meta))
+        self._write_resume_tensors()  # the RNG before step 0 draws its batch: a resume from step 0 restores it
 
     def _replace_existing(self, overwrite: bool) -> None:
         """Only a history (or what a recording killed before its history was whole left) may be
@@ -737,8 +741,9 @@ class Recorder:
                 )
         if self._resumed_schedule is not None:
             self._undo_a_repeated_schedule_step()
-        if self.step > 0 and self.scheduler is not None:
-            # the loop has stepped its scheduler since the last step: store its state now
+        if self.scheduler is not None and (self.step > 0 or not self._resume_info_written):
+            # the loop has stepped its scheduler since the last step (or, at step 0, set it up for
+            # the first one): store its state now
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(_schedule_position(self.scheduler) - self._epoch_after_step)
             self._write_resume_info(scheduler_stepped=True)
@@ -947,7 +952,12 @@ class Recorder:
         self._last = after
         self.step += 1
         self._write_resume_tensors()
-        self._write_resume_info(scheduler_stepped=False)
+        if self.scheduler is not None:
+            self._epoch_after_step = _schedule_position(self.scheduler)
+        if self.scheduler is None or self._scheduler_steps is not None:
+            self._write_resume_info(scheduler_stepped=False)
+        # else how often the loop steps its scheduler is learned at the next step: until then the
+        # state stored at step 0's batch resumes the run, which records step 0 again
         if self._dir != self.path:  # the first step has passed its checks
             self._manifest.close()
             self._take_its_place()
@@ -978,8 +988,7 @@ class Recorder:
         """Hyperparameters and scheduler state. Written after a step, and again before the
         next one once the loop has stepped its scheduler; a run killed in between is resumed
         by stepping the scheduler as often as the loop did per step."""
-        if self.scheduler is not None and not scheduler_stepped:
-            self._epoch_after_step = _schedule_position(self.scheduler)
+        self._resume_info_written = True
         info = {
             "next_step": self.step,
             "param_groups": self.optimizer.state_dict()["param_groups"],
@@ -1070,12 +1079,12 @@ class Recorder:
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
         seen, target_of = _declared_targets(history, step, path)
-        _keep_manifest_lines(path, history.manifest[:step])
-        history = History(path, allow_incomplete=True)  # re-read: the steps kept, nothing more
+        resumed = {**history.params(step), **history.constants()}  # θ, and the constants it was trained with
+        _keep_manifest_lines(path, history.manifest[:step])  # (step 0: none; θ_0 is the initial file's)
         tensors = _read_resume_tensors(path, info)
         named = {**dict(module_of(model).named_parameters()), **dict(module_of(model).named_buffers())}
-        with torch.no_grad():  # θ, and the constants it was trained with (checked to fit above)
-            for name, value in {**history.params(step), **history.constants()}.items():
+        with torch.no_grad():  # (checked to fit above)
+            for name, value in resumed.items():
                 named[name].copy_(value)
         opt_state: dict = {}
         for key, value in tensors.items():
@@ -1376,7 +1385,8 @@ def _catch_up(scheduler, info: dict, path) -> None:
     if steps is None:
         raise HistoryError(
             f"{path} was killed right after its first step, before its scheduler's stepping "
-            "could be observed: record it again with overwrite=True"
+            "could be observed, by an explaind that kept no state to resume that step from: record "
+            "it again with overwrite=True"
         )
     if steps == 0 or info.get("scheduler_steps_vary", False):
         raise UnsupportedError(
@@ -1505,8 +1515,9 @@ class History:
             raise HistoryError(
                 f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but the "
                 "recorder was never closed (the run was killed?). Continue it with "
-                "Recorder.resume(...), or open it with allow_incomplete=True to use the "
-                "complete steps"
+                "Recorder.resume(...), or use the complete steps: open it with "
+                "History(path, allow_incomplete=True) and pass that History to explain, reconstruct "
+                "or verify_updates in place of the path"
             )
         if not self.manifest:
             raise HistoryError(f"{self.path} holds no complete step (its recording stopped before the first "

@@ -84,11 +84,12 @@ def decay_share(cube: xr.Dataset) -> xr.DataArray:
 
 def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dict[str, xr.DataArray]:
     """The k most helpful (largest positive) and most harmful (most negative) training samples
-    for one input. Only positive scores are helpful and only negative ones harmful, so either
-    list holds fewer than k samples when fewer scores have that sign."""
+    for one input and one explained output (`output`, or the only one the cube keeps or explained).
+    Only positive scores are helpful and only negative ones harmful, so either list holds fewer
+    than k samples when fewer scores have that sign."""
     if not is_whole(k) or k < 0:
         raise InputError(f"k={k!r} must be a whole number ≥ 0 of samples to list")
-    scores = _one_output(data_scores(cube).sel(test=_test_label(cube, test)), output)
+    scores = _one_output(cube, data_scores(cube).sel(test=_test_label(cube, test)), output)
     if bool(np.isnan(scores.values).any()):
         raise InputError(f"the data scores of test input {test!r} contain NaN: the cube holds non-finite "
                          "attributions; explain again from a finite run")
@@ -99,9 +100,18 @@ def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dic
             "harmful": scores.isel(train=harmful[scores.values[harmful] < 0])}
 
 
-def _one_output(scores: xr.DataArray, output) -> xr.DataArray:
-    """The scores of one explained output: `output`, or the only one the cube keeps."""
+def _one_output(cube: xr.Dataset, scores: xr.DataArray, output) -> xr.DataArray:
+    """The scores of one explained output: `output`, or the only one the cube keeps or explained."""
     if "output" not in scores.dims:
+        explained = cube["output"].values.tolist() if "output" in cube.coords else [output]
+        if len(explained) > 1:  # its attributions were summed over several outputs while explaining
+            raise InputError(
+                f"this cube sums the attributions of its {len(explained)} explained outputs (its keep= had no "
+                "'output'), and no one output's scores can be read off that sum. Fix: explain again with "
+                "keep=(..., 'output') and pass output=..., or explain one output per input "
+                "(outputs='true', 'predicted' or one index)")
+        if output is not None and output not in explained:
+            raise InputError(f"output={output!r} is not the cube's explained output: it explains {explained[0]!r}")
         return scores
     labels = scores["output"].values.tolist()
     if output is None and len(labels) > 1:
@@ -127,7 +137,7 @@ def cosine_similarity(cube: xr.Dataset, over: str = "train", output=None) -> xr.
     if over not in COSINE_OVER:
         raise InputError(f"over={over!r}: the score vectors run over one of {list(COSINE_OVER)}")
     attribution = _require(cube, over, "test")
-    scores = _one_output(_sum_except(attribution, (over, "test", "output")), output)
+    scores = _one_output(cube, _sum_except(attribution, (over, "test", "output")), output)
     vectors = scores.transpose("test", over).values
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     unit = vectors / np.where(norms > 0, norms, np.nan)

@@ -15,9 +15,10 @@ diagonal preconditioner P_s:
     Adam                 a=β1 b=1−β1 c=1/(1−β1^t)  e=0  P=1⊘(√v_t/√(1−β2^t)+ε)  λ_c=λ
     AdamW                as Adam, but λ_c=0 and λ_d=λ
 
-Since ḡ_s = c_s Σ_k w_{s,k} g_{s,k}, the update is linear in per-sample gradients, which is what
-lets the engine split it exactly by training sample (c_s is the recorded factor by which
-gradient-norm clipping scaled step s's gradient, 1 without clipping).
+Since ḡ_s = κ_s Σ_k w_{s,k} g_{s,k}, the update is linear in per-sample gradients, which is what
+lets the engine split it exactly by training sample (κ_s is the recorded factor by which
+gradient-norm clipping scaled step s's gradient, 1 without clipping; docs/method.md writes it
+c_s, a name this module gives the recurrence's coefficient).
 """
 
 from __future__ import annotations

@@ -198,13 +198,24 @@ def apply_base(params: Mapping[str, Any]) -> None:
         torch.set_num_threads(params["threads"])
 
 
+def _protected_components(config) -> str | None:
+    """The range influence.<model>.protected is out of, if it is: components of the stage's model
+    (a library call may protect any component of its own model; a stage fails at its start)."""
+    from .models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS
+
+    components = {"cnn": CNN_COMPONENTS, "transformer": TRANSFORMER_COMPONENTS}[config.model]
+    return None if set(config.protected) <= set(components) else \
+        f"a list of the {config.model}'s components: {', '.join(components)}"
+
+
 # Values a config takes for the library's own use that no pipeline stage can use:
-# stage -> (key, whether the value is in range, the range in words).
-PIPELINE_RANGES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+# stage -> (key, the range its value is out of given the config, or None).
+PIPELINE_RANGES: dict[str, tuple[tuple[str, Callable[[Any], str | None]], ...]] = {
     # train_transformer(max_steps=0) is an untrained model (the grokking study restarts from one);
     # as a stage it would leave a history of no step, which every analysis stage refuses
-    "train_transformer": (("max_steps", lambda steps: steps >= 1,
+    "train_transformer": (("max_steps", lambda config: None if config.max_steps >= 1 else
                            "at least 1 in the pipeline: the analysis stages explain the recorded steps"),),
+    "influence": (("protected", _protected_components),),
 }
 
 
@@ -217,9 +228,9 @@ def make_config(stage: str, params: Mapping[str, Any]) -> Any:
     config = cls(**{key: value for key, value in params.items() if key in names})  # checks the ranges
     from .training import check_ranges  # torch: imported with the config class, not by the CLI
 
-    name, _ = split_stage(stage)
-    check_ranges(name, config, [(key, ok(getattr(config, key)), rule)
-                                for key, ok, rule in PIPELINE_RANGES.get(name, ())])
+    name, item = split_stage(stage)
+    broken = [(key, out_of(config)) for key, out_of in PIPELINE_RANGES.get(name, ())]
+    check_ranges(f"{name}.{item}" if item else name, config, [(key, rule is None, rule) for key, rule in broken])
     check_base(params)  # and those of the base keys
     if "device" in params:  # before the stage deletes its old outputs, as the config's ranges
         check_device(params["device"])

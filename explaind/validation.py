@@ -30,7 +30,6 @@ from .engine import explain
 from .errors import ExplaindError, InputError
 from .functional import FlatModel
 from .influence import data_scores
-from .models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS
 from .quadrature import MAX_NODES
 from .stages import Run, first
 from .training import check_ranges, train_cnn, train_transformer
@@ -68,10 +67,7 @@ class InfluenceConfig:
 
     def __post_init__(self):
         nodes = f"at least 1 and at most {MAX_NODES} (each node is one Jacobian pass per step)"
-        components = {"cnn": CNN_COMPONENTS, "transformer": TRANSFORMER_COMPONENTS}[self.model]
         check_ranges(f"influence.{self.model}", self, (
-            ("protected", set(self.protected) <= set(components),
-             f"a list of the {self.model}'s components: {', '.join(components)}"),
             ("splits", self.splits >= 1, "at least 1"),
             ("score_inputs", self.score_inputs >= 1, "at least 1"),
             ("min_fraction", 0 < self.min_fraction <= self.max_fraction, "in (0, max_fraction]"),

@@ -45,8 +45,8 @@ def rows_of(step: int) -> torch.Tensor:
 
 
 def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: int | None = None,
-                  scheduler_first: bool = False, closure: str | None = None):
-    """With `scheduler_first`, the schedule is stepped at the start of each step but the first,
+                  scheduler_first: bool = False, closure: str | None = None, crash_after_step: int | None = None):
+    """`crash_after_step` kills the loop right after that step's optimizer.step(). With `scheduler_first`, the schedule is stepped at the start of each step but the first,
     before the batch, as some loops do (rather than after optimizer.step()). With `closure`
     ("positional" or "keyword"), the loop hands optimizer.step() a closure that makes the gradient,
     declares the batch and clips, as PyTorch Lightning's automatic optimization does."""
@@ -74,6 +74,8 @@ def training_loop(rec, model, optimizer, scheduler, x, y, start: int, crash_at: 
             if step == crash_at:  # killed after backward and batch(), before the step
                 raise Crash(f"killed at step {step}")
             optimizer.step()
+        if step == crash_after_step:  # before the scheduler's step (and the next batch)
+            raise Crash(f"killed after step {step}")
         if not scheduler_first:
             scheduler.step()
 
@@ -286,6 +288,36 @@ def test_a_loop_that_steps_its_scheduler_first_resumes_on_its_schedule(tmp_path)
     lrs = [line["groups"][0]["lr"] for line in manifest(whole)]
     assert lrs[CRASH_AT] != lrs[CRASH_AT + 1]  # StepLR(3): step 5 is the last of its learning rate
     assert_same_history(crashed, whole)
+
+
+@pytest.mark.parametrize("scheduler_first", [False, True])
+def test_a_run_killed_right_after_its_first_step_resumes_from_the_start(tmp_path, scheduler_first):
+    """How often the loop steps its scheduler is learned at the second step: a run killed before
+    it resumes from the state stored at the first step's batch, and records that step again."""
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    record(whole, scheduler_first=scheduler_first)
+    with pytest.raises(Crash):
+        record(crashed, crash_after_step=0, scheduler_first=scheduler_first)
+    assert ex.History(crashed, allow_incomplete=True).n_steps == 1
+    _, start = resume(crashed, scheduler_first=scheduler_first)
+    assert start == 0
+    assert_same_history(crashed, whole)
+
+
+def test_a_first_step_state_of_an_older_explaind_is_refused_with_the_fix(tmp_path):
+    """An explaind before the step-0 resume state stored the state after the first step with its
+    scheduler not yet stepped, and nothing to tell how often to step it: refused, naming the fix."""
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_after_step=0)
+    info = json.loads((path / "resume.json").read_text())
+    after_step = path / "resume-1.safetensors"  # the tensors written after step 0
+    (path / "resume.json").write_text(json.dumps({
+        **info, "next_step": 1, "scheduler_stepped": False, "scheduler_steps_per_step": None,
+        "tensors": after_step.name, "tensors_sha256": hashlib.sha256(after_step.read_bytes()).hexdigest()}))
+    model, optimizer, scheduler = fresh_objects(0)
+    with pytest.raises(ex.HistoryError, match="(?s)killed right after its first step.*overwrite=True"):
+        ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
 
 
 def record_step_past_resume_state(path: Path) -> None:

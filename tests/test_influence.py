@@ -78,6 +78,24 @@ def test_top_training_samples_of_a_single_output_need_no_choice():
     assert top["helpful"].equals(top_training_samples(cube, test=1, k=2, output="true")["helpful"])
 
 
+def test_one_outputs_scores_are_refused_on_a_cube_that_summed_several():
+    """A cube explained without 'output' in keep sums its outputs' attributions: no one output's
+    top samples or similarities can be read off that sum, whichever output is asked for."""
+    cube = make_cube()
+    summed = cube.assign(attribution=cube.attribution.sum("output"))  # regularization keeps the labels
+    for call in (lambda: top_training_samples(summed, test=1, output=0), lambda: top_training_samples(summed, test=1),
+                 lambda: cosine_similarity(summed, output=1), lambda: cosine_similarity(summed)):
+        with pytest.raises(InputError, match=r"(?s)sums the attributions of its 2 explained outputs.*keep=\(\.\.\., 'output'\)"):
+            call()
+    single = make_cube(out=1).assign_coords(output=["true"])
+    one_summed = single.assign(attribution=single.attribution.sum("output"))  # a sum of one: that output
+    for output in (None, "true"):
+        top = top_training_samples(one_summed, test=1, k=2, output=output)
+        assert top["helpful"].train.values.tolist() == top_training_samples(single, test=1, k=2)["helpful"].train.values.tolist()
+    with pytest.raises(InputError, match="output=0 is not the cube's explained output: it explains 'true'"):
+        top_training_samples(one_summed, test=1, output=0)
+
+
 def test_step_scores_of_a_window_count_what_momentum_carried_into_it():
     cube = make_cube()
     carried = np.random.default_rng(1).normal(size=cube.regularization.shape)  # as explain(steps=, replay=) books it

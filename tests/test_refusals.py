@@ -986,7 +986,7 @@ def test_test_inputs_of_the_wrong_shape(run, no_heavy_compute):
 
 
 @pytest.mark.parametrize("outputs, words", [([3], ("do not exist", "3 outputs")), ([-1, 0], ("do not exist",)),
-                                            ([], ("do not exist",)), ("everything", ("not understood", "'all'"))])
+                                            ([], ("names no output", "at least one output index", "3 outputs")), ("everything", ("not understood", "'all'"))])
 def test_output_selection_that_does_not_exist(run, no_heavy_compute, outputs, words):
     with pytest.raises(ex.InputError, match=says(*words)):
         ex.explain(run.path, run.model, run.test_x, outputs=outputs, progress=False)
