@@ -55,17 +55,14 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
         if unmatched:
             raise InputError(_unmatched(unmatched, names, spec, complete, untrained or {}))
 
+        owners = {n: [c for c, patterns in spec.items() if any(_matches(n, p) for p in patterns)] for n in names}
+        problems = _misplaced(owners, complete)
+        if problems:  # every tensor named at once: a mapping is fixed in one edit, not one per error
+            raise InputError(f"{problems}: each parameter tensor must belong to exactly one component; fix the "
+                             "mapping (values are tensor names or module prefixes)")
+
         def fn(n: str) -> str | None:
-            owners = [c for c, patterns in spec.items() if any(_matches(n, p) for p in patterns)]
-            if not owners and not complete:
-                return None
-            if len(owners) != 1:
-                where = f"in components {owners}" if owners else "in no component"
-                raise InputError(
-                    f"parameter tensor {n!r} is {where}: each tensor must belong to exactly one "
-                    "component; fix the mapping (values are tensor names or module prefixes)"
-                )
-            return owners[0]
+            return owners[n][0] if owners[n] else None
     else:
         raise InputError(
             f"components={spec!r} is not understood: use 'tensor', 'module', a mapping "
@@ -83,6 +80,13 @@ def group_tensors(names: Sequence[str], spec: ComponentSpec = "tensor", *, compl
             )
         groups.setdefault(component, []).append(n)
     return groups
+
+
+def _misplaced(owners: Mapping[str, list[str]], complete: bool) -> str:
+    """The tensors a mapping puts in no component (where it must be complete) or in several, in words."""
+    orphans = [repr(n) for n, found in owners.items() if not found] if complete else []
+    problems = [f"{', '.join(orphans)} {'is' if len(orphans) == 1 else 'are'} in no component"] if orphans else []
+    return "; ".join(problems + [f"{n!r} is in components {found}" for n, found in owners.items() if len(found) > 1])
 
 
 def _unmatched(unmatched: Mapping[str, list[str]], names: Sequence[str], spec: Mapping[str, list[str]],

@@ -152,6 +152,21 @@ def explain(
     integral's error); with a bounded `replay`, also `carried` (below).
     Positive attribution raises the output.
 
+    history: a recorded run's folder, or an explaind.History (one opened with
+    allow_incomplete=True explains the complete steps of a killed run). model: the trained
+    architecture (its parameter values are ignored: every θ comes from the history). inputs: the
+    test inputs, [n, ...] as the model takes them; targets: their classes, for outputs="true".
+    keep: the dims kept, any of "step", "component", "train", "test", "output" (default: all).
+    components: "tensor" (one component per parameter tensor), "module" (the tensors of the module
+    that directly owns them: "enc.self_attn.in_proj_weight" is in "enc.self_attn", apart from
+    "enc.self_attn.out_proj"), a mapping component -> a tensor name or module prefix (or a list of
+    them), or a function tensor name -> component. convention: "update" books a gradient's effect
+    at each step its momentum moves the parameters; "gradient" books it all at the step the gradient
+    was taken (lighter: no per-sample momentum buffer). loss: the per-sample loss of a history
+    recorded with a custom loss (as given to the Recorder), for the gradients. dtype / device: the
+    compute precision and device ("cuda" runs the same code on a GPU). test_ids: labels of the test
+    dim (default 0 … n−1; e.g. the inputs' dataset indices). progress: a tqdm bar and the plan's
+    summary on stderr.
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model), an output
     index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's
     output) or "logit" (the raw output); None: what the recorded loss reads, the raw output under
@@ -190,7 +205,8 @@ def explain(
     without a train dim then needs no gradient at all: the recorded update is split into its
     weight-decay part and the rest.
     tolerance: the largest output residual, relative to the largest change of an explained
-    output, that is accepted; above it a ReconstructionError is raised (None: never).
+    output, that is accepted; above it a ReconstructionError is raised, which holds the cube as its
+    .cube (None: never raised).
     test_chunk / train_chunk / batch_chunk bound memory: test inputs per pass, training samples
     per momentum buffer (the history is streamed once per chunk pair) and samples of a recorded
     batch per backward pass (a batch's gradient is summed over its parts, so this chunk costs no
@@ -1102,6 +1118,9 @@ def recorded_update(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
     return torch.where(k.eta != 0, -delta / k.eta, torch.zeros_like(delta))
 
 
+_ANYWAY = " (except ReconstructionError as error: error.cube); tolerance=None returns it without raising."
+
+
 def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     """Raise ReconstructionError if the cube misses more than `tolerance` of the largest output
     change, saying whether the recorded updates or the path integral miss and what to change."""
@@ -1111,8 +1130,8 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     if not np.isfinite(relative):
         raise ReconstructionError(
             "the outputs or the decomposition hold NaN or inf (an overflow in the model or the "
-            "recorded run): compute in float64, or check the run for diverging steps. Pass "
-            "tolerance=None to get the cube anyway."
+            "recorded run): compute in float64, or check the run for diverging steps. The cube "
+            f"computed is this error's .cube{_ANYWAY}", cube=cube
         )
     change = float(cube.attrs["max_abs_change"])  # > 0 here: relative is 0 when nothing changed
     from_updates = float(cube.attrs["max_abs_residual_from_updates"]) / change
@@ -1135,7 +1154,7 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
         f"{float(cube.attrs['max_abs_residual']):.2e} of a change of {change:.2e}; tolerance {tolerance:.0e}). "
         f"Of the largest change, up to {from_updates:.2e} is missed through the recorded updates "
         f"differing from the modelled ones{checked} and up to {path:.2e} by the path integral. "
-        f"{fix} Pass tolerance=None to get the cube anyway."
+        f"{fix} The cube computed is this error's .cube{_ANYWAY}", cube=cube
     )
 
 

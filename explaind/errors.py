@@ -22,7 +22,12 @@ class InputError(ExplaindError):
 
 
 class ReconstructionError(ExplaindError):
-    """A measured residual of the decomposition exceeds the tolerance the user set."""
+    """A measured residual of the decomposition exceeds the tolerance the user set. `cube` holds
+    what was computed (None where nothing was), so that reading it needs no second run."""
+
+    def __init__(self, message: str, cube=None):
+        super().__init__(message)
+        self.cube = cube
 
 
 # What makes recorded updates differ from the modelled optimizer, as both checks name it.

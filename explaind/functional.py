@@ -855,8 +855,9 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
         "does not batch. explaind batches every derivative over inputs, samples or points with vmap. "
         "PyTorch's nn.LSTMCell and nn.GRUCell make their state so when called without one, and nn.LSTM, "
         "nn.GRU and nn.RNN in float64 on the CPU. Fix: make such tensors from the input (x.new_zeros(...), "
-        "torch.zeros_like(x)); for those modules pass that state, for example h0 = x.new_zeros(layers, "
-        "batch, hidden); a Hugging Face model filling its cache: build it with use_cache=False in its config")
+        "torch.zeros_like(x); from a floating-point tensor it made where the input is token ids, such as the "
+        "embedded input e); for those modules pass that state, for example h0 = e.new_zeros(layers, batch, "
+        "hidden); a Hugging Face model filling its cache: build it with use_cache=False in its config")
 
 
 def checked_output(flat: "FlatModel", theta: torch.Tensor, x: torch.Tensor, target: str | None,

@@ -13,13 +13,15 @@ On-disk format (a directory; no pickle anywhere):
                          where the recorder clipped the step's gradient, the factor it
                          scaled the gradient by
     resume.json / resume-0.safetensors, resume-1.safetensors
-                         the latest full optimizer, scheduler and RNG state, so that a killed
+                         the latest full optimizer and scheduler state and the global RNGs
+                         (torch's, numpy's, Python's), so that a killed
                          run can continue from its last complete step. The tensors alternate
                          between the two files and resume.json, written last, names its file
                          and that file's sha256: a crash between the two writes leaves the
-                         previous, consistent pair. With a scheduler, the state of step 0 (taken
-                         as the recording starts and at its first batch) stays until the second
-                         step shows how often the loop steps the scheduler
+                         previous, consistent pair. The state of step 0 (the RNG as the
+                         recording started, the rest at its first batch) is the first; with a
+                         scheduler it stays until the second step shows how often the loop
+                         steps the scheduler
     closed.json          written by close(): the number of steps, the hashes of meta.json and
                          of the manifest (its per-step values are covered by nothing else) and
                          the final step's hash
@@ -36,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -577,7 +580,7 @@ class Recorder:
             "explaind_version": _version(),
         }
         _write_atomic(self._dir / "meta.json", _json_bytes(meta))
-        self._write_resume_tensors()  # the RNG before step 0 draws its batch: a resume from step 0 restores it
+        self._rng_at_start = _rng_states()  # before step 0 draws its batch: a resume from step 0 restores them
 
     def _replace_existing(self, overwrite: bool) -> None:
         """Only a history (or what a recording killed before its history was whole left) may be
@@ -741,11 +744,13 @@ class Recorder:
                 )
         if self._resumed_schedule is not None:
             self._undo_a_repeated_schedule_step()
-        if self.scheduler is not None and (self.step > 0 or not self._resume_info_written):
-            # the loop has stepped its scheduler since the last step (or, at step 0, set it up for
-            # the first one): store its state now
+        if self.scheduler is not None and self.step > 0:
+            # the loop has stepped its scheduler since the last step: store its state now
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(_schedule_position(self.scheduler) - self._epoch_after_step)
+            self._write_resume_info(scheduler_stepped=True)
+        elif not self._resume_info_written:  # a new recording's first step: the state a kill resumes from,
+            self._write_resume_tensors(self._rng_at_start)  # until the state after a step replaces it
             self._write_resume_info(scheduler_stepped=True)
         self._refuse_unmodelled_settings(optimizer)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
@@ -973,10 +978,10 @@ class Recorder:
                     "rate, and keep Adam's eps > 0"
                 )
 
-    def _write_resume_tensors(self) -> None:
-        """Optimizer state and RNG right after a step (before the next batch draws from it),
-        into the file that the current resume.json does not name."""
-        tensors = {"rng/cpu": torch.get_rng_state()}
+    def _write_resume_tensors(self, rngs: dict[str, torch.Tensor] | None = None) -> None:
+        """Optimizer state and RNGs right after a step (before the next batch draws from them; at
+        step 0, `rngs` as the recording started), into the file the current resume.json does not name."""
+        tensors = dict(_rng_states() if rngs is None else rngs)
         for idx, entry in self.optimizer.state_dict()["state"].items():
             for key, value in entry.items():
                 tensors[f"optimizer/{idx}/{key}"] = _cpu(torch.as_tensor(value))
@@ -1053,7 +1058,7 @@ class Recorder:
         manifest: the resumed loop records that step again. `loss`, `reduction` and
         `class_weights` default to the recorded ones (a custom loss must be passed again).
         """
-        history = History(path, allow_incomplete=True)
+        history = History(path, allow_incomplete=True, _no_step_ok=_resumes_from_the_start(path))
         if history.closed:
             raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
         history.check_model(model)
@@ -1098,7 +1103,7 @@ class Recorder:
             _warn_of_another_schedule(scheduler, path)  # before a catch-up step overwrites the recorded rates
             if not info["scheduler_stepped"]:
                 _catch_up(scheduler, info, path)
-        torch.set_rng_state(tensors["rng/cpu"])
+        _set_rng_states(tensors)
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **declared, **kwargs)
         if scheduler is not None:
             recorder._remember_resumed_schedule()
@@ -1264,6 +1269,42 @@ def _declared_targets(history: "History", stop: int, path: Path) -> tuple[set[in
     return seen, target_of
 
 
+def _rng_states() -> dict[str, torch.Tensor]:
+    """The global RNGs a loop may draw its batches and augmentation from, as tensors: torch's on
+    the CPU, numpy's and Python's `random` (a Generator object of the loop's own is its to seed)."""
+    version, keys, gauss = random.getstate()
+    _, mt, position, has_gauss, numpy_gauss = np.random.get_state(legacy=True)
+    return {
+        "rng/cpu": torch.get_rng_state(),
+        "rng/python": torch.tensor([version, *keys], dtype=torch.int64),
+        "rng/python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        "rng/numpy": torch.from_numpy(mt.astype(np.int64)),
+        "rng/numpy_position": torch.tensor([position, has_gauss], dtype=torch.int64),
+        "rng/numpy_gauss": torch.tensor([numpy_gauss], dtype=torch.float64),
+    }
+
+
+def _set_rng_states(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng/cpu"])
+    if "rng/python" not in tensors:  # stored by an explaind that kept torch's only
+        return
+    version, *keys = tensors["rng/python"].tolist()
+    gauss = tensors["rng/python_gauss"].item()
+    random.setstate((version, tuple(keys), None if math.isnan(gauss) else gauss))
+    position, has_gauss = tensors["rng/numpy_position"].tolist()
+    np.random.set_state(("MT19937", tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss,
+                         tensors["rng/numpy_gauss"].item()))
+
+
+def _resumes_from_the_start(path) -> bool:
+    """Whether the resume state is that of step 0: a resume from there empties the manifest, and
+    one killed before it stored the first step again still resumes."""
+    try:
+        return json.loads((Path(path) / "resume.json").read_text()).get("next_step") == 0
+    except (OSError, ValueError, AttributeError):  # no or a damaged state: the resume says which
+        return False
+
+
 def _read_resume_info(path: Path) -> dict:
     resume = path / "resume.json"
     if not resume.is_file():
@@ -1377,10 +1418,11 @@ def _catch_up(scheduler, info: dict, path) -> None:
     steps = info["scheduler_steps_per_step"]
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise UnsupportedError(
-            f"{path} was killed between optimizer.step() and the step of its ReduceLROnPlateau, "
-            "which needs a metric the history does not hold: it cannot be caught up "
-            "automatically. Fix: record the run again with overwrite=True, or use a schedule "
-            "that depends on the step count only"
+            f"{path} was killed after an optimizer step and before the next step's batch was declared "
+            "(where the scheduler's state is stored): whether the loop stepped its ReduceLROnPlateau in "
+            "between is unknown, and its step needs a metric the history does not hold, so it cannot be "
+            "caught up. Fix: record the run again with overwrite=True, or use a schedule that depends "
+            "on the step count only"
         )
     if steps is None:
         raise HistoryError(
@@ -1390,9 +1432,9 @@ def _catch_up(scheduler, info: dict, path) -> None:
         )
     if steps == 0 or info.get("scheduler_steps_vary", False):
         raise UnsupportedError(
-            f"{path} was killed right after an optimizer step, and its scheduler was not stepped "
-            "once after every optimizer step (a per-epoch scheduler?), so whether it was due "
-            "now is unknown. Fix: record the run again with overwrite=True; "
+            f"{path} was killed after an optimizer step and before the next step's batch was declared "
+            "(where the scheduler's state is stored), and its scheduler was not stepped once after "
+            "every optimizer step (a per-epoch scheduler?), so whether it was due in between is unknown. Fix: record the run again with overwrite=True; "
             "to make runs resumable, step the scheduler after every optimizer step (a per-step "
             "schedule, e.g. StepLR(step_size=steps_per_epoch))"
         )
@@ -1462,7 +1504,7 @@ class History:
     writes to the directory: only Recorder.resume changes a recorded history.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, _no_step_ok: bool = False):
         self.path = Path(path).absolute()  # the caller may change the working directory
         killed = _killed_unfinished(self.path) if self.path.is_dir() else None
         if killed:
@@ -1519,7 +1561,7 @@ class History:
                 "History(path, allow_incomplete=True) and pass that History to explain, reconstruct "
                 "or verify_updates in place of the path"
             )
-        if not self.manifest:
+        if not self.manifest and not _no_step_ok:
             raise HistoryError(f"{self.path} holds no complete step (its recording stopped before the first "
                                "step was stored: refused by a check, an error in the loop or killed; or it never "
                                "stepped): there is nothing to open or resume. Fix: record the run again, with "
@@ -1566,7 +1608,7 @@ class History:
             raise HistoryError(
                 f"{self.path}/manifest.jsonl is missing, so none of the recorded steps can be found: it "
                 "was deleted (or the recording was killed as it started). Restore the history from its "
-                "source (dvc pull) or record it again"
+                "source (dvc pull) or record it again (Recorder(..., overwrite=True) on this path)"
             )
         raw_bytes = (self.path / "manifest.jsonl").read_bytes()
         text = raw_bytes.decode()

@@ -86,9 +86,9 @@ class Plan:
     def _search(self) -> str:
         if not self.search_reserve:
             return ""
-        rest = "unbounded (no memory_budget)" if self.search_bytes is None else \
-            f"up to {_size(self.search_bytes)} more from memory_budget"
-        return f", of which {_size(self.search_reserve)} for the kink search; it may take {rest}"
+        rest = "more, unbounded (no memory_budget)" if self.search_bytes is None else \
+            f"up to {_size(self.search_bytes)} more, what memory_budget leaves beside the pass, when it needs it"
+        return f", of which {_size(self.search_reserve)} for the kink search; the search may take {rest}"
 
 
 def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import shutil
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,6 +306,90 @@ def test_a_run_killed_right_after_its_first_step_resumes_from_the_start(tmp_path
     assert_same_history(crashed, whole)
 
 
+def test_a_resume_from_the_start_killed_before_its_first_step_resumes_again(uninterrupted, tmp_path):
+    """The resume from step 0 empties the manifest before the loop records step 0 again: killed
+    before it has, the history holds no step, and the resume state of step 0 still resumes it."""
+    path = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        record(path, crash_after_step=0)
+    with pytest.raises(Crash):
+        resume(path, crash_at=0)  # killed after step 0's batch, before its update
+    assert not (path / "manifest.jsonl").read_text()
+    _, start = resume(path)
+    assert start == 0
+    assert_same_history(path, uninterrupted)
+
+
+def test_a_run_without_scheduler_killed_before_the_state_after_its_first_step_resumes(tmp_path, monkeypatch):
+    """Killed after the first step's manifest line, before the state after it: the state stored at
+    the first batch resumes the run from the start (with or without a scheduler)."""
+    x, y = tiny_data()
+
+    def run(path, crash=False):
+        model = tiny(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        recorder = ex.Recorder.resume(path, model, optimizer) if path.exists() else ex.Recorder(path, model, optimizer)
+        with recorder as rec:
+            sgd_steps(rec, model, optimizer, x, y, rec.step, 4)
+        return rec
+
+    run(tmp_path / "whole")
+    write_info = ex.Recorder._write_resume_info
+
+    def killed_before_writing(self, scheduler_stepped):
+        if self.step == 1:
+            raise Crash("killed after the first step's manifest line, before resume.json")
+        write_info(self, scheduler_stepped)
+
+    monkeypatch.setattr(ex.Recorder, "_write_resume_info", killed_before_writing)
+    with pytest.raises(Crash):
+        run(tmp_path / "crashed")
+    monkeypatch.undo()
+    assert ex.History(tmp_path / "crashed", allow_incomplete=True).n_steps == 1
+    run(tmp_path / "crashed")
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
+@pytest.fixture
+def global_rngs():
+    """numpy's and Python's global RNG states, put back after the test that reseeds them."""
+    states = np.random.get_state(), random.getstate()
+    yield
+    np.random.set_state(states[0])
+    random.setstate(states[1])
+
+
+def test_augmentation_from_numpy_and_python_random_resumes_as_drawn(tmp_path, global_rngs):
+    """The resume restores numpy's and Python's global RNGs with torch's: a loop that draws its
+    augmentation from them, gaussians included (both cache one), records the uninterrupted history."""
+    x, y = tiny_data()
+
+    def run(path, crash_after=None):
+        model = tiny(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        recorder = ex.Recorder.resume(path, model, optimizer) if path.exists() else ex.Recorder(path, model, optimizer)
+        with recorder as rec:
+            for step in range(rec.step, 6):
+                rows = torch.arange(4 * step, 4 * step + 4) % len(x)
+                xb = x[rows] + 0.1 * random.gauss(1.0, 0.2) * torch.from_numpy(np.random.normal(size=(4, 3)) @ np.ones((3, 4)))
+                optimizer.zero_grad()
+                F.cross_entropy(model(xb), y[rows]).backward()
+                rec.batch(rows, xb, y[rows])
+                optimizer.step()
+                if step == crash_after:
+                    raise Crash(f"killed after step {step}")
+
+    for path, crash_after in ((tmp_path / "whole", None), (tmp_path / "crashed", 2)):
+        np.random.seed(0)
+        random.seed(0)
+        with pytest.raises(Crash) if crash_after is not None else nullcontext():
+            run(path, crash_after)
+    np.random.seed(99)  # another process's states: the resume restores the recorded ones
+    random.seed(99)
+    run(tmp_path / "crashed")
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
 def test_a_first_step_state_of_an_older_explaind_is_refused_with_the_fix(tmp_path):
     """An explaind before the step-0 resume state stored the state after the first step with its
     scheduler not yet stepped, and nothing to tell how often to step it: refused, naming the fix."""
@@ -514,7 +600,7 @@ def test_a_deleted_manifest_is_named(copy_of):
     path = copy_of()
     (path / "manifest.jsonl").unlink()
     for allow_incomplete in (False, True):
-        with pytest.raises(ex.HistoryError, match="(?s)manifest.jsonl is missing.*deleted.*record it again"):
+        with pytest.raises(ex.HistoryError, match="(?s)manifest.jsonl is missing.*deleted.*record it again.*overwrite=True"):
             ex.History(path, allow_incomplete=allow_incomplete)
 
 

@@ -1016,7 +1016,7 @@ def test_bad_step_bins(run, no_heavy_compute, bins):
 
 @pytest.mark.parametrize("mapping, words", [
     ({"a": ["hidden"], "b": ["hidden.0.bias", "out"]}, ("hidden.0.bias", "in components", "exactly one")),
-    ({"a": ["hidden"]}, ("out.weight", "in no component", "exactly one")),
+    ({"a": ["hidden"]}, ("out.weight', 'out.bias' are in no component", "exactly one")),
     ({"a": ["hidden", "out"], "b": ["nonexistent"]}, ("nonexistent",)),
     # a typo beside a pattern that matches: the typo still matches nothing
     ({"a": ["hidden", "hiden.0.bias"], "b": ["out"]}, ("{'a': ['hiden.0.bias']}", "typo")),
@@ -1387,6 +1387,8 @@ def test_residual_above_tolerance(tmp_path):
         run.explain(quadrature=1, rule="midpoint", kink_tolerance=1e-9, tolerance=1e-12)
     cube = run.explain(quadrature=1, rule="midpoint", tolerance=None)
     assert cube.attrs["breakpoints"] == 1 and cube.attrs["kinks_located"] == 0  # asked for; none to locate
+    assert "error.cube" in str(error.value)  # the refused cube is not lost: the error holds it
+    xr.testing.assert_identical(error.value.cube, cube)
     assert cube.attrs["relative_residual"] > 1e-6  # reported, never hidden
     assert cube.attrs["max_update_residual"] <= 1e-12  # the optimizer was modelled exactly
     assert cube.attrs["quadrature_rule"] == "midpoint" and cube.attrs["quadrature_nodes"] == 1
