@@ -103,14 +103,14 @@ def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dic
 def _one_output(cube: xr.Dataset, scores: xr.DataArray, output) -> xr.DataArray:
     """The scores of one explained output: `output`, or the only one the cube keeps or explained."""
     if "output" not in scores.dims:
-        explained = cube["output"].values.tolist() if "output" in cube.coords else [output]
+        explained = cube["output"].values.tolist() if "output" in cube.coords else []
         if len(explained) > 1:  # its attributions were summed over several outputs while explaining
             raise InputError(
                 f"this cube sums the attributions of its {len(explained)} explained outputs (its keep= had no "
                 "'output'), and no one output's scores can be read off that sum. Fix: explain again with "
                 "keep=(..., 'output') and pass output=..., or explain one output per input "
                 "(outputs='true', 'predicted' or one index)")
-        if output is not None and output not in explained:
+        if output is not None and explained and output not in explained:
             raise InputError(f"output={output!r} is not the cube's explained output: it explains {explained[0]!r}")
         return scores
     labels = scores["output"].values.tolist()
