@@ -494,6 +494,7 @@ class Recorder:
         self._resumed_schedule: tuple[int, dict, list[dict]] | None = None
         self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
         self._resume_info_written = _resume_from is not None  # a resume starts from the stored state
+        self._unknown_schedule: Exception | None = None  # a resume's refusal, raised if the loop goes on
 
         if _resume_from is None:
             self._start_new(overwrite)
@@ -624,6 +625,8 @@ class Recorder:
 
     def batch(self, indices, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Declare the batch of the coming optimizer step (after backward, before step)."""
+        if self._unknown_schedule is not None:  # a resume that could not tell where the schedule is
+            raise self._unknown_schedule
         if self._pending is not None:
             raise InputError(
                 "batch() was called twice before optimizer.step(): call it once per step, "
@@ -1098,11 +1101,14 @@ class Recorder:
                 opt_state.setdefault(int(idx), {})[name] = value
         _warn_of_other_hyperparameters(optimizer, info["param_groups"], path)
         optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
+        unknown = None  # a schedule the resume cannot place: refused if the loop records another step
         if scheduler is not None and info["scheduler"] is not None:
             scheduler.load_state_dict(_keys_restored(_unplain(info["scheduler"]), scheduler.state_dict()))
             _warn_of_another_schedule(scheduler, path)  # before a catch-up step overwrites the recorded rates
             if not info["scheduler_stepped"]:
-                _catch_up(scheduler, info, path)
+                unknown = _unknown_schedule(scheduler, info, path)
+                if unknown is None:
+                    _catch_up(scheduler, info["scheduler_steps_per_step"])
         _set_rng_states(tensors)
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **declared, **kwargs)
         if scheduler is not None:
@@ -1110,6 +1116,7 @@ class Recorder:
         recorder._scheduler_steps = info["scheduler_steps_per_step"]
         recorder._scheduler_steps_vary = info.get("scheduler_steps_vary", False)
         recorder._resume_tensors = {key: info[key] for key in ("tensors", "tensors_sha256")}
+        recorder._unknown_schedule = unknown  # (a loop that had finished records no step: it closes)
         recorder._seen, recorder._target_of = seen, target_of
         return recorder
 
@@ -1413,31 +1420,38 @@ def _schedule_position(scheduler) -> int:
     return scheduler.last_epoch
 
 
-def _catch_up(scheduler, info: dict, path) -> None:
-    """Step a scheduler restored from just after an optimizer step as the loop would have."""
+def _unknown_schedule(scheduler, info: dict, path) -> Exception | None:
+    """Why a scheduler restored from just after an optimizer step cannot be caught up, if it cannot:
+    how often the loop steps it there is unknown."""
     steps = info["scheduler_steps_per_step"]
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise UnsupportedError(
+        return UnsupportedError(
             f"{path} was killed after an optimizer step and before the next step's batch was declared "
             "(where the scheduler's state is stored): whether the loop stepped its ReduceLROnPlateau in "
-            "between is unknown, and its step needs a metric the history does not hold, so it cannot be "
-            "caught up. Fix: record the run again with overwrite=True, or use a schedule that depends "
-            "on the step count only"
+            "between is unknown, and its step needs a metric the history does not hold, so the resumed "
+            "run cannot record further steps (it can close). Fix: record the run again with "
+            "overwrite=True, or use a schedule that depends on the step count only"
         )
     if steps is None:
-        raise HistoryError(
+        return HistoryError(
             f"{path} was killed right after its first step, before its scheduler's stepping "
             "could be observed, by an explaind that kept no state to resume that step from: record "
             "it again with overwrite=True"
         )
     if steps == 0 or info.get("scheduler_steps_vary", False):
-        raise UnsupportedError(
+        return UnsupportedError(
             f"{path} was killed after an optimizer step and before the next step's batch was declared "
             "(where the scheduler's state is stored), and its scheduler was not stepped once after "
-            "every optimizer step (a per-epoch scheduler?), so whether it was due in between is unknown. Fix: record the run again with overwrite=True; "
-            "to make runs resumable, step the scheduler after every optimizer step (a per-step "
-            "schedule, e.g. StepLR(step_size=steps_per_epoch))"
+            "every optimizer step (a per-epoch scheduler?), so whether it was due in between is unknown "
+            "and the resumed run cannot record further steps (it can close). Fix: record the run again "
+            "with overwrite=True; to make runs resumable, step the scheduler after every optimizer step "
+            "(a per-step schedule, e.g. StepLR(step_size=steps_per_epoch))"
         )
+    return None
+
+
+def _catch_up(scheduler, steps: int) -> None:
+    """Step a scheduler restored from just after an optimizer step as the loop would have."""
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(steps):

@@ -402,8 +402,8 @@ def test_a_first_step_state_of_an_older_explaind_is_refused_with_the_fix(tmp_pat
         **info, "next_step": 1, "scheduler_stepped": False, "scheduler_steps_per_step": None,
         "tensors": after_step.name, "tensors_sha256": hashlib.sha256(after_step.read_bytes()).hexdigest()}))
     model, optimizer, scheduler = fresh_objects(0)
-    with pytest.raises(ex.HistoryError, match="(?s)killed right after its first step.*overwrite=True"):
-        ex.Recorder.resume(path, model, optimizer, scheduler=scheduler)
+    refused_at_the_next_step_but_closes(path, model, optimizer, scheduler, ex.HistoryError,
+                                        "(?s)killed right after its first step.*overwrite=True")
 
 
 def record_step_past_resume_state(path: Path) -> None:
@@ -987,19 +987,33 @@ def test_resume_with_a_scheduler_the_recording_did_not_store_is_refused(tmp_path
         assert rec.step == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
+def refused_at_the_next_step_but_closes(path: Path, model, optimizer, scheduler, error, refusal: str) -> None:
+    """A resume that cannot place its schedule refuses the first step its loop records, before
+    anything is written; a loop that had finished (killed before close()) closes the history."""
+    x, y = tiny_data()
+    recorded = manifest(path)
+    with pytest.raises(error, match=refusal):
+        with ex.Recorder.resume(path, model, optimizer, scheduler=scheduler) as rec:
+            sgd_steps(rec, model, optimizer, x, y, rec.step, rec.step + 1)
+    assert manifest(path) == recorded
+    with ex.Recorder.resume(path, model, optimizer, scheduler=scheduler):
+        pass
+    assert ex.History(path).n_steps == len(recorded)
+
+
 def test_resume_refuses_to_catch_up_a_metric_driven_scheduler(tmp_path):
     plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)  # noqa: E731
     model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", plateau, crash_at=2)
-    with pytest.raises(ex.UnsupportedError, match="(?s)ReduceLROnPlateau.*metric.*Fix"):
-        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=scheduler)
+    refused_at_the_next_step_but_closes(tmp_path / "h", model, optimizer, scheduler, ex.UnsupportedError,
+                                        "(?s)ReduceLROnPlateau.*metric.*Fix")
 
 
 @pytest.mark.parametrize("crash_at", [2, 5])
 def test_resume_refuses_to_catch_up_a_per_epoch_scheduler(tmp_path, crash_at):
     """Stepped after every 4th optimizer step: whether it was due after the killed step is unknown."""
     model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at, scheduler_every=4)
-    with pytest.raises(ex.UnsupportedError, match="(?s)per-epoch.*Fix.*every optimizer step"):
-        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=scheduler)
+    refused_at_the_next_step_but_closes(tmp_path / "h", model, optimizer, scheduler, ex.UnsupportedError,
+                                        "(?s)per-epoch.*Fix.*every optimizer step")
 
 
 @pytest.mark.parametrize("ids", [torch.arange(-4, 0), torch.ones(4, dtype=torch.bool), torch.arange(4) + 0.5, [], ],
