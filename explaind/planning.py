@@ -22,6 +22,7 @@ from .cube import test_labels
 from .engine import (ChunkPass, build_request, explain_defaults, kept_sizes, momentum_shown, pass_bytes, plan_chunks,
                      walks_backwards)
 from .errors import InputError, is_whole
+from .path import KinkStats
 
 
 @dataclass
@@ -59,6 +60,10 @@ class Plan:
     # per test chunk: explained steps x (seconds_per_step + later train chunks x
     # seconds_per_later_step) + train chunks x replayed steps x seconds_per_replayed_step
     seconds: float | None = None
+    # (segments left unresolved, segments searched) by the kink search in the calibration's runs:
+    # steps that cross more kinks than max_kinks are integrated plainly (None: nothing searched)
+    calibrated_kinks: tuple[int, int] | None = None
+    max_kinks: int = 16
 
     def __str__(self) -> str:
         return self.report()
@@ -81,7 +86,15 @@ class Plan:
             f"  disk       {_size(self.history_bytes)} of history, read {self.passes} time(s); "
             f"cube {_size(self.cube_bytes)} uncompressed",
             f"  time       {estimate}",
-        ])
+        ] + self._unresolved())
+
+    def _unresolved(self) -> list[str]:
+        if not self.calibrated_kinks or not self.calibrated_kinks[0]:
+            return []
+        unresolved, searched = self.calibrated_kinks
+        return [f"  kinks      {unresolved} of the {searched} (step, input) segments the calibration searched crossed "
+                f"more kinks than max_kinks={self.max_kinks} (or stayed above kink_tolerance): the explain integrates "
+                "such segments plainly, which can miss its tolerance; raise max_kinks"]
 
     def _search(self) -> str:
         if not self.search_reserve:
@@ -113,7 +126,10 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     if calibrate_steps > 0:
         test_passes = math.ceil(result.n_test / result.test_chunk)
         later_chunks = result.passes // test_passes - 1
+        request.path.stats = KinkStats()  # what the calibration's own searches find
         first, later, replayed = _calibrate(request, int(calibrate_steps), later_chunks > 0)
+        if request.path.stats.searched:
+            result.calibrated_kinks = (request.path.stats.unresolved, request.path.stats.searched)
         result.seconds_per_step, result.seconds_per_later_step, result.seconds_per_replayed_step = first, later, replayed
         start, stop = request.step_range
         replay = (start - request.replay_start) * (replayed or 0.0)
@@ -149,6 +165,7 @@ def describe(request) -> Plan:
         search_bytes=request.path.search_bytes,
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
+        max_kinks=request.path.max_kinks,
     )
 
 

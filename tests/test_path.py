@@ -1346,6 +1346,21 @@ def test_max_kinks_bounds_the_kinks_resolved_per_segment(kinked_run):
     assert capped.attrs["relative_residual"] > 1e3 * resolved.attrs["relative_residual"]
 
 
+def test_plan_says_when_its_calibration_meets_more_kinks_than_max_kinks(kinked_run):
+    """The calibration's steps run the kink search: segments it leaves unresolved warn before the
+    explain, whose tolerance they would miss at its end."""
+    run = kinked_run
+    capped = ex.plan(run.path, run.model, run.test_x, keep=("test", "output"), max_kinks=0, calibrate_steps=6)
+    unresolved, searched = capped.calibrated_kinks
+    assert 0 < unresolved <= searched
+    assert f"{unresolved} of the {searched} (step, input) segments the calibration searched" in str(capped)
+    assert "more kinks than max_kinks=0" in str(capped) and "raise max_kinks" in str(capped)
+    enough = ex.plan(run.path, run.model, run.test_x, keep=("test", "output"), calibrate_steps=6)
+    assert enough.calibrated_kinks[0] == 0 < enough.calibrated_kinks[1] and "raise max_kinks" not in str(enough)
+    plain = ex.plan(run.path, run.model, run.test_x, keep=("test", "output"), breakpoints=False, calibrate_steps=6)
+    assert plain.calibrated_kinks is None
+
+
 def test_explain_takes_max_kinks_and_its_error_names_the_unresolved_segments(kinked_run):
     """explain's cap on the kinks resolved per segment is reconstruct's: capped at 0, the same
     segments are integrated plainly (the same residual to rounding), and the error above the
