@@ -492,8 +492,7 @@ class Recorder:
         # the schedule's position, state and group hyperparameters as a resume left them (see
         # _undo_a_repeated_schedule_step): until the first step after a resume
         self._resumed_schedule: tuple[int, dict, list[dict]] | None = None
-        self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256
-        self._resume_info_written = _resume_from is not None  # a resume starts from the stored state
+        self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256 (a resume sets them)
         self._unknown_schedule: Exception | None = None  # a resume's refusal, raised if the loop goes on
 
         if _resume_from is None:
@@ -752,8 +751,9 @@ class Recorder:
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(_schedule_position(self.scheduler) - self._epoch_after_step)
             self._write_resume_info(scheduler_stepped=True)
-        elif not self._resume_info_written:  # a new recording's first step: the state a kill resumes from,
-            self._write_resume_tensors(self._rng_at_start)  # until the state after a step replaces it
+        elif not self._resume_tensors:
+            # a new recording's first step: the state a kill resumes from until one after a step replaces it
+            self._write_resume_tensors(self._rng_at_start)
             self._write_resume_info(scheduler_stepped=True)
         self._refuse_unmodelled_settings(optimizer)
         self._hyper = _group_hyperparameters(optimizer, self.kind)
@@ -993,10 +993,9 @@ class Recorder:
         _write_atomic(self._dir / self._resume_tensors["tensors"], data)
 
     def _write_resume_info(self, scheduler_stepped: bool) -> None:
-        """Hyperparameters and scheduler state. Written after a step, and again before the
-        next one once the loop has stepped its scheduler; a run killed in between is resumed
-        by stepping the scheduler as often as the loop did per step."""
-        self._resume_info_written = True
+        """Hyperparameters and scheduler state. Written at a new recording's first batch, after
+        each step, and again before the next one once the loop has stepped its scheduler; a run
+        killed in between is resumed by stepping the scheduler as often as the loop did per step."""
         info = {
             "next_step": self.step,
             "param_groups": self.optimizer.state_dict()["param_groups"],

@@ -111,7 +111,8 @@ def _one_output(cube: xr.Dataset, scores: xr.DataArray, output) -> xr.DataArray:
                 "keep=(..., 'output') and pass output=..., or explain one output per input "
                 "(outputs='true', 'predicted' or one index)")
         if output is not None and explained and output not in explained:
-            raise InputError(f"output={output!r} is not the cube's explained output: it explains {explained[0]!r}")
+            raise InputError(f"output={output!r} is not the cube's explained output: it explains {explained[0]!r}. "
+                             f"Fix: pass output={explained[0]!r}, or leave output out")
         return scores
     labels = scores["output"].values.tolist()
     if output is None and len(labels) > 1:

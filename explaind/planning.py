@@ -46,6 +46,7 @@ class Plan:
     host_bytes: int  # step records in flight (prefetch) and the cube's accumulators on the host
     history_bytes: int  # the recorded history on disk, read once per pass
     cube_bytes: int  # the attribution array and any parameter scores, uncompressed
+    max_kinks: int  # the kinks per input and step the search resolves
     # of an explained step in a test chunk's first pass, which also checks the updates and books
     # the totals, calibrated on steps spread over the explained range (_calibration_blocks)
     seconds_per_step: float | None = None
@@ -63,7 +64,6 @@ class Plan:
     # (segments left unresolved, segments searched) by the kink search in the calibration's runs:
     # steps that cross more kinks than max_kinks are integrated plainly (None: nothing searched)
     calibrated_kinks: tuple[int, int] | None = None
-    max_kinks: int = 16
 
     def __str__(self) -> str:
         return self.report()

@@ -320,18 +320,23 @@ def test_a_resume_from_the_start_killed_before_its_first_step_resumes_again(unin
     assert_same_history(path, uninterrupted)
 
 
+def recording_or_resume(path: Path):
+    """tiny(1) with momentum SGD and no scheduler, recorded to `path`, or resumed where a run there
+    was killed: (model, optimizer, recorder)."""
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, optimizer, (ex.Recorder.resume if path.exists() else ex.Recorder)(path, model, optimizer)
+
+
 def test_a_run_without_scheduler_killed_before_the_state_after_its_first_step_resumes(tmp_path, monkeypatch):
     """Killed after the first step's manifest line, before the state after it: the state stored at
     the first batch resumes the run from the start (with or without a scheduler)."""
     x, y = tiny_data()
 
-    def run(path, crash=False):
-        model = tiny(1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        recorder = ex.Recorder.resume(path, model, optimizer) if path.exists() else ex.Recorder(path, model, optimizer)
+    def run(path):
+        model, optimizer, recorder = recording_or_resume(path)
         with recorder as rec:
             sgd_steps(rec, model, optimizer, x, y, rec.step, 4)
-        return rec
 
     run(tmp_path / "whole")
     write_info = ex.Recorder._write_resume_info
@@ -365,9 +370,7 @@ def test_augmentation_from_numpy_and_python_random_resumes_as_drawn(tmp_path, gl
     x, y = tiny_data()
 
     def run(path, crash_after=None):
-        model = tiny(1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        recorder = ex.Recorder.resume(path, model, optimizer) if path.exists() else ex.Recorder(path, model, optimizer)
+        model, optimizer, recorder = recording_or_resume(path)
         with recorder as rec:
             for step in range(rec.step, 6):
                 rows = torch.arange(4 * step, 4 * step + 4) % len(x)
