@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,10 @@ STORE_FORMAT = 2
 # An attribute save_cube puts in every store it writes (and open_cube hides again): overwrite=True
 # replaces only such stores, never a zarr store of another program (which has a .zgroup too).
 STORE_MARK = "written_by_explaind_save_cube"
+# An attribute save_cube puts in every store it writes: the size and sha256 of each of the store's
+# other files, which open_cube checks (sizes always, digests on request): zarr reads a lost chunk as NaN.
+STORE_DIGESTS = "explaind_file_digests"
+ATTRIBUTES = ".zattrs"  # the store's attributes, which hold the digests of the other files
 # the update check, one value per recorded step (not per step bin)
 PER_HISTORY_STEP = ("update_residual", "update_rounding_floor")
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
@@ -240,6 +245,7 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
         marked.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
         if finish is not None:
             finish(scratch / "new")
+        _write_digests(scratch / "new")
         if path.exists():  # moved aside, not deleted, until the new store is in place
             os.replace(path, scratch / "old")
         os.replace(scratch / "new", path)
@@ -287,9 +293,53 @@ def _written_by_save_cube(path: Path) -> bool:
         return False
 
 
-def open_cube(path: str | os.PathLike) -> xr.Dataset:
-    """Open a stored cube lazily (nothing is read until values are used). A cube is derived data
-    without checksums: a damaged chunk fails when read, in zarr's decompression."""
+def _file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_digests(store: Path) -> None:
+    files = {file.relative_to(store).as_posix(): _file_digest(file) for file in sorted(store.rglob("*"))
+             if file.is_file() and file != store / ATTRIBUTES}
+    attributes = json.loads((store / ATTRIBUTES).read_text())
+    (store / ATTRIBUTES).write_text(json.dumps({**attributes, STORE_DIGESTS: files}, indent=4))
+
+
+def _check_digests(store: Path, verify: bool) -> None:
+    """Refuse a store whose files save_cube listed are missing, of another size or (verify) of
+    another sha256, or whose attributes are no JSON. A store without the list (an older explaind's)
+    is opened unchecked."""
+    fix = ("Fix: explain the history again and save the cube (`dvc repro` for the pipeline's cubes), or restore "
+           "the store from a copy")
+    try:
+        files = json.loads((store / ATTRIBUTES).read_text()).get(STORE_DIGESTS, {})
+        damaged = []
+        for name, recorded in files.items():
+            file = store / name
+            if not file.is_file():
+                damaged.append(f"{name} is missing")
+            elif file.stat().st_size != recorded["size"]:
+                damaged.append(f"{name} holds {file.stat().st_size} bytes, not {recorded['size']}")
+            elif verify and _file_digest(file)["sha256"] != recorded["sha256"]:
+                damaged.append(f"{name} differs from its sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"the cube store {store} is damaged: its attributes ({ATTRIBUTES}) cannot be read "
+                         f"({type(error).__name__}: {error}). {fix}") from None
+    if damaged:
+        more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        raise InputError(f"the cube store {store} is damaged: {'; '.join(damaged[:3])}{more} (zarr would read a "
+                         f"lost chunk as NaN). {fix}")
+
+
+def open_cube(path: str | os.PathLike, verify: bool = False) -> xr.Dataset:
+    """Open a stored cube lazily (nothing is read until values are used).
+
+    The store's files are checked against the sizes save_cube listed (a lost or truncated chunk,
+    which zarr would read as NaN, is refused), and with verify=True against their sha256 too,
+    which reads the whole store once (a flipped byte inside a chunk)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cube at {path}: compute one with explaind.explain and save_cube")
@@ -298,6 +348,12 @@ def open_cube(path: str | os.PathLike) -> xr.Dataset:
                          "no cube store. Open it with xarray.open_zarr, or save the cube with explaind.save_cube")
     if not _is_store(path):
         raise InputError(f"{path} is not a cube store: open a folder written by explaind.save_cube")
-    store = xr.open_zarr(path, consolidated=False)
+    _check_digests(path, verify)
+    try:
+        store = xr.open_zarr(path, consolidated=False)
+    except ValueError as error:  # its metadata is no JSON (a damaged store of an older explaind)
+        raise InputError(f"the cube store {path} cannot be opened ({type(error).__name__}: {error}): its metadata "
+                         "is damaged. Fix: explain the history again and save the cube, or restore the store") from None
     store.attrs.pop(STORE_MARK, None)
+    store.attrs.pop(STORE_DIGESTS, None)
     return store

@@ -81,6 +81,7 @@ class Request:
     batch_chunk: int = 0  # samples of a recorded batch per backward pass (0: planned)
     component_slices: list[slice] = field(default_factory=list)
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
+    stop_at_missed_update: bool = False  # stop at a step whose update misses far beyond rounding (stop_at_missed_update)
     coarser_rounding: str = ""  # where the model rounds to a coarser dtype (FlatModel.coarser_rounding)
 
     @property
@@ -206,7 +207,9 @@ def explain(
     weight-decay part and the rest.
     tolerance: the largest output residual, relative to the largest change of an explained
     output, that is accepted; above it a ReconstructionError is raised, which holds the cube as its
-    .cube (None: never raised).
+    .cube (None: never raised). With a tolerance, explain also stops at the first step whose
+    recorded update misses the modelled one far beyond rounding (by more than 1e-3 of the update
+    and 100 times its rounding floor), before computing the rest of the run (no cube then).
     test_chunk / train_chunk / batch_chunk bound memory: test inputs per pass, training samples
     per momentum buffer (the history is streamed once per chunk pair) and samples of a recorded
     batch per backward pass (a batch's gradient is summed over its parts, so this chunk costs no
@@ -225,6 +228,7 @@ def explain(
     check_tolerance("tolerance", tolerance, "no check")
     plan_chunks(request, memory_budget)
     request.progress = progress
+    request.stop_at_missed_update = tolerance is not None
     if progress:
         from .planning import describe  # planning builds on this module
 
@@ -840,6 +844,8 @@ class ChunkPass:
         if not self.req.check_updates:
             return
         self.update_residual[s], self.update_rounding_floor[s] = update_check(k, theta, delta, modelled, self.eps)
+        if self.req.stop_at_missed_update:
+            stop_at_missed_update(s, self.update_residual[s], self.update_rounding_floor[s])
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
         """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""
@@ -1120,6 +1126,24 @@ def recorded_update(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
 
 _ANYWAY = " (except ReconstructionError as error: error.cube); tolerance=None returns it without raising."
 
+# explain(tolerance=...) stops at the first step whose recorded update misses the modelled one by more
+# than this share of the update and this many times what rounding allows: so far beyond rounding, the
+# loop did what the history does not describe, and a long run need not be explained to its end first
+UPDATE_STOP_SHARE, UPDATE_STOP_FLOORS = 1e-3, 100
+
+
+def stop_at_missed_update(s: int, residual: float, floor: float) -> None:
+    """Raise ReconstructionError if step s's update residual is far beyond its rounding floor."""
+    if not residual > max(UPDATE_STOP_SHARE, UPDATE_STOP_FLOORS * floor):
+        return
+    raise ReconstructionError(
+        f"step {s}'s update residual is {residual:.2e}: its recorded update misses the modelled optimizer's by "
+        f"that share of the step's largest update (in gradient units), where the rounding of the stored parameters "
+        f"allows {floor:.0e}. The usual causes: {UPDATE_MISS_CAUSES}. explain stops at the first step so far off, "
+        "before the rest of the run is computed; explaind.verify_updates(history, model) lists every step's "
+        "residual without computing attributions, and tolerance=None computes the whole cube anyway (each step's "
+        "update_residual in it)")
+
 
 def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     """Raise ReconstructionError if the cube misses more than `tolerance` of the largest output
@@ -1140,8 +1164,10 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     checked = ""
     if np.isfinite(update).any():  # all NaN: not checked (check_updates=False)
         worst = int(np.nanargmax(update / np.maximum(floor, np.finfo(float).tiny)))  # the furthest above its floor
+        above = np.flatnonzero(update > floor)  # NaN (unchecked) compares False
+        first = f"; the first step above what rounding allows is step {above[0]}" if len(above) else ""
         checked = (f" (step {worst}'s update residual is {update[worst]:.2e}, where the rounding of the stored "
-                   f"parameters allows {floor[worst]:.0e})")
+                   f"parameters allows {floor[worst]:.0e}{first})")
     if from_updates > path:
         fix = (f"The recorded updates are not those of the modelled optimizer on the declared batches: "
                f"{UPDATE_MISS_CAUSES}. Compare update_residual with update_rounding_floor per step to "
@@ -1187,7 +1213,10 @@ def _path_fix(attrs: dict) -> str:
     else:
         fix = ("raise quadrature=..., and if the model has kinks the search does not see (torch.where on a "
                "comparison, F.threshold), where more nodes converge only slowly: write them as relu, clamp, "
-               "torch.maximum or max_pool so that they are located")
+               "torch.maximum or max_pool so that they are located. A miss that more nodes leave as it is "
+               "comes from a backward that is not its forward's derivative (a custom autograd.Function such as "
+               "gradient reversal, a straight-through estimator x + (q(x) - x).detach()): the path integral "
+               "needs the true ∂f/∂θ, so explain a model whose forward has it")
     if attrs["dtype"] != "float64":
         fix += f"; if that no longer helps, the {attrs['dtype']} rounding of each step's integral is left: dtype=torch.float64"
     return f"The path integral is too coarse: {fix}."

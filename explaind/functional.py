@@ -739,6 +739,8 @@ _DATA_DEPENDENT = re.compile(r"vmap: It looks like you're either \(1\) calling \
                              r"support batching operators that can output dynamic shape\. Attempted to vmap over \S+")
 # what torch.func says of saved-tensor hooks (non-reentrant activation checkpointing installs them)
 _SAVED_TENSOR_HOOKS = "saved tensor hooks"
+# what an op says that reads the raw memory of a tensor torch.func has wrapped (nn.LSTM on a PackedSequence)
+_NO_STORAGE = "Cannot access data pointer of Tensor that doesn't have storage"
 # what torch.func says of requires_grad_() in forward (a hook of Hugging Face's checkpointing calls it)
 _REQUIRES_GRAD_INSIDE = "You are attempting to call Tensor.requires_grad_()"
 
@@ -802,8 +804,8 @@ def _transformed(method):
 def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | None:
     """What torch's error means for explaind, with the fix: a custom autograd.Function torch.func
     does not take; an op without a forward-mode derivative; saved-tensor hooks; requires_grad_() in
-    forward; a value or shape read from a tensor, or an in-place write, which vmap cannot batch.
-    None for any other error."""
+    forward; an op reading a wrapped tensor's memory; a value or shape read from a tensor, or an
+    in-place write, which vmap cannot batch. None for any other error."""
     if refusal := _custom_function_refusal(error):
         return refusal
     cause = str(error).splitlines()[0]
@@ -833,15 +835,25 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
             "takes every parameter value from the history): model.disable_input_require_grads(), and "
             "model.activation_checkpointing_disable() where checkpointing is on; record either so or with "
             "check_every=0, which skips the Recorder's gradient check")
+    if _NO_STORAGE in cause:
+        return UnsupportedError(
+            f"torch.func cannot run an op of the model at {_raising_line(error)} ({cause}): the op reads the "
+            "raw memory of its input, which torch.func's transforms wrap, as nn.LSTM, nn.GRU and nn.RNN do "
+            "given a PackedSequence (pack_padded_sequence). explaind takes every derivative with torch.func. "
+            "Fix: give the recurrent module the padded tensor, with an initial state made from the input "
+            "(e.new_zeros(layers, batch, hidden)), and read each sequence's output at its last valid step "
+            "(out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[2]))) or mask the padding")
     if data_dependent := _DATA_DEPENDENT.search(cause):
         return UnsupportedError(
             f"torch.func.vmap cannot batch the model's forward at {_raising_line(error)} "
             f"({data_dependent.group(0).rstrip('.')}): vmap runs it once for a whole batch of inputs, "
             "samples or points, so forward can neither read a tensor's value in Python (.item(), `if t:`, "
-            "`v in t`) nor make a shape from one (torch.unique, nonzero, a boolean mask as an index). "
+            "`v in t`; F.one_hot, which checks its classes so) nor make a shape from one (torch.unique, "
+            "nonzero, a boolean mask as an index). "
             "explaind batches every derivative with vmap, except in a cube without a train dim and with "
             "breakpoints=False, and in reconstruct(). Fix: write that step with ops of fixed shape "
-            "(torch.where, a mask multiplied in) or move it out of forward; where a library's code does it, "
+            "(torch.where, a mask multiplied in; for F.one_hot(t, n): (t[..., None] == torch.arange(n, "
+            "device=t.device)).to(dtype)) or move it out of forward; where a library's code does it, "
             "give the call what skips it. Hugging Face models, from a module around the model: no "
             "attention_mask where nothing is padded (DeBERTa-v2 warns without one: pass "
             "torch.ones_like(x)), and where something is, the 4D additive mask [batch, 1, queries, keys] "
@@ -967,6 +979,8 @@ class FlatModel:
         constants = {**own, **(constants or {})}
         self.constants = {name: t.to(self.device, self._cast(t)) for name, t in constants.items()}
         self.model = _private_structure(model)
+        # torch gives a padding row no gradient from its lookups (see _call)
+        self._padded = [m for m in self.model.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
         self._input_axes: dict[tuple[int, ...], list[InputAxis | None]] = {}  # per input shape (see input_axes)
         self._read_axes: dict[tuple[int, ...], list[InputAxis | None]] = {}  # and read_axes
         self._shared_columns: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # and shared_columns
@@ -1043,9 +1057,24 @@ class FlatModel:
                 "residual of the coarser dtype's precision", stacklevel=4)
         return mode.site
 
-    def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        with _DIFFERENTIABLE_KERNELS:
-            return functional_call(self.model, {**params, **self.constants}, (x,))
+    def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor, jacobian: bool = False) -> torch.Tensor:
+        """The module's output; `jacobian`: a call whose reverse-mode derivative is to be J = ∂f/∂θ.
+
+        nn.Embedding(padding_idx=i) looks row i up like any other row, but its backward gives the
+        row no gradient from the lookups: torch's semantics, which the training gradients (and so
+        their per-sample split) keep. J must count the row wherever it is looked up, as forward
+        mode does, for the row moves under weight decay or through a tied output layer: such
+        calls run without padding_idx, which changes no value of nn.Embedding's forward."""
+        padded = self._padded if jacobian else []
+        saved = [m.padding_idx for m in padded]
+        try:
+            for m in padded:
+                m.padding_idx = None
+            with _DIFFERENTIABLE_KERNELS:
+                return functional_call(self.model, {**params, **self.constants}, (x,))
+        finally:
+            for m, padding_idx in zip(padded, saved):
+                m.padding_idx = padding_idx
 
     @property
     def output_fn_name(self) -> str:
@@ -1106,7 +1135,7 @@ class FlatModel:
         [O, *shape] per named tensor."""
 
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            y = self._explain(self._call(p, x1.unsqueeze(0)), target, 1)[0]
+            y = self._explain(self._call(p, x1.unsqueeze(0), jacobian=True), target, 1)[0]
             y = y if sel is None else y[sel]
             return y if weight is None else y * weight
 

@@ -629,7 +629,8 @@ class Recorder:
         if self._pending is not None:
             raise InputError(
                 "batch() was called twice before optimizer.step(): call it once per step, "
-                "with all rows that entered the loss"
+                "with all rows that entered the loss. A loop that skips optimizer.step() for some batches (a "
+                "check of the loss, a GradScaler's inf / NaN skip) calls rec.batch() only for the steps it takes"
             )
         inputs, targets = _batch_tensor("inputs", inputs), _batch_tensor("targets", targets)
         if len(inputs) == 0:
@@ -742,7 +743,10 @@ class Recorder:
             if not torch.equal(p.detach().cpu(), self._last[name]):
                 raise HistoryError(
                     f"parameter {name!r} changed between optimizer steps (before step "
-                    f"{self.step}): only optimizer.step() may change parameters while recording"
+                    f"{self.step}): only optimizer.step() may change parameters while recording, for the "
+                    "decomposition splits only the optimizer's updates. Fix: remove what else changes it (a "
+                    "clamp or max-norm projection after the step, an EMA copied in, weights loaded); a bound on "
+                    "the weights can be written into forward instead (e.g. use w.clamp(-c, c) where w was used)"
                 )
         if self._resumed_schedule is not None:
             self._undo_a_repeated_schedule_step()
@@ -1560,8 +1564,9 @@ class History:
                 )
             expected = _field(summary, "n_steps", closed)
             if expected != len(self.manifest):
+                state = "is truncated" if len(self.manifest) < expected else "has steps added after it was closed"
                 raise HistoryError(
-                    f"{self.path} is truncated: closed with {expected} steps but the manifest "
+                    f"{self.path} {state}: closed with {expected} steps but the manifest "
                     f"lists {len(self.manifest)}. Restore the history from its source (dvc pull) "
                     "or record it again"
                 )

@@ -38,8 +38,9 @@ def _classes(name: str, out, y: torch.Tensor, soft: bool, weight: torch.Tensor |
         raise InputError(
             f"the built-in loss {name!r} takes outputs [batch, classes] and {targets}; the model "
             f"returned {_described(out)} for targets of shape {tuple(y.shape)}. Fix: pass "
-            "loss=callable(output, target) returning per-sample losses [batch] (to explain the run, its "
-            "module must return [batch, outputs] as well)")
+            "loss=callable(output, target) returning per-sample losses [batch], the loss you train with (a "
+            "module returning a tuple, a dict or logits at every position is then explained through "
+            "output_fn=, e.g. explain(..., output_fn=lambda out: out[0]), which picks [batch, outputs])")
     if weight is not None and len(weight) != out.shape[1]:
         raise InputError(f"class_weights has {len(weight)} entries but the model returns {out.shape[1]} classes. "
                          "Fix: pass one weight per class, as torch's weight= of the loss you train with")

@@ -79,6 +79,10 @@ class KinkStats:
     segments: int = 0
     searched: int = 0  # segments whose kinks were searched (with a kink tolerance: those that missed it)
 
+    def add(self, other: KinkStats) -> None:
+        for name in ("kinks", "unresolved", "segments", "searched"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def as_attrs(self) -> dict:
         return {"kinks_located": self.kinks, "kink_segments_unresolved": self.unresolved,
                 "kink_segments_searched": self.searched}

@@ -126,10 +126,10 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     if calibrate_steps > 0:
         test_passes = math.ceil(result.n_test / result.test_chunk)
         later_chunks = result.passes // test_passes - 1
-        request.path.stats = KinkStats()  # what the calibration's own searches find
-        first, later, replayed = _calibrate(request, int(calibrate_steps), later_chunks > 0)
-        if request.path.stats.searched:
-            result.calibrated_kinks = (request.path.stats.unresolved, request.path.stats.searched)
+        kinks = KinkStats()  # what the calibration's searches find, each calibrated segment once
+        first, later, replayed = _calibrate(request, int(calibrate_steps), later_chunks > 0, kinks)
+        if kinks.searched:
+            result.calibrated_kinks = (kinks.unresolved, kinks.searched)
         result.seconds_per_step, result.seconds_per_later_step, result.seconds_per_replayed_step = first, later, replayed
         start, stop = request.step_range
         replay = (start - request.replay_start) * (replayed or 0.0)
@@ -183,17 +183,20 @@ def _request_options(options: dict) -> dict:
     return merged
 
 
-def _calibrate(request, steps: int, later_chunks: bool) -> tuple[float, float | None, float | None]:
+def _calibrate(request, steps: int, later_chunks: bool,
+               kinks: KinkStats) -> tuple[float, float | None, float | None]:
     """Seconds per explained step of a test chunk's first pass and (later_chunks) of a later
     train chunk's pass, over `steps` steps spread over the explained range, and per step that
     only replays the momentum (None: the request has none), each timed on a second run (the
-    first one pays for warm-up: allocation, vmap tracing, file cache)."""
+    first one pays for warm-up: allocation, vmap tracing, file cache). Adds to `kinks` what the
+    kink search found on the calibrated steps (a later train chunk searches the same segments)."""
     shown = momentum_shown(request.history)
     blocks = _calibration_blocks(request, steps, shown)
     timed = sum(stop - first for first, stop, _ in blocks)
 
     def per_step(first_chunk: bool) -> float:
-        return sum(_timed(request, (first, stop), replay, first_chunk) for first, stop, replay in blocks) / timed
+        return sum(_timed(request, (first, stop), replay, first_chunk, kinks if first_chunk else None)
+                   for first, stop, replay in blocks) / timed
 
     first, later = per_step(True), per_step(False) if later_chunks else None
     start = request.step_range[0]
@@ -235,18 +238,23 @@ def _solvable(request, step: int, shown) -> bool:
     return step in (0, request.replay_start) or shown(step - 1)
 
 
-def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk: bool) -> float:
+def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk: bool,
+           kinks: KinkStats | None = None) -> float:
     """Seconds of a second run of a pass over steps replay_start … step_range[1] − 1, explaining
     those from step_range[0] on, for the first test and train chunks (first_chunk: as a test
-    chunk's first pass, which also checks the updates and books the totals)."""
+    chunk's first pass, which also checks the updates and books the totals); adds what that
+    run's kink search found to `kinks` (None: not counted)."""
     short = dataclasses.replace(request, step_range=step_range, replay_start=replay_start)
     tests = slice(0, min(request.test_chunk, len(request.inputs)))
     trains = slice(0, min(request.train_chunk, len(request.train_index)))
     elapsed = []
     for _ in range(2):
+        request.path.stats = KinkStats()
         started = time.perf_counter()
         ChunkPass(short, tests, trains, first_train_chunk=first_chunk).run("calibrate")
         elapsed.append(time.perf_counter() - started)
+    if kinks is not None:
+        kinks.add(request.path.stats)
     return elapsed[-1]
 
 

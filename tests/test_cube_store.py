@@ -39,6 +39,42 @@ def test_labelled_cube_round_trip_is_exact_and_warning_free(cube, tmp_path):
     assert opened.attrs == cube.attrs
 
 
+def chunk_of(store: Path, variable: str) -> Path:
+    chunks = [file for file in (store / variable).iterdir() if not file.name.startswith(".")]
+    assert chunks, f"{variable} has no chunk file"
+    return chunks[0]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped", "metadata"])
+def test_a_damaged_store_is_refused_when_opened_not_read_as_nan(cube, tmp_path, damage):
+    """zarr reads a lost chunk as its fill value: a deleted attribution chunk read back as NaN and
+    summed to 0. save_cube lists each file's size and sha256; open_cube checks the sizes, and
+    with verify=True the digests."""
+    store = ex.save_cube(cube, tmp_path / "c.zarr")
+    ex.open_cube(store, verify=True)
+    file = store / ".zattrs" if damage == "metadata" else chunk_of(store, "attribution")
+    data = file.read_bytes()
+    if damage == "deleted":
+        file.unlink()
+    elif damage == "truncated":
+        file.write_bytes(data[:-1])
+    elif damage == "flipped":
+        file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        file.write_text("{")
+    said = {"deleted": "attribution/[^ ]+ is missing", "truncated": f"attribution/[^ ]+ holds {len(data) - 1} bytes, "
+            f"not {len(data)}", "flipped": "attribution/[^ ]+ differs from its sha256",
+            "metadata": r"its attributes \(\.zattrs\) cannot be read \(JSONDecodeError"}[damage]
+    damaged = rf"(?s)cube store .*c\.zarr is damaged: {said}.*explain the history again and save the cube"
+    with pytest.raises(ex.InputError, match=damaged):
+        ex.open_cube(store, verify=True)
+    if damage == "flipped":  # sizes alone pass it: the default open stays cheap
+        np.testing.assert_array_equal(ex.open_cube(store)["initial"].values, cube["initial"].values)
+    else:
+        with pytest.raises(ex.InputError, match=damaged):
+            ex.open_cube(store)
+
+
 def test_saving_removes_nothing_of_the_users_and_leaves_no_scratch(cube, tmp_path):
     notes = tmp_path / "c.zarr.partial" / "notes.txt"  # a name the old scratch folder used
     notes.parent.mkdir()

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import explaind as ex
+from explaind.engine import check_residual
 from brute_force import reference_for_run
 from engine_cases import DEVICE, OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
 
@@ -219,8 +220,15 @@ def test_the_residual_splits_into_the_updates_share_and_the_path_integrals(tmp_p
             shares.append(from_updates)
     for other in shares[1:]:
         np.testing.assert_allclose(other, shares[0], rtol=0, atol=1e-12 * change)
-    with pytest.raises(ex.ReconstructionError, match="is missed through the recorded updates"):
+    # with a tolerance, explain stops at the clipped step rather than after the whole run
+    with pytest.raises(ex.ReconstructionError, match=r"(?s)step 2's update residual is .*gradient clipping.*stops at "
+                                                     r"the first step so far off") as error:
         ex.explain(tmp_path / "h", model, test_x, keep=("test",), quadrature=6, tolerance=1e-6, progress=False)
+    assert error.value.cube is None
+    # the whole cube's check names the updates' share of the miss
+    cube = ex.explain(tmp_path / "h", model, test_x, keep=("test",), quadrature=6, tolerance=None, progress=False)
+    with pytest.raises(ex.ReconstructionError, match="is missed through the recorded updates"):
+        check_residual(cube, 1e-6)
     # the fix the error names: without a train dim, the recorded updates themselves are split
     trusted = ex.explain(tmp_path / "h", model, test_x, keep=("test",), quadrature=6, tolerance=1e-6,
                          check_updates=False, progress=False)
@@ -716,9 +724,9 @@ class TiedLM(nn.Module):
     """A language-model shape: the output layer is the embedding itself (tied, as GPT-2 ties
     them), LayerNorm, PyTorch's own attention, a ReLU convolution and a max over positions."""
 
-    def __init__(self, vocab: int = 7, d: int = 6):
+    def __init__(self, vocab: int = 7, d: int = 6, padding_idx: int | None = None):
         super().__init__()
-        self.embed = nn.Embedding(vocab, d)
+        self.embed = nn.Embedding(vocab, d, padding_idx=padding_idx)
         self.norm = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
         self.conv = nn.Conv1d(d, d, 3, padding=1)
@@ -733,12 +741,16 @@ class TiedLM(nn.Module):
         return self.head(h.amax(1))
 
 
-def test_tied_weights_are_one_tensor_that_both_uses_move(tmp_path):
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_tied_weights_are_one_tensor_that_both_uses_move(tmp_path, padding_idx):
     """A tensor used twice (input embedding and output layer) is recorded once, and its
     attribution carries both uses: the cube sums, to float64 quadrature level, to the change of
-    the outputs of the user's own module before and after training, computed here by torch."""
+    the outputs of the user's own module before and after training, computed here by torch.
+    With a padding row, torch's backward gives the row no gradient from its lookups, but the
+    tied output layer and the decay move it, and the lookups see it move: J counts them."""
     torch.manual_seed(0)
-    model = TiedLM().double()
+    model = TiedLM(padding_idx=padding_idx).double()
+    padding_row = model.embed.weight[0].detach().clone()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 7, (24, 5), generator=g), torch.randint(0, 7, (24,), generator=g)
     test_x = torch.randint(0, 7, (4, 5), generator=g)
@@ -758,6 +770,7 @@ def test_tied_weights_are_one_tensor_that_both_uses_move(tmp_path):
         change = (F.log_softmax(model(test_x), -1) - before).numpy()
     names = list(ex.History(tmp_path / "h").layout.names)
     assert "embed.weight" in names and "head.weight" not in names
+    assert bool((test_x == 0).any()) and (model.embed.weight[0] - padding_row).abs().max() > 1e-3
     cube = ex.explain(tmp_path / "h", model.eval(), test_x, keep=("component", "train", "test", "output"), quadrature=8,
                       progress=False)
     assert cube.attrs["kinks_located"] > 0 and cube.attrs["max_update_residual"] <= 1e-12

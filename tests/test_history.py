@@ -599,6 +599,17 @@ def test_cut_manifest_is_refused(copy_of):
         ex.History(path)
 
 
+def test_a_step_added_to_a_closed_manifest_is_not_called_truncated(copy_of):
+    path = copy_of()
+    lines = (path / "manifest.jsonl").read_text().splitlines()
+    added = {**json.loads(lines[-1]), "step": N_STEPS, "file": f"steps/{N_STEPS:07d}.safetensors"}
+    shutil.copy(path / json.loads(lines[-1])["file"], path / added["file"])
+    (path / "manifest.jsonl").write_text("\n".join(lines + [json.dumps(added, sort_keys=True)]) + "\n")
+    with pytest.raises(ex.HistoryError, match=f"has steps added after it was closed: closed with {N_STEPS} steps but "
+                                              f"the manifest lists {N_STEPS + 1}"):
+        ex.History(path)
+
+
 def test_a_deleted_manifest_is_named(copy_of):
     path = copy_of()
     (path / "manifest.jsonl").unlink()

@@ -1357,6 +1357,12 @@ def test_plan_says_when_its_calibration_meets_more_kinks_than_max_kinks(kinked_r
     assert "more kinks than max_kinks=0" in str(capped) and "raise max_kinks" in str(capped)
     enough = ex.plan(run.path, run.model, run.test_x, keep=("test", "output"), calibrate_steps=6)
     assert enough.calibrated_kinks[0] == 0 < enough.calibrated_kinks[1] and "raise max_kinks" not in str(enough)
+    # every calibrated (step, input) segment counted once: not once per timed run or train chunk
+    n_segments = 6 * len(run.test_x)
+    chunked = ex.plan(run.path, run.model, run.test_x, keep=("train", "test", "output"), train_chunk=2,
+                      calibrate_steps=6)
+    assert chunked.seconds_per_later_step is not None
+    assert enough.calibrated_kinks[1] == chunked.calibrated_kinks[1] == n_segments
     plain = ex.plan(run.path, run.model, run.test_x, keep=("test", "output"), breakpoints=False, calibrate_steps=6)
     assert plain.calibrated_kinks is None
 

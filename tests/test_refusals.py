@@ -15,6 +15,7 @@ from torch import nn
 import explaind as ex
 import explaind.functional as functional
 from explaind.datamodels import tracin_scores
+from explaind.engine import check_residual
 from explaind.quadrature import MAX_NODES, nodes
 from engine_cases import MLP, Case, make_data, train
 
@@ -754,16 +755,21 @@ def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_pat
             F.cross_entropy(model(x), y).backward()
             rec.batch(torch.arange(len(x)), x, y)
             optimizer.step()
-    with pytest.raises(ex.ReconstructionError, match=says("zero_grad()", "update_rounding_floor per step")) as error:
+    with pytest.raises(ex.ReconstructionError, match=says("step 2's update residual", "zero_grad()",
+                                                          "stops at the first step so far off", "verify_updates")):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, tolerance=None)  # the whole run's check
+    with pytest.raises(ex.ReconstructionError, match=says("zero_grad()", "update_rounding_floor per step")) as error:
+        check_residual(cube, 1e-4)
     number = r"([0-9.]+e[+-][0-9]+)"
-    relative, largest, change, through_updates, step, update, floor, through_path = map(float, re.search(
+    relative, largest, change, through_updates, step, update, floor, first, through_path = map(float, re.search(
         f"misses {number} of the largest output change \\(max \\|residual\\| {number} of a change of {number};"
         f".*up to {number} is missed through the recorded updates differing from the modelled ones \\(step ([0-9]+)'s update residual is {number}, "
-        f"where the rounding of the stored parameters allows {number}\\).*up to {number} by the path integral",
+        f"where the rounding of the stored parameters allows {number}; the first step above what rounding allows "
+        f"is step ([0-9]+)\\).*up to {number} by the path integral",
         str(error.value), re.S).groups())
+    assert first == 2  # where the gradients start to accumulate
     assert relative == pytest.approx(largest / change, rel=1e-2) and through_path < through_updates <= 2 * relative
-    cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, tolerance=None)
     above = (cube["update_residual"] / cube["update_rounding_floor"]).values  # steps 0, 1 had fresh gradients
     assert step == int(above.argmax()) in (2, 3) and float(above[:2].max()) < 1
     assert update == pytest.approx(float(cube["update_residual"][int(step)]), rel=1e-2) and update > 1e-3 > floor
@@ -851,7 +857,8 @@ def logits_of(out):
 
 
 @pytest.mark.parametrize("form, loss, targets, words", [
-    ("dict", "cross_entropy", "classes", ("'cross_entropy'", "a dict", "[batch, classes]", "loss=callable")),
+    ("dict", "cross_entropy", "classes", ("'cross_entropy'", "a dict", "[batch, classes]", "loss=callable",
+                                          "output_fn=", "picks [batch, outputs]")),
     ("sequence", "nll", "sequence", ("'nll'", "(8, 2, 3)", "(8, 2)", "loss=callable")),
     ("column", "mse", "values", ("'mse'", "(8, 1)", "(8,)", "same shape")),
 ])
@@ -924,6 +931,39 @@ def test_batch_twice(tmp_path):
             F.cross_entropy(model(x), y).backward()
             rec.batch(torch.arange(8), x, y)
             rec.batch(torch.arange(8), x, y)
+
+
+def test_a_skipped_step_is_named_as_a_possible_cause_of_batch_twice(tmp_path):
+    """A loop that skips optimizer.step() on a bad loss (as a GradScaler does) declares the next
+    batch before a step: the message names the skip and where rec.batch() goes."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.InputError, match=says("twice", "skips optimizer.step()", "GradScaler",
+                                                 "rec.batch() only for the steps it takes")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            for step in range(3):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                rec.batch(torch.arange(8), x, y)
+                if step != 1:
+                    optimizer.step()
+
+
+def test_parameters_changed_after_the_step_are_named_with_the_fix(tmp_path):
+    """A clamp after each step (weight clipping, a max-norm projection) moves θ outside the optimizer."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.HistoryError, match=says("changed between optimizer steps", "before step 1",
+                                                   "Fix: remove what else changes it", "into forward")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            for _ in range(2):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                rec.batch(torch.arange(8), x, y)
+                optimizer.step()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.clamp_(-0.01, 0.01)
 
 
 def test_batch_with_inconsistent_lengths(tmp_path):
@@ -1294,6 +1334,98 @@ def test_a_custom_autograd_function_without_jvp_names_the_reverse_mode_route(tmp
     cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, quadrature=6, tolerance=1e-9)
     assert cube.attrs["relative_residual"] <= 1e-9
     assert ex.reconstruct(tmp_path / "h", model, x[:2], progress=False).attrs["relative_residual"] <= 1e-9
+
+
+class StraightThrough(nn.Module):
+    """Rounds its hidden units in forward and passes the gradient straight through in backward:
+    the training gradient is not the forward's derivative."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.out(h + (torch.round(h * 4) / 4 - h).detach())
+
+
+def test_a_backward_that_is_not_the_derivative_is_named_where_more_nodes_do_not_help(tmp_path):
+    """The recording passes every check; the path integral misses at any quadrature, and the
+    error names a straight-through estimator among the causes, not only more nodes."""
+    torch.manual_seed(0)
+    model = StraightThrough().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=4)
+    for quadrature in (4, 32):
+        with pytest.raises(ex.ReconstructionError, match=says("raise quadrature", "more nodes leave as it is",
+                                                              "straight-through estimator", "true ∂f/∂θ")) as error:
+            ex.explain(tmp_path / "h", model, x[:3], quadrature=quadrature, progress=False)
+        assert error.value.cube.attrs["relative_residual"] > 1e-2
+
+
+class PackedLSTM(nn.Module):
+    """Token sequences of several lengths, packed for the LSTM (pack_padded_sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, padding_idx=0)
+        self.rnn = nn.LSTM(4, 3, batch_first=True)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, tokens):
+        e = self.embed(tokens)
+        h0 = e.new_zeros(1, len(tokens), 3)
+        packed = nn.utils.rnn.pack_padded_sequence(e, (tokens != 0).sum(1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        return self.out(self.rnn(packed, (h0, h0))[1][0][-1])
+
+
+def test_a_packed_sequence_is_named_with_the_padded_route(tmp_path):
+    """nn.LSTM reads a PackedSequence's raw memory, which torch.func's wrapped tensors have not:
+    the Recorder's gradient check names it and the fix (it raised torch's bare RuntimeError)."""
+    torch.manual_seed(0)
+    model = PackedLSTM().double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randint(1, 7, (4, 4), generator=torch.Generator().manual_seed(0))
+    x[0, 3:], x[1, 2:] = 0, 0
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ex.UnsupportedError, match=says("PackedSequence", "pack_padded_sequence", "padded tensor",
+                                                       "last valid step")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            loop(rec, model, optimizer, x, y, steps=1)
+
+
+class OneHotTokens(nn.Module):
+    """A linear model of one-hot tokens, by F.one_hot or by the comparison that does the same."""
+
+    def __init__(self, by_one_hot: bool):
+        super().__init__()
+        self.out = nn.Linear(12, 3)
+        self.by_one_hot = by_one_hot
+
+    def forward(self, tokens):
+        hot = F.one_hot(tokens, 4) if self.by_one_hot else tokens[..., None] == torch.arange(4)
+        return self.out(hot.to(self.out.weight.dtype).flatten(1))
+
+
+def test_one_hot_is_named_with_the_comparison_that_replaces_it(tmp_path):
+    """F.one_hot checks its classes by reading values, which vmap refuses: the message names it
+    and the comparison, which explains exactly."""
+    torch.manual_seed(0)
+    model = OneHotTokens(by_one_hot=True).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    x = torch.randint(0, 4, (8, 3), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        loop(rec, model, optimizer, x, y, steps=2)
+    with pytest.raises(ex.UnsupportedError, match=says("F.one_hot", "torch.arange(n")):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    model.by_one_hot = False
+    cube = ex.explain(tmp_path / "h", model, x[:2], quadrature=6, tolerance=1e-9, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9
 
 
 class CheckingInputs(nn.Module):
