@@ -66,11 +66,14 @@ data: setup  ## rebuild data/ (dvc pull with a remote, else the export) and chec
 	$(BIN)/python -m explaind.pipeline data
 
 repro: setup data  ## run the whole DVC pipeline (params.yaml)
+	@# every stage's parameters first: dvc would reach a later stage's mistake only after the earlier stages ran
+	$(BIN)/python -m explaind.pipeline check
 	$(BIN)/dvc repro
 
 repro-paper: setup data  ## run the pipeline as a DVC experiment with the paper profile (GPU)
-	@# the arguments first: a profile that fails its checks (no CIFAR-10 in data/) stops here, where
-	@# a failing substitution inside the command would run `dvc exp run` with no -S, the CPU profile
+	@# the arguments first: a profile that fails its checks (no CIFAR-10 in data/, no GPU here) stops
+	@# here, before `dvc exp run` writes its values into params.yaml, where a failing substitution
+	@# inside the command would run `dvc exp run` with no -S, the CPU profile
 	args=$$($(BIN)/python -m explaind.pipeline set-args params_paper.yaml); set -f; $(BIN)/dvc exp run $$args
 
 plots: setup  ## render the training curves to dvc_plots/index.html

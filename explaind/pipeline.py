@@ -16,6 +16,7 @@ Other commands (see `python -m explaind.pipeline --help`):
     data      rebuild data/ (dvc pull with a remote, else the deterministic export) and check it
               byte for byte against the hashes recorded in data.dvc
     params    print a stage's checked parameters
+    check     check every stage's parameters (and that this machine has their device) at once
     set-args  print `-S key=value` arguments that make `dvc exp run` use another profile
 
 Paths are resolved from the repository root (`repo_root()`), never from the notebook's folder.
@@ -177,8 +178,13 @@ def stage_schema(stage: str) -> dict[str, Any]:
 
 
 def check_base(params: Mapping[str, Any]) -> None:
-    """Refuse base values out of range (their types are checked by check_params): threads below 0,
-    which torch would silently take for its default."""
+    """Refuse base values out of range (their types are checked by check_params): a seed below 0,
+    which numpy refuses only deep in a stage; threads below 0, which torch would silently take
+    for its default."""
+    seed = params.get("seed", 0)
+    if seed < 0:
+        raise InputError(f"seed (section 'base' or the stage's) is {seed!r}, but numpy's and torch's generators "
+                         "take seeds of at least 0. Fix: set seed in the params file to such a value")
     threads = params.get("threads", 0)
     if threads < 0:
         raise InputError(f"threads (section 'base' or the stage's) is {threads!r}, but it must be at least 0 "
@@ -621,7 +627,22 @@ def load_params(
             config.check_data(data)
     except InputError as error:
         raise ParameterError(f"{path} (sections 'base' + {section!r}): {error}") from None
+    _check_across_sections(stage, content, checked, path)
     return checked
+
+
+def _check_across_sections(stage: str, content: Mapping[str, Any], checked: Mapping[str, Any], path: Path) -> None:
+    """Refuse a stage's value that another stage's section rules out: the cubes stage explains
+    the first `tests` inputs, which the verify stage must have reconstructed (its first `inputs`)."""
+    name, item = split_stage(stage)
+    if name != "cubes":
+        return
+    verified = content.get("verify", {}).get(item, {}).get("inputs", 0)
+    if isinstance(verified, int) and verified > 0 and checked["tests"] > verified:
+        raise ParameterError(
+            f"{path}: cubes.{item}.tests is {checked['tests']}, but verify.{item}.inputs reconstructs only the "
+            f"first {verified} inputs, against which the cubes stage checks every cube. Fix: lower cubes.{item}.tests "
+            f"to at most {verified}, or raise verify.{item}.inputs (0: all held-out inputs)")
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -1002,12 +1023,29 @@ def _yaml_value(value: Any) -> str:
     return str(value)
 
 
-def set_args(profile: str | os.PathLike, stages: list[str] | None = None) -> list[str]:
-    """`-S section.key=value` arguments that make `dvc exp run` use every value of a profile file."""
+def check_profile(profile: str | os.PathLike, stages: list[str] | None = None, here: bool = True) -> list[str]:
+    """Check every stage's parameters in a profile file (`stages`: those of the file's sections),
+    as each stage checks its own when it starts, and, with `here`, that this machine has the
+    device each names: `dvc repro` would otherwise stop at a later stage's mistake only when that
+    stage's turn comes, after the earlier ones ran. Returns the stages checked."""
     content = read_params_file(profile)
-    for stage in stages if stages is not None else [
-            name for name in stage_instances() if split_stage(name)[0] in content]:
-        load_params(stage, params_file=profile)  # refuse a broken profile before running anything
+    stages = stages if stages is not None else [name for name in stage_instances() if split_stage(name)[0] in content]
+    for stage in stages:
+        params = load_params(stage, params_file=profile)
+        if here:
+            try:
+                check_device(params["device"])
+            except InputError as error:
+                raise ParameterError(f"{profile} (stage {stage}): {error}") from None
+    return stages
+
+
+def set_args(profile: str | os.PathLike, stages: list[str] | None = None, here: bool = True) -> list[str]:
+    """`-S section.key=value` arguments that make `dvc exp run` use every value of a profile file,
+    once the profile passes check_profile (`here`: on this machine, where `dvc exp run` would
+    write the profile's values into params.yaml and start deleting the stages' outputs)."""
+    content = read_params_file(profile)
+    check_profile(profile, stages, here)
     args = []
 
     def flatten(prefix: str, values: Mapping[str, Any]) -> None:
@@ -1056,6 +1094,8 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--check-only", action="store_true", help="only compare data/ with data.dvc")
     profile = commands.add_parser("set-args", help="print `dvc exp run -S` arguments for a profile")
     profile.add_argument("profile", help="a params file, e.g. params_paper.yaml")
+    check = commands.add_parser("check", help="check every stage's parameters and device before a run")
+    check.add_argument("profile", nargs="?", default=None, help="a params file (default: params.yaml in the root)")
     args = parser.parse_args(argv)
 
     try:
@@ -1074,6 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
                 ensure_data()
         elif args.command == "set-args":
             print(" ".join(set_args(args.profile)))
+        elif args.command == "check":
+            profile = args.profile or repo_root() / PARAMS_FILE
+            print(f"{profile}: the parameters of {len(check_profile(profile))} stages and their devices pass")
     except (ExplaindError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -76,7 +76,8 @@ class VerifyConfig:
              f"node counts of at least 1 and {nodes}"),
             ("sensitivity_kink_nodes", all(1 <= n <= MAX_NODES for n in self.sensitivity_kink_nodes),
              f"node counts of at least 1 and {nodes}"),
-            ("float32_inputs", self.float32_inputs >= 0, "at least 0"),
+            ("float32_inputs", self.float32_inputs >= 0 and (self.inputs == 0 or self.float32_inputs <= self.inputs),
+             "at least 0" + ("" if self.inputs == 0 else f" and at most inputs ({self.inputs}): it compares those")),
             ("refine_ratio", self.refine_ratio >= 0, "at least 0 (0: refine none)"),
             ("refine_quadrature", 1 <= self.refine_quadrature <= MAX_NODES, f"at least 1 and {nodes}"),
             ("refine_kink_tolerance", self.refine_kink_tolerance >= 0, "at least 0"),
@@ -89,6 +90,11 @@ class VerifyConfig:
                 f"verify.{self.model}: refine_kink_tolerance={self.refine_kink_tolerance} chooses the steps whose "
                 "kinks the refinement locates, but refine_breakpoints is false, which locates none. Fix: set "
                 "refine_breakpoints: true, or refine_kink_tolerance: 0.0 for plain quadrature")
+
+    def check_run(self, held_out: int) -> None:
+        """Refuse counts beyond the trained run's `held_out` inputs, which slicing would otherwise
+        cap without a word."""
+        check_held_out(f"verify.{self.model}", self, held_out, ("inputs", "sensitivity_inputs", "float32_inputs"))
 
 
 @dataclass
@@ -114,6 +120,16 @@ class CubesConfig:
             ("verify_tolerance", self.verify_tolerance >= 0, "at least 0"),
             ("top_k", self.top_k >= 0, "at least 0"),
         ))
+
+    def check_run(self, held_out: int) -> None:
+        """Refuse more tests than the trained run's `held_out` inputs (see VerifyConfig.check_run)."""
+        check_held_out(f"cubes.{self.model}", self, held_out, ("tests",))
+
+
+def check_held_out(section: str, config, held_out: int, keys: tuple[str, ...]) -> None:
+    """Refuse input counts of a config above the run's `held_out` inputs (0 still means all)."""
+    check_ranges(section, config, [(key, getattr(config, key) <= held_out,
+                                     f"at most {held_out} (the run's held-out inputs; 0: all of them)") for key in keys])
 
 
 # --- a trained run ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .errors import ExplaindError, InputError
 from .functional import FlatModel
 from .influence import data_scores
 from .quadrature import MAX_NODES
-from .stages import Run, first
+from .stages import Run, check_held_out, first
 from .training import check_ranges, train_cnn, train_transformer
 from .verify import check_updates_once
 
@@ -89,9 +89,7 @@ class InfluenceConfig:
     def check_run(self, held_out: int) -> None:
         """Refuse counts beyond what the trained run has (its `held_out` inputs), which slicing would
         otherwise cap without a word (score_inputs: pruning.split_inputs refuses it)."""
-        check_ranges(f"influence.{self.model}", self, (
-            ("lds_inputs", self.lds_inputs <= held_out, f"at most {held_out} (the run's held-out inputs)"),
-        ))
+        check_held_out(f"influence.{self.model}", self, held_out, ("lds_inputs",))
 
 
 def explain_options(cfg: InfluenceConfig, run: Run, dtype: torch.dtype, device: str, progress: bool) -> dict:

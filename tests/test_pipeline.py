@@ -308,11 +308,12 @@ def test_check_data_reads_the_listing_from_dvcs_configured_cache(tmp_path, digit
 # --- profiles, notebooks and dvc.yaml agree -----------------------------------------------
 
 
-def test_paper_profile_is_the_papers_configuration():
+def test_paper_profile_is_the_papers_configuration(tmp_path):
     from explaind.training import CNNConfig, TransformerConfig
 
     for stage, cls in (("train_cnn", CNNConfig), ("train_transformer", TransformerConfig)):
-        params = pipeline.load_params(stage, params_file=ROOT / "params_paper.yaml")
+        # root: a folder without data/ (this checkout's may hold the CPU profile's digits, not CIFAR-10)
+        params = pipeline.load_params(stage, params_file=ROOT / "params_paper.yaml", root=tmp_path)
         params.pop("device")  # cuda: make_config refuses a device this machine lacks (the stage runs there)
         assert pipeline.make_config(stage, params) == cls.paper(), f"params_paper.yaml {stage} != {cls.__name__}.paper()"
     assert pipeline.load_params("train_transformer", params_file=ROOT / "params_paper.yaml")["p"] == 113
@@ -324,17 +325,35 @@ def keys(tree: dict, prefix: str = "") -> set[str]:
             for path in (keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})}
 
 
-def test_all_params_files_have_the_same_keys():
+def test_all_params_files_have_the_same_keys(tmp_path):
     shapes = {name: keys(pipeline.read_params_file(ROOT / name))
               for name in ("params.yaml", "params_paper.yaml", "tests/params_tiny.yaml")}
     assert shapes["params.yaml"] == shapes["params_paper.yaml"] == shapes["tests/params_tiny.yaml"]
-    for name in shapes:  # and every stage instance loads from each of them
+    for name in shapes:  # and every stage instance loads from each of them (data/ aside: see the paper profile's test)
         for stage in pipeline.stage_instances():
-            pipeline.load_params(stage, params_file=ROOT / name)
+            pipeline.load_params(stage, params_file=ROOT / name, root=tmp_path)
 
 
-def test_set_args_covers_every_key_of_a_profile():
-    args = pipeline.set_args(ROOT / "params_paper.yaml")
+def test_a_profile_is_checked_for_this_machines_device_before_a_run_starts(tmp_path, tiny_params, monkeypatch,
+                                                                           capsys):
+    """`make repro-paper` on a machine without a GPU stops before `dvc exp run` writes the profile
+    into params.yaml and deletes the stages' outputs; `make repro` checks every stage before the first."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    path = write_yaml(tmp_path / "params.yaml", {**tiny_params, "base": {**tiny_params["base"], "device": "cuda"}})
+    for call in (lambda: pipeline.set_args(path), lambda: pipeline.check_profile(path)):
+        with pytest.raises(ParameterError, match=rf"{path} \(stage train_cnn\): .*this torch sees 0 CUDA device"):
+            call()
+    assert pipeline.set_args(path, here=False)  # a GPU machine's profile, read on another machine
+    assert pipeline.main(["check", str(path)]) == 1 and "0 CUDA device" in capsys.readouterr().err
+    assert pipeline.main(["check", str(ROOT / "tests" / "params_tiny.yaml")]) == 0
+    assert f"the parameters of {len(pipeline.stage_instances())} stages" in capsys.readouterr().out
+
+
+def test_set_args_covers_every_key_of_a_profile(tmp_path):
+    # a copy in a folder without data/ (this checkout's may hold the CPU profile's digits, not CIFAR-10)
+    args = pipeline.set_args(shutil.copy(ROOT / "params_paper.yaml", tmp_path), here=False)
     pairs = dict(arg.split("=", 1) for arg in args[1::2])
     assert args[::2] == ["-S"] * len(pairs)
     assert pairs["train_transformer.p"] == "113" and pairs["train_cnn.classes"] == "[3,5]"

@@ -155,13 +155,53 @@ def test_the_influence_config_refuses_more_lds_inputs_than_the_run_holds_out():
     config = validation.InfluenceConfig(model="transformer", lds_inputs=16)
     config.check_run(held_out=16)
     with pytest.raises(ex.InputError, match=r"influence.transformer.lds_inputs is 16, but it must be at most 15 "
-                                            r"\(the run's held-out inputs\)"):
+                                            r"\(the run's held-out inputs; 0: all of them\)"):
         config.check_run(held_out=15)
     run = types.SimpleNamespace(test_x=np.zeros((15, 2)))  # refused before the run is touched otherwise
     for study in (lambda: validation.pruning_study(run, config, 0, None),
                   lambda: validation.datamodel_study(run, config, "data", 0, None)):
         with pytest.raises(ex.InputError, match="lds_inputs is 16"):
             study()
+
+
+@pytest.mark.parametrize("cls, section, key", [
+    (stages.VerifyConfig, "verify.cnn", "inputs"),
+    (stages.VerifyConfig, "verify.cnn", "sensitivity_inputs"),
+    (stages.VerifyConfig, "verify.cnn", "float32_inputs"),
+    (stages.CubesConfig, "cubes.cnn", "tests"),
+])
+def test_the_analysis_configs_refuse_more_inputs_than_the_run_holds_out(cls, section, key):
+    """Slicing would cap them without a word (verify.cnn.inputs: 100000 reconstructed all 107)."""
+    config = cls(**{key: 16})
+    config.check_run(held_out=16)
+    with pytest.raises(ex.InputError, match=rf"{section}.{key} is 16, but it must be at most 15 \(the run's "
+                                            rf"held-out inputs; 0: all of them\)"):
+        config.check_run(held_out=15)
+
+
+def test_float32_inputs_are_among_the_inputs_verify_reconstructs():
+    stages.VerifyConfig(inputs=0, float32_inputs=64)  # 0: all of them
+    stages.VerifyConfig(inputs=8, float32_inputs=8)
+    with pytest.raises(ex.InputError, match=r"verify.cnn.float32_inputs is 9, but it must be at least 0 and at "
+                                            r"most inputs \(8\)"):
+        stages.VerifyConfig(inputs=8, float32_inputs=9)
+
+
+def test_the_cubes_stage_refuses_tests_the_verify_stage_does_not_reconstruct(tmp_path):
+    """Both sections are in one file: refused with the parameters, not after verify has run."""
+    content = tiny_params()
+    content["verify"]["cnn"]["inputs"] = 3
+    content["cubes"]["cnn"]["tests"] = 4
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    with pytest.raises(pipeline.ParameterError, match=r"cubes.cnn.tests is 4, but verify.cnn.inputs reconstructs "
+                                                      r"only the first 3 inputs.*Fix: lower cubes.cnn.tests to at most 3"):
+        pipeline.load_params("cubes@cnn", params_file=path)
+    pipeline.load_params("cubes@transformer", params_file=path)  # the other model's sections are its own
+    for verified, tests in ((0, 4), (4, 4)):  # 0: verify reconstructs all of them
+        content["verify"]["cnn"]["inputs"], content["cubes"]["cnn"]["tests"] = verified, tests
+        path.write_text(yaml.safe_dump(content, sort_keys=False))
+        assert pipeline.load_params("cubes@cnn", params_file=path)["tests"] == tests
 
 
 # --- a run folder's config.json -----------------------------------------------------------
@@ -242,6 +282,16 @@ def test_a_malformed_data_dvc_is_refused_naming_the_file(tmp_path, text):
     shutil.copy(ROOT / "data.dvc", path)
     assert pipeline.recorded_data_hash(tmp_path) == {key: yaml.safe_load(path.read_text())["outs"][0][key]
                                                      for key in ("md5", "size", "nfiles")}
+
+
+def test_a_negative_seed_is_refused_with_the_parameters_not_by_numpy_in_a_late_stage(tmp_path):
+    content = tiny_params()
+    content["base"]["seed"] = -1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    for stage in ("train_cnn", "influence@cnn"):
+        with pytest.raises(pipeline.ParameterError, match=rf"(?s){path}.*seed .*is -1, but .*at least 0"):
+            pipeline.load_params(stage, params_file=path)
 
 
 def test_a_negative_thread_count_is_refused_not_taken_for_torchs_default(tmp_path):
