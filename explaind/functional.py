@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -1327,6 +1327,24 @@ class FlatModel:
         for i in mode.selectors.intersection(live):  # what it selects is not traced: taken to matter
             depends[i] = torch.ones_like(depends[i])
         return _rows(depends, len(x), torch.bool, x.device).any(0)
+
+    @_transformed
+    def derivative_mismatch(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> float:
+        """|⟨v, J u⟩ − ⟨Jᵀv, u⟩| over Σ_j |(Jᵀv)_j u_j| for a batch x and random u, v: J by forward
+        mode against J by reverse mode, as the per-sample and per-row Jacobians take it. Rounding
+        level where the model's backward is its forward's derivative; not so after a custom
+        autograd.Function or a hook whose backward differs (gradient reversal)."""
+        generator = torch.Generator().manual_seed(0)
+        u = torch.randn(theta.shape, generator=generator, dtype=torch.float64).to(theta)
+        reverse = lambda th: self._explain(self._call(self.layout.unflatten(th), x, jacobian=True),  # noqa: E731
+                                           target, len(x))
+        out, pullback = vjp(reverse, theta)
+        v = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
+        (transposed,) = pullback(v)
+        forward = jvp(lambda th: self.explained(th, x, target), (theta,), (u,))[1]
+        terms = transposed * u
+        scale = float(terms.abs().sum())
+        return float(((v * forward).sum() - terms.sum()).abs()) / scale if scale > 0 else 0.0
 
     @_transformed
     def directional(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:

@@ -1126,6 +1126,21 @@ def kinked_run(tmp_path_factory):
     return train(KINKED, tmp_path_factory.mktemp("kinked") / "h")
 
 
+def test_a_planned_test_chunk_leaves_the_kink_search_its_reserve_again(kinked_run):
+    """Fitted to the budget alone, a pass left the search a few KiB beyond its reserve, and it took
+    its rows one at a time (a trial: 103 s of search against 1.1 s with 11 MiB to spare): the
+    planner halves the test chunk until the search has its reserve once more beyond the pass."""
+    run = kinked_run
+    options = dict(keep=("train", "test"))
+    whole = ex.plan(run.path, run.model, run.test_x, memory_budget=None, **options)
+    assert whole.test_chunk == len(run.test_x) and whole.search_reserve > 0
+    budget = whole.device_bytes + whole.search_reserve // 2  # holds the whole pass, not the search's room
+    tight = ex.plan(run.path, run.model, run.test_x, memory_budget=budget, **options)
+    assert tight.test_chunk < len(run.test_x) and tight.search_bytes >= tight.search_reserve > 0
+    asked = ex.plan(run.path, run.model, run.test_x, memory_budget=budget, test_chunk=len(run.test_x), **options)
+    assert asked.test_chunk == len(run.test_x)  # a chunk asked for is kept
+
+
 def test_error_controlled_search_is_exact_and_searches_only_segments_that_miss(kinked_run):
     """With a kink tolerance, the run still reconstructs to rounding (the residual is f(θ_N) from a
     forward pass against the integral), like the certified search, but only the segments whose

@@ -1336,6 +1336,77 @@ def test_a_custom_autograd_function_without_jvp_names_the_reverse_mode_route(tmp
     assert ex.reconstruct(tmp_path / "h", model, x[:2], progress=False).attrs["relative_residual"] <= 1e-9
 
 
+class GradientReversal(torch.autograd.Function):
+    """The identity in forward, the negated gradient in backward (domain-adversarial training)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
+class Reversed(nn.Module):
+    def __init__(self, function=GradientReversal):
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+        self.function = function
+
+    def forward(self, x):
+        return self.out(self.function.apply(torch.tanh(self.hidden(x))))
+
+
+class Identity(GradientReversal):
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def record_reversed(path, function=GradientReversal):
+    torch.manual_seed(0)
+    model = Reversed(function).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    x, y = data()
+    with ex.Recorder(path, model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=3)
+    return model, x
+
+
+def test_a_backward_that_is_not_the_derivative_is_refused_where_reverse_mode_takes_j(tmp_path, no_heavy_compute):
+    """A gradient-reversal layer trains as it should and passes every record-time check; a route
+    that takes J by reverse mode is refused before any pass (it missed by 5 relative at the end)."""
+    model, x = record_reversed(tmp_path / "h")
+    refused = says("backward is not its forward's derivative", "gradient-reversal", "keep no train dim")
+    for options in (dict(keep=("train", "test")), dict(keep=("step", "test"), convention="gradient"),
+                    dict(keep=("test",), parameter_scores=True)):
+        with pytest.raises(ex.UnsupportedError, match=refused):
+            ex.explain(tmp_path / "h", model, x[:2], progress=False, **options)
+
+
+def test_forward_mode_decomposes_a_gradient_reversal_run_and_a_true_backward_passes_every_route(tmp_path):
+    model, x = record_reversed(tmp_path / "h")
+    cube = ex.explain(tmp_path / "h", model, x[:2], keep=("step", "component", "test"), quadrature=6,
+                      tolerance=1e-9, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9
+    model, x = record_reversed(tmp_path / "identity", Identity)  # the same forward, its true backward
+    for options in (dict(keep=("train", "test")), dict(keep=("step", "test"), convention="gradient")):
+        cube = ex.explain(tmp_path / "identity", model, x[:2], quadrature=6, tolerance=1e-9, progress=False, **options)
+        assert cube.attrs["relative_residual"] <= 1e-9
+
+
 class StraightThrough(nn.Module):
     """Rounds its hidden units in forward and passes the gradient straight through in backward:
     the training gradient is not the forward's derivative."""
