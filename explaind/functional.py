@@ -1335,11 +1335,11 @@ class FlatModel:
         level where the model's backward is its forward's derivative; not so after a custom
         autograd.Function or a hook whose backward differs (gradient reversal)."""
         generator = torch.Generator().manual_seed(0)
-        u = torch.randn(theta.shape, generator=generator, dtype=torch.float64).to(theta)
+        u = torch.randn(theta.shape, generator=generator, dtype=torch.float64, device="cpu").to(theta)
         reverse = lambda th: self._explain(self._call(self.layout.unflatten(th), x, jacobian=True),  # noqa: E731
                                            target, len(x))
         out, pullback = vjp(reverse, theta)
-        v = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
+        v = torch.randn(out.shape, generator=generator, dtype=torch.float64, device="cpu").to(out)
         (transposed,) = pullback(v)
         forward = jvp(lambda th: self.explained(th, x, target), (theta,), (u,))[1]
         terms = transposed * u

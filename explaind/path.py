@@ -274,8 +274,9 @@ class PathIntegral:
         max_window and `steps`, and as many as fit within window_row_bytes (within a quarter of
         search_bytes under a memory budget) with what each step of the window holds: its
         float64 θ and Δ, its rows' end patterns (and plain integrals) and the caller's `held`
-        bytes. 1 with no kinks to search."""
-        if not self.searches:
+        bytes. 1 with no kinks to search, nor in a model with no kink-making op, whose first
+        segment finds it smooth (a window of them cost a GELU MLP 1.2 s of patterns first)."""
+        if not self.searches or self._costs(x) == (0, 0):
             return 1
         per_step = 16 * self.flat.layout.dim + 2 * len(x) * self._costs(x)[0] + held
         limit = self.window_row_bytes if self.search_bytes is None else self.search_bytes // 4

@@ -57,6 +57,9 @@ class Plan:
     # the part of device_bytes reserved for the kink search (0: none), and what memory_budget
     # leaves it beyond the pass (None: no budget, so no bound)
     search_reserve: int = 0
+    # the memory_budget that runs the request in one pass (None: it runs in one), with the kink
+    # search's reserve once more beyond it, as the planner leaves it (engine.plan_chunks)
+    one_pass_budget: int | None = None
     search_bytes: int | None = None
     # per test chunk: explained steps x (seconds_per_step + later train chunks x
     # seconds_per_later_step) + train chunks x replayed steps x seconds_per_replayed_step
@@ -86,7 +89,13 @@ class Plan:
             f"  disk       {_size(self.history_bytes)} of history, read {self.passes} time(s); "
             f"cube {_size(self.cube_bytes)} uncompressed",
             f"  time       {estimate}",
-        ] + self._unresolved())
+        ] + self._one_pass() + self._unresolved())
+
+    def _one_pass(self) -> list[str]:
+        if self.one_pass_budget is None:
+            return []
+        return [f"  one pass   memory_budget={self.one_pass_budget:.3g} ({_size(self.one_pass_budget)}) would run it in "
+                f"1 pass instead of {self.passes}, each of which streams the history and repeats the kink search"]
 
     def _unresolved(self) -> list[str]:
         if not self.calibrated_kinks or not self.calibrated_kinks[0]:
@@ -166,7 +175,16 @@ def describe(request) -> Plan:
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
         max_kinks=request.path.max_kinks,
+        one_pass_budget=None if test_passes * train_passes == 1 else _rounded_up(
+            pass_bytes(request, n_test, n_train, history.max_batch())
+            + request.path.search_reserve(request.inputs, n_test)),
     )
+
+
+def _rounded_up(n: int) -> int:
+    """n rounded up to three significant digits (a budget one can type that still holds n)."""
+    unit = 10 ** max(0, len(str(n)) - 3)
+    return -(-n // unit) * unit
 
 
 def _request_options(options: dict) -> dict:

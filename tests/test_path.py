@@ -1126,6 +1126,19 @@ def kinked_run(tmp_path_factory):
     return train(KINKED, tmp_path_factory.mktemp("kinked") / "h")
 
 
+def test_a_model_without_kinks_is_found_smooth_on_its_first_segment(tmp_path, monkeypatch):
+    """Unbounded, the search takes a window of up to max_window steps at once; a model with no
+    kink-making op (tanh) is found smooth on one segment rather than on a window's patterns (a
+    trial's GELU MLP: 1.2 s of kink search before, with memory_budget=None only)."""
+    run = train(Case("mlp", "adamw", steps=6), tmp_path / "h")
+    windows, locate = [], PathIntegral.locate_steps
+    monkeypatch.setattr(PathIntegral, "locate_steps", lambda self, theta, *a: windows.append(len(theta))
+                        or locate(self, theta, *a))
+    cube = run.explain(keep=("test", "output"), memory_budget=None)
+    assert windows[0] == 1 and cube.attrs["kink_segments_searched"] == 0
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
 def test_a_planned_test_chunk_leaves_the_kink_search_its_reserve_again(kinked_run):
     """Fitted to the budget alone, a pass left the search a few KiB beyond its reserve, and it took
     its rows one at a time (a trial: 103 s of search against 1.1 s with 11 MiB to spare): the

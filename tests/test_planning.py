@@ -206,6 +206,11 @@ def test_explain_prints_its_plan_before_computing(run, capsys):
     run.explain(keep=("test",), quadrature=2, progress=True, tolerance=None)
     printed = capsys.readouterr()
     assert "passes" in printed.out + printed.err and "history" in printed.out + printed.err
+    assert "ex.plan(..., calibrate_steps=6) estimates it" in printed.out + printed.err
+    assert "explain passes" not in printed.err  # one pass: its own bar is the whole call's
+    run.explain(keep=("train", "test"), quadrature=2, progress=True, tolerance=None, train_chunk=3)
+    printed = capsys.readouterr()
+    assert "explain passes: 100%" in printed.err and "4/4" in printed.err  # 10 samples in chunks of 3: 4 passes
 
 
 def test_plan_counts_the_parameter_scores(run):
@@ -342,6 +347,21 @@ def test_memory_budgets_that_are_no_number_of_bytes_are_refused(run, budget):
 @pytest.fixture(scope="module")
 def kinked_run(tmp_path_factory):
     return train(Case("mlp", "sgd_momentum", steps=4, n_train=8, act="relu", lr_scale=10.0), tmp_path_factory.mktemp("plan") / "h")
+
+
+@pytest.mark.parametrize("keep", [("train", "test"), ("test", "output")])
+def test_a_plan_split_by_its_budget_names_the_budget_of_one_pass(kinked_run, keep):
+    """A tight budget can make a request of one pass hundreds (a trial: 600 passes, "4.2 h",
+    against 1 pass and 23 s): the plan names the budget that runs it in one, and that budget does."""
+    run = kinked_run
+    whole = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=None)
+    assert whole.passes == 1 and whole.one_pass_budget is None and "one pass" not in str(whole)
+    half = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=None, test_chunk=len(run.test_x) // 2)
+    split = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=half.device_bytes + half.search_reserve)
+    assert split.passes > 1 and split.one_pass_budget >= whole.device_bytes
+    assert f"memory_budget={split.one_pass_budget:.3g}" in str(split) and f"instead of {split.passes}" in str(split)
+    again = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=float(f"{split.one_pass_budget:.3g}"))
+    assert again.passes == 1
 
 
 @pytest.mark.parametrize("budget", [float("inf"), 1e19, 1e300])
