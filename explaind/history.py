@@ -72,6 +72,11 @@ GROUP_KEYS = {
 # --------------------------------------------------------------------------- file helpers
 
 
+def step_file(step: int) -> str:
+    """Where the Recorder writes a step's record, relative to the history's folder."""
+    return f"steps/{step:07d}.safetensors"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -951,7 +956,7 @@ class Recorder:
                 self._hyper[self._group_of[n]]["t"] = int(_scalar(state["step"]))
         tensors.update({"batch/indices": indices, "batch/inputs": inputs, "batch/targets": targets})
         data = save_safetensors(tensors)
-        file = f"steps/{self.step:07d}.safetensors"
+        file = step_file(self.step)
         _write_atomic(self._dir / file, data)
         line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
                 "groups": self._hyper, "batch_size": len(indices)}
@@ -1649,6 +1654,11 @@ class History:
                 raise HistoryError(
                     f"{self.path}/manifest.jsonl: step {step} records the gradient scale {scale!r}, "
                     f"not a number in (0, 1]: the manifest was edited or corrupted. {_RESTORE}"
+                )
+            if name != step_file(step):  # a name the Recorder never writes (e.g. one outside the folder)
+                raise HistoryError(
+                    f"{self.path}/manifest.jsonl: step {step} names the file {name!r}, where the Recorder writes "
+                    f"{step_file(step)!r}: the manifest was edited or corrupted. {_RESTORE}"
                 )
             file = self.path / name
             if not file.is_file() or file.stat().st_size != size:

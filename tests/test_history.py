@@ -599,6 +599,20 @@ def test_cut_manifest_is_refused(copy_of):
         ex.History(path)
 
 
+def test_a_manifest_naming_a_file_the_recorder_never_writes_is_refused(copy_of, tmp_path):
+    """Even one whose size and sha256 match: a history reads only its own step files."""
+    path = copy_of()
+    lines = (path / "manifest.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(path / first["file"], outside)
+    lines[0] = json.dumps({**first, "file": "../outside.safetensors"}, sort_keys=True)
+    (path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ex.HistoryError, match=r"step 0 names the file '../outside.safetensors', where the Recorder "
+                                              r"writes 'steps/0000000.safetensors'.*edited or corrupted"):
+        ex.History(path)
+
+
 def test_a_step_added_to_a_closed_manifest_is_not_called_truncated(copy_of):
     path = copy_of()
     lines = (path / "manifest.jsonl").read_text().splitlines()
