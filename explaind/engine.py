@@ -1039,6 +1039,13 @@ class ChunkPass:
         req = self.req
         start = req.step_range[0]
         per_bin = self.per_bin
+        momentum = self.momentum_before_replay() if self.first_train_chunk else None
+        if self.first_train_chunk and req.check_updates:  # before the walk, which a missed update stops
+            from .verify import update_residuals
+
+            self.update_residual, self.update_rounding_floor = update_residuals(
+                req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk,
+                each=stop_at_missed_update if req.stop_at_missed_update else None)
         # Σ over bins for all T·O rows, for the total and the scores (first train chunk only);
         # when the carried rows are all rows and unbinned, it is carried[0] itself
         separate_full = self.first_train_chunk and (per_bin or not (req.keeps("test") and req.keeps("output")))
@@ -1083,18 +1090,12 @@ class ChunkPass:
                     self.total += full @ (k.decoupled_decay * theta)
                 self.record_scores(effect_full, g_full)
             a_next = k.a
-        momentum = self.momentum_before_replay() if self.first_train_chunk else None
         if momentum is not None:  # what the steps before the replay carried into the range
             first = self.bin_of[start] if per_bin else 0
             effect = a_next * carried[first:]
             self.book(self.carried, req.replay_start, first,
                       self.contract(effect.reshape(-1, effect.shape[-1]), momentum[None]), len(effect))
             self.total += (a_next * carried_full) @ momentum
-        if self.first_train_chunk and req.check_updates:
-            from .verify import update_residuals
-
-            self.update_residual, self.update_rounding_floor = update_residuals(
-                req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk)
 
     def sample_effects(self, rec: StepRecord, theta: torch.Tensor, effect: torch.Tensor):
         """effect [bins, rows, D] · w_k ∇ℓ_k for the chunk's training samples k of this step, per

@@ -60,13 +60,15 @@ def rounding_eps(history: History, flat: FlatModel) -> float:
 
 def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, int] | None = None,
                      replay_start: int = 0, momentum: torch.Tensor | None = None,
-                     batch_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     batch_rows: int | None = None, each: Callable[[int, float, float], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per step: the relative miss of the modelled update η_s(Σ_k u_{s,k} + r_s) on the recorded
     −Δθ_s, and the miss the rounding of the stored θ allows (`update_check`).
 
     steps: (start, stop) checks only those updates (NaN elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
-    buffer m_{replay_start − 1}; None: zero, from step 0)."""
+    buffer m_{replay_start − 1}; None: zero, from step 0). each(step, residual, floor) sees every
+    checked step as it is checked (and may raise to stop there)."""
     residuals, floors = np.full(history.n_steps, np.nan), np.full(history.n_steps, np.nan)
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
@@ -84,6 +86,8 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
         modelled = aggregate.step(k, g, theta)
         if rec.step >= start:
             residuals[rec.step], floors[rec.step] = update_check(k, theta, delta, modelled, eps)
+            if each is not None:
+                each(rec.step, residuals[rec.step], floors[rec.step])
     return residuals, floors
 
 

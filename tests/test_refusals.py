@@ -742,6 +742,33 @@ def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
 
 
+def test_a_late_unmodelled_clip_stops_a_backward_walk_before_it_starts(tmp_path, monkeypatch):
+    """A pass that walks backwards checks the updates by a forward replay of its own: it runs
+    first and stops at the first step so far off (a trial's 200-step run was explained to its end)."""
+    import explaind.engine as engine
+
+    model, optimizer = model_and_sgd()
+    x, y = data(16)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=50) as rec:
+        for step in range(6):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if step >= 2:  # undeclared, after the Recorder's checked steps 0 and 1
+                torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    options = dict(keep=("train", "test"), outputs="true")
+    assert ex.plan(tmp_path / "h", model, x[:2], y[:2], **options).direction == "backward"
+    walked = []
+    effects = engine.ChunkPass.sample_effects
+    monkeypatch.setattr(engine.ChunkPass, "sample_effects", lambda self, *a: walked.append(1) or effects(self, *a))
+    with pytest.raises(ex.ReconstructionError, match=says("step 2's update residual", "clipping", "stops at the first")):
+        ex.explain(tmp_path / "h", model, x[:2], y[:2], progress=False, **options)
+    assert not walked
+    cube = ex.explain(tmp_path / "h", model, x[:2], y[:2], progress=False, tolerance=None, **options)
+    assert walked and float(cube["update_residual"][:2].max()) < 1e-12 < 1e-3 < float(cube["update_residual"][2])
+
+
 def test_a_forgotten_zero_grad_or_another_model_is_named_when_explaining(tmp_path):
     """Both escape the record-time check when they start after step 1 (check_every=50 checks
     steps 0 and 1 only); explain() misses through the recorded updates and says so, with its
