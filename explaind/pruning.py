@@ -275,7 +275,8 @@ def verdicts(areas: pd.DataFrame, reference: str = "explaind") -> pd.DataFrame:
 
     `better_by` is the mean over splits of how much the reference's area is better (higher
     accuracy / agreement, lower KL). Verdict: "wins" if it is better on every split, "loses" if
-    worse on every split, otherwise "ties".
+    worse on every split, otherwise "ties" (splits_better and splits_worse count both; an area
+    equal to the other's is neither).
     """
     rows = []
     for protocol, table in areas.groupby("protocol", sort=False):
@@ -295,5 +296,6 @@ def verdicts(areas: pd.DataFrame, reference: str = "explaind") -> pd.DataFrame:
                              "other": float(other[metric].mean(skipna=False)),
                              "better_by": float(better.mean(skipna=False)),
                              "spread": float(better.std(ddof=1, skipna=False)) if len(better) > 1 else 0.0,
-                             "splits_better": int((better > 0).sum()), "splits": len(better), "verdict": verdict})
+                             "splits_better": int((better > 0).sum()), "splits_worse": int((better < 0).sum()),
+                             "splits": len(better), "verdict": verdict})
     return pd.DataFrame(rows)

@@ -316,9 +316,10 @@ def pruning_findings(result: PruningResult) -> list[str]:
         for verdict, words in VERDICT_WORDS.items():
             rows = table[table["verdict"] == verdict]
             if len(rows):
-                parts.append(f"{words} " + ", ".join(f"{r.against} ({r.other:.3f}, better on {r.splits_better}/{r.splits} splits)"
-                                                     for r in rows.itertuples()))
-        lines.append(f"{protocol} threshold, {METRIC_NAMES[metric]}: ExPLAIND {table['reference'].iloc[0]:.3f}; "
+                parts.append(f"{words} " + ", ".join(
+                    f"{r.against} ({r.other:.3g}; better on {r.splits_better}, worse on {r.splits_worse} of "
+                    f"{r.splits} splits)" for r in rows.itertuples()))
+        lines.append(f"{protocol} threshold, {METRIC_NAMES[metric]}: ExPLAIND {table['reference'].iloc[0]:.3g}; "
                      + "; ".join(parts))
     return lines
 

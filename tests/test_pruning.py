@@ -1,6 +1,8 @@
 """Pruning criteria, masks, evaluation and areas (explaind.pruning), against hand-computed answers
 and independent autograd loops over recorded runs."""
 
+import types
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ import xarray as xr
 from torch import nn
 
 import explaind as ex
-from explaind import InputError, pruning
+from explaind import InputError, pruning, validation
 from explaind.cube import per_parameter
 from explaind.functional import FlatModel, ParamLayout
 from explaind.losses import BUILTIN_LOSSES
@@ -166,7 +168,24 @@ def test_verdicts_pair_the_splits_and_flip_the_sign_of_kl():
     assert table.loc["accuracy", "verdict"] == "wins" and table.loc["accuracy", "better_by"] == pytest.approx(0.1)
     # KL: lower is better; ExPLAIND is lower on split 0 only (by 0.2, then higher by 0.1 twice)
     assert table.loc["kl", "verdict"] == "ties" and table.loc["kl", "splits_better"] == 1
+    assert table.loc["kl", "splits_worse"] == 2 and table.loc["accuracy", "splits_worse"] == 0
     assert table.loc["kl", "better_by"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pruning_findings_count_both_ways_and_keep_small_areas_readable():
+    """A tie said "better on 0/2 splits" (one split equal, one worse), and KL areas of 1e-5
+    printed as 0.000."""
+    rows = []
+    for split, (ours, theirs) in enumerate([((0.9, 2e-5), (0.9, 1e-5)), ((0.8, 3e-5), (0.7, 1e-5))]):
+        for criterion, (accuracy, kl) in (("explaind", ours), ("magnitude", theirs)):
+            rows.append({"split": split, "protocol": "global", "criterion": criterion,
+                         "accuracy": accuracy, "agreement": accuracy, "kl": kl})
+    lines = validation.pruning_findings(types.SimpleNamespace(verdicts=pruning.verdicts(pd.DataFrame(rows))))
+    accuracy = next(line for line in lines if "threshold, accuracy" in line)
+    assert accuracy == ("global threshold, accuracy: ExPLAIND 0.85; ties with magnitude (0.8; better on 1, worse on 0 "
+                        "of 2 splits)")
+    kl = next(line for line in lines if "KL" in line)
+    assert kl.endswith("ExPLAIND 2.5e-05; loses to magnitude (1e-05; better on 0, worse on 2 of 2 splits)")
 
 
 # --- criteria ------------------------------------------------------------------------------
