@@ -315,19 +315,20 @@ def _check_digests(store: Path, verify: bool) -> None:
     fix = ("Fix: explain the history again and save the cube (`dvc repro` for the pipeline's cubes), or restore "
            "the store from a copy")
     try:
-        files = json.loads((store / ATTRIBUTES).read_text()).get(STORE_DIGESTS, {})
-        damaged = []
-        for name, recorded in files.items():
-            file = store / name
-            if not file.is_file():
-                damaged.append(f"{name} is missing")
-            elif file.stat().st_size != recorded["size"]:
-                damaged.append(f"{name} holds {file.stat().st_size} bytes, not {recorded['size']}")
-            elif verify and _file_digest(file)["sha256"] != recorded["sha256"]:
-                damaged.append(f"{name} differs from its sha256")
+        listed = {name: (int(recorded["size"]), str(recorded["sha256"])) for name, recorded in
+                  json.loads((store / ATTRIBUTES).read_text()).get(STORE_DIGESTS, {}).items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"the cube store {store} is damaged: its attributes ({ATTRIBUTES}) cannot be read "
                          f"({type(error).__name__}: {error}). {fix}") from None
+    damaged = []
+    for name, (size, sha256) in listed.items():
+        file = store / name
+        if not file.is_file():
+            damaged.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            damaged.append(f"{name} holds {file.stat().st_size} bytes, not {size}")
+        elif verify and _file_digest(file)["sha256"] != sha256:
+            damaged.append(f"{name} differs from its sha256")
     if damaged:
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         raise InputError(f"the cube store {store} is damaged: {'; '.join(damaged[:3])}{more} (zarr would read a "
@@ -351,7 +352,7 @@ def open_cube(path: str | os.PathLike, verify: bool = False) -> xr.Dataset:
     _check_digests(path, verify)
     try:
         store = xr.open_zarr(path, consolidated=False)
-    except ValueError as error:  # its metadata is no JSON (a damaged store of an older explaind)
+    except ValueError as error:  # an array's metadata is no JSON (a store without digests, or one of its size)
         raise InputError(f"the cube store {path} cannot be opened ({type(error).__name__}: {error}): its metadata "
                          "is damaged. Fix: explain the history again and save the cube, or restore the store") from None
     store.attrs.pop(STORE_MARK, None)

@@ -60,7 +60,7 @@ and Δ. What it finds is what a search per step finds; its rounds are those of t
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -80,8 +80,8 @@ class KinkStats:
     searched: int = 0  # segments whose kinks were searched (with a kink tolerance: those that missed it)
 
     def add(self, other: KinkStats) -> None:
-        for name in ("kinks", "unresolved", "segments", "searched"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for count in fields(self):
+            setattr(self, count.name, getattr(self, count.name) + getattr(other, count.name))
 
     def as_attrs(self) -> dict:
         return {"kinks_located": self.kinks, "kink_segments_unresolved": self.unresolved,
