@@ -404,6 +404,24 @@ def decay_share_of_updates(history: History, progress: bool = True) -> pd.DataFr
     return pd.DataFrame(rows, columns=["step", "decay_norm", "gradient_norm", "decay_share"])
 
 
+@dataclass
+class DecayTrend:
+    """Weight decay's mean share of the updates early and late in a run (decay_trend)."""
+
+    early_steps: int
+    early: float
+    late_steps: int
+    late: float
+
+
+def decay_trend(updates: pd.DataFrame, early: int = 10, late: int = 100) -> DecayTrend:
+    """The mean decay share (decay_share_of_updates) of the first `early` and the last `late`
+    update steps, each window cut to the run's length."""
+    early, late = min(early, len(updates)), min(late, len(updates))
+    share = updates["decay_share"]
+    return DecayTrend(early, float(share.iloc[:early].mean()), late, float(share.iloc[-late:].mean()))
+
+
 # --- Fourier analysis over residues -------------------------------------------------------
 
 
@@ -449,6 +467,14 @@ def spectra_over_training(history: History, steps: Sequence[int], p: int, progre
                                 "frequency": np.arange(p // 2 + 1)})
 
 
+def key_frequency_power(spectra: xr.DataArray, count: int) -> tuple[dict[str, list[int]], xr.DataArray]:
+    """The `count` key frequencies of each matrix's last spectrum (spectra_over_training), and
+    both matrices' power at the embedding's key frequencies over the checkpoints (step × matrix)."""
+    final = spectra.isel(step=-1)
+    keys = {str(m): key_frequencies(final.sel(matrix=m).values, count) for m in spectra["matrix"].values}
+    return keys, spectra.sel(frequency=keys["embedding"]).sum("frequency")
+
+
 # --- data attribution by the task's structure ---------------------------------------------
 
 
@@ -487,6 +513,56 @@ def influence_by_relation(scores: np.ndarray, relation: np.ndarray) -> pd.DataFr
                      "negative_share": negative[mask].sum() / max(negative.sum(), 1e-300),
                      "absolute_share": absolute[mask].sum() / max(absolute.sum(), 1e-300)})
     return pd.DataFrame(rows)
+
+
+def carried_share(cube: xr.Dataset) -> np.ndarray:
+    """Per window of a data_attribution cube: the largest share, over the explained inputs, of
+    the change that earlier momentum carried into the window unsplit, |carried| /
+    (Σ_train |attribution| + |carried|); 0 where every earlier step was replayed."""
+    carried = np.abs(cube["carried"])
+    return (carried / (np.abs(cube["attribution"]).sum("train") + carried)).max("test").values.ravel()
+
+
+@dataclass
+class DataStructure:
+    """A data_attribution cube's windows grouped by the task's structure (data_structure)."""
+
+    labels: list[str]  # one per window: "phase 2 (steps 40-60)"
+    phases: np.ndarray  # the phase of each window
+    carried_share: np.ndarray  # per window (carried_share)
+    by_relation: pd.DataFrame  # influence_by_relation of each window, its label in column `bin`
+    profiles: dict[str, np.ndarray]  # residue_profile of each window, by label
+    spectra: dict[str, np.ndarray]  # the profiles' Fourier power, by label
+
+    def same_sum(self) -> pd.DataFrame:
+        """The rows of the training pairs that have the explained pair's sum, one per window."""
+        return self.by_relation[self.by_relation["relation"] == "same sum"]
+
+    def kernel_frequencies(self, count: int) -> dict[str, list[int]]:
+        """The `count` strongest non-constant frequencies of each window's residue profile."""
+        return {label: key_frequencies(power, count) for label, power in self.spectra.items()}
+
+
+def data_structure(cube: xr.Dataset, train_pairs: np.ndarray, train_residues: np.ndarray,
+                   test_pairs: np.ndarray, test_residues: np.ndarray, p: int, phases: pd.DataFrame) -> DataStructure:
+    """Group each window of a data_attribution cube by the task's structure: relations of the
+    training pairs to the explained ones, and the mean score by residue difference with its
+    Fourier spectrum. `train_pairs` [n_train, 2] and `train_residues` cover the whole training
+    set (the cube's `train` coordinate indexes them); `test_pairs` / `test_residues` are the
+    explained pairs, in the cube's order."""
+    index = cube["train"].values
+    train_pairs, train_residues = np.asarray(train_pairs)[index], np.asarray(train_residues)[index]
+    relation = relations(train_pairs, test_pairs, p)
+    window_phases = phase_of(cube["step"].values, phases)
+    labels, tables, profiles = [], [], {}
+    for b, phase in enumerate(window_phases):
+        scores = cube["attribution"].isel(step=b).transpose("train", "test").values
+        label = f"phase {phase} (steps {int(cube['step'][b])}-{int(cube['step_stop'][b])})"
+        labels.append(label)
+        tables.append(influence_by_relation(scores, relation).assign(bin=label))
+        profiles[label] = residue_profile(scores, train_residues, test_residues, p)
+    return DataStructure(labels, window_phases, carried_share(cube), pd.concat(tables, ignore_index=True), profiles,
+                         {label: fourier_power(np.nan_to_num(profile)) for label, profile in profiles.items()})
 
 
 # --- the swap experiment ------------------------------------------------------------------
@@ -705,3 +781,107 @@ def paper_findings(phases: pd.DataFrame, shares: xr.DataArray, decay_share: xr.D
         claims.append({"claim": f"phase 3: {claim} a larger share",
                        "ours": f"{name} {before:.3f} in phase 2 ({noise}), {after:.3f} in phase 3", "holds": rises})
     return pd.DataFrame(claims)
+
+
+# --- what the notebook reports ------------------------------------------------------------
+
+
+@dataclass
+class GrokkingSummary:
+    """What the stage measured, section by section: conclusion() says it in sentences, metrics()
+    writes it for metrics.json."""
+
+    label: str  # the run, as stages.load_run names it
+    n_steps: int
+    marks: dict[str, float]  # milestones()
+    phases: pd.DataFrame  # detect_phases()
+    nearest: pd.DataFrame  # nearest_boundaries()
+    findings: pd.DataFrame  # paper_findings(), with retraining_finding() where the pipeline was retrained
+    decay_share: xr.DataArray  # weight decay's share of the validation pairs' change per step bin
+    component_residual: float  # the component attribution's relative residual
+    bin_errors: pd.DataFrame  # bin_errors()
+    net_change: float  # the largest |final - initial| true-class log-probability of an explained pair
+    spikes: list[int]  # loss_spikes()
+    updates: DecayTrend  # decay_trend()
+    windows: list[tuple[int, int]]  # data_windows()
+    data: DataStructure  # data_structure()
+    data_residual: float  # the data attribution's relative residual (its worst window)
+    kernel_frequencies: dict[str, list[int]]  # DataStructure.kernel_frequencies()
+    keys: dict[str, list[int]]  # key_frequency_power()
+    key_power: xr.DataArray  # key_frequency_power()
+    swap: pd.DataFrame  # swap_summary()
+    retraining: pd.DataFrame  # retraining_summary()
+    target: float  # the validation accuracy of the swap and retraining experiments
+    max_steps: int  # the retraining runs' step cap
+
+
+def _steps(value: float | None, digits: int = 0) -> str:
+    return "not reached" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def conclusion(s: GrokkingSummary) -> list[str]:
+    """The stage's findings, one sentence per measurement, in the notebook's order."""
+    lines = [f"Run: {s.label}, {s.n_steps} steps; memorised (100% training accuracy) at step {_steps(s.marks['t_mem'])}, "
+             f"50% / 95% validation accuracy at steps {_steps(s.marks['t_val_50'])} / {_steps(s.marks['t_val_95'])}.",
+             "Phases (rule of section 3): " + "; ".join(
+                 f"phase {r.phase} steps {r.start}-{r.stop} led by {r.leader}" for r in s.phases.itertuples()) + ".",
+             "Nearest boundary per milestone: " + "; ".join(
+                 f"{r.milestone} {_steps(r.step)} -> {_steps(r.boundary)} (ratio {_steps(r.ratio, 2)})"
+                 for r in s.nearest.itertuples()) + "."]
+    lines += [f"Paper: {r.claim}. Ours: {r.ours}. {'Holds' if r.holds else 'Does NOT hold'}." for r in s.findings.itertuples()]
+    same_sum = s.data.same_sum()
+    lines.append("Data attribution: same-sum training pairs carry " + "; ".join(
+        f"{r.positive_share:.1%} of the positive influence in {r.bin}" for r in same_sum.itertuples())
+        + f" (they are {same_sum['pairs_fraction'].iloc[0]:.1%} of the pairs).")
+    lines.append("Kernel's strongest residue frequencies per bin: " + "; ".join(
+        f"{k}: {v}" for k, v in s.kernel_frequencies.items())
+        + f"; the final embedding's key frequencies: {s.keys['embedding']}, unembedding: {s.keys['unembedding']}.")
+    outer = s.swap.set_index("variant").loc["outer layers"]
+    lines.append(f"Swap: the final outer layers around the step-i pipeline gain at most {outer['max_gain']:.1%} validation "
+                 f"accuracy (at step {int(outer['max_gain_step'])}); the swapped model first reaches {s.target:.0%} at step "
+                 f"{_steps(outer['first_step_at_target'])}, the original run at {_steps(s.marks['t_val_95'])}.")
+    for r in s.retraining.itertuples():
+        where = "from scratch" if r.variant == "scratch" else f"{r.variant} copied from step {r.checkpoint:.0f}"
+        lines.append(f"Retraining {where}: steps to {s.target:.0%}, median {_steps(r.median_steps_to_target)} "
+                     f"({r.reached:.0%} of {r.seeds} seeds within {s.max_steps} steps).")
+    swing = s.bin_errors.loc[s.bin_errors["max_change"].idxmax()]
+    lines.append(f"Beyond the paper: training-loss spikes (x10 within one step) at steps {s.spikes}; inside single step bins "
+                 f"the true-class log-probability swings by up to {swing['max_change']:.1f} (bin from step "
+                 f"{int(swing['step'])}), against a net change of at most {s.net_change:.1f} over the run; weight decay's "
+                 f"share of the parameter updates goes from {s.updates.early:.3f} (first {s.updates.early_steps} steps) "
+                 f"to {s.updates.late:.3f} (last {s.updates.late_steps}).")
+    return lines
+
+
+def metrics(s: GrokkingSummary) -> dict:
+    """metrics.json: milestones, phases, the paper's claims, residuals, data attribution, Fourier,
+    swap and retraining results."""
+    data_phases = [f"phase_{n}" for n in s.data.phases]
+    same_sum = s.data.same_sum()
+    return {
+        "steps": s.n_steps,
+        "milestones": s.marks,
+        "phases": {f"phase_{r.phase}": {"start": r.start, "stop": r.stop, "leader": r.leader} for r in s.phases.itertuples()},
+        "boundary_to_milestone_ratio": {r.milestone: r.ratio for r in s.nearest.itertuples()},
+        "paper_claims_hold": {r.claim: bool(r.holds) for r in s.findings.itertuples()},
+        "mean_decay_share_per_phase": {f"phase_{n}": float(group.mean())  # step-weighted
+                                       for n, group in phase_weighted(s.decay_share, s.phases).items()},
+        "component_attribution_relative_residual": s.component_residual,
+        "bin_relative_residual": {"median": float(s.bin_errors["relative"].median()),
+                                  "max": float(s.bin_errors["relative"].max())},
+        "loss_spikes": s.spikes,
+        "data_attribution": {
+            "windows": {phase: list(window) for phase, window in zip(data_phases, s.windows)},
+            "relative_residual": s.data_residual,
+            "carried_share": {phase: float(share) for phase, share in zip(data_phases, s.data.carried_share)},
+            "same_sum_positive_share": dict(zip(data_phases, same_sum["positive_share"])),
+            "same_sum_pairs_fraction": float(same_sum["pairs_fraction"].iloc[0]),
+            "kernel_top_frequency": {phase: keys[0] for phase, keys in zip(data_phases, s.kernel_frequencies.values())}},
+        "key_frequencies": s.keys,
+        "key_frequency_power_final": {m: float(s.key_power.sel(matrix=m)[-1]) for m in ("embedding", "unembedding")},
+        "swap": {r.variant: {"max_gain": r.max_gain, "max_gain_step": r.max_gain_step,
+                             "first_step_at_target": r.first_step_at_target} for r in s.swap.itertuples()},
+        "retraining": {r.variant + ("" if r.variant == "scratch" else f"@{r.checkpoint:.0f}"):
+                       {"median_steps_to_target": r.median_steps_to_target, "reached": r.reached}
+                       for r in s.retraining.itertuples()},
+    }
