@@ -43,13 +43,14 @@ PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_scor
 def residual_attrs(residual, change, from_updates=None) -> dict[str, float]:
     """The residual attributes of a reconstruction or cube from its residual and its change
     f(θ_N) − f(θ_0) (arrays over the same entries): max_abs_residual, max_abs_change and
-    relative_residual, the residual's share of the largest change (0 if nothing changed). With
+    relative_residual, the residual's share of the largest change (0 if neither the outputs nor
+    the decomposition moved; inf if only the decomposition did). With
     a cube's residual_from_updates, also its largest entry and that of the rest, the path
     integral's own error: max_abs_residual_from_updates and max_abs_path_residual."""
     residual = np.asarray(residual)
     largest = float(np.abs(residual).max())
     change = float(np.abs(np.asarray(change)).max())
-    relative = largest / change if change > 0 else 0.0
+    relative = largest / change if change > 0 else (0.0 if largest == 0 else float("inf"))
     if np.isnan(largest) or np.isnan(change):  # a NaN output must never read as exact
         relative = float("nan")
     attrs = {"max_abs_residual": largest, "max_abs_change": change, "relative_residual": relative}
@@ -108,7 +109,7 @@ def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
     return merged
 
 
-def test_labels(test_ids, n_test: int) -> np.ndarray:
+def checked_test_ids(test_ids, n_test: int) -> np.ndarray:
     """The test coordinate: the given ids (one per input), or 0 … n_test − 1."""
     test_ids = np.arange(n_test) if test_ids is None else np.asarray(test_ids)
     if test_ids.ndim != 1 or len(test_ids) != n_test:

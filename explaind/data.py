@@ -17,7 +17,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from .errors import InputError, is_whole
+from .errors import InputError, is_number, is_whole
 
 
 @dataclass
@@ -43,19 +43,22 @@ def modular_addition(
     first train_size form the training set, the next val_size the validation set.
     """
     if not is_whole(p):  # a float p would make float tokens, which an embedding cannot look up
-        raise ValueError(f"modulus p={p!r} must be an integer, got {type(p).__name__}")
+        raise InputError(f"modulus p={p!r} must be an integer, got {type(p).__name__}. Fix: pass p={int(p)}"
+                         if is_number(p) and float(p).is_integer() else
+                         f"modulus p={p!r} must be an integer, got {type(p).__name__}. Fix: pass a whole p ≥ 2")
     if p < 2:
-        raise ValueError(f"modulus p={p} must be at least 2")
+        raise InputError(f"modulus p={p} must be at least 2 (addition mod 1 has one residue). Fix: pass p ≥ 2")
     if train_size < 1 or val_size < 0:
-        raise ValueError(f"need train_size >= 1 and val_size >= 0, got {train_size} and {val_size}")
+        raise InputError(f"need train_size >= 1 and val_size >= 0, got {train_size} and {val_size}. Fix: pass "
+                         "at least one training pair and no negative count")
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     pairs = torch.stack([a.flatten(), b.flatten()], dim=1)
     if only_a_ge_b:
         pairs = pairs[pairs[:, 0] >= pairs[:, 1]]
     if train_size + val_size > len(pairs):
-        raise ValueError(
+        raise InputError(
             f"train_size + val_size = {train_size + val_size} exceeds the {len(pairs)} pairs available "
-            f"for p={p} (only_a_ge_b={only_a_ge_b}); lower the sizes or raise p"
+            f"for p={p} (only_a_ge_b={only_a_ge_b}). Fix: lower the sizes or raise p"
         )
     generator = torch.Generator().manual_seed(seed)
     pairs = pairs[torch.randperm(len(pairs), generator=generator)]
@@ -325,7 +328,8 @@ class ImagePair:
 
 def _check_classes(classes: tuple[int, int], num_labels: int) -> None:
     if len(classes) != 2 or classes[0] == classes[1] or not all(0 <= c < num_labels for c in classes):
-        raise ValueError(f"classes must be two different labels in 0..{num_labels - 1}, got {classes}")
+        raise InputError(f"classes must be two different labels in 0..{num_labels - 1}, got {classes}. Fix: "
+                         f"pass two, e.g. [3, 8]")
 
 
 def _split_digits(
@@ -333,7 +337,8 @@ def _split_digits(
 ) -> ImageArrays:
     _check_classes(classes, 10)
     if not 0.0 < test_size < 1.0:
-        raise ValueError(f"test_size is a fraction of the images and must lie in (0, 1), got {test_size}")
+        raise InputError(f"test_size is a fraction of the images and must lie in (0, 1), got {test_size}. Fix: "
+                         "pass e.g. 0.3")
     images, labels = _load_digits(data_dir)
     keep = np.isin(labels, classes)
     missing = [c for c in classes if not (labels == c).any()]
@@ -343,9 +348,9 @@ def _split_digits(
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
     n_test = round(test_size * len(labels))
     if not 0 < n_test < len(labels):  # an empty split fails later, far from its cause
-        raise ValueError(
+        raise InputError(
             f"test_size={test_size} leaves the {'test' if n_test == 0 else 'training'} split empty: "
-            f"classes {classes} have {len(labels)} images, so use a test_size between "
+            f"classes {classes} have {len(labels)} images. Fix: use a test_size between "
             f"{1 / len(labels):.4g} and {1 - 1 / len(labels):.4g}"
         )
     test, train = order[:n_test], order[n_test:]
@@ -374,7 +379,7 @@ def load_image_pair(
         classes = (3, 5) if classes is None else tuple(classes)
         arrays = load_cifar2(data_dir, classes)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose 'digits' or 'cifar2'")
+        raise InputError(f"unknown dataset {dataset!r}. Fix: choose 'digits' or 'cifar2'")
     train_x = torch.from_numpy(arrays.train_images).float()
     test_x = torch.from_numpy(arrays.test_images).float()
     mean = train_x.mean(dim=(0, 2, 3), keepdim=True)

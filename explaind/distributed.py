@@ -36,7 +36,7 @@ import torch.distributed as dist
 import xarray as xr
 import zarr
 
-from .cube import PER_HISTORY_STEP, STORE_FORMAT, open_cube, residual_attrs, save_cube, test_labels
+from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
 from .errors import InputError, is_whole
 from .history import History
@@ -149,7 +149,7 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
         start, stop = shard_bounds(len(inputs), rank, world_size)
         if start == stop:
             raise InputError(f"{world_size} processes for {len(inputs)} test inputs: use fewer processes")
-        test_ids = test_labels(kwargs.pop("test_ids", None), len(inputs))  # checked whole: a part sees only its slice
+        test_ids = checked_test_ids(kwargs.pop("test_ids", None), len(inputs))  # checked whole: a part sees only its slice
         return explain(history, model, inputs[start:stop],
                        None if targets is None else targets[start:stop],
                        test_ids=test_ids[start:stop], **kwargs)

@@ -31,7 +31,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import ComponentSpec, group_tensors
-from .cube import assemble_cube, test_labels
+from .cube import assemble_cube, checked_test_ids
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, UnsupportedError, is_number, is_whole
 from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
                          untrained_tensors)
@@ -224,7 +224,7 @@ def explain(
         device=device, test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk, loss=loss,
         check_updates=check_updates,
     )
-    test_ids = test_labels(test_ids, len(request.inputs))
+    test_ids = checked_test_ids(test_ids, len(request.inputs))
     check_tolerance("tolerance", tolerance, "no check")
     check_reverse_mode(request)
     plan_chunks(request, memory_budget)
@@ -681,13 +681,13 @@ def plan_chunks(req: Request, budget: float | None) -> None:
              req.convention == "update" and req.keeps("train")),
             ("float32", req.flat.dtype == torch.float64)) if shrinks] + ["a larger budget"]
         raise InputError(
-            f"one pass needs about {_size(needed)}, over memory_budget={budget!r} bytes "
-            f"({_size(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
+            f"one pass needs about {format_bytes(needed)}, over memory_budget={budget!r} bytes "
+            f"({format_bytes(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
             + ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1])
     req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
 
 
-def _size(n_bytes: float) -> str:
+def format_bytes(n_bytes: float) -> str:
     """A byte count in the largest unit that keeps it ≥ 1, to three significant digits."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n_bytes >= scale:
@@ -1195,13 +1195,20 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     relative = float(cube.attrs["relative_residual"])
     if tolerance is None or relative <= tolerance:
         return
+    change = float(cube.attrs["max_abs_change"])
+    if change == 0 and np.isfinite(float(cube.attrs["max_abs_residual"])):
+        raise ReconstructionError(
+            "the explained outputs end where they started (their largest change is 0), yet the decomposition "
+            f"adds up to a change of {float(cube.attrs['max_abs_residual']):.3g}: no share of no change is within "
+            "tolerance. Fix: explain steps over which the outputs move, or pass tolerance=None and read "
+            f"max_abs_residual. The cube computed is this error's .cube{_ANYWAY}", cube=cube
+        )
     if not np.isfinite(relative):
         raise ReconstructionError(
             "the outputs or the decomposition hold NaN or inf (an overflow in the model or the "
             "recorded run): compute in float64, or check the run for diverging steps. The cube "
             f"computed is this error's .cube{_ANYWAY}", cube=cube
         )
-    change = float(cube.attrs["max_abs_change"])  # > 0 here: relative is 0 when nothing changed
     from_updates = float(cube.attrs["max_abs_residual_from_updates"]) / change
     path = float(cube.attrs["max_abs_path_residual"]) / change
     update, floor = cube["update_residual"].values, cube["update_rounding_floor"].values

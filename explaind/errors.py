@@ -17,8 +17,9 @@ class HistoryError(ExplaindError):
     """A training history is missing, truncated, corrupted or does not match the model."""
 
 
-class InputError(ExplaindError):
-    """Arguments of a call are inconsistent (shapes, output selection, dims to keep...)."""
+class InputError(ExplaindError, ValueError):
+    """Arguments of a call are inconsistent (shapes, output selection, dims to keep...); a
+    ValueError too, as Python's own bad arguments are."""
 
 
 class ReconstructionError(ExplaindError):

@@ -686,22 +686,30 @@ def untrained_tensors(model: nn.Module) -> dict[str, str]:
     return why
 
 
+def missing_device(dev: torch.device) -> tuple[str, int] | None:
+    """Why this torch cannot compute on `dev`, and how many CUDA devices it offers instead; None
+    where it can (a missing GPU is only an error when one is asked for). Callers word the fix."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        return (f"this torch sees {count} CUDA device(s)"
+                + (" (a GPU needs a CUDA build of torch on a machine with one)" if count == 0 else "")), count
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return "this torch has no usable MPS backend", count
+    return None
+
+
 def compute_device(device) -> torch.device:
-    """`device` as a torch.device, refused before any work if this torch cannot compute there
-    (a missing GPU is only an error when one is asked for)."""
+    """`device` as a torch.device, refused before any work if this torch cannot compute there."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise InputError(f"device={device!r} is not a device torch knows ({error}). Fix: pass 'cpu', "
                          "'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= count:
-            fix = ("pass device='cpu'; for a GPU, install a CUDA build of torch on a machine with one" if count == 0
-                   else f"pass device='cpu' or one of cuda:0 to cuda:{count - 1}")
-            raise InputError(f"device={device!r}: this torch sees {count} CUDA device(s). Fix: {fix}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device={device!r}: this torch has no usable MPS backend. Fix: pass device='cpu'")
+    missing = missing_device(dev)
+    if missing:
+        reason, count = missing
+        raise InputError(f"device={device!r}: {reason}. Fix: pass device='cpu'"
+                         + (f" or one of 'cuda:0' to 'cuda:{count - 1}'" if count else ""))
     return dev
 
 

@@ -50,7 +50,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .errors import HistoryError, InputError, UnsupportedError, is_number
+from .errors import HistoryError, InputError, UnsupportedError, is_number, is_whole
 from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, CLASS_WEIGHTED, REDUCTIONS, check_class_weights, check_per_sample,
                      check_reduction, recorded_loss, resolve_loss, sample_weights)
@@ -465,6 +465,9 @@ class Recorder:
         self.class_weights = check_class_weights(class_weights)
         self.loss_name, self.loss = resolve_loss(loss, self.class_weights)
         self.reduction = check_reduction(reduction)
+        if not (is_whole(check_every) and check_every >= 0):
+            raise InputError(f"check_every={check_every!r} must be a whole number ≥ 0: the Recorder compares .grad "
+                             "with the declared loss's gradient every check_every steps and at the first two (0: never)")
         self.check_every = check_every
         # the first two steps of a recording or a resume are checked too: a gradient that
         # accumulates across steps (optimizer.zero_grad() forgotten) shows from the second on,
@@ -1764,16 +1767,20 @@ class History:
         """Stream the steps start … stop−1 from disk, forwards or backwards."""
         stop = self.n_steps if stop is None else stop
         order = range(stop - 1, start - 1, -1) if reverse else range(start, stop)
-        cache: dict[int, dict] = {}  # θ_s is shared by neighbouring steps: read it once
+        # step s's file holds θ_{s+1} and its batch, the file before it θ_s: neighbouring steps
+        # share a file, read once whichever way the walk goes (-1: the initial parameters)
+        files: dict[int, dict] = {}
+
+        def read(i: int) -> dict[str, torch.Tensor]:
+            return files[i] if i in files else self.initial() if i < 0 else self._step_tensors(i)
+
         for s in order:
-            tensors = self._step_tensors(s)
-            after = self._prefixed(tensors, "param/")
-            before = cache.get(s) or self.params(s)
-            cache = {s: before, s + 1: after}
+            tensors, previous = read(s), read(s - 1)
+            files = {s: tensors, s - 1: previous}
             yield StepRecord(
                 step=s,
-                before=before,
-                after=after,
+                before=self._prefixed(previous, "param/"),
+                after=self._prefixed(tensors, "param/"),
                 groups=self.manifest[s]["groups"],
                 gradient_scale=self.manifest[s].get("gradient_scale", 1.0),
                 second_moment=self._prefixed(tensors, "second_moment/") or None,

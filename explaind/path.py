@@ -76,7 +76,6 @@ class KinkStats:
 
     kinks: int = 0  # kinks located, or with a kink tolerance: cuts placed (summed over steps and inputs)
     unresolved: int = 0  # (step, input) segments left above the cap or tolerance (see PathIntegral)
-    segments: int = 0
     searched: int = 0  # segments whose kinks were searched (with a kink tolerance: those that missed it)
 
     def add(self, other: KinkStats) -> None:
@@ -288,7 +287,6 @@ class PathIntegral:
         """The kinks of every input's path along each of S segments θ_s + tΔ_s (θ, Δ: [S, D]),
         per segment as (input index [K], position [K]), sorted: one search for all of them."""
         n, steps = len(x), len(theta)
-        self.stats.segments += steps * n
         if not self.searches:
             return [_no_kinks(theta)] * steps
         seg = _Segments(theta.to(torch.float64), delta.to(torch.float64), self.search.cast_inputs(x))
@@ -618,7 +616,6 @@ class PathIntegral:
         plain integral φ·Δ of every input [n, O] (float64). The other paths are one smooth piece
         for this purpose. One search for all the segments' paths that miss (see window)."""
         steps, n, tol = len(theta), len(x), self.kink_tolerance
-        self.stats.segments += steps * n
         seg = _Segments(theta.to(torch.float64), delta.to(torch.float64), self.search.cast_inputs(x))
         relevant = self._relevant(seg.theta[0], x, seg.x)
         columns = None if relevant is None else (relevant, None)
@@ -767,7 +764,6 @@ class PathIntegral:
         if not self.searches and pieces is None:
             nodes = len(self.t_nodes)
             if change and n <= self.few_inputs and n * nodes <= self.few_rows:
-                self.stats.segments += n
                 self._add_rows(out, everyone.repeat_interleave(nodes), self.t_nodes.repeat(n),
                                self.t_weights.repeat(n), size, rows_at)
             else:
@@ -782,7 +778,7 @@ class PathIntegral:
         elif len(owner) and len(smooth) <= joining:  # their nodes join the kinked rows' passes (see jacobian)
             owner, t, w = _joined(owner, t, w, smooth.to(owner.device), self.t_nodes, self.t_weights)
         else:
-            self._plain(out, smooth, size, plain_at, count=False)
+            self._plain(out, smooth, size, plain_at)
         self._add_rows(out, owner, t, w, size, rows_at)
         return out
 
@@ -881,15 +877,13 @@ class PathIntegral:
         return torch.zeros(len(x), self._output_counts[shape], *trailing, dtype=self.flat.dtype,
                            device=self.flat.device)
 
-    def _plain(self, out: torch.Tensor, rows: torch.Tensor, size: int | None, at, count: bool = True) -> None:
+    def _plain(self, out: torch.Tensor, rows: torch.Tensor, size: int | None, at) -> None:
         """Add Σ_r w_r · integrand(t_r) of the inputs `rows` into out, with the plain rule's
         nodes, which are the same for every input: each node is one pass over a chunk of at
         most `size` inputs (None: all) with one set of parameters."""
         if not len(rows):
             return
         for chunk in rows.split(size or len(rows)):
-            if count:
-                self.stats.segments += len(chunk)
             for t, w in zip(self.t_nodes, self.t_weights.tolist()):
                 at(out, chunk, t, w)
 

@@ -248,15 +248,19 @@ def check_device(device: str, here: bool = True) -> None:
     for a GPU machine is still checked on a laptop without `here`)."""
     import torch
 
-    from .functional import compute_device
+    from .functional import missing_device
 
     try:
-        compute_device(device) if here else torch.device(device)
-    except InputError as error:
-        raise InputError(f"device (section 'base' or the stage's): {error}") from None
-    except RuntimeError as error:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
         raise InputError(f"device (section 'base' or the stage's) is {device!r}, which torch does not know "
                          f"({error}). Fix: set it to cpu, cuda, cuda:N or mps") from None
+    missing = missing_device(dev) if here else None
+    if missing:
+        reason, count = missing
+        raise InputError(f"device (section 'base' or the stage's) is {device!r}: {reason}. Fix: set device: cpu"
+                         + (f", or one of cuda:0 to cuda:{count - 1}" if count else "")
+                         + " (params_paper.yaml is for a machine with a GPU)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cube import test_labels
-from .engine import (ChunkPass, build_request, explain_defaults, kept_sizes, momentum_shown, pass_bytes, plan_chunks,
-                     walks_backwards)
+from .cube import checked_test_ids
+from .engine import (ChunkPass, build_request, explain_defaults, format_bytes, kept_sizes, momentum_shown, pass_bytes,
+                     plan_chunks, walks_backwards)
 from .errors import InputError, is_whole
 from .path import KinkStats
 
@@ -84,17 +84,17 @@ class Plan:
             f"{self.n_steps} steps, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
             f"  passes     {self.passes} ({self.direction}, {self.convention} convention; test chunk "
             f"{self.test_chunk}, train chunk {self.train_chunk}, batch chunk {self.batch_chunk})",
-            f"  {self.device:<10} {_size(self.device_bytes)} per pass{self._search()}",
-            f"  host       {_size(self.host_bytes)}",
-            f"  disk       {_size(self.history_bytes)} of history, read {self.passes} time(s); "
-            f"cube {_size(self.cube_bytes)} uncompressed",
+            f"  {self.device:<10} {format_bytes(self.device_bytes)} per pass{self._search()}",
+            f"  host       {format_bytes(self.host_bytes)}",
+            f"  disk       {format_bytes(self.history_bytes)} of history, read {self.passes} time(s); "
+            f"cube {format_bytes(self.cube_bytes)} uncompressed",
             f"  time       {estimate}",
         ] + self._one_pass() + self._unresolved())
 
     def _one_pass(self) -> list[str]:
         if self.one_pass_budget is None:
             return []
-        return [f"  one pass   memory_budget={self.one_pass_budget:.3g} ({_size(self.one_pass_budget)}) would run it in "
+        return [f"  one pass   memory_budget={self.one_pass_budget:.3g} ({format_bytes(self.one_pass_budget)}) would run it in "
                 f"1 pass instead of {self.passes}, each of which streams the history and repeats the kink search"]
 
     def _unresolved(self) -> list[str]:
@@ -109,8 +109,8 @@ class Plan:
         if not self.search_reserve:
             return ""
         rest = "more, unbounded (no memory_budget)" if self.search_bytes is None else \
-            f"up to {_size(self.search_bytes)} more, what memory_budget leaves beside the pass, when it needs it"
-        return f", of which {_size(self.search_reserve)} for the kink search; the search may take {rest}"
+            f"up to {format_bytes(self.search_bytes)} more, what memory_budget leaves beside the pass, when it needs it"
+        return f", of which {format_bytes(self.search_reserve)} for the kink search; the search may take {rest}"
 
 
 def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
@@ -128,7 +128,7 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     if not is_whole(calibrate_steps) or calibrate_steps < 0:
         raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
     request = build_request(history, model, inputs, targets, **_request_options(options))
-    test_labels(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too
+    checked_test_ids(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too
     plan_chunks(request, memory_budget)
     request.progress = False
     result = describe(request)
@@ -274,14 +274,6 @@ def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk:
     if kinks is not None:
         kinks.add(request.path.stats)
     return elapsed[-1]
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _duration(seconds: float) -> str:

@@ -232,7 +232,7 @@ def _recorder(
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
+        raise InputError(f"dtype {name!r} is not supported. Fix: use one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -357,7 +357,8 @@ def triangular_lr(steps_per_epoch: int, epochs: int, peak_epoch: float):
     total = steps_per_epoch * epochs
     peak = peak_epoch * steps_per_epoch
     if not 0 < peak_epoch <= epochs:
-        raise ValueError(f"peak_epoch={peak_epoch} must lie in (0, epochs={epochs}]")
+        raise InputError(f"peak_epoch={peak_epoch} must lie in (0, epochs={epochs}]: the learning rate peaks "
+                         "within the run. Fix: pass a peak_epoch in that range")
     return lambda step: float(np.interp(step + 1, [0, peak, total + 1], [0.0, 1.0, 0.0]))
 
 
@@ -385,7 +386,8 @@ def train_cnn(
     x_test, y_test = data.test_x.to(device=device, dtype=dtype), data.test_y.to(device)
     steps_per_epoch = len(y) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(y)} training images; lower it")
+        raise InputError(f"batch_size={cfg.batch_size} exceeds the {len(y)} training images (the last incomplete "
+                         f"batch of an epoch is dropped, so no step would run). Fix: use a batch_size of at most {len(y)}")
 
     torch.manual_seed(cfg.seed)
     model = ResNet9(x.shape[1], 2, cfg.width).to(device=device, dtype=dtype)

@@ -203,3 +203,5 @@ def test_a_nan_residual_is_not_exact():
     assert np.isnan(residual_attrs([np.nan, 0.0], [1.0, 2.0])["relative_residual"])
     assert np.isnan(residual_attrs([0.0], [np.nan])["relative_residual"])
     assert residual_attrs([0.0], [0.0])["relative_residual"] == 0.0
+    # a decomposition that moves where the outputs did not is no exact one (it read 0 before)
+    assert residual_attrs([1e-3, 0.0], [0.0, 0.0])["relative_residual"] == np.inf

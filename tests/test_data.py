@@ -54,7 +54,8 @@ def test_modular_addition_refuses_too_many_pairs():
 
 @pytest.mark.parametrize("p", [7.0, True])
 def test_modular_addition_refuses_a_modulus_that_is_not_an_integer(p):
-    with pytest.raises(ValueError, match=rf"p={p!r} must be an integer"):  # 7.0 made float tokens
+    fix = "pass a whole p ≥ 2" if p is True else "pass p=7"
+    with pytest.raises(InputError, match=rf"p={p!r} must be an integer.*Fix: {fix}"):  # 7.0 made float tokens
         modular_addition(p, 10, 5, seed=0)
 
 
@@ -126,7 +127,7 @@ def test_image_pair_rejects_bad_arguments(tmp_path):
 def test_digits_refuse_a_test_size_that_empties_a_split(digits_data, test_size, empty):
     # 357 threes and eights: 0.001 holds out round(0.357) = 0 images, 0.999 keeps none for training
     with pytest.raises(ValueError, match=rf"test_size={test_size} leaves the {empty} split empty: "
-                       r"classes \(3, 8\) have 357 images, so use a test_size between 0.002801 and 0.9972"):
+                       r"classes \(3, 8\) have 357 images. Fix: use a test_size between 0.002801 and 0.9972"):
         load_image_pair(digits_data, "digits", classes=(3, 8), test_size=test_size)
 
 

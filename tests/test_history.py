@@ -1849,3 +1849,19 @@ def test_a_model_with_nothing_to_train_is_refused(tmp_path):
     with pytest.raises(ex.InputError, match="(?s)no trainable parameter.*Fix"):
         ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_streaming_the_steps_reads_each_file_once_either_way(uninterrupted, monkeypatch, reverse):
+    """θ_s is step s's `before` and step s−1's `after`: a backward walk read it twice."""
+    history = ex.History(uninterrupted)
+    reads = []
+    read = history._step_tensors
+    monkeypatch.setattr(history, "_step_tensors", lambda s: reads.append(s) or read(s))
+    records = list(history.steps(reverse=reverse))
+    assert sorted(reads) == list(range(history.n_steps))
+    assert [rec.step for rec in records] == list(range(history.n_steps))[::-1 if reverse else 1]
+    for rec in records:  # the neighbouring files, not one of them twice
+        for name, before in rec.before.items():
+            assert torch.equal(before, history.params(rec.step)[name])
+            assert torch.equal(rec.after[name], history.params(rec.step + 1)[name])

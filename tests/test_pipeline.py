@@ -343,7 +343,9 @@ def test_a_profile_is_checked_for_this_machines_device_before_a_run_starts(tmp_p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
     path = write_yaml(tmp_path / "params.yaml", {**tiny_params, "base": {**tiny_params["base"], "device": "cuda"}})
     for call in (lambda: pipeline.set_args(path), lambda: pipeline.check_profile(path)):
-        with pytest.raises(ParameterError, match=rf"{path} \(stage train_cnn\): .*this torch sees 0 CUDA device"):
+        # worded for a params file, not for a library call (`pass device='cpu'`)
+        with pytest.raises(ParameterError, match=rf"{path} \(stage train_cnn\): .*this torch sees 0 CUDA device.*"
+                                                 r"Fix: set device: cpu \("):
             call()
     assert pipeline.set_args(path, here=False)  # a GPU machine's profile, read on another machine
     assert pipeline.main(["check", str(path)]) == 1 and "0 CUDA device" in capsys.readouterr().err
@@ -424,6 +426,26 @@ def imported_modules(*roots: str) -> set[str]:
     return seen - {"errors", "phases"}
 
 
+def notebook_imports(path: Path) -> set[str]:
+    """explaind modules a notebook's code cells import (`import explaind` brings what the
+    package's __init__ imports)."""
+    code = "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text())["cells"]
+                     if cell["cell_type"] == "code")
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom) and node.module == "explaind":  # from explaind import x
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("explaind."):
+            names.add(node.module.split(".")[1])  # from explaind.x import y
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "explaind":
+                    names |= module_imports(ROOT / "explaind" / "__init__.py")
+                elif alias.name.startswith("explaind."):
+                    names.add(alias.name.split(".")[1])
+    return names
+
+
 def test_dvc_yaml_stages_follow_the_stage_registry():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert set(dvc["stages"]) == set(pipeline.STAGES)
@@ -447,19 +469,22 @@ def test_dvc_yaml_stages_follow_the_stage_registry():
             run_files = {rel(paths.history), rel(paths.model), rel(paths.config)}
             if info.models or info.reads:  # an analysis stage reads the model's training outputs
                 assert run_files <= set(spec["deps"])
-                modules = imported_modules("stages", "engine", "verify", "influence", "training",
-                                           info.config.partition(":")[0].removeprefix("explaind."))
             else:
                 assert run_files <= set(spec["outs"])
-                modules = imported_modules("training")
+            # what the notebook and its config's module run, no more: an extra dependency reruns
+            # the stage for nothing, a missing one leaves stale results
+            modules = imported_modules(*notebook_imports(ROOT / info.notebook),
+                                       info.config.partition(":")[0].removeprefix("explaind."))
             assert spec["metrics"] == [{rel(paths.metrics): {"cache": False}}]
             plots = {file: options for plot in spec["plots"] for file, options in plot.items()}
             assert rel(paths.curves) in plots and plots[rel(paths.curves)]["cache"] is False
             assert all(options["cache"] is False for options in plots.values())
             # every stage runs pipeline.py, whose own helpers write outputs (save_run: config.json)
-            modules |= module_imports(ROOT / "explaind" / "pipeline.py") - {"errors", "phases"}
-            missing = {f"explaind/{m}.py" for m in modules} - set(spec["deps"])
-            assert not missing, f"stage {instance} misses dependencies {sorted(missing)}"
+            modules |= imported_modules("pipeline")
+            library = {dep for dep in spec["deps"] if dep.startswith("explaind/")}
+            expected = {f"explaind/{m}.py" for m in modules}
+            assert library == expected, (f"stage {instance}: dependencies missing {sorted(expected - library)}, "
+                                         f"not run {sorted(library - expected)}")
     assert "results/verify/${item}/reconstruction.zarr" in dvc["stages"]["verify"]["do"]["outs"]
     assert "results/verify/${item}/reconstruction.zarr" in dvc["stages"]["cubes"]["do"]["deps"]
     assert "results/cubes/${item}/cubes" in dvc["stages"]["cubes"]["do"]["outs"]

@@ -455,6 +455,15 @@ def test_optimizer_settings_changed_mid_run_are_refused_at_that_step(tmp_path, s
     assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2  # nothing of the refused step
 
 
+@pytest.mark.parametrize("every", [-5, 0.5, True, "10"])
+def test_a_nonsense_gradient_check_interval_is_refused(tmp_path, every):
+    """-5 checked on Python's modulo, 0.5 and True every step; "10" failed at the first step."""
+    model, optimizer = model_and_sgd()
+    with pytest.raises(ex.InputError, match=says(f"check_every={every!r}", "whole number ≥ 0", "0: never")):
+        ex.Recorder(tmp_path / "h", model, optimizer, check_every=every)
+    assert not (tmp_path / "h").exists()
+
+
 @pytest.mark.parametrize("tolerance", [float("nan"), -1e-9, "1e-9", True])
 def test_a_nonsense_gradient_check_tolerance_is_refused(tmp_path, tolerance):
     """NaN turned the gradient check off, a negative one failed every step, 0 read as the default."""
@@ -1198,6 +1207,15 @@ def test_reconstruct_refuses_a_device_it_cannot_use(run, no_heavy_compute):
         ex.reconstruct(run.path, run.model, run.test_x, device=f"cuda:{torch.cuda.device_count()}", progress=False)
 
 
+@pytest.mark.parametrize("cuda_devices, fix", [(0, "Fix: pass device='cpu'$"),
+                                               (2, "Fix: pass device='cpu' or one of 'cuda:0' to 'cuda:1'$")])
+def test_a_missing_gpu_names_the_devices_there_are(monkeypatch, cuda_devices, fix):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    with pytest.raises(ex.InputError, match=rf"device='cuda:2': this torch sees {cuda_devices} CUDA device.*{fix}"):
+        functional.compute_device("cuda:2")
+
+
 # torch warns that vmap loops over the weight norm backward, which has no batching rule
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_an_op_without_forward_mode_names_the_reverse_mode_route(tmp_path):
@@ -1806,3 +1824,14 @@ def test_a_failure_in_every_dtype_is_not_blamed_on_float64(tmp_path):
     x = record_float32_kernel(tmp_path / "h", model, check_every=0)
     with pytest.raises(RuntimeError, match="Expected mat_a to be Float32, got Double"):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
+
+
+def test_a_decomposition_of_outputs_that_never_moved_is_no_exact_one():
+    """Its residual's share of no change read 0.0, which passed every tolerance."""
+    from explaind.cube import residual_attrs
+
+    cube = xr.Dataset(attrs=residual_attrs(np.array([1e-3, 0.0]), np.zeros(2)))
+    with pytest.raises(ex.ReconstructionError, match=says("end where they started", "adds up to a change of 0.001",
+                                                          "tolerance=None")):
+        check_residual(cube, 1e-4)
+    check_residual(xr.Dataset(attrs=residual_attrs(np.zeros(2), np.zeros(2))), 0.0)  # nothing moved at all: exact
