@@ -308,6 +308,22 @@ def kernel_order(run: Run, cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.argsort(train_labels, kind="stable"), np.argsort(test_labels, kind="stable")
 
 
+def group_ticks(sorted_labels, most: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marks for a heatmap axis sorted by label (kernel_order): the edges between label groups,
+    half a cell before each group but the first (imshow puts cell i at i), and the centre and
+    label of every k-th group, k the smallest that labels at most `most` groups."""
+    labels = np.asarray(sorted_labels)
+    if labels.ndim != 1 or not len(labels):
+        raise InputError(f"group_ticks needs a non-empty 1-d array of labels, got shape {labels.shape}")
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    if len(starts) != len(np.unique(labels)):  # a label in two runs: its group would be marked twice
+        raise InputError("group_ticks needs labels sorted into groups (each label in one run): order them by "
+                         "kernel_order first")
+    ends = np.r_[starts[1:], len(labels)]
+    every = -(-len(starts) // most)  # ceil: label every k-th group
+    return starts[1:] - 0.5, ((starts + ends - 1) / 2)[::every], labels[starts][::every]
+
+
 def true_class_slice(cube: xr.Dataset, targets) -> xr.Dataset:
     """The true-class part of a cube that keeps every output, laid out as explain(outputs="true")
     lays it out (one output labelled "true", each input's class in `output_class`), with its

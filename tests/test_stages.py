@@ -310,3 +310,21 @@ def test_a_negative_thread_count_is_refused_not_taken_for_torchs_default(tmp_pat
     content["base"]["threads"] = 0  # 0: torch's default, as before
     path.write_text(yaml.safe_dump(content, sort_keys=False))
     assert pipeline.load_params("train_cnn", params_file=path)["threads"] == 0
+
+
+def test_group_ticks_mark_each_label_groups_edges_centre_and_label():
+    # groups 0: cells 0-2, 1: cells 3-4, 2: cell 5 (imshow centres cell i at i)
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    edges, centres, names = stages.group_ticks(labels)
+    np.testing.assert_array_equal(edges, [2.5, 4.5])
+    np.testing.assert_array_equal(centres, [1.0, 3.5, 5.0])
+    np.testing.assert_array_equal(names, [0, 1, 2])
+    # at most 2 labelled: every 2nd group (the edges stay all of them)
+    edges, centres, names = stages.group_ticks(labels, most=2)
+    np.testing.assert_array_equal(edges, [2.5, 4.5])
+    np.testing.assert_array_equal(centres, [1.0, 5.0])
+    np.testing.assert_array_equal(names, [0, 2])
+    edges, centres, names = stages.group_ticks(np.array([7, 7]))  # one group: no edge
+    assert len(edges) == 0 and list(centres) == [0.5] and list(names) == [7]
+    with pytest.raises(ex.InputError, match="sorted into groups"):
+        stages.group_ticks(np.array([0, 1, 0]))
