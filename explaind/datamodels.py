@@ -12,6 +12,7 @@ from the same recorded history, or random scores as the null.
 from __future__ import annotations
 
 import functools
+from math import comb
 from typing import Callable, Mapping
 
 import numpy as np
@@ -188,6 +189,39 @@ def bootstrap_lds(actual: np.ndarray, predicted: Mapping[str, np.ndarray], resam
         rows.append({"method": f"{name}_minus_{names[0]}", "lds": estimates[i] - estimates[0],
                      **percentile_interval(draws[:, i] - draws[:, 0], level)})
     return pd.DataFrame(rows)
+
+
+def spearman_values(n: int) -> np.ndarray:
+    """Every value Spearman's correlation over n pairs without ties can take, ascending:
+    1 − 6Σd²/(n(n²−1)), where the sum of the squared rank differences Σd² takes every even value
+    from 0 to (n³ − n)/3, except 4 when n = 3 (tests/test_datamodels.py enumerates the orders)."""
+    if n < 2:
+        raise InputError(f"a rank correlation needs at least 2 pairs, got {n}")
+    sums = np.arange(0, (n**3 - n) // 3 + 1, 2)
+    if n == 3:
+        sums = sums[sums != 4]
+    return 1 - 6 * sums[::-1] / (n * (n**2 - 1))
+
+
+def two_subset_share(n: int) -> float:
+    """Of bootstrap_lds's resamples of n retrained models (n draws with replacement), the share
+    that hold exactly two distinct models, among those with more than one (one alone has no
+    ranking and is left out): over two distinct models an input's Spearman is ±1 whatever the
+    scores, so these resamples only say which of two models a method ranks higher."""
+    if n < 2:
+        raise InputError(f"a rank correlation needs at least 2 retrained models, got {n}")
+    return comb(n, 2) * (2**n - 2) / (n**n - n)
+
+
+def fewest_subsets(level: float) -> int:
+    """The fewest retrained models whose two_subset_share fits in one tail, (1 − level)/2, of a
+    bootstrap interval at `level`: with fewer, a bound of the interval is a pairwise comparison."""
+    if not 0 < level < 1:
+        raise InputError(f"need 0 < level < 1, got {level}")
+    n = 2
+    while two_subset_share(n) > (1 - level) / 2:
+        n += 1
+    return n
 
 
 def defined_mean(values: np.ndarray) -> float:

@@ -334,12 +334,32 @@ def datamodel_findings(result: DatamodelResult, cfg: InfluenceConfig) -> list[st
     for method in result.scores:
         row = summary.loc[method]
         lines.append(f"  {method}: {row['lds']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    informative, resolution = lds_resolution(subsets, inputs, cfg.confidence)
     for method in list(result.scores)[1:]:
         row = summary.loc[f"{method}_minus_explaind"]
-        verdict = ("ExPLAIND is better" if row["ci_high"] < 0 else "ExPLAIND is worse" if row["ci_low"] > 0
+        verdict = (f"not informative at {subsets} subsets" if not informative
+                   else "ExPLAIND is better" if row["ci_high"] < 0 else "ExPLAIND is worse" if row["ci_low"] > 0
                    else "no difference resolved at this size")
         lines.append(f"  {method} - explaind: {row['lds']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]: {verdict}")
-    return lines
+    return lines + [resolution]
+
+
+def lds_resolution(subsets: int, inputs: int, level: float) -> tuple[bool, str]:
+    """Whether bootstrap intervals at `level` of an LDS over `subsets` retrained models can decide
+    anything, and a sentence on what the LDS rests on: how finely an input's Spearman can fall,
+    and the share of resamples where it is ±1 whatever the scores (datamodels.two_subset_share).
+    When that share exceeds a tail of the interval, its bounds are pairwise comparisons."""
+    values = datamodels.spearman_values(subsets)
+    share, tail = datamodels.two_subset_share(subsets), (1 - level) / 2
+    text = (f"the LDS rests on {subsets} retrained subsets and {inputs} held-out inputs. Over {subsets} subsets an "
+            f"input's Spearman correlation takes {len(values)} distinct values (the closest "
+            f"{np.diff(values).min():.3g} apart), and {f'{share:.1%}' if share >= 1e-3 else 'under 0.1%'} of the bootstrap resamples draw only two distinct "
+            f"subsets, over which it is ±1 whatever the scores")
+    if share <= tail:
+        return True, f"Resolution: {text}, within the {tail:.1%} of each tail of the {level:.0%} intervals."
+    return False, (f"Caveat: {text}, more than the {tail:.1%} of each tail of the {level:.0%} intervals, whose bounds "
+                   f"are then single pairwise comparisons: the verdicts are not informative at this size "
+                   f"(lds_subsets >= {datamodels.fewest_subsets(level)} brings that share within a tail).")
 
 
 def influence_metrics(pruned: PruningResult, datamodel: DatamodelResult) -> dict:

@@ -1,6 +1,7 @@
 """Subset retraining, TracIn and the linear datamodeling score (explaind.datamodels), against
 scipy, hand cases, a brute-force loop over the recorded checkpoints and a manual training run."""
 
+import itertools
 import types
 import warnings
 
@@ -95,6 +96,65 @@ def test_bootstrap_leaves_out_resamples_without_a_ranking_and_warns_nothing():
     assert summary.loc["reversed_minus_perfect", ["lds", "ci_low", "ci_high"]].tolist() == pytest.approx([-2.0] * 3)
     assert np.isnan(datamodels.defined_mean(np.full(2, np.nan)))
     assert np.isnan(list(datamodels.percentile_interval(np.full(2, np.nan), 0.9).values())).all()
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_spearman_takes_the_values_of_the_formula_over_every_order_of_n_ranks(n):
+    """Every order of n ranks against 1 … n: the distinct correlations scipy computes are the
+    formula's; n = 3 leaves out 0, the one even Σd² (4) that no order of three ranks reaches."""
+    seen = {round(scipy.stats.spearmanr(range(n), order).statistic, 12)
+            for order in itertools.permutations(range(n))}
+    assert datamodels.spearman_values(n) == pytest.approx(sorted(seen), abs=1e-12)
+    if n == 4:  # 1 − 6Σd²/60 for Σd² = 0, 2, …, 20
+        assert datamodels.spearman_values(4) == pytest.approx(np.linspace(-1, 1, 11))
+    if n == 3:
+        assert 0 not in seen
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_two_subset_share_is_the_share_of_resamples_drawing_two_models(n):
+    """Every resample of n models with replacement, enumerated: among those holding more than one
+    model, the share holding exactly two; over those two, any scores correlate to ±1."""
+    distinct = np.array([len(set(draw)) for draw in itertools.product(range(n), repeat=n)])
+    assert datamodels.two_subset_share(n) == pytest.approx((distinct == 2).sum() / (distinct > 1).sum())
+    rng = np.random.default_rng(n)
+    actual, predicted = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    draw = [0] * (n - 1) + [1]  # two distinct models, one of them drawn n − 1 times
+    assert np.abs(datamodels.lds(actual[draw], predicted[draw])) == pytest.approx(np.ones(3))
+
+
+def test_fewest_subsets_bring_the_two_model_share_within_a_tail():
+    # shares from the enumeration above: n = 4: 84/252, n = 5: 300/3120, n = 6: 930/46650
+    assert datamodels.fewest_subsets(0.95) == 6  # tail 2.5%: 9.6% at n = 5, 2.0% at n = 6
+    assert datamodels.fewest_subsets(0.8) == 5  # tail 10%
+    assert datamodels.fewest_subsets(0.3) == 4  # tail 35%: 33.3% at n = 4
+
+
+def test_findings_call_the_verdicts_of_a_few_retrainings_not_informative():
+    """The tests' tiny profile: 4 retrainings x 4 inputs at 90%. A perfect score's interval is
+    [1, 1], but a third of the resamples draw two models only, so no verdict is given."""
+    rng = np.random.default_rng(3)
+    config = types.SimpleNamespace(lds_fraction=0.5, confidence=0.9)
+
+    def findings(subsets, inputs):
+        actual = rng.normal(size=(subsets, inputs))
+        predicted = {"explaind": actual, "random": rng.normal(size=(subsets, inputs))}
+        summary = datamodels.bootstrap_lds(actual, predicted, resamples=200, level=0.9, progress=False)
+        result = types.SimpleNamespace(actual=actual, scores=predicted, summary=summary, steps=(0, 5))
+        return validation.datamodel_findings(result, config)
+
+    small = findings(4, 4)
+    assert small[1] == "  explaind: 1.000 [1.000, 1.000]"
+    assert small[3].endswith(": not informative at 4 subsets")
+    assert small[-1].startswith("Caveat: the LDS rests on 4 retrained subsets and 4 held-out inputs. ")
+    assert "takes 11 distinct values (the closest 0.2 apart)" in small[-1]
+    assert "33.3% of the bootstrap resamples draw only two distinct subsets" in small[-1]
+    assert "more than the 5.0% of each tail of the 90% intervals" in small[-1]
+    assert "not informative at this size (lds_subsets >= 6" in small[-1]
+    large = findings(16, 8)
+    assert large[3].endswith(": ExPLAIND is better")
+    assert large[-1].startswith("Resolution: the LDS rests on 16 retrained subsets and 8 held-out inputs. ")
+    assert "takes 681 distinct values" in large[-1] and "under 0.1% of the bootstrap" in large[-1]
 
 
 def test_aligned_scores_place_rows_by_dataset_index():
