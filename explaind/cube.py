@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from . import __version__  # set before the package imports its modules
 from .errors import InputError
 from .functional import tensor_of
 
@@ -188,7 +189,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         **req.path.stats.as_attrs(),
         dtype=str(req.flat.dtype).removeprefix("torch."),
         coarser_rounding=req.coarser_rounding,
-        explaind_version=_version(),
+        explaind_version=__version__,
         history_sha256=history.fingerprint(),
         n_steps=history.n_steps,
         replay_start=req.replay_start,
@@ -204,12 +205,6 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         ),
     )
     return cube
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False,
@@ -242,7 +237,7 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path)))  # nobody else's name
     moved_in = False
     try:
-        marked = cube.assign_attrs({STORE_MARK: _version()})  # a copy: the caller's cube is left as it is
+        marked = cube.assign_attrs({STORE_MARK: __version__})  # a copy: the caller's cube is left as it is
         marked.to_zarr(scratch / "new", mode="w-", consolidated=False, encoding=encoding, zarr_format=STORE_FORMAT)
         if finish is not None:
             finish(scratch / "new")

@@ -77,11 +77,11 @@ class Request:
     parameter_scores: bool
     test_chunk: int
     train_chunk: int
-    progress: bool
+    progress: bool = False  # tqdm bars and the plan's summary (explain's progress=)
     batch_chunk: int = 0  # samples of a recorded batch per backward pass (0: planned)
     component_slices: list[slice] = field(default_factory=list)
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
-    stop_at_missed_update: bool = False  # stop at a step whose update misses far beyond rounding (stop_at_missed_update)
+    stop_at_missed_update: bool = False  # stop at a step whose update misses far beyond rounding (UPDATE_STOP_SHARE)
     coarser_rounding: str = ""  # where the model rounds to a coarser dtype (FlatModel.coarser_rounding)
 
     @property
@@ -281,8 +281,8 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
 
     theta_final = flat.layout.flatten(history.params(history.n_steps)).to(flat.device, dtype)
     path = PathIntegral(flat, quadrature, rule, breakpoints, kink_tolerance, max_kinks)
-    final = path.model_output(theta_final, inputs, target)
-    select, labels = select_outputs(outputs, targets, inputs, final.shape[-1], flat, theta_final, target)
+    n_outputs = path.model_output(theta_final, inputs, target).shape[-1]  # of the first input
+    select, labels = select_outputs(outputs, targets, inputs, n_outputs, flat, theta_final, target)
     coarser_rounding = flat.coarser_rounding(theta_final, inputs, target)
 
     n_steps = history.n_steps
@@ -295,7 +295,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
-        progress=True, component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding,
+        component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding,
     )
 
 
@@ -390,12 +390,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
             raise InputError(f"targets must lie in 0 … {n_total - 1}, the model's outputs")
         return targets[:, None], ["true"]
     if isinstance(outputs, str) and outputs == "predicted":
-        with torch.no_grad():
-            final = torch.cat([
-                flat.explained(theta_final, flat.cast_inputs(chunk), target)
-                for chunk in inputs.split(1024)
-            ])
-        return final.argmax(-1).cpu()[:, None], ["predicted"]
+        return flat.outputs(theta_final, inputs, target).argmax(-1).cpu()[:, None], ["predicted"]
     if isinstance(outputs, str):
         raise InputError(
             f"outputs={outputs!r} is not understood: use 'all', 'true', 'predicted' or a list of "
@@ -518,7 +513,7 @@ def walks_backwards(req: Request, rows: int, train: int) -> bool:
         return True
     if req.parameter_scores:  # Σ_s |ψ(s, j)| needs each update step's own share, going forwards
         return False
-    n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
+    _, n_bins, _, _ = kept_sizes(req, 0, 0)
     return n_bins * rows < train
 
 
@@ -701,11 +696,7 @@ def format_bytes(n_bytes: float) -> str:
 def _outputs_at(req: Request, s: int) -> torch.Tensor:
     """The explained outputs f(x; θ_s) for every test input: [T, O]."""
     theta = req.flat.layout.flatten(req.history.params(s)).to(req.flat.device, req.flat.dtype)
-    with torch.no_grad():
-        out = torch.cat([
-            req.flat.explained(theta, req.flat.cast_inputs(chunk), req.target)
-            for chunk in req.inputs.split(1024)
-        ])
+    out = req.flat.outputs(theta, req.inputs, req.target)
     if req.select is not None:
         out = out.gather(1, req.select.to(out.device))
     return out.cpu()
@@ -770,9 +761,7 @@ class ChunkPass:
             self.n_test if req.keeps("test") else 1,
             req.n_outputs if req.keeps("output") else 1,
         )
-        n_rows = self.rows_shape[0] * self.rows_shape[1]
-        n_bins = len(req.step_edges) - 1 if req.keeps("step") else 1
-        n_comp = len(req.components) if req.keeps("component") else 1
+        n_rows, n_bins, n_comp, _ = kept_sizes(req, self.n_test, self.n_train)
         self.bin_of = np.searchsorted(req.step_edges, np.arange(req.history.n_steps), side="right") - 1
         self.attribution = torch.zeros(n_bins, n_comp, n_rows, self.n_train, dtype=self.dt, device=self.dev)
         self.regularization = torch.zeros(n_bins, n_comp, n_rows, dtype=self.dt, device=self.dev)

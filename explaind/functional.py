@@ -1110,6 +1110,12 @@ class FlatModel:
         """The explained output f(x; θ), [batch, O]: log-probabilities or raw logits."""
         return self._explain(self.raw(theta, x), target, len(x))
 
+    @torch.no_grad()
+    def outputs(self, theta: torch.Tensor, inputs: torch.Tensor, target: str, chunk: int = 1024) -> torch.Tensor:
+        """explained() for any number of inputs, `chunk` at a time (a forward pass of all of them
+        at once could hold more activations than the device has): [N, O]."""
+        return torch.cat([self.explained(theta, self.cast_inputs(x), target) for x in inputs.split(chunk)])
+
     # Derivatives are taken with respect to the dict of named tensors, not the flat vector:
     # differentiating through slices of θ would materialise a [rows, D] zero tensor per named
     # tensor in the backward pass. One concatenation at the end is far cheaper.

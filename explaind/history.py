@@ -50,6 +50,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from . import __version__  # set before the package imports its modules
 from .errors import HistoryError, InputError, UnsupportedError, is_number, is_whole
 from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, CLASS_WEIGHTED, REDUCTIONS, check_class_weights, check_per_sample,
@@ -585,7 +586,7 @@ class Recorder:
             ],
             "n_groups": len(self.optimizer.param_groups),
             "initial_sha256": _sha256(data),
-            "explaind_version": _version(),
+            "explaind_version": __version__,
         }
         _write_atomic(self._dir / "meta.json", _json_bytes(meta))
         self._rng_at_start = _rng_states()  # before step 0 draws its batch: a resume from step 0 restores them
@@ -1485,12 +1486,6 @@ def _scalar(value) -> float:
     return value.item() if torch.is_tensor(value) else float(value)
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _manifest_last_hash(path: Path) -> str | None:
     lines = (path / "manifest.jsonl").read_text().splitlines()
     return json.loads(lines[-1])["sha256"] if lines else None
@@ -1759,9 +1754,6 @@ class History:
             raise InputError(f"step {s} is outside the history's 0 … {self.n_steps}")
         tensors = self.initial() if s == 0 else self._step_tensors(s - 1)
         return self._prefixed(tensors, "param/")
-
-    def flat_params(self, s: int) -> torch.Tensor:
-        return self.layout.flatten(self.params(s))
 
     def steps(self, start: int = 0, stop: int | None = None, reverse: bool = False) -> Iterator[StepRecord]:
         """Stream the steps start … stop−1 from disk, forwards or backwards."""

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .components import group_tensors
 
 # Paper component name -> parameter-name prefixes of ModAddTransformer.
 TRANSFORMER_COMPONENTS: dict[str, list[str]] = {
@@ -34,14 +33,6 @@ CNN_COMPONENTS: dict[str, list[str]] = {
     "conv4": ["conv4."],
     "linear": ["linear."],
 }
-
-
-def group_parameters(model: nn.Module, components: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Map each component to the model's parameter names that its tensor names or module
-    prefixes match (components.group_tensors). Raises InputError if a parameter belongs to no
-    component or to several, or a component matches none, so a grouping can never silently
-    drop or double-count part of the model."""
-    return group_tensors([name for name, _ in model.named_parameters()], components)
 
 
 def _normal_init(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:

@@ -130,7 +130,6 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     request = build_request(history, model, inputs, targets, **_request_options(options))
     checked_test_ids(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too
     plan_chunks(request, memory_budget)
-    request.progress = False
     result = describe(request)
     if calibrate_steps > 0:
         test_passes = math.ceil(result.n_test / result.test_chunk)

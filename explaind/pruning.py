@@ -208,12 +208,6 @@ def keep_mask(scores: torch.Tensor, fraction: float, prunable: torch.Tensor,
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def log_probs(flat: FlatModel, theta: torch.Tensor, inputs: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """The model's log-probabilities with parameters θ: [N, classes]."""
-    return torch.cat([flat.explained(theta, flat.cast_inputs(x), "log_prob") for x in inputs.split(chunk)])
-
-
 def compare_outputs(pruned: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Accuracy, argmax agreement with the reference and mean KL(reference ‖ pruned) of log-probabilities."""
     targets = targets.to(pruned.device)
@@ -230,14 +224,14 @@ def pruning_curves(flat: FlatModel, theta: torch.Tensor, scores: dict[str, torch
                    targets: torch.Tensor) -> pd.DataFrame:
     """Accuracy, agreement and KL of the pruned models on (inputs, targets), one row per protocol,
     criterion and fraction kept."""
-    reference = log_probs(flat, theta, inputs)
+    reference = flat.outputs(theta, inputs, "log_prob")
     groups = {"global": None, "layerwise": list(components.values())}
     rows = []
     for protocol, pools in groups.items():
         for criterion, values in scores.items():
             for fraction in fractions:
                 keep = keep_mask(values, fraction, prunable, pools).to(theta.device)
-                pruned = log_probs(flat, theta * keep, inputs)
+                pruned = flat.outputs(theta * keep, inputs, "log_prob")
                 rows.append({"protocol": protocol, "criterion": criterion, "fraction": float(fraction),
                              **compare_outputs(pruned, reference, targets)})
     return pd.DataFrame(rows)

@@ -169,7 +169,7 @@ def pruning_study(run: Run, cfg: InfluenceConfig, seed: int, dtype: torch.dtype,
         scores = pruning.split_scores(per_group, member[i], theta.cpu(), generator)
         x, y = run.test_x[evaluation], run.test_y[evaluation]
         curves.append(pruning.pruning_curves(flat, theta, scores, fractions, prunable, coordinates, x, y).assign(split=i))
-        reference = pruning.log_probs(flat, theta, x)
+        reference = flat.outputs(theta, x, "log_prob")
         unpruned.append({"split": i, **pruning.compare_outputs(reference, reference, y)})
     timings["pruning and evaluation"] = time.perf_counter() - started
     curves = pd.concat(curves, ignore_index=True)

@@ -212,8 +212,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
     def outputs(theta):
-        with torch.no_grad():
-            return torch.cat([flat.explained(theta, x, target) for x in batches])
+        return flat.outputs(theta, inputs, target, batch_size)
 
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
     # the paths share one model and one search dtype: the one that searches kinks (if any) needs the most
