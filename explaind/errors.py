@@ -36,7 +36,9 @@ UPDATE_MISS_CAUSES = (
     "the model passed computes another function than the one trained (another activation or "
     "forward), or the loop did what the history does not record (optimizer.zero_grad() forgotten, "
     "dropout or other randomness in training, a changed loss, gradient clipping not done by "
-    "rec.clip_grad_norm_, an optimizer option explaind does not model)"
+    "rec.clip_grad_norm_, mixed precision (torch.autocast) switched on after the first steps, gradient "
+    "accumulation over micro-batches of unequal size whose mean losses were averaged, an optimizer "
+    "option explaind does not model)"
 )
 
 

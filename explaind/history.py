@@ -742,8 +742,10 @@ class Recorder:
                     "the optimizer"
                 )
         for name, p in self._params.items():
+            if not p.requires_grad:  # with zero_grad(set_to_none=False) its .grad stays, zeros
+                raise UnsupportedError(_frozen_after_start(name, self.step))
             if p.grad is None:
-                raise UnsupportedError(_no_gradient(name, p, self.step))
+                raise UnsupportedError(_no_gradient(name, self.step))
             if p.grad.layout != torch.strided:
                 raise UnsupportedError(
                     f"parameter {name!r} has a sparse gradient at step {self.step} (F.embedding(..., sparse=True) "
@@ -918,9 +920,14 @@ class Recorder:
                    "themselves: a declared loss's outputs are explained as log-probabilities unless told)."
                    ) if self.loss_name == "mse" else ""
             # torch's class-weighted mean divides by the batch's total weight, no per-sample loss's mean
+            classes = self.loss_name in CLASS_WEIGHTED or self.loss_name.startswith("custom:")
             weighted = (" Class weights (F.cross_entropy(..., weight=w), nn.CrossEntropyLoss(weight=w)) are "
-                        "declared as Recorder(..., class_weights=w)."
-                        ) if self.loss_name in CLASS_WEIGHTED and self.class_weights is None else ""
+                        "declared as Recorder(..., class_weights=w), with a custom loss too (its mean then divides "
+                        "by the batch's total class weight, as torch's does)."
+                        ) if classes and self.class_weights is None else ""
+            smoothing = (" Label smoothing is declared as loss=lambda o, t: F.cross_entropy(o, t, "
+                         "label_smoothing=eps, reduction='none')."
+                         ) if self.loss_name == "cross_entropy" else ""
             # a float64 run that misses by about float32's rounding computes some step in float32
             float32_loss = (" A miss this small in a float64 run is float32 rounding: a step of the loop computes in "
                             "float32, as Hugging Face's model(..., labels=...).loss does (it casts the logits to "
@@ -942,7 +949,7 @@ class Recorder:
                 "loss by the size of the step's whole batch instead: its gradient is then the mean "
                 "over that batch), or inputs passed to batch() that differ from those the model "
                 "saw. Fix the training loop (train in float32 or float64) "
-                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{float32_loss}"
+                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{smoothing}{float32_loss}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -1157,15 +1164,17 @@ def _warn_of_other_hyperparameters(optimizer: torch.optim.Optimizer, recorded: l
                       "run with those. To train with the new ones, record a new run", stacklevel=3)
 
 
-def _no_gradient(name: str, p: nn.Parameter, step: int) -> str:
-    """Why a trained tensor without .grad cannot be recorded, and the fix for how it lost it."""
+def _frozen_after_start(name: str, step: int) -> str:
+    return (f"parameter {name!r} was frozen (requires_grad_(False)) after the recording started: at step {step} "
+            "it no longer requires a gradient, but a history's trained tensors are those of its first step. Fix: "
+            "record each phase as a history of its own (close this Recorder, freeze, and record the rest with a "
+            "new one), or freeze it before the Recorder is built")
+
+
+def _no_gradient(name: str, step: int) -> str:
+    """Why a trained tensor without .grad cannot be recorded: it did not enter the loss."""
     skipped = (f"parameter {name!r} has no gradient at step {step}, so the optimizer skips it (no decay, "
                "no momentum, no step counted), which explaind cannot model")
-    if not p.requires_grad:
-        return (f"{skipped}: it was frozen (requires_grad_(False)) after the recording started, and a "
-                "history's trained tensors are those of its first step. Fix: record each phase as a history "
-                "of its own (close this Recorder, freeze, and record the rest with a new one), or freeze it "
-                "before the Recorder is built")
     return (f"{skipped}: it did not enter this step's loss (a branch not taken, a head unused by this "
             "batch). Fix: give it a zero gradient where it got none, before optimizer.step() (for p in "
             "model.parameters(): if p.grad is None: p.grad = torch.zeros_like(p)), which the optimizer "
@@ -1398,7 +1407,8 @@ def _recorded_class_weights(meta: dict, loss: str) -> torch.Tensor | None:
         raise ValueError("class weights and format version disagree")
     if weights is None:
         return None
-    if loss not in CLASS_WEIGHTED or not isinstance(weights, list) or not all(map(is_number, weights)):
+    weighted = loss in CLASS_WEIGHTED or loss.startswith("custom:")
+    if not weighted or not isinstance(weights, list) or not all(map(is_number, weights)):
         raise ValueError("no class weights a Recorder writes")
     try:
         return check_class_weights(weights)

@@ -4,7 +4,9 @@ The decomposition needs the loss of *one* sample (to take per-sample gradients) 
 weight w_{s,k} with which that sample enters the batch gradient: 1 for a sum-reduced loss,
 1/|b_s| for a mean-reduced one — except torch's mean of cross-entropy / NLL over class
 indices, which divides by the batch's total class weight (class_weights, 1 each by default),
-targets equal to ignore_index (-100) counting 0.
+targets equal to ignore_index (-100) counting 0. A custom loss declared with class_weights is
+taken to weight its own per-sample losses (torch's weight=, with label smoothing, say); its mean
+divides by the batch's total class weight in the same way.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ REDUCTIONS = ("mean", "sum")
 
 def resolve_loss(loss: str | PerSampleLoss, class_weights: torch.Tensor | None = None) -> tuple[str, PerSampleLoss]:
     """Return (name, per-sample function) for a built-in name or a user callable; class_weights
-    (see check_class_weights) weight a built-in cross_entropy / nll as torch's weight= does."""
+    (see check_class_weights) weight a built-in cross_entropy / nll as torch's weight= does, and
+    leave a custom loss as it is (it weights its own samples; sample_weights divides its mean)."""
     if callable(loss):
         name = getattr(loss, "__qualname__", type(loss).__name__)
         name = f"custom:{getattr(loss, '__module__', '?')}.{name}"
@@ -103,13 +106,13 @@ def resolve_loss(loss: str | PerSampleLoss, class_weights: torch.Tensor | None =
         )
     else:
         name = loss
-    if class_weights is None:
+    if class_weights is None or callable(loss):
         return name, loss if callable(loss) else BUILTIN_LOSSES[loss]
     if name not in CLASS_WEIGHTED:
         raise InputError(
-            f"class_weights weight the built-in losses {CLASS_WEIGHTED}, not {name!r}. Fix: put the weights "
-            "in your per-sample loss, e.g. loss=lambda o, t: w[t] * your_loss(o, t), and train with its "
-            "mean or sum as declared by reduction=")
+            f"class_weights weight the built-in losses {CLASS_WEIGHTED} or a custom one, not {name!r}. Fix: put "
+            "the weights in a per-sample loss, e.g. loss=lambda o, t: w[t] * your_loss(o, t), and declare "
+            "class_weights=w with it where your mean divides by the batch's total weight (torch's weight=)")
     return name, functools.partial(BUILTIN_LOSSES[name], weight=class_weights)
 
 
@@ -118,7 +121,9 @@ def check_class_weights(class_weights) -> torch.Tensor | None:
     if class_weights is None:
         return None
     try:
-        weights = torch.as_tensor(class_weights).detach().to("cpu", torch.float64)
+        # float64 from the start: a list (as meta.json stores them) read as torch's default float32
+        # would round 0.2 by 1e-8, which a float64 run's update check sees
+        weights = torch.as_tensor(class_weights, dtype=torch.float64).detach().to("cpu")
     except (TypeError, ValueError, RuntimeError) as error:
         raise InputError(f"class_weights={class_weights!r} is no vector of numbers ({error}). Fix: pass one "
                          "weight per class, as torch's weight= of the loss you train with") from None
@@ -174,7 +179,8 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
     if reduction == "sum":
         return torch.ones(n, dtype=dtype, device=device)
     total = float(n)
-    if loss in CLASS_WEIGHTED and targets.dim() == 1 and not targets.is_floating_point():  # class indices
+    weighted_mean = loss in CLASS_WEIGHTED or class_weights is not None  # a custom loss has them declared
+    if weighted_mean and targets.dim() == 1 and not targets.is_floating_point():  # class indices
         targets = targets.long().cpu()
         counted = targets != IGNORE_INDEX
         if class_weights is not None:

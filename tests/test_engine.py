@@ -242,7 +242,7 @@ def test_history_matches_the_loop(runs):
     hist = ex.History(run.path)
     assert hist.n_steps == run.case.steps and hist.optimizer == "adamw" and hist.reduction == "mean"
     for s in range(hist.n_steps + 1):
-        assert torch.equal(hist.flat_params(s), run.thetas[s])
+        assert torch.equal(hist.layout.flatten(hist.params(s)), run.thetas[s])
     for rec, (idx, x, y) in zip(hist.steps(), run.batches):
         assert torch.equal(rec.indices, idx) and torch.equal(rec.inputs, x) and torch.equal(rec.targets, y)
         assert [g["lr"] for g in rec.groups] == run.lrs[rec.step]

@@ -448,7 +448,7 @@ def test_decay_share_of_updates_matches_the_recorded_parameters(tiny_run):
     assert len(frame) == history.n_steps
     step = TINY.lr * TINY.weight_decay
     for s in (0, history.n_steps - 1):
-        before, after = history.flat_params(s), history.flat_params(s + 1)
+        before, after = (history.layout.flatten(history.params(t)) for t in (s, s + 1))
         decay = float((step * before).norm())
         rest = float((after - before + step * before).norm())
         row = frame.iloc[s]

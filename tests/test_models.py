@@ -4,13 +4,18 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
 import explaind as ex
+from explaind.components import group_tensors
 from explaind.models import (
     CNN_COMPONENTS,
     TRANSFORMER_COMPONENTS,
     ModAddTransformer,
     ResNet9,
-    group_parameters,
 )
+
+
+def group_parameters(model: torch.nn.Module, components: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The model's parameter names per component, as explain(components=...) groups them."""
+    return group_tensors([name for name, _ in model.named_parameters()], components)
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -232,7 +232,8 @@ class Routed(nn.Module):
         return self.a(x) + routed * self.aux(x) if bool(routed.any()) else self.a(x)
 
 
-def routed_run(path, model, optimizer, steps: int, fill_missing: bool, freeze_at: int | None = None):
+def routed_run(path, model, optimizer, steps: int, fill_missing: bool, freeze_at: int | None = None,
+               set_to_none: bool = True):
     """Batches alternate between inputs routed to the head (even steps) and inputs that are not."""
     x, y = routed_data()
     with ex.Recorder(path, model, optimizer) as rec:
@@ -240,7 +241,7 @@ def routed_run(path, model, optimizer, steps: int, fill_missing: bool, freeze_at
             rows = torch.arange(4) + 4 * (step % 2)
             if step == freeze_at:
                 model.a.weight.requires_grad_(False)
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             F.cross_entropy(model(x[rows]), y[rows]).backward()
             if fill_missing:  # the fix the refusal names
                 for p in model.parameters():
@@ -265,9 +266,13 @@ def test_a_parameter_without_gradient_is_named_with_the_fix_for_its_cause(tmp_pa
     with pytest.raises(ex.UnsupportedError, match=says("'aux.weight' has no gradient at step 1", "did not enter",
                                                        "p.grad = torch.zeros_like(p)")):
         routed_run(tmp_path / "unused", model, adamw(), steps=3, fill_missing=False)
-    with pytest.raises(ex.UnsupportedError, match=says("'a.weight' has no gradient at step 2", "frozen",
-                                                       "after the recording started", "a new one")):
-        routed_run(tmp_path / "frozen", model, adamw(), steps=3, fill_missing=True, freeze_at=2)
+    # zeroed to None, the frozen tensor has no .grad; zeroed to zeros, it keeps one (which passed before)
+    for set_to_none in (True, False):
+        with pytest.raises(ex.UnsupportedError, match=says("'a.weight' was frozen", "after the recording started",
+                                                           "at step 2", "a new one")):
+            routed_run(tmp_path / f"frozen{set_to_none}", model, adamw(), steps=3, fill_missing=True, freeze_at=2,
+                       set_to_none=set_to_none)
+        model.a.weight.requires_grad_(True)
     model, (x, _) = Routed().double(), routed_data()
     initial = model(x).detach()
     routed_run(tmp_path / "filled", model, adamw(), steps=4, fill_missing=True)

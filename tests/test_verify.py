@@ -157,7 +157,8 @@ def test_tolerance_zero_allows_only_the_rounding_and_nonsense_tolerances_are_ref
     must catch it (it used to be read as "unset"); a NaN tolerance used to pass every step."""
     model = record_raised_gradient(tmp_path / "h", 1e-12)
     residuals = ex.verify_updates(tmp_path / "h", model)
-    theta = [ex.History(tmp_path / "h").flat_params(s).double() for s in (0, 1)]
+    history = ex.History(tmp_path / "h")
+    theta = [history.layout.flatten(history.params(s)).double() for s in (0, 1)]
     change = (theta[1] - theta[0]).abs().max()
     floor = float(4 * torch.finfo(torch.float64).eps * max(theta[0].abs().max(), theta[1].abs().max()) / change)
     assert float(residuals[0]) == pytest.approx(0.1 * 1e-12 / float(change), rel=0.05)
