@@ -176,7 +176,7 @@ def explain(
     sequence model's last position, or lambda out: out.logits); the training loss keeps the
     model's own output. quadrature / rule: nodes and rule of the path integral, applied to each
     smooth piece of the path; breakpoints: locate the kinks of ReLU / max-pool along each
-    segment first (exact for piecewise-smooth models; False: plain quadrature). kink_tolerance:
+    segment first (each smooth piece then gets its own nodes; False: plain quadrature). kink_tolerance:
     0 locates and certifies every kink; a positive value searches only the segments whose plain
     integral misses the change of an explained output (all outputs of the input, not only the
     selected ones) by more than it, which is far cheaper when most steps cross no kink: each

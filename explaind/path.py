@@ -1,4 +1,4 @@
-"""The path integral φ_s(x) = ∫₀¹ J(x; θ_s + tΔθ_s) dt, exact for piecewise-smooth models.
+"""The path integral φ_s(x) = ∫₀¹ J(x; θ_s + tΔθ_s) dt, piece by piece between the kinks of piecewise-smooth models.
 
 Gauss–Legendre quadrature converges extremely fast on smooth integrands, but ReLU and
 max-pooling make J jump wherever a unit's input crosses zero (or an argmax switches) along
