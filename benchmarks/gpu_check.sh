@@ -8,7 +8,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 exec > >(tee "${1:-gpu_check.log}") 2>&1
 # without a GPU every part would fail: stop at once
 nvidia-smi -L || { echo "no NVIDIA GPU here (nvidia-smi failed): nothing to check"; exit 1; }
-python3 -c "import torch, xarray; print('torch', torch.__version__, 'xarray', xarray.__version__, torch.cuda.get_device_name())" || exit 1
+# what the parts import, named before any part starts (a machine may have torch alone)
+python3 - <<'PY' || exit 1
+import importlib
+missing = [m for m in ("torch", "xarray", "zarr", "safetensors", "tqdm", "yaml", "numpy", "pandas", "scipy",
+                       "hypothesis", "pytest", "xdist") if importlib.util.find_spec(m) is None]
+if missing:
+    raise SystemExit(f"missing modules: {missing}: install them (or carry their wheels on PYTHONPATH)")
+import torch
+print("torch", torch.__version__, torch.cuda.get_device_name())
+PY
 failed=0
 part() {
     local limit=$1 start=$SECONDS status; shift

@@ -52,7 +52,8 @@ def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: 
     try:
         for m in modules:
             m.training = False
-        out = torch.log_softmax(model(inputs), dim=-1)
+        first = next(model.parameters(), None) if modules else None  # retrained models live where they trained
+        out = torch.log_softmax(model(inputs if first is None else inputs.to(first.device)), dim=-1)
     finally:
         for m, mode in zip(modules, modes):
             m.training = mode

@@ -388,7 +388,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
             raise InputError(f"got {len(targets)} targets for {len(inputs)} inputs: pass one per input")
         if targets.min() < 0 or targets.max() >= n_total:
             raise InputError(f"targets must lie in 0 … {n_total - 1}, the model's outputs")
-        return targets[:, None], ["true"]
+        return targets.cpu()[:, None], ["true"]  # the cube reads them with numpy, as it reads the others
     if isinstance(outputs, str) and outputs == "predicted":
         return flat.outputs(theta_final, inputs, target).argmax(-1).cpu()[:, None], ["predicted"]
     if isinstance(outputs, str):
@@ -411,7 +411,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
         raise InputError(
             f"outputs {bad} do not exist: the model has {n_total} outputs (0 … {n_total - 1})"
         )
-    return torch.tensor(chosen).expand(len(inputs), -1), chosen
+    return torch.tensor(chosen, device="cpu").expand(len(inputs), -1), chosen
 
 
 def step_range(steps, n_steps: int) -> tuple[int, int]:
@@ -715,9 +715,9 @@ def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
     for i, tests in enumerate(test_chunks):
         for j, trains in enumerate(train_chunks):
             label = f"explain {i * len(train_chunks) + j + 1}/{n_passes}"
-            state = ChunkPass(req, tests, trains, first_train_chunk=(j == 0))
             counted = replace(req.path.stats)
-            parts.append((tests, trains, state.run(label)))
+            # no name holds the pass: its device accumulators go before the next pass makes its own
+            parts.append((tests, trains, ChunkPass(req, tests, trains, first_train_chunk=(j == 0)).run(label)))
             passes.update()
             if j > 0:  # the same segments as the first train chunk's: searched again, not counted again
                 req.path.stats = counted

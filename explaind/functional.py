@@ -939,9 +939,11 @@ class _DifferentiableKernels:
     `scaled_dot_product_attention`'s fused kernels (flash, memory-efficient) have no forward-mode
     derivative, and in eval mode `nn.MultiheadAttention` and `nn.TransformerEncoderLayer` take a
     fused "fast path" with no derivative at all; the math kernel and the modules' composite path
-    compute the same attention from ops that have both. Both switches are process-wide, so the
-    first call in sets them and the last one out restores them (a thread of your own that runs
-    attention meanwhile runs it the slower, equal way)."""
+    compute the same attention from ops that have both. TF32, which cuDNN uses for float32
+    convolutions by default on Ampere and later GPUs, rounds every product to a 10-bit mantissa: a
+    float32 decomposition would miss by about 1e-3, so it is switched off too. The switches are
+    process-wide, so the first call in sets them and the last one out restores them (a thread of
+    your own that runs attention or float32 kernels meanwhile runs them the slower, equal way)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -955,6 +957,9 @@ class _DifferentiableKernels:
                 self._restore.callback(torch.backends.mha.set_fastpath_enabled,
                                        torch.backends.mha.get_fastpath_enabled())
                 torch.backends.mha.set_fastpath_enabled(False)
+                for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
+                    self._restore.callback(setattr, flags, "allow_tf32", flags.allow_tf32)
+                    flags.allow_tf32 = False
             self._calls += 1
 
     def __exit__(self, *exc) -> None:

@@ -153,7 +153,7 @@ def split_scores(group_scores: dict[str, torch.Tensor], member: np.ndarray, thet
     scores = {
         "explaind": summed["explaind"],
         "explaind_abs": summed["explaind_abs"],
-        "random": torch.rand(theta.shape, generator=generator, dtype=theta.dtype),
+        "random": torch.rand(theta.shape, generator=generator, dtype=theta.dtype, device="cpu"),
         "magnitude": theta.abs(),
         "gradient_weight": (theta * summed["gradient"]).abs(),
         "taylor": summed["taylor"],
@@ -174,14 +174,15 @@ def prunable_mask(layout: ParamLayout, components: ComponentSpec, protected: Seq
     if unknown:
         raise InputError(f"protected components {unknown} do not exist; the components are {list(components)}")
     blocked = {name for c in protected for name in components[c]}
-    return torch.cat([torch.full((size,), name not in blocked) for name, size in zip(layout.names, layout.sizes)])
+    return torch.cat([torch.full((size,), name not in blocked, device="cpu")
+                      for name, size in zip(layout.names, layout.sizes)])
 
 
 def component_coordinates(layout: ParamLayout, components: ComponentSpec) -> dict[str, torch.Tensor]:
     """Each component's coordinates in the flat vector (components: as for prunable_mask)."""
     components = group_tensors(layout.names, components, complete=False)
     slices = layout.slices()
-    return {c: torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+    return {c: torch.cat([torch.arange(slices[n].start, slices[n].stop, device="cpu") for n in names])
             for c, names in components.items()}
 
 

@@ -212,8 +212,9 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     inputs = checked_test_inputs(history, flat, inputs)
     batches = [flat.cast_inputs(b) for b in inputs.split(batch_size)]
 
-    def outputs(theta):
-        return flat.outputs(theta, inputs, target, batch_size)
+    @torch.no_grad()
+    def outputs(theta):  # of the batches already on the device: the inputs are not copied there each step
+        return torch.cat([flat.explained(theta, x, target) for x in batches])
 
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
     # the paths share one model and one search dtype: the one that searches kinks (if any) needs the most

@@ -932,21 +932,25 @@ def test_no_tensor_is_made_on_torchs_default_device(runs, case):
     the host, never on torch's default device: with that set to 'meta' (tensors without data),
     one made there stops the call when it meets the compute device's tensors, as a CPU-made one
     stops it on a GPU (the kink search's empty argmax indices did, in the first GPU run). Every
-    route then gives the cube it gives without the setting."""
+    route then gives the cube it gives without the setting (bit for bit on the CPU; on a GPU to
+    rounding, where index_add_ with repeated indices, as the kinked inputs' pieces take, sums in
+    no fixed order)."""
     run = runs.get(case)
+    same = np.testing.assert_array_equal if DEVICE == "cpu" else \
+        lambda a, b, err_msg="": np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, err_msg=err_msg)
     for route in ROUTES:
         expected = run.explain(tolerance=None, **route)
         with torch.device("meta"):
             cube = run.explain(tolerance=None, **route)
         for name in ("attribution", "regularization", "residual"):
-            np.testing.assert_array_equal(cube[name].values, expected[name].values, err_msg=f"{route} {name}")
+            same(cube[name].values, expected[name].values, err_msg=f"{route} {name}")
     rebuilt = ex.reconstruct(run.path, run.model, run.test_x, device=DEVICE, progress=False)
     with torch.device("meta"):
         rebuilt_meta = ex.reconstruct(run.path, run.model, run.test_x, device=DEVICE, progress=False)
         planned = ex.plan(run.path, run.model, run.test_x, run.test_y, device=DEVICE)
         residuals_meta = ex.verify_updates(run.path, run.model, device=DEVICE)
-    np.testing.assert_array_equal(rebuilt_meta["reconstructed"].values, rebuilt["reconstructed"].values)
-    np.testing.assert_array_equal(residuals_meta, ex.verify_updates(run.path, run.model, device=DEVICE))
+    same(rebuilt_meta["reconstructed"].values, rebuilt["reconstructed"].values)
+    same(residuals_meta, ex.verify_updates(run.path, run.model, device=DEVICE))
     assert str(planned) == str(ex.plan(run.path, run.model, run.test_x, run.test_y, device=DEVICE))
 
 

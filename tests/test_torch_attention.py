@@ -163,17 +163,31 @@ def test_overlapping_calls_keep_attention_differentiable_until_the_last_one_retu
     switches must stay set until the second returns, then come back as they were."""
     from explaind.functional import _DIFFERENTIABLE_KERNELS
 
-    def switched() -> bool:
-        return not torch.backends.mha.get_fastpath_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    def switched() -> bool:  # TF32 off too: it rounds float32 products on GPUs (the flags exist on any build)
+        return (not torch.backends.mha.get_fastpath_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+                and not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32)
+
+    def unswitched() -> bool:  # as they were: the test sets TF32 on, as cuDNN's default has it
+        return (torch.backends.mha.get_fastpath_enabled() and torch.backends.cuda.flash_sdp_enabled()
+                and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32)
 
     kernels = _DIFFERENTIABLE_KERNELS
-    assert not switched()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check_overlapping_calls(kernels, switched, unswitched)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def check_overlapping_calls(kernels, switched, unswitched) -> None:
+    assert unswitched()
     kernels.__enter__()  # the first call in
     kernels.__enter__()  # the second
     kernels.__exit__(None, None, None)  # the first returns
     assert switched()
     kernels.__exit__(None, None, None)  # the second returns
-    assert not switched()
-    with _DIFFERENTIABLE_KERNELS:  # and it can be entered again
+    assert unswitched()
+    with kernels:  # and it can be entered again
         assert switched()
-    assert not switched()
+    assert unswitched()
