@@ -1,8 +1,12 @@
-"""Command line: `python -m explaind plan <run folder> ...` prints what an explain() request on a
-recorded run of the pipeline (runs/cnn, runs/transformer) will cost, before anything heavy runs.
+"""Command line on the recorded runs of the pipeline (runs/cnn, runs/transformer):
+`python -m explaind plan <run folder> ...` prints what an explain() request will cost before
+anything heavy runs, and `python -m explaind explain <run folder> --out <store> ...` computes
+the cube and saves it (open it with explaind.open_cube).
 
     python -m explaind plan runs/transformer --tests 2000 --keep step component test \\
         --outputs true --step-bins 100 --device cuda --calibrate 6
+    python -m explaind explain runs/transformer --tests 8 --keep train test --outputs true \\
+        --out results/transformer_kernel.zarr
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .engine import CONVENTIONS, DIMS
-from .errors import ExplaindError, InputError
+from .engine import CONVENTIONS, CUBE_KEPT, DIMS
+from .errors import ExplaindError, InputError, ReconstructionError
 from .functional import TARGETS
 from .history import _is_history
 from .training import DTYPES
@@ -45,7 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m explaind", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"explaind {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("plan", help="memory, disk and time of an explain() request on a recorded run")
+    p = _request_arguments(commands.add_parser("plan", help="memory, disk and time of an explain() request on a "
+                                                             "recorded run"))
+    p.add_argument("--calibrate", type=_at_least(0), default=0, metavar="STEPS",
+                   help="time this many steps, spread over the run, and extrapolate (0: no time estimate)")
+    e = _request_arguments(commands.add_parser("explain", help="compute the cube of an explain() request on a "
+                                                               "recorded run and save it"))
+    e.add_argument("--out", type=Path, required=True, help="the zarr store the cube is saved to")
+    e.add_argument("--overwrite", action="store_true", help="replace a store saved there before")
+    e.add_argument("--tolerance", type=_at_least(0, float), default=1e-4,
+                   help="the largest accepted output residual, relative to the largest change")
+    e.add_argument("--quiet", action="store_true", help="no plan summary and no progress bars")
+    return parser
+
+
+def _request_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of an explain() request, which both commands take."""
     p.add_argument("run", type=Path, help="a run folder of the pipeline: config.json, model.safetensors, history/")
     p.add_argument("--data", type=Path, default=Path("data"), help="the data folder (the CNN's images)")
     p.add_argument("--tests", type=_at_least(0), default=0, help="held-out inputs explained (0: all)")
@@ -64,9 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory-budget", type=_gib, default=4.0, help="GiB on the compute device")
-    p.add_argument("--calibrate", type=_at_least(0), default=0, metavar="STEPS",
-                   help="time this many steps, spread over the run, and extrapolate (0: no time estimate)")
-    return parser
+    return p
 
 
 def _outputs(text: str):
@@ -78,17 +95,17 @@ def _outputs(text: str):
         raise SystemExit(f"--outputs {text!r}: use all, true, predicted, or indices like 0,3,7") from None
 
 
-def plan_command(args: argparse.Namespace) -> str:
-    from .planning import plan
-
+def _request(args: argparse.Namespace) -> tuple[tuple, dict]:
+    """The run folder's history, model, inputs and targets, and explain()'s keyword arguments
+    from the options; a folder that holds no pipeline run is refused with the fix."""
     config = args.run / "config.json"
     if not args.run.is_dir():
         raise SystemExit(f"{args.run} is not a folder: pass a run folder written by a training stage "
                          "(runs/cnn, runs/transformer, which `make repro` writes)")
     if not config.is_file() and _is_history(args.run):
         raise SystemExit(f"{args.run} is a training history, without the config.json from which the command rebuilds "
-                         "the pipeline's models: for your own model, call explaind.plan(history, model, inputs, ...) "
-                         "in Python, with explain()'s arguments")
+                         f"the pipeline's models: for your own model, call explaind.{args.command}(history, model, "
+                         "inputs, ...) in Python, with explain()'s arguments")
     if not config.is_file():
         raise SystemExit(f"{config} is missing: pass a run folder written by a training stage (runs/cnn, runs/transformer)")
     run = _load_run(args.run, args.data)
@@ -96,18 +113,44 @@ def plan_command(args: argparse.Namespace) -> str:
         raise SystemExit(f"--tests {args.tests}: {args.run} holds {len(run.test_x)} held-out inputs; pass at most "
                          "that many (0: all of them)")
     n = args.tests or len(run.test_x)
+    options = dict(keep=tuple(args.keep), outputs=_outputs(args.outputs), target=args.target,
+                   quadrature=args.quadrature, rule=args.rule, breakpoints=args.breakpoints,
+                   convention=args.convention, components=run.components, step_bins=args.step_bins,
+                   parameter_scores=args.parameter_scores, check_updates=args.check_updates,
+                   dtype=DTYPES[args.dtype], device=args.device, memory_budget=args.memory_budget * 2**30)
+    return (run.history, run.model, run.test_x[:n], run.test_y[:n]), options
+
+
+def plan_command(args: argparse.Namespace) -> str:
+    from .planning import plan
+
+    request, options = _request(args)
     try:
-        result = plan(
-            run.history, run.model, run.test_x[:n], run.test_y[:n], keep=tuple(args.keep),
-            outputs=_outputs(args.outputs), target=args.target, quadrature=args.quadrature, rule=args.rule,
-            breakpoints=args.breakpoints, convention=args.convention, components=run.components,
-            step_bins=args.step_bins, parameter_scores=args.parameter_scores, check_updates=args.check_updates,
-            dtype=DTYPES[args.dtype], device=args.device,
-            memory_budget=args.memory_budget * 2**30, calibrate_steps=args.calibrate,
-        )
+        result = plan(*request, calibrate_steps=args.calibrate, **options)
     except InputError as error:
         raise _as_options(error, args.memory_budget) from None
     return result.report(calibrate="--calibrate 6")
+
+
+def explain_command(args: argparse.Namespace) -> str:
+    from .cube import save_cube
+    from .engine import explain
+
+    if args.out.exists() and not args.overwrite:  # refused before the compute, not after it
+        raise SystemExit(f"{args.out} exists: pass another --out, or --overwrite to replace the cube saved there")
+    request, options = _request(args)
+    try:
+        cube = explain(*request, tolerance=args.tolerance, progress=not args.quiet, **options)
+    except ReconstructionError as error:  # the library's ending says how to get the cube in Python
+        cause = str(error).split(CUBE_KEPT)[0]
+        raise _as_options(ReconstructionError(f"{cause} Nothing was saved: a larger --tolerance saves such a cube "
+                                              "as it is"), args.memory_budget) from None
+    except ExplaindError as error:  # a refused request
+        raise _as_options(error, args.memory_budget) from None
+    path = save_cube(cube, args.out, overwrite=args.overwrite)
+    sizes = ", ".join(f"{dim} {size}" for dim, size in cube["attribution"].sizes.items())
+    return (f"saved {path} (attribution: {sizes}); relative residual {cube.attrs['relative_residual']:.2e}. "
+            "Read it with explaind.open_cube")
 
 
 def _restore(name: str | None = None) -> str:
@@ -165,22 +208,23 @@ def _run_name(config: Path, values: dict) -> str:
 
 
 # explain()'s arguments that the library's messages name, as the options that set them here
-_OPTIONS = {"step_bins": "--step-bins", "quadrature": "--quadrature", "device": "--device", "dtype": "--dtype"}
+_OPTIONS = {"step_bins": "--step-bins", "quadrature": "--quadrature", "device": "--device", "dtype": "--dtype",
+            "tolerance": "--tolerance"}
 
 
-def _as_options(error: InputError, gib: float) -> InputError:
-    """The planner's refusal in the words of this command: its options instead of explain()'s
-    arguments (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
+def _as_options(error: ExplaindError, gib: float) -> ExplaindError:
+    """A refusal in the words of this command: its options instead of explain()'s arguments
+    (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
     text = re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", str(error))
     text = re.sub(r"\b(" + "|".join(_OPTIONS) + r")='?([^'\s,;:)]+)'?",
                   lambda m: f"{_OPTIONS[m.group(1)]} {m.group(2).removeprefix('torch.')}", text)
-    return error if text == str(error) else InputError(text)
+    return error if text == str(error) else type(error)(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        print(plan_command(args))
+        print((plan_command if args.command == "plan" else explain_command)(args))
     except (ExplaindError, FileNotFoundError) as error:  # the message names the fix: no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1157,6 +1157,8 @@ def recorded_update(k: StepCoefficients, delta: torch.Tensor) -> torch.Tensor:
     return torch.where(k.eta != 0, -delta / k.eta, torch.zeros_like(delta))
 
 
+# how a residual error ends: where the cube it refused is (the command line words its own ending)
+CUBE_KEPT = " The cube computed is this error's .cube"
 _ANYWAY = " (except ReconstructionError as error: error.cube); tolerance=None returns it without raising."
 
 # explain(tolerance=...) stops at the first step whose recorded update misses the modelled one by more
@@ -1190,13 +1192,12 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
             "the explained outputs end where they started (their largest change is 0), yet the decomposition "
             f"adds up to a change of {float(cube.attrs['max_abs_residual']):.3g}: no share of no change is within "
             "tolerance. Fix: explain steps over which the outputs move, or pass tolerance=None and read "
-            f"max_abs_residual. The cube computed is this error's .cube{_ANYWAY}", cube=cube
+            f"max_abs_residual.{CUBE_KEPT}{_ANYWAY}", cube=cube
         )
     if not np.isfinite(relative):
         raise ReconstructionError(
             "the outputs or the decomposition hold NaN or inf (an overflow in the model or the "
-            "recorded run): compute in float64, or check the run for diverging steps. The cube "
-            f"computed is this error's .cube{_ANYWAY}", cube=cube
+            f"recorded run): compute in float64, or check the run for diverging steps.{CUBE_KEPT}{_ANYWAY}", cube=cube
         )
     from_updates = float(cube.attrs["max_abs_residual_from_updates"]) / change
     path = float(cube.attrs["max_abs_path_residual"]) / change
@@ -1220,7 +1221,7 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
         f"{float(cube.attrs['max_abs_residual']):.2e} of a change of {change:.2e}; tolerance {tolerance:.0e}). "
         f"Of the largest change, up to {from_updates:.2e} is missed through the recorded updates "
         f"differing from the modelled ones{checked} and up to {path:.2e} by the path integral. "
-        f"{fix} The cube computed is this error's .cube{_ANYWAY}", cube=cube
+        f"{fix}{CUBE_KEPT}{_ANYWAY}", cube=cube
     )
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from safetensors.torch import save_model
 
@@ -151,3 +152,49 @@ def test_plan_command_names_a_config_of_other_keys(run_dir, tmp_path, capsys):
     assert main(["plan", str(broken), "--data", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "does not match TransformerConfig (unknown keys ['width'])" in err and "dvc repro train_transformer" in err, err
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain_command_saves_the_cube_of_the_same_request(run_dir, tmp_path, capsys):
+    out = tmp_path / "kernel.zarr"
+    assert main(["explain", str(run_dir), "--data", str(tmp_path), "--tests", "3", "--keep", "train", "test",
+                 "--outputs", "true", "--quadrature", "2", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    run = load_run("transformer", run_dir, tmp_path)
+    expected = ex.explain(run.history, run.model, run.test_x[:3], run.test_y[:3], keep=("train", "test"),
+                          outputs="true", quadrature=2, components=run.components, progress=False)
+    saved = ex.open_cube(out, verify=True)
+    assert saved["attribution"].dims == expected["attribution"].dims
+    np.testing.assert_array_equal(saved["attribution"].values, expected["attribution"].values)
+    assert saved.attrs["relative_residual"] == expected.attrs["relative_residual"]
+    assert f"saved {out}" in printed and "train 15, test 3" in printed and "open_cube" in printed
+
+
+def test_explain_command_keeps_a_saved_cube_unless_told(run_dir, tmp_path):
+    """An existing --out is refused before any compute, and --overwrite replaces it."""
+    out = tmp_path / "cube.zarr"
+    request = ["explain", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--keep", "test",
+               "--quadrature", "1", "--no-breakpoints", "--tolerance", "1", "--quiet", "--out", str(out)]
+    assert main(request) == 0
+    first = ex.open_cube(out)["attribution"].values
+    digests = ex.open_cube(out).attrs["relative_residual"], (out / ".zattrs").read_bytes()
+    with pytest.raises(SystemExit, match="cube.zarr exists: pass another --out, or --overwrite"):
+        main([*request[:-2], "--quadrature", "3", "--out", str(out)])
+    assert (ex.open_cube(out).attrs["relative_residual"], (out / ".zattrs").read_bytes()) == digests
+    assert main([*request[:-2], "--quadrature", "3", "--overwrite", "--out", str(out)]) == 0
+    assert not np.array_equal(ex.open_cube(out)["attribution"].values, first)  # the finer integral's
+
+
+def test_explain_command_reports_a_cube_beyond_its_tolerance_in_its_words(run_dir, tmp_path, capsys):
+    """One midpoint node per step misses far more than 1e-12: the error names --quadrature, nothing
+    is saved, and there is no traceback."""
+    out = tmp_path / "coarse.zarr"
+    assert main(["explain", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--keep", "test",
+                 "--rule", "midpoint", "--quadrature", "1", "--no-breakpoints", "--tolerance", "1e-12",
+                 "--quiet", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--quadrature" in err and "quadrature=" not in err, err
+    assert "Nothing was saved: a larger --tolerance" in err and ".cube" not in err
+    assert "Traceback" not in err and not out.exists()
