@@ -72,11 +72,15 @@ def _request_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="all", help="all, true, predicted, or comma-separated output indices")
     p.add_argument("--target", default=None, choices=TARGETS,
                    help="what is explained (default: the log-probabilities, or under MSE the output itself)")
-    p.add_argument("--quadrature", type=int, default=4, help="nodes per smooth piece of each step")
+    p.add_argument("--quadrature", type=_at_least(1), default=4, help="nodes per smooth piece of each step")
     p.add_argument("--rule", default="gauss", choices=("gauss", "midpoint"))
     p.add_argument("--no-breakpoints", dest="breakpoints", action="store_false", help="do not locate kinks")
+    p.add_argument("--max-kinks", type=_at_least(1), default=16,
+                   help="kinks per input and step the search resolves (beyond: plain quadrature)")
+    p.add_argument("--kink-tolerance", type=float, default=0.0,
+                   help="0 searches every step's kinks; above 0 only where the plain integral misses by more")
     p.add_argument("--convention", default="update", choices=CONVENTIONS)
-    p.add_argument("--step-bins", type=int, default=None, help="equal bins of steps (default: every step)")
+    p.add_argument("--step-bins", type=_at_least(1), default=None, help="equal bins of steps (default: every step)")
     p.add_argument("--parameter-scores", action="store_true")
     p.add_argument("--no-update-check", dest="check_updates", action="store_false",
                    help="trust the recorded updates (checked by verify_updates): no gradients without a train dim")
@@ -115,6 +119,7 @@ def _request(args: argparse.Namespace) -> tuple[tuple, dict]:
     n = args.tests or len(run.test_x)
     options = dict(keep=tuple(args.keep), outputs=_outputs(args.outputs), target=args.target,
                    quadrature=args.quadrature, rule=args.rule, breakpoints=args.breakpoints,
+                   max_kinks=args.max_kinks, kink_tolerance=args.kink_tolerance,
                    convention=args.convention, components=run.components, step_bins=args.step_bins,
                    parameter_scores=args.parameter_scores, check_updates=args.check_updates,
                    dtype=DTYPES[args.dtype], device=args.device, memory_budget=args.memory_budget * 2**30)
@@ -133,24 +138,35 @@ def plan_command(args: argparse.Namespace) -> str:
 
 
 def explain_command(args: argparse.Namespace) -> str:
-    from .cube import save_cube
+    from .cube import check_cube_path, save_cube
     from .engine import explain
 
-    if args.out.exists() and not args.overwrite:  # refused before the compute, not after it
-        raise SystemExit(f"{args.out} exists: pass another --out, or --overwrite to replace the cube saved there")
+    try:  # what save_cube would refuse, refused before the compute
+        check_cube_path(args.out, args.overwrite)
+    except (InputError, FileExistsError) as error:
+        raise InputError(_cli_words(str(error))) from None
     request, options = _request(args)
     try:
         cube = explain(*request, tolerance=args.tolerance, progress=not args.quiet, **options)
-    except ReconstructionError as error:  # the library's ending says how to get the cube in Python
+    except ReconstructionError as error:  # kept, as explain() keeps it in the error: hours of compute
+        save_cube(error.cube, args.out, overwrite=args.overwrite)
         cause = str(error).split(CUBE_KEPT)[0]
-        raise _as_options(ReconstructionError(f"{cause} Nothing was saved: a larger --tolerance saves such a cube "
-                                              "as it is"), args.memory_budget) from None
+        raise _as_options(ReconstructionError(
+            f"{cause} The cube is saved at {args.out} all the same, to be read with its residual "
+            "(explaind.open_cube); a rerun replaces it with --overwrite"), args.memory_budget) from None
     except ExplaindError as error:  # a refused request
         raise _as_options(error, args.memory_budget) from None
     path = save_cube(cube, args.out, overwrite=args.overwrite)
     sizes = ", ".join(f"{dim} {size}" for dim, size in cube["attribution"].sizes.items())
     return (f"saved {path} (attribution: {sizes}); relative residual {cube.attrs['relative_residual']:.2e}. "
             "Read it with explaind.open_cube")
+
+
+def _cli_words(text: str) -> str:
+    """save_cube's refusal of a destination as this command's options."""
+    return (text.replace("choose another path or pass overwrite=True to replace it",
+                         "pass another --out, or --overwrite to replace the cube saved there")
+            .replace("choose another path", "pass another --out"))
 
 
 def _restore(name: str | None = None) -> str:
@@ -209,13 +225,15 @@ def _run_name(config: Path, values: dict) -> str:
 
 # explain()'s arguments that the library's messages name, as the options that set them here
 _OPTIONS = {"step_bins": "--step-bins", "quadrature": "--quadrature", "device": "--device", "dtype": "--dtype",
-            "tolerance": "--tolerance"}
+            "tolerance": "--tolerance", "max_kinks": "--max-kinks", "kink_tolerance": "--kink-tolerance"}
 
 
 def _as_options(error: ExplaindError, gib: float) -> ExplaindError:
     """A refusal in the words of this command: its options instead of explain()'s arguments
     (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
     text = re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", str(error))
+    text = re.sub(r"\bkeep=\(([^)]*)\)", lambda m: "--keep " + " ".join(re.findall(r"'(\w+)'", m.group(1))), text)
+    text = re.sub(r"\bmemory_budget\b", "--memory-budget", text)
     text = re.sub(r"\b(" + "|".join(_OPTIONS) + r")='?([^'\s,;:)]+)'?",
                   lambda m: f"{_OPTIONS[m.group(1)]} {m.group(2).removeprefix('torch.')}", text)
     return error if text == str(error) else type(error)(text)
@@ -228,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExplaindError, FileNotFoundError) as error:  # the message names the fix: no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # save_cube moves a store into place whole: an interrupted one leaves none
+        print(f"interrupted: nothing {'saved' if args.command == 'explain' else 'planned'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -207,6 +207,26 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
     return cube
 
 
+def check_cube_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """What save_cube refuses about a destination, checked before a cube is computed for it: a
+    name without .zarr, an existing path without overwrite, anything save_cube did not write, and
+    a folder it cannot write in."""
+    path = Path(path)
+    if path.suffix != ".zarr":
+        raise InputError(
+            f"{path}: save_cube writes a zarr store (a folder), so its name must end in .zarr: "
+            f"save to {path.with_suffix('.zarr')} (for NetCDF, call cube.to_netcdf yourself)"
+        )
+    if path.exists() and not _written_by_save_cube(path):
+        raise FileExistsError(_not_replaced(path))
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: choose another path or pass overwrite=True to replace it")
+    parent = next((folder for folder in path.absolute().parents if folder.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: {parent} cannot hold a new folder (not a writable folder): choose another path")
+    return path
+
+
 def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False,
               finish: Callable[[Path], None] | None = None) -> Path:
     """Write a cube to a chunked, compressed zarr store, format 2 (readable lazily with open_cube).
@@ -217,16 +237,7 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     never leaves half a cube or removes the old one. `finish(store)` runs on the written store
     before it is moved into place (e.g. to add what only the written store can tell).
     """
-    path = Path(path)
-    if path.suffix != ".zarr":
-        raise InputError(
-            f"{path}: save_cube writes a zarr store (a folder), so its name must end in .zarr: "
-            f"save to {path.with_suffix('.zarr')} (for NetCDF, call cube.to_netcdf yourself)"
-        )
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: choose another path or pass overwrite=True to replace it")
-    if path.exists() and not _written_by_save_cube(path):
-        raise FileExistsError(_not_replaced(path))
+    path = check_cube_path(path, overwrite)
     encoding = {
         name: {"chunks": tuple(min(n, 256) for n in var.shape)}
         for name, var in cube.data_vars.items()
