@@ -96,7 +96,7 @@ def _outputs(text: str):
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--outputs {text!r}: use all, true, predicted, or indices like 0,3,7") from None
+        raise InputError(f"--outputs {text!r}: use all, true, predicted, or indices like 0,3,7") from None
 
 
 def _request(args: argparse.Namespace) -> tuple[tuple, dict]:
@@ -104,17 +104,17 @@ def _request(args: argparse.Namespace) -> tuple[tuple, dict]:
     from the options; a folder that holds no pipeline run is refused with the fix."""
     config = args.run / "config.json"
     if not args.run.is_dir():
-        raise SystemExit(f"{args.run} is not a folder: pass a run folder written by a training stage "
+        raise InputError(f"{args.run} is not a folder: pass a run folder written by a training stage "
                          "(runs/cnn, runs/transformer, which `make repro` writes)")
     if not config.is_file() and _is_history(args.run):
-        raise SystemExit(f"{args.run} is a training history, without the config.json from which the command rebuilds "
+        raise InputError(f"{args.run} is a training history, without the config.json from which the command rebuilds "
                          f"the pipeline's models: for your own model, call explaind.{args.command}(history, model, "
                          "inputs, ...) in Python, with explain()'s arguments")
     if not config.is_file():
-        raise SystemExit(f"{config} is missing: pass a run folder written by a training stage (runs/cnn, runs/transformer)")
+        raise InputError(f"{config} is missing: pass a run folder written by a training stage (runs/cnn, runs/transformer)")
     run = _load_run(args.run, args.data)
     if args.tests > len(run.test_x):
-        raise SystemExit(f"--tests {args.tests}: {args.run} holds {len(run.test_x)} held-out inputs; pass at most "
+        raise InputError(f"--tests {args.tests}: {args.run} holds {len(run.test_x)} held-out inputs; pass at most "
                          "that many (0: all of them)")
     n = args.tests or len(run.test_x)
     options = dict(keep=tuple(args.keep), outputs=_outputs(args.outputs), target=args.target,
@@ -190,16 +190,16 @@ def _load_run(run_dir: Path, data_dir: Path):
     except FileNotFoundError:
         if weights.exists():  # another file (the CNN's data) names itself
             raise
-        raise SystemExit(f"{weights} is missing: {_restore(name)}") from None
+        raise InputError(f"{weights} is missing: {_restore(name)}") from None
     except SafetensorError as error:
-        raise SystemExit(f"{weights} cannot be read ({error}): {_restore(name)}") from None
+        raise InputError(f"{weights} cannot be read ({error}): {_restore(name)}") from None
     except RuntimeError as error:
         if "Error(s) in loading state_dict" not in str(error):
             raise
         # its first line names the model class; the next ones each tensor that does not fit
         details = str(error).splitlines()
         detail = (details[1] if len(details) > 1 else details[0]).strip().rstrip(".")
-        raise SystemExit(f"{weights} does not fit the model that {config} describes ({detail}); the two come "
+        raise InputError(f"{weights} does not fit the model that {config} describes ({detail}); the two come "
                          f"from different runs: {_restore(name)}") from None
 
 
@@ -208,9 +208,9 @@ def _config_values(config: Path) -> dict:
     try:
         values = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SystemExit(f"{config} is not valid JSON ({error}): {_restore()}") from None
+        raise InputError(f"{config} is not valid JSON ({error}): {_restore()}") from None
     if not isinstance(values, dict):
-        raise SystemExit(f"{config} holds a JSON {type(values).__name__}, not an object of training settings: {_restore()}")
+        raise InputError(f"{config} holds a JSON {type(values).__name__}, not an object of training settings: {_restore()}")
     return values
 
 
@@ -219,7 +219,7 @@ def _run_name(config: Path, values: dict) -> str:
     names = {"CNNConfig": "cnn", "TransformerConfig": "transformer"}
     kind = values.get("class")
     if not isinstance(kind, str) or kind not in names:
-        raise SystemExit(f"{config} describes a {kind!r}; the command knows {sorted(names)}")
+        raise InputError(f"{config} describes a {kind!r}; the command knows {sorted(names)}")
     return names[kind]
 
 
