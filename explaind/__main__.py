@@ -144,7 +144,7 @@ def explain_command(args: argparse.Namespace) -> str:
     try:  # what save_cube would refuse, refused before the compute
         check_cube_path(args.out, args.overwrite)
     except (InputError, FileExistsError) as error:
-        raise InputError(_cli_words(str(error))) from None
+        raise InputError(str(_as_options(error, args.memory_budget))) from None
     request, options = _request(args)
     try:
         cube = explain(*request, tolerance=args.tolerance, progress=not args.quiet, **options)
@@ -161,12 +161,6 @@ def explain_command(args: argparse.Namespace) -> str:
     return (f"saved {path} (attribution: {sizes}); relative residual {cube.attrs['relative_residual']:.2e}. "
             "Read it with explaind.open_cube")
 
-
-def _cli_words(text: str) -> str:
-    """save_cube's refusal of a destination as this command's options."""
-    return (text.replace("choose another path or pass overwrite=True to replace it",
-                         "pass another --out, or --overwrite to replace the cube saved there")
-            .replace("choose another path", "pass another --out"))
 
 
 def _restore(name: str | None = None) -> str:
@@ -219,7 +213,7 @@ def _run_name(config: Path, values: dict) -> str:
     names = {"CNNConfig": "cnn", "TransformerConfig": "transformer"}
     kind = values.get("class")
     if not isinstance(kind, str) or kind not in names:
-        raise InputError(f"{config} describes a {kind!r}; the command knows {sorted(names)}")
+        raise InputError(f"{config} describes a {kind!r}; the command knows {sorted(names)}: {_restore()}")
     return names[kind]
 
 
@@ -228,10 +222,20 @@ _OPTIONS = {"step_bins": "--step-bins", "quadrature": "--quadrature", "device": 
             "tolerance": "--tolerance", "max_kinks": "--max-kinks", "kink_tolerance": "--kink-tolerance"}
 
 
-def _as_options(error: ExplaindError, gib: float) -> ExplaindError:
-    """A refusal in the words of this command: its options instead of explain()'s arguments
-    (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
-    text = re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", str(error))
+# what the library's messages tell a Python caller to pass, as this command's options say it
+_PHRASES = {"choose another path or pass overwrite=True to replace it":
+            "pass another --out, or --overwrite to replace the cube saved there",
+            "choose another path": "pass another --out",
+            "pass tolerance=None": "pass a larger --tolerance"}
+
+
+def _as_options(error: Exception, gib: float) -> Exception:
+    """A refusal in the words of this command: its options instead of explain()'s and save_cube's
+    arguments (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
+    text = str(error)
+    for phrase, option in _PHRASES.items():  # longest first: the dict's order
+        text = text.replace(phrase, option)
+    text = re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", text)
     text = re.sub(r"\bkeep=\(([^)]*)\)", lambda m: "--keep " + " ".join(re.findall(r"'(\w+)'", m.group(1))), text)
     text = re.sub(r"\bmemory_budget\b", "--memory-budget", text)
     text = re.sub(r"\b(" + "|".join(_OPTIONS) + r")='?([^'\s,;:)]+)'?",

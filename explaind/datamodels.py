@@ -197,7 +197,7 @@ def spearman_values(n: int) -> np.ndarray:
     1 − 6Σd²/(n(n²−1)), where the sum of the squared rank differences Σd² takes every even value
     from 0 to (n³ − n)/3, except 4 when n = 3 (tests/test_datamodels.py enumerates the orders)."""
     if n < 2:
-        raise InputError(f"a rank correlation needs at least 2 pairs, got {n}")
+        raise InputError(f"a rank correlation needs at least 2 pairs, got {n}. Fix: pass n ≥ 2")
     sums = np.arange(0, (n**3 - n) // 3 + 1, 2)
     if n == 3:
         sums = sums[sums != 4]
@@ -210,7 +210,8 @@ def two_subset_share(n: int) -> float:
     ranking and is left out): over two distinct models an input's Spearman is ±1 whatever the
     scores, so these resamples only say which of two models a method ranks higher."""
     if n < 2:
-        raise InputError(f"a rank correlation needs at least 2 retrained models, got {n}")
+        raise InputError(f"a rank correlation needs at least 2 retrained models, got {n}. Fix: pass n ≥ 2 "
+                         "(lds_subsets in params.yaml)")
     return comb(n, 2) * (2**n - 2) / (n**n - n)
 
 
@@ -218,7 +219,7 @@ def fewest_subsets(level: float) -> int:
     """The fewest retrained models whose two_subset_share fits in one tail, (1 − level)/2, of a
     bootstrap interval at `level`: with fewer, a bound of the interval is a pairwise comparison."""
     if not 0 < level < 1:
-        raise InputError(f"need 0 < level < 1, got {level}")
+        raise InputError(f"need 0 < level < 1, got {level}. Fix: pass a confidence level such as 0.95")
     n = 2
     while two_subset_share(n) > (1 - level) / 2:
         n += 1

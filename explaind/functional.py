@@ -940,8 +940,8 @@ class _DifferentiableKernels:
     derivative, and in eval mode `nn.MultiheadAttention` and `nn.TransformerEncoderLayer` take a
     fused "fast path" with no derivative at all; the math kernel and the modules' composite path
     compute the same attention from ops that have both. TF32, which cuDNN uses for float32
-    convolutions by default on Ampere and later GPUs, rounds every product to a 10-bit mantissa: a
-    float32 decomposition would miss by about 1e-3, so it is switched off too. The switches are
+    convolutions by default on Ampere and later GPUs, rounds every product to a 10-bit mantissa,
+    far coarser than float32's 23 bits, so it is switched off too. The switches are
     process-wide, so the first call in sets them and the last one out restores them (a thread of
     your own that runs attention or float32 kernels meanwhile runs them the slower, equal way)."""
 

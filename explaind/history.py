@@ -53,8 +53,8 @@ from torch import nn
 from . import __version__  # set before the package imports its modules
 from .errors import HistoryError, InputError, UnsupportedError, is_number, is_whole
 from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
-from .losses import (BUILTIN_LOSSES, CLASS_WEIGHTED, REDUCTIONS, check_class_weights, check_per_sample,
-                     check_reduction, recorded_loss, resolve_loss, sample_weights)
+from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_class_weights, check_per_sample, check_reduction,
+                     recorded_loss, resolve_loss, sample_weights, takes_class_weights)
 
 FORMAT = "explaind-history"
 VERSION = 1
@@ -920,11 +920,10 @@ class Recorder:
                    "themselves: a declared loss's outputs are explained as log-probabilities unless told)."
                    ) if self.loss_name == "mse" else ""
             # torch's class-weighted mean divides by the batch's total weight, no per-sample loss's mean
-            classes = self.loss_name in CLASS_WEIGHTED or self.loss_name.startswith("custom:")
             weighted = (" Class weights (F.cross_entropy(..., weight=w), nn.CrossEntropyLoss(weight=w)) are "
                         "declared as Recorder(..., class_weights=w), with a custom loss too (its mean then divides "
                         "by the batch's total class weight, as torch's does)."
-                        ) if classes and self.class_weights is None else ""
+                        ) if takes_class_weights(self.loss_name) and self.class_weights is None else ""
             smoothing = (" Label smoothing is declared as loss=lambda o, t: F.cross_entropy(o, t, "
                          "label_smoothing=eps, reduction='none')."
                          ) if self.loss_name == "cross_entropy" else ""
@@ -1407,8 +1406,7 @@ def _recorded_class_weights(meta: dict, loss: str) -> torch.Tensor | None:
         raise ValueError("class weights and format version disagree")
     if weights is None:
         return None
-    weighted = loss in CLASS_WEIGHTED or loss.startswith("custom:")
-    if not weighted or not isinstance(weights, list) or not all(map(is_number, weights)):
+    if not takes_class_weights(loss) or not isinstance(weights, list) or not all(map(is_number, weights)):
         raise ValueError("no class weights a Recorder writes")
     try:
         return check_class_weights(weights)

@@ -31,6 +31,12 @@ IGNORE_INDEX = -100  # torch's default ignore_index: such a target adds no loss 
 CLASS_WEIGHTED = ("cross_entropy", "nll")  # the built-in losses that take class_weights (torch's weight=)
 
 
+def takes_class_weights(name: str) -> bool:
+    """Whether a loss of this name takes class_weights: a built-in one of CLASS_WEIGHTED, or a
+    custom one, whose mean they divide (resolve_loss)."""
+    return name in CLASS_WEIGHTED or name.startswith("custom:")
+
+
 def _classes(name: str, out, y: torch.Tensor, soft: bool, weight: torch.Tensor | None) -> None:
     """Refuse what the classification losses would fail on deep inside torch, or broadcast.
     soft: class probabilities [batch, classes] are targets too (cross-entropy)."""

@@ -34,8 +34,7 @@ def update_check(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, 
     4 ε max_j max(|θ_j|, |θ_j + Δθ_j|) / P_j, both over the step, max_j |Δθ_j| / P_j.
 
     Dividing by the preconditioner P (1 for SGD; 1/(√(v̂_t / (1 − β2^t)) + ε) for Adam and AdamW)
-    puts the miss in the
-    gradient's units. Adam divides each gradient coordinate by its own size, so a coordinate
+    puts the miss in the gradient's units. Adam divides each gradient coordinate by its own size, so a coordinate
     whose gradient is zero but for float32 rounding (the key bias of attention, which softmax
     ignores) moves by rounding noise scaled up to the learning rate: no recomputation reproduces
     that noise, and it moves no output. Divided by P it is the rounding it came from.
