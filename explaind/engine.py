@@ -945,7 +945,7 @@ class ChunkPass:
     def _forward(self, records: Iterable[tuple]) -> None:
         """Update-step convention: carry per-sample momentum forwards."""
         buffer = None  # m_{s,k} for the chunk's samples, [n_train, D]
-        decay_momentum = None  # the momentum of the coupled weight decay, [D]
+        decay = AggregateUpdate()  # r_s: the weight decay's share of the update, its coupled part with its own momentum
         aggregate = AggregateUpdate()
         carried = self.momentum_before_replay()  # decays through the steps, never split
         aggregate.momentum = None if carried is None else carried.clone()
@@ -964,9 +964,7 @@ class ChunkPass:
                         buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
                     buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
                 modelled = aggregate.step(k, g_full, theta) if self.first_train_chunk else None
-            decay_in = k.coupled_decay * theta
-            decay_momentum = k.b * decay_in if decay_momentum is None else k.a * decay_momentum + k.b * decay_in
-            r = k.precond * (k.c * decay_momentum + k.e * decay_in) + k.decoupled_decay * theta
+            r = decay.step(k, None, theta)
             if carried is not None:
                 carried.mul_(k.a)
             if s < start:  # before the explained range: only replay the momentum

@@ -143,8 +143,10 @@ class AggregateUpdate:
     def __init__(self):
         self.momentum: torch.Tensor | None = None
 
-    def step(self, k: StepCoefficients, batch_gradient: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        d = batch_gradient + k.coupled_decay * theta
+    def step(self, k: StepCoefficients, batch_gradient: torch.Tensor | None, theta: torch.Tensor) -> torch.Tensor:
+        """−Δθ_s/η_s for the batch gradient ḡ_s (None: the weight decay's own share r_s, its
+        coupled part carried by a momentum of its own)."""
+        d = k.coupled_decay * theta if batch_gradient is None else batch_gradient + k.coupled_decay * theta
         m = k.b * d if self.momentum is None else k.a * self.momentum + k.b * d
         self.momentum = m
         return k.precond * (k.c * m + k.e * d) + k.decoupled_decay * theta
