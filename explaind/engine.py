@@ -36,11 +36,10 @@ from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, Unsuppo
 from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
                          untrained_tensors)
 from .history import History, StepRecord, open_history
-from .optimizers import (AggregateUpdate, StepCoefficients, group_index, momentum_from_update, sgd_buffers_started,
-                         step_coefficients)
+from .optimizers import AggregateUpdate, StepCoefficients, momentum_from_update, sgd_buffers_started
 from .path import PathIntegral
 from .phases import CONTRACTION, EXPLAIN, phase
-from .verify import check_tolerance, rounding_eps, update_check
+from .verify import StepReader, check_tolerance, rounding_eps, update_check
 
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
@@ -749,7 +748,7 @@ class ChunkPass:
         self.select = None if req.select is None else req.select[tests].to(self.dev)
         self.n_test = len(self.x)
         self.first_train_chunk = first_train_chunk
-        self.group_index = group_index(req.history, flat)
+        self.reader = StepReader(req.history, flat, req.buffers_started)
         # training samples of this chunk, found by binary search in their sorted dataset indices
         # (a table indexed by dataset index would be as large as the largest, e.g. a hash)
         chunk_index = req.train_index[trains]
@@ -791,18 +790,6 @@ class ChunkPass:
 
     # ----------------------------------------------------------------- per-step pieces
 
-    def coefficients(self, rec: StepRecord) -> StepCoefficients:
-        moment = None
-        if rec.second_moment is not None:
-            moment = self.req.flat.layout.flatten(rec.second_moment).to(self.dev)
-        return step_coefficients(self.req.history.optimizer, rec.groups, self.group_index,
-                                 moment, self.req.buffers_started[rec.step], self.dt)
-
-    def thetas(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = self.req.flat.layout
-        return (layout.flatten(rec.before).to(self.dev, self.dt),
-                layout.flatten(rec.after).to(self.dev, self.dt))
-
     def path_jacobian(self, theta: torch.Tensor, delta: torch.Tensor, pieces) -> torch.Tensor:
         """φ_s = ∫₀¹ J(θ_s + tΔθ_s) dt for all test rows: [T·O, D]; pieces: as _segments gives them."""
         phi = self.req.path.jacobian(theta, delta, self.x, self.select, self.req.target, self.req.n_outputs, pieces)
@@ -823,8 +810,8 @@ class ChunkPass:
     def step_batch(self, rec: StepRecord):
         """A step's sample weights, the chunk column of each sample (−1: not in this chunk), and
         its inputs and targets on the compute device."""
-        weights = self.req.history.sample_weights(rec, self.dt, self.dev)
-        return weights, self.columns(rec.indices), self.req.flat.cast_inputs(rec.inputs), rec.targets.to(self.dev)
+        weights, x, y = self.reader.batch(rec)
+        return weights, self.columns(rec.indices), x, y
 
     def columns(self, indices: torch.Tensor) -> torch.Tensor:
         """The chunk column of each dataset index (−1: not in this chunk)."""
@@ -895,8 +882,8 @@ class ChunkPass:
         if first == 0:
             return None
         rec = next(self.req.history.steps(first - 1, first))
-        k = self.coefficients(rec)
-        theta, theta_next = self.thetas(rec)
+        k = self.reader.coefficients(rec)
+        theta, theta_next = self.reader.thetas(rec)
         direct = None
         if bool(((k.e != 0) & (k.c != 0)).any()):  # nesterov: the update holds d_{T−1} too
             weights, _, x, y = self.step_batch(rec)
@@ -931,7 +918,7 @@ class ChunkPass:
         size = path.window(self.x, stop - start, first.nbytes + 2 * self.req.flat.layout.dim * self.dt.itemsize)
         records = chain([first], records)
         while window := list(islice(records, size)):
-            segments = [(theta, theta_next - theta) for theta, theta_next in map(self.thetas, window)]
+            segments = [(theta, theta_next - theta) for theta, theta_next in map(self.reader.thetas, window)]
             pieces = [None] * len(window)
             explained = [j for j, rec in enumerate(window) if rec.step >= start]
             if explained:
@@ -952,7 +939,7 @@ class ChunkPass:
         start = self.req.step_range[0]
         for rec, theta, delta, pieces in records:
             s = rec.step
-            k = self.coefficients(rec)
+            k = self.reader.coefficients(rec)
             recorded = recorded_update(k, delta)
             if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
                 modelled = recorded
@@ -1041,7 +1028,7 @@ class ChunkPass:
         a_next = None
         for rec, theta, delta, pieces in records:
             s = rec.step
-            k = self.coefficients(rec)
+            k = self.reader.coefficients(rec)
             if carried is not None:  # from the effect on step s + 1 on to step s
                 carried.mul_(a_next)
                 if separate_full:

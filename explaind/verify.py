@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .cube import residual_attrs
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, checked_output, resolve_target
-from .history import History, open_history
+from .history import History, StepRecord, open_history
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
 from .phases import RECONSTRUCT, phase
@@ -53,6 +53,31 @@ def update_check(k: StepCoefficients, theta: torch.Tensor, delta: torch.Tensor, 
     return residual, floor
 
 
+class StepReader:
+    """A history's step records as the computations take them, on the model's device and in its
+    dtype: θ_s and θ_{s+1} flattened, the step's optimizer coefficients, and its batch."""
+
+    def __init__(self, history: History, flat: FlatModel, buffers_started: list[list[bool]] | None = None):
+        self.history, self.flat = history, flat
+        self.group_index = group_index(history, flat)
+        self.buffers_started = sgd_buffers_started(history) if buffers_started is None else buffers_started
+
+    def thetas(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        flatten, flat = self.flat.layout.flatten, self.flat
+        return flatten(rec.before).to(flat.device, flat.dtype), flatten(rec.after).to(flat.device, flat.dtype)
+
+    def coefficients(self, rec: StepRecord) -> StepCoefficients:
+        moment = None if rec.second_moment is None else self.flat.layout.flatten(rec.second_moment).to(self.flat.device)
+        return step_coefficients(self.history.optimizer, rec.groups, self.group_index, moment,
+                                 self.buffers_started[rec.step], self.flat.dtype)
+
+    def batch(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's sample weights, inputs and targets."""
+        flat = self.flat
+        return (self.history.sample_weights(rec, flat.dtype, flat.device), flat.cast_inputs(rec.inputs),
+                rec.targets.to(flat.device))
+
+
 def rounding_eps(history: History, flat: FlatModel) -> float:
     """ε of the coarser of the stored θ and the computation."""
     return max(torch.finfo(history.dtype).eps, torch.finfo(flat.dtype).eps)
@@ -72,18 +97,15 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
     residuals, floors = np.full(history.n_steps, np.nan), np.full(history.n_steps, np.nan)
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
-    groups, started = group_index(history, flat), sgd_buffers_started(history)
+    reader = StepReader(history, flat)
     eps = rounding_eps(history, flat)
     start, stop = steps or (0, history.n_steps)
     for rec in history.steps(replay_start, stop):
-        theta = flat.layout.flatten(rec.before).to(flat.device, flat.dtype)
-        delta = flat.layout.flatten(rec.after).to(flat.device, flat.dtype) - theta
-        moment = None if rec.second_moment is None else flat.layout.flatten(rec.second_moment).to(flat.device)
-        k = step_coefficients(history.optimizer, rec.groups, groups, moment, started[rec.step], flat.dtype)
-        weights = history.sample_weights(rec, flat.dtype, flat.device)
-        g = flat.batch_gradient(theta, flat.cast_inputs(rec.inputs), rec.targets.to(flat.device), weights, loss,
-                                batch_rows)
-        modelled = aggregate.step(k, g, theta)
+        theta, theta_next = reader.thetas(rec)
+        delta = theta_next - theta
+        k = reader.coefficients(rec)
+        weights, x, y = reader.batch(rec)
+        modelled = aggregate.step(k, flat.batch_gradient(theta, x, y, weights, loss, batch_rows), theta)
         if rec.step >= start:
             residuals[rec.step], floors[rec.step] = update_check(k, theta, delta, modelled, eps)
             if each is not None:
@@ -215,6 +237,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     def outputs(theta):  # of the batches already on the device: the inputs are not copied there each step
         return torch.cat([flat.explained(theta, x, target) for x in batches])
 
+    reader = StepReader(history, flat)
     theta0 = flat.layout.flatten(history.params(0)).to(flat.device, dtype)
     # the paths share one model and one search dtype: the one that searches kinks (if any) needs the most
     max(paths, key=lambda path: path.breakpoints).model_output(theta0, inputs, target)
@@ -230,8 +253,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
     # the kinks of a window of steps are searched at once, as explain() does (PathIntegral.window)
     size = max(path.window(batches[0], history.n_steps, 2 * flat.layout.dim * dtype.itemsize) for path in paths)
     while window := list(islice(records, size)):
-        thetas = [flat.layout.flatten(rec.before).to(flat.device, dtype) for rec in window]
-        nexts = [flat.layout.flatten(rec.after).to(flat.device, dtype) for rec in window]
+        thetas, nexts = zip(*map(reader.thetas, window))
         deltas = [theta_next - theta for theta, theta_next in zip(thetas, nexts)]
         segments = torch.stack(thetas), torch.stack(deltas)
         # per path and batch, each step's pieces (None: left to the step's own integral)
