@@ -12,6 +12,8 @@ the cube and saves it (open it with explaind.open_cube).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import re
@@ -23,6 +25,7 @@ from .engine import CONVENTIONS, CUBE_KEPT, DIMS
 from .errors import ExplaindError, InputError, ReconstructionError
 from .functional import TARGETS
 from .history import _is_history
+from .planning import rounded_up
 from .training import DTYPES
 
 
@@ -134,7 +137,7 @@ def plan_command(args: argparse.Namespace) -> str:
         result = plan(*request, calibrate_steps=args.calibrate, **options)
     except InputError as error:
         raise _as_options(error, args.memory_budget) from None
-    return result.report(calibrate="--calibrate 6")
+    return _in_options(result.report(), args.memory_budget)
 
 
 def explain_command(args: argparse.Namespace) -> str:
@@ -146,8 +149,9 @@ def explain_command(args: argparse.Namespace) -> str:
     except (InputError, FileExistsError) as error:
         raise InputError(str(_as_options(error, args.memory_budget))) from None
     request, options = _request(args)
-    try:
-        cube = explain(*request, tolerance=args.tolerance, progress=not args.quiet, **options)
+    try:  # explain's plan summary on stdout, in this command's words
+        with contextlib.redirect_stdout(_InOptions(sys.stdout, args.memory_budget)):
+            cube = explain(*request, tolerance=args.tolerance, progress=not args.quiet, **options)
     except ReconstructionError as error:  # kept, as explain() keeps it in the error: hours of compute
         save_cube(error.cube, args.out, overwrite=args.overwrite)
         cause = str(error).split(CUBE_KEPT)[0]
@@ -219,28 +223,63 @@ def _run_name(config: Path, values: dict) -> str:
 
 # explain()'s arguments that the library's messages name, as the options that set them here
 _OPTIONS = {"step_bins": "--step-bins", "quadrature": "--quadrature", "device": "--device", "dtype": "--dtype",
-            "tolerance": "--tolerance", "max_kinks": "--max-kinks", "kink_tolerance": "--kink-tolerance"}
+            "tolerance": "--tolerance", "max_kinks": "--max-kinks", "kink_tolerance": "--kink-tolerance",
+            "convention": "--convention", "outputs": "--outputs", "target": "--target"}
 
 
 # what the library's messages tell a Python caller to pass, as this command's options say it
 _PHRASES = {"choose another path or pass overwrite=True to replace it":
             "pass another --out, or --overwrite to replace the cube saved there",
             "choose another path": "pass another --out",
-            "pass tolerance=None": "pass a larger --tolerance"}
+            "pass tolerance=None": "pass a larger --tolerance",
+            "explaind.plan(..., calibrate_steps=6)": "python -m explaind plan ... --calibrate 6",
+            "add 'step' to keep, or leave step_bins out": "add step to --keep, or leave --step-bins out",
+            "breakpoints=False": "--no-breakpoints",
+            "parameter_scores=True": "--parameter-scores",
+            "check_updates=False": "--no-update-check"}
 
 
 def _as_options(error: Exception, gib: float) -> Exception:
-    """A refusal in the words of this command: its options instead of explain()'s and save_cube's
-    arguments (device='cpu' -> --device cpu), and a budget in the GiB of --memory-budget."""
-    text = str(error)
+    """A refusal in the words of this command (_in_options)."""
+    text = _in_options(str(error), gib)
+    return error if text == str(error) else type(error)(text)
+
+
+def _in_options(text: str, gib: float) -> str:
+    """The library's words in those of this command: its options instead of explain()'s and
+    save_cube's arguments (device='cpu' -> --device cpu), and budgets in the GiB of --memory-budget."""
     for phrase, option in _PHRASES.items():  # longest first: the dict's order
         text = text.replace(phrase, option)
-    text = re.sub(r"memory_budget=\S+ bytes", f"--memory-budget {gib:g} GiB", text)
+    text = re.sub(r"\bmemory_budget=(\d+(?:\.\d*)?(?:e[+-]?\d+)?)( bytes)?",
+                  lambda m: f"--memory-budget {_in_gib(float(m.group(1)), gib)} GiB", text)
     text = re.sub(r"\bkeep=\(([^)]*)\)", lambda m: "--keep " + " ".join(re.findall(r"'(\w+)'", m.group(1))), text)
     text = re.sub(r"\bmemory_budget\b", "--memory-budget", text)
+    text = re.sub(r"\b(test|train|batch)_chunk=", r"\1 chunk ", text)  # no options here: as the plan words them
     text = re.sub(r"\b(" + "|".join(_OPTIONS) + r")='?([^'\s,;:)]+)'?",
                   lambda m: f"{_OPTIONS[m.group(1)]} {m.group(2).removeprefix('torch.')}", text)
-    return error if text == str(error) else type(error)(text)
+    # a name with an underscore is no English word: named alone, it is the argument
+    return re.sub(r"\b(" + "|".join(name for name in _OPTIONS if "_" in name) + r")\b",
+                  lambda m: _OPTIONS[m.group(1)], text)
+
+
+def _in_gib(n_bytes: float, gib: float) -> str:
+    """A budget of the library's words in the GiB --memory-budget takes: the one given as typed,
+    another (the plan's budget of one pass) rounded up, so that it still holds the pass."""
+    return f"{gib:g}" if n_bytes == gib * 2**30 else f"{rounded_up(n_bytes / 2**30):.3g}"
+
+
+class _InOptions(io.TextIOBase):
+    """A stream that writes what the library prints (explain's plan summary) in this command's words."""
+
+    def __init__(self, stream, gib: float):
+        self.stream, self.gib = stream, gib
+
+    def write(self, text: str) -> int:
+        self.stream.write(_in_options(text, self.gib))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

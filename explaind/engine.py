@@ -165,8 +165,8 @@ def explain(
     was taken (lighter: no per-sample momentum buffer). loss: the per-sample loss of a history
     recorded with a custom loss (as given to the Recorder), for the gradients. dtype / device: the
     compute precision and device ("cuda" runs the same code on a GPU). test_ids: labels of the test
-    dim (default 0 … n−1; e.g. the inputs' dataset indices). progress: a tqdm bar and the plan's
-    summary on stderr.
+    dim (default 0 … n−1; e.g. the inputs' dataset indices). progress: the plan's summary on
+    stdout, then tqdm bars on stderr.
     outputs: "all", "true" (needs `targets`), "predicted" (argmax of the final model), an output
     index or a list of distinct output indices. target: "log_prob" (log-softmax of the model's
     output) or "logit" (the raw output); None: what the recorded loss reads, the raw output under
@@ -232,7 +232,7 @@ def explain(
     if progress:
         from .planning import describe  # planning builds on this module
 
-        tqdm.write(describe(request).report(calibrate="ex.plan(..., calibrate_steps=6) estimates it"))
+        tqdm.write(describe(request).report())
     initial = _outputs_at(request, request.step_range[0])
     final = _outputs_at(request, request.step_range[1])
     parts = _run_chunks(request)
@@ -673,7 +673,7 @@ def plan_chunks(req: Request, budget: float | None) -> None:
             ("sum over steps or bin them (step_bins)", req.keeps("step")),
             ("use convention='gradient' (no per-sample momentum buffer)",
              req.convention == "update" and req.keeps("train")),
-            ("float32", req.flat.dtype == torch.float64)) if shrinks] + ["a larger budget"]
+            ("dtype=torch.float32", req.flat.dtype == torch.float64)) if shrinks] + ["a larger budget"]
         raise InputError(
             f"one pass needs about {format_bytes(needed)}, over memory_budget={budget!r} bytes "
             f"({format_bytes(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "

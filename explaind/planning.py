@@ -71,9 +71,10 @@ class Plan:
     def __str__(self) -> str:
         return self.report()
 
-    def report(self, calibrate: str = "plan(..., calibrate_steps=6)") -> str:
-        """The plan in lines; `calibrate` is how a plan without a time estimate asks for one."""
-        estimate = f"not calibrated ({calibrate})" if self.seconds is None else (
+    def report(self) -> str:
+        """The plan in lines, in the words of explain()'s arguments (the command line words them as
+        its options)."""
+        estimate = "not calibrated (explaind.plan(..., calibrate_steps=6) estimates it)" if self.seconds is None else (
             f"{_duration(self.seconds)} ({self.seconds_per_step * 1e3:.1f} ms per step of a first pass"
             + ("" if self.seconds_per_later_step is None else
                f", {self.seconds_per_later_step * 1e3:.1f} ms of a later train chunk's")
@@ -174,16 +175,16 @@ def describe(request) -> Plan:
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
         max_kinks=request.path.max_kinks,
-        one_pass_budget=None if test_passes * train_passes == 1 else _rounded_up(
+        one_pass_budget=None if test_passes * train_passes == 1 else int(rounded_up(
             pass_bytes(request, n_test, n_train, history.max_batch())
-            + request.path.search_reserve(request.inputs, n_test)),
+            + request.path.search_reserve(request.inputs, n_test))),
     )
 
 
-def _rounded_up(n: int) -> int:
-    """n rounded up to three significant digits (a budget one can type that still holds n)."""
-    unit = 10 ** max(0, len(str(n)) - 3)
-    return -(-n // unit) * unit
+def rounded_up(x: float) -> float:
+    """x > 0 rounded up to three significant digits (a budget one can type that still holds x)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return math.ceil(x / unit) * unit
 
 
 def _request_options(options: dict) -> dict:

@@ -38,9 +38,33 @@ def test_plan_command_prints_the_plan_of_the_same_request(run_dir, tmp_path, cap
     run = load_run("transformer", run_dir, tmp_path)
     expected = ex.plan(run.history, run.model, run.test_x[:3], run.test_y[:3], keep=("train", "test"),
                        outputs="true", quadrature=2, breakpoints=False, components=run.components)
-    assert printed.strip() == expected.report(calibrate="--calibrate 6").strip()
-    assert "time       not calibrated (--calibrate 6)" in printed  # the option, not the Python argument
+    lines, library = printed.strip().splitlines(), expected.report().splitlines()
+    assert [line for line in lines if not line.startswith("  time")] == [line for line in library if not line.startswith("  time")]
+    # the command that estimates it, not the Python call
+    assert "  time       not calibrated (python -m explaind plan ... --calibrate 6 estimates it)" in lines
     assert (expected.n_steps, expected.n_test, expected.n_train) == (4, 3, TINY.train_size)
+
+
+def test_both_commands_print_the_plan_in_their_options(run_dir, tmp_path, capsys):
+    """The plan's summary names --calibrate and a one-pass budget as --memory-budget takes it (in
+    GiB, rounded up so that it holds the pass: the library's bytes read as GiB would be 2**30 times
+    too large); explain prints the same summary before it computes."""
+    argv = [str(run_dir), "--data", str(tmp_path), "--tests", "4", "--keep", "train", "test", "--outputs", "true"]
+    assert main(["plan", *argv, "--memory-budget", "0.0005"]) == 0
+    printed = capsys.readouterr().out
+    run = load_run("transformer", run_dir, tmp_path)
+    expected = ex.plan(run.history, run.model, run.test_x[:4], run.test_y[:4], keep=("train", "test"),
+                       outputs="true", components=run.components, memory_budget=0.0005 * 2**30)
+    gib = float(re.search(r"one pass   --memory-budget (\S+) GiB \(", printed).group(1))
+    assert expected.passes > 1 and f"instead of {expected.passes}," in printed
+    assert expected.one_pass_budget <= gib * 2**30 <= 1.01 * expected.one_pass_budget
+    assert "memory_budget" not in printed and "calibrate_steps" not in printed, printed
+    assert main(["plan", *argv, "--memory-budget", f"{gib}"]) == 0
+    assert "  passes     1 (" in capsys.readouterr().out
+
+    assert main(["explain", *argv, "--memory-budget", "0.0005", "--out", str(tmp_path / "c.zarr")]) == 0
+    summary = capsys.readouterr().out.split("saved ")[0]
+    assert summary == printed, summary
 
 
 def test_plan_command_calibrates_and_runs_as_a_module(run_dir, tmp_path):
@@ -95,7 +119,8 @@ def test_version(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--quadrature", "5000"], ["--quadrature 5000 nodes: at most 1000"]),
     (["--step-bins", "9"], ["--step-bins 9 must lie in 1 … 4"]),
-    (["--keep", "train", "test", "--step-bins", "2"], ["which --keep train test sums over"]),
+    (["--keep", "train", "test", "--step-bins", "2"], ["which --keep train test sums over",
+                                                       "Fix: add step to --keep, or leave --step-bins out"]),
     (["--outputs", "99"], ["outputs [99] do not exist"]),
     (["--device", "cuda:7"], ["--device cuda:7", "Fix: pass --device cpu"]),  # no GPU, or not 8 of them
 ])
@@ -104,7 +129,8 @@ def test_plan_command_reports_a_refused_request_without_a_traceback(run_dir, tmp
     assert main(["plan", str(run_dir), "--data", str(tmp_path), *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and all(w in err for w in words), err
-    assert "step_bins=" not in err and "device=" not in err and "quadrature=" not in err and "keep=" not in err
+    assert "step_bins" not in err and "device=" not in err and "quadrature=" not in err and "keep=" not in err
+    assert "to keep" not in err
 
 
 def test_plan_command_reports_a_missing_history(run_dir, tmp_path, capsys):
@@ -121,6 +147,10 @@ def test_plan_command_speaks_of_the_budget_in_gib(run_dir, tmp_path, capsys):
     assert main(["plan", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--memory-budget", "1e-6"]) == 1
     err = capsys.readouterr().err
     assert "over --memory-budget 1e-06 GiB" in err and "bytes" not in err, err
+    # the fixes that shrink this pass, as the options that apply them
+    assert all(fix in err for fix in ("(--outputs true)", "(--step-bins)", "use --convention gradient",
+                                      "--dtype float32, or a larger budget")), err
+    assert "=" not in err, err
 
 
 def damage_config(folder, how: str) -> str:

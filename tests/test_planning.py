@@ -206,7 +206,7 @@ def test_explain_prints_its_plan_before_computing(run, capsys):
     run.explain(keep=("test",), quadrature=2, progress=True, tolerance=None)
     printed = capsys.readouterr()
     assert "passes" in printed.out + printed.err and "history" in printed.out + printed.err
-    assert "ex.plan(..., calibrate_steps=6) estimates it" in printed.out + printed.err
+    assert "  time       not calibrated (explaind.plan(..., calibrate_steps=6) estimates it)\n" in printed.out
     assert "explain passes" not in printed.err  # one pass: its own bar is the whole call's
     run.explain(keep=("train", "test"), quadrature=2, progress=True, tolerance=None, train_chunk=3)
     printed = capsys.readouterr()
@@ -362,6 +362,13 @@ def test_a_plan_split_by_its_budget_names_the_budget_of_one_pass(kinked_run, kee
     assert f"memory_budget={split.one_pass_budget:.3g}" in str(split) and f"instead of {split.passes}" in str(split)
     again = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=float(f"{split.one_pass_budget:.3g}"))
     assert again.passes == 1
+
+
+def test_a_budget_rounds_up_to_three_significant_digits():
+    """What the plan names as the budget of one pass: typed, it still holds the pass."""
+    assert [planning.rounded_up(n) for n in (785000, 785001, 999, 1001, 57)] == [785000, 786000, 999, 1010, 57]
+    assert f"{planning.rounded_up(785000 / 2**30):.3g}" == "0.000732"  # 0.000731084… GiB
+    assert f"{planning.rounded_up(0.00125):.3g}" == "0.00125"
 
 
 @pytest.mark.parametrize("budget", [float("inf"), 1e19, 1e300])
