@@ -71,7 +71,9 @@ def _request_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="a run folder of the pipeline: config.json, model.safetensors, history/")
     p.add_argument("--data", type=Path, default=Path("data"), help="the data folder (the CNN's images)")
     p.add_argument("--tests", type=_at_least(0), default=0, help="held-out inputs explained (0: all)")
-    p.add_argument("--keep", nargs="*", default=list(DIMS), choices=DIMS, help="dims kept in the cube")
+    p.add_argument("--keep", nargs="*", default=list(DIMS), choices=DIMS,
+                   help="dims kept in the cube (default: all); --keep alone keeps none: every dim is summed into "
+                        "one number (with --parameter-scores, the pruning importance)")
     p.add_argument("--outputs", default="all", help="all, true, predicted, or comma-separated output indices")
     p.add_argument("--target", default=None, choices=TARGETS,
                    help="what is explained (default: the log-probabilities, or under MSE the output itself)")
@@ -161,7 +163,7 @@ def explain_command(args: argparse.Namespace) -> str:
     except ExplaindError as error:  # a refused request
         raise _as_options(error, args.memory_budget) from None
     path = save_cube(cube, args.out, overwrite=args.overwrite)
-    sizes = ", ".join(f"{dim} {size}" for dim, size in cube["attribution"].sizes.items())
+    sizes = ", ".join(f"{dim} {size}" for dim, size in cube["attribution"].sizes.items()) or "every dim summed"
     return (f"saved {path} (attribution: {sizes}); relative residual {cube.attrs['relative_residual']:.2e}. "
             "Read it with explaind.open_cube")
 
@@ -252,7 +254,8 @@ def _in_options(text: str, gib: float) -> str:
         text = text.replace(phrase, option)
     text = re.sub(r"\bmemory_budget=(\d+(?:\.\d*)?(?:e[+-]?\d+)?)( bytes)?",
                   lambda m: f"--memory-budget {_in_gib(float(m.group(1)), gib)} GiB", text)
-    text = re.sub(r"\bkeep=\(([^)]*)\)", lambda m: "--keep " + " ".join(re.findall(r"'(\w+)'", m.group(1))), text)
+    text = re.sub(r"\bkeep=\(([^)]*)\)",
+                  lambda m: "--keep " + (" ".join(re.findall(r"'(\w+)'", m.group(1))) or "with no dims"), text)
     text = re.sub(r"\bmemory_budget\b", "--memory-budget", text)
     text = re.sub(r"\b(test|train|batch)_chunk=", r"\1 chunk ", text)  # no options here: as the plan words them
     text = re.sub(r"\b(" + "|".join(_OPTIONS) + r")='?([^'\s,;:)]+)'?",

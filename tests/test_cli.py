@@ -121,6 +121,7 @@ def test_version(capsys):
     (["--step-bins", "9"], ["--step-bins 9 must lie in 1 … 4"]),
     (["--keep", "train", "test", "--step-bins", "2"], ["which --keep train test sums over",
                                                        "Fix: add step to --keep, or leave --step-bins out"]),
+    (["--keep", "--step-bins", "2"], ["which --keep with no dims sums over"]),
     (["--outputs", "99"], ["outputs [99] do not exist"]),
     (["--device", "cuda:7"], ["--device cuda:7", "Fix: pass --device cpu"]),  # no GPU, or not 8 of them
 ])
@@ -208,6 +209,21 @@ def test_explain_command_saves_the_cube_of_the_same_request(run_dir, tmp_path, c
     np.testing.assert_array_equal(saved["attribution"].values, expected["attribution"].values)
     assert saved.attrs["relative_residual"] == expected.attrs["relative_residual"]
     assert f"saved {out}" in printed and "train 15, test 3" in printed and "open_cube" in printed
+
+
+def test_keep_alone_sums_every_dim_as_keep_nothing_does(run_dir, tmp_path, capsys):
+    """--keep with no dims is keep=(): one number, the explained change less the weight decay's share
+    (with --parameter-scores, the pruning importance)."""
+    out = tmp_path / "total.zarr"
+    assert main(["plan", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--keep", "--outputs", "true"]) == 0
+    assert "keeps nothing" in capsys.readouterr().out
+    assert main(["explain", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--keep", "--outputs", "true",
+                 "--parameter-scores", "--quiet", "--out", str(out)]) == 0
+    assert "(attribution: every dim summed)" in capsys.readouterr().out
+    saved = ex.open_cube(out)
+    change = float((saved["final"] - saved["initial"]).sum() - saved["regularization"] - saved["residual"].sum())
+    assert saved["attribution"].dims == () and "parameter_score" in saved
+    assert abs(float(saved["attribution"]) - change) <= 1e-12 * abs(change)
 
 
 def test_explain_command_keeps_a_saved_cube_unless_told(run_dir, tmp_path, capsys):
