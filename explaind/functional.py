@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import InputError, UnsupportedError
+from .errors import InputError, UnsupportedError, is_whole
 from .losses import PerSampleLoss
 from .phases import PER_ROW_JACOBIANS, SAMPLE_GRADIENTS, SHARED_NODE_JACOBIANS, phase
 
@@ -1470,8 +1470,12 @@ def sample_parts(n: int, rows: int | None) -> list[slice]:
     """The batch's samples 0 … n − 1 in consecutive parts of at most `rows` (None: one part).
     Splitting a batch is exact because each sample's loss depends on its own input only: the
     loss is per sample, and modules that mix a batch (train-mode BatchNorm) are refused."""
-    size = max(1, n if rows is None else rows)
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)] or [slice(0, 0)]
+    if rows is not None and not (is_whole(rows) and rows >= 1):  # explain's chunks are checked on entry
+        raise InputError(f"rows={rows!r} must be a whole number ≥ 1 (None: the whole batch in one part)")
+    if n == 0:
+        return [slice(0, 0)]
+    size = n if rows is None else rows
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def layout_of(model: nn.Module, names: Sequence[str] | None = None) -> ParamLayout:

@@ -502,3 +502,16 @@ def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path):
     # the batch split in parts of 4: the tangents and the backward pass go through 4 samples at once
     assert engine._sample_pass_elements(request, 1, 1, 10, 4) == (1 + 1) * 4 * 1000 * 3 + 4 * 15 * 3 // 2
     assert engine._sample_pass_elements(request, 3, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # 12 > 10: materialised
+
+
+def test_sample_parts_split_a_batch_as_asked_and_refuse_parts_without_a_sample():
+    """rows=0 was read as 1 (a backward pass per sample, without a word): the entries refuse a chunk
+    below 1 (test_refusals), and so does the splitting itself, for the FlatModel methods' callers."""
+    from explaind.functional import sample_parts
+
+    assert sample_parts(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert sample_parts(5, None) == sample_parts(5, 9) == [slice(0, 5)]
+    assert sample_parts(0, None) == sample_parts(0, 3) == [slice(0, 0)]
+    for rows in (0, -3):
+        with pytest.raises(ex.InputError, match=rf"rows={rows} must be a whole number ≥ 1 \(None: the whole batch"):
+            sample_parts(5, rows)
