@@ -290,7 +290,8 @@ def component_attribution(history: History, model: torch.nn.Module,
     x = torch.cat([pair[0] for pair in inputs.values()])
     y = torch.cat([pair[1] for pair in inputs.values()])
     split = np.repeat(list(inputs), [len(pair[1]) for pair in inputs.values()])
-    check_updates_once(history, model, options.get("device", "cpu"))  # then trusting them needs no gradients
+    # then trusting them needs no gradients
+    check_updates_once(history, model, options.get("device", "cpu"), options.get("loss"))
     cube = explain(history, model, x, y, keep=("step", "component", "test"), outputs="true",
                    components=TRANSFORMER_COMPONENTS, step_bins=edges, check_updates=False, **options)
     return cube.assign_coords(split=("test", split))
@@ -321,7 +322,8 @@ def data_attribution(history: History, model: torch.nn.Module, x: torch.Tensor, 
     if not len(windows):
         raise InputError("windows is empty: pass at least one (start, stop) window of update steps, "
                          "e.g. data_windows(phases, ...)")
-    check_updates_once(history, model, options.get("device", "cpu"))  # the windows check none themselves
+    # the windows check none themselves
+    check_updates_once(history, model, options.get("device", "cpu"), options.get("loss"))
     edges = [start for start, _ in windows] + [windows[-1][1]]
     tiles = edges[0] == 0 and edges[-1] == history.n_steps and all(
         stop == following for (_, stop), (following, _) in zip(windows, windows[1:]))

@@ -155,18 +155,19 @@ def verify_updates(
     return residuals
 
 
-# (history fingerprint, device) of the histories whose updates this process has checked
-_CHECKED: set[tuple[str, str]] = set()
+# (history fingerprint, device, loss) of the histories whose updates this process has checked
+_CHECKED: set[tuple] = set()
 
 
-def check_updates_once(history: History, model: torch.nn.Module, device="cpu") -> None:
-    """verify_updates (in float64), once per history and process: for analyses that explain one
-    history several times with check_updates=False, which recomputes no gradient and so trusts
+def check_updates_once(history: History, model: torch.nn.Module, device="cpu", loss=None) -> None:
+    """verify_updates (in float64), once per history, loss and process: for analyses that explain
+    one history several times with check_updates=False, which recomputes no gradient and so trusts
     the recorded updates. A pipeline stage run alone (`dvc repro influence@cnn`) then does not
-    rely on the verify stage having checked the same history."""
-    key = (history.fingerprint(), str(device))
+    rely on the verify stage having checked the same history. loss: a custom loss the history
+    was recorded with, as explain() takes it (the updates checked with one say nothing of another)."""
+    key = (history.fingerprint(), str(device), loss)
     if key not in _CHECKED:
-        verify_updates(history, model, device=device)
+        verify_updates(history, model, loss=loss, device=device)
         _CHECKED.add(key)
 
 

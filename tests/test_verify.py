@@ -282,3 +282,36 @@ def test_analyses_that_trust_the_updates_check_each_history_once(tmp_path, monke
             grokking.component_attribution(ex.History(tmp_path / "bad"), bad, {"x": (x, torch.zeros(2, dtype=torch.long))},
                                            np.array([0, 2]))
     assert len(calls) == 3
+
+
+def test_analyses_that_trust_the_updates_check_a_custom_loss_history_with_its_loss(tmp_path, monkeypatch):
+    """A history recorded with a custom loss reached the grokking analyses, which pass their explain
+    options on, but their update check took no loss and refused it ("pass the same per-sample
+    function as loss=...") though the call had passed it. The check takes it, and a check passed
+    with one loss does not stand for another: twice the loss doubles every gradient, a miss of
+    the update's whole size."""
+    from explaind import grokking, verify
+
+    def loss(out, target):
+        return F.cross_entropy(out, target, reduction="none")
+
+    def doubled(out, target):
+        return 2 * F.cross_entropy(out, target, reduction="none")
+
+    model = Case("mlp").fresh_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, _, _ = make_data("mlp", 16, 0, 0)
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss, check_every=10**6) as rec:
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss(model(x), y).mean().backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    monkeypatch.setattr(verify, "_CHECKED", set())
+    history = ex.History(tmp_path / "h")
+    cube = grokking.data_attribution(history, model, x[:2], y[:2], [(0, 3)], loss=loss, progress=False)
+    direct = ex.explain(history, model, x[:2], y[:2], keep=("train", "test"), outputs="true", loss=loss,
+                        progress=False)
+    np.testing.assert_allclose(cube["attribution"].sel(step=0).values, direct["attribution"].values, rtol=1e-12)
+    with pytest.raises(ex.ReconstructionError, match=r"step 0's recorded update differs .* by 1\.00e\+00 of its size"):
+        verify.check_updates_once(history, model, loss=doubled)
