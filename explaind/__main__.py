@@ -236,6 +236,7 @@ _PHRASES = {"choose another path or pass overwrite=True to replace it":
             "pass tolerance=None": "pass a larger --tolerance",
             "explaind.plan(..., calibrate_steps=6)": "python -m explaind plan ... --calibrate 6",
             "add 'step' to keep, or leave step_bins out": "add step to --keep, or leave --step-bins out",
+            "set breakpoints=True": "drop --no-breakpoints",
             "breakpoints=False": "--no-breakpoints",
             "parameter_scores=True": "--parameter-scores",
             "check_updates=False": "--no-update-check"}

@@ -250,6 +250,7 @@ def test_explain_command_reports_a_cube_beyond_its_tolerance_in_its_words(run_di
                  "--quiet", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--quadrature" in err and "quadrature=" not in err, err
+    assert "or drop --no-breakpoints if the model has ReLU" in err and "breakpoints=" not in err, err
     assert f"The cube is saved at {out} all the same" in err and "error.cube" not in err
     assert "Traceback" not in err and ex.open_cube(out).attrs["relative_residual"] > 1e-3
 
