@@ -137,7 +137,7 @@ def plan_command(args: argparse.Namespace) -> str:
     request, options = _request(args)
     try:
         result = plan(*request, calibrate_steps=args.calibrate, **options)
-    except InputError as error:
+    except ExplaindError as error:  # a refused request, as explain_command's
         raise _as_options(error, args.memory_budget) from None
     return _in_options(result.report(), args.memory_budget)
 
@@ -239,6 +239,7 @@ _PHRASES = {"choose another path or pass overwrite=True to replace it":
             "set breakpoints=True": "drop --no-breakpoints",
             "breakpoints=False": "--no-breakpoints",
             "parameter_scores=True": "--parameter-scores",
+            "parameter_scores=False": "no --parameter-scores",
             "check_updates=False": "--no-update-check"}
 
 

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from .cube import checked_test_ids
-from .engine import (ChunkPass, build_request, explain_defaults, format_bytes, kept_sizes, momentum_shown, pass_bytes,
-                     plan_chunks, walks_backwards)
+from .engine import (ChunkPass, build_request, check_reverse_mode, explain_defaults, format_bytes, kept_sizes,
+                     momentum_shown, pass_bytes, plan_chunks, walks_backwards)
 from .errors import InputError, is_whole
 from .path import KinkStats
+from .verify import check_tolerance
 
 
 @dataclass
@@ -129,7 +130,10 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     if not is_whole(calibrate_steps) or calibrate_steps < 0:
         raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
     request = build_request(history, model, inputs, targets, **_request_options(options))
-    checked_test_ids(options.get("test_ids"), len(request.inputs))  # explain refuses bad ids before computing too
+    # what explain refuses before computing, refused here too (not costed as if it would run)
+    checked_test_ids(options.get("test_ids"), len(request.inputs))
+    check_tolerance("tolerance", options.get("tolerance"), "no check")
+    check_reverse_mode(request)
     plan_chunks(request, memory_budget)
     result = describe(request)
     if calibrate_steps > 0:

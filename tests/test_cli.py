@@ -134,6 +134,19 @@ def test_plan_command_reports_a_refused_request_without_a_traceback(run_dir, tmp
     assert "to keep" not in err
 
 
+def test_plan_command_words_an_unsupported_model_in_its_options(run_dir, tmp_path, capsys, monkeypatch):
+    """plan refuses what explain refuses before computing, an UnsupportedError too (a model whose
+    backward is not its derivative: test_refusals); the command words it as explain's refusals."""
+    def refused(*args, **kwargs):
+        raise ex.UnsupportedError("the model's backward is not its forward's derivative. Fix: keep no train dim "
+                                  "(and parameter_scores=False)")
+
+    monkeypatch.setattr(ex.planning, "plan", refused)
+    assert main(["plan", str(run_dir), "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "keep no train dim (and no --parameter-scores)" in err, err
+
+
 def test_plan_command_reports_a_missing_history(run_dir, tmp_path, capsys):
     broken = tmp_path / "transformer"
     broken.mkdir()

@@ -337,6 +337,14 @@ def test_chunks_asked_beyond_the_data_fit_the_budget_the_data_needs(run):
     assert abs(cube.attribution.values - reference).max() <= 1e-13 * abs(reference).max()
 
 
+@pytest.mark.parametrize("tolerance", [float("nan"), -1e-4, "1e-4"])
+def test_a_plan_refuses_a_tolerance_that_explain_refuses(run, tolerance):
+    """explain refuses it before any pass; its plan costed it as if it would run."""
+    for call in (ex.plan, ex.explain):
+        with pytest.raises(ex.InputError, match=r"tolerance=.* must be a number ≥ 0 \(None: no check\)"):
+            call(run.path, run.model, run.test_x, run.test_y, tolerance=tolerance)
+
+
 @pytest.mark.parametrize("budget", [float("nan"), "1e9", 0, -5, True])
 def test_memory_budgets_that_are_no_number_of_bytes_are_refused(run, budget):
     for call in (ex.plan, ex.explain):

@@ -1444,6 +1444,8 @@ def test_a_backward_that_is_not_the_derivative_is_refused_where_reverse_mode_tak
                     dict(keep=("test",), parameter_scores=True)):
         with pytest.raises(ex.UnsupportedError, match=refused):
             ex.explain(tmp_path / "h", model, x[:2], progress=False, **options)
+        with pytest.raises(ex.UnsupportedError, match=refused):  # its plan too: it was costed as if it would run
+            ex.plan(tmp_path / "h", model, x[:2], **options)
 
 
 def test_forward_mode_decomposes_a_gradient_reversal_run_and_a_true_backward_passes_every_route(tmp_path):
