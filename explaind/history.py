@@ -238,6 +238,15 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+def _as_compared(params: dict[str, torch.Tensor], host: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """θ as the next step's check compares it (only optimizer.step() may change it), kept on the
+    parameters' device: on a GPU a copy there (one more θ in its memory) spares a second copy to
+    the host, and its synchronisation, per step; on the CPU it is the host copy written, if any.
+    (No GPU ran this: the copies are counted on the CPU.)"""
+    return {n: host[n] if host is not None and host[n].device == p.device else p.detach().clone()
+            for n, p in params.items()}
+
+
 def _batch_tensor(name: str, value) -> torch.Tensor:
     """A batch's inputs or targets as one tensor with a row per sample (numpy arrays too)."""
     if isinstance(value, torch.Tensor):
@@ -509,7 +518,7 @@ class Recorder:
         else:
             self._dir = self.path
             self.step = _resume_from
-            self._last = {n: _cpu(p) for n, p in self._params.items()}
+            self._last = _as_compared(self._params)
         # what the history holds fixed, to refuse an unrecorded change at any step
         self._members = _members(optimizer)
         self._constants = {n: _cpu(t) for n, t in _constant_tensors(self.model, self._params).items()}
@@ -562,8 +571,9 @@ class Recorder:
         _discard(self.path / REPLACEMENT)
         (self._dir / "steps").mkdir(parents=True, exist_ok=True)
         self.step = 0
-        self._last = {n: _cpu(p) for n, p in self._params.items()}
-        initial = {f"param/{n}": t for n, t in self._last.items()}
+        theta = {n: _cpu(p) for n, p in self._params.items()}
+        self._last = _as_compared(self._params, theta)
+        initial = {f"param/{n}": t for n, t in theta.items()}
         trainable = set(self._params)
         for n, p in self.model.named_parameters():
             if n not in trainable:
@@ -751,7 +761,8 @@ class Recorder:
                     f"parameter {name!r} has a sparse gradient at step {self.step} (F.embedding(..., sparse=True) "
                     "in forward, or an embedding made sparse after recording started), which explaind does not "
                     f"record. {SPARSE_FIX}")
-            if not torch.equal(p.detach().cpu(), self._last[name]):
+            # compared where θ lives (.to is a no-op unless the model moved to another device between steps)
+            if not torch.equal(p.detach(), self._last[name].to(p.device)):
                 raise HistoryError(
                     f"parameter {name!r} changed between optimizer steps (before step "
                     f"{self.step}): only optimizer.step() may change parameters while recording, for the "
@@ -786,6 +797,7 @@ class Recorder:
                 "each phase of the run as its own history"
             )
         now = _constant_tensors(self.model, self._params)
+        # compared on the host, a copy per step: kept on a GPU, a frozen backbone would take twice its memory there
         for name in sorted(now.keys() | self._constants.keys()):
             if name not in now or name not in self._constants or \
                     not torch.equal(now[name].detach().cpu(), self._constants[name]):
@@ -976,7 +988,7 @@ class Recorder:
         self._manifest.write(_manifest_line(line))
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
-        self._last = after
+        self._last = _as_compared(self._params, after)
         self.step += 1
         self._write_resume_tensors()
         if self.scheduler is not None:

@@ -1930,3 +1930,42 @@ def test_loss_scaling_records_the_steps_the_scaler_takes(tmp_path):
         assert torch.equal(history.params(5)[name], p.detach())
     cube = ex.explain(tmp_path / "h", model, x[:4].float(), keep=("train", "test"), progress=False)
     assert cube.attrs["relative_residual"] <= 1e-5
+
+
+# --------------------------------------------------------------------------- a GPU's paths, run on the CPU
+# (no GPU here nor in CI: what differs on one is observed through counting wrappers and fakes of torch.cuda)
+
+
+def test_a_recorded_step_copies_each_parameter_to_the_host_once(tmp_path, monkeypatch):
+    """On a GPU every host copy of a parameter (.cpu(), .to('cpu')) is a device-to-host transfer
+    and a synchronisation: one per trained tensor per step writes θ_{s+1}, and the check that
+    nothing else changed θ between steps compares on the device without another. Counted here
+    as the calls that would make such copies (on the CPU they cost nothing)."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    storages = {p.data_ptr() for p in model.parameters()}
+    copies = []
+
+    def counted(method, to_host):
+        def call(tensor, *args, **kwargs):
+            if tensor.data_ptr() in storages and to_host(*args, **kwargs):
+                copies.append(method)
+            return getattr(torch._C.TensorBase, method)(tensor, *args, **kwargs)
+        return call
+
+    def names_the_host(*args, **kwargs):
+        return any(torch.device(a).type == "cpu" for a in (*args, kwargs.get("device"))
+                   if isinstance(a, (str, torch.device)))
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted("cpu", lambda *a, **k: True), raising=False)
+    monkeypatch.setattr(torch.Tensor, "to", counted("to", names_the_host), raising=False)
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        copies.clear()  # θ_0, written once as the recording starts
+        for step in range(3):
+            sgd_steps(rec, model, optimizer, x, y, step, step + 1)
+            assert len(copies) == 4, (step, copies)  # two weights, two biases
+            copies.clear()
+    history = ex.History(tmp_path / "h")  # what is stored is unchanged: θ after each step
+    assert torch.equal(history.params(3)["0.weight"], model[0].weight.detach())
+
