@@ -14,7 +14,8 @@ On-disk format (a directory; no pickle anywhere):
                          scaled the gradient by
     resume.json / resume-0.safetensors, resume-1.safetensors
                          the latest full optimizer and scheduler state and the global RNGs
-                         (torch's, numpy's, Python's), so that a killed
+                         (torch's on the CPU and, where the run started CUDA, on each CUDA
+                         device; numpy's, Python's), so that a killed
                          run can continue from its last complete step. The tensors alternate
                          between the two files and resume.json, written last, names its file
                          and that file's sha256: a crash between the two writes leaves the
@@ -238,7 +239,8 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def _as_compared(params: dict[str, torch.Tensor], host: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _as_compared(params: dict[str, torch.Tensor],
+                 host: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """θ as the next step's check compares it (only optimizer.step() may change it), kept on the
     parameters' device: on a GPU a copy there (one more θ in its memory) spares a second copy to
     the host, and its synchronisation, per step; on the CPU it is the host copy written, if any.
@@ -1085,8 +1087,8 @@ class Recorder:
                loss=None, reduction: str | None = None, class_weights=None, **kwargs) -> "Recorder":
         """Continue a killed recording from its last complete step.
 
-        Loads θ, the optimizer's and scheduler's state and the CPU RNG state of that step into
-        the given objects; continue the training loop at `recorder.step`. A step stored after
+        Loads θ, the optimizer's and scheduler's state and the global RNGs' states of that step
+        into the given objects; continue the training loop at `recorder.step`. A step stored after
         the last resume state, and a manifest line cut by the crash, are dropped from the
         manifest: the resumed loop records that step again. `loss`, `reduction` and
         `class_weights` default to the recorded ones (a custom loss must be passed again).
@@ -1139,7 +1141,7 @@ class Recorder:
                 unknown = _unknown_schedule(scheduler, info, path)
                 if unknown is None:
                     _catch_up(scheduler, info["scheduler_steps_per_step"])
-        _set_rng_states(tensors)
+        _set_rng_states(tensors, path)
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **declared, **kwargs)
         if scheduler is not None:
             recorder._remember_resumed_schedule()
@@ -1310,10 +1312,14 @@ def _declared_targets(history: "History", stop: int, path: Path) -> tuple[set[in
 
 def _rng_states() -> dict[str, torch.Tensor]:
     """The global RNGs a loop may draw its batches and augmentation from, as tensors: torch's on
-    the CPU, numpy's and Python's `random` (a Generator object of the loop's own is its to seed)."""
+    the CPU and, once this process has started CUDA, on each CUDA device (augmentation or an order
+    drawn on a GPU), numpy's and Python's `random` (a Generator object of the loop's own is its to
+    seed). Asking a CUDA that has not started would start it, for a run that draws nothing there."""
     version, keys, gauss = random.getstate()
     _, mt, position, has_gauss, numpy_gauss = np.random.get_state(legacy=True)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     return {
+        **{f"rng/cuda/{device}": state for device, state in enumerate(cuda)},
         "rng/cpu": torch.get_rng_state(),
         "rng/python": torch.tensor([version, *keys], dtype=torch.int64),
         "rng/python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
@@ -1323,8 +1329,9 @@ def _rng_states() -> dict[str, torch.Tensor]:
     }
 
 
-def _set_rng_states(tensors: dict[str, torch.Tensor]) -> None:
+def _set_rng_states(tensors: dict[str, torch.Tensor], path: Path) -> None:
     torch.set_rng_state(tensors["rng/cpu"])
+    _set_cuda_rng_states(tensors, path)
     if "rng/python" not in tensors:  # stored by an explaind that kept torch's only
         return
     version, *keys = tensors["rng/python"].tolist()
@@ -1333,6 +1340,24 @@ def _set_rng_states(tensors: dict[str, torch.Tensor]) -> None:
     position, has_gauss = tensors["rng/numpy_position"].tolist()
     np.random.set_state(("MT19937", tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss,
                          tensors["rng/numpy_gauss"].item()))
+
+
+def _set_cuda_rng_states(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Each CUDA device's generator as the killed run left it, on the devices this machine has (a
+    run that never started CUDA, or an explaind that did not store them, left none). Fewer devices
+    than the killed run's are warned of, not refused: the run may go on elsewhere, but what its
+    loop drew on the missing ones it now draws from other generators. (Run on the CPU only, with
+    torch.cuda's functions faked: no GPU here.)"""
+    stored = [tensors[f"rng/cuda/{device}"] for device in range(sum(key.startswith("rng/cuda/") for key in tensors))]
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(stored) > here:
+        warnings.warn(f"Recorder.resume({str(path)!r}): the killed run's process had started {len(stored)} CUDA "
+                      f"devices and this machine has {here}: random numbers its loop drew on the missing ones (augmentation "
+                      "or a batch order made on a GPU) now come from other generators, so the resumed steps are not "
+                      f"the uninterrupted run's. To continue the run as it was, resume with {len(stored)} CUDA devices "
+                      "visible, in the killed run's order", stacklevel=4)
+    if stored and here:
+        torch.cuda.set_rng_state_all(stored[:here])
 
 
 def _resumes_from_the_start(path) -> bool:

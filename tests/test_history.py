@@ -1969,3 +1969,89 @@ def test_a_recorded_step_copies_each_parameter_to_the_host_once(tmp_path, monkey
     history = ex.History(tmp_path / "h")  # what is stored is unchanged: θ after each step
     assert torch.equal(history.params(3)["0.weight"], model[0].weight.detach())
 
+
+class FakeCuda:
+    """torch.cuda's generators as a machine with `devices` GPUs has them, on the CPU: a state of
+    16 bytes per device (a CUDA generator's seed and offset, as two int64), which `noise` draws
+    from and advances as a draw on that GPU does."""
+
+    def __init__(self, devices: int, seed: int):
+        self.states = [torch.tensor([seed, d], dtype=torch.int64).view(torch.uint8) for d in range(devices)]
+        self.restored: list[list[torch.Tensor]] = []
+
+    def install(self, monkeypatch) -> "FakeCuda":
+        for name, value in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                            ("device_count", lambda: len(self.states)),
+                            ("get_rng_state_all", lambda: [s.clone() for s in self.states]),
+                            ("set_rng_state_all", self.set_rng_state_all)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        return self
+
+    def set_rng_state_all(self, states) -> None:
+        self.restored.append([s.clone() for s in states])
+        for device, state in enumerate(states):
+            self.states[device] = state.clone()
+
+    def noise(self, device: int, shape) -> torch.Tensor:
+        seed, offset = self.states[device].view(torch.int64).tolist()
+        self.states[device] = torch.tensor([seed, offset + 1], dtype=torch.int64).view(torch.uint8)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * seed + offset), dtype=torch.float64)
+
+
+def run_with_gpu_augmentation(path: Path, cuda: FakeCuda, crash_after: int | None = None) -> None:
+    """tiny(1) with momentum SGD, recorded (or resumed) with augmentation drawn on GPU 1."""
+    x, y = tiny_data()
+    model, optimizer, recorder = recording_or_resume(path)
+    with recorder as rec:
+        for step in range(rec.step, 6):
+            rows = torch.arange(4 * step, 4 * step + 4) % len(x)
+            xb = x[rows] + 0.1 * cuda.noise(1, (4, 4))
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), y[rows]).backward()
+            rec.batch(rows, xb, y[rows])
+            optimizer.step()
+            if step == crash_after:
+                raise Crash(f"killed after step {step}")
+
+
+def test_augmentation_drawn_on_a_gpu_resumes_as_drawn(tmp_path, monkeypatch):
+    """Each CUDA device's generator is stored with the resume state and restored byte for byte:
+    a loop that draws its augmentation on a GPU records the uninterrupted history when resumed
+    in a process whose generators start elsewhere."""
+    whole = FakeCuda(2, seed=7).install(monkeypatch)
+    run_with_gpu_augmentation(tmp_path / "whole", whole)
+    killed = FakeCuda(2, seed=7).install(monkeypatch)
+    with pytest.raises(Crash):
+        run_with_gpu_augmentation(tmp_path / "crashed", killed, crash_after=2)
+    stored = load_file(tmp_path / "crashed" / resume_tensors_file(tmp_path / "crashed"))
+    assert all(torch.equal(stored[f"rng/cuda/{d}"], killed.states[d]) for d in range(2))
+    resumed = FakeCuda(2, seed=99).install(monkeypatch)  # another process: its generators start elsewhere
+    run_with_gpu_augmentation(tmp_path / "crashed", resumed)
+    assert len(resumed.restored) == 1
+    assert all(torch.equal(r, stored[f"rng/cuda/{d}"]) for d, r in enumerate(resumed.restored[0]))
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
+def test_a_resume_on_fewer_gpus_restores_those_there_are_and_says_so(tmp_path, monkeypatch):
+    killed = FakeCuda(2, seed=7).install(monkeypatch)
+    with pytest.raises(Crash):
+        run_with_gpu_augmentation(tmp_path / "h", killed, crash_after=2)
+    stored = load_file(tmp_path / "h" / resume_tensors_file(tmp_path / "h"))
+    here = FakeCuda(1, seed=99).install(monkeypatch)
+    with pytest.warns(UserWarning, match=r"(?s)2 CUDA devices and this machine has 1.*not the uninterrupted run's"):
+        _, _, rec = recording_or_resume(tmp_path / "h")
+    rec.close()
+    assert len(here.restored[0]) == 1 and torch.equal(here.restored[0][0], stored["rng/cuda/0"])
+
+
+def test_a_history_without_gpu_generators_resumes_on_a_gpu_machine(tmp_path, monkeypatch):
+    """A run that never started CUDA (and a history of an explaind that stored no CUDA generators)
+    has none to restore: resumed where CUDA runs, it leaves the GPUs' generators as they are."""
+    with pytest.raises(Crash):
+        run_with_gpu_augmentation(tmp_path / "h", FakeCuda(2, seed=7), crash_after=2)  # CUDA not started
+    assert not any(key.startswith("rng/cuda") for key in load_file(tmp_path / "h" / resume_tensors_file(tmp_path / "h")))
+    here = FakeCuda(2, seed=99).install(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_with_gpu_augmentation(tmp_path / "h", here)
+    assert here.restored == [] and ex.History(tmp_path / "h").n_steps == 6
