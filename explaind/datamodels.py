@@ -61,12 +61,14 @@ def true_class_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: 
 
 
 def subset_outputs(train: Callable[[torch.Tensor], torch.nn.Module], subsets: torch.Tensor, inputs: torch.Tensor,
-                   targets: torch.Tensor, workers: int = 1, progress: bool = True) -> torch.Tensor:
+                   targets: torch.Tensor, workers: int = 1, progress: bool = True,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
     """Retrain once per subset with `train(dataset indices) -> model` and record each model's
     log-probability of the true class on the inputs: [R, T]. workers > 1 retrains that many
-    subsets side by side (explaind.parallel.run_all: `train` must then be picklable)."""
+    subsets side by side (explaind.parallel.run_all, 0 as it counts them on the `device` that
+    `train` trains on: `train` must then be picklable)."""
     calls = [functools.partial(_subset_output, train, mask.nonzero().squeeze(1), inputs, targets) for mask in subsets]
-    return torch.stack(run_all(calls, workers, "retraining on subsets", progress))
+    return torch.stack(run_all(calls, workers, "retraining on subsets", progress, device))
 
 
 def _subset_output(train: Callable[[torch.Tensor], torch.nn.Module], indices: torch.Tensor, inputs: torch.Tensor,

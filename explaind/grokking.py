@@ -95,7 +95,7 @@ class GrokkingConfig:
     retrain_max_steps: int = 300  # step cap of each retraining run
     retrain_target: float = 0.95  # the validation accuracy a retraining run must reach
     retrain_dtype: Literal["float32", "float64"] = "float32"  # precision of the retraining runs
-    retrain_workers: int = 1  # processes running retraining runs side by side, one CPU thread each (0: one per core)
+    retrain_workers: int = 1  # processes running retraining runs side by side, one CPU thread each (0: one per core, on a GPU 1)
     reinit_std: float = 0.0  # std of the re-initialised layers' normal init; 0 = the model's own init
 
     def __post_init__(self):
@@ -125,7 +125,7 @@ class GrokkingConfig:
              "pipeline among them (the paper's retraining claim concerns it)"),
             ("retrain_max_steps", self.retrain_max_steps >= 1, "at least 1"),
             ("retrain_target", 0 < self.retrain_target <= 1, "in (0, 1]"),
-            ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
+            ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core, on a GPU 1)"),
             ("reinit_std", self.reinit_std >= 0, "at least 0 (0: the model's own init)"),
         ))
 
@@ -635,7 +635,7 @@ def retraining_experiment(config: TransformerConfig, history: History, checkpoin
     """Every (variant, checkpoint t, seed) retraining run, plus training from scratch once per
     seed (checkpoint NaN): one row each, with the steps to `target` validation accuracy.
 
-    workers > 1 runs that many side by side (explaind.parallel.run_all; 0: one process per core);
+    workers > 1 runs that many side by side (explaind.parallel.run_all; 0: one process per core, on a GPU 1);
     each run is seeded on its own, so the rows do not depend on it."""
     unknown = sorted(set(variants) - set(RETRAIN_VARIANTS))
     if unknown:
@@ -649,7 +649,7 @@ def retraining_experiment(config: TransformerConfig, history: History, checkpoin
     common = dict(max_steps=max_steps, target=target, dtype=dtype, reinit_std=reinit_std, device=device)
     jobs = [(variant, t, seed) for variant, t in points for seed in seeds]
     calls = [functools.partial(retrain, config, copied_from[t], variant, seed, **common) for variant, t, seed in jobs]
-    results = run_all(calls, workers, "retraining", progress)
+    results = run_all(calls, workers, "retraining", progress, device)
     return pd.DataFrame([{"checkpoint": np.nan if t is None else t, **row} for (_, t, _), row in zip(jobs, results)])
 
 

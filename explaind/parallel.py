@@ -20,16 +20,21 @@ from .errors import InputError
 T = TypeVar("T")
 
 
-def run_all(calls: Sequence[Callable[[], T]], workers: int, desc: str, progress: bool = True) -> list[T]:
+def run_all(calls: Sequence[Callable[[], T]], workers: int, desc: str, progress: bool = True,
+            device: str | torch.device = "cpu") -> list[T]:
     """call() for every call, in order: in this process (workers 1), or in `workers` processes
-    of one CPU thread each (0: one per core).
+    of one CPU thread each (0: one per core where the calls compute on the CPU; on the GPU or
+    other `device` they all compute on, this process: one per core would each start a CUDA
+    context there, hundreds of MiB apiece, to queue for the same device).
 
     The processes are spawned, not forked (a forked torch may hang on its thread pool): called
     from a script, guard its top level with `if __name__ == "__main__":` (notebooks need nothing).
     """
     if workers < 0:
-        raise InputError(f"retrain_workers is {workers}: use 1 (this process), more, or 0 (one per core)")
-    workers = min(workers or os.cpu_count() or 1, len(calls))
+        raise InputError(f"retrain_workers is {workers}: use 1 (this process), more, or 0 (one per core, on a GPU 1)")
+    if workers == 0:
+        workers = (os.cpu_count() or 1) if torch.device(device).type == "cpu" else 1
+    workers = min(workers, len(calls))
     bar = tqdm(total=len(calls), desc=desc, disable=not progress, leave=False)
     results = []
     if workers <= 1:

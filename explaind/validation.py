@@ -61,7 +61,7 @@ class InfluenceConfig:
     lds_inputs: int = 16  # held-out inputs whose outputs are correlated (the first ones)
     lds_steps: int = 0  # 0: the whole schedule; k > 0 (full-batch runs): the first k steps only
     lds_quadrature: int = 2  # nodes of the data scores' path integral (compared with retrained outputs)
-    retrain_workers: int = 1  # processes retraining subsets side by side, one CPU thread each (0: one per core)
+    retrain_workers: int = 1  # processes retraining subsets side by side, one CPU thread each (0: one per core, on a GPU 1)
     bootstrap: int = 1000  # bootstrap resamples of the confidence intervals
     confidence: float = 0.95  # level of the confidence intervals
 
@@ -81,7 +81,7 @@ class InfluenceConfig:
             ("lds_inputs", self.lds_inputs >= 1, "at least 1"),
             ("lds_steps", self.lds_steps >= 0, "at least 0 (0: the whole schedule)"),
             ("lds_quadrature", 1 <= self.lds_quadrature <= MAX_NODES, nodes),
-            ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core)"),
+            ("retrain_workers", self.retrain_workers >= 0, "at least 0 (0: one per core, on a GPU 1)"),
             ("bootstrap", self.bootstrap >= 1, "at least 1"),
             ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
         ))
@@ -257,7 +257,7 @@ def datamodel_study(run: Run, cfg: InfluenceConfig, data_dir: str | Path, seed: 
     started = time.perf_counter()
     subsets = datamodels.random_subsets(n_train, cfg.lds_subsets, cfg.lds_fraction, seed)
     actual = datamodels.subset_outputs(retrainer(run, steps[1], data_dir, device), subsets, x, y,
-                                      cfg.retrain_workers, progress).numpy()
+                                      cfg.retrain_workers, progress, device).numpy()
     timings["retraining"] = time.perf_counter() - started
 
     started = time.perf_counter()
