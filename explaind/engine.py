@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
@@ -630,6 +631,7 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     a chunk asked for is costed and run at most as large as the data (a pass never holds more)."""
     if budget is not None and not (is_number(budget) and budget > 0):
         raise InputError(f"memory_budget={budget!r} must be a number of bytes > 0 (None: no limit)")
+    given, budget = budget, within_free_memory(budget, req.flat.device)
     n_test, n_train, batch = len(req.inputs), len(req.train_index), req.history.max_batch()
     req.test_chunk, req.train_chunk = min(req.test_chunk, n_test), min(req.train_chunk, n_train)
     req.batch_chunk = min(req.batch_chunk, batch)
@@ -673,12 +675,30 @@ def plan_chunks(req: Request, budget: float | None) -> None:
             ("sum over steps or bin them (step_bins)", req.keeps("step")),
             ("use convention='gradient' (no per-sample momentum buffer)",
              req.convention == "update" and req.keeps("train")),
-            ("dtype=torch.float32", req.flat.dtype == torch.float64)) if shrinks] + ["a larger budget"]
+            ("dtype=torch.float32", req.flat.dtype == torch.float64)) if shrinks] + [
+            "a larger budget" if budget == given else f"more free memory on {req.flat.device}"]
         raise InputError(
             f"one pass needs about {format_bytes(needed)}, over memory_budget={budget!r} bytes "
             f"({format_bytes(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
             + ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1])
     req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
+
+
+def within_free_memory(budget: float | None, device: torch.device) -> float | None:
+    """memory_budget, at most what a CUDA device has free (beside the blocks this process's
+    allocator holds unused): chunks planned for more stop out of memory once the compute has
+    started. Capped with a warning, not refused: the default budget, or one set for another
+    machine, is no mistake of the caller's. Other devices are not asked (the CPU's budget is the
+    caller's to size). (No GPU ran this: tested with torch.cuda's functions faked on the CPU.)"""
+    if budget is None or device.type != "cuda":
+        return budget
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if budget <= free:
+        return budget
+    warnings.warn(f"memory_budget={budget:.3g} ({format_bytes(budget)}) is more than {device} has free "
+                  f"({format_bytes(free)}): the chunks are planned for {format_bytes(free)}, so that a pass fits. "
+                  "To plan for less, pass a smaller memory_budget", stacklevel=4)
+    return free
 
 
 def format_bytes(n_bytes: float) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -523,3 +524,35 @@ def test_sample_parts_split_a_batch_as_asked_and_refuse_parts_without_a_sample()
     for rows in (0, -3):
         with pytest.raises(ex.InputError, match=rf"rows={rows} must be a whole number ≥ 1 \(None: the whole batch"):
             sample_parts(5, rows)
+
+
+def test_a_budget_beyond_a_gpus_free_memory_plans_for_the_free_memory(run, monkeypatch):
+    """On CUDA the chunks are planned for at most what the device has free (mem_get_info's free
+    bytes and the blocks this process's allocator holds unused): a larger budget planned passes
+    that stop out of memory once computing. No GPU here: the request's device is named cuda and
+    torch.cuda's memory functions are faked, reporting half a one-pass plan free."""
+    def planned(budget, device):
+        request = engine.build_request(run.path, run.model, run.test_x, run.test_y,
+                                       **planning._request_options({"keep": ("train", "test")}))
+        engine.pass_bytes(request, 1, 1, 1)  # sizes the model's passes here, before its device is renamed
+        request.flat.device = torch.device(device)
+        engine.plan_chunks(request, budget)
+        return request.test_chunk, request.train_chunk, request.batch_chunk, request.path.search_bytes
+
+    one_pass = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), memory_budget=None)
+    free, unused_cached = one_pass.device_bytes // 2 - 4096, 4096
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * 2**20 + unused_cached)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * 2**20)
+    with pytest.warns(UserWarning, match=r"memory_budget=1e\+12 \(931 GiB\) is more than cuda has free "
+                                         r"\(.*\): the chunks are planned for"):
+        capped = planned(1e12, "cuda")
+    assert capped == planned(free + unused_cached, "cpu") != planned(1e12, "cpu")
+    with warnings.catch_warnings():  # a budget within the free memory is the budget
+        warnings.simplefilter("error")
+        assert planned(free, "cuda") == planned(free, "cpu")
+    free = 1000  # less than any pass: a larger budget would not help
+    with pytest.warns(UserWarning), pytest.raises(ex.InputError, match=r"one pass needs .* or more free memory on cuda$"):
+        planned(1e12, "cuda")
+    with pytest.raises(ex.InputError, match=r"one pass needs .* or a larger budget$"):  # the budget was the limit
+        planned(1000, "cpu")
