@@ -971,11 +971,13 @@ class Recorder:
         after = {n: _cpu(p) for n, p in self._params.items()}
         self._refuse_non_finite(after)
         tensors = {f"param/{n}": t for n, t in after.items()}
+        moments: dict[int, torch.Tensor] = {}  # host copies by id of the optimizer's tensor: the resume state's too
         if self.kind in ("adam", "adamw"):
             for n, p in self._params.items():
                 state = optimizer.state[p]
                 amsgrad = self._hyper[self._group_of[n]]["amsgrad"]
-                tensors[f"second_moment/{n}"] = _cpu(state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"])
+                moment = state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+                tensors[f"second_moment/{n}"] = moments[id(moment)] = _cpu(moment)
                 # the bias-correction step count t, per group
                 self._hyper[self._group_of[n]]["t"] = int(_scalar(state["step"]))
         tensors.update({"batch/indices": indices, "batch/inputs": inputs, "batch/targets": targets})
@@ -992,7 +994,7 @@ class Recorder:
         os.fsync(self._manifest.fileno())
         self._last = _as_compared(self._params, after)
         self.step += 1
-        self._write_resume_tensors()
+        self._write_resume_tensors(copied=moments)
         if self.scheduler is not None:
             self._epoch_after_step = _schedule_position(self.scheduler)
         if self.scheduler is None or self._scheduler_steps is not None:
@@ -1014,13 +1016,17 @@ class Recorder:
                     "rate, and keep Adam's eps > 0"
                 )
 
-    def _write_resume_tensors(self, rngs: dict[str, torch.Tensor] | None = None) -> None:
+    def _write_resume_tensors(self, rngs: dict[str, torch.Tensor] | None = None,
+                              copied: dict[int, torch.Tensor] | None = None) -> None:
         """Optimizer state and RNGs right after a step (before the next batch draws from them; at
-        step 0, `rngs` as the recording started), into the file the current resume.json does not name."""
+        step 0, `rngs` as the recording started), into the file the current resume.json does not name.
+        `copied`: host copies, by id, of optimizer tensors the step file holds (on a GPU, not copied twice)."""
+        copied = copied or {}
         tensors = dict(_rng_states() if rngs is None else rngs)
         for idx, entry in self.optimizer.state_dict()["state"].items():
             for key, value in entry.items():
-                tensors[f"optimizer/{idx}/{key}"] = _cpu(torch.as_tensor(value))
+                tensors[f"optimizer/{idx}/{key}"] = copied[id(value)] if id(value) in copied else \
+                    _cpu(torch.as_tensor(value))
         data = save_safetensors(tensors)
         self._resume_tensors = {"tensors": f"resume-{self.step % 2}.safetensors", "tensors_sha256": _sha256(data)}
         _write_atomic(self._dir / self._resume_tensors["tensors"], data)

@@ -1936,15 +1936,10 @@ def test_loss_scaling_records_the_steps_the_scaler_takes(tmp_path):
 # (no GPU here nor in CI: what differs on one is observed through counting wrappers and fakes of torch.cuda)
 
 
-def test_a_recorded_step_copies_each_parameter_to_the_host_once(tmp_path, monkeypatch):
-    """On a GPU every host copy of a parameter (.cpu(), .to('cpu')) is a device-to-host transfer
-    and a synchronisation: one per trained tensor per step writes θ_{s+1}, and the check that
-    nothing else changed θ between steps compares on the device without another. Counted here
-    as the calls that would make such copies (on the CPU they cost nothing)."""
-    x, y = tiny_data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    storages = {p.data_ptr() for p in model.parameters()}
+def count_host_copies(monkeypatch, storages: set[int]) -> list[str]:
+    """The calls that copy a tensor of `storages` (data pointers) to the host (.cpu(), .to('cpu')),
+    appended to the list returned as they happen: on a GPU each is a device-to-host transfer and
+    a synchronisation (on the CPU they cost nothing, so they are counted, not timed)."""
     copies = []
 
     def counted(method, to_host):
@@ -1960,6 +1955,16 @@ def test_a_recorded_step_copies_each_parameter_to_the_host_once(tmp_path, monkey
 
     monkeypatch.setattr(torch.Tensor, "cpu", counted("cpu", lambda *a, **k: True), raising=False)
     monkeypatch.setattr(torch.Tensor, "to", counted("to", names_the_host), raising=False)
+    return copies
+
+
+def test_a_recorded_step_copies_each_parameter_to_the_host_once(tmp_path, monkeypatch):
+    """One host copy per trained tensor per step writes θ_{s+1}; the check that nothing else
+    changed θ between steps compares on the device without another."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    copies = count_host_copies(monkeypatch, {p.data_ptr() for p in model.parameters()})
     with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
         copies.clear()  # θ_0, written once as the recording starts
         for step in range(3):
@@ -1968,6 +1973,24 @@ def test_a_recorded_step_copies_each_parameter_to_the_host_once(tmp_path, monkey
             copies.clear()
     history = ex.History(tmp_path / "h")  # what is stored is unchanged: θ after each step
     assert torch.equal(history.params(3)["0.weight"], model[0].weight.detach())
+
+
+def test_adams_moments_are_copied_to_the_host_once_per_step(tmp_path, monkeypatch):
+    """The second moment that the step file holds is the one the resume state stores: one host
+    copy of each of Adam's two moments per trained tensor and step (the second was copied twice)."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 1)  # makes the moments, updated in place from here on
+        moments = [state[key] for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+        copies = count_host_copies(monkeypatch, {m.data_ptr() for m in moments})
+        sgd_steps(rec, model, optimizer, x, y, 1, 3)
+    assert len(copies) == 2 * len(moments)  # two steps
+    resumed = load_file(tmp_path / "h" / resume_tensors_file(tmp_path / "h"))
+    step = load_file(tmp_path / "h" / "steps" / "0000002.safetensors")
+    assert all(torch.equal(resumed[f"optimizer/{i}/exp_avg_sq"], step[f"second_moment/{n}"])
+               for i, n in enumerate(dict(model.named_parameters())))
 
 
 class FakeCuda:
