@@ -270,37 +270,34 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
                 miss[rec.step] = (exact - step).abs().amax(1).cpu()
             before = reached
     final = before  # f(θ_N): the last step's θ_after is the history's final parameters
+    described = {"target": target, "output_fn": flat.output_fn_name, "dtype": str(dtype).removeprefix("torch."),
+                 "coarser_rounding": coarser_rounding}
+    return [_reconstruction(initial, final, change, miss, step_change, history.fingerprint(),
+                            {"quadrature_rule": rule, "quadrature_nodes": q, "breakpoints": int(kinks),
+                             "kink_tolerance": float(kink_tolerance), **path.stats.as_attrs(), **described})
+            for (q, rule, kinks), path, change, miss in zip(settings, paths, changes, misses)]
+
+
+def _reconstruction(initial: torch.Tensor, final: torch.Tensor, change: torch.Tensor, miss: torch.Tensor,
+                    step_change: torch.Tensor, history_sha256: str, attrs: dict) -> xr.Dataset:
+    """One setting's reconstruction f(θ_0) + Σ_s (its integral of step s), against f(θ_N); `attrs`
+    describe how it was computed."""
+    initial, final, reconstructed = initial.cpu().numpy(), final.cpu().numpy(), (initial + change).cpu().numpy()
+    residual = final - reconstructed
     dims = ("test", "output")
-    results = []
-    for (q, rule, kinks), path, change, miss in zip(settings, paths, changes, misses):
-        reconstructed = initial + change
-        residual = final - reconstructed
-        results.append(xr.Dataset(
-            {
-                "initial": (dims, initial.cpu().numpy()),
-                "final": (dims, final.cpu().numpy()),
-                "reconstructed": (dims, reconstructed.cpu().numpy()),
-                "residual": (dims, residual.cpu().numpy()),
-                "step_miss": (("step", "test"), miss.numpy()),
-                "step_change": (("step", "test"), step_change.numpy()),
-            },
-            coords={"test": np.arange(len(inputs)), "output": np.arange(initial.shape[1]),
-                    "step": np.arange(history.n_steps)},
-            attrs={
-                "quadrature_rule": rule,
-                "quadrature_nodes": q,
-                "breakpoints": int(kinks),
-                "kink_tolerance": float(kink_tolerance),
-                **path.stats.as_attrs(),
-                "target": target,
-                "output_fn": flat.output_fn_name,
-                "dtype": str(dtype).removeprefix("torch."),
-                "coarser_rounding": coarser_rounding,
-                **residual_attrs(residual.cpu().numpy(), (final - initial).cpu().numpy()),
-                "history_sha256": history.fingerprint(),
-            },
-        ))
-    return results
+    return xr.Dataset(
+        {
+            "initial": (dims, initial),
+            "final": (dims, final),
+            "reconstructed": (dims, reconstructed),
+            "residual": (dims, residual),
+            "step_miss": (("step", "test"), miss.numpy()),
+            "step_change": (("step", "test"), step_change.numpy()),
+        },
+        coords={"test": np.arange(initial.shape[0]), "output": np.arange(initial.shape[1]),
+                "step": np.arange(miss.shape[0])},
+        attrs={**attrs, **residual_attrs(residual, final - initial), "history_sha256": history_sha256},
+    )
 
 
 def restricted(reconstruction: xr.Dataset, tests) -> xr.Dataset:
