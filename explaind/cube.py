@@ -39,6 +39,13 @@ ATTRIBUTES = ".zattrs"  # the store's attributes, which hold the digests of the 
 # the update check, one value per recorded step (not per step bin)
 PER_HISTORY_STEP = ("update_residual", "update_rounding_floor")
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
+# what they are (DESIGN §3), stored with the cube
+PARAMETER_SCORE_DEFINITIONS = (
+    "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "
+    "parameter_score_stepwise_abs: Σ_test Σ_output Σ_step |Σ_train ψ| (no cancellation over "
+    "steps); parameter_score_signed: Σ_test Σ_output Σ_step Σ_train ψ. The sums run over the "
+    "test and output dims that are not kept. Weight decay excluded."
+)
 
 
 def residual_attrs(residual, change, from_updates=None) -> dict[str, float]:
@@ -124,18 +131,7 @@ def checked_test_ids(test_ids, n_test: int) -> np.ndarray:
 def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Tensor,
                   test_ids: np.ndarray) -> xr.Dataset:
     merged = _merge_parts(req, parts)
-    edges = req.step_edges
-    coords = {
-        "step": ("step", edges[:-1]),
-        "step_stop": ("step", edges[1:]),
-        "component": ("component", list(req.components)),
-        "train": ("train", req.train_index.numpy()),
-        "test": ("test", test_ids),
-        "output": ("output", np.asarray(req.output_labels)),
-        "history_step": ("history_step", np.arange(req.history.n_steps)),
-    }
-    if req.select is not None and not isinstance(req.output_labels[0], (int, np.integer)):
-        coords["output_class"] = ("test", req.select[:, 0].numpy())
+    coords = _coords(req, test_ids)
 
     def labelled(array: torch.Tensor, dims: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
         """Drop the dims that were summed (kept as size-1 axes while computing)."""
@@ -170,8 +166,33 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
     cube = xr.Dataset(data, coords={k: v for k, v in coords.items() if v[0] in used})
     order = [d for d in ("step", "component", "train", "test", "output") if d in cube["attribution"].dims]
     cube["attribution"] = cube["attribution"].transpose(*order)
+    cube.attrs.update(_attrs(req), **residual_attrs(residual, final - initial, from_updates),
+                      max_update_residual=float(np.fmax.reduce(merged["update_residual"].numpy())),  # over the checked steps
+                      parameter_score_definitions=PARAMETER_SCORE_DEFINITIONS)
+    return cube
+
+
+def _coords(req: "Request", test_ids: np.ndarray) -> dict:
+    """The cube's labels: of every dim it may have (those of no variable are dropped)."""
+    edges = req.step_edges
+    coords = {
+        "step": ("step", edges[:-1]),
+        "step_stop": ("step", edges[1:]),
+        "component": ("component", list(req.components)),
+        "train": ("train", req.train_index.numpy()),
+        "test": ("test", test_ids),
+        "output": ("output", np.asarray(req.output_labels)),
+        "history_step": ("history_step", np.arange(req.history.n_steps)),
+    }
+    if req.select is not None and not isinstance(req.output_labels[0], (int, np.integer)):
+        coords["output_class"] = ("test", req.select[:, 0].numpy())
+    return coords
+
+
+def _attrs(req: "Request") -> dict:
+    """How the cube was computed, and from what."""
     history = req.history
-    cube.attrs.update(
+    return dict(
         units=UNITS[req.target],
         sign_convention="positive attribution raises the output",
         target=req.target,
@@ -195,16 +216,7 @@ def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Ten
         replay_start=req.replay_start,
         components=list(req.components),
         tensor_names=list(req.flat.layout.names),
-        **residual_attrs(residual, final - initial, from_updates),
-        max_update_residual=float(np.fmax.reduce(merged["update_residual"].numpy())),  # over the checked steps
-        parameter_score_definitions=(
-            "parameter_score: Σ_test Σ_output |Σ_step Σ_train ψ| (the paper's pruning importance); "
-            "parameter_score_stepwise_abs: Σ_test Σ_output Σ_step |Σ_train ψ| (no cancellation over "
-            "steps); parameter_score_signed: Σ_test Σ_output Σ_step Σ_train ψ. The sums run over the "
-            "test and output dims that are not kept. Weight decay excluded."
-        ),
     )
-    return cube
 
 
 def check_cube_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
