@@ -36,6 +36,7 @@ import torch.distributed as dist
 import xarray as xr
 import zarr
 
+from . import errors
 from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
 from .errors import InputError, is_whole
@@ -228,29 +229,105 @@ def _merge_by_test(parts: list[xr.Dataset]) -> xr.Dataset:
 
 def explain_distributed(history, model, inputs, targets=None, *, split: str = "test",
                         parts_dir: str | os.PathLike, **kwargs) -> xr.Dataset | None:
-    """explain() across the processes of a torchrun launch; process 0 returns the cube."""
-    from .resumable import request_fingerprint  # resumable imports this module
+    """explain() across the processes of a torchrun launch; process 0 returns the cube.
 
+    A process whose part fails (an input of its share refused, out of memory, Ctrl-C, ...) raises
+    its error at once, having told the others through the process group's store; each of the
+    others, once its own part is stored, raises an error of the same explaind class (RuntimeError
+    for any other exception) that names that process and its error. Under torchrun the first
+    process to raise makes the agent stop the others at once, as it does for any failed worker. A
+    process that dies outright (killed, out of host memory) tells nothing: launched otherwise, the
+    others then wait for the group's timeout (init_process_group(timeout=...), 30 minutes by
+    default), or fail at once where it was the store's host (process 0 of an env:// group). That
+    timeout also bounds how long a process waits for the slowest part: initialise the group with a
+    longer one for parts of unequal duration.
+    """
     on_gpu = str(kwargs.get("device", "cpu")).startswith("cuda")
-    if on_gpu:  # one GPU per process; NCCL's barrier runs on the current device
+    if on_gpu:  # one GPU per process
         kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(kwargs["device"])
     if not dist.is_initialized():  # the backend follows the request, not the machine: NCCL needs CUDA
         dist.init_process_group("nccl" if on_gpu else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     tolerance = kwargs.pop("tolerance", 1e-4)
-    history = history if isinstance(history, History) else History(history)
-    request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **kwargs)
-    # every process checks every part, so that all of them refuse together, before computing
-    for r in range(world_size):
-        is_stored(part_path(parts_dir, r), request, r)
-    part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
-                         world_size=world_size, tolerance=None, **kwargs)
-    Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    store_part(part, part_path(parts_dir, rank), request, rank, overwrite=True)  # this request's own part, if any
-    dist.barrier()
+    outcomes = _Outcomes(rank, world_size)
+    try:
+        request = _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size, kwargs)
+    except BaseException as error:  # told first, so that no process waits for this part
+        outcomes.tell(error)
+        raise
+    outcomes.tell(None)
+    outcomes.raise_failed()
     if rank != 0:
         return None
     merged = merge([read_part(part_path(parts_dir, r), request, r, CALL_AGAIN) for r in range(world_size)], split)
     check_residual(merged, tolerance)
     return merged
+
+
+def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size,
+                    options: dict) -> str:
+    """Compute and store this process's part of explain_distributed; the request's fingerprint."""
+    from .resumable import request_fingerprint  # resumable imports this module
+
+    history = history if isinstance(history, History) else History(history)
+    request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **options)
+    # every process checks every part, so that all of them refuse together, before computing
+    for r in range(world_size):
+        is_stored(part_path(parts_dir, r), request, r)
+    part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
+                         world_size=world_size, tolerance=None, **options)
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    store_part(part, part_path(parts_dir, rank), request, rank, overwrite=True)  # this request's own part, if any
+    return request
+
+
+class _Outcomes:
+    """How the part of each process of one explain_distributed call ended, in the key-value store
+    of the default process group: a process whose part failed tells it and raises at once, where
+    a collective would hold it until every other part is computed."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.store = dist.distributed_c10d._get_default_store()  # torch has no public accessor
+        call = self.store.add(f"explaind.distributed/calls/{rank}", 1)  # the n-th call of every process is one call
+        self.keys = [f"explaind.distributed/{call}/{r}" for r in range(world_size)]
+        self.rank = rank
+
+    def tell(self, error: BaseException | None) -> None:
+        failure = None if error is None else [type(error).__module__, type(error).__name__, str(error)]
+        self.store.set(self.keys[self.rank], json.dumps(failure))
+
+    def raise_failed(self) -> None:
+        """Wait for every process's outcome (within the store's timeout); raise if a part failed."""
+        try:
+            self.store.wait(self.keys)
+        except dist.DistStoreError as error:  # the timeout; a store that is gone raises DistNetworkError
+            silent = [rank for rank, key in enumerate(self.keys) if not self.store.check([key])]
+            raise RuntimeError(
+                f"no outcome came from {_processes(silent)} within the process group's timeout: each died outright "
+                "(killed, out of host memory: see its log) or computes its part for longer than this process. "
+                "Fix: what the log names, or initialise the group with a longer timeout, "
+                "init_process_group(timeout=...), before calling explain_distributed") from error
+        outcomes = [json.loads(self.store.get(key)) for key in self.keys]
+        failed = {rank: failure for rank, failure in enumerate(outcomes) if failure is not None}
+        if failed:
+            raise _failed_parts(failed)
+
+
+def _failed_parts(failed: dict[int, list[str]]) -> Exception:
+    """The error of a process whose part is stored when the parts of others failed: of the first
+    failure's class where that is explaind's."""
+    module, name, _ = next(iter(failed.values()))
+    kind = getattr(errors, name) if module == errors.__name__ else RuntimeError
+    causes = {rank: f"{name}: {message}" if message else name for rank, (_, name, message) in failed.items()}
+    if len(causes) == 1:
+        [(rank, cause)] = causes.items()
+        return kind(f"the part of process {rank} failed ({cause}), so no cube is merged. Fix: what process {rank}'s "
+                    "error names, then launch every process again")
+    listed = "; ".join(f"process {rank}: {cause}" for rank, cause in causes.items())
+    return kind(f"the parts of {_processes(list(causes))} failed ({listed}), so no cube is merged. Fix: what their "
+                "errors name, then launch every process again")
+
+
+def _processes(ranks: list[int]) -> str:
+    return f"process {ranks[0]}" if len(ranks) == 1 else f"processes {', '.join(map(str, ranks))}"

@@ -25,6 +25,7 @@ from explaind.distributed import explain_distributed, merge, read_part, shard_bo
 from explaind.resumable import explain_resumable
 
 WORKER = Path(__file__).parent / "workers" / "explain_distributed.py"
+OWN_GROUP_WORKER = Path(__file__).parent / "workers" / "explain_in_own_group.py"
 CASES = [("mlp", "sgd_momentum"), ("transformer", "adamw")]
 
 
@@ -127,6 +128,77 @@ def test_steps_split_refuses_what_it_cannot_split(run):
         run.explain(steps=(0, 3), convention="gradient")
     with pytest.raises(ex.InputError, match="parameter_scores"):
         run.explain(steps=(0, 3), parameter_scores=True)
+
+
+# --------------------------------------------------------------------------- a part that fails
+
+GROUP_TIMEOUT = 40  # seconds a process of the workers' group waits in a collective before it fails
+
+
+def launch_in_own_group(history, model_kind: str, split: str, inputs: torch.Tensor, parts_dir: Path, *,
+                        fail: str = "none", failing_rank: int = 1, timeout: int = GROUP_TIMEOUT) -> dict[int, str]:
+    """How explain_distributed ended in each of 2 plain processes (the last line each printed). The
+    failing process lives on after its error, as a notebook does: once the other process has
+    ended, it is stopped."""
+    parts_dir.mkdir()
+    save_file({"inputs": inputs.contiguous()}, parts_dir / "inputs.safetensors")
+    port = free_port()
+    processes = {}
+    for rank in (1, 0):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+               "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        processes[rank] = subprocess.Popen(
+            [sys.executable, str(OWN_GROUP_WORKER), str(history), model_kind, split, str(parts_dir), fail,
+             str(failing_rank), str(timeout)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ended = {}
+    try:
+        other = 1 - failing_rank
+        ended[other] = processes[other].communicate(timeout=3 * timeout)
+    finally:
+        for process in processes.values():
+            process.kill()
+        ended[failing_rank] = processes[failing_rank].communicate()
+    return {rank: out.strip().splitlines()[-1] if out.strip() else f"nothing printed: {err[-2000:]}"
+            for rank, (out, err) in ended.items()}
+
+
+def test_a_part_failing_on_one_process_makes_every_process_raise(tmp_path):
+    """A test input outside the vocabulary in process 1's share: process 1 raises, and process 0,
+    which computed and stored its part, names process 1's error (it waited at a barrier until the
+    group's timeout, then raised gloo's 'Timed out waiting 40000ms for recv')."""
+    run = train(Case(model="transformer", opt="adamw", steps=5, n_test=4), tmp_path / "history")
+    inputs = run.test_x.clone()
+    inputs[3, 0] = 99  # process 1 explains inputs 2 and 3
+    ended = launch_in_own_group(run.path, "transformer", "test", inputs, tmp_path / "parts")
+    cause = "test inputs [1] hold indices [99] that the model looks up in an embedding of 5 entries"
+    assert ended[1].startswith(f"InputError: {cause}")
+    assert ended[0].startswith(f"InputError: the part of process 1 failed (InputError: {cause}")
+    assert ended[0].endswith("Fix: what process 1's error names, then launch every process again")
+    assert sorted(p.name for p in (tmp_path / "parts").glob("part-*")) == ["part-00000.zarr"]
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_interrupted_process_makes_every_process_raise(failing_rank, tmp_path):
+    """Ctrl-C reaching one process only (as it computes its part), process 0 or another."""
+    run = train(Case(steps=5, n_test=4), tmp_path / "history")
+    ended = launch_in_own_group(run.path, "mlp", "steps", run.test_x, tmp_path / "parts", fail="interrupt",
+                                failing_rank=failing_rank)
+    assert ended[failing_rank] == "KeyboardInterrupt:"
+    assert ended[1 - failing_rank] == (
+        f"RuntimeError: the part of process {failing_rank} failed (KeyboardInterrupt), so no cube is merged. "
+        f"Fix: what process {failing_rank}'s error names, then launch every process again")
+
+
+def test_a_process_that_dies_outright_is_named_at_the_groups_timeout(tmp_path):
+    """It tells nothing (gloo's barrier raised 'Connection closed by peer' without naming it; NCCL's
+    waits for the group's timeout)."""
+    run = train(Case(steps=5, n_test=4), tmp_path / "history")
+    ended = launch_in_own_group(run.path, "mlp", "steps", run.test_x, tmp_path / "parts", fail="exit", timeout=15)
+    assert ended[0] == (
+        "RuntimeError: no outcome came from process 1 within the process group's timeout: each died outright "
+        "(killed, out of host memory: see its log) or computes its part for longer than this process. Fix: what the "
+        "log names, or initialise the group with a longer timeout, init_process_group(timeout=...), before calling "
+        "explain_distributed")
 
 
 # --------------------------------------------------------------------------- resumable, in one process
