@@ -39,7 +39,7 @@ import zarr
 from . import errors
 from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
-from .errors import InputError, is_whole
+from .errors import InputError, ReconstructionError, is_whole
 from .history import History
 
 SPLITS = ("test", "steps")
@@ -141,8 +141,12 @@ def step_window(history: History, options: dict) -> tuple[int, int]:
                          options.get("parameter_scores", False))
 
 
-def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int, world_size: int, **kwargs):
-    """This process's part of explain(history, model, inputs, ...)."""
+def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int, world_size: int,
+                  tolerance: float | None = 1e-4, **kwargs):
+    """This process's part of explain(history, model, inputs, ...). With a tolerance it stops, as
+    explain does, at the first step whose recorded update misses the modelled one far beyond
+    rounding; its output residual is not checked against the tolerance: a part's covers only its
+    steps or inputs, and the parts are checked once merged."""
     if split not in SPLITS:
         raise InputError(f"split={split!r}: use one of {SPLITS}")
     history = history if isinstance(history, History) else History(history)
@@ -151,9 +155,8 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
         if start == stop:
             raise InputError(f"{world_size} processes for {len(inputs)} test inputs: use fewer processes")
         test_ids = checked_test_ids(kwargs.pop("test_ids", None), len(inputs))  # checked whole: a part sees only its slice
-        return explain(history, model, inputs[start:stop],
-                       None if targets is None else targets[start:stop],
-                       test_ids=test_ids[start:stop], **kwargs)
+        return _unchecked_part(history, model, inputs[start:stop], None if targets is None else targets[start:stop],
+                               test_ids=test_ids[start:stop], tolerance=tolerance, **kwargs)
     first, last = step_window(history, kwargs)
     kwargs.pop("steps", None)  # replaced by this part's share of the window
     start, stop = (first + bound for bound in shard_bounds(last - first, rank, world_size))
@@ -162,8 +165,18 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
     replay = kwargs.pop("replay", None)
     if is_whole(replay) and replay >= 0:  # counted from the window's start, as one call counts it
         replay += start - first
-    # the parts are checked once merged: a part's own residual covers only its steps
-    return explain(history, model, inputs, targets, steps=(start, stop), replay=replay, **kwargs)
+    return _unchecked_part(history, model, inputs, targets, steps=(start, stop), replay=replay, tolerance=tolerance,
+                           **kwargs)
+
+
+def _unchecked_part(*args, **kwargs) -> xr.Dataset:
+    """explain(*args, **kwargs), and its cube even where its output residual exceeds the tolerance."""
+    try:
+        return explain(*args, **kwargs)
+    except ReconstructionError as error:
+        if error.cube is None:  # stopped at a missed update: there is no part
+            raise
+        return error.cube
 
 
 def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
@@ -231,16 +244,16 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
                         parts_dir: str | os.PathLike, **kwargs) -> xr.Dataset | None:
     """explain() across the processes of a torchrun launch; process 0 returns the cube.
 
-    A process whose part fails (an input of its share refused, out of memory, Ctrl-C, ...) raises
-    its error at once, having told the others through the process group's store; each of the
-    others, once its own part is stored, raises an error of the same explaind class (RuntimeError
-    for any other exception) that names that process and its error. Under torchrun the first
-    process to raise makes the agent stop the others at once, as it does for any failed worker. A
-    process that dies outright (killed, out of host memory) tells nothing: launched otherwise, the
-    others then wait for the group's timeout (init_process_group(timeout=...), 30 minutes by
-    default), or fail at once where it was the store's host (process 0 of an env:// group). That
-    timeout also bounds how long a process waits for the slowest part: initialise the group with a
-    longer one for parts of unequal duration.
+    A process whose part fails (an input of its share refused, a step whose update misses far
+    beyond rounding, out of memory, Ctrl-C, ...) raises its error at once, having told the others
+    through the process group's store; each of the others, once its own part is stored, raises an
+    error of the same explaind class (RuntimeError for any other exception) that names that process
+    and its error. Under torchrun the first process to raise makes the agent stop the others at
+    once, as it does for any failed worker. A process that dies outright (killed, out of host
+    memory) tells nothing: launched otherwise, the others then wait for the group's timeout
+    (init_process_group(timeout=...), 30 minutes by default), or fail at once where it was the
+    store's host (process 0 of an env:// group). That timeout also bounds how long a process waits
+    for the slowest part: initialise the group with a longer one for parts of unequal duration.
     """
     on_gpu = str(kwargs.get("device", "cpu")).startswith("cuda")
     if on_gpu:  # one GPU per process
@@ -252,7 +265,8 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     tolerance = kwargs.pop("tolerance", 1e-4)
     outcomes = _Outcomes(rank, world_size)
     try:
-        request = _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size, kwargs)
+        request = _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size, tolerance,
+                                  kwargs)
     except BaseException as error:  # told first, so that no process waits for this part
         outcomes.tell(error)
         raise
@@ -265,7 +279,7 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     return merged
 
 
-def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size,
+def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size, tolerance,
                     options: dict) -> str:
     """Compute and store this process's part of explain_distributed; the request's fingerprint."""
     from .resumable import request_fingerprint  # resumable imports this module
@@ -276,7 +290,7 @@ def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, wor
     for r in range(world_size):
         is_stored(part_path(parts_dir, r), request, r)
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
-                         world_size=world_size, tolerance=None, **options)
+                         world_size=world_size, tolerance=tolerance, **options)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     store_part(part, part_path(parts_dir, rank), request, rank, overwrite=True)  # this request's own part, if any
     return request

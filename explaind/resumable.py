@@ -45,7 +45,7 @@ PART_FORMAT = 5
 # options that change how a part is computed (memory, device, display), not what it holds: a
 # run killed on one machine may be finished on another
 EXECUTION_OPTIONS = ("device", "test_chunk", "train_chunk", "batch_chunk", "memory_budget", "progress")
-# checked on the merged cube by each call (a part is computed without it)
+# checked on the merged cube by each call (it stops a part at a missed update, but changes none of its numbers)
 MERGED_CUBE_OPTIONS = ("tolerance",)
 
 # a default repr names where an object lives in memory: another number in every process
@@ -60,7 +60,9 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     split="steps" divides the update steps (those of `steps=(start, stop)` if given) into
     n_parts contiguous ranges (update-step convention; each part replays the momentum of the
     steps before it), split="test" the test inputs. Run the same call again after an
-    interruption to continue it.
+    interruption to continue it. With a tolerance, a part stops at the first step whose recorded
+    update misses the modelled one far beyond rounding, as explain does; the output residual is
+    checked on the merged cube.
     """
     _check_split(split, n_parts, kwargs)
     _check_parts_dir(Path(parts_dir))
@@ -79,7 +81,7 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
         for rank in missing:
             part = explain_shard(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
-                                 tolerance=None, progress=progress, **kwargs)
+                                 tolerance=tolerance, progress=progress, **kwargs)
             store_part(part, paths[rank], request, rank)
             bar.update()
     # merged from the stored parts only, so that a resumed call and an uninterrupted one

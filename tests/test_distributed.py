@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import xarray as xr
 import zarr
 from safetensors.torch import save_file
 
 import explaind as ex
 import explaind.resumable as resumable
-from engine_cases import Case, train
+from engine_cases import Case, make_data, train
 from explaind.distributed import explain_distributed, merge, read_part, shard_bounds, store_part
 from explaind.resumable import explain_resumable
 
@@ -199,6 +200,68 @@ def test_a_process_that_dies_outright_is_named_at_the_groups_timeout(tmp_path):
         "(killed, out of host memory: see its log) or computes its part for longer than this process. Fix: what the "
         "log names, or initialise the group with a longer timeout, init_process_group(timeout=...), before calling "
         "explain_distributed")
+
+
+def record_a_loop_clipped_from(step: int, path: Path) -> torch.Tensor:
+    """A 6-step SGD run of Case('mlp')'s model whose gradients are clipped from `step` on, which
+    the history does not record (check_every=50 checks steps 0 and 1 only); its test inputs."""
+    model = Case("mlp").fresh_model()
+    x, y, test_x, _ = make_data("mlp", 8, 4, 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ex.Recorder(path, model, optimizer, check_every=50) as rec:
+        for s in range(6):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if s >= step:
+                torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    return test_x
+
+
+STOP = "ReconstructionError: step 4's update residual is "  # the first step clipped
+
+
+@pytest.mark.parametrize("split", ["steps", "test"])
+def test_processes_stop_at_a_missed_update(split, tmp_path):
+    """Each shard stops at the first step whose update misses far beyond rounding, as explain
+    does, instead of being computed to its end for the merged cube's check to refuse it: with
+    split='steps', process 0 (steps 0-2) stores its part and process 1 (steps 3-5) stops at
+    step 4; with split='test', both stop there and store nothing."""
+    test_x = record_a_loop_clipped_from(4, tmp_path / "history")
+    ended = launch_in_own_group(tmp_path / "history", "mlp", split, test_x, tmp_path / "parts")
+    assert ended[1].startswith(STOP) and "stops at the first step so far off" in ended[1]
+    if split == "steps":
+        assert ended[0].startswith(f"ReconstructionError: the part of process 1 failed ({STOP}")
+        assert sorted(p.name for p in (tmp_path / "parts").glob("part-*")) == ["part-00000.zarr"]
+    else:
+        assert ended[0].startswith(STOP)
+        assert not list((tmp_path / "parts").glob("part-*"))
+
+
+@pytest.mark.parametrize("split", ["steps", "test"])
+def test_resumable_parts_stop_at_a_missed_update(split, tmp_path, monkeypatch):
+    """As explain_distributed's shards: no step after the first missed one is computed (each part
+    was computed to its end, and the merged cube refused)."""
+    import explaind.engine as engine
+    import explaind.verify as verify
+
+    test_x = record_a_loop_clipped_from(4, tmp_path / "history")
+    checked = []  # one per step checked: the steps computed
+    check = verify.update_check
+
+    def counted_check(*args):
+        checked.append(args)
+        return check(*args)
+
+    for module in (engine, verify):  # the forward pass checks each step itself, the backward walk by verify
+        monkeypatch.setattr(module, "update_check", counted_check)
+    with pytest.raises(ex.ReconstructionError, match="(?s)step 4's update residual is .*stops at the first step"):
+        explain_resumable(tmp_path / "history", Case("mlp").fresh_model(), test_x, parts_dir=tmp_path / "parts",
+                          n_parts=2, split=split, **OPTIONS)
+    assert len(checked) == 5  # steps 0 … 4
+    stored = ["part-00000.zarr"] if split == "steps" else []
+    assert sorted(p.name for p in (tmp_path / "parts").glob("part-*")) == stored
 
 
 # --------------------------------------------------------------------------- resumable, in one process
