@@ -533,6 +533,41 @@ def test_chunks_match_brute_force(runs, references, convention, clip):
     assert np.abs(cube["residual"] - whole["residual"]).max().item() <= 1e-12 * change
 
 
+@pytest.mark.parametrize("outputs", ["true", "predicted"])
+def test_each_test_chunk_explains_its_own_inputs_selected_output(runs, references, outputs):
+    """outputs='true' / 'predicted' choose one output per input; a pass over a chunk of test
+    inputs must take the choices of its own inputs, by either convention."""
+    run = runs.get(BRUTE["adam"])  # true classes [1, 0, 1]
+    ref = references(run)
+    classes = run.test_y.numpy() if outputs == "true" else ref.final.numpy().argmax(-1)
+    rows = np.arange(len(run.test_x))
+    for convention in ("update", "gradient"):
+        a, r = ref.cube(convention)
+        cube = run.explain(outputs=outputs, convention=convention, test_chunk=1, quadrature=4, tolerance=None)
+        assert cube["output_class"].values.tolist() == classes.tolist()
+        assert_close(full_cube(cube)[..., 0], a[:, :, :, rows, classes], 1e-12, f"{outputs} {convention}")
+        assert_close(cube["regularization"].values[..., 0], r[:, :, rows, classes], 1e-12,
+                     f"{outputs} {convention} reg")
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adamw"])  # mean-reduced: each sample weighs 1/|b_s|
+def test_sample_effects_by_forward_mode_match_brute_force(runs, references, monkeypatch, opt):
+    """A backward walk pushes a few carried effects through a step's batch by forward mode (one
+    jvp each) and contracts more with materialised per-sample gradients. The brute-force batches
+    of 3 are too small for forward mode; with FORWARD_MODE_RATIO 0 every walk takes it, and each
+    sample's jvp must carry the sample's weight in the batch gradient."""
+    monkeypatch.setattr(ex.engine, "FORWARD_MODE_RATIO", 0)
+    run = runs.get(BRUTE[opt])
+    ref = references(run)
+    a, r = ref.cube("gradient")
+    cube = run.explain(convention="gradient", quadrature=8)  # one effect per row and component
+    assert_close(full_cube(cube), a[:, :, train_positions(cube, ref)], 1e-12, "gradient convention")
+    assert_close(cube["regularization"].transpose("step", "component", "test", "output").values, r, 1e-12, "reg")
+    a, _ = ref.cube("update")
+    walked = run.explain(keep=("train", "test"), quadrature=8)  # 3 carried effects < 7 samples: walks backwards
+    assert_close(walked["attribution"].transpose("train", "test").values, a.sum((0, 1, 4)), 1e-12, "update convention")
+
+
 @pytest.mark.parametrize("opt", ["sgd_momentum", "adam", "adamw"])
 def test_parameter_scores_match_brute_force(runs, references, opt):
     run = runs.get(BRUTE[opt])
