@@ -181,6 +181,17 @@ def test_tolerance_zero_allows_only_the_rounding_and_nonsense_tolerances_are_ref
         ex.verify_updates(tmp_path / "h", model, dtype=torch.float16)
 
 
+def test_explain_stops_only_at_a_miss_beyond_both_bounds(tmp_path):
+    """explain(tolerance=...) stops at a step whose update misses by more than 1e-3 of the update
+    and by more than 100 rounding floors, both. A gradient entry raised by 1e-10 (within the
+    Recorder's gradient check) misses by 4e-10, far above 100 floors and far below 1e-3: the run
+    is explained, its miss kept in update_residual."""
+    model = record_raised_gradient(tmp_path / "h", 1e-10)
+    cube = ex.explain(tmp_path / "h", model, make_data("mlp", 16, 3, 0)[2], keep=("test", "output"), progress=False)
+    residual, floor = cube["update_residual"].values[0], cube["update_rounding_floor"].values[0]
+    assert 100 * floor < residual < 1e-6 and cube.attrs["relative_residual"] <= 1e-4
+
+
 def test_reconstruct_refuses_settings_it_would_mislabel_or_crash_on(short_run):
     """An unknown target was computed as logits and labelled with the unknown name; float16 ran
     silently; batch_size 0 and True nodes failed inside torch or were taken as 1."""
