@@ -205,3 +205,13 @@ def test_a_nan_residual_is_not_exact():
     assert residual_attrs([0.0], [0.0])["relative_residual"] == 0.0
     # a decomposition that moves where the outputs did not is no exact one (it read 0 before)
     assert residual_attrs([1e-3, 0.0], [0.0, 0.0])["relative_residual"] == np.inf
+
+
+def test_the_residual_attributes_by_hand():
+    """relative_residual is the largest |residual| over the largest |change| (no mean), and the
+    residual's largest part beyond the updates' share is the path integral's."""
+    from explaind.cube import residual_attrs
+
+    attrs = residual_attrs([[1e-3, -4e-3]], [[2.0, -8.0]], from_updates=[[1e-3, 1e-3]])
+    assert attrs == pytest.approx({"max_abs_residual": 4e-3, "max_abs_change": 8.0, "relative_residual": 5e-4,
+                                   "max_abs_residual_from_updates": 1e-3, "max_abs_path_residual": 5e-3}, rel=1e-15)
