@@ -1325,6 +1325,31 @@ def test_damaged_files_are_refused_naming_the_file(copy_of, file, damage):
         ex.History(path).params(0)
 
 
+def test_a_closed_meta_json_edited_to_another_valid_value_is_refused(copy_of):
+    """A reduction edited from mean to sum is a value this library knows, so only the hash close()
+    recorded tells it from the recorded one: read as it stands, every sample's gradient would be
+    weighted 1 where the run weighted it 1/|b_s|, or the other way round."""
+    path = copy_of()
+    recorded = json.loads((path / "meta.json").read_text())["reduction"]
+    edit_json("meta.json", lambda c: c.update(reduction={"mean": "sum", "sum": "mean"}[recorded]))(path)
+    with pytest.raises(ex.HistoryError, match=r"meta\.json does not match the hash recorded when the history was "
+                                              r"closed: it was edited or corrupted"):
+        ex.History(path)
+
+
+def test_manifest_lines_out_of_order_are_refused_without_a_closing_hash(copy_of):
+    """A killed run has no closing hash over its manifest: its step numbers alone show that two
+    lines were swapped, which would read θ_3 as θ_2 and the batch of step 2 as step 1's."""
+    path = copy_of()
+    (path / "closed.json").unlink()
+    lines = (path / "manifest.jsonl").read_text().splitlines(keepends=True)
+    lines[1], lines[2] = lines[2], lines[1]
+    (path / "manifest.jsonl").write_text("".join(lines))
+    with pytest.raises(ex.HistoryError, match=r"manifest\.jsonl: line 2 is step 2, expected 1; the manifest is "
+                                              "corrupted"):
+        ex.History(path, allow_incomplete=True)
+
+
 def test_a_tensor_learning_rate_is_recorded_and_resumed(tmp_path):
     x, y = tiny_data()
     model = tiny()
