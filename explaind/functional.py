@@ -659,12 +659,16 @@ def _range_bounds(name: str, args, kwargs) -> tuple[float | None, float | None]:
 
 
 def module_of(model: nn.Module) -> nn.Module:
-    """The module a torch.compile'd one wraps (whose tensors are the same, named without the
-    wrapper's "_orig_mod." prefix); any other module as it is. explaind records names and calls
-    code of the plain module, so a history matches the compiled module and the plain one alike,
-    and torch.func transforms eager code."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The module a torch.compile'd or DistributedDataParallel one wraps (whose tensors are the
+    same, named without the wrapper's "_orig_mod." or "module." prefix); any other module as it
+    is. explaind records names and calls code of the plain module, so a history matches the
+    wrapped module and the plain one alike, and torch.func transforms eager code."""
+    while True:
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) \
+            else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -42,17 +42,19 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import __version__  # set before the package imports its modules
-from .errors import HistoryError, InputError, UnsupportedError, is_number, is_whole
+from .errors import ExplaindError, HistoryError, InputError, UnsupportedError, is_number, is_whole
 from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_class_weights, check_per_sample, check_reduction,
                      recorded_loss, resolve_loss, sample_weights, takes_class_weights)
@@ -61,6 +63,13 @@ FORMAT = "explaind-history"
 VERSION = 1
 # a history with class weights: a reader of version 1 alone would explain it without them
 CLASS_WEIGHTS_VERSION = 2
+# a history of a data-parallel run, whose steps hold every process's shard and weigh each
+# sample by its shard's size: a reader of versions 1 and 2 would weigh them as one batch
+DATA_PARALLEL_VERSION = 3
+VERSIONS = (VERSION, CLASS_WEIGHTS_VERSION, DATA_PARALLEL_VERSION)
+# how long the processes of a data-parallel run wait for each other to build their Recorders: a
+# process that builds none goes on to average gradients, which never meet the Recorders' messages
+MEET_TIMEOUT = timedelta(seconds=120)
 
 # optimizer class name -> kind, and the group hyperparameters each kind's update depends on
 OPTIMIZER_KINDS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
@@ -289,6 +298,17 @@ def _members(optimizer: torch.optim.Optimizer) -> list[list[int]]:
     return [[id(p) for p in group["params"]] for group in optimizer.param_groups]
 
 
+def _data_parallel(model: nn.Module) -> tuple[object, int, int]:
+    """(process group, this process's rank in it, its number of processes) of a data-parallel
+    run, whose gradients are averaged over the processes before optimizer.step(): a
+    DistributedDataParallel model's group, or the default one; (None, 0, 1) in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 0, 1
+    group = model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    processes = dist.get_world_size(group)
+    return (group, dist.get_rank(group), processes) if processes > 1 else (None, 0, 1)
+
+
 # --------------------------------------------------------------------------- checks on the model
 
 
@@ -450,7 +470,16 @@ class Recorder:
     instead of after hours of attribution. Clipping the gradient's norm is
     recorded by calling `rec.clip_grad_norm_(max_norm)` in place of
     `torch.nn.utils.clip_grad_norm_`.
+
+    In a data-parallel run (DistributedDataParallel, or any process group of several processes
+    whose gradients are averaged before optimizer.step()) every process builds its Recorder on
+    the same path, with the wrapped model or its .module, and declares its own shard of each
+    batch: process 0 gathers the shards and writes the history alone, each step's batch being
+    their union, whose samples weigh 1/(processes · their shard's size) under a mean, as the
+    averaged gradient has them. A refusal at process 0 is raised on every process.
     """
+
+    _built = 0  # Recorders this process built in data-parallel runs
 
     def __init__(
         self,
@@ -469,6 +498,8 @@ class Recorder:
     ):
         self.path = Path(path).absolute()  # the loop may change the working directory
         self.model = module_of(model)
+        self._group, self._rank, self._processes = _data_parallel(model)
+        self._writes = self._rank == 0  # process 0 writes the history, the others send it their shards
         self.optimizer = optimizer
         self.scheduler = scheduler
         if scheduler is not None:
@@ -491,7 +522,7 @@ class Recorder:
                              "difference of .grad from the declared loss's gradient (None: 1e-9 in float64, "
                              "1e-3 in float32)")  # NaN would pass every check
         self.check_tolerance = check_tolerance
-        refuse_unreplayable_modules(model)
+        refuse_unreplayable_modules(self.model)
         self.layout = layout_of(model)
         self._params = trainable_parameters(model)
         if not self._params:
@@ -503,6 +534,7 @@ class Recorder:
         # (indices, inputs, targets, each row's weight in the batch gradient) of the declared batch
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._gradient_scale: float | None = None  # this step's clipping factor, once clipped
+        self._shards: list[int] | None = None  # each process's rows of a data-parallel step's batch
         self._closed = False
         self._seen: set[int] = set()
         self._target_of: dict[int, tuple] = {}  # dataset index: (its checked target, first step)
@@ -515,16 +547,17 @@ class Recorder:
         self._resume_tensors: dict[str, str] = {}  # the resume tensors' file and sha256 (a resume sets them)
         self._unknown_schedule: Exception | None = None  # a resume's refusal, raised if the loop goes on
 
+        self._dir = self.path  # where the files are written: the path, or beside what it replaces
+        self.step = 0 if _resume_from is None else _resume_from
+        self._last = _as_compared(self._params) if self._writes else {}  # the writer checks the steps
+        if self._processes > 1:
+            self._meet_the_other_processes()
         if _resume_from is None:
-            self._start_new(overwrite)
-        else:
-            self._dir = self.path
-            self.step = _resume_from
-            self._last = _as_compared(self._params)
+            self._on_writer(lambda: self._start_new(overwrite))
         # what the history holds fixed, to refuse an unrecorded change at any step
         self._members = _members(optimizer)
         self._constants = {n: _cpu(t) for n, t in _constant_tensors(self.model, self._params).items()}
-        self._manifest = open(self._dir / "manifest.jsonl", "a")
+        self._manifest = open(self._dir / "manifest.jsonl", "a") if self._writes else None
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -564,7 +597,6 @@ class Recorder:
                 "steps, which the history would miss. Fix: record from a freshly built "
                 "optimizer, or continue a recorded run with Recorder.resume(...)"
             )
-        self._dir = self.path  # where the files are written: the path, or beside what it replaces
         if self.path.exists() and any(e.name != REPLACEMENT for e in self.path.iterdir()):
             self._replace_existing(overwrite)
             self._dir = self.path / REPLACEMENT
@@ -572,10 +604,7 @@ class Recorder:
         # where that history was deleted by hand): explaind's own files, never a user's
         _discard(self.path / REPLACEMENT)
         (self._dir / "steps").mkdir(parents=True, exist_ok=True)
-        self.step = 0
-        theta = {n: _cpu(p) for n, p in self._params.items()}
-        self._last = _as_compared(self._params, theta)
-        initial = {f"param/{n}": t for n, t in theta.items()}
+        initial = {f"param/{n}": _cpu(p) for n, p in self._params.items()}
         trainable = set(self._params)
         for n, p in self.model.named_parameters():
             if n not in trainable:
@@ -586,7 +615,9 @@ class Recorder:
         _write_atomic(self._dir / "initial.safetensors", data)
         meta = {
             "format": FORMAT,
-            "version": VERSION if self.class_weights is None else CLASS_WEIGHTS_VERSION,
+            "version": (DATA_PARALLEL_VERSION if self._processes > 1 else VERSION if self.class_weights is None
+                        else CLASS_WEIGHTS_VERSION),
+            **({} if self._processes == 1 else {"processes": self._processes}),
             "optimizer": self.kind,
             "loss": self.loss_name,
             "reduction": self.reduction,
@@ -665,6 +696,20 @@ class Recorder:
                 f"batch() got {len(indices)} indices, {len(inputs)} inputs and "
                 f"{len(targets)} targets: pass one dataset index per row of the batch"
             )
+        weights = sample_weights(self.reduction, self.loss_name, targets, self.class_weights, torch.float64, "cpu")
+        if not weights.isfinite().all():
+            raise InputError(
+                f"batch() at step {self.step}: every target of the batch is ignored (-100) or has class weight 0, so "
+                "torch's mean loss is 0 / 0 (NaN). Fix: skip optimizer.step() for such a batch")
+        pending = (_cpu(indices), _cpu(inputs), _cpu(targets), weights)
+        if self._processes == 1:
+            self._declare(*pending)
+        else:  # declared whole at the step, once process 0 holds every process's shard
+            self._pending = pending
+
+    def _declare(self, indices: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor) -> None:
+        """The step's whole batch, each row's weight in its gradient with it."""
         conflict = _target_conflict(self._target_of, indices, targets, self.step, self.loss_name)
         if conflict is not None:
             index, target, (first_target, first_step) = conflict
@@ -674,13 +719,8 @@ class Recorder:
                 "of the dataset. Fix: pass each row's index in the dataset (e.g. from a Dataset whose "
                 "__getitem__ returns it), not its position in the batch"
             )
-        weights = sample_weights(self.reduction, self.loss_name, targets, self.class_weights, torch.float64, "cpu")
-        if not weights.isfinite().all():
-            raise InputError(
-                f"batch() at step {self.step}: every target of the batch is ignored (-100) or has class weight 0, so "
-                "torch's mean loss is 0 / 0 (NaN). Fix: skip optimizer.step() for such a batch")
         self._seen.update(indices.tolist())
-        self._pending = (_cpu(indices), _cpu(inputs), _cpu(targets), weights)
+        self._pending = (indices, inputs, targets, weights)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` over all trained parameters, recorded: call it in its
@@ -732,7 +772,8 @@ class Recorder:
         return (args[0], checked_closure, *args[2:]), kwargs
 
     def _check_step(self, optimizer) -> None:
-        """What must hold before the optimizer updates: the batch declared, nothing changed that the
+        """What must hold before the optimizer updates: the batch declared (in a data-parallel run,
+        by every process, and joined at process 0, which checks the rest), nothing changed that the
         history holds fixed, every trained tensor with a dense gradient, and the gradient check."""
         if self._pending is None:
             raise InputError(
@@ -740,6 +781,62 @@ class Recorder:
                 "for this step: declare the batch after backward() and before step() (with "
                 "optimizer.step(closure): inside the closure, as in a Lightning training_step)"
             )
+        if self._processes == 1:
+            self._check_whole_step(optimizer)
+            return
+        shards = [None] * self._processes if self._writes else None
+        dist.gather_object(self._pending[:3], shards, group=self._group, group_dst=0)
+        self._on_writer(lambda: (self._declare_shards(shards), self._check_whole_step(optimizer)))
+
+    def _declare_shards(self, shards: list[tuple[torch.Tensor, ...]]) -> None:
+        """The step's batch of a data-parallel run: every process's shard, in rank order."""
+        self._shards = [len(indices) for indices, _, _ in shards]
+        indices, inputs, targets = (torch.cat(parts) for parts in zip(*shards))
+        weights = sample_weights(self.reduction, self.loss_name, targets, self.class_weights, torch.float64, "cpu",
+                                 self._shards)
+        self._declare(indices, inputs, targets, weights)
+
+    def _meet_the_other_processes(self) -> None:
+        """Every process of a data-parallel run builds its Recorder (process 0 alone sees only its
+        shard, and the others' averaged gradients would wait for its messages for ever). Met in
+        the process group's rendezvous store, whose wait ends at its timeout: a collective would
+        leave its work pending, which blocks the refused process's exit."""
+        Recorder._built += 1  # the n-th Recorder of each process meets the n-th of the others
+        key = f"explaind/recorder/{Recorder._built}/"
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{key}{dist.get_rank()}", "built")
+        try:
+            store.wait([f"{key}{rank}" for rank in dist.get_process_group_ranks(self._group or dist.group.WORLD)],
+                       MEET_TIMEOUT)
+        except RuntimeError as error:
+            raise UnsupportedError(
+                f"process {self._rank} of this data-parallel run built a Recorder, and not every other process "
+                f"did within {MEET_TIMEOUT.total_seconds():.0f} s: each process sees only its shard of "
+                "a batch, and the update averages the gradients of all of them, so every process declares its "
+                "shard. Fix: build the Recorder in every process, on the same path, with the same arguments "
+                "(process 0 writes the history)") from error
+
+    def _on_writer(self, action: Callable[[], object]) -> None:
+        """Run `action` at process 0, the one that writes the history, and raise its refusal at
+        every process: in a data-parallel run a process refused alone would leave the others
+        waiting for its gradients."""
+        error = None
+        if self._writes:
+            try:
+                action()
+            except Exception as caught:
+                error = caught
+        if self._processes > 1:
+            verdict = [None if error is None else (type(error), str(error))]
+            dist.broadcast_object_list(verdict, group=self._group, group_src=0)
+            if verdict[0] is not None and not self._writes:
+                kind, message = verdict[0]
+                raise kind(message) if issubclass(kind, ExplaindError) else \
+                    RuntimeError(f"process 0 of the recording failed: {kind.__name__}: {message}")
+        if error is not None:
+            raise error
+
+    def _check_whole_step(self, optimizer) -> None:
         # a loop's model.train() (at each epoch's start, say) turns dropout back on mid-run; checked
         # first, since a train-mode BatchNorm also changes its buffers, which the next check refuses
         # without naming the cause
@@ -942,6 +1039,11 @@ class Recorder:
                          "label_smoothing=eps, reduction='none')."
                          ) if self.loss_name == "cross_entropy" else ""
             # a float64 run that misses by about float32's rounding computes some step in float32
+            # the history is the union of the processes' shards, under the gradient DDP averages
+            shards = (f" This run has {self._processes} processes: the checked batch joins every process's shard, "
+                      "and .grad must be the average of their gradients (DistributedDataParallel averages them; "
+                      "processes that train apart are recorded each in a run of its own, outside a process "
+                      "group).") if self._processes > 1 else ""
             float32_loss = (" A miss this small in a float64 run is float32 rounding: a step of the loop computes in "
                             "float32, as Hugging Face's model(..., labels=...).loss does (it casts the logits to "
                             "float32). Compute the loss from the logits in float64 (the declared per-sample loss, "
@@ -962,14 +1064,18 @@ class Recorder:
                 "loss by the size of the step's whole batch instead: its gradient is then the mean "
                 "over that batch), or inputs passed to batch() that differ from those the model "
                 "saw. Fix the training loop (train in float32 or float64) "
-                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{smoothing}{float32_loss}"
+                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{smoothing}{shards}{float32_loss}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         indices, inputs, targets, _ = self._pending
         self._pending = None
         after = {n: _cpu(p) for n, p in self._params.items()}
-        self._refuse_non_finite(after)
+        self._refuse_non_finite(after)  # at every process: each holds the same parameters
+        if not self._writes:  # process 0 writes the step
+            self._gradient_scale = None
+            self.step += 1
+            return
         tensors = {f"param/{n}": t for n, t in after.items()}
         moments: dict[int, torch.Tensor] = {}  # host copies by id of the optimizer's tensor: the resume state's too
         if self.kind in ("adam", "adamw"):
@@ -986,6 +1092,8 @@ class Recorder:
         _write_atomic(self._dir / file, data)
         line = {"step": self.step, "file": file, "bytes": len(data), "sha256": _sha256(data),
                 "groups": self._hyper, "batch_size": len(indices)}
+        if self._processes > 1:
+            line["shards"] = self._shards
         if self._gradient_scale is not None:
             line["gradient_scale"] = self._gradient_scale
             self._gradient_scale = None
@@ -1057,11 +1165,13 @@ class Recorder:
             return
         for hook in self._hooks:
             hook.remove()
-        self._manifest.close()
+        self._close_manifest()
         self._closed = True
         if self._pending is not None:
             self._abandon_replacement()
             raise InputError("batch() was declared but optimizer.step() never ran for it")
+        if not self._writes:
+            return
         closed = {
             "meta_sha256": _sha256((self._dir / "meta.json").read_bytes()),
             "n_steps": self.step,
@@ -1082,9 +1192,13 @@ class Recorder:
         else:  # keep the history resumable: do not mark it closed
             for hook in self._hooks:
                 hook.remove()
-            self._manifest.close()
+            self._close_manifest()
             self._closed = True
             self._abandon_replacement()
+
+    def _close_manifest(self) -> None:
+        if self._manifest is not None:  # (only process 0 of a data-parallel run writes one)
+            self._manifest.close()
 
     # ----------------------------------------------------------------- resuming
 
@@ -1099,6 +1213,11 @@ class Recorder:
         manifest: the resumed loop records that step again. `loss`, `reduction` and
         `class_weights` default to the recorded ones (a custom loss must be passed again).
         """
+        if _data_parallel(model)[2] > 1:
+            raise UnsupportedError(
+                "Recorder.resume does not continue a data-parallel recording (a process group of several "
+                "processes): it restores one process's state and random generators. Fix: record the run again "
+                "with Recorder(..., overwrite=True), every process on the same path")
         history = History(path, allow_incomplete=True, _no_step_ok=_resumes_from_the_start(path))
         if history.closed:
             raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
@@ -1445,7 +1564,8 @@ def _recorded_class_weights(meta: dict, loss: str) -> torch.Tensor | None:
     no Recorder writes: weights in a history of another version, of a loss without classes, or
     that check_class_weights refuses."""
     weights = meta.get("class_weights")
-    if (meta.get("version") == CLASS_WEIGHTS_VERSION) != ("class_weights" in meta):
+    if meta.get("version") != DATA_PARALLEL_VERSION and \
+            (meta.get("version") == CLASS_WEIGHTS_VERSION) != ("class_weights" in meta):
         raise ValueError("class weights and format version disagree")
     if weights is None:
         return None
@@ -1558,6 +1678,7 @@ class StepRecord:
     indices: torch.Tensor
     inputs: torch.Tensor
     targets: torch.Tensor
+    shards: list[int] | None = None  # a data-parallel step: each process's rows of the batch, in order
 
     @property
     def nbytes(self) -> int:
@@ -1593,10 +1714,10 @@ class History:
         meta_file = self.path / "meta.json"
         meta_bytes = _read_bytes(meta_file)
         self.meta = _parse_json(meta_file, meta_bytes)
-        if self.meta.get("format") != FORMAT or self.meta.get("version") not in (VERSION, CLASS_WEIGHTS_VERSION):
+        if self.meta.get("format") != FORMAT or self.meta.get("version") not in VERSIONS:
             raise HistoryError(
                 f"{self.path} has format {self.meta.get('format')!r} version {self.meta.get('version')!r}; "
-                f"this explaind reads {FORMAT!r} versions {VERSION} and {CLASS_WEIGHTS_VERSION}"
+                f"this explaind reads {FORMAT!r} versions {', '.join(map(str, VERSIONS))}"
             )
         params = [{key: _field(p, key, meta_file) for key in ("name", "shape", "group", "dtype")}
                   for p in _field(self.meta, "params", meta_file)]
@@ -1704,6 +1825,13 @@ class History:
                     f"{self.path}/manifest.jsonl: step {step} records the gradient scale {scale!r}, "
                     f"not a number in (0, 1]: the manifest was edited or corrupted. {_RESTORE}"
                 )
+            shards = line.get("shards")
+            if (shards is not None or self.meta.get("version") == DATA_PARALLEL_VERSION) and not (
+                    isinstance(shards, list) and len(shards) == self.meta.get("processes")
+                    and all(is_whole(n) and n > 0 for n in shards) and sum(shards) == line.get("batch_size")):
+                raise HistoryError(
+                    f"{self.path}/manifest.jsonl: step {step} records the shards {shards!r}, not the rows of each of "
+                    f"the run's {self.meta.get('processes')} processes: the history was edited or corrupted. {_RESTORE}")
             if name != step_file(step):  # a name the Recorder never writes (e.g. one outside the folder)
                 raise HistoryError(
                     f"{self.path}/manifest.jsonl: step {step} names the file {name!r}, where the Recorder writes "
@@ -1826,6 +1954,7 @@ class History:
                 after=self._prefixed(tensors, "param/"),
                 groups=self.manifest[s]["groups"],
                 gradient_scale=self.manifest[s].get("gradient_scale", 1.0),
+                shards=self.manifest[s].get("shards"),
                 second_moment=self._prefixed(tensors, "second_moment/") or None,
                 indices=tensors["batch/indices"],
                 inputs=tensors["batch/inputs"],
@@ -1834,8 +1963,10 @@ class History:
 
     def sample_weights(self, rec: StepRecord, dtype: torch.dtype, device) -> torch.Tensor:
         """c_s w_{s,k}: each sample's weight in step s's batch gradient, from the loss's
-        reduction, times the factor the step's gradient was clipped by."""
-        weights = sample_weights(self.reduction, self.loss, rec.targets, self.class_weights, dtype, device)
+        reduction (over each process's shard in a data-parallel run), times the factor the step's
+        gradient was clipped by."""
+        weights = sample_weights(self.reduction, self.loss, rec.targets, self.class_weights, dtype, device,
+                                 rec.shards)
         return weights * rec.gradient_scale
 
     def max_batch(self) -> int:

@@ -12,7 +12,7 @@ divides by the batch's total class weight in the same way.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,9 +178,14 @@ def check_reduction(reduction: str) -> str:
 
 
 def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weights: torch.Tensor | None,
-                   dtype: torch.dtype, device) -> torch.Tensor:
+                   dtype: torch.dtype, device, shards: Sequence[int] | None = None) -> torch.Tensor:
     """w_{s,k}: how much each row of a batch with these targets counts in the batch gradient
-    (the module doc)."""
+    (the module doc). `shards`: the rows of each process of a data-parallel step, in order, whose
+    gradients are averaged: each reduces its own shard, and counts 1 / len(shards)."""
+    if shards is not None:
+        parts = targets.split(list(shards))
+        return torch.cat([sample_weights(reduction, loss, part, class_weights, dtype, device)
+                          for part in parts]) / len(shards)
     n = len(targets)
     if reduction == "sum":
         return torch.ones(n, dtype=dtype, device=device)
