@@ -803,11 +803,11 @@ class Recorder:
         leave its work pending, which blocks the refused process's exit."""
         Recorder._built += 1  # the n-th Recorder of each process meets the n-th of the others
         key = f"explaind/recorder/{Recorder._built}/"
+        keys = [f"{key}{rank}" for rank in dist.get_process_group_ranks(self._group or dist.group.WORLD)]
         store = dist.distributed_c10d._get_default_store()
-        store.set(f"{key}{dist.get_rank()}", "built")
+        store.set(f"{key}{dist.get_rank()}", str(self.path))
         try:
-            store.wait([f"{key}{rank}" for rank in dist.get_process_group_ranks(self._group or dist.group.WORLD)],
-                       MEET_TIMEOUT)
+            store.wait(keys, MEET_TIMEOUT)
         except RuntimeError as error:
             raise UnsupportedError(
                 f"process {self._rank} of this data-parallel run built a Recorder, and not every other process "
@@ -815,6 +815,12 @@ class Recorder:
                 "a batch, and the update averages the gradients of all of them, so every process declares its "
                 "shard. Fix: build the Recorder in every process, on the same path, with the same arguments "
                 "(process 0 writes the history)") from error
+        paths = [store.get(key).decode() for key in keys]
+        if len(set(paths)) > 1:  # (refused by every process alike)
+            raise InputError(
+                f"the processes of this data-parallel run record to {len(set(paths))} paths ({paths[0]!r} in "
+                f"process 0, {next(p for p in paths if p != paths[0])!r} in another): a data-parallel run has one "
+                "history, of every process's shard, which process 0 writes. Fix: pass the same path in every process")
 
     def _on_writer(self, action: Callable[[], object]) -> None:
         """Run `action` at process 0, the one that writes the history, and raise its refusal at

@@ -117,6 +117,16 @@ def test_a_recorder_in_process_0_alone_is_refused_not_left_waiting(tmp_path):
     assert "Fix: build the Recorder in every process, on the same path" in said
 
 
+def test_processes_that_record_to_other_paths_are_refused(tmp_path):
+    """Process 0 alone writes: another path, given to process 1, would be ignored without a word."""
+    said = record_on_two_processes(tmp_path / "ddp", "sgd", "unequal", "ddp", mistake="paths")
+    for process in (0, 1):
+        assert (f"process {process}: InputError: the processes of this data-parallel run record to 2 paths "
+                f"('{tmp_path / 'ddp'}-0' in process 0, '{tmp_path / 'ddp'}-1' in another)") in said
+    assert "Fix: pass the same path in every process" in said
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_resuming_a_data_parallel_recording_is_refused(tmp_path, monkeypatch):
     """In a process group of several processes, before the history is touched."""
     import explaind.history as history

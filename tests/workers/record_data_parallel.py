@@ -40,6 +40,7 @@ def train(path: str, opt: str, shards: str, wrap: str = "ddp", mistake: str = ""
     recording = mistake != "rank0_only" or rank == 0
     # torch's weighted mean divides each process's loss by its shard's total class weight
     class_weights = CLASS_WEIGHTS if weighted else None
+    path = f"{path}-{rank}" if mistake == "paths" else path
     with (ex.Recorder(path, trained if wrap == "ddp" else model, optimizer, check_every=1,
                       class_weights=class_weights) if recording else contextlib.nullcontext()) as rec:
         for step, sizes in enumerate(SHARDS[shards]):
