@@ -476,7 +476,8 @@ class Recorder:
     the same path, with the wrapped model or its .module, and declares its own shard of each
     batch: process 0 gathers the shards and writes the history alone, each step's batch being
     their union, whose samples weigh 1/(processes · their shard's size) under a mean, as the
-    averaged gradient has them. A refusal at process 0 is raised on every process.
+    averaged gradient has them. A refusal at process 0 is raised on every process. Such a run is
+    resumed by as many processes, each calling Recorder.resume on the path (which all of them read).
     """
 
     _built = 0  # Recorders this process built in data-parallel runs
@@ -554,6 +555,7 @@ class Recorder:
             self._meet_the_other_processes()
         if _resume_from is None:
             self._on_writer(lambda: self._start_new(overwrite))
+            self._rng_at_start = self._every_rng_state()  # before step 0 draws its batch: a resume from step 0 restores them
         # what the history holds fixed, to refuse an unrecorded change at any step
         self._members = _members(optimizer)
         self._constants = {n: _cpu(t) for n, t in _constant_tensors(self.model, self._params).items()}
@@ -632,7 +634,6 @@ class Recorder:
             "explaind_version": __version__,
         }
         _write_atomic(self._dir / "meta.json", _json_bytes(meta))
-        self._rng_at_start = _rng_states()  # before step 0 draws its batch: a resume from step 0 restores them
 
     def _replace_existing(self, overwrite: bool) -> None:
         """Only a history (or what a recording killed before its history was whole left) may be
@@ -781,6 +782,8 @@ class Recorder:
                 "for this step: declare the batch after backward() and before step() (with "
                 "optimizer.step(closure): inside the closure, as in a Lightning training_step)"
             )
+        if self._resumed_schedule is not None:  # (in every process: each steps with its own learning rates)
+            self._undo_a_repeated_schedule_step()
         if self._processes == 1:
             self._check_whole_step(optimizer)
             return
@@ -875,8 +878,6 @@ class Recorder:
                     "clamp or max-norm projection after the step, an EMA copied in, weights loaded); a bound on "
                     "the weights can be written into forward instead (e.g. use w.clamp(-c, c) where w was used)"
                 )
-        if self._resumed_schedule is not None:
-            self._undo_a_repeated_schedule_step()
         if self.scheduler is not None and self.step > 0:
             # the loop has stepped its scheduler since the last step: store its state now
             if self._epoch_after_step is not None:  # (unknown right after a resume)
@@ -1078,6 +1079,7 @@ class Recorder:
         self._pending = None
         after = {n: _cpu(p) for n, p in self._params.items()}
         self._refuse_non_finite(after)  # at every process: each holds the same parameters
+        rngs = self._every_rng_state()
         if not self._writes:  # process 0 writes the step
             self._gradient_scale = None
             self.step += 1
@@ -1108,7 +1110,7 @@ class Recorder:
         os.fsync(self._manifest.fileno())
         self._last = _as_compared(self._params, after)
         self.step += 1
-        self._write_resume_tensors(copied=moments)
+        self._write_resume_tensors(rngs, copied=moments)
         if self.scheduler is not None:
             self._epoch_after_step = _schedule_position(self.scheduler)
         if self.scheduler is None or self._scheduler_steps is not None:
@@ -1130,13 +1132,27 @@ class Recorder:
                     "rate, and keep Adam's eps > 0"
                 )
 
-    def _write_resume_tensors(self, rngs: dict[str, torch.Tensor] | None = None,
+    def _every_rng_state(self) -> dict[str, torch.Tensor] | None:
+        """This process's global RNGs (_rng_states); in a data-parallel run every process's, at process
+        0 (None elsewhere), process r's under "process{r}/": each may draw its own augmentation, and a
+        resume restores each its own."""
+        own = _rng_states()
+        if self._processes == 1:
+            return own
+        every = [None] * self._processes if self._writes else None
+        dist.gather_object(own, every, group=self._group, group_dst=0)
+        if not self._writes:
+            return None
+        return {**every[0], **{f"process{rank}/{key}": value for rank, states in enumerate(every[1:], 1)
+                               for key, value in states.items()}}
+
+    def _write_resume_tensors(self, rngs: dict[str, torch.Tensor],
                               copied: dict[int, torch.Tensor] | None = None) -> None:
         """Optimizer state and RNGs right after a step (before the next batch draws from them; at
         step 0, `rngs` as the recording started), into the file the current resume.json does not name.
         `copied`: host copies, by id, of optimizer tensors the step file holds (on a GPU, not copied twice)."""
         copied = copied or {}
-        tensors = dict(_rng_states() if rngs is None else rngs)
+        tensors = dict(rngs)
         for idx, entry in self.optimizer.state_dict()["state"].items():
             for key, value in entry.items():
                 tensors[f"optimizer/{idx}/{key}"] = copied[id(value)] if id(value) in copied else \
@@ -1217,16 +1233,20 @@ class Recorder:
         into the given objects; continue the training loop at `recorder.step`. A step stored after
         the last resume state, and a manifest line cut by the crash, are dropped from the
         manifest: the resumed loop records that step again. `loss`, `reduction` and
-        `class_weights` default to the recorded ones (a custom loss must be passed again).
+        `class_weights` default to the recorded ones (a custom loss must be passed again). A
+        data-parallel recording is resumed by every process of a run of as many, each of which
+        gets its own RNG states back (process 0 alone rewrites the manifest).
         """
-        if _data_parallel(model)[2] > 1:
-            raise UnsupportedError(
-                "Recorder.resume does not continue a data-parallel recording (a process group of several "
-                "processes): it restores one process's state and random generators. Fix: record the run again "
-                "with Recorder(..., overwrite=True), every process on the same path")
         history = History(path, allow_incomplete=True, _no_step_ok=_resumes_from_the_start(path))
         if history.closed:
             raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
+        _, rank, processes = _data_parallel(model)
+        if processes != history.meta.get("processes", 1):
+            raise InputError(
+                f"{history.path} was recorded by {history.meta.get('processes', 1)} data-parallel process(es), and "
+                f"is resumed by {processes}: each process continues its own random generators, and a step's batch "
+                "joins one shard per process. Fix: resume with as many processes as recorded, each calling "
+                "Recorder.resume on the same path (which they all read)")
         history.check_model(model)
         _refuse_another_setup(history, model, optimizer)
         path = history.path
@@ -1251,7 +1271,8 @@ class Recorder:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
         seen, target_of = _declared_targets(history, step, path)
         resumed = {**history.params(step), **history.constants()}  # θ, and the constants it was trained with
-        _keep_manifest_lines(path, history.manifest[:step])  # (step 0: none; θ_0 is the initial file's)
+        if rank == 0:  # (the history's writer; every process has read it above)
+            _keep_manifest_lines(path, history.manifest[:step])  # (step 0: none; θ_0 is the initial file's)
         tensors = _read_resume_tensors(path, info)
         named = {**dict(module_of(model).named_parameters()), **dict(module_of(model).named_buffers())}
         with torch.no_grad():  # (checked to fit above)
@@ -1272,7 +1293,7 @@ class Recorder:
                 unknown = _unknown_schedule(scheduler, info, path)
                 if unknown is None:
                     _catch_up(scheduler, info["scheduler_steps_per_step"])
-        _set_rng_states(tensors, path)
+        _set_rng_states(_rng_states_of(tensors, rank), path)
         recorder = cls(path, model, optimizer, scheduler=scheduler, _resume_from=step, **declared, **kwargs)
         if scheduler is not None:
             recorder._remember_resumed_schedule()
@@ -1458,6 +1479,13 @@ def _rng_states() -> dict[str, torch.Tensor]:
         "rng/numpy_position": torch.tensor([position, has_gauss], dtype=torch.int64),
         "rng/numpy_gauss": torch.tensor([numpy_gauss], dtype=torch.float64),
     }
+
+
+def _rng_states_of(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The RNG states of data-parallel process `rank` among the resume tensors (process 0's, or a
+    run of one process: those named rng/...)."""
+    prefix = f"process{rank}/" if rank else ""
+    return {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(f"{prefix}rng/")}
 
 
 def _set_rng_states(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,8 +1,11 @@
 """Worker of tests/test_data_parallel.py, launched by torchrun: a DistributedDataParallel training
 loop on gloo processes with the Recorder added as the docs say, every process declaring its own
-shard of each batch. Run in one process (no torchrun), the same loop trains on the whole batches."""
+shard of each batch. Run in one process (no torchrun), the same loop trains on the whole batches.
+`mistake` makes the loop go wrong one way, or (augment, kill, resume) adds noise to the inputs
+from each process's own RNG, is killed after 3 steps, or resumes such a run."""
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -41,19 +44,28 @@ def train(path: str, opt: str, shards: str, wrap: str = "ddp", mistake: str = ""
     # torch's weighted mean divides each process's loss by its shard's total class weight
     class_weights = CLASS_WEIGHTS if weighted else None
     path = f"{path}-{rank}" if mistake == "paths" else path
-    with (ex.Recorder(path, trained if wrap == "ddp" else model, optimizer, check_every=1,
-                      class_weights=class_weights) if recording else contextlib.nullcontext()) as rec:
-        for step, sizes in enumerate(SHARDS[shards]):
+    augment = mistake in ("augment", "kill", "resume")
+    torch.manual_seed(100 + rank)  # each process draws its own noise
+    given = trained if wrap == "ddp" else model
+    recorder = (ex.Recorder.resume(path, given, optimizer, check_every=1) if mistake == "resume"
+                else ex.Recorder(path, given, optimizer, check_every=1, class_weights=class_weights) if recording
+                else contextlib.nullcontext())
+    with recorder as rec:
+        first = rec.step if rec else 0
+        for step, sizes in enumerate(SHARDS[shards][first:], first):
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(step))[:sum(sizes)]
             rows = order if processes == 1 else order.split(sizes)[rank]
+            inputs = x[rows] + 0.1 * torch.randn(len(rows), x.shape[1], dtype=x.dtype) if augment else x[rows]
             optimizer.zero_grad()
-            F.cross_entropy(trained(x[rows]), y[rows], weight=class_weights).backward()
+            F.cross_entropy(trained(inputs), y[rows], weight=class_weights).backward()
             if opt == "sgd" and rec:
                 rec.clip_grad_norm_(0.5)
             declared = (y[rows] + 1) % 3 if mistake == "targets" and rank == 1 else y[rows]
             if rec:
-                rec.batch(IDS[rows], x[rows], declared)
+                rec.batch(IDS[rows], inputs, declared)
             optimizer.step()
+            if mistake == "kill" and step == 2:
+                os._exit(0)  # killed: the Recorder is never closed
 
 
 if __name__ == "__main__":
@@ -67,7 +79,8 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
         train(path, opt, shards, wrap, mistake, weighted == "weighted")
-    except (ex.ExplaindError, RuntimeError) as error:  # said by each process, for the test to read
+        dist.destroy_process_group()
+    except (ex.ExplaindError, RuntimeError) as error:
+        # said by each process for the test to read, and exited from cleanly: a process that failed
+        # would have torchrun stop the others before they say theirs
         print(f"process {dist.get_rank()}: {type(error).__name__}: {error}", flush=True)
-        sys.exit(1)
-    dist.destroy_process_group()
