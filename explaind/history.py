@@ -500,7 +500,6 @@ class Recorder:
         self.path = Path(path).absolute()  # the loop may change the working directory
         self.model = module_of(model)
         self._group, self._rank, self._processes = _data_parallel(model)
-        self._writes = self._rank == 0  # process 0 writes the history, the others send it their shards
         self.optimizer = optimizer
         self.scheduler = scheduler
         if scheduler is not None:
@@ -550,9 +549,10 @@ class Recorder:
 
         self._dir = self.path  # where the files are written: the path, or beside what it replaces
         self.step = 0 if _resume_from is None else _resume_from
+        if self._processes > 1 and not self._meet_the_other_processes(model):
+            self._group, self._rank, self._processes = None, 0, 1  # processes that train apart, a run each
+        self._writes = self._rank == 0  # process 0 writes the history, the others send it their shards
         self._last = _as_compared(self._params) if self._writes else {}  # the writer checks the steps
-        if self._processes > 1:
-            self._meet_the_other_processes()
         if _resume_from is None:
             self._on_writer(lambda: self._start_new(overwrite))
             self._rng_at_start = self._every_rng_state()  # before step 0 draws its batch: a resume from step 0 restores them
@@ -799,11 +799,13 @@ class Recorder:
                                  self._shards)
         self._declare(indices, inputs, targets, weights)
 
-    def _meet_the_other_processes(self) -> None:
-        """Every process of a data-parallel run builds its Recorder (process 0 alone sees only its
-        shard, and the others' averaged gradients would wait for its messages for ever). Met in
-        the process group's rendezvous store, whose wait ends at its timeout: a collective would
-        leave its work pending, which blocks the refused process's exit."""
+    def _meet_the_other_processes(self, model: nn.Module) -> bool:
+        """Whether the processes record one data-parallel run: every process builds its Recorder
+        (process 0 alone sees only its shard, and the others' averaged gradients would wait for its
+        messages for ever), with one path; processes that train apart (no DistributedDataParallel
+        model) give a path each, and record a run each. Met in the process group's rendezvous
+        store, whose wait ends at its timeout: a collective would leave its work pending, which
+        blocks the refused process's exit."""
         Recorder._built += 1  # the n-th Recorder of each process meets the n-th of the others
         key = f"explaind/recorder/{Recorder._built}/"
         keys = [f"{key}{rank}" for rank in dist.get_process_group_ranks(self._group or dist.group.WORLD)]
@@ -819,11 +821,14 @@ class Recorder:
                 "shard. Fix: build the Recorder in every process, on the same path, with the same arguments "
                 "(process 0 writes the history)") from error
         paths = [store.get(key).decode() for key in keys]
-        if len(set(paths)) > 1:  # (refused by every process alike)
+        apart = len(set(paths)) == len(paths) and not isinstance(model, nn.parallel.DistributedDataParallel)
+        if len(set(paths)) > 1 and not apart:  # (refused by every process alike)
             raise InputError(
                 f"the processes of this data-parallel run record to {len(set(paths))} paths ({paths[0]!r} in "
                 f"process 0, {next(p for p in paths if p != paths[0])!r} in another): a data-parallel run has one "
-                "history, of every process's shard, which process 0 writes. Fix: pass the same path in every process")
+                "history, of every process's shard, which process 0 writes. Fix: pass the same path in every "
+                "process (processes that train apart, without DistributedDataParallel, pass a path each)")
+        return len(set(paths)) == 1
 
     def _on_writer(self, action: Callable[[], object]) -> None:
         """Run `action` at process 0, the one that writes the history, and raise its refusal at
@@ -1047,10 +1052,13 @@ class Recorder:
                          ) if self.loss_name == "cross_entropy" else ""
             # a float64 run that misses by about float32's rounding computes some step in float32
             # the history is the union of the processes' shards, under the gradient DDP averages
+            group = _data_parallel(self.model)[2]
             shards = (f" This run has {self._processes} processes: the checked batch joins every process's shard, "
                       "and .grad must be the average of their gradients (DistributedDataParallel averages them; "
-                      "processes that train apart are recorded each in a run of its own, outside a process "
-                      "group).") if self._processes > 1 else ""
+                      "processes that train apart pass a path each).") if self._processes > 1 else (
+                f" This process is one of {group} in a process group, recording a run of its own (a path of its "
+                "own): if DistributedDataParallel averages their gradients, build the Recorder in every process "
+                "with the same path, which records the run of all of them.") if group > 1 else ""
             float32_loss = (" A miss this small in a float64 run is float32 rounding: a step of the loop computes in "
                             "float32, as Hugging Face's model(..., labels=...).loss does (it casts the logits to "
                             "float32). Compute the loss from the logits in float64 (the declared per-sample loss, "
@@ -1241,6 +1249,8 @@ class Recorder:
         if history.closed:
             raise HistoryError(f"{path} is a closed, complete history: there is nothing to resume")
         _, rank, processes = _data_parallel(model)
+        if "processes" not in history.meta and not isinstance(model, nn.parallel.DistributedDataParallel):
+            rank, processes = 0, 1  # a run of one process, as the Recorder finds it (its path is its own)
         if processes != history.meta.get("processes", 1):
             raise InputError(
                 f"{history.path} was recorded by {history.meta.get('processes', 1)} data-parallel process(es), and "

@@ -127,6 +127,28 @@ def test_processes_that_record_to_other_paths_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_ddp_run_recorded_as_runs_apart_is_refused_naming_the_fix(tmp_path):
+    """DistributedDataParallel training, its .module given with a path per process: taken for
+    processes that train apart, whose gradient checks see the averaged gradient, not their own."""
+    said = record_on_two_processes(tmp_path / "ddp", "sgd", "unequal", "module", mistake="module_paths")
+    for process in (0, 1):
+        assert f"process {process}: UnsupportedError: at step 0 the gradient in .grad differs" in said
+    assert said.count("This process is one of 2 in a process group, recording a run of its own (a path of its "
+                      "own): if DistributedDataParallel averages their gradients, build the Recorder in every "
+                      "process with the same path") == 2
+
+
+def test_processes_that_train_apart_record_a_run_each(tmp_path):
+    """No DistributedDataParallel, a path per process: each process's own run, as outside a group."""
+    record_on_two_processes(tmp_path / "apart", "adamw", "unequal", "module", mistake="apart")
+    for rank in (0, 1):
+        history = ex.History(f"{tmp_path / 'apart'}-{rank}")
+        assert history.meta["version"] == 1 and "processes" not in history.meta
+        for rec, sizes in zip(history.steps(), worker.SHARDS["unequal"], strict=True):
+            assert len(rec.indices) == sizes[rank] and rec.shards is None
+        assert_exact(explained(history.path))
+
+
 def test_a_killed_data_parallel_recording_resumes_to_the_uninterrupted_history(tmp_path):
     """Each process adds noise to its inputs from its own RNG: the resume restores each process's
     generators (process 0's in all of them made other noise), and the history is the

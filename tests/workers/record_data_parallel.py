@@ -2,7 +2,8 @@
 loop on gloo processes with the Recorder added as the docs say, every process declaring its own
 shard of each batch. Run in one process (no torchrun), the same loop trains on the whole batches.
 `mistake` makes the loop go wrong one way, or (augment, kill, resume) adds noise to the inputs
-from each process's own RNG, is killed after 3 steps, or resumes such a run."""
+from each process's own RNG, is killed after 3 steps, or resumes such a run; or (apart) trains a
+model in each process, on its shards, each recorded to a path of its own."""
 
 import contextlib
 import os
@@ -36,14 +37,15 @@ def train(path: str, opt: str, shards: str, wrap: str = "ddp", mistake: str = ""
     processes = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     model = fresh_model()
-    trained = nn.parallel.DistributedDataParallel(model) if processes > 1 else model
+    apart = mistake == "apart"  # the processes train a model each, on their shards, without averaging
+    trained = nn.parallel.DistributedDataParallel(model) if processes > 1 and not apart else model
     optimizer = (torch.optim.SGD(trained.parameters(), lr=0.3, momentum=0.9) if opt == "sgd"
                  else torch.optim.AdamW(trained.parameters(), lr=0.05, weight_decay=0.1))
     x, y = data()
     recording = mistake != "rank0_only" or rank == 0
     # torch's weighted mean divides each process's loss by its shard's total class weight
     class_weights = CLASS_WEIGHTS if weighted else None
-    path = f"{path}-{rank}" if mistake == "paths" else path
+    path = f"{path}-{rank}" if mistake in ("paths", "apart", "module_paths") else path
     augment = mistake in ("augment", "kill", "resume")
     torch.manual_seed(100 + rank)  # each process draws its own noise
     given = trained if wrap == "ddp" else model
