@@ -788,7 +788,7 @@ class Recorder:
             self._check_whole_step(optimizer)
             return
         shards = [None] * self._processes if self._writes else None
-        dist.gather_object(self._pending[:3], shards, group=self._group, group_dst=0)
+        dist.gather_object(self._pending[:3], shards, dst=self._writer, group=self._group)
         self._on_writer(lambda: (self._declare_shards(shards), self._check_whole_step(optimizer)))
 
     def _declare_shards(self, shards: list[tuple[torch.Tensor, ...]]) -> None:
@@ -830,6 +830,12 @@ class Recorder:
                 "process (processes that train apart, without DistributedDataParallel, pass a path each)")
         return len(set(paths)) == 1
 
+    @property
+    def _writer(self) -> int:
+        """The global rank of the process that writes (the group's process 0): torch before 2.6
+        takes collectives' source and destination as global ranks only."""
+        return dist.get_global_rank(self._group or dist.group.WORLD, 0)
+
     def _on_writer(self, action: Callable[[], object]) -> None:
         """Run `action` at process 0, the one that writes the history, and raise its refusal at
         every process: in a data-parallel run a process refused alone would leave the others
@@ -842,7 +848,7 @@ class Recorder:
                 error = caught
         if self._processes > 1:
             verdict = [None if error is None else (type(error), str(error))]
-            dist.broadcast_object_list(verdict, group=self._group, group_src=0)
+            dist.broadcast_object_list(verdict, src=self._writer, group=self._group)
             if verdict[0] is not None and not self._writes:
                 kind, message = verdict[0]
                 raise kind(message) if issubclass(kind, ExplaindError) else \
@@ -1148,7 +1154,7 @@ class Recorder:
         if self._processes == 1:
             return own
         every = [None] * self._processes if self._writes else None
-        dist.gather_object(own, every, group=self._group, group_dst=0)
+        dist.gather_object(own, every, dst=self._writer, group=self._group)
         if not self._writes:
             return None
         return {**every[0], **{f"process{rank}/{key}": value for rank, states in enumerate(every[1:], 1)
