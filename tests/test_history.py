@@ -328,6 +328,23 @@ def recording_or_resume(path: Path):
     return model, optimizer, (ex.Recorder.resume if path.exists() else ex.Recorder)(path, model, optimizer)
 
 
+def record_augmented(path: Path, noise, crash_after: int | None = None) -> None:
+    """recording_or_resume's run for 6 steps of 4 rows, each batch's inputs plus noise() (the
+    loop's augmentation, drawn from whatever RNG the test is about); Crash after step crash_after."""
+    x, y = tiny_data()
+    model, optimizer, recorder = recording_or_resume(path)
+    with recorder as rec:
+        for step in range(rec.step, 6):
+            rows = torch.arange(4 * step, 4 * step + 4) % len(x)
+            xb = x[rows] + noise()
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), y[rows]).backward()
+            rec.batch(rows, xb, y[rows])
+            optimizer.step()
+            if step == crash_after:
+                raise Crash(f"killed after step {step}")
+
+
 def test_a_run_without_scheduler_killed_before_the_state_after_its_first_step_resumes(tmp_path, monkeypatch):
     """Killed after the first step's manifest line, before the state after it: the state stored at
     the first batch resumes the run from the start (with or without a scheduler)."""
@@ -367,20 +384,9 @@ def global_rngs():
 def test_augmentation_from_numpy_and_python_random_resumes_as_drawn(tmp_path, global_rngs):
     """The resume restores numpy's and Python's global RNGs with torch's: a loop that draws its
     augmentation from them, gaussians included (both cache one), records the uninterrupted history."""
-    x, y = tiny_data()
-
     def run(path, crash_after=None):
-        model, optimizer, recorder = recording_or_resume(path)
-        with recorder as rec:
-            for step in range(rec.step, 6):
-                rows = torch.arange(4 * step, 4 * step + 4) % len(x)
-                xb = x[rows] + 0.1 * random.gauss(1.0, 0.2) * torch.from_numpy(np.random.normal(size=(4, 3)) @ np.ones((3, 4)))
-                optimizer.zero_grad()
-                F.cross_entropy(model(xb), y[rows]).backward()
-                rec.batch(rows, xb, y[rows])
-                optimizer.step()
-                if step == crash_after:
-                    raise Crash(f"killed after step {step}")
+        record_augmented(path, lambda: 0.1 * random.gauss(1.0, 0.2) * torch.from_numpy(
+            np.random.normal(size=(4, 3)) @ np.ones((3, 4))), crash_after)
 
     for path, crash_after in ((tmp_path / "whole", None), (tmp_path / "crashed", 2)):
         np.random.seed(0)
@@ -2047,19 +2053,8 @@ class FakeCuda:
 
 
 def run_with_gpu_augmentation(path: Path, cuda: FakeCuda, crash_after: int | None = None) -> None:
-    """tiny(1) with momentum SGD, recorded (or resumed) with augmentation drawn on GPU 1."""
-    x, y = tiny_data()
-    model, optimizer, recorder = recording_or_resume(path)
-    with recorder as rec:
-        for step in range(rec.step, 6):
-            rows = torch.arange(4 * step, 4 * step + 4) % len(x)
-            xb = x[rows] + 0.1 * cuda.noise(1, (4, 4))
-            optimizer.zero_grad()
-            F.cross_entropy(model(xb), y[rows]).backward()
-            rec.batch(rows, xb, y[rows])
-            optimizer.step()
-            if step == crash_after:
-                raise Crash(f"killed after step {step}")
+    """record_augmented with augmentation drawn on GPU 1."""
+    record_augmented(path, lambda: 0.1 * cuda.noise(1, (4, 4)), crash_after)
 
 
 def test_augmentation_drawn_on_a_gpu_resumes_as_drawn(tmp_path, monkeypatch):
