@@ -40,7 +40,7 @@ from . import errors
 from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
 from .errors import InputError, ReconstructionError, is_whole
-from .history import History
+from .history import History, process_group_store
 
 SPLITS = ("test", "steps")
 # a stored part's request fingerprint and rank (explaind.resumable.request_fingerprint)
@@ -302,7 +302,7 @@ class _Outcomes:
     a collective would hold it until every other part is computed."""
 
     def __init__(self, rank: int, world_size: int):
-        self.store = dist.distributed_c10d._get_default_store()  # torch has no public accessor
+        self.store = process_group_store()
         call = self.store.add(f"explaind.distributed/calls/{rank}", 1)  # the n-th call of every process is one call
         self.keys = [f"explaind.distributed/{call}/{r}" for r in range(world_size)]
         self.rank = rank

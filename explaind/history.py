@@ -298,6 +298,13 @@ def _members(optimizer: torch.optim.Optimizer) -> list[list[int]]:
     return [[id(p) for p in group["params"]] for group in optimizer.param_groups]
 
 
+def process_group_store() -> dist.Store:
+    """The default process group's key-value store, where processes tell each other what a
+    collective could not (a wait that ends at a timeout, a failure told before the others finish).
+    torch has no public accessor: this is the one place that reaches for it."""
+    return dist.distributed_c10d._get_default_store()
+
+
 def _data_parallel(model: nn.Module) -> tuple[object, int, int]:
     """(process group, this process's rank in it, its number of processes) of a data-parallel
     run, whose gradients are averaged over the processes before optimizer.step(): a
@@ -809,7 +816,7 @@ class Recorder:
         Recorder._built += 1  # the n-th Recorder of each process meets the n-th of the others
         key = f"explaind/recorder/{Recorder._built}/"
         keys = [f"{key}{rank}" for rank in dist.get_process_group_ranks(self._group or dist.group.WORLD)]
-        store = dist.distributed_c10d._get_default_store()
+        store = process_group_store()
         store.set(f"{key}{dist.get_rank()}", str(self.path))
         try:
             store.wait(keys, MEET_TIMEOUT)
