@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,15 @@ WORKER = Path(worker.__file__)
 
 def record_on_two_processes(path: Path, opt: str, shards: str, wrap: str, mistake: str = "",
                             weighted: bool = False) -> str:
-    """Run the worker's loop on 2 gloo processes (bounded: a hang fails the test); its output, where
-    each process says what it raised."""
+    """Run the worker's loop on 2 gloo processes (bounded: a hang fails the test); what each process
+    said it raised, in process order."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            str(WORKER), str(path), opt, shards, wrap, mistake, "weighted" if weighted else ""]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+    with tempfile.TemporaryDirectory() as said_dir:  # beside the run's folder, which some tests find empty
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "SAID_DIR": said_dir}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return "".join(said.read_text() for said in sorted(Path(said_dir).glob("process-*.said")))
 
 
 def explained(path: Path) -> "ex.Cube":

@@ -8,6 +8,7 @@ model in each process, on its shards, each recorded to a path of its own."""
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -84,5 +85,7 @@ if __name__ == "__main__":
         dist.destroy_process_group()
     except (ex.ExplaindError, RuntimeError) as error:
         # said by each process for the test to read, and exited from cleanly: a process that failed
-        # would have torchrun stop the others before they say theirs
-        print(f"process {dist.get_rank()}: {type(error).__name__}: {error}", flush=True)
+        # would have torchrun stop the others before they say theirs. Each says it in a file of its
+        # own: two long lines printed at once interleave in torchrun's pipe
+        said = Path(os.environ["SAID_DIR"]) / f"process-{dist.get_rank()}.said"
+        said.write_text(f"process {dist.get_rank()}: {type(error).__name__}: {error}\n")
