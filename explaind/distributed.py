@@ -20,6 +20,8 @@ Every part records a fingerprint of its request (see explaind.resumable): a part
 another request, or by an older call without one, is refused, never overwritten. It also records
 a sha256 of its labels and numbers, so that a part damaged on disk after it was written (a chunk
 file lost or changed, which zarr would read as NaN or fail to decompress) is named, never merged.
+Launched again with the same request and parts_dir (after a process failed, or was killed), each
+process reads its stored part back instead of computing it: only the missing parts are computed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +71,12 @@ def part_digest(part: xr.Dataset) -> str:
     return digest.hexdigest()
 
 
-def store_part(part: xr.Dataset, path: Path, request: str, rank: int, *, overwrite: bool = False) -> None:
+def store_part(part: xr.Dataset, path: Path, request: str, rank: int) -> None:
     """Save part `rank` of a request with its fingerprint and the digest of what reads back
     (zarr may hand values back otherwise held: object ids as integers, times in nanoseconds),
     signed before the store is moved into place: a part in place is complete."""
     part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
-    save_cube(part, path, overwrite=overwrite, finish=_sign)
+    save_cube(part, path, finish=_sign)
 
 
 def _sign(store: Path) -> None:
@@ -84,7 +87,6 @@ def _sign(store: Path) -> None:
 # how a damaged part is computed again, for the fix of the error that names it
 DELETE = "delete it and call again"  # a part that cannot be opened, which nothing overwrites
 DELETE_AND_RESUME = f"{DELETE}: only that part is computed again"
-CALL_AGAIN = "call again: every process computes its part again and replaces it"
 
 
 def is_stored(path: Path, request: str, rank: int) -> bool:
@@ -123,6 +125,18 @@ def read_part(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME)
         raise _damaged(path, rank, "its numbers differ from those it was written with (a chunk file lost, "
                                    "which reads as NaN, or changed)", fix)
     return part
+
+
+def missing_parts(parts_dir: str | os.PathLike, request: str, n_parts: int,
+                  read: Iterable[int] | None = None) -> list[int]:
+    """The ranks of this request's parts not stored in parts_dir. Every stored part's request is
+    checked (another's refused), and the numbers of those in `read` (all of them by default), so
+    that a damaged part is named before any compute."""
+    paths = [part_path(parts_dir, rank) for rank in range(n_parts)]
+    missing = [rank for rank, path in enumerate(paths) if not is_stored(path, request, rank)]
+    for rank in sorted(set(range(n_parts) if read is None else read) - set(missing)):
+        read_part(paths[rank], request, rank)
+    return missing
 
 
 def _damaged(path: Path, rank: int, cause: str, fix: str) -> InputError:
@@ -244,6 +258,10 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
                         parts_dir: str | os.PathLike, **kwargs) -> xr.Dataset | None:
     """explain() across the processes of a torchrun launch; process 0 returns the cube.
 
+    A process whose part an earlier launch of the same request stored in parts_dir reads it back
+    (checked against its digest) instead of computing it: launch again after a failure, and only
+    the parts that are missing are computed.
+
     A process whose part fails (an input of its share refused, a step whose update misses far
     beyond rounding, out of memory, Ctrl-C, ...) raises its error at once, having told the others
     through the process group's store; each of the others, once its own part is stored, raises an
@@ -274,25 +292,27 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     outcomes.raise_failed()
     if rank != 0:
         return None
-    merged = merge([read_part(part_path(parts_dir, r), request, r, CALL_AGAIN) for r in range(world_size)], split)
+    merged = merge([read_part(part_path(parts_dir, r), request, r) for r in range(world_size)], split)
     check_residual(merged, tolerance)
     return merged
 
 
 def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, world_size, tolerance,
                     options: dict) -> str:
-    """Compute and store this process's part of explain_distributed; the request's fingerprint."""
+    """Compute and store this process's part of explain_distributed, unless an earlier launch
+    stored it; the request's fingerprint."""
     from .resumable import request_fingerprint  # resumable imports this module
 
     history = history if isinstance(history, History) else History(history)
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **options)
-    # every process checks every part, so that all of them refuse together, before computing
-    for r in range(world_size):
-        is_stored(part_path(parts_dir, r), request, r)
+    # every process checks every part's request, so that all of them refuse another's together,
+    # and the numbers of its own only: process 0 reads them all to merge them
+    if rank not in missing_parts(parts_dir, request, world_size, read=[rank]):
+        return request
     part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
                          world_size=world_size, tolerance=tolerance, **options)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    store_part(part, part_path(parts_dir, rank), request, rank, overwrite=True)  # this request's own part, if any
+    store_part(part, part_path(parts_dir, rank), request, rank)
     return request
 
 

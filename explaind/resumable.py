@@ -31,7 +31,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import group_tensors
-from .distributed import SPLITS, explain_shard, is_stored, merge, part_path, read_part, step_window, store_part
+from .distributed import SPLITS, explain_shard, merge, missing_parts, part_path, read_part, step_window, store_part
 from .engine import check_residual, explain_defaults, kept_dims
 from .errors import InputError, is_whole
 from .history import History
@@ -73,10 +73,8 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     else:
         _check_parts(split, n_parts, len(inputs))
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=n_parts, **kwargs)
+    missing = missing_parts(parts_dir, request, n_parts)
     paths = [part_path(parts_dir, rank) for rank in range(n_parts)]
-    missing = [rank for rank, path in enumerate(paths) if not is_stored(path, request, rank)]
-    for rank in sorted(set(range(n_parts)) - set(missing)):  # a damaged part is named before any compute
-        read_part(paths[rank], request, rank)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
         for rank in missing:

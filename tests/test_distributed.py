@@ -58,21 +58,45 @@ def assert_same_cube(merged, single):
                                                                   abs=1e-12 * change)
 
 
-@pytest.mark.parametrize("split", ["test", "steps"])
-def test_two_gloo_processes_equal_one(run, split, tmp_path):
-    parts = tmp_path / "parts"
-    parts.mkdir()
+def launch_with_torchrun(run, split: str, parts: Path, out: Path) -> xr.Dataset:
+    """The cube that 2 gloo processes launched by torchrun merge (the worker's options) into `out`."""
+    parts.mkdir(exist_ok=True)
     save_file({"inputs": run.test_x.contiguous()}, parts / "inputs.safetensors")
-    out = tmp_path / "merged.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            str(WORKER), str(run.path), run.case.model, run.case.opt, split, str(parts), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
-    merged = ex.open_cube(out).load()
+    return ex.open_cube(out).load()
+
+
+def computed_by_workers(parts: Path) -> list[int]:
+    """The ranks of the parts the workers computed (not read back), in every launch so far."""
+    log = parts / "computed.log"
+    return sorted(int(line) for line in log.read_text().split()) if log.exists() else []
+
+
+@pytest.mark.parametrize("split", ["test", "steps"])
+def test_two_gloo_processes_equal_one(run, split, tmp_path):
+    parts = tmp_path / "parts"
+    merged = launch_with_torchrun(run, split, parts, tmp_path / "merged.zarr")
     single = run.explain(step_bins=3, components="module", quadrature=6)
     assert_same_cube(merged, single)
     assert sorted(p.name for p in parts.glob("part-*.zarr")) == ["part-00000.zarr", "part-00001.zarr"]
+
+
+def test_a_second_launch_reuses_every_stored_part(tmp_path):
+    """Launched again with the same request, no process computes its part again (each did, and
+    replaced it): the parts are read back, untouched, and merged into the same cube."""
+    run = train(Case(steps=5, n_test=4), tmp_path / "history")
+    parts = tmp_path / "parts"
+    first = launch_with_torchrun(run, "test", parts, tmp_path / "first.zarr")
+    assert computed_by_workers(parts) == [0, 1]
+    stored = {part.name: files_on_disk(part) for part in parts.glob("part-*.zarr")}
+    again = launch_with_torchrun(run, "test", parts, tmp_path / "again.zarr")
+    assert computed_by_workers(parts) == [0, 1]  # none computed in the second launch
+    assert {part.name: files_on_disk(part) for part in parts.glob("part-*.zarr")} == stored
+    xr.testing.assert_identical(again, first)
 
 
 @pytest.mark.parametrize("split", ["test", "steps"])
@@ -141,7 +165,7 @@ def launch_in_own_group(history, model_kind: str, split: str, inputs: torch.Tens
     """How explain_distributed ended in each of 2 plain processes (the last line each printed). The
     failing process lives on after its error, as a notebook does: once the other process has
     ended, it is stopped."""
-    parts_dir.mkdir()
+    parts_dir.mkdir(exist_ok=True)  # a relaunch finds it
     save_file({"inputs": inputs.contiguous()}, parts_dir / "inputs.safetensors")
     port = free_port()
     processes = {}
@@ -188,6 +212,22 @@ def test_an_interrupted_process_makes_every_process_raise(failing_rank, tmp_path
     assert ended[1 - failing_rank] == (
         f"RuntimeError: the part of process {failing_rank} failed (KeyboardInterrupt), so no cube is merged. "
         f"Fix: what process {failing_rank}'s error names, then launch every process again")
+
+
+def test_a_relaunch_after_a_failed_part_computes_only_that_part(tmp_path):
+    """Process 1 interrupted, process 0's part stored: launched again, process 0 reads its part
+    back, untouched, and process 1 computes its own; the merged cube passes the check."""
+    run = train(Case(steps=5, n_test=4), tmp_path / "history")
+    parts = tmp_path / "parts"
+    ended = launch_in_own_group(run.path, "mlp", "steps", run.test_x, parts, fail="interrupt")
+    assert ended[0].startswith("RuntimeError: the part of process 1 failed (KeyboardInterrupt)")
+    assert computed_by_workers(parts) == [0]
+    stored = files_on_disk(parts / "part-00000.zarr")
+    ended = launch_in_own_group(run.path, "mlp", "steps", run.test_x, parts)
+    assert ended[0] == "returned a cube"
+    assert computed_by_workers(parts) == [0, 1]  # part 1 only, this time
+    assert files_on_disk(parts / "part-00000.zarr") == stored
+    assert sorted(p.name for p in parts.glob("part-*")) == ["part-00000.zarr", "part-00001.zarr"]
 
 
 def test_a_process_that_dies_outright_is_named_at_the_groups_timeout(tmp_path):
@@ -421,6 +461,10 @@ def damage(part: Path, how: str) -> None:
     elif how == "chunk_rewritten":  # valid data, other numbers
         array = zarr.open_array(part / "attribution", mode="r+")
         array[...] = array[...] + 1.0
+    elif how == "byte_flipped":  # of the same size, which opening the store checks, but not its sha256
+        data = bytearray(chunk.read_bytes())
+        data[-1] ^= 1
+        chunk.write_bytes(bytes(data))
     else:  # the attributes, which hold the request's fingerprint
         (part / ".zattrs").write_text("{ not json")
 
@@ -596,10 +640,36 @@ def test_distributed_refuses_to_overwrite_another_requests_parts(run, tmp_path, 
     with pytest.raises(ex.InputError, match="(?s)part-00000.zarr.*different request.*new parts_dir"):
         explain_distributed(run.path, run.model, run.test_x, parts_dir=parts_dir, **OPTIONS)
     assert files_on_disk(parts_dir) == stored
-    # its own parts, from an earlier launch of the same request, are replaced
+    # its own parts, from an earlier launch of the same request, are reused
     first = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "own", **OPTIONS)
     again = explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "own", **OPTIONS)
     xr.testing.assert_identical(again, first)
+
+
+def test_distributed_names_its_damaged_part_before_any_compute(run, tmp_path, one_process_group, monkeypatch):
+    """A stored part is reused only with the numbers it was written with: one changed on disk in a
+    way opening it does not see (a byte, the size kept) is named, not replaced (it was computed
+    again and overwritten), and computed again once deleted."""
+    import explaind.distributed as distributed
+
+    parts_dir = tmp_path / "parts"
+    whole = explain_distributed(run.path, run.model, run.test_x, parts_dir=parts_dir, **OPTIONS)
+    damage(parts_dir / "part-00000.zarr", "byte_flipped")
+    stored = files_on_disk(parts_dir)
+    computed, compute = [], distributed.explain_shard
+
+    def counted(*args, rank, **kwargs):
+        computed.append(rank)
+        return compute(*args, rank=rank, **kwargs)
+
+    monkeypatch.setattr(distributed, "explain_shard", counted)
+    with pytest.raises(ex.InputError, match=r"(?s)part 0 at \S*part-00000.zarr is damaged: .*Fix: delete it"):
+        explain_distributed(run.path, run.model, run.test_x, parts_dir=parts_dir, **OPTIONS)
+    assert computed == [] and files_on_disk(parts_dir) == stored
+    shutil.rmtree(parts_dir / "part-00000.zarr")
+    xr.testing.assert_identical(explain_distributed(run.path, run.model, run.test_x, parts_dir=parts_dir, **OPTIONS),
+                                whole)
+    assert computed == [0]
 
 
 # --------------------------------------------------------------------------- resumable: arguments and callable options

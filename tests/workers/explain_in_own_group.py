@@ -13,6 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny cases
+from computed_parts import log_computed_parts  # noqa: E402
 from engine_cases import Case  # noqa: E402
 
 import explaind.distributed as distributed  # noqa: E402
@@ -20,6 +21,7 @@ import explaind.distributed as distributed  # noqa: E402
 history, model_kind, split, parts_dir, fail, failing_rank, timeout = sys.argv[1:8]
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(timeout)))
+log_computed_parts(parts_dir)
 if fail != "none" and rank == int(failing_rank):  # this process only, as it computes its part
     def failing_shard(*args, **kwargs):
         if fail == "interrupt":  # Ctrl-C
