@@ -39,10 +39,9 @@ import torch.distributed as dist
 import xarray as xr
 import zarr
 
-from . import errors
 from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
 from .engine import check_residual, checked_steps, explain
-from .errors import InputError, ReconstructionError, is_whole
+from .errors import InputError, ReconstructionError, described, error_class, is_whole
 from .history import History, process_group_store
 
 SPLITS = ("test", "steps")
@@ -328,7 +327,7 @@ class _Outcomes:
         self.rank = rank
 
     def tell(self, error: BaseException | None) -> None:
-        failure = None if error is None else [type(error).__module__, type(error).__name__, str(error)]
+        failure = None if error is None else described(error)
         self.store.set(self.keys[self.rank], json.dumps(failure))
 
     def raise_failed(self) -> None:
@@ -351,8 +350,7 @@ class _Outcomes:
 def _failed_parts(failed: dict[int, list[str]]) -> Exception:
     """The error of a process whose part is stored when the parts of others failed: of the first
     failure's class where that is explaind's."""
-    module, name, _ = next(iter(failed.values()))
-    kind = getattr(errors, name) if module == errors.__name__ else RuntimeError
+    kind = error_class(next(iter(failed.values())))
     causes = {rank: f"{name}: {message}" if message else name for rank, (_, name, message) in failed.items()}
     if len(causes) == 1:
         [(rank, cause)] = causes.items()

@@ -42,6 +42,23 @@ UPDATE_MISS_CAUSES = (
 )
 
 
+# One process's error told to the others (a data-parallel Recorder's refusal, the failed part of
+# explain_distributed) as plain data, and raised again there.
+
+
+def described(error: BaseException) -> list[str]:
+    """An exception as JSON-able data for another process: its class's module and name, its message."""
+    return [type(error).__module__, type(error).__name__, str(error)]
+
+
+def error_class(description: list[str]) -> type[Exception]:
+    """The class to raise a described error again with: explaind's own (of this module), so that
+    a caller catches it as it would have here, RuntimeError for any other exception."""
+    module, name, _ = description
+    kind = globals().get(name) if module == __name__ else None
+    return kind if isinstance(kind, type) and issubclass(kind, ExplaindError) else RuntimeError
+
+
 # Argument checks shared by the public calls: bool is an int to Python, and True must not pass
 # for a count or a tolerance.
 

@@ -54,7 +54,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import __version__  # set before the package imports its modules
-from .errors import ExplaindError, HistoryError, InputError, UnsupportedError, is_number, is_whole
+from .errors import (ExplaindError, HistoryError, InputError, UnsupportedError, described, error_class, is_number,
+                     is_whole)
 from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
 from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_class_weights, check_per_sample, check_reduction,
                      recorded_loss, resolve_loss, sample_weights, takes_class_weights)
@@ -854,12 +855,12 @@ class Recorder:
             except Exception as caught:
                 error = caught
         if self._processes > 1:
-            verdict = [None if error is None else (type(error), str(error))]
+            verdict = [None if error is None else described(error)]
             dist.broadcast_object_list(verdict, src=self._writer, group=self._group)
             if verdict[0] is not None and not self._writes:
-                kind, message = verdict[0]
+                kind, (_, name, message) = error_class(verdict[0]), verdict[0]
                 raise kind(message) if issubclass(kind, ExplaindError) else \
-                    RuntimeError(f"process 0 of the recording failed: {kind.__name__}: {message}")
+                    RuntimeError(f"process 0 of the recording failed: {name}: {message}")
         if error is not None:
             raise error
 

@@ -242,6 +242,29 @@ def test_a_process_that_dies_outright_is_named_at_the_groups_timeout(tmp_path):
         "explain_distributed")
 
 
+def test_another_processs_error_comes_back_of_explaind_class_or_as_a_runtime_error():
+    """One process's error told to the others as JSON (explain_distributed's store, the
+    data-parallel Recorder's broadcast): explaind's class comes back, for a caller to catch as the
+    error itself; any other exception, one of explaind's names in another module included, and
+    names of explaind.errors that are no error class, come back as RuntimeError."""
+    import json
+
+    from explaind.errors import described, error_class
+
+    def told(description):
+        return error_class(json.loads(json.dumps(description)))
+
+    class InputError(Exception):  # explaind's name, not its class
+        pass
+
+    assert described(ex.InputError("bad ids")) == ["explaind.errors", "InputError", "bad ids"]
+    assert told(described(ex.InputError("bad ids"))) is ex.InputError
+    assert told(described(ex.ReconstructionError("off", cube=xr.Dataset()))) is ex.ReconstructionError
+    for other in (KeyboardInterrupt(), KeyError("step"), InputError("bad ids")):
+        assert told(described(other)) is RuntimeError
+    assert told(["explaind.errors", "is_whole", ""]) is RuntimeError
+
+
 def record_a_loop_clipped_from(step: int, path: Path) -> torch.Tensor:
     """A 6-step SGD run of Case('mlp')'s model whose gradients are clipped from `step` on, which
     the history does not record (check_every=50 checks steps 0 and 1 only); its test inputs."""
