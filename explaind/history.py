@@ -22,7 +22,10 @@ On-disk format (a directory; no pickle anywhere):
                          previous, consistent pair. The state of step 0 (the RNG as the
                          recording started, the rest at its first batch) is the first; with a
                          scheduler it stays until the second step shows how often the loop
-                         steps the scheduler
+                         steps the scheduler. With a scheduler, resume.json keeps the state
+                         before the last step beside the one after it (a resume that cannot
+                         tell whether the loop was due to step the scheduler in between redoes
+                         that step), and is written again when the loop steps the scheduler
     closed.json          written by close(): the number of steps, the hashes of meta.json and
                          of the manifest (its per-step values are covered by nothing else) and
                          the final step's hash
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import copyreg
 import hashlib
 import json
 import math
@@ -549,6 +553,11 @@ class Recorder:
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
         self._scheduler_steps_vary = False  # ... not the same after every optimizer step
         self._epoch_after_step: int | None = None  # the scheduler's position right after a step
+        # whether resume.json holds the schedule as the loop left it after the last step (stored when
+        # the loop stepped it, else at the next step), and that resume state: kept beside the one after
+        # the next step, for a resume that cannot tell whether the loop stepped its scheduler after it
+        self._schedule_stored = False
+        self._schedule_info: dict | None = None
         # the schedule's position, state and group hyperparameters as a resume left them (see
         # _undo_a_repeated_schedule_step): until the first step after a resume
         self._resumed_schedule: tuple[int, dict, list[dict]] | None = None
@@ -572,6 +581,8 @@ class Recorder:
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
+        if scheduler is not None:
+            self._hooks.append(_ObservedSteps(scheduler, self._after_scheduler_step))
 
     # ----------------------------------------------------------------- setup
 
@@ -898,10 +909,12 @@ class Recorder:
                     "the weights can be written into forward instead (e.g. use w.clamp(-c, c) where w was used)"
                 )
         if self.scheduler is not None and self.step > 0:
-            # the loop has stepped its scheduler since the last step: store its state now
+            # the loop has stepped its scheduler since the last step: store its state now, if its
+            # step() did not (a loop that had nothing to step, or a resume's first step)
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(_schedule_position(self.scheduler) - self._epoch_after_step)
-            self._write_resume_info(scheduler_stepped=True)
+            if not self._schedule_stored:
+                self._write_resume_info(scheduler_stepped=True)
         elif not self._resume_tensors:
             # a new recording's first step: the state a kill resumes from until one after a step replaces it
             self._write_resume_tensors(self._rng_at_start)
@@ -1030,6 +1043,22 @@ class Recorder:
             self._scheduler_steps_vary = True
         self._scheduler_steps = steps
 
+    def _after_scheduler_step(self) -> None:
+        """The loop stepped its scheduler. After an optimizer step of this recording (not one before
+        its first step, nor a resume's catch-up), once the loop has stepped it as often as it does
+        after every step (a per-epoch scheduler or a ReduceLROnPlateau at once), store the schedule,
+        in place of the store before the next step: a run killed before that step resumes from it,
+        with no step to redo. Not after the first step, whose resume state stays step 0's until the
+        second shows how often the loop steps the scheduler."""
+        if not self._writes or self._epoch_after_step is None or self._scheduler_steps is None:
+            return
+        made = _schedule_position(self.scheduler) - self._epoch_after_step
+        if made < self._scheduler_steps and _catches_up(self.scheduler, self._scheduler_steps,
+                                                        self._scheduler_steps_vary):
+            return  # more to come: until then a resume catches the whole count up from after the step
+        self._write_resume_info(scheduler_stepped=True)
+        self._schedule_stored = True
+
     def _check_gradient(self) -> None:
         """Compare .grad with the gradient of the declared loss on the declared batch."""
         _, x, y, w = self._pending
@@ -1135,6 +1164,7 @@ class Recorder:
         self._write_resume_tensors(rngs, copied=moments)
         if self.scheduler is not None:
             self._epoch_after_step = _schedule_position(self.scheduler)
+            self._schedule_stored = False
         if self.scheduler is None or self._scheduler_steps is not None:
             self._write_resume_info(scheduler_stepped=False)
         # else how often the loop steps its scheduler is learned at the next step: until then the
@@ -1185,9 +1215,11 @@ class Recorder:
 
     def _write_resume_info(self, scheduler_stepped: bool) -> None:
         """Hyperparameters and scheduler state. Written at a new recording's first batch, after
-        each step, and again before the next one once the loop has stepped its scheduler; a run
-        killed in between is resumed by stepping the scheduler as often as the loop did per step."""
-        info = {
+        each step, and again once the loop has stepped its scheduler (when it does, or before the
+        next step); a run killed in between is resumed by stepping the scheduler as often as the
+        loop did per step, or, where that count is not fixed (a per-epoch scheduler, a
+        ReduceLROnPlateau's metric), from `before_step`, the state stored before that step."""
+        info = _plain({
             "next_step": self.step,
             "param_groups": self.optimizer.state_dict()["param_groups"],
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -1195,9 +1227,14 @@ class Recorder:
             "scheduler_steps_per_step": self._scheduler_steps,
             "scheduler_steps_vary": self._scheduler_steps_vary,
             **self._resume_tensors,
-        }
+        })
+        if scheduler_stepped:
+            self._schedule_info = info  # (plain: copies, which the schedule's next steps leave as they are)
+        elif self.scheduler is not None and self._schedule_info is not None and \
+                self._schedule_info["next_step"] == self.step - 1:
+            info["before_step"] = self._schedule_info  # whose tensors file this step's state did not replace
         try:
-            _write_atomic(self._dir / "resume.json", _json_bytes(_plain(info)))
+            _write_atomic(self._dir / "resume.json", _json_bytes(info))
         except TypeError as err:
             raise UnsupportedError(
                 f"the scheduler's state_dict cannot be stored as JSON ({err}); "
@@ -1290,6 +1327,8 @@ class Recorder:
                 "scheduler=None and set the learning rates of the resumed steps yourself (the optimizer "
                 "gets those of the last recorded step)"
             )
+        if scheduler is not None and info["scheduler"] is not None and _redoes_the_killed_step(scheduler, info):
+            info = info["before_step"]  # the killed step is redone, its schedule known
         step = min(info["next_step"], history.n_steps)
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")
@@ -1560,8 +1599,10 @@ def _read_resume_info(path: Path) -> dict:
             "step was stored. Record it again with overwrite=True"
         )
     info = _read_json(resume)
-    for key in ("next_step", "param_groups", "scheduler", "scheduler_stepped", "scheduler_steps_per_step"):
-        _field(info, key, resume)
+    before = [info["before_step"]] if isinstance(info, dict) and "before_step" in info else []
+    for record in (info, *before):
+        for key in ("next_step", "param_groups", "scheduler", "scheduler_stepped", "scheduler_steps_per_step"):
+            _field(record, key, resume)
     return info
 
 
@@ -1661,42 +1702,84 @@ def _schedule_position(scheduler) -> int:
     return scheduler.last_epoch
 
 
+def _catches_up(scheduler, steps: int | None, vary: bool) -> bool:
+    """Whether a resume can step a scheduler restored from just after an optimizer step as the loop
+    did: it steps it as often after every step, ≥ once, and with no metric (a ReduceLROnPlateau's,
+    which the history does not hold)."""
+    return not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and bool(steps) and not vary
+
+
+def _redoes_the_killed_step(scheduler, info: dict) -> bool:
+    """Whether a resume continues from the state stored before the last step, which it redoes: killed
+    after that step and before the loop stepped its scheduler (or went on to the next step), it
+    cannot tell whether the scheduler was due there (a per-epoch one: the epoch's last step?) nor
+    catch it up (an older explaind kept no such state)."""
+    return not info["scheduler_stepped"] and "before_step" in info and \
+        not _catches_up(scheduler, info["scheduler_steps_per_step"], info.get("scheduler_steps_vary", False))
+
+
 def _unknown_schedule(scheduler, info: dict, path) -> Exception | None:
     """Why a scheduler restored from just after an optimizer step cannot be caught up, if it cannot:
-    how often the loop steps it there is unknown."""
+    how often the loop steps it there is unknown, and an older explaind kept no state before that step."""
     steps = info["scheduler_steps_per_step"]
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        return UnsupportedError(
-            f"{path} was killed after an optimizer step and before the next step's batch was declared "
-            "(where the scheduler's state is stored): whether the loop stepped its ReduceLROnPlateau in "
-            "between is unknown, and its step needs a metric the history does not hold, so the resumed "
-            "run cannot record further steps (it can close). Fix: record the run again with "
-            "overwrite=True, or use a schedule that depends on the step count only"
-        )
     if steps is None:
         return HistoryError(
             f"{path} was killed right after its first step, before its scheduler's stepping "
             "could be observed, by an explaind that kept no state to resume that step from: record "
             "it again with overwrite=True"
         )
-    if steps == 0 or info.get("scheduler_steps_vary", False):
+    if not _catches_up(scheduler, steps, info.get("scheduler_steps_vary", False)):
         return UnsupportedError(
-            f"{path} was killed after an optimizer step and before the next step's batch was declared "
-            "(where the scheduler's state is stored), and its scheduler was not stepped once after "
-            "every optimizer step (a per-epoch scheduler?), so whether it was due in between is unknown "
-            "and the resumed run cannot record further steps (it can close). Fix: record the run again "
-            "with overwrite=True; to make runs resumable, step the scheduler after every optimizer step "
-            "(a per-step schedule, e.g. StepLR(step_size=steps_per_epoch))"
+            f"{path} was killed after an optimizer step, before the loop stepped its scheduler or went on to "
+            f"the next step, and its {type(scheduler).__name__} is not stepped once after every optimizer step "
+            "(a per-epoch scheduler, or a ReduceLROnPlateau's metric, which the history does not hold): whether "
+            "it was due in between is unknown, and the older explaind that recorded it kept no state before that "
+            "step to redo it from, so the resumed run cannot record further steps (it can close). Fix: record "
+            "the run again with overwrite=True, with this explaind, whose resume redoes such a step"
         )
     return None
 
 
 def _catch_up(scheduler, steps: int) -> None:
-    """Step a scheduler restored from just after an optimizer step as the loop would have."""
+    """Step a scheduler restored from just after an optimizer step as the loop would have (by its own
+    class's step: a Recorder left unclosed that still observes it must not store this)."""
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(steps):
-            scheduler.step()
+            _ObservedSteps.own_class(scheduler).step(scheduler)
+
+
+class _ObservedSteps:
+    """Calls `observer` after each of a scheduler's own step() calls (the loop's, or those of a
+    scheduler that chains or sequences it), until removed, like an optimizer's step hook. The
+    instance's class becomes a subclass of its own that adds only that call: a wrapper set on the
+    instance would be in its __dict__, which is its state_dict(), and come back with load_state_dict();
+    a copy or pickle of it is of its own class, unobserved. What step() computes is unchanged."""
+
+    def __init__(self, scheduler, observer: Callable[[], None]):
+        own = self.own_class(scheduler)  # (one a Recorder left unclosed observed: this one replaces it)
+
+        def step(instance, *args, **kwargs):
+            result = own.step(instance, *args, **kwargs)
+            observer()
+            return result
+
+        def __reduce_ex__(instance, protocol):  # (pickle's __newobj__ would want the instance's class)
+            return copyreg._reconstructor, (own, object, None), vars(instance)
+
+        observed = type(own.__name__, (own,), {  # (no __slots__ of its own: the instance's layout stays)
+            "step": step, "__reduce_ex__": __reduce_ex__, "_own_class": own, "__slots__": (),
+            "__module__": own.__module__, "__qualname__": own.__qualname__})
+        self.scheduler, self.observed = scheduler, observed
+        scheduler.__class__ = observed
+
+    @staticmethod
+    def own_class(scheduler) -> type:
+        return getattr(type(scheduler), "_own_class", type(scheduler))
+
+    def remove(self) -> None:
+        if type(self.scheduler) is self.observed:  # (not replaced by a later Recorder's)
+            self.scheduler.__class__ = self.own_class(self.scheduler)
 
 
 def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "History":

@@ -151,13 +151,18 @@ def test_processes_that_train_apart_record_a_run_each(tmp_path):
         assert_exact(explained(history.path))
 
 
-def test_a_killed_data_parallel_recording_resumes_to_the_uninterrupted_history(tmp_path):
+@pytest.mark.parametrize("kill, steps", [("kill", 3), ("kill_after_schedule", 4)])
+def test_a_killed_data_parallel_recording_resumes_to_the_uninterrupted_history(tmp_path, kill, steps):
     """Each process adds noise to its inputs from its own RNG: the resume restores each process's
     generators (process 0's in all of them made other noise), and the history is the
-    uninterrupted run's, file for file."""
+    uninterrupted run's, file for file. Its scheduler steps once an epoch (2 steps): killed after an
+    epoch's scheduler step, the run resumes from the state process 0 stored there; killed mid-epoch,
+    every process redoes the killed step."""
     record_on_two_processes(tmp_path / "whole", "sgd", "unequal", "ddp", mistake="augment")
-    record_on_two_processes(tmp_path / "resumed", "sgd", "unequal", "ddp", mistake="kill")
-    assert ex.History(tmp_path / "resumed", allow_incomplete=True).n_steps == 3
+    lrs = [line["groups"][0]["lr"] for line in ex.History(tmp_path / "whole").manifest]
+    assert lrs == [0.3, 0.3, 0.15, 0.15, 0.075, 0.075]
+    record_on_two_processes(tmp_path / "resumed", "sgd", "unequal", "ddp", mistake=kill)
+    assert ex.History(tmp_path / "resumed", allow_incomplete=True).n_steps == steps
     record_on_two_processes(tmp_path / "resumed", "sgd", "unequal", "ddp", mistake="resume")
     whole, resumed = ex.History(tmp_path / "whole"), ex.History(tmp_path / "resumed")
     assert resumed.n_steps == whole.n_steps == 6 and resumed.fingerprint() == whole.fingerprint()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import pickle
 import random
 import re
 import shutil
@@ -193,8 +195,8 @@ def test_a_resume_given_another_lambda_schedule_says_so(tmp_path, monkeypatch, s
     """A LambdaLR's function is not stored: a resume given another one (a longer warm-up) took the
     resumed steps on another schedule, silently (a user's rates went 0, .002, .004, .003 … where
     the uninterrupted run went on to .006). The restored function is evaluated at the recorded
-    step (4 of an 8-step warm-up: half of each base lr); another one is warned about, the killed
-    run's is not."""
+    step (5 of an 8-step warm-up, stored when the loop stepped it after step 4: 5/8 of each base lr,
+    where a 16-step warm-up gives 5/16); another one is warned about, the killed run's is not."""
     made = fresh_objects
 
     def warm_up(steps):
@@ -216,8 +218,8 @@ def test_a_resume_given_another_lambda_schedule_says_so(tmp_path, monkeypatch, s
         resume(tmp_path / "again")
     monkeypatch.setitem(globals(), "fresh_objects", warm_up(16))
     with pytest.warns(UserWarning, match=r"(?s)LambdaLR whose function sets the learning rate of its recorded step to "
-                                         r"0\.0075 in group 0 \(recorded: 0\.015\), 0\.0025 in group 1 "
-                                         r"\(recorded: 0\.005\).*the killed run's function"):
+                                         r"0\.009375 in group 0 \(recorded: 0\.01875\), 0\.003125 in group 1 "
+                                         r"\(recorded: 0\.00625\).*the killed run's function"):
         resume(tmp_path / "killed")
 
 
@@ -828,22 +830,27 @@ def sgd_history(path, steps: int):
 
 
 def sgd_steps(rec, model, optimizer, x, y, start: int, stop: int, *, loss=None, scheduler=None,
-              crash_at: int | None = None, scheduler_every: int = 1):
-    """SGD-style loop over batches of 4; killed right after optimizer.step() of `crash_at`."""
+              crash_at: int | None = None, scheduler_every: int = 1, killed_after_schedule: bool = False):
+    """SGD-style loop over batches of 4, stepping its scheduler after every `scheduler_every`-th step
+    (a ReduceLROnPlateau with the loss on all of x, an epoch's evaluation); killed right after
+    optimizer.step() of `crash_at`, or `killed_after_schedule`, after the scheduler's step there."""
     loss = loss or (lambda out, t: F.cross_entropy(out, t))
     for step in range(start, stop):
         rows = torch.arange(4 * step, 4 * step + 4) % len(x)
         optimizer.zero_grad()
-        value = loss(model(x[rows]), y[rows])
-        value.backward()
+        loss(model(x[rows]), y[rows]).backward()
         rec.batch(rows, x[rows], y[rows])
         optimizer.step()
-        if step == crash_at:
+        if step == crash_at and not killed_after_schedule:
             raise Crash(f"killed after step {step}")
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(value.item())
-        elif scheduler is not None and step % scheduler_every == scheduler_every - 1:
-            scheduler.step()
+        if scheduler is not None and step % scheduler_every == scheduler_every - 1:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                with torch.no_grad():
+                    scheduler.step(loss(model(x), y).item())
+            else:
+                scheduler.step()
+        if step == crash_at:
+            raise Crash(f"killed after step {step}'s scheduler step")
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_history(tmp_path):
@@ -978,14 +985,13 @@ def test_resume_continues_with_the_recorded_loss(tmp_path):
     assert ex.History(path).n_steps == 4
 
 
-def crashed_scheduled_run(path: Path, scheduler_of, crash_at: int, scheduler_every: int = 1):
+def crashed_scheduled_run(path: Path, scheduler_of, crash_at: int):
     x, y = tiny_data()
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = scheduler_of(optimizer)
     with pytest.raises(Crash), ex.Recorder(path, model, optimizer, scheduler=scheduler) as rec:
-        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler, crash_at=crash_at,
-                  scheduler_every=scheduler_every)
+        sgd_steps(rec, model, optimizer, x, y, 0, 8, scheduler=scheduler, crash_at=crash_at)
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return model, optimizer, scheduler_of(optimizer)
@@ -1035,19 +1041,101 @@ def refused_at_the_next_step_but_closes(path: Path, model, optimizer, scheduler,
     assert ex.History(path).n_steps == len(recorded)
 
 
-def test_resume_refuses_to_catch_up_a_metric_driven_scheduler(tmp_path):
-    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)  # noqa: E731
-    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", plateau, crash_at=2)
-    refused_at_the_next_step_but_closes(tmp_path / "h", model, optimizer, scheduler, ex.UnsupportedError,
-                                        "(?s)ReduceLROnPlateau.*metric.*Fix")
+EPOCH_SCHEDULES = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    "SequentialLR": lambda opt: torch.optim.lr_scheduler.SequentialLR(  # steps the scheduler it is in
+        opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.5, total_iters=2),
+              torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)], milestones=[2]),
+    "ChainedScheduler": lambda opt: torch.optim.lr_scheduler.ChainedScheduler(  # steps both
+        [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]),
+    # stepped with the evaluation's loss, which mode="max" takes as no improvement: halved each epoch
+    "ReduceLROnPlateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5),
+}
 
 
-@pytest.mark.parametrize("crash_at", [2, 5])
-def test_resume_refuses_to_catch_up_a_per_epoch_scheduler(tmp_path, crash_at):
-    """Stepped after every 4th optimizer step: whether it was due after the killed step is unknown."""
-    model, optimizer, scheduler = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at, scheduler_every=4)
-    refused_at_the_next_step_but_closes(tmp_path / "h", model, optimizer, scheduler, ex.UnsupportedError,
-                                        "(?s)per-epoch.*Fix.*every optimizer step")
+def scheduled_run(path: Path, scheduler_of, scheduler_every: int, crash_at: int | None = None, **kill) -> int:
+    """tiny() with momentum SGD for 8 steps, its scheduler stepped every `scheduler_every` steps (an
+    epoch), recorded to `path`, or resumed where a run there was killed (see sgd_steps): the first step."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = scheduler_of(optimizer)
+    recorder = (ex.Recorder.resume if path.exists() else ex.Recorder)(path, model, optimizer, scheduler=scheduler)
+    with pytest.raises(Crash) if crash_at is not None else nullcontext(), recorder as rec:
+        first = rec.step
+        sgd_steps(rec, model, optimizer, x, y, first, 8, scheduler=scheduler, crash_at=crash_at,
+                  scheduler_every=scheduler_every, **kill)
+    return first
+
+
+@pytest.mark.parametrize("schedule", EPOCH_SCHEDULES)
+@pytest.mark.parametrize("crash_at, killed_after_schedule, resumed_at", [
+    (3, True, 4),  # in the epoch-end evaluation after the scheduler's step: resumed from there
+    (3, False, 3),  # after the epoch's last optimizer step, before its scheduler's: that step is redone
+    (4, False, 4),  # mid-epoch, before the next step's batch: whether the scheduler was due is unknown, redone too
+], ids=["after the epoch's scheduler step", "before it", "mid-epoch"])
+def test_a_per_epoch_schedule_resumes_to_the_uninterrupted_history(tmp_path, schedule, crash_at,
+                                                                    killed_after_schedule, resumed_at):
+    """Stepped after every 2nd optimizer step, an epoch's last (a ReduceLROnPlateau with its evaluation's
+    metric): the Recorder stores the schedule when the loop steps it, and a run killed after an optimizer
+    step, before its scheduler's step, resumes from the state before that optimizer step, which it redoes."""
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    assert scheduled_run(whole, EPOCH_SCHEDULES[schedule], 2) == 0
+    lrs = [line["groups"][0]["lr"] for line in manifest(whole)]
+    assert lrs[0::2] == lrs[1::2] and lrs[4] != lrs[3]  # one rate an epoch, moved by the step after step 3
+    scheduled_run(crashed, EPOCH_SCHEDULES[schedule], 2, crash_at, killed_after_schedule=killed_after_schedule)
+    assert ex.History(crashed, allow_incomplete=True).n_steps == crash_at + 1
+    assert scheduled_run(crashed, EPOCH_SCHEDULES[schedule], 2) == resumed_at
+    assert_same_history(crashed, whole)
+
+
+def test_a_per_step_metric_driven_scheduler_killed_before_its_step_redoes_the_killed_step(tmp_path):
+    """A ReduceLROnPlateau stepped after every optimizer step cannot be caught up (its metric is not
+    in the history): killed between the two, the run resumes from before the killed step."""
+    plateau = EPOCH_SCHEDULES["ReduceLROnPlateau"]
+    scheduled_run(tmp_path / "whole", plateau, 1)
+    scheduled_run(tmp_path / "crashed", plateau, 1, crash_at=2)
+    assert scheduled_run(tmp_path / "crashed", plateau, 1) == 2
+    assert_same_history(tmp_path / "crashed", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("schedule", ["ReduceLROnPlateau", "StepLR"])
+def test_an_unplaceable_schedule_stored_by_an_older_explaind_is_refused_with_the_fix(tmp_path, schedule):
+    """An explaind before the state before each step was kept with the one after it: a run killed
+    between an optimizer step and its per-epoch (or metric-driven) scheduler's step cannot tell whether
+    the scheduler was due, and refuses to record another step; a loop that had finished closes."""
+    path = tmp_path / "h"
+    scheduled_run(path, EPOCH_SCHEDULES[schedule], 4, crash_at=5)
+    info = json.loads((path / "resume.json").read_text())
+    del info["before_step"]
+    (path / "resume.json").write_text(json.dumps(info))
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    refused_at_the_next_step_but_closes(path, model, optimizer, EPOCH_SCHEDULES[schedule](optimizer),
+                                        ex.UnsupportedError, "(?s)killed after an optimizer step.*before the "
+                                        "loop stepped its scheduler.*older explaind.*Fix.*overwrite=True")
+
+
+def test_the_recorded_scheduler_stays_itself_while_its_steps_are_observed(tmp_path):
+    """The Recorder stores the schedule when the loop steps it (resume.json then holds the stepped
+    state), through a subclass of the scheduler's class: its state_dict has no other key and
+    load_state_dict keeps the observing; a copy or pickle of it is of its own class; close() gives
+    it its class back."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = EPOCH_SCHEDULES["StepLR"](optimizer)
+    keys = set(scheduler.state_dict())
+    with ex.Recorder(tmp_path / "h", model, optimizer, scheduler=scheduler) as rec:
+        for stop in (2, 3):
+            scheduler.load_state_dict(scheduler.state_dict())
+            sgd_steps(rec, model, optimizer, x, y, rec.step, stop, scheduler=scheduler)
+            info = json.loads((tmp_path / "h" / "resume.json").read_text())
+            assert (info["next_step"], info["scheduler_stepped"], info["scheduler"]["last_epoch"]) == (stop, True, stop)
+        assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and set(scheduler.state_dict()) == keys
+        for copied in (copy.deepcopy(scheduler), pickle.loads(pickle.dumps(scheduler))):
+            assert type(copied) is torch.optim.lr_scheduler.StepLR and copied.state_dict() == scheduler.state_dict()
+    assert type(scheduler) is torch.optim.lr_scheduler.StepLR
 
 
 @pytest.mark.parametrize("ids", [torch.arange(-4, 0), torch.ones(4, dtype=torch.bool), torch.arange(4) + 0.5, [], ],

@@ -1,9 +1,10 @@
 """Worker of tests/test_data_parallel.py, launched by torchrun: a DistributedDataParallel training
 loop on gloo processes with the Recorder added as the docs say, every process declaring its own
 shard of each batch. Run in one process (no torchrun), the same loop trains on the whole batches.
-`mistake` makes the loop go wrong one way, or (augment, kill, resume) adds noise to the inputs
-from each process's own RNG, is killed after 3 steps, or resumes such a run; or (apart) trains a
-model in each process, on its shards, each recorded to a path of its own."""
+`mistake` makes the loop go wrong one way, or (augment, kill, kill_after_schedule, resume) adds noise
+to the inputs from each process's own RNG and halves the learning rate after every epoch of 2 steps,
+is killed after 3 steps (or after the 4th and its epoch's scheduler step), or resumes such a run; or
+(apart) trains a model in each process, on its shards, each recorded to a path of its own."""
 
 import contextlib
 import os
@@ -47,11 +48,13 @@ def train(path: str, opt: str, shards: str, wrap: str = "ddp", mistake: str = ""
     # torch's weighted mean divides each process's loss by its shard's total class weight
     class_weights = CLASS_WEIGHTS if weighted else None
     path = f"{path}-{rank}" if mistake in ("paths", "apart", "module_paths") else path
-    augment = mistake in ("augment", "kill", "resume")
+    augment = mistake in ("augment", "kill", "kill_after_schedule", "resume")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5) if augment else None
     torch.manual_seed(100 + rank)  # each process draws its own noise
     given = trained if wrap == "ddp" else model
-    recorder = (ex.Recorder.resume(path, given, optimizer, check_every=1) if mistake == "resume"
-                else ex.Recorder(path, given, optimizer, check_every=1, class_weights=class_weights) if recording
+    recorder = (ex.Recorder.resume(path, given, optimizer, scheduler=scheduler, check_every=1) if mistake == "resume"
+                else ex.Recorder(path, given, optimizer, check_every=1, class_weights=class_weights,
+                                 scheduler=scheduler) if recording
                 else contextlib.nullcontext())
     with recorder as rec:
         first = rec.step if rec else 0
@@ -69,6 +72,10 @@ def train(path: str, opt: str, shards: str, wrap: str = "ddp", mistake: str = ""
             optimizer.step()
             if mistake == "kill" and step == 2:
                 os._exit(0)  # killed: the Recorder is never closed
+            if scheduler is not None and step % 2 == 1:  # an epoch's end
+                scheduler.step()
+            if mistake == "kill_after_schedule" and step == 3:
+                os._exit(0)
 
 
 if __name__ == "__main__":
