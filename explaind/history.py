@@ -23,9 +23,9 @@ On-disk format (a directory; no pickle anywhere):
                          recording started, the rest at its first batch) is the first; with a
                          scheduler it stays until the second step shows how often the loop
                          steps the scheduler. With a scheduler, resume.json keeps the state
-                         before the last step beside the one after it (a resume that cannot
+                         before the last step beside the one after it: a resume that cannot
                          tell whether the loop was due to step the scheduler in between redoes
-                         that step), and is written again when the loop steps the scheduler
+                         that step
     closed.json          written by close(): the number of steps, the hashes of meta.json and
                          of the manifest (its per-step values are covered by nothing else) and
                          the final step's hash
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import copyreg
 import hashlib
 import json
 import math
@@ -553,10 +552,8 @@ class Recorder:
         self._scheduler_steps: int | None = None  # scheduler.step() calls per optimizer step
         self._scheduler_steps_vary = False  # ... not the same after every optimizer step
         self._epoch_after_step: int | None = None  # the scheduler's position right after a step
-        # whether resume.json holds the schedule as the loop left it after the last step (stored when
-        # the loop stepped it, else at the next step), and that resume state: kept beside the one after
-        # the next step, for a resume that cannot tell whether the loop stepped its scheduler after it
-        self._schedule_stored = False
+        # the resume state stored before the last step (the schedule as the loop left it): kept beside
+        # the one after that step, for a resume that cannot tell whether the loop stepped its scheduler after it
         self._schedule_info: dict | None = None
         # the schedule's position, state and group hyperparameters as a resume left them (see
         # _undo_a_repeated_schedule_step): until the first step after a resume
@@ -581,8 +578,6 @@ class Recorder:
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
-        if scheduler is not None:
-            self._hooks.append(_ObservedSteps(scheduler, self._after_scheduler_step))
 
     # ----------------------------------------------------------------- setup
 
@@ -909,12 +904,10 @@ class Recorder:
                     "the weights can be written into forward instead (e.g. use w.clamp(-c, c) where w was used)"
                 )
         if self.scheduler is not None and self.step > 0:
-            # the loop has stepped its scheduler since the last step: store its state now, if its
-            # step() did not (a loop that had nothing to step, or a resume's first step)
+            # the loop has stepped its scheduler since the last step: store its state now
             if self._epoch_after_step is not None:  # (unknown right after a resume)
                 self._observe_scheduler_steps(_schedule_position(self.scheduler) - self._epoch_after_step)
-            if not self._schedule_stored:
-                self._write_resume_info(scheduler_stepped=True)
+            self._write_resume_info(scheduler_stepped=True)
         elif not self._resume_tensors:
             # a new recording's first step: the state a kill resumes from until one after a step replaces it
             self._write_resume_tensors(self._rng_at_start)
@@ -1043,22 +1036,6 @@ class Recorder:
             self._scheduler_steps_vary = True
         self._scheduler_steps = steps
 
-    def _after_scheduler_step(self) -> None:
-        """The loop stepped its scheduler. After an optimizer step of this recording (not one before
-        its first step, nor a resume's catch-up), once the loop has stepped it as often as it does
-        after every step (a per-epoch scheduler or a ReduceLROnPlateau at once), store the schedule,
-        in place of the store before the next step: a run killed before that step resumes from it,
-        with no step to redo. Not after the first step, whose resume state stays step 0's until the
-        second shows how often the loop steps the scheduler."""
-        if not self._writes or self._epoch_after_step is None or self._scheduler_steps is None:
-            return
-        made = _schedule_position(self.scheduler) - self._epoch_after_step
-        if made < self._scheduler_steps and _catches_up(self.scheduler, self._scheduler_steps,
-                                                        self._scheduler_steps_vary):
-            return  # more to come: until then a resume catches the whole count up from after the step
-        self._write_resume_info(scheduler_stepped=True)
-        self._schedule_stored = True
-
     def _check_gradient(self) -> None:
         """Compare .grad with the gradient of the declared loss on the declared batch."""
         _, x, y, w = self._pending
@@ -1164,7 +1141,6 @@ class Recorder:
         self._write_resume_tensors(rngs, copied=moments)
         if self.scheduler is not None:
             self._epoch_after_step = _schedule_position(self.scheduler)
-            self._schedule_stored = False
         if self.scheduler is None or self._scheduler_steps is not None:
             self._write_resume_info(scheduler_stepped=False)
         # else how often the loop steps its scheduler is learned at the next step: until then the
@@ -1215,10 +1191,10 @@ class Recorder:
 
     def _write_resume_info(self, scheduler_stepped: bool) -> None:
         """Hyperparameters and scheduler state. Written at a new recording's first batch, after
-        each step, and again once the loop has stepped its scheduler (when it does, or before the
-        next step); a run killed in between is resumed by stepping the scheduler as often as the
-        loop did per step, or, where that count is not fixed (a per-epoch scheduler, a
-        ReduceLROnPlateau's metric), from `before_step`, the state stored before that step."""
+        each step, and again before the next one once the loop has stepped its scheduler; a run
+        killed in between is resumed by stepping the scheduler as often as the loop did per step,
+        or, where that count is not fixed (a per-epoch scheduler, a ReduceLROnPlateau's metric),
+        from `before_step`, the state stored before that step, which it redoes."""
         info = _plain({
             "next_step": self.step,
             "param_groups": self.optimizer.state_dict()["param_groups"],
@@ -1711,9 +1687,9 @@ def _catches_up(scheduler, steps: int | None, vary: bool) -> bool:
 
 def _redoes_the_killed_step(scheduler, info: dict) -> bool:
     """Whether a resume continues from the state stored before the last step, which it redoes: killed
-    after that step and before the loop stepped its scheduler (or went on to the next step), it
-    cannot tell whether the scheduler was due there (a per-epoch one: the epoch's last step?) nor
-    catch it up (an older explaind kept no such state)."""
+    after that step and before the next one, it cannot tell whether the loop stepped its scheduler in
+    between (a per-epoch one: the epoch's last step?) nor catch it up (an older explaind kept no such
+    state)."""
     return not info["scheduler_stepped"] and "before_step" in info and \
         not _catches_up(scheduler, info["scheduler_steps_per_step"], info.get("scheduler_steps_vary", False))
 
@@ -1730,8 +1706,8 @@ def _unknown_schedule(scheduler, info: dict, path) -> Exception | None:
         )
     if not _catches_up(scheduler, steps, info.get("scheduler_steps_vary", False)):
         return UnsupportedError(
-            f"{path} was killed after an optimizer step, before the loop stepped its scheduler or went on to "
-            f"the next step, and its {type(scheduler).__name__} is not stepped once after every optimizer step "
+            f"{path} was killed after an optimizer step and before the next one (where the scheduler's state "
+            f"is stored), and its {type(scheduler).__name__} is not stepped once after every optimizer step "
             "(a per-epoch scheduler, or a ReduceLROnPlateau's metric, which the history does not hold): whether "
             "it was due in between is unknown, and the older explaind that recorded it kept no state before that "
             "step to redo it from, so the resumed run cannot record further steps (it can close). Fix: record "
@@ -1741,45 +1717,11 @@ def _unknown_schedule(scheduler, info: dict, path) -> Exception | None:
 
 
 def _catch_up(scheduler, steps: int) -> None:
-    """Step a scheduler restored from just after an optimizer step as the loop would have (by its own
-    class's step: a Recorder left unclosed that still observes it must not store this)."""
+    """Step a scheduler restored from just after an optimizer step as the loop would have."""
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(steps):
-            _ObservedSteps.own_class(scheduler).step(scheduler)
-
-
-class _ObservedSteps:
-    """Calls `observer` after each of a scheduler's own step() calls (the loop's, or those of a
-    scheduler that chains or sequences it), until removed, like an optimizer's step hook. The
-    instance's class becomes a subclass of its own that adds only that call: a wrapper set on the
-    instance would be in its __dict__, which is its state_dict(), and come back with load_state_dict();
-    a copy or pickle of it is of its own class, unobserved. What step() computes is unchanged."""
-
-    def __init__(self, scheduler, observer: Callable[[], None]):
-        own = self.own_class(scheduler)  # (one a Recorder left unclosed observed: this one replaces it)
-
-        def step(instance, *args, **kwargs):
-            result = own.step(instance, *args, **kwargs)
-            observer()
-            return result
-
-        def __reduce_ex__(instance, protocol):  # (pickle's __newobj__ would want the instance's class)
-            return copyreg._reconstructor, (own, object, None), vars(instance)
-
-        observed = type(own.__name__, (own,), {  # (no __slots__ of its own: the instance's layout stays)
-            "step": step, "__reduce_ex__": __reduce_ex__, "_own_class": own, "__slots__": (),
-            "__module__": own.__module__, "__qualname__": own.__qualname__})
-        self.scheduler, self.observed = scheduler, observed
-        scheduler.__class__ = observed
-
-    @staticmethod
-    def own_class(scheduler) -> type:
-        return getattr(type(scheduler), "_own_class", type(scheduler))
-
-    def remove(self) -> None:
-        if type(self.scheduler) is self.observed:  # (not replaced by a later Recorder's)
-            self.scheduler.__class__ = self.own_class(self.scheduler)
+            scheduler.step()
 
 
 def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "History":

@@ -156,8 +156,7 @@ def test_a_killed_data_parallel_recording_resumes_to_the_uninterrupted_history(t
     """Each process adds noise to its inputs from its own RNG: the resume restores each process's
     generators (process 0's in all of them made other noise), and the history is the
     uninterrupted run's, file for file. Its scheduler steps once an epoch (2 steps): killed after an
-    epoch's scheduler step, the run resumes from the state process 0 stored there; killed mid-epoch,
-    every process redoes the killed step."""
+    epoch's scheduler step or mid-epoch, every process redoes the killed step."""
     record_on_two_processes(tmp_path / "whole", "sgd", "unequal", "ddp", mistake="augment")
     lrs = [line["groups"][0]["lr"] for line in ex.History(tmp_path / "whole").manifest]
     assert lrs == [0.3, 0.3, 0.15, 0.15, 0.075, 0.075]
