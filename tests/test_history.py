@@ -1503,6 +1503,25 @@ def test_class_weights_and_ignored_targets_follow_torchs_reduction(tmp_path, nam
         assert torch.equal(recorded, weight) and cube.attrs["class_weights"] == weight.tolist()
 
 
+def test_sample_weights_of_torchs_means_by_hand():
+    """w_{s,k}: a mean over class indices divides by the batch's total class weight, an ignored
+    target counting 0 (here 1 + 3 + 0.2 = 4.2); over class probabilities, or the float targets
+    of a custom loss declared with class weights (no class indices), by the batch size."""
+    from explaind.losses import sample_weights
+
+    def weights(loss, targets):
+        return sample_weights("mean", loss, targets, CLASS_WEIGHTS, torch.float64, "cpu")
+
+    indices = torch.tensor([0, 1, -100, 2])
+    for loss in ("cross_entropy", "nll", "custom:losses.smoothed"):
+        assert torch.equal(weights(loss, indices), torch.full((4,), 1 / 4.2, dtype=torch.float64))
+    probabilities = torch.tensor([[0.2, 0.3, 0.5]] * 4, dtype=torch.float64)
+    assert torch.equal(weights("cross_entropy", probabilities), torch.full((4,), 0.25, dtype=torch.float64))
+    # 0.5, 1.5, 2.0, 0.0 read as class indices would divide by 1 + 3 + 0.2 + 1
+    values = torch.tensor([0.5, 1.5, 2.0, 0.0], dtype=torch.float64)
+    assert torch.equal(weights("custom:losses.regression", values), torch.full((4,), 0.25, dtype=torch.float64))
+
+
 def test_class_weights_given_as_a_list_are_read_in_float64(tmp_path):
     """A list (as meta.json stores them) was read in float32: 0.2 missed the float64 .grad by 7e-9
     at the Recorder's check, and every history with weights was explained with rounded ones."""
@@ -1589,6 +1608,10 @@ def test_class_weights_of_another_length_are_named_at_the_first_step(tmp_path):
     with pytest.raises(ex.InputError, match="(?s)class_weights has 2 entries.*returns 3 classes.*one weight per class"):
         with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0], overwrite=True) as rec:
             sgd_steps(rec, model, optimizer, x, y.clamp(max=1), 0, 1)
+    # one weight too many: torch's weight= of another length failed deep inside the loss (a RuntimeError)
+    with pytest.raises(ex.InputError, match="(?s)class_weights has 4 entries.*returns 3 classes.*one weight per class"):
+        with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=[1.0, 2.0, 1.0, 1.0], overwrite=True) as rec:
+            sgd_steps(rec, model, optimizer, x, y, 0, 1)
 
 
 @pytest.mark.parametrize("weight", [None, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)])
