@@ -838,6 +838,20 @@ def test_float_class_targets_are_named_at_record_time(tmp_path, loss):
             optimizer.step()
 
 
+def test_class_probabilities_for_nll_are_named_by_their_shape_not_their_dtype():
+    """nll takes class indices only: class probabilities [batch, classes] are refused by their
+    shape, not with the fix for float class indices (y.long() would truncate them all to 0)."""
+    from explaind.losses import resolve_loss
+
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(8, 3, generator=g, dtype=torch.float64).log_softmax(1)
+    probabilities = torch.randn(8, 3, generator=g, dtype=torch.float64).softmax(1)
+    with pytest.raises(ex.InputError, match=says("'nll' takes outputs [batch, classes] and targets [batch]",
+                                                  "for targets of shape (8, 3)")) as refused:
+        resolve_loss("nll")[1](log_probs, probabilities)
+    assert "y.long()" not in str(refused.value)
+
+
 def test_the_history_and_the_model_swapped_are_named(tmp_path):
     """explain(model, path, ...) failed in pathlib: "expected str, bytes or os.PathLike object, not
     Sequential"."""
@@ -1107,6 +1121,7 @@ def test_bad_step_bins(run, no_heavy_compute, bins):
 def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
     with pytest.raises(ex.InputError, match=says(*words)):
         ex.explain(run.path, run.model, run.test_x, components=mapping, progress=False)
+
 
 
 class TiedAndFrozen(nn.Module):
