@@ -1123,6 +1123,16 @@ def test_bad_component_mapping(run, no_heavy_compute, mapping, words):
         ex.explain(run.path, run.model, run.test_x, components=mapping, progress=False)
 
 
+@pytest.mark.parametrize("label", ["", None, 3])
+def test_a_component_function_must_name_every_tensors_component(label):
+    """The components are the labels of the cube's component dim: a function that maps a tensor
+    to an empty name (or to no string at all) is refused naming that tensor, not made a label."""
+    from explaind.components import group_tensors
+
+    with pytest.raises(ex.InputError, match=says(f"components maps 'out.bias' to {label!r}",
+                                                  "component names must be non-empty strings")):
+        group_tensors(["hidden.weight", "out.bias"], lambda n: "body" if n.startswith("hidden") else label)
+
 
 class TiedAndFrozen(nn.Module):
     """Token embedding whose transpose is the unembedding (one tensor, two names), and a frozen gain."""
