@@ -267,6 +267,15 @@ def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     torch.testing.assert_close(phi, expected, rtol=0, atol=1e-12)
 
 
+def test_an_argmax_switch_still_open_after_the_last_round_is_cut_in_its_middle():
+    """An argmax switch predicts no root: out of rounds, its interval is cut in the middle, and
+    the segment counts as unresolved (its switch is at t = 0.3, see the test above)."""
+    flat, theta = flat_of(ArgmaxProduct(lambda z: torch.amax(z, dim=-1)))
+    path = PathIntegral(flat, quadrature=2, max_rounds=1)
+    (kinks,) = path.kinks(theta, torch.tensor([-0.3, 0.7, 0.0, 0.0], dtype=DT), torch.ones(1, 2, dtype=DT))
+    assert kinks == [0.5] and path.stats.unresolved == 1
+
+
 class MaxOfWeights(nn.Module):
     """Reductions that are no pooling of an input: a max over a weight's rows (a kink shared by
     every input), a learned temperature's clamp_min, and the shift of a hand-written stable
@@ -781,6 +790,7 @@ def test_a_model_whose_kink_ops_depend_on_its_parameters_is_refused_naming_the_f
     (1e-4, 0.02, -0.0173, -0.055),  # the mirror image: above 0 and heading up first
     (0.0173, 0.055, -1e-4, 0.02),  # falls through 0, turning up again just before the end
     (0.0, 1.0, 1.0, 1.0),  # the root is the start itself
+    (-1.0, 3.0, 1.0, 0.3),  # Newton needs all its steps from the secant's root (after 1: 1e-2 off, after 3: 1e-9)
 ])
 def test_each_predicted_root_is_the_interpolants_first_root_in_the_interval(za, ga, zb, gb):
     """Newton from the secant's root left the interval at an end and stayed there (a root
@@ -797,6 +807,61 @@ def test_each_predicted_root_is_the_interpolants_first_root_in_the_interval(za, 
     inside = sorted(r.real for r in roots if abs(r.imag) < 1e-12 and 0 <= r.real < 1)
     predicted = _first_roots(interval, _hermite(interval), 2)[0]
     assert predicted[0].item() == pytest.approx(inside[0], abs=1e-12) and predicted[1].item() == np.inf
+
+
+def test_the_certified_coverage_is_where_the_taylor_bounds_from_both_ends_reach_zero():
+    """A unit on one side at both ends is certified as far as v + v′u − Ku²/2 ≥ 0 from each end,
+    K = curvature_safety × its interpolant's largest |z''|. By hand, on an interval [0.25, 0.75]
+    (its u-slopes half the t-slopes): z(u) = 1 − u − u² + 2u³ (z = 1 at both ends, z′ = −1 and 3
+    in u), z'' = −2 + 12u, so K = 2 × 10 = 20; from the start 1 − u − 10u² ≥ 0 up to
+    (−1 + √41)/20, from the end 1 − 3w − 10w² ≥ 0 up to w = 0.2. A straight unit reaches zero
+    at v/|v′| (here beyond the interval), one crossing zero is left to the crossing search: the
+    curved unit is the least certain."""
+    from explaind.path import _dip_gap, _hermite
+
+    # columns: the curved unit, a straight one falling from 1 to 0.5, one crossing zero
+    za, zb = torch.tensor([[1.0, 1.0, -0.5]], dtype=DT), torch.tensor([[1.0, 0.5, 0.5]], dtype=DT)
+    u_slopes = torch.tensor([[-1.0, -0.5, 1.0]], dtype=DT), torch.tensor([[3.0, -0.5, 1.0]], dtype=DT)
+    none = torch.zeros(1, 0, dtype=torch.long)
+    interval = _Intervals(torch.tensor([0]), torch.tensor([0.25], dtype=DT), torch.tensor([0.75], dtype=DT),
+                          (za, u_slopes[0] / 0.5, none, za[:, :1]), (zb, u_slopes[1] / 0.5, none, zb[:, :1]))
+    coverage, gap = _dip_gap(interval, _hermite(interval), safety=2.0)
+    from_start, from_end = (41**0.5 - 1) / 20, 0.2
+    assert 1 - from_start - 10 * from_start**2 == pytest.approx(0, abs=1e-15)  # the bound's root, as derived
+    assert coverage.item() == pytest.approx(from_start + from_end, abs=1e-14)
+    assert gap.item() == pytest.approx((from_start + 1 - from_end) / 2, abs=1e-14)  # the uncertified middle
+
+
+def test_a_round_places_as_many_sign_changes_as_it_predicts_roots():
+    """_distances_only: an interval whose crossings are sign changes of at most `most` distances
+    is placed by its predicted roots (most = roots_per_round); one more, or an argmax switch,
+    is bracketed instead."""
+    from explaind.path import _distances_only
+
+    za = torch.tensor([[-1.0, -1.0, 1.0, 1.0]], dtype=DT)
+    zb = torch.tensor([[1.0, 1.0, -1.0, 1.0]], dtype=DT)  # three of the four change sign
+    same, switched = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long)
+    out = torch.zeros(1, 1, dtype=DT)
+
+    def interval(end_index):
+        return _Intervals(torch.tensor([0]), torch.zeros(1, dtype=DT), torch.ones(1, dtype=DT),
+                          (za, za, same, out), (zb, zb, end_index, out))
+
+    assert [bool(_distances_only(interval(same), most)) for most in (2, 3, 4)] == [False, True, True]
+    assert not _distances_only(interval(switched), 4)
+
+
+def test_a_pieces_miss_is_that_of_its_worst_output():
+    """kink_tolerance bounds the miss of every explained output: a piece whose integrals miss
+    the change of its ends' outputs (1, 2, 3) by 0, 0 and 0.6 misses by 0.6, not their mean 0.2."""
+    flat, _ = flat_of(ArgmaxProduct(lambda z: torch.amax(z, dim=-1)))
+    none, z = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=DT)
+    ends = torch.zeros(1, 3, dtype=DT), torch.tensor([[1.0, 2.0, 3.0]], dtype=DT)
+    piece = _Intervals(torch.tensor([0]), torch.zeros(1, dtype=DT), torch.ones(1, dtype=DT),
+                       (z, z, none, ends[0]), (z, z, none, ends[1]))
+    integrals = torch.tensor([[1.0, 2.0, 2.4]], dtype=DT)
+    miss = PathIntegral(flat, kink_tolerance=0.3)._misses(None, piece, "logit", integrals)
+    torch.testing.assert_close(miss, torch.tensor([0.6], dtype=DT), rtol=0, atol=1e-15)
 
 
 class TwoUnits(nn.Module):
