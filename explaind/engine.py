@@ -83,6 +83,9 @@ class Request:
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
     stop_at_missed_update: bool = False  # stop at a step whose update misses far beyond rounding (UPDATE_STOP_SHARE)
     coarser_rounding: str = ""  # where the model rounds to a coarser dtype (FlatModel.coarser_rounding)
+    # bytes of the kink search's pieces a test chunk's first pass keeps for its later train
+    # chunks (KeptPieces; None: no bound); plan_chunks sets it
+    pieces_bytes: int | None = None
 
     @property
     def n_outputs(self) -> int:
@@ -211,7 +214,8 @@ def explain(
     recorded update misses the modelled one far beyond rounding (by more than 1e-3 of the update
     and 100 times its rounding floor), before computing the rest of the run (no cube then).
     test_chunk / train_chunk / batch_chunk bound memory: test inputs per pass, training samples
-    per momentum buffer (the history is streamed once per chunk pair) and samples of a recorded
+    per momentum buffer (the history is streamed once per chunk pair, its kinks searched once per
+    test chunk where memory_budget leaves room to keep them) and samples of a recorded
     batch per backward pass (a batch's gradient is summed over its parts, so this chunk costs no
     recomputation). Left as None, they are chosen as large as `memory_budget` (bytes, on the
     compute device) allows.
@@ -661,10 +665,12 @@ def plan_chunks(req: Request, budget: float | None) -> None:
            and needed <= budget < needed + req.path.search_reserve(req.inputs, test)):
         test = (test + 1) // 2
         needed = pass_bytes(req, test, train, rows)
-    # the kink search takes what the pass leaves of the budget, beyond its reserve; a budget
-    # beyond any machine's memory (inf too) leaves it unbounded, where int() would overflow
+    # the kink search takes what the pass leaves of the budget, beyond its reserve, less what a first
+    # train chunk keeps of its pieces for the later ones; a budget beyond any machine's memory (inf
+    # too) leaves both unbounded, where int() would overflow
     spare = budget - needed
-    req.path.search_bytes = None if spare >= 2**62 else max(0, int(spare))
+    req.pieces_bytes = None if spare >= 2**62 else max(0, min(int(spare) // 4, kept_pieces_bytes(req, test, train)))
+    req.path.search_bytes = None if spare >= 2**62 else max(0, int(spare) - req.pieces_bytes)
     if needed > budget:
         asked = [f"{name}=None" for name, value in (("test_chunk", req.test_chunk), ("train_chunk", req.train_chunk),
                                                     ("batch_chunk", req.batch_chunk)) if value]
@@ -682,6 +688,16 @@ def plan_chunks(req: Request, budget: float | None) -> None:
             f"({format_bytes(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
             + ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1])
     req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
+
+
+def kept_pieces_bytes(req: Request, n_test: int, n_train: int) -> int:
+    """The most bytes of kink-search pieces a pass over n_test inputs keeps for the later train
+    chunks (KeptPieces): those of every explained step, when the training samples are split into
+    chunks of n_train."""
+    if not req.keeps("train") or n_train >= len(req.train_index):  # one train chunk: nothing to keep
+        return 0
+    start, stop = req.step_range
+    return (stop - start) * req.path.pieces_bytes(req.inputs, n_test)
 
 
 def within_free_memory(budget: float | None, device: torch.device) -> float | None:
@@ -732,13 +748,15 @@ def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
     # each pass's bar covers its steps: over many passes, a bar of the passes shows the whole call's pace
     passes = tqdm(total=n_passes, desc="explain passes", unit="pass", disable=not req.progress or n_passes == 1)
     for i, tests in enumerate(test_chunks):
+        kept = kept_pieces(req, later_chunks=len(train_chunks) > 1)
         for j, trains in enumerate(train_chunks):
             label = f"explain {i * len(train_chunks) + j + 1}/{n_passes}"
             counted = replace(req.path.stats)
             # no name holds the pass: its device accumulators go before the next pass makes its own
-            parts.append((tests, trains, ChunkPass(req, tests, trains, first_train_chunk=(j == 0)).run(label)))
+            parts.append((tests, trains,
+                          ChunkPass(req, tests, trains, first_train_chunk=(j == 0), kept=kept).run(label)))
             passes.update()
-            if j > 0:  # the same segments as the first train chunk's: searched again, not counted again
+            if j > 0:  # the first train chunk's segments: those it could not keep searched again, not counted again
                 req.path.stats = counted
     passes.close()
     return parts
@@ -757,11 +775,48 @@ def _prefetched(records: Iterable[StepRecord]) -> Iterator[StepRecord]:
             yield record
 
 
-class ChunkPass:
-    """One stream over the history for a chunk of test inputs and of training samples."""
+class KeptPieces:
+    """What the kink search found on a test chunk's explained steps (search_steps' per-step
+    pieces), kept by its first train chunk's pass for the later ones: the pieces depend on the
+    step's segment, the test inputs and the target, not on the training samples. Steps are kept
+    while their pieces fit within `limit` bytes (None: no limit); a later pass searches those
+    left out again."""
 
-    def __init__(self, req: Request, tests: slice, trains: slice, first_train_chunk: bool):
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.by_step: dict[int, tuple] = {}
+        self.bytes = 0
+
+    def keep(self, step: int, pieces: tuple) -> None:
+        """Keep search_steps' pieces of step, if they fit."""
+        (owner, lo, hi), plain = pieces
+        size = sum(t.nbytes for t in (owner, lo, hi, plain) if t is not None)
+        if step in self.by_step or (self.limit is not None and self.bytes + size > self.limit):
+            return
+        # copies: a step's pieces are views of its window's tensors, which would all stay held
+        self.by_step[step] = tuple(t.clone() for t in (owner, lo, hi)), None if plain is None else plain.clone()
+        self.bytes += size
+
+    def get(self, step: int) -> tuple | None:
+        """The pieces kept for step (None: not kept)."""
+        return self.by_step.get(step)
+
+
+def kept_pieces(req: Request, later_chunks: bool) -> KeptPieces | None:
+    """A test chunk's KeptPieces, where it has later train chunks and the plan leaves them bytes
+    (None: nothing is kept)."""
+    return KeptPieces(req.pieces_bytes) if later_chunks and req.pieces_bytes != 0 else None
+
+
+class ChunkPass:
+    """One stream over the history for a chunk of test inputs and of training samples. kept: the
+    test chunk's KeptPieces, filled by its first train chunk's pass and taken by the later ones
+    (None: one train chunk, nothing kept)."""
+
+    def __init__(self, req: Request, tests: slice, trains: slice, first_train_chunk: bool,
+                 kept: KeptPieces | None = None):
         self.req = req
+        self.kept = kept
         flat = req.flat
         self.dev, self.dt = flat.device, flat.dtype
         self.x = flat.cast_inputs(req.inputs[tests])
@@ -927,8 +982,9 @@ class ChunkPass:
     def _segments(self, records: Iterable[StepRecord]) -> Iterator[tuple]:
         """(record, θ_s, Δθ_s, pieces) per step. The explained steps' segments are searched
         for kinks a window of steps at once (PathIntegral.window), by one search whose passes
-        each take rows of all of them (search_steps); pieces None where a step's search is left
-        to its integral (a window of one)."""
+        each take rows of all of them (search_steps); pieces None where no kinks are searched.
+        A test chunk's first train chunk keeps what it finds (self.kept) and a later one takes
+        it, searching only the steps left out."""
         path, (start, stop) = self.req.path, self.req.step_range
         records = iter(records)
         first = next(records, None)
@@ -941,11 +997,16 @@ class ChunkPass:
             segments = [(theta, theta_next - theta) for theta, theta_next in map(self.reader.thetas, window)]
             pieces = [None] * len(window)
             explained = [j for j, rec in enumerate(window) if rec.step >= start]
+            if self.kept is not None and not self.first_train_chunk:
+                pieces = [self.kept.get(rec.step) for rec in window]
+                explained = [j for j in explained if pieces[j] is None]
             if explained:
                 found = path.search_window(torch.stack([segments[j][0] for j in explained]),
                                            torch.stack([segments[j][1] for j in explained]), self.x, self.req.target)
                 for j, step_pieces in zip(explained, found):
                     pieces[j] = step_pieces
+                    if self.kept is not None and self.first_train_chunk and step_pieces is not None:
+                        self.kept.keep(window[j].step, step_pieces)
             for rec, (theta, delta), step_pieces in zip(window, segments, pieces):
                 yield rec, theta, delta, step_pieces
 

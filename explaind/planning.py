@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .cube import checked_test_ids
-from .engine import (ChunkPass, build_request, check_reverse_mode, explain_defaults, format_bytes, kept_sizes,
-                     momentum_shown, pass_bytes, plan_chunks, walks_backwards)
+from .engine import (ChunkPass, KeptPieces, build_request, check_reverse_mode, explain_defaults, format_bytes,
+                     kept_pieces, kept_sizes, momentum_shown, pass_bytes, plan_chunks, walks_backwards)
 from .errors import InputError, is_whole
 from .path import KinkStats
 from .verify import check_tolerance
@@ -62,6 +62,9 @@ class Plan:
     # search's reserve once more beyond it, as the planner leaves it (engine.plan_chunks)
     one_pass_budget: int | None = None
     search_bytes: int | None = None
+    # of what the kink search finds, the bytes a test chunk's first pass keeps for its later train
+    # chunks, taken from what memory_budget leaves beside the pass (None: no budget, so no bound)
+    pieces_bytes: int | None = None
     # per test chunk: explained steps x (seconds_per_step + later train chunks x
     # seconds_per_later_step) + train chunks x replayed steps x seconds_per_replayed_step
     seconds: float | None = None
@@ -97,7 +100,7 @@ class Plan:
         if self.one_pass_budget is None:
             return []
         return [f"  one pass   memory_budget={self.one_pass_budget:.3g} ({format_bytes(self.one_pass_budget)}) would run it in "
-                f"1 pass instead of {self.passes}, each of which streams the history and repeats the kink search"]
+                f"1 pass instead of {self.passes}, each of which streams the history"]
 
     def _unresolved(self) -> list[str]:
         if not self.calibrated_kinks or not self.calibrated_kinks[0]:
@@ -112,7 +115,18 @@ class Plan:
             return ""
         rest = "more, unbounded (no memory_budget)" if self.search_bytes is None else \
             f"up to {format_bytes(self.search_bytes)} more, what memory_budget leaves beside the pass, when it needs it"
-        return f", of which {format_bytes(self.search_reserve)} for the kink search; the search may take {rest}"
+        return f", of which {format_bytes(self.search_reserve)} for the kink search; the search may take {rest}" \
+            + self._kept()
+
+    def _kept(self) -> str:
+        if self.train_chunk >= self.n_train:
+            return ""
+        if self.pieces_bytes is None:
+            return "; a test chunk's first pass keeps what it finds for its later train chunks"
+        if not self.pieces_bytes:
+            return "; later train chunks search again, as memory_budget leaves nothing beside the pass to keep it"
+        return (f"; a test chunk's first pass keeps up to {format_bytes(self.pieces_bytes)} of what it finds for its "
+                "later train chunks, which search the steps beyond that again")
 
 
 def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
@@ -175,7 +189,7 @@ def describe(request) -> Plan:
         passes=test_passes * train_passes, device=str(request.flat.device),
         device_bytes=pass_bytes(request, test_chunk, train_chunk, request.batch_chunk),
         search_reserve=request.path.search_reserve(request.inputs, test_chunk),
-        search_bytes=request.path.search_bytes,
+        search_bytes=request.path.search_bytes, pieces_bytes=request.pieces_bytes,
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
         max_kinks=request.path.max_kinks,
@@ -211,13 +225,15 @@ def _calibrate(request, steps: int, later_chunks: bool,
     train chunk's pass, over `steps` steps spread over the explained range, and per step that
     only replays the momentum (None: the request has none), each timed on a second run (the
     first one pays for warm-up: allocation, vmap tracing, file cache). Adds to `kinks` what the
-    kink search found on the calibrated steps (a later train chunk searches the same segments)."""
+    kink search found on the calibrated steps (a later train chunk takes the pieces the first
+    one found, as explain's do)."""
     shown = momentum_shown(request.history)
     blocks = _calibration_blocks(request, steps, shown)
     timed = sum(stop - first for first, stop, _ in blocks)
+    kept = kept_pieces(request, later_chunks)
 
     def per_step(first_chunk: bool) -> float:
-        return sum(_timed(request, (first, stop), replay, first_chunk, kinks if first_chunk else None)
+        return sum(_timed(request, (first, stop), replay, first_chunk, kinks if first_chunk else None, kept)
                    for first, stop, replay in blocks) / timed
 
     first, later = per_step(True), per_step(False) if later_chunks else None
@@ -261,11 +277,12 @@ def _solvable(request, step: int, shown) -> bool:
 
 
 def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk: bool,
-           kinks: KinkStats | None = None) -> float:
+           kinks: KinkStats | None = None, kept: KeptPieces | None = None) -> float:
     """Seconds of a second run of a pass over steps replay_start … step_range[1] − 1, explaining
     those from step_range[0] on, for the first test and train chunks (first_chunk: as a test
     chunk's first pass, which also checks the updates and books the totals); adds what that
-    run's kink search found to `kinks` (None: not counted)."""
+    run's kink search found to `kinks` (None: not counted). kept: the kink search's pieces, kept
+    by a first pass and taken by a later one (ChunkPass's)."""
     short = dataclasses.replace(request, step_range=step_range, replay_start=replay_start)
     tests = slice(0, min(request.test_chunk, len(request.inputs)))
     trains = slice(0, min(request.train_chunk, len(request.train_index)))
@@ -273,7 +290,7 @@ def _timed(request, step_range: tuple[int, int], replay_start: int, first_chunk:
     for _ in range(2):
         request.path.stats = KinkStats()
         started = time.perf_counter()
-        ChunkPass(short, tests, trains, first_train_chunk=first_chunk).run("calibrate")
+        ChunkPass(short, tests, trains, first_train_chunk=first_chunk, kept=kept).run("calibrate")
         elapsed.append(time.perf_counter() - started)
     if kinks is not None:
         kinks.add(request.path.stats)

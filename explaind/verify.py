@@ -257,7 +257,7 @@ def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool
         thetas, nexts = zip(*map(reader.thetas, window))
         deltas = [theta_next - theta for theta, theta_next in zip(thetas, nexts)]
         segments = torch.stack(thetas), torch.stack(deltas)
-        # per path and batch, each step's pieces (None: left to the step's own integral)
+        # per path and batch, each step's pieces (None: no kinks searched, the plain rule)
         pieces = [[path.search_window(*segments, x, target) for x in batches] for path in paths]
         for j, (rec, theta, theta_next, delta) in enumerate(zip(window, thetas, nexts, deltas)):
             reached = outputs(theta_next)  # the stored θ_{s+1}: θ_s + Δθ_s may round off it

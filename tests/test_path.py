@@ -16,6 +16,7 @@ import xarray as xr
 from torch import nn
 
 import explaind as ex
+from explaind import engine
 from explaind.cube import residual_attrs
 from explaind.functional import FlatModel, ParamLayout, layout_of
 from explaind.path import PathIntegral, _Intervals
@@ -1179,6 +1180,79 @@ def test_the_kink_counts_are_those_of_the_segments_not_of_the_passes(tmp_path, k
     assert whole.attrs["kinks_located"] > 0
     for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
         assert chunked.attrs[name] == whole.attrs[name]
+
+
+def _counting_searches(monkeypatch) -> list[int]:
+    """The steps of each kink search explain runs (PathIntegral.search_steps), noted as it runs."""
+    searched, search = [], PathIntegral.search_steps
+    monkeypatch.setattr(PathIntegral, "search_steps", lambda self, th, *a: searched.append(len(th))
+                        or search(self, th, *a))
+    return searched
+
+
+def _assert_identical(cube: xr.Dataset, other: xr.Dataset) -> None:
+    assert sorted(cube.data_vars) == sorted(other.data_vars) and cube.attrs.keys() == other.attrs.keys()
+    for name in cube.data_vars:
+        np.testing.assert_array_equal(cube[name].values, other[name].values, err_msg=name)
+    for name, value in cube.attrs.items():
+        np.testing.assert_array_equal(value, other.attrs[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
+@pytest.mark.parametrize("convention, keep", [
+    ("update", ("train", "test", "output")),  # walks forwards (a momentum buffer of 3 samples: fewer than 9 rows)
+    ("update", ("train",)),  # walks backwards with one carried effect, but forwards in the last chunk of 1 sample
+    ("gradient", ("train", "test")),  # walks backwards
+])
+def test_later_train_chunks_take_the_pieces_their_first_train_chunk_found(tmp_path, monkeypatch, convention, keep,
+                                                                          kink_tolerance):
+    """The pieces of a step's segment depend on the test inputs, not on the training samples: a
+    test chunk's later train chunks take what its first one found, so each explained step is
+    searched once per test chunk (2 test chunks of 3 inputs, 4 train chunks of up to 3 samples:
+    it was searched once per pass). The cube is bit for bit the one whose later passes search
+    again (nothing kept), and its kink counts are those of one pass over all samples."""
+    run = train(Case("mlp", "adamw", act="relu", steps=5, lr_scale=3.0, n_test=6), tmp_path / "h")
+    options = dict(keep=keep, convention=convention, kink_tolerance=kink_tolerance, tolerance=None, test_chunk=3)
+    searched = _counting_searches(monkeypatch)
+    kept = run.explain(train_chunk=3, **options)
+    assert sum(searched) == 2 * run.case.steps
+    searched.clear()
+    monkeypatch.setattr(engine.KeptPieces, "keep", lambda self, step, pieces: None)
+    again = run.explain(train_chunk=3, **options)
+    assert sum(searched) == 2 * 4 * run.case.steps
+    _assert_identical(kept, again)
+    whole = run.explain(**options)
+    assert whole.attrs["kinks_located"] > 0
+    for name in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved"):
+        assert kept.attrs[name] == whole.attrs[name]
+    scale = float(abs(whole["attribution"]).max())
+    np.testing.assert_allclose(kept["attribution"].values, whole["attribution"].values, rtol=0, atol=1e-13 * scale)
+
+
+@pytest.mark.parametrize("limit", [0, 200])
+def test_later_train_chunks_search_again_the_steps_whose_pieces_were_not_kept(tmp_path, monkeypatch, limit):
+    """Pieces are kept while they fit within the bytes the plan leaves them (engine.kept_pieces_bytes,
+    here 0: none kept, or 200: with a kink tolerance each step's pieces hold at least the plain
+    integral of 3 inputs x 3 outputs, 72 bytes, so at most 2 of the 5 steps fit); a later train
+    chunk searches the steps left out again, each once, and the cube is the same bit for bit."""
+    run = train(Case("mlp", "adamw", act="relu", steps=5, lr_scale=3.0, n_test=6), tmp_path / "h")
+    monkeypatch.setattr(engine, "kept_pieces_bytes", lambda *args: limit)
+    options = dict(keep=("train", "test"), kink_tolerance=1e-9, tolerance=None, test_chunk=3, train_chunk=3,
+                   memory_budget=2**30)
+    stores, init = [], engine.KeptPieces.__init__
+    monkeypatch.setattr(engine.KeptPieces, "__init__", lambda self, bound: stores.append(self) or init(self, bound))
+    searched = _counting_searches(monkeypatch)
+    kept = run.explain(**options)
+    assert [store.limit for store in stores] == ([limit] * 2 if limit else [])  # one per test chunk
+    assert all(store.bytes <= limit and len(store.by_step) <= limit // 72 for store in stores)
+    assert not limit or any(store.by_step for store in stores)
+    steps, kept_steps = run.case.steps, [len(store.by_step) for store in stores] or [0, 0]
+    assert sum(searched) == sum(steps + 3 * (steps - k) for k in kept_steps)
+    searched.clear()
+    monkeypatch.setattr(engine.KeptPieces, "keep", lambda self, step, pieces: None)
+    again = run.explain(**options)
+    assert sum(searched) == 2 * 4 * steps
+    _assert_identical(kept, again)
 
 
 # --- error-controlled kink search (kink_tolerance > 0) ------------------------------------------

@@ -17,6 +17,7 @@ from engine_cases import Case, train
 from explaind import engine, planning
 from explaind.functional import FlatModel, _OutputSizes, layout_of
 from explaind.losses import resolve_loss
+from explaind.path import PathIntegral
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +416,43 @@ def test_the_kink_search_is_costed_per_input(run, tmp_path):
     assert "for the kink search; the search may take more, unbounded (no memory_budget)" in str(unbounded)
     budget = ex.plan(*args, memory_budget=unbounded.device_bytes + 2**20)
     assert budget.search_bytes == 2**20 and "the search may take up to 1 MiB more, what memory_budget leaves beside the pass" in str(budget)
+
+
+@pytest.mark.parametrize("kink_tolerance", [0.0, 1e-6])
+def test_a_first_train_chunk_keeps_its_kink_pieces_within_what_the_budget_leaves(tmp_path, kink_tolerance):
+    """With several train chunks, a test chunk's first pass keeps the kink search's pieces for the
+    later ones, sized by hand: per step and input up to max_kinks + 1 = 17 pieces of 24 bytes
+    (input index, lo, hi); with a kink tolerance up to 4 x 16 + 9 of them and the plain integral
+    of 3 outputs (24 bytes); 3 steps of 4 inputs. They take at most a quarter of what the budget
+    leaves beside the pass, and the search the rest. With one train chunk nothing is kept."""
+    relu = train(Case("mlp", "adamw", act="relu", steps=3, lr_scale=3.0, n_test=4), tmp_path / "h")
+    args = (relu.path, relu.model, relu.test_x, relu.test_y)
+    options = dict(keep=("train", "test"), kink_tolerance=kink_tolerance)
+    pieces = 3 * 4 * (24 * 17 if kink_tolerance == 0 else 24 * (4 * 16 + 9) + 24)
+    one = ex.plan(*args, memory_budget=None, **options)
+    unbounded = ex.plan(*args, memory_budget=None, train_chunk=4, **options)
+    assert one.pieces_bytes is None and "pass keeps" not in str(one)
+    assert unbounded.pieces_bytes is None and "a test chunk's first pass keeps what it finds for its later train " \
+        "chunks" in str(unbounded)
+    for spare, kept in ((2**20, pieces), (4 * pieces - 4, pieces - 1)):
+        plan = ex.plan(*args, memory_budget=unbounded.device_bytes + spare, train_chunk=4, **options)
+        assert (plan.pieces_bytes, plan.search_bytes) == (kept, spare - kept)
+        assert f"keeps up to {engine.format_bytes(kept)} of what it finds" in str(plan)
+    whole = ex.plan(*args, memory_budget=one.device_bytes + 2**20, **options)
+    assert (whole.pieces_bytes, whole.search_bytes) == (0, 2**20) and "pass keeps" not in str(whole)
+
+
+def test_the_calibration_times_a_later_train_chunk_with_the_pieces_the_first_found(tmp_path, monkeypatch):
+    """As in explain, the calibration's later train chunk takes the kink search's pieces its first
+    pass found: a run of 2 steps, timed twice as a first pass, is searched twice, and not as a
+    later one (it was searched 4 times, so the later step's time held the search)."""
+    relu = train(Case("mlp", "adamw", act="relu", steps=3, lr_scale=3.0, n_test=4), tmp_path / "h")
+    searched, search = [], PathIntegral.search_steps
+    monkeypatch.setattr(PathIntegral, "search_steps", lambda self, th, *a: searched.append(len(th))
+                        or search(self, th, *a))
+    plan = ex.plan(relu.path, relu.model, relu.test_x, relu.test_y, keep=("train", "test"), train_chunk=4,
+                   calibrate_steps=2, memory_budget=None)
+    assert plan.seconds_per_later_step is not None and searched == [2, 2]
 
 
 def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(run):
