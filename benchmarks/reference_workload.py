@@ -8,6 +8,7 @@ keeping the full train × test × component × output kernel summed over steps.
     python benchmarks/reference_workload.py --quick    # the reference numbers only
     python benchmarks/reference_workload.py --quick --device cuda
     python benchmarks/reference_workload.py --quick --phases   # and where a call's time goes
+    python benchmarks/reference_workload.py --quick --train-chunk 50   # in 4 train chunks of 50 samples
 
 Prints wall time (best of `--repeat`), peak resident memory (and peak device memory on a GPU)
 and max |residual|, split into what the recorded updates' difference from the modelled optimizer
@@ -64,7 +65,7 @@ def timed_explain(path, model, test_inputs, repeat=3, **kwargs):
 
 
 def request(root: Path, n_test=10, dtype=torch.float32, quadrature=2, breakpoints=True, kink_tolerance=0.0,
-            device="cpu", **run) -> tuple:
+            device="cpu", train_chunk=None, **run) -> tuple:
     """explain()'s arguments for the workload (path, model, test inputs, keywords), recording
     the run under root first if it is not there yet."""
     path = root / ("run_" + "_".join(f"{k}{v}" for k, v in sorted(run.items())))
@@ -75,7 +76,8 @@ def request(root: Path, n_test=10, dtype=torch.float32, quadrature=2, breakpoint
     test = modular_addition(P, 200, 10 * n_test, seed=1, only_a_ge_b=False).val_inputs[:n_test]
     return path, model, test, dict(
         keep=("component", "train", "test", "output"), components=TRANSFORMER_COMPONENTS, dtype=dtype,
-        quadrature=quadrature, breakpoints=breakpoints, kink_tolerance=kink_tolerance, tolerance=None, device=device)
+        quadrature=quadrature, breakpoints=breakpoints, kink_tolerance=kink_tolerance, tolerance=None, device=device,
+        train_chunk=train_chunk)
 
 
 def workload(root: Path, repeat: int, **settings):
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=positive, default=3, help="timed calls after the first (at least 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="compute device of explain(): cpu, cuda, cuda:1 ...")
+    parser.add_argument("--train-chunk", type=positive, default=None,
+                        help="training samples per pass (default: all 200 in one); the reference numbers only")
     parser.add_argument("--phases", action="store_true",
                         help="also time the phases of the default setting's calls (explaind.phases)")
     args = parser.parse_args()
@@ -128,7 +132,8 @@ def main() -> None:
         root = Path(tmp)
         on = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
             f"{torch.get_num_threads()} CPU threads"
-        print(f"reference workload: {on}, float32, Gauss-Legendre Q=2")
+        chunks = "" if args.train_chunk is None else f", train chunks of {args.train_chunk} samples"
+        print(f"reference workload: {on}, float32, Gauss-Legendre Q=2{chunks}")
         settings = (("exact (every kink located)", True, 0.0),
                     ("kinks located where a step misses by > 1e-6 (kink_tolerance)", True, 1e-6),
                     ("plain quadrature", False, 0.0))
@@ -137,7 +142,7 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(args.device)
             cold, warm, cube = workload(root, args.repeat, breakpoints=kinks, kink_tolerance=kink_tolerance,
-                                        device=args.device)
+                                        device=args.device, train_chunk=args.train_chunk)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             print(f"\n  {label}")
             print(f"    cube dims           {dict(cube['attribution'].sizes)}")
