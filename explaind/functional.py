@@ -25,7 +25,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.func import jvp as _unguarded_jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,6 +38,16 @@ from .phases import PER_ROW_JACOBIANS, SAMPLE_GRADIENTS, SHARED_NODE_JACOBIANS, 
 
 TARGETS = ("log_prob", "logit")
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)  # torch's embedding modules (checked for sparse=, max_norm=, scale_grad_by_freq=)
+
+# torch.func.jvp keeps its nesting depth in a module global and forward AD's levels process-wide,
+# so jvps in two threads at once fail ("no level exists", "invalid index"): one at a time.
+_FORWARD_AD = threading.RLock()
+
+
+def jvp(*args, **kwargs):
+    """torch.func.jvp, one thread at a time (see _FORWARD_AD)."""
+    with _FORWARD_AD:
+        return _unguarded_jvp(*args, **kwargs)
 
 
 def tensor_of(value, what: str = "the value") -> torch.Tensor:

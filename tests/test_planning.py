@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -202,6 +203,37 @@ def test_forward_mode_sample_effects_equal_per_sample_gradients(run):
         return loss(flat.raw(th, rec.inputs[k:k + 1]), rec.targets[k:k + 1])[0].item()
     finite = (sample_loss(theta + h * tangents[r]) - sample_loss(theta - h * tangents[r])) / (2 * h)
     assert abs(by_jvp[r, k].item() - finite) <= 1e-7 * max(1.0, abs(finite))
+
+
+
+def test_forward_mode_in_two_threads_at_once_gives_each_its_own_result(run):
+    """torch.func.jvp keeps its nesting depth and forward AD's levels process-wide: two threads'
+    jvps at once used to fail ("no level exists", "invalid index" — once in a full test run, when
+    two explains ran side by side). Each thread's 150 forward-mode passes now equal one thread's."""
+    history = ex.History(run.path)
+    flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
+    theta = flat.layout.flatten(history.params(2))
+    rec = next(history.steps(2, 3))
+    _, loss = resolve_loss("cross_entropy")
+    tangents = torch.randn(3, flat.layout.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = flat.per_sample_directional(theta, rec.inputs, rec.targets, loss, tangents)
+    failures, mismatches = [], []
+
+    def repeat():
+        try:
+            for _ in range(150):
+                got = flat.per_sample_directional(theta, rec.inputs, rec.targets, loss, tangents)
+                if not torch.equal(got, expected):
+                    mismatches.append(got)
+        except RuntimeError as error:
+            failures.append(str(error).splitlines()[0])
+
+    threads = [threading.Thread(target=repeat) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(mismatches) == 0
 
 
 def test_explain_prints_its_plan_before_computing(run, capsys):
