@@ -98,6 +98,31 @@ def test_bootstrap_leaves_out_resamples_without_a_ranking_and_warns_nothing():
     assert np.isnan(list(datamodels.percentile_interval(np.full(2, np.nan), 0.9).values())).all()
 
 
+def test_the_mean_and_the_interval_of_the_defined_draws():
+    assert datamodels.defined_mean(np.array([1.0, 2.0, 6.0, np.nan])) == 3.0  # the mean of the three, not the median
+    draws = np.append(np.arange(101.0), [np.nan, np.nan])  # the NaNs left out: percentiles of 0 … 100
+    interval = datamodels.percentile_interval(draws, 0.9)  # 5% in each tail
+    assert [interval["ci_low"], interval["ci_high"]] == pytest.approx([5.0, 95.0], abs=1e-9)
+
+
+def test_bootstrap_resamples_the_inputs_as_well_as_the_models():
+    """Input 0 is predicted perfectly (LDS 1 on every resample of models), input 1 reversed (−1):
+    a resample of both inputs has mean LDS 0, but one that draws an input twice has ±1, each with
+    chance 1/4; a bootstrap over the models alone would give 0 every time."""
+    actual = np.random.default_rng(4).normal(size=(20, 2))
+    predicted = actual * np.array([1.0, -1.0])
+    summary = datamodels.bootstrap_lds(actual, {"half": predicted}, resamples=200, level=0.9, seed=0,
+                                       progress=False).set_index("method")
+    assert summary.loc["half", ["lds", "ci_low", "ci_high"]].tolist() == pytest.approx([0.0, -1.0, 1.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("level, resamples", [(1.0, 10), (0.0, 10), (0.9, 0)])
+def test_bootstrap_refuses_a_level_outside_0_1_and_no_resamples(level, resamples):
+    with pytest.raises(InputError, match=rf"need 0 < level < 1 and resamples >= 1, got {level} and {resamples}"):
+        datamodels.bootstrap_lds(np.zeros((5, 3)), {"a": np.zeros((5, 3))}, level=level, resamples=resamples,
+                                 progress=False)
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
 def test_spearman_takes_the_values_of_the_formula_over_every_order_of_n_ranks(n):
     """Every order of n ranks against 1 … n: the distinct correlations scipy computes are the
@@ -340,6 +365,24 @@ def test_true_class_log_probs_are_the_eval_mode_outputs_and_leave_the_mode_as_it
     assert [m.training for m in model] == [True, True, False, True] and not first.requires_grad
     torch.testing.assert_close(first, by_hand.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(datamodels.true_class_log_probs(model, x[:1], y[:1]), first[:1], rtol=0, atol=0)
+
+
+def test_true_class_log_probs_run_the_inputs_on_the_models_device():
+    """A retrained model stays where it trained: the inputs go to its parameters' device (here 'meta',
+    which any machine has), and the log-probabilities come back to the CPU."""
+    class Elsewhere(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, x):
+            self.seen = x.device
+            return torch.tensor([[0.0, np.log(3.0)]], dtype=torch.float64)  # p = 1/4, 3/4
+
+    model = Elsewhere()
+    out = datamodels.true_class_log_probs(model, torch.zeros(1, 2), torch.tensor([1]))
+    assert model.seen == torch.device("meta") and out.device == torch.device("cpu")
+    torch.testing.assert_close(out, torch.tensor([np.log(0.75)], dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("steps", [(0.5, 2), "ab", (2,)])

@@ -50,6 +50,8 @@ def test_splits_partition_the_held_out_set_and_depend_on_the_seed_only():
         pruning.split_inputs(20, 5, 20, seed=0)
     with pytest.raises(InputError, match="at least one split"):
         pruning.split_inputs(20, 0, 5, seed=0)
+    with pytest.raises(InputError, match="score_inputs=0 must lie in 1 … 19"):  # an empty score part scores nothing
+        pruning.split_inputs(20, 5, 0, seed=0)
 
 
 def test_input_groups_by_membership_pattern():
@@ -75,6 +77,8 @@ def test_global_and_per_component_thresholds_keep_exactly_the_top_scores():
     assert keep.tolist() == [True, False, False, True, True, False, True, True]
     ties = pruning.keep_mask(torch.ones(4), 0.5, torch.ones(4, dtype=torch.bool))
     assert ties.tolist() == [True, True, False, False]  # ties keep the lower index
+    # 0.6 of 6 prunable is 3.6 weights: 4 are kept (rounded, not cut down to 3)
+    assert pruning.keep_mask(scores, 0.6, prunable).tolist() == [True, False, True, True, True, False, True, True]
     with pytest.raises(InputError, match="must lie in"):
         pruning.keep_mask(scores, 0.0, prunable)
     with pytest.raises(InputError, match="NaN"):
@@ -156,6 +160,21 @@ def test_area_under_a_log_spaced_curve():
     assert pruning.curve_area(np.geomspace(1e-3, 0.3, 10), np.ones(10)) == pytest.approx(1.0)
     with pytest.raises(InputError, match="0 < min_fraction < max_fraction"):
         pruning.fraction_grid(0.3, 0.1, 5)
+    with pytest.raises(InputError, match="at least 2 points, got 0.1, 0.5, 1"):  # one point spans no area
+        pruning.fraction_grid(0.1, 0.5, 1)
+
+
+def test_area_table_takes_each_metrics_own_curve_in_the_order_of_the_fractions():
+    # the areas above: accuracy 0 → 2 linear in log10 (1.0), agreement flat (0.7), KL 1 then 0 (0.25)
+    curve = pd.DataFrame({"fraction": [0.01, 0.1, 1.0], "accuracy": [0.0, 1.0, 2.0], "agreement": [0.7] * 3,
+                          "kl": [1.0, 0.0, 0.0]})
+    curves = pd.concat([curve.assign(split=split, protocol="global", criterion="magnitude").iloc[[1, 2, 0]]
+                        for split in (0, 1)], ignore_index=True)  # rows not in the order of the fractions
+    areas = pruning.area_table(curves)
+    assert areas[["split", "protocol", "criterion"]].values.tolist() == [[0, "global", "magnitude"],
+                                                                        [1, "global", "magnitude"]]
+    for metric, area in (("accuracy", 1.0), ("agreement", 0.7), ("kl", 0.25)):
+        assert areas[metric].tolist() == pytest.approx([area, area], rel=1e-12)
 
 
 def test_verdicts_pair_the_splits_and_flip_the_sign_of_kl():
@@ -170,6 +189,17 @@ def test_verdicts_pair_the_splits_and_flip_the_sign_of_kl():
     assert table.loc["kl", "verdict"] == "ties" and table.loc["kl", "splits_better"] == 1
     assert table.loc["kl", "splits_worse"] == 2 and table.loc["accuracy", "splits_worse"] == 0
     assert table.loc["kl", "better_by"] == pytest.approx(0.0, abs=1e-12)
+    # the spread of the differences 0.2, -0.1, -0.1 over 3 splits (sample standard deviation): √(0.06 / 2)
+    assert table.loc["kl", "spread"] == pytest.approx(np.sqrt(0.03), rel=1e-9)
+    assert table.loc["accuracy", "spread"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_verdicts_call_areas_equal_on_every_split_a_tie():
+    areas = pd.DataFrame([{"split": s, "protocol": "global", "criterion": c, "accuracy": a, "agreement": a, "kl": 0.1}
+                          for s, a in ((0, 0.9), (1, 0.7)) for c in ("explaind", "magnitude")])
+    table = pruning.verdicts(areas).set_index("metric")
+    assert table["verdict"].tolist() == ["ties"] * 3
+    assert table["splits_better"].tolist() == [0] * 3 and table["splits_worse"].tolist() == [0] * 3
 
 
 def test_pruning_findings_count_both_ways_and_keep_small_areas_readable():
@@ -203,6 +233,9 @@ def test_cube_scores_follow_the_layout_order():
     assert pruning.cube_scores(per_input, layout)["explaind"].tolist() == [3.0, 6.0, 30.0, 33.0, 36.0]
     with pytest.raises(InputError, match="parameter_scores=True"):
         pruning.cube_scores(cube.drop_vars("parameter_score"), layout)
+    other = cube.assign_attrs(tensor_names=["b", "c"])  # explained from another model
+    with pytest.raises(InputError, match=r"the cube's parameters \['b', 'c'\] are not the layout's \['a', 'b'\]"):
+        pruning.cube_scores(other, layout)
 
 
 def test_a_nan_score_of_one_input_reaches_keep_mask_which_refuses_it():
