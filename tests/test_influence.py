@@ -51,6 +51,21 @@ def test_component_shares_absolute_and_signed():
     np.testing.assert_allclose(shares.sum(1), 1.0)
 
 
+def test_component_shares_of_components_that_cancel_by_hand():
+    """The denominator is Σ |score|, not |Σ score|: step 0's components move the outputs by 3 and
+    −1 (shares 3/4 and 1/4, not 3/2 and 1/2), step 1's by −2 and −2, and step 2 does not move
+    them (no share: NaN). make_cube's components happen to share their sign in every step."""
+    per = np.array([[3.0, -1.0], [-2.0, -2.0], [0.0, 0.0]])  # step × component, split over 2 train samples
+    a = np.stack([per / 2, per / 2], axis=2)[..., None, None]
+    cube = xr.Dataset({"attribution": (("step", "component", "train", "test", "output"), a)},
+                      coords={"step": np.arange(3), "component": ["a", "b"], "train": [0, 1], "test": [0], "output": [0]})
+    shares = component_shares(cube).transpose("step", "component").values
+    np.testing.assert_array_equal(shares[:2], [[0.75, 0.25], [0.5, 0.5]])
+    signed = component_shares(cube, absolute=False).transpose("step", "component").values
+    np.testing.assert_array_equal(signed[:2], [[0.75, -0.25], [-0.5, -0.5]])
+    assert np.isnan(shares[2]).all() and np.isnan(signed[2]).all()
+
+
 def test_decay_share_by_hand():
     cube = make_cube()
     a = np.abs(cube.attribution.values.sum((1, 2))).sum((1, 2))  # per step
@@ -120,6 +135,15 @@ def test_cosine_similarity_matches_numpy_for_each_output():
     np.testing.assert_array_equal(cosine_similarity(single).values, cosine_similarity(single, output=0).values)
 
 
+def test_cosine_similarity_over_components_matches_numpy():
+    cube = make_cube(comps=2, test=3)
+    v = cube.attribution.values.sum((0, 2))[..., 1].T  # test × component, output 1
+    expected = (v @ v.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
+    cosine = cosine_similarity(cube, over="component", output=1)
+    assert cosine.dims == ("test", "test_other")
+    np.testing.assert_allclose(cosine.values, expected, rtol=1e-12)
+
+
 def test_a_zero_score_vector_has_no_cosine():
     cube = make_cube(out=1)
     cube["attribution"][:, :, :, 1] = 0.0  # test input 1: no training sample moved it
@@ -171,13 +195,24 @@ def test_top_training_samples_keep_only_scores_of_their_sign():
     assert len(top["helpful"]) == (scores > 0).sum() and len(top["harmful"]) == (scores < 0).sum()
 
 
+def test_a_training_sample_of_score_0_is_neither_helpful_nor_harmful():
+    cube = make_cube(train=4, out=1)
+    cube["attribution"][:] = 0.0
+    cube["attribution"][0, 0, :, 1, 0] = [2.0, 0.0, -1.0, 0.5]  # scores of test 1 over train 0, 10, 20, 30
+    top = top_training_samples(cube, test=1, k=8)
+    assert top["helpful"].train.values.tolist() == [0, 30] and top["helpful"].values.tolist() == [2.0, 0.5]
+    assert top["harmful"].train.values.tolist() == [20] and top["harmful"].values.tolist() == [-1.0]
+    none = top_training_samples(cube, test=1, k=0)  # k = 0 is a count: no sample listed
+    assert none["helpful"].sizes == none["harmful"].sizes == {"train": 0}
+
+
 @pytest.mark.parametrize("k", [-1, 2.5, True])
 def test_top_training_samples_need_a_count(k):
     with pytest.raises(InputError, match=rf"k={k!r} must be a whole number ≥ 0"):
         top_training_samples(make_cube(), test=1, k=k, output=0)
 
 
-@pytest.mark.parametrize("test", [99, [0, 1]])
+@pytest.mark.parametrize("test", [99, [0, 1], np.array([1])])  # an array of one label is no label
 def test_top_training_samples_need_one_test_label(test):
     with pytest.raises(InputError, match=r"single one of \[0, 1\]"):
         top_training_samples(make_cube(), test=test, output=0)

@@ -43,6 +43,28 @@ def test_plan_matches_what_explain_computes(run, monkeypatch):
     cube = run.explain(keep=("train", "test", "output"), quadrature=2, test_chunk=3, train_chunk=4, tolerance=None)
     assert len(passes) == plan.passes and passes[0] == plan.direction  # chunks may differ: last ones are smaller
     assert cube["attribution"].values.nbytes == plan.cube_bytes
+    # the host holds two step records (the one computed, the next one read) and the cube twice
+    largest_step = max(f.stat().st_size for f in (run.path / "steps").iterdir())
+    assert plan.host_bytes == 2 * largest_step + 2 * plan.cube_bytes
+
+
+@pytest.mark.parametrize("keep, test_chunk, direction", [
+    (("train", "test", "output"), 1, "backward"),  # a chunk's 3 rows < 4 samples (all 12 rows > all 10)
+    (("train", "test", "output"), None, "forward"),
+    (("test", "output"), None, "forward"),  # no train dim: train_chunk=4 is not a chunk, one pass
+])
+def test_plan_counts_the_passes_and_direction_of_its_chunks(run, monkeypatch, keep, test_chunk, direction):
+    """The passes explain runs and the way the first walks are the plan's: a pass walks by the
+    rows and samples of its own chunks, and the samples are chunked only when the cube keeps them."""
+    options = dict(keep=keep, quadrature=2, test_chunk=test_chunk, train_chunk=4)
+    plan = ex.plan(run.path, run.model, run.test_x, run.test_y, **options)
+    passes = []
+    monkeypatch.setattr(engine.ChunkPass, "_forward", lambda self, records: passes.append("forward") or list(records))
+    monkeypatch.setattr(engine.ChunkPass, "_backward", lambda self, records: passes.append("backward") or list(records))
+    run.explain(tolerance=None, **options)
+    assert (plan.passes, plan.direction) == (len(passes), direction)
+    assert passes[0] == direction  # the last chunks are smaller and may walk the other way
+    assert plan.passes == (1 if "train" not in keep else math.ceil(4 / (test_chunk or 4)) * math.ceil(10 / 4))
 
 
 def test_the_pass_direction_follows_the_kept_sizes(run):
@@ -116,6 +138,21 @@ def test_calibration_spreads_its_steps_over_the_run_and_times_later_train_chunks
         assert plan.seconds < 0.5 * truth
 
 
+@pytest.mark.parametrize("explained, calibrate, ranges", [
+    (10, 6, [(0, 2), (4, 6), (8, 10)]),  # just room for gaps of a run's length between them
+    (9, 6, [(0, 6)]),  # no room: one run
+    (6, 4, [(0, 2), (4, 6)]),
+    (5, 4, [(0, 4)]),
+])
+def test_calibration_runs_are_spread_while_there_is_room_between_them(long_run, passes_by_step, explained,
+                                                                      calibrate, ranges):
+    """Runs of the calibration are spread over the explained steps when gaps as long as a run fit
+    between them (then as wide as they can be), else the steps are timed as one run."""
+    run = long_run
+    ex.plan(run.path, run.model, run.test_x, run.test_y, steps=(0, explained), calibrate_steps=calibrate)
+    assert [steps for steps, _, _ in passes_by_step] == [r for r in ranges for _ in range(2)]
+
+
 def test_a_request_over_budget_is_refused_with_the_fixes(run):
     with pytest.raises(ex.InputError, match="(?s)memory_budget.*outputs='true'.*step_bins.*gradient"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=1000)
@@ -156,6 +193,16 @@ def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_
     for name in ("attribution", "regularization", "residual", "update_residual"):
         np.testing.assert_allclose(cube[name].values, reference[name].values, rtol=1e-12, atol=1e-15)
     assert np.abs(cube["update_residual"].values).max() <= 1e-12
+    # two test chunks asked for, split batches: the budget of one pass holds the whole batch's backward
+    # pass, as the planner, halving the inputs before the batch here, needs it for one pass
+    halves = dict(options, test_chunk=2)
+    two = ex.plan(*args, memory_budget=ex.plan(*args, memory_budget=None, **halves).device_bytes - 8 * saved, **halves)
+    assert (two.passes, two.batch_chunk) == (2, 5)
+    assert two.one_pass_budget == planning.rounded_up(whole.device_bytes)
+    chosen = {name: value for name, value in options.items() if not name.endswith("_chunk")}
+    one = ex.plan(*args, memory_budget=two.one_pass_budget, **chosen)
+    assert (one.passes, one.batch_chunk) == (1, 10)
+    assert (ex.plan(*args, memory_budget=planning.rounded_up(whole.device_bytes - 8 * saved), **chosen).passes) > 1
 
 
 def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run):
@@ -288,7 +335,7 @@ def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
 @pytest.fixture
 def timed_pass(monkeypatch):
     """Passes that take 50 ms per explained step and 10 ms per step that only replays momentum,
-    on a clock of their own (a loaded machine cannot stretch them)."""
+    on a clock of their own (a loaded machine cannot stretch them): the clock, [seconds]."""
     clock = [0.0]
 
     def run(self, label):
@@ -298,6 +345,7 @@ def timed_pass(monkeypatch):
 
     monkeypatch.setattr(engine.ChunkPass, "run", run)
     monkeypatch.setattr(planning.time, "perf_counter", lambda: clock[0])
+    return clock
 
 
 @pytest.mark.parametrize("steps, calibrate, explained, replayed", [
@@ -314,6 +362,37 @@ def test_calibration_times_replayed_steps_apart(run, timed_pass, steps, calibrat
     if replayed:
         assert plan.seconds_per_replayed_step == pytest.approx(0.01, rel=1e-9)
         assert "ms per replayed step" in str(plan)
+
+
+def test_calibration_counts_the_replay_of_every_train_chunks_pass(run, timed_pass):
+    """Each of the 3 train chunks' passes replays steps 0 … 2 before explaining steps 3 and 4, as
+    explain's passes do on the same clock: 3 x (50 ms x 2 + 10 ms x 3)."""
+    options = dict(keep=("train", "test"), train_chunk=4, steps=(3, 5))
+    plan = ex.plan(run.path, run.model, run.test_x, run.test_y, calibrate_steps=2, **options)
+    assert plan.passes == 3 and plan.seconds_per_replayed_step == pytest.approx(0.01, rel=1e-9)
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(options))
+    engine.plan_chunks(request, 4 * 2**30)
+    started = timed_pass[0]
+    engine._run_chunks(request)
+    assert plan.seconds == pytest.approx(timed_pass[0] - started, rel=1e-9) == pytest.approx(3 * (0.1 + 0.03))
+
+
+def test_calibration_times_the_run_after_its_warm_up(run, monkeypatch):
+    """Each pass is run twice and the second timed: the first pays for allocation and tracing
+    (here 1 s more the first time a step range is run, on a clock of its own)."""
+    clock, seen = [0.0], set()
+
+    def run_pass(self, label):
+        start, stop = self.req.step_range
+        clock[0] += 0.05 * (stop - start) + (0.0 if (start, stop) in seen else 1.0)
+        seen.add((start, stop))
+        return {}
+
+    monkeypatch.setattr(engine.ChunkPass, "run", run_pass)
+    monkeypatch.setattr(planning.time, "perf_counter", lambda: clock[0])
+    plan = ex.plan(run.path, run.model, run.test_x, run.test_y, calibrate_steps=4)
+    assert plan.seconds_per_step == pytest.approx(0.05, rel=1e-9)
+    assert plan.seconds == pytest.approx(0.05 * 5, rel=1e-9)
 
 
 def scheduled_run(path, rate, steps: int):
@@ -342,6 +421,19 @@ def test_calibration_of_a_window_after_a_warm_up_from_learning_rate_0(tmp_path, 
     model, x, y = scheduled_run(tmp_path / "h", lambda s: min(1.0, s / 2), 5)
     plan = ex.plan(tmp_path / "h", model, x[:2], y[:2], steps=(2, 5), calibrate_steps=1)
     assert plan.seconds == pytest.approx(0.05 * 3 + 0.01 * 2, rel=1e-9)
+
+
+def test_calibration_replays_no_pass_from_a_step_whose_momentum_is_unsolvable(tmp_path, monkeypatch):
+    """Real passes of the warm-up from learning rate 0: the explained step 2 is timed replaying
+    from 2 and from the request's start 0, never from step 1, whose momentum step 0's update
+    (lr 0) does not show; the step without replay is then timed as the explained one."""
+    model, x, y = scheduled_run(tmp_path / "h", lambda s: min(1.0, s / 2), 5)
+    noted, run_pass = [], engine.ChunkPass.run
+    monkeypatch.setattr(engine.ChunkPass, "run", lambda self, label: noted.append(
+        (self.req.step_range, self.req.replay_start)) or run_pass(self, label))
+    plan = ex.plan(tmp_path / "h", model, x[:2], y[:2], steps=(2, 5), calibrate_steps=1)
+    assert noted == [((2, 3), 2)] * 2 + [((1, 2), 0)] * 2
+    assert plan.seconds_per_replayed_step >= 0 and plan.seconds > 0
 
 
 @pytest.mark.parametrize("rate, blocks", [
