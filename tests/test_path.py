@@ -243,13 +243,15 @@ class ArgmaxProduct(nn.Module):
     lambda z: torch.amax(z, dim=-1), lambda z: z.max(dim=1).values, lambda z: torch.amax(z[:, None, :], dim=(1, 2)),
     lambda z: -torch.amin(-z, dim=-1), lambda z: -(-z).min(1).values,
     lambda z: z.sort(dim=1).values[:, -1], lambda z: torch.sort(z, descending=True).values[:, 0],
-    lambda z: z.topk(1).values[:, 0], lambda z: torch.kthvalue(z, 2, dim=1).values,
+    lambda z: z.topk(1).values[:, 0], lambda z: z.topk(2).values[:, 0],
+    lambda z: torch.kthvalue(z, 2, dim=1).values,
     lambda z: -(-z).median(dim=-1).values, lambda z: z.gather(1, z.argmax(1, keepdim=True))[:, 0],
     lambda z: z.gather(1, (-z).argmin(dim=1)[:, None])[:, 0], lambda z: z.gather(1, z.argsort(1)[:, 1:])[:, 0],
     lambda z: z.quantile(1.0, dim=1),
     lambda z: torch.nanquantile(z, torch.tensor([0.0, 1.0], dtype=DT), dim=-1, interpolation="higher")[1],
 ], ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)", "sort", "sort descending", "topk",
-        "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort", "quantile", "nanquantile"])
+        "topk 2 (its k no dim)", "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort", "quantile",
+        "nanquantile"])
 def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     """A global max-pool written as amax (the paper's ResNet-9 ends in one) switches like a
     max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027); so does one

@@ -227,6 +227,28 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
                                (tangents @ alone.T).numpy(), rtol=1e-12, atol=1e-14)
 
 
+def test_inputs_are_cast_to_the_functions_dtype_and_token_ids_stay_integers():
+    """FlatModel casts floating-point inputs to the dtype it computes in, whichever they come in
+    (float32 inputs to a float64 function, float64 ones to its float32 twin), and leaves integer
+    inputs (token ids) integers: its outputs are the module's on the inputs cast by hand."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
+    theta = flat.layout.flatten(dict(model.named_parameters())).detach()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))  # float32
+    with torch.no_grad():
+        by_hand = model(x.double())
+        by_hand_float32 = model.float()(x)
+    got = flat.outputs(theta, x, "logit")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-15)
+    got = flat.in_dtype(torch.float32).outputs(theta.float(), x.double(), "logit")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, by_hand_float32, rtol=0, atol=1e-6)
+    tokens = torch.tensor([[0, 3], [2, 1]])
+    assert flat.cast_inputs(tokens).dtype == torch.long
+    assert flat.cast_inputs(x).dtype == torch.float64
+
+
 def test_plan_refuses_arguments_explain_does_not_take(run):
     with pytest.raises(TypeError, match="quadratur"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, quadratur=3)
@@ -683,6 +705,7 @@ def test_sample_parts_split_a_batch_as_asked_and_refuse_parts_without_a_sample()
     assert sample_parts(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
     assert sample_parts(5, None) == sample_parts(5, 9) == [slice(0, 5)]
     assert sample_parts(0, None) == sample_parts(0, 3) == [slice(0, 0)]
+    assert sample_parts(3, 1) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a backward pass per sample
     for rows in (0, -3):
         with pytest.raises(ex.InputError, match=rf"rows={rows} must be a whole number ≥ 1 \(None: the whole batch"):
             sample_parts(5, rows)

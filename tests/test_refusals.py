@@ -1484,6 +1484,40 @@ def test_forward_mode_decomposes_a_gradient_reversal_run_and_a_true_backward_pas
         assert cube.attrs["relative_residual"] <= 1e-9
 
 
+class ScaledBackward(GradientReversal):
+    """The identity in forward, the gradient times 3 in backward."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 3 * grad
+
+
+class OneWeight(nn.Module):
+    """f(x; w) = w·x through a layer whose backward scales the gradient: J = x, one output."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+        self.function = function
+
+    def forward(self, x):
+        return self.function.apply(self.w * x)
+
+
+@pytest.mark.parametrize("function, mismatch", [(GradientReversal, 2.0), (ScaledBackward, 2 / 3), (Identity, 0.0)])
+def test_the_derivative_mismatch_is_the_share_the_backward_misses_whichever_sign_the_products_take(function, mismatch):
+    """One weight and one output: forward mode gives J = x, a backward that scales the gradient
+    by c gives c·x, so ⟨v, J u⟩ − ⟨(c J)ᵀ v, u⟩ over |⟨(c J)ᵀ v, u⟩| is |1 − c| / |c| for any u, v
+    and x: 2 for a gradient reversal, 2/3 for c = 3. For x = 1 and x = −1 the products take
+    both signs; a mismatch of the wrong sign fell below the refusal's threshold."""
+    model = OneWeight(function)
+    flat = functional.FlatModel(model, functional.layout_of(model), torch.float64, "cpu")
+    theta = model.w.detach().clone()
+    for x in (1.0, -1.0):
+        got = flat.derivative_mismatch(theta, torch.tensor([[x]], dtype=torch.float64), "logit")
+        assert got == pytest.approx(mismatch, rel=1e-12, abs=1e-15), x
+
+
 class StraightThrough(nn.Module):
     """Rounds its hidden units in forward and passes the gradient straight through in backward:
     the training gradient is not the forward's derivative."""
