@@ -52,6 +52,13 @@ def test_modular_addition_refuses_too_many_pairs():
         modular_addition(23, 200, 77, seed=0)
 
 
+@pytest.mark.parametrize("train_size, val_size", [(0, 5), (3, -1)])
+def test_modular_addition_refuses_an_empty_training_set_or_a_negative_count(train_size, val_size):
+    """A negative val_size sliced pairs[3:2], an empty validation set, without a word."""
+    with pytest.raises(InputError, match=f"need train_size >= 1 and val_size >= 0, got {train_size} and {val_size}"):
+        modular_addition(5, train_size, val_size, seed=0)
+
+
 @pytest.mark.parametrize("p", [7.0, True])
 def test_modular_addition_refuses_a_modulus_that_is_not_an_integer(p):
     fix = "pass a whole p ≥ 2" if p is True else "pass p=7"
@@ -117,8 +124,9 @@ def test_image_pair_rejects_bad_arguments(tmp_path):
     export_digits(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_image_pair(tmp_path, "mnist")
-    with pytest.raises(ValueError, match="two different labels"):
-        load_image_pair(tmp_path, "digits", classes=(3, 3))
+    for classes in ((3, 3), (-1, 3), (3, 10)):  # -1 was refused as damaged data (no image of it)
+        with pytest.raises(ValueError, match=r"classes must be two different labels in 0\.\.9"):
+            load_image_pair(tmp_path, "digits", classes=classes)
     with pytest.raises(ValueError, match="test_size"):
         load_image_pair(tmp_path, "digits", test_size=1.5)
 
@@ -186,13 +194,26 @@ def test_cifar2_reads_archive_and_keeps_cats_and_dogs(tmp_path, protocol):
 
 
 def test_cifar2_reads_extracted_folder_and_normalises(tmp_path):
+    """Each channel is standardised by the training images' mean and spread of that channel (the
+    green one here spans a quarter of the others' range), the test images by the same numbers."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    for name, batch in fake_batches().items():
+    batches = fake_batches()
+    for name, batch in batches.items():
+        batch[b"data"][:, 1024:2048] //= 4
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     pair = load_image_pair(tmp_path, "cifar2")
     assert pair.train_x.shape[1:] == (3, 32, 32) and pair.classes == (3, 5)
-    torch.testing.assert_close(pair.train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+    def images(names):
+        data = np.concatenate([batches[name][b"data"] for name in names])
+        labels = np.concatenate([batches[name][b"labels"] for name in names])
+        return data[np.isin(labels, (3, 5))].reshape(-1, 3, 32, 32).astype(np.float64)
+
+    train = images([f"data_batch_{i}" for i in range(1, 6)])
+    mean, std = train.mean(axis=(0, 2, 3), keepdims=True), train.std(axis=(0, 2, 3), ddof=1, keepdims=True)
+    np.testing.assert_allclose(pair.train_x.numpy(), (train - mean) / std, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pair.test_x.numpy(), (images(["test_batch"]) - mean) / std, atol=1e-5, rtol=0)
 
 
 def test_cifar2_missing_archive_says_where_to_put_it(tmp_path):

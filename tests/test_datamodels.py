@@ -285,8 +285,9 @@ def test_a_subset_retraining_is_a_manual_adamw_run_on_the_subset_from_the_same_i
         assert torch.equal(p, q), name
     full = train_transformer(TINY, progress=False).model
     assert not torch.equal(next(full.parameters()), next(retrained.parameters()))
-    with pytest.raises(InputError, match="distinct dataset indices in 0 … 15"):
-        train_transformer(TINY, train_indices=[0, 16], progress=False)
+    for bad in ([0, 16], [-1, 3], [2, 5, 2], []):  # a repeated pair would weigh twice in the loss
+        with pytest.raises(InputError, match=f"distinct dataset indices in 0 … 15.*got {len(bad)} values"):
+            train_transformer(TINY, train_indices=bad, progress=False)
     with pytest.raises(InputError, match="train_indices cannot be made a tensor.*pass a tensor"):
         train_transformer(TINY, train_indices="abc", progress=False)
 

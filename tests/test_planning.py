@@ -344,14 +344,45 @@ def test_plan_refuses_the_test_ids_explain_refuses(run):
 
 
 def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
-    """explain never holds more than the 4 inputs and 10 samples there are in a pass."""
+    """explain never holds more than the 4 inputs and 10 samples there are in a pass, nor a part of
+    a batch beyond the 4 samples a recorded batch has."""
     asked = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"),
-                    test_chunk=100, train_chunk=1000, memory_budget=None)
+                    test_chunk=100, train_chunk=1000, batch_chunk=10**6, memory_budget=None)
     whole = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), memory_budget=None)
-    assert (asked.test_chunk, asked.train_chunk, asked.passes) == (4, 10, 1)
+    assert (asked.test_chunk, asked.train_chunk, asked.batch_chunk, asked.passes) == (4, 10, 4, 1)
     assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(
         engine.build_request(run.path, run.model, run.test_x, run.test_y,
                              **planning._request_options(dict(keep=("train", "test")))), 4, 10, 4)
+
+
+def planned_chunks(run, monkeypatch, cost, budget, **options) -> tuple[int, int, int]:
+    """The test, train and batch chunks plan_chunks picks for 4 inputs of 3 outputs, 10 samples and
+    batches of 4 under `budget`, when a pass over (test, train, rows) costs cost(test, train, rows)."""
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y,
+                                   **planning._request_options(dict(keep=("train", "test"), **options)))
+    assert (request.n_outputs, len(request.train_index), request.history.max_batch()) == (3, 10, 4)
+    monkeypatch.setattr(engine, "pass_bytes", lambda req, test, train, rows: cost(test, train, rows))
+    monkeypatch.setattr(request.path, "search_reserve", lambda inputs, n_test: 0)
+    engine.plan_chunks(request, budget)
+    return request.test_chunk, request.train_chunk, request.batch_chunk
+
+
+@pytest.mark.parametrize("budget, chunks", [
+    (320, (4, 10, 2)),  # halving the batch saves 120 of 440 bytes (≥ a quarter): it goes first
+    (200, (2, 10, 1)),  # 60 of 320 is less: the inputs' 12 rows ≥ 10 samples are halved, then the batch again
+])
+def test_the_planner_splits_a_batch_while_that_saves_a_quarter_of_the_pass(run, monkeypatch, budget, chunks):
+    assert planned_chunks(run, monkeypatch, lambda test, train, rows: 60 * rows + 5 * test * train, budget) == chunks
+
+
+@pytest.mark.parametrize("budget, chunks", [
+    (100, (2, 10)),  # 4 inputs x 3 outputs = 12 rows ≥ 10 samples: the inputs are halved
+    (50, (2, 5)),  # then 2 x 3 = 6 rows < 10 samples: the samples are
+])
+def test_the_planner_halves_the_side_with_more_rows_counting_every_output(run, monkeypatch, budget, chunks):
+    # batch_chunk asked for: the planner shrinks only the inputs and the samples
+    assert planned_chunks(run, monkeypatch, lambda test, train, rows: 5 * test * train, budget,
+                          batch_chunk=4)[:2] == chunks
 
 
 @pytest.fixture

@@ -142,6 +142,36 @@ def test_cnn_records_flipped_batches_without_repeats(data_dir, capture):
     assert 0.3 < flipped / (len(capture.batches) * 64) < 0.7
 
 
+def test_a_cnn_epochs_train_metrics_average_the_images_its_batches_trained_on(data_dir, capture):
+    """Batches of 100 train on 200 of the digits' 250 training images (the last incomplete batch is
+    dropped): the epoch's loss and accuracy are over those 200, here of a model that barely moves
+    (peak learning rate 1e-12), so the returned one scores them."""
+    cfg = dataclasses.replace(TINY_CNN, batch_size=100, epochs=1, lr=1e-12, flip=False)
+    result = train_cnn(cfg, data_dir, history_dir="unused", progress=False)
+    assert len(load_image_pair(data_dir, "digits", cfg.classes, cfg.test_size, cfg.data_seed).train_y) == 250
+    inputs = torch.cat([inputs for _, inputs, _ in capture.batches])
+    targets = torch.cat([targets for _, _, targets in capture.batches])
+    assert len(targets) == 200
+    with torch.no_grad():
+        out = result.model(inputs)
+    epoch = result.log.iloc[1]
+    assert epoch["step"] == 2
+    assert epoch["train_acc"] == (out.argmax(-1) == targets).double().mean().item()
+    assert epoch["train_loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, targets).item(), rel=1e-9)
+
+
+def test_evaluation_in_batches_is_the_mean_over_every_row():
+    """Batches of 4, 4 and 2 rows: the loss is the mean over the 10 rows, not over the batches' means."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 4, (10,))
+    loss, accuracy = training._evaluate(model, x, y, batch_size=4)
+    with torch.no_grad():
+        out = model(x)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, y).item(), rel=1e-12)
+    assert accuracy == (out.argmax(-1) == y).double().mean().item()
+
+
 def test_cnn_is_deterministic(data_dir):
     one, two = (train_cnn(TINY_CNN, data_dir, progress=False) for _ in range(2))
     assert same_parameters(one.model, two.model)
