@@ -6,6 +6,7 @@ import types
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -182,6 +183,24 @@ def test_findings_call_the_verdicts_of_a_few_retrainings_not_informative():
     assert "takes 681 distinct values" in large[-1] and "under 0.1% of the bootstrap" in large[-1]
 
 
+def test_findings_give_a_verdict_only_where_the_difference_interval_leaves_out_0():
+    """16 retrainings (informative at 90%): a difference interval across 0 resolves nothing; one
+    below 0 says ExPLAIND is better, one above 0 that it is worse."""
+    summary = pd.DataFrame({
+        "method": ["explaind", "across", "below", "above", "across_minus_explaind", "below_minus_explaind",
+                   "above_minus_explaind"],
+        "lds": [0.5, 0.6, 0.0, 0.9, 0.1, -0.5, 0.4],
+        "ci_low": [0.4, 0.5, -0.1, 0.8, -0.05, -0.6, 0.3],
+        "ci_high": [0.6, 0.7, 0.1, 1.0, 0.2, -0.4, 0.5]})
+    methods = ["explaind", "across", "below", "above"]
+    result = types.SimpleNamespace(actual=np.zeros((16, 8)), scores=dict.fromkeys(methods), summary=summary, steps=(0, 5))
+    lines = validation.datamodel_findings(result, types.SimpleNamespace(lds_fraction=0.5, confidence=0.9))
+    assert lines[5:8] == ["  across - explaind: +0.100 [-0.050, +0.200]: no difference resolved at this size",
+                          "  below - explaind: -0.500 [-0.600, -0.400]: ExPLAIND is better",
+                          "  above - explaind: +0.400 [+0.300, +0.500]: ExPLAIND is worse"]
+    assert lines[-1].startswith("Resolution: ")
+
+
 def test_aligned_scores_place_rows_by_dataset_index():
     scores = xr.DataArray([[1.0, 2.0], [3.0, 4.0]], dims=("train", "test"), coords={"train": [4, 1]})
     dense = datamodels.aligned_scores(scores, 5)
@@ -298,6 +317,7 @@ def test_the_datamodel_study_explains_a_prefix_of_full_batch_runs_only():
     cnn = types.SimpleNamespace(name="cnn", history=history)
     assert validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=0)) == (0, 100)
     assert validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=30)) == (0, 30)
+    assert validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=100)) == (0, 100)
     with pytest.raises(InputError, match="must lie in 1 … 100"):
         validation.explained_steps(transformer, validation.InfluenceConfig(lds_steps=101))
     with pytest.raises(InputError, match="only full-batch runs"):

@@ -278,6 +278,8 @@ def test_log_step_edges():
     assert edges[0] == 0 and edges[-1] == 1929 and np.all(np.diff(edges) > 0) and len(edges) <= 41
     with pytest.raises(InputError, match="at least one bin"):
         grokking.log_step_edges(10, 0)
+    with pytest.raises(InputError, match="one step, got step_bins=5, n_steps=0"):  # not numpy's geomspace error
+        grokking.log_step_edges(0, 5)
 
 
 def test_segment_finds_the_change_points_of_a_piecewise_constant_series():
@@ -311,6 +313,13 @@ def test_segment_is_the_least_squares_optimum(seed):
     for k, min_size in ((2, 1), (3, 2), (4, 1)):
         assert grokking.segment(x, k, min_size) == brute_force_segmentation(x, k, min_size, np.ones(11))
         assert grokking.segment(x, k, min_size, w) == brute_force_segmentation(x, k, min_size, w)
+
+
+def test_segment_ties_to_the_earliest_split():
+    """A constant series costs 0 however it is cut: the earliest starts win, as documented."""
+    assert grokking.segment(np.zeros((4, 1)), 2) == [0, 1]
+    assert grokking.segment(np.ones((6, 2)), 3, 2) == [0, 2, 4]
+    assert grokking.segment(np.zeros((5, 1)), 2, 2) == [0, 2]
 
 
 def test_segment_refuses_impossible_requests():
@@ -420,6 +429,10 @@ def test_milestones_and_nearest_boundaries():
     near = grokking.nearest_boundaries([4, 40], marks | {"never": float("nan")}).set_index("milestone")
     assert near.loc["t_mem", "boundary"] == 4 and near.loc["t_mem", "ratio"] == 2.0
     assert near.loc["t_val_95", "boundary"] == 4 and np.isnan(near.loc["never", "boundary"])
+    # nearest in log steps: 20 is a factor 2 from 10 (|log 20 − log 10| = 0.69), 4 a factor 2.5 (0.92),
+    # though 4 is nearer on the linear scale
+    near = grokking.nearest_boundaries([4, 20], {"t": 10.0}).set_index("milestone")
+    assert near.loc["t", "boundary"] == 20 and near.loc["t", "ratio"] == 2.0
 
 
 def test_data_windows():
@@ -795,6 +808,9 @@ def test_loss_spikes():
     log = pd.DataFrame({"step": range(6), "train_loss": [3.0, 1.0, 1e-4, 5e-2, 4e-2, 0.5]})
     assert grokking.loss_spikes(log) == [3, 5]
     assert grokking.loss_spikes(log, factor=100) == [3]
+    # a jump by exactly the factor is no spike (more than the factor is): 5.0 / 0.5 = 10.0 exactly
+    exact = pd.DataFrame({"step": range(3), "train_loss": [0.5, 5.0, 50.5]})
+    assert grokking.loss_spikes(exact) == [2]
 
 
 def test_segment_refuses_a_series_with_nan():

@@ -218,6 +218,52 @@ def test_pruning_findings_count_both_ways_and_keep_small_areas_readable():
     assert kl.endswith("ExPLAIND 2.5e-05; loses to magnitude (1e-05; better on 0, worse on 2 of 2 splits)")
 
 
+SPLIT_VALUES = [0.1, 0.2, 0.6]  # mean 0.3, sample standard deviation √0.07, median 0.2
+OFFSETS = (("explaind", 0.0), ("magnitude", 1.0))  # criterion, added to its areas
+
+
+def test_area_summary_and_wide_curves_average_over_splits():
+    """Three splits: the mean 0.3 (not the median 0.2) and the spread √0.07 (ddof 1) of each area;
+    the curves averaged over splits for one protocol only."""
+    areas = pd.DataFrame([{"split": s, "protocol": "global", "criterion": criterion,
+                           **{m: value + offset for m in pruning.METRICS}}
+                          for s, value in enumerate(SPLIT_VALUES) for criterion, offset in OFFSETS])
+    summary = validation.area_summary(areas).set_index("criterion")
+    for criterion, offset in OFFSETS:
+        for metric in pruning.METRICS:
+            assert summary.loc[criterion, f"{metric}_mean"] == pytest.approx(0.3 + offset)
+            assert summary.loc[criterion, f"{metric}_std"] == pytest.approx(np.sqrt(0.07))
+    curves = pd.DataFrame([{"split": s, "protocol": protocol, "criterion": criterion, "fraction": fraction,
+                            **{m: (value if protocol == "global" else 100.0) + fraction + offset for m in pruning.METRICS}}
+                           for protocol in ("global", "layer") for s, value in enumerate(SPLIT_VALUES)
+                           for fraction in (0.1, 0.3) for criterion, offset in OFFSETS])
+    wide = validation.wide_curves(curves, "global").set_index("fraction")
+    assert sorted(wide.columns) == sorted(f"{m}_{c}" for m in pruning.METRICS for c in ("explaind", "magnitude"))
+    for fraction in (0.1, 0.3):
+        assert wide.loc[fraction, "accuracy_explaind"] == pytest.approx(0.3 + fraction)
+        assert wide.loc[fraction, "kl_magnitude"] == pytest.approx(1.3 + fraction)
+
+
+def test_influence_metrics_report_the_studies():
+    """metrics.json of the influence stage from hand-made study results."""
+    areas = pd.DataFrame([{"split": s, "protocol": "global", "criterion": "explaind", **dict.fromkeys(pruning.METRICS, v)}
+                          for s, v in enumerate(SPLIT_VALUES)])
+    pruned = types.SimpleNamespace(areas=areas, verdicts=pd.DataFrame({"verdict": ["wins", "wins", "loses"]}),
+                                   unpruned=pd.DataFrame({"split": [0, 1, 2], "accuracy": [0.5, 0.7, 0.9]}),
+                                   prunable=10, parameters=12, groups=[np.arange(3), np.arange(3, 8)],
+                                   relative_residual=0.01)
+    datamodel = types.SimpleNamespace(summary=pd.DataFrame({"method": ["explaind"], "lds": [0.4], "ci_low": [0.3],
+                                                            "ci_high": [0.5]}),
+                                      actual=np.zeros((16, 8)), steps=(0, 30), relative_residual=0.02)
+    metrics = validation.influence_metrics(pruned, datamodel)
+    assert metrics["pruning"].pop("area") == {"global": {"explaind": dict.fromkeys(pruning.METRICS, pytest.approx(0.3))}}
+    assert metrics["pruning"] == {"explaind_wins": 2, "explaind_ties": 0, "explaind_losses": 1,
+                                  "unpruned_accuracy": pytest.approx(0.7), "prunable_weights": 10, "weights": 12,
+                                  "input_groups": 2, "explained_inputs": 8, "relative_residual": 0.01}
+    assert metrics["lds"] == {"explaind": {"mean": 0.4, "ci_low": 0.3, "ci_high": 0.5}, "retrainings": 16,
+                              "inputs": 8, "steps": 30, "relative_residual": 0.02}
+
+
 # --- criteria ------------------------------------------------------------------------------
 
 

@@ -164,6 +164,22 @@ def test_the_influence_config_refuses_more_lds_inputs_than_the_run_holds_out():
             study()
 
 
+@pytest.mark.parametrize("accepted, refused, key, rule", [
+    (dict(min_fraction=0.3, max_fraction=0.3), dict(min_fraction=0.5, max_fraction=0.3), "min_fraction",
+     r"in \(0, max_fraction\]"),
+    (dict(lds_subsets=2), dict(lds_subsets=1), "lds_subsets", r"at least 2 \(a correlation over subsets\)"),
+    (dict(lds_fraction=0.99), dict(lds_fraction=1.0), "lds_fraction", r"in \(0, 1\)"),
+    (dict(confidence=0.99), dict(confidence=1.0), "confidence", r"in \(0, 1\)"),
+])
+def test_the_influence_config_refuses_values_just_outside_their_ranges(accepted, refused, key, rule):
+    """A grid whose smallest fraction exceeds its largest, one retraining (no correlation over
+    subsets), subsets that are the whole training set, a 100% interval: each refused by name."""
+    validation.InfluenceConfig(**accepted)
+    with pytest.raises(ex.InputError, match=rf"influence\.cnn\.{key} is {refused[key]}, but it must be {rule}\. "
+                                            rf"Fix: set influence\.cnn\.{key}"):
+        validation.InfluenceConfig(**refused)
+
+
 @pytest.mark.parametrize("cls, section, key", [
     (stages.VerifyConfig, "verify.cnn", "inputs"),
     (stages.VerifyConfig, "verify.cnn", "sensitivity_inputs"),
