@@ -40,7 +40,7 @@ import xarray as xr
 import zarr
 
 from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
-from .engine import check_residual, checked_steps, explain
+from .engine import build_request, check_residual, checked_steps, explain, request_options
 from .errors import InputError, ReconstructionError, described, error_class, is_whole
 from .history import History, process_group_store
 
@@ -164,6 +164,8 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
         raise InputError(f"split={split!r}: use one of {SPLITS}")
     history = history if isinstance(history, History) else History(history)
     if split == "test":
+        # the whole set's inputs and targets checked first: a refusal names them by their place in it, not in the part
+        build_request(history, model, inputs, targets, **request_options("explain_shard", kwargs))
         start, stop = shard_bounds(len(inputs), rank, world_size)
         if start == stop:
             raise InputError(f"{world_size} processes for {len(inputs)} test inputs: use fewer processes")
@@ -261,11 +263,12 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     (checked against its digest) instead of computing it: launch again after a failure, and only
     the parts that are missing are computed.
 
-    A process whose part fails (an input of its share refused, a step whose update misses far
-    beyond rounding, out of memory, Ctrl-C, ...) raises its error at once, having told the others
-    through the process group's store; each of the others, once its own part is stored, raises an
-    error of the same explaind class (RuntimeError for any other exception) that names that process
-    and its error. Under torchrun the first process to raise makes the agent stop the others at
+    Every process checks the whole set of test inputs and targets first, so a refused one is
+    refused by all of them before any compute, named by its place in the whole set. A process
+    whose part fails (a step whose update misses far beyond rounding, out of memory, Ctrl-C, ...)
+    raises its error at once, having told the others through the process group's store; each of
+    the others, once its own part is stored, raises an error of the same explaind class
+    (RuntimeError for any other exception) that names that process and its error. Under torchrun the first process to raise makes the agent stop the others at
     once, as it does for any failed worker. A process that dies outright (killed, out of host
     memory) tells nothing: launched otherwise, the others then wait for the group's timeout
     (init_process_group(timeout=...), 30 minutes by default), or fail at once where it was the

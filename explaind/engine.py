@@ -309,6 +309,21 @@ def explain_defaults() -> dict:
     return {name: p.default for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY}
 
 
+def request_options(caller: str, options: dict) -> dict:
+    """explain()'s keyword defaults overridden by `options`, as build_request takes them (the
+    options that only matter after computing are dropped; names explain() does not take are
+    refused in `caller`'s name)."""
+    defaults = explain_defaults()
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"{caller}() got arguments explain() does not take: {unknown}. Fix: pass explain()'s "
+                        f"keyword arguments, e.g. {sorted(defaults)[:6]} ...")
+    merged = {**defaults, **options}
+    for after_compute in ("memory_budget", "tolerance", "test_ids", "progress"):
+        merged.pop(after_compute)
+    return merged
+
+
 def kept_dims(keep: str | Sequence[str]) -> tuple[str, ...]:
     """`keep` checked and in DIMS order, the order of the cube's dims whatever order they were named in."""
     keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .cube import checked_test_ids
-from .engine import (ChunkPass, KeptPieces, build_request, check_reverse_mode, explain_defaults, format_bytes,
-                     kept_pieces, kept_sizes, momentum_shown, pass_bytes, plan_chunks, walks_backwards)
+from .engine import (ChunkPass, KeptPieces, build_request, check_reverse_mode, format_bytes,
+                     kept_pieces, kept_sizes, momentum_shown, pass_bytes, plan_chunks, request_options,
+                     walks_backwards)
 from .errors import InputError, is_whole
 from .path import KinkStats
 from .verify import check_tolerance
@@ -143,7 +144,7 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     """
     if not is_whole(calibrate_steps) or calibrate_steps < 0:
         raise InputError(f"calibrate_steps={calibrate_steps!r} must be a whole number of steps ≥ 0 (0: no time estimate)")
-    request = build_request(history, model, inputs, targets, **_request_options(options))
+    request = build_request(history, model, inputs, targets, **request_options("plan", options))
     # what explain refuses before computing, refused here too (not costed as if it would run)
     checked_test_ids(options.get("test_ids"), len(request.inputs))
     check_tolerance("tolerance", options.get("tolerance"), "no check")
@@ -203,20 +204,6 @@ def rounded_up(x: float) -> float:
     """x > 0 rounded up to three significant digits (a budget one can type that still holds x)."""
     unit = 10.0 ** (math.floor(math.log10(x)) - 2)
     return math.ceil(x / unit) * unit
-
-
-def _request_options(options: dict) -> dict:
-    """explain()'s keyword defaults overridden by `options`, as the request builder takes them
-    (the options that only matter after computing are dropped; unknown names are refused)."""
-    defaults = explain_defaults()
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise TypeError(f"plan() got arguments explain() does not take: {unknown}. Fix: pass explain()'s "
-                        f"keyword arguments, e.g. {sorted(defaults)[:6]} ...")
-    merged = {**defaults, **options}
-    for after_compute in ("memory_budget", "tolerance", "test_ids", "progress"):
-        merged.pop(after_compute)
-    return merged
 
 
 def _calibrate(request, steps: int, later_chunks: bool,

@@ -111,6 +111,23 @@ def test_merging_three_shards_in_process(run, split):
     assert_same_cube(merged, run.explain(keep=("step", "train", "test"), step_bins=3))
 
 
+
+def test_a_part_names_a_refused_input_or_target_by_its_place_in_the_whole_set(run):
+    """The part of process 1 of 2 holds test inputs 3 and 4 of 5: a bad input 4 is named 4 (it was
+    named 1, its place in the part), and 4 targets for 5 inputs are counted as such (it counted
+    1 target for its 2 inputs)."""
+    from explaind.distributed import explain_shard
+
+    bad = run.test_x.clone()
+    bad[4] = float("nan") if bad.is_floating_point() else 10**6  # outside the embedding's 5 rows
+    cause = "hold NaN" if bad.is_floating_point() else "hold indices \\[1000000\\]"
+    with pytest.raises(ex.InputError, match=rf"test inputs \[4\] {cause}"):
+        explain_shard(run.path, run.model, bad, split="test", rank=1, world_size=2, progress=False)
+    with pytest.raises(ex.InputError, match="got 4 targets for 5 inputs"):
+        explain_shard(run.path, run.model, run.test_x, run.test_y[:4], split="test", rank=1, world_size=2,
+                      outputs="true", progress=False)
+
+
 def test_steps_split_with_a_bounded_replay_equals_one_call(run):
     """Each part replays from the window's replay start, as one call does (each counted its
     `replay` steps back from its own start: per-sample shares off by half their scale)."""
@@ -188,18 +205,28 @@ def launch_in_own_group(history, model_kind: str, split: str, inputs: torch.Tens
 
 
 def test_a_part_failing_on_one_process_makes_every_process_raise(tmp_path):
-    """A test input outside the vocabulary in process 1's share: process 1 raises, and process 0,
-    which computed and stored its part, names process 1's error (it waited at a barrier until the
-    group's timeout, then raised gloo's 'Timed out waiting 40000ms for recv')."""
+    """Process 1's part refused: process 1 raises, and process 0, which computed and stored its
+    part, names process 1's error (it waited at a barrier until the group's timeout, then raised
+    gloo's 'Timed out waiting 40000ms for recv')."""
     run = train(Case(model="transformer", opt="adamw", steps=5, n_test=4), tmp_path / "history")
-    inputs = run.test_x.clone()
-    inputs[3, 0] = 99  # process 1 explains inputs 2 and 3
-    ended = launch_in_own_group(run.path, "transformer", "test", inputs, tmp_path / "parts")
-    cause = "test inputs [1] hold indices [99] that the model looks up in an embedding of 5 entries"
-    assert ended[1].startswith(f"InputError: {cause}")
-    assert ended[0].startswith(f"InputError: the part of process 1 failed (InputError: {cause}")
+    ended = launch_in_own_group(run.path, "transformer", "test", run.test_x, tmp_path / "parts", fail="refuse")
+    assert ended[1] == "InputError: this part is refused"
+    assert ended[0].startswith("InputError: the part of process 1 failed (InputError: this part is refused)")
     assert ended[0].endswith("Fix: what process 1's error names, then launch every process again")
     assert sorted(p.name for p in (tmp_path / "parts").glob("part-*")) == ["part-00000.zarr"]
+
+
+def test_an_input_of_one_share_is_refused_by_every_process_before_any_part(tmp_path):
+    """A test input outside the vocabulary in process 1's share (inputs 2 and 3): each process
+    checks the whole set first, so both refuse it by its place in the whole set, and neither
+    computes a part (process 0 computed and stored its own, process 1 named it input 1)."""
+    run = train(Case(model="transformer", opt="adamw", steps=5, n_test=4), tmp_path / "history")
+    inputs = run.test_x.clone()
+    inputs[3, 0] = 99
+    ended = launch_in_own_group(run.path, "transformer", "test", inputs, tmp_path / "parts")
+    cause = "InputError: test inputs [3] hold indices [99] that the model looks up in an embedding of 5 entries"
+    assert ended[0].startswith(cause) and ended[1].startswith(cause)
+    assert list((tmp_path / "parts").glob("part-*")) == []
 
 
 @pytest.mark.parametrize("failing_rank", [0, 1])

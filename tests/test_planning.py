@@ -180,7 +180,7 @@ def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_
     options = dict(keep=("train", "test", "output"), breakpoints=False, quadrature=2, test_chunk=4, train_chunk=10)
     whole = ex.plan(*args, memory_budget=None, **options)
     assert (whole.test_chunk, whole.train_chunk, whole.batch_chunk) == (4, 10, 10)
-    request = engine.build_request(*args, **planning._request_options(options))
+    request = engine.build_request(*args, **engine.request_options("plan", options))
     # a budget that the pass misses by its batch's backward pass less that of 5 samples
     saved = engine._batch_backward_elements(request, 10) - engine._batch_backward_elements(request, 5)
     assert saved == 10 * 15 * 3 // 2 - 5 * 15 * 3 // 2  # 1.5 x the 15 activations per sample
@@ -352,14 +352,14 @@ def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
     assert (asked.test_chunk, asked.train_chunk, asked.batch_chunk, asked.passes) == (4, 10, 4, 1)
     assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(
         engine.build_request(run.path, run.model, run.test_x, run.test_y,
-                             **planning._request_options(dict(keep=("train", "test")))), 4, 10, 4)
+                             **engine.request_options("plan", dict(keep=("train", "test")))), 4, 10, 4)
 
 
 def planned_chunks(run, monkeypatch, cost, budget, **options) -> tuple[int, int, int]:
     """The test, train and batch chunks plan_chunks picks for 4 inputs of 3 outputs, 10 samples and
     batches of 4 under `budget`, when a pass over (test, train, rows) costs cost(test, train, rows)."""
     request = engine.build_request(run.path, run.model, run.test_x, run.test_y,
-                                   **planning._request_options(dict(keep=("train", "test"), **options)))
+                                   **engine.request_options("plan", dict(keep=("train", "test"), **options)))
     assert (request.n_outputs, len(request.train_index), request.history.max_batch()) == (3, 10, 4)
     monkeypatch.setattr(engine, "pass_bytes", lambda req, test, train, rows: cost(test, train, rows))
     monkeypatch.setattr(request.path, "search_reserve", lambda inputs, n_test: 0)
@@ -423,7 +423,7 @@ def test_calibration_counts_the_replay_of_every_train_chunks_pass(run, timed_pas
     options = dict(keep=("train", "test"), train_chunk=4, steps=(3, 5))
     plan = ex.plan(run.path, run.model, run.test_x, run.test_y, calibrate_steps=2, **options)
     assert plan.passes == 3 and plan.seconds_per_replayed_step == pytest.approx(0.01, rel=1e-9)
-    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(options))
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **engine.request_options("plan", options))
     engine.plan_chunks(request, 4 * 2**30)
     started = timed_pass[0]
     engine._run_chunks(request)
@@ -638,7 +638,7 @@ def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(r
     33 MiB measured for 400 inputs of an 85,002-parameter MLP). Counted by hand for the
     MLP 4 → 6 → 3 (51 parameters; a forward pass on one input makes 6 + 6 + 3 numbers), 4
     inputs × 3 outputs, 4 tensors kept as components: 10 tangents, float64."""
-    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **engine.request_options("plan", 
         dict(keep=("component", "test", "output"), breakpoints=False)))
     assert request.activations == (6 + 6 + 3, 6)  # all elements, the largest tensor
     tangents, rows = 2 * 4 + 2, 4 * 3
@@ -699,7 +699,7 @@ def test_a_cube_with_a_train_dim_counts_the_activations_of_its_passes(run):
     above the start against 41 MiB planned). Counted by hand for the forward walk of the MLP
     4 → 6 → 3 (51 parameters; 15 activations per input, 6 the largest), 4 inputs × 3 outputs,
     10 training samples in batches of 4, float64."""
-    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **planning._request_options(
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **engine.request_options("plan", 
         dict(keep=("train", "test", "output"), breakpoints=False)))
     d, rows, train, batch = 51, 4 * 3, 10, 4
     assert not engine.walks_backwards(request, rows, train)  # 12 rows > 10 samples
@@ -717,7 +717,7 @@ def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path):
     a primal and a tangent per effect of every activation, counted as 3 of the largest. Full
     batches of 10; one effect (one row, one step bin) ≤ 10 / FORWARD_MODE_RATIO."""
     case = train(Case("mlp", "sgd_momentum", steps=2, n_train=10, batch=10, n_test=4), tmp_path / "h")
-    request = engine.build_request(case.path, case.model, case.test_x, case.test_y, **planning._request_options(
+    request = engine.build_request(case.path, case.model, case.test_x, case.test_y, **engine.request_options("plan", 
         dict(keep=("train",), outputs="true", breakpoints=False)))
     backward_pass = 10 * 15 * 3 // 2
     assert engine._sample_pass_elements(request, 1, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # materialised is more
@@ -749,7 +749,7 @@ def test_a_budget_beyond_a_gpus_free_memory_plans_for_the_free_memory(run, monke
     torch.cuda's memory functions are faked, reporting half a one-pass plan free."""
     def planned(budget, device):
         request = engine.build_request(run.path, run.model, run.test_x, run.test_y,
-                                       **planning._request_options({"keep": ("train", "test")}))
+                                       **engine.request_options("plan", {"keep": ("train", "test")}))
         engine.pass_bytes(request, 1, 1, 1)  # sizes the model's passes here, before its device is renamed
         request.flat.device = torch.device(device)
         engine.plan_chunks(request, budget)

@@ -17,6 +17,7 @@ from computed_parts import log_computed_parts  # noqa: E402
 from engine_cases import Case  # noqa: E402
 
 import explaind.distributed as distributed  # noqa: E402
+from explaind.errors import InputError  # noqa: E402
 
 history, model_kind, split, parts_dir, fail, failing_rank, timeout = sys.argv[1:8]
 rank = int(os.environ["RANK"])
@@ -26,6 +27,8 @@ if fail != "none" and rank == int(failing_rank):  # this process only, as it com
     def failing_shard(*args, **kwargs):
         if fail == "interrupt":  # Ctrl-C
             raise KeyboardInterrupt
+        if fail == "refuse":  # an error of this part alone (a refused input is refused by every process)
+            raise InputError("this part is refused")
         os._exit(3)  # dies outright (killed, out of host memory): no exception, no exit handlers
 
     distributed.explain_shard = failing_shard
