@@ -254,14 +254,20 @@ def test_plan_refuses_arguments_explain_does_not_take(run):
         ex.plan(run.path, run.model, run.test_x, run.test_y, quadratur=3)
 
 
-def test_forward_mode_sample_effects_equal_per_sample_gradients(run):
-    """The backward pass's two routes to effect · ∇ℓ_k agree (float64, 1e-12)."""
+def directional_case(run):
+    """The float64 function of the run, θ_2, step 2's batch, its loss and 3 random tangents."""
     history = ex.History(run.path)
     flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
     theta = flat.layout.flatten(history.params(2))
     rec = next(history.steps(2, 3))
     _, loss = resolve_loss("cross_entropy")
     tangents = torch.randn(3, flat.layout.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return flat, theta, rec, loss, tangents
+
+
+def test_forward_mode_sample_effects_equal_per_sample_gradients(run):
+    """The backward pass's two routes to effect · ∇ℓ_k agree (float64, 1e-12)."""
+    flat, theta, rec, loss, tangents = directional_case(run)
     by_jvp = flat.per_sample_directional(theta, rec.inputs, rec.targets, loss, tangents)
     grads = flat.per_sample_gradients(theta, rec.inputs, rec.targets, loss)
     expected = tangents @ grads.T
@@ -274,17 +280,11 @@ def test_forward_mode_sample_effects_equal_per_sample_gradients(run):
     assert abs(by_jvp[r, k].item() - finite) <= 1e-7 * max(1.0, abs(finite))
 
 
-
 def test_forward_mode_in_two_threads_at_once_gives_each_its_own_result(run):
     """torch.func.jvp keeps its nesting depth and forward AD's levels process-wide: two threads'
     jvps at once used to fail ("no level exists", "invalid index" — once in a full test run, when
     two explains ran side by side). Each thread's 150 forward-mode passes now equal one thread's."""
-    history = ex.History(run.path)
-    flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
-    theta = flat.layout.flatten(history.params(2))
-    rec = next(history.steps(2, 3))
-    _, loss = resolve_loss("cross_entropy")
-    tangents = torch.randn(3, flat.layout.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    flat, theta, rec, loss, tangents = directional_case(run)
     expected = flat.per_sample_directional(theta, rec.inputs, rec.targets, loss, tangents)
     failures, mismatches = [], []
 
