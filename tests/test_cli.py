@@ -8,15 +8,17 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_model
 
 import explaind as ex
 from explaind.__main__ import main
 from explaind.stages import load_run
-from explaind.training import TransformerConfig, save_config, train_transformer
+from explaind.training import CNNConfig, TransformerConfig, save_config, train_transformer
 
 TINY = TransformerConfig(p=7, train_size=15, val_size=10, d_model=8, n_heads=2, d_mlp=16, lr=1e-2, max_steps=4)
 
@@ -153,7 +155,8 @@ def test_plan_command_reports_a_missing_history(run_dir, tmp_path, capsys):
     for name in ("config.json", "model.safetensors"):
         (broken / name).write_bytes((run_dir / name).read_bytes())
     assert main(["plan", str(broken), "--data", str(tmp_path)]) == 1
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err  # the missing folder itself, not the weights beside it
+    assert err.startswith("error: ") and "history does not exist" in err and "safetensors" not in err, err
 
 
 def test_plan_command_speaks_of_the_budget_in_gib(run_dir, tmp_path, capsys):
@@ -165,6 +168,9 @@ def test_plan_command_speaks_of_the_budget_in_gib(run_dir, tmp_path, capsys):
     assert all(fix in err for fix in ("(--outputs true)", "(--step-bins)", "use --convention gradient",
                                       "--dtype float32, or a larger budget")), err
     assert "=" not in err, err
+    # the budget as typed, to its last digit: rounded up (to 1.24e-06) only a budget the plan proposes
+    assert main(["plan", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--memory-budget", "1.2345e-6"]) == 1
+    assert "over --memory-budget 1.2345e-06 GiB (" in capsys.readouterr().err
 
 
 def damage_config(folder, how: str) -> str:
@@ -194,6 +200,17 @@ def test_plan_command_names_a_damaged_run_folder(run_dir, tmp_path, capsys, how)
     message = capsys.readouterr().err
     assert message.startswith("error: ") and words in message and "rerun its training stage" in message
     assert message.count("\n") == 1, message
+
+
+def test_plan_command_names_missing_data_beside_its_weights(tmp_path, capsys):
+    """A CNN run whose images are not in --data: the data's own fix (make data), not a missing model.safetensors."""
+    folder = tmp_path / "cnn"
+    folder.mkdir()
+    save_config(CNNConfig(), folder)
+    (folder / "model.safetensors").write_bytes(b"weights")  # never read: the images come first
+    assert main(["plan", str(folder), "--data", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no digits in {tmp_path / 'data' / 'digits'}: run `make data`") and "safetensors" not in err, err
 
 
 def test_plan_command_names_a_config_of_other_keys(run_dir, tmp_path, capsys):
@@ -301,3 +318,66 @@ def test_explain_command_passes_the_kink_options_and_stops_cleanly_when_interrup
     monkeypatch.setattr(ex.engine, "explain", interrupted)
     assert main([*argv, "--out", str(tmp_path / "never.zarr")]) == 130
     assert capsys.readouterr().err == "interrupted: nothing saved\n" and not (tmp_path / "never.zarr").exists()
+
+
+def library_calls(monkeypatch, module, name: str) -> list:
+    """The calls the commands make to the library's `name`, each refused once recorded (nothing is
+    computed): the request and options as the library receives them."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise ex.InputError("recorded")
+
+    monkeypatch.setattr(module, name, record)
+    return calls
+
+
+def test_commands_pass_the_library_its_defaults(run_dir, tmp_path, capsys, monkeypatch):
+    """Without options: every held-out input, explain()'s defaults, a budget of 4 GiB in bytes, no
+    calibration, a tolerance of 1e-4, progress bars, and the data folder ./data."""
+    plans, explains = library_calls(monkeypatch, ex.planning, "plan"), library_calls(monkeypatch, ex.engine, "explain")
+    data_folders, load = [], ex.stages.load_run
+    monkeypatch.setattr(ex.stages, "load_run", lambda name, run, data: data_folders.append(data) or load(name, run, data))
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(run_dir)]) == 1
+    assert main(["explain", str(run_dir), "--out", "cube.zarr"]) == 1
+    assert capsys.readouterr().err == "error: recorded\n" * 2  # both reached the library
+    run = load_run("transformer", run_dir, tmp_path)
+    defaults = dict(keep=("step", "component", "train", "test", "output"), outputs="all", target=None, quadrature=4,
+                    rule="gauss", breakpoints=True, max_kinks=16, kink_tolerance=0.0, convention="update",
+                    components=run.components, step_bins=None, parameter_scores=False, check_updates=True,
+                    dtype=torch.float64, device="cpu", memory_budget=4 * 2**30)
+    (plan_args, plan_options), = plans
+    (explain_args, explain_options), = explains
+    assert plan_options == {**defaults, "calibrate_steps": 0}
+    assert explain_options == {**defaults, "tolerance": 1e-4, "progress": True}
+    for args in (plan_args, explain_args):
+        assert len(args) == 4 and len(run.test_x) == TINY.val_size
+        assert torch.equal(args[2], run.test_x) and torch.equal(args[3], run.test_y)
+    assert data_folders == [Path("data")] * 2
+
+
+def test_commands_pass_each_option_to_the_library(run_dir, tmp_path, capsys, monkeypatch):
+    """Each option under its own name, the smallest values they take accepted, --tests as large as
+    the run's held-out inputs, --outputs parsed as a list and --memory-budget read as GiB."""
+    plans, explains = library_calls(monkeypatch, ex.planning, "plan"), library_calls(monkeypatch, ex.engine, "explain")
+    argv = [str(run_dir), "--data", str(tmp_path), "--tests", str(TINY.val_size), "--keep", "test", "step",
+            "--outputs", "0,3,6", "--target", "logit", "--quadrature", "1", "--rule", "midpoint", "--no-breakpoints",
+            "--max-kinks", "1", "--kink-tolerance", "0.5", "--convention", "gradient", "--step-bins", "1",
+            "--parameter-scores", "--no-update-check", "--dtype", "float32", "--device", "meta",
+            "--memory-budget", "0.25"]
+    assert main(["plan", *argv, "--calibrate", "3"]) == 1
+    assert main(["explain", *argv, "--tolerance", "0.5", "--quiet", "--out", str(tmp_path / "cube.zarr")]) == 1
+    assert capsys.readouterr().err == "error: recorded\n" * 2  # both reached the library
+    run = load_run("transformer", run_dir, tmp_path)
+    options = dict(keep=("test", "step"), outputs=[0, 3, 6], target="logit", quadrature=1, rule="midpoint",
+                   breakpoints=False, max_kinks=1, kink_tolerance=0.5, convention="gradient", components=run.components,
+                   step_bins=1, parameter_scores=True, check_updates=False, dtype=torch.float32, device="meta",
+                   memory_budget=2**28)
+    (plan_args, plan_options), = plans
+    (explain_args, explain_options), = explains
+    assert plan_options == {**options, "calibrate_steps": 3}
+    assert explain_options == {**options, "tolerance": 0.5, "progress": False}
+    for args in (plan_args, explain_args):
+        assert torch.equal(args[2], run.test_x) and torch.equal(args[3], run.test_y)
