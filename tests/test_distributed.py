@@ -2,6 +2,7 @@
 write exactly the cube that one process writes, split by test inputs or by step ranges. The
 same shards, run one after another and stored, make a long explain() resumable."""
 
+import copy
 import hashlib
 import os
 import shutil
@@ -501,6 +502,26 @@ def test_fingerprint_is_of_the_request_not_its_spelling(run):
         fingerprint(keep=("test", "test"))
 
 
+def test_fingerprint_holds_the_models_class_the_targets_and_the_ids_dtype_not_how_the_call_runs(run):
+    """The history holds the weights but not the function of them: a model of another class is
+    another request, as are targets, and ids 0.0 … 4.0 (float labels on the cube) are not the
+    default ids 0 … 4. Where it runs (a part computed on a GPU resumes on the CPU), in what chunks and
+    whether it shows progress change no number."""
+    history = ex.History(run.path)
+
+    def fingerprint(model=run.model, targets=None, **options):
+        return resumable.request_fingerprint(history, model, run.test_x, targets, split="test", n_parts=2,
+                                             **options)
+
+    subclassed = copy.deepcopy(run.model)
+    subclassed.__class__ = type("Subclassed", (type(run.model),), {})
+    assert fingerprint(model=copy.deepcopy(run.model)) == fingerprint()
+    assert fingerprint(model=subclassed) != fingerprint()
+    assert fingerprint(targets=run.test_y) != fingerprint()
+    assert fingerprint(test_ids=np.arange(len(run.test_x), dtype=float)) != fingerprint()
+    assert fingerprint(device="cuda:0", test_chunk=2, train_chunk=3, batch_chunk=1, memory_budget=2**20,
+                       progress=True) == fingerprint()
+
 def damage(part: Path, how: str) -> None:
     """Damage a stored part as a disk or a careless hand might."""
     chunk = next(f for f in sorted((part / "attribution").iterdir()) if not f.name.startswith("."))
@@ -591,10 +612,35 @@ def test_repeated_test_ids_are_refused_though_each_part_sees_distinct_ones(run, 
     assert computed_parts == [0] and not list(tmp_path.rglob("part-*"))  # refused as the first part began
 
 
-def test_resumable_refuses_more_parts_than_steps(run, tmp_path, computed_parts):
-    with pytest.raises(ex.InputError, match="(?s)n_parts=8.*7 update steps.*1 … 7"):
-        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=8, **OPTIONS)
+@pytest.mark.parametrize("split, n_parts, refused", [("steps", 8, "n_parts=8 for 7 update steps: use 1 … 7 parts"),
+                                                     ("test", 6, "n_parts=6 for 5 test inputs: use 1 … 5 parts")],
+                         ids=["steps", "test"])
+def test_resumable_refuses_more_parts_than_steps_or_test_inputs(run, split, n_parts, refused, tmp_path,
+                                                                 computed_parts):
+    with pytest.raises(ex.InputError) as error:
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=n_parts,
+                          split=split, **OPTIONS)
+    assert str(error.value) == refused
     assert computed_parts == [] and not (tmp_path / "parts").exists()
+
+
+def test_resumable_checks_the_merged_cubes_residual(tmp_path, computed_parts):
+    """No part checks its own output residual (it covers only its steps); the merged cube's is
+    checked as explain checks its cube: one midpoint node on long steps misses far beyond 1e-12.
+    The tolerance is not part of the request: the parts are read back under another."""
+    run = train(Case("mlp", "sgd", steps=3, lr_scale=15.0, widths=(6,)), tmp_path / "history")
+
+    def call(tolerance):
+        return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=3,
+                                 quadrature=1, rule="midpoint", tolerance=tolerance, progress=False)
+
+    with pytest.raises(ex.ReconstructionError, match="(?s)tolerance.*quadrature=") as error:
+        call(1e-12)
+    assert computed_parts == [0, 1, 2]
+    cube = call(None)
+    assert computed_parts == [0, 1, 2]  # read back, none computed again
+    xr.testing.assert_identical(error.value.cube, cube)
+    assert cube.attrs["relative_residual"] > 1e-6
 
 
 def by_kind(name):

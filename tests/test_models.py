@@ -190,3 +190,34 @@ def test_transformer_refuses_tokens_outside_its_vocabulary(bad):
         vmap(lambda row: model(row.unsqueeze(0)))(x)
     assert str(eager.value) == str(mapped.value) == message
     assert model(x[:1]).shape == (1, 15)  # the in-vocabulary row alone is fine
+
+
+def resnet9_by_hand(model: ResNet9, images: torch.Tensor) -> torch.Tensor:
+    """The layers of the class docstring written out, each 3x3 or 5x5 convolution by F.conv2d
+    with its stride and padding, ReLU after each, the pools as maxima over reshaped windows and
+    the logits scaled by 1/8: what the model's forward must equal."""
+
+    def conv(layer, x, stride=1, padding=1):
+        return torch.relu(F.conv2d(x, layer.conv.weight, layer.conv.bias, stride=stride, padding=padding))
+
+    def residual(block, x):
+        return x + conv(block.conv_b, conv(block.conv_a, x))
+
+    x = residual(model.res1, conv(model.conv2, conv(model.conv1, images), stride=2, padding=2))
+    x = conv(model.conv3, x)
+    b, c, h, w = x.shape
+    x = x[..., : h // 2 * 2, : w // 2 * 2].reshape(b, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))  # 2x2 max-pool
+    x = conv(model.conv4, residual(model.res2, x)).flatten(2).max(dim=2).values  # global max-pool
+    logits = x @ model.linear.weight.T / 8
+    return logits - logits.logsumexp(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 12, 10)])
+def test_resnet9_equals_its_layers_computed_by_hand(shape):
+    """16x16 leaves a 4x4 map for the global max-pool; 12x10 a 3x2 one after pooling 6x5 (the
+    odd column dropped). The residual adds, both pools, the ReLUs and the scale each change it."""
+    torch.manual_seed(0)
+    model = ResNet9(shape[1], 3, 4).double()
+    images = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), resnet9_by_hand(model, images), rtol=0, atol=1e-12)

@@ -85,6 +85,20 @@ def test_the_quadrature_rules_integrate_monomials_as_derived_by_hand(n):
     assert float(w @ t**2) == pytest.approx(1 / 3 - 1 / (12 * n**2), rel=1e-13)
 
 
+@pytest.mark.parametrize("n", [2.5, True, 0, -3])
+def test_nodes_refuses_a_count_that_is_not_a_positive_integer(n):
+    """2.5 nodes are not rounded to 2, nor True read as 1."""
+    with pytest.raises(ex.InputError) as refused:
+        nodes(n)
+    assert str(refused.value) == f"the number of quadrature nodes must be a positive integer, got {n!r}"
+
+
+def test_nodes_refuses_an_unknown_rule():
+    with pytest.raises(ex.InputError) as refused:
+        nodes(3, "simpson")
+    assert str(refused.value) == "unknown quadrature rule 'simpson': use one of ('gauss', 'midpoint')"
+
+
 def test_a_relu_input_that_crosses_zero_twice_in_one_step():
     """z(0) = 0.9 and z(1) = 0.5 are both positive; z < 0 on (0.375, 0.75)."""
     flat, theta = flat_of(Product(c=-0.1))
