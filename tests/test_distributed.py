@@ -522,6 +522,7 @@ def test_fingerprint_holds_the_models_class_the_targets_and_the_ids_dtype_not_ho
     assert fingerprint(device="cuda:0", test_chunk=2, train_chunk=3, batch_chunk=1, memory_budget=2**20,
                        progress=True) == fingerprint()
 
+
 def damage(part: Path, how: str) -> None:
     """Damage a stored part as a disk or a careless hand might."""
     chunk = next(f for f in sorted((part / "attribution").iterdir()) if not f.name.startswith("."))
