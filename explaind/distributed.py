@@ -268,11 +268,12 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     whose part fails (a step whose update misses far beyond rounding, out of memory, Ctrl-C, ...)
     raises its error at once, having told the others through the process group's store; each of
     the others, once its own part is stored, raises an error of the same explaind class
-    (RuntimeError for any other exception) that names that process and its error. Under torchrun the first process to raise makes the agent stop the others at
-    once, as it does for any failed worker. A process that dies outright (killed, out of host
-    memory) tells nothing: launched otherwise, the others then wait for the group's timeout
-    (init_process_group(timeout=...), 30 minutes by default), or fail at once where it was the
-    store's host (process 0 of an env:// group). That timeout also bounds how long a process waits
+    (RuntimeError for any other exception) that names that process and its error. Under torchrun
+    the first process to raise makes the agent stop the others at once, as it does for any failed
+    worker. A process that dies outright (killed, out of host memory) tells nothing: launched
+    otherwise, the others then wait for the group's timeout (init_process_group(timeout=...), 30
+    minutes by default), or fail at once where it was the store's host (process 0 of an env://
+    group). That timeout also bounds how long a process waits
     for the slowest part: initialise the group with a longer one for parts of unequal duration.
     """
     on_gpu = str(kwargs.get("device", "cpu")).startswith("cuda")

@@ -684,8 +684,11 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     # train chunk keeps of its pieces for the later ones; a budget beyond any machine's memory (inf
     # too) leaves both unbounded, where int() would overflow
     spare = budget - needed
-    req.pieces_bytes = None if spare >= 2**62 else max(0, min(int(spare) // 4, kept_pieces_bytes(req, test, train)))
-    req.path.search_bytes = None if spare >= 2**62 else max(0, int(spare) - req.pieces_bytes)
+    if spare >= 2**62:
+        req.pieces_bytes = req.path.search_bytes = None
+    else:
+        req.pieces_bytes = max(0, min(int(spare) // 4, kept_pieces_bytes(req, test, train)))
+        req.path.search_bytes = max(0, int(spare) - req.pieces_bytes)
     if needed > budget:
         asked = [f"{name}=None" for name, value in (("test_chunk", req.test_chunk), ("train_chunk", req.train_chunk),
                                                     ("batch_chunk", req.batch_chunk)) if value]

@@ -864,7 +864,8 @@ class Recorder:
             verdict = [None if error is None else described(error)]
             dist.broadcast_object_list(verdict, src=self._writer, group=self._group)
             if verdict[0] is not None and not self._writes:
-                kind, (_, name, message) = error_class(verdict[0]), verdict[0]
+                _, name, message = verdict[0]
+                kind = error_class(verdict[0])
                 raise kind(message) if issubclass(kind, ExplaindError) else \
                     RuntimeError(f"process 0 of the recording failed: {name}: {message}")
         if error is not None:
