@@ -164,8 +164,22 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
         raise InputError(f"split={split!r}: use one of {SPLITS}")
     history = history if isinstance(history, History) else History(history)
     if split == "test":
-        # the whole set's inputs and targets checked first: a refusal names them by their place in it, not in the part
-        build_request(history, model, inputs, targets, **request_options("explain_shard", kwargs))
+        check_test_set("explain_shard", history, model, inputs, targets, kwargs)
+    return explain_part(history, model, inputs, targets, split=split, rank=rank, world_size=world_size,
+                        tolerance=tolerance, **kwargs)
+
+
+def check_test_set(caller: str, history: History, model, inputs, targets, options: dict) -> None:
+    """explain()'s checks of the whole set of test inputs and targets, before a part of them is
+    explained: a refusal names an input by its place in the set, not in the part (an option
+    explain() does not take, in `caller`'s name)."""
+    build_request(history, model, inputs, targets, **request_options(caller, options))
+
+
+def explain_part(history: History, model, inputs, targets=None, *, split: str, rank: int, world_size: int,
+                 tolerance: float | None = 1e-4, **kwargs):
+    """explain_shard's part, its test set already checked (check_test_set) where split="test"."""
+    if split == "test":
         start, stop = shard_bounds(len(inputs), rank, world_size)
         if start == stop:
             raise InputError(f"{world_size} processes for {len(inputs)} test inputs: use fewer processes")

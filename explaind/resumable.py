@@ -31,7 +31,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import group_tensors
-from .distributed import SPLITS, explain_shard, merge, missing_parts, part_path, read_part, step_window, store_part
+from .distributed import (SPLITS, check_test_set, explain_part, merge, missing_parts, part_path, read_part, step_window,
+                          store_part)
 from .engine import check_residual, explain_defaults, kept_dims
 from .errors import InputError, is_whole
 from .history import History
@@ -74,12 +75,14 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
         _check_parts(split, n_parts, len(inputs))
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=n_parts, **kwargs)
     missing = missing_parts(parts_dir, request, n_parts)
+    if missing and split == "test":  # once for all the parts, which each explain a slice of the set
+        check_test_set("explain_resumable", history, model, inputs, targets, kwargs)
     paths = [part_path(parts_dir, rank) for rank in range(n_parts)]
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
         for rank in missing:
-            part = explain_shard(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
-                                 tolerance=tolerance, progress=progress, **kwargs)
+            part = explain_part(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
+                                tolerance=tolerance, progress=progress, **kwargs)
             store_part(part, paths[rank], request, rank)
             bar.update()
     # merged from the stored parts only, so that a resumed call and an uninterrupted one

@@ -196,7 +196,9 @@ def launch_in_own_group(history, model_kind: str, split: str, inputs: torch.Tens
     ended = {}
     try:
         other = 1 - failing_rank
-        ended[other] = processes[other].communicate(timeout=3 * timeout)
+        # its own wait is bounded by the group's timeout; the rest is starting Python and computing a part,
+        # which took over 30 s on a loaded 2-core machine (3 × 15 s failed there once)
+        ended[other] = processes[other].communicate(timeout=timeout + 120)
     finally:
         for process in processes.values():
             process.kill()
@@ -378,15 +380,15 @@ def computed_parts(monkeypatch):
         stop_at = None
 
     spy = Spy()
-    compute = resumable.explain_shard
+    compute = resumable.explain_part
 
-    def explain_shard(*args, rank, **kwargs):
+    def explain_part(*args, rank, **kwargs):
         if rank == spy.stop_at:
             raise Interrupted(f"killed before part {rank}")
         spy.append(rank)
         return compute(*args, rank=rank, **kwargs)
 
-    monkeypatch.setattr(resumable, "explain_shard", explain_shard)
+    monkeypatch.setattr(resumable, "explain_part", explain_part)
     return spy
 
 
@@ -611,6 +613,36 @@ def test_repeated_test_ids_are_refused_though_each_part_sees_distinct_ones(run, 
         explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=2, split="test",
                           test_ids=ids, **OPTIONS)
     assert computed_parts == [0] and not list(tmp_path.rglob("part-*"))  # refused as the first part began
+
+
+def test_resumable_checks_the_whole_test_set_once_before_any_part(run, tmp_path, computed_parts, monkeypatch):
+    """explain_resumable(split="test") checks all inputs once for its 3 parts (it checked them once
+    per part); a bad input 4 is named by its place in the set before any part begins, and an option
+    explain() does not take is refused in explain_resumable's name (it was explain_shard's)."""
+    import explaind.distributed as distributed
+
+    sizes, build = [], distributed.build_request
+
+    def counted(history, model, inputs, *args, **kwargs):  # the whole-set checks (explain() calls its own)
+        sizes.append(len(inputs))
+        return build(history, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "build_request", counted)
+
+    def call(inputs, parts_dir, **options):
+        return explain_resumable(run.path, run.model, inputs, parts_dir=parts_dir, n_parts=3, split="test",
+                                 **OPTIONS, **options)
+
+    call(run.test_x, tmp_path / "parts")
+    assert sizes == [5] and computed_parts == [0, 1, 2]
+    bad = run.test_x.clone()
+    bad[4] = float("nan") if bad.is_floating_point() else 10**6
+    computed_parts.clear()
+    with pytest.raises(ex.InputError, match=r"test inputs \[4\]"):
+        call(bad, tmp_path / "other")
+    with pytest.raises(TypeError, match=r"^explain_resumable\(\) got arguments explain\(\) does not take: \['nodes'\]"):
+        call(run.test_x, tmp_path / "other", nodes=4)
+    assert computed_parts == [] and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("split, n_parts, refused", [("steps", 8, "n_parts=8 for 7 update steps: use 1 … 7 parts"),
