@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -62,6 +63,29 @@ def test_repo_root_can_be_pinned(tmp_path, monkeypatch):
 def test_repo_root_outside_a_repository_says_how_to_fix_it(no_pinned_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="EXPLAIND_ROOT"):
         pipeline.repo_root(tmp_path)
+
+
+@pytest.mark.parametrize("only", ["dvc.yaml", "params.yaml"])
+def test_repo_root_needs_both_dvc_yaml_and_params_yaml(no_pinned_root, tmp_path, only):
+    """A folder with one of them (a lone params file, another DVC project) is not the root."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / only).write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match=rf"no folder above {re.escape(str((tmp_path / 'sub').resolve()))} "
+                                                r"holds dvc.yaml and params.yaml"):
+        pipeline.repo_root(tmp_path / "sub")
+
+
+def test_the_pinned_root_is_undone_after_the_stage(tmp_path, monkeypatch):
+    """run_stage pins $EXPLAIND_ROOT for the kernel only: a later call in the same process finds
+    its own root again."""
+    monkeypatch.delenv(pipeline.ROOT_ENV, raising=False)
+    with pipeline._pinned_root(tmp_path):
+        assert os.environ[pipeline.ROOT_ENV] == str(tmp_path)
+    assert pipeline.ROOT_ENV not in os.environ
+    monkeypatch.setenv(pipeline.ROOT_ENV, "/elsewhere")
+    with pipeline._pinned_root(tmp_path):
+        assert os.environ[pipeline.ROOT_ENV] == str(tmp_path)
+    assert os.environ[pipeline.ROOT_ENV] == "/elsewhere"
 
 
 def test_stage_paths_resolve_from_the_root(tmp_path):
@@ -181,6 +205,8 @@ def test_a_float_is_refused_where_an_int_is_expected():
 def test_a_bool_is_not_a_number():
     with pytest.raises(ParameterError, match=r"'epochs' must be int, got bool True.*not true/false"):
         pipeline.check_params(valid("train_cnn") | {"epochs": True}, "train_cnn")
+    with pytest.raises(ParameterError, match=r"'lr' must be float, got bool False.*not true/false"):
+        pipeline.check_params(valid("train_cnn") | {"lr": False}, "train_cnn")
 
 
 def test_tuples_accept_lists_of_the_right_length_and_item_types():
@@ -222,6 +248,17 @@ def test_notebook_params_refuses_injected_names_and_ignores_ipython_names():
     assert pipeline.notebook_params("train_cnn", namespace, before)["width"] == 2
     with pytest.raises(ParameterError, match=r"unknown parameter 'epoch' \(did you mean 'epochs'\?\) in notebook"):
         pipeline.notebook_params("train_cnn", namespace | {"epoch": 3}, before)
+
+
+def test_apply_base_sets_torchs_threads_but_for_0(monkeypatch):
+    """threads: 1 is the robust CPU setting (not torch's default of one per core); 0 leaves torch's."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    for threads in (1, 0, 3):
+        pipeline.apply_base({"seed": 0, "threads": threads})
+    assert calls == [1, 3]
 
 
 # --- metrics and plots --------------------------------------------------------------------
@@ -289,6 +326,28 @@ def test_check_data_names_the_changed_file(tmp_path, digits_data):
         pipeline.check_data(tmp_path)
 
 
+def test_check_data_names_a_missing_and_an_extra_file(tmp_path, digits_data):
+    shutil.copytree(digits_data, tmp_path / "data")
+    shutil.copy(ROOT / "data.dvc", tmp_path / "data.dvc")
+    (tmp_path / "data" / "digits" / "labels.npy").rename(tmp_path / "data" / "digits" / "labels.old")
+    recorded = pipeline.recorded_data_hash(tmp_path)["md5"]
+    listing = tmp_path / ".dvc" / "cache" / "files" / "md5" / recorded[:2] / recorded[2:]
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps(pipeline.dir_listing(digits_data)))
+    with pytest.raises(pipeline.DataError) as error:
+        pipeline.check_data(tmp_path)
+    lines = str(error.value).splitlines()
+    assert lines[1:3] == ["  missing: digits/labels.npy", "  extra: digits/labels.old"]
+
+
+def test_a_data_dvc_that_tracks_another_folder_is_refused(tmp_path):
+    record = yaml.safe_load((ROOT / "data.dvc").read_text())
+    record["outs"][0]["path"] = "dataset"
+    write_yaml(tmp_path / "data.dvc", record)
+    with pytest.raises(pipeline.DataError, match=r"^data\.dvc tracks 'dataset', expected 'data'$"):
+        pipeline.recorded_data_hash(tmp_path)
+
+
 def test_check_data_reads_the_listing_from_dvcs_configured_cache(tmp_path, digits_data):
     """A cache moved elsewhere (`dvc cache dir --local`) is where the listing is looked up."""
     shutil.copytree(digits_data, tmp_path / "data")
@@ -351,6 +410,28 @@ def test_a_profile_is_checked_for_this_machines_device_before_a_run_starts(tmp_p
     assert pipeline.main(["check", str(path)]) == 1 and "0 CUDA device" in capsys.readouterr().err
     assert pipeline.main(["check", str(ROOT / "tests" / "params_tiny.yaml")]) == 0
     assert f"the parameters of {len(pipeline.stage_instances())} stages" in capsys.readouterr().out
+
+
+def test_a_profile_of_some_stages_is_checked_for_those_stages(tmp_path, tiny_params, capsys):
+    """A profile may hold only some stages' sections: `dvc exp run -S` changes those, and leaves
+    the others' as params.yaml has them."""
+    sections = ("base", "train_transformer", "verify")
+    path = write_yaml(tmp_path / "some.yaml", {key: tiny_params[key] for key in sections})
+    assert pipeline.check_profile(path) == ["train_transformer", "verify@cnn", "verify@transformer"]
+    assert {arg.split(".")[0] for arg in pipeline.set_args(path)[1::2]} == set(sections)
+    assert pipeline.main(["check", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: the parameters of 3 stages and their devices pass\n"
+
+
+def test_check_without_a_profile_checks_the_roots_params_yaml(tmp_path, tiny_params, monkeypatch, capsys):
+    path = write_yaml(tmp_path / "params.yaml", tiny_params)
+    monkeypatch.setenv(pipeline.ROOT_ENV, str(tmp_path))
+    assert pipeline.main(["check"]) == 0
+    assert capsys.readouterr().out == (f"{path.resolve()}: the parameters of {len(pipeline.stage_instances())} "
+                                       "stages and their devices pass\n")
+    write_yaml(path, {**tiny_params, "base": {**tiny_params["base"], "seed": -1}})
+    assert pipeline.main(["check"]) == 1
+    assert f"{path.resolve()} (sections 'base' + 'train_cnn'): seed" in capsys.readouterr().err
 
 
 def test_set_args_covers_every_key_of_a_profile(tmp_path):
@@ -540,6 +621,33 @@ def test_a_batch_larger_than_the_training_set_stops_the_stage_before_its_outputs
     assert (history / "meta.json").read_text() == "{}"
 
 
+def test_params_are_checked_against_the_data_of_the_root_not_of_the_params_files_folder(
+        tmp_path, tiny_params, digits_data):
+    """A profile kept outside the repository (`load_params(params_file=..., root=...)`) is checked
+    against the data/ its stages will read: the root's; a root without data/ leaves it to run_stage."""
+    with_data, bare = tmp_path / "with_data", tmp_path / "bare"
+    shutil.copytree(digits_data, with_data / "data")
+    bare.mkdir()
+    bad = {**tiny_params, "train_cnn": {**tiny_params["train_cnn"], "batch_size": 287}}  # 286 training images
+    with pytest.raises(ParameterError, match=r"train_cnn\.batch_size is 287, but it must be at most the 286"):
+        pipeline.load_params("train_cnn", params_file=write_yaml(bare / "params.yaml", bad), root=with_data)
+    assert pipeline.load_params("train_cnn", params_file=write_yaml(with_data / "params.yaml", bad),
+                                root=bare)["batch_size"] == 287
+
+
+def test_runner_refuses_a_device_this_machine_lacks_before_it_looks_for_the_notebook(tmp_path, tiny_params,
+                                                                                     monkeypatch):
+    """The parameters take another machine's GPU (a profile is printable anywhere); a stage run here does not."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    write_yaml(tmp_path / "params.yaml", {**tiny_params, "base": {**tiny_params["base"], "device": "cuda"}})
+    with pytest.raises(ParameterError, match=r"^params\.yaml: device \(section 'base' or the stage's\) is 'cuda': "
+                                             r"this torch sees 0 CUDA device.*Fix: set device: cpu"):
+        pipeline.run_stage("train_transformer", root=tmp_path)
+    assert not (tmp_path / "results").exists()
+
+
 def test_runner_refuses_a_missing_kernel(tmp_path, tiny_params):
     write_yaml(tmp_path / "params.yaml", tiny_params)
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
@@ -702,11 +810,14 @@ def test_params_refuse_values_out_of_range_naming_key_and_file(tmp_path, stage, 
 def test_params_refuse_protected_components_the_model_lacks(tmp_path):
     """A misspelt protected component stops the stage at its parameters, before the run loads."""
     content = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
-    content["influence"]["cnn"]["protected"] = ["lnear"]
-    path = write_yaml(tmp_path / "params.yaml", content)
-    with pytest.raises(ParameterError, match=r"(?s)influence\.cnn\.protected is \('lnear',\).*the cnn's components: "
-                                             r"conv1, conv2, res1, conv3, res2, conv4, linear.*Fix: set influence\.cnn\.protected"):
-        pipeline.load_params("influence@cnn", params_file=path)
+    for protected in (["lnear"], ["linear", "lnear"]):  # alone, or beside a component the model has
+        content["influence"]["cnn"]["protected"] = protected
+        path = write_yaml(tmp_path / "params.yaml", content)
+        shown = re.escape(repr(tuple(protected)))
+        with pytest.raises(ParameterError, match=rf"(?s)influence\.cnn\.protected is {shown}.*the cnn's components: "
+                                                 r"conv1, conv2, res1, conv3, res2, conv4, linear.*"
+                                                 r"Fix: set influence\.cnn\.protected"):
+            pipeline.load_params("influence@cnn", params_file=path)
     content["influence"]["cnn"]["protected"] = ["linear", "conv1"]
     assert pipeline.load_params("influence@cnn", params_file=write_yaml(tmp_path / "ok.yaml", content))["protected"] == (
         "linear", "conv1")
