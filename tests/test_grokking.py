@@ -14,7 +14,7 @@ import xarray as xr
 
 from explaind import History, grokking
 from explaind.errors import InputError, ReconstructionError
-from explaind.models import ModAddTransformer
+from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer
 from explaind.training import TransformerConfig, train_transformer
 
 TINY = TransformerConfig(p=7, train_size=15, val_size=10, d_model=8, n_heads=2, d_mlp=16, lr=1e-2,
@@ -501,6 +501,25 @@ def test_splice_and_swap_equal_a_manual_state_dict_splice(tiny_run):
         grokking.splice(early, final, ("unembed",))
 
 
+def test_the_swap_takes_its_components_from_the_final_model(tiny_run):
+    """Targets are the final model's own predictions on every token sequence: θ_i with every
+    component from the final model is 100% accurate; the last checkpoint but one, 57 of the
+    6,561 predictions off, would not be."""
+    history, _ = tiny_run
+    model = fresh_model(TINY)
+    tokens = torch.tensor(list(itertools.product(range(TINY.p + 2), repeat=4)))
+    final = history.params(history.n_steps)
+    with torch.no_grad():
+        targets = torch.func.functional_call(model, final, (tokens,)).argmax(-1)
+    everything = tuple(TRANSFORMER_COMPONENTS)
+    swap = grokking.swap_experiment(history, model, tokens, targets, [0, 3], {"all": everything}, progress=False)
+    assert swap["swapped_acc"].tolist() == [1.0, 1.0]
+    for s, original in zip(swap["step"], swap["original_acc"]):
+        with torch.no_grad():
+            predicted = torch.func.functional_call(model, history.params(s), (tokens,)).argmax(-1)
+        assert original == (predicted == targets).double().mean().item() < 1.0
+
+
 def test_swap_summary():
     swap = pd.DataFrame({"step": [0, 10, 20] * 2, "variant": ["a"] * 3 + ["b"] * 3,
                          "original_acc": [0.0, 0.1, 0.9] * 2, "swapped_acc": [0.1, 0.97, 1.0, 0.0, 0.2, 0.9],
@@ -508,6 +527,11 @@ def test_swap_summary():
     summary = grokking.swap_summary(swap, 0.95).set_index("variant")
     assert summary.loc["a", "max_gain_step"] == 10 and summary.loc["a", "first_step_at_target"] == 10
     assert summary.loc["b", "max_gain"] == pytest.approx(0.1) and np.isnan(summary.loc["b", "first_step_at_target"])
+    assert summary.loc["a", "mean_gain"] == pytest.approx((0.1 + 0.87 + 0.1) / 3, rel=1e-12)  # not the median 0.1
+    assert summary.loc["b", "mean_gain"] == pytest.approx(0.1 / 3, rel=1e-12)
+    # a swapped model exactly at the target reaches it
+    exact = swap.assign(swapped_acc=[0.1, 0.5, 0.95, 0.0, 0.2, 0.9])
+    assert grokking.swap_summary(exact, 0.95).set_index("variant").loc["a", "first_step_at_target"] == 20
 
 
 # --- retraining ---------------------------------------------------------------------------
@@ -562,6 +586,48 @@ def test_retraining_experiment_runs_every_point_and_scratch_once_per_seed(tiny_r
     assert (runs["steps_run"] <= 2).all()
     summary = grokking.retraining_summary(runs)
     assert len(summary) == 2 * 2 + 1 and (summary["seeds"] == 2).all()
+
+
+def test_each_retraining_job_copies_its_own_checkpoint(tiny_run, monkeypatch):
+    """Every (variant, t, seed) job gets θ_t itself, not another checkpoint's parameters."""
+    history, _ = tiny_run
+    calls = []
+
+    def spy(config, checkpoint, variant, seed, **options):
+        calls.append((variant, seed, checkpoint))
+        return {"variant": variant, "seed": seed}
+
+    monkeypatch.setattr(grokking, "retrain", spy)
+    runs = grokking.retraining_experiment(TINY, history, [2, 4], ["pipeline", "outer"], [7, 8], max_steps=1,
+                                          target=0.9, dtype="float64", reinit_std=0.0, progress=False)
+    copied = [(variant, t, seed) for t in (2, 4) for variant in ("pipeline", "outer") for seed in (7, 8)]
+    assert [(v, s) for v, s, _ in calls] == [(v, s) for v, _, s in copied] + [("scratch", 7), ("scratch", 8)]
+    for (_, t, _), (_, _, checkpoint) in zip(copied, calls):
+        expected = history.params(t)
+        assert all(torch.equal(checkpoint[name], expected[name]) for name in expected), t
+    assert runs["checkpoint"].tolist()[:8] == [t for _, t, _ in copied] and runs["checkpoint"][8:].isna().all()
+
+
+def test_a_retraining_initialises_the_other_layers_with_its_seed(tiny_run, monkeypatch):
+    """The model of retrain(..., seed=3) is that of training with seed 3 from the copied layers:
+    its re-initialised layers differ from those of the run's own seed 0."""
+    history, _ = tiny_run
+    trained = []
+    real = grokking.train_transformer
+
+    def spy(config, **options):
+        result = real(config, **options)
+        trained.append(result.model)
+        return result
+
+    monkeypatch.setattr(grokking, "train_transformer", spy)
+    grokking.retrain(TINY, history.params(4), "outer", 3, max_steps=2, target=0.95, dtype="float64", reinit_std=0.0)
+    state = grokking.retraining_state(history.params(4), grokking.OUTER, 3, reinit_std=0.0)
+    for seed, same in ((3, True), (0, False)):
+        direct = real(dataclasses.replace(TINY, seed=seed, max_steps=2, stop_val_acc=0.95), progress=False,
+                      initial_state=state).model
+        equal = [torch.equal(p, q) for p, q in zip(trained[0].parameters(), direct.parameters())]
+        assert all(equal) if same else not all(equal), seed
 
 
 def test_retraining_in_worker_processes_gives_the_same_runs(tiny_run):
@@ -791,6 +857,36 @@ def test_data_attribution_explains_each_window_and_carries_the_earlier_momentum(
     tiled = grokking.data_attribution(history, model, x, y, [(0, 4), (4, 6)], replay=None, **EXACT)
     assert tiled["step"].values.tolist() == [0, 4] and float(np.abs(tiled["carried"]).max()) == 0
     np.testing.assert_allclose(tiled["attribution"].isel(step=1), whole["attribution"].isel(step=0), atol=1e-12)
+
+
+def test_data_attribution_of_windows_with_a_gap_explains_each_and_keeps_the_worst_residual(tiny_run, tiny_data):
+    """Windows (0, 2) and (4, 6) span the run but do not tile it: each is explained on its own
+    (fully replayed, nothing carried), and with a coarse integral (one node, no kinks located)
+    the residual attributes are those of the window that misses the most, measured here from
+    forward passes at the window edges."""
+    history, _ = tiny_run
+    model = fresh_model(TINY)
+    x, y = tiny_data.val_inputs[:3], tiny_data.val_targets[:3]
+    windows = [(0, 2), (4, 6)]
+    cube = grokking.data_attribution(history, model, x, y, windows, replay=None, quadrature=1, breakpoints=False,
+                                     tolerance=None, progress=False)
+    assert cube["step"].values.tolist() == [0, 4] and cube["step_stop"].values.tolist() == [2, 6]
+    assert float(np.abs(cube["carried"]).max()) == 0
+
+    def true_class(s):
+        with torch.no_grad():
+            return torch.func.functional_call(model, history.params(s), (x,)).gather(1, y[:, None]).squeeze(1).numpy()
+
+    explained = (cube["attribution"].sum("train") + cube["regularization"]).transpose("step", ...).values.reshape(2, -1)
+    errors = []
+    for b, (start, stop) in enumerate(windows):
+        change = true_class(stop) - true_class(start)
+        residual = np.abs(change - explained[b]).max()
+        errors.append((residual / np.abs(change).max(), residual, np.abs(change).max()))
+    worst = max(errors)
+    assert min(errors)[0] < 0.5 * worst[0], "the windows must miss by different shares, or the check proves nothing"
+    for key, value in zip(("relative_residual", "max_abs_residual", "max_abs_change"), worst):
+        assert cube.attrs[key] == pytest.approx(value, rel=1e-9), key
 
 
 def test_bin_errors_and_their_check():

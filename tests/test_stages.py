@@ -5,7 +5,8 @@ independent computations of the same number: they must agree to rounding, and a 
 with another integral, or from another history, must be refused.
 
 Also what the stages refuse before they start: the stage configs' ranges, a run folder's
-config.json (load_run), and the params and data.dvc files the pipeline runner reads.
+config.json (load_run), and the params and data.dvc files the pipeline runner reads. And the
+influence stage's two studies (validation) on a tiny Transformer run, against hand computations.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
+import torch
 import yaml
 
 import explaind as ex
 from engine_cases import Case, train
 from explaind import pipeline, stages, validation
 from explaind.cube import PARAMETER_SCORES
+from explaind.data import modular_addition
+from explaind.models import TRANSFORMER_COMPONENTS
 from explaind.quadrature import MAX_NODES
-from explaind.training import CNNConfig, TransformerConfig, load_config, save_config
+from explaind.training import CNNConfig, TransformerConfig, load_config, save_config, train_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,3 +349,104 @@ def test_group_ticks_mark_each_label_groups_edges_centre_and_label():
     assert len(edges) == 0 and list(centres) == [0.5] and list(names) == [7]
     with pytest.raises(ex.InputError, match="sorted into groups"):
         stages.group_ticks(np.array([0, 1, 0]))
+
+
+# --- the influence stage's studies on a tiny Transformer run ------------------------------
+
+# no weight decay: a data cube's scores alone add up to the change of each output
+TINY = TransformerConfig(p=7, train_size=15, val_size=10, d_model=8, n_heads=2, d_mlp=16, lr=1e-2, weight_decay=0.0,
+                         max_steps=6, seed=0)
+STUDY = validation.InfluenceConfig(model="transformer", splits=2, score_inputs=3, min_fraction=0.1, max_fraction=0.5,
+                                   fractions=2, protected=("unembedding",), quadrature=2, breakpoints=True,
+                                   tolerance=1.0, lds_subsets=3, lds_inputs=4, lds_steps=3, lds_quadrature=4,
+                                   bootstrap=5, confidence=0.9)
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer(tmp_path_factory):
+    """A recorded 6-step full-batch AdamW run, as stages.load_run rebuilds it."""
+    path = tmp_path_factory.mktemp("influence") / "history"
+    model = train_transformer(TINY, history_dir=path, progress=False).model
+    data = modular_addition(TINY.p, TINY.train_size, TINY.val_size, TINY.data_seed, TINY.only_a_ge_b)
+    return stages.Run("transformer", TINY, model, ex.History(path), data.train_inputs, data.train_targets,
+                      data.val_inputs, data.val_targets, "validation", dict(TRANSFORMER_COMPONENTS),
+                      [str(r) for r in range(TINY.p)])
+
+
+def loss_gradients(run, step: int, x, y) -> torch.Tensor:
+    """[inputs, D]: each input's cross-entropy gradient at θ_step, the tensors in the history's order."""
+    params = run.history.params(step)
+    rows = []
+    for xi, yi in zip(x, y):
+        leaves = {name: value.clone().requires_grad_() for name, value in params.items()}
+        log_probs = torch.func.functional_call(run.model, leaves, (xi[None],))
+        grads = torch.autograd.grad(-log_probs[0, yi], [leaves[n] for n in run.history.layout.names])
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows)
+
+
+def test_the_pruning_study_scores_each_split_on_its_score_part_and_evaluates_it_on_the_rest(tiny_transformer):
+    """Per split (the seed's permutation of the 10 held-out inputs: 3 score, 7 evaluate): the
+    Taylor criterion Σ_score |θ ⊙ ∇ℓ| and loss-change allocation (trapezoid over the recorded
+    steps of the score part's summed loss), each kept at 10% and 50% of the weights outside the
+    unembedding, give the accuracy and KL of the pruned final model on the evaluation part."""
+    run = tiny_transformer
+    result = validation.pruning_study(run, STUDY, seed=4, dtype=torch.float64, progress=False)
+    names, n = run.history.layout.names, run.history.n_steps
+    final = run.history.params(n)
+    theta = torch.cat([final[name].flatten() for name in names])
+    prunable = torch.cat([torch.full((final[name].numel(),), name != "unembed.weight") for name in names])
+    pool = prunable.nonzero().squeeze(1)
+    rng = np.random.default_rng(4)
+    for split in range(2):
+        order = rng.permutation(10)
+        score, evaluation = np.sort(order[:3]), np.sort(order[3:])
+        x, y = run.test_x[score], run.test_y[score]
+        lca = sum(0.5 * (loss_gradients(run, s, x, y).sum(0) + loss_gradients(run, s + 1, x, y).sum(0))
+                  * torch.cat([(run.history.params(s + 1)[m] - run.history.params(s)[m]).flatten() for m in names])
+                  for s in range(n))
+        criteria = {"taylor": (loss_gradients(run, n, x, y) * theta).abs().sum(0), "lca": -lca}
+        with torch.no_grad():
+            reference = run.model(run.test_x[evaluation])
+        targets = run.test_y[evaluation]
+        unpruned = result.unpruned.set_index("split").loc[split, "accuracy"]
+        assert unpruned == (reference.argmax(-1) == targets).double().mean().item()
+        curves = result.curves[(result.curves["split"] == split) & (result.curves["protocol"] == "global")]
+        for criterion, scores in criteria.items():
+            for fraction in (0.1, 0.5):
+                keep = ~prunable.clone()
+                # ties (coordinates that never moved score 0) keep the lower index, as pruning.keep_mask does
+                ranked = pool[torch.argsort(scores[pool], descending=True, stable=True)]
+                keep[ranked[:round(fraction * len(pool))]] = True
+                pruned_theta = (theta * keep).split([final[m].numel() for m in names])
+                pruned_params = {m: v.view_as(final[m]) for m, v in zip(names, pruned_theta)}
+                with torch.no_grad():
+                    pruned = torch.func.functional_call(run.model, pruned_params, (run.test_x[evaluation],))
+                row = curves[(curves["criterion"] == criterion) & np.isclose(curves["fraction"], fraction)]
+                assert len(row) == 1
+                assert row["accuracy"].item() == (pruned.argmax(-1) == targets).double().mean().item()
+                kl = (reference.exp() * (reference - pruned)).sum(-1).mean().item()
+                assert kl > 1e-3 and row["kl"].item() == pytest.approx(kl, rel=1e-9), (split, criterion, fraction)
+
+
+def test_the_datamodel_study_predicts_each_subset_from_its_members_scores(tiny_transformer):
+    """ExPLAIND's data scores of the first 3 steps add up, per input, to the change of its
+    true-class log-probability over them (no weight decay; kinks located); every method's
+    prediction for a subset is the sum of its members' scores, and the LDS is scipy's Spearman
+    correlation of the retrained outputs with those predictions."""
+    run = tiny_transformer
+    result = validation.datamodel_study(run, STUDY, "unused", seed=1, dtype=torch.float64, progress=False)
+    assert result.steps == (0, 3)
+    x, y = run.test_x[:4], run.test_y[:4]
+    with torch.no_grad():
+        before, after = (torch.func.functional_call(run.model, run.history.params(s), (x,)).gather(1, y[:, None])
+                         .squeeze(1).numpy() for s in (0, 3))
+    change = after - before
+    np.testing.assert_allclose(result.scores["explaind"].sum(0), change, rtol=0, atol=1e-6 * np.abs(change).max())
+    subsets = result.subsets.numpy()
+    assert subsets.shape == (3, 15) and (subsets.sum(1) == 8).all()  # round(0.5 * 15) of the 15 pairs
+    for method, scores in result.scores.items():
+        members = np.array([[scores[subsets[r], i].sum() for i in range(4)] for r in range(3)])
+        np.testing.assert_allclose(result.predicted[method], members, rtol=1e-12, atol=1e-15)
+        expected = [scipy.stats.spearmanr(result.actual[:, i], members[:, i]).statistic for i in range(4)]
+        np.testing.assert_allclose(result.per_input[method], expected, rtol=1e-12)
