@@ -1421,6 +1421,84 @@ def test_manifest_lines_out_of_order_are_refused_without_a_closing_hash(copy_of)
         ex.History(path, allow_incomplete=True)
 
 
+def test_a_killed_runs_gradient_scale_above_1_is_refused(tmp_path):
+    """A killed run has no closing hash over its manifest: only the range check refuses a clip factor
+    above 1, which no clipping makes (read as it stands, it would scale up every sample's share of
+    that step)."""
+    sgd_history(tmp_path / "h", 3)
+    (tmp_path / "h" / "closed.json").unlink()
+    scale_second_step(1.5)(tmp_path / "h")
+    with pytest.raises(ex.HistoryError, match=r"manifest\.jsonl: step 1 records the gradient scale 1\.5, not a "
+                                              r"number in \(0, 1\]: the manifest was edited or corrupted"):
+        ex.History(tmp_path / "h", allow_incomplete=True)
+    scale_second_step(1.0)(tmp_path / "h")
+    assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 3
+
+
+def test_a_step_file_of_another_size_is_refused_when_the_history_opens(tmp_path):
+    """A step file one byte longer than the manifest's record is refused on opening, before any
+    step is read (its hash is checked only when it is read)."""
+    sgd_history(tmp_path / "h", 3)
+    file = tmp_path / "h" / "steps" / "0000001.safetensors"
+    file.write_bytes(file.read_bytes() + b" ")
+    with pytest.raises(ex.HistoryError, match=r"0000001\.safetensors is missing or has the wrong size for step 1"):
+        ex.History(tmp_path / "h")
+
+
+def test_a_resume_state_ahead_of_the_manifest_is_refused_before_anything_changes(tmp_path):
+    """A manifest that lost its last line after that step's resume state was stored (a partial copy
+    or restore: a crash leaves the manifest ahead of the resume state, never behind) is refused
+    before anything is written: the stored optimizer state is that of a step the manifest lacks."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 4, crash_at=2)
+    assert json.loads((tmp_path / "h" / "resume.json").read_text())["next_step"] == 3
+    lines = (tmp_path / "h" / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "h" / "manifest.jsonl").write_text("".join(lines[:2]))
+    before = {f: f.read_bytes() for f in (tmp_path / "h").rglob("*") if f.is_file()}
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ex.HistoryError, match="resume state is ahead of the manifest; the history is damaged"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer)
+    assert {f: f.read_bytes() for f in (tmp_path / "h").rglob("*") if f.is_file()} == before
+
+
+def test_a_killed_runs_manifest_line_damaged_before_its_last_is_refused(tmp_path):
+    """Only the last line can be one a crash cut (that step never completed, and is ignored): a
+    damaged line before it is refused, not skipped, which would read every later step one off."""
+    sgd_history(tmp_path / "h", 3)
+    (tmp_path / "h" / "closed.json").unlink()
+    lines = (tmp_path / "h" / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "h" / "manifest.jsonl").write_text("".join([lines[0], lines[1][:20] + "\n", lines[2]]))
+    with pytest.raises(ex.HistoryError, match=r"manifest\.jsonl line 2 is corrupted"):
+        ex.History(tmp_path / "h", allow_incomplete=True)
+    (tmp_path / "h" / "manifest.jsonl").write_text("".join([lines[0], lines[1], lines[2][:20]]))
+    assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2
+
+
+def test_a_resumed_loop_is_checked_at_its_first_two_steps(tmp_path):
+    """A resume checks the gradient at its first two steps whatever check_every says: the second
+    is the first that can show a gradient the resumed loop lets accumulate (zero_grad forgotten)."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer, check_every=50) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 5, crash_at=2)
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)at step 4 the gradient in \.grad differs.*"
+                                                  r"optimizer\.zero_grad\(\) forgotten"):
+        with ex.Recorder.resume(tmp_path / "h", model, optimizer, check_every=50) as rec:
+            assert rec.step == 3
+            for step in (3, 4):  # no optimizer.zero_grad(): step 3's gradient is still in .grad at step 4
+                rows = torch.arange(4 * step, 4 * step + 4) % len(x)
+                F.cross_entropy(model(x[rows]), y[rows]).backward()
+                rec.batch(rows, x[rows], y[rows])
+                optimizer.step()
+
+
 def test_a_tensor_learning_rate_is_recorded_and_resumed(tmp_path):
     x, y = tiny_data()
     model = tiny()
@@ -2110,6 +2188,37 @@ def test_adams_moments_are_copied_to_the_host_once_per_step(tmp_path, monkeypatc
     step = load_file(tmp_path / "h" / "steps" / "0000002.safetensors")
     assert all(torch.equal(resumed[f"optimizer/{i}/exp_avg_sq"], step[f"second_moment/{n}"])
                for i, n in enumerate(dict(model.named_parameters())))
+
+
+def test_each_groups_adam_hyperparameters_and_second_moment_are_recorded_as_torch_steps_them(tmp_path):
+    """Two AdamW groups that differ in every setting, amsgrad in one only: each step's manifest
+    lists each group's own settings and bias-correction count t = step + 1, and each tensor's step
+    file holds the second moment its group's update divides by (torch's max v with amsgrad, its v
+    without), copied from torch's state right after that step."""
+    x, y = tiny_data()
+    model = tiny()
+    params = list(model.parameters())
+    settings = [dict(lr=0.02, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05, amsgrad=False),
+                dict(lr=0.01, betas=(0.9, 0.5), eps=1e-6, weight_decay=0.2, amsgrad=True)]
+    optimizer = torch.optim.AdamW([{"params": params[:2], **settings[0]}, {"params": params[2:], **settings[1]}])
+    moments = []  # torch's moments after each step, by parameter name
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        for step in range(4):
+            sgd_steps(rec, model, optimizer, x, y, step, step + 1)
+            moments.append({name: {key: optimizer.state[p][key].clone() for key in ("exp_avg_sq", "max_exp_avg_sq")
+                                   if key in optimizer.state[p]}
+                            for name, p in model.named_parameters()})
+    expected = [[{**s, "betas": list(s["betas"]), "t": step + 1} for s in settings] for step in range(4)]
+    assert [line["groups"] for line in manifest(tmp_path / "h")] == expected
+    names = [name for name, _ in model.named_parameters()]
+    for step, record in enumerate(ex.History(tmp_path / "h").steps()):
+        for name in names[:2]:
+            assert torch.equal(record.second_moment[name], moments[step][name]["exp_avg_sq"]), (step, name)
+        for name in names[2:]:
+            assert torch.equal(record.second_moment[name], moments[step][name]["max_exp_avg_sq"]), (step, name)
+    # (the maximum is another tensor than v: β2 = 0.5 lets v fall below an earlier value)
+    assert any(not torch.equal(m[n]["max_exp_avg_sq"], m[n]["exp_avg_sq"]) for m in moments for n in names[2:])
+    assert ex.verify_updates(tmp_path / "h", tiny()).max() <= 1e-12
 
 
 class FakeCuda:
