@@ -129,12 +129,14 @@ def test_a_part_names_a_refused_input_or_target_by_its_place_in_the_whole_set(ru
                       outputs="true", progress=False)
 
 
-def test_steps_split_with_a_bounded_replay_equals_one_call(run):
+@pytest.mark.parametrize("replay", [1, 0])
+def test_steps_split_with_a_bounded_replay_equals_one_call(run, replay):
     """Each part replays from the window's replay start, as one call does (each counted its
-    `replay` steps back from its own start: per-sample shares off by half their scale)."""
+    `replay` steps back from its own start: per-sample shares off by half their scale), replay=0
+    included (the window's start, not each part's)."""
     from explaind.distributed import explain_shard
 
-    options = dict(keep=("step", "train", "test"), steps=(3, 7), replay=1, progress=False, tolerance=None)
+    options = dict(keep=("step", "train", "test"), steps=(3, 7), replay=replay, progress=False, tolerance=None)
     parts = [explain_shard(run.path, run.model, run.test_x, split="steps", rank=r, world_size=3, **options)
              for r in range(3)]
     merged, single = merge(parts, "steps"), run.explain(**options)
@@ -543,13 +545,15 @@ def damage(part: Path, how: str) -> None:
         (part / ".zattrs").write_text("{ not json")
 
 
-@pytest.mark.parametrize("how", ["chunk_lost", "chunk_truncated", "chunk_rewritten", "attributes_garbled"])
+@pytest.mark.parametrize("how", ["chunk_lost", "chunk_truncated", "chunk_rewritten", "byte_flipped",
+                                 "attributes_garbled"])
 def test_a_damaged_part_is_named_before_any_compute_and_recomputed_once_deleted(run, how, tmp_path, computed_parts):
     def call():
         return explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", n_parts=3, **OPTIONS)
 
     whole = call()
     damage(tmp_path / "parts" / "part-00001.zarr", how)
+    shutil.rmtree(tmp_path / "parts" / "part-00000.zarr")  # missing: it would be computed first
     stored = files_on_disk(tmp_path / "parts")
     computed_parts.clear()
     with pytest.raises(ex.InputError, match=r"(?s)part 1 at \S*part-00001.zarr is damaged: .*Fix: delete"):
@@ -558,7 +562,7 @@ def test_a_damaged_part_is_named_before_any_compute_and_recomputed_once_deleted(
     assert files_on_disk(tmp_path / "parts") == stored  # and nothing overwritten
     shutil.rmtree(tmp_path / "parts" / "part-00001.zarr")
     xr.testing.assert_identical(call(), whole)
-    assert computed_parts == [1]
+    assert computed_parts == [0, 1]
 
 
 def test_a_part_of_any_dtype_reads_back_as_written(tmp_path):
@@ -729,6 +733,11 @@ def test_merge_refuses_parts_with_other_labels(run, split):
                            tolerance=None)
              for r, components in enumerate([by_kind, by_module])]
     with pytest.raises(ex.InputError, match="(?s)part 1 has other 'component' labels.*same options"):
+        merge(parts, split)
+    # part 0 without the component dim, which part 1 keeps
+    parts[0] = explain_shard(run.path, run.model, run.test_x, split=split, rank=0, world_size=2, keep=("test",),
+                             progress=False, tolerance=None)
+    with pytest.raises(ex.InputError, match=r"part 1 has other 'component' labels than part 0 \(\['\S.*\] vs none\)"):
         merge(parts, split)
 
 
@@ -911,3 +920,138 @@ def test_fingerprint_sees_the_tensors_and_arguments_of_callable_options(run):
     # a pandas column of ids, whose repr elides the middle rows
     ids = pd.Series(np.arange(100))
     assert fingerprint(test_ids=ids) != fingerprint(test_ids=ids.replace(50, 1000))
+
+
+# --------------------------------------------------------------------------- shards, digests, merges and outcomes
+
+
+@pytest.mark.parametrize("split, rank, world_size, refused", [("test", 2, 6, "6 processes for 5 test inputs"),
+                                                               ("steps", 4, 8, "8 processes for 7 steps")],
+                         ids=["test", "steps"])
+def test_a_shard_left_nothing_to_explain_is_refused(run, split, rank, world_size, refused):
+    """6 shares of 5 test inputs are cut at round(5k/6) = 0, 1, 2, 2, 3, 4, 5 and 8 of 7 steps at
+    0, 1, 2, 3, 4, 4, 5, 6, 7: rank 2's, and rank 4's, share is empty."""
+    from explaind.distributed import explain_shard
+
+    assert shard_bounds(5 if split == "test" else 7, rank, world_size) == ((2, 2) if split == "test" else (4, 4))
+    with pytest.raises(ex.InputError) as error:
+        explain_shard(run.path, run.model, run.test_x, split=split, rank=rank, world_size=world_size, progress=False)
+    assert str(error.value) == f"{refused}: use fewer processes"
+
+
+def stored_hand_part(path: Path) -> None:
+    part = xr.Dataset({"attribution": ("test", np.array([1.5, 2.0, -3.0]))}, coords={"test": np.array([10, 11, 12])})
+    store_part(part, path, "request", 0)
+
+
+@pytest.mark.parametrize("how", ["label_changed", "dtype_changed"])
+def test_a_part_whose_labels_or_dtype_changed_on_disk_is_damaged(tmp_path, how):
+    """The digest covers the coordinates, and each variable's dtype: a test label rewritten, or
+    float64 numbers whose metadata reads them as int64 (the bytes and the file's size kept: the
+    part opens), is named, not merged."""
+    path = tmp_path / "part-00000.zarr"
+    stored_hand_part(path)
+    if how == "label_changed":
+        zarr.open_array(path / "test", mode="r+")[1] = 99
+    else:
+        metadata = path / "attribution" / ".zarray"
+        text = metadata.read_text()
+        changed = text.replace('"<f8"', '"<i8"').replace('"NaN"', "null ")  # no NaN in int64: no fill value
+        assert changed != text and len(changed) == len(text)
+        metadata.write_text(changed)
+    with pytest.raises(ex.InputError, match="part 0 at .* is damaged: its numbers differ"):
+        read_part(path, "request", 0)
+
+
+def test_a_part_stored_under_another_ranks_name_is_refused(tmp_path):
+    """Part 0 copied into part 1's place holds this request, but not part 1 of it."""
+    from explaind.distributed import missing_parts
+
+    stored_hand_part(tmp_path / "part-00000.zarr")
+    shutil.copytree(tmp_path / "part-00000.zarr", tmp_path / "part-00001.zarr")
+    with pytest.raises(ex.InputError, match=r"(?s)part-00001.zarr holds a part computed for a different request"):
+        missing_parts(tmp_path, "request", 2)
+
+
+def test_each_process_checks_its_own_parts_numbers_before_any_compute(tmp_path, monkeypatch):
+    """Process 1 of 2 names its damaged part at once (process 0 would find it only when it merges,
+    once every other part is computed); process 0 reads only its own part's numbers."""
+    import explaind.distributed as distributed
+
+    run = train(Case(steps=3, n_test=2), tmp_path / "history")
+    parts_dir, history = tmp_path / "parts", ex.History(run.path)
+    explain_resumable(run.path, run.model, run.test_x, parts_dir=parts_dir, n_parts=2, split="test", **OPTIONS)
+    damage(parts_dir / "part-00001.zarr", "byte_flipped")  # opens: the size is kept
+    monkeypatch.setattr(distributed, "explain_shard", lambda *args, **kwargs: pytest.fail("a part was computed"))
+
+    def own_part(rank):
+        return distributed._store_own_part(history, run.model, run.test_x, None, "test", parts_dir, rank, 2, 1e-4,
+                                           dict(OPTIONS))
+
+    with pytest.raises(ex.InputError, match=r"(?s)part 1 at \S*part-00001.zarr is damaged: its numbers differ"):
+        own_part(1)
+    assert own_part(0) == resumable.request_fingerprint(history, run.model, run.test_x, None, split="test",
+                                                        n_parts=2, **OPTIONS)
+
+
+def test_distributed_checks_the_merged_cubes_residual(tmp_path, one_process_group):
+    """As explain_resumable: one midpoint node on long steps misses far beyond 1e-12."""
+    run = train(Case("mlp", "sgd", steps=3, lr_scale=15.0, widths=(6,)), tmp_path / "history")
+    with pytest.raises(ex.ReconstructionError, match="(?s)tolerance.*quadrature=") as error:
+        explain_distributed(run.path, run.model, run.test_x, parts_dir=tmp_path / "parts", quadrature=1,
+                            rule="midpoint", tolerance=1e-12, progress=False)
+    assert error.value.cube.attrs["relative_residual"] > 1e-6
+
+
+def test_outcomes_are_told_per_call_and_waited_for(one_process_group):
+    """Two processes' outcomes told through the group's store, played in one process: each reads
+    every outcome (the first failure's class, explaind's, raised), a call does not read the last
+    call's outcomes, and a process waits for every other's, naming those that told nothing."""
+    import datetime
+
+    from explaind.distributed import _Outcomes
+    from explaind.history import process_group_store
+
+    dist.init_process_group("gloo")
+    process_group_store().set_timeout(datetime.timedelta(seconds=2))
+    first = [_Outcomes(rank, 2) for rank in (0, 1)]
+    first[0].tell(ex.InputError("bad ids"))
+    first[1].tell(KeyboardInterrupt())
+    with pytest.raises(ex.InputError) as error:
+        first[1].raise_failed()
+    assert str(error.value) == (
+        "the parts of processes 0, 1 failed (process 0: InputError: bad ids; process 1: KeyboardInterrupt), so no "
+        "cube is merged. Fix: what their errors name, then launch every process again")
+    second = [_Outcomes(rank, 2) for rank in (0, 1)]
+    second[0].tell(None)
+    with pytest.raises(RuntimeError, match=r"^no outcome came from process 1 within the process group's timeout"):
+        second[0].raise_failed()
+    second[1].tell(None)
+    assert second[0].raise_failed() is None and second[1].raise_failed() is None
+
+
+def test_test_split_adds_what_each_part_summed_over_its_inputs(tmp_path):
+    """Without a test dim each part holds sums over its own inputs: merged, they add up to one
+    explain()'s sums over all of them."""
+    from explaind.distributed import explain_shard
+
+    run = train(Case(steps=3, n_test=4), tmp_path / "history")
+    parts = [explain_shard(run.path, run.model, run.test_x, split="test", rank=r, world_size=2, keep=("step",),
+                           progress=False, tolerance=None) for r in range(2)]
+    merged = merge(parts, "test")
+    assert "test" not in merged["attribution"].dims
+    assert_same_cube(merged, run.explain(keep=("step",)))
+
+
+def test_steps_split_counts_the_kinks_of_every_part(tmp_path):
+    """ReLU units switch along the paths of steps in both parts (1 and 2 kinks located, in 4
+    segments each): the merged cube counts 3 in 8, as one explain() does."""
+    from explaind.distributed import explain_shard
+
+    run = train(Case(act="relu", lr_scale=5.0, steps=4, n_test=2), tmp_path / "history")
+    parts = [explain_shard(run.path, run.model, run.test_x, split="steps", rank=r, world_size=2, progress=False,
+                           tolerance=None) for r in range(2)]
+    keys = ("kinks_located", "kink_segments_searched", "kink_segments_unresolved")
+    assert [[part.attrs[key] for key in keys] for part in parts] == [[1, 4, 0], [2, 4, 0]]
+    merged, single = merge(parts, "steps"), run.explain()
+    assert [merged.attrs[key] for key in keys] == [single.attrs[key] for key in keys] == [3, 8, 0]
