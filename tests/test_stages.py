@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+import xarray as xr
 import yaml
 
 import explaind as ex
@@ -90,6 +91,67 @@ def test_reference_values_pick_each_inputs_selected_output(run, reference):
         np.testing.assert_array_equal(picked[key][:, 0], expected)
 
 
+def test_an_integral_that_searches_only_missed_steps_is_the_cubes_integral_too(run):
+    """The verify stage's kink_tolerance chooses the steps whose kinks it locates: a cube that
+    searched every step would integrate another path."""
+    searched = ex.reconstruct(run.path, run.model, run.test_x, quadrature=2, breakpoints=True, kink_tolerance=1e-3,
+                              progress=False)
+    integral = stages.integration_of(searched)
+    assert integral == {"quadrature": 2, "rule": "gauss", "breakpoints": True, "kink_tolerance": 1e-3}
+    cube = cubes(run, **integral)["train_test"]
+    assert stages.check_cube(cube, searched, tolerance=1.0, verify_tolerance=1e-10)["verify_gap"] <= 1e-10
+
+
+def hand_cube():
+    """A consistent cube of the held-out inputs 1, 2 and the outputs 2, 0 (in that order) and the
+    reconstruction of all 3 x 3 it is checked against. Its changes f(θ_N) − f(θ_0) are
+    [[2, 1], [-1, 0.5]] (largest 2, mean 1.125); the 9s are entries the cube does not hold."""
+    tests, outputs = [1, 2], [2, 0]
+    initial = np.arange(9.0).reshape(3, 3) / 10
+    final = initial + np.array([[9, 9, 9], [1, -4, 2], [0.5, 9, -1]])
+    at = np.ix_(tests, outputs)
+    change = final[at] - initial[at]
+    residual = np.array([[0.01, -0.02], [0.03, 0.0]])
+    from_updates = np.array([[0.005, 0.0], [-0.01, 0.02]])  # the residual's part from the updates' miss
+    explained = change - residual
+    decay = np.array([[0.1, 0.2], [-0.3, 0.05]])  # regularization, all of it in the first bin
+    reconstructed = final.copy()
+    reconstructed[at] = initial[at] + explained + from_updates  # Σ_s φ_s·Δθ_s, the same integral
+    pair = ("test", "output")
+    cube = xr.Dataset(
+        {"attribution": (("step", *pair), np.stack([0.25 * (explained - decay), 0.75 * (explained - decay)])),
+         "regularization": (("step", *pair), np.stack([decay, np.zeros((2, 2))])),
+         "initial": (pair, initial[at]), "final": (pair, final[at]), "residual": (pair, residual),
+         "residual_from_updates": (pair, from_updates)},
+        coords={"step": [0, 1], "test": tests, "output": outputs},
+        attrs={"history_sha256": "h", "relative_residual": 0.015})  # max |residual| / 2
+    reference = xr.Dataset({key: (pair, values) for key, values in
+                            (("initial", initial), ("final", final), ("reconstructed", reconstructed))},
+                           coords={"test": [0, 1, 2], "output": [0, 1, 2]}, attrs={"history_sha256": "h"})
+    return cube, reference
+
+
+def test_check_cube_compares_each_entry_with_the_references_same_input_and_output():
+    cube, reference = hand_cube()
+    gaps = stages.check_cube(cube, reference, tolerance=0.015, verify_tolerance=1e-15)
+    assert gaps == pytest.approx({"sum_gap": 0.0, "initial_gap": 0.0, "final_gap": 0.0, "verify_gap": 0.0,
+                                  "relative_residual": 0.015}, abs=1e-15)
+    with pytest.raises(ex.ReconstructionError, match=r"\{'relative_residual': 0.015\}"):
+        stages.check_cube(cube, reference, tolerance=0.0149, verify_tolerance=1e-15)
+
+
+def test_check_cube_gaps_are_relative_to_the_largest_change_and_each_is_checked():
+    cube, reference = hand_cube()
+    for key in ("initial", "final", "reconstructed"):  # the reference's model moved by 0.3 at input 2, output 0
+        reference[key].loc[{"test": 2, "output": 0}] += 0.3
+    gaps = stages.check_cube(cube, reference, tolerance=1.0, verify_tolerance=0.2)
+    assert gaps["initial_gap"] == pytest.approx(0.15, abs=1e-15)  # 0.3 / 2, not 0.3 / 1.125
+    assert gaps["final_gap"] == pytest.approx(0.15, abs=1e-15)
+    assert gaps["sum_gap"] <= 1e-15 and gaps["verify_gap"] <= 1e-15  # the change and its integral agree
+    with pytest.raises(ex.ReconstructionError, match=r"\{'initial_gap': 0\.1\d*, 'final_gap': 0\.1\d*\} above"):
+        stages.check_cube(cube, reference, tolerance=1.0, verify_tolerance=0.1)
+
+
 def test_the_true_class_slice_of_every_output_equals_explaining_the_true_class(run):
     common = dict(keep=("step", "component", "test"), step_bins=2, quadrature=2, tolerance=None)
     direct = run.explain(outputs="true", **common)
@@ -134,6 +196,32 @@ def test_a_refinement_that_locates_no_kinks_cannot_have_a_kink_tolerance():
     with pytest.raises(ex.InputError, match="(?s)refine_kink_tolerance.*refine_breakpoints: true"):
         stages.VerifyConfig(model="transformer", refine_breakpoints=False, refine_kink_tolerance=1e-4)
     stages.VerifyConfig(refine_breakpoints=False, refine_kink_tolerance=0.0)  # the CNN's plain refinement is fine
+
+
+# --- the verify stage's gate and the inputs a count means -----------------------------------
+
+
+def test_the_verify_gate_accepts_its_bounds_and_refuses_beyond_them_or_nan():
+    config = stages.VerifyConfig(model="transformer", tolerance=1e-6, min_agreement=0.9)
+    stages.check_verification({"agreement": 0.9, "relative_residual": 1e-6}, config)  # both bounds are accepted
+    for metrics, problems in (
+        ({"agreement": 0.89, "relative_residual": 0.0}, r"argmax agreement 0.8900 < min_agreement 0.9\. Fix"),
+        ({"agreement": 1.0, "relative_residual": float("nan")}, r"relative residual nan > tolerance 1e-06\. Fix"),
+        ({"agreement": 0.5, "relative_residual": 2e-6},
+         r"argmax agreement 0.5000 < min_agreement 0.9; relative residual 2.00e-06 > tolerance 1e-06\. Fix"),
+    ):
+        with pytest.raises(ex.ReconstructionError, match=r"transformer run fails verify.transformer: " + problems):
+            stages.check_verification(metrics, config)
+
+
+def test_an_input_count_of_0_or_beyond_the_inputs_means_all_of_them():
+    assert [stages.first(n, 7) for n in (0, -1, 1, 3, 7, 9)] == [7, 7, 1, 3, 7, 7]
+
+
+def test_the_cubes_config_refuses_explaining_no_inputs():
+    """0 means no inputs here, unlike verify.inputs' 0 (all): refused, not taken for all."""
+    with pytest.raises(ex.InputError, match=r"cubes.cnn.tests is 0, but it must be at least 1\. Fix: set cubes"):
+        stages.CubesConfig(tests=0)
 
 
 # --- the stage configs' ranges ------------------------------------------------------------
@@ -450,3 +538,22 @@ def test_the_datamodel_study_predicts_each_subset_from_its_members_scores(tiny_t
         np.testing.assert_allclose(result.predicted[method], members, rtol=1e-12, atol=1e-15)
         expected = [scipy.stats.spearmanr(result.actual[:, i], members[:, i]).statistic for i in range(4)]
         np.testing.assert_allclose(result.per_input[method], expected, rtol=1e-12)
+
+
+# --- what the cubes stage's plots and summary read ------------------------------------------
+
+
+def test_the_kernel_order_sorts_the_cubes_own_samples_by_label_keeping_ties_in_order():
+    run = types.SimpleNamespace(train_y=torch.tensor([1, 0, 1, 0, 2]), test_y=torch.tensor([2, 1, 0, 1]))
+    cube = xr.Dataset(coords={"train": [2, 3, 0], "test": [0, 1]})  # labels 1, 0, 1 and 2, 1
+    train_order, test_order = stages.kernel_order(run, cube)
+    np.testing.assert_array_equal(train_order, [1, 0, 2])
+    np.testing.assert_array_equal(test_order, [1, 0])
+
+
+def test_the_same_label_share_is_of_the_positive_influence_only():
+    scores = np.array([[2.0, -1.0], [1.0, 3.0], [-4.0, 1.0]])  # [train, test]
+    train_labels, test_labels = np.array([0, 0, 1]), np.array([0, 1])
+    # positive: 2 and 1 (train 0, 1 on test 0, same label), 3 (train 1 on test 1, other), 1 (train 2 on test 1, same)
+    assert stages.same_label_share(scores, train_labels, test_labels) == pytest.approx(4 / 7, abs=1e-15)
+    assert np.isnan(stages.same_label_share(-np.abs(scores), train_labels, test_labels))  # no positive influence
