@@ -516,6 +516,23 @@ def test_keep_subsets_match_brute_force(runs, references, keep):
         assert_self_consistent(cube, 1e-12)
 
 
+@pytest.mark.parametrize("keep", [("train", "test"), ("output", "step", "train"), ("test",), ("component", "output")])
+def test_test_chunks_of_another_size_than_the_outputs_sum_the_right_rows(runs, references, keep):
+    """A pass's rows are ordered test input by test input, each with its outputs; the dims not
+    kept are summed out of them. The brute-force runs have as many test inputs as outputs (3 and
+    3), where rows summed along the wrong axis add up the same; chunks of 2 inputs and 1 input
+    against 3 outputs do not (the backward walk, the forward pass and forward mode)."""
+    run = runs.get(BRUTE["adamw"])
+    ref = references(run)
+    for convention in ("update", "gradient") if "train" in keep else ("update",):
+        a, r = ref.cube(convention)
+        cube = run.explain(keep=keep, convention=convention, quadrature=4, test_chunk=2)
+        drop = tuple(i for i, d in enumerate(ORDER) if d not in keep)
+        assert_close(cube["attribution"].values, a.sum(drop), 1e-12, f"keep {keep} {convention}")
+        drop_r = tuple(i for i, d in enumerate(d for d in ORDER if d != "train") if d not in keep)
+        assert_close(cube["regularization"].values, r.sum(drop_r), 1e-12, f"keep {keep} {convention} reg")
+
+
 @pytest.mark.parametrize("convention", ["update", "gradient"])
 @pytest.mark.parametrize("clip", [None, CLIP["sgd_momentum"]], ids=["unclipped", "clipped"])
 def test_chunks_match_brute_force(runs, references, convention, clip):
