@@ -960,8 +960,9 @@ class ChunkPass:
             stop_at_missed_update(s, self.update_residual[s], self.update_rounding_floor[s])
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
-        """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]."""
-        if self.req.parameter_scores and self.first_train_chunk:
+        """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]. Called
+        by a test chunk's first train chunk only: the whole batch's update counts once per step."""
+        if self.req.parameter_scores:
             psi = full * share
             self.score_sum += psi
             self.score_stepwise_abs += self.reduce_rows(psi.abs())
