@@ -492,6 +492,25 @@ def test_one_search_over_several_steps_finds_each_steps_kinks(max_kinks):
         assert 0 in kinks_by_segment and max(kinks_by_segment) > 0
 
 
+def test_kinks_of_parameters_alone_found_in_other_rounds_stay_with_their_segment():
+    """One search over two segments of ClampedWeights without ReLU, whose kinks are those of
+    parameters alone, entry w of W crossing 0 at t = −w / Δw: six on segment 0 (0.1, …, 0.6) and
+    one on segment 1 (0.45). A round brackets at most roots_per_round = 4 crossings per interval,
+    so segment 0's last two are placed a round after segment 1's, and every input of each segment
+    gets its own segment's kinks, not the other's."""
+    flat, _ = flat_of(ClampedWeights(relu=False))
+    theta, delta = torch.ones(2, 12, dtype=DT), torch.zeros(2, 12, dtype=DT)
+    theta[0, :6], delta[0, :6] = -torch.arange(1, 7, dtype=DT) / 10, 1.0
+    theta[1, 7], delta[1, 7] = -0.45, 1.0
+    x = torch.rand(3, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    path = PathIntegral(flat, quadrature=4)
+    (rows_0, t_0), (rows_1, t_1) = path.locate_steps(theta, delta, x)
+    assert rows_0.tolist() == [i for i in range(3) for _ in range(6)] and rows_1.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(t_0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] * 3, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(t_1, [0.45] * 3, rtol=0, atol=1e-12)
+    assert path.stats.kinks == 21 and path.stats.unresolved == 0
+
+
 @pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
 def test_a_round_analysed_in_blocks_finds_what_the_whole_round_finds(kink_tolerance, monkeypatch):
     """On the CPU a round's intervals are analysed in blocks that stay in cache (_analyse):
@@ -955,6 +974,93 @@ def test_a_dip_that_stays_positive_is_no_kink():
     whole = [(0.0, 1.0)]
     expected = [integral([1, -1.6], whole), integral([1, -2], whole), integral([1.02, -3.6, 3.2], whole)]
     torch.testing.assert_close(phi[0, :3], torch.tensor(expected, dtype=DT), rtol=0, atol=1e-14)
+
+
+class ReluUnits(nn.Module):
+    """logits ±Σ relu(b·x) of a unit per bias b: along Δb from b, the units of x = 1 run
+    z = b + tΔb."""
+
+    def __init__(self, *b: float):
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(b, dtype=DT))
+        self.out = nn.Parameter(torch.tensor([1.0, -1.0], dtype=DT))
+
+    def forward(self, x):
+        return F.relu(self.b * x).sum(1, keepdim=True) * self.out
+
+
+def test_units_crossing_at_the_same_point_make_one_kink():
+    """Two units switching at t = 0.3 are one kink of the path (one end of two pieces), not two
+    with an empty piece between them: the kinks are 0.3 and 0.7, counted 2, and the pieces
+    [0, 0.3], [0.3, 0.7], [0.7, 1]. They integrate f₀ = relu(t − 0.3) + relu(2t − 0.6) +
+    relu(t − 0.7) to its change f₀(1) − f₀(0) = 0.7 + 1.4 + 0.3 = 2.4."""
+    flat, theta = flat_of(ReluUnits(-0.3, -0.6, -0.7))
+    delta = torch.tensor([1.0, 2.0, 1.0, 0.0, 0.0], dtype=DT)  # (b, out): z = (t − 0.3, 2t − 0.6, t − 0.7)
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    (kinks,) = path.kinks(theta, delta, x)
+    np.testing.assert_allclose(kinks, [0.3, 0.7], rtol=0, atol=1e-12)
+    assert path.stats.kinks == 2 and path.stats.unresolved == 0
+    (owner, lo, hi), _ = path.search_steps(theta[None], delta[None], x, "logit")[0]
+    assert owner.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(torch.stack([lo, hi], 1), [[0.0, 0.3], [0.3, 0.7], [0.7, 1.0]], rtol=0, atol=1e-12)
+    torch.testing.assert_close(path.change(theta, delta, x, "logit"), torch.tensor([[2.4, -2.4]], dtype=DT),
+                               rtol=0, atol=1e-14)
+
+
+def test_a_tolerance_search_cuts_a_segment_into_up_to_four_times_max_kinks_pieces():
+    """Five units z = t − k/10 (k = 1, …, 5) are more sign changes than a round places at their
+    roots (roots_per_round = 4): the first cut brackets the first four, leaving 9 pieces, the
+    last still missing the kink at 0.5. With max_kinks = 3 the search may still cut it (its cap
+    is 4 · max_kinks = 12 pieces): 9 cuts, 10 pieces, and φ·Δ is f₀(1) − f₀(0) = Σ (1 − k/10) = 3.5
+    within the tolerance per piece, where the 4 plain nodes miss by more than 10⁻³."""
+    flat, theta = flat_of(ReluUnits(-0.1, -0.2, -0.3, -0.4, -0.5))
+    delta = torch.tensor([1.0] * 5 + [0.0, 0.0], dtype=DT)  # (b, out)
+    x = torch.ones(1, 1, dtype=DT)
+    path = PathIntegral(flat, quadrature=4, kink_tolerance=1e-12, max_kinks=3)
+    change = path.change(theta, delta, x, "logit")
+    assert path.stats.unresolved == 0 and path.stats.kinks == 9
+    torch.testing.assert_close(change, torch.tensor([[3.5, -3.5]], dtype=DT), rtol=0, atol=10e-12)
+    plain = PathIntegral(flat, quadrature=4, breakpoints=False).change(theta, delta, x, "logit")
+    assert (plain - torch.tensor([[3.5, -3.5]], dtype=DT)).abs().max() > 1e-3
+
+
+class Quartic(nn.Module):
+    """logits ±relu(a·u·v·w·x): along Δ = (1, 0.01, 0.01, 0.01) from (a, u, v, w) = (−0.3, 1, 1, 1)
+    the input of x = 1 is z(t) = (t − 0.3)(1 + 0.01t)³, a quartic crossing 0 at t = 0.3 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([-0.3, 1.0, 1.0, 1.0], dtype=DT))
+        self.out = nn.Parameter(torch.tensor([1.0, -1.0], dtype=DT))
+
+    def forward(self, x):
+        return F.relu(self.p.prod() * x) * self.out
+
+
+def test_a_crossing_predicted_within_half_a_bracket_is_placed_in_the_next_round():
+    """The cubic interpolant of z(t) = (t − 0.3)(1 + 0.01t)³ on [0, 1] misses it by
+    10⁻⁶ · t²(1 − t)² (its t⁴ term), so it predicts the root 0.0441 · 10⁻⁶ / z′(0.3) ≈ 4.4·10⁻⁸
+    beyond 0.3: within the bracket's half-width 2⁻²² ≈ 2.4·10⁻⁷ around the prediction, on
+    either side. So two rounds place the kink (the first brackets it, the second's bracket is
+    narrow enough for the interpolant), at 0.3 to rounding, leaving nothing unresolved."""
+    from explaind.path import _first_roots, _hermite
+
+    flat, theta = flat_of(Quartic())
+    delta = torch.tensor([1.0, 0.01, 0.01, 0.01, 0.0, 0.0], dtype=DT)  # (a, u, v, w, out)
+    x = torch.ones(1, 1, dtype=DT)
+    z = lambda t: (t - 0.3) * (1 + 0.01 * t) ** 3
+    dz = lambda t: (1 + 0.01 * t) ** 3 + 0.03 * (t - 0.3) * (1 + 0.01 * t) ** 2
+    value = lambda v: torch.tensor([[v]], dtype=DT)
+    none = torch.zeros(1, 0, dtype=torch.long)
+    whole = _Intervals(torch.tensor([0]), value(0.0)[0], value(1.0)[0], (value(z(0.0)), value(dz(0.0)), none, none),
+                       (value(z(1.0)), value(dz(1.0)), none, none))
+    predicted = float(_first_roots(whole, _hermite(whole), 1)[0, 0])
+    assert predicted - 0.3 == pytest.approx(0.0441e-6 / dz(0.3), rel=1e-3)
+    path = PathIntegral(flat, quadrature=2, max_rounds=2)
+    (kinks,) = path.kinks(theta, delta, x)
+    np.testing.assert_allclose(kinks, [0.3], rtol=0, atol=1e-14)
+    assert path.stats.unresolved == 0
 
 
 class LastPosition(nn.Module):
