@@ -22,6 +22,7 @@ import inspect
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from typing import Callable, Iterable, Iterator, Sequence
@@ -990,12 +991,15 @@ class ChunkPass:
         first, stop = self.req.replay_start, self.req.step_range[1]
         backward = walks_backwards(self.req, self.attribution.shape[2], self.n_train)
         records = history.steps(first, stop, reverse=backward)
-        steps = tqdm(self._segments(_prefetched(records)), total=stop - first, desc=label,
-                     disable=not self.req.progress, leave=False)
-        if backward:
-            self._backward(steps)
-        else:
-            self._forward(steps)
+        # closed here, also when a step raises: its reading thread is joined now, from this thread
+        # (left to the garbage collector, it may be finalised on that thread, which cannot join itself)
+        with closing(_prefetched(records)) as prefetched:
+            steps = tqdm(self._segments(prefetched), total=stop - first, desc=label, disable=not self.req.progress,
+                         leave=False)
+            if backward:
+                self._backward(steps)
+            else:
+                self._forward(steps)
         return self._result()
 
     def _segments(self, records: Iterable[StepRecord]) -> Iterator[tuple]:
