@@ -1146,19 +1146,24 @@ class ChunkPass:
                 if carried is None:
                     carried = full.new_zeros(self.attribution.shape[0] if per_bin else 1, *rows.shape)
                     carried_full = torch.zeros_like(full) if separate_full else carried[0]
-                carried[self.bin_of[s] if per_bin else 0] += rows * (k.precond * k.c)
+                carried[self.bin_of[s] if per_bin else 0].addcmul_(rows, k.precond * k.c)
                 if separate_full:
-                    carried_full += full * (k.precond * k.c)
+                    carried_full.addcmul_(full, k.precond * k.c)
             # bins from here on (per_bin) or this step's bin: where the effect is booked
             first = self.bin_of[max(s, start)] if per_bin else 0
             effect = k.b * carried[first:]
-            own = rows * (k.precond * k.e) if rows is not None else None  # nesterov / plain SGD
-            if own is not None:
-                effect[0] += own
+            direct = rows is not None and bool((k.e != 0).any())  # nesterov / plain SGD
+            if direct:
+                effect[0].addcmul_(rows, k.precond * k.e)
             blocks, columns, g_full = self.sample_effects(rec, theta, effect)
             self.book(self.attribution, s, first, blocks, len(effect), columns)
             if self.first_train_chunk:
-                effect_full = k.b * carried_full + (0 if full is None else full * (k.precond * k.e))
+                if separate_full:
+                    effect_full = k.b * carried_full
+                    if direct:
+                        effect_full.addcmul_(full, k.precond * k.e)
+                else:  # the carried rows are all rows, unbinned: effect[0] is the same sum
+                    effect_full = effect[0]
                 decay = k.coupled_decay * theta
                 decay_blocks = self.contract(effect.reshape(-1, effect.shape[-1]), decay[None])
                 self.book(self.regularization, s, first, decay_blocks, len(effect))
