@@ -249,6 +249,28 @@ def test_inputs_are_cast_to_the_functions_dtype_and_token_ids_stay_integers():
     assert flat.cast_inputs(x).dtype == torch.float64
 
 
+def test_a_twin_in_another_dtype_computes_with_its_constants_in_that_dtype():
+    """in_dtype casts the frozen tensors and buffers with the function: the float32 twin of a
+    float64 FlatModel with a frozen layer and batch-norm statistics computes the module's float32
+    outputs, and the float64 twin of a float32 one the float64 outputs (the kink search, the check
+    of a model that fails in float64 and the vocabulary check run in such twins)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    model[0].requires_grad_(False)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for dtype, other, atol in ((torch.float64, torch.float32, 1e-6), (torch.float32, torch.float64, 1e-15)):
+        model = model.to(dtype)
+        twin = FlatModel(model, layout_of(model), dtype, "cpu").in_dtype(other)
+        assert {t.dtype for t in twin.constants.values() if t.is_floating_point()} == {other}
+        theta = twin.layout.flatten(dict(model.named_parameters())).detach().to(other)
+        with torch.no_grad():
+            by_hand = model.to(other)(x.to(other))
+        torch.testing.assert_close(twin.outputs(theta, x, "logit"), by_hand, rtol=0, atol=atol)
+
+
 def test_plan_refuses_arguments_explain_does_not_take(run):
     with pytest.raises(TypeError, match="quadratur"):
         ex.plan(run.path, run.model, run.test_x, run.test_y, quadratur=3)
@@ -673,6 +695,21 @@ def test_the_activations_count_what_ops_make_inside_composite_ones():
     total, largest = flat.activation_sizes(x)
     assert largest == 2 * 5 * 5
     assert total >= 2 * (2 * 5 * 5) + 2 * 5 * 4 + 2 * 5 * 4  # scores, their softmax, scaled queries, result
+
+
+def test_the_peak_counts_only_the_tensors_alive_at_once():
+    """Four ops make 10 numbers each and the one before is freed once the next is made: 40 made in
+    all, the largest 10, at most 20 alive at once (the input, made before, is not counted)."""
+    x = torch.ones(10, dtype=torch.float64)
+    mode = _OutputSizes()
+    with mode:
+        b = x * 2
+        c = b + 1
+        del b
+        d = c * 3
+        del c
+        e = d + 1  # noqa: F841 (alive to the end, with d)
+    assert (mode.total, mode.largest, mode.peak, mode.live) == (40, 10, 20, 20)
 
 
 def test_forward_mode_sizes_grow_by_the_same_part_for_every_tangent():

@@ -1394,6 +1394,22 @@ def test_a_custom_autograd_function_torch_func_cannot_take_is_named_with_the_fix
         ex.explain(tmp_path / "h", model, x[:2], breakpoints=False, progress=False)
 
 
+class NotWrittenYet(nn.Module):
+    def forward(self, x):
+        raise NotImplementedError("this layer's forward is not written yet")
+
+
+def test_the_models_own_not_implemented_error_is_raised_as_it_is():
+    """Only torch's NotImplementedError for an op without a forward-mode derivative becomes the
+    refusal that names the reverse-mode route; the model's own (an unfinished layer) reaches the
+    caller unchanged, not blamed on forward mode."""
+    model = nn.Sequential(nn.Linear(2, 3), NotWrittenYet()).double()
+    flat = functional.FlatModel(model, functional.layout_of(model), torch.float64, "cpu")
+    theta = flat.layout.flatten(dict(model.named_parameters())).detach()
+    with pytest.raises(NotImplementedError, match="^this layer's forward is not written yet$"):
+        flat.directional(theta, torch.ones_like(theta), torch.ones(1, 2, dtype=torch.float64), "logit")
+
+
 def test_a_custom_autograd_function_without_jvp_names_the_reverse_mode_route(tmp_path):
     """Without a jvp, the routes through forward mode are refused naming the route around it, which
     decomposes exactly; with one, every route does."""
@@ -1808,6 +1824,17 @@ def test_classes_outside_one_hot(tmp_path, no_heavy_compute):
         loop(rec, model, optimizer, tokens, labels)
     with pytest.raises(ex.InputError, match=says("test inputs [2]", "indices [4]", "one_hot of 4 entries")):
         ex.explain(tmp_path / "h", model, torch.tensor([[0, 1], [3, 2], [1, 4]]), progress=False)
+
+
+def test_lookups_checked_in_parts_name_the_inputs_by_their_place_in_the_batch():
+    """check_lookups runs `rows` inputs at a time (1024 in explain): a token outside the table in
+    a later part is named by its place in the whole batch, not in its part."""
+    model = OneHotLinear().double()
+    flat = functional.FlatModel(model, functional.layout_of(model), torch.float64, "cpu")
+    tokens = torch.tensor([[0, 1], [3, 2], [1, 0], [2, 2], [1, 4]])
+    with pytest.raises(ex.InputError, match=says("test inputs [4]", "indices [4]", "one_hot of 4 entries")):
+        flat.check_lookups(tokens, rows=2)
+    flat.check_lookups(tokens[:4], rows=2)  # every token inside: nothing refused
 
 
 def test_a_small_memory_budget_is_told_in_small_units(run, no_heavy_compute):
