@@ -205,6 +205,8 @@ def test_aligned_scores_place_rows_by_dataset_index():
     scores = xr.DataArray([[1.0, 2.0], [3.0, 4.0]], dims=("train", "test"), coords={"train": [4, 1]})
     dense = datamodels.aligned_scores(scores, 5)
     assert dense.tolist() == [[0, 0], [3, 4], [0, 0], [0, 0], [1, 2]]
+    # the same scores laid out [test, train]: placed by their labels, not by their axis order
+    assert datamodels.aligned_scores(scores.transpose("test", "train"), 5).tolist() == dense.tolist()
 
 
 def test_subset_outputs_record_the_true_class_log_probability():

@@ -97,6 +97,9 @@ def test_prunable_mask_and_component_coordinates():
     assert pruning.prunable_mask(layout, prefixes, ["output"]).tolist() == [True] * 6 + [False] * 2
     assert {c: t.tolist() for c, t in pruning.component_coordinates(layout, prefixes).items()} == \
         {c: t.tolist() for c, t in coordinates.items()}
+    # a protected component of two tensors protects both of them
+    bias_protected = {"hidden": ["a.weight"], "output": ["a.bias", "out.weight"]}
+    assert pruning.prunable_mask(layout, bias_protected, ["output"]).tolist() == [True] * 4 + [False] * 4
     head_only = {"output": ["out"]}  # a mapping may name only what it protects: the rest is prunable
     assert pruning.prunable_mask(layout, head_only, ["output"]).tolist() == [True] * 6 + [False] * 2
     with pytest.raises(InputError, match=r"\{'head': \['outt'\]\}.*match no parameter tensor"):
@@ -144,6 +147,36 @@ def test_pruning_curves_on_a_hand_built_model():
             assert row[metric] == pytest.approx(value, rel=1e-12)
     # predictions: unpruned [0, 1, 0], pruned [1, 1, 0]
     assert expected["accuracy"] == pytest.approx(1 / 3) and expected["agreement"] == pytest.approx(2 / 3)
+
+
+def test_the_layerwise_protocol_keeps_the_fraction_of_each_component():
+    """Both layers prunable, every hidden weight scoring above every output weight: half of all 8
+    kept under one threshold is the whole hidden layer (the output layer zeroed, every input at
+    log(1/2)); half of each layer keeps hidden W[0, :] and output V[0, :]."""
+    model = TwoLayer().double()
+    layout = ParamLayout(("hidden.weight", "out.weight"), ((2, 2), (2, 2)))
+    flat = FlatModel(model, layout, torch.float64, "cpu")
+    theta = layout.flatten(dict(model.named_parameters())).detach()
+    x = torch.tensor([[20.0, 1.0], [0.0, 1.0], [1.0, -0.1]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    components = {"hidden": torch.arange(4), "out": torch.arange(4, 8)}
+    scores = {"mine": torch.tensor([4.0, 3.0, 2.0, 1.0, 0.4, 0.3, 0.2, 0.1], dtype=torch.float64)}
+    curves = pruning.pruning_curves(flat, theta, scores, [0.5], torch.ones(8, dtype=torch.bool), components, x, y)
+
+    def outputs(hidden, out):  # the two layers' weights by hand
+        weights = [torch.tensor(w, dtype=torch.float64) for w in (hidden, out)]
+        return F.log_softmax(x @ weights[0].T @ weights[1].T, -1)
+
+    full = outputs([[1.0, -2.0], [0.5, 3.0]], [[1.0, 0.0], [0.0, 1.0]])  # predicts 0, 1, 0
+    pruned = {"global": outputs([[1.0, -2.0], [0.5, 3.0]], [[0.0, 0.0], [0.0, 0.0]]),  # ties: argmax 0, 0, 0
+              "layerwise": outputs([[1.0, -2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]])}  # predicts 0, 1, 0
+    expected = {"global": (1 / 3, 2 / 3), "layerwise": (2 / 3, 1.0)}  # accuracy, agreement
+    for protocol, values in pruned.items():
+        row = curves[curves["protocol"] == protocol].iloc[0]
+        assert (row["accuracy"], row["agreement"]) == pytest.approx(expected[protocol], rel=1e-12)
+        assert (values.argmax(-1) == y).double().mean() == pytest.approx(expected[protocol][0])
+        kl = float((full.exp() * (full - values)).sum(-1).mean())
+        assert kl > 0.05 and row["kl"] == pytest.approx(kl, rel=1e-12)
 
 
 def test_compare_outputs_of_identical_models():
@@ -359,11 +392,13 @@ def test_split_scores_combine_the_groups_of_a_split():
     both = pruning.split_scores(per_group, np.array([True, True]), theta, generator)
     assert list(both) == list(pruning.CRITERIA)
     assert both["explaind"].tolist() == [1.0, 2.0, 0.0]
+    assert both["explaind_abs"].tolist() == [3.0, 4.0, 0.0]  # its own sums, not those of "explaind"
     assert both["gradient_weight"].tolist() == [2.0, 4.0, 0.0]  # |θ ⊙ (sum of the groups' gradients)|
     assert both["magnitude"].tolist() == [1.0, 2.0, 0.5]
     assert both["lca"].tolist() == [1.0, 0.0, -2.0]  # the loss decrease each parameter brought
     first = pruning.split_scores(per_group, np.array([True, False]), theta, generator)
     assert first["taylor"].tolist() == [0.1, 0.2, 0.3]
+    assert first["explaind_abs"].tolist() == [3.0, 0.0, 0.0]
     assert not torch.equal(both["random"], first["random"])  # a fresh draw per split
 
 

@@ -5,8 +5,9 @@ independent computations of the same number: they must agree to rounding, and a 
 with another integral, or from another history, must be refused.
 
 Also what the stages refuse before they start: the stage configs' ranges, a run folder's
-config.json (load_run), and the params and data.dvc files the pipeline runner reads. And the
-influence stage's two studies (validation) on a tiny Transformer run, against hand computations.
+config.json (load_run), and the params and data.dvc files the pipeline runner reads; what load_run
+rebuilds from a run folder, and the verify stage's replication table. And the influence stage's
+two studies (validation) on a tiny Transformer run, against hand computations.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
 import xarray as xr
 import yaml
+from safetensors.torch import save_model
 
 import explaind as ex
 from engine_cases import Case, train
 from explaind import pipeline, stages, validation
 from explaind.cube import PARAMETER_SCORES
-from explaind.data import modular_addition
-from explaind.models import TRANSFORMER_COMPONENTS
+from explaind.data import load_image_pair, modular_addition
+from explaind.models import CNN_COMPONENTS, TRANSFORMER_COMPONENTS
 from explaind.quadrature import MAX_NODES
-from explaind.training import CNNConfig, TransformerConfig, load_config, save_config, train_transformer
+from explaind.training import CNNConfig, TransformerConfig, load_config, save_config, train_cnn, train_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -341,6 +344,63 @@ def test_load_run_refuses_a_broken_config_json_naming_it_and_the_fix(tmp_path, n
     message = str(error.value)
     assert str(path) in message and f"dvc repro train_{name}" in message, message
     assert all(word in message for word in words), message
+
+
+def saved_run(folder: Path, config, trained) -> Path:
+    """A run folder as the training stage writes it: config.json, model.safetensors, history/."""
+    save_model(trained.model, str(folder / "model.safetensors"))
+    save_config(config, folder)
+    return folder
+
+
+def assert_trained_weights(run, trained):
+    loaded = dict(run.model.named_parameters())
+    for name, value in trained.model.named_parameters():
+        assert loaded[name].dtype == torch.float64 and torch.equal(loaded[name], value), name
+
+
+def test_load_run_rebuilds_a_transformer_run_on_its_validation_pairs(tmp_path):
+    config = TransformerConfig(p=5, train_size=9, val_size=6, d_model=8, n_heads=2, d_mlp=16, max_steps=2)
+    trained = train_transformer(config, history_dir=tmp_path / "history", progress=False)
+    run = stages.load_run("transformer", saved_run(tmp_path, config, trained), tmp_path / "unused")
+    data = modular_addition(config.p, config.train_size, config.val_size, config.data_seed, config.only_a_ge_b)
+    assert run.held_out == "validation" and run.class_names == ["0", "1", "2", "3", "4"]  # the residues mod 5
+    assert run.components == TRANSFORMER_COMPONENTS and run.history.n_steps == 2
+    for ours, theirs in ((run.train_x, data.train_inputs), (run.train_y, data.train_targets),
+                         (run.test_x, data.val_inputs), (run.test_y, data.val_targets)):
+        assert torch.equal(ours, theirs)
+    assert_trained_weights(run, trained)
+
+
+def test_load_run_rebuilds_a_cnn_run_on_its_test_images_in_its_dtype(tmp_path, digits_data):
+    """The held-out images are the digits' test split (round(0.3 · (183 + 174)) = 107 of the 3s and
+    8s), standardised by the training images and cast to the run's float64, as the model takes them."""
+    config = CNNConfig(width=2, batch_size=128, epochs=1, peak_epoch=1.0, flip=False)
+    trained = train_cnn(config, digits_data, history_dir=tmp_path / "history", progress=False)
+    run = stages.load_run("cnn", saved_run(tmp_path, config, trained), digits_data)
+    pair = load_image_pair(digits_data, "digits", (3, 8), 0.3, 0)
+    assert run.held_out == "test" and run.class_names == ["digit 3", "digit 8"] and run.components == CNN_COMPONENTS
+    assert len(run.test_y) == 107 and len(run.train_y) == 250
+    for ours, theirs in ((run.train_x, pair.train_x), (run.test_x, pair.test_x)):
+        assert ours.dtype == torch.float64 and torch.equal(ours, theirs.double())
+    assert torch.equal(run.train_y, pair.train_y) and torch.equal(run.test_y, pair.test_y)
+    assert_trained_weights(run, trained)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(run.test_x), trained.model(pair.test_x.double()), rtol=0, atol=0)
+
+
+def test_the_replication_table_puts_the_papers_rows_first_and_labels_ours():
+    ours = pd.DataFrame([{"source": "ours", "rule": "gauss", "nodes": 3, "breakpoints": True, "inputs": 10,
+                          "agreement": 1.0, "kl": 1e-14, "relative_residual": 1e-12, "seconds": 5.0}])
+    table = stages.replication_table(ours, "transformer (mod 7)")
+    nan = float("nan")
+    expected = pd.DataFrame(
+        [["paper", "transformer (mod 113)", "midpoint", 100, False, nan, 1.0, 0.0, nan],
+         ["paper", "transformer (mod 113)", "midpoint", 10, False, nan, 0.748, 0.885, nan],
+         ["paper", "ResNet-9 (CIFAR-2)", "midpoint", 100, False, nan, 1.0, 0.0, nan],
+         ["ours", "transformer (mod 7)", "gauss", 3, True, 10.0, 1.0, 1e-14, 1e-12]],
+        columns=["source", "model", "rule", "nodes", "breakpoints", "inputs", "agreement", "kl", "relative_residual"])
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False)
 
 
 # --- the params and data.dvc files the pipeline reads -------------------------------------
