@@ -2101,6 +2101,54 @@ def test_streaming_the_steps_reads_each_file_once_either_way(uninterrupted, monk
             assert torch.equal(rec.after[name], history.params(rec.step + 1)[name])
 
 
+def test_params_and_steps_read_back_what_the_training_loop_had(tmp_path):
+    """θ_s, the records of steps(start, stop) either way and their batches, against the
+    parameters and batches the training loop itself held; a step outside 0 … n_steps is refused."""
+    run = train(Case("mlp", "adamw", steps=5, n_train=8), tmp_path / "h")
+    history = ex.History(run.path)
+    names = [name for name, _ in run.model.named_parameters()]
+
+    def flat(tensors: dict) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1) for name in names])
+
+    for s in range(history.n_steps + 1):
+        assert torch.equal(flat(history.params(s)), run.thetas[s]), s
+    for reverse in (False, True):
+        records = list(history.steps(1, 4, reverse=reverse))
+        assert [rec.step for rec in records] == ([3, 2, 1] if reverse else [1, 2, 3])
+        for rec in records:
+            assert torch.equal(flat(rec.before), run.thetas[rec.step])
+            assert torch.equal(flat(rec.after), run.thetas[rec.step + 1])
+            for recorded, held in zip((rec.indices, rec.inputs, rec.targets), run.batches[rec.step]):
+                assert torch.equal(recorded, held)
+    for s in (-1, history.n_steps + 1):
+        with pytest.raises(ex.InputError, match=re.escape(f"step {s} is outside the history's 0 … 5")):
+            history.params(s)
+
+
+def test_a_step_record_counts_the_bytes_of_its_tensors(tmp_path):
+    """What a window of steps holds is planned from StepRecord.nbytes. tiny() has 4·8 + 8 + 8·3 + 3
+    = 67 float64 parameters: θ_s, θ_{s+1} and Adam's v_t are 3 · 67 · 8 = 1608 bytes; a batch of 4
+    holds 4 int64 indices (32), 4 × 4 float64 inputs (128) and 4 int64 targets (32): 1800."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    assert [rec.nbytes for rec in ex.History(tmp_path / "h").steps()] == [1800, 1800]
+
+
+def test_a_killed_runs_train_indices_are_every_recorded_batchs(tmp_path):
+    """Without closed.json's list they are gathered from the step files: the last step's too."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3, crash_at=1)  # steps 0 and 1: rows 0 … 3, 4 … 7
+    history = ex.History(tmp_path / "h", allow_incomplete=True)
+    assert history.n_steps == 2 and torch.equal(history.train_indices(), torch.arange(8))
+
+
 def test_loss_scaling_records_the_steps_the_scaler_takes(tmp_path):
     """docs/library.md's GradScaler loop: gradients unscaled before the batch is declared, and no
     batch for the step the scaler skips (an overflow at step 2): the history holds the steps that

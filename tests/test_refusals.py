@@ -1073,6 +1073,31 @@ def test_model_with_other_shapes(run, no_heavy_compute):
         ex.verify_updates(run.path, other)
 
 
+def test_model_with_an_extra_trainable_tensor(run, no_heavy_compute):
+    """Every recorded tensor and one more: the history says nothing of how the extra one moved."""
+    other = MLP().double()
+    other.extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ex.HistoryError, match=re.escape(
+            "recorded tensors missing from the model [], model tensors not in the history ['extra']")):
+        ex.explain(run.path, other, run.test_x, progress=False)
+
+
+def test_model_with_a_tensor_of_as_many_numbers_in_another_shape(run, no_heavy_compute):
+    other = MLP().double()
+    other.hidden[0].weight = nn.Parameter(other.hidden[0].weight.detach().T.clone())  # [4, 6] for [6, 4]
+    with pytest.raises(ex.HistoryError, match=re.escape(
+            "parameter 'hidden.0.weight' has shape [4, 6] in the model but [6, 4] in the history")):
+        ex.explain(run.path, other, run.test_x, progress=False)
+
+
+def test_test_inputs_passed_where_the_model_goes_are_named(run, no_heavy_compute):
+    for call in (lambda: ex.explain(run.path, run.test_x, run.model, progress=False),
+                 lambda: ex.verify_updates(run.path, run.test_x)):
+        with pytest.raises(ex.InputError, match=re.escape(
+                f"got a {type(run.path).__name__} as the history and a Tensor as the model")):
+            call()
+
+
 def test_test_inputs_of_the_wrong_shape(run, no_heavy_compute):
     for bad in (torch.zeros(3, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
                 torch.zeros(2, 4, 1, dtype=torch.float64)):
