@@ -376,9 +376,10 @@ class _KinkPattern(TorchFunctionMode):
             for bound in bounds:
                 if bound is not None:
                     self._track(x - bound, axis, x)
-        elif "max_pool" in name:
+        elif "max_pool" in name:  # max_pool2d, adaptive_max_pool2d, ... or their _with_indices (return_indices=True)
             plain = {k: v for k, v in kwargs.items() if k != "return_indices"}
-            _, indices = getattr(F, name.lstrip("_") + "_with_indices")(*args[:6], **plain)
+            with_indices = name.lstrip("_").removesuffix("_with_indices") + "_with_indices"
+            _, indices = getattr(F, with_indices)(*args[:6], **plain)
             self._pooled(indices, self._input_axis(indices))
         elif name in self.POOL_OPS and (dims := _reduced_dims(args, kwargs)) is not None:
             self._ordered(x, dims, lambda: _argmax_over(x if self.POOL_OPS[name] else -x, dims))

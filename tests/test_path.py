@@ -293,6 +293,39 @@ def test_an_argmax_switch_still_open_after_the_last_round_is_cut_in_its_middle()
     assert kinks == [0.5] and path.stats.unresolved == 1
 
 
+class MaxPooled(nn.Module):
+    """f = max_pool1d(a ⊙ x, 2) with `pool`: along Δa = (−0.5, 0.4, −0.3, 0.4) from
+    a = (0.5, 0.2, 0.3, 0.1), the first window's entries of x = (1, 1, 1, 1) tie where
+    0.5 − 0.5t = 0.2 + 0.4t (t = 1/3), the second's where 0.3 − 0.3t = 0.1 + 0.4t (t = 2/7)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, 0.2, 0.3, 0.1], dtype=DT))
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool((self.a * x)[:, None, :]).flatten(1)
+
+
+@pytest.mark.parametrize("pool", [
+    lambda h: F.max_pool1d(h, 2), lambda h: F.max_pool1d(h, 2, return_indices=True)[0],
+    lambda h: nn.MaxPool1d(2, return_indices=True)(h)[0], lambda h: F.adaptive_max_pool1d(h, 2),
+], ids=["max_pool1d", "max_pool1d returning indices", "nn.MaxPool1d returning indices", "adaptive_max_pool1d"])
+def test_a_max_pools_argmax_switch_is_a_kink(pool):
+    """A max-pool asked for its indices (return_indices=True, as an unpooling model asks) stopped the
+    kink search with an AttributeError (it looked for max_pool1d_with_indices_with_indices). Each
+    window's switch is located at its tie, and the pieces integrate to the change of the outputs."""
+    flat, theta = flat_of(MaxPooled(pool))
+    delta = torch.tensor([-0.5, 0.4, -0.3, 0.4], dtype=DT)
+    x = torch.ones(2, 4, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    for kinks in path.kinks(theta, delta, x):
+        np.testing.assert_allclose(kinks, [2 / 7, 1 / 3], rtol=0, atol=1e-12)
+    change = flat.explained(theta + delta, x, "logit") - flat.explained(theta, x, "logit")
+    torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
+    assert (PathIntegral(flat, quadrature=2, breakpoints=False).change(theta, delta, x, "logit") - change).abs().max() > 1e-3
+
+
 class MaxOfWeights(nn.Module):
     """Reductions that are no pooling of an input: a max over a weight's rows (a kink shared by
     every input), a learned temperature's clamp_min, and the shift of a hand-written stable
