@@ -1243,8 +1243,10 @@ class FlatModel:
         by passes at θ: on up to `most` distinct inputs of the batch together, and on each alone.
         An input's entries follow each other ([B·L, E]) or lie a batch's size apart ([L·B, E]);
         a fold in neither order is refused. Told once per input shape, on the first batch of two
-        distinct inputs (copies of one read alike either way); a fold whose entries are the same
-        for all of that batch's inputs keeps the first order."""
+        inputs; a fold whose entries are the same for all of that batch's inputs keeps the first
+        order. Copies of one input tell it by their entries along the other dim (read in the wrong
+        order, one copy's row holds the same position twice): where those are the same too, this
+        batch reads alike in either order, and the order is told on a later one."""
         key = tuple(x.shape[1:])
         axes = self.input_axes(x)
         if key in self._read_axes:
@@ -1254,14 +1256,17 @@ class FlatModel:
             self._read_axes[key] = axes
             return axes
         inputs = _distinct_inputs(x, most)
-        if len(inputs) < 2:  # copies of one input, read alike either way: told on a later batch
-            return axes
+        copies = len(inputs) < 2
+        if copies:
+            if len(x) < 2:  # one row: read alike either way
+                return axes
+            inputs = x[:2]
         together = self._tracked(theta, inputs)
         alone = [self._tracked(theta, inputs[k:k + 1]) for k in range(len(inputs))]
         for tracked in (together, *alone):
             if len(tracked) != len(axes):
                 raise UnsupportedError(_branching(len(tracked), len(axes)))
-        read = list(axes)
+        read, alike = list(axes), False
         for i in folds:
             seen = together[i].movedim(axes[i].dim, 0)
             each = [tracked[i].movedim(axes[i].dim, 0) for tracked in alone]
@@ -1269,7 +1274,9 @@ class FlatModel:
             if min(in_turn, interleaved) > 0.05:  # more than a tie's rounding apart
                 raise UnsupportedError(_unread_fold(together[i].shape, axes[i], len(inputs)))
             read[i] = axes[i]._replace(interleaved=interleaved < in_turn)
-        self._read_axes[key] = read
+            alike |= in_turn == interleaved
+        if not (copies and alike):  # copies the same along a fold too tell nothing: told on a later batch
+            self._read_axes[key] = read
         return read
 
     def _tracked(self, theta: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:

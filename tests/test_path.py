@@ -717,6 +717,29 @@ def test_each_row_of_the_kink_pattern_holds_its_own_inputs_units(position_first,
     torch.testing.assert_close(indices, (a * x).argmax(1, keepdim=True), rtol=0, atol=0)
 
 
+def test_copies_of_one_input_read_a_fold_in_its_order():
+    """A batch of copies of one input was taken to read alike in either order, and read its
+    position-first ReLUs folded into [L·B] in turn: copy 0's row held position 0 twice, copy 2's
+    position 1 twice. Copies of x = (0.5, 1.5), whose unit 1 alone crosses 0, at t = 0.7 / 2.25
+    (a(t) = (0.5 + t, 0.2 + 1.5t)), gave copy 0 no kink (φ·Δ missed the change by 0.425) and copy 2
+    a second one near t = 1. Copies alike along the fold too ((1, 2.5): a_l x_l = 0.5 at both) read
+    alike either way, and leave the order to the next batch."""
+    a, delta = torch.tensor([0.5, 0.2], dtype=DT), torch.tensor([1.0, 1.5], dtype=DT)
+    copies = torch.tensor([[0.5, 1.5]] * 3, dtype=DT)
+    flat, theta = flat_of(SequenceFirst(position_first=True, fold=True))
+    path = PathIntegral(flat, quadrature=2)
+    assert path.kinks(theta, delta, copies) == [[pytest.approx(0.7 / 2.25, abs=1e-12)]] * 3
+    change = flat.explained(theta + delta, copies, "logit") - flat.explained(theta, copies, "logit")
+    torch.testing.assert_close(path.change(theta, delta, copies, "logit"), change, rtol=0, atol=1e-12)
+
+    x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    for first in (copies, torch.tensor([[1.0, 2.5]] * 3, dtype=DT)):
+        flat, theta = flat_of(SequenceFirst(position_first=True, fold=True))
+        for batch in (first, x):
+            z = flat.kink_pattern(theta, delta, batch, 0.0)[0]
+            torch.testing.assert_close(z, a * batch - 1, rtol=0, atol=1e-15)
+
+
 class TokensSequenceFirst(nn.Module):
     """Token ids [B, L] → embeddings [L, B, E] → a ReLU layer → mean over positions → logits;
     with `fold`, the ReLU layer takes its input folded length-major into [L·B, E], as a
