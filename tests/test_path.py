@@ -207,8 +207,10 @@ ACTIVATED_DELTA = torch.tensor([2.0, 7.0, 0.0, 0.0], dtype=DT)  # (a, b, out)
     (nn.Softshrink(), [-0.5, 0.5], 1e-13), (lambda z: F.elu(z, alpha=0.5), [0], 1e-13), (nn.CELU(2.0), [0], 1e-13),
     (F.selu, [0], 1e-13), (lambda z: F.hardswish(z.clone(), inplace=True), [-3, 3], 1e-13),
     (nn.Hardsigmoid(), [-3, 3], 1e-7),  # torch differentiates it with 1/6 in float32: 3e-8 off
+    (lambda z: F.leaky_relu(z, 0.1), [0], 1e-13), (torch.abs, [0], 1e-13),
+    (lambda z: F.relu6(2 * z), [0, 3], 1e-13), (nn.Hardtanh(-2.0, 2.0), [-2, 2], 1e-13),
 ], ids=["hardswish", "softshrink 1.5", "nn.Softshrink", "elu 0.5", "nn.CELU 2", "selu", "hardswish in place",
-        "nn.Hardsigmoid"])
+        "nn.Hardsigmoid", "leaky_relu 0.1", "abs", "relu6 of 2z", "nn.Hardtanh ±2"])
 def test_piecewise_activations_are_kinks_at_their_breaks(act, kinks, rounding):
     """Each break is located where z(t) reaches it, and the integral between them is then exact: φ·Δ
     equals the change of the outputs (forward passes) to rounding, where plain quadrature misses."""
@@ -326,6 +328,34 @@ def test_a_max_pools_argmax_switch_is_a_kink(pool):
     assert (PathIntegral(flat, quadrature=2, breakpoints=False).change(theta, delta, x, "logit") - change).abs().max() > 1e-3
 
 
+class PooledReLUs(nn.Module):
+    """f = max_pool1d(relu(z), 2) of z = (0.3 − t, 0.5 − 2t) along the test's Δ (z = a·x + b,
+    x = 1): unit 1 leads up to t = 0.2 where the units tie, unit 0 then until it crosses 0 at
+    t = 0.3, and f = 0 after (unit 1 crossed 0 at t = 0.25, while unit 0 led)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.1, 0.2], dtype=DT))
+        self.b = nn.Parameter(torch.tensor([0.2, 0.3], dtype=DT))
+
+    def forward(self, x):
+        return F.max_pool1d(F.relu(self.a * x + self.b)[:, None, :], 2).flatten(1)
+
+
+def test_a_unit_that_leads_a_max_pool_only_inside_the_step_is_searched():
+    """Near θ the pool's gradient reaches only unit 1, its argmax: unit 0's crossing at t = 0.3,
+    where f stops falling, must still be searched (every unit counts once a model max-pools)."""
+    flat, theta = flat_of(PooledReLUs())
+    delta = torch.tensor([-0.4, -0.8, -0.6, -1.2], dtype=DT)  # (a, b): z = (0.3 − t, 0.5 − 2t)
+    x = torch.ones(1, 2, dtype=DT)
+    path = PathIntegral(flat, quadrature=2)
+    (kinks,) = path.kinks(theta, delta, x)
+    np.testing.assert_allclose(kinks, [0.2, 0.25, 0.3], rtol=0, atol=1e-12)
+    # by hand: ∂f/∂(a₁, b₁) = x = 1 on [0, 0.2], ∂f/∂(a₀, b₀) = 1 on [0.2, 0.3], 0 after
+    phi = path.jacobian(theta, delta, x, None, "logit", 1)[0]
+    torch.testing.assert_close(phi, torch.tensor([[0.1, 0.2, 0.1, 0.2]], dtype=DT), rtol=0, atol=1e-12)
+
+
 class MaxOfWeights(nn.Module):
     """Reductions that are no pooling of an input: a max over a weight's rows (a kink shared by
     every input), a learned temperature's clamp_min, and the shift of a hand-written stable
@@ -377,8 +407,13 @@ class SharedKinks(nn.Module):
     # the median of the four entries that are not NaN (of all five, the kinks would be 0.3 and 5/7)
     (lambda w: torch.cat([w.flatten(), torch.tensor([torch.nan], dtype=DT)]).nanmedian(), [1 / 7, 0.3, 0.5, 2 / 3]),
     (lambda w: torch.quantile(w, 0.75, dim=1), [0.3, 0.5]),  # row 0's min + ¾ (max − min)
+    (lambda w: torch.quantile(w, 0.75, 1), [0.3, 0.5]),  # its dim given positionally
+    # halfway between the lower median (above) and the upper one: w₀₀ until w₀₁ passes it at t = 0.3,
+    # then w₀₁ until it passes w₁₁ = 0.5 at t = 5/7
+    (lambda w: w.quantile(0.5), [1 / 7, 0.3, 0.5, 2 / 3, 5 / 7]),
 ], ids=["clamp", "clamp and amax", "clamp and a flat argmax", "clamp and median", "clamp and nanmedian",
-        "clamp and a quantile of rows"])
+        "clamp and a quantile of rows", "clamp and a quantile of rows, its dim positional",
+        "clamp and the quantile 0.5 of all entries"])
 def test_kinks_of_parameters_alone_are_kinks_of_every_input(pool, expected):
     """These were skipped (a reduction of a parameter) or, for a [1] parameter, taken for one
     input's and crashed the search on the next batch's size. The change of each output along
@@ -669,29 +704,33 @@ class SequenceFirst(nn.Module):
     """Inputs [B, 2] scaled per position by a, laid out batch-first [B, L] or, as
     nn.TransformerEncoderLayer takes them without batch_first, position-first [L, B], their ReLU
     taken as they are or with both dims folded into one ([B·L]; [L·B], the inputs interleaved):
-    outputs Σ_l ReLU(a_l x_bl − 1) and max_l a_l x_bl."""
+    outputs Σ_l ReLU(a_l x_bl − 1) and max_l a_l x_bl (with `sort`, the last of a sort along the
+    positions, whose indices keep the batch's dim)."""
 
-    def __init__(self, position_first: bool, fold: bool = False):
+    def __init__(self, position_first: bool, fold: bool = False, sort: bool = False):
         super().__init__()
         self.a = nn.Parameter(torch.tensor([0.5, 0.2], dtype=DT))
         self.position_first = position_first
         self.fold = fold
+        self.sort = sort
 
     def forward(self, x):
         h, positions = (self.a[:, None] * x.T, 0) if self.position_first else (self.a * x, 1)
         units = F.relu(h.reshape(-1) - 1).reshape(h.shape) if self.fold else F.relu(h - 1)
-        return torch.stack([units.sum(positions), h.amax(positions)], 1)
+        peak = h.sort(positions).values.select(positions, -1) if self.sort else h.amax(positions)
+        return torch.stack([units.sum(positions), peak], 1)
 
 
-@pytest.mark.parametrize("position_first, fold", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["batch first", "position first", "batch first, folded", "position first, folded"])
-def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_first, fold):
+@pytest.mark.parametrize("position_first, fold, sort", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, False, True),
+], ids=["batch first", "position first", "batch first, folded", "position first, folded", "position first, sorted"])
+def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_first, fold, sort):
     """Position-first activations were laid out per input by a reshape of [L, B] (rows of
     other inputs' units mixed), and their max over positions, which reduces dim 0, was taken
     for a max over the batch and skipped; folded into [L·B], each input's ReLUs were read off
     its neighbour's entries. By hand, along a(t) = (0.5 + t, 0.2 + 1.5t): input b's ReLUs switch
     where a_l(t) x_bl = 1, its max where a_0(t) x_b0 = a_1(t) x_b1."""
-    flat, theta = flat_of(SequenceFirst(position_first, fold))
+    flat, theta = flat_of(SequenceFirst(position_first, fold, sort))
     delta = torch.tensor([1.0, 1.5], dtype=DT)
     x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
     path = PathIntegral(flat, quadrature=8)
@@ -702,19 +741,22 @@ def test_each_input_keeps_its_own_kinks_whatever_dim_holds_the_batch(position_fi
     torch.testing.assert_close(path.change(theta, delta, x, "logit"), change, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("position_first, fold", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["batch first", "position first", "batch first, folded", "position first, folded"])
-def test_each_row_of_the_kink_pattern_holds_its_own_inputs_units(position_first, fold):
+@pytest.mark.parametrize("position_first, fold, sort", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, False, True),
+], ids=["batch first", "position first", "batch first, folded", "position first, folded", "position first, sorted"])
+def test_each_row_of_the_kink_pattern_holds_its_own_inputs_units(position_first, fold, sort):
     """By hand: row b's ReLU distances are a_l x_bl − 1 for l = 0, 1, moving at Δa_l x_bl along
-    the segment, and its max's index is argmax_l a_l x_bl, whichever way the batch is laid out."""
-    flat, theta = flat_of(SequenceFirst(position_first, fold))
+    the segment, and its max's index is argmax_l a_l x_bl (a sort's indices argsort_l a_l x_bl),
+    whichever way the batch is laid out."""
+    flat, theta = flat_of(SequenceFirst(position_first, fold, sort))
     delta = torch.tensor([1.0, 1.5], dtype=DT)
     x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
     z, dz, indices, _ = flat.kink_pattern(theta, delta, x, 0.0)
     a = torch.tensor([0.5, 0.2], dtype=DT)
     torch.testing.assert_close(z, a * x - 1, rtol=0, atol=1e-15)
     torch.testing.assert_close(dz, delta * x, rtol=0, atol=1e-15)
-    torch.testing.assert_close(indices, (a * x).argmax(1, keepdim=True), rtol=0, atol=0)
+    order = (a * x).argsort(1) if sort else (a * x).argmax(1, keepdim=True)
+    torch.testing.assert_close(indices, order, rtol=0, atol=0)
 
 
 def test_copies_of_one_input_read_a_fold_in_its_order():
@@ -870,10 +912,22 @@ class Branching(nn.Module):
         return F.relu(z - 0.1) if self.w > 0 else z
 
 
+class BranchingAtZero(Branching):
+    """The second ReLU applied where the weight is at most 0, as at the θ = 0 of the sizing passes."""
+
+    def forward(self, x):
+        z = F.relu(x * self.w)
+        return F.relu(z - 0.1) if self.w <= 0 else z
+
+
 def test_a_model_whose_kink_ops_depend_on_its_parameters_is_refused_naming_the_fix():
     flat, theta = flat_of(Branching())
     # ReLU, the comparison w > 0, ReLU against ReLU, comparison
     with pytest.raises(ex.UnsupportedError, match="(?s)made 3 calls.*made 2.*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
+    # fewer calls at θ (ReLU, comparison) than at the sizing passes' θ = 0 (ReLU, comparison, ReLU)
+    flat, theta = flat_of(BranchingAtZero())
+    with pytest.raises(ex.UnsupportedError, match="(?s)made 2 calls.*made 3.*breakpoints=False"):
         PathIntegral(flat, quadrature=2).kinks(theta, -2 * theta, torch.ones(2, 1, dtype=DT))
 
 

@@ -1818,14 +1818,14 @@ def token_run(tmp_path_factory):
 
 @pytest.mark.parametrize("call", ["explain", "reconstruct"])
 def test_tokens_outside_the_vocabulary(token_run, no_heavy_compute, call):
-    """A token the embedding has no row for: on CUDA the lookup stops the process with a
-    device-side assert (on CPU an IndexError that names nothing); it is refused before any
-    lookup runs, naming the inputs, the tokens and the vocabulary of 5."""
+    """A token the embedding has no row for (a negative one included): on CUDA the lookup stops
+    the process with a device-side assert (on CPU an IndexError that names nothing); it is
+    refused before any lookup runs, naming the inputs, the tokens and the vocabulary of 5."""
     tokens = token_run.test_x.clone()
-    tokens[1, 2], tokens[3, 0] = 5, 7
+    tokens[1, 2], tokens[2, 1], tokens[3, 0] = 5, -1, 7
     functions = {"explain": ex.explain, "reconstruct": ex.reconstruct}
-    with pytest.raises(ex.InputError, match=says("test inputs [1, 3]", "indices [5, 7]", "embedding of 5 entries",
-                                                 "0 … 4", "device-side assert", "vocabulary")):
+    with pytest.raises(ex.InputError, match=says("test inputs [1, 2, 3]", "indices [-1, 5, 7]",
+                                                 "embedding of 5 entries", "0 … 4", "device-side assert", "vocabulary")):
         functions[call](token_run.path, token_run.model, tokens, progress=False)
 
 
