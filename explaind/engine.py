@@ -327,6 +327,9 @@ def request_options(caller: str, options: dict) -> dict:
 
 def kept_dims(keep: str | Sequence[str]) -> tuple[str, ...]:
     """`keep` checked and in DIMS order, the order of the cube's dims whatever order they were named in."""
+    if not isinstance(keep, (str, Iterable)):  # keep=None may mean every dim or none: refused, not guessed
+        raise InputError(f"keep={keep!r} names no dims: pass some of {DIMS} (all five by default; () keeps none "
+                         "and sums every dim)")
     keep = (keep,) if isinstance(keep, str) else tuple(keep)  # keep="train" means ("train",)
     unknown = [d for d in keep if d not in DIMS]
     if unknown:

@@ -1772,6 +1772,8 @@ def test_save_cube_refuses_to_overwrite(run, tmp_path):
     (dict(components=lambda n: (n,)), ("components", "non-empty strings")),
     (dict(components=lambda n: None), ("components", "None", "non-empty strings")),
     (dict(keep="trian"), ("['trian']", "choose among")),
+    (dict(keep=None), ("keep=None", "() keeps none", "'step', 'component', 'train', 'test', 'output'")),
+    (dict(keep=3), ("keep=3", "() keeps none", "'step', 'component', 'train', 'test', 'output'")),
     (dict(test_ids=["a", "b"]), ("test_ids of shape (2,)", "one id per input")),
     (dict(test_ids=["a", "b", "a"]), ("test_ids repeat ['a']", "distinct id")),
     (dict(kink_tolerance=float("nan")), ("kink_tolerance=nan", "positive error")),
