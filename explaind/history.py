@@ -728,11 +728,14 @@ class Recorder:
         conflict = _target_conflict(self._target_of, indices, targets, self.step, self.loss_name)
         if conflict is not None:
             index, target, (first_target, first_step) = conflict
+            declared = (f"index {index} twice in the batch of step {self.step}, with targets {first_target} and "
+                        f"{target}" if first_step == self.step else
+                        f"index {index} with target {target} at step {self.step}, but step {first_step} declared it "
+                        f"with target {first_target}")
             raise InputError(
-                f"batch() declares dataset index {index} with target {target} at step {self.step}, "
-                f"but step {first_step} declared it with target {first_target}: an index names one sample "
-                "of the dataset. Fix: pass each row's index in the dataset (e.g. from a Dataset whose "
-                "__getitem__ returns it), not its position in the batch"
+                f"batch() declares dataset {declared}: an index names one sample of the dataset. Fix: pass each "
+                "row's index in the dataset (e.g. from a Dataset whose __getitem__ returns it), not its position "
+                "in the batch"
             )
         self._seen.update(indices.tolist())
         self._pending = (indices, inputs, targets, weights)
