@@ -514,7 +514,7 @@ class Recorder:
         self.optimizer = optimizer
         self.scheduler = scheduler
         if scheduler is not None:
-            _check_scheduler(scheduler)
+            _check_scheduler(scheduler, optimizer)
         self.kind = optimizer_kind(optimizer)
         self.class_weights = check_class_weights(class_weights)
         self.loss_name, self.loss = resolve_loss(loss, self.class_weights)
@@ -1290,6 +1290,8 @@ class Recorder:
                 "Recorder.resume on the same path (which they all read)")
         history.check_model(model)
         _refuse_another_setup(history, model, optimizer)
+        if scheduler is not None:
+            _check_scheduler(scheduler, optimizer)  # before the resume rewrites anything
         path = history.path
         info = _read_resume_info(path)
         declared = _resumed_loss(history, loss, reduction, class_weights)
@@ -1656,9 +1658,17 @@ def _recorded_class_weights(meta: dict, loss: str) -> torch.Tensor | None:
         raise ValueError(str(error)) from None
 
 
-def _check_scheduler(scheduler) -> None:
+def _check_scheduler(scheduler, optimizer: torch.optim.Optimizer) -> None:
     """Refuse a scheduler that the recorder cannot store with each step and restore at a resume:
-    one whose steps it cannot count (see _schedule_position), or with no state_dict to store."""
+    one that sets another optimizer's rates (built before the optimizer was built again, say: the
+    run would train at a constant rate, its schedule stored beside it), one whose steps it cannot
+    count (see _schedule_position), or with no state_dict to store."""
+    scheduled = getattr(scheduler, "optimizer", optimizer)  # every torch scheduler names its optimizer
+    if scheduled is not optimizer:
+        raise InputError(
+            f"the scheduler {type(scheduler).__name__} sets the learning rates of another optimizer than the one "
+            "passed to the Recorder: this run's rates would not follow its schedule. Fix: build the scheduler on "
+            "the optimizer that trains the model (after the optimizer is built for the last time), and pass both")
     _schedule_position(scheduler)
     missing = [method for method in ("state_dict", "load_state_dict") if not callable(getattr(scheduler, method, None))]
     if missing:

@@ -1956,6 +1956,24 @@ def test_a_scheduler_that_cannot_be_stored_is_refused_before_any_file(tmp_path, 
     assert not (tmp_path / "h").exists()
 
 
+def test_a_scheduler_of_another_optimizer_is_refused_before_any_file(tmp_path):
+    """An optimizer built again after its scheduler: the run trained at a constant rate, while the
+    Recorder stored the schedule's state beside it (and a resume restored it into the stale one)."""
+    model = tiny()
+    scheduler = step_lr(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    words = "(?s)StepLR sets the learning rates of another optimizer.*Fix: build the scheduler on the optimizer"
+    with pytest.raises(ex.InputError, match=words):
+        ex.Recorder(tmp_path / "h", model, optimizer, scheduler=scheduler)
+    assert not (tmp_path / "h").exists()
+    model, optimizer, _ = crashed_scheduled_run(tmp_path / "crashed", step_lr, crash_at=4)
+    before = files_on_disk(tmp_path / "crashed")
+    stale = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ex.InputError, match=words):
+        ex.Recorder.resume(tmp_path / "crashed", model, optimizer, scheduler=step_lr(stale))
+    assert files_on_disk(tmp_path / "crashed") == before  # refused before anything is rewritten
+
+
 def test_a_resumed_multistep_schedule_keeps_its_milestones(tmp_path):
     """MultiStepLR keeps its milestones in a Counter of step numbers, which JSON would turn into
     strings: the resumed run would then never reach them."""
