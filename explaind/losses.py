@@ -151,6 +151,11 @@ def recorded_loss(recorded: str, loss: str | PerSampleLoss | None,
                 f"the history was trained with a custom loss ({recorded}): pass the same "
                 "per-sample function as loss=..."
             )
+        if isinstance(loss, str):  # the Recorder names a built-in by its name, never custom:
+            raise InputError(
+                f"loss={loss!r} names a built-in loss, but the history was trained with a custom loss "
+                f"({recorded}): pass the same per-sample function as loss=..."
+            )
         return resolve_loss(loss)[1]
     if loss is not None and resolve_loss(loss)[0] != recorded:
         raise InputError(

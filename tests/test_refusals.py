@@ -1709,6 +1709,10 @@ def test_custom_loss_must_be_passed_again(tmp_path, no_heavy_compute):
             optimizer.step()
     with pytest.raises(ex.InputError, match=says("custom loss", "smooth_loss", "loss=")):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
+    # a built-in's name is no custom loss: it was taken, and the run refused at step 0's update check
+    with pytest.raises(ex.InputError, match=says("loss='cross_entropy'", "built-in", "custom loss", "smooth_loss",
+                                                 "same per-sample function")):
+        ex.explain(tmp_path / "h", model, x[:2], loss="cross_entropy", progress=False)
 
 
 def test_another_builtin_loss_than_the_recorded_one_is_refused(tmp_path, no_heavy_compute):
