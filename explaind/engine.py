@@ -392,9 +392,16 @@ def _integers(value) -> np.ndarray | None:
 
 def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target):
     """The output indices to explain per input, and the labels of the output dim."""
+    true = isinstance(outputs, str) and outputs == "true"
+    if targets is not None and not true:  # read by outputs='true' alone, but another count means other inputs
+        given = tensor_of(targets, "targets")
+        count = len(given) if given.dim() else 1
+        if count != len(inputs):
+            raise InputError(f"got {count} targets for {len(inputs)} inputs: pass one per input, or none "
+                             f"(outputs={outputs!r} reads no targets)")
     if isinstance(outputs, str) and outputs == "all":
         return None, list(range(n_total))
-    if isinstance(outputs, str) and outputs == "true":
+    if true:
         if targets is None:
             raise InputError("outputs='true' needs the test targets: pass targets=...")
         targets = tensor_of(targets, "targets")

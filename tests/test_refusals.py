@@ -1112,6 +1112,14 @@ def test_output_selection_that_does_not_exist(run, no_heavy_compute, outputs, wo
         ex.explain(run.path, run.model, run.test_x, outputs=outputs, progress=False)
 
 
+@pytest.mark.parametrize("outputs", ["all", "predicted", [0, 2]])
+def test_targets_of_other_inputs_are_refused_where_no_output_reads_them(run, no_heavy_compute, outputs):
+    """Targets sliced apart from the inputs were ignored without a word where outputs= reads none."""
+    n = len(run.test_x)
+    with pytest.raises(ex.InputError, match=says(f"got {n - 1} targets for {n} inputs", "one per input", "or none")):
+        ex.explain(run.path, run.model, run.test_x, run.test_y[:-1], outputs=outputs, progress=False)
+
+
 def test_true_outputs_need_targets(run, no_heavy_compute):
     with pytest.raises(ex.InputError, match=says("outputs='true'", "targets=")):
         ex.explain(run.path, run.model, run.test_x, outputs="true", progress=False)
