@@ -277,6 +277,11 @@ def _batch_tensor(name: str, value) -> torch.Tensor:
 
 def _dataset_indices(indices) -> torch.Tensor:
     """The batch's dataset indices as int64; floats, bools and negatives are not indices."""
+    if indices is None:  # a Dataset that returns (x, y) gives the loop none
+        raise InputError(
+            "batch() got no dataset indices (None): the history names each row's sample by its index in the "
+            "training set. Fix: load them with the rows (a Dataset whose __getitem__(i) returns (i, x[i], y[i])), "
+            "or, for full-batch training on the whole set, pass torch.arange(len(inputs))")
     indices = tensor_of(indices, "batch()'s dataset indices").reshape(-1)
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise InputError(

@@ -1135,6 +1135,17 @@ def test_batch_refuses_dataset_indices_torch_makes_no_tensor_of(tmp_path):
             rec.batch("abcd", x, y)
 
 
+def test_batch_without_dataset_indices_names_where_they_come_from(tmp_path):
+    """A Dataset that returns (x, y) gives a loop no indices: None was named only as a value torch
+    makes no tensor of."""
+    x, y = tiny_data(4)
+    model = tiny()
+    with ex.Recorder(tmp_path / "h", model, torch.optim.SGD(model.parameters(), lr=0.1)) as rec:
+        with pytest.raises(ex.InputError, match=r"(?s)batch\(\) got no dataset indices \(None\).*__getitem__\(i\) "
+                                                r"returns \(i, x\[i\], y\[i\]\).*torch.arange\(len\(inputs\)\)"):
+            rec.batch(None, x, y)
+
+
 def test_batch_positions_declared_as_dataset_indices_are_refused(tmp_path):
     """Shuffled batches declared with arange(batch size): position 0 holds another sample, of another
     class, at the next step. The same index with the same class (a later epoch) is fine."""
