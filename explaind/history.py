@@ -282,7 +282,12 @@ def _dataset_indices(indices) -> torch.Tensor:
             "batch() got no dataset indices (None): the history names each row's sample by its index in the "
             "training set. Fix: load them with the rows (a Dataset whose __getitem__(i) returns (i, x[i], y[i])), "
             "or, for full-batch training on the whole set, pass torch.arange(len(inputs))")
-    indices = tensor_of(indices, "batch()'s dataset indices").reshape(-1)
+    indices = tensor_of(indices, "batch()'s dataset indices")
+    if sum(size > 1 for size in indices.shape) > 1:  # flattened, they would be counted as some other batch's
+        raise InputError(
+            f"batch() takes one dataset index per row [batch], got a tensor of shape {tuple(indices.shape)}. Fix: "
+            "pass the arguments as batch(indices, inputs, targets), the indices first")
+    indices = indices.reshape(-1)  # a column [batch, 1] or one sample's index as a number
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise InputError(
             f"batch() takes integer dataset indices, got dtype {indices.dtype}: a bool mask or "

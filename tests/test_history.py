@@ -1146,6 +1146,23 @@ def test_batch_without_dataset_indices_names_where_they_come_from(tmp_path):
             rec.batch(None, x, y)
 
 
+def test_batch_indices_of_several_dims_are_refused_by_their_shape(tmp_path):
+    """Token inputs passed first (batch(x, y, indices)) were flattened into 4 x 2 'indices' and
+    named only by their count; an index per row as a column [batch, 1] is taken as it was."""
+    x, y = tiny_data(4)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(ex.InputError, match=r"(?s)one dataset index per row.*shape \(4, 2\).*"
+                                                r"batch\(indices, inputs, targets\)"):
+            rec.batch(torch.arange(8).reshape(4, 2), x, y)
+        rec.batch(torch.arange(4)[:, None], x, y)
+        optimizer.step()
+    assert ex.History(tmp_path / "h").train_indices().tolist() == [0, 1, 2, 3]
+
+
 def test_batch_positions_declared_as_dataset_indices_are_refused(tmp_path):
     """Shuffled batches declared with arange(batch size): position 0 holds another sample, of another
     class, at the next step. The same index with the same class (a later epoch) is fine."""
