@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _request_arguments(commands.add_parser("plan", help="memory, disk and time of an explain() request on a "
                                                              "recorded run"))
     p.add_argument("--calibrate", type=_at_least(0), default=0, metavar="STEPS",
-                   help="time this many steps, spread over the run, and extrapolate (0: no time estimate)")
+                   help="time this many steps, spread over the run, and extrapolate (0: no time estimate; 6 is a "
+                        "good choice, 1 times a first step alone and overestimates)")
     e = _request_arguments(commands.add_parser("explain", help="compute the cube of an explain() request on a "
                                                                "recorded run and save it"))
     e.add_argument("--out", type=Path, required=True, help="the zarr store the cube is saved to")
