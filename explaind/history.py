@@ -1062,7 +1062,7 @@ class Recorder:
             tolerance = 1e-9 if p0.dtype == torch.float64 else 1e-3
         with torch.no_grad():
             losses = self.loss(flat.raw(theta, x), y)
-            check_per_sample(self.loss_name, losses, len(x))
+            check_per_sample(self.loss_name, self.loss, losses, len(x))
             self._check_samples_alone(flat, theta, x, y, losses, tolerance)
         w = w.to(p0.device, p0.dtype) * (self._gradient_scale or 1.0)
         expected = flat.batch_gradient(theta, x, y, w, self.loss)

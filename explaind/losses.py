@@ -165,15 +165,17 @@ def recorded_loss(recorded: str, loss: str | PerSampleLoss | None,
     return resolve_loss(recorded, class_weights)[1]
 
 
-def check_per_sample(name: str, losses, batch_size: int) -> None:
+def check_per_sample(name: str, loss: PerSampleLoss, losses, batch_size: int) -> None:
     """Refuse a loss that does not return one loss per sample: a reduced scalar or [batch, outputs]
     would break the per-sample gradients of the decomposition long after recording."""
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch_size,):
+        reduction = getattr(loss, "reduction", None)  # a torch loss module says how it reduces
+        fix = (f"build it with reduction='none' ({type(loss).__name__}(..., reduction='none'))"
+               if reduction in REDUCTIONS else "pass a loss(output, target) with reduction='none' that sums over "
+               "the outputs of a sample, e.g. lambda o, t: F.mse_loss(o, t, reduction='none').sum(1)")
         raise InputError(
             f"the loss {name} returned {_described(losses).replace('outputs', 'losses')} on a batch of "
-            f"{batch_size}, not one loss per sample [{batch_size}]. Fix: pass a loss(output, target) "
-            "with reduction='none' that sums over the outputs of a sample, e.g. "
-            "lambda o, t: F.mse_loss(o, t, reduction='none').sum(1)")
+            f"{batch_size}, not one loss per sample [{batch_size}]. Fix: {fix}")
 
 
 def check_reduction(reduction: str) -> str:

@@ -940,17 +940,19 @@ def test_a_file_as_history_path_is_refused(tmp_path):
         ex.Recorder(tmp_path / "f.txt", model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("loss, reduction", [(torch.nn.CrossEntropyLoss(), "mean"),
-                                             (torch.nn.MSELoss(reduction="none"), "sum")],
-                         ids=["mean-reducing", "per-output"])
-def test_a_loss_without_per_sample_values_is_refused_at_record_time(tmp_path, loss, reduction):
+@pytest.mark.parametrize("loss, reduction, fix", [
+    (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "mean", r"CrossEntropyLoss\(\.\.\., reduction='none'\)"),
+    (torch.nn.MSELoss(reduction="none"), "sum", r"reduction='none'.*sum\(1\)"),
+], ids=["mean-reducing", "per-output"])
+def test_a_loss_without_per_sample_values_is_refused_at_record_time(tmp_path, loss, reduction, fix):
     """Both match .grad at record time (a batch of 3 against 3 outputs broadcasts), and break
-    explain() later: refused at the first gradient check."""
+    explain() later: refused at the first gradient check. A torch loss module that reduces is
+    told to reduce none; one that reduces none but keeps each output, to sum them per sample."""
     x, y = tiny_data(3)
     targets = y if isinstance(loss, torch.nn.CrossEntropyLoss) else F.one_hot(y, 3).double()
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ex.InputError, match="(?s)one loss per sample.*reduction='none'.*sum"):
+    with pytest.raises(ex.InputError, match="(?s)one loss per sample.*Fix: .*" + fix):
         with ex.Recorder(tmp_path / "h", model, optimizer, loss=loss, reduction=reduction) as rec:
             optimizer.zero_grad()
             loss(model(x), targets).sum().backward()
