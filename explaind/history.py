@@ -2036,6 +2036,8 @@ class History:
 
     def params(self, s: int) -> dict[str, torch.Tensor]:
         """θ_s: the parameters before update step s (s = n_steps gives the final ones)."""
+        if not is_whole(s):  # 2.0 or "2" would fail deep in the manifest's list
+            raise InputError(f"params() takes a step number, got {s!r}: pass a whole number in 0 … {self.n_steps}")
         if not 0 <= s <= self.n_steps:
             raise InputError(f"step {s} is outside the history's 0 … {self.n_steps}")
         tensors = self.initial() if s == 0 else self._step_tensors(s - 1)

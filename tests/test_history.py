@@ -2173,6 +2173,11 @@ def test_params_and_steps_read_back_what_the_training_loop_had(tmp_path):
     for s in (-1, history.n_steps + 1):
         with pytest.raises(ex.InputError, match=re.escape(f"step {s} is outside the history's 0 … 5")):
             history.params(s)
+    for s in (2.0, "3", True):  # a float, a string and a bool are no step numbers, though they compare like one
+        words = f"takes a step number, got {s!r}: pass a whole number in 0 … 5"
+        with pytest.raises(ex.InputError, match=re.escape(words)):
+            history.params(s)
+    assert torch.equal(flat(history.params(np.int64(2))), run.thetas[2])  # numpy's integers are step numbers
 
 
 def test_a_step_record_counts_the_bytes_of_its_tensors(tmp_path):
