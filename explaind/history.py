@@ -1412,9 +1412,16 @@ def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor,
     said = f" .grad is {factor:.6g} times the declared gradient"
     if math.isclose(factor, batch, rel_tol=1e-6) or math.isclose(factor, 1 / batch, rel_tol=1e-6):
         return said + f", a factor of the batch size ({batch}): the loss's reduction is not the declared one."
+    if factor >= 256 and math.isclose(math.log2(factor), round(math.log2(factor)), abs_tol=1e-9):
+        return said + (": a loss scaled by a power of two, as torch.amp.GradScaler scales it: call "
+                       "scaler.unscale_(optimizer) before batch() (docs/library.md, loss scaling).")
     if factor >= 2 and math.isclose(factor, round(factor), rel_tol=1e-6):
         return said + (f": {round(factor)} backward passes' gradients added up, as gradient accumulation whose "
                        "micro-batch losses are not divided by their number makes.")
+    if 0 < factor < 1:
+        return said + (": one factor below 1 on every coordinate is what clipping the gradient's norm makes "
+                       "(torch.nn.utils.clip_grad_norm_); clip with rec.clip_grad_norm_(max_norm), which records "
+                       "the factor.")
     return said + "."
 
 

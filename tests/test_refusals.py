@@ -376,11 +376,32 @@ def test_train_mode_instancenorm_with_running_statistics_is_refused(tmp_path):
 
 
 def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
+    """The check finds .grad to be one factor below 1 times the declared gradient, and says that
+    this is what clipping the norm makes: max_norm / ‖g‖ by torch's own computation."""
     model, optimizer = model_and_sgd(momentum=0.9)
     x, y = data()
-    with pytest.raises(ex.UnsupportedError, match=says("gradient", "clipping", "step 0", "rec.clip_grad_norm_")):
+    F.cross_entropy(model(x), y).backward()
+    norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    model.zero_grad()
+    factor = f"{float(1e-3 / (norm + 1e-6)):.6g} times the declared gradient"
+    with pytest.raises(ex.UnsupportedError, match=says("gradient", "step 0", factor, "one factor below 1",
+                                                       "clipping the gradient's norm", "rec.clip_grad_norm_")):
         with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
             loop(rec, model, optimizer, x, y, clip=1e-3)
+
+
+def test_a_loss_scaled_as_gradscaler_scales_it_is_named_at_record_time(tmp_path):
+    """.grad 65,536 times the declared gradient: a GradScaler's scale left in it (unscale_ not
+    called before batch()), not 65,536 backward passes added up."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with pytest.raises(ex.UnsupportedError, match=says("at step 0", ".grad is 65536 times the declared gradient",
+                                                       "a power of two", "scaler.unscale_(optimizer) before batch()")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            optimizer.zero_grad()
+            (F.cross_entropy(model(x), y) * 2.0**16).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
 
 
 def clip_step(rec, model, optimizer, x, y, max_norm: float = 1e-3, times: int = 1):
