@@ -115,7 +115,7 @@ class Plan:
         if not self.search_reserve:
             return ""
         rest = "more, unbounded (no memory_budget)" if self.search_bytes is None else \
-            f"up to {format_bytes(self.search_bytes)} more, what memory_budget leaves beside the pass, when it needs it"
+            f"up to {format_bytes(self.search_bytes)} more when it needs to (the rest of memory_budget)"
         return f", of which {format_bytes(self.search_reserve)} for the kink search; the search may take {rest}" \
             + self._kept()
 
