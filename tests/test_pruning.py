@@ -122,15 +122,20 @@ class TwoLayer(nn.Module):
         return F.log_softmax(self.out(self.hidden(x)), -1)
 
 
-def test_pruning_curves_on_a_hand_built_model():
+def two_layer_case():
+    """TwoLayer as a FlatModel, its θ, three inputs, their classes and its two components."""
     model = TwoLayer().double()
     layout = ParamLayout(("hidden.weight", "out.weight"), ((2, 2), (2, 2)))
     flat = FlatModel(model, layout, torch.float64, "cpu")
     theta = layout.flatten(dict(model.named_parameters())).detach()
     x = torch.tensor([[20.0, 1.0], [0.0, 1.0], [1.0, -0.1]], dtype=torch.float64)
-    y = torch.tensor([0, 1, 1])
-    prunable = torch.tensor([True] * 4 + [False] * 4)
     components = {"hidden": torch.arange(4), "out": torch.arange(4, 8)}
+    return flat, theta, x, torch.tensor([0, 1, 1]), components
+
+
+def test_pruning_curves_on_a_hand_built_model():
+    flat, theta, x, y, components = two_layer_case()
+    prunable = torch.tensor([True] * 4 + [False] * 4)
     scores = {"mine": torch.tensor([0.0, 1.0, 0.0, 2.0, 0, 0, 0, 0])}  # keeps W[0, 1] and W[1, 1] at 1/2
     curves = pruning.pruning_curves(flat, theta, scores, [0.5], prunable, components, x, y)
 
@@ -153,13 +158,7 @@ def test_the_layerwise_protocol_keeps_the_fraction_of_each_component():
     """Both layers prunable, every hidden weight scoring above every output weight: half of all 8
     kept under one threshold is the whole hidden layer (the output layer zeroed, every input at
     log(1/2)); half of each layer keeps hidden W[0, :] and output V[0, :]."""
-    model = TwoLayer().double()
-    layout = ParamLayout(("hidden.weight", "out.weight"), ((2, 2), (2, 2)))
-    flat = FlatModel(model, layout, torch.float64, "cpu")
-    theta = layout.flatten(dict(model.named_parameters())).detach()
-    x = torch.tensor([[20.0, 1.0], [0.0, 1.0], [1.0, -0.1]], dtype=torch.float64)
-    y = torch.tensor([0, 1, 1])
-    components = {"hidden": torch.arange(4), "out": torch.arange(4, 8)}
+    flat, theta, x, y, components = two_layer_case()
     scores = {"mine": torch.tensor([4.0, 3.0, 2.0, 1.0, 0.4, 0.3, 0.2, 0.1], dtype=torch.float64)}
     curves = pruning.pruning_curves(flat, theta, scores, [0.5], torch.ones(8, dtype=torch.bool), components, x, y)
 
