@@ -1243,10 +1243,12 @@ class FlatModel:
         by passes at θ: on up to `most` distinct inputs of the batch together, and on each alone.
         An input's entries follow each other ([B·L, E]) or lie a batch's size apart ([L·B, E]);
         a fold in neither order is refused. Told once per input shape, on the first batch of two
-        inputs; a fold whose entries are the same for all of that batch's inputs keeps the first
-        order. Copies of one input tell it by their entries along the other dim (read in the wrong
-        order, one copy's row holds the same position twice): where those are the same too, this
-        batch reads alike in either order, and the order is told on a later one."""
+        inputs that tells it; a fold whose entries are the same for all of that batch's inputs keeps
+        the first order. Inputs whose entries differ may still read alike in either order (a_l x_bl
+        of (0.5, 0.5) and (0.5, 0.8) folded are [0.5, 0.5, 0.5, 0.8] both ways), and copies of one
+        input, which tell it by their entries along the other dim (read in the wrong order, one
+        copy's row holds the same position twice), read alike where those are the same too: such a
+        batch is read alike in either order, and the order is told on a later one."""
         key = tuple(x.shape[1:])
         axes = self.input_axes(x)
         if key in self._read_axes:
@@ -1266,7 +1268,7 @@ class FlatModel:
         for tracked in (together, *alone):
             if len(tracked) != len(axes):
                 raise UnsupportedError(_branching(len(tracked), len(axes)))
-        read, alike = list(axes), False
+        read, untold = list(axes), False
         for i in folds:
             seen = together[i].movedim(axes[i].dim, 0)
             each = [tracked[i].movedim(axes[i].dim, 0) for tracked in alone]
@@ -1274,8 +1276,11 @@ class FlatModel:
             if min(in_turn, interleaved) > 0.05:  # more than a tie's rounding apart
                 raise UnsupportedError(_unread_fold(together[i].shape, axes[i], len(inputs)))
             read[i] = axes[i]._replace(interleaved=interleaved < in_turn)
-            alike |= in_turn == interleaved
-        if not (copies and alike):  # copies the same along a fold too tell nothing: told on a later batch
+            # entries that differ between the inputs (copies': along the other dim) tell the order unless
+            # they read alike either way; entries the same for all inputs read alike on any batch
+            could_tell = copies or any(not torch.equal(each[0], other) for other in each[1:])
+            untold |= in_turn == interleaved and could_tell
+        if not untold:
             self._read_axes[key] = read
         return read
 

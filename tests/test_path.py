@@ -1865,3 +1865,19 @@ def test_layout_index_add_equals_a_loop_over_rows(index, wide):
     layout, out, rows, expected = rows_for(((70, 60), (3,)) if wide else ((2, 3), (3,)), index, 0.5)
     layout.index_add(out, torch.tensor(index, dtype=torch.long), rows, alpha=0.5)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("position_first", [False, True], ids=["batch first", "position first"])
+def test_distinct_inputs_that_read_a_fold_alike_either_way_leave_its_order_to_a_later_batch(position_first):
+    """Inputs (1, 2.5) and (1, 4) make a_l x_bl = (0.5, 0.5) and (0.5, 0.8): folded in either order
+    [0.5, 0.5, 0.5, 0.8], so they tell nothing of the order, though they differ. The first order
+    (in turn) was kept for every later batch, whose position-first inputs' rows then held other
+    inputs' units (8 of the next batch's 10 distances off, by up to 0.52). Each batch's distances
+    are a_l x_bl − 1 by hand."""
+    a, delta = torch.tensor([0.5, 0.2], dtype=DT), torch.tensor([1.0, 1.5], dtype=DT)
+    flat, theta = flat_of(SequenceFirst(position_first, fold=True))
+    alike = torch.tensor([[1.0, 2.5], [1.0, 4.0]], dtype=DT)
+    x = 1 + torch.rand(5, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    for batch in (alike, x):
+        z = flat.kink_pattern(theta, delta, batch, 0.0)[0]
+        torch.testing.assert_close(z, a * batch - 1, rtol=0, atol=1e-15)
