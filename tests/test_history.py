@@ -714,6 +714,33 @@ def test_flipped_byte_in_meta_json_is_refused(copy_of):
         ex.History(path)
 
 
+class PositionMean(torch.nn.Module):
+    """Logits of the mean over an input's positions: it takes inputs of any length."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = torch.nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.out(x.mean(1, keepdim=True))
+
+
+def test_the_input_spec_is_the_first_batchs(tmp_path):
+    """A run whose batches grow from 3 positions to 5: input_spec gives the first batch's shape
+    and dtype (as its docstring says), not the last's."""
+    torch.manual_seed(0)
+    model = PositionMean().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for length in (3, 5):
+            x, y = torch.randn(4, length, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(4), x, y)
+            optimizer.step()
+    assert ex.History(tmp_path / "h").input_spec() == ((3,), torch.float64)
+
+
 # --------------------------------------------------------------------------- files on disk
 
 

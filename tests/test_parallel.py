@@ -18,6 +18,13 @@ def test_jobs_run_in_worker_processes_and_results_keep_the_call_order():
     assert run_all([os.getpid] * 2, workers=1, desc="here", progress=False) == [os.getpid()] * 2
 
 
+def test_each_worker_process_computes_on_one_cpu_thread(monkeypatch):
+    """Worker processes side by side each take one CPU thread, whatever torch would take by
+    default (here 3, from OMP_NUM_THREADS, which the spawned processes inherit)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert run_all([torch.get_num_threads] * 3, workers=2, desc="threads", progress=False) == [1, 1, 1]
+
+
 def test_a_failing_job_fails_the_call_with_its_error():
     with pytest.raises(ValueError, match="invalid literal for int"):
         run_all([functools.partial(int, "1"), functools.partial(int, "x")], workers=2, desc="int", progress=False)

@@ -1867,6 +1867,45 @@ def test_layout_index_add_equals_a_loop_over_rows(index, wide):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
 
 
+class BatchRounded(nn.Module):
+    """Inputs [B, 2] of about 1e6, scaled per position by a and folded batch-first into [B·L]
+    before a ReLU at 1e6; the batch's pass rounds unlike one input's, as a batched kernel sums in
+    another order: its values carry a relative 1e-12 per input of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, 0.2], dtype=DT))
+
+    def forward(self, x):
+        h = self.a * x * (1 + 1e-12 * len(x))
+        return F.relu(h.reshape(-1) - 1e6).reshape(h.shape).sum(1, keepdim=True)
+
+
+def test_a_fold_read_to_the_batchs_rounding_keeps_each_inputs_kinks():
+    """The batch's pass and each input's differ by rounding (4e-12 of values near 1e6: above the
+    dtype's eps, and above 1.5e-8 in absolute terms, within half the digits of the values): the
+    fold is read in turn, and the kinks are where a_l(t) x_bl = 1e6 by hand, along
+    a(t) = (0.5 + t, 0.2 + 1.5t)."""
+    flat, theta = flat_of(BatchRounded())
+    delta = torch.tensor([1.0, 1.5], dtype=DT)
+    x = 1e6 * (1 + torch.rand(4, 2, dtype=DT, generator=torch.Generator().manual_seed(0)))
+    for kinks, (x0, x1) in zip(PathIntegral(flat, quadrature=2).kinks(theta, delta, x), x.tolist()):
+        by_hand = [1e6 / x0 - 0.5, (1e6 / x1 - 0.2) / 1.5]
+        np.testing.assert_allclose(kinks, sorted(t for t in by_hand if 0 < t < 1), rtol=0, atol=1e-9)
+
+
+def test_a_fold_misread_in_a_quarter_of_its_entries_either_way_is_refused():
+    """Scrambled's two inputs agree in every a_l x_l = 0.5 but their last (0.1 and 0.9): read in
+    turn, entries 3 and 5 of its 8 differ from the passes on each input alone, interleaved entries
+    5 and 6: 1/4 either way, far above a tie's rounding, is refused (not read in the nearer order)."""
+    flat, theta = flat_of(Scrambled())
+    a = theta.clone()
+    x = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.5, 0.5, 0.5, 0.9]], dtype=DT) / a
+    with pytest.raises(ex.UnsupportedError, match=r"(?s)shaped \[8\] for 2 inputs whose dim 0 folds them with "
+                                                   r"another dim \(4 entries each\).*breakpoints=False"):
+        PathIntegral(flat, quadrature=2).kinks(theta, theta, x)
+
+
 @pytest.mark.parametrize("position_first", [False, True], ids=["batch first", "position first"])
 def test_distinct_inputs_that_read_a_fold_alike_either_way_leave_its_order_to_a_later_batch(position_first):
     """Inputs (1, 2.5) and (1, 4) make a_l x_bl = (0.5, 0.5) and (0.5, 0.8): folded in either order

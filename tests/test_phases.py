@@ -63,3 +63,48 @@ def test_a_timed_call_splits_into_its_phases(tmp_path, call):
     assert set(seconds) == own
     assert all(took > 0 for took in seconds.values())
     assert sum(seconds.values()) <= wall
+
+
+def test_a_phase_two_levels_down_leaves_its_time_out_of_each_phase_above_it(monkeypatch):
+    """On a clock the test moves: explain (1 s of its own) around a Jacobian pass (2 s of its own)
+    around a search (3 s): each phase counts only its own time, and the call's 6 s are their sum
+    (explain is not left 4 s, as if the search's time were taken out of the Jacobians' alone)."""
+    now = [0.0]
+    monkeypatch.setattr(phases, "perf_counter", lambda: now[0])
+
+    @phase(KINK_SEARCH)
+    def search() -> None:
+        now[0] += 3.0
+
+    @phase(PER_ROW_JACOBIANS)
+    def jacobians() -> None:
+        now[0] += 2.0
+        search()
+
+    @phase(EXPLAIN)
+    def explain() -> None:
+        now[0] += 1.0
+        jacobians()
+
+    with timed() as seconds:
+        explain()
+    assert seconds == {EXPLAIN: 1.0, PER_ROW_JACOBIANS: 2.0, KINK_SEARCH: 3.0}
+
+
+def test_a_timed_block_inside_another_takes_its_own_calls_and_the_outer_one_goes_on(monkeypatch):
+    """The calls inside an inner timed block count in its dict alone; after it, the outer block's
+    dict takes the calls again (and a call after both counts in neither)."""
+    now = [0.0]
+    monkeypatch.setattr(phases, "perf_counter", lambda: now[0])
+
+    @phase(KINK_SEARCH)
+    def search(took: float) -> None:
+        now[0] += took
+
+    with timed() as outer:
+        search(1.0)
+        with timed() as inner:
+            search(2.0)
+        search(4.0)
+    search(8.0)
+    assert (outer, inner) == ({KINK_SEARCH: 5.0}, {KINK_SEARCH: 2.0})

@@ -617,6 +617,15 @@ def test_the_kink_search_is_costed_per_input(run, tmp_path):
     assert budget.search_bytes == 2**20 and "the search may take up to 1 MiB more when it needs to (the rest of memory_budget)" in str(budget)
 
 
+def test_the_kink_search_is_costed_for_the_outputs_output_fn_explains(tmp_path):
+    """The ReLU model's search reserve above, with output_fn keeping 2 of its 3 outputs: a
+    pattern of 6 distances, 6 derivatives and 2 outputs (112 bytes), counted by hand."""
+    relu = train(Case("mlp", "adamw", act="relu", steps=3, lr_scale=3.0, n_test=4), tmp_path / "h")
+    plan = ex.plan(relu.path, relu.model, relu.test_x, memory_budget=None, output_fn=lambda out: out[:, :2])
+    pattern, row = (6 + 6 + 2) * 8, 4 * 112 + 2 * 8 * 51
+    assert plan.search_reserve == 4 * (2 * pattern + row) + row + 40 * pattern
+
+
 @pytest.mark.parametrize("kink_tolerance", [0.0, 1e-6])
 def test_a_first_train_chunk_keeps_its_kink_pieces_within_what_the_budget_leaves(tmp_path, kink_tolerance):
     """With several train chunks, a test chunk's first pass keeps the kink search's pieces for the

@@ -1543,6 +1543,29 @@ def test_a_backward_that_is_not_the_derivative_is_refused_where_reverse_mode_tak
             ex.plan(tmp_path / "h", model, x[:2], **options)
 
 
+def test_the_derivative_mismatch_is_the_reversed_products_share_of_all(tmp_path):
+    """FlatModel.derivative_mismatch by hand, with u and v drawn as it draws them (u first): the
+    products t_j = (Jᵀv)_j u_j of J = ∂f/∂θ in float64 (torch.func.jacrev of the same forward with
+    its true backward); the reversal negates the hidden layer's, so the mismatch is
+    |2 Σ_hidden t_j| / Σ_j |t_j| (a share of the products summed, not of the largest one). The
+    true backward's is 0 to rounding."""
+    model, x = record_reversed(tmp_path / "h")
+    layout = functional.layout_of(model)
+    theta = layout.flatten({name: p.detach() for name, p in model.named_parameters()})
+    true = Reversed(Identity).double()
+    f = lambda th: torch.func.functional_call(true, layout.unflatten(th), (x[:1],))  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(theta.shape, generator=generator, dtype=torch.float64)
+    v = torch.randn(1, 3, generator=generator, dtype=torch.float64)
+    products = torch.einsum("bo,bod->d", v, torch.func.jacrev(f)(theta)) * u
+    hidden = layout.flatten({name: torch.full_like(p, name.startswith("hidden")) for name, p in model.named_parameters()})
+    by_hand = float(2 * products[hidden.bool()].sum().abs() / products.abs().sum())
+    assert by_hand > 1e-3
+    flat = functional.FlatModel(model, layout, torch.float64, "cpu")
+    assert flat.derivative_mismatch(theta, x[:1], "logit") == pytest.approx(by_hand, rel=1e-12)
+    assert functional.FlatModel(true, layout, torch.float64, "cpu").derivative_mismatch(theta, x[:1], "logit") <= 1e-15
+
+
 def test_forward_mode_decomposes_a_gradient_reversal_run_and_a_true_backward_passes_every_route(tmp_path):
     model, x = record_reversed(tmp_path / "h")
     cube = ex.explain(tmp_path / "h", model, x[:2], keep=("step", "component", "test"), quadrature=6,
