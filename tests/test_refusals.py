@@ -390,6 +390,25 @@ def test_gradient_clipping_is_caught_by_the_record_time_check(tmp_path):
             loop(rec, model, optimizer, x, y, clip=1e-3)
 
 
+def test_a_miss_of_rounding_is_not_named_as_a_factor_such_as_clipping(tmp_path):
+    """Class weights declared in float32 while the float64 loop trains with their float64 values:
+    torch's weighted mean divides by a total weight that differs by float32's rounding, so .grad
+    is the declared gradient times 1 - 6e-9. Printed to 6 digits that factor reads 1, and a
+    factor 1 names nothing: the check says float32 rounding, not '1 times the declared gradient'
+    nor the clipping a factor below 1 would be."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    weights = torch.tensor([0.3, 0.7, 1.1], dtype=torch.float64)  # none of them a float32
+    with pytest.raises(ex.UnsupportedError, match=says("float32 rounding")) as refused:
+        with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=weights.float()) as rec:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y, weight=weights).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    assert "times the declared gradient" not in str(refused.value)
+    assert "clipping the gradient's norm makes" not in str(refused.value)
+
+
 def test_a_loss_scaled_as_gradscaler_scales_it_is_named_at_record_time(tmp_path):
     """.grad 65,536 times the declared gradient: a GradScaler's scale left in it (unscale_ not
     called before batch()), not 65,536 backward passes added up."""
