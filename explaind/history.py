@@ -1081,6 +1081,12 @@ class Recorder:
                         "declared as Recorder(..., class_weights=w), with a custom loss too (its mean then divides "
                         "by the batch's total class weight, as torch's does)."
                         ) if takes_class_weights(self.loss_name) and self.class_weights is None else ""
+            # torch's weighted mean of each micro-batch divides by that micro-batch's weight, not the batch's
+            accumulated = (" With class weights, gradient accumulation whose micro-batches' weighted mean losses were "
+                           "averaged is no weighted mean over the step's batch, even over micro-batches of equal size: "
+                           "divide each micro-batch's weighted summed loss (reduction='sum') by the total class weight "
+                           "of the step's whole batch instead."
+                           ) if self.class_weights is not None else ""
             smoothing = (" Label smoothing is declared as loss=lambda o, t: F.cross_entropy(o, t, "
                          "label_smoothing=eps, reduction='none')."
                          ) if self.loss_name == "cross_entropy" else ""
@@ -1113,7 +1119,7 @@ class Recorder:
                 "loss by the size of the step's whole batch instead: its gradient is then the mean "
                 "over that batch), or inputs passed to batch() that differ from those the model "
                 "saw. Fix the training loop (train in float32 or float64) "
-                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{smoothing}{shards}{float32_loss}"
+                f"or declare the loss you use (loss=callable returning per-sample losses).{mse}{weighted}{accumulated}{smoothing}{shards}{float32_loss}"
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:

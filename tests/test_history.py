@@ -1860,6 +1860,55 @@ def test_gradient_accumulation_is_one_step_over_the_declared_batch(tmp_path, siz
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
+MICRO_BATCH_WEIGHTS = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+
+
+def weighted_means_averaged(model, x, y, parts):
+    """Accumulation as without class weights: each micro-batch's weighted mean divided by their number."""
+    for part in parts:
+        (F.cross_entropy(model(x[part]), y[part], weight=MICRO_BATCH_WEIGHTS) / len(parts)).backward()
+
+
+def weighted_sums_over_the_batchs_weight(model, x, y, parts):
+    """The fix: each micro-batch's weighted summed loss divided by the whole batch's total class weight."""
+    total = sum(MICRO_BATCH_WEIGHTS[y[part]].sum() for part in parts)
+    for part in parts:
+        (F.cross_entropy(model(x[part]), y[part], weight=MICRO_BATCH_WEIGHTS, reduction="sum") / total).backward()
+
+
+@pytest.mark.parametrize("accumulate, exact", [(weighted_means_averaged, False),
+                                               (weighted_sums_over_the_batchs_weight, True)],
+                         ids=["weighted means averaged", "weighted sums over the batch's weight"])
+def test_gradient_accumulation_with_class_weights_divides_by_the_whole_batchs_weight(tmp_path, accumulate, exact):
+    """torch's class-weighted mean divides by its micro-batch's total weight, so averaged weighted
+    means of equal micro-batches are no weighted mean over the step's batch: refused, naming the
+    accumulation that is (each weighted sum divided by the whole batch's total class weight)."""
+    x, y = tiny_data()
+    model = tiny(activation=torch.nn.Tanh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+
+    def loop(rec):
+        for step in range(3):
+            rows = torch.arange(8 * step, 8 * step + 8) % len(x)
+            optimizer.zero_grad()
+            accumulate(model, x, y, rows.split(4))
+            rec.batch(rows, x[rows], y[rows])
+            optimizer.step()
+
+    if not exact:
+        with pytest.raises(ex.UnsupportedError, match="(?s)the gradient in .grad differs.*class weights.*"
+                           "divide each micro-batch's weighted summed loss .* by the total class weight of the "
+                           "step's whole batch"):
+            with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=MICRO_BATCH_WEIGHTS, check_every=1) as rec:
+                loop(rec)
+        return
+    with ex.Recorder(tmp_path / "h", model, optimizer, class_weights=MICRO_BATCH_WEIGHTS, check_every=1) as rec:
+        loop(rec)
+    assert ex.verify_updates(tmp_path / "h", model).max() <= 1e-12
+    cube = ex.explain(tmp_path / "h", model, x[:2], y[:2], quadrature=8, tolerance=1e-9, progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
 def test_an_unclipped_step_stores_no_gradient_scale_and_reads_as_one(tmp_path):
     """Histories recorded without clipping keep the manifest they had before clipping was recorded."""
     sgd_history(tmp_path / "h", 3)
