@@ -1325,6 +1325,8 @@ class Recorder:
                 "scheduler=None and set the learning rates of the resumed steps yourself (the optimizer "
                 "gets those of the last recorded step)"
             )
+        if scheduler is not None and info["scheduler"] is not None:
+            _refuse_another_kind_of_scheduler(scheduler, info["scheduler"], path)
         if scheduler is not None and info["scheduler"] is not None and _redoes_the_killed_step(scheduler, info):
             info = info["before_step"]  # the killed step is redone, its schedule known
         step = min(info["next_step"], history.n_steps)
@@ -1451,6 +1453,33 @@ def _warn_of_another_schedule(scheduler, path: Path) -> None:
                       "scheduler's functions are not stored), so the resumed steps follow another schedule and the "
                       "history will not be the uninterrupted run's. Fix: build the scheduler with the killed run's "
                       "function; to train on the new schedule, record a new run", stacklevel=3)
+
+
+def _refuse_another_kind_of_scheduler(scheduler, stored: dict, path: Path) -> None:
+    """load_state_dict restores the fields the killed run's scheduler stored; a field of the given
+    one that it did not store (StepLR's step_size where MultiStepLR stored milestones) keeps the
+    given value, and the resumed steps would silently follow another schedule."""
+    unrestorable = _unrestorable_fields(scheduler, stored)
+    if unrestorable:
+        raise InputError(
+            f"{path} was recorded with another kind of scheduler than the one given to the resume: its stored state "
+            f"has no {'; no '.join(unrestorable)}, which the resume cannot restore, so the resumed steps would follow "
+            "another schedule than the killed run's. Fix: build the scheduler as in the killed run (its kind and "
+            "arguments) and pass it as Recorder.resume(..., scheduler=scheduler)")
+
+
+def _unrestorable_fields(scheduler, stored: dict) -> list[str]:
+    """The public fields of the scheduler's state (and of those it chains or sequences) that the
+    stored state lacks, each named with the fields the stored state has instead."""
+    fields = [key for key in stored if not key.startswith("_")]
+    missing = [f"{type(scheduler).__name__}'s {key} (it holds {', '.join(fields)})"
+               for key in scheduler.state_dict() if not key.startswith("_") and key not in stored]
+    inner, stored_inner = list(getattr(scheduler, "_schedulers", ())), stored.get("_schedulers") or []
+    if len(inner) != len(stored_inner):
+        missing.append(f"{len(inner)} schedulers within {type(scheduler).__name__} (it holds {len(stored_inner)})")
+    for each, its_state in zip(inner, stored_inner):
+        missing += _unrestorable_fields(each, its_state)
+    return missing
 
 
 def _schedulers_within(scheduler) -> list:

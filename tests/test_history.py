@@ -1028,6 +1028,36 @@ def step_lr(optimizer):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
 
+def multi_step_lr(optimizer):
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4], gamma=0.5)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["plain", "within a SequentialLR"])
+def test_a_resume_given_a_scheduler_of_another_kind_is_refused(tmp_path, sequential):
+    """A run scheduled by MultiStepLR([2, 4]) resumed with StepLR(3): the restored state has no
+    step_size, so the StepLR kept its own and the resumed steps went on at rates 0.025 from step 6
+    where the run's were 0.025 from step 4 on, silently. A field of the given scheduler that the
+    recorded state does not hold is refused, naming it, before anything is rewritten; the killed
+    run's scheduler resumes."""
+    def kind(scheduler_of):
+        def built(optimizer):
+            if not sequential:
+                return scheduler_of(optimizer)
+            decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)
+            return torch.optim.lr_scheduler.SequentialLR(optimizer, [scheduler_of(optimizer), decay], milestones=[6])
+        return built
+
+    model, optimizer, _ = crashed_scheduled_run(tmp_path / "h", kind(multi_step_lr), crash_at=3)
+    before = files_on_disk(tmp_path / "h")
+    other = kind(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5))(optimizer)
+    with pytest.raises(ex.InputError, match=r"(?s)StepLR.*step_size.*milestones.*Fix: build the scheduler as in "
+                                            r"the killed run"):
+        ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=other)
+    assert files_on_disk(tmp_path / "h") == before  # refused before anything is rewritten
+    rec = ex.Recorder.resume(tmp_path / "h", model, optimizer, scheduler=kind(multi_step_lr)(optimizer))
+    rec.close()
+
+
 def test_resume_without_the_recorded_scheduler_is_refused(tmp_path):
     model, optimizer, _ = crashed_scheduled_run(tmp_path / "h", step_lr, crash_at=2)
     before = files_on_disk(tmp_path / "h")
