@@ -12,6 +12,7 @@ from the same recorded history, or random scores as the null.
 from __future__ import annotations
 
 import functools
+import os
 from math import comb
 from typing import Callable, Mapping
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs, step_range
 from .errors import InputError
 from .functional import FlatModel, checked_output
-from .history import History
+from .history import History, open_history
 from .optimizers import group_index
 from .parallel import run_all
 
@@ -76,7 +77,8 @@ def _subset_output(train: Callable[[torch.Tensor], torch.nn.Module], indices: to
     return true_class_log_probs(train(indices), inputs, targets)
 
 
-def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, inputs: torch.Tensor,
+                  targets: torch.Tensor, *,
                   steps: tuple[int, int] | None = None, loss=None, output_fn: Callable | None = None,
                   dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
                   progress: bool = True) -> xr.DataArray:
@@ -88,11 +90,12 @@ def tracin_scores(history: History, model: torch.nn.Module, inputs: torch.Tensor
     batches; no momentum or Adam preconditioning, which is where it differs from ExPLAIND).
     w_{s,k} is the sample's weight in the step's gradient: the loss reduction's, times the
     recorded clipping factor c_s. Positive raises the output. Returns [train, test], train
-    labelled by dataset index. loss and output_fn as in explain(): the per-sample loss of a
-    history recorded with a custom one, and what is explained of the model's output.
+    labelled by dataset index. history, loss and output_fn as in explain(): a History or its
+    folder (checked against the model as explain checks it), the per-sample loss of a history
+    recorded with a custom one, and what is explained of the model's output.
     """
+    history = open_history(history, model)
     start, stop = step_range(steps, history.n_steps)
-    history.check_model(model)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     loss = history.per_sample_loss(loss)
     x, select = _checked_inputs(history, flat, inputs, targets)

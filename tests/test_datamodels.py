@@ -432,3 +432,26 @@ def test_aligned_scores_and_bootstrap_refuse_arrays_of_another_shape():
         datamodels.aligned_scores(scores, 4)
     with pytest.raises(InputError, match=r"predicted \{'a': \(5, 2\)\}"):
         datamodels.bootstrap_lds(np.zeros((5, 3)), {"a": np.zeros((5, 2))}, resamples=3, progress=False)
+
+
+def test_tracin_takes_the_history_as_explain_does(recorded, tmp_path):
+    """A history's folder, as explain takes it (it failed with "'str' object has no attribute
+    'n_steps'"), gives the scores of the opened History; a model switched to train mode after a
+    run recorded in eval mode is refused as explain refuses it (it failed inside torch's BatchNorm,
+    or used each batch's statistics)."""
+    args = (recorded.model, recorded.test_x, recorded.test_y)
+    by_path = datamodels.tracin_scores(str(recorded.path), *args, progress=False)
+    xr.testing.assert_identical(by_path, datamodels.tracin_scores(ex.History(recorded.path), *args, progress=False))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(8), x, y)
+            optimizer.step()
+    with pytest.raises(ex.UnsupportedError, match="train-mode BatchNorm1d"):
+        datamodels.tracin_scores(tmp_path / "h", model.train(), x[:2], y[:2], progress=False)
