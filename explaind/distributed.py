@@ -47,6 +47,7 @@ from .history import History, process_group_store
 SPLITS = ("test", "steps")
 # a stored part's request fingerprint and rank (explaind.resumable.request_fingerprint)
 REQUEST_ATTR = "resumable_request_sha256"
+REQUEST_FIELDS_ATTR = "resumable_request_fields_sha256"  # of each field, to name those another request changed
 PART_ATTR = "resumable_part"
 PART_DIGEST_ATTR = "resumable_part_sha256"  # of its variables' labels and values (part_digest)
 
@@ -74,7 +75,9 @@ def store_part(part: xr.Dataset, path: Path, request: str, rank: int) -> None:
     """Save part `rank` of a request with its fingerprint and the digest of what reads back
     (zarr may hand values back otherwise held: object ids as integers, times in nanoseconds),
     signed before the store is moved into place: a part in place is complete."""
-    part.attrs.update({REQUEST_ATTR: request, PART_ATTR: rank})
+    part.attrs.update({REQUEST_ATTR: str(request), PART_ATTR: rank})
+    if getattr(request, "fields", None):  # a Request of explaind.resumable, not a bare fingerprint
+        part.attrs[REQUEST_FIELDS_ATTR] = request.fields
     save_cube(part, path, finish=_sign)
 
 
@@ -100,12 +103,23 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
         raise _damaged(path, rank, f"it cannot be opened ({type(error).__name__}: {error})", DELETE) from error
     if attrs.get(REQUEST_ATTR) != request or attrs.get(PART_ATTR) != rank:
         raise InputError(
-            f"{path} holds a part computed for a different request (another history, model, "
-            "inputs, targets, split, n_parts / number of processes or explain option, or an "
-            "explaind whose parts hold other variables): it is neither reused nor overwritten. "
-            "Pass a new parts_dir, or delete the old parts to recompute them"
+            f"{path} holds a part computed for a different request ({_what_differs(attrs, request, rank)}): it is "
+            "neither reused nor overwritten. Pass a new parts_dir, or delete the old parts to recompute them"
         )
     return True
+
+
+def _what_differs(attrs: dict, request: str, rank: int) -> str:
+    """The fields of the request that the stored part's differ in, where both name them."""
+    stored, given = attrs.get(REQUEST_FIELDS_ATTR), getattr(request, "fields", None)
+    if attrs.get(REQUEST_ATTR) == request:
+        return f"stored as part {attrs.get(PART_ATTR)!r}, where part {rank} belongs"
+    if stored and given:
+        differ = [key for key in sorted({*stored, *given}) if stored.get(key) != given.get(key)]
+        if differ:
+            return f"it differs in {', '.join(differ)}"
+    return ("another history, model, inputs, targets, split, n_parts / number of processes or explain option, "
+            "or an explaind whose parts hold other variables")
 
 
 def read_part(path: Path, request: str, rank: int, fix: str = DELETE_AND_RESUME) -> xr.Dataset:
@@ -228,7 +242,7 @@ def merge(parts: list[xr.Dataset], split: str) -> xr.Dataset:
         **{key: sum(int(p.attrs[key]) for p in parts)
            for key in ("kinks_located", "kink_segments_searched", "kink_segments_unresolved")},
     )
-    for key in (REQUEST_ATTR, PART_ATTR, PART_DIGEST_ATTR):  # a part's, not the whole cube's
+    for key in (REQUEST_ATTR, REQUEST_FIELDS_ATTR, PART_ATTR, PART_DIGEST_ATTR):  # a part's, not the whole cube's
         merged.attrs.pop(key, None)
     return merged
 

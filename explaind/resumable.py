@@ -136,7 +136,13 @@ def _check_parts(split: str, n_parts: int, n_items: int) -> None:
         raise InputError(f"n_parts={n_parts} for {n_items} {what}: use 1 … {n_items} parts")
 
 
-def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> str:
+class Request(str):
+    """A request's fingerprint (a sha256), carrying the sha256 of each of its fields, by which a
+    part stored for another request names the fields that differ."""
+    fields: dict[str, str]
+
+
+def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> Request:
     """A sha256 of everything that determines a part's numbers: of the request, not of how it was
     spelled (an option left at explain()'s default equals one given as that default)."""
     options = {**explain_defaults(), **options}
@@ -156,8 +162,14 @@ def request_fingerprint(history: History, model: torch.nn.Module, inputs, target
         "targets": targets,
         **{key: value for key, value in options.items() if key not in (*EXECUTION_OPTIONS, *MERGED_CUBE_OPTIONS)},
     }
-    text = json.dumps(_canonical(sorted(described.items())))
-    return hashlib.sha256(text.encode()).hexdigest()
+    fields = {key: _canonical(value) for key, value in sorted(described.items())}
+    request = Request(_sha256([[key, value] for key, value in fields.items()]))
+    request.fields = {key: _sha256(value) for key, value in fields.items()}
+    return request
+
+
+def _sha256(canonical) -> str:
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
 
 
 def _canonical(value, seen: frozenset = frozenset()):
