@@ -331,14 +331,19 @@ def _check_digests(store: Path, verify: bool) -> None:
     """Refuse a store whose files save_cube listed are missing, of another size or (verify) of
     another sha256, or whose attributes are no JSON. A store without the list (an older explaind's)
     is opened unchecked."""
-    fix = ("Fix: explain the history again and save the cube (`dvc repro` for the pipeline's cubes), or restore "
-           "the store from a copy")
+    damage = store_damage(store, verify)
+    if damage is not None:
+        raise InputError(f"the cube store {store} is damaged: {damage}. Fix: explain the history again and save the "
+                         "cube (`dvc repro` for the pipeline's cubes), or restore the store from a copy")
+
+
+def store_damage(store: Path, verify: bool = False) -> str | None:
+    """What open_cube finds damaged in a store (None: nothing), for callers that name their own fix."""
     try:
         listed = {name: (int(recorded["size"]), str(recorded["sha256"])) for name, recorded in
                   json.loads((store / ATTRIBUTES).read_text()).get(STORE_DIGESTS, {}).items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InputError(f"the cube store {store} is damaged: its attributes ({ATTRIBUTES}) cannot be read "
-                         f"({type(error).__name__}: {error}). {fix}") from None
+        return f"its attributes ({ATTRIBUTES}) cannot be read ({type(error).__name__}: {error})"
     damaged = []
     for name, (size, sha256) in listed.items():
         file = store / name
@@ -348,10 +353,10 @@ def _check_digests(store: Path, verify: bool) -> None:
             damaged.append(f"{name} holds {file.stat().st_size} bytes, not {size}")
         elif verify and _file_digest(file)["sha256"] != sha256:
             damaged.append(f"{name} differs from its sha256")
-    if damaged:
-        more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
-        raise InputError(f"the cube store {store} is damaged: {'; '.join(damaged[:3])}{more} (zarr would read a "
-                         f"lost chunk as NaN). {fix}")
+    if not damaged:
+        return None
+    more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+    return f"{'; '.join(damaged[:3])}{more} (zarr would read a lost chunk as NaN)"
 
 
 def open_cube(path: str | os.PathLike, verify: bool = False) -> xr.Dataset:

@@ -39,7 +39,8 @@ import torch.distributed as dist
 import xarray as xr
 import zarr
 
-from .cube import PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube
+from .cube import (PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube,
+                   store_damage)
 from .engine import build_request, check_residual, checked_steps, explain, request_options
 from .errors import InputError, ReconstructionError, described, error_class, is_whole
 from .history import History, process_group_store
@@ -96,6 +97,9 @@ def is_stored(path: Path, request: str, rank: int) -> bool:
     checks its numbers); refuses another request's."""
     if not path.exists():
         return False
+    damage = store_damage(path)  # named with a part's fix, not a cube's (explain the history again)
+    if damage is not None:
+        raise _damaged(path, rank, damage, DELETE_AND_RESUME)
     try:
         with open_cube(path) as stored:
             attrs = dict(stored.attrs)

@@ -558,8 +558,9 @@ def test_a_damaged_part_is_named_before_any_compute_and_recomputed_once_deleted(
     shutil.rmtree(tmp_path / "parts" / "part-00000.zarr")  # missing: it would be computed first
     stored = files_on_disk(tmp_path / "parts")
     computed_parts.clear()
-    with pytest.raises(ex.InputError, match=r"(?s)part 1 at \S*part-00001.zarr is damaged: .*Fix: delete"):
+    with pytest.raises(ex.InputError, match=r"(?s)part 1 at \S*part-00001.zarr is damaged: .*Fix: delete") as refused:
         call()
+    assert "dvc repro" not in str(refused.value)  # a whole cube's fix (explain the history again), not a part's
     assert computed_parts == []  # refused before computing anything
     assert files_on_disk(tmp_path / "parts") == stored  # and nothing overwritten
     shutil.rmtree(tmp_path / "parts" / "part-00001.zarr")
