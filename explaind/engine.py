@@ -465,12 +465,13 @@ def checked_steps(steps, n_steps: int, convention: str, parameter_scores: bool) 
     if convention != "update":
         raise InputError(
             "steps=(start, stop) needs convention='update': with the gradient-step convention "
-            "a step's attribution depends on every later step"
+            "a step's attribution depends on every later step. Fix: leave steps= out to explain every "
+            "step, or explain the window with convention='update' (the default)"
         )
     if parameter_scores:
         raise InputError(
             "parameter_scores take |·| after summing over all steps, so they cannot be split by "
-            "steps=(start, stop): explain all steps, or split the test inputs instead"
+            "steps=(start, stop). Fix: explain all steps, or split the test inputs instead"
         )
     return start, stop
 

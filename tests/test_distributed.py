@@ -169,9 +169,10 @@ def test_shard_bounds_cover_everything_once():
 
 
 def test_steps_split_refuses_what_it_cannot_split(run):
-    with pytest.raises(ex.InputError, match="convention='update'"):
+    with pytest.raises(ex.InputError, match=r"needs convention='update'.*\. Fix: leave steps= out .*"
+                                            r"or explain the window with convention='update' \(the default\)$"):
         run.explain(steps=(0, 3), convention="gradient")
-    with pytest.raises(ex.InputError, match="parameter_scores"):
+    with pytest.raises(ex.InputError, match=r"parameter_scores .*\. Fix: explain all steps, or split the test inputs"):
         run.explain(steps=(0, 3), parameter_scores=True)
 
 
