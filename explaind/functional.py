@@ -767,6 +767,9 @@ _SAVED_TENSOR_HOOKS = "saved tensor hooks"
 _NO_STORAGE = "Cannot access data pointer of Tensor that doesn't have storage"
 # what torch.func says of requires_grad_() in forward (a hook of Hugging Face's checkpointing calls it)
 _REQUIRES_GRAD_INSIDE = "You are attempting to call Tensor.requires_grad_()"
+# what an op says whose tensors are of two floating-point dtypes (a float64 class weight in a float32 loss)
+_MIXED_DTYPES = re.compile(r"expected scalar type \w+ but found \w+|to have the same dtype|"
+                           r"[Ff]ound dtype \w+ but expected \w+")
 
 
 # what torch.func says of a torch.autograd.Function it cannot transform: what the Function lacks, the fix
@@ -829,7 +832,7 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
     """What torch's error means for explaind, with the fix: a custom autograd.Function torch.func
     does not take; an op without a forward-mode derivative; saved-tensor hooks; requires_grad_() in
     forward; an op reading a wrapped tensor's memory; a value or shape read from a tensor, or an
-    in-place write, which vmap cannot batch. None for any other error."""
+    in-place write, which vmap cannot batch; tensors of two dtypes. None for any other error."""
     if refusal := _custom_function_refusal(error):
         return refusal
     cause = str(error).splitlines()[0]
@@ -883,6 +886,13 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
             "torch.ones_like(x)), and where something is, the 4D additive mask [batch, 1, queries, keys] "
             "they take as it is (0 where a token may attend, torch.finfo(dtype).min elsewhere, ahead "
             "included for a decoder)")
+    if _MIXED_DTYPES.search(cause):
+        return UnsupportedError(
+            f"an op of the model or of its loss at {_raising_line(error)} meets tensors of two dtypes ({cause}): "
+            "explain computes in the dtype it is given (dtype=), and a tensor that the model or the loss holds or "
+            "makes in another one (a class-weight tensor, a constant) does not follow it. Fix: make such tensors "
+            "follow their input's dtype (weight.to(logits.dtype), x.new_tensor(...)), or explain in the dtype "
+            "they are in (dtype=torch.float64)")
     if not _UNBATCHED_WRITE.search(str(error)):
         return None
     return UnsupportedError(

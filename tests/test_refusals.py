@@ -1472,6 +1472,28 @@ class NotWrittenYet(nn.Module):
         raise NotImplementedError("this layer's forward is not written yet")
 
 
+def test_a_loss_holding_a_float64_tensor_explained_in_float32_is_named_with_its_line(tmp_path):
+    """A custom loss with a float64 class-weight tensor (all ones: the run's gradient is the plain
+    mean's) explained with dtype=torch.float32 failed with torch's bare 'expected scalar type Float
+    but found Double'; it is named with the loss's line and both fixes."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    ones = torch.ones(model(x).shape[1], dtype=torch.float64)
+
+    def weighted(out, targets):
+        return F.cross_entropy(out, targets, weight=ones, reduction="none")
+
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=weighted) as rec:
+        loop(rec, model, optimizer, x, y)
+    line = f"test_refusals.py:{weighted.__code__.co_firstlineno + 1} (weighted)"
+    with pytest.raises(ex.UnsupportedError, match=says(
+            line, "meets tensors of two dtypes", "expected scalar type Float but found Double",
+            "Fix", "weight.to(logits.dtype)", "dtype=torch.float64")):
+        ex.explain(tmp_path / "h", model, x[:2], loss=weighted, keep=("test",), dtype=torch.float32, progress=False)
+    cube = ex.explain(tmp_path / "h", model, x[:2], loss=weighted, keep=("test",), progress=False)  # its dtype
+    assert cube.attrs["relative_residual"] <= 1e-9
+
+
 def test_the_models_own_not_implemented_error_is_raised_as_it_is():
     """Only torch's NotImplementedError for an op without a forward-mode derivative becomes the
     refusal that names the reverse-mode route; the model's own (an unfinished layer) reaches the
