@@ -77,7 +77,7 @@ def store_part(part: xr.Dataset, path: Path, request: str, rank: int) -> None:
     (zarr may hand values back otherwise held: object ids as integers, times in nanoseconds),
     signed before the store is moved into place: a part in place is complete."""
     part.attrs.update({REQUEST_ATTR: str(request), PART_ATTR: rank})
-    if getattr(request, "fields", None):  # a Request of explaind.resumable, not a bare fingerprint
+    if getattr(request, "fields", None):  # a Fingerprint of explaind.resumable, not a bare sha256
         part.attrs[REQUEST_FIELDS_ATTR] = request.fields
     save_cube(part, path, finish=_sign)
 

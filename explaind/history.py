@@ -1327,8 +1327,8 @@ class Recorder:
             )
         if scheduler is not None and info["scheduler"] is not None:
             _refuse_another_kind_of_scheduler(scheduler, info["scheduler"], path)
-        if scheduler is not None and info["scheduler"] is not None and _redoes_the_killed_step(scheduler, info):
-            info = info["before_step"]  # the killed step is redone, its schedule known
+            if _redoes_the_killed_step(scheduler, info):
+                info = info["before_step"]  # the killed step is redone, its schedule known
         step = min(info["next_step"], history.n_steps)
         if step < info["next_step"]:
             raise HistoryError(f"{path}: resume state is ahead of the manifest; the history is damaged")

@@ -137,8 +137,9 @@ def plan(history, model, inputs, targets=None, *, calibrate_steps: int = 0,
     calibrate_steps > 0 times that many explained steps (at most those there are; 6 is a good
     choice; 1 times a pass's first step alone, which costs more than the rest), in up to three
     runs of at least two consecutive steps at the start, middle and end of the explained range
-    (a step's cost follows the schedule and the kinks its segment crosses), each run twice (the first warms up): as a test chunk's first pass, which also
-    checks the updates and books the totals, and, with several train chunks, as a later one.
+    (a step's cost follows the schedule and the kinks its segment crosses), each run twice (the
+    first warms up): as a test chunk's first pass, which also checks the updates and books the
+    totals, and, with several train chunks, as a later one.
     With steps=(start, stop), the steps before start that only replay the momentum are timed
     apart, since they cost a fraction of an explained step. 0: no time estimate.
     """

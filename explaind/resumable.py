@@ -136,13 +136,13 @@ def _check_parts(split: str, n_parts: int, n_items: int) -> None:
         raise InputError(f"n_parts={n_parts} for {n_items} {what}: use 1 … {n_items} parts")
 
 
-class Request(str):
+class Fingerprint(str):
     """A request's fingerprint (a sha256), carrying the sha256 of each of its fields, by which a
     part stored for another request names the fields that differ."""
     fields: dict[str, str]
 
 
-def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> Request:
+def request_fingerprint(history: History, model: torch.nn.Module, inputs, targets, **options) -> Fingerprint:
     """A sha256 of everything that determines a part's numbers: of the request, not of how it was
     spelled (an option left at explain()'s default equals one given as that default)."""
     options = {**explain_defaults(), **options}
@@ -163,7 +163,7 @@ def request_fingerprint(history: History, model: torch.nn.Module, inputs, target
         **{key: value for key, value in options.items() if key not in (*EXECUTION_OPTIONS, *MERGED_CUBE_OPTIONS)},
     }
     fields = {key: _canonical(value) for key, value in sorted(described.items())}
-    request = Request(_sha256([[key, value] for key, value in fields.items()]))
+    request = Fingerprint(_sha256([[key, value] for key, value in fields.items()]))
     request.fields = {key: _sha256(value) for key, value in fields.items()}
     return request
 
