@@ -2095,8 +2095,15 @@ class History:
 
     def steps(self, start: int = 0, stop: int | None = None, reverse: bool = False) -> Iterator[StepRecord]:
         """Stream the steps start … stop−1 from disk, forwards or backwards."""
-        stop = self.n_steps if stop is None else stop
-        order = range(stop - 1, start - 1, -1) if reverse else range(start, stop)
+        end = self.n_steps if stop is None else stop
+        # checked here, not when the walk begins: a negative start would read the manifest from its end
+        if not (is_whole(start) and is_whole(end) and 0 <= start <= end <= self.n_steps):
+            raise InputError(f"steps(start={start!r}, stop={stop!r}) must be whole numbers with 0 ≤ start ≤ stop ≤ "
+                             f"{self.n_steps} (this history's steps): step s runs from θ_s to θ_(s+1)")
+        return self._walk(range(end - 1, start - 1, -1) if reverse else range(start, end))
+
+    def _walk(self, order: range) -> Iterator[StepRecord]:
+        """The steps of `order`, read from disk."""
         # step s's file holds θ_{s+1} and its batch, the file before it θ_s: neighbouring steps
         # share a file, read once whichever way the walk goes (-1: the initial parameters)
         files: dict[int, dict] = {}

@@ -248,6 +248,15 @@ def test_history_matches_the_loop(runs):
         assert [g["lr"] for g in rec.groups] == run.lrs[rec.step]
     backwards = [rec.step for rec in hist.steps(reverse=True)]
     assert backwards == list(range(hist.n_steps - 1, -1, -1))
+    window = list(hist.steps(2, 4, reverse=True))
+    assert [rec.step for rec in window] == [3, 2]
+    assert torch.equal(hist.layout.flatten(window[1].before), run.thetas[2])
+    assert list(hist.steps(hist.n_steps)) == []
+    # a negative start read the manifest from its end; bounds past the run, a float, a bool
+    for start, stop in [(-2, None), (0, hist.n_steps + 1), (3, 2), (1.0, 2), (True, 2)]:
+        with pytest.raises(ex.InputError, match=re.escape(f"steps(start={start!r}, stop={stop!r}) must be whole "
+                                                          f"numbers with 0 ≤ start ≤ stop ≤ {hist.n_steps}")):
+            next(hist.steps(start, stop))
 
 
 # --------------------------------------------------------------------------- 2. against the brute force
