@@ -94,7 +94,7 @@ def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, 
     folder (checked against the model as explain checks it), the per-sample loss of a history
     recorded with a custom one, and what is explained of the model's output.
     """
-    history = open_history(history, model)
+    history = open_history(history, model, "tracin_scores")
     start, stop = step_range(steps, history.n_steps)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     loss = history.per_sample_loss(loss)

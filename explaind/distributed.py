@@ -43,7 +43,7 @@ from .cube import (PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, 
                    store_damage)
 from .engine import build_request, check_residual, checked_steps, explain, request_options
 from .errors import InputError, ReconstructionError, described, error_class, is_whole
-from .history import History, process_group_store
+from .history import History, open_history, process_group_store
 
 SPLITS = ("test", "steps")
 # a stored part's request fingerprint and rank (explaind.resumable.request_fingerprint)
@@ -180,7 +180,7 @@ def explain_shard(history, model, inputs, targets=None, *, split: str, rank: int
     steps or inputs, and the parts are checked once merged."""
     if split not in SPLITS:
         raise InputError(f"split={split!r}: use one of {SPLITS}")
-    history = history if isinstance(history, History) else History(history)
+    history = open_history(history, model, "explain_shard")
     if split == "test":
         check_test_set("explain_shard", history, model, inputs, targets, kwargs)
     return explain_part(history, model, inputs, targets, split=split, rank=rank, world_size=world_size,
@@ -338,7 +338,7 @@ def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, wor
     stored it; the request's fingerprint."""
     from .resumable import request_fingerprint  # resumable imports this module
 
-    history = history if isinstance(history, History) else History(history)
+    history = open_history(history, model, "explain_distributed")
     request = request_fingerprint(history, model, inputs, targets, split=split, n_parts=world_size, **options)
     # every process checks every part's request, so that all of them refuse another's together,
     # and the numbers of its own only: process 0 reads them all to merge them

@@ -253,7 +253,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
                   check_updates=True) -> Request:
     """explain()'s arguments checked and resolved into a Request, before any heavy compute
     (explaind.planning costs the same Request without running it)."""
-    history = open_history(history, model)
+    history = open_history(history, model, "explain")
     keep = kept_dims(keep)
     if step_bins is not None and "step" not in keep:  # the bins of a dim that is summed over: a mistake
         raise InputError(f"step_bins={step_bins!r} bins the step dim, which keep={keep} sums over. Fix: add "

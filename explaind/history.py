@@ -1113,7 +1113,7 @@ class Recorder:
                 " The usual causes, and their fixes:\n"
                 "- optimizer.zero_grad() forgotten: the last step's gradient is still in .grad (zero it before each "
                 "step's backward);\n"
-                "- a loss, a reduction or a loss term other than the declared ones: declare the loss you use "
+                "- a loss, loss reduction or loss term other than the declared ones: declare the loss you use "
                 "(loss=callable returning per-sample losses);\n"
                 "- gradient clipping or scaling: clip the norm with rec.clip_grad_norm_(max_norm) in place of "
                 "torch.nn.utils.clip_grad_norm_, which records the factor (clipping by value cannot be recorded);\n"
@@ -1798,12 +1798,13 @@ def _catch_up(scheduler, steps: int) -> None:
             scheduler.step()
 
 
-def open_history(history: "History | str | os.PathLike", model: nn.Module) -> "History":
-    """Open (if given a path) and check a history against the model that explains it."""
+def open_history(history: "History | str | os.PathLike", model: nn.Module, caller: str) -> "History":
+    """Open (if given a path) and check a history against the model that explains it, for the
+    public call named `caller`."""
     if isinstance(history, nn.Module) or not isinstance(model, nn.Module):
-        raise InputError(f"got a {type(history).__name__} as the history and a {type(model).__name__} as the model: "
-                         "the history (its folder, or an explaind.History) comes first, the model second. Fix: "
-                         "call explain(history, model, inputs, ...), and so reconstruct and verify_updates")
+        raise InputError(f"{caller}() got a {type(history).__name__} as the history and a {type(model).__name__} as "
+                         "the model: the history (its folder, or an explaind.History) comes first, the model second. "
+                         f"Fix: call {caller}(history, model, ...)")
     history = history if isinstance(history, History) else History(history)
     history.check_model(model)
     refuse_unreplayable_modules(model, eval_mode=EVAL_TO_EXPLAIN)

@@ -35,7 +35,7 @@ from .distributed import (SPLITS, check_test_set, explain_part, merge, missing_p
                           store_part)
 from .engine import check_residual, explain_defaults, kept_dims
 from .errors import InputError, is_whole
-from .history import History
+from .history import History, open_history
 
 # Raised whenever explain()'s cube gains or loses a variable, or a part's metadata change: a
 # part stored by an explaind of another format cannot be merged with new ones
@@ -67,7 +67,7 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     """
     _check_split(split, n_parts, kwargs)
     _check_parts_dir(Path(parts_dir))
-    history = history if isinstance(history, History) else History(history)
+    history = open_history(history, model, "explain_resumable")
     if split == "steps":
         start, stop = step_window(history, kwargs)
         _check_parts(split, n_parts, stop - start)

@@ -133,7 +133,7 @@ def verify_updates(
 
     check_dtype(dtype)
     check_tolerance("tolerance", tolerance, "1e-10 for a float64 history, 1e-4 for float32")
-    history = open_history(history, model)
+    history = open_history(history, model, "verify_updates")
     flat = FlatModel(model, history.layout, dtype, device, history.constants())
     first = next(history.steps(0, 1))
     checked_output(flat, flat.layout.flatten(first.before), first.inputs, None, "Fix: pass dtype=torch.float32")
@@ -203,7 +203,7 @@ def reconstruct(
     where each row carries its own parameters (quadrature nodes, kink search probes).
     output_fn: what is explained of the model's output, as in explain().
     """
-    return _reconstructions(history, model, inputs, [(quadrature, rule, breakpoints)], target=target,
+    return _reconstructions("reconstruct", history, model, inputs, [(quadrature, rule, breakpoints)], target=target,
                             output_fn=output_fn, dtype=dtype, device=device, batch_size=batch_size,
                             progress=progress, kink_tolerance=kink_tolerance, max_kinks=max_kinks)[0]
 
@@ -215,18 +215,18 @@ def check_tolerance(name: str, value, none_means: str) -> None:
         raise InputError(f"{name}={value!r} must be a number ≥ 0 (None: {none_means})")
 
 
-def _reconstructions(history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str | None,
+def _reconstructions(caller: str, history, model, inputs, settings: list[tuple[int, str, bool]], *, target: str | None,
                      dtype: torch.dtype, device, batch_size: int, progress: bool,
                      kink_tolerance: float = 0.0, max_kinks: int = 16,
                      output_fn: Callable | None = None) -> list[xr.Dataset]:
     """reconstruct() for several (nodes, rule, breakpoints) settings in one pass over the history
-    (reading and checking the steps costs as much as a cheap integral)."""
+    (reading and checking the steps costs as much as a cheap integral), for the public call `caller`."""
     from .engine import checked_test_inputs, check_dtype  # engine imports this module
 
     check_dtype(dtype)
     if not is_whole(batch_size) or batch_size < 1:  # max_kinks: checked by PathIntegral
         raise InputError(f"batch_size={batch_size!r} must be a whole number ≥ 1")
-    history = open_history(history, model)
+    history = open_history(history, model, caller)
     target = resolve_target(target, history.loss)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
     paths = [PathIntegral(flat, q, rule, kinks, kink_tolerance, max_kinks=max_kinks, max_rows=batch_size)
@@ -418,7 +418,7 @@ def quadrature_sensitivity(
     import pandas as pd
 
     settings = [(q, r, b) for r in rules for b in breakpoints for q in nodes_list]
-    recs = _reconstructions(history, model, inputs, settings, target="log_prob", output_fn=output_fn, dtype=dtype,
-                            device=device, batch_size=4096, progress=progress)
+    recs = _reconstructions("quadrature_sensitivity", history, model, inputs, settings, target="log_prob",
+                            output_fn=output_fn, dtype=dtype, device=device, batch_size=4096, progress=progress)
     return pd.DataFrame([{"rule": rule, "nodes": q, "breakpoints": kinks, **replication_metrics(rec),
                           "kinks_located": rec.attrs["kinks_located"]} for (q, rule, kinks), rec in zip(settings, recs)])

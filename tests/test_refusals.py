@@ -15,8 +15,11 @@ from torch import nn
 import explaind as ex
 import explaind.functional as functional
 from explaind.datamodels import tracin_scores
+from explaind.distributed import explain_shard
 from explaind.engine import check_residual
 from explaind.quadrature import MAX_NODES, nodes
+from explaind.resumable import explain_resumable
+from explaind.verify import quadrature_sensitivity
 from engine_cases import MLP, Case, make_data, train
 
 
@@ -899,11 +902,21 @@ def test_the_history_and_the_model_swapped_are_named(tmp_path):
     x, y = data()
     with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
         loop(rec, model, optimizer, x, y)
-    for call in (lambda: ex.explain(model, tmp_path / "h", x, progress=False),
-                 lambda: ex.reconstruct(model, tmp_path / "h", x, progress=False),
-                 lambda: ex.verify_updates(model, tmp_path / "h")):
-        with pytest.raises(ex.InputError, match=says("as the history", "comes first, the model second")):
+    calls = {"explain": lambda: ex.explain(model, tmp_path / "h", x, progress=False),
+             "reconstruct": lambda: ex.reconstruct(model, tmp_path / "h", x, progress=False),
+             "verify_updates": lambda: ex.verify_updates(model, tmp_path / "h"),
+             "quadrature_sensitivity": lambda: quadrature_sensitivity(model, tmp_path / "h", x, progress=False),
+             "tracin_scores": lambda: tracin_scores(model, tmp_path / "h", x, y),
+             # these failed in pathlib, as explain did
+             "explain_shard": lambda: explain_shard(model, tmp_path / "h", x, split="test", rank=0, world_size=1),
+             "explain_resumable": lambda: explain_resumable(model, tmp_path / "h", x, parts_dir=tmp_path / "parts",
+                                                            n_parts=2)}
+    for name, call in calls.items():
+        with pytest.raises(ex.InputError, match=re.escape(
+                f"{name}() got a MLP as the history and a PosixPath as the model: the history (its folder, "
+                f"or an explaind.History) comes first, the model second. Fix: call {name}(history, model, ...)")):
             call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]  # no parts folder made
 
 
 def test_one_hot_test_targets_are_named(tmp_path):
