@@ -360,12 +360,8 @@ def checked_test_inputs(history: History, flat: FlatModel, inputs) -> torch.Tens
     the model looks them up in."""
     shape, recorded = history.input_spec()
     inputs = tensor_of(inputs, "the test inputs").detach()
-    if inputs.dim() != len(shape) + 1 or tuple(inputs.shape[1:]) != shape or not len(inputs):
-        raise InputError(
-            f"test inputs have shape {tuple(inputs.shape)}, but the model was trained on inputs "
-            f"of shape [batch, {', '.join(map(str, shape))}]: pass a batch of at least one input "
-            "shaped like the training inputs"
-        )
+    if tuple(inputs.shape[1:]) != shape or not len(inputs):
+        _check_input_shape(history, tuple(inputs.shape))
     if inputs.is_floating_point() != recorded.is_floating_point:
         raise InputError(
             f"test inputs have dtype {inputs.dtype}, but the model was trained on {recorded} inputs: "
@@ -377,6 +373,25 @@ def checked_test_inputs(history: History, flat: FlatModel, inputs) -> torch.Tens
     # in the dtype the model was trained in, which it computes in (PathIntegral.model_output refuses the others)
     (flat if flat.dtype == history.dtype else flat.in_dtype(history.dtype)).check_lookups(inputs)
     return inputs
+
+
+def _check_input_shape(history: History, given: tuple[int, ...]) -> None:
+    """Refuse test inputs [batch, *shape] unless their shape is a recorded input's, but for dims
+    whose size the recorded batches vary (a sequence's length): a model trained on several
+    lengths takes any."""
+    shapes = history.input_shapes()
+    one = given[1:]
+    same_rank = len({len(shape) for shape in shapes}) == 1
+    varying = [len(set(sizes)) > 1 for sizes in zip(*shapes)] if same_rank else []
+    fits = one in shapes or same_rank and len(one) == len(shapes[0]) and all(
+        size == first or free for size, first, free in zip(one, shapes[0], varying))
+    if given and given[0] and fits:
+        return
+    trained = " and ".join(f"[batch, {', '.join(map(str, s))}]" for s in shapes[:4]) + (" …" if len(shapes) > 4 else "")
+    free = f" (dims {[i + 1 for i, v in enumerate(varying) if v]} vary in the recorded batches: any size there)" if (
+        any(varying)) else ""
+    raise InputError(f"test inputs have shape {given}, but the model was trained on inputs of shape {trained}{free}: "
+                     "pass a batch of at least one input shaped like the training inputs")
 
 
 def _integers(value) -> np.ndarray | None:

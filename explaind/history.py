@@ -52,6 +52,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -2156,3 +2157,12 @@ class History:
         """Shape of one input and its dtype, as recorded in the first batch."""
         inputs = self._step_tensors(0)["batch/inputs"]
         return tuple(inputs.shape[1:]), inputs.dtype
+
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of one input in the recorded batches (a run may vary a sequence's length
+        from batch to batch), read from the step files' headers: no tensor is loaded."""
+        shapes = set()
+        for line in self.manifest:
+            with safe_open(self.path / line["file"], framework="pt") as step:
+                shapes.add(tuple(step.get_slice("batch/inputs").get_shape()[1:]))
+        return sorted(shapes)

@@ -741,6 +741,38 @@ def test_the_input_spec_is_the_first_batchs(tmp_path):
     assert ex.History(tmp_path / "h").input_spec() == ((3,), torch.float64)
 
 
+def test_a_run_of_several_lengths_explains_any_length(tmp_path):
+    """Batches of 3 and 5 positions: test inputs of 4 and 5 positions were refused ('trained on
+    inputs of shape [batch, 3]'), though the model takes any length. Now a dim whose size the
+    recorded batches vary takes any size, and the cube adds up to the change of outputs computed
+    here at θ_0 and θ_N; another number of dims is refused naming the recorded shapes."""
+    torch.manual_seed(0)
+    model = PositionMean().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for length in (3, 5, 3):
+            x, y = torch.randn(4, length, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(4), x, y)
+            optimizer.step()
+    history = ex.History(tmp_path / "h")
+    assert history.input_shapes() == [(3,), (5,)]
+    for length in (4, 5):
+        test = torch.randn(2, length, dtype=torch.float64)
+        cube = ex.explain(history, model, test, keep=("test", "output"), progress=False)
+        change = []
+        for s in (0, history.n_steps):
+            model.load_state_dict(history.params(s))
+            with torch.no_grad():
+                change.append(F.log_softmax(model(test), -1))
+        np.testing.assert_allclose(cube["attribution"].values, (change[1] - change[0]).numpy(), rtol=0, atol=1e-12)
+    with pytest.raises(ex.InputError, match=re.escape(
+            "test inputs have shape (2, 4, 1), but the model was trained on inputs of shape [batch, 3] and [batch, 5] "
+            "(dims [1] vary in the recorded batches: any size there)")):
+        ex.explain(history, model, torch.randn(2, 4, 1, dtype=torch.float64), progress=False)
+
+
 # --------------------------------------------------------------------------- files on disk
 
 
