@@ -405,6 +405,18 @@ def _integers(value) -> np.ndarray | None:
     return np.atleast_1d(array) if array.dtype.kind in "iu" and array.ndim <= 1 else None
 
 
+def _several_targets_fix(targets: torch.Tensor) -> str:
+    """The fix for targets with several entries per input: rows of one-hot or class probabilities
+    become their class by argmax; anything else (a sequence's next token at every position) holds
+    several classes, and argmax would turn it into a position, silently a valid class."""
+    rows = targets.reshape(len(targets), -1).double()
+    if bool(((rows >= 0) & (rows <= 1)).all()) and bool(torch.allclose(rows.sum(1), torch.ones(len(rows),
+                                                                                                 dtype=rows.dtype))):
+        return "One-hot or probability rows are not class indices. Fix: pass targets.argmax(1)"
+    return ("These hold several classes per input (a sequence's next token at every position?). Fix: pass the "
+            "class of the output explained, e.g. targets[:, -1] with output_fn=lambda out: out[:, -1]")
+
+
 def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target):
     """The output indices to explain per input, and the labels of the output dim."""
     true = isinstance(outputs, str) and outputs == "true"
@@ -422,8 +434,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
         targets = tensor_of(targets, "targets")
         if targets.dim() > 1 and targets.shape[0] == len(inputs) and targets.shape[1:].numel() > 1:
             raise InputError(f"targets of shape {tuple(targets.shape)}: outputs='true' takes one class index per "
-                             "input [batch] (one-hot or probability rows are not class indices). Fix: pass "
-                             "targets.argmax(1)")
+                             f"input [batch]. {_several_targets_fix(targets)}")
         targets = targets.reshape(-1)
         if targets.is_floating_point() and not bool((targets == targets.round()).all()):
             raise InputError(f"targets must be class indices, got {targets.dtype} values that are not whole "

@@ -77,10 +77,11 @@ def run(tmp_path_factory):
     return path, model, x[N_TRAIN:], y[N_TRAIN:, -1]
 
 
-def explain(run, model=None, **kwargs):
+def explain(run, model=None, targets=None, **kwargs):
     path, trained, test_x, test_y = run
     kwargs.setdefault("loss", sequence_loss)
-    return ex.explain(path, model or trained, test_x, test_y, quadrature=8, progress=False, **kwargs)
+    return ex.explain(path, model or trained, test_x, test_y if targets is None else targets, quadrature=8,
+                      progress=False, **kwargs)
 
 
 def at_step(path, step: int) -> SequenceModel:
@@ -149,6 +150,23 @@ def test_tracin_takes_the_custom_loss_and_output_fn(run):
     assert np.abs(expected).max() > 1e-3
     with pytest.raises(ex.InputError, match="custom loss"):
         datamodels.tracin_scores(ex.History(path), model, test_x, test_y, output_fn=last_position, progress=False)
+
+
+def test_targets_at_every_position_are_named_with_the_explained_positions_column(run):
+    """A sequence's next tokens [batch, length] as the test targets: the refusal named one-hot rows
+    and the fix targets.argmax(1), which gives each sequence the position of its largest token id,
+    a valid class, so that following it explained other outputs than the true ones, silently."""
+    path, model, test_x, _ = run
+    every_position = sequences_and_batches()[1][N_TRAIN:]
+    calls = [lambda: explain(run, output_fn=last_position, outputs="true", targets=every_position),
+             lambda: datamodels.tracin_scores(path, model, test_x, every_position, loss=sequence_loss,
+                                              output_fn=last_position, progress=False)]
+    for call in calls:
+        with pytest.raises(ex.InputError) as caught:
+            call()
+        message = str(caught.value)
+        assert f"targets of shape (3, {LENGTH})" in message and "targets[:, -1]" in message, message
+        assert "argmax" not in message, message
 
 
 class DictOutput(nn.Module):
