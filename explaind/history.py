@@ -61,7 +61,7 @@ from . import __version__  # set before the package imports its modules
 from .errors import (ExplaindError, HistoryError, InputError, UnsupportedError, described, error_class, is_number,
                      is_whole)
 from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
-from .losses import (BUILTIN_LOSSES, REDUCTIONS, check_class_weights, check_per_sample, check_reduction,
+from .losses import (BUILTIN_LOSSES, IGNORE_INDEX, REDUCTIONS, check_class_weights, check_per_sample, check_reduction,
                      recorded_loss, resolve_loss, sample_weights, takes_class_weights)
 
 FORMAT = "explaind-history"
@@ -1110,7 +1110,7 @@ class Recorder:
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
-                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}).{_multiple(actual, expected, scale, len(x))}"
+                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}).{_multiple(actual, expected, scale, y)}"
                 " The usual causes, and their fixes:\n"
                 "- optimizer.zero_grad() forgotten: the last step's gradient is still in .grad (zero it before each "
                 "step's backward);\n"
@@ -1418,17 +1418,21 @@ def _no_gradient(name: str, step: int) -> str:
             "that picks a head) is another function at each step, which one history cannot explain")
 
 
-def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, batch: int) -> str:
+def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor) -> str:
     """What a gradient check says when .grad is the declared gradient times a factor (to
-    rounding), which names the mistake: a count of backward passes added up, or the batch size."""
+    rounding), which names the mistake: a count of backward passes added up, the batch size, or
+    a mean over the batch's tokens."""
     factor = float(actual @ expected / (expected @ expected).clamp_min(torch.finfo(expected.dtype).tiny))
     if factor == 0 or float((actual - factor * expected).abs().max() / scale) > 1e-6 * max(1.0, abs(factor)):
         return ""
     if abs(factor - 1) <= 1e-6:  # a miss within the fit's own tolerance fits any factor near 1: it names none
         return ""
     said = f" .grad is {factor:.6g} times the declared gradient"
+    batch = len(targets)
     if math.isclose(factor, batch, rel_tol=1e-6) or math.isclose(factor, 1 / batch, rel_tol=1e-6):
         return said + f", a factor of the batch size ({batch}): the loss's reduction is not the declared one."
+    if tokens := _token_mean(factor, targets):
+        return said + tokens
     if factor >= 256 and math.isclose(math.log2(factor), round(math.log2(factor)), abs_tol=1e-9):
         return said + (": a loss scaled by a power of two, as torch.amp.GradScaler scales it: call "
                        "scaler.unscale_(optimizer) before batch() (docs/library.md, loss scaling).")
@@ -1440,6 +1444,30 @@ def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor,
                        "(torch.nn.utils.clip_grad_norm_); clip with rec.clip_grad_norm_(max_norm), which records "
                        "the factor.")
     return said + "."
+
+
+def _token_mean(factor: float, targets: torch.Tensor) -> str:
+    """torch's cross-entropy over a batch's positions flattened into one batch divides by the
+    batch's counted target tokens (those not -100, its ignore_index): .grad is then the declared
+    gradient times rows · m / counted, with m the positions of a row for a declared per-sample
+    mean over them, or 1 for a sum. Padded batches count a different number of tokens each, which
+    no mean of per-sample losses follows."""
+    if targets.dim() < 2 or targets.is_floating_point() or targets.is_complex():
+        return ""
+    counted, entries = int((targets != IGNORE_INDEX).sum()), targets.numel()
+    if not counted or not any(math.isclose(factor, len(targets) * m / counted, rel_tol=1e-6)
+                              for m in (entries // len(targets), 1)):
+        return ""
+    said = f": the mean over the batch's {counted} target tokens"
+    fix = "F.cross_entropy(out.transpose(1, 2), y, reduction='none').mean(1)"
+    if counted == entries:  # no padding: each sequence's mean over its positions, averaged, is that mean
+        return said + (f", as torch's cross-entropy of the positions flattened into one batch takes it, is the mean "
+                       f"of each sequence's mean over its positions. Fix: declare loss=lambda out, y: {fix}.")
+    return said + (f" that are not -100 (torch's ignore_index; {entries - counted} of its {entries} are), as torch's "
+                   "cross-entropy of the positions flattened into one batch takes it: that count changes with each "
+                   "batch's padding, and no mean of per-sample losses follows it. Fix: train on a mean of per-sample "
+                   f"losses and declare that loss, such as each sequence's mean over its positions ({fix}, the "
+                   "ignored ones counting 0), averaged over the batch.")
 
 
 def _warn_of_another_schedule(scheduler, path: Path) -> None:

@@ -169,6 +169,42 @@ def test_targets_at_every_position_are_named_with_the_explained_positions_column
         assert "argmax" not in message, message
 
 
+def record_token_mean(path, targets, declared):
+    """One step of torch's mean over the tokens of the batch (the positions flattened into one
+    batch, as a language model's loss is often written), recorded under a per-sample loss."""
+    x = sequences_and_batches()[0][:len(targets)]
+    torch.manual_seed(0)
+    model = SequenceModel().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with ex.Recorder(path, model, optimizer, loss=declared) as rec:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), targets.flatten()).backward()
+        rec.batch(torch.arange(len(x)), x, targets)
+        optimizer.step()
+
+
+def test_a_mean_over_tokens_is_named_by_the_gradient_check(tmp_path):
+    """.grad of torch's mean over a batch's tokens is the declared gradient times a factor that
+    the check named as clipping ('one factor below 1') for a per-sample sum over positions, and
+    did not name at all for targets padded with -100 (torch's ignore_index), whose mean divides by
+    the batch's counted tokens (a language model's padded batches)."""
+    y = sequences_and_batches()[1][:3]  # 3 sequences of 4 tokens (a batch size apart from the length)
+    summed = lambda out, targets: sequence_loss(out, targets) * LENGTH  # noqa: E731
+    with pytest.raises(ex.UnsupportedError) as caught:
+        record_token_mean(tmp_path / "summed", y, summed)
+    message = str(caught.value)
+    assert f".grad is {1 / LENGTH:.6g} times" in message and "mean over the batch's 12 target tokens" in message
+    assert "reduction='none').mean(1)" in message and "clipping the gradient" not in message, message
+    padded = y.clone()
+    padded[::2, :2] = -100  # two sequences' first two positions: 8 of 12 tokens counted
+    with pytest.raises(ex.UnsupportedError) as caught:
+        record_token_mean(tmp_path / "padded", padded, sequence_loss)
+    message = str(caught.value)
+    assert f".grad is {12 / 8:.6g} times" in message, message
+    assert "mean over the batch's 8 target tokens that are not -100" in message, message
+    assert "no mean of per-sample losses" in message, message
+
+
 class DictOutput(nn.Module):
     """A model returning a dict, as many libraries' models do."""
 
