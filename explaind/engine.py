@@ -38,6 +38,7 @@ from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, Unsuppo
 from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
                          untrained_tensors)
 from .history import History, StepRecord, open_history
+from .losses import IGNORE_INDEX
 from .optimizers import AggregateUpdate, StepCoefficients, momentum_from_update, sgd_buffers_started
 from .path import PathIntegral
 from .phases import CONTRACTION, EXPLAIN, phase
@@ -442,8 +443,14 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
         targets = targets.long()
         if len(targets) != len(inputs):
             raise InputError(f"got {len(targets)} targets for {len(inputs)} inputs: pass one per input")
-        if targets.min() < 0 or targets.max() >= n_total:
-            raise InputError(f"targets must lie in 0 … {n_total - 1}, the model's outputs")
+        outside = (targets < 0) | (targets >= n_total)
+        if outside.any():
+            values = targets[outside].unique()[:10].tolist()
+            ignored = (" (-100, torch's ignore_index, marks a target no loss reads, such as a padded position's: "
+                       "an explained output needs its class)") if IGNORE_INDEX in values else ""
+            raise InputError(f"targets must lie in 0 … {n_total - 1}, the model's outputs: test inputs "
+                             f"{outside.nonzero()[:10, 0].tolist()} have targets {values}{ignored}. Fix: drop those "
+                             "inputs, or pass their classes")
         return targets.cpu()[:, None], ["true"]  # the cube reads them with numpy, as it reads the others
     if isinstance(outputs, str) and outputs == "predicted":
         return flat.outputs(theta_final, inputs, target).argmax(-1).cpu()[:, None], ["predicted"]

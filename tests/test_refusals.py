@@ -1180,6 +1180,11 @@ def test_true_outputs_need_targets(run, no_heavy_compute):
         ex.explain(run.path, run.model, run.test_x, run.test_y[:2], outputs="true", progress=False)
     with pytest.raises(ex.InputError, match=says("targets", "0 … 2")):
         ex.explain(run.path, run.model, run.test_x, run.test_y + 5, outputs="true", progress=False)
+    padded = run.test_y.clone()
+    padded[1] = -100  # torch's ignore_index, a tokenizer's padded target: named with the inputs that hold it
+    with pytest.raises(ex.InputError, match=says("0 … 2", "test inputs [1] have targets [-100]", "ignore_index",
+                                                 "Fix: drop those inputs")):
+        ex.explain(run.path, run.model, run.test_x, padded, outputs="true", progress=False)
     with pytest.raises(ex.InputError, match=says("class indices", "not whole numbers", "0.5")):
         ex.explain(run.path, run.model, run.test_x, run.test_y + 0.5, outputs="true", progress=False)
 
