@@ -60,7 +60,8 @@ from torch import nn
 from . import __version__  # set before the package imports its modules
 from .errors import (ExplaindError, HistoryError, InputError, UnsupportedError, described, error_class, is_number,
                      is_whole)
-from .functional import EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters
+from .functional import (EMBEDDINGS, FlatModel, ParamLayout, layout_of, module_of, tensor_of, trainable_parameters,
+                         untrained_tensors)
 from .losses import (BUILTIN_LOSSES, IGNORE_INDEX, REDUCTIONS, check_class_weights, check_per_sample, check_reduction,
                      recorded_loss, resolve_loss, sample_weights, takes_class_weights)
 
@@ -2071,10 +2072,12 @@ class History:
         if set(params) != set(recorded):
             missing = sorted(set(recorded) - set(params))[:5]
             extra = sorted(set(params) - set(recorded))[:5]
+            untrained = untrained_tensors(model)  # a missing name the model has, frozen or tied: say which
+            why = "; ".join(f"{n!r} is {untrained[n].split(' (')[0]} in the model" for n in missing if n in untrained)
             raise HistoryError(
                 f"the model does not match the history {self.path}: recorded tensors missing "
-                f"from the model {missing}, model tensors not in the history {extra}. Pass the "
-                "same architecture that was trained (same names and requires_grad flags)"
+                f"from the model {missing}{f' ({why})' if why else ''}, model tensors not in the history {extra}. "
+                "Pass the same architecture that was trained (same names and requires_grad flags)"
             )
         for name, p in params.items():
             if list(p.shape) != recorded[name]["shape"]:

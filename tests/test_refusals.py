@@ -1135,6 +1135,15 @@ def test_model_with_an_extra_trainable_tensor(run, no_heavy_compute):
         ex.explain(run.path, other, run.test_x, progress=False)
 
 
+def test_model_with_a_recorded_tensor_frozen(run, no_heavy_compute):
+    """A recorded tensor the model has but does not train was called missing from the model."""
+    other = MLP().double()
+    other.hidden[0].weight.requires_grad_(False)
+    with pytest.raises(ex.HistoryError, match=says("recorded tensors missing from the model ['hidden.0.weight']",
+                                                   "'hidden.0.weight' is frozen in the model", "requires_grad")):
+        ex.explain(run.path, other, run.test_x, progress=False)
+
+
 def test_model_with_a_tensor_of_as_many_numbers_in_another_shape(run, no_heavy_compute):
     other = MLP().double()
     other.hidden[0].weight = nn.Parameter(other.hidden[0].weight.detach().T.clone())  # [4, 6] for [6, 4]
