@@ -44,6 +44,7 @@ import math
 import os
 import random
 import warnings
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -590,6 +591,7 @@ class Recorder:
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
+        _OPEN_RECORDERS.add(self)
 
     # ----------------------------------------------------------------- setup
 
@@ -1419,6 +1421,14 @@ def _no_gradient(name: str, step: int) -> str:
             "that picks a head) is another function at each step, which one history cannot explain")
 
 
+# the Recorders of this process not closed yet: a history one of them still writes is not a killed run's
+_OPEN_RECORDERS: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+def _recording(path: Path) -> bool:
+    return any(rec.path == path and not rec._closed for rec in list(_OPEN_RECORDERS))
+
+
 def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor) -> str:
     """What a gradient check says when .grad is the declared gradient times a factor (to
     rounding), which names the mistake: a count of backward passes added up, the batch size, or
@@ -1935,12 +1945,14 @@ class History:
                 )
             self._check_closed_manifest(summary, _sha256(manifest_bytes))
         elif not allow_incomplete and self.manifest:  # (with none, the next error says more)
+            cause = ("a Recorder of this process is still open on it: close it first, rec.close() (a loop inside "
+                     "`with ex.Recorder(...) as rec:` closes it at the block's end)"
+                     ) if _recording(self.path) else ("the recorder was never closed (the run was killed?). Continue "
+                                                       "it with Recorder.resume(...)")
             raise HistoryError(
-                f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but the "
-                "recorder was never closed (the run was killed?). Continue it with "
-                "Recorder.resume(...), or use the complete steps: open it with "
-                "History(path, allow_incomplete=True) and pass that History to explain, reconstruct "
-                "or verify_updates in place of the path"
+                f"{self.path} is incomplete: {len(self.manifest)} steps were recorded but {cause}, or use the "
+                "complete steps: open it with History(path, allow_incomplete=True) and pass that History to explain, "
+                "reconstruct or verify_updates in place of the path"
             )
         if not self.manifest and not _no_step_ok:
             raise HistoryError(f"{self.path} holds no complete step (its recording stopped before the first "

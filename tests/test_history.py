@@ -139,6 +139,24 @@ def copy_of(uninterrupted, tmp_path):
 # --------------------------------------------------------------------------- crash and resume
 
 
+def test_a_history_whose_recorder_is_still_open_names_close(tmp_path):
+    """Read before its Recorder was closed (a loop written without `with`), a history was called
+    killed, with Recorder.resume as the fix, which refuses a run whose recorder is still open."""
+    x, y, _, _ = make_data("mlp", N_TRAIN, 0, 3)
+    model, optimizer, scheduler = fresh_objects(0)
+    rec = ex.Recorder(tmp_path / "h", model, optimizer, scheduler=scheduler)
+    training_loop(rec, model, optimizer, scheduler, x, y, 0)
+    with pytest.raises(ex.HistoryError) as caught:
+        ex.History(tmp_path / "h")
+    message = str(caught.value)
+    assert all(words in message for words in (f"{N_STEPS} steps", "a Recorder of this process is still open",
+                                              "rec.close()", "with ex.Recorder(")), message
+    assert "killed" not in message, message
+    assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == N_STEPS
+    rec.close()
+    assert ex.History(tmp_path / "h").n_steps == N_STEPS
+
+
 def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     path = tmp_path / "crashed"
     with pytest.raises(Crash):
