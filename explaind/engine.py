@@ -38,7 +38,7 @@ from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, Unsuppo
 from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
                          untrained_tensors)
 from .history import History, StepRecord, open_history
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, another_loss_note
 from .optimizers import AggregateUpdate, StepCoefficients, momentum_from_update, sgd_buffers_started
 from .path import PathIntegral
 from .phases import CONTRACTION, EXPLAIN, phase
@@ -84,6 +84,7 @@ class Request:
     component_slices: list[slice] = field(default_factory=list)
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
     stop_at_missed_update: bool = False  # stop at a step whose update misses far beyond rounding (UPDATE_STOP_SHARE)
+    loss_note: str = ""  # a custom loss given under another name than the history's (another_loss_note)
     coarser_rounding: str = ""  # where the model rounds to a coarser dtype (FlatModel.coarser_rounding)
     # bytes of the kink search's pieces a test chunk's first pass keeps for its later train
     # chunks (KeptPieces; None: no bound); plan_chunks sets it
@@ -269,6 +270,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
     check_dtype(dtype)
     test_chunk, train_chunk = _chunk_size("test_chunk", test_chunk), _chunk_size("train_chunk", train_chunk)
     batch_chunk = _chunk_size("batch_chunk", batch_chunk)
+    loss_note = another_loss_note(history.loss, loss)
     loss = history.per_sample_loss(loss)
     if isinstance(targets, torch.Tensor):
         targets = targets.detach()
@@ -301,7 +303,7 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
         train_index=train_index, loss=loss, parameter_scores=parameter_scores,
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
-        component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding,
+        component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding, loss_note=loss_note,
     )
 
 
@@ -1002,7 +1004,7 @@ class ChunkPass:
             return
         self.update_residual[s], self.update_rounding_floor[s] = update_check(k, theta, delta, modelled, self.eps)
         if self.req.stop_at_missed_update:
-            stop_at_missed_update(s, self.update_residual[s], self.update_rounding_floor[s])
+            stop_at_missed_update(s, self.update_residual[s], self.update_rounding_floor[s], self.req.loss_note)
 
     def record_scores(self, full: torch.Tensor, share: torch.Tensor) -> None:
         """Parameter-wise scores: accumulate Σ_k ψ(s, j, k, x) = G_s[:, j] · (Σ_k u_{s,k})[j]. Called
@@ -1167,7 +1169,7 @@ class ChunkPass:
 
             self.update_residual, self.update_rounding_floor = update_residuals(
                 req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk,
-                each=stop_at_missed_update if req.stop_at_missed_update else None)
+                each=functools.partial(stop_at_missed_update, note=req.loss_note) if req.stop_at_missed_update else None)
         # Σ over bins for all T·O rows, for the total and the scores (first train chunk only);
         # when the carried rows are all rows and unbinned, it is carried[0] itself
         separate_full = self.first_train_chunk and (per_bin or not (req.keeps("test") and req.keeps("output")))
@@ -1305,14 +1307,15 @@ _ANYWAY = " (except ReconstructionError as error: error.cube); tolerance=None re
 UPDATE_STOP_SHARE, UPDATE_STOP_FLOORS = 1e-3, 100
 
 
-def stop_at_missed_update(s: int, residual: float, floor: float) -> None:
-    """Raise ReconstructionError if step s's update residual is far beyond its rounding floor."""
+def stop_at_missed_update(s: int, residual: float, floor: float, note: str = "") -> None:
+    """Raise ReconstructionError if step s's update residual is far beyond its rounding floor;
+    `note` adds what the request knows of a likely cause (another_loss_note)."""
     if not residual > max(UPDATE_STOP_SHARE, UPDATE_STOP_FLOORS * floor):
         return
     raise ReconstructionError(
         f"step {s}'s update residual is {residual:.2e}: its recorded update misses the modelled optimizer's by "
         f"that share of the step's largest update (in gradient units), where the rounding of the stored parameters "
-        f"allows {floor:.0e}. The usual causes: {UPDATE_MISS_CAUSES}. explain stops at the first step so far off, "
+        f"allows {floor:.0e}. The usual causes: {UPDATE_MISS_CAUSES}.{note} explain stops at the first step so far off, "
         "before the rest of the run is computed; explaind.verify_updates(history, model) lists every step's "
         "residual without computing attributions, and tolerance=None computes the whole cube anyway (each step's "
         "update_residual in it)")

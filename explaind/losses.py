@@ -165,6 +165,16 @@ def recorded_loss(recorded: str, loss: str | PerSampleLoss | None,
     return resolve_loss(recorded, class_weights)[1]
 
 
+def another_loss_note(recorded: str, given) -> str:
+    """A custom loss given under another name than the one the history records, for the message of
+    a missed update: only a hint, since one loss imported from elsewhere has another name too."""
+    if given is None or isinstance(given, str) or not recorded.startswith("custom:"):
+        return ""
+    name = resolve_loss(given)[0]
+    return "" if name == recorded else (f" Here the loss= given is {name}, where the history was recorded with "
+                                         f"{recorded}: if that is another loss, pass the one trained with.")
+
+
 def check_per_sample(name: str, loss: PerSampleLoss, losses, batch_size: int) -> None:
     """Refuse a loss that does not return one loss per sample: a reduced scalar or [batch, outputs]
     would break the per-sample gradients of the decomposition long after recording."""

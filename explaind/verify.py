@@ -22,6 +22,7 @@ from .cube import residual_attrs
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, is_number, is_whole
 from .functional import FlatModel, checked_output, resolve_target
 from .history import History, StepRecord, open_history
+from .losses import another_loss_note
 from .optimizers import AggregateUpdate, StepCoefficients, group_index, sgd_buffers_started, step_coefficients
 from .path import PathIntegral
 from .phases import RECONSTRUCT, phase
@@ -150,7 +151,7 @@ def verify_updates(
             f"by {residuals[first]:.2e} of its size (tolerance {tolerance:.0e}; the rounding of the "
             f"stored parameters allows {floors[first]:.0e} there), the first of {len(failed)} of "
             f"{len(residuals)} steps that do{worse}. The run does not follow the recorded optimizer: "
-            f"{UPDATE_MISS_CAUSES}."
+            f"{UPDATE_MISS_CAUSES}.{another_loss_note(history.loss, loss)}"
         )
     return residuals
 

@@ -169,6 +169,24 @@ def test_targets_at_every_position_are_named_with_the_explained_positions_column
         assert "argmax" not in message, message
 
 
+def test_a_missed_update_names_a_custom_loss_given_under_another_name(run):
+    """explain given another custom loss than the one trained stopped at step 0 listing every cause
+    of a missed update, without saying that the loss= given is not the one the history names."""
+    doubled = lambda out, targets: 2 * sequence_loss(out, targets)  # noqa: E731
+    for keep, walk in ((("step", "component", "train", "test", "output"), "forward"), (("train", "test"), "backward")):
+        assert ex.plan(run[0], run[1], run[2], loss=doubled, output_fn=last_position, keep=keep).direction == walk
+        with pytest.raises(ex.ReconstructionError) as caught:
+            explain(run, output_fn=last_position, loss=doubled, keep=keep)
+        message = str(caught.value)
+        assert "step 0's update residual" in message, message
+        assert ("the loss= given is custom:test_output_fn.test_a_missed_update_names_a_custom_loss_given_under_"
+                "another_name.<locals>.<lambda>, where the history was recorded with "
+                "custom:test_output_fn.sequence_loss") in message, message
+    with pytest.raises(ex.ReconstructionError) as caught:
+        ex.verify_updates(run[0], run[1], loss=doubled)
+    assert "where the history was recorded with custom:test_output_fn.sequence_loss" in str(caught.value)
+
+
 def record_token_mean(path, targets, declared):
     """One step of torch's mean over the tokens of the batch (the positions flattened into one
     batch, as a language model's loss is often written), recorded under a per-sample loss."""
