@@ -770,6 +770,9 @@ _REQUIRES_GRAD_INSIDE = "You are attempting to call Tensor.requires_grad_()"
 # what an op says whose tensors are of two floating-point dtypes (a float64 class weight in a float32 loss)
 _MIXED_DTYPES = re.compile(r"expected scalar type \w+ but found \w+|to have the same dtype|"
                            r"[Ff]ound dtype \w+ but expected \w+")
+# the names torch's messages give the floating-point dtypes ("Double", "c10::Half", "float")
+_TORCH_DTYPE_WORDS = {"double": torch.float64, "float": torch.float32, "half": torch.float16,
+                      "bfloat16": torch.bfloat16}
 
 
 # what torch.func says of a torch.autograd.Function it cannot transform: what the Function lacks, the fix
@@ -820,7 +823,7 @@ def _transformed(method):
         try:
             return method(*args, **kwargs)
         except (NotImplementedError, RuntimeError) as error:
-            refusal = _refusal(error)
+            refusal = _refusal(error, args[0].dtype)
             if refusal is None:
                 raise
             raise refusal from error
@@ -828,11 +831,12 @@ def _transformed(method):
     return wrapped
 
 
-def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | None:
+def _refusal(error: NotImplementedError | RuntimeError, dtype: torch.dtype) -> UnsupportedError | None:
     """What torch's error means for explaind, with the fix: a custom autograd.Function torch.func
     does not take; an op without a forward-mode derivative; saved-tensor hooks; requires_grad_() in
     forward; an op reading a wrapped tensor's memory; a value or shape read from a tensor, or an
-    in-place write, which vmap cannot batch; tensors of two dtypes. None for any other error."""
+    in-place write, which vmap cannot batch; tensors of two dtypes (`dtype`: the one computed in).
+    None for any other error."""
     if refusal := _custom_function_refusal(error):
         return refusal
     cause = str(error).splitlines()[0]
@@ -889,10 +893,10 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
     if _MIXED_DTYPES.search(cause):
         return UnsupportedError(
             f"an op of the model or of its loss at {_raising_line(error)} meets tensors of two dtypes ({cause}): "
-            "explain computes in the dtype it is given (dtype=), and a tensor that the model or the loss holds or "
-            "makes in another one (a class-weight tensor, a constant) does not follow it. Fix: make such tensors "
-            "follow their input's dtype (weight.to(logits.dtype), x.new_tensor(...)), or explain in the dtype "
-            "they are in (dtype=torch.float64)")
+            f"explain computes in the dtype it is given (dtype=; here {dtype}), and a tensor that the model or "
+            "the loss holds or makes in another one (a class-weight tensor, a constant) does not follow it. Fix: "
+            "make such tensors follow their input's dtype (weight.to(logits.dtype), x.new_tensor(...)), or "
+            f"explain in the dtype they are in ({_other_dtype(cause, dtype)})")
     if not _UNBATCHED_WRITE.search(str(error)):
         return None
     return UnsupportedError(
@@ -904,6 +908,14 @@ def _refusal(error: NotImplementedError | RuntimeError) -> UnsupportedError | No
         "torch.zeros_like(x); from a floating-point tensor it made where the input is token ids, such as the "
         "embedded input e); for those modules pass that state, for example h0 = e.new_zeros(layers, batch, "
         "hidden); a Hugging Face model filling its cache: build it with use_cache=False in its config")
+
+
+def _other_dtype(cause: str, dtype: torch.dtype) -> str:
+    """'dtype=torch.float32': the dtype other than `dtype` that torch's message of mixed dtypes
+    names (a float32 class weight in a float64 loss), or 'dtype=...' where it names none or several."""
+    named = {_TORCH_DTYPE_WORDS[word] for word in re.findall(r"[a-z0-9]+", cause.lower()) if word in _TORCH_DTYPE_WORDS}
+    others = named - {dtype}
+    return f"dtype={others.pop()}" if len(others) == 1 else "dtype=..."
 
 
 def checked_output(flat: "FlatModel", theta: torch.Tensor, x: torch.Tensor, target: str | None,

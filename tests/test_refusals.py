@@ -1521,6 +1521,36 @@ def test_a_loss_holding_a_float64_tensor_explained_in_float32_is_named_with_its_
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
+def test_a_loss_holding_a_float32_tensor_explained_in_float64_names_float32(tmp_path):
+    """A float32 run whose custom loss holds a float32 class-weight tensor (library.md's recipe for
+    weighted cross-entropy with label smoothing), explained at the default float64, was told to
+    'explain in the dtype they are in (dtype=torch.float64)', the dtype it failed in; the fix names
+    float32, which then explains the run."""
+    model, optimizer = model_and_sgd()
+    model.float()
+    x, y = data()
+    x = x.float()
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.5][:model(x).shape[1]])
+
+    def weighted(out, targets):
+        return F.cross_entropy(out, targets, weight=weights, label_smoothing=0.1, reduction="none")
+
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=weighted, class_weights=weights) as rec:
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y, weight=weights, label_smoothing=0.1).backward()
+            rec.batch(torch.arange(len(x)), x, y)
+            optimizer.step()
+    with pytest.raises(ex.UnsupportedError, match=says(
+            "meets tensors of two dtypes", "here torch.float64", "explain in the dtype they are in "
+            "(dtype=torch.float32)")) as refused:
+        ex.explain(tmp_path / "h", model, x[:2], loss=weighted, keep=("test",), progress=False)
+    assert "(dtype=torch.float64)" not in str(refused.value)
+    cube = ex.explain(tmp_path / "h", model, x[:2], loss=weighted, keep=("test",), dtype=torch.float32,
+                      progress=False)
+    assert cube.attrs["relative_residual"] <= 1e-5
+
+
 def test_the_models_own_not_implemented_error_is_raised_as_it_is():
     """Only torch's NotImplementedError for an op without a forward-mode derivative becomes the
     refusal that names the reverse-mode route; the model's own (an unfinished layer) reaches the
