@@ -912,6 +912,14 @@ class Recorder:
                     f"parameter {name!r} has a sparse gradient at step {self.step} (F.embedding(..., sparse=True) "
                     "in forward, or an embedding made sparse after recording started), which explaind does not "
                     f"record. {SPARSE_FIX}")
+            if p.dtype != self._last[name].dtype:  # torch.equal would pass a float32 θ cast to float64
+                raise HistoryError(
+                    f"parameter {name!r} is {p.dtype} before step {self.step}, but the run was recorded in "
+                    f"{self._last[name].dtype}: the model was cast mid-run (model.double(), model.half(), "
+                    "model.to(dtype)), and one history holds one precision (the optimizer's state stays in the "
+                    "old one). Fix: cast the model before building its optimizer and the Recorder; to go on in "
+                    f"the new precision, record that run as a history of its own (the steps before {self.step} "
+                    "stay on disk, and Recorder.resume continues them in the recorded precision)")
             # compared where θ lives (.to is a no-op unless the model moved to another device between steps)
             if not torch.equal(p.detach(), self._last[name].to(p.device)):
                 raise HistoryError(

@@ -1074,6 +1074,31 @@ def test_parameters_changed_after_the_step_are_named_with_the_fix(tmp_path):
                         p.clamp_(-0.01, 0.01)
 
 
+@pytest.mark.parametrize("cast", [torch.float32, torch.float64], ids=["to_float32", "to_float64"])
+def test_a_model_cast_mid_run_is_named_as_cast(tmp_path, cast):
+    """A model cast to another dtype after the Recorder was built: float64 → float32 rounds θ and
+    was named as a parameter 'changed between optimizer steps' by a clamp or weights loaded;
+    float32 → float64 keeps θ's values and was recorded silently, a history of two precisions.
+    Both are named as the cast, at the step after it, and the step before stays on disk."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    model.to(torch.float64 if cast == torch.float32 else torch.float32)
+    recorded = next(model.parameters()).dtype
+    with pytest.raises(ex.HistoryError, match=says(f"is {cast} before step 1", f"recorded in {recorded}",
+                                                   "cast mid-run", "Fix: cast the model before")):
+        with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+            for step in range(2):
+                if step == 1:
+                    model.to(cast)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x.to(cast if step else recorded)), y).backward()
+                rec.batch(torch.arange(8), x, y)
+                optimizer.step()
+    history = ex.History(tmp_path / "h", allow_incomplete=True)
+    assert history.n_steps == 1
+    assert all(t.dtype == recorded for t in history.params(1).values())
+
+
 def test_batch_with_inconsistent_lengths(tmp_path):
     model, optimizer = model_and_sgd()
     x, y = data()
