@@ -1734,10 +1734,15 @@ def _resumed_loss(history: "History", loss, reduction: str | None, class_weights
     reduction = history.reduction if reduction is None else check_reduction(reduction)
     name = resolve_loss(loss)[0]
     if (name, reduction) != (history.loss, history.reduction):
+        # a custom loss cannot be left out (its code is not stored): it is known by its module and name
+        fix = ("leave loss= and reduction= out to continue with the recorded ones" if history.loss in BUILTIN_LOSSES
+               else f"pass the killed run's loss function again as loss=, defined as it was (a custom loss is "
+                    f"known by its module and qualified name, here {history.loss.removeprefix('custom:')}), "
+                    "and leave reduction= out")
         raise InputError(
             f"{history.path} was recorded with loss {history.loss!r}, reduction="
             f"{history.reduction!r}; the resume was given loss {name!r}, reduction={reduction!r}. "
-            "A history has one loss: leave loss= and reduction= out to continue with the recorded ones"
+            f"A history has one loss: {fix}"
         )
     recorded, given = history.class_weights, check_class_weights(class_weights)
     if given is not None and (recorded is None or not torch.equal(given, recorded)):

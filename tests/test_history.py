@@ -1062,6 +1062,32 @@ def test_resume_continues_with_the_recorded_loss(tmp_path):
     assert ex.History(path).n_steps == 4
 
 
+def smoothed(out, targets):
+    return F.cross_entropy(out, targets, label_smoothing=0.1, reduction="none")
+
+
+def test_a_resume_given_another_custom_loss_names_the_recorded_one(tmp_path):
+    """A run recorded with a custom loss and resumed with a function of another name was told to
+    'leave loss= and reduction= out', which the resume then refused (a custom loss's code is not
+    stored); the refusal names the killed run's function to pass again, which resumes."""
+    path, (x, y) = tmp_path / "h", tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    mean_of_smoothed = lambda out, t: smoothed(out, t).mean()  # noqa: E731
+    with pytest.raises(Crash), ex.Recorder(path, model, optimizer, loss=smoothed, check_every=1) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 3, loss=mean_of_smoothed, crash_at=1)
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    renamed = lambda out, t: smoothed(out, t)  # noqa: E731
+    with pytest.raises(ex.InputError, match=r"(?s)pass the killed run's loss function again.*"
+                                            r"test_history\.smoothed") as refused:
+        ex.Recorder.resume(path, model, optimizer, loss=renamed)
+    assert "leave loss= and reduction= out" not in str(refused.value)
+    with ex.Recorder.resume(path, model, optimizer, loss=smoothed, check_every=1) as rec:
+        sgd_steps(rec, model, optimizer, x, y, rec.step, 3, loss=mean_of_smoothed)
+    assert ex.History(path).n_steps == 3
+
+
 def crashed_scheduled_run(path: Path, scheduler_of, crash_at: int):
     x, y = tiny_data()
     model = tiny()
