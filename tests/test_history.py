@@ -684,6 +684,33 @@ def test_a_history_closed_before_the_manifest_was_hashed_still_opens(copy_of):
         ex.History(path)
 
 
+def test_params_and_constants_load_the_trained_model(tmp_path):
+    """The README's recipe: a fresh model loaded with {**h.params(s), **h.constants()} is the
+    recorded one, BatchNorm's running statistics (set before recording, the model in eval mode) and
+    a frozen layer included; θ_s alone leaves the fresh model's constants and computes other outputs."""
+    def built(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                                   torch.nn.Linear(6, 3)).double()
+    x, y = tiny_data()
+    model = built(0)
+    with torch.no_grad():
+        model(3 * x + 1)  # train mode: running statistics of other data
+    model.eval()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 2)
+    h = ex.History(tmp_path / "h")
+    loaded = built(1).eval()
+    loaded.load_state_dict({**h.params(h.n_steps), **h.constants()})
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        loaded.load_state_dict(built(1).state_dict())
+        loaded.load_state_dict(h.params(h.n_steps), strict=False)
+        assert (loaded(x) - model(x)).abs().max() > 0.1
+
+
 def test_flipped_byte_in_step_file_is_refused_when_read(copy_of):
     path = copy_of()
     file = path / manifest(path)[3]["file"]
