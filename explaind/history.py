@@ -348,7 +348,9 @@ def refuse_unreplayable_modules(model: nn.Module, when: str = "", eval_mode: str
     embeddings with max_norm (they renormalise θ in place) or scale_grad_by_freq (their batch
     gradient is no sum over samples). `when` says where the check ran (e.g. " at step 3"), for a
     model switched mid-run; `eval_mode`, how to get to eval mode. InstanceNorm without running
-    statistics normalises each sample by its own: a function of (x, θ) in any mode, so it passes."""
+    statistics normalises each sample by its own: a function of (x, θ) in any mode, so it passes.
+    Every such module is named at once (a train-mode BatchNorm and Dropout: one model.eval() fixes both)."""
+    refusals = []
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
@@ -390,8 +392,12 @@ def refuse_unreplayable_modules(model: nn.Module, when: str = "", eval_mode: str
                    f"{eval_mode}")
         else:
             continue
-        raise UnsupportedError(f"module {name or '<root>'!r} {cause}; no exact decomposition can replay it. "
-                               f"Fix: {fix}.")
+        refusals.append(f"module {name or '<root>'!r} {cause}; no exact decomposition can replay it. Fix: {fix}.")
+    if len(refusals) == 1:
+        raise UnsupportedError(refusals[0])
+    if refusals:
+        raise UnsupportedError(f"{len(refusals)} modules cannot be replayed:\n" + "\n".join(
+            f"  - {refusal}" for refusal in refusals))
 
 
 SPARSE_FIX = ("Fix: sparse=False for the recorded run (SGD makes the same updates with dense gradients, and "

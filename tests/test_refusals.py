@@ -106,6 +106,19 @@ def test_train_mode_dropout_rrelu_and_batchnorm_at_record_time(tmp_path, module,
         ex.Recorder(tmp_path / "h", model, optimizer)
 
 
+def test_every_train_mode_module_is_named_at_once(tmp_path):
+    """A CNN-like model built in train mode with BatchNorm and Dropout: the refusal named the
+    BatchNorm alone, so a user who put it in eval mode was refused again for the Dropout; both are
+    named at once, each with its fix."""
+    model = WithModule(nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.2))).double().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ex.UnsupportedError, match=says("2 modules cannot be replayed", "'inner.0' is a train-mode "
+                                                       "BatchNorm1d", "'inner.1' is a train-mode Dropout",
+                                                       "set p=0")):
+        ex.Recorder(tmp_path / "h", model, optimizer)
+    assert not (tmp_path / "h").exists()
+
+
 @pytest.mark.parametrize("module, name", [(nn.Dropout(0.2), "Dropout"), (nn.BatchNorm1d(4), "BatchNorm1d")])
 def test_train_mode_dropout_and_batchnorm_at_explain_time(tmp_path, no_heavy_compute, module, name):
     """Recorded in eval mode, then handed to explain() in train mode."""
