@@ -35,10 +35,11 @@ class ReconstructionError(ExplaindError):
 UPDATE_MISS_CAUSES = (
     "the model passed computes another function than the one trained (another activation or "
     "forward), or the loop did what the history does not record (optimizer.zero_grad() forgotten, "
-    "dropout or other randomness in training, a changed loss, gradient clipping not done by "
-    "rec.clip_grad_norm_, mixed precision (torch.autocast) switched on after the first steps, gradient "
-    "accumulation over micro-batches of unequal size whose mean losses were averaged, an optimizer "
-    "option explaind does not model)"
+    "inputs passed to rec.batch() other than those the model was trained on (the raw images where the "
+    "loop trained on augmented ones), dropout or other randomness in training, a changed loss, gradient "
+    "clipping not done by rec.clip_grad_norm_, mixed precision (torch.autocast) switched on after the "
+    "first steps, gradient accumulation over micro-batches of unequal size whose mean losses were "
+    "averaged, an optimizer option explaind does not model)"
 )
 
 

@@ -812,6 +812,27 @@ def test_clipping_that_escapes_the_record_time_check_fails_verification(tmp_path
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
 
 
+def test_raw_inputs_declared_after_the_checked_steps_are_named_by_both_checks(tmp_path):
+    """A loop that trains on augmented inputs but declares the raw ones from step 2 on (after the
+    Recorder's checked steps 0 and 1, check_every=50): both update checks listed every cause but
+    that one; they now name the inputs declared to rec.batch()."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        for step in range(4):
+            augmented = x.flip(-1)
+            optimizer.zero_grad()
+            F.cross_entropy(model(augmented), y).backward()
+            rec.batch(torch.arange(len(x)), augmented if step < 2 else x, y)
+            optimizer.step()
+    named = says("step 2", "inputs passed to rec.batch() other than those the model was trained on",
+                 "the raw images where the loop trained on augmented ones")
+    with pytest.raises(ex.ReconstructionError, match=named):
+        ex.verify_updates(tmp_path / "h", model)
+    with pytest.raises(ex.ReconstructionError, match=named):
+        ex.explain(tmp_path / "h", model, x[:2], progress=False)
+
+
 def test_a_late_unmodelled_clip_stops_a_backward_walk_before_it_starts(tmp_path, monkeypatch):
     """A pass that walks backwards checks the updates by a forward replay of its own: it runs
     first and stops at the first step so far off (a trial's 200-step run was explained to its end)."""
