@@ -687,7 +687,8 @@ def test_a_history_closed_before_the_manifest_was_hashed_still_opens(copy_of):
 def test_params_and_constants_load_the_trained_model(tmp_path):
     """The README's recipe: a fresh model loaded with {**h.params(s), **h.constants()} is the
     recorded one, BatchNorm's running statistics (set before recording, the model in eval mode) and
-    a frozen layer included; θ_s alone leaves the fresh model's constants and computes other outputs."""
+    a frozen layer included; θ_s alone leaves the fresh model's constants and computes other outputs.
+    explain, handed that fresh model, computes with the recorded constants (library.md)."""
     def built(seed):
         torch.manual_seed(seed)
         return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
@@ -709,6 +710,12 @@ def test_params_and_constants_load_the_trained_model(tmp_path):
         loaded.load_state_dict(built(1).state_dict())
         loaded.load_state_dict(h.params(h.n_steps), strict=False)
         assert (loaded(x) - model(x)).abs().max() > 0.1
+        trained = F.log_softmax(model(x[:3]), -1)
+    fresh = built(1).eval()
+    fresh[0].requires_grad_(False)
+    cube = ex.explain(h, fresh, x[:3], keep=("test", "output"), progress=False)  # with the history's constants
+    assert torch.allclose(torch.as_tensor(cube.final.transpose("test", "output").values), trained, rtol=0, atol=1e-13)
+    assert cube.attrs["relative_residual"] <= 1e-12
 
 
 def test_flipped_byte_in_step_file_is_refused_when_read(copy_of):
