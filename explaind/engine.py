@@ -1366,6 +1366,12 @@ def check_residual(cube: xr.Dataset, tolerance: float | None) -> None:
     )
 
 
+def _more_kinks(attrs: dict) -> str:
+    """A next max_kinks to try: the search stops counting at the cap, so how many kinks a crowded
+    segment holds is unknown, and four times the cap is a guess."""
+    return f"max_kinks={4 * max(int(attrs['max_kinks']), 4)}"
+
+
 def _path_fix(attrs: dict) -> str:
     """What to change when the path integral misses, from the options the cube records."""
     unresolved = int(attrs["kink_segments_unresolved"])
@@ -1373,7 +1379,8 @@ def _path_fix(attrs: dict) -> str:
         return (f"The path integral misses where the kink search gave up: it left {unresolved} (step, input) "
                 f"segment(s) unresolved (more than max_kinks={attrs['max_kinks']} cuts, or pieces whose miss "
                 f"stayed above kink_tolerance={attrs['kink_tolerance']:g}) and integrated them plainly. Raise "
-                "max_kinks=... or quadrature=... until the cube's attribute kink_segments_unresolved is 0.")
+                f"max_kinks (try {_more_kinks(attrs)}) or quadrature=... until the cube's attribute "
+                "kink_segments_unresolved is 0.")
     if unresolved:
         # every segment then took the plain nodes: the search changed nothing but the time
         none_located = (" It located no kink at all, so this cube is the one breakpoints=False gives without the "
@@ -1381,7 +1388,8 @@ def _path_fix(attrs: dict) -> str:
                         if int(attrs["kinks_located"]) == 0 else "")
         return (f"The path integral misses where kinks crowd: the kink search left {unresolved} (step, input) "
                 f"segment(s) with more kinks than max_kinks={attrs['max_kinks']} and integrated them plainly. Raise "
-                "max_kinks=... until the cube's attribute kink_segments_unresolved is 0. A count that does not fall "
+                f"max_kinks (try {_more_kinks(attrs)}) until the cube's attribute kink_segments_unresolved is 0. "
+                "A count that does not fall "
                 "is of segments whose crossings the search could not pin down within its rounds (rare; cut where "
                 f"their interpolants predict them): their miss is the search's limit.{none_located}")
     if attrs.get("coarser_rounding"):  # absent from cubes written before this attribute

@@ -669,8 +669,8 @@ def test_reconstruct_searching_steps_in_windows_equals_searching_each_step(tmp_p
     settings = [(3, "gauss", True), (3, "gauss", False)][:1 if kink_tolerance else 2]
 
     def reconstructions():
-        return _reconstructions(run.path, run.model, run.test_x, settings, target="log_prob", dtype=DT, device="cpu",
-                                batch_size=batch_size, progress=False, kink_tolerance=kink_tolerance)
+        return _reconstructions("reconstruct", run.path, run.model, run.test_x, settings, target="log_prob", dtype=DT,
+                                device="cpu", batch_size=batch_size, progress=False, kink_tolerance=kink_tolerance)
 
     batches = -(-6 // batch_size)
     together = reconstructions()
@@ -1783,7 +1783,7 @@ def test_explain_takes_max_kinks_and_its_error_names_the_unresolved_segments(kin
     plain = run.explain(keep=("test", "output"), quadrature=3, breakpoints=False, tolerance=None)
     np.testing.assert_allclose(capped["attribution"].values, plain["attribution"].values, rtol=1e-13, atol=0)
     with pytest.raises(ex.ReconstructionError, match=rf"(?s)left {unresolved} \(step, input\) segment.*max_kinks=0.*"
-                                                      r"Raise max_kinks=\.\.\. until .*kink_segments_unresolved is 0.*"
+                                                      r"Raise max_kinks \(try max_kinks=16\) until .*kink_segments_unresolved is 0.*"
                                                       r"located no kink at all.*breakpoints=False gives"):
         run.explain(keep=("test", "output"), quadrature=3, max_kinks=0, tolerance=1e-6)
     with pytest.raises(ex.ReconstructionError, match=r"(?s)raise quadrature=.*or set breakpoints=True") as error:
