@@ -547,6 +547,7 @@ class Recorder:
         # and a resumed loop's own mistakes show at its first
         first = 0 if _resume_from is None else _resume_from
         self._also_checked = (first, first + 1)
+        self._first_grad: torch.Tensor | None = None  # the first checked .grad, until the next step's check
         if check_tolerance is not None and not (is_number(check_tolerance) and check_tolerance >= 0):
             raise InputError(f"check_tolerance={check_tolerance!r} must be a number ≥ 0, the largest relative "
                              "difference of .grad from the declared loss's gradient (None: 1e-9 in float64, "
@@ -1087,7 +1088,17 @@ class Recorder:
         actual = torch.cat([p.grad.reshape(-1) for p in self._params.values()])
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
         error = ((actual - expected).abs().max() / scale).item()
+        # the first checked step's .grad, to tell at the next one a gradient left over from it
+        first_grad, self._first_grad = self._first_grad, actual.clone() if self.step == self._also_checked[0] else None
         if error > tolerance:
+            if first_grad is not None and self.step == self._also_checked[1] and float(
+                    (actual - expected - first_grad).abs().max() / scale) <= tolerance:
+                raise UnsupportedError(
+                    f"at step {self.step} the gradient in .grad is the declared loss's gradient on the recorded "
+                    f"batch plus step {self._also_checked[0]}'s .grad (to {tolerance:.0e}, relative): "
+                    "optimizer.zero_grad() was not called between the two steps, so backward() added this "
+                    "step's gradient to the last one's. Fix: call optimizer.zero_grad() (or model.zero_grad()) "
+                    "before each step's backward")
             # torch's mse_loss / MSELoss mean over every element, outputs included
             mse = (" The built-in 'mse' sums a sample's squared errors over its outputs; for "
                    "torch's F.mse_loss / nn.MSELoss (a mean over outputs too) declare "

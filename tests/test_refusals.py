@@ -777,11 +777,13 @@ def test_activation_checkpointing_is_named_with_the_route_around_it(tmp_path):
 def test_gradients_added_up_across_steps_or_micro_batches_are_named_at_record_time(tmp_path):
     """optimizer.zero_grad() forgotten: step 0's gradient is still in .grad at step 1, which the
     Recorder checks (it checked step 0 only, which cannot show it, and the mistake surfaced only
-    when explaining). Two micro-batches whose mean losses are not halved: .grad is twice the
+    when explaining), and names alone (it was one cause in a list of nine). Two micro-batches whose mean losses are not halved: .grad is twice the
     declared gradient, and the message says so."""
     x, y = data()
     model, optimizer = model_and_sgd()
-    with pytest.raises(ex.UnsupportedError, match=says("at step 1", "optimizer.zero_grad() forgotten")):
+    with pytest.raises(ex.UnsupportedError, match=says("at step 1", "the declared loss's gradient on the recorded "
+                                                       "batch plus step 0's .grad", "optimizer.zero_grad() was not "
+                                                       "called", "Fix: call optimizer.zero_grad()")):
         with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
             for _ in range(2):
                 F.cross_entropy(model(x), y).backward()
