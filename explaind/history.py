@@ -491,7 +491,9 @@ class Recorder:
                 scheduler.step()
         # leaving the block closes the history                        # 3
 
-    `loss` and `reduction` declare the training loss, and `class_weights` the weight= of a
+    `loss` and `reduction` ("mean", "sum", or "token_mean": torch's mean over a batch's target
+    entries that are not -100, for targets with a class per position, the loss then each
+    sequence's sum over them) declare the training loss, and `class_weights` the weight= of a
     cross_entropy / nll loss (torch's mean then divides by the batch's total weight, which the
     history follows from each step's targets); every `check_every` steps, and at the first
     two steps of a recording or a resume, the recorder recomputes the batch gradient from
@@ -1138,7 +1140,7 @@ class Recorder:
             raise UnsupportedError(
                 f"at step {self.step} the gradient in .grad differs from the gradient of the "
                 f"declared loss ({self.loss_name}, reduction={self.reduction!r}) on the "
-                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}).{_multiple(actual, expected, scale, y)}"
+                f"recorded batch by {error:.2e} (relative; tolerance {tolerance:.0e}).{_multiple(actual, expected, scale, y, self.reduction)}"
                 " The usual causes, and their fixes:\n"
                 "- optimizer.zero_grad() forgotten: the last step's gradient is still in .grad (zero it before each "
                 "step's backward);\n"
@@ -1454,7 +1456,8 @@ def _recording(path: Path) -> bool:
     return any(rec.path == path and not rec._closed for rec in list(_OPEN_RECORDERS))
 
 
-def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor) -> str:
+def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor,
+              reduction: str) -> str:
     """What a gradient check says when .grad is the declared gradient times a factor (to
     rounding), which names the mistake: a count of backward passes added up, the batch size, or
     a mean over the batch's tokens."""
@@ -1467,7 +1470,7 @@ def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor,
     batch = len(targets)
     if math.isclose(factor, batch, rel_tol=1e-6) or math.isclose(factor, 1 / batch, rel_tol=1e-6):
         return said + f", a factor of the batch size ({batch}): the loss's reduction is not the declared one."
-    if tokens := _token_mean(factor, targets):
+    if tokens := _token_mean(factor, targets, reduction):
         return said + tokens
     if factor >= 256 and math.isclose(math.log2(factor), round(math.log2(factor)), abs_tol=1e-9):
         return said + (": a loss scaled by a power of two, as torch.amp.GradScaler scales it: call "
@@ -1482,28 +1485,31 @@ def _multiple(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor,
     return said + "."
 
 
-def _token_mean(factor: float, targets: torch.Tensor) -> str:
+def _token_mean(factor: float, targets: torch.Tensor, reduction: str) -> str:
     """torch's cross-entropy over a batch's positions flattened into one batch divides by the
-    batch's counted target tokens (those not -100, its ignore_index): .grad is then the declared
-    gradient times rows · m / counted, with m the positions of a row for a declared per-sample
-    mean over them, or 1 for a sum. Padded batches count a different number of tokens each, which
-    no mean of per-sample losses follows."""
+    batch's counted target tokens (those not -100, its ignore_index): declared as a mean of
+    per-sample losses, .grad is the declared gradient times rows · m / counted, with m the
+    positions of a row for a per-sample mean over them, or 1 for a sum; declared as
+    reduction='token_mean' with a per-sample mean over positions, m times."""
     if targets.dim() < 2 or targets.is_floating_point() or targets.is_complex():
         return ""
     counted, entries = int((targets != IGNORE_INDEX).sum()), targets.numel()
-    if not counted or not any(math.isclose(factor, len(targets) * m / counted, rel_tol=1e-6)
-                              for m in (entries // len(targets), 1)):
+    positions = entries // len(targets)
+    sum_over_positions = "F.cross_entropy(out.transpose(1, 2), y, reduction='none').sum(1)"
+    if reduction == "token_mean":
+        if not math.isclose(factor, positions, rel_tol=1e-6):
+            return ""
+        return (f": reduction='token_mean' divides by the batch's target tokens itself, so the per-sample loss is "
+                f"each sequence's sum over its {positions} positions, not their mean. Fix: declare "
+                f"loss=lambda out, y: {sum_over_positions}.")
+    if not counted or not any(math.isclose(factor, len(targets) * m / counted, rel_tol=1e-6) for m in (positions, 1)):
         return ""
-    said = f": the mean over the batch's {counted} target tokens"
-    fix = "F.cross_entropy(out.transpose(1, 2), y, reduction='none').mean(1)"
-    if counted == entries:  # no padding: each sequence's mean over its positions, averaged, is that mean
-        return said + (f", as torch's cross-entropy of the positions flattened into one batch takes it, is the mean "
-                       f"of each sequence's mean over its positions. Fix: declare loss=lambda out, y: {fix}.")
-    return said + (f" that are not -100 (torch's ignore_index; {entries - counted} of its {entries} are), as torch's "
-                   "cross-entropy of the positions flattened into one batch takes it: that count changes with each "
-                   "batch's padding, and no mean of per-sample losses follows it. Fix: train on a mean of per-sample "
-                   f"losses and declare that loss, such as each sequence's mean over its positions ({fix}, the "
-                   "ignored ones counting 0), averaged over the batch.")
+    padding = f" that are not -100 (torch's ignore_index; {entries - counted} of its {entries} are)" if (
+        counted < entries) else ""
+    return (f": the mean over the batch's {counted} target tokens{padding}, as torch's cross-entropy of the positions "
+            "flattened into one batch takes it. Fix: declare reduction='token_mean', which divides by that count in "
+            "every batch, with each sequence's sum over its positions as the per-sample loss "
+            f"(loss=lambda out, y: {sum_over_positions}).")
 
 
 def _warn_of_another_schedule(scheduler, path: Path) -> None:

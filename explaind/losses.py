@@ -7,6 +7,13 @@ indices, which divides by the batch's total class weight (class_weights, 1 each 
 targets equal to ignore_index (-100) counting 0. A custom loss declared with class_weights is
 taken to weight its own per-sample losses (torch's weight=, with label smoothing, say); its mean
 divides by the batch's total class weight in the same way.
+
+reduction="token_mean" is torch's mean over a batch's target entries when the targets hold a
+class per position ([batch, length], a language model's next tokens) and the loss flattens
+them into one batch: it divides by the batch's count of entries that are not ignore_index (their
+total class weight, with class_weights), which changes from batch to batch with the padding, so
+no mean of per-sample losses follows it. The declared per-sample loss is then each sequence's
+sum over its positions, the ignored ones adding 0, and every sample weighs 1 / that count.
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ BUILTIN_LOSSES: dict[str, PerSampleLoss] = {
     "mse": _squared_error,
 }
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "token_mean")
 
 
 def resolve_loss(loss: str | PerSampleLoss, class_weights: torch.Tensor | None = None) -> tuple[str, PerSampleLoss]:
@@ -190,7 +197,9 @@ def check_per_sample(name: str, loss: PerSampleLoss, losses, batch_size: int) ->
 
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise InputError(f"unknown reduction {reduction!r}: use 'mean' or 'sum', as in your loss call")
+        raise InputError(f"unknown reduction {reduction!r}: use 'mean' or 'sum', as in your loss call, or "
+                         "'token_mean' for torch's mean over the target entries of a batch whose targets hold a "
+                         "class per position (a language model's, flattened into one batch)")
     return reduction
 
 
@@ -208,8 +217,12 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
         return torch.ones(n, dtype=dtype, device=device)
     total = float(n)
     weighted_mean = loss in CLASS_WEIGHTED or class_weights is not None  # a custom loss has them declared
-    if weighted_mean and targets.dim() == 1 and not targets.is_floating_point():  # class indices
-        targets = targets.long().cpu()
+    if reduction == "token_mean" and targets.is_floating_point():
+        raise InputError(f"reduction='token_mean' counts a batch's class targets, but its targets are "
+                         f"{targets.dtype}: pass class indices (ignore_index -100 for a position no loss reads), "
+                         "or reduce with 'mean' or 'sum'")
+    if reduction == "token_mean" or weighted_mean and targets.dim() == 1 and not targets.is_floating_point():
+        targets = targets.long().cpu().reshape(-1)  # every entry a class: [batch] or [batch, positions]
         counted = targets != IGNORE_INDEX
         if class_weights is not None:
             beyond = counted & ((targets < 0) | (targets >= len(class_weights)))
@@ -217,7 +230,7 @@ def sample_weights(reduction: str, loss: str, targets: torch.Tensor, class_weigh
                 raise InputError(f"class_weights has {len(class_weights)} entries but a target is "
                                  f"{int(targets[beyond][0])}. Fix: pass one weight per class, as torch's weight= "
                                  "of the loss you train with")
-        each = (torch.ones(n, dtype=torch.float64, device="cpu") if class_weights is None
+        each = (torch.ones(len(targets), dtype=torch.float64, device="cpu") if class_weights is None
                 else class_weights[targets.clamp_min(0)])
         total = float(torch.where(counted, each, 0.0).sum())
     return torch.full((n,), 1.0 / total if total else float("nan"), dtype=dtype, device=device)

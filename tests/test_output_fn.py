@@ -12,6 +12,7 @@ from torch import nn
 
 import explaind as ex
 from explaind import datamodels
+from explaind.losses import sample_weights
 
 VOCAB, LENGTH, N_TRAIN, BATCH, STEPS, LR = 6, 4, 12, 4, 6, 0.05
 
@@ -187,32 +188,41 @@ def test_a_missed_update_names_a_custom_loss_given_under_another_name(run):
     assert "where the history was recorded with custom:test_output_fn.sequence_loss" in str(caught.value)
 
 
-def record_token_mean(path, targets, declared):
-    """One step of torch's mean over the tokens of the batch (the positions flattened into one
-    batch, as a language model's loss is often written), recorded under a per-sample loss."""
+def sequence_sum(out, targets):
+    """Per-sample sum of next-token cross-entropy over the positions (a -100 target adds 0)."""
+    return F.cross_entropy(out.transpose(1, 2), targets, reduction="none").sum(1)
+
+
+def record_token_mean(path, targets, declared, reduction="mean", steps=1):
+    """Steps of torch's mean over the tokens of the batch (the positions flattened into one batch,
+    as a language model's loss is often written), recorded under a per-sample loss."""
     x = sequences_and_batches()[0][:len(targets)]
     torch.manual_seed(0)
     model = SequenceModel().double()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    with ex.Recorder(path, model, optimizer, loss=declared) as rec:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x).flatten(0, 1), targets.flatten()).backward()
-        rec.batch(torch.arange(len(x)), x, targets)
-        optimizer.step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    with ex.Recorder(path, model, optimizer, loss=declared, reduction=reduction, check_every=1) as rec:
+        for step in range(steps):
+            rows = torch.arange(step, step + 3) % len(x)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[rows]).flatten(0, 1), targets[rows].flatten()).backward()
+            rec.batch(rows, x[rows], targets[rows])
+            optimizer.step()
+    return model, x
 
 
 def test_a_mean_over_tokens_is_named_by_the_gradient_check(tmp_path):
     """.grad of torch's mean over a batch's tokens is the declared gradient times a factor that
     the check named as clipping ('one factor below 1') for a per-sample sum over positions, and
     did not name at all for targets padded with -100 (torch's ignore_index), whose mean divides by
-    the batch's counted tokens (a language model's padded batches)."""
+    the batch's counted tokens (a language model's padded batches). Both now name the reduction
+    that records it, reduction='token_mean' with each sequence's sum over its positions."""
     y = sequences_and_batches()[1][:3]  # 3 sequences of 4 tokens (a batch size apart from the length)
-    summed = lambda out, targets: sequence_loss(out, targets) * LENGTH  # noqa: E731
     with pytest.raises(ex.UnsupportedError) as caught:
-        record_token_mean(tmp_path / "summed", y, summed)
+        record_token_mean(tmp_path / "summed", y, sequence_sum)
     message = str(caught.value)
     assert f".grad is {1 / LENGTH:.6g} times" in message and "mean over the batch's 12 target tokens" in message
-    assert "reduction='none').mean(1)" in message and "clipping the gradient" not in message, message
+    assert "reduction='token_mean'" in message and "reduction='none').sum(1)" in message, message
+    assert "clipping the gradient" not in message, message
     padded = y.clone()
     padded[::2, :2] = -100  # two sequences' first two positions: 8 of 12 tokens counted
     with pytest.raises(ex.UnsupportedError) as caught:
@@ -220,7 +230,44 @@ def test_a_mean_over_tokens_is_named_by_the_gradient_check(tmp_path):
     message = str(caught.value)
     assert f".grad is {12 / 8:.6g} times" in message, message
     assert "mean over the batch's 8 target tokens that are not -100" in message, message
-    assert "no mean of per-sample losses" in message, message
+    assert "reduction='token_mean'" in message, message
+    # token_mean declared with a per-sample mean over the positions: LENGTH times too little
+    with pytest.raises(ex.UnsupportedError) as caught:
+        record_token_mean(tmp_path / "means", padded, sequence_loss, reduction="token_mean")
+    message = str(caught.value)
+    assert f".grad is {LENGTH:.6g} times" in message and "not their mean" in message, message
+
+
+def test_a_mean_over_tokens_of_padded_batches_is_recorded_and_explained_exactly(tmp_path):
+    """reduction='token_mean': every sample weighs 1 / the batch's tokens that are not -100, a
+    count that changes with each batch's padding (counted by hand here); torch's mean over the
+    flattened positions then passes the gradient check at every step, and the run explains to
+    the change of outputs computed here at θ_0 and θ_N."""
+    y = sequences_and_batches()[1][:6].clone()
+    y[0, :3] = y[2, :1] = y[3, 2:] = -100
+    model, x = record_token_mean(tmp_path / "h", y, sequence_sum, reduction="token_mean", steps=4)
+    history = ex.History(tmp_path / "h")
+    assert history.reduction == "token_mean"
+    for rec in history.steps():
+        counted = int((rec.targets != -100).sum())
+        weights = history.sample_weights(rec, torch.float64, "cpu")
+        np.testing.assert_array_equal(weights.numpy(), np.full(3, 1 / counted))
+    # rows 0-2, 1-3, 2-4, 3-5 of 1, 4, 3, 2, 4, 4 counted tokens
+    assert [int((r.targets != -100).sum()) for r in history.steps()] == [8, 9, 9, 10]
+    test = x[:2]
+    cube = ex.explain(history, model, test, keep=("train", "test", "output"), output_fn=last_position,
+                      loss=sequence_sum, quadrature=8, progress=False)
+    change = []
+    for s in (0, history.n_steps):
+        model.load_state_dict(history.params(s))
+        with torch.no_grad():
+            change.append(F.log_softmax(model(test)[:, -1], -1))
+    np.testing.assert_allclose(cube["attribution"].sum("train").values, (change[1] - change[0]).numpy(), rtol=0,
+                               atol=1e-9)
+    assert cube.attrs["max_update_residual"] <= 1e-12
+    with pytest.raises(ex.InputError, match="reduction='token_mean' counts a batch's class targets, but its targets "
+                                            "are torch.float64"):
+        sample_weights("token_mean", "custom:sequence_sum", y.double(), None, torch.float64, "cpu")
 
 
 class DictOutput(nn.Module):
