@@ -477,6 +477,9 @@ def _group_hyperparameters(optimizer: torch.optim.Optimizer, kind: str) -> list[
 # --------------------------------------------------------------------------- recording
 
 
+_MISSING = object()  # an argument left out, told from any value a user could pass
+
+
 class Recorder:
     """Records a training run to `path` while it trains.
 
@@ -712,8 +715,13 @@ class Recorder:
 
     # ----------------------------------------------------------------- the three calls
 
-    def batch(self, indices, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def batch(self, indices, inputs: torch.Tensor, targets: torch.Tensor = _MISSING) -> None:
         """Declare the batch of the coming optimizer step (after backward, before step)."""
+        if targets is _MISSING:  # rec.batch(x, y): Python's own error named no dataset index
+            raise InputError("batch() takes three arguments, the rows' dataset indices, the inputs and the targets "
+                             "(rec.batch(indices, x, y)); it got two. The indices label the train dim and tell a "
+                             "sample seen twice from two samples. Fix: pass each row's index in the dataset first "
+                             "(a Dataset returning (index, x, y), or torch.arange(len(x)) for a full batch)")
         if self._unknown_schedule is not None:  # a resume that could not tell where the schedule is
             raise self._unknown_schedule
         if self._pending is not None:

@@ -1135,6 +1135,23 @@ def test_a_model_cast_mid_run_is_named_as_cast(tmp_path, cast):
     assert all(t.dtype == recorded for t in history.params(1).values())
 
 
+def test_batch_without_indices_is_named_with_the_fix(tmp_path):
+    """rec.batch(x, y) failed with Python's "missing 1 required positional argument: 'targets'",
+    which named no dataset index; nothing is declared, so the step is then refused as undeclared."""
+    model, optimizer = model_and_sgd()
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(ex.InputError, match=re.escape("batch() takes three arguments, the rows' dataset indices, "
+                                                          "the inputs and the targets (rec.batch(indices, x, y)); it "
+                                                          "got two")):
+            rec.batch(x, y)
+        rec.batch(torch.arange(len(x)), x, y)
+        optimizer.step()
+    assert ex.History(tmp_path / "h").n_steps == 1
+
+
 def test_batch_with_inconsistent_lengths(tmp_path):
     model, optimizer = model_and_sgd()
     x, y = data()
