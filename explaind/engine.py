@@ -436,8 +436,8 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
             raise InputError("outputs='true' needs the test targets: pass targets=...")
         targets = tensor_of(targets, "targets")
         if targets.dim() > 1 and targets.shape[0] == len(inputs) and targets.shape[1:].numel() > 1:
-            raise InputError(f"targets of shape {tuple(targets.shape)}: outputs='true' takes one class index per "
-                             f"input [batch]. {_several_targets_fix(targets)}")
+            raise InputError(f"targets of shape {tuple(targets.shape)}: the true class (outputs='true', TracIn) takes "
+                             f"one class index per input [batch]. {_several_targets_fix(targets)}")
         targets = targets.reshape(-1)
         if targets.is_floating_point() and not bool((targets == targets.round()).all()):
             raise InputError(f"targets must be class indices, got {targets.dtype} values that are not whole "
