@@ -2048,20 +2048,21 @@ class History:
                 "source (dvc pull) or record it again (Recorder(..., overwrite=True) on this path)"
             )
         raw_bytes = (self.path / "manifest.jsonl").read_bytes()
-        text = raw_bytes.decode()
-        for number, raw in enumerate(text.splitlines()):
+        raw_lines = raw_bytes.splitlines()  # split as bytes: a damaged byte fails its own line's decoding only
+        for number, raw in enumerate(raw_lines):
             try:
                 line = json.loads(raw)
-            except json.JSONDecodeError:
-                if number == len(text.splitlines()) - 1:
+            except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError from a damaged byte
+                if number == len(raw_lines) - 1:
                     break  # a line cut by a crash: that step never completed
-                raise HistoryError(f"{self.path}/manifest.jsonl line {number + 1} is corrupted")
+                raise HistoryError(
+                    f"{self.path}/manifest.jsonl line {number + 1} is corrupted ({error}). {_RESTORE}") from error
             step, name, size, _, _ = (_field(line, key, self.path / "manifest.jsonl")
                                       for key in ("step", "file", "bytes", "sha256", "groups"))
             if step != number:
                 raise HistoryError(
                     f"{self.path}/manifest.jsonl: line {number + 1} is step {step}, "
-                    f"expected {number}; the manifest is corrupted"
+                    f"expected {number}; the manifest is corrupted. {_RESTORE}"
                 )
             scale = line.get("gradient_scale", 1.0)
             if not (is_number(scale) and 0 < scale <= 1):
@@ -2083,10 +2084,9 @@ class History:
                 )
             file = self.path / name
             if not file.is_file() or file.stat().st_size != size:
+                found = f"holds {file.stat().st_size} bytes, not the {size} recorded" if file.is_file() else "is missing"
                 raise HistoryError(
-                    f"{file} is missing or has the wrong size for step {number}: the history is "
-                    "truncated or corrupted. Restore it from its source or record it again"
-                )
+                    f"{file} {found} for step {number}: the history is truncated or corrupted. {_RESTORE}")
             lines.append(line)
         return lines, raw_bytes
 

@@ -1638,9 +1638,16 @@ def test_a_step_file_of_another_size_is_refused_when_the_history_opens(tmp_path)
     step is read (its hash is checked only when it is read)."""
     sgd_history(tmp_path / "h", 3)
     file = tmp_path / "h" / "steps" / "0000001.safetensors"
+    size = file.stat().st_size
     file.write_bytes(file.read_bytes() + b" ")
-    with pytest.raises(ex.HistoryError, match=r"0000001\.safetensors is missing or has the wrong size for step 1"):
+    fix = "the history is truncated or corrupted. Fix: restore the history from its source (dvc pull) or record it again"
+    with pytest.raises(ex.HistoryError) as error:
         ex.History(tmp_path / "h")
+    assert str(error.value) == f"{file} holds {size + 1} bytes, not the {size} recorded for step 1: {fix}"
+    file.unlink()
+    with pytest.raises(ex.HistoryError) as error:
+        ex.History(tmp_path / "h")
+    assert str(error.value) == f"{file} is missing for step 1: {fix}"
 
 
 def test_a_resume_state_ahead_of_the_manifest_is_refused_before_anything_changes(tmp_path):
@@ -1674,6 +1681,20 @@ def test_a_killed_runs_manifest_line_damaged_before_its_last_is_refused(tmp_path
         ex.History(tmp_path / "h", allow_incomplete=True)
     (tmp_path / "h" / "manifest.jsonl").write_text("".join([lines[0], lines[1], lines[2][:20]]))
     assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 2
+
+
+def test_a_manifest_byte_that_is_no_utf8_is_named_with_its_line_and_the_fix(tmp_path):
+    """A flipped byte that leaves no UTF-8 (0xff) failed with Python's bare UnicodeDecodeError,
+    naming neither the file nor the fix; it is the damaged line it sits in."""
+    sgd_history(tmp_path / "h", 3)
+    manifest = tmp_path / "h" / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    manifest.write_bytes(lines[0] + lines[1][:30] + b"\xff" + lines[1][31:] + lines[2])
+    with pytest.raises(ex.HistoryError) as error:
+        ex.History(tmp_path / "h")
+    assert str(error.value) == (
+        f"{manifest} line 2 is corrupted ('utf-8' codec can't decode byte 0xff in position 30: invalid start byte). "
+        "Fix: restore the history from its source (dvc pull) or record it again")
 
 
 def test_a_resumed_loop_is_checked_at_its_first_two_steps(tmp_path):
