@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -746,8 +747,13 @@ def plan_chunks(req: Request, budget: float | None) -> None:
             ("sum over steps or bin them (step_bins)", req.keeps("step")),
             ("use convention='gradient' (no per-sample momentum buffer)",
              req.convention == "update" and req.keeps("train")),
-            ("dtype=torch.float32", req.flat.dtype == torch.float64)) if shrinks] + [
-            "a larger budget" if budget == given else f"more free memory on {req.flat.device}"]
+            ("dtype=torch.float32", req.flat.dtype == torch.float64)) if shrinks]
+        # the smallest budget these chunks fit, as one can type it (the pass's bytes alone read
+        # 'about 299 KiB' beside a refused budget of 299 KiB)
+        least = rounded_up(needed)
+        least = f"memory_budget={least:.3g} ({format_bytes(least)})"
+        fixes.append(f"a budget of at least {least}" if budget == given
+                     else f"more free memory on {req.flat.device} (at least {least})")
         raise InputError(
             f"one pass needs about {format_bytes(needed)}, over memory_budget={budget!r} bytes "
             f"({format_bytes(budget)}), even with test_chunk={test}, train_chunk={train}, batch_chunk={rows}. Fix: "
@@ -780,6 +786,12 @@ def within_free_memory(budget: float | None, device: torch.device) -> float | No
                   f"({format_bytes(free)}): the chunks are planned for {format_bytes(free)}, so that a pass fits. "
                   "To plan for less, pass a smaller memory_budget", stacklevel=4)
     return free
+
+
+def rounded_up(x: float) -> float:
+    """x > 0 rounded up to three significant digits (a budget one can type that still holds x)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return math.ceil(x / unit) * unit
 
 
 def format_bytes(n_bytes: float) -> str:

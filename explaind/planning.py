@@ -21,7 +21,7 @@ import torch
 from .cube import checked_test_ids
 from .engine import (ChunkPass, KeptPieces, build_request, check_reverse_mode, format_bytes,
                      kept_pieces, kept_sizes, momentum_shown, pass_bytes, plan_chunks, request_options,
-                     walks_backwards)
+                     rounded_up, walks_backwards)
 from .errors import InputError, is_whole
 from .path import KinkStats
 from .verify import check_tolerance
@@ -199,12 +199,6 @@ def describe(request) -> Plan:
             pass_bytes(request, n_test, n_train, history.max_batch())
             + request.path.search_reserve(request.inputs, n_test))),
     )
-
-
-def rounded_up(x: float) -> float:
-    """x > 0 rounded up to three significant digits (a budget one can type that still holds x)."""
-    unit = 10.0 ** (math.floor(math.log10(x)) - 2)
-    return math.ceil(x / unit) * unit
 
 
 def _calibrate(request, steps: int, later_chunks: bool,

@@ -166,7 +166,7 @@ def test_plan_command_speaks_of_the_budget_in_gib(run_dir, tmp_path, capsys):
     assert "over --memory-budget 1e-06 GiB" in err and "bytes" not in err, err
     # the fixes that shrink this pass, as the options that apply them
     assert all(fix in err for fix in ("(--outputs true)", "(--step-bins)", "use --convention gradient",
-                                      "--dtype float32, or a larger budget")), err
+                                      "--dtype float32, or a budget of at least --memory-budget 0.000")), err
     assert "=" not in err, err
     # the budget as typed, to its last digit: rounded up (to 1.24e-06) only a budget the plan proposes
     assert main(["plan", str(run_dir), "--data", str(tmp_path), "--tests", "2", "--memory-budget", "1.2345e-6"]) == 1

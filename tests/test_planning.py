@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 
@@ -167,6 +168,21 @@ def test_a_request_over_budget_is_refused_with_the_fixes(run):
                 memory_budget=1000)
     said = str(summed.value)
     assert "step_bins" not in said and "outputs='true'" not in said and "convention='gradient'" in said, said
+
+
+def test_a_refused_budget_names_the_least_budget_that_runs_the_request(run):
+    """The refusal named the pass's bytes to three digits only ('needs about 299 KiB, over
+    memory_budget=306176 bytes (299 KiB)'), so the budget it seemed to ask for was refused again;
+    it names the least budget of three digits that runs the request, which plans."""
+    args = (run.path, run.model, run.test_x, run.test_y)
+    with pytest.raises(ex.InputError) as refused:
+        ex.plan(*args, memory_budget=1000)
+    least = float(re.search(r", or a budget of at least memory_budget=(\S+) \(", str(refused.value))[1])
+    assert str(refused.value).endswith(f"memory_budget={least:.3g} ({engine.format_bytes(least)})")
+    assert ex.plan(*args, memory_budget=least).device_bytes <= least
+    below = least - 10 ** (math.floor(math.log10(least)) - 2)  # one in its third digit less
+    with pytest.raises(ex.InputError, match=re.escape(f", or a budget of at least memory_budget={least:.3g} (")):
+        ex.plan(*args, memory_budget=below)
 
 
 def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_cube(tmp_path):
@@ -814,7 +830,9 @@ def test_a_budget_beyond_a_gpus_free_memory_plans_for_the_free_memory(run, monke
         warnings.simplefilter("error")
         assert planned(free, "cuda") == planned(free, "cpu")
     free = 1000  # less than any pass: a larger budget would not help
-    with pytest.warns(UserWarning), pytest.raises(ex.InputError, match=r"one pass needs .* or more free memory on cuda$"):
+    with pytest.warns(UserWarning), pytest.raises(ex.InputError, match=r"one pass needs .* or more free memory on cuda "
+                                                                 r"\(at least memory_budget=\S+ \(.+\)\)$"):
         planned(1e12, "cuda")
-    with pytest.raises(ex.InputError, match=r"one pass needs .* or a larger budget$"):  # the budget was the limit
+    # the budget was the limit
+    with pytest.raises(ex.InputError, match=r"one pass needs .* or a budget of at least memory_budget="):
         planned(1000, "cpu")
