@@ -304,8 +304,8 @@ def explain_distributed(history, model, inputs, targets=None, *, split: str = "t
     the first process to raise makes the agent stop the others at once, as it does for any failed
     worker. A process that dies outright (killed, out of host memory) tells nothing: launched
     otherwise, the others then wait for the group's timeout (init_process_group(timeout=...), 30
-    minutes by default), or fail at once where it was the store's host (process 0 of an env://
-    group). That timeout also bounds how long a process waits
+    minutes by default), or fail at once, saying that their parts are stored, where it was the
+    store's host (process 0 of an env:// group). That timeout also bounds how long a process waits
     for the slowest part: initialise the group with a longer one for parts of unequal duration.
     """
     on_gpu = str(kwargs.get("device", "cpu")).startswith("cuda")
@@ -364,13 +364,20 @@ class _Outcomes:
 
     def tell(self, error: BaseException | None) -> None:
         failure = None if error is None else described(error)
-        self.store.set(self.keys[self.rank], json.dumps(failure))
+        try:
+            self.store.set(self.keys[self.rank], json.dumps(failure))
+        except dist.DistNetworkError as gone:
+            if error is None:
+                raise _store_gone(gone) from gone
+            # else the failed part's own error is raised: no other process can hear of it anyway
 
     def raise_failed(self) -> None:
         """Wait for every process's outcome (within the store's timeout); raise if a part failed."""
         try:
             self.store.wait(self.keys)
-        except dist.DistStoreError as error:  # the timeout; a store that is gone raises DistNetworkError
+        except dist.DistNetworkError as gone:  # its host stopped
+            raise _store_gone(gone) from gone
+        except dist.DistStoreError as error:  # the timeout
             silent = [rank for rank, key in enumerate(self.keys) if not self.store.check([key])]
             raise RuntimeError(
                 f"no outcome came from {_processes(silent)} within the process group's timeout: each died outright "
@@ -381,6 +388,16 @@ class _Outcomes:
         failed = {rank: failure for rank, failure in enumerate(outcomes) if failure is not None}
         if failed:
             raise _failed_parts(failed)
+
+
+def _store_gone(error: Exception) -> RuntimeError:
+    """The error of a process whose part is stored when the group's store can no longer be reached."""
+    return RuntimeError(
+        f"the process group's store cannot be reached ({type(error).__name__}: {str(error).splitlines()[0]}): the "
+        "process that hosts it stopped (process 0 of a group initialised from MASTER_ADDR, or torchrun's agent): "
+        "killed, failed, or timed out waiting for this part (see its log). This process's part is stored, so no "
+        "cube is merged here. Fix: what that log names, then launch every process again with the same request and "
+        "parts_dir: the stored parts are read back and only the missing ones computed")
 
 
 def _failed_parts(failed: dict[int, list[str]]) -> Exception:

@@ -1034,6 +1034,32 @@ def test_outcomes_are_told_per_call_and_waited_for(one_process_group):
     assert second[0].raise_failed() is None and second[1].raise_failed() is None
 
 
+def test_a_store_whose_host_stopped_is_named_with_the_relaunch(monkeypatch):
+    """Process 1 of a group initialised from MASTER_ADDR, its part stored, when process 0 (the
+    store's host) has stopped: it failed with torch's bare 'DistNetworkError: Broken pipe' (found by
+    killing process 0 of a resumed launch); it now says its part is stored and to launch again. A
+    failed part's own error is raised, not the store's. Played with a real TCPStore whose host is
+    shut down."""
+    import datetime
+
+    from explaind import distributed
+    from explaind.distributed import _Outcomes
+
+    host = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", host.port, 2, False, timeout=datetime.timedelta(seconds=5))
+    monkeypatch.setattr(distributed, "process_group_store", lambda: client)
+    waiting, telling = _Outcomes(1, 2), _Outcomes(1, 2)
+    waiting.tell(None)
+    del host  # its server stops: every later request of the client fails at once
+    for stored in (waiting.raise_failed, lambda: telling.tell(None)):
+        with pytest.raises(RuntimeError, match=r"^the process group's store cannot be reached \(DistNetworkError: "
+                                               r"[^\n]*\): the process that hosts it stopped .* This process's part "
+                                               r"is stored, so no cube is merged here\. Fix: what that log names, then "
+                                               r"launch every process again with the same request and parts_dir"):
+            stored()
+    assert telling.tell(ex.InputError("bad ids")) is None  # the caller raises that error
+
+
 def test_test_split_adds_what_each_part_summed_over_its_inputs(tmp_path):
     """Without a test dim each part holds sums over its own inputs: merged, they add up to one
     explain()'s sums over all of them."""
