@@ -72,6 +72,10 @@ class Plan:
     # (segments left unresolved, segments searched) by the kink search in the calibration's runs:
     # steps that cross more kinks than max_kinks are integrated plainly (None: nothing searched)
     calibrated_kinks: tuple[int, int] | None = None
+    # the update steps explained (start ≤ s < stop; None: all of them) and the first whose
+    # gradients are replayed for the momentum they pass into the window (explain's steps=, replay=)
+    step_range: tuple[int, int] | None = None
+    replay_start: int = 0
 
     def __str__(self) -> str:
         return self.report()
@@ -87,7 +91,7 @@ class Plan:
                f", {self.seconds_per_replayed_step * 1e3:.1f} ms per replayed step") + ")")
         return "\n".join([
             f"explain: {self.n_test} inputs x {self.n_outputs} outputs, {self.n_train} training samples, "
-            f"{self.n_steps} steps, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
+            f"{self._steps()}, {self.n_params:,} parameters; keeps {', '.join(self.keep) or 'nothing'}",
             f"  passes     {self.passes} ({self.direction}, {self.convention} convention; test chunk "
             f"{self.test_chunk}, train chunk {self.train_chunk}, batch chunk {self.batch_chunk})",
             f"  {self.device:<10} {format_bytes(self.device_bytes)} per pass{self._search()}",
@@ -96,6 +100,16 @@ class Plan:
             f"cube {format_bytes(self.cube_bytes)} uncompressed",
             f"  time       {estimate}",
         ] + self._one_pass() + self._unresolved())
+
+    def _steps(self) -> str:
+        """The steps explained: a window of the run (and the steps before it that only replay the
+        momentum) is named, so that the parts of explain_resumable's split by steps read apart."""
+        if self.step_range is None or tuple(self.step_range) == (0, self.n_steps):
+            return f"{self.n_steps} steps"
+        start, stop = self.step_range
+        replayed = f" (after replaying the momentum of steps {self.replay_start}–{start})" \
+            if start > self.replay_start else ""
+        return f"steps {start}–{stop} of {self.n_steps}{replayed}"
 
     def _one_pass(self) -> list[str]:
         if self.one_pass_budget is None:
@@ -194,7 +208,7 @@ def describe(request) -> Plan:
         search_bytes=request.path.search_bytes, pieces_bytes=request.pieces_bytes,
         host_bytes=2 * step_bytes + 2 * cube_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
-        max_kinks=request.path.max_kinks,
+        max_kinks=request.path.max_kinks, step_range=request.step_range, replay_start=request.replay_start,
         one_pass_budget=None if test_passes * train_passes == 1 else int(rounded_up(
             pass_bytes(request, n_test, n_train, history.max_batch())
             + request.path.search_reserve(request.inputs, n_test))),

@@ -20,6 +20,7 @@ from explaind import engine, planning
 from explaind.functional import FlatModel, _OutputSizes, layout_of
 from explaind.losses import resolve_loss
 from explaind.path import PathIntegral
+from explaind.resumable import explain_resumable
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +353,22 @@ def test_explain_prints_its_plan_before_computing(run, capsys):
     run.explain(keep=("train", "test"), quadrature=2, progress=True, tolerance=None, train_chunk=3)
     printed = capsys.readouterr()
     assert "explain passes: 100%" in printed.err and "4/4" in printed.err  # 10 samples in chunks of 3: 4 passes
+
+
+def test_a_plan_of_a_window_names_its_steps_and_those_it_replays(run, tmp_path, capsys):
+    """A window's plan read '5 steps' as the whole run's did, so the parts of explain_resumable's
+    split by steps printed the same summary one after another; each now names its steps."""
+    args = (run.path, run.model, run.test_x, run.test_y)
+    header = {steps: str(ex.plan(*args, steps=steps, replay=replay)).splitlines()[0]
+              for steps, replay in (((0, 5), None), ((0, 2), None), ((2, 5), None), ((3, 5), 1))}
+    assert ", 5 steps, " in header[0, 5]
+    assert ", steps 0–2 of 5, " in header[0, 2]
+    assert ", steps 2–5 of 5 (after replaying the momentum of steps 0–2), " in header[2, 5]
+    assert ", steps 3–5 of 5 (after replaying the momentum of steps 2–3), " in header[3, 5]
+    explain_resumable(*args, parts_dir=tmp_path / "parts", n_parts=2, keep=("test",), quadrature=2, tolerance=None)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("explain: ")]
+    assert [line.split(", ")[2] for line in printed] == ["steps 0–2 of 5", "steps 2–5 of 5 (after replaying the momentum "
+                                                                           "of steps 0–2)"]
 
 
 def test_plan_counts_the_parameter_scores(run):
