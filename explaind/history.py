@@ -1354,7 +1354,7 @@ class Recorder:
         if scheduler is not None:
             _check_scheduler(scheduler, optimizer)  # before the resume rewrites anything
         path = history.path
-        info = _read_resume_info(path)
+        info = _read_resume_info(path, history.n_steps)
         declared = _resumed_loss(history, loss, reduction, class_weights)
         if scheduler is None and info["scheduler"] is not None:
             raise InputError(
@@ -1712,8 +1712,14 @@ def _resumes_from_the_start(path) -> bool:
         return False
 
 
-def _read_resume_info(path: Path) -> dict:
+def _read_resume_info(path: Path, n_steps: int) -> dict:
     resume = path / "resume.json"
+    if not resume.is_file() and n_steps > 1:  # the state after the first step is stored before the second
+        raise HistoryError(
+            f"{resume} is missing, though {n_steps} steps are recorded: it was deleted or lost, and without it the "
+            "run cannot go on. Fix: record the run again with overwrite=True, or use its complete steps as they "
+            "are: History(path, allow_incomplete=True) in place of the path for explain, reconstruct or "
+            "verify_updates")
     if not resume.is_file():
         raise HistoryError(
             f"{path} has no resume state: the run was killed before the state after its first "

@@ -1670,6 +1670,28 @@ def test_a_resume_state_ahead_of_the_manifest_is_refused_before_anything_changes
     assert {f: f.read_bytes() for f in (tmp_path / "h").rglob("*") if f.is_file()} == before
 
 
+def test_a_resume_state_deleted_after_steps_were_recorded_is_named_as_such(tmp_path):
+    """A killed run whose resume.json was deleted read 'has no resume state: the run was killed
+    before the state after its first step was stored', a cause its 3 recorded steps rule out (the
+    state is written from the first batch on); it names the missing file and the steps kept."""
+    x, y = tiny_data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(Crash), ex.Recorder(tmp_path / "h", model, optimizer) as rec:
+        sgd_steps(rec, model, optimizer, x, y, 0, 4, crash_at=2)
+    (tmp_path / "h" / "resume.json").unlink()
+    model = tiny(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ex.HistoryError) as error:
+        ex.Recorder.resume(tmp_path / "h", model, optimizer)
+    assert str(error.value) == (
+        f"{tmp_path / 'h' / 'resume.json'} is missing, though 3 steps are recorded: it was deleted or lost, and "
+        "without it the run cannot go on. Fix: record the run again with overwrite=True, or use its complete steps "
+        "as they are: History(path, allow_incomplete=True) in place of the path for explain, reconstruct or "
+        "verify_updates")
+    assert ex.History(tmp_path / "h", allow_incomplete=True).n_steps == 3
+
+
 def test_a_killed_runs_manifest_line_damaged_before_its_last_is_refused(tmp_path):
     """Only the last line can be one a crash cut (that step never completed, and is ignored): a
     damaged line before it is refused, not skipped, which would read every later step one off."""
