@@ -79,42 +79,58 @@ def per_parameter(cube: xr.Dataset) -> xr.Dataset:
                        for name in PARAMETER_SCORES if name in cube})
 
 
-def _merge_parts(req: "Request", parts) -> dict[str, torch.Tensor]:
-    """Place each chunk pair's partial results into whole arrays."""
-    n_test, n_out = len(req.inputs), req.n_outputs
-    n_train = len(req.train_index) if req.keeps("train") else 1
-    first = parts[0][2]
-    n_bins, n_comp = first["attribution"].shape[:2]
-    t_dim = n_test if req.keeps("test") else 1
-    o_dim = n_out if req.keeps("output") else 1
-    # merged on the host, whatever torch.set_default_device has set
-    attribution = torch.zeros(n_bins, n_comp, t_dim, o_dim, n_train, dtype=req.flat.dtype, device="cpu")
-    regularization = torch.zeros(n_bins, n_comp, t_dim, o_dim, dtype=req.flat.dtype, device="cpu")
-    total = torch.zeros(n_test, n_out, dtype=req.flat.dtype, device="cpu")
-    path_change = torch.zeros_like(total)
-    merged: dict[str, torch.Tensor] = {}
-    for tests, trains, part in parts:
+class MergedParts:
+    """Whole arrays that each chunk pair's partial results are added into as its pass ends, so
+    that a pass's results are freed before the next pass runs (kept until every pass had ended,
+    they held the cube twice: each pass's share, then the whole arrays). A first share as large
+    as the whole attribution (one pass, or chunks of a dim summed over) becomes its array as it is."""
+
+    def __init__(self, req: "Request"):
+        self.req = req
+        self.arrays: dict[str, torch.Tensor] = {}
+        self.t_dim = len(req.inputs) if req.keeps("test") else 1
+        self.o_dim = req.n_outputs if req.keeps("output") else 1
+
+    def add(self, tests: slice, trains: slice, part: dict) -> None:
+        req, merged = self.req, self.arrays
         rows_t, rows_o = part["rows_shape"]
+        n_bins, n_comp = part["attribution"].shape[:2]
         block = part["attribution"].reshape(n_bins, n_comp, rows_t, rows_o, -1)
+        if not merged:
+            self._allocate(block)
         t_index = tests if req.keeps("test") else slice(0, 1)
         m_index = trains if req.keeps("train") else slice(0, 1)
-        attribution[:, :, t_index, :, m_index] += block
+        if merged["attribution"] is not block:
+            merged["attribution"][:, :, t_index, :, m_index] += block
+        regularization = merged["regularization"]
         if "total" in part:
             regularization[:, :, t_index] += part["regularization"].reshape(n_bins, n_comp, rows_t, rows_o)
             if "carried" in part:
                 merged.setdefault("carried", torch.zeros_like(regularization))
                 merged["carried"][:, :, t_index] += part["carried"].reshape(n_bins, n_comp, rows_t, rows_o)
-            total[tests] = part["total"]
-            path_change[tests] = part["path_change"]
+            merged["total"][tests] = part["total"]
+            merged["path_change"][tests] = part["path_change"]
             merged["update_residual"] = tensor_of(part["update_residual"])
             merged["update_rounding_floor"] = tensor_of(part["update_rounding_floor"])
             for key in PARAMETER_SCORES:
                 if key in part:
-                    empty = torch.zeros(t_dim, o_dim, part[key].shape[-1], dtype=req.flat.dtype, device="cpu")
+                    empty = torch.zeros(self.t_dim, self.o_dim, part[key].shape[-1], dtype=req.flat.dtype,
+                                        device="cpu")
                     scores = merged.setdefault(key, empty)
                     scores[t_index] += part[key].reshape(rows_t, rows_o, -1)
-    merged.update(attribution=attribution, regularization=regularization, total=total, path_change=path_change)
-    return merged
+
+    def _allocate(self, block: torch.Tensor) -> None:
+        """The whole arrays, on the host whatever torch.set_default_device has set."""
+        req, dtype = self.req, self.req.flat.dtype
+        n_bins, n_comp = block.shape[:2]
+        n_train = len(req.train_index) if req.keeps("train") else 1
+        shape = (n_bins, n_comp, self.t_dim, self.o_dim, n_train)
+        whole = block.shape == shape and block.device.type == "cpu"  # its pass's own accumulator, no longer used
+        total = torch.zeros(len(req.inputs), req.n_outputs, dtype=dtype, device="cpu")
+        self.arrays.update(
+            attribution=block if whole else torch.zeros(shape, dtype=dtype, device="cpu"),
+            regularization=torch.zeros(shape[:-1], dtype=dtype, device="cpu"),
+            total=total, path_change=torch.zeros_like(total))
 
 
 def checked_test_ids(test_ids, n_test: int) -> np.ndarray:
@@ -128,9 +144,9 @@ def checked_test_ids(test_ids, n_test: int) -> np.ndarray:
     return test_ids
 
 
-def assemble_cube(req: "Request", parts, initial: torch.Tensor, final: torch.Tensor,
+def assemble_cube(req: "Request", merged: dict[str, torch.Tensor], initial: torch.Tensor, final: torch.Tensor,
                   test_ids: np.ndarray) -> xr.Dataset:
-    merged = _merge_parts(req, parts)
+    """The cube of a request from its passes' results, merged (MergedParts.arrays)."""
     coords = _coords(req, test_ids)
 
     def labelled(array: torch.Tensor, dims: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:

@@ -34,7 +34,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import ComponentSpec, group_tensors
-from .cube import assemble_cube, checked_test_ids
+from .cube import MergedParts, assemble_cube, checked_test_ids
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, UnsupportedError, is_number, is_whole
 from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
                          untrained_tensors)
@@ -244,8 +244,9 @@ def explain(
         tqdm.write(describe(request).report())
     initial = _outputs_at(request, request.step_range[0])
     final = _outputs_at(request, request.step_range[1])
-    parts = _run_chunks(request)
-    cube = assemble_cube(request, parts, initial, final, test_ids)
+    merged = MergedParts(request)
+    _run_chunks(request, merged.add)
+    cube = assemble_cube(request, merged.arrays, initial, final, test_ids)
     check_residual(cube, tolerance)
     return cube
 
@@ -814,14 +815,15 @@ def _outputs_at(req: Request, s: int) -> torch.Tensor:
     return out.cpu()
 
 
-def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
-    """Run one pass per (test chunk, train chunk) pair."""
+def _run_chunks(req: Request, add: Callable[[slice, slice, dict], None]) -> None:
+    """Run one pass per (test chunk, train chunk) pair, handing each pass's results to `add` as it
+    ends (MergedParts.add), so that no name holds them once added."""
     n_test, n_train = len(req.inputs), len(req.train_index)
     test_chunks = [slice(i, min(i + req.test_chunk, n_test)) for i in range(0, n_test, req.test_chunk)]
     train_chunks = [slice(i, min(i + req.train_chunk, n_train)) for i in range(0, n_train, req.train_chunk)]
     if not req.keeps("train"):
         train_chunks = [slice(0, n_train)]
-    parts, n_passes = [], len(test_chunks) * len(train_chunks)
+    n_passes = len(test_chunks) * len(train_chunks)
     # each pass's bar covers its steps: over many passes, a bar of the passes shows the whole call's pace
     passes = tqdm(total=n_passes, desc="explain passes", unit="pass", disable=not req.progress or n_passes == 1)
     for i, tests in enumerate(test_chunks):
@@ -830,13 +832,11 @@ def _run_chunks(req: Request) -> list[tuple[slice, slice, dict]]:
             label = f"explain {i * len(train_chunks) + j + 1}/{n_passes}"
             counted = replace(req.path.stats)
             # no name holds the pass: its device accumulators go before the next pass makes its own
-            parts.append((tests, trains,
-                          ChunkPass(req, tests, trains, first_train_chunk=(j == 0), kept=kept).run(label)))
+            add(tests, trains, ChunkPass(req, tests, trains, first_train_chunk=(j == 0), kept=kept).run(label))
             passes.update()
             if j > 0:  # the first train chunk's segments: those it could not keep searched again, not counted again
                 req.path.stats = counted
     passes.close()
-    return parts
 
 
 def _prefetched(records: Iterable[StepRecord]) -> Iterator[StepRecord]:

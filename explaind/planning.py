@@ -45,7 +45,7 @@ class Plan:
     passes: int  # streams over the history: one per (test chunk, train chunk)
     device: str
     device_bytes: int  # peak of one pass on the compute device
-    host_bytes: int  # step records in flight (prefetch) and the cube's accumulators on the host
+    host_bytes: int  # step records in flight (prefetch), the merged cube and a later pass's results, on the host
     history_bytes: int  # the recorded history on disk, read once per pass
     cube_bytes: int  # the attribution array and any parameter scores, uncompressed
     max_kinks: int  # the kinks per input and step the search resolves
@@ -190,12 +190,12 @@ def describe(request) -> Plan:
     test_passes = math.ceil(n_test / test_chunk)
     train_passes = math.ceil(n_train / train_chunk)
     rows, _, _, train = kept_sizes(request, test_chunk, train_chunk)
-    kept = kept_sizes(request, n_test, n_train)
-    size = torch.finfo(request.flat.dtype).bits // 8
-    cube_bytes = kept[0] * kept[1] * kept[2] * kept[3] * size
-    if request.parameter_scores:  # cube.PARAMETER_SCORES: 3 x [kept rows, D], and D int32 tensor ids
-        d = request.flat.layout.dim
-        cube_bytes += 3 * kept[0] * d * size + d * np.dtype(np.int32).itemsize
+    cube_bytes = _results_bytes(request, n_test, n_train)
+    if request.parameter_scores:  # and the D int32 tensor ids of parameter_tensor
+        cube_bytes += request.flat.layout.dim * np.dtype(np.int32).itemsize
+    # a pass's results reach the host while the merged arrays are held (cube.MergedParts); one
+    # pass's are the merged arrays
+    part_bytes = 0 if test_passes * train_passes == 1 else _results_bytes(request, test_chunk, train_chunk)
     step_bytes = max(line["bytes"] for line in history.manifest)
     return Plan(
         n_steps=history.n_steps, n_params=request.flat.layout.dim, n_test=n_test,
@@ -206,13 +206,22 @@ def describe(request) -> Plan:
         device_bytes=pass_bytes(request, test_chunk, train_chunk, request.batch_chunk),
         search_reserve=request.path.search_reserve(request.inputs, test_chunk),
         search_bytes=request.path.search_bytes, pieces_bytes=request.pieces_bytes,
-        host_bytes=2 * step_bytes + 2 * cube_bytes,
+        host_bytes=2 * step_bytes + cube_bytes + part_bytes,
         history_bytes=sum(line["bytes"] for line in history.manifest), cube_bytes=cube_bytes,
         max_kinks=request.path.max_kinks, step_range=request.step_range, replay_start=request.replay_start,
         one_pass_budget=None if test_passes * train_passes == 1 else int(rounded_up(
             pass_bytes(request, n_test, n_train, history.max_batch())
             + request.path.search_reserve(request.inputs, n_test))),
     )
+
+
+def _results_bytes(request, n_test: int, n_train: int) -> int:
+    """The bytes of the attribution over n_test inputs and n_train samples, as kept, and of the
+    parameter scores (cube.PARAMETER_SCORES: 3 x [kept rows, D])."""
+    rows, n_bins, n_comp, train = kept_sizes(request, n_test, n_train)
+    size = torch.finfo(request.flat.dtype).bits // 8
+    scores = 3 * rows * request.flat.layout.dim if request.parameter_scores else 0
+    return (rows * n_bins * n_comp * train + scores) * size
 
 
 def _calibrate(request, steps: int, later_chunks: bool,
