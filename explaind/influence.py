@@ -86,16 +86,17 @@ def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dic
     """The k most helpful (largest positive) and most harmful (most negative) training samples
     for one input and one explained output (`output`, or the only one the cube keeps or explained).
     Only positive scores are helpful and only negative ones harmful, so either list holds fewer
-    than k samples when fewer scores have that sign."""
+    than k samples when fewer scores have that sign. Samples of equal score are listed in the
+    cube's train order (ascending dataset index)."""
     if not is_whole(k) or k < 0:
         raise InputError(f"k={k!r} must be a whole number ≥ 0 of samples to list")
     scores = _one_output(cube, data_scores(cube).sel(test=_test_label(cube, test)), output)
     if bool(np.isnan(scores.values).any()):
         raise InputError(f"the data scores of test input {test!r} contain NaN: the cube holds non-finite "
                          "attributions; explain again from a finite run")
-    order = np.argsort(scores.values)
-    helpful = order[::-1][:int(k)]
-    harmful = order[:int(k)]
+    # stable sorts, one per list: numpy's default sort orders ties at random beyond 16 entries
+    helpful = np.argsort(-scores.values, kind="stable")[:int(k)]
+    harmful = np.argsort(scores.values, kind="stable")[:int(k)]
     return {"helpful": scores.isel(train=helpful[scores.values[helpful] > 0]),
             "harmful": scores.isel(train=harmful[scores.values[harmful] < 0])}
 

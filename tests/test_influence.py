@@ -221,3 +221,17 @@ def test_top_training_samples_need_one_test_label(test):
 def test_cosine_similarity_refuses_an_unusable_dim():
     with pytest.raises(InputError, match=r"over='test'.*\['train', 'component'\]"):
         cosine_similarity(make_cube(), over="test")
+
+
+def test_tied_training_samples_are_listed_by_dataset_index():
+    """Samples of equal score (duplicates of one image, say) are ranked in the cube's train order,
+    ascending dataset index, in both lists: numpy's default sort is unstable beyond 16 entries, and
+    reversing a sort for the helpful list would list them descending."""
+    cube = make_cube(train=40, out=1)
+    cube["attribution"][:] = 0.0
+    scores = np.tile([1.0, -1.0, 0.5, -0.5], 10)  # over train 0, 10, …, 390: ten ties of each score
+    cube["attribution"][0, 0, :, 1, 0] = scores
+    top = top_training_samples(cube, test=1, k=12)
+    train = cube.train.values
+    assert top["helpful"].train.values.tolist() == train[scores == 1.0].tolist() + train[scores == 0.5][:2].tolist()
+    assert top["harmful"].train.values.tolist() == train[scores == -1.0].tolist() + train[scores == -0.5][:2].tolist()
