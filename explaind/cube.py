@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,26 @@ def residual_attrs(residual, change, from_updates=None) -> dict[str, float]:
     return attrs
 
 
+def takes_cube(score: Callable) -> Callable:
+    """`score(cube, ...)` refusing anything but a cube, naming the fix: a cube's variable
+    (`cube.attribution`) or its store's path failed deep inside with a bare KeyError or TypeError,
+    or, for per_parameter, read as a cube without parameter scores."""
+    @wraps(score)
+    def checked(cube, *args, **kwargs):
+        if not isinstance(cube, xr.Dataset):
+            if isinstance(cube, xr.DataArray):
+                fix = f"pass the whole cube, not its variable {cube.name!r}: {score.__name__}(cube)"
+            elif isinstance(cube, (str, os.PathLike)):
+                fix = f"open the store first: {score.__name__}(explaind.open_cube({str(cube)!r}))"
+            else:
+                fix = "pass the xarray.Dataset that explaind.explain returns or explaind.open_cube reads"
+            raise InputError(f"{score.__name__} takes a cube (an xarray.Dataset), not a {type(cube).__name__}. "
+                             f"Fix: {fix}")
+        return score(cube, *args, **kwargs)
+    return checked
+
+
+@takes_cube
 def per_parameter(cube: xr.Dataset) -> xr.Dataset:
     """A cube's parameter-wise scores, one per scalar parameter: summed over the explained inputs
     and outputs the cube may keep."""

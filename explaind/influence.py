@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .cube import takes_cube
 from .errors import InputError, is_whole
 
 COSINE_OVER = ("train", "component")
@@ -31,12 +32,14 @@ def _sum_except(array: xr.DataArray, keep: tuple[str, ...]) -> xr.DataArray:
     return array.sum([d for d in array.dims if d not in keep], skipna=False)
 
 
+@takes_cube
 def data_scores(cube: xr.Dataset) -> xr.DataArray:
     """Training sample → test prediction: Σ_step Σ_component ψ (train × test [× output])."""
     attribution = _require(cube, "train", "test")
     return _sum_except(attribution, ("train", "test", "output"))
 
 
+@takes_cube
 def step_scores(cube: xr.Dataset, include_decay: bool = True) -> xr.DataArray:
     """Which steps moved each prediction: Σ_train Σ_component ψ, plus the decay term, plus what
     momentum carried into a window from before its replay (`carried`, in a cube explained with
@@ -51,12 +54,14 @@ def step_scores(cube: xr.Dataset, include_decay: bool = True) -> xr.DataArray:
     return scores
 
 
+@takes_cube
 def component_scores(cube: xr.Dataset) -> xr.DataArray:
     """Per component (and step, if kept): Σ_train ψ, signed."""
     attribution = _require(cube, "component")
     return _sum_except(attribution, ("step", "component", "test", "output"))
 
 
+@takes_cube
 def component_shares(cube: xr.Dataset, absolute: bool = True) -> xr.DataArray:
     """Each component's share of a step bin's change, summed over test inputs and outputs.
 
@@ -69,6 +74,7 @@ def component_shares(cube: xr.Dataset, absolute: bool = True) -> xr.DataArray:
     return (abs(scores) if absolute else scores) / denominator.where(denominator > 0)
 
 
+@takes_cube
 def decay_share(cube: xr.Dataset) -> xr.DataArray:
     """Relative weight of weight decay per step bin: |R| / (|A| + |R|), where A and R are the
     signed changes of each explained output (summed over train and components), and the
@@ -82,6 +88,7 @@ def decay_share(cube: xr.Dataset) -> xr.DataArray:
     return decay / (decay + magnitude(cube["attribution"]))
 
 
+@takes_cube
 def top_training_samples(cube: xr.Dataset, test, k: int = 8, output=None) -> dict[str, xr.DataArray]:
     """The k most helpful (largest positive) and most harmful (most negative) training samples
     for one input and one explained output (`output`, or the only one the cube keeps or explained).
@@ -132,6 +139,7 @@ def _test_label(cube: xr.Dataset, test):
     return test
 
 
+@takes_cube
 def cosine_similarity(cube: xr.Dataset, over: str = "train", output=None) -> xr.DataArray:
     """Cosine similarity of the test inputs' score vectors over `over` (train or component), for
     one explained output (`output`, or the only one the cube keeps: summing the scores of

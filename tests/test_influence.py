@@ -6,7 +6,9 @@ import torch
 import xarray as xr
 
 from explaind import InputError
+from explaind.cube import per_parameter
 from explaind.influence import (
+    component_scores,
     component_shares,
     cosine_similarity,
     data_scores,
@@ -235,3 +237,23 @@ def test_tied_training_samples_are_listed_by_dataset_index():
     train = cube.train.values
     assert top["helpful"].train.values.tolist() == train[scores == 1.0].tolist() + train[scores == 0.5][:2].tolist()
     assert top["harmful"].train.values.tolist() == train[scores == -1.0].tolist() + train[scores == -0.5][:2].tolist()
+
+
+@pytest.mark.parametrize("score", [data_scores, step_scores, component_scores, component_shares, decay_share,
+                                   cosine_similarity, per_parameter])
+def test_a_cubes_variable_or_path_is_refused_naming_the_cube(score):
+    """The natural slips, a cube's variable (cube.attribution) or its store's path, failed with a
+    bare KeyError or TypeError (per_parameter: "holds no parameter scores", a wrong cause)."""
+    cube = make_cube().assign(parameter_score=("parameter", np.ones(3)))
+    name = score.__name__
+    with pytest.raises(InputError, match=rf"^{name} takes a cube \(an xarray.Dataset\), not a DataArray\. "
+                                         rf"Fix: pass the whole cube, not its variable 'attribution': {name}\(cube\)$"):
+        score(cube.attribution)
+    with pytest.raises(InputError, match=rf"not a str\. Fix: open the store first: "
+                                         rf"{name}\(explaind.open_cube\('results/cube.zarr'\)\)$"):
+        score("results/cube.zarr")
+
+
+def test_top_training_samples_refuses_a_cubes_variable():
+    with pytest.raises(InputError, match=r"top_training_samples takes a cube .* not its variable 'attribution'"):
+        top_training_samples(make_cube().attribution, test=0, output=0)
