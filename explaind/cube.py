@@ -264,7 +264,9 @@ def check_cube_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.suffix != ".zarr":
         raise InputError(
             f"{path}: save_cube writes a zarr store (a folder), so its name must end in .zarr: "
-            f"save to {path.with_suffix('.zarr')} (for NetCDF, call cube.to_netcdf yourself)"
+            f"save to {path.with_suffix('.zarr')} (for NetCDF, install netCDF4 and call cube.to_netcdf({str(path)!r}, "
+            "engine='netcdf4'): scipy's netCDF 3 writer, xarray's default without netCDF4, cannot write the "
+            "cube's lists of names)"
         )
     if path.exists() and not _written_by_save_cube(path):
         raise FileExistsError(_not_replaced(path))
