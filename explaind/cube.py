@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,6 +38,10 @@ STORE_MARK = "written_by_explaind_save_cube"
 # other files, which open_cube checks (sizes always, digests on request): zarr reads a lost chunk as NaN.
 STORE_DIGESTS = "explaind_file_digests"
 ATTRIBUTES = ".zattrs"  # the store's attributes, which hold the digests of the other files
+# The most bytes of one chunk of a stored variable: a chunk is read and decompressed whole (a lazy
+# read of one input's slice reads every chunk it touches), and numcodecs' Blosc, zarr's default
+# compressor, refuses a buffer of more than 2 GiB.
+CHUNK_BYTES = 2**27
 # the update check, one value per recorded step (not per step bin)
 PER_HISTORY_STEP = ("update_residual", "update_rounding_floor")
 PARAMETER_SCORES = ("parameter_score", "parameter_score_signed", "parameter_score_stepwise_abs")
@@ -289,11 +294,8 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
     before it is moved into place (e.g. to add what only the written store can tell).
     """
     path = check_cube_path(path, overwrite)
-    encoding = {
-        name: {"chunks": tuple(min(n, 256) for n in var.shape)}
-        for name, var in cube.data_vars.items()
-        if var.ndim
-    }
+    encoding = {name: {"chunks": chunk_shape(var.shape, var.dtype.itemsize)}
+                for name, var in cube.data_vars.items() if var.ndim}
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_writes(path)
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path)))  # nobody else's name
@@ -314,6 +316,16 @@ def save_cube(cube: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
         if moved_in or not (scratch / "old").exists():  # else scratch keeps the only copy of the old store
             shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """A stored variable's chunks: at most 256 along each dim, and the largest of them halved until
+    a chunk holds at most CHUNK_BYTES."""
+    chunks = [min(n, 256) for n in shape]
+    while math.prod(chunks) * itemsize > CHUNK_BYTES:
+        largest = chunks.index(max(chunks))
+        chunks[largest] = -(-chunks[largest] // 2)
+    return tuple(chunks)
 
 
 def _not_replaced(path: Path) -> str:

@@ -3,6 +3,7 @@ exactly, and writes nothing zarr flags as unstable."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -13,6 +14,7 @@ import pytest
 import xarray as xr
 
 import explaind as ex
+import explaind.cube as cube_module
 from engine_cases import Case, train
 
 COMPONENTS = {"verborgene Schicht (ü)": ["hidden"], "Ausgabe": ["out"]}  # non-ASCII labels
@@ -201,6 +203,21 @@ def test_a_name_that_promises_another_format_is_refused(cube, tmp_path):
                                             rf"cube\.to_netcdf\({re.escape(repr(str(path)))}, engine='netcdf4'\)"):
         ex.save_cube(cube, path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_large_variable_is_stored_in_chunks_of_at_most_chunk_bytes(tmp_path):
+    """Chunks of at most 256 along each dim made a 4-dim variable of 256 steps × 5 components ×
+    256 samples × 64 inputs one chunk of 160 MiB (now two of 80 MiB), read whole by any lazy read of one input (at
+    256 × 4 × 256 × 100 × 11, 2.15 GiB, Blosc refused to write it: 'Codec does not support buffers
+    of > 2147483647 bytes'). Zeros, so that the test holds no memory for them."""
+    shape = (256, 5, 256, 64)
+    cube = xr.Dataset({"attribution": (("step", "component", "train", "test"), np.zeros(shape))})
+    cube["attribution"][3, 4, 200, 63] = 1.5
+    ex.save_cube(cube, tmp_path / "c.zarr")
+    chunks = json.loads((tmp_path / "c.zarr" / "attribution" / ".zarray").read_text())["chunks"]
+    assert chunks == [128, 5, 256, 64] and np.prod(chunks) * 8 <= cube_module.CHUNK_BYTES == 2**27
+    one_input = ex.open_cube(tmp_path / "c.zarr").attribution.sel(test=63).values
+    assert one_input[3, 4, 200] == 1.5 and np.count_nonzero(one_input) == 1
 
 
 def test_a_nan_residual_is_not_exact():
