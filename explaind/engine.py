@@ -435,7 +435,8 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
         return None, list(range(n_total))
     if true:
         if targets is None:
-            raise InputError("outputs='true' needs the test targets: pass targets=...")
+            raise InputError("the true class (outputs='true', TracIn) needs the test targets, one class index per "
+                             "input: pass them as targets")
         targets = tensor_of(targets, "targets")
         if targets.dim() > 1 and targets.shape[0] == len(inputs) and targets.shape[1:].numel() > 1:
             raise InputError(f"targets of shape {tuple(targets.shape)}: the true class (outputs='true', TracIn) takes "

@@ -424,6 +424,9 @@ def test_tracin_refuses_inputs_and_targets_the_model_cannot_take(recorded):
         datamodels.tracin_scores(history, model, x[:2, :1], y[:2], progress=False)
     with pytest.raises(InputError, match=rf"got 2 targets for {len(x)} inputs"):
         datamodels.tracin_scores(history, model, x, y[:2], progress=False)
+    with pytest.raises(InputError, match=r"^the true class \(outputs='true', TracIn\) needs the test targets, one "
+                                         r"class index per input: pass them as targets$"):  # it named outputs= alone
+        datamodels.tracin_scores(history, model, x, None, progress=False)
 
 
 def test_aligned_scores_and_bootstrap_refuse_arrays_of_another_shape():
