@@ -20,9 +20,10 @@ def _require(cube: xr.Dataset, *dims: str) -> xr.DataArray:
     attribution = cube["attribution"]
     missing = [d for d in dims if d not in attribution.dims]
     if missing:
+        dims_word = "dim" if len(missing) == 1 else "dims"
         raise InputError(
-            f"this cube has no {missing} dim (it was summed while explaining): explain again "
-            f"with keep=(..., {', '.join(repr(d) for d in missing)})"
+            f"this cube has no {' or '.join(repr(d) for d in missing)} {dims_word} (summed while explaining): "
+            f"explain again with keep=(..., {', '.join(repr(d) for d in missing)})"
         )
     return attribution
 
@@ -44,6 +45,8 @@ def step_scores(cube: xr.Dataset, include_decay: bool = True) -> xr.DataArray:
     """Which steps moved each prediction: Σ_train Σ_component ψ, plus the decay term, plus what
     momentum carried into a window from before its replay (`carried`, in a cube explained with
     steps=... and replay=...), so that the scores of a window still add up to its change."""
+    if not isinstance(include_decay, (bool, np.bool_)):  # "no" or 0.0 would read as a truth value
+        raise InputError(f"include_decay={include_decay!r} must be True or False")
     attribution = _require(cube, "step")
     keep = ("step", "test", "output")
     scores = _sum_except(attribution, keep)
@@ -133,7 +136,9 @@ def _one_output(cube: xr.Dataset, scores: xr.DataArray, output) -> xr.DataArray:
 def _test_label(cube: xr.Dataset, test):
     """`test` checked to be one label of the cube's test dim."""
     labels = cube["test"].values.tolist()
-    if np.ndim(test) != 0 or test not in labels:
+    # 0.0 == 0 and True == 1 would pick the input labelled 0 or 1: a label is taken as it is stored
+    if np.ndim(test) != 0 or test not in labels or type(test) in (bool, float) and not any(
+            type(label) is type(test) for label in labels):
         shown = labels if len(labels) <= 10 else labels[:10] + ["…"]
         raise InputError(f"test={test!r} is not one label of the cube's test inputs: pass a single one of {shown}")
     return test

@@ -1,5 +1,7 @@
 """Influence reductions and replication metrics, on hand-built cubes with known answers."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -155,8 +157,18 @@ def test_a_zero_score_vector_has_no_cosine():
 
 def test_summed_dim_is_a_clear_error():
     cube = make_cube().sum("train")
-    with pytest.raises(InputError, match="keep="):
+    with pytest.raises(InputError, match=re.escape("this cube has no 'train' dim (summed while explaining): explain "
+                                                   "again with keep=(..., 'train')")):
         data_scores(cube)
+    with pytest.raises(InputError, match=re.escape("this cube has no 'train' or 'test' dims")):
+        data_scores(cube.sum("test"))
+
+
+@pytest.mark.parametrize("include_decay", ["no", 0.0, None])
+def test_step_scores_take_a_boolean_for_the_decay(include_decay):
+    """'no' was taken as True (a non-empty string), 0.0 and None as False."""
+    with pytest.raises(InputError, match=re.escape(f"include_decay={include_decay!r} must be True or False")):
+        step_scores(make_cube(), include_decay=include_decay)
 
 
 def test_replication_metrics_by_hand():
@@ -214,7 +226,8 @@ def test_top_training_samples_need_a_count(k):
         top_training_samples(make_cube(), test=1, k=k, output=0)
 
 
-@pytest.mark.parametrize("test", [99, [0, 1], np.array([1])])  # an array of one label is no label
+# an array of one label is no label; 1.0 and True equal the label 1 but are no label of the cube's
+@pytest.mark.parametrize("test", [99, [0, 1], np.array([1]), 1.0, True])
 def test_top_training_samples_need_one_test_label(test):
     with pytest.raises(InputError, match=r"single one of \[0, 1\]"):
         top_training_samples(make_cube(), test=test, output=0)
