@@ -228,6 +228,8 @@ def _coords(req: "Request", test_ids: np.ndarray) -> dict:
     }
     if req.select is not None and not isinstance(req.output_labels[0], (int, np.integer)):
         coords["output_class"] = ("test", req.select[:, 0].numpy())
+    if req.train_labels is not None:
+        coords["train_label"] = ("train", req.train_labels)
     return coords
 
 

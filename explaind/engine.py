@@ -76,6 +76,7 @@ class Request:
     step_range: tuple[int, int]  # the update steps explained: start ≤ s < stop
     replay_start: int  # the first step whose gradients are split by sample (≤ start)
     train_index: torch.Tensor  # dataset indices of the train coordinate
+    train_labels: np.ndarray | None  # their classes, where the run's targets give one each (History.train_labels)
     loss: object
     parameter_scores: bool
     test_chunk: int
@@ -303,7 +304,8 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         keep=keep, target=target, path=path,
         convention=convention, components=groups, step_edges=_step_edges(step_bins, n_steps),
         step_range=step_range, replay_start=_replay_start(history, step_range[0], replay, keep),
-        train_index=train_index, loss=loss, parameter_scores=parameter_scores,
+        train_index=train_index, train_labels=history.train_labels() if "train" in keep else None, loss=loss,
+        parameter_scores=parameter_scores,
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
         component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding, loss_note=loss_note,
     )

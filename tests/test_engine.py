@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import explaind as ex
+import explaind.history as history_module
 from explaind.engine import check_residual
 from brute_force import reference_for_run
-from engine_cases import DEVICE, OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
+from engine_cases import DEVICE, MLP, OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
 
 ORDER = ("step", "component", "train", "test", "output")
 
@@ -758,6 +759,43 @@ class PartlyFrozen(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.fixed(x) * self.scale))
+
+
+def test_the_train_dim_is_labelled_with_each_samples_class(tmp_path, monkeypatch):
+    """DESIGN §3: the train dim's labels as extra coords. Mini-batches of dataset indices 100 … 111
+    in a random order: train_label is each index's class, looked up here. A history whose label for
+    a sample changes between steps (recorded by an explaind that did not refuse that yet) and a
+    regression run have none."""
+    torch.manual_seed(0)
+    model = MLP(3, (4,), 3).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.arange(12) % 3
+    order = torch.Generator().manual_seed(1)
+
+    def record(path, relabel=False):
+        with ex.Recorder(path, model, optimizer) as rec:
+            for step in range(4):
+                rows = torch.randperm(12, generator=order)[:5]
+                targets = (y[rows] + step) % 3 if relabel else y[rows]
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[rows]), targets).backward()
+                rec.batch(rows + 100, x[rows], targets)
+                optimizer.step()
+        return ex.explain(path, model, x[:2], progress=False, tolerance=None)
+
+    cube = record(tmp_path / "h")
+    assert len(cube["train"]) >= 8
+    np.testing.assert_array_equal(cube["train_label"].values, y[cube["train"].values - 100].numpy())
+    assert ex.History(tmp_path / "h").train_labels().tolist() == cube["train_label"].values.tolist()
+    assert "train_label" not in ex.explain(tmp_path / "h", model, x[:2], keep=("test", "output"), progress=False).coords
+    monkeypatch.setattr(history_module, "_target_conflict", lambda *args: None)  # an older explaind's Recorder
+    assert "train_label" not in record(tmp_path / "relabelled", relabel=True).coords
+    with ex.Recorder(tmp_path / "mse", model, optimizer, loss="mse") as rec:
+        optimizer.zero_grad()
+        ((model(x) - 1.0) ** 2).sum(1).mean().backward()
+        rec.batch(torch.arange(12), x, torch.ones(12, 3, dtype=torch.float64))
+        optimizer.step()
+    assert ex.History(tmp_path / "mse").train_labels() is None
 
 
 def test_recorded_frozen_tensors_and_buffers_are_used(tmp_path):
