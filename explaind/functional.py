@@ -1079,7 +1079,8 @@ class FlatModel:
         with four tangents at θ = 0, whose difference is the part of each tangent (a product
         rule's terms and the batching of a tangent of the weights included). A pass needs at
         least four; vmap runs one or two of them in other ways (attention: 210, 230, then 240
-        elements more per tangent)."""
+        elements more per tangent). The jvp is of the explained output, as in those passes: a
+        module's whole output may hold what jvp cannot return (Hugging Face's cache)."""
         theta = torch.zeros(self.layout.dim, dtype=self.dtype, device=self.device)
         x = self.cast_inputs(x[:1])
         peaks = []
@@ -1087,7 +1088,7 @@ class FlatModel:
             mode = _OutputSizes()
             tangents = torch.ones(n, self.layout.dim, dtype=self.dtype, device=self.device)
             with torch.no_grad(), mode:
-                vmap(lambda v: jvp(lambda th: self.raw(th, x), (theta,), (v,))[1])(tangents)
+                vmap(lambda v: jvp(lambda th: self.explained(th, x, "logit"), (theta,), (v,))[1])(tangents)
             peaks.append(mode.peak)
         per_tangent = max(peaks[1] - peaks[0], 0)
         return ForwardModeSizes(max(peaks[0] - 3 * per_tangent, 0), per_tangent)

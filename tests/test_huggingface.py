@@ -99,6 +99,25 @@ def test_gpt2_decomposes_exactly(tmp_path):
     assert miss <= 1e-9 and coarser_rounding == ""
 
 
+def test_gpt2_with_its_cache_decomposes_without_a_train_dim(tmp_path):
+    """A cube without a train dim is computed by forward mode, whose memory was measured by a jvp
+    of the module's whole output: GPT-2's holds its cache (use_cache=True, the default), which
+    jvp cannot return, and torch's bare RuntimeError was raised. The jvp is of the explained
+    output now, and the cube adds up to the change the models compute themselves."""
+    torch.manual_seed(0)
+    model = gpt2().double().eval()
+    assert model.config.use_cache
+    initial = copy.deepcopy(model)
+    prompts = record_next_token(tmp_path / "h", model)
+    test = prompts[:3]
+    cube = ex.explain(tmp_path / "h", model, test, keep=("test", "output"), loss=next_token_loss,
+                      output_fn=next_token, quadrature=8, progress=False)
+    with torch.no_grad():
+        change = (F.log_softmax(next_token(model(test)), -1) - F.log_softmax(next_token(initial(test)), -1)).numpy()
+    explained = (cube.attribution + cube.regularization).transpose("test", "output").values
+    assert abs(explained - change).max() <= 1e-9 * abs(change).max()
+
+
 def test_llama_decomposes_to_its_float32_norms_rounding(tmp_path):
     """LlamaRMSNorm normalises in float32 whatever the model's dtype: the float64 decomposition
     adds up to that rounding (float32's 6e-8), and explain says where it comes from."""
