@@ -1507,7 +1507,7 @@ def _token_mean(factor: float, targets: torch.Tensor, reduction: str) -> str:
     sum_over_positions = "F.cross_entropy(out.transpose(1, 2), y, reduction='none').sum(1)"
     if reduction == "token_mean":
         if not math.isclose(factor, positions, rel_tol=1e-6):
-            return ""
+            return _other_tokens_read(factor, counted, int((targets != IGNORE_INDEX).flatten(1).any(1).sum()))
         return (f": reduction='token_mean' divides by the batch's target tokens itself, so the per-sample loss is "
                 f"each sequence's sum over its {positions} positions, not their mean. Fix: declare "
                 f"loss=lambda out, y: {sum_over_positions}.")
@@ -1519,6 +1519,26 @@ def _token_mean(factor: float, targets: torch.Tensor, reduction: str) -> str:
             "flattened into one batch takes it. Fix: declare reduction='token_mean', which divides by that count in "
             "every batch, with each sequence's sum over its positions as the per-sample loss "
             f"(loss=lambda out, y: {sum_over_positions}).")
+
+
+def _other_tokens_read(factor: float, counted: int, rows: int) -> str:
+    """reduction='token_mean' divides by the declared targets' count; .grad is `factor` times its
+    gradient when the loss divided by another count, counted / factor: the loss reads other
+    positions than the declared targets hold, one fewer per sequence where it shifts them itself
+    (a next-token loss given the labels unshifted, as Hugging Face's models take them)."""
+    read = counted / factor if counted else 0.0
+    if read < 1 or not math.isclose(read, round(read), rel_tol=1e-9) or round(read) == counted:
+        return ""
+    read = round(read)
+    said = (f": reduction='token_mean' divides by the declared targets' {counted} tokens that are not -100, but .grad "
+            f"is the mean over {read} tokens, so the loss reads other positions than the targets passed to batch()")
+    if read != counted - rows:
+        return said + ". Fix: pass batch() the targets the loss reads, -100 where it reads none."
+    return said + (f": {rows} fewer, one per sequence, as a next-token loss that shifts its labels reads them "
+                   "(logits[:, :-1] against labels[:, 1:]). Fix: pass batch() the labels shifted (labels[:, 1:]) "
+                   "and declare the loss on them (F.cross_entropy(out.logits[:, :-1].transpose(1, 2), y, "
+                   "reduction='none').sum(1)), or set each sequence's first label to -100, which no next-token "
+                   "loss reads.")
 
 
 def _warn_of_another_schedule(scheduler, path: Path) -> None:

@@ -238,6 +238,43 @@ def test_a_mean_over_tokens_is_named_by_the_gradient_check(tmp_path):
     assert f".grad is {LENGTH:.6g} times" in message and "not their mean" in message, message
 
 
+def test_token_mean_names_labels_the_loss_shifts_itself(tmp_path):
+    """Hugging Face's labels are the tokens themselves, shifted inside the loss: declared so under
+    reduction='token_mean', the count of the declared targets holds each sequence's first token,
+    which no next-token loss reads, and .grad was 10 / 7 times the declared gradient with only the
+    list of usual causes. The check now names the two counts, the shift and both fixes, either of
+    which records the run."""
+    x = sequences_and_batches()[0][:3]
+    labels = x.clone()
+    labels[1, 2:] = -100  # right padding: 10 of 12 positions counted, 7 of them read by the shifted loss
+
+    def shifting_sum(out, y):  # the loss shifts the labels itself
+        return F.cross_entropy(out[:, :-1].transpose(1, 2), y[:, 1:], reduction="none").sum(1)
+
+    def record(path, declared, loss):
+        torch.manual_seed(0)
+        model = SequenceModel().double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        with ex.Recorder(path, model, optimizer, loss=loss, reduction="token_mean", check_every=1) as rec:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x)[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+            rec.batch(torch.arange(3), x, declared)
+            optimizer.step()
+
+    with pytest.raises(ex.UnsupportedError) as caught:
+        record(tmp_path / "unshifted", labels, shifting_sum)
+    message = str(caught.value)
+    assert f".grad is {10 / 7:.6g} times the declared gradient" in message, message
+    assert ("divides by the declared targets' 10 tokens that are not -100, but .grad is the mean over 7 tokens"
+            in message and "3 fewer, one per sequence" in message), message
+    assert "pass batch() the labels shifted (labels[:, 1:])" in message and "first label to -100" in message
+    first_ignored = labels.clone()
+    first_ignored[:, 0] = -100
+    record(tmp_path / "first_ignored", first_ignored, shifting_sum)
+    record(tmp_path / "shifted", labels[:, 1:], lambda out, y: sequence_sum(out[:, :-1], y))
+    assert ex.History(tmp_path / "shifted").n_steps == ex.History(tmp_path / "first_ignored").n_steps == 1
+
+
 def test_a_mean_over_tokens_of_padded_batches_is_recorded_and_explained_exactly(tmp_path):
     """reduction='token_mean': every sample weighs 1 / the batch's tokens that are not -100, a
     count that changes with each batch's padding (counted by hand here); torch's mean over the
