@@ -1032,9 +1032,22 @@ class FlatModel:
         self.model = _private_structure(model)
         # torch gives a padding row no gradient from its lookups (see _call)
         self._padded = [m for m in self.model.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
+        self._kernels: contextlib.AbstractContextManager = _DIFFERENTIABLE_KERNELS  # see torch_kernels
         self._input_axes: dict[tuple[int, ...], list[InputAxis | None]] = {}  # per input shape (see input_axes)
         self._read_axes: dict[tuple[int, ...], list[InputAxis | None]] = {}  # and read_axes
         self._shared_columns: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # and shared_columns
+
+    @contextlib.contextmanager
+    def torch_kernels(self):
+        """Calls with the attention kernels torch picks itself, as a training loop runs them, in
+        place of the math kernel (see _DifferentiableKernels): the gradient check compares the two
+        when .grad misses, for a fused kernel's backward may differ from the math (torch's CPU
+        kernel, for a query row whose every key is masked)."""
+        self._kernels = contextlib.nullcontext()
+        try:
+            yield self
+        finally:
+            self._kernels = _DIFFERENTIABLE_KERNELS
 
     def in_dtype(self, dtype: torch.dtype) -> "FlatModel":
         """The same function computed in another dtype (sharing the private module)."""
@@ -1122,7 +1135,7 @@ class FlatModel:
         try:
             for m in padded:
                 m.padding_idx = None
-            with _DIFFERENTIABLE_KERNELS:
+            with self._kernels:
                 return functional_call(self.model, {**params, **self.constants}, (x,))
         finally:
             for m, padding_idx in zip(padded, saved):

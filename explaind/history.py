@@ -1110,6 +1110,11 @@ class Recorder:
                     "optimizer.zero_grad() was not called between the two steps, so backward() added this "
                     "step's gradient to the last one's. Fix: call optimizer.zero_grad() (or model.zero_grad()) "
                     "before each step's backward")
+            if p0.device.type == "cpu":  # where torch's kernels differ from explaind's by attention alone (no TF32)
+                with flat.torch_kernels():
+                    as_trained = flat.batch_gradient(theta, x, y, w, self.loss)
+                if float((actual - as_trained).abs().max() / scale) <= tolerance:
+                    raise UnsupportedError(_fused_attention_gradient(self.step, error))
             # torch's mse_loss / MSELoss mean over every element, outputs included
             mse = (" The built-in 'mse' sums a sample's squared errors over its outputs; for "
                    "torch's F.mse_loss / nn.MSELoss (a mean over outputs too) declare "
@@ -1519,6 +1524,21 @@ def _token_mean(factor: float, targets: torch.Tensor, reduction: str) -> str:
             "flattened into one batch takes it. Fix: declare reduction='token_mean', which divides by that count in "
             "every batch, with each sequence's sum over its positions as the per-sample loss "
             f"(loss=lambda out, y: {sum_over_positions}).")
+
+
+def _fused_attention_gradient(step: int, error: float) -> str:
+    """.grad is the declared gradient as torch's own attention kernels compute it, which differs
+    from the math kernel's: a fused kernel's backward is not its forward's derivative there."""
+    return (f"at step {step} the gradient in .grad is not the derivative of the declared loss: .grad is what torch's "
+            "fused attention kernel (F.scaled_dot_product_attention, which the model calls) computes on the recorded "
+            f"batch, but its math kernel, whose gradient is the loss's derivative, gives one that differs by "
+            f"{error:.2e} (relative). torch's fused CPU kernel does so for a query whose every key is masked, as a "
+            "padding position of a left-padded batch is under a 4D mask. The training loop's gradients are then "
+            "wrong, and no history can reproduce them. Fix: train with the math kernel (with "
+            "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): around forward and backward), or "
+            "build the model with attn_implementation='eager', or leave no query row fully masked (let each "
+            "position attend to its own key: no real query attends a padding key, so real positions' outputs stay "
+            "as they were)")
 
 
 def _other_tokens_read(factor: float, counted: int, rows: int) -> str:
