@@ -1132,6 +1132,13 @@ class Recorder:
                            "divide each micro-batch's weighted summed loss (reduction='sum') by the total class weight "
                            "of the step's whole batch instead."
                            ) if self.class_weights is not None else ""
+            # each micro-batch's token mean divides by its own count of tokens, not the step's
+            accumulated += (" With reduction='token_mean', gradient accumulation whose micro-batches' mean losses "
+                            "were averaged is no mean over the step's target tokens, even over micro-batches of equal "
+                            "size (their counts of tokens differ): divide each micro-batch's summed loss "
+                            "(reduction='sum') by the count of target tokens that are not -100 in the step's whole "
+                            "batch (as Hugging Face's num_items_in_batch)."
+                            ) if self.reduction == "token_mean" else ""
             smoothing = (" Label smoothing is declared as loss=lambda o, t: F.cross_entropy(o, t, "
                          "label_smoothing=eps, reduction='none')."
                          ) if self.loss_name == "cross_entropy" else ""

@@ -275,6 +275,35 @@ def test_token_mean_names_labels_the_loss_shifts_itself(tmp_path):
     assert ex.History(tmp_path / "shifted").n_steps == ex.History(tmp_path / "first_ignored").n_steps == 1
 
 
+def test_token_mean_accumulated_over_micro_batches_names_the_step_s_token_count(tmp_path):
+    """Two micro-batches of 2 sequences, 8 and 5 counted tokens: averaging their token means
+    weighs a token of the second 8 / 5 times one of the first, and the check listed only the
+    fix for micro-batches of unequal size (divide by the batch's size). It now names the step's
+    count of tokens, and each micro-batch's summed loss divided by that count is recorded."""
+    x, y = sequences_and_batches()[:2]
+    x, y = x[:4], y[:4].clone()
+    y[3, 1:] = -100  # 8 + 5 of 16 tokens counted
+
+    def record(path, micro_loss):
+        torch.manual_seed(0)
+        model = SequenceModel().double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        with ex.Recorder(path, model, optimizer, loss=sequence_sum, reduction="token_mean", check_every=1) as rec:
+            optimizer.zero_grad()
+            for part in (slice(0, 2), slice(2, 4)):
+                micro_loss(model(x[part]).flatten(0, 1), y[part].flatten()).backward()
+            rec.batch(torch.arange(4), x, y)
+            optimizer.step()
+
+    with pytest.raises(ex.UnsupportedError) as caught:
+        record(tmp_path / "averaged", lambda out, t: F.cross_entropy(out, t) / 2)
+    message = str(caught.value)
+    assert ("With reduction='token_mean', gradient accumulation whose micro-batches' mean losses were averaged"
+            in message and "by the count of target tokens that are not -100 in the step's whole batch" in message), message
+    record(tmp_path / "summed", lambda out, t: F.cross_entropy(out, t, reduction="sum") / 13)
+    assert ex.History(tmp_path / "summed").n_steps == 1
+
+
 def test_a_mean_over_tokens_of_padded_batches_is_recorded_and_explained_exactly(tmp_path):
     """reduction='token_mean': every sample weighs 1 / the batch's tokens that are not -100, a
     count that changes with each batch's padding (counted by hand here); torch's mean over the
