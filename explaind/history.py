@@ -1154,8 +1154,8 @@ class Recorder:
             float32_loss = (" A miss this small in a float64 run is float32 rounding: a step of the loop computes in "
                             "float32, as Hugging Face's model(..., labels=...).loss does (it casts the logits to "
                             "float32). Compute the loss from the logits in float64 (the declared per-sample loss, "
-                            "averaged) for an exact record, or pass check_tolerance=1e-6 and expect residuals of "
-                            "float32's precision.") if p0.dtype == torch.float64 and error <= 1e-5 else ""
+                            f"{_REDUCED[self.reduction]}) for an exact record, or pass check_tolerance=1e-6 and expect "
+                            "residuals of float32's precision.") if p0.dtype == torch.float64 and error <= 1e-5 else ""
             extras = "".join("\n" + extra.strip() for extra in (mse, weighted, accumulated, smoothing, shards,
                                                                   float32_loss) if extra)
             raise UnsupportedError(
@@ -1531,6 +1531,11 @@ def _token_mean(factor: float, targets: torch.Tensor, reduction: str) -> str:
             "flattened into one batch takes it. Fix: declare reduction='token_mean', which divides by that count in "
             "every batch, with each sequence's sum over its positions as the per-sample loss "
             f"(loss=lambda out, y: {sum_over_positions}).")
+
+
+# how a loop reduces the declared per-sample losses to the loss it trains on, per reduction
+_REDUCED = {"mean": "averaged", "sum": "summed",
+            "token_mean": "summed over the batch and divided by its count of target tokens that are not -100"}
 
 
 def _fused_attention_gradient(step: int, error: float) -> str:

@@ -332,3 +332,32 @@ def test_the_loss_hugging_face_computes_is_float32_and_named_so(tmp_path):
                       progress=False)
     assert 1e-10 < cube.attrs["relative_residual"] <= 1e-5
     assert cube.attrs["max_abs_residual_from_updates"] > cube.attrs["max_abs_path_residual"]
+
+
+def test_the_loss_hugging_face_computes_over_padded_labels_is_named_with_its_token_mean(tmp_path):
+    """Padded labels (-100) under reduction='token_mean': the float32 rounding of
+    model(x, labels=...).loss is named with the loss that records it exactly, the per-sequence
+    sums divided by the batch's tokens; the message said 'averaged', which is not that loss."""
+    torch.manual_seed(0)
+    model = gpt2().double().eval()
+    sequences = torch.randint(0, VOCAB, (8, 4))
+    labels = sequences.masked_fill(torch.arange(4) >= torch.randint(2, 5, (8, 1)), -100)  # right padding
+
+    def sequence_sum(out, y):
+        return F.cross_entropy(out.logits[:, :-1].transpose(1, 2), y, reduction="none").sum(1)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with pytest.raises(ex.UnsupportedError) as caught:
+        with ex.Recorder(tmp_path / "h", model, optimizer, loss=sequence_sum, reduction="token_mean") as rec:
+            optimizer.zero_grad()
+            model(sequences, labels=labels).loss.backward()
+            rec.batch(torch.arange(8), sequences, labels[:, 1:])
+            optimizer.step()
+    message = str(caught.value)
+    assert "float32 rounding" in message and ("(the declared per-sample loss, summed over the batch and divided by "
+                                              "its count of target tokens that are not -100)") in message, message
+    with ex.Recorder(tmp_path / "exact", model, optimizer, loss=sequence_sum, reduction="token_mean") as rec:
+        optimizer.zero_grad()  # the advice: the same loss from the logits, in float64
+        F.cross_entropy(model(sequences).logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+        rec.batch(torch.arange(8), sequences, labels[:, 1:])
+        optimizer.step()
