@@ -1533,6 +1533,31 @@ def _token_mean(factor: float, targets: torch.Tensor, reduction: str) -> str:
             f"(loss=lambda out, y: {sum_over_positions}).")
 
 
+def _wrapped_otherwise(recorded: set[str], given: set[str]) -> str:
+    """Where every recorded name is a given one under one more module prefix (or the reverse),
+    the run was recorded with a module that wraps the given one (a wrapper that hands a Hugging
+    Face model its mask) or inside one: say which module to pass."""
+    if (prefix := _common_prefix(recorded, given)) is not None:
+        return (f"Every recorded name is one of the model's under {prefix!r}: the run was recorded with a module "
+                f"that holds this one as its {prefix!r} (a wrapper, such as one that hands the model its mask): "
+                "pass that wrapper. ")
+    if (prefix := _common_prefix(given, recorded)) is not None:
+        return (f"Every name of the model is a recorded one under {prefix!r}: the run was recorded with the "
+                f"model's {prefix!r} alone: pass that module. ")
+    return ""
+
+
+def _common_prefix(outer: set[str], inner: set[str]) -> str | None:
+    """The module name m where `outer` is `inner` with "m." before each name, else None."""
+    first = next(iter(outer), "")
+    if "." not in first:
+        return None
+    prefix = first.split(".")[0] + "."
+    if all(n.startswith(prefix) for n in outer) and {n[len(prefix):] for n in outer} == inner:
+        return prefix[:-1]
+    return None
+
+
 # how a loop reduces the declared per-sample losses to the loss it trains on, per reduction
 _REDUCED = {"mean": "averaged", "sum": "summed",
             "token_mean": "summed over the batch and divided by its count of target tokens that are not -100"}
@@ -2192,6 +2217,7 @@ class History:
             raise HistoryError(
                 f"the model does not match the history {self.path}: recorded tensors missing "
                 f"from the model {missing}{f' ({why})' if why else ''}, model tensors not in the history {extra}. "
+                f"{_wrapped_otherwise(set(recorded), set(params))}"
                 "Pass the same architecture that was trained (same names and requires_grad flags)"
             )
         for name, p in params.items():

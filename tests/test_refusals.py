@@ -1196,6 +1196,36 @@ def test_model_with_other_names(run, no_heavy_compute):
         ex.explain(run.path, other, run.test_x, progress=False)
 
 
+class Wrapper(nn.Module):
+    """A module that holds the recorded model as its `.inner` (as one that hands a model its mask)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_model_inside_or_around_a_wrapper_is_named(run, tmp_path, no_heavy_compute):
+    """Recorded through a wrapper and explained with the module it wraps (or the reverse), every
+    name differs by the wrapper's prefix: the refusal listed five names of each side and said
+    'pass the same architecture'; it now names the prefix and the module to pass."""
+    with pytest.raises(ex.HistoryError, match=says("Every name of the model is a recorded one under 'inner'",
+                                                   "recorded with the model's 'inner' alone: pass that module")):
+        ex.explain(run.path, Wrapper(MLP().double()), run.test_x, progress=False)
+    wrapped = Wrapper(MLP().double())
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    classes = torch.zeros(len(run.test_x), dtype=torch.long)
+    with ex.Recorder(tmp_path / "wrapped", wrapped, optimizer) as rec:
+        F.cross_entropy(wrapped(run.test_x), classes).backward()
+        rec.batch(torch.arange(len(run.test_x)), run.test_x, classes)
+        optimizer.step()
+    with pytest.raises(ex.HistoryError, match=says("Every recorded name is one of the model's under 'inner'",
+                                                   "holds this one as its 'inner'", "pass that wrapper")):
+        ex.verify_updates(tmp_path / "wrapped", wrapped.inner)
+
+
 def test_model_with_other_shapes(run, no_heavy_compute):
     other = MLP(widths=(7,)).double()
     with pytest.raises(ex.HistoryError, match=says("shape", "[7, 4]", "[6, 4]", "trained architecture")):
