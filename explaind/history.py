@@ -271,11 +271,16 @@ def _batch_tensor(name: str, value) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
+    # a tokenizer's batch (a dict or Hugging Face's BatchEncoding) of token ids and their mask
+    masked = hasattr(value, "keys") and "attention_mask" in value.keys()
     raise InputError(
         f"batch() takes the {name} as one tensor (or numpy array) with a row per sample, got a "
         f"{type(value).__name__}. Fix: pass torch.as_tensor(...); a model of several inputs is "
         "explained as a wrapper module whose forward takes them as one tensor (concatenated, or "
-        "the constant ones kept as buffers)")
+        "the constant ones kept as buffers)" + (
+            ": token ids and their attention_mask go in as torch.stack([input_ids, attention_mask], 1) "
+            "[batch, 2, length], through a module that hands the model a 4D additive mask "
+            "(docs/library.md, 'Padded'), recorded and explained in the model's place" if masked else ""))
 
 
 def _dataset_indices(indices) -> torch.Tensor:

@@ -14,6 +14,7 @@ attention and a padding check on token values.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -254,6 +255,20 @@ class Padded(torch.nn.Module):
         ahead = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         masked = (kept[:, None, None, :] == 0) | ahead
         return self.model(tokens, attention_mask=masked.to(self.model.dtype) * torch.finfo(self.model.dtype).min)
+
+
+def test_a_tokenizer_s_batch_of_ids_and_mask_is_named_with_the_mask_wrapper(tmp_path):
+    """A dict of input_ids and attention_mask, as a tokenizer returns them, was refused with the
+    general advice (a wrapper whose forward takes one tensor); it now names the stacked tensor
+    and the 4D mask wrapper."""
+    model = gpt2().double().eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, VOCAB, (2, 4))
+    with ex.Recorder(tmp_path / "h", model, optimizer, loss=next_token_loss) as rec:
+        with pytest.raises(ex.InputError, match=re.escape(
+                "token ids and their attention_mask go in as torch.stack([input_ids, attention_mask], 1) [batch, 2, "
+                "length], through a module that hands the model a 4D additive mask (docs/library.md, 'Padded')")):
+            rec.batch(torch.arange(2), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids[:, -1])
 
 
 def test_padded_prompts_decompose_exactly_through_a_4d_mask(tmp_path):
