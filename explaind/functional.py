@@ -734,11 +734,13 @@ def _explainable_outputs(out, source: str, rows: int) -> torch.Tensor:
     matrix explain() decomposes: [batch] is one output per input; a non-tensor, more dims or
     another batch size are refused, naming the fix."""
     if not isinstance(out, torch.Tensor):
+        logits = getattr(out, "logits", None)  # a language model's are [batch, positions, vocabulary]
+        example = ("output_fn=lambda out: out.logits[:, -1], the next token after each input" if isinstance(
+            logits, torch.Tensor) and logits.dim() == 3 else "output_fn=lambda out: out.logits, or out[0]")
         raise InputError(
             f"{source} returned a {type(out).__name__}, not a tensor: explaind explains a tensor of outputs "
             "[batch, outputs]. Fix: pass output_fn, a function of the model's output that returns that "
-            "tensor (for example output_fn=lambda out: out.logits, or out[0]); the training loss keeps "
-            "the model's own output")
+            f"tensor (for example {example}); the training loss keeps the model's own output")
     if out.dim() == 1:
         out = out[:, None]
     if out.dim() != 2:

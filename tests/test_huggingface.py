@@ -120,6 +120,19 @@ def test_gpt2_with_its_cache_decomposes_without_a_train_dim(tmp_path):
     assert abs(explained - change).max() <= 1e-9 * abs(change).max()
 
 
+def test_a_language_model_s_output_is_named_with_its_next_token(tmp_path):
+    """explain without output_fn, given a causal LM's output, suggested out.logits, a
+    [batch, positions, vocabulary] tensor it then refuses again; it names out.logits[:, -1]."""
+    torch.manual_seed(0)
+    model = gpt2().double().eval()
+    prompts = record_next_token(tmp_path / "h", model)
+    with pytest.raises(ex.InputError, match=re.escape(
+            "not a tensor: explaind explains a tensor of outputs "
+            "[batch, outputs]. Fix: pass output_fn, a function of the model's output that returns that tensor (for "
+            "example output_fn=lambda out: out.logits[:, -1], the next token after each input)")):
+        ex.explain(tmp_path / "h", model, prompts[:2], loss=next_token_loss, progress=False)
+
+
 def test_llama_decomposes_to_its_float32_norms_rounding(tmp_path):
     """LlamaRMSNorm normalises in float32 whatever the model's dtype: the float64 decomposition
     adds up to that rounding (float32's 6e-8), and explain says where it comes from."""
