@@ -438,7 +438,7 @@ def select_outputs(outputs, targets, inputs, n_total, flat, theta_final, target)
     if true:
         if targets is None:
             raise InputError("the true class (outputs='true', TracIn) needs the test targets, one class index per "
-                             "input: pass them as targets")
+                             "input: pass targets=...")
         targets = tensor_of(targets, "targets")
         if targets.dim() > 1 and targets.shape[0] == len(inputs) and targets.shape[1:].numel() > 1:
             raise InputError(f"targets of shape {tuple(targets.shape)}: the true class (outputs='true', TracIn) takes "
