@@ -483,7 +483,6 @@ def _group_hyperparameters(optimizer: torch.optim.Optimizer, kind: str) -> list[
 
 
 _MISSING = object()  # an argument left out, told from any value a user could pass
-_UNSET = np.iinfo(np.int64).min  # a train label not read yet (a class index is never this)
 
 
 class Recorder:
@@ -2346,22 +2345,24 @@ class History:
         targets are class indices [batch] and no sample's changes between steps (as an older
         explaind let a history declare). None for regression targets, a class per position, or a
         label that changes. Read from the step files' batch tensors alone, in numpy (whatever
-        device torch.set_default_device has set)."""
-        labels = np.full(0, _UNSET, dtype=np.int64)
+        device torch.set_default_device has set), sorted by index: dataset ids may be sparse."""
+        indices, targets = [], []
         for line in self.manifest:
             with safe_open(self.path / line["file"], framework="pt") as step:
-                indices, targets = step.get_tensor("batch/indices"), step.get_tensor("batch/targets")
-            if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+                index, target = step.get_tensor("batch/indices"), step.get_tensor("batch/targets")
+            if target.dim() != 1 or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
                 return None
-            indices, targets = indices.numpy(), targets.numpy().astype(np.int64)
-            if indices.max() >= len(labels):  # grown to the largest index seen
-                labels = np.concatenate([labels, np.full(max(indices.max() + 1, 2 * len(labels)) - len(labels),
-                                                         _UNSET, dtype=np.int64)])
-            known = labels[indices]
-            if ((known != _UNSET) & (known != targets)).any():
-                return None
-            labels[indices] = targets
-        return labels[self.train_indices().numpy()] if len(labels) else None
+            indices.append(index.numpy())
+            targets.append(target.numpy().astype(np.int64))
+        if not indices:
+            return None
+        order = np.argsort(np.concatenate(indices), kind="stable")
+        index, target = np.concatenate(indices)[order], np.concatenate(targets)[order]
+        repeated = index[1:] == index[:-1]
+        if (target[1:][repeated] != target[:-1][repeated]).any():
+            return None
+        first = np.concatenate([[True], ~repeated])
+        return target[first][np.searchsorted(index[first], self.train_indices().numpy())]
 
     def input_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape of one input and its dtype, as recorded in the first batch."""

@@ -1144,6 +1144,8 @@ def test_huge_sparse_training_ids_are_columns_not_a_table(tmp_path):
     cube = ex.explain(tmp_path / "h", model, tx, ty, keep=("train", "test"), outputs="true",
                       train_chunk=5, progress=False, tolerance=1e-9)
     assert cube["train"].values.tolist() == sorted(ids.tolist())
+    label_of = dict(zip(ids.tolist(), make_data("mlp", len(ids), 2, 0)[1].tolist()))  # the recorded run's labels
+    assert cube["train_label"].values.tolist() == [label_of[i] for i in sorted(ids.tolist())]
     dense = ex.explain(tmp_path / "h", model, tx, ty, keep=("train", "test"), outputs="true", progress=False)
     np.testing.assert_allclose(cube["attribution"].values, dense["attribution"].values, rtol=0, atol=1e-14)
 
