@@ -1104,7 +1104,7 @@ class Recorder:
         scale = expected.abs().max().clamp_min(torch.finfo(p0.dtype).tiny)
         error = ((actual - expected).abs().max() / scale).item()
         # the first checked step's .grad, to tell at the next one a gradient left over from it
-        first_grad, self._first_grad = self._first_grad, actual.clone() if self.step == self._also_checked[0] else None
+        first_grad, self._first_grad = self._first_grad, actual if self.step == self._also_checked[0] else None
         if error > tolerance:
             if first_grad is not None and self.step == self._also_checked[1] and float(
                     (actual - expected - first_grad).abs().max() / scale) <= tolerance:
@@ -2347,17 +2347,17 @@ class History:
         label that changes. Read from the step files' batch tensors alone, in numpy (whatever
         device torch.set_default_device has set), sorted by index: dataset ids may be sparse."""
         indices, targets = [], []
-        for line in self.manifest:
-            with safe_open(self.path / line["file"], framework="pt") as step:
-                index, target = step.get_tensor("batch/indices"), step.get_tensor("batch/targets")
+        for step in self._step_files():
+            index, target = step.get_tensor("batch/indices"), step.get_tensor("batch/targets")
             if target.dim() != 1 or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
                 return None
             indices.append(index.numpy())
             targets.append(target.numpy().astype(np.int64))
         if not indices:
             return None
-        order = np.argsort(np.concatenate(indices), kind="stable")
-        index, target = np.concatenate(indices)[order], np.concatenate(targets)[order]
+        index, target = np.concatenate(indices), np.concatenate(targets)
+        order = np.argsort(index, kind="stable")
+        index, target = index[order], target[order]
         repeated = index[1:] == index[:-1]
         if (target[1:][repeated] != target[:-1][repeated]).any():
             return None
@@ -2372,8 +2372,11 @@ class History:
     def input_shapes(self) -> list[tuple[int, ...]]:
         """The shapes of one input in the recorded batches (a run may vary a sequence's length
         from batch to batch), read from the step files' headers: no tensor is loaded."""
-        shapes = set()
+        return sorted({tuple(step.get_slice("batch/inputs").get_shape()[1:]) for step in self._step_files()})
+
+    def _step_files(self) -> Iterator:
+        """Each step file opened to read single tensors or their shapes (safetensors' safe_open):
+        neither its parameters nor its hash are read."""
         for line in self.manifest:
             with safe_open(self.path / line["file"], framework="pt") as step:
-                shapes.add(tuple(step.get_slice("batch/inputs").get_shape()[1:]))
-        return sorted(shapes)
+                yield step
