@@ -12,8 +12,6 @@ the cube and saves it (open it with explaind.open_cube).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import re
@@ -145,7 +143,7 @@ def plan_command(args: argparse.Namespace) -> str:
 
 def explain_command(args: argparse.Namespace) -> str:
     from .cube import check_cube_path, save_cube
-    from .engine import explain
+    from .engine import explain, plans_shown_by
 
     try:  # what save_cube would refuse, refused before the compute
         check_cube_path(args.out, args.overwrite)
@@ -153,7 +151,7 @@ def explain_command(args: argparse.Namespace) -> str:
         raise InputError(str(_as_options(error, args.memory_budget))) from None
     request, options = _request(args)
     try:  # explain's plan summary on stdout, in this command's words
-        with contextlib.redirect_stdout(_InOptions(sys.stdout, args.memory_budget)):
+        with plans_shown_by(lambda summary: print(_in_options(summary, args.memory_budget), flush=True)):
             cube = explain(*request, tolerance=args.tolerance, progress=not args.quiet, **options)
     except ReconstructionError as error:  # kept, as explain() keeps it in the error: hours of compute
         save_cube(error.cube, args.out, overwrite=args.overwrite)
@@ -272,20 +270,6 @@ def _in_gib(n_bytes: float, gib: float) -> str:
     """A budget of the library's words in the GiB --memory-budget takes: the one given as typed,
     another (the plan's budget of one pass) rounded up, so that it still holds the pass."""
     return f"{gib:g}" if n_bytes == gib * 2**30 else f"{rounded_up(n_bytes / 2**30):.3g}"
-
-
-class _InOptions(io.TextIOBase):
-    """A stream that writes what the library prints (explain's plan summary) in this command's words."""
-
-    def __init__(self, stream, gib: float):
-        self.stream, self.gib = stream, gib
-
-    def write(self, text: str) -> int:
-        self.stream.write(_in_options(text, self.gib))
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

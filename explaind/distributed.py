@@ -26,6 +26,7 @@ process reads its stored part back instead of computing it: only the missing par
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,7 +42,7 @@ import zarr
 
 from .cube import (PER_HISTORY_STEP, STORE_FORMAT, checked_test_ids, open_cube, residual_attrs, save_cube,
                    store_damage)
-from .engine import build_request, check_residual, checked_steps, explain, request_options
+from .engine import build_request, check_residual, checked_steps, dropped, explain, plans_shown_by, request_options
 from .errors import InputError, ReconstructionError, described, error_class, is_whole
 from .history import History, open_history, process_group_store
 
@@ -344,8 +345,9 @@ def _store_own_part(history, model, inputs, targets, split, parts_dir, rank, wor
     # and the numbers of its own only: process 0 reads them all to merge them
     if rank not in missing_parts(parts_dir, request, world_size, read=[rank]):
         return request
-    part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
-                         world_size=world_size, tolerance=tolerance, **options)
+    with plans_shown_by(dropped) if rank else contextlib.nullcontext():  # one plan for the launch, from process 0
+        part = explain_shard(history, model, inputs, targets, split=split, rank=rank,
+                             world_size=world_size, tolerance=tolerance, **options)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     store_part(part, part_path(parts_dir, rank), request, rank)
     return request

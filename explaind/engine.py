@@ -21,9 +21,11 @@ import functools
 import inspect
 import math
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from typing import Callable, Iterable, Iterator, Sequence
@@ -242,7 +244,7 @@ def explain(
     if progress:
         from .planning import describe  # planning builds on this module
 
-        tqdm.write(describe(request).report())
+        _show_plan.get()(describe(request).report())
     initial = _outputs_at(request, request.step_range[0])
     final = _outputs_at(request, request.step_range[1])
     merged = MergedParts(request)
@@ -309,6 +311,31 @@ def build_request(history, model, inputs, targets, *, keep, outputs, target, out
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=batch_chunk,
         component_slices=slices, check_updates=check_updates, coarser_rounding=coarser_rounding, loss_note=loss_note,
     )
+
+
+def _on_stderr(summary: str) -> None:
+    tqdm.write(summary, file=sys.stderr)  # beside the progress bars, off the caller's stdout
+
+
+# what explain() does with its plan summary under progress=True (see plans_shown_by)
+_show_plan: ContextVar[Callable[[str], None]] = ContextVar("explaind_show_plan", default=_on_stderr)
+
+
+@contextmanager
+def plans_shown_by(show: Callable[[str], None]) -> Iterator[None]:
+    """explain() calls inside the block hand their plan summary to `show` instead of printing it
+    on stderr: the command line prints it on its stdout in its own words, and the calls that run
+    explain() once per part show one plan (explain_resumable its first computed part's,
+    explain_distributed process 0's), passing the others a function that drops them."""
+    token = _show_plan.set(show)
+    try:
+        yield
+    finally:
+        _show_plan.reset(token)
+
+
+def dropped(summary: str) -> None:
+    """A plan summary that is not shown (see plans_shown_by)."""
 
 
 def explain_defaults() -> dict:

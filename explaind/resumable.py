@@ -16,6 +16,7 @@ never reused and never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from .components import group_tensors
 from .distributed import (SPLITS, check_test_set, explain_part, merge, missing_parts, part_path, read_part, step_window,
                           store_part)
-from .engine import check_residual, explain_defaults, kept_dims
+from .engine import check_residual, dropped, explain_defaults, kept_dims, plans_shown_by
 from .errors import InputError, is_whole
 from .history import History, open_history
 
@@ -81,8 +82,9 @@ def explain_resumable(history, model, inputs, targets=None, *, parts_dir: str | 
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     with tqdm(total=n_parts, initial=n_parts - len(missing), desc="explain parts", disable=not progress) as bar:
         for rank in missing:
-            part = explain_part(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
-                                tolerance=tolerance, progress=progress, **kwargs)
+            with plans_shown_by(dropped) if rank != missing[0] else contextlib.nullcontext():  # the first part's plan only
+                part = explain_part(history, model, inputs, targets, split=split, rank=rank, world_size=n_parts,
+                                    tolerance=tolerance, progress=progress, **kwargs)
             store_part(part, paths[rank], request, rank)
             bar.update()
     # merged from the stored parts only, so that a resumed call and an uninterrupted one

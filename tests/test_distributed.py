@@ -59,8 +59,9 @@ def assert_same_cube(merged, single):
                                                                   abs=1e-12 * change)
 
 
-def launch_with_torchrun(run, split: str, parts: Path, out: Path) -> xr.Dataset:
-    """The cube that 2 gloo processes launched by torchrun merge (the worker's options) into `out`."""
+def launch_with_torchrun(run, split: str, parts: Path, out: Path) -> tuple[xr.Dataset, str]:
+    """The cube that 2 gloo processes launched by torchrun merge (the worker's options) into `out`,
+    and what they wrote on stderr."""
     parts.mkdir(exist_ok=True)
     save_file({"inputs": run.test_x.contiguous()}, parts / "inputs.safetensors")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
@@ -68,7 +69,7 @@ def launch_with_torchrun(run, split: str, parts: Path, out: Path) -> xr.Dataset:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
-    return ex.open_cube(out).load()
+    return ex.open_cube(out).load(), result.stderr
 
 
 def computed_by_workers(parts: Path) -> list[int]:
@@ -80,9 +81,10 @@ def computed_by_workers(parts: Path) -> list[int]:
 @pytest.mark.parametrize("split", ["test", "steps"])
 def test_two_gloo_processes_equal_one(run, split, tmp_path):
     parts = tmp_path / "parts"
-    merged = launch_with_torchrun(run, split, parts, tmp_path / "merged.zarr")
+    merged, stderr = launch_with_torchrun(run, split, parts, tmp_path / "merged.zarr")
     single = run.explain(step_bins=3, components="module", quadrature=6)
     assert_same_cube(merged, single)
+    assert stderr.count("  passes ") == 1  # process 0's plan only; each process shows its bar
     assert sorted(p.name for p in parts.glob("part-*.zarr")) == ["part-00000.zarr", "part-00001.zarr"]
 
 
@@ -91,10 +93,10 @@ def test_a_second_launch_reuses_every_stored_part(tmp_path):
     replaced it): the parts are read back, untouched, and merged into the same cube."""
     run = train(Case(steps=5, n_test=4), tmp_path / "history")
     parts = tmp_path / "parts"
-    first = launch_with_torchrun(run, "test", parts, tmp_path / "first.zarr")
+    first, _ = launch_with_torchrun(run, "test", parts, tmp_path / "first.zarr")
     assert computed_by_workers(parts) == [0, 1]
     stored = {part.name: files_on_disk(part) for part in parts.glob("part-*.zarr")}
-    again = launch_with_torchrun(run, "test", parts, tmp_path / "again.zarr")
+    again, _ = launch_with_torchrun(run, "test", parts, tmp_path / "again.zarr")
     assert computed_by_workers(parts) == [0, 1]  # none computed in the second launch
     assert {part.name: files_on_disk(part) for part in parts.glob("part-*.zarr")} == stored
     xr.testing.assert_identical(again, first)
@@ -416,6 +418,21 @@ def test_interrupted_then_resumed_equals_uninterrupted(run, split, tmp_path, com
     assert files_on_disk(tmp_path / "parts" / "part-00000.zarr") == first  # read back, not rewritten
     xr.testing.assert_identical(resumed, uninterrupted)
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part-0000{r}.zarr" for r in range(3)]
+
+
+def test_resumable_shows_the_plan_of_its_first_computed_part_only(run, tmp_path, computed_parts, capsys):
+    """Each part's explain() printed its plan, once per part; now the first part computed shows
+    its plan, on stderr, and so does a resumed call (whose first part is another)."""
+    options = {**OPTIONS, "progress": True}
+    computed_parts.stop_at = 2
+    with pytest.raises(Interrupted):
+        explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path, n_parts=3, **options)
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("  passes ") == 1 and ", steps 0–2 of 7, " in printed.err
+    computed_parts.stop_at = None
+    explain_resumable(run.path, run.model, run.test_x, parts_dir=tmp_path, n_parts=3, **options)
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("  passes ") == 1 and ", steps 5–7 of 7 " in printed.err
 
 
 def test_stored_parts_make_no_tensor_on_torchs_default_device(run, tmp_path):

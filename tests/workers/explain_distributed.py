@@ -17,7 +17,7 @@ log_computed_parts(parts_dir)
 inputs = load_file(Path(parts_dir) / "inputs.safetensors")["inputs"]
 cube = explain_distributed(
     history, Case(model=model_kind, opt=opt).fresh_model(), inputs, split=split,
-    parts_dir=parts_dir, step_bins=3, components="module", quadrature=6, progress=False,
+    parts_dir=parts_dir, step_bins=3, components="module", quadrature=6,
 )
 if cube is not None:
     save_cube(cube, out)
