@@ -22,6 +22,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .cube import checked_test_ids
 from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs, step_range
 from .errors import InputError
 from .functional import FlatModel, checked_output
@@ -81,7 +82,7 @@ def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, 
                   targets: torch.Tensor, *,
                   steps: tuple[int, int] | None = None, loss=None, output_fn: Callable | None = None,
                   dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
-                  progress: bool = True) -> xr.DataArray:
+                  test_ids=None, progress: bool = True) -> xr.DataArray:
     """TracIn (Pruthi et al. 2020) from a recorded history, on the true-class log-probability.
 
     τ(k, x) = Σ_{s : k ∈ b_s} ⟨∇_θ log p(y_x | x; θ_s), −η_s w_{s,k} ∇_θ ℓ(z_k; θ_s)⟩: the first-order
@@ -90,10 +91,12 @@ def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, 
     batches; no momentum or Adam preconditioning, which is where it differs from ExPLAIND).
     w_{s,k} is the sample's weight in the step's gradient: the loss reduction's, times the
     recorded clipping factor c_s. Positive raises the output. Returns [train, test], train
-    labelled by dataset index. history, loss and output_fn as in explain(): a History or its
+    labelled by dataset index, test by `test_ids` (one per input; None: 0 … T − 1), as a cube of
+    explain() labels them. history, loss and output_fn as in explain(): a History or its
     folder (checked against the model as explain checks it), the per-sample loss of a history
     recorded with a custom one, and what is explained of the model's output.
     """
+    test_ids = checked_test_ids(test_ids, len(inputs))
     history = open_history(history, model, "tracin_scores")
     start, stop = step_range(steps, history.n_steps)
     flat = FlatModel(model, history.layout, dtype, device, history.constants(), output_fn)
@@ -114,7 +117,7 @@ def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, 
             products = flat.per_sample_gradients(theta, batch_x, batch_y, loss) @ directions.T
         scores.index_add_(0, torch.searchsorted(train_index, rec.indices).to(flat.device), -weights[:, None] * products)  # [B, T]
     return xr.DataArray(scores.cpu().numpy(), dims=("train", "test"),
-                        coords={"train": train_index.numpy(), "test": np.arange(len(x))})
+                        coords={"train": train_index.numpy(), "test": test_ids})
 
 
 def _checked_inputs(history: History, flat: FlatModel, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:

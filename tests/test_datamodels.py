@@ -262,6 +262,21 @@ def test_tracin_is_the_same_by_forward_mode_and_by_per_sample_gradients(recorded
     np.testing.assert_allclose(many.values, np.tile(few.values, 2), rtol=1e-10, atol=1e-15)
 
 
+def test_tracin_labels_its_inputs_as_a_cube_does(recorded):
+    """test_ids label the test dim as explain's do, so the scores align with a cube's by label;
+    they were always 0 … T − 1. A wrong count is refused before the pass over the history."""
+    history = ex.History(recorded.path)
+    ids = np.array([f"pair-{i}" for i in range(len(recorded.test_x))])[::-1].copy()
+    args = (history, recorded.model, recorded.test_x, recorded.test_y)
+    scores = datamodels.tracin_scores(*args, test_ids=ids, progress=False)
+    cube = ex.explain(*args, keep=("train", "test"), outputs="true", test_ids=ids, progress=False)
+    assert list(scores["test"].values) == list(cube["test"].values) == list(ids)
+    unlabelled = datamodels.tracin_scores(*args, progress=False)
+    np.testing.assert_array_equal(scores.values, unlabelled.values)
+    with pytest.raises(InputError, match="pass one id per input"):
+        datamodels.tracin_scores(*args, test_ids=ids[:-1], progress=False)
+
+
 def test_tracin_makes_no_tensor_on_torchs_default_device(recorded):
     """As explain (see test_engine): with the default device 'meta', a tensor made without naming
     its device would stop the call; both routes (one input: forward mode; more: per-sample
