@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import traceback
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -972,7 +973,20 @@ def _private_structure(model: nn.Module) -> nn.Module:
     for module in private.modules():  # torch.func's transforms take no sparse gradient: the same numbers, dense
         if isinstance(module, EMBEDDINGS):
             module.sparse = False
+        if isinstance(module, nn.PReLU):
+            module.forward = types.MethodType(_prelu_by_relu, module)
     return private
+
+
+def _prelu_by_relu(module: nn.PReLU, x: torch.Tensor) -> torch.Tensor:
+    """nn.PReLU's value, relu(x) − a·relu(−x) with a along the channel dim (dim 1; one a for all
+    without it): torch's prelu backward breaks its shapes under a vmap of reverse mode with a
+    batched slope (vmap over rows of jacrev, which every cube with a train dim takes), while relu
+    differentiates everywhere and is located as a kink like prelu."""
+    slope = module.weight
+    if x.dim() >= 2 and slope.numel() > 1:
+        slope = slope.reshape(-1, *[1] * (x.dim() - 2))
+    return F.relu(x) - slope * F.relu(-x)
 
 
 class _DifferentiableKernels:

@@ -46,6 +46,19 @@ class MLP(nn.Module):
         return self.out(x)
 
 
+class SlopedMLP(MLP):
+    """An MLP whose inputs first pass an nn.PReLU with a trained slope per feature: a kink at each
+    input's 0, which no step moves (the inputs are data), so the brute force's quadrature over
+    whole steps stays exact."""
+
+    def __init__(self, d_in: int = 4, **kwargs):
+        super().__init__(d_in, **kwargs)
+        self.slope = nn.PReLU(d_in, init=0.3)
+
+    def forward(self, x):
+        return super().forward(self.slope(x))
+
+
 class CNN(nn.Module):
     """conv 1→3 (3×3) → softplus → 2×2 average pooling → linear 12→3, on 1×6×6 images."""
 
@@ -97,7 +110,7 @@ class TinyTransformer(nn.Module):
 
 def make_model(name: str, seed: int, dtype=torch.float64, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model = {"mlp": MLP, "cnn": CNN, "transformer": TinyTransformer}[name](**kwargs)
+    model = {"mlp": MLP, "prelu": SlopedMLP, "cnn": CNN, "transformer": TinyTransformer}[name](**kwargs)
     return model.to(dtype)
 
 
@@ -105,7 +118,7 @@ def make_data(name: str, n_train: int, n_test: int, seed: int, dtype=torch.float
     """(train inputs, train targets, test inputs, test targets) for a model kind."""
     g = torch.Generator().manual_seed(1000 + seed)
     n = n_train + n_test
-    if name == "mlp":
+    if name in ("mlp", "prelu"):
         x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
         y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.8).long()
     elif name == "cnn":
@@ -218,7 +231,7 @@ class Case:
     clip: float | None = None  # max_norm of rec.clip_grad_norm_ at every step (None: no clipping)
 
     def model_kwargs(self) -> dict:
-        return {"widths": self.widths, "act": self.act} if self.model == "mlp" else {}
+        return {"widths": self.widths, "act": self.act} if self.model in ("mlp", "prelu") else {}
 
     def fresh_model(self, seed: int | None = None) -> nn.Module:
         return make_model(self.model, self.seed if seed is None else seed, self.dtype, **self.model_kwargs())

@@ -710,6 +710,20 @@ def test_relu_kinks_are_integrated_exactly(runs):
     assert smooth_rule.attrs["relative_residual"] > 1e-6
 
 
+def test_prelu_slopes_match_brute_force(runs, references):
+    """torch's prelu backward breaks its shapes under a vmap over rows of reverse mode with a
+    batched slope (the route of every cube with a train dim raised a RuntimeError): nn.PReLU's
+    trained slopes are attributed like any weight, as the brute force does with torch's prelu."""
+    run = runs.get(Case("prelu", "sgd_nesterov"))
+    ref = references(run)
+    cube = run.explain(quadrature=8)
+    a, r = ref.cube("update")
+    scale = max(np.abs(a).max(), np.abs(r).max())
+    assert "slope.weight" in cube["component"].values.tolist()
+    assert np.abs(full_cube(cube) - a[:, :, train_positions(cube, ref)]).max() <= 1e-12 * scale
+    assert cube.attrs["relative_residual"] <= 1e-12
+
+
 @pytest.mark.parametrize("breakpoints", [True, False])
 def test_cubes_without_train_dim_by_forward_mode_equal_the_jacobian_route(runs, breakpoints):
     """Without a train dim (and no parameter scores) the engine contracts G_s with a few vectors
