@@ -1443,9 +1443,9 @@ def _path_fix(attrs: dict) -> str:
     elif attrs["kink_tolerance"] > 0:
         fix = f"lower kink_tolerance={attrs['kink_tolerance']:g} (0 locates every kink), or raise quadrature=..."
     else:
-        fix = ("raise quadrature=..., and if the model has kinks the search does not see (torch.where on a "
-               "comparison, F.threshold), where more nodes converge only slowly: write them as relu, clamp, "
-               "torch.maximum or max_pool so that they are located. A miss that more nodes leave as it is "
+        fix = ("raise quadrature=..., and if the model has kinks the search does not see (an index computed "
+               "outside torch, a hand-made sort), where more nodes converge only slowly: write them as relu, "
+               "clamp, torch.where on a comparison, torch.maximum, max_pool or sort so that they are located. A miss that more nodes leave as it is "
                "comes from a backward that is not its forward's derivative (a custom autograd.Function such as "
                "gradient reversal, a straight-through estimator x + (q(x) - x).detach()): the path integral "
                "needs the true ∂f/∂θ, so explain a model whose forward has it")
