@@ -986,8 +986,8 @@ def _private_structure(model: nn.Module) -> nn.Module:
     for module in private.modules():  # torch.func's transforms take no sparse gradient: the same numbers, dense
         if isinstance(module, EMBEDDINGS):
             module.sparse = False
-        if isinstance(module, nn.PReLU):
-            module.forward = types.MethodType(_prelu_by_relu, module)
+        if (composed := _COMPOSED_FORWARDS.get(type(module))) is not None:
+            module.forward = types.MethodType(composed, module)
     return private
 
 
@@ -1000,6 +1000,24 @@ def _prelu_by_relu(module: nn.PReLU, x: torch.Tensor) -> torch.Tensor:
     if x.dim() >= 2 and slope.numel() > 1:
         slope = slope.reshape(-1, *[1] * (x.dim() - 2))
     return F.relu(x) - slope * F.relu(-x)
+
+
+# how each bag of [batch, length] ids reduces its rows (nn.EmbeddingBag's modes)
+_BAG_REDUCTIONS = {"sum": lambda rows: rows.sum(1), "mean": lambda rows: rows.mean(1),
+                   "max": lambda rows: rows.amax(1)}
+
+
+def _embedding_bag_by_lookup(module: nn.EmbeddingBag, x: torch.Tensor, offsets=None, per_sample_weights=None):
+    """nn.EmbeddingBag's value on bags of one length ([batch, length] ids, no padding_idx) as a
+    lookup and its mode's reduction over each bag: torch's embedding_bag has no forward-mode
+    derivative (the kink search, cubes without a train dim, reconstruct). Other calls as torch's."""
+    if x.dim() != 2 or offsets is not None or per_sample_weights is not None or module.padding_idx is not None:
+        return nn.EmbeddingBag.forward(module, x, offsets, per_sample_weights)
+    return _BAG_REDUCTIONS[module.mode](F.embedding(x, module.weight))
+
+
+# torch modules called in explaind's private copy of a model by other torch ops of the same value
+_COMPOSED_FORWARDS = {nn.PReLU: _prelu_by_relu, nn.EmbeddingBag: _embedding_bag_by_lookup}
 
 
 class _DifferentiableKernels:

@@ -59,6 +59,18 @@ class SlopedMLP(MLP):
         return super().forward(self.slope(x))
 
 
+class Bagged(nn.Module):
+    """nn.EmbeddingBag (mean over each sequence of 3 tokens from a vocabulary of 5) → tanh → linear."""
+
+    def __init__(self, vocab: int = 5, d: int = 6):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, d, mode="mean")
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.bag(tokens)))
+
+
 class CNN(nn.Module):
     """conv 1→3 (3×3) → softplus → 2×2 average pooling → linear 12→3, on 1×6×6 images."""
 
@@ -110,7 +122,7 @@ class TinyTransformer(nn.Module):
 
 def make_model(name: str, seed: int, dtype=torch.float64, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model = {"mlp": MLP, "prelu": SlopedMLP, "cnn": CNN, "transformer": TinyTransformer}[name](**kwargs)
+    model = {"mlp": MLP, "prelu": SlopedMLP, "bag": Bagged, "cnn": CNN, "transformer": TinyTransformer}[name](**kwargs)
     return model.to(dtype)
 
 

@@ -724,6 +724,21 @@ def test_prelu_slopes_match_brute_force(runs, references):
     assert cube.attrs["relative_residual"] <= 1e-12
 
 
+def test_embedding_bags_are_explained_by_forward_mode_too(runs, references):
+    """torch's embedding_bag has no forward-mode derivative, so the kink search (the default) and
+    cubes without a train dim were refused; nn.EmbeddingBag of same-length bags is now looked up
+    and reduced by ops that have one, equal to the brute force of torch's own module."""
+    run = runs.get(Case("bag", "adamw"))
+    ref = references(run)
+    a, r = ref.cube("update")
+    scale = max(np.abs(a).max(), np.abs(r).max())
+    full = run.explain(quadrature=8)
+    assert np.abs(full_cube(full) - a[:, :, train_positions(full, ref)]).max() <= 1e-12 * scale
+    per_test = run.explain(keep="test", quadrature=8)
+    assert np.abs(per_test["attribution"].values - a.sum((0, 1, 2, 4))).max() <= 1e-12 * scale
+    assert full.attrs["relative_residual"] <= 1e-12 and per_test.attrs["relative_residual"] <= 1e-12
+
+
 @pytest.mark.parametrize("breakpoints", [True, False])
 def test_cubes_without_train_dim_by_forward_mode_equal_the_jacobian_route(runs, breakpoints):
     """Without a train dim (and no parameter scores) the engine contracts G_s with a few vectors
