@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 from torch.func import jvp as _unguarded_jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrizations
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -866,7 +867,8 @@ def _refusal(error: NotImplementedError | RuntimeError, dtype: torch.dtype) -> U
             "forward mode to locate kinks (breakpoints=True), for cubes without a train dim and in "
             "reconstruct(). Fix: explain with breakpoints=False and a train dim (or parameter_scores="
             "True), which need reverse mode only, or build that op from ones torch differentiates in "
-            "forward mode (for weight norm: w = g * v / v.norm(dim=1, keepdim=True))")
+            "forward mode (torch.cdist(a, b): (a[..., :, None, :] - b[..., None, :, :]).norm(dim=-1); the "
+            "older nn.utils.weight_norm: nn.utils.parametrizations.weight_norm, which explaind computes so)")
     if _SAVED_TENSOR_HOOKS in cause:
         return UnsupportedError(
             f"torch.func cannot transform the model ({cause}): it installs saved-tensor hooks, as "
@@ -1016,8 +1018,18 @@ def _embedding_bag_by_lookup(module: nn.EmbeddingBag, x: torch.Tensor, offsets=N
     return _BAG_REDUCTIONS[module.mode](F.embedding(x, module.weight))
 
 
+def _parametrized_weight_norm(module: nn.Module, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+    """nn.utils.parametrizations.weight_norm's weight, torch._weight_norm(v, g, dim): v scaled to the
+    norm g over every dim but `dim` (-1: over the whole tensor), by ops that have a forward-mode
+    derivative, which its fused kernel has not. (The older nn.utils.weight_norm computes it in a
+    hook on a module that cannot be copied, so it stays with torch's kernel.)"""
+    norm = weight_v.norm() if module.dim == -1 else torch.norm_except_dim(weight_v, 2, module.dim)
+    return weight_v * (weight_g / norm)
+
+
 # torch modules called in explaind's private copy of a model by other torch ops of the same value
-_COMPOSED_FORWARDS = {nn.PReLU: _prelu_by_relu, nn.EmbeddingBag: _embedding_bag_by_lookup}
+_COMPOSED_FORWARDS = {nn.PReLU: _prelu_by_relu, nn.EmbeddingBag: _embedding_bag_by_lookup,
+                      parametrizations._WeightNorm: _parametrized_weight_norm}
 
 
 class _DifferentiableKernels:

@@ -1454,17 +1454,25 @@ def test_a_missing_gpu_names_the_devices_there_are(monkeypatch, cuda_devices, fi
         functional.compute_device("cuda:2")
 
 
-# torch warns that vmap loops over the weight norm backward, which has no batching rule
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-def test_an_op_without_forward_mode_names_the_reverse_mode_route(tmp_path):
-    """torch has no forward-mode derivative of weight norm: the routes that need forward mode
-    say so and name the fix, and the fix (breakpoints=False with a train dim) decomposes exactly."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)).double()
+def weight_normed_run(path, layer: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(6, 3)).double()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     x, y = data()
-    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+    with ex.Recorder(path, model, optimizer, check_every=1) as rec:
         loop(rec, model, optimizer, x, y, steps=3)
+    return model, x
+
+
+# torch warns that vmap loops over the weight norm backward, which has no batching rule, that the
+# older weight norm is deprecated, and explaind that it cannot copy a module with that weight norm
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning", "ignore::FutureWarning",
+                            "ignore:explaind could not copy the module:UserWarning")
+def test_an_op_without_forward_mode_names_the_reverse_mode_route(tmp_path):
+    """torch has no forward-mode derivative of weight norm, which the older nn.utils.weight_norm
+    computes in a hook: the routes that need forward mode say so and name the fix, and the fix
+    (breakpoints=False with a train dim) decomposes exactly."""
+    torch.manual_seed(0)
+    model, x = weight_normed_run(tmp_path / "h", nn.utils.weight_norm(nn.Linear(4, 6).double()))
     fix = ("forward mode", "weight_norm", "breakpoints=False", "train dim", "reverse mode")
     with pytest.raises(ex.UnsupportedError, match=says(*fix, "locate kinks")):
         ex.explain(tmp_path / "h", model, x[:2], progress=False)
@@ -1472,6 +1480,26 @@ def test_an_op_without_forward_mode_names_the_reverse_mode_route(tmp_path):
         ex.reconstruct(tmp_path / "h", model, x[:2], progress=False)
     cube = ex.explain(tmp_path / "h", model, x[:2], progress=False, breakpoints=False, quadrature=6, tolerance=1e-9)
     assert cube.attrs["relative_residual"] <= 1e-9
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_parametrized_weight_norm_is_explained_by_forward_mode_too(tmp_path, monkeypatch):
+    """nn.utils.parametrizations.weight_norm is computed in explaind's copy of the model by ops
+    that forward mode differentiates (it was refused like the hook above): the default explain
+    equals the reverse-mode route through torch's own kernel, and reconstruct() adds up."""
+    torch.manual_seed(0)
+    model, x = weight_normed_run(tmp_path / "h", nn.utils.parametrizations.weight_norm(nn.Linear(4, 6), dim=1))
+    cube = ex.explain(tmp_path / "h", model, x, keep=("train", "test"), quadrature=8, progress=False, tolerance=1e-12)
+    summed = ex.explain(tmp_path / "h", model, x, keep="test", quadrature=8, progress=False, tolerance=1e-12)
+    assert float(abs(ex.reconstruct(tmp_path / "h", model, x, quadrature=8, progress=False)["residual"]).max()) <= 1e-13
+    monkeypatch.setattr(functional, "_COMPOSED_FORWARDS", {})
+    with pytest.raises(ex.UnsupportedError, match=says("forward mode", "_weight_norm_interface")):
+        ex.explain(tmp_path / "h", model, x, keep="test", progress=False)
+    by_torch = ex.explain(tmp_path / "h", model, x, keep=("train", "test"), quadrature=8, progress=False,
+                          breakpoints=False)
+    np.testing.assert_allclose(cube["attribution"].values, by_torch["attribution"].values, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(summed["attribution"].values, by_torch["attribution"].sum("train").values,
+                               rtol=0, atol=1e-14)
 
 
 class Recurrent(nn.Module):
