@@ -341,7 +341,7 @@ class _KinkPattern(TorchFunctionMode):
     # reductions, tracked like a max-pool (see _reduced_dims); whether they take the largest
     POOL_OPS = {"amax": True, "max": True, "amin": False, "min": False}
     # ops that order their input along a dim (see _ordered_dims): tracked by the indices they return
-    ORDER_OPS = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "argmax", "argmin"}
+    ORDER_OPS = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "argmax", "argmin", "cummax", "cummin"}
     # ops that read their input at ranks and return no indices (see _ranked_dims): tracked by the
     # indices of the entries at those ranks
     RANK_OPS = {"quantile", "nanquantile", "median", "nanmedian"}

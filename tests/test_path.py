@@ -266,9 +266,10 @@ class ArgmaxProduct(nn.Module):
     lambda z: z.gather(1, (-z).argmin(dim=1)[:, None])[:, 0], lambda z: z.gather(1, z.argsort(1)[:, 1:])[:, 0],
     lambda z: z.quantile(1.0, dim=1),
     lambda z: torch.nanquantile(z, torch.tensor([0.0, 1.0], dtype=DT), dim=-1, interpolation="higher")[1],
+    lambda z: z.cummax(1).values[:, -1], lambda z: -torch.cummin(-z, dim=-1).values[:, -1],
 ], ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)", "sort", "sort descending", "topk",
         "topk 2 (its k no dim)", "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort", "quantile",
-        "nanquantile"])
+        "nanquantile", "cummax", "cummin"])
 def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     """A global max-pool written as amax (the paper's ResNet-9 ends in one) switches like a
     max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027); so does one
