@@ -1027,9 +1027,17 @@ def _parametrized_weight_norm(module: nn.Module, weight_g: torch.Tensor, weight_
     return weight_v * (weight_g / norm)
 
 
+def _rrelu_by_leaky_relu(module: nn.RReLU, x: torch.Tensor) -> torch.Tensor:
+    """nn.RReLU's value where its slope is fixed (eval mode, or lower == upper): a leaky ReLU of
+    slope (lower + upper) / 2. torch's rrelu has no vmap rule. (A random slope the Recorder refuses.)"""
+    if module.training and module.lower != module.upper:
+        return nn.RReLU.forward(module, x)
+    return F.leaky_relu(x, (module.lower + module.upper) / 2)
+
+
 # torch modules called in explaind's private copy of a model by other torch ops of the same value
 _COMPOSED_FORWARDS = {nn.PReLU: _prelu_by_relu, nn.EmbeddingBag: _embedding_bag_by_lookup,
-                      parametrizations._WeightNorm: _parametrized_weight_norm}
+                      parametrizations._WeightNorm: _parametrized_weight_norm, nn.RReLU: _rrelu_by_leaky_relu}
 
 
 class _DifferentiableKernels:

@@ -210,8 +210,9 @@ ACTIVATED_DELTA = torch.tensor([2.0, 7.0, 0.0, 0.0], dtype=DT)  # (a, b, out)
     (lambda z: F.leaky_relu(z, 0.1), [0], 1e-13), (torch.abs, [0], 1e-13),
     (lambda z: F.relu6(2 * z), [0, 3], 1e-13), (nn.Hardtanh(-2.0, 2.0), [-2, 2], 1e-13),
     (nn.Softsign(), [0], 1e-7),  # z / (1 + |z|) in Python, named as a whole; 1 / (1 + |z|)² converges slowly
+    (nn.RReLU(0.1, 0.3).eval(), [0], 1e-13),  # torch's rrelu has no vmap rule: a leaky ReLU of slope 0.2
 ], ids=["hardswish", "softshrink 1.5", "nn.Softshrink", "elu 0.5", "nn.CELU 2", "selu", "hardswish in place",
-        "nn.Hardsigmoid", "leaky_relu 0.1", "abs", "relu6 of 2z", "nn.Hardtanh ±2", "nn.Softsign"])
+        "nn.Hardsigmoid", "leaky_relu 0.1", "abs", "relu6 of 2z", "nn.Hardtanh ±2", "nn.Softsign", "nn.RReLU eval"])
 def test_piecewise_activations_are_kinks_at_their_breaks(act, kinks, rounding):
     """Each break is located where z(t) reaches it, and the integral between them is then exact: φ·Δ
     equals the change of the outputs (forward passes) to rounding, where plain quadrature misses."""
