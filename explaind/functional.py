@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import math
 import os
 import re
 import threading
@@ -345,6 +346,9 @@ class _KinkPattern(TorchFunctionMode):
     # ops that read their input at ranks and return no indices (see _ranked_dims): tracked by the
     # indices of the entries at those ranks
     RANK_OPS = {"quantile", "nanquantile", "median", "nanmedian"}
+    # vector norms (and the ops that take one of a difference): an L1 norm is kinked where an entry
+    # crosses 0, a max norm where the entry of largest magnitude switches, a min norm at both
+    NORM_OPS = {"norm", "linalg_vector_norm", "linalg_norm", "normalize", "pairwise_distance", "dist"}
     # fused ops that apply a ReLU inside, where no distance to its kink can be read
     FUSED_RELUS = {"rnn_relu": "nn.RNN(nonlinearity='relu')", "rnn_relu_cell": "nn.RNNCell(nonlinearity='relu')"}
 
@@ -395,6 +399,15 @@ class _KinkPattern(TorchFunctionMode):
             out = func(*args, **kwargs)
             self._ordered(x, dims, lambda: out if isinstance(out, torch.Tensor) else out.indices)
             return out
+        elif name in self.NORM_OPS and (normed := _kinked_norm(name, args, kwargs)) is not None:
+            v, order, dims = normed
+            if order != math.inf:  # |v| at each entry's 0
+                self._track(v, self._input_axis(v), v)
+            if math.isinf(order):  # the largest |v| (the smallest: of −|v|)
+                self._ordered(v.abs(), dims, lambda: _argmax_over(v.abs() if order > 0 else -v.abs(), dims))
+            if name in ("pairwise_distance", "dist"):  # of v itself, which the pass's backward must reach
+                keepdim = name == "pairwise_distance" and kwargs.get("keepdim", args[4] if len(args) > 4 else False)
+                return torch.linalg.vector_norm(v, order, dim=dims, keepdim=keepdim)
         elif name in self.RANK_OPS and x.is_floating_point() and (dims := _ranked_dims(name, args, kwargs, x)):
             quantiles = None if "median" in name else kwargs.get("q", args[1] if len(args) > 1 else None)
             self._ordered(x, dims, lambda: _at_ranks(x, dims, quantiles, skip_nan=name.startswith("nan")))
@@ -651,6 +664,32 @@ def _at_ranks(x: torch.Tensor, dims: list[int], quantiles, skip_nan: bool) -> to
         ranks = torch.cat([position.floor(), position.ceil()], -1)
     indices = along.argsort(-1).gather(-1, ranks.clamp(min=0).long())  # NaN sorts last
     return indices.movedim(-1, dims[0]) if len(dims) == 1 else indices
+
+
+def _kinked_norm(name: str, args, kwargs) -> tuple[torch.Tensor, float, list[int]] | None:
+    """(the vector v, the order, the dims it is normed over) of a norm op of order 1, ∞ or −∞, whose
+    kinks the search tracks; None for other orders (2 is smooth but at v = 0) and matrix norms.
+    pairwise_distance and dist take the norm of a difference."""
+    if name in ("pairwise_distance", "dist"):
+        x1, x2 = args[0], kwargs.get("x2", kwargs.get("other", args[1] if len(args) > 1 else None))
+        order = kwargs.get("p", args[2] if len(args) > 2 else 2.0)
+        if name == "pairwise_distance":  # torch adds eps to the difference, along the last dim
+            v = x1 - x2 + kwargs.get("eps", args[3] if len(args) > 3 else 1e-6)
+            dim = -1
+        else:
+            v, dim = x1 - x2, None
+    else:
+        v = args[0] if args else kwargs["input"]
+        key = "ord" if name.startswith("linalg") else "p"
+        order = kwargs.get(key, args[1] if len(args) > 1 else (None if name == "linalg_norm" else 2.0))
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else (1 if name == "normalize" else None))
+        if name == "linalg_norm" and not (isinstance(dim, int) or (dim is None and v.dim() == 1)):
+            return None  # a matrix norm (or the Frobenius norm of all entries)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() == 0 \
+            or not isinstance(order, (int, float)) or abs(order) not in (1, math.inf):
+        return None
+    dims = range(v.dim()) if dim is None else [dim] if isinstance(dim, int) else dim
+    return v, float(order), sorted(d % v.dim() for d in dims)
 
 
 def _argmax_over(x: torch.Tensor, dims: list[int]) -> torch.Tensor:

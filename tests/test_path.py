@@ -211,8 +211,12 @@ ACTIVATED_DELTA = torch.tensor([2.0, 7.0, 0.0, 0.0], dtype=DT)  # (a, b, out)
     (lambda z: F.relu6(2 * z), [0, 3], 1e-13), (nn.Hardtanh(-2.0, 2.0), [-2, 2], 1e-13),
     (nn.Softsign(), [0], 1e-7),  # z / (1 + |z|) in Python, named as a whole; 1 / (1 + |z|)² converges slowly
     (nn.RReLU(0.1, 0.3).eval(), [0], 1e-13),  # torch's rrelu has no vmap rule: a leaky ReLU of slope 0.2
+    (lambda z: torch.linalg.vector_norm(z, ord=1, dim=-1, keepdim=True), [0], 1e-13),  # L1 norms: |z|
+    (lambda z: z.norm(p=1, dim=1, keepdim=True), [0], 1e-13),
+    (lambda z: F.pairwise_distance(z, -z, p=1, eps=0.0, keepdim=True), [0], 1e-13),
 ], ids=["hardswish", "softshrink 1.5", "nn.Softshrink", "elu 0.5", "nn.CELU 2", "selu", "hardswish in place",
-        "nn.Hardsigmoid", "leaky_relu 0.1", "abs", "relu6 of 2z", "nn.Hardtanh ±2", "nn.Softsign", "nn.RReLU eval"])
+        "nn.Hardsigmoid", "leaky_relu 0.1", "abs", "relu6 of 2z", "nn.Hardtanh ±2", "nn.Softsign", "nn.RReLU eval",
+        "vector_norm ord=1", "Tensor.norm p=1", "pairwise_distance p=1"])
 def test_piecewise_activations_are_kinks_at_their_breaks(act, kinks, rounding):
     """Each break is located where z(t) reaches it, and the integral between them is then exact: φ·Δ
     equals the change of the outputs (forward passes) to rounding, where plain quadrature misses."""
@@ -268,9 +272,11 @@ class ArgmaxProduct(nn.Module):
     lambda z: z.quantile(1.0, dim=1),
     lambda z: torch.nanquantile(z, torch.tensor([0.0, 1.0], dtype=DT), dim=-1, interpolation="higher")[1],
     lambda z: z.cummax(1).values[:, -1], lambda z: -torch.cummin(-z, dim=-1).values[:, -1],
+    lambda z: torch.linalg.vector_norm(z, ord=float("inf"), dim=1), lambda z: torch.norm(z, float("inf"), dim=-1),
+    lambda z: 1 - torch.linalg.vector_norm(1 - z, ord=-float("inf"), dim=1),  # the min of |1 - z| = 1 - max z
 ], ids=["amax", "max(dim)", "amax over two dims", "amin", "min(dim)", "sort", "sort descending", "topk",
         "topk 2 (its k no dim)", "kthvalue", "median", "gather at argmax", "gather at argmin", "argsort", "quantile",
-        "nanquantile", "cummax", "cummin"])
+        "nanquantile", "cummax", "cummin", "vector_norm ord=inf", "torch.norm inf", "vector_norm ord=-inf"])
 def test_an_argmax_switch_of_a_max_reduction_is_a_kink(reduce):
     """A global max-pool written as amax (the paper's ResNet-9 ends in one) switches like a
     max-pool, and was integrated as if smooth (the tiny ResNet missed by 0.027); so does one
