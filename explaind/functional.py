@@ -329,7 +329,7 @@ class _KinkPattern(TorchFunctionMode):
     # z / (1 + |z|), in its curvature: torch writes it in Python, and a mode does not see the abs
     # inside a function it is handed whole)
     SIGN_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "prelu", "elu", "elu_", "celu", "celu_",
-                "selu", "selu_", "softsign"}
+                "selu", "selu_", "softsign", "abs_", "absolute", "absolute_"}
     RANGE_OPS = {"hardtanh", "hardtanh_", "relu6", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
                  "clamp_max", "clamp_max_", "_threshold", "threshold", "threshold_", "hardsigmoid", "hardswish",
                  "softshrink", "hardshrink"}

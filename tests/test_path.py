@@ -214,9 +214,10 @@ ACTIVATED_DELTA = torch.tensor([2.0, 7.0, 0.0, 0.0], dtype=DT)  # (a, b, out)
     (lambda z: torch.linalg.vector_norm(z, ord=1, dim=-1, keepdim=True), [0], 1e-13),  # L1 norms: |z|
     (lambda z: z.norm(p=1, dim=1, keepdim=True), [0], 1e-13),
     (lambda z: F.pairwise_distance(z, -z, p=1, eps=0.0, keepdim=True), [0], 1e-13),
+    (torch.absolute, [0], 1e-13), (lambda z: z.clone().abs_(), [0], 1e-13),  # abs by its other names
 ], ids=["hardswish", "softshrink 1.5", "nn.Softshrink", "elu 0.5", "nn.CELU 2", "selu", "hardswish in place",
         "nn.Hardsigmoid", "leaky_relu 0.1", "abs", "relu6 of 2z", "nn.Hardtanh ±2", "nn.Softsign", "nn.RReLU eval",
-        "vector_norm ord=1", "Tensor.norm p=1", "pairwise_distance p=1"])
+        "vector_norm ord=1", "Tensor.norm p=1", "pairwise_distance p=1", "absolute", "abs_"])
 def test_piecewise_activations_are_kinks_at_their_breaks(act, kinks, rounding):
     """Each break is located where z(t) reaches it, and the integral between them is then exact: φ·Δ
     equals the change of the outputs (forward passes) to rounding, where plain quadrature misses."""
