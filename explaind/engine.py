@@ -1445,10 +1445,13 @@ def _path_fix(attrs: dict) -> str:
     else:
         fix = ("raise quadrature=..., and if the model has kinks the search does not see (an index computed "
                "outside torch, a hand-made sort), where more nodes converge only slowly: write them as relu, "
-               "clamp, torch.where on a comparison, torch.maximum, max_pool or sort so that they are located. A miss that more nodes leave as it is "
-               "comes from a backward that is not its forward's derivative (a custom autograd.Function such as "
-               "gradient reversal, a straight-through estimator x + (q(x) - x).detach()): the path integral "
-               "needs the true ∂f/∂θ, so explain a model whose forward has it")
+               "clamp, torch.where on a comparison, torch.maximum, max_pool or sort so that they are located. "
+               "A miss that more nodes leave as it is comes from a jump of the model's value along a step, which "
+               "no integral of ∂f/∂θ spans (hardshrink past its bound, max_unpool where its argmax switches, round "
+               "or floor of a value that moves: write the model without it), or from a backward that is not its "
+               "forward's derivative (a custom autograd.Function such as gradient reversal, a straight-through "
+               "estimator x + (q(x) - x).detach()): the path integral needs the true ∂f/∂θ, so explain a model "
+               "whose forward has it")
     if attrs["dtype"] != "float64":
         fix += f"; if that no longer helps, the {attrs['dtype']} rounding of each step's integral is left: dtype=torch.float64"
     return f"The path integral is too coarse: {fix}."

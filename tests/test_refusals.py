@@ -1928,6 +1928,36 @@ def test_a_backward_that_is_not_the_derivative_is_named_where_more_nodes_do_not_
         assert error.value.cube.attrs["relative_residual"] > 1e-2
 
 
+class Unpooled(nn.Module):
+    """max_pool1d then max_unpool1d over 6 hidden units: each pair's larger value is put back in its
+    place, the other zeroed, so the output jumps where a pair's argmax switches."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        pooled, indices = F.max_pool1d(self.hidden(x)[:, None], 2, return_indices=True)
+        return self.out(F.max_unpool1d(pooled, indices, 2)[:, 0])
+
+
+# torch warns that vmap loops over max_unpool, which has no batching rule
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_a_jump_of_the_models_value_is_named_where_more_nodes_do_not_help(tmp_path):
+    """max_unpool's value jumps where its argmax switches, which the search locates but no integral
+    spans: the error named only more nodes, unseen kinks and a backward that is not the derivative."""
+    torch.manual_seed(0)
+    model = Unpooled().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = data()
+    with ex.Recorder(tmp_path / "h", model, optimizer, check_every=1) as rec:
+        loop(rec, model, optimizer, x, y, steps=4)
+    with pytest.raises(ex.ReconstructionError, match=says("more nodes leave as it is", "jump", "max_unpool")) as error:
+        ex.explain(tmp_path / "h", model, x, keep="test", progress=False)
+    assert error.value.cube.attrs["kinks_located"] > 0 and error.value.cube.attrs["relative_residual"] > 1e-3
+
+
 class PackedLSTM(nn.Module):
     """Token sequences of several lengths, packed for the LSTM (pack_padded_sequence)."""
 
