@@ -349,8 +349,9 @@ class _KinkPattern(TorchFunctionMode):
     # vector norms (and the ops that take one of a difference): an L1 norm is kinked where an entry
     # crosses 0, a max norm where the entry of largest magnitude switches, a min norm at both
     NORM_OPS = {"norm", "linalg_vector_norm", "linalg_norm", "normalize", "pairwise_distance", "dist"}
-    # fused ops that apply a ReLU inside, where no distance to its kink can be read
-    FUSED_RELUS = {"rnn_relu": "nn.RNN(nonlinearity='relu')", "rnn_relu_cell": "nn.RNNCell(nonlinearity='relu')"}
+    # fused ops that apply a ReLU inside, where no distance to its kink can be read (nn.RNN and
+    # nn.RNNCell are stepped by other ops in explaind's copy: see _relu_rnn_by_steps)
+    FUSED_RELUS = {"rnn_relu", "rnn_relu_cell"}
 
     def __init__(self, rows: int, axes: list[InputAxis | None] | None, straight_through: bool = False):
         super().__init__()
@@ -380,7 +381,7 @@ class _KinkPattern(TorchFunctionMode):
                 self._track(side, self._input_axis(side), side)
             return func(*args, **kwargs)
         if name in self.FUSED_RELUS:
-            raise UnsupportedError(_fused_relu(self.FUSED_RELUS[name], name))
+            raise UnsupportedError(_fused_relu(name))
         kinked = name in self.SIGN_OPS or name in self.RANGE_OPS
         if kinked:
             axis = self._input_axis(x)
@@ -528,12 +529,13 @@ class _TableLookups(TorchFunctionMode):
             "assert. Fix: drop those inputs, or map them into the model's vocabulary")
 
 
-def _fused_relu(module: str, op: str) -> str:
-    return (f"{module} applies its ReLU inside one fused op (torch's {op}), where the kink search cannot see "
-            "where the ReLU's input crosses 0, and the path integral across such kinks converges only slowly "
-            "(a 6-step run missed by 7e-3 of its output change). Fix: write the recurrence with torch ops, "
-            "h = torch.relu(F.linear(x_t, w_ih, b_ih) + F.linear(h, w_hh, b_hh)) at each step, whose kinks "
-            "are located, or use nonlinearity='tanh' (smooth); or explain with breakpoints=False and "
+def _fused_relu(op: str) -> str:
+    return (f"torch's {op} applies its ReLU inside one fused op (as nn.RNN does given a PackedSequence, or "
+            "with dropout in train mode), where the kink search cannot see where the ReLU's input crosses 0, and "
+            "the path integral across such kinks converges only slowly (a 6-step run missed by 7e-3 of its "
+            "output change). Fix: write the recurrence with torch ops, h = torch.relu(F.linear(x_t, w_ih, b_ih) "
+            "+ F.linear(h, w_hh, b_hh)) at each step, whose kinks are located (explaind steps nn.RNN and "
+            "nn.RNNCell so itself), or use nonlinearity='tanh' (smooth); or explain with breakpoints=False and "
             "quadrature=... raised until the cube's residual is small enough for you")
 
 
@@ -1074,9 +1076,52 @@ def _rrelu_by_leaky_relu(module: nn.RReLU, x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, (module.lower + module.upper) / 2)
 
 
+def _relu_rnn_by_steps(module: nn.RNN, x, hx=None):
+    """nn.RNN(nonlinearity='relu')'s value step by step, h = relu(W_ih x_t + b_ih + W_hh h + b_hh):
+    torch's fused rnn_relu hides the ReLU from the kink search. Other calls (tanh, a PackedSequence,
+    dropout between layers in train mode) as torch's."""
+    if module.nonlinearity != "relu" or not isinstance(x, torch.Tensor) or (module.training and module.dropout):
+        return nn.RNN.forward(module, x, hx)
+    batched = x.dim() == 3
+    x = (x.transpose(0, 1) if module.batch_first else x) if batched else x.unsqueeze(1)  # [L, B, H_in]
+    directions = 2 if module.bidirectional else 1
+    if hx is None:
+        hx = x.new_zeros(module.num_layers * directions, x.shape[1], module.hidden_size)
+    elif not batched:
+        hx = hx.unsqueeze(1)
+    last = []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh = getattr(module, "weight_ih" + suffix), getattr(module, "weight_hh" + suffix)
+            b_ih, b_hh = (getattr(module, "bias_ih" + suffix), getattr(module, "bias_hh" + suffix)) if module.bias \
+                else (None, None)
+            h, states = hx[layer * directions + direction], [None] * len(x)
+            for t in range(len(x)) if direction == 0 else reversed(range(len(x))):
+                h = states[t] = torch.relu(F.linear(x[t], w_ih, b_ih) + F.linear(h, w_hh, b_hh))
+            outputs.append(torch.stack(states))
+            last.append(h)
+        x = torch.cat(outputs, -1)
+    h_n = torch.stack(last)
+    if not batched:
+        return x.squeeze(1), h_n.squeeze(1)
+    return (x.transpose(0, 1) if module.batch_first else x), h_n
+
+
+def _relu_rnn_cell_by_ops(module: nn.RNNCell, x: torch.Tensor, hx=None) -> torch.Tensor:
+    """nn.RNNCell(nonlinearity='relu')'s value, relu(W_ih x + b_ih + W_hh h + b_hh) (see _relu_rnn_by_steps)."""
+    if module.nonlinearity != "relu":
+        return nn.RNNCell.forward(module, x, hx)
+    if hx is None:
+        hx = x.new_zeros(*x.shape[:-1], module.hidden_size)
+    return torch.relu(F.linear(x, module.weight_ih, module.bias_ih) + F.linear(hx, module.weight_hh, module.bias_hh))
+
+
 # torch modules called in explaind's private copy of a model by other torch ops of the same value
 _COMPOSED_FORWARDS = {nn.PReLU: _prelu_by_relu, nn.EmbeddingBag: _embedding_bag_by_lookup,
-                      parametrizations._WeightNorm: _parametrized_weight_norm, nn.RReLU: _rrelu_by_leaky_relu}
+                      parametrizations._WeightNorm: _parametrized_weight_norm, nn.RReLU: _rrelu_by_leaky_relu,
+                      nn.RNN: _relu_rnn_by_steps, nn.RNNCell: _relu_rnn_cell_by_ops}
 
 
 class _DifferentiableKernels:

@@ -1543,30 +1543,31 @@ def test_an_in_place_write_vmap_cannot_batch_names_the_fix(tmp_path):
 
 
 class ReluRecurrence(nn.Module):
-    """nn.RNN(nonlinearity="relu") over the 4 features as a sequence, or, with `by_hand`, the same
-    recurrence written with torch ops (the same parameters, so either explains the history)."""
+    """A ReLU recurrence over the 4 features as a sequence: nn.RNN(nonlinearity="relu"), its cell
+    nn.RNNCell stepped by hand, or that cell's weights given to torch's fused rnn_relu_cell."""
 
-    def __init__(self):
+    def __init__(self, form: str):
         super().__init__()
-        self.rnn = nn.RNN(1, 5, nonlinearity="relu", batch_first=True)
+        self.rnn = nn.RNN(1, 5, nonlinearity="relu", batch_first=True) if form == "rnn" else \
+            nn.RNNCell(1, 5, nonlinearity="relu")
         self.out = nn.Linear(5, 3)
-        self.by_hand = False
+        self.form = form
 
     def forward(self, x):
         sequence = x.unsqueeze(-1)
         h = sequence.new_zeros(len(sequence), 5)
-        if not self.by_hand:
+        if self.form == "rnn":
             return self.out(self.rnn(sequence, h[None])[0][:, -1])
-        rnn = self.rnn
+        cell = self.rnn
         for t in range(sequence.shape[1]):
-            h = torch.relu(F.linear(sequence[:, t], rnn.weight_ih_l0, rnn.bias_ih_l0) +
-                           F.linear(h, rnn.weight_hh_l0, rnn.bias_hh_l0))
+            h = cell(sequence[:, t], h) if self.form == "cell" else \
+                torch.rnn_relu_cell(sequence[:, t], h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
         return self.out(h)
 
 
-def relu_recurrence_run(path) -> tuple[ReluRecurrence, torch.Tensor]:
+def relu_recurrence_run(path, form: str) -> tuple[ReluRecurrence, torch.Tensor]:
     torch.manual_seed(0)
-    model = ReluRecurrence().double()
+    model = ReluRecurrence(form).double()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     x, y = data()
     with ex.Recorder(path, model, optimizer, check_every=1) as rec:
@@ -1574,25 +1575,42 @@ def relu_recurrence_run(path) -> tuple[ReluRecurrence, torch.Tensor]:
     return model, x
 
 
-def test_a_relu_fused_into_a_recurrent_op_is_refused_before_the_search(tmp_path, no_heavy_compute):
-    """nn.RNN's ReLU runs inside torch's fused rnn_relu, where no distance to its kink can be read:
-    its kinks went unlocated (a residual of 7e-3 on a 6-step run, found after the whole explain)."""
-    model, x = relu_recurrence_run(tmp_path / "h")
-    with pytest.raises(ex.UnsupportedError, match=says("nn.RNN(nonlinearity='relu')", "rnn_relu", "torch.relu(F.linear(",
-                                                      "nonlinearity='tanh'", "breakpoints=False")):
-        ex.explain(tmp_path / "h", model, x[:2], keep="test", progress=False)
-
-
-def test_a_relu_recurrence_written_by_hand_explains_the_same_history_exactly(tmp_path):
-    """The refusal's fix: the recurrence with torch ops locates the ReLU's kinks."""
-    model, x = relu_recurrence_run(tmp_path / "h")
-    model.by_hand = True
+@pytest.mark.parametrize("form", ["rnn", "cell"])
+def test_relu_recurrences_are_stepped_with_their_kinks_located(tmp_path, form):
+    """nn.RNN and nn.RNNCell run their ReLU inside torch's fused rnn_relu(_cell), where the kink
+    search could not see it (a 6-step run of nn.RNN missed by 7e-3 of its output change): explaind's
+    copy of the model steps them with torch.relu, the same values, and the kinks are located."""
+    model, x = relu_recurrence_run(tmp_path / "h", form)
     cube = ex.explain(tmp_path / "h", model, x, keep="test", progress=False, tolerance=1e-9)
     assert cube.attrs["kinks_located"] > 0
     assert cube.attrs["relative_residual"] <= 1e-12
     without_search = ex.explain(tmp_path / "h", model, x, keep="test", progress=False, tolerance=None,
                                 breakpoints=False)
     assert without_search.attrs["relative_residual"] > 1e-6
+
+
+@pytest.mark.parametrize("layout", [{}, {"batch_first": True, "num_layers": 2},
+                                    {"bidirectional": True, "num_layers": 3, "bias": False}])
+def test_a_relu_rnn_stepped_by_explaind_computes_torchs_values(layout):
+    """The stepped nn.RNN returns torch's output and final state, batched or not, given a state or not."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 4, nonlinearity="relu", **layout).double()
+    stepped = functional._COMPOSED_FORWARDS[nn.RNN].__get__(rnn)
+    states, batch = rnn.num_layers * (1 + rnn.bidirectional), 2
+    x = torch.randn(5, batch, 3, dtype=torch.float64).transpose(0, int(rnn.batch_first))
+    one = x[0] if rnn.batch_first else x[:, 0]
+    for args in [(x,), (x, torch.randn(states, batch, 4, dtype=torch.float64)), (one,),
+                 (one, torch.randn(states, 4, dtype=torch.float64))]:
+        for ours, torchs in zip(stepped(*args), rnn(*args)):
+            torch.testing.assert_close(ours, torchs, rtol=0, atol=1e-14)
+
+
+def test_a_relu_fused_into_one_op_is_refused_before_the_search(tmp_path, no_heavy_compute):
+    """torch's rnn_relu_cell called by the model itself keeps its ReLU out of sight: refused, with the fix."""
+    model, x = relu_recurrence_run(tmp_path / "h", "fused")
+    with pytest.raises(ex.UnsupportedError, match=says("rnn_relu_cell", "torch.relu(F.linear(", "nonlinearity='tanh'",
+                                                      "breakpoints=False")):
+        ex.explain(tmp_path / "h", model, x[:2], keep="test", progress=False)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
