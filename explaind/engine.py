@@ -964,6 +964,9 @@ class ChunkPass:
         self.recorded_updates = not req.keeps("train") and not req.check_updates
         # the backward pass of the update convention carries one effect per kept step bin
         self.per_bin = req.convention == "update" and req.keeps("step")
+        # the forward walk may contract φ_s by mixed mode (add_by_mixed_mode) where it books per training
+        # sample (so the gradients are taken) and no scores per parameter, which need φ_s itself
+        self.mixed_allowed = req.keeps("train") and not req.parameter_scores
         if req.parameter_scores:
             d = flat.layout.dim
             # |·| is taken per (test, output) row, then summed over the dims that are not kept
@@ -1154,6 +1157,11 @@ class ChunkPass:
                 self.record_update_check(s, k, modelled, theta, delta)
                 continue
 
+            if self.mixed_allowed and self.add_by_mixed_mode(s, k, theta, delta, pieces, buffer if uses_buffer else None,
+                                                             wg, columns, r, carried, modelled, recorded):
+                if self.first_train_chunk:
+                    self.record_update_check(s, k, modelled, theta, delta)
+                continue
             full = self.path_jacobian(theta, delta, pieces).mul_(-k.eta)  # G_s, [T·O, D]
             rows = self.reduce_rows(full)
             if self.recorded_updates:  # one train column: the whole batch's share of the update
@@ -1173,6 +1181,48 @@ class ChunkPass:
                 self.path_change += step_total if self.recorded_updates else full @ recorded
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, theta, delta)
+
+    def add_by_mixed_mode(self, s: int, k: StepCoefficients, theta, delta, pieces, buffer: torch.Tensor | None,
+                          wg: torch.Tensor, columns: torch.Tensor, r: torch.Tensor, carried: torch.Tensor | None,
+                          modelled: torch.Tensor, recorded: torch.Tensor) -> bool:
+        """Book step s of the forward walk as the Jacobian route below does, with φ_s contracted by
+        mixed mode (PathIntegral.kernel) along the same vectors, each scaled as that route scales
+        its rows: the momentum buffer, the current gradients (nesterov / plain SGD), r_s, the
+        carried momentum, the modelled and the recorded update. False (nothing booked) where the
+        model's ops do not allow mixed mode or its estimate says the Jacobian route costs less
+        (explaind.mixed)."""
+        req, path = self.req, self.req.path
+        calls = path.mixed.calls(theta, self.x)
+        direct, first = bool((k.e != 0).any()), self.first_train_chunk
+        extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded] if first else []
+        n = (0 if buffer is None else len(buffer)) + (len(wg) if direct else 0) + len(extra)
+        # the tangents [n, D] take the place that plan_chunks gives φ_s and its scaled copies (4·T·O·D)
+        if calls is None or n > 4 * len(self.total) or \
+                not path.mixed.pays(calls, path.rows(self.n_test, pieces), self.n_test, req.n_outputs, n) or \
+                not path.mixed.exact(calls, theta, self.x, req.target):
+            return False
+        scale = -k.eta
+        blocks = [] if buffer is None else [(buffer * (scale * k.precond * k.c), None)]
+        if direct:
+            blocks.append((wg * (scale * k.precond * k.e), columns))
+        tangents = torch.cat([b for b, _ in blocks] + ([scale * torch.stack(extra)] if extra else []))
+        parts = req.component_slices if req.keeps("component") else [slice(0, len(theta))]
+        kernel = path.kernel(theta, delta, self.x, self.select, req.target, req.n_outputs, tangents, parts, calls,
+                             pieces)  # [parts, T, O, V]
+        full = kernel.flatten(1, 2)  # [parts, T·O, V]
+        rows = torch.stack([self.reduce_rows(part) for part in full])
+        at = 0
+        for block, block_columns in blocks:
+            self.add(self.attribution, s, list(rows[:, :, at:at + len(block)]), block_columns)
+            at += len(block)
+        if first:
+            self.add(self.regularization, s, list(rows[:, :, at:at + 1]))
+            if carried is not None:
+                self.add(self.carried, s, list(rows[:, :, at + 1:at + 2]))
+            totals = full[:, :, -2:].sum(0)
+            self.total += totals[:, 0]
+            self.path_change += totals[:, 1]
+        return True
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
                        modelled: torch.Tensor, recorded: torch.Tensor | None, pieces) -> None:

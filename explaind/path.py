@@ -66,7 +66,8 @@ import torch
 
 from .errors import InputError, is_number, is_whole
 from .functional import FlatModel, ForwardModeSizes, checked_output
-from .phases import FORWARD_MODE, KINK_SEARCH, phase
+from .mixed import Call, MixedMode
+from .phases import FORWARD_MODE, KINK_SEARCH, MIXED_KERNEL, phase
 from .quadrature import nodes
 
 
@@ -230,6 +231,7 @@ class PathIntegral:
         self._kink_sizes: dict[tuple[int, ...], tuple[int, int, int]] = {}  # per input shape (see _sizes)
         self._forward_sizes: dict[tuple[int, ...], ForwardModeSizes] = {}  # per input shape (see _directional_rows)
         self.smooth = False  # found so on the first segment searched: the model has no kinks at all
+        self.mixed = MixedMode(self.flat)
 
     def model_output(self, theta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
         """The explained output of x[:1] at θ, with a model that cannot compute in float64 (a
@@ -839,6 +841,37 @@ class PathIntegral:
             lambda out, i, t, w: self.flat.add_node_jacobians(out, i, theta, delta, x[i.to(x.device)], t, w, sel(i),
                                                               target),
             pieces=pieces, joining=self.join_elements // (n_outputs * dim))
+
+    def rows(self, n_inputs: int, pieces) -> int:
+        """How many (input, node) rows the integral of a segment takes for n inputs: Q per smooth
+        piece; `pieces`: what search_steps found (None: one piece each)."""
+        if pieces is None:
+            return n_inputs * len(self.t_nodes)
+        owner = pieces[0][0]
+        return len(self.t_nodes) * (len(owner) + n_inputs - len(torch.unique(owner)))
+
+    @phase(MIXED_KERNEL)
+    def kernel(self, theta, delta, x, select, target: str, n_outputs: int, tangents: torch.Tensor,
+               parts: list[slice], calls: list[Call], pieces=None) -> torch.Tensor:
+        """φ_s restricted to each part of θ times the tangents [V, D], for every input and selected
+        output, by mixed mode (explaind.mixed; `calls`: MixedMode.calls'): [parts, T, O, V], as
+        jacobian's φ_s[..., part] @ tangents[:, part]ᵀ. Every row (input, node), plain nodes
+        included, takes a per-row pass, in passes of at most max_elements over what a row holds
+        (MixedMode.row_elements). `pieces` as for jacobian."""
+        size = max(1, self.max_elements // self.mixed.row_elements(calls, n_outputs, len(tangents)))
+        if self.max_rows:
+            size = min(size, self.max_rows)
+
+        def rows_at(out, i, t, w):
+            i = i.to(self.flat.device)
+            sel = None if select is None else select[i.to(select.device)]
+            self.mixed.add_kernel(out, i, theta, delta, x[i.to(x.device)], t, w, sel, target, tangents, parts, calls)
+
+        def plain_at(out, i, t, w):
+            rows_at(out, i, t.expand(len(i)), torch.full((len(i),), w, dtype=t.dtype, device=t.device))
+
+        out = torch.zeros(len(parts), len(x), n_outputs, len(tangents), dtype=self.flat.dtype, device=self.flat.device)
+        return self._integral(theta, delta, x, target, out, size, plain_at, rows_at, pieces=pieces, joining=len(x))
 
     @phase(FORWARD_MODE)
     def change(self, theta, delta, x, target: str, pieces=None) -> torch.Tensor:

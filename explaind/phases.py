@@ -26,6 +26,7 @@ RECONSTRUCT = PREFIX + "reconstruct"
 KINK_SEARCH = PREFIX + "kink_search"
 PER_ROW_JACOBIANS = PREFIX + "jacobians.per_row"  # each row (input, node) at its own point
 SHARED_NODE_JACOBIANS = PREFIX + "jacobians.shared_node"  # a chunk of inputs at one node
+MIXED_KERNEL = PREFIX + "mixed_kernel"  # φ·v along the tangents by mixed mode, without J (explaind.mixed)
 FORWARD_MODE = PREFIX + "forward_mode"  # φ·v by jvps along the path (reconstruction, few tangents)
 SAMPLE_GRADIENTS = PREFIX + "sample_gradients"  # per-sample and batch gradients of the training loss
 CONTRACTION = PREFIX + "contraction"  # the kernel rows against the per-sample gradients or momenta

@@ -1,0 +1,365 @@
+"""Mixed mode: the path kernel φ·v along many tangents v without materialising the Jacobian φ.
+
+The per-row route takes J_r = ∂f/∂θ [outputs, D] of every row (an input at a node of its segment)
+by reverse mode, sums an input's rows and contracts the sum with the tangents (the per-sample
+updates). Mixed mode never builds J. Every call of a torch function that reads a trained tensor P
+beside activations a (F.linear, einsum, embedding, an added bias, ...) is an op y = op(a, P),
+affine in P. One reverse pass per row gives δ = ∂(explained outputs)/∂y for every output; the
+op's change along a tangent V (restricted to P) is jvp(op(a, ·), P; V), and by the chain rule
+
+    J_r · V = Σ_ops <δ_op, change_op(V)>.
+
+Each op's term is taken the cheaper way round: forward (the change along all tangents at once,
+a matmul when the op is F.linear or an einsum, then one batched product with δ) or reverse (the
+op's share of J_r from δ, summed over an input's rows, then contracted with the tangents, as the
+per-row route does for every tensor). Forward pays for an op read at few positions when many
+outputs are explained; with one output per input the per-row route costs as little.
+
+The δ pass takes one gradient per row of the explained outputs of `outputs` copies of the row's
+input, output o read from copy o: its backward multiplies [outputs, ...] cotangents by each
+weight as one matmul, where a reverse pass vmapped over the outputs copies each row's weights
+once per output (measured on the reference Transformer: 6.5 ms against 8.3 ms for 36 rows).
+
+What is found for a model is checked before use: every op that reads a trained tensor must return
+one floating tensor whose dim 0 is the batch and read at least one tensor that runs over the
+batch (`MixedMode.calls`), and the terms of all ops, taken either way round, must add up to a
+forward-mode jvp of the explained outputs along a random tangent on two rows at two points of a
+random segment, in float64 (`MixedMode.exact`; it also fails an op whose change depends on the
+point, i.e. one not affine in its tensors, and one that mixes the inputs of a batch). A model
+that fails is left to the per-row route.
+"""
+
+from __future__ import annotations
+
+import string
+from math import prod
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vjp, vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from .functional import FlatModel, jvp
+
+_SLOT = object()  # where a tensor stands in a recorded call's flattened arguments
+
+# the most that the terms of all ops may miss a jvp of the explained outputs by, relative to its
+# largest entry, in float64 (measured: 1e-16 to 1e-15 on the tests' models)
+COMPLETENESS_TOLERANCE = 1e-9
+# The cost estimate that chooses between mixed mode and the per-row route, in multiply-adds of a
+# large matmul: a per-row pass writes each element of J at about this many (J of 36 rows × 25
+# outputs × 10,016 parameters of the reference Transformer took 23 ms, its contraction 500 million
+# multiply-adds 8 ms, float32 on one core), and each op's term in mixed mode costs about this many
+# beyond its multiply-adds (0.9 ms: a few small transforms and matmuls)
+JACOBIAN_ELEMENT = 100
+OP_TERM = 5 * 10**7
+
+
+class Call(NamedTuple):
+    """A call of a torch function that reads trained tensors: its flattened arguments with each
+    tensor's place marked, the trained tensor at some of those places, which of the others run
+    over the batch, its output's shape for one input, and its multiply-adds for one input (at
+    least its output's size: an addition or a lookup counts one an element)."""
+
+    func: Callable
+    template: list
+    spec: object
+    params: dict[int, str]
+    batched: tuple[bool, ...]
+    shape: tuple[int, ...]
+    macs: int
+
+    def __call__(self, others: list[torch.Tensor], tensors: dict[str, torch.Tensor]):
+        """The call with these tensors in the places of its other tensors, in order, and the
+        trained ones by name."""
+        flat, rest = list(self.template), iter(others)
+        for i, value in enumerate(flat):
+            if value is _SLOT:
+                flat[i] = tensors[self.params[i]] if i in self.params else next(rest)
+        args, kwargs = tree_unflatten(flat, self.spec)
+        return self.func(*args, **kwargs)
+
+    @property
+    def outputs_per_input(self) -> int:
+        return prod(self.shape[1:])
+
+
+class _Reads(TorchFunctionMode):
+    """The calls of torch functions that read trained tensors, in order: recorded with their
+    outputs (`probes` None), or given probes, each floating output plus its probe, with the
+    call's other tensors kept (the activations). A call whose output is no floating tensor gives
+    no derivative (a shape, an argmax) and is passed over; `refused` names one whose output holds
+    tensors but is not one."""
+
+    def __init__(self, params: dict[str, torch.Tensor], probes: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.names = {id(t): name for name, t in params.items()}
+        self.probes = probes
+        self.recorded: list[tuple] = []
+        self.others: list[list[torch.Tensor]] = []
+        self.refused = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        params = {i: self.names[id(a)] for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and id(a) in self.names}
+        if not params:
+            return out
+        if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+            if not isinstance(out, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+                self.refused = self.refused or f"{getattr(func, '__name__', func)} returns {type(out).__name__}"
+            return out
+        others = [a for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and i not in params]
+        if self.probes is None:
+            with FlopCounterMode(display=False) as flops:
+                func(*args, **kwargs)
+            template = [_SLOT if isinstance(a, torch.Tensor) else a for a in flat]
+            self.recorded.append((func, template, spec, params, out, others, flops.get_total_flops() // 2))
+        else:
+            out = out + self.probes[len(self.others)]
+        self.others.append(others)
+        return out
+
+
+class MixedMode:
+    """Mixed-mode kernels of one FlatModel (module docstring)."""
+
+    def __init__(self, flat: FlatModel):
+        self.flat = flat
+        self._calls: dict[tuple, list[Call] | None] = {}  # per input shape (see calls)
+        self._exact: dict[tuple, bool] = {}  # per input shape and target (see exact)
+        self.refusal: dict[tuple, str] = {}  # per input shape: why mixed mode was refused ("": it was not)
+
+    def calls(self, theta: torch.Tensor, x: torch.Tensor) -> list[Call] | None:
+        """The calls that read trained tensors in a forward pass of x's shape, once per input
+        shape; None where one of them cannot be taken by mixed mode (module docstring; self.refusal
+        says why)."""
+        key = tuple(x.shape[1:])
+        if key not in self._calls:
+            self._calls[key], self.refusal[key] = _discover(self.flat, theta, x)
+        return self._calls[key]
+
+    def exact(self, calls: list[Call], theta: torch.Tensor, x: torch.Tensor, target: str) -> bool:
+        """Whether the calls' terms add up to a jvp of the explained outputs (module docstring),
+        checked once per input shape and target, in float64; a model that cannot compute in
+        float64, or whose ops torch.func cannot transform so, is not."""
+        key = (tuple(x.shape[1:]), target)
+        if key not in self._exact:
+            try:
+                why = _incomplete(self.flat.in_dtype(torch.float64), calls, theta, x, target)
+            except (RuntimeError, NotImplementedError) as error:
+                why = f"the ops' terms could not be checked in float64 ({type(error).__name__}: {error})"
+            self._exact[key] = not why
+            self.refusal[key[0]] = why
+        return self._exact[key]
+
+    def pays(self, calls: list[Call], rows: int, inputs: int, outputs: int, tangents: int) -> bool:
+        """Whether mixed mode's estimated cost for these rows, inputs, outputs per input and
+        tangents is below the per-row route's: J of every row and the contraction of an input's
+        sum with the tangents, against the δ pass and each op's term the cheaper way round, each
+        with its own fixed cost (JACOBIAN_ELEMENT, OP_TERM). With one output per input the per-row
+        route wins (measured on the reference Transformer: 7 ms against 16 ms for 36 rows), with 25
+        mixed mode (31 ms against 19 ms)."""
+        dim, forward = self.flat.layout.dim, sum(call.macs for call in calls)
+        per_row = rows * outputs * (JACOBIAN_ELEMENT * dim + forward) + inputs * outputs * dim * tangents
+        terms = [min(_reverse_cost(call, name, self.flat, rows, inputs, outputs, tangents),
+                     _forward_cost(call, rows, outputs, tangents)) for call in calls for name in call.params.values()]
+        return rows * outputs * forward + sum(terms) + OP_TERM * len(terms) < per_row
+
+    @staticmethod
+    def row_elements(calls: list[Call], outputs: int, tangents: int) -> int:
+        """Elements one row holds at once in add_kernel: its δ, probes and O copies of the
+        activations (each call's output standing for one), and the largest op's change along
+        every tangent."""
+        sizes = [call.outputs_per_input for call in calls]
+        return 3 * outputs * sum(sizes) + tangents * max(sizes)
+
+    def add_kernel(self, out: torch.Tensor, owner: torch.Tensor, theta: torch.Tensor, delta: torch.Tensor,
+                   x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, select: torch.Tensor | None, target: str,
+                   tangents: torch.Tensor, parts: list[slice], calls: list[Call], reverse: bool | None = None) -> None:
+        """out[p, owner[r]] += w_r J(x_r; θ + t_r Δ)[:, part p] · tangents[:, part p]ᵀ for each row r
+        (an input with its own node t_r and weight w_r), every selected output and each part p of
+        θ (out: [parts, N, O, V]; tangents [V, D]). `reverse` takes every op one way round (for
+        the completeness check; None: the cheaper)."""
+        flat = self.flat
+        points = flat.layout.unflatten(theta + t[:, None].to(delta) * delta)
+        deltas, others = _deltas(flat, calls, points, x, w.to(theta.dtype), select, target, out.shape[2])
+        at = flat.layout.unflatten(theta)  # the point the ops' changes are taken at: any, for they are affine
+        views = flat.layout.unflatten(tangents)
+        slices = flat.layout.slices()
+        _, inputs, outputs, n = out.shape
+        for call, delta_k, others_k in zip(calls, deltas, others):
+            rows_k = [a.flatten(0, 1) if b else a[0] for a, b in zip(others_k, call.batched)]  # rows into the batch
+            for place, name in call.params.items():
+                part = next(p for p, sl in enumerate(parts) if _within(slices[name], sl))
+                backwards = reverse if reverse is not None else \
+                    _reverse_cost(call, name, flat, len(t), inputs, outputs, n) < _forward_cost(call, len(t), outputs, n)
+                if backwards:
+                    share = _reverse_share(call, name, others_k, delta_k, at)
+                    summed = share.new_zeros(inputs, outputs, share[0, 0].numel()).index_add_(
+                        0, owner, share.flatten(2))
+                    out[part] += summed @ views[name].reshape(n, -1).T
+                else:
+                    out[part].index_add_(0, owner, _forward_terms(call, place, name, rows_k, delta_k, at,
+                                                                    views[name]))
+
+
+def _within(inner: slice, outer: slice) -> bool:
+    return (outer.start or 0) <= inner.start and (outer.stop is None or inner.stop <= outer.stop)
+
+
+def _reverse_cost(call: Call, name: str, flat: FlatModel, rows: int, inputs: int, outputs: int, tangents: int) -> int:
+    """Multiply-adds of an op's term taken reverse: its share of J per row, the contraction of
+    an input's sum."""
+    size = prod(flat.layout.shapes[flat.layout.names.index(name)])
+    return rows * outputs * call.macs + inputs * outputs * size * tangents
+
+
+def _forward_cost(call: Call, rows: int, outputs: int, tangents: int) -> int:
+    """Multiply-adds of an op's term taken forward: its change along every tangent, the product
+    with δ."""
+    return rows * tangents * (call.macs + outputs * call.outputs_per_input)
+
+
+def _deltas(flat: FlatModel, calls: list[Call], points: dict[str, torch.Tensor], x: torch.Tensor,
+            w: torch.Tensor, select: torch.Tensor | None, target: str, outputs: int):
+    """δ of every call, w_r ∂(selected output o of row r)/∂(the call's output) [R, O, *shape[1:]],
+    and each call's other tensors per row ([R, 1, ...] where they run over the batch), by one
+    gradient per row of the explained outputs of O copies of its input (module docstring)."""
+
+    def row(p: dict[str, torch.Tensor], x1: torch.Tensor, w1: torch.Tensor, sel: torch.Tensor | None):
+        def picked(probes: list[torch.Tensor]):
+            mode = _Reads(p, probes)
+            with mode:
+                y = flat._explain(flat._call(p, x1.expand(outputs, *x1.shape), jacobian=True), target, outputs)
+            if len(mode.others) != len(calls):
+                raise RuntimeError(f"explaind's mixed mode found {len(mode.others)} calls reading trained tensors "
+                                   f"where discovery found {len(calls)}")
+            copy = torch.arange(outputs, device=y.device)
+            y = y[copy, copy] if sel is None else y[copy, sel]
+            kept = [[a[:1] if b else a for a, b in zip(others, call.batched)] for others, call in zip(mode.others, calls)]
+            return (y * w1).sum(), kept
+
+        probes = [torch.zeros(outputs, *call.shape[1:], dtype=w1.dtype, device=w1.device) for call in calls]
+        return grad(picked, has_aux=True)(probes)
+
+    return vmap(row, in_dims=(0, 0, 0, None if select is None else 0))(points, x, w, select)
+
+
+def _forward_terms(call: Call, place: int, name: str, rows: list[torch.Tensor], delta: torch.Tensor,
+                   at: dict[str, torch.Tensor], tangents: torch.Tensor) -> torch.Tensor:
+    """<δ_r,o, the op's change along each tangent> [R, O, V]: the changes [R·K, V, Y] at K
+    positions per row (by a matmul for F.linear's weight and an einsum, else by jvp), times δ as
+    [R·K, O, Y], summed over the positions."""
+    n, (r, outputs) = len(tangents), delta.shape[:2]
+    if call.func is F.linear and place == 1:
+        a, size = rows[0], tangents.shape[1]
+        change = F.linear(a.reshape(-1, a.shape[-1]), tangents.reshape(-1, a.shape[-1])).view(-1, n, size)
+        delta = delta.movedim(1, -2).reshape(-1, outputs, size)  # [R, *positions, O, out]
+    elif call.func is torch.einsum and isinstance(call.template[0], str) and "->" in call.template[0] \
+            and "." not in call.template[0]:
+        change, delta = _einsum_change(call, place, rows, delta, tangents)
+    else:
+        op = lambda p: call(rows, {**at, name: p})  # noqa: E731
+        change = vmap(lambda v: jvp(op, (at[name],), (v,))[1], out_dims=1)(tangents).reshape(r, n, -1)
+        delta = delta.reshape(r, outputs, -1)
+    terms = torch.bmm(delta, change.transpose(1, 2))  # [R·K, O, V]
+    return terms if len(terms) == r else terms.view(r, -1, outputs, n).sum(1)
+
+
+def _einsum_change(call: Call, place: int, rows: list[torch.Tensor], delta: torch.Tensor, tangents: torch.Tensor):
+    """An einsum's change along every tangent [R·K, V, Y] and δ as [R·K, O, Y], with K the
+    positions (the output's indices that are not the tensor's, after the batch's) and Y the
+    output's indices that are the tensor's."""
+    equation = call.template[0].replace(" ", "")
+    operands, out = equation.split("->")
+    operands = operands.split(",")
+    own = set(operands[place - 1])
+    free = next(c for c in string.ascii_letters if c not in equation)
+    positions = "".join(c for c in out if c not in own)
+    kept = "".join(c for c in out if c in own)
+    operands[place - 1] = free + operands[place - 1]
+    values, rest = [], iter(rows)
+    for i in range(len(operands)):
+        values.append(tangents if i == place - 1 else next(rest))
+    change = torch.einsum(",".join(operands) + "->" + positions + free + kept, *values)
+    size = prod(change.shape[len(positions) + 1:])
+    # δ's dims: 0 the row, 1 the output, then the op's output dims after the batch's
+    order = [0, *(1 + out.index(c) for c in positions[1:]), 1, *(1 + out.index(c) for c in kept)]
+    return change.reshape(-1, len(tangents), size), delta.permute(order).reshape(-1, delta.shape[1], size)
+
+
+def _reverse_share(call: Call, name: str, others: list[torch.Tensor], delta: torch.Tensor,
+                   at: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The op's share of each row's J for each output, δ pulled back to its tensor: [R, O, *shape]."""
+
+    def one(row_others: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+        _, pullback = vjp(lambda p: call(row_others, {**at, name: p}), at[name])
+        return pullback(d)[0]
+
+    dims = [0 if b else None for b in call.batched]
+    return vmap(lambda o, d: vmap(lambda d1: one(o, d1))(d), in_dims=(dims, 0))(
+        [a if b else a[0] for a, b in zip(others, call.batched)], delta.unsqueeze(2))
+
+
+def _discover(flat: FlatModel, theta: torch.Tensor, x: torch.Tensor) -> tuple[list[Call] | None, str]:
+    """The calls that read trained tensors, from forward passes on 2 and 3 copies of x[:1] (the
+    dims that grow with them run over the batch), and why they cannot be used ("": they can)."""
+    params = flat.layout.unflatten(theta)
+    passes = []
+    for copies in (2, 3):
+        mode = _Reads(params)
+        with torch.no_grad(), mode:
+            flat._call(params, flat.cast_inputs(torch.cat([x[:1]] * copies)), jacobian=True)
+        if mode.refused:
+            return None, mode.refused
+        passes.append(mode.recorded)
+    if len(passes[0]) != len(passes[1]):
+        return None, "the calls differ with the batch size"
+    calls = []
+    for (func, template, spec, params_at, out, others, macs), (func3, _, _, params3, out3, others3, _) in zip(*passes):
+        name = getattr(func, "__name__", str(func))
+        if func is not func3 or params_at != params3:
+            return None, "the calls differ with the batch size"
+        batched = tuple(a.dim() > 0 and a.shape[0] == 2 and b.dim() > 0 and b.shape[0] == 3
+                        for a, b in zip(others, others3))
+        if not any(batched):
+            return None, f"{name} reads {sorted(params_at.values())} beside no tensor that runs over the batch (dim 0)"
+        if out.dim() == 0 or out.shape[0] != 2 or out3.shape[0] != 3:
+            return None, f"{name} reading {sorted(params_at.values())} returns no batch dim first"
+        calls.append(Call(func, template, spec, params_at, batched, (1, *out.shape[1:]),
+                          max(macs // 2, out[0].numel())))
+    return calls, ""
+
+
+def _incomplete(flat64: FlatModel, calls: list[Call], theta: torch.Tensor, x: torch.Tensor, target: str) -> str:
+    """Why the terms of the calls, taken forward and taken reverse, miss a jvp of the explained
+    outputs along a random tangent, on two rows of the first two inputs (the first twice if it is
+    alone) at two points of a random segment, in float64 ("": they add up to it)."""
+    generator = torch.Generator().manual_seed(0)
+    dim = flat64.layout.dim
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu").to(flat64.device)
+
+    theta = theta.to(flat64.device, torch.float64)
+    delta = random(dim) * (theta.abs().mean() + 1)
+    x = flat64.cast_inputs(x[torch.arange(2, device=x.device) % len(x)])
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64, device=flat64.device)
+    w = torch.ones_like(t)
+    tangent = random(1, dim)
+    owner = torch.arange(2, device=flat64.device)
+    expected = flat64.directional_rows(theta, delta, x, t, tangent, target)[:, 0]  # [R, O]
+    mixed = MixedMode(flat64)
+    for reverse in (False, True):
+        out = torch.zeros(1, 2, expected.shape[1], 1, dtype=torch.float64, device=flat64.device)
+        mixed.add_kernel(out, owner, theta, delta, x, t, w, None, target, tangent, [slice(0, dim)], calls, reverse)
+        miss = float((out[0, :, :, 0] - expected).abs().max())
+        if not miss <= COMPLETENESS_TOLERANCE * float(expected.abs().max()):
+            return (f"the ops' terms ({'reverse' if reverse else 'forward'}) miss a jvp of the explained outputs by "
+                    f"{miss:.1e}")
+    return ""
