@@ -10,11 +10,12 @@ per row and output; the op is linear in that parameter, so <J_r, G_i> on its par
 On the reference Transformer that is about half the multiply-adds of the contraction alone, and
 no [rows, outputs, D] tensor is written.
 
-This script hand-derives mixed mode for explaind.models.ModAddTransformer (the engine would need
-to find the parameter-reading ops of any module by itself), checks it against the engine's own
-per-row Jacobians and contraction in float64, and times both in float32 on one step's worth of
-rows: 10 test inputs with 3 or 4 nodes each (the reference workload's kink search leaves 3.5 per
-input on average), all 25 outputs, 200 training samples, the paper's 5 components.
+This script hand-derives mixed mode for explaind.models.ModAddTransformer, checks it and the
+library's generic mixed mode (explaind.mixed, which finds the parameter-reading ops of any module
+itself) against the per-row Jacobians and contraction in float64, and times the three in float32,
+interleaved, on one step's worth of rows: 10 test inputs with 3 or 4 nodes each (the reference
+workload's kink search leaves 3.5 per input on average), all 25 outputs, 200 training samples,
+the paper's 5 components.
 
     python benchmarks/mixed_mode_probe.py
     python benchmarks/mixed_mode_probe.py --threads 1
@@ -33,6 +34,7 @@ from torch.func import jacrev, vmap
 from explaind.components import group_tensors
 from explaind.data import modular_addition
 from explaind.functional import FlatModel, ParamLayout
+from explaind.mixed import MixedMode
 from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer
 
 P, D_MODEL, HEADS, D_MLP = 23, 32, 4, 64
@@ -69,6 +71,21 @@ class Step:
         K = torch.zeros(self.n_components, INPUTS, VOCAB, TRAIN, dtype=J.dtype)
         for name, part in self.layout.slices().items():
             K[self.component[name]] += J[..., part] @ self.G[:, part].T
+        return K
+
+    def generic(self) -> torch.Tensor:
+        """explaind.mixed's kernel, one part per tensor summed into its component: K [component, input, output, train]."""
+        if not hasattr(self, "calls"):
+            self.modes = MixedMode(self.flat)
+            self.calls = self.modes.calls(self.theta, self.tokens)
+            assert self.modes.exact(self.calls, self.theta, self.tokens, "log_prob"), self.modes.refusal
+        slices = self.layout.slices()
+        out = torch.zeros(len(slices), INPUTS, VOCAB, TRAIN, dtype=self.theta.dtype)
+        self.modes.add_kernel(out, self.owner, self.theta, self.delta, self.tokens[self.owner], self.t, self.w, None,
+                              "log_prob", self.G, list(slices.values()), self.calls)
+        K = torch.zeros(self.n_components, INPUTS, VOCAB, TRAIN, dtype=out.dtype)
+        for part, name in zip(out, slices):
+            K[self.component[name]] += part
         return K
 
     def mixed_mode(self) -> torch.Tensor:
@@ -135,14 +152,18 @@ def _row_deltas(p: dict[str, torch.Tensor], tokens: torch.Tensor, weight: torch.
     return [d * weight for d in deltas], activations
 
 
-def best_ms(function, repeat: int) -> float:
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def best_ms(functions: dict, repeat: int) -> dict:
+    """Each function's best time of `repeat` calls in ms, the calls interleaved (a shared machine's
+    load then weighs on all alike)."""
+    times = {name: [] for name in functions}
+    for function in functions.values():
         function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    for _ in range(repeat):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(t) for name, t in times.items()}
 
 
 def main():
@@ -152,13 +173,17 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     exact = Step(torch.float64)
-    gap = (exact.mixed_mode() - exact.per_row_jacobians()).abs().max().item()
-    scale = exact.per_row_jacobians().abs().max().item()
-    print(f"float64: max |mixed mode - per-row Jacobians| {gap:.1e} (largest entry {scale:.2f})")
+    engine = exact.per_row_jacobians()
+    scale = engine.abs().max().item()
+    for name, kernel in (("hand-derived", exact.mixed_mode), ("generic", exact.generic)):
+        gap = (kernel() - engine).abs().max().item()
+        print(f"float64: max |mixed mode ({name}) - per-row Jacobians| {gap:.1e} (largest entry {scale:.2f})")
     step = Step(torch.float32)
-    print(f"one step's kernel, float32, {args.threads} thread(s), best of {args.repeat}:")
-    print(f"  per-row Jacobians + contraction (the engine)  {best_ms(step.per_row_jacobians, args.repeat):6.2f} ms")
-    print(f"  mixed mode (hand-derived)                     {best_ms(step.mixed_mode, args.repeat):6.2f} ms")
+    ms = best_ms({"engine": step.per_row_jacobians, "hand": step.mixed_mode, "generic": step.generic}, args.repeat)
+    print(f"one step's kernel, float32, {args.threads} thread(s), best of {args.repeat} (interleaved):")
+    print(f"  per-row Jacobians + contraction (the engine)  {ms['engine']:6.2f} ms")
+    print(f"  mixed mode (hand-derived)                     {ms['hand']:6.2f} ms  ({ms['engine'] / ms['hand']:.2f}×)")
+    print(f"  mixed mode (explaind.mixed, generic)          {ms['generic']:6.2f} ms  ({ms['engine'] / ms['generic']:.2f}×)")
 
 
 if __name__ == "__main__":

@@ -253,13 +253,17 @@ def _deltas(flat: FlatModel, calls: list[Call], points: dict[str, torch.Tensor],
 def _forward_terms(call: Call, place: int, name: str, rows: list[torch.Tensor], delta: torch.Tensor,
                    at: dict[str, torch.Tensor], tangents: torch.Tensor) -> torch.Tensor:
     """<δ_r,o, the op's change along each tangent> [R, O, V]: the changes [R·K, V, Y] at K
-    positions per row (by a matmul for F.linear's weight and an einsum, else by jvp), times δ as
-    [R·K, O, Y], summed over the positions."""
+    positions per row (by a matmul for F.linear's weight and an einsum, a lookup for F.embedding's
+    table, else by jvp), times δ as [R·K, O, Y], summed over the positions."""
     n, (r, outputs) = len(tangents), delta.shape[:2]
     if call.func is F.linear and place == 1:
         a, size = rows[0], tangents.shape[1]
         change = F.linear(a.reshape(-1, a.shape[-1]), tangents.reshape(-1, a.shape[-1])).view(-1, n, size)
         delta = delta.movedim(1, -2).reshape(-1, outputs, size)  # [R, *positions, O, out]
+    elif call.func is F.embedding and place == 1:  # the rows of the tangents the input looks up
+        size = tangents.shape[-1]
+        change = tangents.transpose(0, 1)[rows[0]].view(-1, n, size)
+        delta = delta.movedim(1, -2).reshape(-1, outputs, size)  # [R, *positions, O, features]
     elif call.func is torch.einsum and isinstance(call.template[0], str) and "->" in call.template[0] \
             and "." not in call.template[0]:
         change, delta = _einsum_change(call, place, rows, delta, tangents)
@@ -295,7 +299,10 @@ def _einsum_change(call: Call, place: int, rows: list[torch.Tensor], delta: torc
 
 def _reverse_share(call: Call, name: str, others: list[torch.Tensor], delta: torch.Tensor,
                    at: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The op's share of each row's J for each output, δ pulled back to its tensor: [R, O, *shape]."""
+    """The op's share of each row's J for each output, δ pulled back to its tensor: [R, O, *shape]
+    (for F.linear's bias, δ summed over the positions)."""
+    if call.func is F.linear and call.params.get(2) == name:
+        return delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).sum(2)
 
     def one(row_others: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
         _, pullback = vjp(lambda p: call(row_others, {**at, name: p}), at[name])
