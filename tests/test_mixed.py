@@ -49,7 +49,7 @@ def runs(tmp_path_factory) -> Runs:
 
 def explained(run, monkeypatch, mixed_mode: bool, **kwargs):
     """run.explain(**kwargs) with mixed mode's estimate forced to say yes or no: (cube, phases)."""
-    monkeypatch.setattr(MixedMode, "pays", lambda *args: mixed_mode)
+    monkeypatch.setattr(MixedMode, "pays", lambda *args, **kwargs: mixed_mode)
     with timed() as seconds:
         cube = run.explain(tolerance=None, **kwargs)
     return cube, dict(seconds)
@@ -114,6 +114,8 @@ def test_the_estimate_keeps_one_output_per_input_on_the_jacobian_route():
     assert calls is not None and modes.exact(calls, theta, x, "log_prob")
     assert modes.pays(calls, rows=36, inputs=10, outputs=25, tangents=200)
     assert not modes.pays(calls, rows=36, inputs=10, outputs=1, tangents=200)
+    # a plain segment's nodes are one point each for all inputs on the Jacobian route
+    assert not modes.pays(calls, rows=20, inputs=10, outputs=25, tangents=200, plain=True)
 
 
 class Temperature(nn.Module):
@@ -216,7 +218,7 @@ def record(model: nn.Module, path: Path) -> torch.Tensor:
 def test_a_refused_model_is_explained_by_the_jacobian_route(tmp_path, monkeypatch, model):
     model = model().double()
     test_x = record(model, tmp_path / "run")
-    monkeypatch.setattr(MixedMode, "pays", lambda *args: True)
+    monkeypatch.setattr(MixedMode, "pays", lambda *args, **kwargs: True)
     with timed() as phases:
         cube = ex.explain(tmp_path / "run", model, test_x, progress=False, tolerance=1e-9)
     assert MIXED_KERNEL not in phases and any(p in phases for p in JACOBIANS)
