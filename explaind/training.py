@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -283,6 +284,15 @@ def _overwrite_parameters(model: nn.Module, values: Mapping[str, torch.Tensor]) 
             params[name].copy_(value)
 
 
+def _seed_global_generators(seed: int) -> None:
+    """torch's, numpy's and Python's global generators: the loop draws from torch's alone, but the
+    Recorder stores all three in each resume state, so a history is byte for byte the same in
+    every run only if none of them starts from the operating system's entropy."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def train_transformer(
     cfg: TransformerConfig,
     history_dir: str | os.PathLike | None = None,
@@ -307,7 +317,7 @@ def train_transformer(
     x, y = data.train_inputs.to(device)[indices], data.train_targets.to(device)[indices]
     x_val, y_val = data.val_inputs.to(device), data.val_targets.to(device)
 
-    torch.manual_seed(cfg.seed)
+    _seed_global_generators(cfg.seed)
     model = ModAddTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_mlp).to(device=device, dtype=dtype)
     if initial_state is not None:
         _overwrite_parameters(model, initial_state)
@@ -389,7 +399,7 @@ def train_cnn(
         raise InputError(f"batch_size={cfg.batch_size} exceeds the {len(y)} training images (the last incomplete "
                          f"batch of an epoch is dropped, so no step would run). Fix: use a batch_size of at most {len(y)}")
 
-    torch.manual_seed(cfg.seed)
+    _seed_global_generators(cfg.seed)
     model = ResNet9(x.shape[1], 2, cfg.width).to(device=device, dtype=dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)

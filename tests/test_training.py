@@ -196,6 +196,24 @@ def test_recorded_history_matches_the_run(tmp_path, data_dir):
     assert history.n_steps == cnn.metrics["steps"] and history.optimizer == "sgd"
 
 
+def test_recorded_histories_are_byte_identical_whatever_the_global_generators(tmp_path, data_dir):
+    """The Recorder stores numpy's and Python's global generators in each resume state, and the
+    pipeline's runs left them as the operating system had seeded them: two runs of the same stage
+    wrote histories whose resume files differed (so did dvc.lock's md5 of them). Training seeds them."""
+    import random
+
+    def files(folder):
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    for run, draws in enumerate((1, 2)):
+        np.random.rand(draws), random.random()  # generators left elsewhere by what ran before
+        train_cnn(TINY_CNN, data_dir, history_dir=tmp_path / f"cnn{run}", progress=False)
+        train_transformer(TINY_TRANSFORMER, history_dir=tmp_path / f"transformer{run}", progress=False)
+    for name in ("cnn", "transformer"):
+        first, second = files(tmp_path / f"{name}0"), files(tmp_path / f"{name}1")
+        assert any(path.startswith("resume") for path in first) and first == second, name
+
+
 def test_params_yaml_trains_the_transformer_default():
     """params.yaml's train_transformer section is TransformerConfig's default (the setting chosen
     in docs/grokking_search.md), so the pipeline and a bare TransformerConfig() run the same thing."""
