@@ -1194,14 +1194,15 @@ class ChunkPass:
         req, path = self.req, self.req.path
         calls = path.mixed.calls(theta, self.x)
         direct, first = bool((k.e != 0).any()), self.first_train_chunk
-        extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded] if first else []
-        n = (0 if buffer is None else len(buffer)) + (len(wg) if direct else 0) + len(extra)
+        n_extra = (3 + (carried is not None)) if first else 0  # r, carried, modelled, recorded
+        n = (0 if buffer is None else len(buffer)) + (len(wg) if direct else 0) + n_extra
         # the tangents [n, D] take the place that plan_chunks gives φ_s and its scaled copies (4·T·O·D)
         if calls is None or n > 4 * len(self.total) or \
                 not path.mixed.pays(calls, path.rows(self.n_test, pieces), self.n_test, req.n_outputs, n,
                                    plain=pieces is None) or \
                 not path.mixed.exact(calls, theta, self.x, req.target):
             return False
+        extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded] if first else []
         scale = -k.eta
         blocks = [] if buffer is None else [(buffer * (scale * k.precond * k.c), None)]
         if direct:

@@ -243,7 +243,10 @@ def _deltas(flat: FlatModel, calls: list[Call], points: dict[str, torch.Tensor],
                 y = flat._explain(flat._call(p, x1.expand(outputs, *x1.shape), jacobian=True), target, outputs)
             if len(mode.others) != len(calls):
                 raise RuntimeError(f"explaind's mixed mode found {len(mode.others)} calls reading trained tensors "
-                                   f"where discovery found {len(calls)}")
+                                   f"where discovery found {len(calls)}: the model calls other ops for other inputs "
+                                   "(a branch on its input). Fix: write the forward without the branch (torch.where "
+                                   "on both sides), or explain with breakpoints=False, which mixed mode leaves to "
+                                   "the Jacobians")
             copy = torch.arange(outputs, device=y.device)
             y = y[copy, copy] if sel is None else y[copy, sel]
             kept = [[a[:1] if b else a for a, b in zip(others, call.batched)] for others, call in zip(mode.others, calls)]
