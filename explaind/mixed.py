@@ -272,8 +272,7 @@ def _forward_terms(call: Call, place: int, name: str, rows: list[torch.Tensor], 
         size = tangents.shape[-1]
         change = tangents.transpose(0, 1)[rows[0]].view(-1, n, size)
         delta = delta.movedim(1, -2).reshape(-1, outputs, size)  # [R, *positions, O, features]
-    elif call.func is torch.einsum and isinstance(call.template[0], str) and "->" in call.template[0] \
-            and "." not in call.template[0]:
+    elif _plain_einsum(call):
         change, delta = _einsum_change(call, place, rows, delta, tangents)
     else:
         op = lambda p: call(rows, {**at, name: p})  # noqa: E731
@@ -305,12 +304,25 @@ def _einsum_change(call: Call, place: int, rows: list[torch.Tensor], delta: torc
     return change.reshape(-1, len(tangents), size), delta.permute(order).reshape(-1, delta.shape[1], size)
 
 
+def _plain_einsum(call: Call) -> bool:
+    """Whether the call is an einsum with an explicit output, no ellipsis, no letter twice in one
+    subscript and one trained tensor: the form the einsum terms below are written for."""
+    equation = call.template[0]
+    if call.func is not torch.einsum or not isinstance(equation, str) or "->" not in equation or "." in equation:
+        return False
+    subscripts = equation.replace(" ", "").replace("->", ",").split(",")
+    return len(call.params) == 1 and all(len(set(s)) == len(s) for s in subscripts)
+
+
 def _reverse_share(call: Call, name: str, others: list[torch.Tensor], delta: torch.Tensor,
                    at: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The op's share of each row's J for each output, δ pulled back to its tensor: [R, O, *shape]
-    (for F.linear's bias, δ summed over the positions)."""
-    if call.func is F.linear and call.params.get(2) == name:
-        return delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).sum(2)
+    """The op's share of each row's J for each output, δ pulled back to its tensor: [R, O, *shape].
+    By one product where the op's form is known (_known_share), else by a vjp per row and output."""
+    place = next(i for i, n in call.params.items() if n == name)
+    rows = [a[:, 0] if b else a[0] for a, b in zip(others, call.batched)]  # each row's, without the batch dim
+    share = _known_share(call, place, rows, delta, at[name])
+    if share is not None:
+        return share
 
     def one(row_others: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
         _, pullback = vjp(lambda p: call(row_others, {**at, name: p}), at[name])
@@ -319,6 +331,51 @@ def _reverse_share(call: Call, name: str, others: list[torch.Tensor], delta: tor
     dims = [0 if b else None for b in call.batched]
     return vmap(lambda o, d: vmap(lambda d1: one(o, d1))(d), in_dims=(dims, 0))(
         [a if b else a[0] for a, b in zip(others, call.batched)], delta.unsqueeze(2))
+
+
+def _known_share(call: Call, place: int, rows: list[torch.Tensor], delta: torch.Tensor,
+                 tensor: torch.Tensor) -> torch.Tensor | None:
+    """_reverse_share by one product for F.linear's weight and bias, F.embedding's table, an einsum
+    (_plain_einsum) and a tensor added to activations: the vjp per row and output costs ~1 ms of
+    small transforms per op and step on the reference Transformer, these a tenth of it. None for
+    any other op or form. rows: the call's other tensors, each row's without the batch dim."""
+    r, outputs = delta.shape[:2]
+    if call.func is F.linear and place == 2:
+        return delta.reshape(r, outputs, -1, delta.shape[-1]).sum(2)
+    if call.func is F.linear and place == 1 and call.batched[0]:
+        a = rows[0]
+        return torch.einsum("rki,rokj->roji", a.reshape(r, -1, a.shape[-1]),
+                            delta.reshape(r, outputs, -1, delta.shape[-1]))
+    if call.func is F.embedding and place == 1 and call.batched[0]:
+        # each looked-up row of the table takes δ at the positions that read it
+        size, width = tensor.shape
+        index = (rows[0].reshape(r, -1) + size * torch.arange(r, device=delta.device)[:, None]).flatten()
+        d = delta.reshape(r, outputs, -1, width).transpose(1, 2).reshape(-1, outputs, width)
+        share = delta.new_zeros(r * size, outputs, width).index_add_(0, index, d)
+        return share.view(r, size, outputs, width).transpose(1, 2)
+    if call.func in (torch.add, torch.Tensor.add) and len(call.template) == 2 and call.batched[0]:
+        # broadcast against the output [O, ...] (O in the batch's place): sum δ over the dims the tensor lacks
+        dims = delta.dim() - 1
+        if tensor.dim() > dims or (tensor.dim() == dims and tensor.shape[0] != 1):
+            return None
+        shape = (1,) * (dims - tensor.dim()) + tuple(tensor.shape)
+        return delta.sum_to_size(r, outputs, *shape[1:]).reshape(r, outputs, *tensor.shape)
+    if _plain_einsum(call):
+        operands, out = call.template[0].replace(" ", "").split("->")
+        operands = operands.split(",")
+        own = operands.pop(place - 1)
+        row = next(c for c in string.ascii_letters if c not in call.template[0])
+        batch = out[0]
+        subscripts = []
+        for operand, batched in zip(operands, call.batched):
+            if batched and operand[0] != batch:
+                return None
+            subscripts.append(row + operand[1:] if batched else operand)
+        subscripts.append(row + out)  # δ, the output copies in the batch's place
+        if batch in own or set(own) - set("".join(subscripts)):
+            return None
+        return torch.einsum(",".join(subscripts) + "->" + row + batch + own, *rows, delta)
+    return None
 
 
 def _discover(flat: FlatModel, theta: torch.Tensor, x: torch.Tensor) -> tuple[list[Call] | None, str]:

@@ -223,3 +223,57 @@ def test_a_refused_model_is_explained_by_the_jacobian_route(tmp_path, monkeypatc
         cube = ex.explain(tmp_path / "run", model, test_x, progress=False, tolerance=1e-9)
     assert MIXED_KERNEL not in phases and any(p in phases for p in JACOBIANS)
     assert cube.attrs["relative_residual"] <= 1e-9
+
+
+class Forms(nn.Module):
+    """Every op whose share _known_share takes by one product (an embedding, tensors added either
+    way round and with the batch's dim or without, an einsum beside a tensor that does not run
+    over the batch, F.linear's weight and bias over positions), and one it leaves to the vjp (a
+    product with a trained tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.pos = nn.Parameter(torch.randn(3, 4))
+        self.pos_batched = nn.Parameter(torch.randn(1, 3, 4))
+        self.heads = nn.Parameter(torch.randn(2, 4, 5))
+        self.mixing = nn.Parameter(torch.randn(2, 6))
+        self.register_buffer("fixed", torch.randn(5, 6))
+        self.fc = nn.Linear(2, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.pos_batched + (self.embed(tokens) + self.pos)
+        h = torch.einsum("bsd,hde->bhse", x, self.heads)
+        h = torch.einsum("bhse,ef,gf->bhsg", h, self.fixed, self.mixing)
+        return (self.fc(h).sum((1, 2)) * self.scale).tanh()
+
+
+def test_each_known_share_equals_a_backward_pass_per_row_and_output():
+    """_reverse_share's products (and its vjp for the product it does not know) against
+    torch.autograd.grad of <δ_{r,o}, op(row r)> for every row r and output o, in float64."""
+    torch.manual_seed(0)
+    model = Forms().double()
+    flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
+    theta = flat.layout.flatten(dict(model.named_parameters())).detach()
+    tokens = torch.randint(0, 7, (5, 3))
+    modes = MixedMode(flat)
+    calls = modes.calls(theta, tokens)
+    assert calls is not None and modes.exact(calls, theta, tokens, "logit") and [getattr(c.func, "__name__", "") for c in calls] == [
+        "embedding", "add", "add", "einsum", "einsum", "linear", "mul"]
+    points = flat.layout.unflatten(theta + torch.rand(4, 1, dtype=torch.float64) * torch.randn_like(theta))
+    deltas, others = mixed._deltas(flat, calls, points, tokens[[0, 1, 1, 2]], torch.ones(4, dtype=torch.float64),
+                                   None, "logit", 3)
+    at = flat.layout.unflatten(theta)
+    for call, delta, row_others in zip(calls, deltas, others):
+        delta = torch.randn_like(delta)  # any cotangent: the share is linear in it
+        rows = [a[:, 0] if batched else a[0] for a, batched in zip(row_others, call.batched)]
+        for place, name in call.params.items():
+            assert (mixed._known_share(call, place, rows, delta, at[name]) is None) == (name == "scale")
+            share = mixed._reverse_share(call, name, row_others, delta, at)
+            for r in range(len(delta)):
+                for o in range(delta.shape[1]):
+                    tensor = at[name].clone().requires_grad_()
+                    y = call([a[r] for a in row_others], {**at, name: tensor})
+                    expected, = torch.autograd.grad((y[0] * delta[r, o]).sum(), tensor)
+                    torch.testing.assert_close(share[r, o], expected, rtol=1e-12, atol=1e-12)
