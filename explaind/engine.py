@@ -1202,21 +1202,26 @@ class ChunkPass:
                                    plain=pieces is None) or \
                 not path.mixed.exact(calls, theta, self.x, req.target):
             return False
-        extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded] if first else []
         scale = -k.eta
-        blocks = [] if buffer is None else [(buffer * (scale * k.precond * k.c), None)]
-        if direct:
-            blocks.append((wg * (scale * k.precond * k.e), columns))
-        tangents = torch.cat([b for b, _ in blocks] + ([scale * torch.stack(extra)] if extra else []))
+        # the scaled vectors written straight into the tangents: no [n, D] copy per block and step
+        tangents, at, blocks = theta.new_empty(n, len(theta)), 0, []
+        for block, coefficient, block_columns in ([] if buffer is None else [(buffer, k.c, None)]) + \
+                ([(wg, k.e, columns)] if direct else []):
+            torch.mul(block, scale * k.precond * coefficient, out=tangents[at:at + len(block)])
+            blocks.append((len(block), block_columns))
+            at += len(block)
+        if first:
+            extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded]
+            torch.mul(torch.stack(extra), scale, out=tangents[at:])
         parts = req.component_slices if req.keeps("component") else [slice(0, len(theta))]
         kernel = path.kernel(theta, delta, self.x, self.select, req.target, req.n_outputs, tangents, parts, calls,
                              pieces)  # [parts, T, O, V]
         full = kernel.flatten(1, 2)  # [parts, T·O, V]
         rows = torch.stack([self.reduce_rows(part) for part in full])
         at = 0
-        for block, block_columns in blocks:
-            self.add(self.attribution, s, list(rows[:, :, at:at + len(block)]), block_columns)
-            at += len(block)
+        for size, block_columns in blocks:
+            self.add(self.attribution, s, list(rows[:, :, at:at + size]), block_columns)
+            at += size
         if first:
             self.add(self.regularization, s, list(rows[:, :, at:at + 1]))
             if carried is not None:
