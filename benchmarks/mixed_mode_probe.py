@@ -80,11 +80,12 @@ class Step:
             self.calls = self.modes.calls(self.theta, self.tokens)
             assert self.modes.exact(self.calls, self.theta, self.tokens, "log_prob"), self.modes.refusal
         slices = self.layout.slices()
-        out = torch.zeros(len(slices), INPUTS, VOCAB, TRAIN, dtype=self.theta.dtype)
-        self.modes.add_kernel(out, self.owner, self.theta, self.delta, self.tokens[self.owner], self.t, self.w, None,
-                              "log_prob", self.G, list(slices.values()), self.calls)
+        out = torch.zeros(1, len(slices), INPUTS, VOCAB, TRAIN, dtype=self.theta.dtype)  # one segment
+        self.modes.add_kernel(out, torch.zeros_like(self.owner), self.owner, self.theta[None], self.delta[None],
+                              self.tokens[self.owner], self.t, self.w, None, "log_prob", self.G[None],
+                              list(slices.values()), self.calls)
         K = torch.zeros(self.n_components, INPUTS, VOCAB, TRAIN, dtype=out.dtype)
-        for part, name in zip(out, slices):
+        for part, name in zip(out[0], slices):
             K[self.component[name]] += part
         return K
 

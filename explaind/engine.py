@@ -915,6 +915,34 @@ def kept_pieces(req: Request, later_chunks: bool) -> KeptPieces | None:
     return KeptPieces(req.pieces_bytes) if later_chunks and req.pieces_bytes != 0 else None
 
 
+# The most steps one mixed-mode call takes (ChunkPass.add_by_mixed_mode; fewer where their tangents
+# and kernels would not fit in what the plan gives φ_s): its δ pass and each reverse term run once for
+# all of them, so their fixed costs count once. Measured on the reference workload, 2 threads, with
+# room for more: 4 and 8 steps a call equally fast, 16 and 50 slower (1.40-1.42 s against 1.26-1.29 s)
+MIXED_BATCH_STEPS = 8
+
+
+@dataclass
+class MixedStep:
+    """A step waiting in a MixedBatch: what booking its kernel needs (add_by_mixed_mode)."""
+
+    s: int
+    theta: torch.Tensor
+    delta: torch.Tensor
+    pieces: tuple | None
+    blocks: list[tuple[int, torch.Tensor | None]]  # the train columns' blocks of its tangents: (size, columns)
+    carried: bool  # whether its tangents hold the carried momentum after r_s
+
+
+@dataclass
+class MixedBatch:
+    """Steps whose kernels one mixed-mode call computes, and their tangents [S, n, D] (room for
+    up to S steps, written in place as each step joins)."""
+
+    steps: list[MixedStep] = field(default_factory=list)
+    tangents: torch.Tensor | None = None
+
+
 class ChunkPass:
     """One stream over the history for a chunk of test inputs and of training samples. kept: the
     test chunk's KeptPieces, filled by its first train chunk's pass and taken by the later ones
@@ -967,6 +995,7 @@ class ChunkPass:
         # the forward walk may contract φ_s by mixed mode (add_by_mixed_mode) where it books per training
         # sample (so the gradients are taken) and no scores per parameter, which need φ_s itself
         self.mixed_allowed = req.keeps("train") and not req.parameter_scores
+        self.mixed_batch = MixedBatch()  # steps booked by mixed mode, taken a batch at a time
         if req.parameter_scores:
             d = flat.layout.dim
             # |·| is taken per (test, output) row, then summed over the dims that are not kept
@@ -1181,6 +1210,7 @@ class ChunkPass:
                 self.path_change += step_total if self.recorded_updates else full @ recorded
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, theta, delta)
+        self.book_mixed_batch()
 
     def add_by_mixed_mode(self, s: int, k: StepCoefficients, theta, delta, pieces, buffer: torch.Tensor | None,
                           wg: torch.Tensor, columns: torch.Tensor, r: torch.Tensor, carried: torch.Tensor | None,
@@ -1188,9 +1218,11 @@ class ChunkPass:
         """Book step s of the forward walk as the Jacobian route below does, with φ_s contracted by
         mixed mode (PathIntegral.kernel) along the same vectors, each scaled as that route scales
         its rows: the momentum buffer, the current gradients (nesterov / plain SGD), r_s, the
-        carried momentum, the modelled and the recorded update. False (nothing booked) where the
-        model's ops do not allow mixed mode or its estimate says the Jacobian route costs less
-        (explaind.mixed)."""
+        carried momentum, the modelled and the recorded update. The step joins a batch of steps
+        (MixedBatch) whose kernels one call computes, so their passes' fixed costs count once; the
+        batch is booked when full and at the end of the walk (book_mixed_batch). False (nothing
+        booked) where the model's ops do not allow mixed mode or its estimate says the Jacobian
+        route costs less (explaind.mixed)."""
         req, path = self.req, self.req.path
         calls = path.mixed.calls(theta, self.x)
         direct, first = bool((k.e != 0).any()), self.first_train_chunk
@@ -1202,9 +1234,19 @@ class ChunkPass:
                                    plain=pieces is None) or \
                 not path.mixed.exact(calls, theta, self.x, req.target):
             return False
+        batch = self.mixed_batch
+        if batch.tangents is not None and (batch.tangents.shape[1] != n or len(batch.steps) == len(batch.tangents)):
+            self.book_mixed_batch()
+        if batch.tangents is None or batch.tangents.shape[1] != n:
+            # S steps' tangents [S, n, D] and kernels [S, parts, T·O, n] within that place too (one step at least)
+            rows, dim = len(self.total), len(theta)
+            parts = len(req.component_slices) if req.keeps("component") else 1
+            room = 4 * rows * dim // (n * (dim + parts * rows))
+            batch.tangents = theta.new_empty(min(max(room, 1), MIXED_BATCH_STEPS), n, dim)
+        tangents = batch.tangents[len(batch.steps)]
         scale = -k.eta
         # the scaled vectors written straight into the tangents: no [n, D] copy per block and step
-        tangents, at, blocks = theta.new_empty(n, len(theta)), 0, []
+        at, blocks = 0, []
         for block, coefficient, block_columns in ([] if buffer is None else [(buffer, k.c, None)]) + \
                 ([(wg, k.e, columns)] if direct else []):
             torch.mul(block, scale * k.precond * coefficient, out=tangents[at:at + len(block)])
@@ -1213,23 +1255,36 @@ class ChunkPass:
         if first:
             extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded]
             torch.mul(torch.stack(extra), scale, out=tangents[at:])
-        parts = req.component_slices if req.keeps("component") else [slice(0, len(theta))]
-        kernel = path.kernel(theta, delta, self.x, self.select, req.target, req.n_outputs, tangents, parts, calls,
-                             pieces)  # [parts, T, O, V]
-        full = kernel.flatten(1, 2)  # [parts, T·O, V]
-        rows = torch.stack([self.reduce_rows(part) for part in full])
-        at = 0
-        for size, block_columns in blocks:
-            self.add(self.attribution, s, list(rows[:, :, at:at + size]), block_columns)
-            at += size
-        if first:
-            self.add(self.regularization, s, list(rows[:, :, at:at + 1]))
-            if carried is not None:
-                self.add(self.carried, s, list(rows[:, :, at + 1:at + 2]))
-            totals = full[:, :, -2:].sum(0)
-            self.total += totals[:, 0]
-            self.path_change += totals[:, 1]
+        batch.steps.append(MixedStep(s, theta, delta, pieces, blocks, carried is not None))
         return True
+
+    def book_mixed_batch(self) -> None:
+        """Compute the kernels of the steps waiting in the mixed-mode batch by one call and book
+        each as add_by_mixed_mode describes; the batch is then empty."""
+        batch, req = self.mixed_batch, self.req
+        if not batch.steps:
+            return
+        steps, tangents = batch.steps, batch.tangents[:len(batch.steps)]
+        batch.steps = []
+        theta = torch.stack([step.theta for step in steps])
+        parts = req.component_slices if req.keeps("component") else [slice(0, theta.shape[1])]
+        kernels = req.path.kernel(theta, torch.stack([step.delta for step in steps]), self.x, self.select, req.target,
+                                  req.n_outputs, tangents, parts, req.path.mixed.calls(theta[0], self.x),
+                                  [step.pieces for step in steps])  # [S, parts, T, O, V]
+        for step, kernel in zip(steps, kernels):
+            full = kernel.flatten(1, 2)  # [parts, T·O, V]
+            rows = torch.stack([self.reduce_rows(part) for part in full])
+            at = 0
+            for size, block_columns in step.blocks:
+                self.add(self.attribution, step.s, list(rows[:, :, at:at + size]), block_columns)
+                at += size
+            if self.first_train_chunk:
+                self.add(self.regularization, step.s, list(rows[:, :, at:at + 1]))
+                if step.carried:
+                    self.add(self.carried, step.s, list(rows[:, :, at + 1:at + 2]))
+                totals = full[:, :, -2:].sum(0)
+                self.total += totals[:, 0]
+                self.path_change += totals[:, 1]
 
     def add_directions(self, s: int, theta, delta, update: torch.Tensor, decay: torch.Tensor,
                        modelled: torch.Tensor, recorded: torch.Tensor | None, pieces) -> None:

@@ -186,34 +186,45 @@ class MixedMode:
         sizes = [call.outputs_per_input for call in calls]
         return 3 * outputs * sum(sizes) + tangents * max(sizes)
 
-    def add_kernel(self, out: torch.Tensor, owner: torch.Tensor, theta: torch.Tensor, delta: torch.Tensor,
-                   x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, select: torch.Tensor | None, target: str,
-                   tangents: torch.Tensor, parts: list[slice], calls: list[Call], reverse: bool | None = None) -> None:
-        """out[p, owner[r]] += w_r J(x_r; θ + t_r Δ)[:, part p] · tangents[:, part p]ᵀ for each row r
-        (an input with its own node t_r and weight w_r), every selected output and each part p of
-        θ (out: [parts, N, O, V]; tangents [V, D]). `reverse` takes every op one way round (for
-        the completeness check; None: the cheaper)."""
+    def add_kernel(self, out: torch.Tensor, step: torch.Tensor, owner: torch.Tensor, theta: torch.Tensor,
+                   delta: torch.Tensor, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor,
+                   select: torch.Tensor | None, target: str, tangents: torch.Tensor, parts: list[slice],
+                   calls: list[Call], reverse: bool | None = None) -> None:
+        """out[s, p, owner[r]] += w_r J(x_r; θ_s + t_r Δ_s)[:, part p] · tangents[s][:, part p]ᵀ for
+        each row r (an input of segment s = step[r] with its own node t_r and weight w_r; rows
+        ordered by segment), every selected output and each part p of θ (out: [S, parts, N, O, V];
+        θ, Δ: [S, D]; tangents [S, V, D]). The rows of several segments share one δ pass and each
+        reverse term's passes, whose fixed costs then count once (module docstring). `reverse` takes
+        every op one way round (for the completeness check; None: the cheaper)."""
         flat = self.flat
-        points = flat.layout.unflatten(theta + t[:, None].to(delta) * delta)
-        deltas, others = _deltas(flat, calls, points, x, w.to(theta.dtype), select, target, out.shape[2])
-        at = flat.layout.unflatten(theta)  # the point the ops' changes are taken at: any, for they are affine
-        views = flat.layout.unflatten(tangents)
+        points = flat.layout.unflatten(theta[step] + t[:, None].to(delta) * delta[step])
+        deltas, others = _deltas(flat, calls, points, x, w.to(theta.dtype), select, target, out.shape[3])
+        at = flat.layout.unflatten(theta[0])  # the point the ops' changes are taken at: any, for they are affine
+        views = flat.layout.unflatten(tangents)  # [S, V, *shape] each
         slices = flat.layout.slices()
-        _, inputs, outputs, n = out.shape
+        _, _, inputs, outputs, n = out.shape
+        present, counts = torch.unique_consecutive(step, return_counts=True)
+        runs = [(int(s), slice(int(end - count), int(end))) for s, count, end in zip(present, counts, counts.cumsum(0))]
+        span = slice(runs[0][0], runs[-1][0] + 1)  # the segments of these rows
+        segments = span.stop - span.start
         for call, delta_k, others_k in zip(calls, deltas, others):
             rows_k = [a.flatten(0, 1) if b else a[0] for a, b in zip(others_k, call.batched)]  # rows into the batch
             for place, name in call.params.items():
                 part = next(p for p, sl in enumerate(parts) if _within(slices[name], sl))
                 backwards = reverse if reverse is not None else \
-                    _reverse_cost(call, name, flat, len(t), inputs, outputs, n) < _forward_cost(call, len(t), outputs, n)
-                if backwards:
+                    _reverse_cost(call, name, flat, len(t), len(runs) * inputs, outputs, n) < \
+                    _forward_cost(call, len(t), outputs, n)
+                if backwards:  # every row's share at once, summed per segment and input
                     share = _reverse_share(call, name, others_k, delta_k, at)
-                    summed = share.new_zeros(inputs, outputs, share[0, 0].numel()).index_add_(
-                        0, owner, share.flatten(2))
-                    out[part] += summed @ views[name].reshape(n, -1).T
-                else:
-                    out[part].index_add_(0, owner, _forward_terms(call, place, name, rows_k, delta_k, at,
-                                                                    views[name]))
+                    summed = share.new_zeros(segments * inputs, outputs, share[0, 0].numel()).index_add_(
+                        0, (step - span.start) * inputs + owner, share.flatten(2))
+                    out[span, part] += torch.bmm(summed.view(segments, inputs * outputs, -1),
+                                                 views[name][span].flatten(2).transpose(1, 2)).view(out[span, part].shape)
+                    continue
+                for s, rows in runs:  # each segment along its own tangents
+                    own_rows = [a[rows] if b else a for a, b in zip(rows_k, call.batched)]
+                    out[s, part].index_add_(0, owner[rows], _forward_terms(call, place, name, own_rows, delta_k[rows],
+                                                                           at, views[name][s]))
 
 
 def _within(inner: slice, outer: slice) -> bool:
@@ -279,7 +290,9 @@ def _forward_terms(call: Call, place: int, name: str, rows: list[torch.Tensor], 
         change, delta = _einsum_change(call, place, rows, delta, tangents)
     else:
         op = lambda p: call(rows, {**at, name: p})  # noqa: E731
-        change = vmap(lambda v: jvp(op, (at[name],), (v,))[1], out_dims=1)(tangents).reshape(r, n, -1)
+        # a copy: forward mode gives a view's base a tangent too, here one per tangent of all of θ
+        primal = at[name].clone()
+        change = vmap(lambda v: jvp(op, (primal,), (v,))[1], out_dims=1)(tangents).reshape(r, n, -1)
         delta = delta.reshape(r, outputs, -1)
     terms = torch.bmm(delta, change.transpose(1, 2))  # [R·K, O, V]
     return terms if len(terms) == r else terms.view(r, -1, outputs, n).sum(1)
@@ -427,13 +440,14 @@ def _incomplete(flat64: FlatModel, calls: list[Call], theta: torch.Tensor, x: to
     t = torch.tensor([0.3, 0.8], dtype=torch.float64, device=flat64.device)
     w = torch.ones_like(t)
     tangent = random(1, dim)
-    owner = torch.arange(2, device=flat64.device)
+    owner, step = torch.arange(2, device=flat64.device), torch.zeros(2, dtype=torch.long, device=flat64.device)
     expected = flat64.directional_rows(theta, delta, x, t, tangent, target)[:, 0]  # [R, O]
     mixed = MixedMode(flat64)
     for reverse in (False, True):
-        out = torch.zeros(1, 2, expected.shape[1], 1, dtype=torch.float64, device=flat64.device)
-        mixed.add_kernel(out, owner, theta, delta, x, t, w, None, target, tangent, [slice(0, dim)], calls, reverse)
-        miss = float((out[0, :, :, 0] - expected).abs().max())
+        out = torch.zeros(1, 1, 2, expected.shape[1], 1, dtype=torch.float64, device=flat64.device)
+        mixed.add_kernel(out, step, owner, theta[None], delta[None], x, t, w, None, target, tangent[None],
+                         [slice(0, dim)], calls, reverse)
+        miss = float((out[0, 0, :, :, 0] - expected).abs().max())
         if not miss <= COMPLETENESS_TOLERANCE * float(expected.abs().max()):
             return (f"the ops' terms ({'reverse' if reverse else 'forward'}) miss a jvp of the explained outputs by "
                     f"{miss:.1e}")

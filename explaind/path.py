@@ -852,26 +852,41 @@ class PathIntegral:
 
     @phase(MIXED_KERNEL)
     def kernel(self, theta, delta, x, select, target: str, n_outputs: int, tangents: torch.Tensor,
-               parts: list[slice], calls: list[Call], pieces=None) -> torch.Tensor:
-        """φ_s restricted to each part of θ times the tangents [V, D], for every input and selected
-        output, by mixed mode (explaind.mixed; `calls`: MixedMode.calls'): [parts, T, O, V], as
-        jacobian's φ_s[..., part] @ tangents[:, part]ᵀ. Every row (input, node), plain nodes
+               parts: list[slice], calls: list[Call], pieces: list) -> torch.Tensor:
+        """φ_s restricted to each part of θ times the tangents [V, D] of its segment, for S segments
+        θ_s + tΔ_s (θ, Δ: [S, D]; tangents [S, V, D]), every input and selected output, by mixed
+        mode (explaind.mixed; `calls`: MixedMode.calls'): [S, parts, T, O, V], as jacobian's
+        φ_s[..., part] @ tangents[s][:, part]ᵀ. Every row (segment, input, node), plain nodes
         included, takes a per-row pass, in passes of at most max_elements over what a row holds
-        (MixedMode.row_elements). `pieces` as for jacobian."""
-        size = max(1, self.max_elements // self.mixed.row_elements(calls, n_outputs, len(tangents)))
+        (MixedMode.row_elements), a pass taking rows of several segments. `pieces`: each segment's
+        as for jacobian."""
+        size = max(1, self.max_elements // self.mixed.row_elements(calls, n_outputs, tangents.shape[1]))
         if self.max_rows:
             size = min(size, self.max_rows)
-
-        def rows_at(out, i, t, w):
-            i = i.to(self.flat.device)
+        rows = [self._segment_rows(th, d, x, target, p) for th, d, p in zip(theta, delta, pieces)]
+        step = torch.cat([torch.full_like(owner, s) for s, (owner, _, _) in enumerate(rows)])
+        owner, t, w = (torch.cat(column) for column in zip(*rows))
+        out = torch.zeros(len(theta), len(parts), len(x), n_outputs, tangents.shape[1], dtype=self.flat.dtype,
+                          device=self.flat.device)
+        for c in torch.arange(len(t), device=t.device).split(size):
+            i = owner[c].to(self.flat.device)
             sel = None if select is None else select[i.to(select.device)]
-            self.mixed.add_kernel(out, i, theta, delta, x[i.to(x.device)], t, w, sel, target, tangents, parts, calls)
+            self.mixed.add_kernel(out, step[c].to(self.flat.device), i, theta, delta, x[i.to(x.device)], t[c], w[c],
+                                  sel, target, tangents, parts, calls)
+        return out
 
-        def plain_at(out, i, t, w):
-            rows_at(out, i, t.expand(len(i)), torch.full((len(i),), w, dtype=t.dtype, device=t.device))
-
-        out = torch.zeros(len(parts), len(x), n_outputs, len(tangents), dtype=self.flat.dtype, device=self.flat.device)
-        return self._integral(theta, delta, x, target, out, size, plain_at, rows_at, pieces=pieces, joining=len(x))
+    def _segment_rows(self, theta, delta, x, target: str, pieces):
+        """Every (input, node t, weight) row of a segment's integral, ordered by input: Q nodes per
+        smooth piece, the plain rule's for an input whose path is one piece. `pieces` as for
+        jacobian."""
+        everyone = torch.arange(len(x), device=self.flat.device)
+        if not self.searches and pieces is None:
+            owner, t, w = everyone[:0], self.t_nodes[:0], self.t_weights[:0]
+        else:
+            owner, t, w, _ = self._nodes(theta, delta, x, target, pieces)
+        pieced = torch.zeros(len(x), dtype=torch.bool, device=owner.device)
+        pieced[owner] = True
+        return _joined(owner, t, w, everyone.to(owner.device)[~pieced], self.t_nodes, self.t_weights)
 
     @phase(FORWARD_MODE)
     def change(self, theta, delta, x, target: str, pieces=None) -> torch.Tensor:

@@ -259,8 +259,9 @@ def test_each_known_share_equals_a_backward_pass_per_row_and_output():
     tokens = torch.randint(0, 7, (5, 3))
     modes = MixedMode(flat)
     calls = modes.calls(theta, tokens)
-    assert calls is not None and modes.exact(calls, theta, tokens, "logit") and [getattr(c.func, "__name__", "") for c in calls] == [
-        "embedding", "add", "add", "einsum", "einsum", "linear", "mul"]
+    assert calls is not None and modes.exact(calls, theta, tokens, "logit")
+    assert [getattr(c.func, "__name__", "") for c in calls] == ["embedding", "add", "add", "einsum", "einsum", "linear",
+                                                                 "mul"]
     points = flat.layout.unflatten(theta + torch.rand(4, 1, dtype=torch.float64) * torch.randn_like(theta))
     deltas, others = mixed._deltas(flat, calls, points, tokens[[0, 1, 1, 2]], torch.ones(4, dtype=torch.float64),
                                    None, "logit", 3)
@@ -277,3 +278,33 @@ def test_each_known_share_equals_a_backward_pass_per_row_and_output():
                     y = call([a[r] for a in row_others], {**at, name: tensor})
                     expected, = torch.autograd.grad((y[0] * delta[r, o]).sum(), tensor)
                     torch.testing.assert_close(share[r, o], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_steps_taken_in_batches_give_the_jacobian_routes_cube(tmp_path, monkeypatch):
+    """Mixed mode takes the steps of the forward walk a batch at a time (engine.MIXED_BATCH_STEPS):
+    batches of 2 over 7 steps, one cut short where the tangents change size (SGD's momentum set to
+    0 from step 3 on, so that the current gradients join the momentum buffer's: batches of 2, 1,
+    2 and 2 steps), give the per-row Jacobian route's cube."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    with ex.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for step in range(7):
+            if step == 3:
+                optimizer.param_groups[0]["momentum"] = 0.0
+            batch = torch.randperm(10)[:4]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            rec.batch(batch, x[batch], y[batch])
+            optimizer.step()
+    test_x = torch.randn(3, 4, dtype=torch.float64)
+    monkeypatch.setattr("explaind.engine.MIXED_BATCH_STEPS", 2)
+    cubes, phases = [], []
+    for mixed_mode in (True, False):
+        monkeypatch.setattr(MixedMode, "pays", lambda *args, **kwargs: mixed_mode)
+        with timed() as seconds:
+            cubes.append(ex.explain(tmp_path / "run", model, test_x, progress=False, tolerance=1e-9))
+        phases.append(dict(seconds))
+    assert_routes(*phases)
+    assert_same_cube(*cubes)
