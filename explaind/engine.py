@@ -996,6 +996,7 @@ class ChunkPass:
         # sample (so the gradients are taken) and no scores per parameter, which need φ_s itself
         self.mixed_allowed = req.keeps("train") and not req.parameter_scores
         self.mixed_batch = MixedBatch()  # steps booked by mixed mode, taken a batch at a time
+        self.all_columns = torch.arange(self.n_train, device=self.dev)  # a batch of the whole chunk, in order
         if req.parameter_scores:
             d = flat.layout.dim
             # |·| is taken per (test, output) row, then summed over the dims that are not kept
@@ -1173,7 +1174,11 @@ class ChunkPass:
                 if uses_buffer:
                     if buffer is None:
                         buffer = torch.zeros(self.n_train, len(theta), dtype=self.dt, device=self.dev)
-                    buffer.mul_(k.a).index_add_(0, columns, wg * k.b)
+                    buffer.mul_(k.a)
+                    if len(columns) == len(buffer) and bool((columns == self.all_columns).all()):
+                        buffer.addcmul_(wg, k.b)  # the whole chunk in order (full batch): no [B, D] temporary
+                    else:
+                        buffer.index_add_(0, columns, wg * k.b)
                 modelled = aggregate.step(k, g_full, theta) if self.first_train_chunk else None
             r = decay.step(k, None, theta)
             if carried is not None:
