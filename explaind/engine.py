@@ -931,7 +931,6 @@ class MixedStep:
     delta: torch.Tensor
     pieces: tuple | None
     blocks: list[tuple[int, torch.Tensor | None]]  # the train columns' blocks of its tangents: (size, columns)
-    carried: bool  # whether its tangents hold the carried momentum after r_s
 
 
 @dataclass
@@ -1260,7 +1259,7 @@ class ChunkPass:
         if first:
             extra = [r, *([] if carried is None else [carried * (k.precond * k.c)]), modelled, recorded]
             torch.mul(torch.stack(extra), scale, out=tangents[at:])
-        batch.steps.append(MixedStep(s, theta, delta, pieces, blocks, carried is not None))
+        batch.steps.append(MixedStep(s, theta, delta, pieces, blocks))
         return True
 
     def book_mixed_batch(self) -> None:
@@ -1285,7 +1284,7 @@ class ChunkPass:
                 at += size
             if self.first_train_chunk:
                 self.add(self.regularization, step.s, list(rows[:, :, at:at + 1]))
-                if step.carried:
+                if self.carried is not None:  # a replay window: the tangents hold the carried momentum after r_s
                     self.add(self.carried, step.s, list(rows[:, :, at + 1:at + 2]))
                 totals = full[:, :, -2:].sum(0)
                 self.total += totals[:, 0]
