@@ -207,6 +207,7 @@ class MixedMode:
         runs = [(int(s), slice(int(end - count), int(end))) for s, count, end in zip(present, counts, counts.cumsum(0))]
         span = slice(runs[0][0], runs[-1][0] + 1)  # the segments of these rows
         segments = span.stop - span.start
+        into = (step - span.start) * inputs + owner  # each row's (segment, input) among the span's
         for call, delta_k, others_k in zip(calls, deltas, others):
             rows_k = [a.flatten(0, 1) if b else a[0] for a, b in zip(others_k, call.batched)]  # rows into the batch
             for place, name in call.params.items():
@@ -217,7 +218,7 @@ class MixedMode:
                 if backwards:  # every row's share at once, summed per segment and input
                     share = _reverse_share(call, name, others_k, delta_k, at)
                     summed = share.new_zeros(segments * inputs, outputs, share[0, 0].numel()).index_add_(
-                        0, (step - span.start) * inputs + owner, share.flatten(2))
+                        0, into, share.flatten(2))
                     out[span, part] += torch.bmm(summed.view(segments, inputs * outputs, -1),
                                                  views[name][span].flatten(2).transpose(1, 2)).view(out[span, part].shape)
                     continue
