@@ -187,8 +187,8 @@ def test_a_term_that_misses_the_jvp_is_refused(runs, monkeypatch):
     """The completeness check compares the terms both ways round with a jvp: a wrong reverse share
     refuses mixed mode, and explain takes the Jacobian route."""
     run = runs.get(TRANSFORMER)
-    original = mixed._reverse_share
-    monkeypatch.setattr(mixed, "_reverse_share", lambda *args: original(*args) * (1 + 1e-6))
+    original = mixed._summed_share
+    monkeypatch.setattr(mixed, "_summed_share", lambda *args: original(*args) * (1 + 1e-6))
     flat = FlatModel(run.model, layout_of(run.model), torch.float64, "cpu")
     theta = flat.layout.flatten(dict(run.model.named_parameters())).detach()
     modes = MixedMode(flat)
@@ -250,8 +250,9 @@ class Forms(nn.Module):
 
 
 def test_each_known_share_equals_a_backward_pass_per_row_and_output():
-    """_reverse_share's products (and its vjp for the product it does not know) against
-    torch.autograd.grad of <δ_{r,o}, op(row r)> for every row r and output o, in float64."""
+    """_summed_share's products (and its vjp for the product it does not know) against
+    torch.autograd.grad of <δ_{r,o}, op(row r)> for every row r and output o, summed over each
+    group's rows, in float64: groups of one row, of two rows apart, and an empty one."""
     torch.manual_seed(0)
     model = Forms().double()
     flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
@@ -266,18 +267,23 @@ def test_each_known_share_equals_a_backward_pass_per_row_and_output():
     deltas, others = mixed._deltas(flat, calls, points, tokens[[0, 1, 1, 2]], torch.ones(4, dtype=torch.float64),
                                    None, "logit", 3)
     at = flat.layout.unflatten(theta)
+    group = torch.tensor([1, 0, 1, 3])
+    groups = mixed._Groups(group, 4)
     for call, delta, row_others in zip(calls, deltas, others):
         delta = torch.randn_like(delta)  # any cotangent: the share is linear in it
-        rows = [a[:, 0] if batched else a[0] for a, batched in zip(row_others, call.batched)]
+        rows = [groups.padded(a[:, 0]) if batched else a[0] for a, batched in zip(row_others, call.batched)]
         for place, name in call.params.items():
-            assert (mixed._known_share(call, place, rows, delta, at[name]) is None) == (name == "scale")
-            share = mixed._reverse_share(call, name, row_others, delta, at)
+            assert (mixed._known_share(call, place, rows, groups.padded(delta), at[name]) is None) == (name == "scale")
+            share = mixed._summed_share(call, name, row_others, delta, at, groups)
+            expected = torch.zeros_like(share)
             for r in range(len(delta)):
                 for o in range(delta.shape[1]):
                     tensor = at[name].clone().requires_grad_()
                     y = call([a[r] for a in row_others], {**at, name: tensor})
-                    expected, = torch.autograd.grad((y[0] * delta[r, o]).sum(), tensor)
-                    torch.testing.assert_close(share[r, o], expected, rtol=1e-12, atol=1e-12)
+                    expected[group[r], o] += torch.autograd.grad((y[0] * delta[r, o]).sum(), tensor)[0]
+            largest = expected.flatten(2).abs().amax(-1)  # [group, output]
+            assert largest[2].max() == 0 and largest[[0, 1, 3]].min() > 0
+            torch.testing.assert_close(share, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("way", ["cheaper", "forward", "reverse"])
