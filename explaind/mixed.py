@@ -333,8 +333,9 @@ def _plain_einsum(call: Call) -> bool:
 
 
 class _Groups:
-    """Rows grouped by an index (each row's segment and input): a row's slot in a [groups, L]
-    layout, L the largest group, so that a product over a group's rows is one batched matmul."""
+    """Rows grouped by an index (each row's segment and input), for sums over each group's rows:
+    by index_add, or, for a product over a group's rows, as one batched matmul over a [groups,
+    L] layout of the rows, L the largest group."""
 
     def __init__(self, index: torch.Tensor, size: int):
         self.index, self.size = index, size
@@ -344,6 +345,10 @@ class _Groups:
         first = counts.cumsum(0) - counts
         self.slot = torch.empty_like(index)
         self.slot[order] = index[order] * self.length + torch.arange(len(index), device=index.device) - first[index[order]]
+
+    def summed(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R, ...] -> [groups, ...], each group's rows summed."""
+        return rows.new_zeros(self.size, *rows.shape[1:]).index_add_(0, self.index, rows)
 
     def padded(self, rows: torch.Tensor) -> torch.Tensor:
         """[R, ...] -> [groups, L, ...], zeros in the slots no row takes."""
@@ -355,13 +360,11 @@ class _Groups:
 def _summed_share(call: Call, name: str, others: list[torch.Tensor], delta: torch.Tensor,
                   at: dict[str, torch.Tensor], groups: _Groups) -> torch.Tensor:
     """The op's share of J for each output, δ pulled back to its tensor and summed over each
-    group's rows: [groups, O, *shape]. Where the op's form is known (_known_share) one product
-    sums over a group's rows as it pulls back, so no row's share is ever held; else a vjp per
-    row and output, summed after."""
+    group's rows: [groups, O, *shape]. By one product where the op's form is known
+    (_known_share), else by a vjp per row and output, summed after."""
     place = next(i for i, n in call.params.items() if n == name)
     rows = [a[:, 0] if b else a[0] for a, b in zip(others, call.batched)]  # each row's, without the batch dim
-    share = _known_share(call, place, [groups.padded(a) if b else a for a, b in zip(rows, call.batched)],
-                         groups.padded(delta), at[name])
+    share = _known_share(call, place, rows, delta, at[name], groups)
     if share is not None:
         return share
 
@@ -370,40 +373,40 @@ def _summed_share(call: Call, name: str, others: list[torch.Tensor], delta: torc
         return pullback(d)[0]
 
     dims = [0 if b else None for b in call.batched]
-    share = vmap(lambda o, d: vmap(lambda d1: one(o, d1))(d), in_dims=(dims, 0))(
-        [a if b else a[0] for a, b in zip(others, call.batched)], delta.unsqueeze(2))
-    return share.new_zeros(groups.size, *share.shape[1:]).index_add_(0, groups.index, share)
+    return groups.summed(vmap(lambda o, d: vmap(lambda d1: one(o, d1))(d), in_dims=(dims, 0))(
+        [a if b else a[0] for a, b in zip(others, call.batched)], delta.unsqueeze(2)))
 
 
 def _known_share(call: Call, place: int, rows: list[torch.Tensor], delta: torch.Tensor,
-                 tensor: torch.Tensor) -> torch.Tensor | None:
+                 tensor: torch.Tensor, groups: _Groups) -> torch.Tensor | None:
     """_summed_share by one product for F.linear's weight and bias, F.embedding's table, an einsum
     (_plain_einsum) and a tensor added to activations: the vjp per row and output costs ~1 ms of
     small transforms per op and step on the reference Transformer, these a tenth of it. None for
-    any other op or form. rows: the call's other tensors, those that run over the batch as
-    [groups, L, ...] (each row's without the batch dim, in its group's slots); delta: [groups, L, O, ...]."""
-    g, length, outputs = delta.shape[:3]
+    any other op or form. rows: the call's other tensors, each row's without the batch dim. The
+    products of two row tensors (a weight's, an einsum's) sum over a group's rows inside one
+    batched matmul over the groups' padded layout, so no row's share is ever held."""
+    r, outputs = delta.shape[:2]
     if call.func is F.linear and place == 2:
-        return delta.reshape(g, length, outputs, -1, delta.shape[-1]).sum((1, 3))
+        return groups.summed(delta.reshape(r, outputs, -1, delta.shape[-1]).sum(2))
     if call.func is F.linear and place == 1 and call.batched[0]:
-        a = rows[0]
-        return torch.einsum("glki,glokj->goji", a.reshape(g, length, -1, a.shape[-1]),
-                            delta.reshape(g, length, outputs, -1, delta.shape[-1]))
+        a, d = groups.padded(rows[0]), groups.padded(delta)
+        return torch.einsum("glki,glokj->goji", a.reshape(*a.shape[:2], -1, a.shape[-1]),
+                            d.reshape(*d.shape[:3], -1, d.shape[-1]))
     if call.func is F.embedding and place == 1 and call.batched[0]:
-        # each looked-up row of the table takes δ at the positions that read it (empty slots
-        # look up row 0 and add zeros)
+        # each looked-up row of the table takes δ at the positions that read it, in its group's table
         size, width = tensor.shape
-        index = (rows[0].reshape(g, -1) + size * torch.arange(g, device=delta.device)[:, None]).flatten()
-        d = delta.reshape(g, length, outputs, -1, width).transpose(2, 3).reshape(-1, outputs, width)
-        share = delta.new_zeros(g * size, outputs, width).index_add_(0, index, d)
-        return share.view(g, size, outputs, width).transpose(1, 2)
+        index = (rows[0].reshape(r, -1) + size * groups.index[:, None]).flatten()
+        d = delta.reshape(r, outputs, -1, width).transpose(1, 2).reshape(-1, outputs, width)
+        share = delta.new_zeros(groups.size * size, outputs, width).index_add_(0, index, d)
+        return share.view(groups.size, size, outputs, width).transpose(1, 2)
     if call.func in (torch.add, torch.Tensor.add) and len(call.template) == 2 and call.batched[0]:
         # broadcast against the output [O, ...] (O in the batch's place): sum δ over the dims the tensor lacks
-        dims = delta.dim() - 2
+        dims = delta.dim() - 1
         if tensor.dim() > dims or (tensor.dim() == dims and tensor.shape[0] != 1):
             return None
         shape = (1,) * (dims - tensor.dim()) + tuple(tensor.shape)
-        return delta.sum(1).sum_to_size(g, outputs, *shape[1:]).reshape(g, outputs, *tensor.shape)
+        summed = groups.summed(delta.sum_to_size(r, outputs, *shape[1:]))
+        return summed.reshape(groups.size, outputs, *tensor.shape)
     if _plain_einsum(call):
         operands, out = call.template[0].replace(" ", "").split("->")
         operands = operands.split(",")
@@ -418,7 +421,8 @@ def _known_share(call: Call, place: int, rows: list[torch.Tensor], delta: torch.
         subscripts.append(group + row + out)  # δ, the output copies in the batch's place
         if batch in own or set(own) - set("".join(subscripts)):
             return None
-        return torch.einsum(",".join(subscripts) + "->" + group + batch + own, *rows, delta)
+        padded = [groups.padded(a) if b else a for a, b in zip(rows, call.batched)]
+        return torch.einsum(",".join(subscripts) + "->" + group + batch + own, *padded, groups.padded(delta))
     return None
 
 
