@@ -32,6 +32,7 @@ that fails is left to the per-row route.
 from __future__ import annotations
 
 import string
+from functools import cached_property
 from itertools import chain
 from math import prod
 from typing import Callable, NamedTuple
@@ -335,16 +336,28 @@ def _plain_einsum(call: Call) -> bool:
 class _Groups:
     """Rows grouped by an index (each row's segment and input), for sums over each group's rows:
     by index_add, or, for a product over a group's rows, as one batched matmul over a [groups,
-    L] layout of the rows, L the largest group."""
+    L] layout of the rows, L the largest group (worked out only if a term asks for it)."""
 
     def __init__(self, index: torch.Tensor, size: int):
         self.index, self.size = index, size
-        counts = torch.bincount(index, minlength=size)
-        self.length = int(counts.max())
+
+    @cached_property
+    def _counts(self) -> torch.Tensor:
+        return torch.bincount(self.index, minlength=self.size)
+
+    @cached_property
+    def length(self) -> int:
+        return int(self._counts.max())
+
+    @cached_property
+    def slot(self) -> torch.Tensor:
+        """Each row's place in the [groups · L] layout: its group's first slot plus its rank there."""
+        index = self.index
         order = torch.argsort(index, stable=True)
-        first = counts.cumsum(0) - counts
-        self.slot = torch.empty_like(index)
-        self.slot[order] = index[order] * self.length + torch.arange(len(index), device=index.device) - first[index[order]]
+        first = self._counts.cumsum(0) - self._counts
+        slot = torch.empty_like(index)
+        slot[order] = index[order] * self.length + torch.arange(len(index), device=index.device) - first[index[order]]
+        return slot
 
     def summed(self, rows: torch.Tensor) -> torch.Tensor:
         """[R, ...] -> [groups, ...], each group's rows summed."""

@@ -781,9 +781,8 @@ class PathIntegral:
         some inputs take per-row nodes, up to this many smooth ones take their plain nodes as
         rows of the same passes instead of passes of their own."""
         n = len(x)
-        everyone = torch.arange(n, device=x.device)
         if not self.searches and pieces is None:
-            nodes = len(self.t_nodes)
+            everyone, nodes = torch.arange(n, device=x.device), len(self.t_nodes)
             if change and n <= self.few_inputs and n * nodes <= self.few_rows:
                 self._add_rows(out, everyone.repeat_interleave(nodes), self.t_nodes.repeat(n),
                                self.t_weights.repeat(n), size, rows_at)
@@ -791,9 +790,7 @@ class PathIntegral:
                 self._plain(out, everyone, size, plain_at)
             return out
         owner, t, w, checked = self._nodes(theta, delta, x, target, pieces)
-        pieced = torch.zeros(n, dtype=torch.bool, device=x.device)
-        pieced[owner.to(x.device)] = True
-        smooth = everyone[~pieced]
+        smooth = _smooth_inputs(owner.to(x.device), n)
         if change and checked is not None:
             out[smooth] = checked[smooth.to(checked.device)].to(out)
         elif len(owner) and len(smooth) <= joining:  # their nodes join the kinked rows' passes (see jacobian)
@@ -879,14 +876,12 @@ class PathIntegral:
         """Every (input, node t, weight) row of a segment's integral, ordered by input: Q nodes per
         smooth piece, the plain rule's for an input whose path is one piece. `pieces` as for
         jacobian."""
-        everyone = torch.arange(len(x), device=self.flat.device)
         if not self.searches and pieces is None:
-            owner, t, w = everyone[:0], self.t_nodes[:0], self.t_weights[:0]
+            owner, t, w = (torch.zeros(0, dtype=torch.long, device=self.flat.device), self.t_nodes[:0],
+                           self.t_weights[:0])
         else:
             owner, t, w, _ = self._nodes(theta, delta, x, target, pieces)
-        pieced = torch.zeros(len(x), dtype=torch.bool, device=owner.device)
-        pieced[owner] = True
-        return _joined(owner, t, w, everyone.to(owner.device)[~pieced], self.t_nodes, self.t_weights)
+        return _joined(owner, t, w, _smooth_inputs(owner, len(x)), self.t_nodes, self.t_weights)
 
     @phase(FORWARD_MODE)
     def change(self, theta, delta, x, target: str, pieces=None) -> torch.Tensor:
@@ -958,6 +953,14 @@ class PathIntegral:
 def _no_kinks(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """No kink: (input index [0], position [0]) on θ's device."""
     return torch.zeros(0, dtype=torch.long, device=theta.device), theta.new_zeros(0, dtype=torch.float64)
+
+
+def _smooth_inputs(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """The inputs of 0 … n − 1 that own no per-row node (their path is one smooth piece), on
+    owner's device."""
+    pieced = torch.zeros(n, dtype=torch.bool, device=owner.device)
+    pieced[owner] = True
+    return torch.arange(n, device=owner.device)[~pieced]
 
 
 def _joined(owner, t, w, inputs: torch.Tensor, t_nodes: torch.Tensor, t_weights: torch.Tensor):
