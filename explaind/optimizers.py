@@ -13,7 +13,7 @@ diagonal preconditioner P_s:
     SGD, momentum μ      a=μ  b=1−τ  c=1 (μ, nesterov) e=0 (1, nesterov)    (first step: a=0, b=1)
     SGD, μ = 0 once μ was not  a=1  b=0  c=0  e=1  (PyTorch leaves the buffer as it was)
     Adam                 a=β1 b=1−β1 c=1/(1−β1^t)  e=0  P=1⊘(√v_t/√(1−β2^t)+ε)  λ_c=λ
-    AdamW                as Adam, but λ_c=0 and λ_d=λ
+    AdamW                as Adam, but λ_c=0 and λ_d=λ (the multiplier 1−ηλ as torch rounds it)
 
 Since ḡ_s = κ_s Σ_k w_{s,k} g_{s,k}, the update is linear in per-sample gradients, which is what
 lets the engine split it exactly by training sample (κ_s is the recorded factor by which
@@ -66,12 +66,14 @@ def step_coefficients(
     second_moment: torch.Tensor | None,
     started: Sequence[bool],
     dtype: torch.dtype,
+    scalar_precision: torch.dtype = torch.float64,
 ) -> StepCoefficients:
     """Coefficients of step s from its recorded hyperparameters.
 
     `group_index` is the [D] vector of each coordinate's parameter group, `second_moment` the
     flat recorded v_t for Adam (None for SGD), `started` per group whether SGD's momentum buffer
-    exists before step s (`sgd_buffers_started`).
+    exists before step s (`sgd_buffers_started`). `scalar_precision`: the precision in which the
+    optimizer multiplied the parameters by a Python number (decoupled_decay_rate).
     """
 
     def vec(key_or_fn) -> torch.Tensor:
@@ -106,6 +108,8 @@ def step_coefficients(
         v = second_moment.to(torch.float64)
         precond = 1.0 / (v.sqrt() / (1 - beta2**t).sqrt() + vec("eps"))
         decay = vec("weight_decay")
+        if kind == "adamw":
+            decay = decoupled_decay_rate(vec("lr"), decay, scalar_precision)
         coeffs = StepCoefficients(
             eta=vec("lr"),
             a=beta1,
@@ -119,6 +123,26 @@ def step_coefficients(
     else:
         raise UnsupportedError(f"unknown optimizer kind {kind!r} in the history")
     return StepCoefficients(**{k: v.to(dtype) for k, v in vars(coeffs).items()})
+
+
+def decoupled_decay_rate(eta: torch.Tensor, decay: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
+    """λ_d such that η λ_d = 1 − (1 − ηλ), with the multiplier 1 − ηλ rounded to `precision` as
+    torch's AdamW rounds it before multiplying θ by it.
+
+    Its steps on the CPU (single-tensor, foreach and fused) and its single-tensor and foreach steps
+    on a GPU multiply θ by that Python number cast to the parameters' compute precision (float32
+    for float32 parameters, and for float16 and bfloat16 ones in the single-tensor and fused steps;
+    in float64 it is 1 − ηλ rounded to float64). Close to 1 the float32 cast moves
+    ηλ by up to 3e-8, a relative 1e-5 at ηλ = 3e-3: the same relative error of the decay at every
+    coordinate and step, so its effect on an output (about φ_s·θ_s times it) adds up over the steps
+    instead of averaging out like the rounding of θ (the reference workload's float32 run explained
+    in float64: 2.5e-5 of its outputs' residual, 7.8e-6 with the cast modelled). The fused CUDA
+    kernel's source (adam_math) subtracts lr·λ·θ in double instead: there this model misses by the
+    cast, which stays below the update check's rounding floor."""
+    exact = 1 - eta * decay
+    rounded = exact.to(precision).to(exact.dtype)
+    moved = eta != 0
+    return torch.where(moved, (1 - rounded) / torch.where(moved, eta, 1), decay)
 
 
 def sgd_buffers_started(history) -> list[list[bool]]:

@@ -62,6 +62,8 @@ class StepReader:
         self.history, self.flat = history, flat
         self.group_index = group_index(history, flat)
         self.buffers_started = sgd_buffers_started(history) if buffers_started is None else buffers_started
+        # torch's optimizers compute in float32 on float16 and bfloat16 parameters too (decoupled_decay_rate)
+        self.scalar_precision = torch.promote_types(history.dtype, torch.float32)
 
     def thetas(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
         flatten, flat = self.flat.layout.flatten, self.flat
@@ -70,7 +72,7 @@ class StepReader:
     def coefficients(self, rec: StepRecord) -> StepCoefficients:
         moment = None if rec.second_moment is None else self.flat.layout.flatten(rec.second_moment).to(self.flat.device)
         return step_coefficients(self.history.optimizer, rec.groups, self.group_index, moment,
-                                 self.buffers_started[rec.step], self.flat.dtype)
+                                 self.buffers_started[rec.step], self.flat.dtype, self.scalar_precision)
 
     def batch(self, rec: StepRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's sample weights, inputs and targets."""

@@ -85,3 +85,28 @@ def test_a_momentum_the_update_does_not_show_is_refused():
         momentum_from_update(sgd(0.1, True), theta, delta)
     assert torch.equal(momentum_from_update(sgd(0.1, True), theta, delta, direct=torch.zeros_like(theta)),
                        torch.zeros_like(theta))
+
+
+@pytest.mark.parametrize("implementation", [{}, {"foreach": True}, {"fused": True}],
+                         ids=["single_tensor", "foreach", "fused"])
+def test_adamw_decay_is_modelled_with_the_multiplier_torch_rounds(implementation):
+    """A step with zero gradients is AdamW's decay alone: torch multiplies float32 θ by 1 − ηλ cast
+    to float32, so θ + the modelled Δθ, rounded to float32, is torch's θ_{s+1} bit for bit
+    (hand-derived: m = 0, so the Adam step adds an exact 0). The exact multiplier misses about a
+    quarter of the coordinates by a rounding step: 1 − ηλ is far from a float32 number."""
+    torch.manual_seed(0)
+    lr, decay = 3e-3, 1.0
+    param = (torch.rand(100_000) * 4 - 2).requires_grad_()
+    theta = param.detach().double()
+    optimizer = torch.optim.AdamW([param], lr=lr, weight_decay=decay, **implementation)
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    hyper = [dict(lr=lr, weight_decay=decay, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, t=1)]
+    groups = torch.zeros(len(theta), dtype=torch.long)
+
+    def stepped(precision):
+        k = step_coefficients("adamw", hyper, groups, torch.zeros_like(theta), [False], torch.float64, precision)
+        return (theta - k.eta * AggregateUpdate().step(k, torch.zeros_like(theta), theta)).float()
+
+    assert torch.equal(stepped(torch.float32), param.detach())
+    assert (stepped(torch.float64) != param.detach()).float().mean() > 0.2
