@@ -131,8 +131,9 @@ def decoupled_decay_rate(eta: torch.Tensor, decay: torch.Tensor, precision: torc
 
     Its steps on the CPU (single-tensor, foreach and fused) and its single-tensor and foreach steps
     on a GPU multiply θ by that Python number cast to the parameters' compute precision (float32
-    for float32 parameters, and for float16 and bfloat16 ones in the single-tensor and fused steps;
-    in float64 it is 1 − ηλ rounded to float64). Close to 1 the float32 cast moves
+    for float32 parameters, and for bfloat16 ones in the single-tensor and fused steps, where the
+    CPU's foreach step casts it to bfloat16, which this does not model; in float64 it is 1 − ηλ
+    rounded to float64). Close to 1 the float32 cast moves
     ηλ by up to 3e-8, a relative 1e-5 at ηλ = 3e-3: the same relative error of the decay at every
     coordinate and step, so its effect on an output (about φ_s·θ_s times it) adds up over the steps
     instead of averaging out like the rounding of θ (the reference workload's float32 run explained
