@@ -85,6 +85,7 @@ class Request:
     train_chunk: int
     progress: bool = False  # tqdm bars and the plan's summary (explain's progress=)
     batch_chunk: int = 0  # samples of a recorded batch per backward pass (0: planned)
+    gradient_steps: int = 1  # steps whose per-sample gradients one call takes (plan_chunks sets it)
     component_slices: list[slice] = field(default_factory=list)
     check_updates: bool = True  # False: trust the recorded updates (checked by verify_updates)
     stop_at_missed_update: bool = False  # stop at a step whose update misses far beyond rounding (UPDATE_STOP_SHARE)
@@ -710,7 +711,8 @@ def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, b
     samples = min(batch, train) if req.keeps("train") else 0
     d = req.flat.layout.dim
     backward_pass = _batch_backward_elements(req, batch_rows)
-    elements = samples * d * 3 + backward_pass
+    # the forward walk takes the gradients of req.gradient_steps steps at once (ChunkPass._with_gradients)
+    elements = (1 if effects else req.gradient_steps) * (samples * d * 3 + backward_pass)
     tangents = effects * n_comp
     if samples and tangents and tangents * FORWARD_MODE_RATIO <= batch:
         pushed = (tangents + 1) * min(samples, batch_rows) * req.activations.largest * 3
@@ -734,9 +736,14 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     req.test_chunk, req.train_chunk = min(req.test_chunk, n_test), min(req.train_chunk, n_train)
     req.batch_chunk = min(req.batch_chunk, batch)
     test, train, rows = req.test_chunk or n_test, req.train_chunk or n_train, req.batch_chunk or batch
+    # steps' gradients taken together cost a group's memory for speed alone: not where a batch is
+    # split (batch_chunk asked for), and the first thing a budget gives up
+    req.gradient_steps = GRADIENT_STEPS if req.keeps("train") and rows >= batch else 1
     if budget is None:
         req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
         return
+    if pass_bytes(req, test, train, rows) > budget:
+        req.gradient_steps = 1
     while (needed := pass_bytes(req, test, train, rows)) > budget:
         can_test = not req.test_chunk and test > 1
         can_train = not req.train_chunk and train > 1
@@ -920,6 +927,10 @@ def kept_pieces(req: Request, later_chunks: bool) -> KeptPieces | None:
 # all of them, so their fixed costs count once. Measured on the reference workload, 2 threads, with
 # room for more: 4 and 8 steps a call equally fast, 16 and 50 slower (1.40-1.42 s against 1.26-1.29 s)
 MIXED_BATCH_STEPS = 8
+# The most steps whose per-sample gradients one call takes (ChunkPass._with_gradients; 1 where
+# plan_chunks finds no room): one vmap over the steps, whose fixed costs count once. Measured on
+# the reference workload, 2 threads: 4 steps in 15 ms against 24-27 ms a step at a time
+GRADIENT_STEPS = 4
 
 
 @dataclass
@@ -1161,14 +1172,14 @@ class ChunkPass:
         carried = self.momentum_before_replay()  # decays through the steps, never split
         aggregate.momentum = None if carried is None else carried.clone()
         start = self.req.step_range[0]
-        for rec, theta, delta, pieces in records:
+        for rec, theta, delta, pieces, gradients in self._with_gradients(records):
             s = rec.step
             k = self.reader.coefficients(rec)
             recorded = recorded_update(k, delta)
             if self.recorded_updates:  # no gradients: the recorded update stands for the modelled one
                 modelled = recorded
             else:
-                wg, columns, g_full = self.batch_gradients(rec, theta)
+                wg, columns, g_full = gradients
                 uses_buffer = bool((k.b != 0).any()) or bool((k.a != 0).any())  # not plain SGD
                 if uses_buffer:
                     if buffer is None:
@@ -1215,6 +1226,38 @@ class ChunkPass:
                 self.record_scores(full, modelled - r)
                 self.record_update_check(s, k, modelled, theta, delta)
         self.book_mixed_batch()
+
+    def _with_gradients(self, records: Iterable[tuple]) -> Iterator[tuple]:
+        """The forward walk's steps, each with its batch_gradients (None where the recorded
+        updates stand for the modelled ones), taken req.gradient_steps steps at a time."""
+        if self.recorded_updates:
+            for item in records:
+                yield *item, None
+            return
+        group = []
+        for item in records:
+            group.append(item)
+            if len(group) == self.req.gradient_steps:
+                yield from self._group_gradients(group)
+                group = []
+        yield from self._group_gradients(group)
+
+    def _group_gradients(self, group: list[tuple]) -> Iterator[tuple]:
+        """Each step of the group with its batch_gradients: by one call over the steps where
+        every batch lies wholly in this train chunk and has the same shape, step by step
+        otherwise."""
+        batches = [self.step_batch(rec) for rec, *_ in group]
+        if len(group) < 2 or not self.req.keeps("train") or len({(x.shape, y.shape) for _, _, x, y in batches}) > 1 \
+                or not all(bool((columns >= 0).all()) for _, columns, _, _ in batches):
+            for item in group:
+                yield *item, self.batch_gradients(item[0], item[1])
+            return
+        weights, columns, x, y = (list(parts) for parts in zip(*batches))
+        wg = self.req.flat.per_sample_gradients(torch.stack([theta for _, theta, *_ in group]), torch.stack(x),
+                                                torch.stack(y), self.req.loss, self.req.batch_chunk)
+        wg *= torch.stack(weights)[:, :, None]
+        for item, step_wg, step_columns in zip(group, wg, columns):
+            yield *item, (step_wg, step_columns.to(self.dev), step_wg.sum(0))
 
     def add_by_mixed_mode(self, s: int, k: StepCoefficients, theta, delta, pieces, buffer: torch.Tensor | None,
                           wg: torch.Tensor, columns: torch.Tensor, r: torch.Tensor, carried: torch.Tensor | None,

@@ -1625,19 +1625,27 @@ class FlatModel:
         rows: int | None = None,
     ) -> torch.Tensor:
         """∇_θ ℓ(f(x_k; θ), y_k) for each row k of a batch: [B, D], by backward passes over at
-        most `rows` samples each (None: the whole batch at once)."""
+        most `rows` samples each (None: the whole batch at once). θ [S, D] with S batches of as
+        many samples (x [S, B, ...], y [S, B]): [S, B, D], each step's batch at its own θ, by one
+        vmap over the steps, whose fixed costs then count once (measured on the reference
+        Transformer: 4 steps of 200 samples in 15 ms against 24-27 ms a step at a time)."""
 
         def sample_loss(p: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
             return loss(self._call(p, x1.unsqueeze(0)), y1.unsqueeze(0))[0]
 
         params = self.layout.unflatten(theta)
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-        parts = sample_parts(len(x), rows)
+        steps = theta.dim() == 2
+        if steps:
+            per_sample = vmap(per_sample)
+        samples = (slice(None),) * steps  # the index of the samples' dim: after the steps'
+        parts = sample_parts(x.shape[steps], rows)
         if len(parts) == 1:
             return self.layout.flatten(per_sample(params, x, y))
-        out = theta.new_empty(len(x), self.layout.dim)
+        out = theta.new_empty(*x.shape[:steps + 1], self.layout.dim)
         for part in parts:
-            out[part] = self.layout.flatten(per_sample(params, x[part], y[part]))
+            at = (*samples, part)
+            out[at] = self.layout.flatten(per_sample(params, x[at], y[at]))
         return out
 
     @phase(SAMPLE_GRADIENTS)

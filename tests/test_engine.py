@@ -23,7 +23,9 @@ from torch import nn
 
 import explaind as ex
 import explaind.history as history_module
+from explaind import engine
 from explaind.engine import check_residual
+from explaind.functional import FlatModel
 from brute_force import reference_for_run
 from engine_cases import DEVICE, MLP, OPTIMIZERS, Case, build_optimizer, make_data, optimizer_spec, train
 
@@ -1248,3 +1250,39 @@ def test_rounding_what_the_parameters_do_not_move_is_not_named(tmp_path):
     model, tx = record_float32_norm(tmp_path / "h", coarse=False)
     cube = ex.explain(tmp_path / "h", model, tx, keep=("train", "test"), quadrature=8, progress=False)
     assert cube.attrs["coarser_rounding"] == "" and cube.attrs["relative_residual"] <= 1e-12
+
+
+@pytest.mark.parametrize("train_chunk", [None, 5])
+def test_steps_whose_gradients_are_taken_together_give_the_cube_taken_step_by_step(tmp_path, monkeypatch,
+                                                                                   train_chunk):
+    """The forward walk takes the per-sample gradients of up to engine.GRADIENT_STEPS steps (3
+    here) by one call where every batch lies wholly in the train chunk with the same shape, step
+    by step otherwise (ChunkPass._group_gradients): 7 AdamW steps of 4 random samples of 10, step
+    4 of 2, so that steps 0-2 are taken together and the rest alone; with train chunks of 5, no
+    step is. Float64: the cube equals the one taken a step at a time to rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y, test_x = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 3, torch.randn(3, 4, dtype=torch.float64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    with ex.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for step in range(7):
+            batch = torch.randperm(10)[:2 if step == 4 else 4]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            rec.batch(batch, x[batch], y[batch])
+            optimizer.step()
+    taken = []  # per call, the steps of each per_sample_gradients call (0: one step, its θ [D])
+    per_sample = FlatModel.per_sample_gradients
+    monkeypatch.setattr(FlatModel, "per_sample_gradients",
+                        lambda self, theta, *args: taken[-1].append(len(theta) if theta.dim() == 2 else 0)
+                        or per_sample(self, theta, *args))
+    cubes = []
+    for steps in (3, 1):
+        monkeypatch.setattr(engine, "GRADIENT_STEPS", steps)
+        taken.append([])
+        cubes.append(ex.explain(tmp_path / "run", model, test_x, train_chunk=train_chunk, progress=False))
+    together, alone = taken
+    assert alone == [0] * len(alone) and len(alone) >= 7
+    assert together == ([3, 0, 0, 0, 0] if train_chunk is None else alone)
+    for name in ("attribution", "regularization", "residual", "update_residual"):
+        np.testing.assert_allclose(cubes[0][name].values, cubes[1][name].values, rtol=1e-12, atol=1e-15)

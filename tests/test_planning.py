@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -214,12 +215,14 @@ def test_a_refused_budget_names_the_least_budget_that_runs_the_request(run):
         ex.plan(*args, memory_budget=below)
 
 
-def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_cube(tmp_path):
+def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_cube(tmp_path, monkeypatch):
     """A backward pass over a recorded batch holds the batch's activations, which no test or
     train chunk shrinks: the planner splits the batch into parts whose gradients add up (it
     did not, and a budget below one batch's backward pass was refused). Full batches of 10 of
     the MLP 4 → 6 → 3, test and train chunks asked for, float64; the cube with the batch split
-    equals the one without."""
+    equals the one without. Each step's gradients are taken alone (GRADIENT_STEPS 1), so that the
+    pass misses the budgets below by the backward passes alone."""
+    monkeypatch.setattr(engine, "GRADIENT_STEPS", 1)
     case = train(Case("mlp", "adamw", steps=3, n_train=10, batch=10, n_test=4), tmp_path / "h")
     args = (case.path, case.model, case.test_x, case.test_y)
     options = dict(keep=("train", "test", "output"), breakpoints=False, quadrature=2, test_chunk=4, train_chunk=10)
@@ -253,7 +256,8 @@ def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_
 def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run):
     """FlatModel's batch gradient, per-sample gradients and per-sample directional derivatives
     over parts of 3, 3, 3 and 1 of a batch of 10 equal one pass over all 10 (float64), and
-    each per-sample gradient equals a backward pass over its sample alone."""
+    each per-sample gradient equals a backward pass over its sample alone; so do the per-sample
+    gradients of two steps' batches at their own θ taken by one call, in parts of 3."""
     history = ex.History(run.path)
     flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
     theta = flat.layout.flatten(history.params(2))
@@ -270,6 +274,12 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
                                (weights @ alone).numpy(), rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(flat.per_sample_directional(theta, x, y, loss, tangents, 3).numpy(),
                                (tangents @ alone.T).numpy(), rtol=1e-12, atol=1e-14)
+    theta_0, x_0 = flat.layout.flatten(history.params(0)), torch.randn(10, 4, dtype=torch.float64, generator=generator)
+    steps = flat.per_sample_gradients(torch.stack([theta_0, theta]), torch.stack([x_0, x]), torch.stack([y, y]), loss, 3)
+    assert steps.shape == (2, 10, flat.layout.dim)
+    np.testing.assert_allclose(steps[0].numpy(), flat.per_sample_gradients(theta_0, x_0, y, loss).numpy(),
+                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(steps[1].numpy(), alone.numpy(), rtol=1e-13, atol=1e-15)
 
 
 def test_inputs_are_cast_to_the_functions_dtype_and_token_ids_stay_integers():
@@ -882,3 +892,28 @@ def test_a_budget_beyond_a_gpus_free_memory_plans_for_the_free_memory(run, monke
     # the budget was the limit
     with pytest.raises(ex.InputError, match=r"one pass needs .* or a budget of at least memory_budget="):
         planned(1000, "cpu")
+
+
+def test_steps_gradients_are_taken_together_only_where_the_budget_has_room_for_the_group(run):
+    """The forward walk's per-sample gradients of engine.GRADIENT_STEPS steps at once hold a group's
+    gradients and backward passes: a pass counts them (pass_bytes), a budget without room for them
+    takes the steps one at a time before it splits any chunk, and a batch split into parts takes
+    them one at a time too. All 3 outputs of the 4 inputs kept: 12 rows, more than the 10
+    samples, so the pass walks forward (the backward walk, whose cost counts no group, takes its
+    steps one at a time)."""
+    def planned(budget, **options):
+        request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **engine.request_options(
+            "plan", dict(keep=("train", "test", "output"), **options)))
+        engine.plan_chunks(request, budget)
+        return request
+
+    together = planned(None)
+    assert (together.gradient_steps, together.test_chunk, together.train_chunk, together.batch_chunk) == \
+        (engine.GRADIENT_STEPS, 4, 10, 4)
+    one_at_a_time = engine.pass_bytes(dataclasses.replace(together, gradient_steps=1), 4, 10, 4)
+    # a step's gradients of its batch of 4, their copies, and its backward pass, in float64
+    group = 4 * together.flat.layout.dim * 3 + engine._batch_backward_elements(together, 4)
+    assert engine.pass_bytes(together, 4, 10, 4) - one_at_a_time == (engine.GRADIENT_STEPS - 1) * group * 8
+    tight = planned(one_at_a_time)
+    assert (tight.gradient_steps, tight.test_chunk, tight.train_chunk, tight.batch_chunk) == (1, 4, 10, 4)
+    assert planned(None, batch_chunk=2).gradient_steps == 1
