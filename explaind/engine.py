@@ -1043,11 +1043,12 @@ class ChunkPass:
         at = torch.searchsorted(self.chunk_ids, indices).clamp_max(len(self.chunk_ids) - 1)
         return self.chunk_columns[at].masked_fill(self.chunk_ids[at] != indices, -1)
 
-    def batch_gradients(self, rec: StepRecord, theta: torch.Tensor):
+    def batch_gradients(self, rec: StepRecord, theta: torch.Tensor, batch: tuple | None = None):
         """Weighted per-sample gradients w g of the chunk's rows [B_c, D], their columns, and
-        the whole batch's gradient ḡ (for the update check)."""
+        the whole batch's gradient ḡ (for the update check); `batch`: the step's step_batch, if
+        read already."""
         req = self.req
-        weights, columns, x, y = self.step_batch(rec)
+        weights, columns, x, y = self.step_batch(rec) if batch is None else batch
         in_chunk = columns >= 0
         if req.keeps("train"):
             rows = in_chunk.to(self.dev)
@@ -1245,12 +1246,13 @@ class ChunkPass:
     def _group_gradients(self, group: list[tuple]) -> Iterator[tuple]:
         """Each step of the group with its batch_gradients: by one call over the steps where
         every batch lies wholly in this train chunk and has the same shape, step by step
-        otherwise."""
+        otherwise (groups of more than one step come only where training samples are kept:
+        plan_chunks)."""
         batches = [self.step_batch(rec) for rec, *_ in group]
-        if len(group) < 2 or not self.req.keeps("train") or len({(x.shape, y.shape) for _, _, x, y in batches}) > 1 \
+        if len(group) < 2 or len({(x.shape, y.shape) for _, _, x, y in batches}) > 1 \
                 or not all(bool((columns >= 0).all()) for _, columns, _, _ in batches):
-            for item in group:
-                yield *item, self.batch_gradients(item[0], item[1])
+            for item, batch in zip(group, batches):
+                yield *item, self.batch_gradients(item[0], item[1], batch)
             return
         weights, columns, x, y = (list(parts) for parts in zip(*batches))
         wg = self.req.flat.per_sample_gradients(torch.stack([theta for _, theta, *_ in group]), torch.stack(x),
