@@ -1053,8 +1053,8 @@ class ChunkPass:
         if req.keeps("train"):
             rows = in_chunk.to(self.dev)
             if bool(rows.any()):
-                wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss, req.batch_chunk)
-                wg *= weights[rows, None]
+                wg = req.flat.per_sample_gradients(theta, x[rows], y[rows], req.loss, req.batch_chunk,
+                                                   weights[rows])
             else:  # none of this batch's samples is in the chunk
                 wg = torch.zeros(0, req.flat.layout.dim, dtype=self.dt, device=self.dev)
             full = wg.sum(0) if bool(in_chunk.all()) else None
@@ -1256,8 +1256,8 @@ class ChunkPass:
             return
         weights, columns, x, y = (list(parts) for parts in zip(*batches))
         wg = self.req.flat.per_sample_gradients(torch.stack([theta for _, theta, *_ in group]), torch.stack(x),
-                                                torch.stack(y), self.req.loss, self.req.batch_chunk)
-        wg *= torch.stack(weights)[:, :, None]
+                                                torch.stack(y), self.req.loss, self.req.batch_chunk,
+                                                torch.stack(weights))
         for item, step_wg, step_columns in zip(group, wg, columns):
             yield *item, (step_wg, step_columns.to(self.dev), step_wg.sum(0))
 

@@ -1877,6 +1877,25 @@ def test_layout_index_add_equals_a_loop_over_rows(index, wide):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
 
 
+def test_layout_flatten_scales_each_batch_entry_as_it_writes_it():
+    """flatten with a scale [S, B] equals each entry's parts laid end to end by hand, times its
+    scale, for contiguous and permuted (strided) tensors alike; a tensor whose batch dims are
+    not the scale's is refused, not broadcast."""
+    layout = ParamLayout(("a", "b", "c"), ((3, 2), (4,), ()))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(2, 3, 5, 2, dtype=DT, generator=g).permute(0, 2, 1, 3),  # [2, 5, 3, 2], strided
+               "b": torch.randn(2, 5, 4, dtype=DT, generator=g), "c": torch.randn(2, 5, dtype=DT, generator=g)}
+    scale = torch.randn(2, 5, dtype=DT, generator=g)
+    flat = layout.flatten(tensors, scale)
+    for s in range(2):
+        for k in range(5):
+            by_hand = torch.cat([tensors["a"][s, k].reshape(-1), tensors["b"][s, k], tensors["c"][s, k][None]])
+            torch.testing.assert_close(flat[s, k], scale[s, k] * by_hand, rtol=0, atol=0)
+    torch.testing.assert_close(layout.flatten(tensors), flat / scale[..., None], rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"b is \(5, 4\), not \(2, 5, 4\)"):
+        layout.flatten({**tensors, "b": tensors["b"][0]}, scale)
+
+
 class BatchRounded(nn.Module):
     """Inputs [B, 2] of about 1e6, scaled per position by a and folded batch-first into [B·L]
     before a ReLU at 1e6; the batch's pass rounds unlike one input's, as a batched kernel sums in

@@ -257,7 +257,8 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
     """FlatModel's batch gradient, per-sample gradients and per-sample directional derivatives
     over parts of 3, 3, 3 and 1 of a batch of 10 equal one pass over all 10 (float64), and
     each per-sample gradient equals a backward pass over its sample alone; so do the per-sample
-    gradients of two steps' batches at their own θ taken by one call, in parts of 3."""
+    gradients of two steps' batches at their own θ taken by one call, in parts of 3, and each
+    sample's gradient scaled by its weight as it is written equals the gradient times the weight."""
     history = ex.History(run.path)
     flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
     theta = flat.layout.flatten(history.params(2))
@@ -280,6 +281,12 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
     np.testing.assert_allclose(steps[0].numpy(), flat.per_sample_gradients(theta_0, x_0, y, loss).numpy(),
                                rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(steps[1].numpy(), alone.numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(flat.per_sample_gradients(theta, x, y, loss, 3, weights).numpy(),
+                               (weights[:, None] * alone).numpy(), rtol=1e-13, atol=1e-15)
+    both = torch.stack([weights, 1 - weights])
+    weighted = flat.per_sample_gradients(torch.stack([theta_0, theta]), torch.stack([x_0, x]), torch.stack([y, y]),
+                                         loss, None, both)
+    np.testing.assert_allclose(weighted.numpy(), (both[:, :, None] * steps).numpy(), rtol=1e-13, atol=1e-15)
 
 
 def test_inputs_are_cast_to_the_functions_dtype_and_token_ids_stay_integers():
