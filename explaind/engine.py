@@ -1279,8 +1279,7 @@ class ChunkPass:
         n = (0 if buffer is None else len(buffer)) + (len(wg) if direct else 0) + n_extra
         # the tangents [n, D] take the place that plan_chunks gives φ_s and its scaled copies (4·T·O·D)
         if calls is None or n > 4 * len(self.total) or \
-                not path.mixed.pays(calls, path.rows(self.n_test, pieces), self.n_test, req.n_outputs, n,
-                                   plain=pieces is None) or \
+                not path.mixed.pays(calls, path.rows(self.n_test, pieces), self.n_test, req.n_outputs, n) or \
                 not path.mixed.exact(calls, theta, self.x, req.target):
             return False
         batch = self.mixed_batch
