@@ -1527,6 +1527,8 @@ class FlatModel:
         t is one float for all rows (one batched pass with shared parameters) or a tensor [R],
         one point per row (a vmapped pass, each row with its own parameters); then θ and Δ may
         be [R, D] too, each row on its own segment (the segments of several steps in one pass).
+        With one float t, θ and Δ may be S segments' [S, D]: a pass over the inputs at each
+        segment's point, vmapped over the segments, row s·n + i for input i on segment s.
         """
 
         axes = self.read_axes(theta if theta.dim() == 1 else theta[0], x)
@@ -1542,8 +1544,11 @@ class FlatModel:
             return z, dz, idx, out
 
         with torch.no_grad():
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) and theta.dim() == 1:
                 return along(theta + t * delta, delta, x)
+            if not isinstance(t, torch.Tensor):
+                z, dz, idx, out = vmap(lambda th1, d1: along(th1, d1, x))(theta + t * delta, delta)
+                return z.flatten(0, 1), dz.flatten(0, 1), idx.flatten(0, 1), out.flatten(0, 1)
             own = 0 if theta.dim() == 2 else None
             z, dz, idx, out = vmap(lambda x1, p1, d1: along(p1, d1, x1.unsqueeze(0)),
                                    in_dims=(0, 0, own))(x, row_points(theta, delta, t), delta)

@@ -440,6 +440,43 @@ def test_kinks_of_parameters_alone_are_kinks_of_every_input(pool, expected):
     assert (plain.change(theta, delta, x, "logit") - change).abs().max() > 1e-3
 
 
+class ReLUPool(nn.Module):
+    """A linear layer, ReLU, a max-pool of pairs and an output layer: both kinds of kink."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(3, 6, dtype=DT)
+        self.out = nn.Linear(3, 2, dtype=DT)
+
+    def forward(self, x):
+        return self.out(F.max_pool1d(F.relu(self.hidden(x))[:, None, :], 2).flatten(1))
+
+
+def test_the_kink_pattern_of_several_segments_at_one_point_equals_each_segments_own_pass():
+    """A pass over the inputs at each of S segments' points, vmapped over the segments (how the
+    kink search takes the ends of a window's segments), equals each segment's pass alone and the
+    per-row passes, row s·n + i being input i on segment s: the distances, their derivatives
+    along the segment, the max-pool's indices and the outputs."""
+    torch.manual_seed(0)
+    flat, start = flat_of(ReLUPool())
+    g = torch.Generator().manual_seed(3)
+    theta = start + 0.3 * torch.randn(3, len(start), dtype=DT, generator=g)
+    delta = torch.randn(3, len(start), dtype=DT, generator=g)
+    x = torch.randn(4, 3, dtype=DT, generator=g)
+    rows = torch.arange(12)
+    for t in (0.0, 0.4, 1.0):
+        together = flat.kink_pattern(theta, delta, x, t, "log_prob")
+        alone = [torch.cat(parts) for parts in zip(*(flat.kink_pattern(th, d, x, t, "log_prob")
+                                                      for th, d in zip(theta, delta)))]
+        per_row = flat.kink_pattern(theta[rows // 4], delta[rows // 4], x[rows % 4], torch.full((12,), t, dtype=DT),
+                                    "log_prob")
+        assert [v.shape for v in together] == [(12, 6), (12, 6), (12, 3), (12, 2)]
+        for mine, each, row in zip(together, alone, per_row):
+            torch.testing.assert_close(mine, each, rtol=0, atol=1e-14)
+            torch.testing.assert_close(mine, row, rtol=0, atol=1e-14)
+        assert len(torch.unique(together[2][:, 0])) == 2  # the pool's argmax differs between rows
+
+
 class IndexAndMaskOps(nn.Module):
     """max / min of integer and boolean tensors (a padding id mapped to 1, a mask), and a 0-d
     scale's max: no kink along θ, and they must run as the model wrote them."""
