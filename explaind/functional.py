@@ -1604,8 +1604,13 @@ class FlatModel:
 
     @_transformed
     def directional(self, theta: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
-        """J(θ)·Δ for every input of a batch, all outputs, by one forward-mode pass: [B, O]."""
-        return jvp(lambda th: self.explained(th, x, target), (theta,), (delta,))[1]
+        """J(θ)·Δ for every input of a batch, all outputs, by one forward-mode pass: [B, O]. θ and
+        Δ may be S points' [S, D]: [S·B, O], row s·B + i for input i at point s, by a pass over the
+        batch vmapped over the points."""
+        def along(th: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda p: self.explained(p, x, target), (th,), (d,))[1]
+
+        return along(theta, delta) if theta.dim() == 1 else vmap(along)(theta, delta).flatten(0, 1)
 
     @_transformed
     def directional_many(self, theta: torch.Tensor, tangents: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:

@@ -456,7 +456,8 @@ def test_the_kink_pattern_of_several_segments_at_one_point_equals_each_segments_
     """A pass over the inputs at each of S segments' points, vmapped over the segments (how the
     kink search takes the ends of a window's segments), equals each segment's pass alone and the
     per-row passes, row s·n + i being input i on segment s: the distances, their derivatives
-    along the segment, the max-pool's indices and the outputs."""
+    along the segment, the max-pool's indices and the outputs; and so does the derivative along
+    each segment (the kink tolerance's plain integrals)."""
     torch.manual_seed(0)
     flat, start = flat_of(ReLUPool())
     g = torch.Generator().manual_seed(3)
@@ -475,6 +476,13 @@ def test_the_kink_pattern_of_several_segments_at_one_point_equals_each_segments_
             torch.testing.assert_close(mine, each, rtol=0, atol=1e-14)
             torch.testing.assert_close(mine, row, rtol=0, atol=1e-14)
         assert len(torch.unique(together[2][:, 0])) == 2  # the pool's argmax differs between rows
+        points = theta + t * delta
+        torch.testing.assert_close(flat.directional(points, delta, x, "log_prob"),
+                                   torch.cat([flat.directional(p, d, x, "log_prob") for p, d in zip(points, delta)]),
+                                   rtol=0, atol=1e-14)
+        by_row = flat.directional_along(theta[rows // 4], delta[rows // 4], x[rows % 4], torch.full((12,), t, dtype=DT),
+                                        "log_prob")
+        torch.testing.assert_close(flat.directional(points, delta, x, "log_prob"), by_row, rtol=0, atol=1e-14)
 
 
 class IndexAndMaskOps(nn.Module):
