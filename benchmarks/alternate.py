@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import explaind
@@ -53,18 +54,22 @@ def package_at(revision: str, folder: Path):
 
 
 def timed_call(package, arguments) -> tuple[float, float, dict[str, float]]:
-    """(wall seconds, CPU seconds, seconds per phase) of one explain call of `package`."""
+    """(wall seconds, CPU seconds, seconds per phase) of one explain call of `package` (no
+    phases for a revision from before explaind.phases)."""
     path, model, test, kwargs = arguments
-    with package.phases.timed() as phases:
+    timer = getattr(package, "phases", None)
+    with timer.timed() if timer else nullcontext({}) as phases:
         wall, cpu = time.perf_counter(), time.process_time()
         package.explain(path, model, test, progress=False, **kwargs)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return wall, cpu, {name.removeprefix(package.phases.PREFIX): seconds for name, seconds in phases.items()}
+    return wall, cpu, {name.removeprefix(timer.PREFIX): seconds for name, seconds in phases.items()}
 
 
 def report(label: str, calls: list[tuple[float, float, dict[str, float]]]) -> None:
     walls, cpus, phases = zip(*calls)
     medians = {name: statistics.median(p.get(name, 0.0) for p in phases) for name in sorted(set().union(*phases))}
+    if not medians:
+        medians = {"(no phases at this revision)": float("nan")}
     print(f"{label:10s} wall median {statistics.median(walls):.3f} s, best {min(walls):.3f} s; "
           f"CPU median {statistics.median(cpus):.3f} s")
     print(" " * 11 + ", ".join(f"{name} {seconds:.3f}" for name, seconds in medians.items()))
