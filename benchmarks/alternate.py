@@ -83,14 +83,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         earlier = package_at(args.revision, Path(tmp) / "package")
-        *arguments, kwargs = request(Path(tmp), **SETTINGS[args.setting])
-        codes = {"working": (explaind, (*arguments, kwargs)), args.revision: (earlier, (*arguments, kwargs))}
-        cubes = {label: package.explain(*a[:3], progress=False, **a[3]) for label, (package, a) in codes.items()}
+        path, model, test, kwargs = arguments = request(Path(tmp), **SETTINGS[args.setting])
+        codes = {"working": explaind, args.revision: earlier}
+        cubes = {label: package.explain(path, model, test, progress=False, **kwargs) for label, package in codes.items()}
         calls = {label: [] for label in codes}
         for round_ in range(args.calls):
             for label in (list(codes) if round_ % 2 == 0 else list(codes)[::-1]):
-                package, call_arguments = codes[label]
-                calls[label].append(timed_call(package, call_arguments))
+                calls[label].append(timed_call(codes[label], arguments))
         print(f"reference workload, {args.setting} setting, {args.calls} calls of each code, alternating")
         for label, taken in calls.items():
             report(label, taken)
