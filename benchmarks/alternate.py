@@ -7,6 +7,7 @@ name, which its relative imports allow). Each round runs one call of each, the f
 
     python benchmarks/alternate.py HEAD~1                       # 10 calls each, every kink located
     python benchmarks/alternate.py HEAD~3 --calls 16 --setting plain
+    python benchmarks/alternate.py HEAD~1 --inputs 2    # 2 test inputs: 50 rows, a backward walk
 
 Prints, for each code: the median and best wall time, the median CPU time of the process (both
 threads) and the median seconds of each phase (explaind.phases); then the largest difference
@@ -80,17 +81,20 @@ def main() -> None:
     parser.add_argument("revision", help="the git revision to compare with (HEAD~1, a commit, a tag)")
     parser.add_argument("--calls", type=positive, default=10, help="timed calls of each code, after a first one")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="exact", help="reference_workload's setting")
+    parser.add_argument("--inputs", type=positive, default=10,
+                        help="test inputs explained (fewer than 8: fewer rows than training samples, a backward walk)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         earlier = package_at(args.revision, Path(tmp) / "package")
-        path, model, test, kwargs = arguments = request(Path(tmp), **SETTINGS[args.setting])
+        path, model, test, kwargs = arguments = request(Path(tmp), n_test=args.inputs, **SETTINGS[args.setting])
         codes = {"working": explaind, args.revision: earlier}
         cubes = {label: package.explain(path, model, test, progress=False, **kwargs) for label, package in codes.items()}
         calls = {label: [] for label in codes}
         for round_ in range(args.calls):
             for label in (list(codes) if round_ % 2 == 0 else list(codes)[::-1]):
                 calls[label].append(timed_call(codes[label], arguments))
-        print(f"reference workload, {args.setting} setting, {args.calls} calls of each code, alternating")
+        print(f"reference workload, {args.setting} setting, {args.inputs} test inputs, {args.calls} calls of each code, "
+              "alternating")
         for label, taken in calls.items():
             report(label, taken)
         new, old = (cubes[label] for label in codes)

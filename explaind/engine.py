@@ -94,6 +94,9 @@ class Request:
     # bytes of the kink search's pieces a test chunk's first pass keeps for its later train
     # chunks (KeptPieces; None: no bound); plan_chunks sets it
     pieces_bytes: int | None = None
+    # whether walks_backwards may walk forwards for speed where a backward walk would hold less;
+    # plan_chunks turns it off where the forward walk's pass does not fit the budget
+    forward_for_speed: bool = True
 
     @property
     def n_outputs(self) -> int:
@@ -607,13 +610,38 @@ def kept_sizes(req: Request, n_test: int, n_train: int) -> tuple[int, int, int, 
 def walks_backwards(req: Request, rows: int, train: int) -> bool:
     """Whether a pass walks the history backwards: always for the gradient convention; for the
     update convention when its carried effects (one per kept step bin and row) are smaller than
-    the forward pass's per-sample momentum buffer [train, D]. Both give the same cube."""
+    the forward pass's per-sample momentum buffer [train, D], and either push them through the
+    batch by forward mode or are BACKWARD_MEMORY_RATIO times smaller (req.forward_for_speed;
+    else always where smaller). Both give the same cube."""
     if req.convention == "gradient":
         return True
     if req.parameter_scores:  # Σ_s |ψ(s, j)| needs each update step's own share, going forwards
         return False
     _, n_bins, _, _ = kept_sizes(req, 0, 0)
-    return n_bins * rows < train
+    effects = n_bins * rows
+    if not req.forward_for_speed or not contracts_sample_gradients(req, rows):
+        return effects < train
+    return effects * BACKWARD_MEMORY_RATIO < train
+
+
+# A backward walk that contracts its effects with the materialised per-sample gradients, as the
+# forward walk does, is the slower: its update check takes a pass over the steps of its own before
+# the walk, where the forward walk's comes with its gradients, and the forward walk may take its
+# steps by mixed mode. Measured on the reference workload (200 samples, 25 outputs, AMD EPYC, two
+# threads, pairs of calls): 1 test input 0.95-1.04 s forwards against 1.16-1.20 s backwards, 2 inputs
+# 0.91-1.02 s against 1.09-1.26 s, 4 inputs 1.21-1.42 s against 1.44-1.86 s, 6 inputs (mixed mode)
+# 0.96-1.00 s against 1.47-1.68 s. Such a walk is taken only where the forward walk's momentum
+# buffer would hold more than this many times its effects, as a memory saving.
+BACKWARD_MEMORY_RATIO = 8
+
+
+def contracts_sample_gradients(req: Request, rows: int) -> bool:
+    """Whether a backward walk over `rows` kept rows contracts its effects with the materialised
+    per-sample gradients at every step (ChunkPass.sample_effects): where even its fewest effects,
+    one step bin's rows per kept component, are too many to push through the largest batch by
+    forward mode. Only then can the gradients of several steps be taken together."""
+    _, _, n_comp, _ = kept_sizes(req, 0, 0)
+    return req.keeps("train") and rows * n_comp * FORWARD_MODE_RATIO > req.history.max_batch()
 
 
 # how far J by reverse mode may differ from J by forward mode (a share of the products summed in
@@ -686,7 +714,8 @@ def pass_bytes(req: Request, n_test: int, n_train: int, batch_rows: int) -> int:
         step_vectors
         + rows_full * d * 4  # φ / G, its scaled copies, the carried effect on all rows
         + (effects or train) * d * 2  # the carried effects / momentum buffer, and what is booked this step
-        + _sample_pass_elements(req, effects, n_comp, train, batch_rows)
+        + _sample_pass_elements(req, effects, n_comp, train, batch_rows,
+                                req.gradient_steps if not effects or contracts_sample_gradients(req, rows) else 1)
         + ((rows_full + rows) * d if req.parameter_scores else 0)
         + n_bins * n_comp * rows * train  # the cube's accumulator
         # a node's Jacobians and their flat copy (or a kinked pass's rows and gradients), on at
@@ -698,7 +727,7 @@ def pass_bytes(req: Request, n_test: int, n_train: int, batch_rows: int) -> int:
     return int(elements * size) + search
 
 
-def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, batch_rows: int) -> int:
+def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, batch_rows: int, steps: int = 1) -> int:
     """Peak elements of a step's pass over its batch: the per-sample gradients of the chunk's
     samples and their weighted copies, and the activations a backward pass over a part of
     batch_rows samples saves (measured: 1.25-1.4x the forward's elements per sample on
@@ -706,13 +735,12 @@ def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, b
     primal and each effect's tangents through a part's samples, taken as 3 of the largest
     activation each (measured: a backward walk with 10 effects over batches of 256 images of
     ResNet9 width 4 peaked 173 MiB above where it started; this function counts 188 MiB of the
-    196 planned)."""
+    196 planned). `steps`: the steps whose per-sample gradients one call takes (ChunkPass._with_gradients)."""
     batch = req.history.max_batch()
     samples = min(batch, train) if req.keeps("train") else 0
     d = req.flat.layout.dim
     backward_pass = _batch_backward_elements(req, batch_rows)
-    # the forward walk takes the gradients of req.gradient_steps steps at once (ChunkPass._with_gradients)
-    elements = (1 if effects else req.gradient_steps) * (samples * d * 3 + backward_pass)
+    elements = steps * (samples * d * 3 + backward_pass)
     tangents = effects * n_comp
     if samples and tangents and tangents * FORWARD_MODE_RATIO <= batch:
         pushed = (tangents + 1) * min(samples, batch_rows) * req.activations.largest * 3
@@ -739,10 +767,13 @@ def plan_chunks(req: Request, budget: float | None) -> None:
     # steps' gradients taken together cost a group's memory for speed alone: not where a batch is
     # split (batch_chunk asked for), and the first thing a budget gives up
     req.gradient_steps = GRADIENT_STEPS if req.keeps("train") and rows >= batch else 1
+    req.forward_for_speed = True
     if budget is None:
         req.test_chunk, req.train_chunk, req.batch_chunk = test, train, rows
         return
-    if pass_bytes(req, test, train, rows) > budget:
+    if pass_bytes(req, test, train, rows) > budget:  # a forward walk taken for speed must fit whole
+        req.forward_for_speed = False
+    if pass_bytes(req, test, train, rows) > budget:  # then the steps' gradients are taken one at a time
         req.gradient_steps = 1
     while (needed := pass_bytes(req, test, train, rows)) > budget:
         can_test = not req.test_chunk and test > 1
@@ -928,8 +959,8 @@ def kept_pieces(req: Request, later_chunks: bool) -> KeptPieces | None:
 # room for more: 4 and 8 steps a call equally fast, 16 and 50 slower (1.40-1.42 s against 1.26-1.29 s)
 MIXED_BATCH_STEPS = 8
 # The most steps whose per-sample gradients one call takes (ChunkPass._with_gradients; 1 where
-# plan_chunks finds no room): one vmap over the steps, whose fixed costs count once. Measured on
-# the reference workload, 2 threads: 4 steps in 15 ms against 24-27 ms a step at a time
+# plan_chunks finds no room), in either walk: one vmap over the steps, whose fixed costs count
+# once. Measured on the reference workload, 2 threads: 4 steps in 15 ms against 24-27 ms a step at a time
 GRADIENT_STEPS = 4
 
 
@@ -1173,7 +1204,7 @@ class ChunkPass:
         carried = self.momentum_before_replay()  # decays through the steps, never split
         aggregate.momentum = None if carried is None else carried.clone()
         start = self.req.step_range[0]
-        for rec, theta, delta, pieces, gradients in self._with_gradients(records):
+        for rec, theta, delta, pieces, gradients in self._with_gradients(records, not self.recorded_updates):
             s = rec.step
             k = self.reader.coefficients(rec)
             recorded = recorded_update(k, delta)
@@ -1228,10 +1259,11 @@ class ChunkPass:
                 self.record_update_check(s, k, modelled, theta, delta)
         self.book_mixed_batch()
 
-    def _with_gradients(self, records: Iterable[tuple]) -> Iterator[tuple]:
-        """The forward walk's steps, each with its batch_gradients (None where the recorded
-        updates stand for the modelled ones), taken req.gradient_steps steps at a time."""
-        if self.recorded_updates:
+    def _with_gradients(self, records: Iterable[tuple], needed: bool) -> Iterator[tuple]:
+        """The walk's steps, each with its batch_gradients (None where not `needed`: the forward
+        walk's recorded updates standing for the modelled ones, a backward walk's effects pushed
+        through the batch by forward mode), taken req.gradient_steps steps at a time."""
+        if not needed:
             for item in records:
                 yield *item, None
             return
@@ -1366,19 +1398,22 @@ class ChunkPass:
         start = req.step_range[0]
         per_bin = self.per_bin
         momentum = self.momentum_before_replay() if self.first_train_chunk else None
+        # the gradients of several steps are taken together where every step contracts them
+        grouped = contracts_sample_gradients(req, kept_sizes(req, self.n_test, 0)[0])
         if self.first_train_chunk and req.check_updates:  # before the walk, which a missed update stops
             from .verify import update_residuals
 
             self.update_residual, self.update_rounding_floor = update_residuals(
                 req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk,
-                each=functools.partial(stop_at_missed_update, note=req.loss_note) if req.stop_at_missed_update else None)
+                each=functools.partial(stop_at_missed_update, note=req.loss_note) if req.stop_at_missed_update else None,
+                steps_at_once=req.gradient_steps if grouped else 1)
         # Σ over bins for all T·O rows, for the total and the scores (first train chunk only);
         # when the carried rows are all rows and unbinned, it is carried[0] itself
         separate_full = self.first_train_chunk and (per_bin or not (req.keeps("test") and req.keeps("output")))
         carried = None  # K per bin (or one), [bins, rows, D]
         carried_full = None
         a_next = None
-        for rec, theta, delta, pieces in records:
+        for rec, theta, delta, pieces, gradients in self._with_gradients(records, grouped):
             s = rec.step
             k = self.reader.coefficients(rec)
             if carried is not None:  # from the effect on step s + 1 on to step s
@@ -1403,7 +1438,7 @@ class ChunkPass:
             direct = rows is not None and bool((k.e != 0).any())  # nesterov / plain SGD
             if direct:
                 effect[0].addcmul_(rows, k.precond * k.e)
-            blocks, columns, g_full = self.sample_effects(rec, theta, effect)
+            blocks, columns, g_full = self.sample_effects(rec, theta, effect, gradients)
             self.book(self.attribution, s, first, blocks, len(effect), columns)
             if self.first_train_chunk:
                 if separate_full:
@@ -1428,16 +1463,17 @@ class ChunkPass:
                       self.contract(effect.reshape(-1, effect.shape[-1]), momentum[None]), len(effect))
             self.total += (a_next * carried_full) @ momentum
 
-    def sample_effects(self, rec: StepRecord, theta: torch.Tensor, effect: torch.Tensor):
+    def sample_effects(self, rec: StepRecord, theta: torch.Tensor, effect: torch.Tensor, gradients: tuple | None):
         """effect [bins, rows, D] · w_k ∇ℓ_k for the chunk's training samples k of this step, per
         kept component ([comp][bins·rows, B_c]), their columns, and the batch gradient ḡ (first
         train chunk). A few effects are pushed through the batch by forward mode, one jvp each;
-        many are contracted with the materialised per-sample gradients [B_c, D]."""
+        many are contracted with the materialised per-sample gradients [B_c, D]: the step's
+        batch_gradients where `gradients` brings them already."""
         req = self.req
         tangents = effect.reshape(-1, effect.shape[-1])
         n_comp = len(req.component_slices) if req.keeps("component") else 1
         if not req.keeps("train") or len(tangents) * n_comp * FORWARD_MODE_RATIO > len(rec.indices):
-            wg, columns, g_full = self.batch_gradients(rec, theta)
+            wg, columns, g_full = gradients or self.batch_gradients(rec, theta)
             return self.contract(tangents, wg), columns, g_full
         weights, columns, x, y = self.step_batch(rec)
         in_chunk = (columns >= 0).to(self.dev)

@@ -1708,12 +1708,20 @@ class FlatModel:
     ) -> torch.Tensor:
         """Σ_k w_k ∇ℓ_k by ordinary backward passes over at most `rows` samples each (None: one
         pass over the whole batch): [D]. The sum is linear in the samples, so parts add up to it
-        exactly (up to the order of rounding)."""
+        exactly (up to the order of rounding). θ [S, D] with S batches of as many samples (x
+        [S, B, ...], y and weights [S, B]): [S, D], each step's at its own θ, by one vmap over the
+        steps (as per_sample_gradients)."""
+
+        def batch_loss(p: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor, w1: torch.Tensor):
+            return (w1 * loss(self._call(p, x1), y1)).sum()
+
         params = self.layout.unflatten(theta)
+        steps = theta.dim() == 2
+        gradient = vmap(grad(batch_loss)) if steps else grad(batch_loss)
         total = None
-        for part in sample_parts(len(x), rows):
-            g = grad(lambda p: (weights[part] * loss(self._call(p, x[part]), y[part])).sum())(params)
-            flat = self.layout.flatten(g)
+        for part in sample_parts(x.shape[steps], rows):
+            at = (slice(None),) * steps + (part,)
+            flat = self.layout.flatten(gradient(params, x[at], y[at], weights[at]))
             total = flat if total is None else total.add_(flat)
         return total
 

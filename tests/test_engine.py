@@ -491,15 +491,29 @@ def test_a_replay_starts_after_a_step_that_moved(runs):
             run.explain(**options)
 
 
-def test_update_pass_is_chosen_by_size(runs):
+def test_update_pass_is_chosen_by_size(runs, monkeypatch):
     """Without a train dim the forward buffer is one row: it is taken; with many training
-    samples and few kept rows the backward pass is."""
-    run = runs.get(BRUTE["adamw"])  # 7 training samples, 4 test inputs
+    samples and few kept rows the backward pass is, where its effects go through the batch by
+    forward mode or hold BACKWARD_MEMORY_RATIO times less than the buffer, else (contracted with the
+    materialised gradients as the forward walk does, and slower) only where a budget leaves the
+    forward walk no room (Request.forward_for_speed off)."""
+    run = runs.get(BRUTE["adamw"])  # 7 training samples in batches of 3, 4 test inputs
     request = ex.engine.build_request(
         run.path, run.model, run.test_x, None, keep=("train",), outputs="all", target="log_prob",
         quadrature=2, rule="gauss", breakpoints=False, convention="update", components="tensor",
         step_bins=None, parameter_scores=False, steps=None, dtype=torch.float64, device="cpu",
         test_chunk=None, train_chunk=None, loss=None)
+    # one effect · FORWARD_MODE_RATIO 4 > 3 samples: contracted with the materialised gradients,
+    # and 7 samples < 8 × 1 effect: the forward walk, the faster
+    assert ex.engine.contracts_sample_gradients(request, 1)
+    assert not ex.engine.walks_backwards(request, rows=1, train=7)
+    monkeypatch.setattr(ex.engine, "BACKWARD_MEMORY_RATIO", 4)
+    assert ex.engine.walks_backwards(request, rows=1, train=7)  # 7 > 4 × 1
+    monkeypatch.setattr(ex.engine, "BACKWARD_MEMORY_RATIO", 8)
+    monkeypatch.setattr(ex.engine, "FORWARD_MODE_RATIO", 2)  # 1 · 2 ≤ 3: the effect by forward mode
+    assert ex.engine.walks_backwards(request, rows=1, train=7)
+    monkeypatch.setattr(ex.engine, "FORWARD_MODE_RATIO", 4)
+    request.forward_for_speed = False  # the smaller walk, whichever is faster
     assert ex.engine.walks_backwards(request, rows=1, train=7)
     assert not ex.engine.walks_backwards(request, rows=8, train=7)
     request.keep = ("step", "train")  # every step its own bin: 5 carried effects per row
@@ -1252,17 +1266,23 @@ def test_rounding_what_the_parameters_do_not_move_is_not_named(tmp_path):
     assert cube.attrs["coarser_rounding"] == "" and cube.attrs["relative_residual"] <= 1e-12
 
 
+@pytest.mark.parametrize("backwards", [False, True])
 @pytest.mark.parametrize("train_chunk", [None, 5])
 def test_steps_whose_gradients_are_taken_together_give_the_cube_taken_step_by_step(tmp_path, monkeypatch,
-                                                                                   train_chunk):
-    """The forward walk takes the per-sample gradients of up to engine.GRADIENT_STEPS steps (3
-    here) by one call where every batch lies wholly in the train chunk with the same shape, step
-    by step otherwise (ChunkPass._group_gradients): 7 AdamW steps of 4 random samples of 10, step
-    4 of 2, so that steps 0-2 are taken together and the rest alone; with train chunks of 5, no
-    step is. Float64: the cube equals the one taken a step at a time to rounding."""
+                                                                                   train_chunk, backwards):
+    """Either walk takes the per-sample gradients of up to engine.GRADIENT_STEPS steps (3 here) by
+    one call where every batch lies wholly in the train chunk with the same shape, step by step
+    otherwise (ChunkPass._group_gradients): 7 AdamW steps of 4 random samples of 10, step 4 of 2.
+    3 test inputs × 3 outputs with every step kept (63 effects, more than the 10 samples) walk
+    forwards, so steps 0-2 are taken together and the rest alone; 1 input summed over the steps
+    (3 effects) walks backwards, its effects contracted with the materialised gradients (3 rows ·
+    4 tensors · FORWARD_MODE_RATIO > 4 samples), so steps 3-1 are taken together. With train
+    chunks of 5, no step is. Float64: the cube equals the one taken a step at a time to rounding."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x, y, test_x = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 3, torch.randn(3, 4, dtype=torch.float64)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 3
+    test_x = torch.randn(1 if backwards else 3, 4, dtype=torch.float64)
+    keep = ("component", "train", "test", "output") if backwards else ex.DIMS
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     with ex.Recorder(tmp_path / "run", model, optimizer) as rec:
         for step in range(7):
@@ -1276,13 +1296,19 @@ def test_steps_whose_gradients_are_taken_together_give_the_cube_taken_step_by_st
     monkeypatch.setattr(FlatModel, "per_sample_gradients",
                         lambda self, theta, *args: taken[-1].append(len(theta) if theta.dim() == 2 else 0)
                         or per_sample(self, theta, *args))
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)  # 3 effects < 10 samples walk backwards
+    walks = []
+    walks_backwards = engine.walks_backwards
+    monkeypatch.setattr(engine, "walks_backwards", lambda *args: walks.append(walks_backwards(*args)) or walks[-1])
     cubes = []
     for steps in (3, 1):
         monkeypatch.setattr(engine, "GRADIENT_STEPS", steps)
         taken.append([])
-        cubes.append(ex.explain(tmp_path / "run", model, test_x, train_chunk=train_chunk, progress=False))
+        cubes.append(ex.explain(tmp_path / "run", model, test_x, keep=keep, train_chunk=train_chunk, progress=False))
+    assert set(walks) == {backwards}
     together, alone = taken
     assert alone == [0] * len(alone) and len(alone) >= 7
-    assert together == ([3, 0, 0, 0, 0] if train_chunk is None else alone)
+    grouped = [0, 0, 0, 3, 0] if backwards else [3, 0, 0, 0, 0]  # the backward walk's steps 6 … 0
+    assert together == (grouped if train_chunk is None else alone)
     for name in ("attribution", "regularization", "residual", "update_residual"):
         np.testing.assert_allclose(cubes[0][name].values, cubes[1][name].values, rtol=1e-12, atol=1e-15)

@@ -86,7 +86,9 @@ def test_each_pass_is_merged_as_it_ends_and_one_pass_is_the_cube(run, monkeypatc
 ])
 def test_plan_counts_the_passes_and_direction_of_its_chunks(run, monkeypatch, keep, test_chunk, direction):
     """The passes explain runs and the way the first walks are the plan's: a pass walks by the
-    rows and samples of its own chunks, and the samples are chunked only when the cube keeps them."""
+    rows and samples of its own chunks, and the samples are chunked only when the cube keeps them
+    (with BACKWARD_MEMORY_RATIO 1: wherever a backward walk holds less)."""
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
     options = dict(keep=keep, quadrature=2, test_chunk=test_chunk, train_chunk=4)
     plan = ex.plan(run.path, run.model, run.test_x, run.test_y, **options)
     passes = []
@@ -104,6 +106,28 @@ def test_the_pass_direction_follows_the_kept_sizes(run):
     assert one_row.direction == "backward"  # 1 carried row < 10 training samples
     assert every_row.direction == "forward"  # 12 rows > 10 samples: the momentum buffer is smaller
     assert every_row.device_bytes > one_row.device_bytes
+
+
+def test_a_forward_walk_taken_for_speed_gives_way_to_a_budget_it_does_not_fit(run, monkeypatch):
+    """The true class of the 4 inputs: 4 effects, fewer than the 10 samples but contracted with
+    the materialised gradients (4 · FORWARD_MODE_RATIO > 4 samples) and not 8 times fewer, so the
+    pass walks forwards, the faster; a budget that holds the backward walk's pass but not the
+    forward walk's runs the backward walk in one pass, as explain."""
+    options = dict(keep=("train", "test"), outputs="true", breakpoints=False)
+    fast = ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=None, **options)
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
+    small = ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=None, **options)
+    monkeypatch.undo()
+    assert (fast.direction, small.direction) == ("forward", "backward")
+    assert small.device_bytes < fast.device_bytes
+    fitted = ex.plan(run.path, run.model, run.test_x, run.test_y, memory_budget=small.device_bytes, **options)
+    assert (fitted.direction, fitted.passes, fitted.device_bytes) == ("backward", 1, small.device_bytes)
+    walked = []
+    monkeypatch.setattr(engine.ChunkPass, "_backward", lambda self, records: walked.append("backward") or list(records))
+    monkeypatch.setattr(engine.ChunkPass, "_forward", lambda self, records: walked.append("forward") or list(records))
+    run.explain(memory_budget=small.device_bytes, tolerance=None, **options)
+    run.explain(memory_budget=None, tolerance=None, **options)
+    assert walked == ["backward", "forward"]
 
 
 def test_calibration_extrapolates_to_every_step_of_every_pass(run):
@@ -221,8 +245,10 @@ def test_a_batch_whose_backward_pass_is_over_budget_is_split_and_gives_the_same_
     did not, and a budget below one batch's backward pass was refused). Full batches of 10 of
     the MLP 4 → 6 → 3, test and train chunks asked for, float64; the cube with the batch split
     equals the one without. Each step's gradients are taken alone (GRADIENT_STEPS 1), so that the
-    pass misses the budgets below by the backward passes alone."""
+    pass misses the budgets below by the backward passes alone, and a chunk of 2 inputs (6 rows,
+    10 samples) walks backwards (BACKWARD_MEMORY_RATIO 1)."""
     monkeypatch.setattr(engine, "GRADIENT_STEPS", 1)
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
     case = train(Case("mlp", "adamw", steps=3, n_train=10, batch=10, n_test=4), tmp_path / "h")
     args = (case.path, case.model, case.test_x, case.test_y)
     options = dict(keep=("train", "test", "output"), breakpoints=False, quadrature=2, test_chunk=4, train_chunk=10)
@@ -258,7 +284,8 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
     over parts of 3, 3, 3 and 1 of a batch of 10 equal one pass over all 10 (float64), and
     each per-sample gradient equals a backward pass over its sample alone; so do the per-sample
     gradients of two steps' batches at their own θ taken by one call, in parts of 3, and each
-    sample's gradient scaled by its weight as it is written equals the gradient times the weight."""
+    sample's gradient scaled by its weight as it is written equals the gradient times the weight,
+    and the weighted batch gradients of two steps by one call equal their sums."""
     history = ex.History(run.path)
     flat = engine.FlatModel(run.model, history.layout, torch.float64, "cpu", history.constants())
     theta = flat.layout.flatten(history.params(2))
@@ -287,6 +314,9 @@ def test_sums_and_products_over_parts_of_a_batch_equal_those_over_the_batch(run)
     weighted = flat.per_sample_gradients(torch.stack([theta_0, theta]), torch.stack([x_0, x]), torch.stack([y, y]),
                                          loss, None, both)
     np.testing.assert_allclose(weighted.numpy(), (both[:, :, None] * steps).numpy(), rtol=1e-13, atol=1e-15)
+    # the batch gradients of the two steps by one call, in parts of 3: each the weighted sum of its own
+    batch = flat.batch_gradient(torch.stack([theta_0, theta]), torch.stack([x_0, x]), torch.stack([y, y]), both, loss, 3)
+    np.testing.assert_allclose(batch.numpy(), torch.einsum("sb,sbd->sd", both, steps).numpy(), rtol=1e-13, atol=1e-15)
 
 
 def test_inputs_are_cast_to_the_functions_dtype_and_token_ids_stay_integers():
@@ -451,9 +481,10 @@ def test_chunks_larger_than_the_data_are_costed_at_the_data(run):
                     test_chunk=100, train_chunk=1000, batch_chunk=10**6, memory_budget=None)
     whole = ex.plan(run.path, run.model, run.test_x, run.test_y, keep=("train", "test"), memory_budget=None)
     assert (asked.test_chunk, asked.train_chunk, asked.batch_chunk, asked.passes) == (4, 10, 4, 1)
-    assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(
-        engine.build_request(run.path, run.model, run.test_x, run.test_y,
-                             **engine.request_options("plan", dict(keep=("train", "test")))), 4, 10, 4)
+    request = engine.build_request(run.path, run.model, run.test_x, run.test_y,
+                                   **engine.request_options("plan", dict(keep=("train", "test"))))
+    engine.plan_chunks(request, None)  # which sets the steps whose gradients are taken together
+    assert asked.device_bytes == whole.device_bytes == engine.pass_bytes(request, 4, 10, 4)
 
 
 def planned_chunks(run, monkeypatch, cost, budget, **options) -> tuple[int, int, int]:
@@ -645,8 +676,11 @@ def test_a_plan_split_by_its_budget_names_the_budget_of_one_pass(kinked_run, kee
     whole = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=None)
     assert whole.passes == 1 and whole.one_pass_budget is None and "one pass" not in str(whole)
     half = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=None, test_chunk=len(run.test_x) // 2)
-    split = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=half.device_bytes + half.search_reserve)
-    assert split.passes > 1 and split.one_pass_budget >= whole.device_bytes
+    tight = half.device_bytes + half.search_reserve
+    split = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=tight)
+    # more than the budget given, though it may be less than whole.device_bytes: a tight budget
+    # takes each step's gradients alone (engine.GRADIENT_STEPS) before it splits a chunk
+    assert split.passes > 1 and split.one_pass_budget > tight
     assert f"memory_budget={split.one_pass_budget:.3g}" in str(split) and f"instead of {split.passes}" in str(split)
     again = ex.plan(run.path, run.model, run.test_x, keep=keep, memory_budget=float(f"{split.one_pass_budget:.3g}"))
     assert again.passes == 1
@@ -901,20 +935,27 @@ def test_a_budget_beyond_a_gpus_free_memory_plans_for_the_free_memory(run, monke
         planned(1000, "cpu")
 
 
-def test_steps_gradients_are_taken_together_only_where_the_budget_has_room_for_the_group(run):
-    """The forward walk's per-sample gradients of engine.GRADIENT_STEPS steps at once hold a group's
+@pytest.mark.parametrize("backwards", [False, True])
+def test_steps_gradients_are_taken_together_only_where_the_budget_has_room_for_the_group(run, backwards, monkeypatch):
+    """Either walk's per-sample gradients of engine.GRADIENT_STEPS steps at once hold a group's
     gradients and backward passes: a pass counts them (pass_bytes), a budget without room for them
     takes the steps one at a time before it splits any chunk, and a batch split into parts takes
     them one at a time too. All 3 outputs of the 4 inputs kept: 12 rows, more than the 10
-    samples, so the pass walks forward (the backward walk, whose cost counts no group, takes its
-    steps one at a time)."""
+    samples, so the pass walks forward; the true class alone: 4 rows walk backwards, their
+    effects contracted with the materialised gradients (4 · FORWARD_MODE_RATIO > 4 samples), with
+    BACKWARD_MEMORY_RATIO 1."""
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
+    keep, outputs = (("train", "test"), "true") if backwards else (("train", "test", "output"), "all")
+
     def planned(budget, **options):
         request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **engine.request_options(
-            "plan", dict(keep=("train", "test", "output"), **options)))
+            "plan", dict(keep=keep, outputs=outputs, **options)))
         engine.plan_chunks(request, budget)
         return request
 
     together = planned(None)
+    assert engine.walks_backwards(together, 4 if backwards else 12, 10) == backwards
+    assert not backwards or engine.contracts_sample_gradients(together, 4)
     assert (together.gradient_steps, together.test_chunk, together.train_chunk, together.batch_chunk) == \
         (engine.GRADIENT_STEPS, 4, 10, 4)
     one_at_a_time = engine.pass_bytes(dataclasses.replace(together, gradient_steps=1), 4, 10, 4)
