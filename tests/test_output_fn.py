@@ -170,9 +170,11 @@ def test_targets_at_every_position_are_named_with_the_explained_positions_column
         assert "argmax" not in message, message
 
 
-def test_a_missed_update_names_a_custom_loss_given_under_another_name(run):
+def test_a_missed_update_names_a_custom_loss_given_under_another_name(run, monkeypatch):
     """explain given another custom loss than the one trained stopped at step 0 listing every cause
-    of a missed update, without saying that the loss= given is not the one the history names."""
+    of a missed update, without saying that the loss= given is not the one the history names; in
+    either walk (the backward one wherever it holds less: BACKWARD_MEMORY_RATIO 1)."""
+    monkeypatch.setattr(ex.engine, "BACKWARD_MEMORY_RATIO", 1)
     doubled = lambda out, targets: 2 * sequence_loss(out, targets)  # noqa: E731
     for keep, walk in ((("step", "component", "train", "test", "output"), "forward"), (("train", "test"), "backward")):
         assert ex.plan(run[0], run[1], run[2], loss=doubled, output_fn=last_position, keep=keep).direction == walk
