@@ -1311,18 +1311,15 @@ class ChunkPass:
         n = (0 if buffer is None else len(buffer)) + (len(wg) if direct else 0) + n_extra
         # the tangents [n, D] take the place that plan_chunks gives φ_s and its scaled copies (4·T·O·D)
         if calls is None or n > 4 * len(self.total) or \
-                not path.mixed.pays(calls, path.rows(self.n_test, pieces), self.n_test, req.n_outputs, n) or \
+                not path.mixed.pays(calls, path.rows(self.n_test, pieces), self.n_test, req.n_outputs, n,
+                                    self.mixed_batch_steps(n, len(theta))) or \
                 not path.mixed.exact(calls, theta, self.x, req.target):
             return False
         batch = self.mixed_batch
         if batch.tangents is not None and (batch.tangents.shape[1] != n or len(batch.steps) == len(batch.tangents)):
             self.book_mixed_batch()
         if batch.tangents is None or batch.tangents.shape[1] != n:
-            # S steps' tangents [S, n, D] and kernels [S, parts, T·O, n] within that place too (one step at least)
-            rows, dim = len(self.total), len(theta)
-            parts = len(req.component_slices) if req.keeps("component") else 1
-            room = 4 * rows * dim // (n * (dim + parts * rows))
-            batch.tangents = theta.new_empty(min(max(room, 1), MIXED_BATCH_STEPS), n, dim)
+            batch.tangents = theta.new_empty(self.mixed_batch_steps(n, len(theta)), n, len(theta))
         tangents = batch.tangents[len(batch.steps)]
         scale = -k.eta
         # the scaled vectors written straight into the tangents: no [n, D] copy per block and step
@@ -1337,6 +1334,14 @@ class ChunkPass:
             torch.mul(torch.stack(extra), scale, out=tangents[at:])
         batch.steps.append(MixedStep(s, theta, delta, pieces, blocks))
         return True
+
+    def mixed_batch_steps(self, n: int, dim: int) -> int:
+        """The steps a mixed-mode batch of n tangents takes: S steps' tangents [S, n, D] and kernels
+        [S, parts, T·O, n] within the place plan_chunks gives φ_s and its scaled copies (4·T·O·D),
+        one step at least, MIXED_BATCH_STEPS at most."""
+        rows = len(self.total)
+        parts = len(self.req.component_slices) if self.req.keeps("component") else 1
+        return min(max(4 * rows * dim // (n * (dim + parts * rows)), 1), MIXED_BATCH_STEPS)
 
     def book_mixed_batch(self) -> None:
         """Compute the kernels of the steps waiting in the mixed-mode batch by one call and book

@@ -55,9 +55,13 @@ COMPLETENESS_TOLERANCE = 1e-9
 # large matmul: a per-row pass writes each element of J at about this many (J of 36 rows × 25
 # outputs × 10,016 parameters of the reference Transformer took 23 ms, its contraction 500 million
 # multiply-adds 8 ms, float32 on one core), and each op's term in mixed mode costs about this many
-# beyond its multiply-adds (0.9 ms: a few small transforms and matmuls)
+# beyond its multiply-adds (a term of one row along the 203 tangents of a step of the reference
+# workload: 0.20-0.26 ms for the embedding, the biases and the unembedding, two threads). At 5 · 10^7
+# (0.9 ms, measured before the steps were batched) the estimate left 3 and 4 of its 10 inputs to the
+# Jacobians, where mixed mode is faster: calls 1.18 s against 1.44 s and 1.23 s against 1.35 s
+# (medians of 8, alternating)
 JACOBIAN_ELEMENT = 100
-OP_TERM = 5 * 10**7
+OP_TERM = 10**7
 
 
 class Call(NamedTuple):
@@ -161,21 +165,22 @@ class MixedMode:
             self.refusal[key[0]] = why
         return self._exact[key]
 
-    def pays(self, calls: list[Call], rows: int, inputs: int, outputs: int, tangents: int) -> bool:
+    def pays(self, calls: list[Call], rows: int, inputs: int, outputs: int, tangents: int, steps: int = 1) -> bool:
         """Whether mixed mode's estimated cost for these rows, inputs, outputs per input and
-        tangents is below the per-row route's: J of every row and the contraction of an input's
-        sum with the tangents, against the δ pass and each op's term the cheaper way round, each
-        with its own fixed cost (JACOBIAN_ELEMENT, OP_TERM). With one output per input the per-row
-        route wins (measured on the reference Transformer, float32 on one core: 7 ms against 16 ms for
-        36 rows), with 25 mixed mode (30-34 ms against 22-24 ms). On a segment taken by the plain
-        rule's nodes alone, where the Jacobian route takes each node at one point for a chunk of
-        inputs, mixed mode wins as well (the reference workload's plain setting, 2 threads: 0.97 s
-        against 1.65 s)."""
+        tangents of a step is below the per-row route's: J of every row and the contraction of an
+        input's sum with the tangents, against the δ pass and each op's term the cheaper way round,
+        each with its own fixed cost (JACOBIAN_ELEMENT; OP_TERM, shared by the `steps` steps of a
+        mixed batch, whose terms one call takes). With one output per input the per-row route wins
+        (measured on the reference Transformer, float32 on one core: 7 ms against 16 ms for 36 rows),
+        with 25 mixed mode (30-34 ms against 22-24 ms). On a segment taken by the plain rule's nodes
+        alone, where the Jacobian route takes each node at one point for a chunk of inputs, mixed
+        mode wins as well (the reference workload's plain setting, 2 threads: 0.97 s against
+        1.65 s)."""
         dim, forward = self.flat.layout.dim, sum(call.macs for call in calls)
         per_row = rows * outputs * (JACOBIAN_ELEMENT * dim + forward) + inputs * outputs * dim * tangents
         terms = [min(_reverse_cost(call, name, self.flat, rows, inputs, outputs, tangents),
                      _forward_cost(call, rows, outputs, tangents)) for call in calls for name in call.params.values()]
-        return rows * outputs * forward + sum(terms) + OP_TERM * len(terms) < per_row
+        return rows * outputs * forward + sum(terms) + OP_TERM * len(terms) / steps < per_row
 
     @staticmethod
     def row_elements(calls: list[Call], outputs: int, tangents: int) -> int:
