@@ -418,8 +418,9 @@ def test_step_bins_match_brute_force(runs, references):
 @pytest.mark.parametrize("opt", ["sgd_momentum", "sgd_nesterov", "adamw"])
 def test_both_update_passes_match_brute_force(runs, references, monkeypatch, opt, backwards):
     """The update convention has two passes: a per-sample momentum buffer carried forwards, or
-    one carried effect per kept step bin walked backwards. explain() takes the smaller; each
-    must give the brute-force cube, also for a window of steps (earlier momentum replayed)."""
+    one carried effect per kept step bin walked backwards. explain() picks one by its memory and
+    speed (walks_backwards); each must give the brute-force cube, also for a window of steps
+    (earlier momentum replayed)."""
     monkeypatch.setattr(ex.engine, "walks_backwards",
                         lambda req, rows, train: backwards or req.convention == "gradient")
     run = runs.get(BRUTE[opt])  # 5 steps
