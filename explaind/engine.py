@@ -1267,13 +1267,9 @@ class ChunkPass:
             for item in records:
                 yield *item, None
             return
-        group = []
-        for item in records:
-            group.append(item)
-            if len(group) == self.req.gradient_steps:
-                yield from self._group_gradients(group)
-                group = []
-        yield from self._group_gradients(group)
+        records = iter(records)
+        while group := list(islice(records, self.req.gradient_steps)):
+            yield from self._group_gradients(group)
 
     def _group_gradients(self, group: list[tuple]) -> Iterator[tuple]:
         """Each step of the group with its batch_gradients: by one call over the steps where
@@ -1478,7 +1474,7 @@ class ChunkPass:
         tangents = effect.reshape(-1, effect.shape[-1])
         n_comp = len(req.component_slices) if req.keeps("component") else 1
         if not req.keeps("train") or len(tangents) * n_comp * FORWARD_MODE_RATIO > len(rec.indices):
-            wg, columns, g_full = gradients or self.batch_gradients(rec, theta)
+            wg, columns, g_full = self.batch_gradients(rec, theta) if gradients is None else gradients
             return self.contract(tangents, wg), columns, g_full
         weights, columns, x, y = self.step_batch(rec)
         in_chunk = (columns >= 0).to(self.dev)

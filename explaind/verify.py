@@ -96,42 +96,30 @@ def update_residuals(history: History, flat: FlatModel, loss, steps: tuple[int, 
     steps: (start, stop) checks only those updates (NaN elsewhere); the momentum of the steps
     before start is replayed from step `replay_start` on, which starts from `momentum` (the
     buffer m_{replay_start − 1}; None: zero, from step 0). each(step, residual, floor) sees every
-    checked step as it is checked (and may raise to stop there). steps_at_once: the most steps
-    whose batch gradients one call takes (_with_batch_gradients)."""
+    checked step as it is checked (and may raise to stop there). steps_at_once: the most
+    consecutive steps whose batch gradients one call takes (_group_batch_gradients)."""
     residuals, floors = np.full(history.n_steps, np.nan), np.full(history.n_steps, np.nan)
     aggregate = AggregateUpdate()
     aggregate.momentum = None if momentum is None else momentum.clone()
     reader = StepReader(history, flat)
     eps = rounding_eps(history, flat)
     start, stop = steps or (0, history.n_steps)
-    for rec, theta, delta, gradient in _with_batch_gradients(history.steps(replay_start, stop), reader, flat, loss,
-                                                             batch_rows, steps_at_once):
-        k = reader.coefficients(rec)
-        modelled = aggregate.step(k, gradient, theta)
-        if rec.step >= start:
-            residuals[rec.step], floors[rec.step] = update_check(k, theta, delta, modelled, eps)
-            if each is not None:
-                each(rec.step, residuals[rec.step], floors[rec.step])
+    records = iter(history.steps(replay_start, stop))
+    while group := list(islice(records, steps_at_once)):
+        for rec, theta, delta, gradient in _group_batch_gradients(group, reader, flat, loss, batch_rows):
+            k = reader.coefficients(rec)
+            modelled = aggregate.step(k, gradient, theta)
+            if rec.step >= start:
+                residuals[rec.step], floors[rec.step] = update_check(k, theta, delta, modelled, eps)
+                if each is not None:
+                    each(rec.step, residuals[rec.step], floors[rec.step])
     return residuals, floors
 
 
-def _with_batch_gradients(records, reader: StepReader, flat: FlatModel, loss, batch_rows: int | None,
-                          steps_at_once: int):
-    """Each step with θ_s, Δθ_s and its batch gradient, the gradients of up to steps_at_once
-    consecutive steps whose batches have the same shape taken by one call (FlatModel.batch_gradient
-    vmapped over them), whose fixed costs then count once."""
-    group = []
-    for rec in records:
-        group.append(rec)
-        if len(group) < steps_at_once:
-            continue
-        yield from _group_batch_gradients(group, reader, flat, loss, batch_rows)
-        group = []
-    yield from _group_batch_gradients(group, reader, flat, loss, batch_rows)
-
-
 def _group_batch_gradients(group: list[StepRecord], reader: StepReader, flat: FlatModel, loss, batch_rows: int | None):
-    """_with_batch_gradients for one group: by one call where the batches have the same shape."""
+    """Each step of the group with θ_s, Δθ_s and its batch gradient: the group's gradients by one
+    call (FlatModel.batch_gradient vmapped over the steps, whose fixed costs then count once)
+    where its batches have the same shape, step by step otherwise."""
     thetas = [reader.thetas(rec) for rec in group]
     batches = [reader.batch(rec) for rec in group]
     if len(group) > 1 and len({(x.shape, y.shape) for _, x, y in batches}) == 1:
