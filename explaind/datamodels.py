@@ -23,9 +23,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .cube import checked_test_ids
-from .engine import FORWARD_MODE_RATIO, checked_test_inputs, select_outputs, step_range
+from .engine import checked_test_inputs, select_outputs, step_range
 from .errors import InputError
-from .functional import FlatModel, checked_output
+from .functional import FlatModel, checked_output, forward_mode_pays
 from .history import History, open_history
 from .optimizers import group_index
 from .parallel import run_all
@@ -104,6 +104,7 @@ def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, 
     x, select = _checked_inputs(history, flat, inputs, targets)
     train_index = history.train_indices()  # sorted: a sample's column is found by binary search
     groups = group_index(history, flat)
+    sizes = flat.activation_sizes(x)
     scores = torch.zeros(len(train_index), len(x), dtype=dtype, device=flat.device)
     for rec in tqdm(history.steps(start, stop), total=stop - start, desc="TracIn", disable=not progress, leave=False):
         theta = flat.layout.flatten(rec.before).to(flat.device, dtype)
@@ -111,7 +112,7 @@ def tracin_scores(history: History | str | os.PathLike, model: torch.nn.Module, 
         directions = flat.jacobian(theta, x, select, "log_prob")[:, 0] * eta  # η ∇ log p per input: [T, D]
         weights = history.sample_weights(rec, dtype, flat.device)
         batch_x, batch_y = flat.cast_inputs(rec.inputs), rec.targets.to(flat.device)
-        if len(x) * FORWARD_MODE_RATIO <= len(rec.indices):  # few inputs: one JVP of the batch's losses each
+        if forward_mode_pays(sizes, flat.layout.dim, len(x), len(rec.indices)):  # few inputs: a jvp of the batch each
             products = flat.per_sample_directional(theta, batch_x, batch_y, loss, directions).T
         else:
             products = flat.per_sample_gradients(theta, batch_x, batch_y, loss) @ directions.T

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from .components import ComponentSpec, group_tensors
 from .cube import MergedParts, assemble_cube, checked_test_ids
 from .errors import UPDATE_MISS_CAUSES, InputError, ReconstructionError, UnsupportedError, is_number, is_whole
-from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, resolve_target, tensor_of,
-                         untrained_tensors)
+from .functional import (ActivationSizes, FlatModel, ForwardModeSizes, ParamLayout, forward_mode_pays, resolve_target,
+                         tensor_of, untrained_tensors)
 from .history import History, StepRecord, open_history
 from .losses import IGNORE_INDEX, another_loss_note
 from .optimizers import AggregateUpdate, StepCoefficients, momentum_from_update, sgd_buffers_started
@@ -50,11 +50,6 @@ from .verify import StepReader, check_tolerance, rounding_eps, update_check
 DIMS = ("step", "component", "train", "test", "output")
 CONVENTIONS = ("update", "gradient")
 DTYPES = (torch.float64, torch.float32)
-# The backward pass needs effect · ∇ℓ_k for R carried effects and the B samples of a step: by
-# forward mode (R jvps over the batch) when R · FORWARD_MODE_RATIO ≤ B, else by contracting
-# materialised per-sample gradients [B, D]. One jvp costs about as much as two or three forward
-# passes; per-sample gradients cost a backward pass plus moving B x D numbers several times.
-FORWARD_MODE_RATIO = 4
 
 
 # --------------------------------------------------------------------------- the request
@@ -637,11 +632,12 @@ BACKWARD_MEMORY_RATIO = 8
 
 def contracts_sample_gradients(req: Request, rows: int) -> bool:
     """Whether a backward walk over `rows` kept rows contracts its effects with the materialised
-    per-sample gradients at every step (ChunkPass.sample_effects): where even its fewest effects,
-    one step bin's rows per kept component, are too many to push through the largest batch by
-    forward mode. Only then can the gradients of several steps be taken together."""
+    per-sample gradients at every step (ChunkPass.sample_effects): where forward mode does not pay
+    (forward_mode_pays) for its fewest effects, one step bin's rows per kept component, through the
+    largest batch. Only then can the gradients of several steps be taken together."""
     _, _, n_comp, _ = kept_sizes(req, 0, 0)
-    return req.keeps("train") and rows * n_comp * FORWARD_MODE_RATIO > req.history.max_batch()
+    return req.keeps("train") and not forward_mode_pays(req.activations, req.flat.layout.dim, rows * n_comp,
+                                                        req.history.max_batch())
 
 
 # how far J by reverse mode may differ from J by forward mode (a share of the products summed in
@@ -742,7 +738,7 @@ def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, b
     backward_pass = _batch_backward_elements(req, batch_rows)
     elements = steps * (samples * d * 3 + backward_pass)
     tangents = effects * n_comp
-    if samples and tangents and tangents * FORWARD_MODE_RATIO <= batch:
+    if samples and tangents and forward_mode_pays(req.activations, d, tangents, batch):
         pushed = (tangents + 1) * min(samples, batch_rows) * req.activations.largest * 3
         elements = max(elements, pushed + backward_pass)
     return elements
@@ -1469,11 +1465,12 @@ class ChunkPass:
         kept component ([comp][bins·rows, B_c]), their columns, and the batch gradient ḡ (first
         train chunk). A few effects are pushed through the batch by forward mode, one jvp each;
         many are contracted with the materialised per-sample gradients [B_c, D]: the step's
-        batch_gradients where `gradients` brings them already."""
+        batch_gradients where `gradients` brings them already (every step of the walk contracts)."""
         req = self.req
         tangents = effect.reshape(-1, effect.shape[-1])
         n_comp = len(req.component_slices) if req.keeps("component") else 1
-        if not req.keeps("train") or len(tangents) * n_comp * FORWARD_MODE_RATIO > len(rec.indices):
+        if not req.keeps("train") or gradients is not None or \
+                not forward_mode_pays(req.activations, req.flat.layout.dim, len(tangents) * n_comp, len(rec.indices)):
             wg, columns, g_full = self.batch_gradients(rec, theta) if gradients is None else gradients
             return self.contract(tangents, wg), columns, g_full
         weights, columns, x, y = self.step_batch(rec)

@@ -34,6 +34,7 @@ from torch.nn.utils import parametrizations
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import InputError, UnsupportedError, is_whole
 from .losses import PerSampleLoss
@@ -188,10 +189,38 @@ def _flat_part(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 class ActivationSizes(NamedTuple):
     """What a forward pass on one input makes, in elements: all the new tensors of its ops (an
-    upper bound on what a reverse pass saves) and the largest one."""
+    upper bound on what a reverse pass saves) and the largest one; and its multiply-adds (at
+    least `total`: an op that only makes elements counts one an element)."""
 
     total: int
     largest: int
+    multiply_adds: int
+
+
+# How the per-sample derivatives of a batch's losses along T tangents (a backward walk's effects,
+# TracIn's directions) are taken: by forward mode, a jvp of the batch along each tangent, or by
+# materialising the per-sample gradients [B, D] and contracting them, whichever forward_mode_pays
+# estimates cheaper. Costs in multiply-adds of a large matmul (about 40 billion a second on two
+# threads): forward mode costs FORWARD_MODE_STEP (12 ms: its transforms' fixed cost, and the batch
+# gradient a walk then takes apart) plus, per tangent and sample, FORWARD_MODE_ELEMENT per element a
+# forward pass makes and two per multiply-add (the product rule's two products); materialising
+# costs GRADIENT_ELEMENT per element of the gradients plus one multiply-add per tangent and element
+# to contract them. Fitted to whole backward walks (benchmarks/forward_mode_route.py, AMD EPYC,
+# float32, two threads), whose measured break-evens the estimate puts at no tangent (the reference
+# Transformer, 200 samples: forward mode was slower from 5 tangents on), 30 (a Transformer of
+# d_model 64 over 568 samples: 32 to 64) and 6 (the digits ResNet-9 of width 16 over 32: 4 to 8).
+# A rule of B / 4 tangents had put them at 50, 142 and 8.
+FORWARD_MODE_STEP = 5 * 10**8
+FORWARD_MODE_ELEMENT = 8
+GRADIENT_ELEMENT = 200
+
+
+def forward_mode_pays(sizes: ActivationSizes, dim: int, tangents: int, batch: int) -> bool:
+    """Whether forward mode is the cheaper way to the derivatives of a batch of `batch` samples'
+    losses along `tangents` tangents of a model with `dim` parameters, whose forward pass on one
+    input makes `sizes` (see FORWARD_MODE_STEP)."""
+    per_tangent = FORWARD_MODE_ELEMENT * sizes.total + 2 * sizes.multiply_adds
+    return FORWARD_MODE_STEP + batch * tangents * per_tangent < batch * dim * (GRADIENT_ELEMENT + tangents)
 
 
 class ForwardModeSizes(NamedTuple):
@@ -1251,8 +1280,9 @@ class FlatModel:
     def activation_sizes(self, x: torch.Tensor) -> ActivationSizes:
         """What a forward pass on one input (x[:1]) produces (see ActivationSizes)."""
         mode = _OutputSizes()
-        self._sizing_pass(x, mode)
-        return ActivationSizes(mode.total, mode.largest)
+        with FlopCounterMode(display=False) as flops:
+            self._sizing_pass(x, mode)
+        return ActivationSizes(mode.total, mode.largest, max(flops.get_total_flops() // 2, mode.total))
 
     @_transformed
     def forward_mode_sizes(self, x: torch.Tensor) -> ForwardModeSizes:
@@ -1684,7 +1714,7 @@ class FlatModel:
         """∇_θ ℓ(f(x_k; θ), y_k) · v_r for each row k of a batch and each tangent v_r [R, D], by
         forward mode: [R, B]. About R forward passes of the batch (in parts of at most `rows`
         samples; None: all at once); the [B, D] per-sample gradients are never held, which makes
-        it the cheaper route when R is small."""
+        it the cheaper route when R is small (forward_mode_pays)."""
         params = self.layout.unflatten(theta)
 
         def along(x_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:

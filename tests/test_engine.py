@@ -504,16 +504,17 @@ def test_update_pass_is_chosen_by_size(runs, monkeypatch):
         quadrature=2, rule="gauss", breakpoints=False, convention="update", components="tensor",
         step_bins=None, parameter_scores=False, steps=None, dtype=torch.float64, device="cpu",
         test_chunk=None, train_chunk=None, loss=None)
-    # one effect · FORWARD_MODE_RATIO 4 > 3 samples: contracted with the materialised gradients,
-    # and 7 samples < 8 × 1 effect: the forward walk, the faster
+    # forward mode does not pay over 3 samples: one effect is contracted with the materialised
+    # gradients, and 7 samples < 8 × 1 effect: the forward walk, the faster
     assert ex.engine.contracts_sample_gradients(request, 1)
     assert not ex.engine.walks_backwards(request, rows=1, train=7)
     monkeypatch.setattr(ex.engine, "BACKWARD_MEMORY_RATIO", 4)
     assert ex.engine.walks_backwards(request, rows=1, train=7)  # 7 > 4 × 1
     monkeypatch.setattr(ex.engine, "BACKWARD_MEMORY_RATIO", 8)
-    monkeypatch.setattr(ex.engine, "FORWARD_MODE_RATIO", 2)  # 1 · 2 ≤ 3: the effect by forward mode
+    estimate = ex.engine.forward_mode_pays
+    monkeypatch.setattr(ex.engine, "forward_mode_pays", lambda *args: True)  # the effect by forward mode
     assert ex.engine.walks_backwards(request, rows=1, train=7)
-    monkeypatch.setattr(ex.engine, "FORWARD_MODE_RATIO", 4)
+    monkeypatch.setattr(ex.engine, "forward_mode_pays", estimate)
     request.forward_for_speed = False  # the smaller walk, whichever is faster
     assert ex.engine.walks_backwards(request, rows=1, train=7)
     assert not ex.engine.walks_backwards(request, rows=8, train=7)
@@ -598,9 +599,9 @@ def test_each_test_chunk_explains_its_own_inputs_selected_output(runs, reference
 def test_sample_effects_by_forward_mode_match_brute_force(runs, references, monkeypatch, opt):
     """A backward walk pushes a few carried effects through a step's batch by forward mode (one
     jvp each) and contracts more with materialised per-sample gradients. The brute-force batches
-    of 3 are too small for forward mode; with FORWARD_MODE_RATIO 0 every walk takes it, and each
-    sample's jvp must carry the sample's weight in the batch gradient."""
-    monkeypatch.setattr(ex.engine, "FORWARD_MODE_RATIO", 0)
+    of 3 are too small for forward mode to pay; where forward_mode_pays says it does, every walk
+    takes it, and each sample's jvp must carry the sample's weight in the batch gradient."""
+    monkeypatch.setattr(ex.engine, "forward_mode_pays", lambda *args: True)
     run = runs.get(BRUTE[opt])
     ref = references(run)
     a, r = ref.cube("gradient")
@@ -1169,11 +1170,14 @@ def record_in_order(path: Path, ids: torch.Tensor, opt: str = "sgd_momentum", st
     return model, tx, ty
 
 
+@pytest.mark.parametrize("by_forward_mode", [True, False])
 @pytest.mark.parametrize("keep", [("train", "test"), ("step", "train", "test")])
 @pytest.mark.parametrize("convention", ["update", "gradient"])
-def test_train_chunks_that_miss_a_batch_give_the_whole_cube(tmp_path, convention, keep):
+def test_train_chunks_that_miss_a_batch_give_the_whole_cube(tmp_path, monkeypatch, convention, keep, by_forward_mode):
     """With batches in order, a chunk of 8 samples holds none of two steps' samples. One input
-    and two step bins: the backward pass pushes its few effects through a batch by forward mode."""
+    and two step bins: the backward pass pushes its few effects through a batch by forward mode
+    where forward_mode_pays says so, else contracts them with the materialised gradients."""
+    monkeypatch.setattr(ex.engine, "forward_mode_pays", lambda *args: by_forward_mode)
     model, tx, ty = record_in_order(tmp_path / "h", torch.arange(24), batch=8)
     kwargs = dict(keep=keep, outputs="true", convention=convention, step_bins=2 if "step" in keep else None,
                   progress=False, tolerance=1e-9)
@@ -1276,8 +1280,8 @@ def test_steps_whose_gradients_are_taken_together_give_the_cube_taken_step_by_st
     otherwise (ChunkPass._group_gradients): 7 AdamW steps of 4 random samples of 10, step 4 of 2.
     3 test inputs × 3 outputs with every step kept (63 effects, more than the 10 samples) walk
     forwards, so steps 0-2 are taken together and the rest alone; 1 input summed over the steps
-    (3 effects) walks backwards, its effects contracted with the materialised gradients (3 rows ·
-    4 tensors · FORWARD_MODE_RATIO > 4 samples), so steps 3-1 are taken together. With train
+    (3 effects) walks backwards, its effects contracted with the materialised gradients (forward
+    mode does not pay for 3 rows · 4 tensors over 4 samples), so steps 3-1 are taken together. With train
     chunks of 5, no step is. Float64: the cube equals the one taken a step at a time to rounding."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()

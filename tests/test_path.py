@@ -1488,7 +1488,8 @@ def _assert_identical(cube: xr.Dataset, other: xr.Dataset) -> None:
 @pytest.mark.parametrize("kink_tolerance", [0.0, 1e-9])
 @pytest.mark.parametrize("convention, keep", [
     ("update", ("train", "test", "output")),  # walks forwards (a momentum buffer of 3 samples: fewer than 9 rows)
-    ("update", ("train",)),  # walks backwards with one carried effect, but forwards in the last chunk of 1 sample
+    ("update", ("train",)),  # walks backwards with one carried effect (BACKWARD_MEMORY_RATIO 1), but forwards in
+                              # the last chunk of 1 sample
     ("gradient", ("train", "test")),  # walks backwards
 ])
 def test_later_train_chunks_take_the_pieces_their_first_train_chunk_found(tmp_path, monkeypatch, convention, keep,
@@ -1498,6 +1499,7 @@ def test_later_train_chunks_take_the_pieces_their_first_train_chunk_found(tmp_pa
     searched once per test chunk (2 test chunks of 3 inputs, 4 train chunks of up to 3 samples:
     it was searched once per pass). The cube is bit for bit the one whose later passes search
     again (nothing kept), and its kink counts are those of one pass over all samples."""
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
     run = train(Case("mlp", "adamw", act="relu", steps=5, lr_scale=3.0, n_test=6), tmp_path / "h")
     options = dict(keep=keep, convention=convention, kink_tolerance=kink_tolerance, tolerance=None, test_chunk=3)
     searched = _counting_searches(monkeypatch)

@@ -19,7 +19,7 @@ from torch.func import jvp, vmap
 import explaind as ex
 from engine_cases import Case, train
 from explaind import engine, planning
-from explaind.functional import FlatModel, _OutputSizes, layout_of
+from explaind.functional import ActivationSizes, FlatModel, _OutputSizes, forward_mode_pays, layout_of
 from explaind.losses import resolve_loss
 from explaind.path import PathIntegral
 from explaind.resumable import explain_resumable
@@ -110,7 +110,7 @@ def test_the_pass_direction_follows_the_kept_sizes(run):
 
 def test_a_forward_walk_taken_for_speed_gives_way_to_a_budget_it_does_not_fit(run, monkeypatch):
     """The true class of the 4 inputs: 4 effects, fewer than the 10 samples but contracted with
-    the materialised gradients (4 · FORWARD_MODE_RATIO > 4 samples) and not 8 times fewer, so the
+    the materialised gradients (forward mode does not pay over 4 samples) and not 8 times fewer, so the
     pass walks forwards, the faster; a budget that holds the backward walk's pass but not the
     forward walk's runs the backward walk in one pass, as explain."""
     options = dict(keep=("train", "test"), outputs="true", breakpoints=False)
@@ -784,7 +784,7 @@ def test_a_cube_without_a_train_dim_is_costed_as_the_forward_mode_pass_it_runs(r
     inputs × 3 outputs, 4 tensors kept as components: 10 tangents, float64."""
     request = engine.build_request(run.path, run.model, run.test_x, run.test_y, **engine.request_options("plan", 
         dict(keep=("component", "test", "output"), breakpoints=False)))
-    assert request.activations == (6 + 6 + 3, 6)  # all elements, the largest tensor
+    assert request.activations == (6 + 6 + 3, 6, 4 * 6 + 6 * 3)  # all elements, the largest tensor, multiply-adds
     tangents, rows = 2 * 4 + 2, 4 * 3
     batch_backward = 4 * 15 * 3 // 2  # the batch gradient over a batch of 4
     forward = request.forward_mode  # measured (test_forward_mode_sizes_...), an eighth added
@@ -814,9 +814,34 @@ def test_the_activations_count_what_ops_make_inside_composite_ones():
     model = ScoresOfAttention()
     flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
     x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
-    total, largest = flat.activation_sizes(x)
+    total, largest, _ = flat.activation_sizes(x)
     assert largest == 2 * 5 * 5
     assert total >= 2 * (2 * 5 * 5) + 2 * 5 * 4 + 2 * 5 * 4  # scores, their softmax, scaled queries, result
+
+
+def test_the_activations_count_a_passs_multiply_adds():
+    """Linear(4, 6), Tanh, Linear(6, 3) on one input: 4 · 6 + 6 · 3 multiply-adds; a lookup makes
+    its 2 · 3 numbers by none, and counts one an element it makes."""
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    flat = FlatModel(mlp, layout_of(mlp), torch.float64, "cpu")
+    assert flat.activation_sizes(torch.randn(5, 4, dtype=torch.float64)).multiply_adds == 4 * 6 + 6 * 3
+    table = nn.Embedding(7, 3).double()
+    flat = FlatModel(table, layout_of(table), torch.float64, "cpu")
+    sizes = flat.activation_sizes(torch.randint(0, 7, (5, 2)))
+    assert sizes.multiply_adds == sizes.total == 2 * 3
+
+
+def test_forward_mode_pays_where_its_estimate_is_below_the_materialised_gradients():
+    """By hand: per tangent and sample 8 · 1,000 elements + 2 · 2,000 multiply-adds = 12,000, so
+    over 1,000 samples of a model of 10,000 parameters forward mode costs 5·10^8 + 1.2·10^7 T
+    against 10^7 · (200 + T) for the materialised gradients: it pays below T = 750. Over 10
+    samples its fixed cost alone is more than the gradients'; with 10^6 parameters the
+    contraction costs more than a jvp per tangent, so it pays for any T."""
+    sizes = ActivationSizes(total=1000, largest=10, multiply_adds=2000)
+    assert forward_mode_pays(sizes, 10_000, 749, 1000)
+    assert not forward_mode_pays(sizes, 10_000, 750, 1000)
+    assert not forward_mode_pays(sizes, 10_000, 1, 10)
+    assert all(forward_mode_pays(sizes, 10**6, tangents, 1000) for tangents in (1, 1000, 10**6))
 
 
 def test_the_peak_counts_only_the_tensors_alive_at_once():
@@ -871,20 +896,25 @@ def test_a_cube_with_a_train_dim_counts_the_activations_of_its_passes(run):
     assert engine.pass_bytes(request, 4, 10, 3) == 8 * (elements - batch * 15 * 3 // 2 + 3 * 15 * 3 // 2)
 
 
-def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path):
-    """A backward walk with few carried effects pushes them through the batch by forward mode:
-    a primal and a tangent per effect of every activation, counted as 3 of the largest. Full
-    batches of 10; one effect (one row, one step bin) ≤ 10 / FORWARD_MODE_RATIO."""
+def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path, monkeypatch):
+    """A backward walk whose carried effects forward mode takes through the batch
+    (forward_mode_pays) holds a primal and a tangent per effect of every activation, counted as 3
+    of the largest; else the materialised gradients. Full batches of 10."""
     case = train(Case("mlp", "sgd_momentum", steps=2, n_train=10, batch=10, n_test=4), tmp_path / "h")
     request = engine.build_request(case.path, case.model, case.test_x, case.test_y, **engine.request_options("plan", 
         dict(keep=("train",), outputs="true", breakpoints=False)))
     backward_pass = 10 * 15 * 3 // 2
-    assert engine._sample_pass_elements(request, 1, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # materialised is more
+    materialised = 10 * 51 * 3 + backward_pass
+    assert not engine.forward_mode_pays(request.activations, 51, 1, 10)  # a model this small: never
+    assert engine._sample_pass_elements(request, 1, 1, 10, 10) == materialised
+    monkeypatch.setattr(engine, "forward_mode_pays", lambda sizes, dim, tangents, batch: tangents <= 2)
+    assert engine._sample_pass_elements(request, 1, 1, 10, 10) == materialised  # more than the tangents
     request.__dict__["activations"] = request.activations._replace(largest=1000)  # a wide layer
     assert engine._sample_pass_elements(request, 1, 1, 10, 10) == (1 + 1) * 10 * 1000 * 3 + backward_pass
+    assert engine._sample_pass_elements(request, 2, 1, 10, 10) == (2 + 1) * 10 * 1000 * 3 + backward_pass
     # the batch split in parts of 4: the tangents and the backward pass go through 4 samples at once
     assert engine._sample_pass_elements(request, 1, 1, 10, 4) == (1 + 1) * 4 * 1000 * 3 + 4 * 15 * 3 // 2
-    assert engine._sample_pass_elements(request, 3, 1, 10, 10) == 10 * 51 * 3 + backward_pass  # 12 > 10: materialised
+    assert engine._sample_pass_elements(request, 3, 1, 10, 10) == materialised  # 3 tangents: materialised
 
 
 def test_sample_parts_split_a_batch_as_asked_and_refuse_parts_without_a_sample():
@@ -942,8 +972,8 @@ def test_steps_gradients_are_taken_together_only_where_the_budget_has_room_for_t
     takes the steps one at a time before it splits any chunk, and a batch split into parts takes
     them one at a time too. All 3 outputs of the 4 inputs kept: 12 rows, more than the 10
     samples, so the pass walks forward; the true class alone: 4 rows walk backwards, their
-    effects contracted with the materialised gradients (4 · FORWARD_MODE_RATIO > 4 samples), with
-    BACKWARD_MEMORY_RATIO 1."""
+    effects contracted with the materialised gradients (forward mode does not pay over 4 samples),
+    with BACKWARD_MEMORY_RATIO 1."""
     monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
     keep, outputs = (("train", "test"), "true") if backwards else (("train", "test", "output"), "all")
 

@@ -837,9 +837,12 @@ def test_raw_inputs_declared_after_the_checked_steps_are_named_by_both_checks(tm
 
 def test_a_late_unmodelled_clip_stops_a_backward_walk_before_it_starts(tmp_path, monkeypatch):
     """A pass that walks backwards checks the updates by a forward replay of its own: it runs
-    first and stops at the first step so far off (a trial's 200-step run was explained to its end)."""
+    first and stops at the first step so far off (a trial's 200-step run was explained to its end).
+    BACKWARD_MEMORY_RATIO 1: 2 effects contracted with the materialised gradients of 16 samples walk
+    backwards."""
     import explaind.engine as engine
 
+    monkeypatch.setattr(engine, "BACKWARD_MEMORY_RATIO", 1)
     model, optimizer = model_and_sgd()
     x, y = data(16)
     with ex.Recorder(tmp_path / "h", model, optimizer, check_every=50) as rec:
