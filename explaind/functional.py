@@ -201,18 +201,18 @@ class ActivationSizes(NamedTuple):
 # TracIn's directions) are taken: by forward mode, a jvp of the batch along each tangent, or by
 # materialising the per-sample gradients [B, D] and contracting them, whichever forward_mode_pays
 # estimates cheaper. Costs in multiply-adds of a large matmul (about 40 billion a second on two
-# threads): forward mode costs FORWARD_MODE_STEP (12 ms: its transforms' fixed cost, and the batch
-# gradient a walk then takes apart) plus, per tangent and sample, FORWARD_MODE_ELEMENT per element a
-# forward pass makes and two per multiply-add (the product rule's two products); materialising
-# costs GRADIENT_ELEMENT per element of the gradients plus one multiply-add per tangent and element
-# to contract them. Fitted to whole backward walks (benchmarks/forward_mode_route.py, AMD EPYC,
-# float32, two threads), whose measured break-evens the estimate puts at no tangent (the reference
-# Transformer, 200 samples: forward mode was slower from 5 tangents on), 30 (a Transformer of
-# d_model 64 over 568 samples: 32 to 64) and 6 (the digits ResNet-9 of width 16 over 32: 4 to 8).
-# A rule of B / 4 tangents had put them at 50, 142 and 8.
+# threads): forward mode costs FORWARD_MODE_STEP a step (12 ms: its transforms' fixed cost) plus,
+# per tangent and sample, FORWARD_MODE_ELEMENT per element a forward pass makes and two per
+# multiply-add (the product rule's two products); materialising costs GRADIENT_ELEMENT per element
+# of the gradients plus one multiply-add per tangent and element to contract them. Fitted to whole
+# backward walks (benchmarks/forward_mode_route.py, AMD EPYC, float32, two threads), whose
+# break-evens the estimate puts at no tangent (the reference Transformer over 200 samples: forward
+# mode was slower from 5 tangents on), 39 (a Transformer of d_model 64 over 568 samples: measured
+# between 32 and 48) and 9 (the digits ResNet-9 of width 16 over 32: between 8 and 16). A rule of
+# B / 4 tangents had put them at 50, 142 and 8.
 FORWARD_MODE_STEP = 5 * 10**8
 FORWARD_MODE_ELEMENT = 8
-GRADIENT_ELEMENT = 200
+GRADIENT_ELEMENT = 250
 
 
 def forward_mode_pays(sizes: ActivationSizes, dim: int, tangents: int, batch: int) -> bool:

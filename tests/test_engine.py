@@ -600,7 +600,9 @@ def test_sample_effects_by_forward_mode_match_brute_force(runs, references, monk
     """A backward walk pushes a few carried effects through a step's batch by forward mode (one
     jvp each) and contracts more with materialised per-sample gradients. The brute-force batches
     of 3 are too small for forward mode to pay; where forward_mode_pays says it does, every walk
-    takes it, and each sample's jvp must carry the sample's weight in the batch gradient."""
+    takes it, and each sample's jvp must carry the sample's weight in the batch gradient. With
+    every dim kept the walk's total (what the residual is taken against) is the sum of those
+    dots, where the contracting walk takes it from the batch gradient: the residuals agree."""
     monkeypatch.setattr(ex.engine, "forward_mode_pays", lambda *args: True)
     run = runs.get(BRUTE[opt])
     ref = references(run)
@@ -608,6 +610,11 @@ def test_sample_effects_by_forward_mode_match_brute_force(runs, references, monk
     cube = run.explain(convention="gradient", quadrature=8)  # one effect per row and component
     assert_close(full_cube(cube), a[:, :, train_positions(cube, ref)], 1e-12, "gradient convention")
     assert_close(cube["regularization"].transpose("step", "component", "test", "output").values, r, 1e-12, "reg")
+    monkeypatch.setattr(ex.engine, "forward_mode_pays", lambda *args: False)
+    contracted = run.explain(convention="gradient", quadrature=8)
+    change = float(abs(cube["final"] - cube["initial"]).max())
+    np.testing.assert_allclose(cube["residual"].values, contracted["residual"].values, rtol=0, atol=1e-13 * change)
+    monkeypatch.setattr(ex.engine, "forward_mode_pays", lambda *args: True)
     a, _ = ref.cube("update")
     walked = run.explain(keep=("train", "test"), quadrature=8)  # 3 carried effects < 7 samples: walks backwards
     assert_close(walked["attribution"].transpose("train", "test").values, a.sum((0, 1, 4)), 1e-12, "update convention")
