@@ -731,7 +731,9 @@ def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, b
     primal and each effect's tangents through a part's samples, taken as 3 of the largest
     activation each (measured: a backward walk with 10 effects over batches of 256 images of
     ResNet9 width 4 peaked 173 MiB above where it started; this function counts 188 MiB of the
-    196 planned). `steps`: the steps whose per-sample gradients one call takes (ChunkPass._with_gradients)."""
+    196 planned), and the batch gradients of req.gradient_steps steps that the update check before
+    such a walk takes by one call. `steps`: the steps whose per-sample gradients one call takes
+    (ChunkPass._with_gradients)."""
     batch = req.history.max_batch()
     samples = min(batch, train) if req.keeps("train") else 0
     d = req.flat.layout.dim
@@ -740,7 +742,7 @@ def _sample_pass_elements(req: Request, effects: int, n_comp: int, train: int, b
     tangents = effects * n_comp
     if samples and tangents and forward_mode_pays(req.activations, d, tangents, batch):
         pushed = (tangents + 1) * min(samples, batch_rows) * req.activations.largest * 3
-        elements = max(elements, pushed + backward_pass)
+        elements = max(elements, pushed + backward_pass, req.gradient_steps * (backward_pass + d))
     return elements
 
 
@@ -1403,7 +1405,7 @@ class ChunkPass:
             self.update_residual, self.update_rounding_floor = update_residuals(
                 req.history, req.flat, req.loss, req.step_range, req.replay_start, momentum, req.batch_chunk,
                 each=functools.partial(stop_at_missed_update, note=req.loss_note) if req.stop_at_missed_update else None,
-                steps_at_once=req.gradient_steps if grouped else 1)
+                steps_at_once=req.gradient_steps)  # planned for either way of the walk (_sample_pass_elements)
         # Σ over bins for all T·O rows, for the total and the scores (first train chunk only);
         # when the carried rows are all rows (the test and output dims not kept are of one) and
         # unbinned, it is carried[0] itself

@@ -899,7 +899,8 @@ def test_a_cube_with_a_train_dim_counts_the_activations_of_its_passes(run):
 def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path, monkeypatch):
     """A backward walk whose carried effects forward mode takes through the batch
     (forward_mode_pays) holds a primal and a tangent per effect of every activation, counted as 3
-    of the largest; else the materialised gradients. Full batches of 10."""
+    of the largest, or its update check's group of batch gradients; else the materialised
+    gradients. Full batches of 10."""
     case = train(Case("mlp", "sgd_momentum", steps=2, n_train=10, batch=10, n_test=4), tmp_path / "h")
     request = engine.build_request(case.path, case.model, case.test_x, case.test_y, **engine.request_options("plan", 
         dict(keep=("train",), outputs="true", breakpoints=False)))
@@ -915,6 +916,11 @@ def test_a_backward_walk_by_forward_mode_counts_each_effects_tangents(tmp_path, 
     # the batch split in parts of 4: the tangents and the backward pass go through 4 samples at once
     assert engine._sample_pass_elements(request, 1, 1, 10, 4) == (1 + 1) * 4 * 1000 * 3 + 4 * 15 * 3 // 2
     assert engine._sample_pass_elements(request, 3, 1, 10, 10) == materialised  # 3 tangents: materialised
+    # the update check before the walk takes the batch gradients of 4 steps by one call: where a
+    # backward pass saves 1,000 numbers a sample, its 4 backward passes and gradients are the most
+    request.__dict__["activations"] = request.activations._replace(total=1000, largest=1)
+    request.gradient_steps = 4
+    assert engine._sample_pass_elements(request, 1, 1, 10, 10) == 4 * (10 * 1000 * 3 // 2 + 51)
 
 
 def test_sample_parts_split_a_batch_as_asked_and_refuse_parts_without_a_sample():
