@@ -29,26 +29,17 @@ import torch.nn.functional as F
 
 import explaind as ex
 import explaind.engine
-from explaind.data import modular_addition
 from explaind.functional import FlatModel, forward_mode_pays
 from explaind.history import layout_of
 from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer, ResNet9
+from reference_workload import record_run
 
 
 def transformer_run(path: Path, p: int, d_model: int, d_mlp: int, n_train: int, steps: int):
-    """Full-batch AdamW on addition mod p, recorded; (a fresh model of the architecture, the
-    held-out inputs and their classes, the batch)."""
-    torch.manual_seed(0)
-    data = modular_addition(p, n_train, 64, seed=0, only_a_ge_b=False)
+    """Full-batch AdamW on addition mod p, recorded as the reference workload records its run;
+    (a fresh model of the architecture, the held-out inputs and their classes, the batch)."""
+    _, data = record_run(path, steps=steps, n_train=n_train, d_model=d_model, d_mlp=d_mlp, p=p, n_val=64)
     make = lambda: ModAddTransformer(p, d_model=d_model, n_heads=4, d_mlp=d_mlp)  # noqa: E731
-    model = make()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=1.0)
-    with ex.Recorder(path, model, opt) as rec:
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(data.train_inputs), data.train_targets).backward()
-            rec.batch(torch.arange(n_train), data.train_inputs, data.train_targets)
-            opt.step()
     return make, data.val_inputs, data.val_targets, data.train_inputs
 
 

@@ -38,11 +38,12 @@ P = 23
 LR = 3e-3  # log-probabilities move by up to ~8, as in the reference run
 
 
-def record_run(path: Path, *, steps=50, n_train=200, d_model=32, d_mlp=64, seed=0) -> ModAddTransformer:
-    """Train full-batch AdamW on addition mod P and record it; returns the trained model."""
+def record_run(path: Path, *, steps=50, n_train=200, d_model=32, d_mlp=64, seed=0, p=P, n_val=20):
+    """Train full-batch AdamW on addition mod p and record it; returns the trained model and the
+    data (n_val held-out pairs beside the training ones)."""
     torch.manual_seed(seed)
-    data = modular_addition(P, n_train, 20, seed=seed, only_a_ge_b=False)
-    model = ModAddTransformer(P, d_model=d_model, n_heads=4, d_mlp=d_mlp)
+    data = modular_addition(p, n_train, n_val, seed=seed, only_a_ge_b=False)
+    model = ModAddTransformer(p, d_model=d_model, n_heads=4, d_mlp=d_mlp)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=1.0)
     indices = torch.arange(n_train)
     with ex.Recorder(path, model, opt) as rec:
