@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 import explaind as ex
 import explaind.engine
-from explaind.functional import FlatModel, forward_mode_pays
+from explaind.functional import FlatModel, compute_device, forward_mode_pays
 from explaind.history import layout_of
 from explaind.models import TRANSFORMER_COMPONENTS, ModAddTransformer, ResNet9
-from reference_workload import record_run
+from reference_workload import positive, record_run
 
 
 def transformer_run(path: Path, p: int, d_model: int, d_mlp: int, n_train: int, steps: int):
@@ -83,10 +83,14 @@ def timed(call, repeat: int) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls of each way (median)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--repeat", type=positive, default=3, help="timed calls of each way (median; at least 1)")
+    parser.add_argument("--threads", type=positive, default=2, help="torch threads (at least 1)")
     parser.add_argument("--device", default="cpu", help="compute device of explain(): cpu, cuda, cuda:1 ...")
     args = parser.parse_args()
+    try:  # a device torch cannot use is refused with the library's fix, before any run is recorded
+        compute_device(args.device)
+    except ex.InputError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp())
     print(f"{args.device}, {args.threads} threads, float32, the true class of n inputs, every walk backwards; "
