@@ -2463,6 +2463,54 @@ def test_a_killed_runs_train_indices_are_every_recorded_batchs(tmp_path):
     assert history.n_steps == 2 and torch.equal(history.train_indices(), torch.arange(8))
 
 
+def test_closed_json_lists_each_samples_class_that_the_steps_give_too(tmp_path):
+    """close() lists each training sample's class in train_indices' order, so that a History
+    need not read every step file for them on each explain (0.22 s at 2,000 steps): here dataset
+    ids 100 … 111 in shuffled batches of 4, each labelled y[id − 100], looked up by hand. A killed
+    run resumed lists the same (the labels of the steps before the kill come from its step files).
+    Without the list (a history closed by an older explaind) the same classes come from the step
+    files; a regression run's list is null, and a list edited to another length or to text is
+    refused naming closed.json."""
+    x, y = tiny_data()
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+
+    def run(path, stop=5, start=0, crash_at=None, resumed=False, loss="cross_entropy"):
+        model = tiny()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        recorder = ex.Recorder.resume(path, model, optimizer) if resumed else ex.Recorder(path, model, optimizer,
+                                                                                          loss=loss)
+        with recorder as rec:
+            for step in range(rec.step if resumed else start, stop):
+                rows = order[torch.arange(4 * step, 4 * step + 4) % 12]
+                targets = y[rows] if loss == "cross_entropy" else x[rows, :3]
+                optimizer.zero_grad()
+                out = model(x[rows])
+                (F.cross_entropy(out, targets) if loss == "cross_entropy" else ((out - targets) ** 2).sum(1).mean()).backward()
+                rec.batch(rows + 100, x[rows], targets)
+                optimizer.step()
+                if step == crash_at:
+                    raise Crash
+
+    run(tmp_path / "whole")
+    expected = y[ex.History(tmp_path / "whole").train_indices() - 100].tolist()
+    assert len(expected) == 12 and json.loads((tmp_path / "whole" / "closed.json").read_text())["train_labels"] \
+        == expected
+    assert ex.History(tmp_path / "whole").train_labels().tolist() == expected
+    with pytest.raises(Crash):
+        run(tmp_path / "killed", crash_at=2)
+    run(tmp_path / "killed", resumed=True)
+    assert_same_history(tmp_path / "whole", tmp_path / "killed")
+    edit_json("closed.json", lambda c: c.pop("train_labels"))(tmp_path / "killed")
+    assert ex.History(tmp_path / "killed").train_labels().tolist() == expected
+    run(tmp_path / "mse", loss="mse")
+    assert json.loads((tmp_path / "mse" / "closed.json").read_text())["train_labels"] is None
+    assert ex.History(tmp_path / "mse").train_labels() is None
+    for damage in (lambda c: c["train_labels"].pop(), lambda c: c["train_labels"].__setitem__(0, "1")):
+        edit_json("closed.json", damage)(tmp_path / "whole")
+        with pytest.raises(ex.HistoryError, match="closed.json lists train_labels .*Fix: restore the history"):
+            ex.History(tmp_path / "whole").train_labels()
+
+
 def test_loss_scaling_records_the_steps_the_scaler_takes(tmp_path):
     """docs/library.md's GradScaler loop: gradients unscaled before the batch is declared, and no
     batch for the step the scaler skips (an overflow at step 2): the history holds the steps that
