@@ -20,6 +20,11 @@ input, output o read from copy o: its backward multiplies [outputs, ...] cotange
 weight as one matmul, where a reverse pass vmapped over the outputs copies each row's weights
 once per output (measured on the reference Transformer: 6.5 ms against 8.3 ms for 36 rows).
 
+A call that reads one trained tensor W and no other tensor (W.T, a view or a slice of W, chained)
+makes a tensor that the calls after it read in W's place: their terms are taken through it by
+jvp and vjp (Call.made). The products written out below for F.linear, F.embedding, einsum and an
+added tensor serve only calls that read W itself.
+
 What is found for a model is checked before use: every op that reads a trained tensor must return
 one floating tensor whose dim 0 is the batch and read at least one tensor that runs over the
 batch (`MixedMode.calls`), and the terms of all ops, taken either way round, must add up to a
@@ -67,8 +72,9 @@ OP_TERM = 10**7
 class Call(NamedTuple):
     """A call of a torch function that reads trained tensors: its flattened arguments with each
     tensor's place marked, the trained tensor at some of those places, which of the others run
-    over the batch, its output's shape for one input, and its multiply-adds for one input (at
-    least its output's size: an addition or a lookup counts one an element)."""
+    over the batch, its output's shape for one input, its multiply-adds for one input (at least
+    its output's size: an addition or a lookup counts one an element), and at the places where
+    it reads a tensor made from a trained one alone (W.T, a view), how it is made from it."""
 
     func: Callable
     template: list
@@ -77,6 +83,7 @@ class Call(NamedTuple):
     batched: tuple[bool, ...]
     shape: tuple[int, ...]
     macs: int
+    made: dict[int, Callable]
 
     def __call__(self, others: list[torch.Tensor], tensors: dict[str, torch.Tensor]):
         """The call with these tensors in the places of its other tensors, in order, and the
@@ -84,7 +91,7 @@ class Call(NamedTuple):
         flat, rest = list(self.template), iter(others)
         for i, value in enumerate(flat):
             if value is _SLOT:
-                flat[i] = tensors[self.params[i]] if i in self.params else next(rest)
+                flat[i] = self.made.get(i, _same)(tensors[self.params[i]]) if i in self.params else next(rest)
         args, kwargs = tree_unflatten(flat, self.spec)
         return self.func(*args, **kwargs)
 
@@ -92,41 +99,81 @@ class Call(NamedTuple):
     def outputs_per_input(self) -> int:
         return prod(self.shape[1:])
 
+    def reads_itself(self, place: int) -> bool:
+        """Whether the call reads its trained tensor at `place` as it is, not a tensor made from it:
+        the forms whose terms are written out below read the tensor itself."""
+        return place not in self.made
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+class _Made(NamedTuple):
+    """A tensor made from one trained tensor alone (W.T, W.view(...), W[:, :k]): the trained
+    tensor's name and how the tensor is made from it."""
+
+    name: str
+    make: Callable
+
+
+def _maker(func: Callable, flat: list, spec, place: int, inner: Callable) -> Callable:
+    """tensor -> the call's output with inner(tensor) at `place` of its flattened arguments."""
+    def make(tensor: torch.Tensor) -> torch.Tensor:
+        args, kwargs = tree_unflatten([inner(tensor) if i == place else a for i, a in enumerate(flat)], spec)
+        return func(*args, **kwargs)
+
+    return make
+
 
 class _Reads(TorchFunctionMode):
     """The calls of torch functions that read trained tensors, in order: recorded with their
     outputs (`probes` None), or given probes, each floating output plus its probe, with the
     call's other tensors kept (the activations). A call whose output is no floating tensor gives
     no derivative (a shape, an argmax) and is passed over; `refused` names one whose output holds
-    tensors but is not one."""
+    tensors but is not one. A call that reads one trained tensor and no other tensor (W.T, a view
+    of W) makes a tensor that later calls read in W's place (`made`): it is no call of its own."""
 
     def __init__(self, params: dict[str, torch.Tensor], probes: list[torch.Tensor] | None = None):
         super().__init__()
         self.names = {id(t): name for name, t in params.items()}
+        self.made: dict[int, _Made] = {}  # by the id of a tensor made from a trained one alone
+        self.kept: list[torch.Tensor] = []  # the tensors of `made`, alive while their ids are keys
         self.probes = probes
         self.recorded: list[tuple] = []
         self.others: list[list[torch.Tensor]] = []
         self.refused = ""
 
+    def _read(self, a) -> bool:
+        return id(a) in self.names or id(a) in self.made
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not any(isinstance(a, (list, tuple, dict)) or id(a) in self.names for a in chain(args, kwargs.values())):
+        if not any(isinstance(a, (list, tuple, dict)) or self._read(a) for a in chain(args, kwargs.values())):
             return out  # no trained tensor among the arguments: spares most calls a tree_flatten (~30 µs)
         flat, spec = tree_flatten((args, kwargs))
-        params = {i: self.names[id(a)] for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and id(a) in self.names}
+        tensors = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+        params = {i: self.names[id(flat[i])] if id(flat[i]) in self.names else self.made[id(flat[i])].name
+                  for i in tensors if self._read(flat[i])}
         if not params:
             return out
         if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
             if not isinstance(out, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
                 self.refused = self.refused or f"{getattr(func, '__name__', func)} returns {type(out).__name__}"
             return out
+        made = {i: self.made[id(flat[i])].make for i in params if id(flat[i]) in self.made}
+        template = [_SLOT if isinstance(a, torch.Tensor) else a for a in flat]
+        if len(tensors) == 1:  # made from the trained tensor alone: read in its place by later calls
+            (place, name), = params.items()
+            self.made[id(out)] = _Made(name, _maker(func, template, spec, place, made.get(place, _same)))
+            self.kept.append(out)
+            return out
         others = [a for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and i not in params]
         if self.probes is None:
             with FlopCounterMode(display=False) as flops:
                 func(*args, **kwargs)
-            template = [_SLOT if isinstance(a, torch.Tensor) else a for a in flat]
-            self.recorded.append((func, template, spec, params, out, others, flops.get_total_flops() // 2))
+            self.recorded.append((func, template, spec, params, out, others, flops.get_total_flops() // 2, made))
         else:
             out = out + self.probes[len(self.others)]
         self.others.append(others)
@@ -285,15 +332,16 @@ def _forward_terms(call: Call, place: int, name: str, rows: list[torch.Tensor], 
     rows: 1.6 ms against 2.0 ms). For any other op (by jvp) the changes are [R·K, V, Y] and δ
     [R·K, O, Y], summed after."""
     n, (r, outputs) = len(tangents), delta.shape[:2]
-    if call.func is F.linear and place == 1:
+    itself = call.reads_itself(place)  # a tensor made from the trained one (W.T) goes by jvp
+    if itself and call.func is F.linear and place == 1:
         a = rows[0]
         weights = tangents.transpose(0, 1).reshape(-1, a.shape[-1])  # [(out, V), in]
         change = F.linear(a.reshape(-1, a.shape[-1]), weights).view(r, -1, n)
         return torch.bmm(delta.reshape(r, outputs, -1), change)
-    if call.func is F.embedding and place == 1:  # the rows of the tangents the input looks up
+    if itself and call.func is F.embedding and place == 1:  # the rows of the tangents the input looks up
         table = tangents.permute(1, 2, 0).contiguous()  # [size, features, V]
         return torch.bmm(delta.reshape(r, outputs, -1), table[rows[0]].view(r, -1, n))
-    if _plain_einsum(call):
+    if itself and _plain_einsum(call):
         return torch.bmm(*_einsum_change(call, place, rows, delta, tangents))
     op = lambda p: call(rows, {**at, name: p})  # noqa: E731
     # a copy: forward mode gives a view's base a tangent too, here one per tangent of all of θ
@@ -395,12 +443,14 @@ def _summed_share(call: Call, name: str, others: list[torch.Tensor], delta: torc
 def _known_share(call: Call, place: int, rows: list[torch.Tensor], delta: torch.Tensor,
                  tensor: torch.Tensor, groups: _Groups) -> torch.Tensor | None:
     """_summed_share by one product for F.linear's weight and bias, F.embedding's table, an einsum
-    (_plain_einsum) and a tensor added to activations: the vjp per row and output costs ~1 ms of
-    small transforms per op and step on the reference Transformer, these a tenth of it. None for
-    any other op or form. rows: the call's other tensors, each row's without the batch dim. The
+    (_plain_einsum) and a tensor added to activations, each read as it is (not W.T): the vjp per
+    row and output costs ~1 ms of small transforms per op and step on the reference Transformer,
+    these a tenth of it. None for any other op or form. rows: the call's other tensors, each row's without the batch dim. The
     products of two row tensors (a weight's, an einsum's) sum over a group's rows inside one
     batched matmul over the groups' padded layout, so no row's share is ever held."""
     r, outputs = delta.shape[:2]
+    if not call.reads_itself(place):
+        return None
     if call.func is F.linear and place == 2:
         return groups.summed(delta.reshape(r, outputs, -1, delta.shape[-1]).sum(2))
     if call.func is F.linear and place == 1 and call.batched[0]:
@@ -456,7 +506,8 @@ def _discover(flat: FlatModel, theta: torch.Tensor, x: torch.Tensor) -> tuple[li
     if len(passes[0]) != len(passes[1]):
         return None, "the calls differ with the batch size"
     calls = []
-    for (func, template, spec, params_at, out, others, macs), (func3, _, _, params3, out3, others3, _) in zip(*passes):
+    for (func, template, spec, params_at, out, others, macs, made), (func3, _, _, params3, out3, others3, _, _) in \
+            zip(*passes):
         name = getattr(func, "__name__", str(func))
         if func is not func3 or params_at != params3:
             return None, "the calls differ with the batch size"
@@ -467,7 +518,7 @@ def _discover(flat: FlatModel, theta: torch.Tensor, x: torch.Tensor) -> tuple[li
         if out.dim() == 0 or out.shape[0] != 2 or out3.shape[0] != 3:
             return None, f"{name} reading {sorted(params_at.values())} returns no batch dim first"
         calls.append(Call(func, template, spec, params_at, batched, (1, *out.shape[1:]),
-                          max(macs // 2, out[0].numel())))
+                          max(macs // 2, out[0].numel()), made))
     return calls, ""
 
 

@@ -174,7 +174,7 @@ class SequenceFirst(nn.Module):
 
 
 @pytest.mark.parametrize("model, reason", [
-    (Temperature(), "exp reads ['log_t'] beside no tensor that runs over the batch"),
+    (Temperature(), "the ops' terms (forward) miss a jvp"),  # exp(log_t), made from it alone, is not affine in it
     (Power(), "the ops' terms (forward) miss a jvp"),
     (Broadcast(), "broadcast_tensors returns tuple"),
     (SequenceFirst(), "linear reads ['fc.bias', 'fc.weight'] beside no tensor that runs over the batch"),
@@ -188,6 +188,44 @@ def test_models_mixed_mode_cannot_be_exact_for_are_refused(model, reason):
     calls = modes.calls(theta, x)
     assert calls is None or not modes.exact(calls, theta, x, "log_prob")
     assert modes.refusal[tuple(x.shape[1:])].startswith(reason)
+
+
+class Views(nn.Module):
+    """Trained tensors read through tensors made from each alone, as hand-written models do: x @ W.T,
+    a bias with a dim added, and a chain of a view, a transpose and a slice of a third tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(6, 4) / 2)
+        self.bias = nn.Parameter(torch.randn(6) / 4)
+        self.w_out = nn.Parameter(torch.randn(2, 3, 6) / 2)
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.w_in.T + self.bias.unsqueeze(0))
+        return h @ self.w_out.view(6, 6).t()[:, :3]
+
+
+def test_tensors_made_from_a_trained_one_alone_are_read_in_its_place(tmp_path, monkeypatch):
+    """A call that reads one trained tensor and no other (W.T, a view, a slice, chained) makes a
+    tensor that the calls after it read in its place: mixed mode takes their terms by jvp and vjp
+    through it, and gives the Jacobian route's cube (a model written so was left to the Jacobians,
+    1.62–1.67 s against 0.96–0.98 s a reference call: mixed mode now takes it in 1.05–1.20 s)."""
+    model = Views().double()
+    test_x = record(model, tmp_path / "run")
+    flat = FlatModel(model, layout_of(model), torch.float64, "cpu")
+    theta = flat.layout.flatten(dict(model.named_parameters())).detach()
+    calls = MixedMode(flat).calls(theta, test_x)
+    assert [sorted(call.params.values()) for call in calls] == [["w_in"], ["bias"], ["w_out"]]
+    assert all(not call.reads_itself(place) for call in calls for place in call.params)
+    cubes = {}
+    for mixed_mode in (True, False):
+        monkeypatch.setattr(MixedMode, "pays", lambda *args, mixed_mode=mixed_mode, **kwargs: mixed_mode)
+        with timed() as phases:
+            cubes[mixed_mode] = ex.explain(tmp_path / "run", model, test_x, progress=False, tolerance=1e-9)
+        cubes[mixed_mode, "phases"] = dict(phases)
+    assert_routes(cubes[True, "phases"], cubes[False, "phases"])
+    assert_same_cube(cubes[True], cubes[False])
+    assert cubes[True].attrs["relative_residual"] <= 1e-9
 
 
 def test_a_term_that_misses_the_jvp_is_refused(runs, monkeypatch):
