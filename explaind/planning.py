@@ -76,6 +76,10 @@ class Plan:
     # gradients are replayed for the momentum they pass into the window (explain's steps=, replay=)
     step_range: tuple[int, int] | None = None
     replay_start: int = 0
+    # why mixed mode (explaind.mixed) cannot take the forward walk's steps of this model, which
+    # then all take the per-row Jacobians ("": it can, where its estimate says it pays, or the
+    # request does not walk forwards per training sample)
+    mixed_refusal: str = ""
 
     def __str__(self) -> str:
         return self.report()
@@ -99,7 +103,7 @@ class Plan:
             f"  disk       {format_bytes(self.history_bytes)} of history, read {self.passes} time(s); "
             f"cube {format_bytes(self.cube_bytes)} uncompressed",
             f"  time       {estimate}",
-        ] + self._one_pass() + self._unresolved())
+        ] + self._one_pass() + self._unresolved() + self._mixed())
 
     def _steps(self) -> str:
         """The steps explained: a window of the run (and the steps before it that only replay the
@@ -124,6 +128,12 @@ class Plan:
         return [f"  kinks      {unresolved} of the {searched} (step, input) segments the calibration searched crossed "
                 f"more kinks than max_kinks={self.max_kinks} (or stayed above kink_tolerance): the explain integrates "
                 "such segments plainly, which can miss its tolerance; raise max_kinks"]
+
+    def _mixed(self) -> list[str]:
+        if not self.mixed_refusal:
+            return []
+        return [f"  mixed mode not used: {self.mixed_refusal}. Every step takes the per-row Jacobians, slower where "
+                'many outputs are explained per input (docs/library.md, "Two passes, one cube")']
 
     def _search(self) -> str:
         if not self.search_reserve:
@@ -197,10 +207,11 @@ def describe(request) -> Plan:
     # pass's are the merged arrays
     part_bytes = 0 if test_passes * train_passes == 1 else _results_bytes(request, test_chunk, train_chunk)
     step_bytes = max(line["bytes"] for line in history.manifest)
+    direction = "backward" if walks_backwards(request, rows, train) else "forward"
     return Plan(
         n_steps=history.n_steps, n_params=request.flat.layout.dim, n_test=n_test,
         n_outputs=request.n_outputs, n_train=n_train, keep=request.keep, convention=request.convention,
-        direction="backward" if walks_backwards(request, rows, train) else "forward",
+        direction=direction, mixed_refusal=_mixed_refusal(request) if direction == "forward" else "",
         test_chunk=test_chunk, train_chunk=train_chunk, batch_chunk=request.batch_chunk,
         passes=test_passes * train_passes, device=str(request.flat.device),
         device_bytes=pass_bytes(request, test_chunk, train_chunk, request.batch_chunk),
@@ -222,6 +233,22 @@ def _results_bytes(request, n_test: int, n_train: int) -> int:
     size = torch.finfo(request.flat.dtype).bits // 8
     scores = 3 * rows * request.flat.layout.dim if request.parameter_scores else 0
     return (rows * n_bins * n_comp * train + scores) * size
+
+
+def _mixed_refusal(request) -> str:
+    """Why mixed mode cannot take the request's steps ("": it can), where the forward walk would
+    take them by it (per training sample, no parameter scores): its ops found and checked on the
+    first test inputs at the first explained step, as the first pass finds and checks them (both
+    kept for the passes, per input shape)."""
+    if not request.keeps("train") or request.parameter_scores:
+        return ""
+    flat, mixed = request.flat, request.path.mixed
+    theta = flat.layout.flatten(request.history.params(request.step_range[0])).to(flat.device, flat.dtype)
+    x = flat.cast_inputs(request.inputs[:request.test_chunk])
+    calls = mixed.calls(theta, x)
+    if calls is not None:
+        mixed.exact(calls, theta, x, request.target)
+    return mixed.refusal[tuple(x.shape[1:])]
 
 
 def _calibrate(request, steps: int, later_chunks: bool,

@@ -270,6 +270,27 @@ def test_a_refused_model_is_explained_by_the_jacobian_route(tmp_path, monkeypatc
     assert cube.attrs["relative_residual"] <= 1e-9
 
 
+def test_the_plan_names_why_mixed_mode_cannot_take_a_model(tmp_path, capsys):
+    """A model left to the per-row Jacobians is slower where many outputs are explained: the plan,
+    which explain(progress=True) prints, says why mixed mode cannot take it, as its own checks
+    found (discovery or the completeness check), and says nothing where it can or where the
+    request does not walk forwards per training sample."""
+    for model, reason in ((Temperature(), "the ops' terms (forward) miss a jvp"),
+                          (SequenceFirst(), "linear reads ['fc.bias', 'fc.weight'] beside no tensor")):
+        model = model.double()
+        test_x = record(model, tmp_path / type(model).__name__)
+        plan = ex.plan(tmp_path / type(model).__name__, model, test_x)
+        assert plan.direction == "forward" and plan.mixed_refusal.startswith(reason)
+        assert f"  mixed mode not used: {reason}" in str(plan)
+        assert ex.plan(tmp_path / type(model).__name__, model, test_x, keep=("test", "output")).mixed_refusal == ""
+    ex.explain(tmp_path / "Temperature", Temperature().double(), torch.zeros(1, 4, dtype=torch.float64), tolerance=None)
+    assert "  mixed mode not used: the ops' terms (forward) miss a jvp" in capsys.readouterr().err
+    model = Views().double()
+    test_x = record(model, tmp_path / "views")
+    plan = ex.plan(tmp_path / "views", model, test_x)
+    assert plan.direction == "forward" and plan.mixed_refusal == "" and "mixed mode" not in str(plan)
+
+
 class Forms(nn.Module):
     """Every op whose share _known_share takes by one product (an embedding, tensors added either
     way round and with the batch's dim or without, an einsum beside a tensor that does not run
