@@ -166,8 +166,9 @@ class _Reads(TorchFunctionMode):
         template = [_SLOT if isinstance(a, torch.Tensor) else a for a in flat]
         if len(tensors) == 1:  # made from the trained tensor alone: read in its place by later calls
             (place, name), = params.items()
-            self.made[id(out)] = _Made(name, _maker(func, template, spec, place, made.get(place, _same)))
-            self.kept.append(out)
+            if out is not flat[place]:  # (W.to(W.dtype) and W.contiguous() return W itself)
+                self.made[id(out)] = _Made(name, _maker(func, template, spec, place, made.get(place, _same)))
+                self.kept.append(out)
             return out
         others = [a for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and i not in params]
         if self.probes is None:
