@@ -656,7 +656,7 @@ def check_reverse_mode(req: Request) -> None:
     if by_directions(req):
         return
     step = req.step_range[0]
-    theta = req.flat.layout.flatten(req.history.params(step)).to(req.flat.device, req.flat.dtype)
+    theta = theta_at(req, step)
     try:
         mismatch = req.flat.derivative_mismatch(theta, req.flat.cast_inputs(req.inputs[:1]), req.target)
     except UnsupportedError:
@@ -872,10 +872,14 @@ def format_bytes(n_bytes: float) -> str:
 # --------------------------------------------------------------------------- passes
 
 
+def theta_at(req: Request, s: int) -> torch.Tensor:
+    """θ_s, flat, on the compute device in the request's dtype."""
+    return req.flat.layout.flatten(req.history.params(s)).to(req.flat.device, req.flat.dtype)
+
+
 def _outputs_at(req: Request, s: int) -> torch.Tensor:
     """The explained outputs f(x; θ_s) for every test input: [T, O]."""
-    theta = req.flat.layout.flatten(req.history.params(s)).to(req.flat.device, req.flat.dtype)
-    out = req.flat.outputs(theta, req.inputs, req.target)
+    out = req.flat.outputs(theta_at(req, s), req.inputs, req.target)
     if req.select is not None:
         out = out.gather(1, req.select.to(out.device))
     return out.cpu()

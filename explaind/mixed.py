@@ -117,6 +117,11 @@ class _Made(NamedTuple):
     make: Callable
 
 
+def _template(flat: list) -> list:
+    """A call's flattened arguments with each tensor's place marked."""
+    return [_SLOT if isinstance(a, torch.Tensor) else a for a in flat]
+
+
 def _maker(func: Callable, flat: list, spec, place: int, inner: Callable) -> Callable:
     """tensor -> the call's output with inner(tensor) at `place` of its flattened arguments."""
     def make(tensor: torch.Tensor) -> torch.Tensor:
@@ -162,19 +167,20 @@ class _Reads(TorchFunctionMode):
             if not isinstance(out, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
                 self.refused = self.refused or f"{getattr(func, '__name__', func)} returns {type(out).__name__}"
             return out
+        # the makers of the tensors made from trained ones that the call reads, by place
         made = {i: self.made[id(flat[i])].make for i in params if id(flat[i]) in self.made}
-        template = [_SLOT if isinstance(a, torch.Tensor) else a for a in flat]
         if len(tensors) == 1:  # made from the trained tensor alone: read in its place by later calls
             (place, name), = params.items()
             if out is not flat[place]:  # (W.to(W.dtype) and W.contiguous() return W itself)
-                self.made[id(out)] = _Made(name, _maker(func, template, spec, place, made.get(place, _same)))
+                self.made[id(out)] = _Made(name, _maker(func, _template(flat), spec, place, made.get(place, _same)))
                 self.kept.append(out)
             return out
         others = [a for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and i not in params]
         if self.probes is None:
             with FlopCounterMode(display=False) as flops:
                 func(*args, **kwargs)
-            self.recorded.append((func, template, spec, params, out, others, flops.get_total_flops() // 2, made))
+            self.recorded.append((func, _template(flat), spec, params, out, others, flops.get_total_flops() // 2,
+                                  made))
         else:
             out = out + self.probes[len(self.others)]
         self.others.append(others)
@@ -446,8 +452,8 @@ def _known_share(call: Call, place: int, rows: list[torch.Tensor], delta: torch.
     """_summed_share by one product for F.linear's weight and bias, F.embedding's table, an einsum
     (_plain_einsum) and a tensor added to activations, each read as it is (not W.T): the vjp per
     row and output costs ~1 ms of small transforms per op and step on the reference Transformer,
-    these a tenth of it. None for any other op or form. rows: the call's other tensors, each row's without the batch dim. The
-    products of two row tensors (a weight's, an einsum's) sum over a group's rows inside one
+    these a tenth of it. None for any other op or form. rows: the call's other tensors, each
+    row's without the batch dim. The products of two row tensors (a weight's, an einsum's) sum over a group's rows inside one
     batched matmul over the groups' padded layout, so no row's share is ever held."""
     r, outputs = delta.shape[:2]
     if not call.reads_itself(place):

@@ -21,7 +21,7 @@ import torch
 from .cube import checked_test_ids
 from .engine import (ChunkPass, KeptPieces, build_request, check_reverse_mode, format_bytes,
                      kept_pieces, kept_sizes, momentum_shown, pass_bytes, plan_chunks, request_options,
-                     rounded_up, walks_backwards)
+                     rounded_up, theta_at, walks_backwards)
 from .errors import InputError, is_whole
 from .path import KinkStats
 from .verify import check_tolerance
@@ -242,9 +242,9 @@ def _mixed_refusal(request) -> str:
     kept for the passes, per input shape)."""
     if not request.keeps("train") or request.parameter_scores:
         return ""
-    flat, mixed = request.flat, request.path.mixed
-    theta = flat.layout.flatten(request.history.params(request.step_range[0])).to(flat.device, flat.dtype)
-    x = flat.cast_inputs(request.inputs[:request.test_chunk])
+    mixed = request.path.mixed
+    theta = theta_at(request, request.step_range[0])
+    x = request.flat.cast_inputs(request.inputs[:request.test_chunk])
     calls = mixed.calls(theta, x)
     if calls is not None:
         mixed.exact(calls, theta, x, request.target)
